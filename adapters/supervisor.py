@@ -1,0 +1,210 @@
+"""Keeps one device adapter connected, polled and obeying its latest setpoint.
+
+One supervisor task per device. It owns the device's transport, so polls and writes never
+interleave on it; it reconnects with jittered exponential backoff; it logs once when the device
+becomes unavailable and once when it recovers; and it re-applies the desired setpoint after a
+reconnect, so a device that blinked does not silently drop out of an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from adapters.base import AdapterError, DeviceAdapter, DeviceRejected, UnsafeCommand
+from gateway.model import DeviceCommand, DeviceState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+StateListener = Callable[[DeviceState], None]
+ResultListener = Callable[[DeviceCommand, AdapterError | None], None]
+
+
+class DeviceSupervisor:
+    def __init__(
+        self,
+        adapter: DeviceAdapter,
+        *,
+        poll_interval_s: float,
+        io_timeout_s: float,
+        refresh_s: float,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        on_state: StateListener | None = None,
+        on_result: ResultListener | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.device_id = adapter.device_id
+        self._poll_interval_s = poll_interval_s
+        self._io_timeout_s = io_timeout_s
+        self._refresh_s = refresh_s
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._on_state = on_state
+        self._on_result = on_result
+        self._wake = asyncio.Event()
+        self._desired: DeviceCommand | None = None
+        self._applied: DeviceCommand | None = None
+        self._applied_at = 0.0
+        self._refused: DeviceCommand | None = None
+        self._must_write = True
+        self.available = False
+        self._announced_down = False
+        self.latest: DeviceState | None = None
+        self.last_error: str | None = None
+        self.writes = 0
+
+    # ------------------------------------------------------------------ control side
+    @property
+    def desired(self) -> DeviceCommand | None:
+        return self._desired
+
+    def command(self, command: DeviceCommand | None) -> None:
+        """Ask for a new setpoint; it is written as soon as the device can take it."""
+        if command == self._desired:
+            return
+        self._desired = command
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the task
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._connect_with_backoff()
+                try:
+                    await self._serve()
+                except AdapterError as exc:
+                    self._mark_down(exc)
+                    await self._safe_close()
+        finally:
+            await self._safe_close()
+
+    async def _connect_with_backoff(self) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(AdapterError),
+            wait=wait_random_exponential(
+                multiplier=self._backoff_initial_s, max=self._backoff_max_s
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    async with asyncio.timeout(self._io_timeout_s * 3):
+                        await self.adapter.connect()
+                except TimeoutError:
+                    await self._safe_close()
+                    exc: AdapterError = AdapterError(self.device_id, "connect timed out")
+                    self._mark_down(exc)
+                    raise exc from None
+                except AdapterError as err:
+                    await self._safe_close()
+                    self._mark_down(err)
+                    raise
+        # Whatever the device was doing (an old setpoint, a revert), it must be told again what
+        # we want after a reconnect: a setpoint, or an explicit release.
+        self._applied = None
+        self._must_write = True
+
+    async def _serve(self) -> None:
+        next_poll = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self._needs_write(now):
+                await self._write()
+            if now >= next_poll:
+                state = await self._io(self.adapter.read())
+                next_poll = time.monotonic() + self._poll_interval_s
+                self.latest = state
+                self._mark_up()
+                if self._on_state is not None:
+                    self._on_state(state)
+            timeout = max(0.0, next_poll - time.monotonic())
+            if self._desired is not None and self._applied is not None:
+                timeout = min(timeout, max(0.0, self._applied_at + self._refresh_s - now))
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _needs_write(self, now: float) -> bool:
+        desired = self._desired
+        if desired == self._refused and self._refused is not None:
+            return False
+        if self._must_write:
+            return True
+        if desired is None and self._applied is None:
+            return False
+        if desired != self._applied:
+            return True
+        return desired is not None and now - self._applied_at >= self._refresh_s
+
+    async def _write(self) -> None:
+        desired = self._desired
+        release = DeviceCommand(device_id=self.device_id, power_kw=None)
+        command = desired if desired is not None else release
+        try:
+            await self._io(self.adapter.apply(command))
+        except (DeviceRejected, UnsafeCommand) as exc:
+            # The device is fine but refuses this setpoint: do not hammer it with the same one.
+            self._refused = desired
+            log.warning("%s refused setpoint %s kW: %s", self.device_id, command.power_kw, exc)
+            if self._on_result is not None:
+                self._on_result(command, exc)
+            return
+        self.writes += 1
+        self._must_write = False
+        self._refused = None
+        self._applied = desired
+        self._applied_at = time.monotonic()
+        if self._on_result is not None:
+            self._on_result(command, None)
+
+    async def _io(self, awaitable: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._io_timeout_s):
+                return await awaitable
+        except TimeoutError:
+            raise AdapterError(self.device_id, f"no answer within {self._io_timeout_s} s") from None
+
+    async def _safe_close(self) -> None:
+        try:
+            async with asyncio.timeout(self._io_timeout_s):
+                await self.adapter.close()
+        except (AdapterError, TimeoutError, OSError) as exc:
+            log.debug("%s: close failed: %s", self.device_id, exc)
+
+    # ------------------------------------------------------------------ availability
+    def _mark_down(self, exc: AdapterError) -> None:
+        self.last_error = str(exc)
+        if self.available or not self._announced_down:
+            log.warning("device %s unavailable: %s", self.device_id, exc)
+            self._announced_down = True
+        self.available = False
+
+    def _mark_up(self) -> None:
+        if not self.available:
+            if self._announced_down:
+                log.info("device %s recovered", self.device_id)
+            else:
+                log.info("device %s online", self.device_id)
+            self.available = True
+            self._announced_down = False
+            self.last_error = None
+
+    def fresh_state(self, max_age_s: float, now: datetime | None = None) -> DeviceState | None:
+        if not self.available or self.latest is None:
+            return None
+        now = now or datetime.now(UTC)
+        if (now - self.latest.timestamp).total_seconds() > max_age_s:
+            return None
+        return self.latest

@@ -1,0 +1,173 @@
+"""A local MQTT broker for the demo, tests and benchmarks.
+
+``mosquitto`` (Debian's package) is the real thing and is used whenever it is on PATH. The
+embedded ``amqtt`` broker is only the zero-setup fallback for the demo on a machine without
+mosquitto: it speaks MQTT 3.1.1 only, so clients talking to it must use that protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEndpoint:
+    host: str
+    port: int
+    protocol: Literal["5", "3.1.1"]
+    kind: Literal["mosquitto", "embedded"]
+
+
+class MosquittoBroker:
+    """A mosquitto process on 127.0.0.1 with a generated config, stopped by its PID."""
+
+    def __init__(self, port: int = 0, *, executable: str | None = None) -> None:
+        self.port = port or free_port()
+        self.executable = executable or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self._process: asyncio.subprocess.Process | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+
+    @property
+    def endpoint(self) -> BrokerEndpoint:
+        return BrokerEndpoint("127.0.0.1", self.port, "5", "mosquitto")
+
+    async def start(self) -> BrokerEndpoint:
+        self._dir = tempfile.TemporaryDirectory(prefix="derms-mosquitto-")
+        conf = Path(self._dir.name) / "mosquitto.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    "allow_anonymous true",
+                    "persistence false",
+                    # Acks and commands are QoS 1: a burst must not be silently dropped for a
+                    # subscriber that is momentarily slow (mosquitto's default queue is small).
+                    "max_queued_messages 100000",
+                    "max_inflight_messages 1000",
+                    "log_dest stderr",
+                    "log_type error",
+                    "log_type warning",
+                    "",
+                ]
+            )
+        )
+        self._process = await asyncio.create_subprocess_exec(
+            self.executable, "-c", str(conf),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_for_port("127.0.0.1", self.port)
+        except TimeoutError:
+            err = b""
+            if self._process.stderr is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1):
+                        err = await self._process.stderr.read(2000)
+            await self.stop()
+            raise RuntimeError(f"mosquitto did not start: {err.decode(errors='replace')}") from None
+        return self.endpoint
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    async def __aenter__(self) -> BrokerEndpoint:
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class EmbeddedBroker:
+    """amqtt in this process: MQTT 3.1.1 only, for a demo on a machine without mosquitto."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port or free_port()
+        self._broker: Any = None
+
+    @property
+    def endpoint(self) -> BrokerEndpoint:
+        return BrokerEndpoint("127.0.0.1", self.port, "3.1.1", "embedded")
+
+    async def start(self) -> BrokerEndpoint:
+        from amqtt.broker import Broker  # imported late: it is heavy and only a fallback
+
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        self._broker = Broker(config)
+        await self._broker.start()
+        await wait_for_port("127.0.0.1", self.port)
+        return self.endpoint
+
+    async def stop(self) -> None:
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await broker.shutdown()
+
+    async def __aenter__(self) -> BrokerEndpoint:
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+def local_broker(prefer: Literal["auto", "mosquitto", "embedded"] = "auto",
+                 port: int = 0) -> MosquittoBroker | EmbeddedBroker:
+    if prefer == "mosquitto" or (prefer == "auto" and MosquittoBroker.available()):
+        return MosquittoBroker(port)
+    return EmbeddedBroker(port)

@@ -1,0 +1,155 @@
+"""``derms-gateway``: run the gateway, the demo, a simulator, or print the message schemas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway.config import ConfigError, load_config
+from gateway.model import json_schemas
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("pymodbus", "amqtt", "transitions", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(max(level, logging.CRITICAL if noisy != "pymodbus"
+                                                else logging.ERROR))
+
+
+def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``main`` and cancel it cleanly on SIGINT or SIGTERM (tasks see CancelledError)."""
+
+    async def runner() -> Any:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await main
+        except asyncio.CancelledError:
+            logging.getLogger("gateway").info("stopped by signal")
+            return None
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(runner())
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logs.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """Edge DERMS protocol gateway."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+
+
+@main.command()
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def run(ctx: click.Context, config_path: Path) -> None:
+    """Run the gateway with a TOML configuration file."""
+    from gateway.core import Gateway
+
+    _setup_logging(max(1, ctx.obj["verbose"]))
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    run_until_signal(Gateway(config).run())
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def check_config(config_path: Path) -> None:
+    """Validate a configuration file and summarise it."""
+    from gateway.registry import Registry
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    registry = Registry([d.as_device() for d in config.devices], config.groups)
+    click.echo(f"ok: gateway {config.gateway_id}, {len(registry)} device(s), groups:")
+    for group_id in sorted(registry.groups()):
+        click.echo(f"  {group_id}: {len(registry.members(group_id))} device(s)")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write one <name>.schema.json per message into this folder.")
+def schema(out: Path | None) -> None:
+    """Print (or write) the JSON Schemas of the northbound messages."""
+    schemas = json_schemas()
+    if out is None:
+        click.echo(json.dumps(schemas, indent=2))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name, body in schemas.items():
+        (out / f"{name}.schema.json").write_text(json.dumps(body, indent=2) + "\n")
+    click.echo(f"wrote {len(schemas)} schemas to {out}")
+
+
+@main.command()
+@click.option("--duration", type=click.FloatRange(5, 3600), default=40.0, show_default=True,
+              help="Seconds to run before exiting.")
+@click.option("--batteries", type=click.IntRange(2, 500), default=6, show_default=True)
+@click.option("--broker", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto",
+              show_default=True, help="auto: mosquitto if on PATH, else the embedded broker.")
+@click.pass_context
+def demo(ctx: click.Context, duration: float, batteries: int, broker: str) -> None:
+    """Self-contained demo: broker, simulated batteries, gateway and a scripted Grid DERMS."""
+    from gateway.demo import run_demo
+
+    _setup_logging(ctx.obj["verbose"])
+    result = run_until_signal(run_demo(duration_s=duration, batteries=batteries, broker=broker))
+    if result is not None and not result:
+        sys.exit(1)
+
+
+@main.group()
+def simulate() -> None:
+    """Run a device simulator standalone (for integrators testing their own tools)."""
+
+
+@simulate.command("battery")
+@click.option("--port", type=click.IntRange(1, 65535), default=5020, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--unit-id", type=click.IntRange(1, 247), default=1, show_default=True)
+@click.option("--capacity-kwh", type=click.FloatRange(min=0.1), default=13.5, show_default=True)
+@click.option("--max-charge-kw", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--max-discharge-kw", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--soc", type=click.FloatRange(0, 100), default=60.0, show_default=True)
+@click.option("--time-scale", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+              help="Speed up state-of-charge changes by this factor.")
+@click.pass_context
+def simulate_battery(ctx: click.Context, port: int, host: str, unit_id: int, capacity_kwh: float,
+                     max_charge_kw: float, max_discharge_kw: float, soc: float,
+                     time_scale: float) -> None:
+    """A SunSpec (models 1, 701, 702, 704, 713, 802) battery on Modbus TCP."""
+    from simulators.sunspec_battery import serve_battery
+
+    _setup_logging(max(1, ctx.obj["verbose"]))
+    click.echo(f"SunSpec battery on {host}:{port} unit {unit_id} (map at 40000); Ctrl-C stops it")
+    run_until_signal(serve_battery(
+        port, host=host, unit_id=unit_id, capacity_kwh=capacity_kwh, max_charge_kw=max_charge_kw,
+        max_discharge_kw=max_discharge_kw, initial_soc_pct=soc, time_scale=time_scale,
+    ))
+
+
+if __name__ == "__main__":
+    main()

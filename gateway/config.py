@@ -1,0 +1,160 @@
+"""Gateway configuration: one TOML file, validated in full before anything starts.
+
+Errors name the exact place in the file (``devices[3].ratings.max_charge_kw``) and what is wrong,
+because the person reading them is an integrator with a config file open, not a Python developer.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adapters.sunspec_battery import SunSpecEndpoint
+from gateway.model import DerClass, Device, Group, Identifier
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every issue found, one per line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"invalid configuration {source}:\n  " + "\n  ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT version; 3.1.1 only for brokers without MQTT 5"
+    )
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class TimingConfig(Section):
+    control_period_s: float = Field(default=1.0, gt=0, le=60, description="Control loop period")
+    poll_interval_s: float = Field(default=2.0, gt=0, le=3600, description="Device poll period")
+    telemetry_period_s: float = Field(default=5.0, gt=0, le=3600)
+    stale_after_s: float = Field(
+        default=15.0, gt=0, description="A device with no reading this long counts as missing"
+    )
+    refresh_s: float = Field(
+        default=60.0, gt=0, description="Re-send an unchanged setpoint this often (keeps reverts armed)"
+    )
+    io_timeout_s: float = Field(default=3.0, gt=0, le=60, description="Timeout for one device call")
+    backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
+    deadband_kw: float = Field(
+        default=0.05, ge=0, description="Setpoint changes smaller than this are not written"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TimingConfig:
+        if self.stale_after_s <= self.poll_interval_s:
+            raise ValueError("stale_after_s must be longer than poll_interval_s")
+        return self
+
+
+class StoreConfig(Section):
+    path: Path = Path("derms-gateway.sqlite")
+
+
+class DeviceConfig(Device):
+    """A device as configured: the unified :class:`Device` plus how to reach it."""
+
+    sunspec: SunSpecEndpoint | None = None
+
+    @model_validator(mode="after")
+    def _reachable(self) -> DeviceConfig:
+        if self.adapter == "sunspec_battery":
+            if self.sunspec is None:
+                raise ValueError("adapter 'sunspec_battery' needs a [devices.sunspec] endpoint")
+            if self.der_class is not DerClass.BATTERY:
+                raise ValueError("adapter 'sunspec_battery' only drives der_class 'battery'")
+        else:
+            raise ValueError(f"unknown adapter {self.adapter!r} (known: 'sunspec_battery')")
+        return self
+
+    def as_device(self) -> Device:
+        return Device.model_validate(self.model_dump(exclude={"sunspec"}))
+
+
+class GatewayConfig(Section):
+    gateway_id: Identifier = "gateway-1"
+    broker: BrokerConfig = BrokerConfig()
+    store: StoreConfig = StoreConfig()
+    timing: TimingConfig = TimingConfig()
+    groups: tuple[Group, ...] = Field(
+        default=(),
+        description="Extra named groups; every substation/feeder/... also gets an implicit group",
+    )
+    devices: tuple[DeviceConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        problems = []
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.device_id in seen:
+                problems.append(f"device_id {device.device_id!r} appears twice")
+            seen.add(device.device_id)
+        endpoints: dict[tuple[str, int, int], str] = {}
+        for device in self.devices:
+            if device.sunspec is not None:
+                key = (device.sunspec.host, device.sunspec.port, device.sunspec.unit_id)
+                if key in endpoints:
+                    problems.append(
+                        f"devices {endpoints[key]!r} and {device.device_id!r} share the endpoint "
+                        f"{key[0]}:{key[1]} unit {key[2]}"
+                    )
+                endpoints[key] = device.device_id
+        group_ids = [g.group_id for g in self.groups]
+        if len(set(group_ids)) != len(group_ids):
+            problems.append("group_id values are not unique")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        problems.append(f"{loc or '(top level)'}: {err['msg']}")
+    return problems
+
+
+def parse_config(data: dict[str, object], source: str = "<dict>") -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _describe(exc)) from None
+
+
+def load_config(path: Path) -> GatewayConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    config = parse_config(data, str(path))
+    if not config.store.path.is_absolute():
+        # A relative store path is relative to the config file, not to wherever we were started.
+        store = config.store.model_copy(update={"path": path.parent / config.store.path})
+        config = config.model_copy(update={"store": store})
+    return config

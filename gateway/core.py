@@ -1,0 +1,322 @@
+"""The gateway process: wires the Grid DERMS link, the command book, the planner and the devices.
+
+Loops (one named task each, in one TaskGroup): the MQTT link, one supervisor per device, the
+control loop (plan → lifecycle → setpoints, every ``control_period_s`` and at once when a command
+arrives) and the telemetry loop. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+
+from adapters.base import AdapterError, DeviceAdapter
+from adapters.sunspec_battery import SunSpecBattery
+from adapters.supervisor import DeviceSupervisor
+from gateway import dispatch
+from gateway.commands import CommandBook, CommandRejected
+from gateway.config import GatewayConfig
+from gateway.model import (
+    Ack,
+    DeviceCommand,
+    DeviceSetpoint,
+    DeviceState,
+    DeviceTelemetry,
+    EnvelopeInterval,
+    ErrorMessage,
+    GatewayStatus,
+    GroupTelemetry,
+    Quality,
+    Reason,
+    utcnow,
+)
+from gateway.northbound import Northbound, Outgoing, ReplyTo
+from gateway.registry import Registry
+from gateway.store import CommandStore
+from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return version("derms-gateway")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_adapters(config: GatewayConfig) -> dict[str, DeviceAdapter]:
+    adapters: dict[str, DeviceAdapter] = {}
+    for device in config.devices:
+        if device.adapter == "sunspec_battery" and device.sunspec is not None:
+            adapters[device.device_id] = SunSpecBattery(device.device_id, device.sunspec)
+    return adapters
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    command: DeviceCommand
+    error: AdapterError
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        adapters: Mapping[str, DeviceAdapter] | None = None,
+    ) -> None:
+        self.config = config
+        timing = config.timing
+        self.registry = Registry([d.as_device() for d in config.devices], config.groups)
+        self.topics = Topics(config.gateway_id)
+        self.store = CommandStore(config.store.path)
+        self.book = CommandBook(self.store, self.registry, self._publish_ack)
+        self.northbound = Northbound(
+            config.broker,
+            self.topics,
+            on_command=self.handle_command,
+            status=self.status,
+            backoff_max_s=timing.backoff_max_s,
+        )
+        self.supervisors: dict[str, DeviceSupervisor] = {}
+        for device_id, adapter in (adapters or build_adapters(config)).items():
+            self.supervisors[device_id] = DeviceSupervisor(
+                adapter,
+                poll_interval_s=timing.poll_interval_s,
+                io_timeout_s=timing.io_timeout_s,
+                refresh_s=timing.refresh_s,
+                backoff_max_s=timing.backoff_max_s,
+                on_result=self._on_device_result,
+            )
+        self.plan = dispatch.Plan()
+        self._wake = asyncio.Event()
+        self._refusals: list[_Refusal] = []
+        self.ready = asyncio.Event()
+        self.version = _version()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Run until cancelled. Active setpoints stay on the devices (each armed with a revert
+        timeout), so a restart inside that time resumes events without a blip."""
+        async with self.store:
+            await self.book.load(utcnow())
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.northbound.run(), name="northbound")
+                    for device_id, supervisor in self.supervisors.items():
+                        tg.create_task(supervisor.run(), name=f"device:{device_id}")
+                    tg.create_task(self._control_loop(), name="control")
+                    tg.create_task(self._telemetry_loop(), name="telemetry")
+                    self.ready.set()
+            finally:
+                await asyncio.shield(self.northbound.publish_offline())
+
+    def status(self) -> GatewayStatus:
+        return GatewayStatus(
+            gateway_id=self.config.gateway_id,
+            state="online",
+            timestamp=utcnow(),
+            version=self.version,
+            devices=len(self.registry),
+            groups=tuple(sorted(self.registry.groups())),
+        )
+
+    # ------------------------------------------------------------------ inbound
+    async def handle_command(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
+        now = utcnow()
+        try:
+            command = decode_command(payload)
+        except CommandDecodeError as exc:
+            log.warning("bad command on %s: %s", topic, exc)
+            if exc.command_id is not None:
+                ack = Ack(command_id=exc.command_id, state="rejected", timestamp=now,  # type: ignore[arg-type]
+                          reason=exc.reason, detail=exc.detail)
+                self._publish_ack(ack, reply)
+            else:
+                self._publish_error(exc.reason, exc.detail, topic, payload)
+            return
+        try:
+            await self.book.submit(command, now, reply)
+        except CommandRejected as exc:
+            self._publish_error(exc.reason, exc.detail, topic, payload, command.command_id)
+            return
+        self._wake.set()
+
+    def _publish_ack(self, ack: Ack, reply: object | None) -> None:
+        self.northbound.publish_reliable(
+            Outgoing(
+                self.topics.ack(ack.command_id),
+                encode(ack),
+                reply=reply if isinstance(reply, ReplyTo) else None,
+            )
+        )
+
+    def _publish_error(
+        self, reason: Reason, detail: str, topic: str, payload: bytes, command_id: str | None = None
+    ) -> None:
+        error = ErrorMessage(
+            timestamp=utcnow(),
+            reason=reason,
+            detail=detail[:2000],
+            topic=topic,
+            payload_excerpt=payload[:256].decode("utf-8", errors="replace"),
+            command_id=command_id,
+        )
+        self.northbound.publish_reliable(Outgoing(self.topics.errors, encode(error)))
+
+    # ------------------------------------------------------------------ control
+    def device_states(self, now: datetime) -> dict[str, DeviceState | None]:
+        stale = self.config.timing.stale_after_s
+        return {
+            d.device_id: (s.fresh_state(stale, now) if (s := self.supervisors.get(d.device_id))
+                          else None)
+            for d in self.registry.devices()
+        }
+
+    async def control_once(self) -> dispatch.Plan:
+        now = utcnow()
+        await self._handle_refusals(now)
+        states = self.device_states(now)
+        first = dispatch.plan(now, self.registry, states, self.book.active(now))
+        await self.book.tick(now, first)
+        # The lifecycle may have just started, ended or superseded commands: plan again so the
+        # devices never see a setpoint from a command that is no longer in force.
+        plan = dispatch.plan(now, self.registry, states, self.book.active(now))
+        self._apply(plan)
+        self.plan = plan
+        return plan
+
+    def _apply(self, plan: dispatch.Plan) -> None:
+        deadband = self.config.timing.deadband_kw
+        for device_id, supervisor in self.supervisors.items():
+            new = plan.setpoints.get(device_id)
+            old = supervisor.desired
+            if (
+                new is not None
+                and old is not None
+                and old.power_kw is not None
+                and new.power_kw is not None
+                and abs(new.power_kw - old.power_kw) < deadband
+                and new.provenance == old.provenance
+            ):
+                continue
+            supervisor.command(new)
+
+    def _on_device_result(self, command: DeviceCommand, error: AdapterError | None) -> None:
+        if error is not None:
+            self._refusals.append(_Refusal(command, error))
+            self._wake.set()
+
+    async def _handle_refusals(self, now: datetime) -> None:
+        refusals, self._refusals = self._refusals, []
+        for refusal in refusals:
+            for source in refusal.command.provenance:
+                if source.kind not in ("dispatch", "setpoint"):
+                    continue
+                entry = self.book.device_refused(source.command_id, refusal.command.device_id, now)
+                if entry is not None and isinstance(entry.command, DeviceSetpoint):
+                    await self.book.fail(
+                        source.command_id, now, Reason.DEVICE_REJECTED, str(refusal.error)
+                    )
+
+    async def _control_loop(self) -> None:
+        period = self.config.timing.control_period_s
+        while True:
+            try:
+                await self.control_once()
+            except Exception:  # the control loop must outlive any one bad cycle
+                log.exception("control cycle failed")
+            try:
+                async with asyncio.timeout(period):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ telemetry
+    def group_telemetry(self, now: datetime) -> list[GroupTelemetry]:
+        states = self.device_states(now)
+        active_by_group: dict[str, list[str]] = {}
+        envelope_by_group: dict[str, EnvelopeInterval] = {}
+        for entry in self.book.active(now):
+            command = entry.command
+            target = getattr(command, "target", None)
+            if target is not None and target.group_id is not None:
+                active_by_group.setdefault(target.group_id, []).append(command.command_id)
+                interval = getattr(command, "interval_at", None)
+                if interval is not None and (current := interval(now)) is not None:
+                    envelope_by_group[target.group_id] = current
+        out = []
+        for group_id in sorted(self.registry.groups()):
+            members = self.registry.members(group_id)
+            reporting = [states[d.device_id] for d in members if states[d.device_id] is not None]
+            power = sum(s.power_kw for s in reporting if s is not None)
+            setpoint = sum(
+                (sp.power_kw or 0.0)
+                for d in members
+                if (sp := self.plan.setpoints.get(d.device_id)) is not None
+            )
+            energy = 0.0
+            for device in members:
+                state = states[device.device_id]
+                if state is not None and state.soc_pct is not None:
+                    margin = state.soc_pct - device.constraints.reserve_soc_pct
+                    energy += max(0.0, margin) / 100.0 * device.ratings.capacity_kwh
+            missing = len(members) - len(reporting)
+            out.append(
+                GroupTelemetry(
+                    group_id=group_id,
+                    timestamp=now,
+                    power_kw=round(power, 3),
+                    setpoint_kw=round(setpoint, 3),
+                    devices_total=len(members),
+                    devices_reporting=len(reporting),
+                    devices_missing=missing,
+                    # A sum with devices missing is a lower bound, not a measurement: say so.
+                    quality=Quality.GOOD if missing == 0 else Quality.SUSPECT,
+                    energy_available_kwh=round(energy, 3),
+                    active_commands=tuple(active_by_group.get(group_id, ())),
+                    envelope=envelope_by_group.get(group_id),
+                )
+            )
+        return out
+
+    def device_telemetry(self, now: datetime) -> list[DeviceTelemetry]:
+        out = []
+        stale = self.config.timing.stale_after_s
+        for device_id, supervisor in self.supervisors.items():
+            state = supervisor.fresh_state(stale, now)
+            last = supervisor.latest
+            desired = supervisor.desired
+            out.append(
+                DeviceTelemetry(
+                    device_id=device_id,
+                    timestamp=state.timestamp if state else now,
+                    available=state is not None,
+                    power_kw=state.power_kw if state else (last.power_kw if last else None),
+                    soc_pct=state.soc_pct if state else (last.soc_pct if last else None),
+                    setpoint_kw=desired.power_kw if desired else None,
+                    quality=Quality.GOOD if state else Quality.STALE,
+                    provenance=desired.provenance if desired else (),
+                )
+            )
+        return out
+
+    async def _telemetry_loop(self) -> None:
+        period = self.config.timing.telemetry_period_s
+        while True:
+            await asyncio.sleep(period)
+            now = utcnow()
+            for group in self.group_telemetry(now):
+                self.northbound.publish_telemetry(
+                    Outgoing(self.topics.group_telemetry(group.group_id), encode(group), qos=0)
+                )
+            for device in self.device_telemetry(now):
+                self.northbound.publish_telemetry(
+                    Outgoing(self.topics.device_telemetry(device.device_id), encode(device), qos=0)
+                )

@@ -1,0 +1,322 @@
+"""Turn the commands active right now into one setpoint per device (pure, no I/O).
+
+Composition order, as in DESIGN.md: dispatch targets and setpoints are allocated first (in
+priority order, each device committed to at most one command), each clipped to the device's own
+constraints (ratings, reserve and maximum state of charge); then every active operating envelope
+scales the result so the group's net power stays inside its limits. The envelope runs last, so it
+wins over every program goal. Every change a constraint makes is recorded against the device, so
+an operator can see why a battery is held where it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.model import (
+    Allocation,
+    Device,
+    DeviceCommand,
+    DeviceSetpoint,
+    DeviceState,
+    Dispatch,
+    LimitSource,
+    OperatingEnvelope,
+    ScheduledCommand,
+    Target,
+)
+from gateway.registry import Registry
+
+# Energy limits are spread over at least this long, so a battery a hair above its reserve is not
+# allowed full power for the last control periods of an event and then overshoot the reserve.
+MIN_ENERGY_HORIZON_S = 60.0
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveCommand:
+    command: ScheduledCommand
+    seq: int
+    excluded: frozenset[str] = frozenset()
+    """Devices that refused this command (e.g. a Modbus exception): not allocated again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """Power a battery can deliver right now without breaking a rating or an SoC limit."""
+
+    discharge_kw: float
+    charge_kw: float
+    discharge_limit: str
+    charge_limit: str
+
+
+def headroom(device: Device, state: DeviceState | None, remaining_s: float) -> Headroom:
+    if state is None or state.soc_pct is None:
+        # Without a fresh SoC nobody can promise the reserve holds: commit nothing.
+        return Headroom(0.0, 0.0, "unavailable", "unavailable")
+    ratings, limits = device.ratings, device.constraints
+    rated_dis = min(ratings.max_discharge_kw, _or_inf(state.max_discharge_kw))
+    rated_ch = min(ratings.max_charge_kw, _or_inf(state.max_charge_kw))
+    capacity = min(ratings.capacity_kwh, _or_inf(state.capacity_kwh))
+    hours = max(remaining_s, MIN_ENERGY_HORIZON_S) / 3600.0
+    above_reserve = max(0.0, (state.soc_pct - limits.reserve_soc_pct) / 100.0 * capacity)
+    below_max = max(0.0, (limits.max_soc_pct - state.soc_pct) / 100.0 * capacity)
+    dis_energy, ch_energy = above_reserve / hours, below_max / hours
+    return Headroom(
+        discharge_kw=min(rated_dis, dis_energy),
+        charge_kw=min(rated_ch, ch_energy),
+        discharge_limit="reserve_soc" if dis_energy < rated_dis else "rating",
+        charge_limit="max_soc" if ch_energy < rated_ch else "rating",
+    )
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+def clip_to_headroom(kw: float, room: Headroom) -> tuple[float, str | None]:
+    if kw < -room.discharge_kw:
+        return -room.discharge_kw, room.discharge_limit
+    if kw > room.charge_kw:
+        return room.charge_kw, room.charge_limit
+    return kw, None
+
+
+def share(total_kw: float, caps: Mapping[str, float]) -> dict[str, float]:
+    """Split ``total_kw`` across devices in proportion to each one's cap, never above a cap."""
+    available = sum(caps.values())
+    if available <= _EPS or abs(total_kw) <= _EPS:
+        return dict.fromkeys(caps, 0.0)
+    fraction = min(1.0, abs(total_kw) / available)
+    sign = 1.0 if total_kw > 0 else -1.0
+    return {dev: sign * cap * fraction for dev, cap in caps.items()}
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One device's state during planning."""
+
+    command_id: str
+    kind: str
+    requested_kw: float
+    kw: float
+    limited_by: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Plan:
+    setpoints: dict[str, DeviceCommand] = field(default_factory=dict)
+    """Devices under control, with their setpoint and its provenance. Others run autonomously."""
+    allocations: dict[str, tuple[Allocation, ...]] = field(default_factory=dict)
+    shortfall_kw: dict[str, float] = field(default_factory=dict)
+    conflicts: dict[str, list[str]] = field(default_factory=dict)
+    """command_id → ids of commands that already held devices it wanted."""
+    envelopes: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    """envelope command_id → (import_limit_kw, export_limit_kw) in force."""
+
+
+def target_devices(registry: Registry, target: Target) -> list[Device]:
+    if target.group_id is not None:
+        return registry.members(target.group_id)
+    return [registry.device(d) for d in target.device_ids or () if d in registry]
+
+
+def plan(
+    now: datetime,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    active: Sequence[ActiveCommand],
+) -> Plan:
+    """Compute every device's setpoint for ``now``.
+
+    ``states`` holds the latest *fresh* state of each device (None when unavailable or stale);
+    ``active`` the commands whose window contains ``now``.
+    """
+    result = Plan()
+    slots: dict[str, _Slot] = {}
+    holder: dict[str, str] = {}
+    power_commands = [a for a in active if not isinstance(a.command, OperatingEnvelope)]
+    # Higher priority first; between equals, the earlier commitment holds.
+    power_commands.sort(key=lambda a: (-a.command.priority, a.seq))
+
+    for entry in power_commands:
+        command = entry.command
+        remaining = (command.end - now).total_seconds()
+        if isinstance(command, DeviceSetpoint):
+            _plan_setpoint(command, registry, states, slots, holder, result, remaining)
+        elif isinstance(command, Dispatch):
+            _plan_dispatch(now, entry, registry, states, slots, holder, result, remaining)
+
+    envelopes = sorted(
+        (a for a in active if isinstance(a.command, OperatingEnvelope)), key=lambda a: a.seq
+    )
+    # Two passes: pulling exports in can only raise imports and vice versa, so a second pass
+    # settles any nested envelopes (a feeder inside a substation) that the first pass disturbed.
+    for _ in range(2):
+        for entry in envelopes:
+            assert isinstance(entry.command, OperatingEnvelope)
+            _apply_envelope(now, entry.command, registry, states, slots, result)
+
+    requested_by_command: dict[str, list[Allocation]] = {}
+    for device_id, slot in slots.items():
+        provenance = [LimitSource(command_id=slot.command_id, kind=slot.kind)]  # type: ignore[arg-type]
+        provenance += [_limit_source(s) for s in slot.limited_by]
+        result.setpoints[device_id] = DeviceCommand(
+            device_id=device_id, power_kw=round(slot.kw, 4), provenance=tuple(provenance)
+        )
+        requested_by_command.setdefault(slot.command_id, []).append(
+            Allocation(
+                device_id=device_id,
+                requested_kw=round(slot.requested_kw, 4),
+                commanded_kw=round(slot.kw, 4),
+                limited_by=tuple(slot.limited_by),
+            )
+        )
+    for command_id, allocs in requested_by_command.items():
+        result.allocations[command_id] = tuple(sorted(allocs, key=lambda a: a.device_id))
+    for entry in power_commands:
+        command = entry.command
+        if isinstance(command, Dispatch):
+            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
+            wanted = command.kw * ramp_factor(command, now)
+            result.shortfall_kw[command.command_id] = round(max(0.0, abs(wanted) - abs(delivered)), 3)
+    return result
+
+
+def ramp_factor(command: Dispatch, now: datetime) -> float:
+    if command.ramp_s <= 0:
+        return 1.0
+    elapsed = (now - command.start).total_seconds()
+    return max(0.0, min(1.0, elapsed / command.ramp_s))
+
+
+def _limit_source(label: str) -> LimitSource:
+    if label in ("rating", "reserve_soc", "max_soc"):
+        return LimitSource(command_id=label, kind=label)  # type: ignore[arg-type]
+    return LimitSource(command_id=label, kind="envelope")
+
+
+def _plan_setpoint(
+    command: DeviceSetpoint,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    slots: dict[str, _Slot],
+    holder: dict[str, str],
+    result: Plan,
+    remaining_s: float,
+) -> None:
+    device_id = command.device_id
+    if device_id in holder:
+        result.conflicts.setdefault(command.command_id, []).append(holder[device_id])
+        return
+    state = states.get(device_id)
+    if device_id not in registry or state is None:
+        return
+    room = headroom(registry.device(device_id), state, remaining_s)
+    kw, limit = clip_to_headroom(command.kw, room)
+    slots[device_id] = _Slot(command.command_id, "setpoint", command.kw, kw, [limit] if limit else [])
+    holder[device_id] = command.command_id
+
+
+def _plan_dispatch(
+    now: datetime,
+    entry: ActiveCommand,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    slots: dict[str, _Slot],
+    holder: dict[str, str],
+    result: Plan,
+    remaining_s: float,
+) -> None:
+    command = entry.command
+    assert isinstance(command, Dispatch)
+    total = command.kw * ramp_factor(command, now)
+    rooms: dict[str, Headroom] = {}
+    for device in target_devices(registry, command.target):
+        did = device.device_id
+        if did in entry.excluded or states.get(did) is None:
+            continue
+        if did in holder:
+            result.conflicts.setdefault(command.command_id, [])
+            if holder[did] not in result.conflicts[command.command_id]:
+                result.conflicts[command.command_id].append(holder[did])
+            continue
+        rooms[did] = headroom(device, states[did], remaining_s)
+    caps = {d: (r.discharge_kw if total < 0 else r.charge_kw) for d, r in rooms.items()}
+    shares = share(total, caps)
+    for did, kw in shares.items():
+        limits: list[str] = []
+        room = rooms[did]
+        fair = total * (caps[did] / sum(caps.values())) if sum(caps.values()) > _EPS else 0.0
+        if abs(kw) + _EPS < abs(fair) or caps[did] <= _EPS:
+            limits.append(room.discharge_limit if total < 0 else room.charge_limit)
+        slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)
+        holder[did] = command.command_id
+
+
+def _apply_envelope(
+    now: datetime,
+    command: OperatingEnvelope,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    slots: dict[str, _Slot],
+    result: Plan,
+) -> None:
+    interval = command.interval_at(now)
+    if interval is None:
+        return
+    result.envelopes[command.command_id] = (interval.import_limit_kw, interval.export_limit_kw)
+    values: dict[str, float] = {}
+    for device in target_devices(registry, command.target):
+        did = device.device_id
+        if did in slots:
+            values[did] = slots[did].kw
+        elif (state := states.get(did)) is not None:
+            values[did] = state.power_kw  # autonomous device: its measured power counts too
+    net = sum(values.values())
+    if interval.export_limit_kw is not None and net < -interval.export_limit_kw - _EPS:
+        _scale_side(values, net, -interval.export_limit_kw, exporting=True)
+    elif interval.import_limit_kw is not None and net > interval.import_limit_kw + _EPS:
+        _scale_side(values, net, interval.import_limit_kw, exporting=False)
+    else:
+        return
+    for did, kw in values.items():
+        slot = slots.get(did)
+        if slot is None:
+            current = states[did].power_kw  # type: ignore[union-attr]
+            if abs(kw - current) <= _EPS:
+                continue
+            slot = _Slot(command.command_id, "envelope", current, kw)
+            slots[did] = slot
+        elif abs(kw - slot.kw) <= _EPS:
+            continue
+        slot.kw = kw
+        if command.command_id not in slot.limited_by:
+            slot.limited_by.append(command.command_id)
+
+
+def _scale_side(values: dict[str, float], net: float, limit: float, *, exporting: bool) -> None:
+    """Shrink the devices pushing net power past ``limit`` proportionally; then, if that is not
+    enough (other devices' autonomous flow), push back with the devices that can."""
+    pushing = {d: v for d, v in values.items() if (v < 0 if exporting else v > 0)}
+    push_total = sum(pushing.values())
+    others = net - push_total
+    wanted_push = limit - others  # what the pushing side may total
+    if (exporting and wanted_push > 0) or (not exporting and wanted_push < 0):
+        wanted_push = 0.0
+    factor = 0.0 if abs(push_total) <= _EPS else max(0.0, min(1.0, wanted_push / push_total))
+    for did, v in pushing.items():
+        values[did] = v * factor
+
+
+def allocations_changed(
+    before: Iterable[Allocation], after: Iterable[Allocation], tolerance_kw: float
+) -> bool:
+    a = {x.device_id: x.commanded_kw for x in before}
+    b = {x.device_id: x.commanded_kw for x in after}
+    if a.keys() != b.keys():
+        return True
+    return any(abs(a[k] - b[k]) > tolerance_kw for k in a)

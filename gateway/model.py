@@ -1,0 +1,519 @@
+"""The unified DERMS model: devices, topology, commands, acks and readings.
+
+Conventions that hold everywhere in this model:
+
+* Power is in kW with the **load convention**: positive means the device (or group) *imports*
+  (consumes, charges), negative means it *exports* (generates, discharges). "Reduce load by 2 MW"
+  is therefore a dispatch of ``-2000`` kW.
+* Envelope limits are non-negative magnitudes: ``import_limit_kw`` caps net import,
+  ``export_limit_kw`` caps net export. ``None`` means "no limit".
+* Energy is in kWh, state of charge in percent (0-100), durations in seconds.
+* Every timestamp is timezone-aware UTC; naive timestamps are rejected at the boundary.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
+
+SCHEMA_VERSION = "1"
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+Identifier = Annotated[
+    str,
+    Field(pattern=_ID_PATTERN, description="Identifier: letters, digits, '_', '.', ':', '-'"),
+]
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- devices & topology
+
+
+class DerClass(StrEnum):
+    BATTERY = "battery"
+    THERMOSTAT = "thermostat"
+    EVSE = "evse"
+    WATER_HEATER = "water_heater"
+    PV = "pv"
+    CI_SITE = "ci_site"
+
+
+class TopologyLevel(StrEnum):
+    SUBSTATION = "substation"
+    FEEDER = "feeder"
+    FEEDER_SECTION = "feeder_section"
+    TRANSFORMER = "transformer"
+
+
+TOPOLOGY_LEVELS: tuple[TopologyLevel, ...] = tuple(TopologyLevel)
+
+
+class TopologyLocation(Frozen):
+    """Where a device connects to the grid, from the substation down to its transformer."""
+
+    substation: Identifier
+    feeder: Identifier | None = None
+    feeder_section: Identifier | None = None
+    transformer: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _no_gaps(self) -> TopologyLocation:
+        seen_gap = False
+        for level in TOPOLOGY_LEVELS:
+            value = getattr(self, level.value)
+            if value is None:
+                seen_gap = True
+            elif seen_gap:
+                raise ValueError(f"{level.value} given without the levels above it")
+        return self
+
+    def at(self, level: TopologyLevel) -> str | None:
+        return getattr(self, level.value)  # type: ignore[no-any-return]
+
+
+class BatteryRatings(Frozen):
+    """Nameplate limits of a battery or a battery inverter."""
+
+    max_charge_kw: float = Field(gt=0, le=100_000, description="Maximum charge power, kW")
+    max_discharge_kw: float = Field(gt=0, le=100_000, description="Maximum discharge power, kW")
+    capacity_kwh: float = Field(gt=0, le=1_000_000, description="Usable energy capacity, kWh")
+
+
+class BatteryConstraints(Frozen):
+    """Customer constraints the gateway must respect whatever a program asks for."""
+
+    reserve_soc_pct: float = Field(
+        default=20.0, ge=0, le=100, description="Never discharge below this state of charge, %"
+    )
+    max_soc_pct: float = Field(
+        default=100.0, ge=0, le=100, description="Never charge above this state of charge, %"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatteryConstraints:
+        if self.reserve_soc_pct >= self.max_soc_pct:
+            raise ValueError("reserve_soc_pct must be below max_soc_pct")
+        return self
+
+
+class Device(Frozen):
+    device_id: Identifier
+    der_class: DerClass
+    location: TopologyLocation
+    adapter: Identifier = Field(description="Name of the adapter configuration that reaches it")
+    ratings: BatteryRatings
+    constraints: BatteryConstraints = BatteryConstraints()
+    programs: tuple[Identifier, ...] = ()
+
+
+class Group(Frozen):
+    """A topology group: every device whose location matches at ``level``.
+
+    Groups are resolved against the registry when needed, so re-homing a device (field switching)
+    is a registry update, not a change to the group or to active commands.
+    """
+
+    group_id: Identifier
+    level: TopologyLevel
+    name: Identifier = Field(description="The substation / feeder / ... identifier at that level")
+
+    def contains(self, device: Device) -> bool:
+        return device.location.at(self.level) == self.name
+
+
+# --------------------------------------------------------------------------- quality & readings
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    ESTIMATED = "estimated"
+    SUBSTITUTED = "substituted"
+    STALE = "stale"
+    SUSPECT = "suspect"
+    INVALID = "invalid"
+
+
+class Quantity(StrEnum):
+    POWER = "power"
+    SOC = "soc"
+    ENERGY_AVAILABLE = "energy_available"
+
+
+UNITS: dict[Quantity, str] = {
+    Quantity.POWER: "kW",
+    Quantity.SOC: "%",
+    Quantity.ENERGY_AVAILABLE: "kWh",
+}
+
+
+class Reading(Frozen):
+    """One value from one device, with its unit, its quality and where it came from."""
+
+    device_id: Identifier
+    quantity: Quantity
+    value: float
+    unit: str
+    timestamp: UtcDatetime
+    quality: Quality = Quality.GOOD
+    source: str = Field(description="Adapter or estimator that produced the value")
+
+
+class DeviceState(Frozen):
+    """What an adapter learned in one poll of a battery."""
+
+    device_id: Identifier
+    timestamp: UtcDatetime
+    power_kw: float = Field(description="Measured AC power, load convention (+import)")
+    soc_pct: float | None = Field(default=None, ge=0, le=100)
+    capacity_kwh: float | None = Field(default=None, ge=0)
+    max_charge_kw: float | None = Field(default=None, ge=0)
+    max_discharge_kw: float | None = Field(default=None, ge=0)
+    setpoint_kw: float | None = Field(default=None, description="Active power setpoint in force")
+    source: str
+
+    def readings(self) -> list[Reading]:
+        out = [self._reading(Quantity.POWER, self.power_kw)]
+        if self.soc_pct is not None:
+            out.append(self._reading(Quantity.SOC, self.soc_pct))
+        return out
+
+    def _reading(self, quantity: Quantity, value: float) -> Reading:
+        return Reading(
+            device_id=self.device_id,
+            quantity=quantity,
+            value=value,
+            unit=UNITS[quantity],
+            timestamp=self.timestamp,
+            source=self.source,
+        )
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class Target(Frozen):
+    """Who a command addresses: one topology group, or an explicit list of devices."""
+
+    group_id: Identifier | None = None
+    device_ids: tuple[Identifier, ...] | None = Field(default=None, min_length=1, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Target:
+        if (self.group_id is None) == (self.device_ids is None):
+            raise ValueError("give exactly one of group_id or device_ids")
+        if self.device_ids is not None and len(set(self.device_ids)) != len(self.device_ids):
+            raise ValueError("device_ids contains duplicates")
+        return self
+
+
+MAX_DURATION_S = 7 * 24 * 3600
+
+
+class CommandBase(Frozen):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    command_id: Identifier
+    issued_at: UtcDatetime | None = Field(default=None, description="When Grid DERMS issued it")
+    program: Identifier = Field(default="default", description="Program the command belongs to")
+    priority: int = Field(
+        default=0, ge=0, le=1000, description="Higher wins between programs on one device"
+    )
+
+
+class DispatchMode(StrEnum):
+    DELTA = "delta"
+    TARGET = "target"
+
+
+class Dispatch(CommandBase):
+    """Change (``delta``) or set (``target``) the net power of a group or of devices.
+
+    For battery fleets the baseline is idle (0 kW), so ``delta`` and ``target`` both set the
+    fleet's total battery power; they differ for fleets with a baseline load (later device kinds).
+    """
+
+    type: Literal["dispatch"] = "dispatch"
+    target: Target
+    mode: DispatchMode = DispatchMode.DELTA
+    kw: float = Field(ge=-1_000_000, le=1_000_000, description="Signed kW, load convention")
+    start: UtcDatetime
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
+    ramp_s: float = Field(default=0, ge=0, le=3600, description="Linear ramp from start")
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(seconds=self.duration_s)
+
+    @model_validator(mode="after")
+    def _ramp_fits(self) -> Dispatch:
+        if self.ramp_s > self.duration_s:
+            raise ValueError("ramp_s is longer than duration_s")
+        return self
+
+
+class EnvelopeInterval(Frozen):
+    start: UtcDatetime
+    end: UtcDatetime
+    import_limit_kw: float | None = Field(default=None, ge=0, le=1_000_000)
+    export_limit_kw: float | None = Field(default=None, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _valid(self) -> EnvelopeInterval:
+        if self.end <= self.start:
+            raise ValueError("interval end must be after its start")
+        if self.import_limit_kw is None and self.export_limit_kw is None:
+            raise ValueError("interval sets neither import_limit_kw nor export_limit_kw")
+        return self
+
+
+class OperatingEnvelope(CommandBase):
+    """Dynamic operating envelope: net import/export limits per interval. A safety constraint."""
+
+    type: Literal["envelope"] = "envelope"
+    target: Target
+    intervals: tuple[EnvelopeInterval, ...] = Field(min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> OperatingEnvelope:
+        for before, after in zip(self.intervals, self.intervals[1:], strict=False):
+            if after.start < before.end:
+                raise ValueError("intervals overlap or are out of order")
+        return self
+
+    @property
+    def start(self) -> datetime:
+        return self.intervals[0].start
+
+    @property
+    def end(self) -> datetime:
+        return self.intervals[-1].end
+
+    def interval_at(self, when: datetime) -> EnvelopeInterval | None:
+        for interval in self.intervals:
+            if interval.start <= when < interval.end:
+                return interval
+        return None
+
+
+class DeviceSetpoint(CommandBase):
+    """Hold one device at a power setpoint for a while."""
+
+    type: Literal["setpoint"] = "setpoint"
+    device_id: Identifier
+    kw: float = Field(ge=-1_000_000, le=1_000_000, description="Signed kW, load convention")
+    start: UtcDatetime
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(seconds=self.duration_s)
+
+
+class Cancel(CommandBase):
+    type: Literal["cancel"] = "cancel"
+    cancels: Identifier = Field(description="command_id of the command to cancel")
+
+
+Command = Annotated[
+    Dispatch | OperatingEnvelope | DeviceSetpoint | Cancel, Field(discriminator="type")
+]
+ScheduledCommand = Dispatch | OperatingEnvelope | DeviceSetpoint
+
+
+COMMAND_ADAPTER: TypeAdapter[Dispatch | OperatingEnvelope | DeviceSetpoint | Cancel] = TypeAdapter(
+    Command
+)
+
+
+# --------------------------------------------------------------------------- acks
+
+
+class AckState(StrEnum):
+    RECEIVED = "received"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+    FAILED = "failed"
+
+
+TERMINAL_STATES = frozenset(
+    {
+        AckState.REJECTED,
+        AckState.COMPLETED,
+        AckState.CANCELLED,
+        AckState.SUPERSEDED,
+        AckState.FAILED,
+    }
+)
+
+ALLOWED_TRANSITIONS: dict[AckState, frozenset[AckState]] = {
+    AckState.RECEIVED: frozenset({AckState.ACCEPTED, AckState.REJECTED}),
+    AckState.ACCEPTED: frozenset(
+        {AckState.ACTIVE, AckState.CANCELLED, AckState.SUPERSEDED, AckState.FAILED,
+         AckState.COMPLETED}
+    ),
+    AckState.ACTIVE: frozenset(
+        {AckState.COMPLETED, AckState.CANCELLED, AckState.SUPERSEDED, AckState.FAILED}
+    ),
+}
+
+
+class Reason(StrEnum):
+    """Machine-readable reasons on rejected / failed acks and on the errors topic."""
+
+    MALFORMED_JSON = "malformed_json"
+    SCHEMA_VIOLATION = "schema_violation"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_GROUP = "unknown_group"
+    UNKNOWN_DEVICE = "unknown_device"
+    UNKNOWN_COMMAND = "unknown_command"
+    ALREADY_ENDED = "already_ended"
+    WINDOW_INVALID = "window_invalid"
+    BEYOND_RATINGS = "beyond_ratings"
+    DUPLICATE_ID_CONFLICT = "duplicate_id_conflict"
+    NOT_CANCELLABLE = "not_cancellable"
+    NO_DEVICES = "no_devices"
+    DEVICE_UNAVAILABLE = "device_unavailable"
+    DEVICE_REJECTED = "device_rejected"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INTERNAL = "internal"
+
+
+class Allocation(Frozen):
+    """What one device was asked to do on behalf of a command, and why it differs if it does."""
+
+    device_id: Identifier
+    requested_kw: float
+    commanded_kw: float
+    limited_by: tuple[str, ...] = Field(
+        default=(), description="Ids or names of what held the device below its request"
+    )
+
+
+class Ack(Frozen):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    command_id: Identifier
+    state: AckState
+    timestamp: UtcDatetime
+    reason: Reason | None = None
+    detail: str | None = None
+    allocations: tuple[Allocation, ...] = ()
+    shortfall_kw: float | None = Field(
+        default=None, description="Part of the request that could not be allocated"
+    )
+
+
+class ErrorMessage(Frozen):
+    """Published on ``errors`` for input that cannot be attributed to a command id."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    timestamp: UtcDatetime
+    reason: Reason
+    detail: str
+    topic: str
+    payload_excerpt: str = Field(max_length=512)
+    command_id: str | None = None
+
+
+# --------------------------------------------------------------------------- device commands
+
+
+class LimitSource(Frozen):
+    """Why a device is held where it is: the command (or rule) that produced a limit."""
+
+    command_id: str
+    kind: Literal["dispatch", "setpoint", "envelope", "rating", "reserve_soc", "max_soc", "idle"]
+
+
+class DeviceCommand(Frozen):
+    """The single instruction a device adapter applies: one setpoint with its provenance."""
+
+    device_id: Identifier
+    power_kw: float | None = Field(
+        description="Setpoint (load convention); None returns the device to autonomous operation"
+    )
+    provenance: tuple[LimitSource, ...] = ()
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class DeviceTelemetry(Frozen):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    device_id: Identifier
+    timestamp: UtcDatetime
+    available: bool
+    power_kw: float | None
+    soc_pct: float | None
+    setpoint_kw: float | None = Field(description="What the gateway currently asks of it")
+    quality: Quality
+    provenance: tuple[LimitSource, ...] = ()
+
+
+class GroupTelemetry(Frozen):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    group_id: Identifier
+    timestamp: UtcDatetime
+    power_kw: float = Field(description="Sum over reporting devices, load convention")
+    setpoint_kw: float = Field(description="Sum of what the gateway currently asks of them")
+    devices_total: int
+    devices_reporting: int
+    devices_missing: int
+    quality: Quality
+    energy_available_kwh: float = Field(description="Energy above reserve in reporting batteries")
+    active_commands: tuple[str, ...] = ()
+    envelope: EnvelopeInterval | None = None
+
+
+class GatewayStatus(Frozen):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    gateway_id: str
+    state: Literal["online", "offline"]
+    timestamp: UtcDatetime
+    version: str = ""
+    devices: int = 0
+    groups: tuple[str, ...] = ()
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schemas of every message on the northbound interface, by name."""
+    models: dict[str, type[BaseModel]] = {
+        "ack": Ack,
+        "error": ErrorMessage,
+        "device_telemetry": DeviceTelemetry,
+        "group_telemetry": GroupTelemetry,
+        "status": GatewayStatus,
+        "device": Device,
+        "group": Group,
+        "reading": Reading,
+    }
+    schemas = {"command": COMMAND_ADAPTER.json_schema()}
+    schemas.update({name: model.model_json_schema() for name, model in models.items()})
+    return schemas

@@ -1,0 +1,209 @@
+"""The Grid DERMS link: one MQTT session that takes commands in and puts acks and telemetry out.
+
+The session is persistent (fixed client id, no clean start, session expiry) so QoS 1 commands
+sent while the gateway is restarting wait in the broker. The retained ``status`` topic says
+``online`` on connect and the broker's will says ``offline`` if the gateway dies. Acks are queued
+while the link is down and flushed on reconnect before any telemetry; telemetry published while
+the link is down is dropped, since a newer period will follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.config import BrokerConfig
+from gateway.model import GatewayStatus, utcnow
+from protocols.mqtt import Topics, encode
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 3600
+MAX_PENDING_ACKS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """MQTT 5 request/response: where the requester wants its answers, and its correlation."""
+
+    topic: str
+    correlation: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    reply: ReplyTo | None = None
+
+
+CommandHandler = Callable[[bytes, ReplyTo | None, str], Awaitable[None]]
+
+
+class Northbound:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        topics: Topics,
+        *,
+        on_command: CommandHandler,
+        status: Callable[[], GatewayStatus],
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self._config = config
+        self.topics = topics
+        self._on_command = on_command
+        self._status = status
+        self._backoff_max_s = backoff_max_s
+        self._acks: deque[Outgoing] = deque(maxlen=MAX_PENDING_ACKS)
+        self._telemetry: deque[Outgoing] = deque(maxlen=5_000)
+        self._pending = asyncio.Event()
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+
+    @property
+    def mqtt5(self) -> bool:
+        return self._config.protocol == "5"
+
+    # ------------------------------------------------------------------ outbound API
+    def publish_reliable(self, message: Outgoing) -> None:
+        """Queue an ack-like message: kept while the link is down, sent in order."""
+        if len(self._acks) == self._acks.maxlen:
+            log.error("ack queue full (%d): dropping the oldest", len(self._acks))
+        self._acks.append(message)
+        self._pending.set()
+
+    def publish_telemetry(self, message: Outgoing) -> None:
+        """Queue a telemetry message; dropped if the link is down (a newer one will follow)."""
+        if not self.connected.is_set():
+            return
+        self._telemetry.append(message)
+        self._pending.set()
+
+    # ------------------------------------------------------------------ the task
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._session()
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                attempt += 1
+                delay = random.uniform(0.5, 1.0) * min(self._backoff_max_s, 0.5 * 2 ** min(attempt, 10))
+                if attempt == 1:
+                    log.warning("MQTT link to %s:%d lost or refused: %s; retrying",
+                                self._config.host, self._config.port, exc)
+                await asyncio.sleep(delay)
+            else:
+                attempt = 0
+            if attempt == 0:
+                await asyncio.sleep(0.1)
+
+    def _client_kwargs(self) -> dict[str, object]:
+        status_offline = GatewayStatus(
+            gateway_id=self.topics.gateway_id, state="offline", timestamp=utcnow()
+        )
+        kwargs: dict[str, object] = {
+            "hostname": self._config.host,
+            "port": self._config.port,
+            "username": self._config.username,
+            "password": self._config.password,
+            "identifier": self._config.client_id or f"derms-gateway-{self.topics.gateway_id}",
+            "keepalive": self._config.keepalive_s,
+            "timeout": self._config.connect_timeout_s,
+            "will": aiomqtt.Will(self.topics.status, encode(status_offline), qos=1, retain=True),
+            "max_queued_incoming_messages": 10_000,
+        }
+        if self.mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            kwargs |= {
+                "protocol": aiomqtt.ProtocolVersion.V5,
+                "clean_start": False,
+                "properties": props,
+            }
+        else:
+            kwargs |= {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+        return kwargs
+
+    async def _session(self) -> None:
+        async with aiomqtt.Client(**self._client_kwargs()) as client:  # type: ignore[arg-type]
+            self._client = client
+            try:
+                await client.publish(
+                    self.topics.status, encode(self._status()), qos=1, retain=True
+                )
+                await client.subscribe(self.topics.commands, qos=1)
+                self.connected.set()
+                log.info("MQTT link up: %s:%d (MQTT %s), commands on %s", self._config.host,
+                         self._config.port, self._config.protocol, self.topics.commands)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._receive(client), name="mqtt-receive")
+                    tg.create_task(self._send(client), name="mqtt-send")
+            except* aiomqtt.MqttError as group:
+                raise group.exceptions[0] from None
+            finally:
+                self.connected.clear()
+                self._client = None
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            reply = _reply_to(message.properties)
+            # Commands are handled one at a time, in arrival order: idempotency and
+            # supersession depend on it.
+            await self._on_command(bytes(payload), reply, str(message.topic))
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._pending.wait()
+            while self._acks or self._telemetry:
+                queue = self._acks if self._acks else self._telemetry
+                message = queue[0]
+                await self._publish(client, message)
+                queue.popleft()  # only once the broker has it: a lost link keeps it queued
+            self._pending.clear()
+
+    async def _publish(self, client: aiomqtt.Client, message: Outgoing) -> None:
+        await client.publish(
+            message.topic, message.payload, qos=message.qos, retain=message.retain
+        )
+        if message.reply is not None:
+            props = None
+            if self.mqtt5 and message.reply.correlation is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = message.reply.correlation
+            await client.publish(message.reply.topic, message.payload, qos=message.qos,
+                                 properties=props)
+
+    async def publish_offline(self) -> None:
+        """Clean shutdown: say so on the status topic before the will would have to."""
+        client = self._client
+        if client is None:
+            return
+        status = self._status().model_copy(update={"state": "offline", "timestamp": utcnow()})
+        try:
+            async with asyncio.timeout(2):
+                await client.publish(self.topics.status, encode(status), qos=1, retain=True)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.debug("could not publish offline status: %s", exc)
+
+
+def _reply_to(properties: Properties | None) -> ReplyTo | None:
+    if properties is None:
+        return None
+    topic = getattr(properties, "ResponseTopic", None)
+    if not topic:
+        return None
+    correlation = getattr(properties, "CorrelationData", None)
+    return ReplyTo(topic=str(topic), correlation=bytes(correlation) if correlation else None)

@@ -1,0 +1,75 @@
+"""Device registry and topology groups.
+
+Group membership is computed from device locations on demand, so moving a device to another
+feeder (field switching) is one registry update and active commands need no rewrite: the next
+control cycle simply allocates over the new membership.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.model import TOPOLOGY_LEVELS, Device, Group, TopologyLocation
+
+
+def implicit_group_id(level: str, name: str) -> str:
+    return f"{level}:{name}"
+
+
+class UnknownDevice(KeyError):
+    pass
+
+
+class Registry:
+    def __init__(self, devices: Iterable[Device], groups: Iterable[Group] = ()) -> None:
+        self._devices: dict[str, Device] = {}
+        self._explicit_groups: dict[str, Group] = {g.group_id: g for g in groups}
+        self._groups: dict[str, Group] | None = None
+        for device in devices:
+            self._devices[device.device_id] = device
+
+    # ------------------------------------------------------------------ devices
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._devices
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def device(self, device_id: str) -> Device:
+        try:
+            return self._devices[device_id]
+        except KeyError:
+            raise UnknownDevice(device_id) from None
+
+    def devices(self) -> list[Device]:
+        return list(self._devices.values())
+
+    def relocate(self, device_id: str, location: TopologyLocation) -> None:
+        device = self.device(device_id)
+        self._devices[device_id] = device.model_copy(update={"location": location})
+        self._groups = None
+
+    # ------------------------------------------------------------------ groups
+    def groups(self) -> dict[str, Group]:
+        """Explicit groups plus one implicit group per substation / feeder / ... in use."""
+        if self._groups is not None:
+            return self._groups
+        groups: dict[str, Group] = {}
+        for device in self._devices.values():
+            for level in TOPOLOGY_LEVELS:
+                name = device.location.at(level)
+                if name is not None:
+                    gid = implicit_group_id(level.value, name)
+                    groups.setdefault(gid, Group(group_id=gid, level=level, name=name))
+        groups.update(self._explicit_groups)
+        self._groups = groups
+        return groups
+
+    def group(self, group_id: str) -> Group | None:
+        return self.groups().get(group_id)
+
+    def members(self, group_id: str) -> list[Device]:
+        group = self.group(group_id)
+        if group is None:
+            return []
+        return [d for d in self._devices.values() if group.contains(d)]

@@ -1,0 +1,140 @@
+"""Durable command store (SQLite through aiosqlite, so the event loop never blocks on disk).
+
+A command is written before its ack is published, and its latest ack is written before the ack
+goes out, so after a restart the gateway republishes exactly what Grid DERMS last saw and carries
+on with the commands that were still open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import aiosqlite
+
+from gateway.model import COMMAND_ADAPTER, TERMINAL_STATES, Ack, AckState, Command
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    command_id   TEXT NOT NULL UNIQUE,
+    kind         TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    digest       TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    ack          TEXT NOT NULL,
+    received_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_open ON commands(state);
+"""
+
+
+def digest(command: Command) -> str:
+    """Content fingerprint used to tell a redelivery from a different command reusing an id."""
+    return hashlib.sha256(command.model_dump_json().encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCommand:
+    seq: int
+    command: Command
+    digest: str
+    ack: Ack
+
+
+class CommandStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self._path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def __aenter__(self) -> CommandStore:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("command store is not open")
+        return self._db
+
+    async def get(self, command_id: str) -> StoredCommand | None:
+        async with self.db.execute(
+            "SELECT seq, payload, digest, ack FROM commands WHERE command_id = ?", (command_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _row(row)
+
+    async def insert(self, command: Command, ack: Ack) -> int:
+        cur = await self.db.execute(
+            "INSERT INTO commands (command_id, kind, payload, digest, state, ack, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                command.command_id,
+                command.type,
+                command.model_dump_json(),
+                digest(command),
+                ack.state.value,
+                ack.model_dump_json(),
+                ack.timestamp.isoformat(),
+            ),
+        )
+        await self.db.commit()
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def update_ack(self, ack: Ack) -> None:
+        await self.db.execute(
+            "UPDATE commands SET state = ?, ack = ? WHERE command_id = ?",
+            (ack.state.value, ack.model_dump_json(), ack.command_id),
+        )
+        await self.db.commit()
+
+    async def open_commands(self) -> list[StoredCommand]:
+        """Commands not yet in a terminal state, oldest first."""
+        placeholders = ",".join("?" for _ in TERMINAL_STATES)
+        async with self.db.execute(
+            f"SELECT seq, payload, digest, ack FROM commands WHERE state NOT IN ({placeholders})"
+            " ORDER BY seq",
+            tuple(s.value for s in TERMINAL_STATES),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_row(r) for r in rows]
+
+    async def count(self, state: AckState | None = None) -> int:
+        query, args = "SELECT COUNT(*) FROM commands", ()
+        if state is not None:
+            query, args = query + " WHERE state = ?", (state.value,)  # type: ignore[assignment]
+        async with self.db.execute(query, args) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def _row(row: aiosqlite.Row | tuple[object, ...]) -> StoredCommand:
+    seq, payload, dig, ack = row
+    return StoredCommand(
+        seq=int(seq),  # type: ignore[call-overload]
+        command=COMMAND_ADAPTER.validate_json(str(payload)),
+        digest=str(dig),
+        ack=Ack.model_validate_json(str(ack)),
+    )

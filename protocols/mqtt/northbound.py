@@ -1,0 +1,98 @@
+"""Topics and JSON payloads of the Grid DERMS MQTT interface, ``derms/v1/{gateway_id}/...``.
+
+Pure functions over bytes and models: the transport lives in :mod:`gateway.northbound`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+
+from gateway.model import COMMAND_ADAPTER, SCHEMA_VERSION, Command, Reason
+
+MAX_COMMAND_BYTES = 256 * 1024
+API_ROOT = "derms/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    gateway_id: str
+
+    @property
+    def root(self) -> str:
+        return f"{API_ROOT}/{self.gateway_id}"
+
+    @property
+    def commands(self) -> str:
+        return f"{self.root}/commands"
+
+    def ack(self, command_id: str) -> str:
+        return f"{self.root}/acks/{command_id}"
+
+    def group_telemetry(self, group_id: str) -> str:
+        return f"{self.root}/telemetry/groups/{group_id}"
+
+    def device_telemetry(self, device_id: str) -> str:
+        return f"{self.root}/telemetry/devices/{device_id}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.root}/status"
+
+    @property
+    def errors(self) -> str:
+        return f"{self.root}/errors"
+
+
+class CommandDecodeError(Exception):
+    """An inbound payload that is not a valid command; ``command_id`` is set when one was found."""
+
+    def __init__(self, reason: Reason, detail: str, command_id: str | None = None) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.command_id = command_id
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:8]:
+        # The discriminated union puts the variant name first in loc; it adds nothing for a reader.
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("dispatch", "envelope",
+                                                                  "setpoint", "cancel"))
+        parts.append(f"{loc or '(root)'}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode_command(payload: bytes) -> Command:
+    """Parse and validate one command; raise :class:`CommandDecodeError` with a precise reason."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandDecodeError(
+            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_COMMAND_BYTES}"
+        )
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
+    if not isinstance(raw, dict):
+        raise CommandDecodeError(Reason.SCHEMA_VIOLATION, "a command must be a JSON object")
+    command_id = raw.get("command_id")
+    if not isinstance(command_id, str) or not command_id:
+        command_id = None
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise CommandDecodeError(
+            Reason.UNSUPPORTED_VERSION,
+            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
+            command_id,
+        )
+    try:
+        return COMMAND_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise CommandDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc), command_id) from None
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json(exclude_none=True).encode()

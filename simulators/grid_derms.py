@@ -1,0 +1,151 @@
+"""A Grid DERMS client: sends unified commands over MQTT and collects what comes back.
+
+Used by the demo's script, by the end-to-end tests and by the benchmark, so all three exercise
+the real northbound interface exactly as a utility's control system would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.model import Ack, AckState, ErrorMessage, GatewayStatus, GroupTelemetry
+from protocols.mqtt import Topics
+
+
+@dataclass
+class Observed:
+    acks: dict[str, list[Ack]] = field(default_factory=lambda: defaultdict(list))
+    errors: list[ErrorMessage] = field(default_factory=list)
+    groups: dict[str, GroupTelemetry] = field(default_factory=dict)
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: GatewayStatus | None = None
+    replies: list[tuple[str, bytes | None, Ack]] = field(default_factory=list)
+
+
+class GridDermsClient:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        gateway_id: str,
+        *,
+        protocol: Literal["5", "3.1.1"] = "5",
+        on_ack: Callable[[Ack], None] | None = None,
+        on_group: Callable[[GroupTelemetry], None] | None = None,
+        on_error: Callable[[ErrorMessage], None] | None = None,
+    ) -> None:
+        self.topics = Topics(gateway_id)
+        self._host, self._port, self._protocol = host, port, protocol
+        self.observed = Observed()
+        self._on_ack, self._on_group, self._on_error = on_ack, on_group, on_error
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+        self.reply_topic = f"grid-derms/{uuid.uuid4().hex[:8]}/replies"
+        self._ids = itertools.count(1)
+
+    async def __aenter__(self) -> GridDermsClient:
+        version = (aiomqtt.ProtocolVersion.V5 if self._protocol == "5"
+                   else aiomqtt.ProtocolVersion.V311)
+        self._client = aiomqtt.Client(
+            self._host, self._port, protocol=version,
+            identifier=f"grid-derms-{uuid.uuid4().hex[:8]}", timeout=10,
+        )
+        await self._client.__aenter__()
+        root = self.topics.root
+        for topic in (f"{root}/acks/+", f"{root}/errors", f"{root}/status",
+                      f"{root}/telemetry/#", self.reply_topic):
+            await self._client.subscribe(topic, qos=1)
+        self._task = asyncio.create_task(self._receive(), name="grid-derms-receive")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+
+    async def send(self, command: dict[str, Any] | bytes, *, reply: bool = False,
+                   correlation: bytes | None = None) -> None:
+        assert self._client is not None
+        payload = command if isinstance(command, bytes) else json.dumps(command).encode()
+        props = None
+        if reply and self._protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.reply_topic
+            if correlation is not None:
+                props.CorrelationData = correlation
+        await self._client.publish(self.topics.commands, payload, qos=1, properties=props)
+
+    async def _receive(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            topic = str(message.topic)
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            try:
+                self._dispatch(topic, payload, message.properties)
+            except ValueError:
+                continue
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _dispatch(self, topic: str, payload: bytes, properties: Properties | None) -> None:
+        root = self.topics.root
+        if topic == self.reply_topic:
+            correlation = getattr(properties, "CorrelationData", None) if properties else None
+            self.observed.replies.append((topic, correlation, Ack.model_validate_json(payload)))
+        elif topic.startswith(f"{root}/acks/"):
+            ack = Ack.model_validate_json(payload)
+            self.observed.acks[ack.command_id].append(ack)
+            if self._on_ack:
+                self._on_ack(ack)
+        elif topic == f"{root}/errors":
+            error = ErrorMessage.model_validate_json(payload)
+            self.observed.errors.append(error)
+            if self._on_error:
+                self._on_error(error)
+        elif topic == f"{root}/status":
+            self.observed.status = GatewayStatus.model_validate_json(payload)
+        elif topic.startswith(f"{root}/telemetry/groups/"):
+            group = GroupTelemetry.model_validate_json(payload)
+            self.observed.groups[group.group_id] = group
+            if self._on_group:
+                self._on_group(group)
+        elif topic.startswith(f"{root}/telemetry/devices/"):
+            data = json.loads(payload)
+            self.observed.devices[data["device_id"]] = data
+
+    async def wait_for(self, predicate: Callable[[Observed], bool], timeout_s: float = 10.0) -> None:
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.observed))
+
+    async def wait_for_state(self, command_id: str, state: AckState,
+                             timeout_s: float = 10.0) -> Ack:
+        def reached(o: Observed) -> bool:
+            return any(a.state is state for a in o.acks.get(command_id, []))
+        await self.wait_for(reached, timeout_s)
+        return next(a for a in self.observed.acks[command_id] if a.state is state)
+
+    def states(self, command_id: str) -> list[AckState]:
+        return [a.state for a in self.observed.acks.get(command_id, [])]
+
+    def new_id(self, prefix: str = "cmd") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:6]}-{next(self._ids)}"
