@@ -66,6 +66,21 @@ def _format_errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_WINDOW_FIELDS = frozenset({"duration_s", "ramp_s", "start", "end"})
+_WINDOW_MESSAGES = ("after its start", "longer than duration_s", "overlap or are out of order")
+
+
+def _is_window_error(exc: ValidationError) -> bool:
+    """A time window that ends before it starts (or has no length) gets its own reason."""
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        if any(m in err["msg"] for m in _WINDOW_MESSAGES):
+            return True
+        if loc and loc[-1] in ("duration_s",) and err["type"] in ("greater_than", "less_than_equal"):
+            return True
+    return False
+
+
 def decode_command(payload: bytes) -> Command:
     """Parse and validate one command; raise :class:`CommandDecodeError` with a precise reason."""
     if len(payload) > MAX_COMMAND_BYTES:
@@ -91,7 +106,8 @@ def decode_command(payload: bytes) -> Command:
     try:
         return COMMAND_ADAPTER.validate_python(raw)
     except ValidationError as exc:
-        raise CommandDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc), command_id) from None
+        reason = Reason.WINDOW_INVALID if _is_window_error(exc) else Reason.SCHEMA_VIOLATION
+        raise CommandDecodeError(reason, _format_errors(exc), command_id) from None
 
 
 def encode(message: BaseModel) -> bytes:

@@ -1,0 +1,181 @@
+"""Command book: validation reasons, idempotency, lifecycle, supersession, restart (real SQLite)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.commands import CommandBook, CommandRejected
+from gateway.dispatch import Plan
+from gateway.model import (
+    Ack,
+    AckState,
+    BatteryRatings,
+    Cancel,
+    DerClass,
+    Device,
+    DeviceSetpoint,
+    Dispatch,
+    Reason,
+    Target,
+    TopologyLocation,
+)
+from gateway.registry import Registry
+from gateway.store import CommandStore
+
+NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
+
+
+def registry() -> Registry:
+    return Registry([
+        Device(device_id=f"b{i}", der_class=DerClass.BATTERY, adapter="sunspec_battery",
+               location=TopologyLocation(substation="s1", feeder="f1"),
+               ratings=BatteryRatings(max_charge_kw=5, max_discharge_kw=5, capacity_kwh=10))
+        for i in (1, 2)
+    ])
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.acks: list[Ack] = []
+
+    def __call__(self, ack: Ack, reply: object | None) -> None:
+        self.acks.append(ack)
+
+    def states(self, command_id: str) -> list[AckState]:
+        return [a.state for a in self.acks if a.command_id == command_id]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CommandStore]:
+    async with CommandStore(tmp_path / "cmd.sqlite") as s:
+        yield s
+
+
+def dispatch(cid: str = "d1", *, kw: float = -4.0, start: datetime = NOW, duration: float = 60,
+             group: str = "feeder:f1", program: str = "p") -> Dispatch:
+    return Dispatch(command_id=cid, target=Target(group_id=group), kw=kw, start=start,
+                    duration_s=duration, program=program)
+
+
+async def test_lifecycle_received_accepted_active_completed(store: CommandStore) -> None:
+    sink = Sink()
+    book = CommandBook(store, registry(), sink)
+    await book.submit(dispatch(start=NOW + timedelta(seconds=10)), NOW)
+    assert sink.states("d1") == [AckState.RECEIVED, AckState.ACCEPTED]
+    await book.tick(NOW + timedelta(seconds=5), Plan())
+    assert sink.states("d1")[-1] is AckState.ACCEPTED
+    await book.tick(NOW + timedelta(seconds=10), Plan())
+    assert sink.states("d1")[-1] is AckState.ACTIVE
+    await book.tick(NOW + timedelta(seconds=70), Plan())
+    assert sink.states("d1")[-1] is AckState.COMPLETED
+    assert book.active(NOW + timedelta(seconds=70)) == []
+    assert (await store.get("d1")).ack.state is AckState.COMPLETED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        (dispatch(group="feeder:nowhere"), Reason.UNKNOWN_GROUP),
+        (Dispatch(command_id="d1", target=Target(device_ids=("b1", "ghost")), kw=-1, start=NOW,
+                  duration_s=60), Reason.UNKNOWN_DEVICE),
+        (dispatch(start=NOW - timedelta(hours=1), duration=60), Reason.ALREADY_ENDED),
+        (dispatch(kw=-10.5), Reason.BEYOND_RATINGS),
+        (dispatch(kw=10.5), Reason.BEYOND_RATINGS),
+        (DeviceSetpoint(command_id="d1", device_id="b1", kw=-5.5, start=NOW, duration_s=60),
+         Reason.BEYOND_RATINGS),
+        (DeviceSetpoint(command_id="d1", device_id="ghost", kw=-1, start=NOW, duration_s=60),
+         Reason.UNKNOWN_DEVICE),
+        (Cancel(command_id="d1", cancels="never-seen"), Reason.UNKNOWN_COMMAND),
+    ],
+)
+async def test_rejections_carry_a_specific_reason(
+    store: CommandStore, command: Dispatch, reason: Reason
+) -> None:
+    sink = Sink()
+    book = CommandBook(store, registry(), sink)
+    ack = await book.submit(command, NOW)
+    assert ack.state is AckState.REJECTED
+    assert ack.reason is reason
+    assert ack.detail
+    assert book.active(NOW) == []
+
+
+async def test_redelivery_gets_the_same_ack_and_is_applied_once(store: CommandStore) -> None:
+    sink = Sink()
+    book = CommandBook(store, registry(), sink)
+    first = await book.submit(dispatch(), NOW)
+    again = await book.submit(dispatch(), NOW + timedelta(seconds=1))
+    assert again == first
+    assert len(book.active(NOW)) == 1
+    assert await store.count() == 1
+
+
+async def test_same_id_different_content_is_refused(store: CommandStore) -> None:
+    book = CommandBook(store, registry(), Sink())
+    await book.submit(dispatch(kw=-4), NOW)
+    with pytest.raises(CommandRejected) as info:
+        await book.submit(dispatch(kw=-3), NOW)
+    assert info.value.reason is Reason.DUPLICATE_ID_CONFLICT
+    assert book.active(NOW)[0].command.kw == -4  # type: ignore[union-attr]
+
+
+async def test_cancel_marks_cancelled_and_a_second_cancel_is_not_cancellable(
+    store: CommandStore,
+) -> None:
+    sink = Sink()
+    book = CommandBook(store, registry(), sink)
+    await book.submit(dispatch(), NOW)
+    await book.tick(NOW, Plan())
+    ack = await book.submit(Cancel(command_id="c1", cancels="d1"), NOW + timedelta(seconds=2))
+    assert ack.state is AckState.COMPLETED
+    assert sink.states("d1")[-1] is AckState.CANCELLED
+    await book.tick(NOW + timedelta(seconds=3), Plan())
+    assert book.active(NOW + timedelta(seconds=3)) == []
+    again = await book.submit(Cancel(command_id="c2", cancels="d1"), NOW + timedelta(seconds=4))
+    assert again.reason is Reason.NOT_CANCELLABLE
+
+
+async def test_newer_command_in_same_program_supersedes_older(store: CommandStore) -> None:
+    sink = Sink()
+    book = CommandBook(store, registry(), sink)
+    await book.submit(dispatch("old", duration=600), NOW)
+    await book.tick(NOW, Plan())
+    await book.submit(dispatch("new", start=NOW + timedelta(seconds=30), duration=60),
+                      NOW + timedelta(seconds=1))
+    await book.tick(NOW + timedelta(seconds=20), Plan())
+    assert sink.states("old")[-1] is AckState.ACTIVE  # the newer has not started yet
+    await book.tick(NOW + timedelta(seconds=30), Plan())
+    assert sink.states("old")[-1] is AckState.SUPERSEDED
+    assert sink.states("new")[-1] is AckState.ACTIVE
+    # Another program does not supersede: both stay in force.
+    await book.submit(dispatch("other", program="q", duration=60), NOW + timedelta(seconds=31))
+    await book.tick(NOW + timedelta(seconds=31), Plan())
+    assert sink.states("new")[-1] is AckState.ACTIVE
+    assert sink.states("other")[-1] is AckState.ACTIVE
+
+
+async def test_open_commands_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "cmd.sqlite"
+    async with CommandStore(path) as store:
+        book = CommandBook(store, registry(), Sink())
+        await book.submit(dispatch("running", duration=600), NOW)
+        await book.submit(dispatch("later", start=NOW + timedelta(hours=1), program="x"), NOW)
+        await book.submit(dispatch("missed", start=NOW + timedelta(seconds=5), duration=5,
+                                   program="y"), NOW)
+        await book.tick(NOW, Plan())
+    async with CommandStore(path) as store:
+        sink = Sink()
+        book = CommandBook(store, registry(), sink)
+        # Back after 2 minutes: "missed" ran its whole window while we were down.
+        await book.load(NOW + timedelta(minutes=2))
+        active = {a.command.command_id for a in book.active(NOW + timedelta(minutes=2))}
+        assert active == {"running"}
+        assert sink.states("missed") == [AckState.FAILED]
+        assert {e.command.command_id for e in book.open_entries()} == {"running", "later"}
+        # a redelivery after the restart is still recognised
+        again = await book.submit(dispatch("running", duration=600), NOW + timedelta(minutes=2))
+        assert again.state is AckState.ACTIVE

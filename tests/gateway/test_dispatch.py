@@ -1,0 +1,190 @@
+"""The planner: allocation, device constraints, priorities and envelopes (pure, no I/O)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gateway.dispatch import ActiveCommand, headroom, plan, share
+from gateway.model import (
+    BatteryConstraints,
+    BatteryRatings,
+    DerClass,
+    Device,
+    DeviceSetpoint,
+    DeviceState,
+    Dispatch,
+    EnvelopeInterval,
+    OperatingEnvelope,
+    Target,
+    TopologyLocation,
+)
+from gateway.registry import Registry
+
+NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
+
+
+def battery(i: int, feeder: str = "f1", kw: float = 5.0, kwh: float = 10.0,
+            reserve: float = 20.0) -> Device:
+    return Device(
+        device_id=f"b{i}", der_class=DerClass.BATTERY, adapter="sunspec_battery",
+        location=TopologyLocation(substation="s1", feeder=feeder),
+        ratings=BatteryRatings(max_charge_kw=kw, max_discharge_kw=kw, capacity_kwh=kwh),
+        constraints=BatteryConstraints(reserve_soc_pct=reserve),
+    )
+
+
+def state(device_id: str, soc: float = 60.0, power: float = 0.0) -> DeviceState:
+    return DeviceState(device_id=device_id, timestamp=NOW, power_kw=power, soc_pct=soc,
+                       source="test")
+
+
+def dispatch(kw: float, group: str = "feeder:f1", *, cid: str = "d1", duration: float = 600,
+             priority: int = 0, program: str = "p", ramp: float = 0,
+             start: datetime = NOW) -> Dispatch:
+    return Dispatch(command_id=cid, target=Target(group_id=group), kw=kw, start=start,
+                    duration_s=duration, priority=priority, program=program, ramp_s=ramp)
+
+
+def test_share_is_proportional_and_capped() -> None:
+    assert share(-6.0, {"a": 4.0, "b": 2.0}) == {"a": -4.0, "b": -2.0}
+    assert share(-3.0, {"a": 4.0, "b": 2.0}) == {"a": -2.0, "b": -1.0}
+    assert share(-100.0, {"a": 4.0, "b": 2.0}) == {"a": -4.0, "b": -2.0}
+    assert share(5.0, {"a": 0.0}) == {"a": 0.0}
+
+
+def test_group_target_shared_in_proportion_to_available_power() -> None:
+    reg = Registry([battery(1, kw=5), battery(2, kw=10)])
+    states = {"b1": state("b1"), "b2": state("b2")}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-6.0, duration=60), 1)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-2.0)
+    assert p.setpoints["b2"].power_kw == pytest.approx(-4.0)
+    assert p.shortfall_kw["d1"] == 0
+    assert p.setpoints["b1"].provenance[0].command_id == "d1"
+
+
+def test_reserve_soc_is_never_crossed() -> None:
+    # b1 sits at its reserve: it must get nothing; b2 has energy for the whole hour.
+    reg = Registry([battery(1, reserve=30), battery(2)])
+    states = {"b1": state("b1", soc=30.0), "b2": state("b2", soc=80.0)}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-8.0, duration=3600), 1)])
+    assert p.setpoints["b1"].power_kw == 0
+    # b2: 6 kWh above reserve over one hour → at most 5 kW (its rating)
+    assert p.setpoints["b2"].power_kw == pytest.approx(-5.0)
+    assert p.shortfall_kw["d1"] == pytest.approx(3.0)
+    allocs = {a.device_id: a for a in p.allocations["d1"]}
+    assert "reserve_soc" in allocs["b1"].limited_by
+
+
+def test_energy_limits_sustained_power_over_long_events() -> None:
+    # 10 kWh battery at 50 % with a 20 % reserve holds 3 kWh: over 3 h that is 1 kW sustained.
+    reg = Registry([battery(1)])
+    p = plan(NOW, reg, {"b1": state("b1", soc=50)},
+             [ActiveCommand(dispatch(-5.0, duration=3 * 3600), 1)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-1.0)
+
+
+def test_charge_respects_max_soc() -> None:
+    dev = battery(1).model_copy(
+        update={"constraints": BatteryConstraints(reserve_soc_pct=10, max_soc_pct=90)})
+    p = plan(NOW, Registry([dev]), {"b1": state("b1", soc=90)},
+             [ActiveCommand(dispatch(4.0, duration=60), 1)])
+    assert p.setpoints["b1"].power_kw == 0
+
+
+def test_unavailable_devices_get_nothing_and_others_take_their_share() -> None:
+    reg = Registry([battery(1), battery(2), battery(3)])
+    states = {"b1": state("b1"), "b2": None, "b3": state("b3")}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-6.0, duration=60), 1)])
+    assert "b2" not in p.setpoints
+    assert p.setpoints["b1"].power_kw == pytest.approx(-3.0)
+    assert p.setpoints["b3"].power_kw == pytest.approx(-3.0)
+
+
+def test_envelope_clips_dispatch_and_wins() -> None:
+    reg = Registry([battery(1), battery(2)])
+    states = {"b1": state("b1"), "b2": state("b2")}
+    env = OperatingEnvelope(
+        command_id="e1", target=Target(group_id="feeder:f1"),
+        intervals=(EnvelopeInterval(start=NOW - timedelta(minutes=5), end=NOW + timedelta(hours=1),
+                                    export_limit_kw=3.0),),
+    )
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-8.0, duration=60, priority=1000), 1),
+                                ActiveCommand(env, 2)])
+    total = sum(sp.power_kw or 0 for sp in p.setpoints.values())
+    assert total == pytest.approx(-3.0)
+    for alloc in p.allocations["d1"]:
+        assert "e1" in alloc.limited_by
+        assert alloc.requested_kw == pytest.approx(-4.0)
+    assert any(src.command_id == "e1" for src in p.setpoints["b1"].provenance)
+
+
+def test_envelope_limits_autonomous_devices_too() -> None:
+    # No dispatch: two batteries export on their own (self-consumption), 4 kW each.
+    reg = Registry([battery(1), battery(2)])
+    states = {"b1": state("b1", power=-4.0), "b2": state("b2", power=-4.0)}
+    env = OperatingEnvelope(
+        command_id="e1", target=Target(device_ids=("b1", "b2")),
+        intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=2.0),),
+    )
+    p = plan(NOW, reg, states, [ActiveCommand(env, 1)])
+    assert sum(sp.power_kw or 0 for sp in p.setpoints.values()) == pytest.approx(-2.0)
+
+
+def test_import_envelope_clips_charging() -> None:
+    reg = Registry([battery(1), battery(2)])
+    states = {"b1": state("b1", soc=40), "b2": state("b2", soc=40)}
+    env = OperatingEnvelope(
+        command_id="e1", target=Target(group_id="feeder:f1"),
+        intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), import_limit_kw=1.0),),
+    )
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(6.0, duration=60), 1),
+                                ActiveCommand(env, 2)])
+    assert sum(sp.power_kw or 0 for sp in p.setpoints.values()) == pytest.approx(1.0)
+
+
+def test_envelope_outside_its_intervals_does_nothing() -> None:
+    reg = Registry([battery(1)])
+    env = OperatingEnvelope(
+        command_id="e1", target=Target(group_id="feeder:f1"),
+        intervals=(EnvelopeInterval(start=NOW + timedelta(hours=1), end=NOW + timedelta(hours=2),
+                                    export_limit_kw=0.0),),
+    )
+    p = plan(NOW, reg, {"b1": state("b1")}, [ActiveCommand(dispatch(-4.0, duration=60), 1),
+                                              ActiveCommand(env, 2)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-4.0)
+
+
+def test_higher_priority_holds_the_device_and_conflict_is_reported() -> None:
+    reg = Registry([battery(1)])
+    low = dispatch(-2.0, cid="low", priority=1, program="a", duration=60)
+    high = DeviceSetpoint(command_id="high", device_id="b1", kw=3.0, start=NOW, duration_s=60,
+                          priority=5, program="b")
+    p = plan(NOW, reg, {"b1": state("b1")}, [ActiveCommand(low, 1), ActiveCommand(high, 2)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(3.0)
+    assert p.conflicts["low"] == ["high"]
+    assert p.shortfall_kw["low"] == pytest.approx(2.0)
+
+
+def test_ramp_scales_the_target_linearly() -> None:
+    reg = Registry([battery(1, kw=10)])
+    cmd = dispatch(-8.0, duration=60, ramp=10, start=NOW - timedelta(seconds=5))
+    p = plan(NOW, reg, {"b1": state("b1")}, [ActiveCommand(cmd, 1)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-4.0)
+
+
+def test_excluded_device_is_allocated_around() -> None:
+    reg = Registry([battery(1), battery(2)])
+    states = {"b1": state("b1"), "b2": state("b2")}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-6.0, duration=60), 1, frozenset({"b1"}))])
+    assert "b1" not in p.setpoints
+    assert p.setpoints["b2"].power_kw == pytest.approx(-5.0)
+    assert p.shortfall_kw["d1"] == pytest.approx(1.0)
+
+
+def test_headroom_without_soc_commits_nothing() -> None:
+    dev = battery(1)
+    no_soc = DeviceState(device_id="b1", timestamp=NOW, power_kw=0.0, source="t")
+    room = headroom(dev, no_soc, 60)
+    assert (room.discharge_kw, room.charge_kw) == (0.0, 0.0)
