@@ -68,11 +68,13 @@ class CommandBook:
         sink: AckSink,
         *,
         allocation_tolerance_kw: float = 0.5,
+        progress_interval_s: float = 5.0,
     ) -> None:
         self._store = store
         self._registry = registry
         self._sink = sink
         self._tolerance = allocation_tolerance_kw
+        self._progress_interval_s = progress_interval_s
         self._open: dict[str, Entry] = {}
 
     # ------------------------------------------------------------------ start-up
@@ -261,7 +263,13 @@ class CommandBook:
             shortfall is not None
             and (entry.last_shortfall is None or abs(shortfall - entry.last_shortfall) > self._tolerance)
         )
-        if changed:
+        devices_changed = {a.device_id for a in allocations} != {
+            a.device_id for a in entry.last_published_allocations
+        }
+        # A ramp or a drifting SoC changes allocations every cycle: report those at a bounded
+        # rate, but a device joining or leaving the command at once.
+        due = (now - entry.ack.timestamp).total_seconds() >= self._progress_interval_s
+        if changed and (due or devices_changed):
             await self._publish(entry, self._with_plan(entry.ack, now, plan))
 
     def device_refused(self, command_id: str, device_id: str, now: datetime) -> Entry | None:
@@ -308,7 +316,12 @@ class CommandBook:
     def _with_plan(self, ack: Ack, now: datetime, plan: Plan) -> Ack:
         allocations = plan.allocations.get(ack.command_id)
         if allocations is None:
-            return ack
+            # Ended commands are no longer planned: their last allocation is what they did.
+            entry = self._open.get(ack.command_id)
+            if entry is None or not entry.ack.allocations:
+                return ack
+            return ack.model_copy(update={"allocations": entry.ack.allocations,
+                                          "shortfall_kw": entry.ack.shortfall_kw})
         conflicts = plan.conflicts.get(ack.command_id)
         detail = ack.detail
         if conflicts:

@@ -128,7 +128,11 @@ class GatewayConfig(Section):
 
 def _describe(exc: ValidationError) -> list[str]:
     problems = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    if len(errors) > 1:
+        # pydantic adds "too short" for a list whose only items were invalid: noise, not news.
+        errors = [e for e in errors if e["type"] != "too_short"] or errors
+    for err in errors:
         loc = ""
         for part in err["loc"]:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))

@@ -83,13 +83,9 @@ class TopologyLocation(Frozen):
 
     @model_validator(mode="after")
     def _no_gaps(self) -> TopologyLocation:
-        seen_gap = False
-        for level in TOPOLOGY_LEVELS:
-            value = getattr(self, level.value)
-            if value is None:
-                seen_gap = True
-            elif seen_gap:
-                raise ValueError(f"{level.value} given without the levels above it")
+        # A feeder section is optional (not every utility models them); the rest nest strictly.
+        if self.feeder is None and (self.feeder_section or self.transformer):
+            raise ValueError("feeder_section / transformer given without a feeder")
         return self
 
     def at(self, level: TopologyLevel) -> str | None:
