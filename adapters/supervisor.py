@@ -18,6 +18,7 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from adapters.base import AdapterError, DeviceAdapter, DeviceRejected, UnsafeCommand
+from gateway.aio import raise_if_cancelling
 from gateway.model import DeviceCommand, DeviceState
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,11 @@ class DeviceSupervisor:
     async def _io(self, awaitable: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._io_timeout_s):
-                return await awaitable
+                result = await awaitable
         except TimeoutError:
             raise AdapterError(self.device_id, f"no answer within {self._io_timeout_s} s") from None
+        raise_if_cancelling()
+        return result
 
     async def _safe_close(self) -> None:
         try:

@@ -20,6 +20,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.aio import raise_if_cancelling
 from gateway.config import BrokerConfig
 from gateway.model import GatewayStatus, utcnow
 from protocols.mqtt import Topics, encode
@@ -94,6 +95,7 @@ class Northbound:
     async def run(self) -> None:
         attempt = 0
         while True:
+            raise_if_cancelling()
             try:
                 await self._session()
             except aiomqtt.MqttError as exc:
@@ -163,6 +165,7 @@ class Northbound:
             # Commands are handled one at a time, in arrival order: idempotency and
             # supersession depend on it.
             await self._on_command(bytes(payload), reply, str(message.topic))
+            raise_if_cancelling()
 
     async def _send(self, client: aiomqtt.Client) -> None:
         while True:
@@ -172,6 +175,7 @@ class Northbound:
                 message = queue[0]
                 await self._publish(client, message)
                 queue.popleft()  # only once the broker has it: a lost link keeps it queued
+                raise_if_cancelling()
             self._pending.clear()
 
     async def _publish(self, client: aiomqtt.Client, message: Outgoing) -> None:

@@ -21,6 +21,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.aio import raise_if_cancelling
 from gateway.model import Ack, AckState, ErrorMessage, GatewayStatus, GroupTelemetry
 from protocols.mqtt import Topics
 
@@ -106,6 +107,7 @@ class GridDermsClient:
                 continue
             async with self._changed:
                 self._changed.notify_all()
+            raise_if_cancelling()
 
     def _dispatch(self, topic: str, payload: bytes, properties: Properties | None) -> None:
         root = self.topics.root

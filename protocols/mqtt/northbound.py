@@ -58,7 +58,10 @@ class CommandDecodeError(Exception):
 
 def _format_errors(exc: ValidationError) -> str:
     parts = []
-    for err in exc.errors(include_url=False)[:8]:
+    errors = exc.errors(include_url=False)
+    if len(errors) > 1:
+        errors = [e for e in errors if e["type"] != "too_short"] or errors
+    for err in errors[:8]:
         # The discriminated union puts the variant name first in loc; it adds nothing for a reader.
         loc = ".".join(str(p) for p in err["loc"] if p not in ("dispatch", "envelope",
                                                                   "setpoint", "cancel"))

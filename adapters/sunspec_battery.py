@@ -1,0 +1,435 @@
+"""A battery (inverter) reached over Modbus/TCP with the SunSpec DER models.
+
+The adapter joins the pure SunSpec codec (``protocols.sunspec``) to a register transport
+(``protocols.modbus``). It discovers the map once per connection, caches ratings and scale
+factors, then polls with two small reads: 701 ``W`` and 713 (or 802) state of charge. Control goes
+through 704 ``WSet`` in watts, with a reversion timer so the battery returns to idle by itself if
+the gateway stops talking to it.
+
+Retrying and availability bookkeeping are the supervisor's job, not this adapter's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+from pydantic import Field
+
+from adapters.base import DeviceProtocolError, DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.model import DeviceCommand, DeviceState, Frozen, utcnow
+from protocols.modbus import (
+    ModbusExceptionResponse,
+    ModbusTcpTransport,
+    ModbusTransportError,
+    RegisterTransport,
+)
+from protocols.sunspec import (
+    BASE_ADDRESSES,
+    MODEL_BATTERY,
+    MODEL_COMMON,
+    MODEL_DER_AC_CONTROLS,
+    MODEL_DER_CAPACITY,
+    MODEL_DER_MEASURE_AC,
+    MODEL_DER_STORAGE_CAPACITY,
+    MapNotFound,
+    MapTruncated,
+    ModelDef,
+    ModelLocation,
+    PointValue,
+    SunSpecError,
+    SunSpecMap,
+    ValueOutOfRange,
+    decode_model,
+    decode_scale_factors,
+    encode_points,
+    load_model_def,
+    parse_model_chain,
+)
+
+__all__ = ["RATING_TOLERANCE", "SunSpecBattery", "SunSpecEndpoint"]
+
+#: A command may exceed a rating by this fraction (rounding in upstream allocation); it is then
+#: clipped to the rating. Anything further is refused as unsafe.
+RATING_TOLERANCE: Final = 0.01
+
+_ENABLED: Final = 1
+_DISABLED: Final = 0
+_MODE_WATTS: Final = 1
+_ILLEGAL_ADDRESS: Final = 2
+_ILLEGAL_VALUE: Final = 3
+
+_M701 = load_model_def(MODEL_DER_MEASURE_AC)
+_M702 = load_model_def(MODEL_DER_CAPACITY)
+_M704 = load_model_def(MODEL_DER_AC_CONTROLS)
+_M713 = load_model_def(MODEL_DER_STORAGE_CAPACITY)
+_M802 = load_model_def(MODEL_BATTERY)
+
+
+class SunSpecEndpoint(Frozen):
+    """Where a SunSpec device is and how to talk to it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    unit_id: int = Field(default=1, ge=1, le=247)
+    timeout_s: float = Field(default=2.0, gt=0, le=60)
+    base_address: int | None = Field(
+        default=None, ge=0, le=65535, description="None: look at 40000, then 0, then 50000"
+    )
+    setpoint_revert_s: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="704 WSetRvrtTms: the battery idles if no setpoint arrives for this long",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Discovered:
+    """What connect() learned; valid until the connection is closed."""
+
+    layout: SunSpecMap
+    measure: ModelLocation
+    controls: ModelLocation
+    soc_model: ModelDef
+    soc_location: ModelLocation
+    sfs_701: Mapping[str, int | None]
+    sfs_704: Mapping[str, int | None]
+    sfs_soc: Mapping[str, int | None]
+    max_charge_kw: float
+    max_discharge_kw: float
+    capacity_kwh: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Setpoint:
+    """The setpoint in force as far as we know, and until when that knowledge holds."""
+
+    power_kw: float | None
+    valid_until: float  # time.monotonic()
+
+
+class SunSpecBattery:
+    """:class:`adapters.base.DeviceAdapter` for a SunSpec battery (models 1/701/702/704/713/802)."""
+
+    def __init__(
+        self,
+        device_id: str,
+        endpoint: SunSpecEndpoint,
+        *,
+        transport: RegisterTransport | None = None,
+    ) -> None:
+        self._device_id = device_id
+        self._endpoint = endpoint
+        self._transport: RegisterTransport = transport or ModbusTcpTransport(
+            endpoint.host,
+            endpoint.port,
+            device_id=endpoint.unit_id,
+            timeout_s=endpoint.timeout_s,
+        )
+        self._found: _Discovered | None = None
+        self._setpoint: _Setpoint | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self._device_id
+
+    @property
+    def source(self) -> str:
+        ep = self._endpoint
+        return f"sunspec:{ep.host}:{ep.port}/{ep.unit_id}"
+
+    @property
+    def layout(self) -> SunSpecMap | None:
+        """The discovered map (None before connect)."""
+        return None if self._found is None else self._found.layout
+
+    # ----------------------------------------------------------------------- error mapping
+
+    @contextmanager
+    def _translate(self, doing: str) -> Iterator[None]:
+        """The one place transport and codec errors become adapter errors."""
+        try:
+            yield
+        except ModbusExceptionResponse as exc:
+            raise DeviceRejected(
+                self._device_id, f"{doing}: {exc}", code=exc.exception_code
+            ) from exc
+        except ModbusTransportError as exc:
+            # Timeouts, refused or lost connections, garbled answers: the device is not usable
+            # right now; the supervisor reconnects.
+            raise DeviceUnavailable(self._device_id, f"{doing}: {exc}") from exc
+        except SunSpecError as exc:
+            raise DeviceProtocolError(self._device_id, f"{doing}: {exc}") from exc
+
+    async def _read(self, address: int, count: int) -> list[int]:
+        return await self._transport.read_holding(address, count)
+
+    async def _read_model(
+        self, location: ModelLocation, model_def: ModelDef, *names: str
+    ) -> tuple[list[int], int]:
+        """Registers covering ``names`` (all of the model if none), and their model offset."""
+        if names:
+            offset, count = model_def.span(*names)
+        else:
+            offset, count = 0, min(location.size, model_def.size)
+        if offset + count > location.size:
+            raise DeviceProtocolError(
+                self._device_id,
+                f"model {location.model_id} is {location.length} registers long, "
+                f"too short for its definition",
+            )
+        return await self._read(location.address + offset, count), offset
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    async def connect(self) -> None:
+        """Open the transport, find the SunSpec map and learn ratings and scale factors."""
+        self._found = None
+        self._setpoint = None
+        with self._translate("connect"):
+            await self._transport.connect()
+        try:
+            with self._translate("discover"):
+                self._found = await self._discover()
+        except BaseException:
+            await self._transport.close()
+            raise
+
+    async def close(self) -> None:
+        self._found = None
+        self._setpoint = None
+        await self._transport.close()
+
+    async def _find_map(self) -> SunSpecMap:
+        bases = (
+            (self._endpoint.base_address,)
+            if self._endpoint.base_address is not None
+            else BASE_ADDRESSES
+        )
+        for base in bases:
+            image: dict[int, int] = {}
+            while True:
+                try:
+                    return parse_model_chain(image, base)
+                except MapNotFound:
+                    break
+                except MapTruncated as need:
+                    try:
+                        regs = await self._read(need.address, need.count)
+                    except ModbusExceptionResponse as exc:
+                        if exc.exception_code not in {_ILLEGAL_ADDRESS, _ILLEGAL_VALUE}:
+                            raise
+                        if need.address == base:
+                            break  # nothing mapped at this base: try the next one
+                        if need.count > 1:
+                            # Some devices omit the end marker's length register.
+                            regs = await self._read(need.address, 1)
+                        else:
+                            raise
+                    addresses = range(need.address, need.address + len(regs))
+                    image.update(zip(addresses, regs, strict=True))
+        raise MapNotFound(bases[-1])
+
+    async def _discover(self) -> _Discovered:
+        layout = await self._find_map()
+        missing = [
+            m
+            for m in (MODEL_COMMON, MODEL_DER_MEASURE_AC, MODEL_DER_AC_CONTROLS)
+            if m not in layout
+        ]
+        if MODEL_DER_STORAGE_CAPACITY not in layout and MODEL_BATTERY not in layout:
+            missing.append(MODEL_DER_STORAGE_CAPACITY)
+        if missing:
+            raise DeviceProtocolError(
+                self._device_id, f"SunSpec map lacks model(s) {missing} (has {layout.model_ids})"
+            )
+        measure = layout.find(MODEL_DER_MEASURE_AC)
+        controls = layout.find(MODEL_DER_AC_CONTROLS)
+
+        sf_names_701 = [p.name for p in _M701.points.values() if p.type == "sunssf"]
+        regs, offset = await self._read_model(measure, _M701, *sf_names_701)
+        sfs_701 = decode_scale_factors(_M701, regs, start_offset=offset)
+        sf_names_704 = [p.name for p in _M704.points.values() if p.type == "sunssf"]
+        regs, offset = await self._read_model(controls, _M704, *sf_names_704)
+        sfs_704 = decode_scale_factors(_M704, regs, start_offset=offset)
+        if sfs_701.get("W_SF") is None or sfs_704.get("WSet_SF") is None:
+            raise DeviceProtocolError(self._device_id, "W_SF or WSet_SF not implemented")
+
+        battery: dict[str, PointValue | None] = {}
+        if MODEL_BATTERY in layout:
+            regs, _ = await self._read_model(layout.find(MODEL_BATTERY), _M802)
+            battery = decode_model(_M802, regs)
+        storage: dict[str, PointValue | None] = {}
+        if MODEL_DER_STORAGE_CAPACITY in layout:
+            regs, _ = await self._read_model(layout.find(MODEL_DER_STORAGE_CAPACITY), _M713)
+            storage = decode_model(_M713, regs)
+        capacity: dict[str, PointValue | None] = {}
+        if MODEL_DER_CAPACITY in layout:
+            regs, _ = await self._read_model(layout.find(MODEL_DER_CAPACITY), _M702)
+            capacity = decode_model(_M702, regs)
+
+        def watts(*candidates: PointValue | None) -> float | None:
+            for value in candidates:
+                if isinstance(value, int | float) and value > 0:
+                    return float(value)
+            return None
+
+        wmax = watts(capacity.get("WMaxRtg"))
+        charge_w = watts(capacity.get("WChaRteMaxRtg"), battery.get("WChaRteMax"), wmax)
+        discharge_w = watts(capacity.get("WDisChaRteMaxRtg"), battery.get("WDisChaRteMax"), wmax)
+        if charge_w is None or discharge_w is None:
+            # Without ratings no command can be checked, so none may be sent.
+            raise DeviceProtocolError(self._device_id, "no charge/discharge power ratings")
+        if wmax is not None:
+            charge_w, discharge_w = min(charge_w, wmax), min(discharge_w, wmax)
+        wh = watts(storage.get("WHRtg"), battery.get("WHRtg"))
+
+        if MODEL_DER_STORAGE_CAPACITY in layout and storage.get("Pct_SF") is not None:
+            soc_model, soc_location = _M713, layout.find(MODEL_DER_STORAGE_CAPACITY)
+            sfs_soc = {"Pct_SF": int(storage["Pct_SF"] or 0)}
+        elif MODEL_BATTERY in layout and battery.get("SoC_SF") is not None:
+            soc_model, soc_location = _M802, layout.find(MODEL_BATTERY)
+            sfs_soc = {"SoC_SF": int(battery["SoC_SF"] or 0)}
+        else:
+            raise DeviceProtocolError(self._device_id, "no state-of-charge scale factor")
+        return _Discovered(
+            layout=layout,
+            measure=measure,
+            controls=controls,
+            soc_model=soc_model,
+            soc_location=soc_location,
+            sfs_701=sfs_701,
+            sfs_704=sfs_704,
+            sfs_soc=sfs_soc,
+            max_charge_kw=charge_w / 1000,
+            max_discharge_kw=discharge_w / 1000,
+            capacity_kwh=None if wh is None else wh / 1000,
+        )
+
+    def _require(self) -> _Discovered:
+        if self._found is None:
+            raise DeviceUnavailable(self._device_id, "not connected")
+        return self._found
+
+    # ----------------------------------------------------------------------- polling
+
+    async def read(self) -> DeviceState:
+        found = self._require()
+        with self._translate("read"):
+            regs, offset = await self._read_model(found.measure, _M701, "W")
+            measured = decode_model(_M701, regs, start_offset=offset, sfs=found.sfs_701)
+            regs, offset = await self._read_model(found.soc_location, found.soc_model, "SoC")
+            soc = decode_model(found.soc_model, regs, start_offset=offset, sfs=found.sfs_soc).get(
+                "SoC"
+            )
+            setpoint = await self._setpoint_in_force(found)
+        watts = measured.get("W")
+        if not isinstance(watts, int | float):
+            raise DeviceProtocolError(self._device_id, "701 W is not implemented")
+        if soc is not None and not (isinstance(soc, int | float) and 0 <= soc <= 100):
+            raise DeviceProtocolError(self._device_id, f"state of charge {soc!r} out of range")
+        return DeviceState(
+            device_id=self._device_id,
+            timestamp=utcnow(),
+            power_kw=(-float(watts) / 1000) or 0.0,  # SunSpec W: + injecting; ours: + importing
+            soc_pct=None if soc is None else float(soc),
+            capacity_kwh=found.capacity_kwh,
+            max_charge_kw=found.max_charge_kw,
+            max_discharge_kw=found.max_discharge_kw,
+            setpoint_kw=setpoint,
+            source=self.source,
+        )
+
+    async def _setpoint_in_force(self, found: _Discovered) -> float | None:
+        """The setpoint in force, read from 704 only when our cached knowledge may be stale.
+
+        After our own write the device holds that setpoint until its reversion timer fires, so no
+        read is needed before then. Otherwise one read of WSetEna..WSetRvrtRem tells the state and
+        how long it will last.
+        """
+        now = time.monotonic()
+        cached = self._setpoint
+        if cached is not None and now < cached.valid_until:
+            return cached.power_kw
+        regs, offset = await self._read_model(found.controls, _M704, "WSetEna", "WSetRvrtRem")
+        ctl = decode_model(_M704, regs, start_offset=offset, sfs=found.sfs_704)
+        power: float | None = None
+        wset = ctl.get("WSet")
+        if (
+            ctl.get("WSetEna") == _ENABLED
+            and ctl.get("WSetMod") == _MODE_WATTS
+            and isinstance(wset, int | float)
+        ):
+            power = -float(wset) / 1000
+        # A percent-mode setpoint set by someone else is not reported as kW.
+        lasts: float = self._endpoint.setpoint_revert_s
+        remaining = ctl.get("WSetRvrtRem")
+        if ctl.get("WSetEna") == _ENABLED and isinstance(remaining, int | float) and remaining > 0:
+            lasts = min(lasts, float(remaining))
+        self._setpoint = _Setpoint(power, now + lasts)
+        return power
+
+    # ----------------------------------------------------------------------- control
+
+    def _checked_kw(self, found: _Discovered, power_kw: float) -> float:
+        if not math.isfinite(power_kw):
+            raise UnsafeCommand(self._device_id, f"setpoint {power_kw} kW is not a number")
+        limit = found.max_charge_kw if power_kw > 0 else found.max_discharge_kw
+        if abs(power_kw) > limit * (1 + RATING_TOLERANCE):
+            direction = "charge" if power_kw > 0 else "discharge"
+            raise UnsafeCommand(
+                self._device_id,
+                f"setpoint {power_kw} kW beyond the {direction} rating of {limit} kW",
+            )
+        return math.copysign(min(abs(power_kw), limit), power_kw)
+
+    async def apply(self, command: DeviceCommand) -> None:
+        """Write one setpoint to 704 (``WSet`` in watts), or release control with ``WSetEna=0``.
+
+        The setpoint, the mode and the reversion settings go in one contiguous write, which the
+        device applies as a whole: it never runs a new setpoint without the reversion timer.
+        """
+        if command.device_id != self._device_id:
+            raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
+        found = self._require()
+        power_kw: float | None = None
+        if command.power_kw is None:
+            values: dict[str, PointValue | None] = {"WSetEna": _DISABLED}
+        else:
+            power_kw = self._checked_kw(found, command.power_kw)
+            values = {
+                "WSetEna": _ENABLED,
+                "WSetMod": _MODE_WATTS,
+                "WSet": -power_kw * 1000,  # SunSpec: + injects (discharges)
+                "WSetRvrt": 0,  # after the timeout: hold 0 W, i.e. idle
+                "WSetPct": 0,  # unused in watts mode; written only to keep one block
+                "WSetPctRvrt": 0,
+                "WSetEnaRvrt": _ENABLED,
+                "WSetRvrtTms": self._endpoint.setpoint_revert_s,
+            }
+        # 0 is 0 at any scale factor, so an unimplemented WSetPct_SF cannot block the write.
+        sfs = {**found.sfs_704, "WSetPct_SF": found.sfs_704.get("WSetPct_SF") or 0}
+        try:
+            runs = encode_points(_M704, values, sfs)
+        except ValueOutOfRange as exc:
+            raise UnsafeCommand(self._device_id, str(exc)) from exc
+        with self._translate("apply"):
+            for offset, regs in runs:
+                await self._transport.write_registers(found.controls.address + offset, regs)
+        self._setpoint = _Setpoint(power_kw, time.monotonic() + self._endpoint.setpoint_revert_s)
+
+    # ----------------------------------------------------------------------- diagnostics
+
+    async def registers(self, model_id: int) -> dict[str, PointValue | None]:
+        """Read and decode a whole model (diagnostics; not used when polling)."""
+        found = self._require()
+        model_def = load_model_def(model_id)
+        with self._translate(f"read model {model_id}"):
+            location = found.layout.find(model_id)
+            regs, _ = await self._read_model(location, model_def)
+            return decode_model(model_def, regs)

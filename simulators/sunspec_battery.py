@@ -1,0 +1,695 @@
+"""A SunSpec battery behind a real Modbus/TCP server, with believable physics and fault injection.
+
+The register image is laid out by :func:`protocols.sunspec.build_map` (models 1, 701, 702, 704, 713,
+802 at 40000), so the simulator and the adapter share the codec but not each other's assumptions:
+a standard client (pysunspec2) can scan it too.
+
+Server side uses the pymodbus 3.16 ``SimDevice``/``SimData`` API (the old datastore classes are
+deprecated). It holds the registers, but validation and dynamic values need more than static data,
+so the device's ``action`` hook does the work: on every request it refreshes the requested window
+from our own image (the source of truth, updated by the physics task), validates writes point by
+point against the SunSpec definitions (read-only point → exception 2, bad value → exception 3,
+nothing changed), and injects latency or exceptions. No private pymodbus classes are subclassed.
+
+Requests to other unit ids, within the map's address span, are answered by a catch-all device
+(id 0 in pymodbus's terms) with exception 4, as PROTOCOLS.md describes; without it pymodbus would
+answer 4 too, but only after logging a traceback for its internal ``KeyError``. Outside the span
+pymodbus answers exception 2 (illegal address) for any unit id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Final, Self
+
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from protocols.sunspec import (
+    MODEL_BATTERY,
+    MODEL_COMMON,
+    MODEL_DER_AC_CONTROLS,
+    MODEL_DER_CAPACITY,
+    MODEL_DER_MEASURE_AC,
+    MODEL_DER_STORAGE_CAPACITY,
+    ModelDef,
+    ModelLocation,
+    PointDef,
+    PointValue,
+    SunSpecError,
+    build_map,
+    decode_model,
+    decode_point,
+    decode_scale_factors,
+    encode_points,
+    load_model_def,
+    unscale,
+)
+
+__all__ = ["SIM_MODELS", "SunSpecBatterySimulator", "serve_battery"]
+
+log = logging.getLogger(__name__)
+
+SIM_MODELS: Final = (
+    MODEL_COMMON,
+    MODEL_DER_MEASURE_AC,
+    MODEL_DER_CAPACITY,
+    MODEL_DER_AC_CONTROLS,
+    MODEL_DER_STORAGE_CAPACITY,
+    MODEL_BATTERY,
+)
+
+_AC_VOLTS: Final = 240.0
+_DC_VOLTS: Final = 400.0
+_HZ: Final = 60.0
+_READ_FCS: Final = frozenset({3})
+_WRITE_FCS: Final = frozenset({6, 16, 23})
+_INT16_MAX: Final = 32767
+_UINT16_MAX: Final = 65534  # 0xFFFF is the "not implemented" sentinel
+
+# 704 enums
+_ENABLED: Final = 1
+_MODE_W_MAX_PCT: Final = 0
+# 701 InvSt
+_INV_RUNNING: Final = 3
+_INV_STANDBY: Final = 7
+# 802 ChaSt
+_CHA_EMPTY, _CHA_DISCHARGING, _CHA_CHARGING, _CHA_FULL, _CHA_HOLDING = 2, 3, 4, 5, 6
+
+
+def _fit_sf(max_abs: float, limit: int, base: int) -> int:
+    """Smallest scale factor ≥ ``base`` at which ``max_abs`` still fits in ``limit``."""
+    sf = base
+    while abs(unscale(max_abs, sf)) > limit:
+        sf += 1
+    return sf
+
+
+class SunSpecBatterySimulator:
+    """A battery + inverter speaking SunSpec over Modbus/TCP.
+
+    Sign conventions follow SunSpec on the wire (701 ``W`` and 704 ``WSet`` positive = injecting =
+    discharging) and the gateway's load convention on the Python side (:attr:`power_kw` positive =
+    charging). SoC integrates power × ``time_scale`` so tests can drain a battery in seconds;
+    conversion losses are ignored.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        unit_id: int = 1,
+        capacity_kwh: float = 13.5,
+        max_charge_kw: float = 5.0,
+        max_discharge_kw: float = 5.0,
+        initial_soc_pct: float = 50.0,
+        min_soc_pct: float = 0.0,
+        max_soc_pct: float = 100.0,
+        time_scale: float = 1.0,
+        step_s: float = 0.2,
+        serial: str = "SIM-BAT-0001",
+        manufacturer: str = "DERMS Simulators",
+        model_name: str = "SunSpec Battery",
+        base_address: int = 40000,
+    ) -> None:
+        if not 1 <= unit_id <= 247:
+            raise ValueError("unit_id must be 1..247")
+        if capacity_kwh <= 0 or max_charge_kw <= 0 or max_discharge_kw <= 0:
+            raise ValueError("capacity and power ratings must be positive")
+        if not 0 <= min_soc_pct < max_soc_pct <= 100 or not 0 <= initial_soc_pct <= 100:
+            raise ValueError("need 0 <= min_soc_pct < max_soc_pct <= 100 and 0 <= soc <= 100")
+        if time_scale <= 0 or step_s <= 0:
+            raise ValueError("time_scale and step_s must be positive")
+        self.host = host
+        self.port = port
+        self.unit_id = unit_id
+        self.capacity_kwh = capacity_kwh
+        self.max_charge_kw = max_charge_kw
+        self.max_discharge_kw = max_discharge_kw
+        self.min_soc_pct = min_soc_pct
+        self.max_soc_pct = max_soc_pct
+        self.time_scale = time_scale
+        self.step_s = step_s
+        #: Delay added before answering each request (fault injection).
+        self.latency_s = 0.0
+        #: Write requests received (accepted or not): lets tests prove nothing was written.
+        self.write_count = 0
+        #: Write requests refused with a Modbus exception.
+        self.rejected_write_count = 0
+
+        self._energy_kwh = capacity_kwh * initial_soc_pct / 100
+        self._power_w = 0.0  # SunSpec sign: positive = injecting (discharging)
+        self._wh_injected = 0.0
+        self._wh_absorbed = 0.0
+        self._heartbeat = 0
+        self._control_written_at: float | None = None
+        self._last_step: float | None = None
+        self._pending_exceptions: list[ExcCodes] = []
+        self._offline = False
+        self._server: ModbusTcpServer | None = None
+        self._physics: asyncio.Task[None] | None = None
+
+        self._defs: dict[int, ModelDef] = {m: load_model_def(m) for m in SIM_MODELS}
+        image = build_map(
+            [
+                (self._defs[m], v)
+                for m, v in self._initial_values(
+                    serial=serial, manufacturer=manufacturer, model_name=model_name
+                ).items()
+            ],
+            base_address=base_address,
+        )
+        self.base_address = base_address
+        self._image: list[int] = list(image.registers)
+        self._where: dict[int, ModelLocation] = {m.model_id: m for m in image.layout.models}
+        self._sfs: dict[int, dict[str, int | None]] = {
+            m: decode_scale_factors(self._defs[m], self._model_regs(m)) for m in SIM_MODELS
+        }
+        self._refresh()
+
+    # ----------------------------------------------------------------------- initial map
+
+    def _initial_values(
+        self, *, serial: str, manufacturer: str, model_name: str
+    ) -> dict[int, dict[str, PointValue | None]]:
+        cha_w = self.max_charge_kw * 1000
+        dis_w = self.max_discharge_kw * 1000
+        wmax = max(cha_w, dis_w)
+        wh = self.capacity_kwh * 1000
+        w_sf_16 = _fit_sf(wmax, _INT16_MAX, 0)
+        w_sf_u16 = _fit_sf(wmax, _UINT16_MAX, 0)
+        a_sf = _fit_sf(wmax / _AC_VOLTS, _INT16_MAX, -1)
+        wh_sf = _fit_sf(wh, _UINT16_MAX, 0)
+        dc_a_sf = _fit_sf(wmax / _DC_VOLTS, _INT16_MAX, -1)
+        ah_sf = _fit_sf(wh / _DC_VOLTS, _UINT16_MAX, -1)
+        return {
+            MODEL_COMMON: {
+                "Mn": manufacturer,
+                "Md": model_name,
+                "Vr": "1.0.0",
+                "SN": serial,
+                "DA": self.unit_id,
+            },
+            MODEL_DER_MEASURE_AC: {
+                "A_SF": a_sf,
+                "V_SF": -1,
+                "Hz_SF": -2,
+                "W_SF": w_sf_16,
+                "PF_SF": -3,
+                "VA_SF": w_sf_16,
+                "Var_SF": w_sf_16,
+                "TotWh_SF": 0,
+                "TotVarh_SF": 0,
+                "Tmp_SF": -1,
+                "ACType": 0,
+                "St": 1,
+                "ConnSt": 1,
+                "Alrm": 0,
+                "DERMode": 1,
+                "LNV": _AC_VOLTS,
+                "VL1": _AC_VOLTS,
+                "Hz": _HZ,
+                "TmpAmb": 25.0,
+                "TmpCab": 31.5,
+            },
+            MODEL_DER_CAPACITY: {
+                "W_SF": w_sf_u16,
+                "VA_SF": w_sf_u16,
+                "V_SF": -1,
+                "A_SF": a_sf,
+                "PF_SF": -3,
+                "WMaxRtg": wmax,
+                "VAMaxRtg": wmax,
+                "WChaRteMaxRtg": cha_w,
+                "WDisChaRteMaxRtg": dis_w,
+                "VNomRtg": _AC_VOLTS,
+                "VMaxRtg": 264.0,
+                "VMinRtg": 211.0,
+                "AMaxRtg": round(wmax / _AC_VOLTS, 1),
+                "WMax": wmax,
+                "VAMax": wmax,
+                "WChaRteMax": cha_w,
+                "WDisChaRteMax": dis_w,
+                "VNom": _AC_VOLTS,
+                "VMax": 264.0,
+                "VMin": 211.0,
+                "AMax": round(wmax / _AC_VOLTS, 1),
+            },
+            MODEL_DER_AC_CONTROLS: {
+                "PF_SF": -3,
+                "WMaxLimPct_SF": -1,
+                "WSet_SF": 0,
+                "WSetPct_SF": -2,
+                "VarSet_SF": 0,
+                "VarSetPct_SF": -1,
+                "WMaxLimPctEna": 0,
+                "WMaxLimPct": 100.0,
+                "WMaxLimPctRvrt": 100.0,
+                "WMaxLimPctEnaRvrt": 0,
+                "WMaxLimPctRvrtTms": 0,
+                "WMaxLimPctRvrtRem": 0,
+                "WSetEna": 0,
+                "WSetMod": 1,
+                "WSet": 0,
+                "WSetRvrt": 0,
+                "WSetPct": 0,
+                "WSetPctRvrt": 0,
+                "WSetEnaRvrt": 0,
+                "WSetRvrtTms": 0,
+                "WSetRvrtRem": 0,
+            },
+            MODEL_DER_STORAGE_CAPACITY: {
+                "WH_SF": wh_sf,
+                "Pct_SF": -1,
+                "WHRtg": wh,
+                "SoH": 100.0,
+                "Sta": 0,
+            },
+            MODEL_BATTERY: {
+                "AHRtg_SF": ah_sf,
+                "WHRtg_SF": wh_sf,
+                "WChaDisChaMax_SF": w_sf_u16,
+                "SoC_SF": -1,
+                "DoD_SF": -1,
+                "SoH_SF": -1,
+                "V_SF": -1,
+                "CellV_SF": -3,
+                "A_SF": dc_a_sf,
+                "AMax_SF": dc_a_sf,
+                "W_SF": w_sf_16,
+                "AHRtg": round(wh / _DC_VOLTS, 1),
+                "WHRtg": wh,
+                "WChaRteMax": cha_w,
+                "WDisChaRteMax": dis_w,
+                "SoCMax": self.max_soc_pct,
+                "SoCMin": self.min_soc_pct,
+                "SoH": 100.0,
+                "NCyc": 1,
+                "LocRemCtl": 0,
+                "CtrlHb": 0,
+                "AlmRst": 0,
+                "Typ": 4,
+                "State": 3,
+                "Evt1": 0,
+                "Evt2": 0,
+                "EvtVnd1": 0,
+                "EvtVnd2": 0,
+                "V": _DC_VOLTS,
+                "VMax": 450.0,
+                "VMin": 350.0,
+                "CellVMax": 3.7,
+                "CellVMin": 3.6,
+                "CellVAvg": 3.65,
+                "AChaMax": round(cha_w / _DC_VOLTS, 1),
+                "ADisChaMax": round(dis_w / _DC_VOLTS, 1),
+                "SetOp": 1,
+                "SetInvState": 3,
+            },
+        }
+
+    # ----------------------------------------------------------------------- image helpers
+
+    def _model_regs(self, model_id: int) -> list[int]:
+        where = self._where[model_id]
+        start = where.address - self.base_address
+        return self._image[start : start + where.size]
+
+    def _values(self, model_id: int) -> dict[str, PointValue | None]:
+        return decode_model(self._defs[model_id], self._model_regs(model_id))
+
+    def _set(self, model_id: int, values: Mapping[str, PointValue | None]) -> None:
+        start = self._where[model_id].address - self.base_address
+        for offset, regs in encode_points(self._defs[model_id], values, self._sfs[model_id]):
+            self._image[start + offset : start + offset + len(regs)] = regs
+
+    def read_registers(self, address: int, count: int) -> list[int]:
+        """A snapshot of ``count`` registers at ``address`` (what a client would read now)."""
+        start = address - self.base_address
+        if start < 0 or count < 0 or start + count > len(self._image):
+            raise ValueError(f"{count} registers at {address} are outside the map")
+        return self._image[start : start + count]
+
+    # ----------------------------------------------------------------------- observable state
+
+    @property
+    def soc_pct(self) -> float:
+        return 100 * self._energy_kwh / self.capacity_kwh
+
+    @property
+    def power_kw(self) -> float:
+        """Actual AC power, load convention (+ charging)."""
+        return (-self._power_w / 1000) or 0.0  # no -0.0
+
+    @property
+    def wset_enabled(self) -> bool:
+        return self._values(MODEL_DER_AC_CONTROLS).get("WSetEna") == _ENABLED
+
+    @property
+    def wset_w(self) -> float | None:
+        """``WSet`` in watts, SunSpec sign (+ injecting)."""
+        value = self._values(MODEL_DER_AC_CONTROLS).get("WSet")
+        return None if value is None else float(value)
+
+    def inject_exception(self, code: int, count: int = 1) -> None:
+        """Answer the next ``count`` requests with Modbus exception ``code``."""
+        self._pending_exceptions.extend([ExcCodes(code)] * count)
+
+    # ----------------------------------------------------------------------- physics
+
+    def _target_w(self, ctl: Mapping[str, PointValue | None]) -> float:
+        if ctl.get("WSetEna") != _ENABLED:
+            return 0.0
+        wmax = self.max_discharge_kw * 1000
+        if ctl.get("WSetMod") == _MODE_W_MAX_PCT:
+            pct = ctl.get("WSetPct")
+            rating = max(self.max_charge_kw, self.max_discharge_kw) * 1000
+            target = float(pct) * rating / 100 if isinstance(pct, int | float) else 0.0
+        else:
+            wset = ctl.get("WSet")
+            target = float(wset) if isinstance(wset, int | float) else 0.0
+        target = min(target, wmax)
+        target = max(target, -self.max_charge_kw * 1000)
+        lim_pct = ctl.get("WMaxLimPct")
+        if ctl.get("WMaxLimPctEna") == _ENABLED and isinstance(lim_pct, int | float):
+            limit = max(self.max_charge_kw, self.max_discharge_kw) * 1000 * float(lim_pct) / 100
+            target = max(-limit, min(limit, target))
+        soc = self.soc_pct
+        if target > 0 and soc <= self.min_soc_pct + 1e-9:
+            return 0.0
+        if target < 0 and soc >= self.max_soc_pct - 1e-9:
+            return 0.0
+        return target
+
+    def _advance(self) -> None:
+        """Integrate energy since the last step, apply reversion, then follow the controls."""
+        now = asyncio.get_running_loop().time()
+        dt = 0.0 if self._last_step is None else now - self._last_step
+        self._last_step = now
+        if dt > 0:
+            hours = dt * self.time_scale / 3600
+            wh = self._power_w * hours
+            low = self.capacity_kwh * self.min_soc_pct / 100
+            high = self.capacity_kwh * self.max_soc_pct / 100
+            before = self._energy_kwh
+            after = before - wh / 1000
+            # Never cross a SoC limit (but a battery already beyond one is not pulled back).
+            if self._power_w > 0:
+                after = max(after, min(before, low))
+                self._wh_injected += (before - after) * 1000
+            elif self._power_w < 0:
+                after = min(after, max(before, high))
+                self._wh_absorbed += (after - before) * 1000
+            self._energy_kwh = after
+            self._heartbeat = (self._heartbeat + 1) % _UINT16_MAX
+        ctl = self._values(MODEL_DER_AC_CONTROLS)
+        self._revert_if_due(ctl, now)
+        self._power_w = self._target_w(ctl)
+        self._refresh()
+
+    def _revert_if_due(self, ctl: dict[str, PointValue | None], now: float) -> None:
+        """SunSpec reversion: no control write within ``WSetRvrtTms`` → reversion values."""
+        tms = ctl.get("WSetRvrtTms")
+        if (
+            self._control_written_at is None
+            or not isinstance(tms, int)
+            or tms <= 0
+            or ctl.get("WSetEna") != _ENABLED
+        ):
+            return
+        remaining = tms - (now - self._control_written_at)
+        if remaining > 0:
+            self._set(MODEL_DER_AC_CONTROLS, {"WSetRvrtRem": math.ceil(remaining)})
+            return
+        update: dict[str, PointValue | None] = {"WSetRvrtRem": 0, "WSet": ctl.get("WSetRvrt")}
+        if ctl.get("WSetEnaRvrt") is not None:
+            update["WSetEna"] = ctl.get("WSetEnaRvrt")
+        if update["WSet"] is None:
+            update["WSet"] = 0
+        self._set(MODEL_DER_AC_CONTROLS, update)
+        ctl.update(update)
+        self._control_written_at = None
+        log.info("simulated battery %s reverted: no control write for %s s", self.port, tms)
+
+    def _refresh(self) -> None:
+        """Write the measured values (701, 713, 802) into the image."""
+        w = self._power_w
+        soc = self.soc_pct
+        amps_ac = abs(w) / _AC_VOLTS
+        self._set(
+            MODEL_DER_MEASURE_AC,
+            {
+                "W": round(w),
+                "VA": round(abs(w)),
+                "Var": 0,
+                "PF": 1.0,
+                "A": round(amps_ac, 1),
+                "WL1": round(w),
+                "VAL1": round(abs(w)),
+                "VarL1": 0,
+                "PFL1": 1.0,
+                "AL1": round(amps_ac, 1),
+                "InvSt": _INV_RUNNING if w else _INV_STANDBY,
+                "TotWhInj": round(self._wh_injected),
+                "TotWhAbs": round(self._wh_absorbed),
+            },
+        )
+        low_kwh = self.capacity_kwh * self.min_soc_pct / 100
+        self._set(
+            MODEL_DER_STORAGE_CAPACITY,
+            {
+                "SoC": round(soc, 1),
+                "WHAvail": round(max(0.0, self._energy_kwh - low_kwh) * 1000),
+            },
+        )
+        if w > 0:
+            status = _CHA_DISCHARGING
+        elif w < 0:
+            status = _CHA_CHARGING
+        elif soc >= self.max_soc_pct - 1e-9:
+            status = _CHA_FULL
+        elif soc <= self.min_soc_pct + 1e-9:
+            status = _CHA_EMPTY
+        else:
+            status = _CHA_HOLDING
+        self._set(
+            MODEL_BATTERY,
+            {
+                "SoC": round(soc, 1),
+                "DoD": round(100 - soc, 1),
+                "ChaSt": status,
+                "W": round(w),
+                "A": round(w / _DC_VOLTS, 1),
+                "Hb": self._heartbeat,
+            },
+        )
+
+    async def _run_physics(self) -> None:
+        while True:
+            await asyncio.sleep(self.step_s)
+            self._advance()
+
+    # ----------------------------------------------------------------------- Modbus side
+
+    async def _action(  # noqa: PLR0917 (pymodbus SimAction signature)
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """pymodbus hook for every request to our unit id (see the module docstring)."""
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s)
+        writing = set_values is not None and function_code in _WRITE_FCS
+        if writing:
+            self.write_count += 1
+        if self._pending_exceptions:
+            if writing:
+                self.rejected_write_count += 1
+            return self._pending_exceptions.pop(0)
+        if function_code not in _READ_FCS | _WRITE_FCS:
+            return ExcCodes.ILLEGAL_FUNCTION
+        if writing:
+            code = self._write(address, [int(v) for v in set_values or ()])
+            if code is not None:
+                self.rejected_write_count += 1
+                return code
+            return None
+        base = address - start_address
+        registers[base : base + count] = self.read_registers(address, count)
+        return None
+
+    def _write(self, address: int, values: list[int]) -> ExcCodes | None:
+        """Validate and apply one write; on any refusal nothing changes."""
+        end = address + len(values)
+        where = next((m for m in self._where.values() if m.address <= address < m.end), None)
+        if where is None or end > where.end:
+            return ExcCodes.ILLEGAL_ADDRESS
+        model_def = self._defs[where.model_id]
+        rel, rel_end = address - where.address, end - where.address
+        touched = [p for p in model_def.points.values() if p.offset < rel_end and p.end > rel]
+        if any(not p.writable or p.offset < rel or p.end > rel_end for p in touched):
+            return ExcCodes.ILLEGAL_ADDRESS
+        block = self._model_regs(where.model_id)
+        block[rel:rel_end] = values
+        if not self._valid(model_def, block, touched):
+            return ExcCodes.ILLEGAL_VALUE
+        start = where.address - self.base_address
+        self._image[start : start + where.size] = block
+        if where.model_id == MODEL_DER_AC_CONTROLS:
+            self._control_written_at = asyncio.get_running_loop().time()
+            self._advance()
+        return None
+
+    def _valid(self, model_def: ModelDef, block: list[int], touched: list[PointDef]) -> bool:
+        try:
+            values = decode_model(model_def, block, sfs=self._sfs[model_def.model_id])
+        except SunSpecError:
+            return False
+        for point in touched:
+            value = values.get(point.name)
+            if point.type == "string":
+                continue
+            if value is None:
+                return False  # "not implemented" is not a setting
+            raw = decode_point(point, block[point.offset : point.end])
+            is_enum = point.type.startswith("enum") and bool(point.symbols)
+            if is_enum and raw not in point.symbols.values():
+                return False
+            rating = model_def.points.get(point.name + "Rtg")
+            if rating is not None and not point.name.endswith("Min"):
+                limit = values.get(rating.name)
+                if isinstance(limit, int | float) and float(value) > float(limit):
+                    return False
+        if model_def.model_id == MODEL_DER_AC_CONTROLS:
+            names = {p.name for p in touched}
+            for name in ("WSet", "WSetRvrt"):
+                if name in names:
+                    watts = float(values[name] or 0)
+                    if not -self.max_charge_kw * 1000 <= watts <= self.max_discharge_kw * 1000:
+                        return False
+            for name in ("WSetPct", "WSetPctRvrt"):
+                if name in names and abs(float(values[name] or 0)) > 100:
+                    return False
+            for name in ("WMaxLimPct", "WMaxLimPctRvrt"):
+                if name in names and not 0 <= float(values[name] or 0) <= 100:
+                    return False
+        return True
+
+    async def _reject_unknown_unit(  # noqa: PLR0917 (pymodbus SimAction signature)
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        return ExcCodes.DEVICE_FAILURE
+
+    def _devices(self) -> list[SimDevice]:
+        ours = SimDevice(
+            id=self.unit_id,
+            simdata=SimData(
+                address=self.base_address,
+                count=len(self._image),
+                values=0,
+                datatype=DataType.REGISTERS,
+            ),
+            action=self._action,
+        )
+        others = SimDevice(
+            id=0,
+            # Same span as our map: small (a full 64 Ki-register block would cost ~1 MB per
+            # simulator), and outside it pymodbus answers 2 before any action runs.
+            simdata=SimData(
+                address=self.base_address,
+                count=len(self._image),
+                values=0,
+                datatype=DataType.REGISTERS,
+            ),
+            action=self._reject_unknown_unit,
+        )
+        return [ours, others]
+
+    async def _listen(self) -> None:
+        server = ModbusTcpServer(self._devices(), address=(self.host, self.port))
+        await server.serve_forever(background=True)
+        self._server = server
+        # After listen() pymodbus's transport is the asyncio.Server: ask it for the bound port.
+        sockets = getattr(server.transport, "sockets", None) or ()
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+
+    async def _unlisten(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            # close() closes the listening socket and every open connection (it is what
+            # shutdown() does, minus resolving serve_forever's future, which we do not await).
+            server.close()
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Listen (``port`` is the bound port afterwards) and start the physics task."""
+        if self._physics is not None:
+            return
+        self._advance()
+        await self._listen()
+        self._physics = asyncio.create_task(self._run_physics(), name=f"sunspec-sim-{self.port}")
+
+    async def stop(self) -> None:
+        """Stop serving and stop the physics task; safe to call twice or while cancelled."""
+        task, self._physics = self._physics, None
+        try:
+            await self._unlisten()
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def set_offline(self, offline: bool) -> None:
+        """Drop off the network (close listener and connections), or come back on the same port.
+
+        Physics keeps running while offline, as a real battery would.
+        """
+        if offline == self._offline:
+            return
+        self._offline = offline
+        if offline:
+            await self._unlisten()
+        elif self._physics is not None:
+            await self._listen()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve_battery(port: int, **kwargs: Any) -> None:
+    """Run one simulated battery on ``port`` until cancelled (``derms-gateway simulate battery``).
+
+    ``kwargs`` are :class:`SunSpecBatterySimulator` keyword arguments.
+    """
+    sim = SunSpecBatterySimulator(port=port, **kwargs)
+    async with sim:
+        log.info("SunSpec battery simulator on %s:%s unit %s", sim.host, sim.port, sim.unit_id)
+        await asyncio.Event().wait()

@@ -1,0 +1,212 @@
+"""End to end: Grid DERMS over a real broker → gateway → real Modbus TCP SunSpec batteries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.broker import BrokerEndpoint
+from gateway.model import AckState, Reason
+from simulators.sunspec_battery import SunSpecBatterySimulator
+from tests.e2e.fleet import Fleet, eventually, iso
+
+pytestmark = pytest.mark.broker
+
+
+def batteries(n: int, *, soc: float = 60.0, kw: float = 5.0,
+              time_scale: float = 1.0) -> list[SunSpecBatterySimulator]:
+    return [
+        SunSpecBatterySimulator(port=0, capacity_kwh=10.0, max_charge_kw=kw, max_discharge_kw=kw,
+                                initial_soc_pct=soc, time_scale=time_scale)
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture
+async def fleet(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(4, time_scale=60)) as f:
+        yield f
+
+
+def dispatch(cid: str, group: str, kw: float, start_in: float, duration: float,
+             **extra: object) -> dict[str, object]:
+    return {"type": "dispatch", "command_id": cid, "target": {"group_id": group}, "kw": kw,
+            "start": iso(start_in), "duration_s": duration, **extra}
+
+
+async def test_dispatch_moves_registers_and_soc_then_ends_on_time(fleet: Fleet) -> None:
+    f1 = [s for i, s in enumerate(fleet.sims) if fleet.feeder_of(i) == "f1"]
+    f2 = [s for i, s in enumerate(fleet.sims) if fleet.feeder_of(i) == "f2"]
+    soc_before = [s.soc_pct for s in f1]
+    await fleet.grid.send(dispatch("d1", "feeder:f1", -6.0, start_in=0.5, duration=3.0))
+
+    active = await fleet.grid.wait_for_state("d1", AckState.ACTIVE, 5)
+    assert {a.device_id for a in active.allocations} == {"bat-1", "bat-3"}
+    assert sum(a.commanded_kw for a in active.allocations) == pytest.approx(-6.0)
+    # The batteries' own control registers now hold the setpoint: 3 kW each, injecting.
+    await eventually(lambda: all(s.wset_enabled and s.wset_w == pytest.approx(3000) for s in f1),
+                     3, "WSet written")
+    await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-6.0, abs=0.05), 3,
+                     "feeder f1 discharging 6 kW")
+    assert all(not s.wset_enabled for s in f2), "f2 must not be touched"
+
+    completed = await fleet.grid.wait_for_state("d1", AckState.COMPLETED, 6)
+    assert fleet.grid.states("d1") == [AckState.RECEIVED, AckState.ACCEPTED, AckState.ACTIVE,
+                                       AckState.COMPLETED]
+    assert completed.allocations, "the completed ack reports what was delivered"
+    # Control released and power back to idle once the window ends.
+    await eventually(lambda: all(not s.wset_enabled and abs(s.power_kw) < 0.01 for s in f1), 3,
+                     "batteries released")
+    assert all(after < before for after, before in zip([s.soc_pct for s in f1], soc_before,
+                                                       strict=True))
+
+
+async def test_envelope_clips_a_dispatch(fleet: Fleet) -> None:
+    await fleet.grid.send({
+        "type": "envelope", "command_id": "doe", "target": {"group_id": "feeder:f2"},
+        "intervals": [{"start": iso(-1), "end": iso(20), "export_limit_kw": 2.5}],
+    })
+    await fleet.grid.send(dispatch("d2", "feeder:f2", -8.0, start_in=0.3, duration=10,
+                                   priority=1000))
+    ack = await fleet.grid.wait_for_state("d2", AckState.ACTIVE, 5)
+    assert sum(a.commanded_kw for a in ack.allocations) == pytest.approx(-2.5)
+    assert all("doe" in a.limited_by for a in ack.allocations)
+    assert ack.shortfall_kw == pytest.approx(5.5)
+    await eventually(lambda: fleet.feeder_power_kw("f2") == pytest.approx(-2.5, abs=0.05), 3,
+                     "f2 held at the envelope")
+    # The limit holds the whole time, not just at the start.
+    for _ in range(10):
+        assert fleet.feeder_power_kw("f2") >= -2.5 - 0.05
+        await asyncio.sleep(0.1)
+    await fleet.grid.send({"type": "cancel", "command_id": "c-d2", "cancels": "d2"})
+    await fleet.grid.wait_for_state("d2", AckState.CANCELLED, 5)
+    await eventually(lambda: abs(fleet.feeder_power_kw("f2")) < 0.01, 3, "f2 released on cancel")
+
+
+async def test_restart_mid_command_resumes_it(fleet: Fleet) -> None:
+    f1 = [s for i, s in enumerate(fleet.sims) if fleet.feeder_of(i) == "f1"]
+    await fleet.grid.send(dispatch("long", "feeder:f1", -4.0, start_in=0.2, duration=6.0))
+    await fleet.grid.wait_for_state("long", AckState.ACTIVE, 5)
+    await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-4.0, abs=0.05), 3)
+
+    await fleet.stop_gateway()
+    # Simulate a battery that lost its setpoint while the gateway was away.
+    writes_before = [s.write_count for s in f1]
+    gateway = await fleet.start_gateway()
+
+    assert [e.command.command_id for e in gateway.book.open_entries()] == ["long"]
+    await eventually(lambda: all(s.write_count > w for s, w in zip(f1, writes_before,
+                                                                  strict=True)), 3,
+                     "setpoints re-applied after restart")
+    await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-4.0, abs=0.05), 3)
+    await fleet.grid.wait_for_state("long", AckState.COMPLETED, 8)
+    await eventually(lambda: all(not s.wset_enabled for s in f1), 3, "released at the end")
+
+
+async def test_redelivered_command_is_applied_once(fleet: Fleet) -> None:
+    command = dispatch("dup", "feeder:f1", -2.0, start_in=30, duration=60)
+    await fleet.grid.send(command)
+    await fleet.grid.wait_for_state("dup", AckState.ACCEPTED, 5)
+    await fleet.grid.send(command)  # e.g. a QoS 1 redelivery after a reconnect
+    await fleet.grid.wait_for(lambda o: len(o.acks["dup"]) >= 3, 5)
+    assert fleet.grid.states("dup") == [AckState.RECEIVED, AckState.ACCEPTED, AckState.ACCEPTED]
+    assert fleet.gateway is not None
+    assert await fleet.gateway.store.count() == 1
+    assert len(fleet.gateway.book.open_entries()) == 1
+    # Same id, different content: refused on errors, original untouched.
+    await fleet.grid.send(command | {"kw": -3.0})
+    await fleet.grid.wait_for(lambda o: any(e.command_id == "dup" for e in o.errors), 5)
+    error = next(e for e in fleet.grid.observed.errors if e.command_id == "dup")
+    assert error.reason is Reason.DUPLICATE_ID_CONFLICT
+    entry = fleet.gateway.book.open_entries()[0]
+    assert entry.command.kw == -2.0  # type: ignore[union-attr]
+
+
+async def test_bad_input_is_rejected_and_nothing_reaches_a_device(fleet: Fleet) -> None:
+    await eventually(lambda: all(s.write_count >= 1 for s in fleet.sims), 3, "startup release")
+    writes = [s.write_count for s in fleet.sims]
+    grid = fleet.grid
+    await grid.send(b"{this is not json")
+    await grid.send(b'{"type": "dispatch", "kw": -1}')
+    cases = {
+        "schema": {"type": "dispatch", "command_id": "schema", "target": {"group_id": "feeder:f1"},
+                   "kw": "a lot", "start": iso(1), "duration_s": 10},
+        "unknown-group": dispatch("unknown-group", "feeder:nope", -1.0, 1, 10),
+        "unknown-device": {"type": "setpoint", "command_id": "unknown-device",
+                           "device_id": "bat-99", "kw": -1, "start": iso(1), "duration_s": 10},
+        "over": dispatch("over", "feeder:f1", -1.0, start_in=-120, duration=60),
+        "backwards": {"type": "envelope", "command_id": "backwards",
+                      "target": {"group_id": "feeder:f1"},
+                      "intervals": [{"start": iso(60), "end": iso(30), "export_limit_kw": 1}]},
+        "too-big": {"type": "setpoint", "command_id": "too-big", "device_id": "bat-1",
+                    "kw": -50, "start": iso(1), "duration_s": 10},
+        "fleet-too-big": dispatch("fleet-too-big", "feeder:f1", -10.5, 1, 10),
+    }
+    expected = {
+        "schema": Reason.SCHEMA_VIOLATION, "unknown-group": Reason.UNKNOWN_GROUP,
+        "unknown-device": Reason.UNKNOWN_DEVICE, "over": Reason.ALREADY_ENDED,
+        "backwards": Reason.WINDOW_INVALID, "too-big": Reason.BEYOND_RATINGS,
+        "fleet-too-big": Reason.BEYOND_RATINGS,
+    }
+    for command in cases.values():
+        await grid.send(command)
+    for cid, reason in expected.items():
+        ack = await grid.wait_for_state(cid, AckState.REJECTED, 5)
+        assert ack.reason is reason, (cid, ack)
+        assert ack.detail
+    await grid.wait_for(lambda o: len(o.errors) >= 2, 5)
+    reasons = sorted(e.reason.value for e in grid.observed.errors)
+    assert reasons == ["malformed_json", "schema_violation"]
+    assert "command_id" in json.dumps([e.detail for e in grid.observed.errors])
+    # Give the control loop several cycles: still no write, nothing enabled, nothing moving.
+    await asyncio.sleep(1.0)
+    assert [s.write_count for s in fleet.sims] == writes
+    assert all(not s.wset_enabled and s.power_kw == 0 for s in fleet.sims)
+
+
+async def test_mqtt5_response_topic_and_correlation(fleet: Fleet,
+                                                    broker_endpoint: BrokerEndpoint) -> None:
+    if broker_endpoint.protocol != "5":
+        pytest.skip("response topics need MQTT 5 (mosquitto)")
+    await fleet.grid.send(dispatch("rr", "feeder:f1", -1.0, 30, 10), reply=True,
+                          correlation=b"corr-42")
+    await fleet.grid.wait_for(lambda o: len(o.replies) >= 2, 5)
+    states = [ack.state for _, _, ack in fleet.grid.observed.replies]
+    assert states[:2] == [AckState.RECEIVED, AckState.ACCEPTED]
+    assert all(corr == b"corr-42" for _, corr, _ in fleet.grid.observed.replies)
+
+
+async def test_offline_device_is_logged_once_and_its_share_reallocated(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="adapters.supervisor")
+    f1 = [s for i, s in enumerate(fleet.sims) if fleet.feeder_of(i) == "f1"]
+    await fleet.grid.send(dispatch("realloc", "feeder:f1", -6.0, 0.2, 20))
+    await fleet.grid.wait_for_state("realloc", AckState.ACTIVE, 5)
+    await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-6.0, abs=0.05), 3)
+
+    await f1[0].set_offline(True)
+    # bat-3 takes the whole 6 kW... up to its 5 kW rating; the rest is reported as shortfall.
+    await eventually(lambda: f1[1].power_kw == pytest.approx(-5.0, abs=0.05), 8,
+                     "surviving battery takes over")
+    await fleet.grid.wait_for(
+        lambda o: any(a.state is AckState.ACTIVE and {x.device_id for x in a.allocations}
+                      == {"bat-3"} for a in o.acks["realloc"]), 5)
+    await asyncio.sleep(2.0)  # several failed reconnects happen in here
+    down = [r for r in caplog.records if "bat-1 unavailable" in r.getMessage()]
+    assert len(down) == 1, [r.getMessage() for r in down]
+
+    await f1[0].set_offline(False)
+    await eventually(lambda: f1[0].power_kw == pytest.approx(-3.0, abs=0.05), 10,
+                     "recovered battery back in the event")
+    def recovered() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "bat-1 recovered" in r.getMessage()]
+
+    await eventually(lambda: len(recovered()) >= 1, 5, "recovery logged")
+    await asyncio.sleep(1.0)
+    assert len(recovered()) == 1
