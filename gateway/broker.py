@@ -87,8 +87,11 @@ class MosquittoBroker:
             )
         )
         self._process = await asyncio.create_subprocess_exec(
-            self.executable, "-c", str(conf),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            self.executable,
+            "-c",
+            str(conf),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             await wait_for_port("127.0.0.1", self.port)
@@ -143,7 +146,9 @@ class EmbeddedBroker:
         logging.getLogger("transitions").setLevel(logging.WARNING)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         self._broker = Broker(config)
         await self._broker.start()
@@ -166,8 +171,9 @@ class EmbeddedBroker:
         await self.stop()
 
 
-def local_broker(prefer: Literal["auto", "mosquitto", "embedded"] = "auto",
-                 port: int = 0) -> MosquittoBroker | EmbeddedBroker:
+def local_broker(
+    prefer: Literal["auto", "mosquitto", "embedded"] = "auto", port: int = 0
+) -> MosquittoBroker | EmbeddedBroker:
     if prefer == "mosquitto" or (prefer == "auto" and MosquittoBroker.available()):
         return MosquittoBroker(port)
     return EmbeddedBroker(port)

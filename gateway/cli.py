@@ -23,8 +23,9 @@ def _setup_logging(verbose: int) -> None:
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
     for noisy in ("pymodbus", "amqtt", "transitions", "aiosqlite"):
-        logging.getLogger(noisy).setLevel(max(level, logging.CRITICAL if noisy != "pymodbus"
-                                                else logging.ERROR))
+        logging.getLogger(noisy).setLevel(
+            max(level, logging.CRITICAL if noisy != "pymodbus" else logging.ERROR)
+        )
 
 
 def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
@@ -58,8 +59,12 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
 @click.pass_context
 def run(ctx: click.Context, config_path: Path) -> None:
     """Run the gateway with a TOML configuration file."""
@@ -90,8 +95,12 @@ def check_config(config_path: Path) -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write one <name>.schema.json per message into this folder.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write one <name>.schema.json per message into this folder.",
+)
 def schema(out: Path | None) -> None:
     """Print (or write) the JSON Schemas of the northbound messages."""
     schemas = json_schemas()
@@ -105,11 +114,21 @@ def schema(out: Path | None) -> None:
 
 
 @main.command()
-@click.option("--duration", type=click.FloatRange(5, 3600), default=40.0, show_default=True,
-              help="Seconds to run before exiting.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(5, 3600),
+    default=40.0,
+    show_default=True,
+    help="Seconds to run before exiting.",
+)
 @click.option("--batteries", type=click.IntRange(2, 500), default=6, show_default=True)
-@click.option("--broker", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto",
-              show_default=True, help="auto: mosquitto if on PATH, else the embedded broker.")
+@click.option(
+    "--broker",
+    type=click.Choice(["auto", "mosquitto", "embedded"]),
+    default="auto",
+    show_default=True,
+    help="auto: mosquitto if on PATH, else the embedded broker.",
+)
 @click.pass_context
 def demo(ctx: click.Context, duration: float, batteries: int, broker: str) -> None:
     """Self-contained demo: broker, simulated batteries, gateway and a scripted Grid DERMS."""
@@ -134,21 +153,42 @@ def simulate() -> None:
 @click.option("--max-charge-kw", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--max-discharge-kw", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--soc", type=click.FloatRange(0, 100), default=60.0, show_default=True)
-@click.option("--time-scale", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
-              help="Speed up state-of-charge changes by this factor.")
+@click.option(
+    "--time-scale",
+    type=click.FloatRange(min=0.001),
+    default=1.0,
+    show_default=True,
+    help="Speed up state-of-charge changes by this factor.",
+)
 @click.pass_context
-def simulate_battery(ctx: click.Context, port: int, host: str, unit_id: int, capacity_kwh: float,
-                     max_charge_kw: float, max_discharge_kw: float, soc: float,
-                     time_scale: float) -> None:
+def simulate_battery(
+    ctx: click.Context,
+    port: int,
+    host: str,
+    unit_id: int,
+    capacity_kwh: float,
+    max_charge_kw: float,
+    max_discharge_kw: float,
+    soc: float,
+    time_scale: float,
+) -> None:
     """A SunSpec (models 1, 701, 702, 704, 713, 802) battery on Modbus TCP."""
     from simulators.sunspec_battery import serve_battery
 
     _setup_logging(max(1, ctx.obj["verbose"]))
     click.echo(f"SunSpec battery on {host}:{port} unit {unit_id} (map at 40000); Ctrl-C stops it")
-    run_until_signal(serve_battery(
-        port, host=host, unit_id=unit_id, capacity_kwh=capacity_kwh, max_charge_kw=max_charge_kw,
-        max_discharge_kw=max_discharge_kw, initial_soc_pct=soc, time_scale=time_scale,
-    ))
+    run_until_signal(
+        serve_battery(
+            port,
+            host=host,
+            unit_id=unit_id,
+            capacity_kwh=capacity_kwh,
+            max_charge_kw=max_charge_kw,
+            max_discharge_kw=max_discharge_kw,
+            initial_soc_pct=soc,
+            time_scale=time_scale,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -216,7 +216,10 @@ class CommandBook:
             command = entry.command
             if entry.state is AckState.ACCEPTED and command.end <= now:
                 await self._transition(
-                    entry, AckState.FAILED, now, Reason.ALREADY_ENDED,
+                    entry,
+                    AckState.FAILED,
+                    now,
+                    Reason.ALREADY_ENDED,
                     "its window passed while the gateway was not running",
                 )
             elif entry.state is AckState.ACCEPTED and command.start <= now:
@@ -261,7 +264,10 @@ class CommandBook:
             entry.last_published_allocations, allocations, self._tolerance
         ) or (
             shortfall is not None
-            and (entry.last_shortfall is None or abs(shortfall - entry.last_shortfall) > self._tolerance)
+            and (
+                entry.last_shortfall is None
+                or abs(shortfall - entry.last_shortfall) > self._tolerance
+            )
         )
         devices_changed = {a.device_id for a in allocations} != {
             a.device_id for a in entry.last_published_allocations
@@ -300,18 +306,27 @@ class CommandBook:
         plan: Plan | None = None,
     ) -> None:
         if state not in ALLOWED_TRANSITIONS.get(entry.state, frozenset()):
-            log.error("refusing transition %s -> %s for %s", entry.state, state,
-                      entry.command.command_id)
+            log.error(
+                "refusing transition %s -> %s for %s", entry.state, state, entry.command.command_id
+            )
             return
         ack = self._ack(entry.command.command_id, state, now, reason, detail)
         if plan is not None:
             ack = self._with_plan(ack, now, plan)
         elif entry.ack.allocations:
-            ack = ack.model_copy(update={"allocations": entry.ack.allocations,
-                                         "shortfall_kw": entry.ack.shortfall_kw})
+            ack = ack.model_copy(
+                update={
+                    "allocations": entry.ack.allocations,
+                    "shortfall_kw": entry.ack.shortfall_kw,
+                }
+            )
         await self._publish(entry, ack)
-        log.info("command %s: %s%s", entry.command.command_id, state.value,
-                 f" ({detail})" if detail else "")
+        log.info(
+            "command %s: %s%s",
+            entry.command.command_id,
+            state.value,
+            f" ({detail})" if detail else "",
+        )
 
     def _with_plan(self, ack: Ack, now: datetime, plan: Plan) -> Ack:
         allocations = plan.allocations.get(ack.command_id)
@@ -320,12 +335,18 @@ class CommandBook:
             entry = self._open.get(ack.command_id)
             if entry is None or not entry.ack.allocations:
                 return ack
-            return ack.model_copy(update={"allocations": entry.ack.allocations,
-                                          "shortfall_kw": entry.ack.shortfall_kw})
+            return ack.model_copy(
+                update={
+                    "allocations": entry.ack.allocations,
+                    "shortfall_kw": entry.ack.shortfall_kw,
+                }
+            )
         conflicts = plan.conflicts.get(ack.command_id)
         detail = ack.detail
         if conflicts:
-            detail = f"devices held by higher-priority or earlier command(s): {', '.join(conflicts)}"
+            detail = (
+                f"devices held by higher-priority or earlier command(s): {', '.join(conflicts)}"
+            )
         return ack.model_copy(
             update={
                 "timestamp": now,
@@ -351,4 +372,3 @@ class CommandBook:
         detail: str | None = None,
     ) -> Ack:
         return Ack(command_id=command_id, state=state, timestamp=now, reason=reason, detail=detail)
-

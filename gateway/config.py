@@ -50,7 +50,9 @@ class TimingConfig(Section):
         default=15.0, gt=0, description="A device with no reading this long counts as missing"
     )
     refresh_s: float = Field(
-        default=60.0, gt=0, description="Re-send an unchanged setpoint this often (keeps reverts armed)"
+        default=60.0,
+        gt=0,
+        description="Re-send an unchanged setpoint this often (keeps reverts armed)",
     )
     io_timeout_s: float = Field(default=3.0, gt=0, le=60, description="Timeout for one device call")
     backoff_max_s: float = Field(default=30.0, gt=0, le=3600)

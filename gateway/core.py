@@ -22,6 +22,7 @@ from gateway.commands import CommandBook, CommandRejected
 from gateway.config import GatewayConfig
 from gateway.model import (
     Ack,
+    AckState,
     DeviceCommand,
     DeviceSetpoint,
     DeviceState,
@@ -134,8 +135,13 @@ class Gateway:
         except CommandDecodeError as exc:
             log.warning("bad command on %s: %s", topic, exc)
             if exc.command_id is not None:
-                ack = Ack(command_id=exc.command_id, state="rejected", timestamp=now,  # type: ignore[arg-type]
-                          reason=exc.reason, detail=exc.detail)
+                ack = Ack(
+                    command_id=exc.command_id,
+                    state=AckState.REJECTED,
+                    timestamp=now,
+                    reason=exc.reason,
+                    detail=exc.detail,
+                )
                 self._publish_ack(ack, reply)
             else:
                 self._publish_error(exc.reason, exc.detail, topic, payload)
@@ -173,8 +179,9 @@ class Gateway:
     def device_states(self, now: datetime) -> dict[str, DeviceState | None]:
         stale = self.config.timing.stale_after_s
         return {
-            d.device_id: (s.fresh_state(stale, now) if (s := self.supervisors.get(d.device_id))
-                          else None)
+            d.device_id: (
+                s.fresh_state(stale, now) if (s := self.supervisors.get(d.device_id)) else None
+            )
             for d in self.registry.devices()
         }
 

@@ -38,22 +38,31 @@ def demo_config(ports: list[int], store: Path, broker_port: int, protocol: str) 
     devices = []
     for i, port in enumerate(ports):
         feeder = FEEDERS[i % len(FEEDERS)]
-        devices.append({
-            "device_id": f"bat-{i + 1:03d}",
-            "der_class": "battery",
-            "location": {"substation": "north", "feeder": feeder,
-                         "transformer": f"{feeder}-t{i // 4 + 1}"},
-            "adapter": "sunspec_battery",
-            "ratings": {"max_charge_kw": 5.0, "max_discharge_kw": 5.0, "capacity_kwh": 13.5},
-            "constraints": {"reserve_soc_pct": 20.0},
-            "sunspec": {"port": port},
-        })
+        devices.append(
+            {
+                "device_id": f"bat-{i + 1:03d}",
+                "der_class": "battery",
+                "location": {
+                    "substation": "north",
+                    "feeder": feeder,
+                    "transformer": f"{feeder}-t{i // 4 + 1}",
+                },
+                "adapter": "sunspec_battery",
+                "ratings": {"max_charge_kw": 5.0, "max_discharge_kw": 5.0, "capacity_kwh": 13.5},
+                "constraints": {"reserve_soc_pct": 20.0},
+                "sunspec": {"port": port},
+            }
+        )
     return {
         "gateway_id": GATEWAY_ID,
         "broker": {"port": broker_port, "protocol": protocol},
         "store": {"path": str(store)},
-        "timing": {"control_period_s": 0.5, "poll_interval_s": 1.0, "telemetry_period_s": 2.0,
-                   "stale_after_s": 5.0},
+        "timing": {
+            "control_period_s": 0.5,
+            "poll_interval_s": 1.0,
+            "telemetry_period_s": 2.0,
+            "stale_after_s": 5.0,
+        },
         "devices": devices,
     }
 
@@ -79,7 +88,9 @@ class Printer:
                 extra += f" limited_by={','.join(sorted(limited))}"
             if ack.shortfall_kw:
                 extra += f" shortfall={ack.shortfall_kw:.1f} kW"
-        self.line(click.style(f"ACK   {ack.command_id:<22} {ack.state.value:<10}", bold=True) + extra)
+        self.line(
+            click.style(f"ACK   {ack.command_id:<22} {ack.state.value:<10}", bold=True) + extra
+        )
 
     def group(self, group: GroupTelemetry) -> None:
         if not group.group_id.startswith("feeder:"):
@@ -103,34 +114,54 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
     broker_impl = local_broker(broker)  # type: ignore[arg-type]
     sims = [
         SunSpecBatterySimulator(
-            port=0, capacity_kwh=13.5, max_charge_kw=5.0, max_discharge_kw=5.0,
-            initial_soc_pct=50.0 + 5 * (i % 5), time_scale=20.0,
+            port=0,
+            capacity_kwh=13.5,
+            max_charge_kw=5.0,
+            max_discharge_kw=5.0,
+            initial_soc_pct=50.0 + 5 * (i % 5),
+            time_scale=20.0,
         )
         for i in range(batteries)
     ]
     with tempfile.TemporaryDirectory(prefix="derms-demo-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
             endpoint = await stack.enter_async_context(broker_impl)
-            printer.line(f"broker: {endpoint.kind} on 127.0.0.1:{endpoint.port} "
-                         f"(MQTT {endpoint.protocol})")
+            printer.line(
+                f"broker: {endpoint.kind} on 127.0.0.1:{endpoint.port} (MQTT {endpoint.protocol})"
+            )
             for sim in sims:
                 await stack.enter_async_context(sim)
-            printer.line(f"{len(sims)} SunSpec batteries on Modbus TCP ports "
-                         f"{', '.join(str(s.port) for s in sims)}")
-            config = parse_config(demo_config(
-                [s.port for s in sims], Path(tmp) / "demo.sqlite", endpoint.port,
-                endpoint.protocol,
-            ))
+            printer.line(
+                f"{len(sims)} SunSpec batteries on Modbus TCP ports "
+                f"{', '.join(str(s.port) for s in sims)}"
+            )
+            config = parse_config(
+                demo_config(
+                    [s.port for s in sims],
+                    Path(tmp) / "demo.sqlite",
+                    endpoint.port,
+                    endpoint.protocol,
+                )
+            )
             gateway = Gateway(config)
             gateway_task = asyncio.create_task(gateway.run(), name="gateway")
             try:
-                client = await stack.enter_async_context(GridDermsClient(
-                    endpoint.host, endpoint.port, GATEWAY_ID, protocol=endpoint.protocol,
-                    on_ack=printer.ack, on_group=printer.group, on_error=printer.error,
-                ))
+                client = await stack.enter_async_context(
+                    GridDermsClient(
+                        endpoint.host,
+                        endpoint.port,
+                        GATEWAY_ID,
+                        protocol=endpoint.protocol,
+                        on_ack=printer.ack,
+                        on_group=printer.group,
+                        on_error=printer.error,
+                    )
+                )
                 await asyncio.wait_for(gateway.northbound.connected.wait(), 15)
-                printer.line(f"gateway {GATEWAY_ID} online; groups: "
-                             f"{', '.join(sorted(gateway.registry.groups()))}")
+                printer.line(
+                    f"gateway {GATEWAY_ID} online; groups: "
+                    f"{', '.join(sorted(gateway.registry.groups()))}"
+                )
                 ok = await _script(client, gateway, printer, duration_s)
             finally:
                 gateway_task.cancel()
@@ -140,28 +171,57 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
     return ok
 
 
-async def _script(client: GridDermsClient, gateway: Gateway, printer: Printer,
-                  duration_s: float) -> bool:
+async def _script(
+    client: GridDermsClient, gateway: Gateway, printer: Printer, duration_s: float
+) -> bool:
     deadline = time.monotonic() + duration_s
     # Let the first polls land so the planner knows every battery's state of charge.
     await asyncio.sleep(min(3.0, duration_s / 6))
     now = utcnow()
     event_s = max(8.0, min(20.0, duration_s - 12))
     start = now + timedelta(seconds=1)
-    commands = [
-        {"type": "dispatch", "command_id": "shed-north-f1", "program": "peak-shave",
-         "target": {"group_id": "feeder:north-f1"}, "mode": "delta", "kw": -12.0,
-         "start": start.isoformat(), "duration_s": event_s, "ramp_s": 4},
-        {"type": "envelope", "command_id": "doe-north-f2", "program": "doe",
-         "target": {"group_id": "feeder:north-f2"},
-         "intervals": [{"start": now.isoformat(),
-                        "end": (start + timedelta(seconds=event_s + 2)).isoformat(),
-                        "export_limit_kw": 4.0}]},
-        {"type": "dispatch", "command_id": "shed-north-f2", "program": "peak-shave",
-         "target": {"group_id": "feeder:north-f2"}, "kw": -10.0,
-         "start": start.isoformat(), "duration_s": event_s},
-        {"type": "dispatch", "command_id": "shed-nowhere", "target": {"group_id": "feeder:south-9"},
-         "kw": -5.0, "start": start.isoformat(), "duration_s": 10},
+    commands: list[dict[str, Any]] = [
+        {
+            "type": "dispatch",
+            "command_id": "shed-north-f1",
+            "program": "peak-shave",
+            "target": {"group_id": "feeder:north-f1"},
+            "mode": "delta",
+            "kw": -12.0,
+            "start": start.isoformat(),
+            "duration_s": event_s,
+            "ramp_s": 4,
+        },
+        {
+            "type": "envelope",
+            "command_id": "doe-north-f2",
+            "program": "doe",
+            "target": {"group_id": "feeder:north-f2"},
+            "intervals": [
+                {
+                    "start": now.isoformat(),
+                    "end": (start + timedelta(seconds=event_s + 2)).isoformat(),
+                    "export_limit_kw": 4.0,
+                }
+            ],
+        },
+        {
+            "type": "dispatch",
+            "command_id": "shed-north-f2",
+            "program": "peak-shave",
+            "target": {"group_id": "feeder:north-f2"},
+            "kw": -10.0,
+            "start": start.isoformat(),
+            "duration_s": event_s,
+        },
+        {
+            "type": "dispatch",
+            "command_id": "shed-nowhere",
+            "target": {"group_id": "feeder:south-9"},
+            "kw": -5.0,
+            "start": start.isoformat(),
+            "duration_s": 10,
+        },
     ]
     for command in commands:
         printer.line(f"SEND  {command['command_id']} ({command['type']})")

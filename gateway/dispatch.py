@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from gateway.model import (
     Allocation,
@@ -100,7 +101,7 @@ class _Slot:
     """One device's state during planning."""
 
     command_id: str
-    kind: str
+    kind: Literal["dispatch", "setpoint", "envelope"]
     requested_kw: float
     kw: float
     limited_by: list[str] = field(default_factory=list)
@@ -162,7 +163,7 @@ def plan(
 
     requested_by_command: dict[str, list[Allocation]] = {}
     for device_id, slot in slots.items():
-        provenance = [LimitSource(command_id=slot.command_id, kind=slot.kind)]  # type: ignore[arg-type]
+        provenance = [LimitSource(command_id=slot.command_id, kind=slot.kind)]
         provenance += [_limit_source(s) for s in slot.limited_by]
         result.setpoints[device_id] = DeviceCommand(
             device_id=device_id, power_kw=round(slot.kw, 4), provenance=tuple(provenance)
@@ -182,7 +183,9 @@ def plan(
         if isinstance(command, Dispatch):
             delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
             wanted = command.kw * ramp_factor(command, now)
-            result.shortfall_kw[command.command_id] = round(max(0.0, abs(wanted) - abs(delivered)), 3)
+            result.shortfall_kw[command.command_id] = round(
+                max(0.0, abs(wanted) - abs(delivered)), 3
+            )
     return result
 
 
@@ -195,7 +198,7 @@ def ramp_factor(command: Dispatch, now: datetime) -> float:
 
 def _limit_source(label: str) -> LimitSource:
     if label in ("rating", "reserve_soc", "max_soc"):
-        return LimitSource(command_id=label, kind=label)  # type: ignore[arg-type]
+        return LimitSource(command_id=label, kind=label)
     return LimitSource(command_id=label, kind="envelope")
 
 
@@ -217,7 +220,9 @@ def _plan_setpoint(
         return
     room = headroom(registry.device(device_id), state, remaining_s)
     kw, limit = clip_to_headroom(command.kw, room)
-    slots[device_id] = _Slot(command.command_id, "setpoint", command.kw, kw, [limit] if limit else [])
+    slots[device_id] = _Slot(
+        command.command_id, "setpoint", command.kw, kw, [limit] if limit else []
+    )
     holder[device_id] = command.command_id
 
 

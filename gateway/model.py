@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION: Final = "1"
 
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 Identifier = Annotated[
@@ -372,8 +372,13 @@ TERMINAL_STATES = frozenset(
 ALLOWED_TRANSITIONS: dict[AckState, frozenset[AckState]] = {
     AckState.RECEIVED: frozenset({AckState.ACCEPTED, AckState.REJECTED}),
     AckState.ACCEPTED: frozenset(
-        {AckState.ACTIVE, AckState.CANCELLED, AckState.SUPERSEDED, AckState.FAILED,
-         AckState.COMPLETED}
+        {
+            AckState.ACTIVE,
+            AckState.CANCELLED,
+            AckState.SUPERSEDED,
+            AckState.FAILED,
+            AckState.COMPLETED,
+        }
     ),
     AckState.ACTIVE: frozenset(
         {AckState.COMPLETED, AckState.CANCELLED, AckState.SUPERSEDED, AckState.FAILED}

@@ -101,10 +101,16 @@ class Northbound:
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 attempt += 1
-                delay = random.uniform(0.5, 1.0) * min(self._backoff_max_s, 0.5 * 2 ** min(attempt, 10))
+                delay = random.uniform(0.5, 1.0) * min(
+                    self._backoff_max_s, 0.5 * 2 ** min(attempt, 10)
+                )
                 if attempt == 1:
-                    log.warning("MQTT link to %s:%d lost or refused: %s; retrying",
-                                self._config.host, self._config.port, exc)
+                    log.warning(
+                        "MQTT link to %s:%d lost or refused: %s; retrying",
+                        self._config.host,
+                        self._config.port,
+                        exc,
+                    )
                 await asyncio.sleep(delay)
             else:
                 attempt = 0
@@ -127,7 +133,7 @@ class Northbound:
             "max_queued_incoming_messages": 10_000,
         }
         if self.mqtt5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             kwargs |= {
                 "protocol": aiomqtt.ProtocolVersion.V5,
@@ -142,13 +148,16 @@ class Northbound:
         async with aiomqtt.Client(**self._client_kwargs()) as client:  # type: ignore[arg-type]
             self._client = client
             try:
-                await client.publish(
-                    self.topics.status, encode(self._status()), qos=1, retain=True
-                )
+                await client.publish(self.topics.status, encode(self._status()), qos=1, retain=True)
                 await client.subscribe(self.topics.commands, qos=1)
                 self.connected.set()
-                log.info("MQTT link up: %s:%d (MQTT %s), commands on %s", self._config.host,
-                         self._config.port, self._config.protocol, self.topics.commands)
+                log.info(
+                    "MQTT link up: %s:%d (MQTT %s), commands on %s",
+                    self._config.host,
+                    self._config.port,
+                    self._config.protocol,
+                    self.topics.commands,
+                )
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._receive(client), name="mqtt-receive")
                     tg.create_task(self._send(client), name="mqtt-send")
@@ -179,16 +188,15 @@ class Northbound:
             self._pending.clear()
 
     async def _publish(self, client: aiomqtt.Client, message: Outgoing) -> None:
-        await client.publish(
-            message.topic, message.payload, qos=message.qos, retain=message.retain
-        )
+        await client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
         if message.reply is not None:
             props = None
             if self.mqtt5 and message.reply.correlation is not None:
-                props = Properties(PacketTypes.PUBLISH)
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.CorrelationData = message.reply.correlation
-            await client.publish(message.reply.topic, message.payload, qos=message.qos,
-                                 properties=props)
+            await client.publish(
+                message.reply.topic, message.payload, qos=message.qos, properties=props
+            )
 
     async def publish_offline(self) -> None:
         """Clean shutdown: say so on the status topic before the will would have to."""

@@ -133,7 +133,7 @@ class CommandStore:
 def _row(row: aiosqlite.Row | tuple[object, ...]) -> StoredCommand:
     seq, payload, dig, ack = row
     return StoredCommand(
-        seq=int(seq),  # type: ignore[call-overload]
+        seq=int(str(seq)),
         command=COMMAND_ADAPTER.validate_json(str(payload)),
         digest=str(dig),
         ack=Ack.model_validate_json(str(ack)),

@@ -59,16 +59,25 @@ class GridDermsClient:
         self._ids = itertools.count(1)
 
     async def __aenter__(self) -> GridDermsClient:
-        version = (aiomqtt.ProtocolVersion.V5 if self._protocol == "5"
-                   else aiomqtt.ProtocolVersion.V311)
+        version = (
+            aiomqtt.ProtocolVersion.V5 if self._protocol == "5" else aiomqtt.ProtocolVersion.V311
+        )
         self._client = aiomqtt.Client(
-            self._host, self._port, protocol=version,
-            identifier=f"grid-derms-{uuid.uuid4().hex[:8]}", timeout=10,
+            self._host,
+            self._port,
+            protocol=version,
+            identifier=f"grid-derms-{uuid.uuid4().hex[:8]}",
+            timeout=10,
         )
         await self._client.__aenter__()
         root = self.topics.root
-        for topic in (f"{root}/acks/+", f"{root}/errors", f"{root}/status",
-                      f"{root}/telemetry/#", self.reply_topic):
+        for topic in (
+            f"{root}/acks/+",
+            f"{root}/errors",
+            f"{root}/status",
+            f"{root}/telemetry/#",
+            self.reply_topic,
+        ):
             await self._client.subscribe(topic, qos=1)
         self._task = asyncio.create_task(self._receive(), name="grid-derms-receive")
         return self
@@ -84,13 +93,18 @@ class GridDermsClient:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._client.__aexit__(None, None, None)
 
-    async def send(self, command: dict[str, Any] | bytes, *, reply: bool = False,
-                   correlation: bytes | None = None) -> None:
+    async def send(
+        self,
+        command: dict[str, Any] | bytes,
+        *,
+        reply: bool = False,
+        correlation: bytes | None = None,
+    ) -> None:
         assert self._client is not None
         payload = command if isinstance(command, bytes) else json.dumps(command).encode()
         props = None
         if reply and self._protocol == "5":
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = self.reply_topic
             if correlation is not None:
                 props.CorrelationData = correlation
@@ -135,14 +149,18 @@ class GridDermsClient:
             data = json.loads(payload)
             self.observed.devices[data["device_id"]] = data
 
-    async def wait_for(self, predicate: Callable[[Observed], bool], timeout_s: float = 10.0) -> None:
+    async def wait_for(
+        self, predicate: Callable[[Observed], bool], timeout_s: float = 10.0
+    ) -> None:
         async with asyncio.timeout(timeout_s), self._changed:
             await self._changed.wait_for(lambda: predicate(self.observed))
 
-    async def wait_for_state(self, command_id: str, state: AckState,
-                             timeout_s: float = 10.0) -> Ack:
+    async def wait_for_state(
+        self, command_id: str, state: AckState, timeout_s: float = 10.0
+    ) -> Ack:
         def reached(o: Observed) -> bool:
             return any(a.state is state for a in o.acks.get(command_id, []))
+
         await self.wait_for(reached, timeout_s)
         return next(a for a in self.observed.acks[command_id] if a.state is state)
 

@@ -497,7 +497,7 @@ class SunSpecBatterySimulator:
 
     # ----------------------------------------------------------------------- Modbus side
 
-    async def _action(  # noqa: PLR0917 (pymodbus SimAction signature)
+    async def _action(
         self,
         function_code: int,
         start_address: int,
@@ -585,7 +585,7 @@ class SunSpecBatterySimulator:
                     return False
         return True
 
-    async def _reject_unknown_unit(  # noqa: PLR0917 (pymodbus SimAction signature)
+    async def _reject_unknown_unit(
         self,
         function_code: int,
         start_address: int,

@@ -46,7 +46,7 @@ class ModbusTransportError(Exception):
         self.operation = operation
 
 
-class ModbusTimeout(ModbusTransportError):  # noqa: N818
+class ModbusTimeout(ModbusTransportError):
     """No (matching) response in time. The connection is closed: its state is unknown."""
 
     def __init__(self, endpoint: str, operation: str, timeout_s: float) -> None:
@@ -58,7 +58,7 @@ class ModbusConnectionError(ModbusTransportError):
     """Not connected, connection refused, or connection lost."""
 
 
-class ModbusExceptionResponse(ModbusTransportError):  # noqa: N818
+class ModbusExceptionResponse(ModbusTransportError):
     """The device answered with a Modbus exception (e.g. 2 illegal address, 3 illegal value)."""
 
     def __init__(

@@ -63,8 +63,9 @@ def _format_errors(exc: ValidationError) -> str:
         errors = [e for e in errors if e["type"] != "too_short"] or errors
     for err in errors[:8]:
         # The discriminated union puts the variant name first in loc; it adds nothing for a reader.
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("dispatch", "envelope",
-                                                                  "setpoint", "cancel"))
+        loc = ".".join(
+            str(p) for p in err["loc"] if p not in ("dispatch", "envelope", "setpoint", "cancel")
+        )
         parts.append(f"{loc or '(root)'}: {err['msg']}")
     return "; ".join(parts)
 
@@ -79,7 +80,11 @@ def _is_window_error(exc: ValidationError) -> bool:
         loc = err["loc"]
         if any(m in err["msg"] for m in _WINDOW_MESSAGES):
             return True
-        if loc and loc[-1] in ("duration_s",) and err["type"] in ("greater_than", "less_than_equal"):
+        if (
+            loc
+            and loc[-1] in ("duration_s",)
+            and err["type"] in ("greater_than", "less_than_equal")
+        ):
             return True
     return False
 

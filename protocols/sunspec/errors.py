@@ -2,7 +2,6 @@
 
 # The names say what went wrong in SunSpec terms (``MapNotFound``, ``ModelMissing``), like
 # adapters.base does; an ``Error`` suffix on each would add nothing.
-# ruff: noqa: N818
 
 from __future__ import annotations
 

@@ -19,8 +19,12 @@ from simulators.grid_derms import GridDermsClient
 from simulators.sunspec_battery import SunSpecBatterySimulator
 
 FAST_TIMING = {
-    "control_period_s": 0.2, "poll_interval_s": 0.3, "telemetry_period_s": 0.5,
-    "stale_after_s": 2.0, "io_timeout_s": 1.0, "backoff_max_s": 1.0,
+    "control_period_s": 0.2,
+    "poll_interval_s": 0.3,
+    "telemetry_period_s": 0.5,
+    "stale_after_s": 2.0,
+    "io_timeout_s": 1.0,
+    "backoff_max_s": 1.0,
 }
 
 
@@ -28,8 +32,9 @@ def iso(seconds_from_now: float) -> str:
     return (utcnow() + timedelta(seconds=seconds_from_now)).isoformat()
 
 
-async def eventually(check: Callable[[], bool], timeout_s: float = 10.0,
-                     what: str = "condition") -> None:
+async def eventually(
+    check: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
@@ -40,8 +45,15 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 10.0,
 class Fleet:
     """Simulators + gateway + Grid DERMS client; the gateway can be stopped and restarted."""
 
-    def __init__(self, broker: BrokerEndpoint, store: Path, sims: list[SunSpecBatterySimulator],
-                 *, feeders: tuple[str, ...] = ("f1", "f2"), reserve_soc_pct: float = 20.0) -> None:
+    def __init__(
+        self,
+        broker: BrokerEndpoint,
+        store: Path,
+        sims: list[SunSpecBatterySimulator],
+        *,
+        feeders: tuple[str, ...] = ("f1", "f2"),
+        reserve_soc_pct: float = 20.0,
+    ) -> None:
         self.broker = broker
         self.store = store
         self.sims = sims
@@ -62,30 +74,43 @@ class Fleet:
     def config(self) -> GatewayConfig:
         devices: list[dict[str, Any]] = []
         for i, sim in enumerate(self.sims):
-            devices.append({
-                "device_id": self.device_id(i), "der_class": "battery",
-                "location": {"substation": "s1", "feeder": self.feeder_of(i)},
-                "adapter": "sunspec_battery",
-                "ratings": {"max_charge_kw": sim.max_charge_kw,
-                            "max_discharge_kw": sim.max_discharge_kw,
-                            "capacity_kwh": sim.capacity_kwh},
-                "constraints": {"reserve_soc_pct": self.reserve},
-                "sunspec": {"port": sim.port, "timeout_s": 1.0},
-            })
-        return parse_config({
-            "gateway_id": self.gateway_id,
-            "broker": {"host": self.broker.host, "port": self.broker.port,
-                       "protocol": self.broker.protocol},
-            "store": {"path": str(self.store)},
-            "timing": FAST_TIMING,
-            "devices": devices,
-        })
+            devices.append(
+                {
+                    "device_id": self.device_id(i),
+                    "der_class": "battery",
+                    "location": {"substation": "s1", "feeder": self.feeder_of(i)},
+                    "adapter": "sunspec_battery",
+                    "ratings": {
+                        "max_charge_kw": sim.max_charge_kw,
+                        "max_discharge_kw": sim.max_discharge_kw,
+                        "capacity_kwh": sim.capacity_kwh,
+                    },
+                    "constraints": {"reserve_soc_pct": self.reserve},
+                    "sunspec": {"port": sim.port, "timeout_s": 1.0},
+                }
+            )
+        return parse_config(
+            {
+                "gateway_id": self.gateway_id,
+                "broker": {
+                    "host": self.broker.host,
+                    "port": self.broker.port,
+                    "protocol": self.broker.protocol,
+                },
+                "store": {"path": str(self.store)},
+                "timing": FAST_TIMING,
+                "devices": devices,
+            }
+        )
 
     async def __aenter__(self) -> Fleet:
         for sim in self.sims:
             await self._stack.enter_async_context(sim)
-        self.client = await self._stack.enter_async_context(GridDermsClient(
-            self.broker.host, self.broker.port, self.gateway_id, protocol=self.broker.protocol))
+        self.client = await self._stack.enter_async_context(
+            GridDermsClient(
+                self.broker.host, self.broker.port, self.gateway_id, protocol=self.broker.protocol
+            )
+        )
         await self.start_gateway()
         return self
 
@@ -99,8 +124,9 @@ class Fleet:
         self._task = asyncio.create_task(gateway.run(), name="gateway-under-test")
         await asyncio.wait_for(gateway.northbound.connected.wait(), 10)
         # Every device polled at least once, so the planner knows its SoC.
-        await eventually(lambda: all(s.available for s in gateway.supervisors.values()),
-                         10, "all devices online")
+        await eventually(
+            lambda: all(s.available for s in gateway.supervisors.values()), 10, "all devices online"
+        )
         return gateway
 
     async def stop_gateway(self) -> None:

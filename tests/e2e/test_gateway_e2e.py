@@ -18,11 +18,18 @@ from tests.e2e.fleet import Fleet, eventually, iso
 pytestmark = pytest.mark.broker
 
 
-def batteries(n: int, *, soc: float = 60.0, kw: float = 5.0,
-              time_scale: float = 1.0) -> list[SunSpecBatterySimulator]:
+def batteries(
+    n: int, *, soc: float = 60.0, kw: float = 5.0, time_scale: float = 1.0
+) -> list[SunSpecBatterySimulator]:
     return [
-        SunSpecBatterySimulator(port=0, capacity_kwh=10.0, max_charge_kw=kw, max_discharge_kw=kw,
-                                initial_soc_pct=soc, time_scale=time_scale)
+        SunSpecBatterySimulator(
+            port=0,
+            capacity_kwh=10.0,
+            max_charge_kw=kw,
+            max_discharge_kw=kw,
+            initial_soc_pct=soc,
+            time_scale=time_scale,
+        )
         for _ in range(n)
     ]
 
@@ -33,10 +40,18 @@ async def fleet(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterato
         yield f
 
 
-def dispatch(cid: str, group: str, kw: float, start_in: float, duration: float,
-             **extra: object) -> dict[str, object]:
-    return {"type": "dispatch", "command_id": cid, "target": {"group_id": group}, "kw": kw,
-            "start": iso(start_in), "duration_s": duration, **extra}
+def dispatch(
+    cid: str, group: str, kw: float, start_in: float, duration: float, **extra: object
+) -> dict[str, object]:
+    return {
+        "type": "dispatch",
+        "command_id": cid,
+        "target": {"group_id": group},
+        "kw": kw,
+        "start": iso(start_in),
+        "duration_s": duration,
+        **extra,
+    }
 
 
 async def test_dispatch_moves_registers_and_soc_then_ends_on_time(fleet: Fleet) -> None:
@@ -49,36 +64,58 @@ async def test_dispatch_moves_registers_and_soc_then_ends_on_time(fleet: Fleet) 
     assert {a.device_id for a in active.allocations} == {"bat-1", "bat-3"}
     assert sum(a.commanded_kw for a in active.allocations) == pytest.approx(-6.0)
     # The batteries' own control registers now hold the setpoint: 3 kW each, injecting.
-    await eventually(lambda: all(s.wset_enabled and s.wset_w == pytest.approx(3000) for s in f1),
-                     3, "WSet written")
-    await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-6.0, abs=0.05), 3,
-                     "feeder f1 discharging 6 kW")
+    await eventually(
+        lambda: all(s.wset_enabled and s.wset_w == pytest.approx(3000) for s in f1),
+        3,
+        "WSet written",
+    )
+    await eventually(
+        lambda: fleet.feeder_power_kw("f1") == pytest.approx(-6.0, abs=0.05),
+        3,
+        "feeder f1 discharging 6 kW",
+    )
     assert all(not s.wset_enabled for s in f2), "f2 must not be touched"
 
     completed = await fleet.grid.wait_for_state("d1", AckState.COMPLETED, 6)
-    assert fleet.grid.states("d1") == [AckState.RECEIVED, AckState.ACCEPTED, AckState.ACTIVE,
-                                       AckState.COMPLETED]
+    assert fleet.grid.states("d1") == [
+        AckState.RECEIVED,
+        AckState.ACCEPTED,
+        AckState.ACTIVE,
+        AckState.COMPLETED,
+    ]
     assert completed.allocations, "the completed ack reports what was delivered"
     # Control released and power back to idle once the window ends.
-    await eventually(lambda: all(not s.wset_enabled and abs(s.power_kw) < 0.01 for s in f1), 3,
-                     "batteries released")
-    assert all(after < before for after, before in zip([s.soc_pct for s in f1], soc_before,
-                                                       strict=True))
+    await eventually(
+        lambda: all(not s.wset_enabled and abs(s.power_kw) < 0.01 for s in f1),
+        3,
+        "batteries released",
+    )
+    assert all(
+        after < before for after, before in zip([s.soc_pct for s in f1], soc_before, strict=True)
+    )
 
 
 async def test_envelope_clips_a_dispatch(fleet: Fleet) -> None:
-    await fleet.grid.send({
-        "type": "envelope", "command_id": "doe", "target": {"group_id": "feeder:f2"},
-        "intervals": [{"start": iso(-1), "end": iso(20), "export_limit_kw": 2.5}],
-    })
-    await fleet.grid.send(dispatch("d2", "feeder:f2", -8.0, start_in=0.3, duration=10,
-                                   priority=1000))
+    await fleet.grid.send(
+        {
+            "type": "envelope",
+            "command_id": "doe",
+            "target": {"group_id": "feeder:f2"},
+            "intervals": [{"start": iso(-1), "end": iso(20), "export_limit_kw": 2.5}],
+        }
+    )
+    await fleet.grid.send(
+        dispatch("d2", "feeder:f2", -8.0, start_in=0.3, duration=10, priority=1000)
+    )
     ack = await fleet.grid.wait_for_state("d2", AckState.ACTIVE, 5)
     assert sum(a.commanded_kw for a in ack.allocations) == pytest.approx(-2.5)
     assert all("doe" in a.limited_by for a in ack.allocations)
     assert ack.shortfall_kw == pytest.approx(5.5)
-    await eventually(lambda: fleet.feeder_power_kw("f2") == pytest.approx(-2.5, abs=0.05), 3,
-                     "f2 held at the envelope")
+    await eventually(
+        lambda: fleet.feeder_power_kw("f2") == pytest.approx(-2.5, abs=0.05),
+        3,
+        "f2 held at the envelope",
+    )
     # The limit holds the whole time, not just at the start.
     for _ in range(10):
         assert fleet.feeder_power_kw("f2") >= -2.5 - 0.05
@@ -100,9 +137,11 @@ async def test_restart_mid_command_resumes_it(fleet: Fleet) -> None:
     gateway = await fleet.start_gateway()
 
     assert [e.command.command_id for e in gateway.book.open_entries()] == ["long"]
-    await eventually(lambda: all(s.write_count > w for s, w in zip(f1, writes_before,
-                                                                  strict=True)), 3,
-                     "setpoints re-applied after restart")
+    await eventually(
+        lambda: all(s.write_count > w for s, w in zip(f1, writes_before, strict=True)),
+        3,
+        "setpoints re-applied after restart",
+    )
     await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-4.0, abs=0.05), 3)
     await fleet.grid.wait_for_state("long", AckState.COMPLETED, 8)
     await eventually(lambda: all(not s.wset_enabled for s in f1), 3, "released at the end")
@@ -134,23 +173,47 @@ async def test_bad_input_is_rejected_and_nothing_reaches_a_device(fleet: Fleet) 
     await grid.send(b"{this is not json")
     await grid.send(b'{"type": "dispatch", "kw": -1}')
     cases = {
-        "schema": {"type": "dispatch", "command_id": "schema", "target": {"group_id": "feeder:f1"},
-                   "kw": "a lot", "start": iso(1), "duration_s": 10},
+        "schema": {
+            "type": "dispatch",
+            "command_id": "schema",
+            "target": {"group_id": "feeder:f1"},
+            "kw": "a lot",
+            "start": iso(1),
+            "duration_s": 10,
+        },
         "unknown-group": dispatch("unknown-group", "feeder:nope", -1.0, 1, 10),
-        "unknown-device": {"type": "setpoint", "command_id": "unknown-device",
-                           "device_id": "bat-99", "kw": -1, "start": iso(1), "duration_s": 10},
+        "unknown-device": {
+            "type": "setpoint",
+            "command_id": "unknown-device",
+            "device_id": "bat-99",
+            "kw": -1,
+            "start": iso(1),
+            "duration_s": 10,
+        },
         "over": dispatch("over", "feeder:f1", -1.0, start_in=-120, duration=60),
-        "backwards": {"type": "envelope", "command_id": "backwards",
-                      "target": {"group_id": "feeder:f1"},
-                      "intervals": [{"start": iso(60), "end": iso(30), "export_limit_kw": 1}]},
-        "too-big": {"type": "setpoint", "command_id": "too-big", "device_id": "bat-1",
-                    "kw": -50, "start": iso(1), "duration_s": 10},
+        "backwards": {
+            "type": "envelope",
+            "command_id": "backwards",
+            "target": {"group_id": "feeder:f1"},
+            "intervals": [{"start": iso(60), "end": iso(30), "export_limit_kw": 1}],
+        },
+        "too-big": {
+            "type": "setpoint",
+            "command_id": "too-big",
+            "device_id": "bat-1",
+            "kw": -50,
+            "start": iso(1),
+            "duration_s": 10,
+        },
         "fleet-too-big": dispatch("fleet-too-big", "feeder:f1", -10.5, 1, 10),
     }
     expected = {
-        "schema": Reason.SCHEMA_VIOLATION, "unknown-group": Reason.UNKNOWN_GROUP,
-        "unknown-device": Reason.UNKNOWN_DEVICE, "over": Reason.ALREADY_ENDED,
-        "backwards": Reason.WINDOW_INVALID, "too-big": Reason.BEYOND_RATINGS,
+        "schema": Reason.SCHEMA_VIOLATION,
+        "unknown-group": Reason.UNKNOWN_GROUP,
+        "unknown-device": Reason.UNKNOWN_DEVICE,
+        "over": Reason.ALREADY_ENDED,
+        "backwards": Reason.WINDOW_INVALID,
+        "too-big": Reason.BEYOND_RATINGS,
         "fleet-too-big": Reason.BEYOND_RATINGS,
     }
     for command in cases.values():
@@ -169,12 +232,14 @@ async def test_bad_input_is_rejected_and_nothing_reaches_a_device(fleet: Fleet) 
     assert all(not s.wset_enabled and s.power_kw == 0 for s in fleet.sims)
 
 
-async def test_mqtt5_response_topic_and_correlation(fleet: Fleet,
-                                                    broker_endpoint: BrokerEndpoint) -> None:
+async def test_mqtt5_response_topic_and_correlation(
+    fleet: Fleet, broker_endpoint: BrokerEndpoint
+) -> None:
     if broker_endpoint.protocol != "5":
         pytest.skip("response topics need MQTT 5 (mosquitto)")
-    await fleet.grid.send(dispatch("rr", "feeder:f1", -1.0, 30, 10), reply=True,
-                          correlation=b"corr-42")
+    await fleet.grid.send(
+        dispatch("rr", "feeder:f1", -1.0, 30, 10), reply=True, correlation=b"corr-42"
+    )
     await fleet.grid.wait_for(lambda o: len(o.replies) >= 2, 5)
     states = [ack.state for _, _, ack in fleet.grid.observed.replies]
     assert states[:2] == [AckState.RECEIVED, AckState.ACCEPTED]
@@ -192,18 +257,27 @@ async def test_offline_device_is_logged_once_and_its_share_reallocated(
 
     await f1[0].set_offline(True)
     # bat-3 takes the whole 6 kW... up to its 5 kW rating; the rest is reported as shortfall.
-    await eventually(lambda: f1[1].power_kw == pytest.approx(-5.0, abs=0.05), 8,
-                     "surviving battery takes over")
+    await eventually(
+        lambda: f1[1].power_kw == pytest.approx(-5.0, abs=0.05), 8, "surviving battery takes over"
+    )
     await fleet.grid.wait_for(
-        lambda o: any(a.state is AckState.ACTIVE and {x.device_id for x in a.allocations}
-                      == {"bat-3"} for a in o.acks["realloc"]), 5)
+        lambda o: any(
+            a.state is AckState.ACTIVE and {x.device_id for x in a.allocations} == {"bat-3"}
+            for a in o.acks["realloc"]
+        ),
+        5,
+    )
     await asyncio.sleep(2.0)  # several failed reconnects happen in here
     down = [r for r in caplog.records if "bat-1 unavailable" in r.getMessage()]
     assert len(down) == 1, [r.getMessage() for r in down]
 
     await f1[0].set_offline(False)
-    await eventually(lambda: f1[0].power_kw == pytest.approx(-3.0, abs=0.05), 10,
-                     "recovered battery back in the event")
+    await eventually(
+        lambda: f1[0].power_kw == pytest.approx(-3.0, abs=0.05),
+        10,
+        "recovered battery back in the event",
+    )
+
     def recovered() -> list[logging.LogRecord]:
         return [r for r in caplog.records if "bat-1 recovered" in r.getMessage()]
 

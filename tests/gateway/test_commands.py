@@ -30,12 +30,18 @@ NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 
 
 def registry() -> Registry:
-    return Registry([
-        Device(device_id=f"b{i}", der_class=DerClass.BATTERY, adapter="sunspec_battery",
-               location=TopologyLocation(substation="s1", feeder="f1"),
-               ratings=BatteryRatings(max_charge_kw=5, max_discharge_kw=5, capacity_kwh=10))
-        for i in (1, 2)
-    ])
+    return Registry(
+        [
+            Device(
+                device_id=f"b{i}",
+                der_class=DerClass.BATTERY,
+                adapter="sunspec_battery",
+                location=TopologyLocation(substation="s1", feeder="f1"),
+                ratings=BatteryRatings(max_charge_kw=5, max_discharge_kw=5, capacity_kwh=10),
+            )
+            for i in (1, 2)
+        ]
+    )
 
 
 class Sink:
@@ -55,10 +61,23 @@ async def store(tmp_path: Path) -> AsyncIterator[CommandStore]:
         yield s
 
 
-def dispatch(cid: str = "d1", *, kw: float = -4.0, start: datetime = NOW, duration: float = 60,
-             group: str = "feeder:f1", program: str = "p") -> Dispatch:
-    return Dispatch(command_id=cid, target=Target(group_id=group), kw=kw, start=start,
-                    duration_s=duration, program=program)
+def dispatch(
+    cid: str = "d1",
+    *,
+    kw: float = -4.0,
+    start: datetime = NOW,
+    duration: float = 60,
+    group: str = "feeder:f1",
+    program: str = "p",
+) -> Dispatch:
+    return Dispatch(
+        command_id=cid,
+        target=Target(group_id=group),
+        kw=kw,
+        start=start,
+        duration_s=duration,
+        program=program,
+    )
 
 
 async def test_lifecycle_received_accepted_active_completed(store: CommandStore) -> None:
@@ -80,15 +99,27 @@ async def test_lifecycle_received_accepted_active_completed(store: CommandStore)
     ("command", "reason"),
     [
         (dispatch(group="feeder:nowhere"), Reason.UNKNOWN_GROUP),
-        (Dispatch(command_id="d1", target=Target(device_ids=("b1", "ghost")), kw=-1, start=NOW,
-                  duration_s=60), Reason.UNKNOWN_DEVICE),
+        (
+            Dispatch(
+                command_id="d1",
+                target=Target(device_ids=("b1", "ghost")),
+                kw=-1,
+                start=NOW,
+                duration_s=60,
+            ),
+            Reason.UNKNOWN_DEVICE,
+        ),
         (dispatch(start=NOW - timedelta(hours=1), duration=60), Reason.ALREADY_ENDED),
         (dispatch(kw=-10.5), Reason.BEYOND_RATINGS),
         (dispatch(kw=10.5), Reason.BEYOND_RATINGS),
-        (DeviceSetpoint(command_id="d1", device_id="b1", kw=-5.5, start=NOW, duration_s=60),
-         Reason.BEYOND_RATINGS),
-        (DeviceSetpoint(command_id="d1", device_id="ghost", kw=-1, start=NOW, duration_s=60),
-         Reason.UNKNOWN_DEVICE),
+        (
+            DeviceSetpoint(command_id="d1", device_id="b1", kw=-5.5, start=NOW, duration_s=60),
+            Reason.BEYOND_RATINGS,
+        ),
+        (
+            DeviceSetpoint(command_id="d1", device_id="ghost", kw=-1, start=NOW, duration_s=60),
+            Reason.UNKNOWN_DEVICE,
+        ),
         (Cancel(command_id="d1", cancels="never-seen"), Reason.UNKNOWN_COMMAND),
     ],
 )
@@ -144,8 +175,9 @@ async def test_newer_command_in_same_program_supersedes_older(store: CommandStor
     book = CommandBook(store, registry(), sink)
     await book.submit(dispatch("old", duration=600), NOW)
     await book.tick(NOW, Plan())
-    await book.submit(dispatch("new", start=NOW + timedelta(seconds=30), duration=60),
-                      NOW + timedelta(seconds=1))
+    await book.submit(
+        dispatch("new", start=NOW + timedelta(seconds=30), duration=60), NOW + timedelta(seconds=1)
+    )
     await book.tick(NOW + timedelta(seconds=20), Plan())
     assert sink.states("old")[-1] is AckState.ACTIVE  # the newer has not started yet
     await book.tick(NOW + timedelta(seconds=30), Plan())
@@ -164,8 +196,9 @@ async def test_open_commands_survive_a_restart(tmp_path: Path) -> None:
         book = CommandBook(store, registry(), Sink())
         await book.submit(dispatch("running", duration=600), NOW)
         await book.submit(dispatch("later", start=NOW + timedelta(hours=1), program="x"), NOW)
-        await book.submit(dispatch("missed", start=NOW + timedelta(seconds=5), duration=5,
-                                   program="y"), NOW)
+        await book.submit(
+            dispatch("missed", start=NOW + timedelta(seconds=5), duration=5, program="y"), NOW
+        )
         await book.tick(NOW, Plan())
     async with CommandStore(path) as store:
         sink = Sink()

@@ -25,10 +25,13 @@ from gateway.registry import Registry
 NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 
 
-def battery(i: int, feeder: str = "f1", kw: float = 5.0, kwh: float = 10.0,
-            reserve: float = 20.0) -> Device:
+def battery(
+    i: int, feeder: str = "f1", kw: float = 5.0, kwh: float = 10.0, reserve: float = 20.0
+) -> Device:
     return Device(
-        device_id=f"b{i}", der_class=DerClass.BATTERY, adapter="sunspec_battery",
+        device_id=f"b{i}",
+        der_class=DerClass.BATTERY,
+        adapter="sunspec_battery",
         location=TopologyLocation(substation="s1", feeder=feeder),
         ratings=BatteryRatings(max_charge_kw=kw, max_discharge_kw=kw, capacity_kwh=kwh),
         constraints=BatteryConstraints(reserve_soc_pct=reserve),
@@ -36,15 +39,32 @@ def battery(i: int, feeder: str = "f1", kw: float = 5.0, kwh: float = 10.0,
 
 
 def state(device_id: str, soc: float = 60.0, power: float = 0.0) -> DeviceState:
-    return DeviceState(device_id=device_id, timestamp=NOW, power_kw=power, soc_pct=soc,
-                       source="test")
+    return DeviceState(
+        device_id=device_id, timestamp=NOW, power_kw=power, soc_pct=soc, source="test"
+    )
 
 
-def dispatch(kw: float, group: str = "feeder:f1", *, cid: str = "d1", duration: float = 600,
-             priority: int = 0, program: str = "p", ramp: float = 0,
-             start: datetime = NOW) -> Dispatch:
-    return Dispatch(command_id=cid, target=Target(group_id=group), kw=kw, start=start,
-                    duration_s=duration, priority=priority, program=program, ramp_s=ramp)
+def dispatch(
+    kw: float,
+    group: str = "feeder:f1",
+    *,
+    cid: str = "d1",
+    duration: float = 600,
+    priority: int = 0,
+    program: str = "p",
+    ramp: float = 0,
+    start: datetime = NOW,
+) -> Dispatch:
+    return Dispatch(
+        command_id=cid,
+        target=Target(group_id=group),
+        kw=kw,
+        start=start,
+        duration_s=duration,
+        priority=priority,
+        program=program,
+        ramp_s=ramp,
+    )
 
 
 def test_share_is_proportional_and_capped() -> None:
@@ -80,16 +100,22 @@ def test_reserve_soc_is_never_crossed() -> None:
 def test_energy_limits_sustained_power_over_long_events() -> None:
     # 10 kWh battery at 50 % with a 20 % reserve holds 3 kWh: over 3 h that is 1 kW sustained.
     reg = Registry([battery(1)])
-    p = plan(NOW, reg, {"b1": state("b1", soc=50)},
-             [ActiveCommand(dispatch(-5.0, duration=3 * 3600), 1)])
+    p = plan(
+        NOW, reg, {"b1": state("b1", soc=50)}, [ActiveCommand(dispatch(-5.0, duration=3 * 3600), 1)]
+    )
     assert p.setpoints["b1"].power_kw == pytest.approx(-1.0)
 
 
 def test_charge_respects_max_soc() -> None:
     dev = battery(1).model_copy(
-        update={"constraints": BatteryConstraints(reserve_soc_pct=10, max_soc_pct=90)})
-    p = plan(NOW, Registry([dev]), {"b1": state("b1", soc=90)},
-             [ActiveCommand(dispatch(4.0, duration=60), 1)])
+        update={"constraints": BatteryConstraints(reserve_soc_pct=10, max_soc_pct=90)}
+    )
+    p = plan(
+        NOW,
+        Registry([dev]),
+        {"b1": state("b1", soc=90)},
+        [ActiveCommand(dispatch(4.0, duration=60), 1)],
+    )
     assert p.setpoints["b1"].power_kw == 0
 
 
@@ -106,12 +132,20 @@ def test_envelope_clips_dispatch_and_wins() -> None:
     reg = Registry([battery(1), battery(2)])
     states = {"b1": state("b1"), "b2": state("b2")}
     env = OperatingEnvelope(
-        command_id="e1", target=Target(group_id="feeder:f1"),
-        intervals=(EnvelopeInterval(start=NOW - timedelta(minutes=5), end=NOW + timedelta(hours=1),
-                                    export_limit_kw=3.0),),
+        command_id="e1",
+        target=Target(group_id="feeder:f1"),
+        intervals=(
+            EnvelopeInterval(
+                start=NOW - timedelta(minutes=5), end=NOW + timedelta(hours=1), export_limit_kw=3.0
+            ),
+        ),
     )
-    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-8.0, duration=60, priority=1000), 1),
-                                ActiveCommand(env, 2)])
+    p = plan(
+        NOW,
+        reg,
+        states,
+        [ActiveCommand(dispatch(-8.0, duration=60, priority=1000), 1), ActiveCommand(env, 2)],
+    )
     total = sum(sp.power_kw or 0 for sp in p.setpoints.values())
     assert total == pytest.approx(-3.0)
     for alloc in p.allocations["d1"]:
@@ -125,7 +159,8 @@ def test_envelope_limits_autonomous_devices_too() -> None:
     reg = Registry([battery(1), battery(2)])
     states = {"b1": state("b1", power=-4.0), "b2": state("b2", power=-4.0)}
     env = OperatingEnvelope(
-        command_id="e1", target=Target(device_ids=("b1", "b2")),
+        command_id="e1",
+        target=Target(device_ids=("b1", "b2")),
         intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=2.0),),
     )
     p = plan(NOW, reg, states, [ActiveCommand(env, 1)])
@@ -136,31 +171,42 @@ def test_import_envelope_clips_charging() -> None:
     reg = Registry([battery(1), battery(2)])
     states = {"b1": state("b1", soc=40), "b2": state("b2", soc=40)}
     env = OperatingEnvelope(
-        command_id="e1", target=Target(group_id="feeder:f1"),
+        command_id="e1",
+        target=Target(group_id="feeder:f1"),
         intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), import_limit_kw=1.0),),
     )
-    p = plan(NOW, reg, states, [ActiveCommand(dispatch(6.0, duration=60), 1),
-                                ActiveCommand(env, 2)])
+    p = plan(
+        NOW, reg, states, [ActiveCommand(dispatch(6.0, duration=60), 1), ActiveCommand(env, 2)]
+    )
     assert sum(sp.power_kw or 0 for sp in p.setpoints.values()) == pytest.approx(1.0)
 
 
 def test_envelope_outside_its_intervals_does_nothing() -> None:
     reg = Registry([battery(1)])
     env = OperatingEnvelope(
-        command_id="e1", target=Target(group_id="feeder:f1"),
-        intervals=(EnvelopeInterval(start=NOW + timedelta(hours=1), end=NOW + timedelta(hours=2),
-                                    export_limit_kw=0.0),),
+        command_id="e1",
+        target=Target(group_id="feeder:f1"),
+        intervals=(
+            EnvelopeInterval(
+                start=NOW + timedelta(hours=1), end=NOW + timedelta(hours=2), export_limit_kw=0.0
+            ),
+        ),
     )
-    p = plan(NOW, reg, {"b1": state("b1")}, [ActiveCommand(dispatch(-4.0, duration=60), 1),
-                                              ActiveCommand(env, 2)])
+    p = plan(
+        NOW,
+        reg,
+        {"b1": state("b1")},
+        [ActiveCommand(dispatch(-4.0, duration=60), 1), ActiveCommand(env, 2)],
+    )
     assert p.setpoints["b1"].power_kw == pytest.approx(-4.0)
 
 
 def test_higher_priority_holds_the_device_and_conflict_is_reported() -> None:
     reg = Registry([battery(1)])
     low = dispatch(-2.0, cid="low", priority=1, program="a", duration=60)
-    high = DeviceSetpoint(command_id="high", device_id="b1", kw=3.0, start=NOW, duration_s=60,
-                          priority=5, program="b")
+    high = DeviceSetpoint(
+        command_id="high", device_id="b1", kw=3.0, start=NOW, duration_s=60, priority=5, program="b"
+    )
     p = plan(NOW, reg, {"b1": state("b1")}, [ActiveCommand(low, 1), ActiveCommand(high, 2)])
     assert p.setpoints["b1"].power_kw == pytest.approx(3.0)
     assert p.conflicts["low"] == ["high"]

@@ -10,8 +10,12 @@ from gateway.model import Cancel, Dispatch, Reason
 from protocols.mqtt import MAX_COMMAND_BYTES, CommandDecodeError, Topics, decode_command, encode
 
 GOOD = {
-    "type": "dispatch", "command_id": "c1", "target": {"group_id": "feeder:f1"}, "kw": -5,
-    "start": "2026-07-01T16:00:00Z", "duration_s": 3600,
+    "type": "dispatch",
+    "command_id": "c1",
+    "target": {"group_id": "feeder:f1"},
+    "kw": -5,
+    "start": "2026-07-01T16:00:00Z",
+    "duration_s": 3600,
 }
 
 
@@ -46,21 +50,47 @@ def test_times_are_normalised_to_utc() -> None:
         (b"[1,2]", Reason.SCHEMA_VIOLATION, False, "JSON object"),
         (json.dumps({"command_id": "c1", "kw": 1}).encode(), Reason.SCHEMA_VIOLATION, True, ""),
         (json.dumps(GOOD | {"type": "explode"}).encode(), Reason.SCHEMA_VIOLATION, True, ""),
-        (json.dumps(GOOD | {"start": "2026-07-01T16:00:00"}).encode(), Reason.SCHEMA_VIOLATION,
-         True, "timezone"),
-        (json.dumps(GOOD | {"duration_s": -5}).encode(), Reason.WINDOW_INVALID, True,
-         "duration_s"),
+        (
+            json.dumps(GOOD | {"start": "2026-07-01T16:00:00"}).encode(),
+            Reason.SCHEMA_VIOLATION,
+            True,
+            "timezone",
+        ),
+        (json.dumps(GOOD | {"duration_s": -5}).encode(), Reason.WINDOW_INVALID, True, "duration_s"),
         (json.dumps(GOOD | {"kw": "lots"}).encode(), Reason.SCHEMA_VIOLATION, True, "kw"),
         (json.dumps(GOOD | {"kw": 1e12}).encode(), Reason.SCHEMA_VIOLATION, True, "kw"),
-        (json.dumps(GOOD | {"schema_version": "9"}).encode(), Reason.UNSUPPORTED_VERSION, True,
-         "9"),
+        (
+            json.dumps(GOOD | {"schema_version": "9"}).encode(),
+            Reason.UNSUPPORTED_VERSION,
+            True,
+            "9",
+        ),
         (json.dumps(GOOD | {"surprise": 1}).encode(), Reason.SCHEMA_VIOLATION, True, "surprise"),
-        (json.dumps(GOOD | {"target": {"group_id": "g", "device_ids": ["a"]}}).encode(),
-         Reason.SCHEMA_VIOLATION, True, "exactly one"),
-        (json.dumps({"type": "envelope", "command_id": "e1", "target": {"group_id": "g"},
-                     "intervals": [{"start": "2026-07-01T17:00:00Z",
-                                    "end": "2026-07-01T16:00:00Z", "export_limit_kw": 5}]}
-                    ).encode(), Reason.WINDOW_INVALID, True, "after its start"),
+        (
+            json.dumps(GOOD | {"target": {"group_id": "g", "device_ids": ["a"]}}).encode(),
+            Reason.SCHEMA_VIOLATION,
+            True,
+            "exactly one",
+        ),
+        (
+            json.dumps(
+                {
+                    "type": "envelope",
+                    "command_id": "e1",
+                    "target": {"group_id": "g"},
+                    "intervals": [
+                        {
+                            "start": "2026-07-01T17:00:00Z",
+                            "end": "2026-07-01T16:00:00Z",
+                            "export_limit_kw": 5,
+                        }
+                    ],
+                }
+            ).encode(),
+            Reason.WINDOW_INVALID,
+            True,
+            "after its start",
+        ),
         (b" " * (MAX_COMMAND_BYTES + 1), Reason.PAYLOAD_TOO_LARGE, False, "exceeds"),
     ],
 )
