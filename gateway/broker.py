@@ -142,7 +142,8 @@ class EmbeddedBroker:
     async def start(self) -> BrokerEndpoint:
         from amqtt.broker import Broker  # imported late: it is heavy and only a fallback
 
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        # amqtt logs every half-open probe as an error; its noise helps nobody running a demo.
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         logging.getLogger("transitions").setLevel(logging.WARNING)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
@@ -151,8 +152,7 @@ class EmbeddedBroker:
             },
         }
         self._broker = Broker(config)
-        await self._broker.start()
-        await wait_for_port("127.0.0.1", self.port)
+        await self._broker.start()  # returns once its listener is bound
         return self.endpoint
 
     async def stop(self) -> None:

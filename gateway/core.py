@@ -106,16 +106,13 @@ class Gateway:
         timeout), so a restart inside that time resumes events without a blip."""
         async with self.store:
             await self.book.load(utcnow())
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self.northbound.run(), name="northbound")
-                    for device_id, supervisor in self.supervisors.items():
-                        tg.create_task(supervisor.run(), name=f"device:{device_id}")
-                    tg.create_task(self._control_loop(), name="control")
-                    tg.create_task(self._telemetry_loop(), name="telemetry")
-                    self.ready.set()
-            finally:
-                await asyncio.shield(self.northbound.publish_offline())
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.northbound.run(), name="northbound")
+                for device_id, supervisor in self.supervisors.items():
+                    tg.create_task(supervisor.run(), name=f"device:{device_id}")
+                tg.create_task(self._control_loop(), name="control")
+                tg.create_task(self._telemetry_loop(), name="telemetry")
+                self.ready.set()
 
     def status(self) -> GatewayStatus:
         return GatewayStatus(

@@ -158,11 +158,17 @@ class Northbound:
                     self._config.protocol,
                     self.topics.commands,
                 )
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._receive(client), name="mqtt-receive")
-                    tg.create_task(self._send(client), name="mqtt-send")
-            except* aiomqtt.MqttError as group:
-                raise group.exceptions[0] from None
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._receive(client), name="mqtt-receive")
+                        tg.create_task(self._send(client), name="mqtt-send")
+                except* aiomqtt.MqttError as group:
+                    raise group.exceptions[0] from None
+            except asyncio.CancelledError:
+                # A clean stop: say so ourselves, since the broker sends the will only when a
+                # client vanishes without a DISCONNECT.
+                await self._say_offline(client)
+                raise
             finally:
                 self.connected.clear()
                 self._client = None
@@ -198,11 +204,7 @@ class Northbound:
                 message.reply.topic, message.payload, qos=message.qos, properties=props
             )
 
-    async def publish_offline(self) -> None:
-        """Clean shutdown: say so on the status topic before the will would have to."""
-        client = self._client
-        if client is None:
-            return
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
         status = self._status().model_copy(update={"state": "offline", "timestamp": utcnow()})
         try:
             async with asyncio.timeout(2):

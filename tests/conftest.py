@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -18,7 +19,10 @@ from gateway.broker import BrokerEndpoint, EmbeddedBroker, MosquittoBroker
 @pytest.fixture(scope="session")
 def broker_endpoint() -> Iterator[BrokerEndpoint]:
     in_ci = bool(os.environ.get("CI"))
-    if MosquittoBroker.available():
+    forced = os.environ.get("DERMS_TEST_BROKER")  # "embedded" to exercise the fallback here
+    if forced == "embedded" and not in_ci:
+        broker = EmbeddedBroker()
+    elif MosquittoBroker.available():
         broker: MosquittoBroker | EmbeddedBroker = MosquittoBroker()
     elif in_ci:
         pytest.fail("CI is set but mosquitto is not installed: .ci/run must install it")
@@ -27,8 +31,6 @@ def broker_endpoint() -> Iterator[BrokerEndpoint]:
     loop = asyncio.new_event_loop()
     if isinstance(broker, EmbeddedBroker):
         # The embedded broker lives on an event loop: give it its own thread.
-        import threading
-
         ready = threading.Event()
         result: dict[str, BrokerEndpoint] = {}
 

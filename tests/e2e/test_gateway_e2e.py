@@ -223,8 +223,9 @@ async def test_bad_input_is_rejected_and_nothing_reaches_a_device(fleet: Fleet) 
         assert ack.reason is reason, (cid, ack)
         assert ack.detail
     await grid.wait_for(lambda o: len(o.errors) >= 2, 5)
-    reasons = sorted(e.reason.value for e in grid.observed.errors)
-    assert reasons == ["malformed_json", "schema_violation"]
+    # QoS 1 is at-least-once: a broker may deliver the same bad payload twice.
+    reasons = {e.reason.value for e in grid.observed.errors}
+    assert reasons == {"malformed_json", "schema_violation"}
     assert "command_id" in json.dumps([e.detail for e in grid.observed.errors])
     # Give the control loop several cycles: still no write, nothing enabled, nothing moving.
     await asyncio.sleep(1.0)

@@ -1,0 +1,129 @@
+"""Configuration errors an integrator can act on, and the CLI's schema / check-config commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+from gateway.model import json_schemas
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def device(i: int, **over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "device_id": f"b{i}",
+        "der_class": "battery",
+        "adapter": "sunspec_battery",
+        "location": {"substation": "s1", "feeder": "f1"},
+        "ratings": {"max_charge_kw": 5, "max_discharge_kw": 5, "capacity_kwh": 10},
+        "sunspec": {"port": 5020 + i},
+    }
+    return base | over
+
+
+def problems(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value.problems
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(ROOT / "examples" / "gateway.toml")
+    assert len(config.devices) == 2
+    assert config.store.path.is_absolute()
+
+
+def test_errors_name_the_exact_place() -> None:
+    found = problems(
+        {
+            "devices": [
+                device(1),
+                device(2, ratings={"max_charge_kw": -1, "max_discharge_kw": 5, "capacity_kwh": 10}),
+            ]
+        }
+    )
+    assert found == ["devices[1].ratings.max_charge_kw: Input should be greater than 0"]
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"devices": []}, "at least 1"),
+        ({"devices": [device(1), device(1, sunspec={"port": 6000})]}, "appears twice"),
+        ({"devices": [device(1), device(2, sunspec={"port": 5021})]}, "share the endpoint"),
+        ({"devices": [device(1, adapter="carrier-pigeon")]}, "unknown adapter"),
+        ({"devices": [device(1, sunspec=None)]}, "needs a [devices.sunspec]"),
+        ({"devices": [device(1, der_class="thermostat")]}, "only drives der_class 'battery'"),
+        (
+            {"devices": [device(1, location={"substation": "s", "transformer": "t"})]},
+            "without a feeder",
+        ),
+        (
+            {"devices": [device(1, constraints={"reserve_soc_pct": 80, "max_soc_pct": 50})]},
+            "reserve_soc_pct must be below",
+        ),
+        (
+            {"devices": [device(1)], "timing": {"poll_interval_s": 20, "stale_after_s": 10}},
+            "stale_after_s must be longer",
+        ),
+        ({"devices": [device(1)], "broker": {"port": 70000}}, "broker.port"),
+        ({"devices": [device(1)], "brokr": {}}, "brokr"),
+    ],
+)
+def test_invalid_configs(data: dict[str, object], fragment: str) -> None:
+    assert any(fragment in p for p in problems(data)), problems(data)
+
+
+def test_unreadable_and_non_toml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("gateway_id = [unclosed")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_schema_prints_every_message_schema() -> None:
+    result = run_cli("schema")
+    assert result.returncode == 0, result.stderr
+    schemas = json.loads(result.stdout)
+    assert {"command", "ack", "error", "group_telemetry", "status"} <= set(schemas)
+    variants = {v["$ref"].rsplit("/", 1)[-1] for v in schemas["command"]["oneOf"]}
+    assert variants == {"Dispatch", "OperatingEnvelope", "DeviceSetpoint", "Cancel"}
+
+
+def test_docs_schemas_are_current() -> None:
+    for name, schema in json_schemas().items():
+        on_disk = json.loads((ROOT / "docs" / "schemas" / f"{name}.schema.json").read_text())
+        assert on_disk == schema, (
+            f"docs/schemas/{name}.schema.json is stale: run "
+            "`derms-gateway schema --out docs/schemas`"
+        )
+
+
+def test_cli_check_config_reports_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[devices]]\ndevice_id = "b 1"\n')
+    result = run_cli("check-config", str(bad))
+    assert result.returncode != 0
+    assert "devices[0].device_id" in result.stderr
+    ok = run_cli("check-config", str(ROOT / "examples" / "gateway.toml"))
+    assert ok.returncode == 0
+    assert "feeder:north-f1: 1 device(s)" in ok.stdout
