@@ -109,6 +109,7 @@ class DeviceSupervisor:
                     await self._safe_close()
                     self._mark_down(err)
                     raise
+        raise_if_cancelling()
         # Whatever the device was doing (an old setpoint, a revert), it must be told again what
         # we want after a reconnect: a setpoint, or an explicit release.
         self._applied = None

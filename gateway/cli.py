@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -28,19 +29,46 @@ def _setup_logging(verbose: int) -> None:
         )
 
 
+SHUTDOWN_GRACE_S = 10.0
+
+
 def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``main`` and cancel it cleanly on SIGINT or SIGTERM (tasks see CancelledError)."""
+    """Run ``main`` and cancel it cleanly on SIGINT or SIGTERM (tasks see CancelledError).
+
+    If the clean stop has not finished ``SHUTDOWN_GRACE_S`` after the signal (a task that
+    swallowed its cancellation), the stuck tasks are logged with their stacks and the process
+    exits non-zero rather than hang; a second signal does the same at once.
+    """
+    log = logging.getLogger("gateway")
 
     async def runner() -> Any:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        signalled: list[int] = []
+
+        def give_up(reason: str) -> None:
+            log.error("shutdown stuck (%s); pending tasks:", reason)
+            for pending in asyncio.all_tasks():
+                if pending is not task:
+                    frames = pending.get_stack(limit=8)
+                    where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in frames)
+                    log.error("  %s at %s", pending.get_name(), where)
+            os._exit(3)
+
+        def on_signal(sig: int) -> None:
+            signalled.append(sig)
+            if len(signalled) > 1:
+                give_up("second signal")
+            task.cancel()
+            loop.call_later(SHUTDOWN_GRACE_S, give_up, f"{SHUTDOWN_GRACE_S:g} s after signal")
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await main
         except asyncio.CancelledError:
-            logging.getLogger("gateway").info("stopped by signal")
+            log.info("stopped by signal")
             return None
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):

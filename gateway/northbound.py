@@ -150,6 +150,9 @@ class Northbound:
             try:
                 await client.publish(self.topics.status, encode(self._status()), qos=1, retain=True)
                 await client.subscribe(self.topics.commands, qos=1)
+                # aiomqtt's calls use asyncio.wait_for, which on 3.11 can swallow a cancellation
+                # that lands as they complete: surface it before settling into the loops.
+                raise_if_cancelling()
                 self.connected.set()
                 log.info(
                     "MQTT link up: %s:%d (MQTT %s), commands on %s",

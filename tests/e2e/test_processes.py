@@ -17,23 +17,29 @@ from tests.e2e.fleet import eventually
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def start(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+async def start(*args: str, log: Path | None = None) -> asyncio.subprocess.Process:
+    # Output goes to a file, not a pipe nobody reads: a full pipe would block the child.
+    if log is None:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            *args,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    with log.open("wb") as sink:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", *args, cwd=ROOT, stdout=sink, stderr=sink
+        )
 
 
 async def stop(process: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> int:
     if process.returncode is None:
         process.send_signal(sig)
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(15):
             return await process.wait()
     except TimeoutError:
         process.kill()
@@ -85,7 +91,9 @@ sunspec = {{ port = {port} }}
         async with GridDermsClient(
             broker_endpoint.host, broker_endpoint.port, "proc-gw", protocol=broker_endpoint.protocol
         ) as grid:
-            gateway = await start("run", "--config", str(config))
+            gateway = await start(
+                "-vv", "run", "--config", str(config), log=tmp_path / "gateway.log"
+            )
             try:
                 await grid.wait_for(
                     lambda o: o.status is not None and o.status.state == "online", 20
@@ -94,7 +102,7 @@ sunspec = {{ port = {port} }}
                 assert "feeder:f1" in grid.observed.status.groups
             finally:
                 code = await stop(gateway, signal.SIGTERM)
-            assert code == 0, (await gateway.stderr.read()).decode() if gateway.stderr else ""
+            assert code == 0, (tmp_path / "gateway.log").read_text()[-3000:]
             await eventually(
                 lambda: (
                     grid.observed.status is not None and grid.observed.status.state == "offline"
