@@ -18,6 +18,7 @@ from adapters.base import AdapterError, DeviceAdapter
 from adapters.sunspec_battery import SunSpecBattery
 from adapters.supervisor import DeviceSupervisor
 from gateway import dispatch
+from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandBook, CommandRejected
 from gateway.config import GatewayConfig
 from gateway.model import (
@@ -113,6 +114,7 @@ class Gateway:
                 tg.create_task(self._control_loop(), name="control")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
                 self.ready.set()
+                await wait_inside_task_group()
 
     def status(self) -> GatewayStatus:
         return GatewayStatus(

@@ -20,7 +20,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.aio import raise_if_cancelling
+from gateway.aio import raise_if_cancelling, wait_inside_task_group
 from gateway.config import BrokerConfig
 from gateway.model import GatewayStatus, utcnow
 from protocols.mqtt import Topics, encode
@@ -165,8 +165,14 @@ class Northbound:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client), name="mqtt-receive")
                         tg.create_task(self._send(client), name="mqtt-send")
-                except* aiomqtt.MqttError as group:
-                    raise group.exceptions[0] from None
+                        await wait_inside_task_group()
+                except ExceptionGroup as group:
+                    # A lost link ends both loops with MqttError: surface one plain MqttError so
+                    # run() reconnects. Anything else is a bug and propagates as is.
+                    lost = [e for e in group.exceptions if isinstance(e, aiomqtt.MqttError)]
+                    if len(lost) == len(group.exceptions):
+                        raise lost[0] from None
+                    raise
             except asyncio.CancelledError:
                 # A clean stop: say so ourselves, since the broker sends the will only when a
                 # client vanishes without a DISCONNECT.

@@ -112,7 +112,13 @@ class GridDermsClient:
 
     async def _receive(self) -> None:
         assert self._client is not None
-        async for message in self._client.messages:
+        try:
+            await self._consume(self._client)
+        except aiomqtt.MqttError:
+            return  # the broker went away; this test client does not reconnect
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
             topic = str(message.topic)
             payload = message.payload if isinstance(message.payload, bytes) else b""
             try:
