@@ -23,10 +23,10 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
+    # pymodbus logs every timeout and refused connection itself; the supervisor already reports
+    # those once per outage, in domain terms.
     for noisy in ("pymodbus", "amqtt", "transitions", "aiosqlite"):
-        logging.getLogger(noisy).setLevel(
-            max(level, logging.CRITICAL if noisy != "pymodbus" else logging.ERROR)
-        )
+        logging.getLogger(noisy).setLevel(max(level, logging.CRITICAL))
 
 
 SHUTDOWN_GRACE_S = 10.0

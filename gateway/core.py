@@ -150,6 +150,12 @@ class Gateway:
         except CommandRejected as exc:
             self._publish_error(exc.reason, exc.detail, topic, payload, command.command_id)
             return
+        except Exception as exc:  # e.g. the store's disk is full: say so, keep the link up
+            log.exception("could not handle command %s", command.command_id)
+            self._publish_error(
+                Reason.INTERNAL, f"{type(exc).__name__}: {exc}", topic, payload, command.command_id
+            )
+            return
         self._wake.set()
 
     def _publish_ack(self, ack: Ack, reply: object | None) -> None:

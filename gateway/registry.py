@@ -25,6 +25,7 @@ class Registry:
         self._devices: dict[str, Device] = {}
         self._explicit_groups: dict[str, Group] = {g.group_id: g for g in groups}
         self._groups: dict[str, Group] | None = None
+        self._members: dict[str, list[Device]] = {}
         for device in devices:
             self._devices[device.device_id] = device
 
@@ -48,6 +49,7 @@ class Registry:
         device = self.device(device_id)
         self._devices[device_id] = device.model_copy(update={"location": location})
         self._groups = None
+        self._members = {}
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> dict[str, Group]:
@@ -69,7 +71,12 @@ class Registry:
         return self.groups().get(group_id)
 
     def members(self, group_id: str) -> list[Device]:
+        cached = self._members.get(group_id)
+        if cached is not None:
+            return cached
         group = self.group(group_id)
         if group is None:
             return []
-        return [d for d in self._devices.values() if group.contains(d)]
+        members = [d for d in self._devices.values() if group.contains(d)]
+        self._members[group_id] = members
+        return members

@@ -234,3 +234,22 @@ def test_headroom_without_soc_commits_nothing() -> None:
     no_soc = DeviceState(device_id="b1", timestamp=NOW, power_kw=0.0, source="t")
     room = headroom(dev, no_soc, 60)
     assert (room.discharge_kw, room.charge_kw) == (0.0, 0.0)
+
+
+def test_regrouping_moves_a_device_between_active_commands() -> None:
+    # Field switching moves b2 from feeder f1 to f2 mid-event: the next plan follows it without
+    # touching either command.
+    reg = Registry([battery(1), battery(2), battery(3, feeder="f2")])
+    states = {d: state(d) for d in ("b1", "b2", "b3")}
+    active = [
+        ActiveCommand(dispatch(-4.0, "feeder:f1", cid="f1", duration=60), 1),
+        ActiveCommand(dispatch(-2.0, "feeder:f2", cid="f2", duration=60), 2),
+    ]
+    before = plan(NOW, reg, states, active)
+    assert {a.device_id for a in before.allocations["f1"]} == {"b1", "b2"}
+    reg.relocate("b2", TopologyLocation(substation="s1", feeder="f2"))
+    after = plan(NOW, reg, states, active)
+    assert {a.device_id for a in after.allocations["f1"]} == {"b1"}
+    assert {a.device_id for a in after.allocations["f2"]} == {"b2", "b3"}
+    assert after.setpoints["b1"].power_kw == pytest.approx(-4.0)
+    assert after.setpoints["b2"].power_kw == pytest.approx(-1.0)
