@@ -120,6 +120,16 @@ class GatewayConfig(Section):
                         f"{key[0]}:{key[1]} unit {key[2]}"
                     )
                 endpoints[key] = device.device_id
+        for device in self.devices:
+            if (
+                device.sunspec is not None
+                and device.sunspec.setpoint_revert_s <= self.timing.refresh_s
+            ):
+                problems.append(
+                    f"device {device.device_id!r}: sunspec.setpoint_revert_s "
+                    f"({device.sunspec.setpoint_revert_s}) must exceed timing.refresh_s "
+                    f"({self.timing.refresh_s:g}), or the battery reverts between refreshes"
+                )
         group_ids = [g.group_id for g in self.groups]
         if len(set(group_ids)) != len(group_ids):
             problems.append("group_id values are not unique")

@@ -74,6 +74,10 @@ def test_errors_name_the_exact_place() -> None:
         ),
         ({"devices": [device(1)], "broker": {"port": 70000}}, "broker.port"),
         ({"devices": [device(1)], "brokr": {}}, "brokr"),
+        (
+            {"devices": [device(1, sunspec={"port": 1, "setpoint_revert_s": 30})]},
+            "must exceed timing.refresh_s",
+        ),
     ],
 )
 def test_invalid_configs(data: dict[str, object], fragment: str) -> None:
