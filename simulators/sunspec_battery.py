@@ -152,6 +152,9 @@ class SunSpecBatterySimulator:
         self._control_written_at: float | None = None
         self._last_step: float | None = None
         self._pending_exceptions: list[ExcCodes] = []
+        #: Answer every write with this exception code (a unit in local mode refusing remote
+        #: control); reads still work. None: writes are handled normally.
+        self.reject_writes: int | None = None
         self._offline = False
         self._server: ModbusTcpServer | None = None
         self._physics: asyncio.Task[None] | None = None
@@ -516,6 +519,9 @@ class SunSpecBatterySimulator:
             if writing:
                 self.rejected_write_count += 1
             return self._pending_exceptions.pop(0)
+        if writing and self.reject_writes is not None:
+            self.rejected_write_count += 1
+            return ExcCodes(self.reject_writes)
         if function_code not in _READ_FCS | _WRITE_FCS:
             return ExcCodes.ILLEGAL_FUNCTION
         if writing:

@@ -285,3 +285,39 @@ async def test_offline_device_is_logged_once_and_its_share_reallocated(
     await eventually(lambda: len(recovered()) >= 1, 5, "recovery logged")
     await asyncio.sleep(1.0)
     assert len(recovered()) == 1
+
+
+async def test_device_refusing_control_fails_a_setpoint_and_is_dispatched_around(
+    fleet: Fleet,
+) -> None:
+    stubborn = fleet.sims[0]  # bat-1, feeder f1
+    other = fleet.sims[2]  # bat-3, feeder f1
+    stubborn.reject_writes = 4  # slave device failure on every write; reads still answer
+    await fleet.grid.send(
+        {
+            "type": "setpoint",
+            "command_id": "sp",
+            "device_id": "bat-1",
+            "kw": -2.0,
+            "start": iso(0.1),
+            "duration_s": 20,
+        }
+    )
+    failed = await fleet.grid.wait_for_state("sp", AckState.FAILED, 5)
+    assert failed.reason is Reason.DEVICE_REJECTED
+    assert "4" in (failed.detail or "")
+
+    await fleet.grid.send(dispatch("around", "feeder:f1", -4.0, start_in=0.1, duration=20))
+    await fleet.grid.wait_for(
+        lambda o: any(
+            a.state is AckState.ACTIVE and [x.device_id for x in a.allocations] == ["bat-3"]
+            for a in o.acks["around"]
+        ),
+        5,
+    )
+    await eventually(lambda: other.power_kw == pytest.approx(-4.0, abs=0.05), 3)
+    assert stubborn.power_kw == 0
+    # The refusing device is not hammered: a handful of attempts, not one per control cycle.
+    attempts = stubborn.rejected_write_count
+    await asyncio.sleep(1.0)
+    assert stubborn.rejected_write_count - attempts <= 1
