@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -116,14 +117,26 @@ class DeviceSupervisor:
         self._must_write = True
 
     async def _serve(self) -> None:
-        next_poll = time.monotonic()
+        interval = self._poll_interval_s
+        next_poll = time.monotonic()  # poll at once after a connect: the planner needs the SoC
+        first = True
         while True:
             now = time.monotonic()
             if self._needs_write(now):
                 await self._write()
             if now >= next_poll:
                 state = await self._io(self.adapter.read())
-                next_poll = time.monotonic() + self._poll_interval_s
+                if first:
+                    # A random phase per device spreads a fleet's polls over the interval
+                    # instead of polling every device in one burst.
+                    next_poll = time.monotonic() + interval * random.uniform(0.25, 1.0)
+                    first = False
+                else:
+                    # A fixed cadence: the read time must not stretch the interval. After a
+                    # stall, skip the missed polls rather than catch up in a burst.
+                    next_poll += interval
+                    if next_poll <= time.monotonic():
+                        next_poll = time.monotonic() + interval
                 self.latest = state
                 self._mark_up()
                 if self._on_state is not None:

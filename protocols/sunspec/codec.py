@@ -149,13 +149,32 @@ def unscale(value: float, sf: int) -> int:
     return round(value * 10.0**-sf)
 
 
+_WINDOWS: dict[tuple[int, int, int, int], tuple[PointDef, ...]] = {}
+
+
+def _points_within(model_def: ModelDef, start: int, end: int) -> tuple[PointDef, ...]:
+    # A poll decodes the same small window of the same model every time: scanning all points
+    # of the model for each decode was a measurable share of the gateway's CPU per poll.
+    key = (model_def.model_id, model_def.length, start, end)
+    points = _WINDOWS.get(key)
+    if points is None:
+        points = tuple(
+            p for p in model_def.points.values() if p.offset >= start and p.offset + p.size <= end
+        )
+        if len(_WINDOWS) < 4096:
+            _WINDOWS[key] = points
+    return points
+
+
 def _window(
     model_def: ModelDef, registers: Sequence[int], start_offset: int
 ) -> Iterable[tuple[PointDef, Sequence[int]]]:
     end = start_offset + len(registers)
-    for point in model_def.points.values():
-        if point.offset >= start_offset and point.end <= end:
-            yield point, registers[point.offset - start_offset : point.end - start_offset]
+    for point in _points_within(model_def, start_offset, end):
+        yield (
+            point,
+            registers[point.offset - start_offset : point.offset + point.size - start_offset],
+        )
 
 
 def decode_scale_factors(
