@@ -207,7 +207,7 @@ class CommandBook:
         return [
             ActiveCommand(e.command, e.seq, frozenset(e.excluded))
             for e in self._open.values()
-            if e.command.start <= now < e.command.end
+            if e.command.start <= now < e.command.end and e.state not in TERMINAL_STATES
         ]
 
     async def tick(self, now: datetime, plan: Plan) -> None:

@@ -164,6 +164,8 @@ async def test_cancel_marks_cancelled_and_a_second_cancel_is_not_cancellable(
     ack = await book.submit(Cancel(command_id="c1", cancels="d1"), NOW + timedelta(seconds=2))
     assert ack.state is AckState.COMPLETED
     assert sink.states("d1")[-1] is AckState.CANCELLED
+    # Out of force at once, not only after the next lifecycle tick.
+    assert book.active(NOW + timedelta(seconds=2)) == []
     await book.tick(NOW + timedelta(seconds=3), Plan())
     assert book.active(NOW + timedelta(seconds=3)) == []
     again = await book.submit(Cancel(command_id="c2", cancels="d1"), NOW + timedelta(seconds=4))
