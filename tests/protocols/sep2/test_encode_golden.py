@@ -1,0 +1,163 @@
+"""Byte-exact output of ``encode`` for hand-built models (golden strings written here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocols.sep2 import (
+    ConnectionPoint,
+    CsipAusVersion,
+    DateTimeInterval,
+    DefaultDERControl,
+    DERControl,
+    DERControlBase,
+    DERControlList,
+    DERControlResponse,
+    EndDeviceList,
+    Error,
+    EventStatus,
+    InvalidValue,
+    Link,
+    Notification,
+    decode,
+    encode,
+    from_watts,
+)
+from protocols.sep2.models import ActivePower
+
+EXPORT_LIMIT = DERControl(
+    href="/derp/1/derc/1",
+    reply_to="/rsps/1/rsp",
+    response_required="03",
+    mrid="A1" * 16,
+    description="site export limit",
+    creation_time=1795822000,
+    event_status=EventStatus(current_status=0, date_time=1795822000, potentially_superseded=False),
+    interval=DateTimeInterval(duration=1800, start=1795823800),
+    der_control_base=DERControlBase(
+        op_mod_imp_lim_w=from_watts(7000),
+        op_mod_exp_lim_w=from_watts(1500),
+    ),
+)
+
+
+def test_der_control_golden() -> None:
+    assert encode(EXPORT_LIMIT) == (
+        b'<DERControl xmlns="urn:ieee:std:2030.5:ns" xmlns:csipaus="https://csipaus.org/ns"'
+        b' href="/derp/1/derc/1" replyTo="/rsps/1/rsp" responseRequired="03">'
+        b"<mRID>A1A1A1A1A1A1A1A1A1A1A1A1A1A1A1A1</mRID>"
+        b"<description>site export limit</description>"
+        b"<creationTime>1795822000</creationTime>"
+        b"<EventStatus><currentStatus>0</currentStatus><dateTime>1795822000</dateTime>"
+        b"<potentiallySuperseded>false</potentiallySuperseded></EventStatus>"
+        b"<interval><duration>1800</duration><start>1795823800</start></interval>"
+        b"<DERControlBase>"
+        b"<csipaus:opModImpLimW><multiplier>0</multiplier><value>7000</value>"
+        b"</csipaus:opModImpLimW>"
+        b"<csipaus:opModExpLimW><multiplier>-1</multiplier><value>15000</value>"
+        b"</csipaus:opModExpLimW>"
+        b"</DERControlBase></DERControl>"
+    )
+
+
+def test_der_control_v13_namespace_golden() -> None:
+    storage = DERControl(
+        mrid="01",
+        creation_time=0,
+        interval=DateTimeInterval(duration=60, start=0),
+        der_control_base=DERControlBase(
+            op_mod_connect=True, op_mod_storage_target_w=from_watts(-2500)
+        ),
+    )
+    assert encode(storage, csipaus=CsipAusVersion.V1_3) == (
+        b'<DERControl xmlns="urn:ieee:std:2030.5:ns" xmlns:csipaus="https://csipaus.org/ns/v1.3">'
+        b"<mRID>01</mRID><creationTime>0</creationTime>"
+        b"<interval><duration>60</duration><start>0</start></interval>"
+        b"<DERControlBase><opModConnect>true</opModConnect>"
+        b"<csipaus:opModStorageTargetW><multiplier>-1</multiplier><value>-25000</value>"
+        b"</csipaus:opModStorageTargetW></DERControlBase></DERControl>"
+    )
+    # The v1.2 namespace does not define opModStorageTargetW: refuse rather than mislabel it.
+    with pytest.raises(InvalidValue) as info:
+        encode(storage, csipaus=CsipAusVersion.V1_2)
+    assert info.value.path == "DERControl/DERControlBase/opModStorageTargetW"
+
+
+def test_response_golden_without_csipaus_declaration() -> None:
+    response = DERControlResponse(
+        created_date_time=1795822068,
+        end_device_lfdi="F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5",
+        status=1,
+        subject="30000000000000000000000600000000",
+    )
+    assert encode(response) == (
+        b'<DERControlResponse xmlns="urn:ieee:std:2030.5:ns">'
+        b"<createdDateTime>1795822068</createdDateTime>"
+        b"<endDeviceLFDI>F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5</endDeviceLFDI>"
+        b"<status>1</status><subject>30000000000000000000000600000000</subject>"
+        b"</DERControlResponse>"
+    )
+
+
+def test_empty_list_and_empty_control_base_self_close() -> None:
+    assert encode(EndDeviceList(href="/edev", all=0, results=0, poll_rate=300)) == (
+        b'<EndDeviceList xmlns="urn:ieee:std:2030.5:ns" href="/edev" all="0" results="0"'
+        b' pollRate="300"/>'
+    )
+    default = DefaultDERControl(href="/d", mrid="10", version=0, der_control_base=DERControlBase())
+    assert encode(default) == (
+        b'<DefaultDERControl xmlns="urn:ieee:std:2030.5:ns" href="/d"><mRID>10</mRID>'
+        b"<version>0</version><DERControlBase/></DefaultDERControl>"
+    )
+
+
+def test_connection_point_is_a_csipaus_root() -> None:
+    cp = ConnectionPoint(href="/edev/8/cp", connection_point_id="")
+    assert encode(cp, csipaus=CsipAusVersion.V1_3) == (
+        b'<csipaus:ConnectionPoint xmlns="urn:ieee:std:2030.5:ns"'
+        b' xmlns:csipaus="https://csipaus.org/ns/v1.3" href="/edev/8/cp">'
+        b"<csipaus:connectionPointId></csipaus:connectionPointId></csipaus:ConnectionPoint>"
+    )
+
+
+def test_notification_writes_xsi_type() -> None:
+    notification = Notification(
+        subscribed_resource="/derp/1/derc",
+        resource=DERControlList(href="/derp/1/derc", all=0, results=0),
+        status=0,
+        subscription_uri="/edev/0/sub/1",
+    )
+    assert encode(notification) == (
+        b'<Notification xmlns="urn:ieee:std:2030.5:ns"'
+        b' xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
+        b"<subscribedResource>/derp/1/derc</subscribedResource>"
+        b'<Resource xsi:type="DERControlList" href="/derp/1/derc" all="0" results="0"/>'
+        b"<status>0</status><subscriptionURI>/edev/0/sub/1</subscriptionURI></Notification>"
+    )
+    assert decode(encode(notification)) == notification
+
+
+def test_text_and_attributes_are_escaped() -> None:
+    error = Error(reason_code=0, message='a < b & "c" > d')
+    encoded = encode(error)
+    assert encoded == (
+        b'<Error xmlns="urn:ieee:std:2030.5:ns"><reasonCode>0</reasonCode>'
+        b'<message>a &lt; b &amp; "c" &gt; d</message></Error>'
+    )
+    assert decode(encoded) == error
+    linked = DERControlList(href='/a?x="1"&y=<2>', all=0, results=0)
+    assert b'href="/a?x=&quot;1&quot;&amp;y=&lt;2&gt;"' in encode(linked)
+    assert decode(encode(linked)) == linked
+
+
+def test_characters_xml_cannot_carry_are_refused() -> None:
+    with pytest.raises(InvalidValue) as info:
+        encode(Error(reason_code=0, message="bell\x07"))
+    assert info.value.path == "Error/message"
+
+
+def test_only_root_models_encode() -> None:
+    with pytest.raises(InvalidValue):
+        encode(ActivePower(multiplier=0, value=1))
+    with pytest.raises(InvalidValue):
+        encode(Link(href="/x"))
