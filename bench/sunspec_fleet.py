@@ -356,8 +356,7 @@ def gateway_config(
 
 @dataclass
 class StateCounter:
-    """Counts DeviceStates. Gateway does not pass an ``on_state`` listener to its supervisors,
-    so the bench sets the supervisor's (private) ``_on_state`` hook itself."""
+    """Counts DeviceStates through the gateway's public ``state_listeners`` hook."""
 
     count: int = 0
 
@@ -365,8 +364,7 @@ class StateCounter:
         self.count += 1
 
     def attach(self, gateway: Any) -> None:
-        for supervisor in gateway.supervisors.values():
-            supervisor._on_state = self.hit
+        gateway.state_listeners.append(self.hit)
 
     def __call__(self) -> int:
         return self.count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -93,8 +93,11 @@ class Gateway:
                 io_timeout_s=timing.io_timeout_s,
                 refresh_s=timing.refresh_s,
                 backoff_max_s=timing.backoff_max_s,
+                on_state=self._on_device_state,
                 on_result=self._on_device_result,
             )
+        self.state_listeners: list[Callable[[DeviceState], None]] = []
+        """Called with every fresh device poll (telemetry quality, benchmarks)."""
         self.plan = dispatch.Plan()
         self._wake = asyncio.Event()
         self._refusals: list[_Refusal] = []
@@ -218,6 +221,10 @@ class Gateway:
             ):
                 continue
             supervisor.command(new)
+
+    def _on_device_state(self, state: DeviceState) -> None:
+        for listener in self.state_listeners:
+            listener(state)
 
     def _on_device_result(self, command: DeviceCommand, error: AdapterError | None) -> None:
         if error is not None:
