@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from adapters.sunspec_battery import SunSpecEndpoint
 from gateway.model import DerClass, Device, Group, Identifier
+from gateway.openadr_ven import OpenAdrVenConfig
 
 
 class ConfigError(Exception):
@@ -101,6 +102,9 @@ class GatewayConfig(Section):
         description="Extra named groups; every substation/feeder/... also gets an implicit group",
     )
     devices: tuple[DeviceConfig, ...] = Field(min_length=1)
+    openadr_ven: OpenAdrVenConfig | None = Field(
+        default=None, description="Take orders from a utility's OpenADR 2.0b VTN as a VEN"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> GatewayConfig:
@@ -169,8 +173,12 @@ def load_config(path: Path) -> GatewayConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
     config = parse_config(data, str(path))
+    # Relative store paths are relative to the config file, not to wherever we were started.
     if not config.store.path.is_absolute():
-        # A relative store path is relative to the config file, not to wherever we were started.
         store = config.store.model_copy(update={"path": path.parent / config.store.path})
         config = config.model_copy(update={"store": store})
+    ven = config.openadr_ven
+    if ven is not None and not ven.store_path.is_absolute():
+        ven = ven.model_copy(update={"store_path": path.parent / ven.store_path})
+        config = config.model_copy(update={"openadr_ven": ven})
     return config

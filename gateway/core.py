@@ -36,6 +36,7 @@ from gateway.model import (
     Reason,
     utcnow,
 )
+from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
 from gateway.northbound import Northbound, Outgoing, ReplyTo
 from gateway.registry import Registry
 from gateway.store import CommandStore
@@ -78,6 +79,7 @@ class Gateway:
         self.topics = Topics(config.gateway_id)
         self.store = CommandStore(config.store.path)
         self.book = CommandBook(self.store, self.registry, self._publish_ack)
+        self._wake = asyncio.Event()
         self.northbound = Northbound(
             config.broker,
             self.topics,
@@ -98,8 +100,15 @@ class Gateway:
             )
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
+        self.openadr_ven: OpenAdrVen | None = None
+        if config.openadr_ven is not None:
+            self.openadr_ven = OpenAdrVen(
+                config.openadr_ven,
+                submit=submit_to_book(self.book, self._wake_control),
+                telemetry=self.group_telemetry,
+                capacity=capacity_from_registry(self.registry),
+            )
         self.plan = dispatch.Plan()
-        self._wake = asyncio.Event()
         self._refusals: list[_Refusal] = []
         self.ready = asyncio.Event()
         self.version = _version()
@@ -116,6 +125,8 @@ class Gateway:
                     tg.create_task(supervisor.run(), name=f"device:{device_id}")
                 tg.create_task(self._control_loop(), name="control")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
+                if self.openadr_ven is not None:
+                    tg.create_task(self.openadr_ven.run(), name="openadr-ven")
                 self.ready.set()
                 await wait_inside_task_group()
 
@@ -221,6 +232,9 @@ class Gateway:
             ):
                 continue
             supervisor.command(new)
+
+    def _wake_control(self) -> None:
+        self._wake.set()
 
     def _on_device_state(self, state: DeviceState) -> None:
         for listener in self.state_listeners:

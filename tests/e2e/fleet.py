@@ -53,6 +53,7 @@ class Fleet:
         *,
         feeders: tuple[str, ...] = ("f1", "f2"),
         reserve_soc_pct: float = 20.0,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.broker = broker
         self.store = store
@@ -60,6 +61,7 @@ class Fleet:
         self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         self.feeders = feeders
         self.reserve = reserve_soc_pct
+        self.extra_config = extra_config or {}
         self.gateway: Gateway | None = None
         self._task: asyncio.Task[None] | None = None
         self.client: GridDermsClient | None = None
@@ -101,6 +103,7 @@ class Fleet:
                 "timing": FAST_TIMING,
                 "devices": devices,
             }
+            | self.extra_config
         )
 
     async def __aenter__(self) -> Fleet:
