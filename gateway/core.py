@@ -36,8 +36,8 @@ from gateway.model import (
     Reason,
     utcnow,
 )
-from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
 from gateway.northbound import Northbound, Outgoing, ReplyTo
+from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
 from gateway.registry import Registry
 from gateway.store import CommandStore
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode

@@ -59,7 +59,8 @@ async def test_openadr_event_dispatches_the_batteries_and_opts_in(
     async with Fleet(
         broker_endpoint, tmp_path / "gw.sqlite", sims, feeders=("f1",), extra_config=ven
     ) as fleet:
-        assert fleet.gateway is not None and fleet.gateway.openadr_ven is not None
+        assert fleet.gateway is not None
+        assert fleet.gateway.openadr_ven is not None
         await eventually(
             lambda: fleet.gateway.openadr_ven.registration is not None,
             10,
