@@ -24,6 +24,7 @@ from gateway.config import GatewayConfig
 from gateway.model import (
     Ack,
     AckState,
+    Device,
     DeviceCommand,
     DeviceSetpoint,
     DeviceState,
@@ -88,16 +89,9 @@ class Gateway:
             backoff_max_s=timing.backoff_max_s,
         )
         self.supervisors: dict[str, DeviceSupervisor] = {}
-        for device_id, adapter in (adapters or build_adapters(config)).items():
-            self.supervisors[device_id] = DeviceSupervisor(
-                adapter,
-                poll_interval_s=timing.poll_interval_s,
-                io_timeout_s=timing.io_timeout_s,
-                refresh_s=timing.refresh_s,
-                backoff_max_s=timing.backoff_max_s,
-                on_state=self._on_device_state,
-                on_result=self._on_device_result,
-            )
+        self._tasks: asyncio.TaskGroup | None = None
+        for adapter in (adapters or build_adapters(config)).values():
+            self._supervise(adapter)
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
         self.openadr_ven: OpenAdrVen | None = None
@@ -120,6 +114,7 @@ class Gateway:
         async with self.store:
             await self.book.load(utcnow())
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 tg.create_task(self.northbound.run(), name="northbound")
                 for device_id, supervisor in self.supervisors.items():
                     tg.create_task(supervisor.run(), name=f"device:{device_id}")
@@ -128,7 +123,45 @@ class Gateway:
                 if self.openadr_ven is not None:
                     tg.create_task(self.openadr_ven.run(), name="openadr-ven")
                 self.ready.set()
-                await wait_inside_task_group()
+                try:
+                    await wait_inside_task_group()
+                finally:
+                    self._tasks = None
+
+    def _supervise(self, adapter: DeviceAdapter) -> DeviceSupervisor:
+        timing = self.config.timing
+        supervisor = DeviceSupervisor(
+            adapter,
+            poll_interval_s=timing.poll_interval_s,
+            io_timeout_s=timing.io_timeout_s,
+            refresh_s=timing.refresh_s,
+            backoff_max_s=timing.backoff_max_s,
+            on_state=self._on_device_state,
+            on_result=self._on_device_result,
+        )
+        self.supervisors[adapter.device_id] = supervisor
+        return supervisor
+
+    def add_device(self, device: Device, adapter: DeviceAdapter) -> None:
+        """Enrol a device discovered at run time (e.g. a resource an OEM cloud reports).
+
+        It joins its topology groups at once, so the next control cycle may allocate to it;
+        commands already active are re-planned over the new membership, not rewritten.
+        """
+        if device.device_id != adapter.device_id:
+            raise ValueError("device and adapter disagree on the device id")
+        if device.device_id in self.registry:
+            raise ValueError(f"device {device.device_id!r} is already registered")
+        self.registry.add(device)
+        supervisor = self._supervise(adapter)
+        if self._tasks is not None:
+            self._tasks.create_task(supervisor.run(), name=f"device:{device.device_id}")
+        self._wake.set()
+
+    def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
+        """A device (or the cloud behind it) refused a setpoint after it was handed over, e.g.
+        an OpenADR opt-out: its commands are re-allocated to other devices from now on."""
+        self._on_device_result(command, error)
 
     def status(self) -> GatewayStatus:
         return GatewayStatus(

@@ -45,6 +45,13 @@ class Registry:
     def devices(self) -> list[Device]:
         return list(self._devices.values())
 
+    def add(self, device: Device) -> None:
+        if device.device_id in self._devices:
+            raise ValueError(f"device {device.device_id!r} is already registered")
+        self._devices[device.device_id] = device
+        self._groups = None
+        self._members = {}
+
     def relocate(self, device_id: str, location: TopologyLocation) -> None:
         device = self.device(device_id)
         self._devices[device_id] = device.model_copy(update={"location": location})

@@ -321,3 +321,35 @@ async def test_device_refusing_control_fails_a_setpoint_and_is_dispatched_around
     attempts = stubborn.rejected_write_count
     await asyncio.sleep(1.0)
     assert stubborn.rejected_write_count - attempts <= 1
+
+
+async def test_device_enrolled_at_run_time_joins_an_active_dispatch(fleet: Fleet) -> None:
+    from adapters.sunspec_battery import SunSpecBattery, SunSpecEndpoint
+    from gateway.model import BatteryRatings, DerClass, Device, TopologyLocation
+
+    assert fleet.gateway is not None
+    await fleet.grid.send(dispatch("grow", "feeder:f1", -9.0, 0.1, 20))
+    ack = await fleet.grid.wait_for_state("grow", AckState.ACTIVE, 5)
+    assert ack.shortfall_kw == pytest.approx(0.0)
+    async with SunSpecBatterySimulator(
+        port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=60
+    ) as newcomer:
+        device = Device(
+            device_id="bat-new",
+            der_class=DerClass.BATTERY,
+            adapter="sunspec_battery",
+            location=TopologyLocation(substation="s1", feeder="f1"),
+            ratings=BatteryRatings(max_charge_kw=5, max_discharge_kw=5, capacity_kwh=10),
+        )
+        fleet.gateway.add_device(
+            device, SunSpecBattery("bat-new", SunSpecEndpoint(port=newcomer.port))
+        )
+        # Three batteries now share the 9 kW: 3 kW each.
+        await eventually(
+            lambda: newcomer.power_kw == pytest.approx(-3.0, abs=0.05),
+            5,
+            "the new battery takes its share",
+        )
+        await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-6.0, abs=0.05), 3)
+        with pytest.raises(ValueError, match="already registered"):
+            fleet.gateway.add_device(device, SunSpecBattery("bat-new", SunSpecEndpoint(port=1)))

@@ -1,0 +1,1433 @@
+"""The gateway's IEEE 2030.5 (CSIP / CSIP-AUS) server: DER clients poll it for their controls.
+
+One aiohttp application holds the resource tree for every enrolled DER. Each DER is also a device in
+the gateway registry, reached through an ``adapters.sep2_der.Sep2Der`` adapter that turns its
+setpoint into a DERControl here (``publish`` / ``release``) and reads back what the client posted
+(``snapshot``). The server is the adapter's transport: it knows 2030.5 resources, not the planner.
+
+Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id)::
+
+    /dcap  /tm  /edev  /edev/{e}  /edev/{e}/rg
+    /edev/{e}/fsa[/1[/derp]]            one FunctionSetAssignments per device
+    /edev/{e}/derp/{p}[/derc[/{c}] | /actderc | /dderc]
+                                        one DERProgram per topology group of the device
+    /edev/{e}/der[/1[/derp|/dercap|/derg|/ders|/dera]]
+    /edev/{e}/rsps[/1[/rsp[/{r}]]]      replyTo of every control
+    /mup[/{m}]                          MirrorUsagePoints (telemetry)
+
+Who is asking: the LFDI of the TLS client certificate (or, for plain-HTTP development only, a
+configured header). A client sees only its own EndDevice; another client's EndDevice tree
+answers 403 as envoy does (unknown EndDevice ids too, so ids cannot be probed), another client's
+MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` body, every body is
+``application/sep+xml`` with no charset parameter, and a request that fails changes nothing:
+bodies are read with a size limit and a timeout and decoded completely before any state changes.
+
+State is in memory. Controls are re-published by the supervisors after a restart (they re-apply
+the desired setpoint on connect); mirrored telemetry is re-posted by clients at their postRate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.model import Identifier, LimitSource
+from protocols.sep2 import (
+    DER,
+    MEDIA_TYPE,
+    ActivePower,
+    CsipAusVersion,
+    DateTimeInterval,
+    DefaultDERControl,
+    DERAvailability,
+    DERCapability,
+    DERControl,
+    DERControlBase,
+    DERControlList,
+    DERControlResponse,
+    DERList,
+    DERProgram,
+    DERProgramList,
+    DERSettings,
+    DERStatus,
+    DeviceCapability,
+    DocumentTooLarge,
+    EndDevice,
+    EndDeviceList,
+    Error,
+    EventStatus,
+    FunctionSetAssignments,
+    FunctionSetAssignmentsList,
+    Link,
+    ListLink,
+    MirrorMeterReading,
+    MirrorMeterReadingList,
+    MirrorUsagePoint,
+    MirrorUsagePointList,
+    Reading,
+    ReadingType,
+    Registration,
+    Response,
+    ResponseList,
+    ResponseSet,
+    ResponseSetList,
+    Sep2Error,
+    Sep2Model,
+    Time,
+    check_media_type,
+    decode_as,
+    encode,
+    from_watts,
+    lfdi_from_fingerprint,
+    normalize_lfdi,
+    same_lfdi,
+    sfdi_from_lfdi,
+    with_check_digit,
+)
+
+__all__ = [
+    "DerSnapshot",
+    "PowerSample",
+    "PublishedControl",
+    "Sep2DefaultEnvelope",
+    "Sep2Enrollment",
+    "Sep2ProgramConfig",
+    "Sep2ResponseRecord",
+    "Sep2Server",
+    "Sep2ServerConfig",
+    "Sep2TlsConfig",
+]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Sep2Model)
+
+# EventStatus.currentStatus values (2030.5 Table: EventStatus).
+STATUS_SCHEDULED: Final = 0
+STATUS_ACTIVE: Final = 1
+STATUS_CANCELLED: Final = 2
+STATUS_SUPERSEDED: Final = 4
+
+# MirrorUsagePoint roleFlags bits.
+_ROLE_PREMISES: Final = 0x02
+_ROLE_DER: Final = 0x08
+# ReadingType values we interpret: uom 38 = W; flowDirection 19 = reverse (export).
+_UOM_WATTS: Final = 38
+_FLOW_REVERSE: Final = 19
+_QUALITY_FORECAST: Final = 0x40
+# Response.status values and their meaning, for logs and for the core's ack mapping.
+RESPONSE_STATUS: Final = {
+    1: "received",
+    2: "started",
+    3: "completed",
+    4: "opted_out",
+    5: "opted_in",
+    6: "cancelled",
+    7: "superseded",
+    8: "partially_opted_out",
+    9: "partially_opted_in",
+    10: "completed_no_user_participation",
+    11: "acknowledged",
+    12: "no_display",
+    13: "aborted_server",
+    14: "aborted_higher_priority",
+    252: "rejected_invalid",
+    253: "rejected_not_applicable",
+    254: "rejected_expired",
+}
+_RESPONSE_REQUIRED: Final = "03"  # message received + specific response (started/completed/...)
+_RSPS_ID: Final = 1  # one ResponseSet per device: DER controls
+_DER_ID: Final = 1  # one DER per EndDevice
+_FSA_ID: Final = 1
+_INT_QUERY: Final = re.compile(r"^[0-9]{1,10}$")
+_MAX_HISTORY: Final = 256
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sep2TlsConfig(_Section):
+    """Server certificate and the CA(s) whose client certificates are accepted."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+class Sep2DefaultEnvelope(_Section):
+    """A group's DefaultDERControl: what its DERs do when no event is active (None = no limit)."""
+
+    import_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Site import limit (opModImpLimW)"
+    )
+    export_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Site export limit (opModExpLimW)"
+    )
+    generation_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Device generation limit (opModGenLimW)"
+    )
+    load_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Device load limit (opModLoadLimW)"
+    )
+
+
+class Sep2ProgramConfig(_Section):
+    """The DERProgram of one topology group. Lower ``primacy`` wins on the client."""
+
+    group_id: Identifier
+    primacy: int = Field(ge=0, le=255)
+    description: str = Field(default="", max_length=32)
+    default: Sep2DefaultEnvelope = Sep2DefaultEnvelope()
+
+
+class Sep2ServerConfig(_Section):
+    """The ``[sep2_server]`` section."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535, description="0 = any free port")
+    tls: Sep2TlsConfig | None = None
+    dev_lfdi_header: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="Plain-HTTP development only: take the client's LFDI from this header",
+    )
+    csipaus: CsipAusVersion = CsipAusVersion.V1_2
+    poll_rate_s: int = Field(default=300, ge=1, le=86_400, description="dcap/edev/fsa pollRate")
+    der_poll_rate_s: int = Field(default=60, ge=1, le=86_400, description="DERProgram pollRate")
+    post_rate_s: int = Field(default=60, ge=1, le=86_400, description="MirrorUsagePoint postRate")
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=256 * 1024)
+    body_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
+    default_page_limit: int = Field(default=1, ge=1, le=255, description="2030.5 default l=1")
+    max_page_limit: int = Field(default=255, ge=1, le=1000)
+    max_mirror_points: int = Field(default=8, ge=1, le=256, description="MUPs per client")
+    max_readings_per_point: int = Field(default=32, ge=1, le=1024)
+    unlisted_group_primacy: int = Field(
+        default=100, ge=0, le=255, description="Primacy of groups without a [[programs]] entry"
+    )
+    iana_pen: int = Field(default=0, ge=0, le=0xFFFF_FFFF, description="Goes into every mRID")
+    programs: tuple[Sep2ProgramConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _identity_source(self) -> Sep2ServerConfig:
+        if self.tls is not None and self.dev_lfdi_header is not None:
+            raise ValueError("dev_lfdi_header is for plain HTTP only; remove it when tls is set")
+        if self.tls is None and self.dev_lfdi_header is None:
+            raise ValueError(
+                "without tls, clients cannot be identified: set tls (or, for "
+                "development only, dev_lfdi_header)"
+            )
+        groups = [p.group_id for p in self.programs]
+        if len(set(groups)) != len(groups):
+            raise ValueError("programs: a group_id appears twice")
+        return self
+
+
+# --------------------------------------------------------------------------- public records
+
+
+@dataclass(frozen=True, slots=True)
+class Sep2Enrollment:
+    """One DER the server accepts, as the adapter enrolls it."""
+
+    device_id: str
+    lfdi: str
+    pin: int | None
+    groups: tuple[str, ...]
+    control_duration_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class PowerSample:
+    """The latest active power a client mirrored, in W with the **load convention** (+ import)."""
+
+    watts: float
+    received_at: datetime  # server clock: the age that matters for staleness
+    measured_at: datetime | None  # end of the reading's interval, client clock
+    quality_flags: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedControl:
+    """A DERControl this server published for a device."""
+
+    mrid: str
+    href: str
+    power_kw: float | None
+    start: int
+    duration: int
+    base: DERControlBase
+    provenance: tuple[LimitSource, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DerSnapshot:
+    """Everything a client told the server about its DER, plus the control in force."""
+
+    capability: DERCapability | None
+    settings: DERSettings | None
+    status: DERStatus | None
+    availability: DERAvailability | None
+    der_power: PowerSample | None
+    site_power: PowerSample | None
+    active_control: PublishedControl | None
+    last_seen: datetime | None
+
+
+class Sep2ResponseRecord(BaseModel):
+    """A Response a client POSTed about one of its controls, tied back to the command."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_id: str
+    control_mrid: str
+    control_href: str
+    status: int
+    status_name: str
+    created_at: datetime | None = Field(description="The client's createdDateTime")
+    received_at: datetime
+    power_kw: float | None = Field(description="Setpoint the control carried (None: release)")
+    provenance: tuple[LimitSource, ...] = ()
+
+
+ResponseListener = Callable[[Sep2ResponseRecord], None]
+
+
+# --------------------------------------------------------------------------- internal state
+
+
+@dataclass(slots=True)
+class _Program:
+    program_id: int
+    group_id: str
+    primacy: int
+    description: str
+    default_base: DERControlBase
+
+
+@dataclass(slots=True)
+class _Control:
+    control_id: int
+    program_id: int
+    mrid: str
+    href: str
+    created: int
+    start: int
+    duration: int
+    base: DERControlBase
+    power_kw: float | None
+    provenance: tuple[LimitSource, ...]
+    description: str
+    status: int | None = None  # None: scheduled/active by time; else cancelled/superseded
+    status_time: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.duration
+
+    def current_status(self, now: int) -> int:
+        if self.status is not None:
+            return self.status
+        return STATUS_ACTIVE if self.start <= now else STATUS_SCHEDULED
+
+    def published(self) -> PublishedControl:
+        return PublishedControl(
+            self.mrid,
+            self.href,
+            self.power_kw,
+            self.start,
+            self.duration,
+            self.base,
+            self.provenance,
+        )
+
+
+@dataclass(slots=True)
+class _Mirror:
+    mup_id: int
+    point: MirrorUsagePoint  # without readings: what GET /mup/{m} serves
+    reading_types: dict[str, ReadingType]  # MMR mRID (upper) → its ReadingType
+    power: PowerSample | None = None
+
+    @property
+    def role(self) -> int:
+        return int(self.point.role_flags or "0", 16)
+
+
+@dataclass(slots=True)
+class _Der:
+    enrollment: Sep2Enrollment
+    edev_id: int
+    lfdi: str
+    sfdi: int
+    programs: list[_Program]
+    changed_time: int
+    registered_at: int
+    posted_registration: bool = False
+    capability: DERCapability | None = None
+    settings: DERSettings | None = None
+    status: DERStatus | None = None
+    availability: DERAvailability | None = None
+    mirrors: dict[int, _Mirror] = field(default_factory=dict)
+    controls: list[_Control] = field(default_factory=list)
+    issued: dict[str, _Control] = field(default_factory=dict)  # mRID (upper) → control, bounded
+    responses: deque[tuple[int, Response, Sep2ResponseRecord]] = field(
+        default_factory=lambda: deque(maxlen=_MAX_HISTORY)
+    )
+    next_response_id: int = 1
+    last_seen: datetime | None = None
+
+    @property
+    def base_href(self) -> str:
+        return f"/edev/{self.edev_id}"
+
+    @property
+    def reply_to(self) -> str:
+        return f"{self.base_href}/rsps/{_RSPS_ID}/rsp"
+
+    def program(self, program_id: int) -> _Program | None:
+        return next((p for p in self.programs if p.program_id == program_id), None)
+
+    def primary_program(self) -> _Program:
+        """The program a device's own setpoint goes into: the one the client ranks first."""
+        return min(self.programs, key=lambda p: p.primacy)
+
+
+class _HttpError(Exception):
+    """A 2030.5 error answer: HTTP status plus the message in the ``<Error>`` body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _forbidden(lfdi: str | None) -> _HttpError:
+    who = lfdi.lower() if lfdi else "this client"
+    return _HttpError(403, f"{who} is not scoped to access this resource")
+
+
+def _mrid(kind: int, number: int, pen: int) -> str:
+    """An mRID like envoy's: kind nibble, a number, the IANA PEN in the last 8 digits."""
+    return f"{kind:01x}{number:023x}{pen:08x}"
+
+
+def _kw_to_power(kw: float | None) -> ActivePower | None:
+    return None if kw is None else from_watts(kw * 1000)
+
+
+_DER_KINDS: Final[dict[str, type[Sep2Model]]] = {
+    "dercap": DERCapability,
+    "derg": DERSettings,
+    "ders": DERStatus,
+    "dera": DERAvailability,
+}
+_DER_FIELDS: Final = {
+    "dercap": "capability",
+    "derg": "settings",
+    "ders": "status",
+    "dera": "availability",
+}
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class Sep2Server:
+    """The shared 2030.5 server. Enroll DERs (through their adapters), then ``start`` it."""
+
+    def __init__(
+        self,
+        config: Sep2ServerConfig,
+        *,
+        on_response: ResponseListener | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._on_response = on_response
+        self._clock = clock
+        self._ders: dict[str, _Der] = {}  # by device_id
+        self._by_lfdi: dict[str, _Der] = {}  # by uppercase LFDI
+        self._by_edev: dict[int, _Der] = {}
+        self._programs: dict[str, _Program] = {}  # by group_id
+        self._mirrors: dict[int, tuple[_Der, _Mirror]] = {}
+        self._next_edev = 1
+        self._next_program = 1
+        self._next_control = 1
+        self._next_mup = 1
+        self._runner: web.AppRunner | None = None
+        self._start_lock = asyncio.Lock()
+        self._port: int | None = None
+        self._configured = {p.group_id: p for p in config.programs}
+        for program in config.programs:  # configured groups get the low, stable ids
+            self._program(program.group_id)
+
+    # ----------------------------------------------------------------------- enrollment
+
+    def enroll(self, enrollment: Sep2Enrollment) -> None:
+        """Accept one DER. Its LFDI must be unique; its groups become its DERPrograms."""
+        lfdi = normalize_lfdi(enrollment.lfdi)
+        if enrollment.device_id in self._ders:
+            raise ValueError(f"device {enrollment.device_id!r} is already enrolled")
+        if lfdi in self._by_lfdi:
+            other = self._by_lfdi[lfdi].enrollment.device_id
+            raise ValueError(f"LFDI {lfdi} of {enrollment.device_id!r} is already {other!r}'s")
+        groups = enrollment.groups or (f"device:{enrollment.device_id}",)
+        now = int(self._clock())
+        der = _Der(
+            enrollment=enrollment,
+            edev_id=self._next_edev,
+            lfdi=lfdi,
+            sfdi=sfdi_from_lfdi(lfdi),
+            programs=[self._program(g) for g in dict.fromkeys(groups)],
+            changed_time=now,
+            registered_at=now,
+        )
+        self._next_edev += 1
+        self._ders[enrollment.device_id] = der
+        self._by_lfdi[lfdi] = der
+        self._by_edev[der.edev_id] = der
+
+    def _program(self, group_id: str) -> _Program:
+        program = self._programs.get(group_id)
+        if program is not None:
+            return program
+        configured = self._configured.get(group_id)
+        default = configured.default if configured else Sep2DefaultEnvelope()
+        program = _Program(
+            program_id=self._next_program,
+            group_id=group_id,
+            primacy=configured.primacy if configured else self.config.unlisted_group_primacy,
+            description=(configured.description if configured else "") or group_id[:32],
+            default_base=DERControlBase(
+                op_mod_imp_lim_w=_kw_to_power(default.import_limit_kw),
+                op_mod_exp_lim_w=_kw_to_power(default.export_limit_kw),
+                op_mod_gen_lim_w=_kw_to_power(default.generation_limit_kw),
+                op_mod_load_lim_w=_kw_to_power(default.load_limit_kw),
+            ),
+        )
+        self._next_program += 1
+        self._programs[group_id] = program
+        return program
+
+    def _der(self, device_id: str) -> _Der:
+        try:
+            return self._ders[device_id]
+        except KeyError:
+            raise KeyError(f"device {device_id!r} is not enrolled on the 2030.5 server") from None
+
+    def edev_href(self, device_id: str) -> str:
+        """The EndDevice href of an enrolled device (for diagnostics and tests)."""
+        return self._der(device_id).base_href
+
+    # ----------------------------------------------------------------------- adapter side
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _now_dt(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    def _prune(self, der: _Der, now: int) -> None:
+        """Drop ended controls from the lists (their mRIDs stay known for late Responses)."""
+        der.controls = [c for c in der.controls if c.end > now]
+
+    def publish(
+        self,
+        device_id: str,
+        base: DERControlBase,
+        *,
+        power_kw: float | None,
+        provenance: tuple[LimitSource, ...] = (),
+        description: str = "",
+    ) -> PublishedControl:
+        """Make ``base`` the device's control from now on, superseding the one before.
+
+        Idempotent: the supervisor re-applies an unchanged setpoint every refresh, and that must
+        not churn events on the client. An identical active control is kept until half of its
+        duration is left; then a fresh one takes over back to back (events are immutable in
+        2030.5, so extending one means superseding it).
+        """
+        der = self._der(device_id)
+        now = self._now()
+        self._prune(der, now)
+        duration = der.enrollment.control_duration_s
+        current = self._in_force(der, now)
+        if (
+            current is not None
+            and current.base == base
+            and current.power_kw == power_kw
+            and current.end - now > duration / 2
+        ):
+            return current.published()
+        for control in der.controls:
+            if control.status is None:
+                control.status = STATUS_SUPERSEDED
+                control.status_time = now
+        program = der.primary_program()
+        control_id = self._next_control
+        self._next_control += 1
+        # mRIDs must never repeat across restarts (a client would take a new event for one it
+        # already answered), so the number part is random rather than the control id.
+        mrid = _mrid(3, uuid.uuid4().int >> 36, self.config.iana_pen)
+        control = _Control(
+            control_id=control_id,
+            program_id=program.program_id,
+            mrid=mrid,
+            href=f"{der.base_href}/derp/{program.program_id}/derc/{control_id}",
+            created=now,
+            start=now,
+            duration=duration,
+            base=base,
+            power_kw=power_kw,
+            provenance=provenance,
+            description=description[:32],
+            status_time=now,
+        )
+        der.controls.append(control)
+        der.issued[mrid.upper()] = control
+        while len(der.issued) > _MAX_HISTORY:
+            del der.issued[next(iter(der.issued))]
+        return control.published()
+
+    def release(self, device_id: str) -> PublishedControl | None:
+        """Cancel the device's scheduled/active control: marked cancelled (not deleted), so the
+        client sees the change and falls back to the DefaultDERControl. Returns what was
+        cancelled, if anything."""
+        der = self._der(device_id)
+        now = self._now()
+        self._prune(der, now)
+        cancelled: _Control | None = None
+        for control in der.controls:
+            if control.status is None:
+                control.status = STATUS_CANCELLED
+                control.status_time = now
+                cancelled = control
+        return None if cancelled is None else cancelled.published()
+
+    def _in_force(self, der: _Der, now: int) -> _Control | None:
+        live = [c for c in der.controls if c.status is None and c.start <= now < c.end]
+        return max(live, key=lambda c: (c.created, c.control_id), default=None)
+
+    def snapshot(self, device_id: str) -> DerSnapshot:
+        """What the client last reported, and the control in force now."""
+        der = self._der(device_id)
+        now = self._now()
+        der_power = site_power = None
+        for mirror in der.mirrors.values():
+            sample = mirror.power
+            if sample is None:
+                continue
+            if mirror.role & _ROLE_DER:
+                if der_power is None or sample.received_at > der_power.received_at:
+                    der_power = sample
+            elif mirror.role & _ROLE_PREMISES and (
+                site_power is None or sample.received_at > site_power.received_at
+            ):
+                site_power = sample
+        control = self._in_force(der, now)
+        return DerSnapshot(
+            capability=der.capability,
+            settings=der.settings,
+            status=der.status,
+            availability=der.availability,
+            der_power=der_power,
+            site_power=site_power,
+            active_control=None if control is None else control.published(),
+            last_seen=der.last_seen,
+        )
+
+    def responses(self, device_id: str) -> tuple[Sep2ResponseRecord, ...]:
+        """Responses the device POSTed, oldest first (the last 256)."""
+        return tuple(record for _, _, record in self._der(device_id).responses)
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the 2030.5 server is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls is not None else "http"
+        host = self.config.host
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (routes + error and identity handling)."""
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes,
+            middlewares=[self._error_middleware],
+        )
+        r = app.router
+        get = [
+            ("/dcap", self._get_dcap),
+            ("/tm", self._get_time),
+            ("/edev/{e:\\d+}", self._get_edev),
+            ("/edev/{e:\\d+}/rg", self._get_registration),
+            ("/edev/{e:\\d+}/fsa", self._get_fsa_list),
+            ("/edev/{e:\\d+}/fsa/{f:\\d+}", self._get_fsa),
+            ("/edev/{e:\\d+}/fsa/{f:\\d+}/derp", self._get_derp_list),
+            ("/edev/{e:\\d+}/derp", self._get_derp_list),
+            ("/edev/{e:\\d+}/derp/{p:\\d+}", self._get_derp),
+            ("/edev/{e:\\d+}/derp/{p:\\d+}/derc", self._get_derc_list),
+            ("/edev/{e:\\d+}/derp/{p:\\d+}/actderc", self._get_actderc_list),
+            ("/edev/{e:\\d+}/derp/{p:\\d+}/derc/{c:\\d+}", self._get_derc),
+            ("/edev/{e:\\d+}/derp/{p:\\d+}/dderc", self._get_dderc),
+            ("/edev/{e:\\d+}/der", self._get_der_list),
+            ("/edev/{e:\\d+}/der/{d:\\d+}", self._get_der),
+            ("/edev/{e:\\d+}/der/{d:\\d+}/derp", self._get_derp_list),
+            ("/edev/{e:\\d+}/rsps", self._get_rsps_list),
+            ("/edev/{e:\\d+}/rsps/{r:\\d+}", self._get_rsps),
+            ("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp/{n:\\d+}", self._get_response),
+        ]
+        for path, handler in get:
+            r.add_get(path, handler)
+        r.add_route("GET", "/edev", self._get_edev_list)
+        r.add_route("POST", "/edev", self._post_edev)
+        for kind in ("dercap", "derg", "ders", "dera"):
+            path = f"/edev/{{e:\\d+}}/der/{{d:\\d+}}/{kind}"
+            r.add_get(path, self._get_der_resource)
+            r.add_put(path, self._put_der_resource)
+        r.add_get("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp", self._get_response_list)
+        r.add_post("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp", self._post_response)
+        r.add_get("/mup", self._get_mup_list)
+        r.add_post("/mup", self._post_mup)
+        r.add_get("/mup/{m:\\d+}", self._get_mup)
+        r.add_post("/mup/{m:\\d+}", self._post_mmr)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve. Idempotent (every adapter's ``connect`` may call it)."""
+        async with self._start_lock:
+            if self._runner is not None:
+                return
+            tls = self.config.tls
+            ssl_context: ssl.SSLContext | None = None
+            if tls is not None:
+                from gateway.certs import server_ssl_context
+
+                # Reads key files: keep the blocking part off the loop.
+                ssl_context = await asyncio.to_thread(
+                    server_ssl_context, tls.cert_file, tls.key_file, tls.ca_file
+                )
+            runner = web.AppRunner(
+                self.make_app(),
+                access_log=None,
+                keepalive_timeout=self.config.keepalive_timeout_s,
+                shutdown_timeout=2.0,
+            )
+            await runner.setup()
+            try:
+                site = web.TCPSite(
+                    runner,
+                    self.config.host,
+                    self.config.port,
+                    ssl_context=ssl_context,
+                )
+                await site.start()
+            except BaseException:
+                await runner.cleanup()
+                raise
+            address = runner.addresses[0]
+            self._port = int(address[1])
+            self._runner = runner
+            log.info("2030.5 server listening on %s", self.url)
+
+    async def stop(self) -> None:
+        """Stop serving. Safe to call more than once."""
+        async with self._start_lock:
+            runner, self._runner = self._runner, None
+            if runner is not None:
+                await runner.cleanup()
+
+    async def run(self) -> None:
+        """Serve until cancelled (for a task in the gateway's TaskGroup)."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(self.stop())
+
+    async def __aenter__(self) -> Sep2Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    # ----------------------------------------------------------------------- HTTP plumbing
+
+    def _reply(
+        self,
+        model: Sep2Model | None,
+        status: int = 200,
+        *,
+        location: str | None = None,
+    ) -> web.Response:
+        headers = {"Location": location} if location else {}
+        if model is None:
+            return web.Response(status=status, headers=headers)
+        # Setting Content-Type in the headers (not content_type=) keeps aiohttp from appending
+        # "; charset=utf-8": 2030.5 clients compare the media type exactly.
+        headers["Content-Type"] = MEDIA_TYPE
+        return web.Response(
+            body=encode(model, csipaus=self.config.csipaus), status=status, headers=headers
+        )
+
+    def _error(
+        self, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        response = self._reply(Error(reason_code=0, message=message), status)
+        for name, value in (headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @web.middleware
+    async def _error_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _HttpError as exc:
+            if exc.status >= 500:
+                log.error("2030.5 %s %s: %s", request.method, request.path, exc.message)
+            return self._error(exc.status, exc.message)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return self._error(exc.status, exc.reason, headers)
+        except Exception:
+            # A bug of ours: log it, answer in 2030.5 form, and keep serving everyone else.
+            log.exception("2030.5 %s %s failed", request.method, request.path)
+            return self._error(500, "internal server error")
+
+    def _lfdi(self, request: web.Request) -> str | None:
+        """The requesting client's LFDI (uppercase), from its certificate or the dev header."""
+        if self.config.tls is not None:
+            ssl_object = (
+                request.transport.get_extra_info("ssl_object") if request.transport else None
+            )
+            if ssl_object is None:
+                return None
+            der = ssl_object.getpeercert(binary_form=True)
+            if not der:
+                return None
+            return lfdi_from_fingerprint(hashlib.sha256(der).hexdigest())
+        header = self.config.dev_lfdi_header
+        raw = request.headers.get(header) if header else None
+        if raw is None:
+            return None
+        try:
+            return normalize_lfdi(raw)
+        except Sep2Error:
+            raise _HttpError(400, f"header {header} is not an LFDI (40 hex digits)") from None
+
+    def _client(self, request: web.Request) -> tuple[str | None, _Der | None]:
+        lfdi = self._lfdi(request)
+        der = self._by_lfdi.get(lfdi) if lfdi is not None else None
+        if der is not None:
+            der.last_seen = self._now_dt()
+        return lfdi, der
+
+    def _own(self, request: web.Request) -> _Der:
+        """The client's own DER, if ``{e}`` in the path is its EndDevice; 403 otherwise."""
+        lfdi, der = self._client(request)
+        edev = int(request.match_info["e"])
+        if der is None or der.edev_id != edev:
+            raise _forbidden(lfdi)
+        return der
+
+    def _paging(self, request: web.Request) -> tuple[int, int, int | None]:
+        def number(name: str) -> int | None:
+            raw = request.query.get(name)
+            if raw is None:
+                return None
+            if not _INT_QUERY.match(raw):
+                raise _HttpError(400, f"query parameter {name}={raw!r} is not a whole number")
+            return int(raw)
+
+        start = number("s") or 0
+        limit = number("l")
+        limit = self.config.default_page_limit if limit is None else limit
+        return start, min(limit, self.config.max_page_limit), number("a")
+
+    async def _body(self, request: web.Request, cls: type[M]) -> M:
+        """Read and decode a request body completely before anything changes."""
+        if not check_media_type(request.headers.get("Content-Type")):
+            raise _HttpError(415, f"Content-Type must be {MEDIA_TYPE}")
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _HttpError(413, f"body of {request.content_length} bytes exceeds {limit} bytes")
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                data = await request.read()
+        except TimeoutError:
+            raise _HttpError(408, "request body not received in time") from None
+        if not data:
+            raise _HttpError(400, f"empty body; expected a {cls.xml_tag}")
+        try:
+            return decode_as(cls, data, max_bytes=limit)
+        except DocumentTooLarge as exc:
+            raise _HttpError(413, str(exc)) from None
+        except Sep2Error as exc:
+            raise _HttpError(400, str(exc)) from None
+
+    # ----------------------------------------------------------------------- discovery
+
+    async def _get_dcap(self, request: web.Request) -> web.Response:
+        _, der = self._client(request)
+        cfg = self.config
+        mirrors = 0 if der is None else len(der.mirrors)
+        return self._reply(
+            DeviceCapability(
+                href="/dcap",
+                poll_rate=cfg.poll_rate_s if der is not None else None,
+                time_link=Link(href="/tm"),
+                end_device_list_link=ListLink(href="/edev", all=0 if der is None else 1),
+                mirror_usage_point_list_link=ListLink(href="/mup", all=mirrors),
+            )
+        )
+
+    async def _get_time(self, request: web.Request) -> web.Response:
+        self._client(request)
+        # UTC with no DST: the controls carry epoch times, so local-time fields add only risk.
+        return self._reply(
+            Time(
+                href="/tm",
+                current_time=self._now(),
+                dst_end_time=0,
+                dst_offset=0,
+                dst_start_time=0,
+                quality=4,
+                tz_offset=0,
+            )
+        )
+
+    def _end_device(self, der: _Der) -> EndDevice:
+        base = der.base_href
+        return EndDevice(
+            href=base,
+            der_list_link=ListLink(href=f"{base}/der", all=1),
+            lfdi=der.lfdi,
+            sfdi=der.sfdi,
+            changed_time=der.changed_time,
+            enabled=True,
+            function_set_assignments_list_link=ListLink(href=f"{base}/fsa", all=1),
+            registration_link=Link(href=f"{base}/rg") if der.enrollment.pin is not None else None,
+        )
+
+    async def _get_edev_list(self, request: web.Request) -> web.Response:
+        _, der = self._client(request)
+        start, limit, _ = self._paging(request)
+        items = [] if der is None else [self._end_device(der)]
+        page = tuple(items[start : start + limit])
+        return self._reply(
+            EndDeviceList(
+                href="/edev",
+                all=len(items),
+                results=len(page),
+                poll_rate=self.config.poll_rate_s,
+                items=page,
+            )
+        )
+
+    async def _get_edev(self, request: web.Request) -> web.Response:
+        return self._reply(self._end_device(self._own(request)))
+
+    async def _post_edev(self, request: web.Request) -> web.Response:
+        """In-band registration. DERs are enrolled by configuration (an unknown device is never
+        accepted), so this only confirms the client's own, already-enrolled EndDevice."""
+        lfdi, der = self._client(request)
+        posted = await self._body(request, EndDevice)
+        if der is None:
+            raise _forbidden(lfdi)
+        if (posted.lfdi is not None and not same_lfdi(posted.lfdi, der.lfdi)) or (
+            posted.sfdi != der.sfdi
+        ):
+            raise _HttpError(403, "lFDI/sFDI do not match the client certificate")
+        if der.posted_registration:
+            raise _HttpError(409, f"EndDevice {der.base_href} is already registered")
+        der.posted_registration = True
+        return self._reply(None, 201, location=der.base_href)
+
+    async def _get_registration(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        pin = der.enrollment.pin
+        if pin is None:
+            raise _HttpError(404, "no Registration for this EndDevice")
+        return self._reply(
+            Registration(
+                href=f"{der.base_href}/rg",
+                date_time_registered=der.registered_at,
+                pin=with_check_digit(pin),
+            )
+        )
+
+    async def _get_fsa_list(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        start, limit, _ = self._paging(request)
+        items = [self._fsa(der)]
+        page = tuple(items[start : start + limit])
+        return self._reply(
+            FunctionSetAssignmentsList(
+                href=f"{der.base_href}/fsa",
+                all=len(items),
+                results=len(page),
+                poll_rate=self.config.poll_rate_s,
+                items=page,
+            )
+        )
+
+    def _fsa(self, der: _Der) -> FunctionSetAssignments:
+        href = f"{der.base_href}/fsa/{_FSA_ID}"
+        return FunctionSetAssignments(
+            href=href,
+            der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
+            time_link=Link(href="/tm"),
+            mrid=_mrid(4, der.edev_id, self.config.iana_pen),
+            description="",
+        )
+
+    async def _get_fsa(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        if int(request.match_info["f"]) != _FSA_ID:
+            raise _HttpError(404, "no such FunctionSetAssignments")
+        return self._reply(self._fsa(der))
+
+    # ----------------------------------------------------------------------- programs & controls
+
+    def _listed_controls(self, der: _Der, program: _Program, now: int) -> list[_Control]:
+        self._prune(der, now)
+        controls = [c for c in der.controls if c.program_id == program.program_id]
+        # envoy's order: start ascending, then newest first, so a superseding control precedes
+        # the one it supersedes.
+        controls.sort(key=lambda c: (c.start, -c.created, -c.control_id))
+        return controls
+
+    def _der_program(self, der: _Der, program: _Program, now: int) -> DERProgram:
+        href = f"{der.base_href}/derp/{program.program_id}"
+        controls = self._listed_controls(der, program, now)
+        active = sum(1 for c in controls if c.current_status(now) == STATUS_ACTIVE)
+        return DERProgram(
+            href=href,
+            mrid=_mrid(2, program.program_id, self.config.iana_pen),
+            description=program.description,
+            active_der_control_list_link=ListLink(href=f"{href}/actderc", all=active),
+            default_der_control_link=Link(href=f"{href}/dderc"),
+            der_control_list_link=ListLink(href=f"{href}/derc", all=len(controls)),
+            primacy=program.primacy,
+        )
+
+    def _own_program(self, request: web.Request) -> tuple[_Der, _Program]:
+        der = self._own(request)
+        program = der.program(int(request.match_info["p"]))
+        if program is None:
+            raise _HttpError(404, "no such DERProgram for this EndDevice")
+        return der, program
+
+    async def _get_derp_list(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        if "f" in request.match_info and int(request.match_info["f"]) != _FSA_ID:
+            raise _HttpError(404, "no such FunctionSetAssignments")
+        if "d" in request.match_info and int(request.match_info["d"]) != _DER_ID:
+            raise _HttpError(404, "no such DER")
+        start, limit, _ = self._paging(request)
+        now = self._now()
+        programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
+        page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
+        return self._reply(
+            DERProgramList(
+                href=request.path,
+                all=len(programs),
+                results=len(page),
+                poll_rate=self.config.der_poll_rate_s,
+                items=page,
+            )
+        )
+
+    async def _get_derp(self, request: web.Request) -> web.Response:
+        der, program = self._own_program(request)
+        return self._reply(self._der_program(der, program, self._now()))
+
+    def _der_control(self, der: _Der, control: _Control, now: int) -> DERControl:
+        return DERControl(
+            href=control.href,
+            reply_to=der.reply_to,
+            response_required=_RESPONSE_REQUIRED,
+            mrid=control.mrid,
+            description=control.description or None,
+            version=1,
+            creation_time=control.created,
+            event_status=EventStatus(
+                current_status=control.current_status(now),
+                date_time=control.status_time,
+                potentially_superseded=False,
+            ),
+            interval=DateTimeInterval(duration=control.duration, start=control.start),
+            der_control_base=control.base,
+        )
+
+    def _control_list(
+        self, request: web.Request, *, active_only: bool, suffix: str
+    ) -> web.Response:
+        der, program = self._own_program(request)
+        start, limit, after = self._paging(request)
+        now = self._now()
+        controls = self._listed_controls(der, program, now)
+        if active_only:
+            controls = [c for c in controls if c.current_status(now) == STATUS_ACTIVE]
+        if after is not None:
+            # "a": only items whose primary key (interval start) is at or after that time.
+            controls = [c for c in controls if c.start >= after]
+        page = tuple(self._der_control(der, c, now) for c in controls[start : start + limit])
+        return self._reply(
+            DERControlList(
+                href=f"{der.base_href}/derp/{program.program_id}/{suffix}",
+                all=len(controls),
+                results=len(page),
+                items=page,
+            )
+        )
+
+    async def _get_derc_list(self, request: web.Request) -> web.Response:
+        return self._control_list(request, active_only=False, suffix="derc")
+
+    async def _get_actderc_list(self, request: web.Request) -> web.Response:
+        return self._control_list(request, active_only=True, suffix="actderc")
+
+    async def _get_derc(self, request: web.Request) -> web.Response:
+        der, program = self._own_program(request)
+        now = self._now()
+        wanted = int(request.match_info["c"])
+        for control in self._listed_controls(der, program, now):
+            if control.control_id == wanted:
+                return self._reply(self._der_control(der, control, now))
+        raise _HttpError(404, f"no DERControl {wanted} in this DERProgram")
+
+    async def _get_dderc(self, request: web.Request) -> web.Response:
+        der, program = self._own_program(request)
+        # Always 200, with an empty DERControlBase when the group has no default (as envoy).
+        return self._reply(
+            DefaultDERControl(
+                href=f"{der.base_href}/derp/{program.program_id}/dderc",
+                mrid=_mrid(1, program.program_id, self.config.iana_pen),
+                version=1,
+                der_control_base=program.default_base,
+            )
+        )
+
+    # ----------------------------------------------------------------------- DER resources
+
+    def _der_resource(self, der: _Der) -> DER:
+        href = f"{der.base_href}/der/{_DER_ID}"
+        return DER(
+            href=href,
+            associated_der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
+            der_availability_link=Link(href=f"{href}/dera"),
+            der_capability_link=Link(href=f"{href}/dercap"),
+            der_settings_link=Link(href=f"{href}/derg"),
+            der_status_link=Link(href=f"{href}/ders"),
+        )
+
+    def _own_der(self, request: web.Request) -> _Der:
+        der = self._own(request)
+        if int(request.match_info["d"]) != _DER_ID:
+            raise _HttpError(404, "no such DER")
+        return der
+
+    async def _get_der_list(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        start, limit, _ = self._paging(request)
+        items = [self._der_resource(der)]
+        page = tuple(items[start : start + limit])
+        return self._reply(
+            DERList(
+                href=f"{der.base_href}/der",
+                all=len(items),
+                results=len(page),
+                poll_rate=self.config.der_poll_rate_s,
+                items=page,
+            )
+        )
+
+    async def _get_der(self, request: web.Request) -> web.Response:
+        return self._reply(self._der_resource(self._own_der(request)))
+
+    async def _get_der_resource(self, request: web.Request) -> web.Response:
+        der = self._own_der(request)
+        kind = request.path.rsplit("/", 1)[1]
+        stored: Sep2Model | None = getattr(der, _DER_FIELDS[kind])
+        if stored is None:
+            raise _HttpError(404, f"{_DER_KINDS[kind].xml_tag} has not been PUT yet")
+        return self._reply(stored)
+
+    async def _put_der_resource(self, request: web.Request) -> web.Response:
+        der = self._own_der(request)
+        kind = request.path.rsplit("/", 1)[1]
+        cls: type[Sep2Model] = _DER_KINDS[kind]
+        model = await self._body(request, cls)
+        setattr(der, _DER_FIELDS[kind], model.model_copy(update={"href": request.path}))
+        return self._reply(None, 204)
+
+    # ----------------------------------------------------------------------- responses
+
+    def _response_set(self, der: _Der) -> ResponseSet:
+        href = f"{der.base_href}/rsps/{_RSPS_ID}"
+        return ResponseSet(
+            href=href,
+            mrid=_mrid(0xA, der.edev_id, self.config.iana_pen),
+            description="DER controls",
+            response_list_link=ListLink(href=f"{href}/rsp", all=len(der.responses)),
+        )
+
+    async def _get_rsps_list(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        start, limit, _ = self._paging(request)
+        items = [self._response_set(der)]
+        page = tuple(items[start : start + limit])
+        return self._reply(
+            ResponseSetList(
+                href=f"{der.base_href}/rsps", all=len(items), results=len(page), items=page
+            )
+        )
+
+    def _own_rsps(self, request: web.Request) -> _Der:
+        der = self._own(request)
+        if int(request.match_info["r"]) != _RSPS_ID:
+            raise _HttpError(404, "no such ResponseSet")
+        return der
+
+    async def _get_rsps(self, request: web.Request) -> web.Response:
+        return self._reply(self._response_set(self._own_rsps(request)))
+
+    async def _get_response_list(self, request: web.Request) -> web.Response:
+        der = self._own_rsps(request)
+        start, limit, _ = self._paging(request)
+        newest_first = [
+            Response.model_validate(r.model_dump()) for _, r, _ in reversed(der.responses)
+        ]
+        page = tuple(newest_first[start : start + limit])
+        return self._reply(
+            ResponseList(href=der.reply_to, all=len(newest_first), results=len(page), items=page)
+        )
+
+    async def _get_response(self, request: web.Request) -> web.Response:
+        der = self._own_rsps(request)
+        wanted = int(request.match_info["n"])
+        for number, response, _ in der.responses:
+            if number == wanted:
+                return self._reply(DERControlResponse.model_validate(response.model_dump()))
+        raise _HttpError(404, f"no Response {wanted}")
+
+    async def _post_response(self, request: web.Request) -> web.Response:
+        der = self._own_rsps(request)
+        posted = await self._body(request, Response)
+        if not same_lfdi(posted.end_device_lfdi, der.lfdi):
+            raise _HttpError(400, f"endDeviceLFDI {posted.end_device_lfdi} is not this client's")
+        control = der.issued.get(posted.subject.upper())
+        if control is None:
+            raise _HttpError(400, f"subject {posted.subject} is not a control of this EndDevice")
+        if posted.status is None:
+            raise _HttpError(400, "Response without status")
+        number = der.next_response_id
+        der.next_response_id += 1
+        href = f"{der.reply_to}/{number}"
+        created = posted.created_date_time
+        record = Sep2ResponseRecord(
+            device_id=der.enrollment.device_id,
+            control_mrid=control.mrid,
+            control_href=control.href,
+            status=posted.status,
+            status_name=RESPONSE_STATUS.get(posted.status, "unknown"),
+            created_at=None if created is None else datetime.fromtimestamp(created, UTC),
+            received_at=self._now_dt(),
+            power_kw=control.power_kw,
+            provenance=control.provenance,
+        )
+        stored = Response(
+            href=href,
+            created_date_time=created,
+            end_device_lfdi=posted.end_device_lfdi,
+            status=posted.status,
+            subject=posted.subject,
+        )
+        der.responses.append((number, stored, record))
+        if self._on_response is not None:
+            try:
+                self._on_response(record)
+            except Exception:  # a listener's bug must not turn the client's POST into a 500
+                log.exception("2030.5 response listener failed")
+        return self._reply(None, 201, location=href)
+
+    # ----------------------------------------------------------------------- mirror usage points
+
+    def _own_mirror(self, request: web.Request) -> tuple[_Der, _Mirror]:
+        """The client's own MUP. Anything else is 404, not 403: MUP ids are not per-device, and
+        after a gateway restart (state is in memory) a client's old href may be unknown or even
+        another client's; 404 is what tells a client to POST its MirrorUsagePoint again."""
+        _, der = self._client(request)
+        found = self._mirrors.get(int(request.match_info["m"]))
+        if der is None or found is None or found[0] is not der:
+            raise _HttpError(404, "no such MirrorUsagePoint for this client")
+        return found
+
+    def _mirror_view(self, mirror: _Mirror) -> MirrorUsagePoint:
+        return mirror.point.model_copy(
+            update={
+                "href": f"/mup/{mirror.mup_id}",
+                "post_rate": self.config.post_rate_s,
+                "mirror_meter_readings": tuple(
+                    MirrorMeterReading(mrid=mrid, reading_type=rt)
+                    for mrid, rt in mirror.reading_types.items()
+                ),
+            }
+        )
+
+    async def _get_mup_list(self, request: web.Request) -> web.Response:
+        _, der = self._client(request)
+        start, limit, _ = self._paging(request)
+        mirrors = [] if der is None else sorted(der.mirrors.values(), key=lambda m: m.mup_id)
+        page = tuple(self._mirror_view(m) for m in mirrors[start : start + limit])
+        return self._reply(
+            MirrorUsagePointList(
+                href="/mup",
+                all=len(mirrors),
+                results=len(page),
+                poll_rate=self.config.post_rate_s,
+                items=page,
+            )
+        )
+
+    async def _get_mup(self, request: web.Request) -> web.Response:
+        _, mirror = self._own_mirror(request)
+        return self._reply(self._mirror_view(mirror))
+
+    async def _post_mup(self, request: web.Request) -> web.Response:
+        lfdi, der = self._client(request)
+        posted = await self._body(request, MirrorUsagePoint)
+        if der is None:
+            raise _forbidden(lfdi)
+        if not same_lfdi(posted.device_lfdi, der.lfdi):
+            raise _HttpError(403, f"deviceLFDI {posted.device_lfdi} is not this client's")
+        existing = next(
+            (m for m in der.mirrors.values() if m.point.mrid.upper() == posted.mrid.upper()), None
+        )
+        if existing is None and len(der.mirrors) >= self.config.max_mirror_points:
+            raise _HttpError(400, f"at most {self.config.max_mirror_points} MirrorUsagePoints")
+        try:
+            int(posted.role_flags or "0", 16)
+        except ValueError:
+            raise _HttpError(400, "roleFlags is not hex") from None
+        types = dict(existing.reading_types) if existing else {}
+        for mmr in posted.mirror_meter_readings:
+            if mmr.reading_type is None and mmr.mrid.upper() not in types:
+                raise _HttpError(400, f"MirrorMeterReading {mmr.mrid} has no ReadingType")
+            if mmr.reading_type is not None:
+                types[mmr.mrid.upper()] = mmr.reading_type
+        if len(types) > self.config.max_readings_per_point:
+            raise _HttpError(400, f"at most {self.config.max_readings_per_point} readings per MUP")
+        point = posted.model_copy(update={"mirror_meter_readings": (), "href": None})
+        if existing is None:
+            mirror = _Mirror(self._next_mup, point, types)
+            self._next_mup += 1
+            der.mirrors[mirror.mup_id] = mirror
+            self._mirrors[mirror.mup_id] = (der, mirror)
+            status = 201
+        else:
+            mirror = existing
+            mirror.point, mirror.reading_types = point, types
+            status = 204  # envoy: re-POST of a known MUP answers 204 with its Location
+        self._ingest(mirror, posted.mirror_meter_readings)
+        return self._reply(None, status, location=f"/mup/{mirror.mup_id}")
+
+    async def _post_mmr(self, request: web.Request) -> web.Response:
+        _, mirror = self._own_mirror(request)
+        data = await self._body(request, Sep2Model)
+        if isinstance(data, MirrorMeterReading):
+            readings: tuple[MirrorMeterReading, ...] = (data,)
+        elif isinstance(data, MirrorMeterReadingList):
+            readings = data.items
+        else:
+            raise _HttpError(
+                400, f"expected MirrorMeterReading(List), got {type(data).xml_tag or 'another'}"
+            )
+        types = dict(mirror.reading_types)
+        for mmr in readings:
+            key = mmr.mrid.upper()
+            if mmr.reading_type is not None:
+                types[key] = mmr.reading_type
+            elif key not in types:
+                raise _HttpError(
+                    400, f"MirrorMeterReading {mmr.mrid} was never declared and has no ReadingType"
+                )
+        if len(types) > self.config.max_readings_per_point:
+            raise _HttpError(400, f"at most {self.config.max_readings_per_point} readings per MUP")
+        mirror.reading_types = types
+        self._ingest(mirror, readings)
+        return self._reply(None, 201)
+
+    def _ingest(self, mirror: _Mirror, readings: Sequence[MirrorMeterReading]) -> None:
+        """Keep the newest active-power reading of the point, as watts in the load convention.
+
+        ReadingType.flowDirection says which way positive values flow: 1 (forward, delivered to
+        the customer) means + is import, 19 (reverse) means + is export and the sign flips.
+        Forecast readings (qualityFlags bit 6) are not measurements and are skipped.
+        """
+        received = self._now_dt()
+        for mmr in readings:
+            rt = mirror.reading_types.get(mmr.mrid.upper())
+            if rt is None or rt.uom != _UOM_WATTS or rt.phase not in (None, 0):
+                continue
+            candidates: list[tuple[Reading, DateTimeInterval | None]] = []
+            if mmr.reading is not None:
+                candidates.append((mmr.reading, None))
+            for reading_set in mmr.mirror_reading_sets:
+                candidates += [(r, reading_set.time_period) for r in reading_set.readings]
+            best: tuple[int, float, int | None] | None = None
+            for reading, set_period in candidates:
+                if reading.value is None:
+                    continue
+                flags = int(reading.quality_flags, 16) if reading.quality_flags else None
+                if flags is not None and flags & _QUALITY_FORECAST:
+                    continue
+                period = reading.time_period or set_period
+                end = 0 if period is None else period.start + period.duration
+                watts = reading.value * 10.0 ** (rt.power_of_ten_multiplier or 0)
+                if rt.flow_direction == _FLOW_REVERSE:
+                    watts = -watts
+                if best is None or end >= best[0]:
+                    best = (end, watts, flags)
+            if best is not None:
+                end, watts, flags = best
+                mirror.power = PowerSample(
+                    watts=watts + 0.0,
+                    received_at=received,
+                    measured_at=datetime.fromtimestamp(end, UTC) if end else None,
+                    quality_flags=flags,
+                )
