@@ -57,6 +57,7 @@ class DeviceSupervisor:
         self._applied_at = 0.0
         self._refused: DeviceCommand | None = None
         self._must_write = True
+        self._served_ok = False
         self.available = False
         self._announced_down = False
         self.latest: DeviceState | None = None
@@ -77,6 +78,7 @@ class DeviceSupervisor:
 
     # ------------------------------------------------------------------ the task
     async def run(self) -> None:
+        failures = 0
         try:
             while True:
                 await self._connect_with_backoff()
@@ -85,8 +87,20 @@ class DeviceSupervisor:
                 except AdapterError as exc:
                     self._mark_down(exc)
                     await self._safe_close()
+                # A device that accepts the connection but fails every poll (or an adapter whose
+                # connect is local, like a 2030.5 client that has not posted yet) would otherwise
+                # spin here without ever yielding: back off as for a failed connect.
+                failures = 0 if self._served_ok else failures + 1
+                self._served_ok = False
+                await asyncio.sleep(self._backoff_s(failures))
         finally:
             await self._safe_close()
+
+    def _backoff_s(self, failures: int) -> float:
+        if failures == 0:
+            return 0.0
+        ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(failures - 1, 16))
+        return random.uniform(0.0, ceiling)
 
     async def _connect_with_backoff(self) -> None:
         retrying = AsyncRetrying(
@@ -138,6 +152,7 @@ class DeviceSupervisor:
                     if next_poll <= time.monotonic():
                         next_poll = time.monotonic() + interval
                 self.latest = state
+                self._served_ok = True
                 self._mark_up()
                 if self._on_state is not None:
                     self._on_state(state)

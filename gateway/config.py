@@ -12,9 +12,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.sep2_der import Sep2DerEndpoint
 from adapters.sunspec_battery import SunSpecEndpoint
 from gateway.model import DerClass, Device, Group, Identifier
 from gateway.openadr_ven import OpenAdrVenConfig
+from gateway.sep2_server import Sep2ServerConfig
 
 
 class ConfigError(Exception):
@@ -76,6 +78,9 @@ class DeviceConfig(Device):
     """A device as configured: the unified :class:`Device` plus how to reach it."""
 
     sunspec: SunSpecEndpoint | None = None
+    sep2: Sep2DerEndpoint | None = Field(
+        default=None, description="A 2030.5 client (inverter, battery) that polls our server"
+    )
 
     @model_validator(mode="after")
     def _reachable(self) -> DeviceConfig:
@@ -84,12 +89,17 @@ class DeviceConfig(Device):
                 raise ValueError("adapter 'sunspec_battery' needs a [devices.sunspec] endpoint")
             if self.der_class is not DerClass.BATTERY:
                 raise ValueError("adapter 'sunspec_battery' only drives der_class 'battery'")
+        elif self.adapter == "sep2_der":
+            if self.sep2 is None:
+                raise ValueError("adapter 'sep2_der' needs a [devices.sep2] endpoint (lfdi)")
         else:
-            raise ValueError(f"unknown adapter {self.adapter!r} (known: 'sunspec_battery')")
+            raise ValueError(
+                f"unknown adapter {self.adapter!r} (known: 'sunspec_battery', 'sep2_der')"
+            )
         return self
 
     def as_device(self) -> Device:
-        return Device.model_validate(self.model_dump(exclude={"sunspec"}))
+        return Device.model_validate(self.model_dump(exclude={"sunspec", "sep2"}))
 
 
 class GatewayConfig(Section):
@@ -102,6 +112,9 @@ class GatewayConfig(Section):
         description="Extra named groups; every substation/feeder/... also gets an implicit group",
     )
     devices: tuple[DeviceConfig, ...] = Field(min_length=1)
+    sep2_server: Sep2ServerConfig | None = Field(
+        default=None, description="Host an IEEE 2030.5 server for DER clients ('sep2_der' devices)"
+    )
     openadr_ven: OpenAdrVenConfig | None = Field(
         default=None, description="Take orders from a utility's OpenADR 2.0b VTN as a VEN"
     )
@@ -134,6 +147,22 @@ class GatewayConfig(Section):
                     f"({device.sunspec.setpoint_revert_s}) must exceed timing.refresh_s "
                     f"({self.timing.refresh_s:g}), or the battery reverts between refreshes"
                 )
+        if self.sep2_server is None and any(d.adapter == "sep2_der" for d in self.devices):
+            problems.append("devices with adapter 'sep2_der' need a [sep2_server] section")
+        lfdis: dict[str, str] = {}
+        for device in self.devices:
+            if device.sep2 is not None:
+                lfdi = device.sep2.lfdi.lower()
+                if lfdi in lfdis:
+                    problems.append(
+                        f"devices {lfdis[lfdi]!r} and {device.device_id!r} share LFDI {lfdi}"
+                    )
+                lfdis[lfdi] = device.device_id
+                if device.sep2.control_duration_s <= 2 * self.timing.refresh_s:
+                    problems.append(
+                        f"device {device.device_id!r}: sep2.control_duration_s must exceed twice "
+                        "timing.refresh_s, or controls lapse between refreshes"
+                    )
         group_ids = [g.group_id for g in self.groups]
         if len(set(group_ids)) != len(group_ids):
             problems.append("group_id values are not unique")

@@ -15,6 +15,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from adapters.base import AdapterError, DeviceAdapter
+from adapters.sep2_der import Sep2Der
 from adapters.sunspec_battery import SunSpecBattery
 from adapters.supervisor import DeviceSupervisor
 from gateway import dispatch
@@ -40,6 +41,7 @@ from gateway.model import (
 from gateway.northbound import Northbound, Outgoing, ReplyTo
 from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
 from gateway.registry import Registry
+from gateway.sep2_server import Sep2Server
 from gateway.store import CommandStore
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
 
@@ -53,11 +55,20 @@ def _version() -> str:
         return "0+unknown"
 
 
-def build_adapters(config: GatewayConfig) -> dict[str, DeviceAdapter]:
+def build_adapters(
+    config: GatewayConfig, registry: Registry, sep2_server: Sep2Server | None
+) -> dict[str, DeviceAdapter]:
     adapters: dict[str, DeviceAdapter] = {}
+    groups = registry.groups()
     for device in config.devices:
         if device.adapter == "sunspec_battery" and device.sunspec is not None:
             adapters[device.device_id] = SunSpecBattery(device.device_id, device.sunspec)
+        elif device.adapter == "sep2_der" and device.sep2 is not None:
+            assert sep2_server is not None  # the config validator guarantees it
+            member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
+            adapters[device.device_id] = Sep2Der(
+                device.device_id, device.sep2, server=sep2_server, groups=member_of
+            )
     return adapters
 
 
@@ -90,7 +101,12 @@ class Gateway:
         )
         self.supervisors: dict[str, DeviceSupervisor] = {}
         self._tasks: asyncio.TaskGroup | None = None
-        for adapter in (adapters or build_adapters(config)).values():
+        self.sep2_server: Sep2Server | None = None
+        if config.sep2_server is not None:
+            self.sep2_server = Sep2Server(config.sep2_server)
+        if adapters is None:
+            adapters = build_adapters(config, self.registry, self.sep2_server)
+        for adapter in adapters.values():
             self._supervise(adapter)
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
@@ -122,6 +138,8 @@ class Gateway:
                 tg.create_task(self._telemetry_loop(), name="telemetry")
                 if self.openadr_ven is not None:
                     tg.create_task(self.openadr_ven.run(), name="openadr-ven")
+                if self.sep2_server is not None:
+                    tg.create_task(self.sep2_server.run(), name="sep2-server")
                 self.ready.set()
                 try:
                     await wait_inside_task_group()
@@ -228,11 +246,19 @@ class Gateway:
         self.northbound.publish_reliable(Outgoing(self.topics.errors, encode(error)))
 
     # ------------------------------------------------------------------ control
+    def stale_after_s(self, device_id: str) -> float:
+        """How old a reading may be: the gateway's setting, or longer for an adapter whose
+        devices report slowly by design (a 2030.5 client posts every minute or five)."""
+        own = getattr(self.supervisors[device_id].adapter, "stale_after_s", None)
+        base = self.config.timing.stale_after_s
+        return max(base, float(own)) if isinstance(own, int | float) else base
+
     def device_states(self, now: datetime) -> dict[str, DeviceState | None]:
-        stale = self.config.timing.stale_after_s
         return {
             d.device_id: (
-                s.fresh_state(stale, now) if (s := self.supervisors.get(d.device_id)) else None
+                s.fresh_state(self.stale_after_s(d.device_id), now)
+                if (s := self.supervisors.get(d.device_id))
+                else None
             )
             for d in self.registry.devices()
         }
@@ -354,9 +380,8 @@ class Gateway:
 
     def device_telemetry(self, now: datetime) -> list[DeviceTelemetry]:
         out = []
-        stale = self.config.timing.stale_after_s
         for device_id, supervisor in self.supervisors.items():
-            state = supervisor.fresh_state(stale, now)
+            state = supervisor.fresh_state(self.stale_after_s(device_id), now)
             last = supervisor.latest
             desired = supervisor.desired
             out.append(

@@ -1,0 +1,271 @@
+"""A DER that polls the gateway's IEEE 2030.5 server (smart inverter, battery, aggregator cloud).
+
+Unlike Modbus, the gateway cannot write to such a device: it publishes a DERControl on its
+``gateway.sep2_server.Sep2Server`` and the device's 2030.5 client picks it up at its next poll.
+So ``apply`` *publishes* and ``read`` returns what the client last *posted*; the server is the
+transport, this adapter is the translation between the unified model and 2030.5 controls.
+
+Setpoint → DERControlBase (the planner has already folded envelopes and dispatch into one setpoint
+per device, in kW with the load convention: + import/charge, - export/discharge):
+
+* ``opModTargetW`` (generator sign: + export) when the device supports it (its DERCapability
+  ``modesSupported`` bit 22, or ``supports_target_w`` in the config), else ``opModFixedW`` in
+  hundredths of a percent of its ``rtgMaxW``;
+* plus ``opModGenLimW`` / ``opModLoadLimW``: the magnitude in the setpoint's direction and 0 in
+  the other, so a device that ignores or overshoots the target still cannot exceed the setpoint.
+
+``power_kw=None`` cancels the control (marked cancelled, not deleted) and the DefaultDERControl
+of the device's programs applies again.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+from pydantic import Field
+
+from adapters.base import DeviceUnavailable, UnsafeCommand
+from gateway.model import DeviceCommand, DeviceState, Frozen
+from gateway.sep2_server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
+from protocols.sep2 import (
+    DERCapability,
+    DERControlBase,
+    InvalidValue,
+    from_percent,
+    from_watts,
+    scaled_value,
+    to_watts,
+)
+
+__all__ = ["MODE_TARGET_W", "RATING_TOLERANCE", "Sep2Der", "Sep2DerEndpoint"]
+
+#: DERControlType bit of opModTargetW in DERCapability.modesSupported.
+MODE_TARGET_W: Final = 1 << 22
+#: A setpoint may exceed the device's rating by this fraction (allocation rounding); it is then
+#: clipped. Anything further is refused as unsafe.
+RATING_TOLERANCE: Final = 0.01
+
+
+class Sep2DerEndpoint(Frozen):
+    """How a 2030.5 DER is recognised and driven (``[devices.sep2]`` in the config)."""
+
+    lfdi: str = Field(
+        pattern=r"^[0-9A-Fa-f]{40}$",
+        description="LFDI of the device's client certificate (derms-gateway certs prints it)",
+    )
+    pin: int | None = Field(
+        default=None,
+        ge=0,
+        le=9_999_999,
+        description="Registration PIN without its check digit (served with it: 11111 → 111115)",
+    )
+    supports_target_w: bool | None = Field(
+        default=None,
+        description="Use opModTargetW (True) or opModFixedW (False); None: from its DERCapability",
+    )
+    power_from: Literal["der", "site"] = Field(
+        default="der",
+        description="Which MirrorUsagePoint is the device's power: the DER's or the site's",
+    )
+    stale_after_s: float = Field(
+        default=660.0,
+        gt=0,
+        le=86_400,
+        description="Telemetry older than this makes the device unavailable",
+    )
+    control_duration_s: int = Field(
+        default=900,
+        ge=60,
+        le=86_400,
+        description="Duration of each published DERControl; renewed while the setpoint holds, "
+        "so a silent gateway's last setpoint lapses to the default after at most this long",
+    )
+
+
+class Sep2Der:
+    """:class:`adapters.base.DeviceAdapter` for one DER enrolled on a shared :class:`Sep2Server`."""
+
+    def __init__(
+        self,
+        device_id: str,
+        endpoint: Sep2DerEndpoint,
+        *,
+        server: Sep2Server,
+        groups: tuple[str, ...] = (),
+    ) -> None:
+        self._device_id = device_id
+        self._endpoint = endpoint
+        self._server = server
+        server.enroll(
+            Sep2Enrollment(
+                device_id=device_id,
+                lfdi=endpoint.lfdi,
+                pin=endpoint.pin,
+                groups=groups,
+                control_duration_s=endpoint.control_duration_s,
+            )
+        )
+
+    @property
+    def stale_after_s(self) -> float:
+        """The gateway treats this device's readings as fresh for this long (it posts slowly)."""
+        return self._endpoint.stale_after_s
+
+    @property
+    def device_id(self) -> str:
+        return self._device_id
+
+    @property
+    def source(self) -> str:
+        return f"sep2:{self._endpoint.lfdi.upper()}"
+
+    @property
+    def server(self) -> Sep2Server:
+        return self._server
+
+    def responses(self) -> tuple[Sep2ResponseRecord, ...]:
+        """Responses the device's client posted for this device's controls, oldest first."""
+        return self._server.responses(self._device_id)
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    async def connect(self) -> None:
+        """Make sure the shared server is listening. There is no per-device connection: the
+        device is "connected" whenever it polls, which ``read`` judges by telemetry age."""
+        try:
+            await self._server.start()
+        except (OSError, ssl.SSLError) as exc:
+            # A port in use or an unreadable certificate must reach the supervisor as an
+            # adapter error (retried with backoff), not escape and stop the whole gateway.
+            raise DeviceUnavailable(self._device_id, f"2030.5 server cannot start: {exc}") from exc
+
+    async def close(self) -> None:
+        """Nothing to release: the server is shared, and the device's control stays published
+        (it lapses by its own duration if the gateway stops renewing it)."""
+
+    # ----------------------------------------------------------------------- polling
+
+    async def read(self) -> DeviceState:
+        snap = self._server.snapshot(self._device_id)
+        sample = snap.der_power if self._endpoint.power_from == "der" else snap.site_power
+        if sample is None:
+            raise DeviceUnavailable(
+                self._device_id, f"no {self._endpoint.power_from} power mirrored yet"
+            )
+        age = (datetime.now(UTC) - sample.received_at).total_seconds()
+        if age > self._endpoint.stale_after_s:
+            raise DeviceUnavailable(
+                self._device_id,
+                f"last telemetry {age:.0f} s ago (stale after {self._endpoint.stale_after_s:g} s)",
+            )
+        soc: float | None = None
+        if snap.status is not None and snap.status.state_of_charge_status is not None:
+            soc = min(100.0, snap.status.state_of_charge_status.value / 100)
+        charge_kw, discharge_kw = self._ratings_kw(snap.capability)
+        capacity_kwh: float | None = None
+        if snap.capability is not None and snap.capability.rtg_max_wh is not None:
+            capacity_kwh = scaled_value(snap.capability.rtg_max_wh) / 1000
+        control = snap.active_control
+        return DeviceState(
+            device_id=self._device_id,
+            timestamp=sample.received_at,
+            power_kw=sample.watts / 1000 + 0.0,
+            soc_pct=soc,
+            capacity_kwh=capacity_kwh,
+            max_charge_kw=charge_kw,
+            max_discharge_kw=discharge_kw,
+            setpoint_kw=None if control is None else control.power_kw,
+            source=self.source,
+        )
+
+    @staticmethod
+    def _ratings_kw(capability: DERCapability | None) -> tuple[float | None, float | None]:
+        if capability is None:
+            return None, None
+        max_w = abs(to_watts(capability.rtg_max_w))
+        charge = capability.rtg_max_charge_rate_w
+        discharge = capability.rtg_max_discharge_rate_w
+        charge_w = abs(to_watts(charge)) if charge is not None else max_w
+        discharge_w = abs(to_watts(discharge)) if discharge is not None else max_w
+        return charge_w / 1000, discharge_w / 1000
+
+    # ----------------------------------------------------------------------- control
+
+    def _uses_target_w(self, capability: DERCapability | None) -> bool:
+        if self._endpoint.supports_target_w is not None:
+            return self._endpoint.supports_target_w
+        if capability is None:
+            # The control mode cannot be chosen before the client says what it supports; the
+            # supervisor retries after its backoff, by which time the client has usually PUT it.
+            raise DeviceUnavailable(self._device_id, "DERCapability not yet PUT by the client")
+        try:
+            modes = int(capability.modes_supported or "0", 16)
+        except ValueError:
+            modes = 0
+        return bool(modes & MODE_TARGET_W)
+
+    def _checked_kw(self, power_kw: float, capability: DERCapability | None) -> float:
+        if not math.isfinite(power_kw):
+            raise UnsafeCommand(self._device_id, f"setpoint {power_kw} kW is not a number")
+        charge_kw, discharge_kw = self._ratings_kw(capability)
+        limit = charge_kw if power_kw > 0 else discharge_kw
+        if limit is None:
+            return power_kw  # no nameplate yet: the planner held it to the configured ratings
+        if abs(power_kw) > limit * (1 + RATING_TOLERANCE):
+            direction = "charge" if power_kw > 0 else "discharge"
+            raise UnsafeCommand(
+                self._device_id,
+                f"setpoint {power_kw} kW beyond the {direction} rating of {limit} kW",
+            )
+        return math.copysign(min(abs(power_kw), limit), power_kw)
+
+    def control_base(self, power_kw: float, snap: DerSnapshot) -> DERControlBase:
+        """The DERControlBase for a setpoint (load convention kW), given what the client sent."""
+        capability = snap.capability
+        power_kw = self._checked_kw(power_kw, capability)
+        export_w = -power_kw * 1000 + 0.0  # 2030.5 DER power: + generates / discharges
+        try:
+            gen_limit = from_watts(max(export_w, 0.0))
+            load_limit = from_watts(max(-export_w, 0.0))
+            if self._uses_target_w(capability):
+                return DERControlBase(
+                    op_mod_target_w=from_watts(export_w),
+                    op_mod_gen_lim_w=gen_limit,
+                    op_mod_load_lim_w=load_limit,
+                )
+            if capability is None:
+                raise DeviceUnavailable(
+                    self._device_id, "opModFixedW needs rtgMaxW: DERCapability not yet PUT"
+                )
+            rated_w = abs(to_watts(capability.rtg_max_w))
+            if rated_w <= 0:
+                raise UnsafeCommand(self._device_id, "rtgMaxW is 0: no percentage can be set")
+            percent = max(-100.0, min(100.0, export_w / rated_w * 100))
+            return DERControlBase(
+                op_mod_fixed_w=from_percent(percent, signed=True),
+                op_mod_gen_lim_w=gen_limit,
+                op_mod_load_lim_w=load_limit,
+            )
+        except InvalidValue as exc:
+            raise UnsafeCommand(self._device_id, str(exc)) from exc
+
+    async def apply(self, command: DeviceCommand) -> None:
+        """Publish the setpoint as this device's DERControl, or cancel it for ``None``."""
+        if command.device_id != self._device_id:
+            raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
+        if command.power_kw is None:
+            self._server.release(self._device_id)
+            return
+        snap = self._server.snapshot(self._device_id)
+        power_kw = self._checked_kw(command.power_kw, snap.capability)
+        base = self.control_base(power_kw, snap)
+        self._server.publish(
+            self._device_id,
+            base,
+            power_kw=power_kw,
+            provenance=command.provenance,
+            description=f"setpoint {power_kw:+.3f} kW",
+        )

@@ -1,0 +1,74 @@
+"""The supervisor's own rules, with a scripted adapter (the e2e tests use real devices)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from adapters.base import DeviceUnavailable
+from adapters.supervisor import DeviceSupervisor
+from gateway.model import DeviceCommand, DeviceState, utcnow
+
+
+class ConnectsButNeverReads:
+    """Like a 2030.5 client that has not posted yet: connect succeeds, every read fails."""
+
+    def __init__(self) -> None:
+        self.connects = 0
+        self.reads = 0
+
+    @property
+    def device_id(self) -> str:
+        return "d1"
+
+    async def connect(self) -> None:
+        self.connects += 1
+
+    async def close(self) -> None:
+        return None
+
+    async def read(self) -> DeviceState:
+        self.reads += 1
+        raise DeviceUnavailable("d1", "nothing reported yet")
+
+    async def apply(self, command: DeviceCommand) -> None:
+        return None
+
+
+async def test_failing_reads_back_off_and_never_starve_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="adapters.supervisor")
+    adapter = ConnectsButNeverReads()
+    supervisor = DeviceSupervisor(
+        adapter,
+        poll_interval_s=0.05,
+        io_timeout_s=1,
+        refresh_s=60,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    task = asyncio.create_task(supervisor.run())
+    started = time.monotonic()
+    await asyncio.sleep(1.0)  # must come back on time: the supervisor yields
+    elapsed = time.monotonic() - started
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert elapsed < 1.5
+    assert 3 <= adapter.reads <= 60, adapter.reads  # retried, but with backoff, not spinning
+    down = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(down) == 1
+
+
+async def test_fresh_state_expires() -> None:
+    supervisor = DeviceSupervisor(
+        ConnectsButNeverReads(), poll_interval_s=1, io_timeout_s=1, refresh_s=60
+    )
+    supervisor.available = True
+    supervisor.latest = DeviceState(device_id="d1", timestamp=utcnow(), power_kw=1.0, source="t")
+    assert supervisor.fresh_state(10) is not None
+    assert supervisor.fresh_state(-1) is None

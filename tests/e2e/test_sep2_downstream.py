@@ -1,0 +1,132 @@
+"""Grid DERMS over MQTT → gateway → its IEEE 2030.5 server → a DER client polling it."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.broker import BrokerEndpoint
+from gateway.config import parse_config
+from gateway.core import Gateway
+from gateway.model import AckState
+from protocols.sep2 import MEDIA_TYPE, DERControlList, decode_as, to_watts
+from simulators.grid_derms import GridDermsClient
+from tests.e2e.fleet import eventually, iso
+from tests.protocols.sep2.envoy_fixtures import load
+
+pytestmark = pytest.mark.broker
+
+LFDI = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy capture's device A
+HEADER = "X-LFDI"
+
+
+async def test_dispatch_reaches_a_2030_5_client_as_a_der_control(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    config = parse_config(
+        {
+            "gateway_id": "gw-sep2",
+            "broker": {"port": broker_endpoint.port, "protocol": broker_endpoint.protocol},
+            "store": {"path": str(tmp_path / "gw.sqlite")},
+            "timing": {
+                "control_period_s": 0.2,
+                "poll_interval_s": 0.3,
+                "telemetry_period_s": 0.5,
+                "stale_after_s": 2.0,
+            },
+            "sep2_server": {"port": 0, "dev_lfdi_header": HEADER},
+            "devices": [
+                {
+                    "device_id": "der-1",
+                    "der_class": "battery",
+                    "adapter": "sep2_der",
+                    "location": {"substation": "s1", "feeder": "f1"},
+                    "ratings": {"max_charge_kw": 5, "max_discharge_kw": 5, "capacity_kwh": 13.5},
+                    "sep2": {"lfdi": LFDI, "supports_target_w": True},
+                }
+            ],
+        }
+    )
+    gateway = Gateway(config)
+    assert gateway.sep2_server is not None
+    server = gateway.sep2_server
+    async with contextlib.AsyncExitStack() as stack:
+        grid = await stack.enter_async_context(
+            GridDermsClient(
+                broker_endpoint.host,
+                broker_endpoint.port,
+                "gw-sep2",
+                protocol=broker_endpoint.protocol,
+            )
+        )
+        import asyncio
+
+        task = asyncio.create_task(gateway.run())
+        stack.push_async_callback(_cancel, task)
+        await eventually(lambda: server.running, 10, "2030.5 server listening")
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(headers={HEADER: LFDI, "Content-Type": MEDIA_TYPE})
+        )
+        edev = server.edev_href("der-1")
+
+        async def send(method: str, href: str, fixture: str) -> str | None:
+            async with session.request(method, server.url + href, data=load(fixture)) as resp:
+                assert resp.status in (201, 204), await resp.text()
+                return resp.headers.get("Location")
+
+        # The DER client reports its status (SoC 65.5 %), capability and power.
+        await send("PUT", f"{edev}/der/1/ders", "req-der-status.xml")
+        await send("PUT", f"{edev}/der/1/dercap", "req-der-capability.xml")
+        await send("POST", "/mup", "req-mup-der.xml")
+        await eventually(lambda: gateway.supervisors["der-1"].available, 10, "der-1 online")
+
+        await grid.send(
+            {
+                "type": "dispatch",
+                "command_id": "via-sep2",
+                "kw": -3.0,
+                "target": {"group_id": "feeder:f1"},
+                "start": iso(0.1),
+                "duration_s": 60,
+            }
+        )
+        ack = await grid.wait_for_state("via-sep2", AckState.ACTIVE, 5)
+        assert [a.device_id for a in ack.allocations] == ["der-1"]
+
+        async def active_target_w() -> float | None:
+            fsa_controls = server.snapshot("der-1").active_control
+            if fsa_controls is None:
+                return None
+            href = fsa_controls.href.rsplit("/", 1)[0]  # the DERControlList it lives in
+            async with session.get(server.url + href + "?s=0&l=255") as resp:
+                assert resp.headers["Content-Type"] == MEDIA_TYPE
+                controls = decode_as(DERControlList, await resp.read())
+            for control in controls.items:
+                base = control.der_control_base
+                if control.mrid == fsa_controls.mrid and base.op_mod_target_w is not None:
+                    return to_watts(base.op_mod_target_w)
+            return None
+
+        targets: list[float | None] = []
+
+        async def poll() -> bool:
+            targets.append(await active_target_w())
+            return targets[-1] == pytest.approx(3000)
+
+        for _ in range(50):
+            if await poll():
+                break
+            await asyncio.sleep(0.1)
+        assert targets[-1] == pytest.approx(3000), targets[-5:]
+
+
+async def _cancel(task: object) -> None:
+    import asyncio
+
+    assert isinstance(task, asyncio.Task)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
