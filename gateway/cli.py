@@ -169,6 +169,61 @@ def demo(ctx: click.Context, duration: float, batteries: int, broker: str) -> No
 
 
 @main.group()
+def certs() -> None:
+    """Development PKI for IEEE 2030.5 (P-256, ECDSA) and a certificate's LFDI / SFDI."""
+
+
+@certs.command("ca")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="derms-dev-ca", show_default=True)
+def certs_ca(directory: Path, name: str) -> None:
+    """Create a development CA (<name>.pem, <name>.key) in DIRECTORY."""
+    from gateway.certs import make_ca
+
+    ca = make_ca(directory, name)
+    click.echo(f"CA certificate: {ca.cert_path}\nCA key:         {ca.key_path}")
+
+
+@certs.command("issue")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@click.option(
+    "--ca-name",
+    default="derms-dev-ca",
+    show_default=True,
+    help="The CA in DIRECTORY that signs (from `certs ca`).",
+)
+@click.option("--server", is_flag=True, help="A server certificate (serverAuth, host names).")
+@click.option("--host", "hosts", multiple=True, help="Server host name or IP (repeatable).")
+def certs_issue(
+    directory: Path, name: str, ca_name: str, server: bool, hosts: tuple[str, ...]
+) -> None:
+    """Issue a device (or --server) certificate signed by the CA in DIRECTORY."""
+    from gateway.certs import load_ca, make_cert
+
+    try:
+        ca = load_ca(directory / f"{ca_name}.pem", directory / f"{ca_name}.key")
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot load CA {ca_name!r} from {directory}: {exc}") from None
+    kwargs = {"hosts": hosts} if hosts else {}
+    issued = make_cert(ca, directory, name, server=server, **kwargs)
+    click.echo(f"certificate: {issued.cert_path}\nkey:         {issued.key_path}")
+    click.echo(f"LFDI: {issued.lfdi}\nSFDI: {issued.sfdi}")
+
+
+@certs.command("show")
+@click.argument("certificate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def certs_show(certificate: Path) -> None:
+    """Print a certificate's LFDI and SFDI (what an installer hands the utility)."""
+    from gateway.certs import describe_text
+
+    try:
+        click.echo(describe_text(certificate))
+    except ValueError as exc:
+        raise click.ClickException(f"{certificate}: not a certificate ({exc})") from None
+
+
+@main.group()
 def simulate() -> None:
     """Run a device simulator standalone (for integrators testing their own tools)."""
 

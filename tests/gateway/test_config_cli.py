@@ -131,3 +131,22 @@ def test_cli_check_config_reports_problems(tmp_path: Path) -> None:
     ok = run_cli("check-config", str(ROOT / "examples" / "gateway.toml"))
     assert ok.returncode == 0
     assert "feeder:north-f1: 1 device(s)" in ok.stdout
+
+
+def test_cli_certs_make_a_ca_issue_and_describe(tmp_path: Path) -> None:
+    from protocols.sep2 import has_valid_check_digit, lfdi_from_cert
+
+    assert run_cli("certs", "ca", str(tmp_path)).returncode == 0
+    issued = run_cli("certs", "issue", str(tmp_path), "inverter-1")
+    assert issued.returncode == 0, issued.stderr
+    lfdi = lfdi_from_cert((tmp_path / "inverter-1.pem").read_bytes())
+    assert f"LFDI: {lfdi}" in issued.stdout
+    shown = run_cli("certs", "show", str(tmp_path / "inverter-1.pem"))
+    assert shown.returncode == 0
+    sfdi = int(shown.stdout.split("SFDI: ")[1].split()[0])
+    assert has_valid_check_digit(sfdi)
+    server = run_cli("certs", "issue", str(tmp_path), "gateway", "--server", "--host", "127.0.0.1")
+    assert server.returncode == 0, server.stderr
+    missing = run_cli("certs", "issue", str(tmp_path / "nowhere"), "x")
+    assert missing.returncode != 0
+    assert "cannot load CA" in missing.stderr
