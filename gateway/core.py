@@ -43,6 +43,15 @@ from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_bo
 from gateway.registry import Registry
 from gateway.sep2_server import Sep2Server
 from gateway.store import CommandStore
+from gateway.telemetry import (
+    CycleEstimate,
+    DeviceProfile,
+    EstimatorConfig,
+    FleetIndex,
+    GroupEstimator,
+    QualityClassifier,
+    TelemetryQuality,
+)
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
 
 log = logging.getLogger(__name__)
@@ -108,6 +117,7 @@ class Gateway:
             adapters = build_adapters(config, self.registry, self.sep2_server)
         for adapter in adapters.values():
             self._supervise(adapter)
+        self._build_estimation()
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
         self.openadr_ven: OpenAdrVen | None = None
@@ -160,6 +170,39 @@ class Gateway:
         self.supervisors[adapter.device_id] = supervisor
         return supervisor
 
+    # ------------------------------------------------------------------ telemetry quality
+    def _report_interval_s(self, device_id: str) -> float:
+        supervisor = self.supervisors.get(device_id)
+        own = getattr(supervisor.adapter, "stale_after_s", None) if supervisor else None
+        if isinstance(own, int | float):
+            return max(self.config.timing.poll_interval_s, float(own) / 3.0)
+        return self.config.timing.poll_interval_s
+
+    def _build_estimation(self) -> None:
+        """Per-reading quality and the group estimator, over the registry as it is now.
+
+        Rebuilt (history restarts) when devices are enrolled at run time; regrouping needs no
+        rebuild because group members are resolved at each telemetry cycle.
+        """
+        index = FleetIndex(
+            [
+                DeviceProfile.from_device(d, report_interval_s=self._report_interval_s(d.device_id))
+                for d in self.registry.devices()
+            ]
+        )
+        self._fleet_index = index
+        self._classifier = QualityClassifier(index)
+        self._estimator = GroupEstimator(
+            index, EstimatorConfig(period_s=self.config.timing.telemetry_period_s)
+        )
+        self._cycle: CycleEstimate | None = None
+        self.reading_quality: dict[str, TelemetryQuality] = {}
+
+    def estimate_cycle(self, now: datetime) -> CycleEstimate:
+        """Run one estimation cycle (once per telemetry period: it learns from each)."""
+        self._cycle = self._estimator.cycle(self._classifier.snapshot(now))
+        return self._cycle
+
     def add_device(self, device: Device, adapter: DeviceAdapter) -> None:
         """Enrol a device discovered at run time (e.g. a resource an OEM cloud reports).
 
@@ -172,6 +215,7 @@ class Gateway:
             raise ValueError(f"device {device.device_id!r} is already registered")
         self.registry.add(device)
         supervisor = self._supervise(adapter)
+        self._build_estimation()
         if self._tasks is not None:
             self._tasks.create_task(supervisor.run(), name=f"device:{device.device_id}")
         self._wake.set()
@@ -296,6 +340,15 @@ class Gateway:
         self._wake.set()
 
     def _on_device_state(self, state: DeviceState) -> None:
+        if state.device_id in self._fleet_index.row:
+            desired = self.supervisors[state.device_id].desired
+            # A device held at a setpoint should read steady; one left alone may drift. That
+            # tells a frozen meter from a battery doing exactly what it was told.
+            held = desired is not None and desired.power_kw is not None
+            result = self._classifier.observe_state(
+                state, utcnow(), should_change=False if held else None
+            )
+            self.reading_quality[state.device_id] = result.quality
         for listener in self.state_listeners:
             listener(state)
 
@@ -344,10 +397,17 @@ class Gateway:
                 if interval is not None and (current := interval(now)) is not None:
                     envelope_by_group[target.group_id] = current
         out = []
+        cycle = self._cycle
         for group_id in sorted(self.registry.groups()):
             members = self.registry.members(group_id)
             reporting = [states[d.device_id] for d in members if states[d.device_id] is not None]
-            power = sum(s.power_kw for s in reporting if s is not None)
+            measured = sum(s.power_kw for s in reporting if s is not None)
+            estimate = None
+            if cycle is not None and members:
+                rows = self._fleet_index.rows(
+                    d.device_id for d in members if d.device_id in self._fleet_index.row
+                )
+                estimate = cycle.group(group_id, rows)
             setpoint = sum(
                 (sp.power_kw or 0.0)
                 for d in members
@@ -360,22 +420,40 @@ class Gateway:
                     margin = state.soc_pct - device.constraints.reserve_soc_pct
                     energy += max(0.0, margin) / 100.0 * device.ratings.capacity_kwh
             missing = len(members) - len(reporting)
-            out.append(
-                GroupTelemetry(
-                    group_id=group_id,
-                    timestamp=now,
-                    power_kw=round(power, 3),
-                    setpoint_kw=round(setpoint, 3),
-                    devices_total=len(members),
+            common = {
+                "group_id": group_id,
+                "timestamp": now,
+                "measured_kw": round(measured, 3),
+                "setpoint_kw": round(setpoint, 3),
+                "devices_total": len(members),
+                "energy_available_kwh": round(energy, 3),
+                "active_commands": tuple(active_by_group.get(group_id, ())),
+                "envelope": envelope_by_group.get(group_id),
+            }
+            if estimate is not None:
+                telemetry = GroupTelemetry(
+                    **common,
+                    power_kw=round(estimate.power_kw, 3),
+                    power_lower_kw=round(estimate.lower_kw, 3),
+                    power_upper_kw=round(estimate.upper_kw, 3),
+                    confidence=estimate.confidence,
+                    devices_reporting=estimate.devices_reporting,
+                    devices_missing=estimate.devices_missing,
+                    devices_excluded=estimate.devices_excluded,
+                    devices_estimated=estimate.devices_estimated,
+                    method=estimate.method,
+                    quality=estimate.quality,
+                )
+            else:
+                # Before the first estimation cycle: a plain sum, honest about what it lacks.
+                telemetry = GroupTelemetry(
+                    **common,
+                    power_kw=round(measured, 3),
                     devices_reporting=len(reporting),
                     devices_missing=missing,
-                    # A sum with devices missing is a lower bound, not a measurement: say so.
                     quality=Quality.GOOD if missing == 0 else Quality.SUSPECT,
-                    energy_available_kwh=round(energy, 3),
-                    active_commands=tuple(active_by_group.get(group_id, ())),
-                    envelope=envelope_by_group.get(group_id),
                 )
-            )
+            out.append(telemetry)
         return out
 
     def device_telemetry(self, now: datetime) -> list[DeviceTelemetry]:
@@ -392,7 +470,13 @@ class Gateway:
                     power_kw=state.power_kw if state else (last.power_kw if last else None),
                     soc_pct=state.soc_pct if state else (last.soc_pct if last else None),
                     setpoint_kw=desired.power_kw if desired else None,
-                    quality=Quality.GOOD if state else Quality.STALE,
+                    quality=(
+                        q.to_core()
+                        if state and (q := self.reading_quality.get(device_id)) is not None
+                        else Quality.GOOD
+                        if state
+                        else Quality.STALE
+                    ),
                     provenance=desired.provenance if desired else (),
                 )
             )
@@ -403,6 +487,7 @@ class Gateway:
         while True:
             await asyncio.sleep(period)
             now = utcnow()
+            self.estimate_cycle(now)
             for group in self.group_telemetry(now):
                 self.northbound.publish_telemetry(
                     Outgoing(self.topics.group_telemetry(group.group_id), encode(group), qos=0)

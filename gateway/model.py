@@ -482,11 +482,21 @@ class GroupTelemetry(Frozen):
     schema_version: Literal["1"] = SCHEMA_VERSION
     group_id: Identifier
     timestamp: UtcDatetime
-    power_kw: float = Field(description="Sum over reporting devices, load convention")
+    power_kw: float = Field(
+        description="Best estimate of the group's total (load convention): fresh readings plus "
+        "estimates for devices that are missing or whose readings were excluded"
+    )
+    power_lower_kw: float | None = Field(default=None, description="Prediction interval, low")
+    power_upper_kw: float | None = Field(default=None, description="Prediction interval, high")
+    confidence: float | None = Field(default=None, description="Of that interval, e.g. 0.9")
+    measured_kw: float = Field(description="Sum of the fresh, accepted readings only")
     setpoint_kw: float = Field(description="Sum of what the gateway currently asks of them")
     devices_total: int
     devices_reporting: int
     devices_missing: int
+    devices_excluded: int = Field(default=0, description="Reported, but the value was rejected")
+    devices_estimated: int = Field(default=0, description="Filled in by the estimator")
+    method: str = Field(default="sum", description="How power_kw was obtained")
     quality: Quality
     energy_available_kwh: float = Field(description="Energy above reserve in reporting batteries")
     active_commands: tuple[str, ...] = ()

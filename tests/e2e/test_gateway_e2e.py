@@ -353,3 +353,50 @@ async def test_device_enrolled_at_run_time_joins_an_active_dispatch(fleet: Fleet
         await eventually(lambda: fleet.feeder_power_kw("f1") == pytest.approx(-6.0, abs=0.05), 3)
         with pytest.raises(ValueError, match="already registered"):
             fleet.gateway.add_device(device, SunSpecBattery("bat-new", SunSpecEndpoint(port=1)))
+
+
+async def test_group_telemetry_estimates_a_silent_device_with_an_interval(fleet: Fleet) -> None:
+    # One setpoint per battery, so the truth stays put when one of them falls silent (a group
+    # dispatch would re-allocate its share to the others).
+    for i in range(4):
+        await fleet.grid.send(
+            {
+                "type": "setpoint",
+                "command_id": f"sp-{i}",
+                "device_id": fleet.device_id(i),
+                "kw": -2.0,
+                "start": iso(0.1),
+                "duration_s": 30,
+            }
+        )
+    await eventually(lambda: sum(s.power_kw for s in fleet.sims) == pytest.approx(-8.0, abs=0.1), 5)
+    await eventually(
+        lambda: (
+            (g := fleet.grid.observed.groups.get("substation:s1")) is not None
+            and g.devices_reporting == 4
+            and g.power_kw == pytest.approx(-8.0, abs=0.1)
+        ),
+        5,
+    )
+    silent = fleet.sims[0]
+    await silent.set_offline(True)
+    # The silent battery keeps discharging on its own setpoint (its revert timer has not run
+    # out), so the truth stays at -8 kW while only -6 kW is reported.
+    await eventually(
+        lambda: (
+            (g := fleet.grid.observed.groups.get("substation:s1")) is not None
+            and g.devices_estimated >= 1
+        ),
+        8,
+        "the silent device is estimated",
+    )
+    g = fleet.grid.observed.groups["substation:s1"]
+    truth = sum(s.power_kw for s in fleet.sims)
+    assert truth == pytest.approx(-8.0, abs=0.05)
+    assert g.devices_reporting == 3
+    assert g.measured_kw == pytest.approx(-6.0, abs=0.1)
+    assert g.power_lower_kw is not None
+    assert g.power_upper_kw is not None
+    assert g.power_lower_kw <= truth <= g.power_upper_kw, g
+    assert g.power_kw == pytest.approx(truth, abs=0.5)  # a plain sum would be 2 kW short
+    assert g.quality.value == "estimated"

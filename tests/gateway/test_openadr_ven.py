@@ -248,6 +248,7 @@ class Gateway:
                 group_id=GROUP,
                 timestamp=now,
                 power_kw=-3.5,
+                measured_kw=-3.5,
                 setpoint_kw=-4.0,
                 devices_total=2,
                 devices_reporting=1,
