@@ -106,6 +106,28 @@ def run(ctx: click.Context, config_path: Path) -> None:
     run_until_signal(Gateway(config).run())
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.pass_context
+def edge(ctx: click.Context, config_path: Path) -> None:
+    """Run the edge agent: the gateway core on site hardware plus its upstream 2030.5 link
+    (an ``[upstream_sep2]`` section in the configuration)."""
+    from edge_agent.agent import EdgeAgent, EdgeAgentConfig
+
+    _setup_logging(max(1, ctx.obj["verbose"]))
+    try:
+        config = load_config(config_path, EdgeAgentConfig)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    assert isinstance(config, EdgeAgentConfig)
+    run_until_signal(EdgeAgent(config).run())
+
+
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def check_config(config_path: Path) -> None:

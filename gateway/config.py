@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -170,6 +170,32 @@ class GatewayConfig(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    def relative_to(self, base: Path) -> Self:
+        """Relative file paths (store, keys, certificates) resolved against the config file's
+        folder, not against wherever the process happened to be started."""
+        update: dict[str, object] = {
+            "store": self.store.model_copy(update=rebase(base, self.store, "path"))
+        }
+        if self.openadr_ven is not None:
+            update["openadr_ven"] = self.openadr_ven.model_copy(
+                update=rebase(base, self.openadr_ven, "store_path")
+            )
+        if self.sep2_server is not None and self.sep2_server.tls is not None:
+            tls = self.sep2_server.tls
+            tls = tls.model_copy(update=rebase(base, tls, "cert_file", "key_file", "ca_file"))
+            update["sep2_server"] = self.sep2_server.model_copy(update={"tls": tls})
+        return self.model_copy(update=update)
+
+
+def rebase(base: Path, section: BaseModel, *fields: str) -> dict[str, Path]:
+    """The relative file paths among ``fields`` of ``section``, made relative to ``base``."""
+    out: dict[str, Path] = {}
+    for name in fields:
+        value = getattr(section, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            out[name] = base / value
+    return out
+
 
 def _describe(exc: ValidationError) -> list[str]:
     problems = []
@@ -185,14 +211,18 @@ def _describe(exc: ValidationError) -> list[str]:
     return problems
 
 
-def parse_config(data: dict[str, object], source: str = "<dict>") -> GatewayConfig:
+def parse_config(
+    data: dict[str, object], source: str = "<dict>", model: type[GatewayConfig] = GatewayConfig
+) -> GatewayConfig:
+    """Validate ``data`` as ``model`` (the gateway's config, or an extension of it such as the
+    edge agent's), reporting every problem with its place."""
     try:
-        return GatewayConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, _describe(exc)) from None
 
 
-def load_config(path: Path) -> GatewayConfig:
+def load_config(path: Path, model: type[GatewayConfig] = GatewayConfig) -> GatewayConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -201,13 +231,5 @@ def load_config(path: Path) -> GatewayConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    config = parse_config(data, str(path))
-    # Relative store paths are relative to the config file, not to wherever we were started.
-    if not config.store.path.is_absolute():
-        store = config.store.model_copy(update={"path": path.parent / config.store.path})
-        config = config.model_copy(update={"store": store})
-    ven = config.openadr_ven
-    if ven is not None and not ven.store_path.is_absolute():
-        ven = ven.model_copy(update={"store_path": path.parent / ven.store_path})
-        config = config.model_copy(update={"openadr_ven": ven})
-    return config
+    config = parse_config(data, str(path), model)
+    return config.relative_to(path.parent)

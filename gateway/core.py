@@ -124,7 +124,7 @@ class Gateway:
         if config.openadr_ven is not None:
             self.openadr_ven = OpenAdrVen(
                 config.openadr_ven,
-                submit=submit_to_book(self.book, self._wake_control),
+                submit=submit_to_book(self.book, self.wake_control),
                 telemetry=self.group_telemetry,
                 capacity=capacity_from_registry(self.registry),
             )
@@ -336,7 +336,7 @@ class Gateway:
                 continue
             supervisor.command(new)
 
-    def _wake_control(self) -> None:
+    def wake_control(self) -> None:
         self._wake.set()
 
     def _on_device_state(self, state: DeviceState) -> None:

@@ -150,3 +150,17 @@ def test_cli_certs_make_a_ca_issue_and_describe(tmp_path: Path) -> None:
     missing = run_cli("certs", "issue", str(tmp_path / "nowhere"), "x")
     assert missing.returncode != 0
     assert "cannot load CA" in missing.stderr
+
+
+def test_edge_agent_example_resolves_paths_against_its_folder() -> None:
+    from edge_agent.agent import EdgeAgentConfig
+
+    config = load_config(ROOT / "examples" / "edge-agent.toml", EdgeAgentConfig)
+    assert isinstance(config, EdgeAgentConfig)
+    tls = config.upstream_sep2.tls
+    assert tls is not None
+    assert tls.cert_file == ROOT / "examples" / "pki" / "site-1.pem"
+    assert config.upstream_sep2.state_path == ROOT / "examples" / "site-1-sep2-state.json"
+    assert config.store.path == ROOT / "examples" / "site-1-edge.sqlite"
+    with pytest.raises(ConfigError, match="upstream_sep2"):
+        load_config(ROOT / "examples" / "gateway.toml", EdgeAgentConfig)

@@ -1,0 +1,282 @@
+"""The edge agent: the gateway core on site hardware, taking its limits from a utility.
+
+It is the same ``Gateway`` (local adapters, command store, planner, local MQTT for a site
+controller) plus an upstream link: a 2030.5 client polling the utility's (or a head-end
+gateway's) server. What the server puts in force at ``now`` becomes ordinary unified commands
+in the local command book, so utility limits go through exactly the validation, composition and
+ack lifecycle that Grid DERMS commands do:
+
+* site limits (``opModImpLimW`` / ``opModExpLimW``) and the device limits
+  (``opModLoadLimW`` / ``opModGenLimW``, the site's DER seen as one) → one
+  ``OperatingEnvelope`` on the site group, the tighter of each pair;
+* ``opModTargetW`` → a ``Dispatch`` (mode ``target``) on the site group.
+
+The local control loop enforces them every cycle whether or not the uplink is up; the client
+persists the DefaultDERControl so a restart during comms loss still honours it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.sep2_client import EffectiveControls, Sep2Client, Sep2ClientConfig, TelemetrySample
+from gateway.aio import wait_inside_task_group
+from gateway.commands import CommandRejected
+from gateway.config import GatewayConfig, rebase
+from gateway.core import Gateway
+from gateway.model import (
+    AckState,
+    Cancel,
+    Command,
+    Dispatch,
+    DispatchMode,
+    EnvelopeInterval,
+    Identifier,
+    OperatingEnvelope,
+    Target,
+    utcnow,
+)
+from protocols.sep2 import (
+    DERCapability,
+    DERStatus,
+    StateOfChargeStatus,
+    WattHour,
+    from_watts,
+)
+
+log = logging.getLogger(__name__)
+
+# DERControlType bits (2030.5 Table): 4 fixedW, 5 maxLimW, 17/18 gen/load limits (CSIP), 22
+# targetW; we advertise what the planner can honour for a storage site.
+_MODES_SUPPORTED = (1 << 4) | (1 << 5) | (1 << 22)
+_DER_TYPE_STORAGE = 80  # DERType: "storage only"
+
+
+def _watt_hours(wh: float) -> WattHour:
+    multiplier = 0
+    while wh / 10**multiplier > 0xFFFF:
+        multiplier += 1
+    return WattHour(multiplier=multiplier, value=round(wh / 10**multiplier))
+
+
+UTILITY_PRIORITY = 1000
+_HORIZON = timedelta(hours=24)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sep2TlsFiles(_Section):
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+class UpstreamSep2Config(_Section):
+    """``[upstream_sep2]``: the utility's 2030.5 server this site takes its limits from."""
+
+    server_url: str = Field(description="Scheme, host and port, e.g. https://doe.example:8443")
+    site_group: Identifier = Field(description="Local group the utility's controls apply to")
+    lfdi: str | None = Field(
+        default=None, description="Our LFDI; derived from tls.cert_file when omitted"
+    )
+    tls: Sep2TlsFiles | None = Field(default=None, description="Mutual TLS (required in the field)")
+    state_path: Path = Path("edge-sep2-state.json")
+    registration_pin: int | None = None
+    poll_interval_s: float | None = Field(default=None, gt=0, description="Override pollRate")
+    telemetry_interval_s: float | None = Field(default=None, gt=0)
+    request_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+
+
+class EdgeAgentConfig(GatewayConfig):
+    upstream_sep2: UpstreamSep2Config
+
+    def relative_to(self, base: Path) -> Self:
+        config = super().relative_to(base)
+        upstream = config.upstream_sep2
+        update: dict[str, object] = dict(rebase(base, upstream, "state_path"))
+        if upstream.tls is not None:
+            update["tls"] = upstream.tls.model_copy(
+                update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
+            )
+        return config.model_copy(update={"upstream_sep2": upstream.model_copy(update=update)})
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def _tighter(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+class EdgeAgent:
+    def __init__(self, config: EdgeAgentConfig, *, gateway: Gateway | None = None) -> None:
+        self.config = config
+        self.gateway = gateway or Gateway(config)
+        upstream = config.upstream_sep2
+        if upstream.site_group not in self.gateway.registry.groups():
+            raise ValueError(f"upstream_sep2.site_group {upstream.site_group!r} is not a group")
+        ssl_context = None
+        lfdi = upstream.lfdi
+        if upstream.tls is not None:
+            from gateway.certs import client_ssl_context
+            from protocols.sep2 import lfdi_from_cert
+
+            ssl_context = client_ssl_context(
+                upstream.tls.cert_file, upstream.tls.key_file, upstream.tls.ca_file
+            )
+            lfdi = lfdi or lfdi_from_cert(upstream.tls.cert_file.read_bytes())
+        if lfdi is None:
+            raise ValueError("upstream_sep2 needs an lfdi or a tls.cert_file to derive it from")
+        self.lfdi = lfdi
+        self.client = Sep2Client(
+            Sep2ClientConfig(
+                server_url=upstream.server_url,
+                lfdi=lfdi,
+                state_path=upstream.state_path,
+                registration_pin=upstream.registration_pin,
+                poll_interval_s=upstream.poll_interval_s,
+                telemetry_interval_s=upstream.telemetry_interval_s,
+                request_timeout_s=upstream.request_timeout_s,
+                backoff_max_s=upstream.backoff_max_s,
+            ),
+            on_envelope=self.apply_controls,
+            ssl_context=ssl_context,
+            read_telemetry=self.site_telemetry,
+            der_capability=self.site_capability(),
+            read_der_status=self.site_status,
+        )
+        self._in_force: dict[str, str] = {}
+        """kind ("envelope" / "target") → command id currently standing for the utility."""
+        self.last_controls: EffectiveControls | None = None
+
+    @property
+    def _site(self) -> Target:
+        return Target(group_id=self.config.upstream_sep2.site_group)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.gateway.run(), name="edge-gateway")
+            await self.gateway.ready.wait()
+            async with self.client:
+                await wait_inside_task_group()
+
+    # ------------------------------------------------------------------ upstream → local
+    async def apply_controls(self, controls: EffectiveControls) -> None:
+        """Turn the controls in force upstream into local commands (idempotent per content)."""
+        self.last_controls = controls
+        now = utcnow()
+        end = controls.valid_until or controls.at + _HORIZON
+        end = max(end, now + timedelta(seconds=1))
+        imp = _tighter(controls.import_limit_kw, controls.load_limit_kw)
+        exp = _tighter(controls.export_limit_kw, controls.generation_limit_kw)
+        envelope: Command | None = None
+        if imp is not None or exp is not None:
+            envelope = OperatingEnvelope(
+                command_id=f"sep2-env-{_fingerprint(imp, exp, end)}",
+                program="utility-sep2-limits",
+                priority=UTILITY_PRIORITY,
+                target=self._site,
+                intervals=(
+                    EnvelopeInterval(start=now, end=end, import_limit_kw=imp, export_limit_kw=exp),
+                ),
+            )
+        target: Command | None = None
+        if controls.target_kw is not None:
+            target = Dispatch(
+                command_id=f"sep2-tgt-{_fingerprint(controls.target_kw, end)}",
+                program="utility-sep2-target",
+                priority=UTILITY_PRIORITY,
+                target=self._site,
+                mode=DispatchMode.TARGET,
+                kw=controls.target_kw,
+                start=now,
+                duration_s=max(1.0, (end - now).total_seconds()),
+            )
+        await self._stand("envelope", envelope)
+        await self._stand("target", target)
+
+    async def _stand(self, kind: str, command: Command | None) -> None:
+        previous = self._in_force.get(kind)
+        if command is not None and previous != command.command_id:
+            ack = await self._submit(command)
+            if ack is not None and ack not in (AckState.REJECTED,):
+                self._in_force[kind] = command.command_id
+            # The same program supersedes the previous one when the new one starts (now).
+            return
+        if command is None and previous is not None:
+            await self._submit(Cancel(command_id=f"{previous}-end", cancels=previous))
+            del self._in_force[kind]
+
+    async def _submit(self, command: Command) -> AckState | None:
+        try:
+            ack = await self.gateway.book.submit(command, utcnow())
+        except CommandRejected as exc:
+            log.warning("utility control %s not applied: %s", command.command_id, exc)
+            return None
+        if ack.state is AckState.REJECTED:
+            log.warning(
+                "utility control %s rejected: %s %s", command.command_id, ack.reason, ack.detail
+            )
+        self.gateway.wake_control()
+        return ack.state
+
+    # ------------------------------------------------------------------ local → upstream
+    def site_capability(self) -> DERCapability:
+        """The site's DERs seen as one: summed ratings (what the head end allocates against)."""
+        members = self.gateway.registry.members(self.config.upstream_sep2.site_group)
+        charge = sum(d.ratings.max_charge_kw for d in members)
+        discharge = sum(d.ratings.max_discharge_kw for d in members)
+        energy = sum(d.ratings.capacity_kwh for d in members)
+        return DERCapability(
+            # opModTargetW, opModFixedW, opModMaxLimW, gen/load and import/export limits
+            modes_supported=f"{_MODES_SUPPORTED:08X}",
+            type=_DER_TYPE_STORAGE,
+            rtg_max_w=from_watts(max(charge, discharge) * 1000),
+            rtg_max_charge_rate_w=from_watts(charge * 1000),
+            rtg_max_discharge_rate_w=from_watts(discharge * 1000),
+            rtg_max_wh=_watt_hours(energy * 1000),
+        )
+
+    async def site_status(self) -> DERStatus:
+        now = utcnow()
+        group = self.config.upstream_sep2.site_group
+        members = self.gateway.registry.members(group)
+        states = self.gateway.device_states(now)
+        energy = capacity = 0.0
+        for device in members:
+            state = states.get(device.device_id)
+            if state is not None and state.soc_pct is not None:
+                energy += state.soc_pct / 100 * device.ratings.capacity_kwh
+                capacity += device.ratings.capacity_kwh
+        soc = None
+        if capacity > 0:
+            soc = StateOfChargeStatus(
+                date_time=int(now.timestamp()), value=round(energy / capacity * 10_000)
+            )
+        return DERStatus(reading_time=int(now.timestamp()), state_of_charge_status=soc)
+
+    async def site_telemetry(self) -> TelemetrySample:
+        now = utcnow()
+        group = self.config.upstream_sep2.site_group
+        for telemetry in self.gateway.group_telemetry(now):
+            if telemetry.group_id == group:
+                return TelemetrySample(
+                    site_kw=telemetry.power_kw, der_kw=telemetry.power_kw, timestamp=now
+                )
+        return TelemetrySample(timestamp=now)
