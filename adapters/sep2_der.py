@@ -257,7 +257,28 @@ class Sep2Der:
         if command.device_id != self._device_id:
             raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
         if command.power_kw is None:
-            self._server.release(self._device_id)
+            if command.import_limit_kw is None and command.export_limit_kw is None:
+                self._server.release(self._device_id)
+                return
+            # Autonomous within limits: the device keeps its own mode, capped both ways.
+            try:
+                base = DERControlBase(
+                    op_mod_gen_lim_w=None
+                    if command.export_limit_kw is None
+                    else from_watts(command.export_limit_kw * 1000),
+                    op_mod_load_lim_w=None
+                    if command.import_limit_kw is None
+                    else from_watts(command.import_limit_kw * 1000),
+                )
+            except InvalidValue as exc:
+                raise UnsafeCommand(self._device_id, str(exc)) from exc
+            self._server.publish(
+                self._device_id,
+                base,
+                power_kw=None,
+                provenance=command.provenance,
+                description=_limits_text(command),
+            )
             return
         snap = self._server.snapshot(self._device_id)
         power_kw = self._checked_kw(command.power_kw, snap.capability)
@@ -269,3 +290,12 @@ class Sep2Der:
             provenance=command.provenance,
             description=f"setpoint {power_kw:+.3f} kW",
         )
+
+
+def _limits_text(command: DeviceCommand) -> str:
+    parts = []
+    if command.export_limit_kw is not None:
+        parts.append(f"export<={command.export_limit_kw:g} kW")
+    if command.import_limit_kw is not None:
+        parts.append(f"import<={command.import_limit_kw:g} kW")
+    return "limits " + " ".join(parts)

@@ -103,6 +103,10 @@ class _Discovered:
     max_charge_kw: float
     max_discharge_kw: float
     capacity_kwh: float | None
+    wmax_kw: float
+    """What 704 ``WMaxLimPct`` is a percentage of (702 ``WMaxRtg``, else the larger rating)."""
+    limit_enabled: bool
+    """704 ``WMaxLimPctEna`` as found at connect."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,8 @@ class SunSpecBattery:
             timeout_s=endpoint.timeout_s,
         )
         self._found: _Discovered | None = None
+        self._limit_on: bool | None = None  # None: unknown (after a connect), so clear it once
+        self._limit_pct: float | None = None
         self._setpoint: _Setpoint | None = None
 
     @property
@@ -191,11 +197,14 @@ class SunSpecBattery:
         """Open the transport, find the SunSpec map and learn ratings and scale factors."""
         self._found = None
         self._setpoint = None
+        self._limit_on = None
+        self._limit_pct = None
         with self._translate("connect"):
             await self._transport.connect()
         try:
             with self._translate("discover"):
                 self._found = await self._discover()
+            self._limit_on = self._found.limit_enabled
         except BaseException:
             await self._transport.close()
             raise
@@ -255,8 +264,11 @@ class SunSpecBattery:
         regs, offset = await self._read_model(measure, _M701, *sf_names_701)
         sfs_701 = decode_scale_factors(_M701, regs, start_offset=offset)
         sf_names_704 = [p.name for p in _M704.points.values() if p.type == "sunssf"]
-        regs, offset = await self._read_model(controls, _M704, *sf_names_704)
+        # One read from WMaxLimPctEna to the scale factors: it also tells whether a generation
+        # cap is in force, so a later setpoint knows whether it must lift it.
+        regs, offset = await self._read_model(controls, _M704, "WMaxLimPctEna", *sf_names_704)
         sfs_704 = decode_scale_factors(_M704, regs, start_offset=offset)
+        limit_enabled = decode_model(_M704, regs, start_offset=offset).get("WMaxLimPctEna")
         if sfs_701.get("W_SF") is None or sfs_704.get("WSet_SF") is None:
             raise DeviceProtocolError(self._device_id, "W_SF or WSet_SF not implemented")
 
@@ -309,6 +321,8 @@ class SunSpecBattery:
             max_charge_kw=charge_w / 1000,
             max_discharge_kw=discharge_w / 1000,
             capacity_kwh=None if wh is None else wh / 1000,
+            wmax_kw=(wmax if wmax is not None else max(charge_w, discharge_w)) / 1000,
+            limit_enabled=limit_enabled == _ENABLED,
         )
 
     def _require(self) -> _Discovered:
@@ -400,8 +414,10 @@ class SunSpecBattery:
         power_kw: float | None = None
         if command.power_kw is None:
             values: dict[str, PointValue | None] = {"WSetEna": _DISABLED}
+            await self._write_limit(found, command.export_limit_kw, command.import_limit_kw)
         else:
             power_kw = self._checked_kw(found, command.power_kw)
+            await self._write_limit(found, None, None)
             values = {
                 "WSetEna": _ENABLED,
                 "WSetMod": _MODE_WATTS,
@@ -422,6 +438,44 @@ class SunSpecBattery:
             for offset, regs in runs:
                 await self._transport.write_registers(found.controls.address + offset, regs)
         self._setpoint = _Setpoint(power_kw, time.monotonic() + self._endpoint.setpoint_revert_s)
+
+    async def _write_limit(
+        self, found: _Discovered, export_kw: float | None, import_kw: float | None
+    ) -> None:
+        """Cap an autonomous battery with 704 ``WMaxLimPct`` (a percentage of WMax).
+
+        SunSpec has one symmetric cap, so the tighter of the export and import limits is
+        written. No reversion: a safety limit must not lapse because the gateway went quiet.
+        """
+        caps = [x for x in (export_kw, import_kw) if x is not None]
+        pct: float | None = None
+        if not caps:
+            if self._limit_on is False:
+                return  # already off: no write
+            values: dict[str, PointValue | None] = {"WMaxLimPctEna": _DISABLED}
+        else:
+            limit_kw = min(caps)
+            if not math.isfinite(limit_kw) or limit_kw < 0:
+                raise UnsafeCommand(self._device_id, f"limit {limit_kw} kW is not valid")
+            pct = min(100.0, limit_kw / found.wmax_kw * 100)
+            if self._limit_on and self._limit_pct is not None and abs(pct - self._limit_pct) < 0.05:
+                return  # the same cap is in force
+            values = {
+                "WMaxLimPctEna": _ENABLED,
+                "WMaxLimPct": pct,
+                "WMaxLimPctRvrt": pct,
+                "WMaxLimPctEnaRvrt": _ENABLED,
+                "WMaxLimPctRvrtTms": 0,
+            }
+        try:
+            runs = encode_points(_M704, values, found.sfs_704)
+        except ValueOutOfRange as exc:
+            raise UnsafeCommand(self._device_id, str(exc)) from exc
+        with self._translate("apply"):
+            for offset, regs in runs:
+                await self._transport.write_registers(found.controls.address + offset, regs)
+        self._limit_on = bool(caps)
+        self._limit_pct = pct
 
     # ----------------------------------------------------------------------- diagnostics
 

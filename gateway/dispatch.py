@@ -156,10 +156,21 @@ def plan(
     )
     # Two passes: pulling exports in can only raise imports and vice versa, so a second pass
     # settles any nested envelopes (a feeder inside a substation) that the first pass disturbed.
+    limits: dict[str, _Limits] = {}
     for _ in range(2):
         for entry in envelopes:
             assert isinstance(entry.command, OperatingEnvelope)
-            _apply_envelope(now, entry.command, registry, states, slots, result)
+            _apply_envelope(now, entry.command, registry, slots, limits, result)
+    for device_id, limit in limits.items():
+        if device_id in slots:
+            continue
+        result.setpoints[device_id] = DeviceCommand(
+            device_id=device_id,
+            power_kw=None,
+            import_limit_kw=limit.import_kw,
+            export_limit_kw=limit.export_kw,
+            provenance=tuple(LimitSource(command_id=c, kind="envelope") for c in limit.sources),
+        )
 
     requested_by_command: dict[str, list[Allocation]] = {}
     for device_id, slot in slots.items():
@@ -262,45 +273,75 @@ def _plan_dispatch(
         holder[did] = command.command_id
 
 
+@dataclass(slots=True)
+class _Limits:
+    """Standing limits on an autonomous device, from every envelope that covers it."""
+
+    import_kw: float | None = None
+    export_kw: float | None = None
+    sources: list[str] = field(default_factory=list)
+
+    def tighten(self, source: str, import_kw: float | None, export_kw: float | None) -> None:
+        if import_kw is not None:
+            self.import_kw = import_kw if self.import_kw is None else min(self.import_kw, import_kw)
+        if export_kw is not None:
+            self.export_kw = export_kw if self.export_kw is None else min(self.export_kw, export_kw)
+        if source not in self.sources:
+            self.sources.append(source)
+
+
 def _apply_envelope(
     now: datetime,
     command: OperatingEnvelope,
     registry: Registry,
-    states: Mapping[str, DeviceState | None],
     slots: dict[str, _Slot],
+    limits: dict[str, _Limits],
     result: Plan,
 ) -> None:
+    """Keep the group's net power inside the envelope.
+
+    Devices under a setpoint are scaled back (the envelope wins over dispatch). Devices running
+    on their own get a standing share of what is left, in proportion to their ratings: a limit
+    that does not depend on their measured power, so it holds steadily instead of being imposed
+    and lifted in turn as the device obeys.
+    """
     interval = command.interval_at(now)
     if interval is None:
         return
-    result.envelopes[command.command_id] = (interval.import_limit_kw, interval.export_limit_kw)
-    values: dict[str, float] = {}
-    for device in target_devices(registry, command.target):
-        did = device.device_id
-        if did in slots:
-            values[did] = slots[did].kw
-        elif (state := states.get(did)) is not None:
-            values[did] = state.power_kw  # autonomous device: its measured power counts too
-    net = sum(values.values())
-    if interval.export_limit_kw is not None and net < -interval.export_limit_kw - _EPS:
-        _scale_side(values, net, -interval.export_limit_kw, exporting=True)
-    elif interval.import_limit_kw is not None and net > interval.import_limit_kw + _EPS:
-        _scale_side(values, net, interval.import_limit_kw, exporting=False)
-    else:
-        return
-    for did, kw in values.items():
-        slot = slots.get(did)
-        if slot is None:
-            current = states[did].power_kw  # type: ignore[union-attr]
-            if abs(kw - current) <= _EPS:
-                continue
-            slot = _Slot(command.command_id, "envelope", current, kw)
-            slots[did] = slot
-        elif abs(kw - slot.kw) <= _EPS:
+    imp, exp = interval.import_limit_kw, interval.export_limit_kw
+    result.envelopes[command.command_id] = (imp, exp)
+    members = target_devices(registry, command.target)
+    controlled = {d.device_id: slots[d.device_id].kw for d in members if d.device_id in slots}
+    autonomous = [d for d in members if d.device_id not in slots]
+    net = sum(controlled.values())
+    scaled = dict(controlled)
+    if exp is not None and net < -exp - _EPS:
+        _scale_side(scaled, net, -exp, exporting=True)
+    elif imp is not None and net > imp + _EPS:
+        _scale_side(scaled, net, imp, exporting=False)
+    for did, kw in scaled.items():
+        slot = slots[did]
+        if abs(kw - slot.kw) <= _EPS:
             continue
         slot.kw = kw
         if command.command_id not in slot.limited_by:
             slot.limited_by.append(command.command_id)
+    if not autonomous:
+        return
+    net = sum(scaled.values())
+    # What the controlled devices leave of each limit (their net flow counts against it).
+    exp_room = None if exp is None else max(0.0, exp + min(net, 0.0))
+    imp_room = None if imp is None else max(0.0, imp - max(net, 0.0))
+    dis = sum(d.ratings.max_discharge_kw for d in autonomous)
+    cha = sum(d.ratings.max_charge_kw for d in autonomous)
+    for device in autonomous:
+        own_exp = None if exp_room is None else exp_room * device.ratings.max_discharge_kw / dis
+        own_imp = None if imp_room is None else imp_room * device.ratings.max_charge_kw / cha
+        limits.setdefault(device.device_id, _Limits()).tighten(
+            command.command_id,
+            None if own_imp is None else round(own_imp, 4),
+            None if own_exp is None else round(own_exp, 4),
+        )
 
 
 def _scale_side(values: dict[str, float], net: float, limit: float, *, exporting: bool) -> None:

@@ -454,11 +454,23 @@ class LimitSource(Frozen):
 
 
 class DeviceCommand(Frozen):
-    """The single instruction a device adapter applies: one setpoint with its provenance."""
+    """The single instruction a device adapter applies, with its provenance.
+
+    Either a setpoint (``power_kw``), or autonomous operation (``power_kw`` None) within
+    optional limits: an operating envelope over a group becomes a standing per-device share of
+    it for the devices that run on their own, so the limit holds without the gateway chasing
+    their measured power (which would flap on and off as the device obeys).
+    """
 
     device_id: Identifier
     power_kw: float | None = Field(
         description="Setpoint (load convention); None returns the device to autonomous operation"
+    )
+    import_limit_kw: float | None = Field(
+        default=None, ge=0, description="While autonomous: never import (consume) more than this"
+    )
+    export_limit_kw: float | None = Field(
+        default=None, ge=0, description="While autonomous: never export (generate) more than this"
     )
     provenance: tuple[LimitSource, ...] = ()
 

@@ -337,3 +337,34 @@ def test_endpoint_validation() -> None:
         None,
         300,
     )
+
+
+async def test_autonomous_limits_use_wmaxlimpct_and_a_setpoint_lifts_them(
+    sim: SunSpecBatterySimulator, battery: SunSpecBattery
+) -> None:
+    ena = _ctl_address(battery, "WMaxLimPctEna")
+    # WMax of this battery is its 5 kW discharge rating: a 2 kW cap is 40 % (WMaxLimPct_SF -1).
+    await battery.apply(DeviceCommand(device_id="bat-1", power_kw=None, export_limit_kw=2.0))
+    assert sim.read_registers(ena, 2) == [1, 400]
+    assert not sim.wset_enabled
+    writes = sim.write_count
+    # The same cap again: nothing to write.
+    await battery.apply(DeviceCommand(device_id="bat-1", power_kw=None, export_limit_kw=2.0))
+    assert sim.write_count == writes + 1  # only the WSetEna release, not the cap
+    # A setpoint takes over: the cap is lifted so it cannot clip the setpoint.
+    await battery.apply(cmd(-4.0))
+    assert sim.read_registers(ena, 1) == [0]
+    await eventually(lambda: sim.power_kw == -4.0)
+    # The model refuses a non-finite limit; the adapter refuses it again (defence in depth) and
+    # writes nothing.
+    writes = sim.write_count
+    bad = DeviceCommand.model_construct(
+        device_id="bat-1",
+        power_kw=None,
+        import_limit_kw=None,
+        export_limit_kw=float("nan"),
+        provenance=(),
+    )
+    with pytest.raises(UnsafeCommand):
+        await battery.apply(bad)
+    assert sim.write_count == writes

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,9 +44,17 @@ async def _run(task_name: str, coro: object, stack: contextlib.AsyncExitStack) -
     stack.push_async_callback(stop)
 
 
-async def test_grid_command_reaches_a_site_battery_through_2030_5_over_mutual_tls(
-    broker_endpoint: BrokerEndpoint, tmp_path: Path
-) -> None:
+@dataclass
+class Site:
+    head_end: Gateway
+    edge: EdgeAgent
+    battery: SunSpecBatterySimulator
+    grid: GridDermsClient  # Grid DERMS, talking to the head end
+    local: GridDermsClient  # a site controller, talking to the edge agent's own MQTT
+
+
+@pytest.fixture
+async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator[Site]:
     pki = tmp_path / "pki"
     ca = make_ca(pki)
     server_cert = make_cert(ca, pki, "head-end", server=True, hosts=("127.0.0.1",))
@@ -140,6 +150,14 @@ async def test_grid_command_reaches_a_site_battery_through_2030_5_over_mutual_tl
                 protocol=broker_endpoint.protocol,
             )
         )
+        local = await stack.enter_async_context(
+            GridDermsClient(
+                broker_endpoint.host,
+                broker_endpoint.port,
+                "site-1-edge",
+                protocol=broker_endpoint.protocol,
+            )
+        )
         await _run("head-end", head_end.run(), stack)
         await eventually(
             lambda: head_end.sep2_server is not None and head_end.sep2_server.running,
@@ -147,55 +165,109 @@ async def test_grid_command_reaches_a_site_battery_through_2030_5_over_mutual_tl
             "head-end 2030.5 server up",
         )
         await _run("edge", edge.run(), stack)
-
         # The site posts its telemetry and SoC upstream, so the head end can count on it.
         await eventually(
             lambda: head_end.supervisors["site-1"].available,
             15,
             "site-1 reporting to the head end over mutual TLS",
         )
-        state = head_end.supervisors["site-1"].latest
-        assert state is not None
-        assert state.soc_pct == pytest.approx(70, abs=1)
+        yield Site(head_end, edge, battery, grid, local)
 
-        await grid.send(
-            {
-                "type": "dispatch",
-                "command_id": "north-shed",
-                "kw": -3.0,
-                "target": {"group_id": "feeder:north-f1"},
-                "start": iso(0.1),
-                "duration_s": 60,
-            }
-        )
-        ack = await grid.wait_for_state("north-shed", AckState.ACTIVE, 5)
-        assert [a.device_id for a in ack.allocations] == ["site-1"]
 
-        # ... becomes a DERControl the edge agent polls, a local dispatch, and a Modbus write.
-        await eventually(
-            lambda: battery.wset_enabled and battery.power_kw == pytest.approx(-3.0, abs=0.05),
-            10,
-            "the site battery discharging 3 kW",
-        )
-        controls = edge.last_controls
-        assert controls is not None
-        assert controls.target_kw == pytest.approx(-3.0)
-        assert controls.generation_limit_kw == pytest.approx(3.0)
+async def test_grid_dispatch_reaches_a_site_battery_through_2030_5_over_mutual_tls(
+    site: Site,
+) -> None:
+    state = site.head_end.supervisors["site-1"].latest
+    assert state is not None
+    assert state.soc_pct == pytest.approx(70, abs=1)
 
-        # The head end sees the site's response in its own telemetry.
-        await eventually(
-            lambda: (
-                (s := head_end.supervisors["site-1"].latest) is not None
-                and s.power_kw == pytest.approx(-3.0, abs=0.2)
-            ),
-            10,
-            "site power mirrored upstream",
-        )
+    await site.grid.send(
+        {
+            "type": "dispatch",
+            "command_id": "north-shed",
+            "kw": -3.0,
+            "target": {"group_id": "feeder:north-f1"},
+            "start": iso(0.1),
+            "duration_s": 60,
+        }
+    )
+    ack = await site.grid.wait_for_state("north-shed", AckState.ACTIVE, 5)
+    assert [a.device_id for a in ack.allocations] == ["site-1"]
 
-        await grid.send({"type": "cancel", "command_id": "north-shed-end", "cancels": "north-shed"})
-        await grid.wait_for_state("north-shed", AckState.CANCELLED, 5)
-        await eventually(
-            lambda: not battery.wset_enabled or battery.power_kw == 0,
-            10,
-            "the site battery released",
-        )
+    # ... becomes a DERControl the edge agent polls, a local dispatch, and a Modbus write.
+    battery = site.battery
+    await eventually(
+        lambda: battery.wset_enabled and battery.power_kw == pytest.approx(-3.0, abs=0.05),
+        10,
+        "the site battery discharging 3 kW",
+    )
+    controls = site.edge.last_controls
+    assert controls is not None
+    assert controls.target_kw == pytest.approx(-3.0)
+    assert controls.generation_limit_kw == pytest.approx(3.0)
+    # The head end sees the site's response in its own telemetry.
+    await eventually(
+        lambda: (
+            (s := site.head_end.supervisors["site-1"].latest) is not None
+            and s.power_kw == pytest.approx(-3.0, abs=0.2)
+        ),
+        10,
+        "site power mirrored upstream",
+    )
+    await site.grid.send(
+        {"type": "cancel", "command_id": "north-shed-end", "cancels": "north-shed"}
+    )
+    await site.grid.wait_for_state("north-shed", AckState.CANCELLED, 5)
+    await eventually(
+        lambda: not battery.wset_enabled or battery.power_kw == 0, 10, "the site battery released"
+    )
+
+
+async def test_grid_envelope_caps_a_site_already_discharging_for_a_local_program(
+    site: Site,
+) -> None:
+    battery = site.battery
+    # The site's own controller runs the battery for self-consumption: 4 kW export.
+    await site.local.send(
+        {
+            "type": "dispatch",
+            "command_id": "self-consumption",
+            "kw": -4.0,
+            "target": {"group_id": "substation:site-1"},
+            "start": iso(0.1),
+            "duration_s": 120,
+            "program": "site",
+        }
+    )
+    await eventually(
+        lambda: battery.power_kw == pytest.approx(-4.0, abs=0.05), 10, "local program running"
+    )
+    await eventually(
+        lambda: (
+            (s := site.head_end.supervisors["site-1"].latest) is not None
+            and s.power_kw == pytest.approx(-4.0, abs=0.2)
+        ),
+        10,
+        "the head end sees the site exporting 4 kW",
+    )
+    # Grid DERMS: this feeder may export at most 2.5 kW for the next minute.
+    await site.grid.send(
+        {
+            "type": "envelope",
+            "command_id": "doe-north-f1",
+            "target": {"group_id": "feeder:north-f1"},
+            "intervals": [{"start": iso(-1), "end": iso(60), "export_limit_kw": 2.5}],
+        }
+    )
+    await site.grid.wait_for_state("doe-north-f1", AckState.ACTIVE, 5)
+    await eventually(
+        lambda: battery.power_kw == pytest.approx(-2.5, abs=0.05),
+        10,
+        "the site battery held to the feeder's export limit",
+    )
+    # The limit wins over the site's own program, and keeps winning.
+    for _ in range(5):
+        await asyncio.sleep(0.3)
+        assert battery.power_kw >= -2.5 - 0.05
+    local_ack = site.local.observed.acks["self-consumption"][-1]
+    assert local_ack.state is AckState.ACTIVE

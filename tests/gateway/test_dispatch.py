@@ -154,17 +154,59 @@ def test_envelope_clips_dispatch_and_wins() -> None:
     assert any(src.command_id == "e1" for src in p.setpoints["b1"].provenance)
 
 
-def test_envelope_limits_autonomous_devices_too() -> None:
-    # No dispatch: two batteries export on their own (self-consumption), 4 kW each.
-    reg = Registry([battery(1), battery(2)])
-    states = {"b1": state("b1", power=-4.0), "b2": state("b2", power=-4.0)}
+def test_envelope_gives_autonomous_devices_standing_limits() -> None:
+    # No dispatch: two batteries run on their own (self-consumption). The envelope becomes a
+    # standing export limit on each, shared by rating, whatever they happen to measure now:
+    # the same plan whether they export 4 kW each or nothing.
+    reg = Registry([battery(1, kw=5), battery(2, kw=10)])
     env = OperatingEnvelope(
         command_id="e1",
         target=Target(device_ids=("b1", "b2")),
-        intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=2.0),),
+        intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=3.0),),
     )
-    p = plan(NOW, reg, states, [ActiveCommand(env, 1)])
-    assert sum(sp.power_kw or 0 for sp in p.setpoints.values()) == pytest.approx(-2.0)
+    for power in (-4.0, 0.0):
+        states = {"b1": state("b1", power=power), "b2": state("b2", power=power)}
+        p = plan(NOW, reg, states, [ActiveCommand(env, 1)])
+        assert p.setpoints["b1"].power_kw is None
+        assert p.setpoints["b1"].export_limit_kw == pytest.approx(1.0)
+        assert p.setpoints["b2"].export_limit_kw == pytest.approx(2.0)
+        assert p.setpoints["b2"].import_limit_kw is None
+        assert p.setpoints["b1"].provenance[0].command_id == "e1"
+
+
+def test_autonomous_limits_leave_room_for_dispatched_devices() -> None:
+    reg = Registry([battery(1), battery(2), battery(3)])
+    states = {d: state(d) for d in ("b1", "b2", "b3")}
+    env = OperatingEnvelope(
+        command_id="e1",
+        target=Target(group_id="feeder:f1"),
+        intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=6.0),),
+    )
+    # b1 is dispatched at -4 kW; b2 and b3 share the remaining 2 kW of export.
+    setpoint = DeviceSetpoint(command_id="sp", device_id="b1", kw=-4.0, start=NOW, duration_s=60)
+    p = plan(NOW, reg, states, [ActiveCommand(setpoint, 1), ActiveCommand(env, 2)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-4.0)
+    assert p.setpoints["b2"].export_limit_kw == pytest.approx(1.0)
+    assert p.setpoints["b3"].export_limit_kw == pytest.approx(1.0)
+
+
+def test_nested_envelopes_keep_the_tighter_limit() -> None:
+    reg = Registry([battery(1), battery(2, feeder="f2")])
+    states = {d: state(d) for d in ("b1", "b2")}
+    wide = OperatingEnvelope(
+        command_id="sub",
+        target=Target(group_id="substation:s1"),
+        intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=8),),
+    )
+    narrow = OperatingEnvelope(
+        command_id="f1",
+        target=Target(group_id="feeder:f1"),
+        intervals=(EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=1),),
+    )
+    p = plan(NOW, reg, states, [ActiveCommand(wide, 1), ActiveCommand(narrow, 2)])
+    assert p.setpoints["b1"].export_limit_kw == pytest.approx(1.0)
+    assert p.setpoints["b2"].export_limit_kw == pytest.approx(4.0)
+    assert {s.command_id for s in p.setpoints["b1"].provenance} == {"sub", "f1"}
 
 
 def test_import_envelope_clips_charging() -> None:
