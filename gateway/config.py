@@ -16,6 +16,7 @@ from adapters.sep2_der import Sep2DerEndpoint
 from adapters.sunspec_battery import SunSpecEndpoint
 from gateway.model import DerClass, Device, Group, Identifier
 from gateway.openadr_ven import OpenAdrVenConfig
+from gateway.openadr_vtn import OpenAdrVtnConfig
 from gateway.sep2_server import Sep2ServerConfig
 
 
@@ -115,6 +116,11 @@ class GatewayConfig(Section):
     sep2_server: Sep2ServerConfig | None = Field(
         default=None, description="Host an IEEE 2030.5 server for DER clients ('sep2_der' devices)"
     )
+    openadr_vtn: OpenAdrVtnConfig | None = Field(
+        default=None,
+        description="Host an OpenADR 2.0b VTN that OEM clouds join as VENs; their reported "
+        "resources become devices",
+    )
     openadr_ven: OpenAdrVenConfig | None = Field(
         default=None, description="Take orders from a utility's OpenADR 2.0b VTN as a VEN"
     )
@@ -180,6 +186,14 @@ class GatewayConfig(Section):
             update["openadr_ven"] = self.openadr_ven.model_copy(
                 update=rebase(base, self.openadr_ven, "store_path")
             )
+        vtn = self.openadr_vtn
+        if vtn is not None:
+            vtn_update: dict[str, object] = dict(rebase(base, vtn, "store_path"))
+            if vtn.tls is not None:
+                vtn_update["tls"] = vtn.tls.model_copy(
+                    update=rebase(base, vtn.tls, "cert_path", "key_path", "ca_path")
+                )
+            update["openadr_vtn"] = vtn.model_copy(update=vtn_update)
         if self.sep2_server is not None and self.sep2_server.tls is not None:
             tls = self.sep2_server.tls
             tls = tls.model_copy(update=rebase(base, tls, "cert_file", "key_file", "ca_file"))

@@ -40,6 +40,7 @@ from gateway.model import (
 )
 from gateway.northbound import Northbound, Outgoing, ReplyTo
 from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
+from gateway.openadr_vtn import OpenAdrVtn
 from gateway.registry import Registry
 from gateway.sep2_server import Sep2Server
 from gateway.store import CommandStore
@@ -128,6 +129,9 @@ class Gateway:
                 telemetry=self.group_telemetry,
                 capacity=capacity_from_registry(self.registry),
             )
+        self.openadr_vtn: OpenAdrVtn | None = None
+        if config.openadr_vtn is not None:
+            self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self)
         self.plan = dispatch.Plan()
         self._refusals: list[_Refusal] = []
         self.ready = asyncio.Event()
@@ -150,6 +154,8 @@ class Gateway:
                     tg.create_task(self.openadr_ven.run(), name="openadr-ven")
                 if self.sep2_server is not None:
                     tg.create_task(self.sep2_server.run(), name="sep2-server")
+                if self.openadr_vtn is not None:
+                    tg.create_task(self.openadr_vtn.run(), name="openadr-vtn")
                 self.ready.set()
                 try:
                     await wait_inside_task_group()

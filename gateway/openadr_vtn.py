@@ -1,0 +1,1063 @@
+"""The gateway as an OpenADR 2.0b VTN that OEM clouds join as VENs.
+
+Each resource an OEM cloud lists in its METADATA report becomes a device in the gateway's
+registry (``Registrar.add_device``) with an :class:`adapters.oadr_resource.OadrResource`, so the
+planner allocates group dispatches and envelopes over OEM resources exactly as over Modbus
+batteries. A setpoint for such a device becomes an event for its VEN (new, modified or
+cancelled: :func:`protocols.openadr.vtn_events.plan_event`); an opt-out comes back as
+``Registrar.report_refusal`` so the planner re-allocates to other resources.
+
+openleadr's ``OpenADRServer`` provides the HTTP routes, schema validation and message rendering,
+but its VTN only queues events: it has no route for EiOpt, handles only the two telemetry report
+kinds through callbacks it keeps in memory, always answers registration with code 200 (even a
+refusal) and keeps everything in memory. So this service owns the behaviour:
+
+* an aiohttp middleware in front of openleadr admits requests: size limit, no DTD, and for
+  ``oadrCreatePartyRegistration`` the VEN name (and, with TLS, its certificate fingerprint) must
+  be configured; a refusal is a proper ``oadrCreatedPartyRegistration`` with code 463, logged;
+* ``on_poll`` (openleadr's external polling mode) serves our own per-VEN queue: re-registration
+  requests, report requests (one ``oadrCreateReport`` per report), and the event distribution
+  whenever an event changed;
+* the event-response, report and registration handlers are replaced with ours, which see whole
+  payloads (openleadr's external mode would drop the modification number of an opt response);
+* registrations, resources and issued events live in SQLite, so after a restart the devices are
+  in the registry before their VEN polls again and the VEN is sent its events once more (a
+  2.0b VEN handles the repeat idempotently).
+
+Nothing openleadr configures on its service *classes* (message signing, ``ven_lookup``) is used
+as class state: we set it on this server's instances, so a second openleadr server in the same
+process (tests, or a VEN bench) is unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import ssl
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Protocol
+from xml.sax.saxutils import escape
+
+import aiosqlite
+from aiohttp import web
+from openleadr import OpenADRServer  # type: ignore[import-untyped]
+from openleadr.messaging import create_message  # type: ignore[import-untyped]
+from openleadr.utils import certificate_fingerprint_from_der  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapters.base import AdapterError, DeviceAdapter, DeviceRejected
+from adapters.oadr_resource import OadrResource, ResourceTelemetry
+from gateway.aio import wait_inside_task_group
+from gateway.model import (
+    BatteryRatings,
+    DerClass,
+    Device,
+    DeviceCommand,
+    Identifier,
+    TopologyLocation,
+    utcnow,
+)
+from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
+from protocols.openadr.vtn_events import (
+    IssuedEvent,
+    ResourceDescriptor,
+    ResourceIdError,
+    VtnProgram,
+    event_payload,
+    is_live,
+    parse_resource_id,
+    plan_event,
+)
+
+__all__ = [
+    "TLS_CIPHERS",
+    "AllowedVen",
+    "OpenAdrVtn",
+    "OpenAdrVtnConfig",
+    "Registrar",
+    "ResourceRecord",
+    "VenRegistration",
+    "VtnStore",
+    "VtnTlsConfig",
+    "fingerprint_of_der",
+]
+
+log = logging.getLogger(__name__)
+
+#: OpenADR 2.0b's TLS 1.2 suites (ECDSA first: the profile prefers P-256 certificates).
+TLS_CIPHERS: Final = "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"
+_NOT_AUTHORIZED: Final = 463
+_FINGERPRINT: Final = r"^([0-9A-Fa-f]{2}:){9}[0-9A-Fa-f]{2}$"
+_MAX_EVENTS_PER_DISTRIBUTION: Final = 500
+_CLOCK_SKEW_S: Final = 120.0
+
+
+def fingerprint_of_der(der: bytes) -> str:
+    """OpenADR's certificate fingerprint: the last 10 bytes of SHA-256(DER), colon-separated."""
+    return str(certificate_fingerprint_from_der(der))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class VtnTlsConfig(_Section):
+    """Mutual TLS: our certificate and the CA that signs the VENs' certificates."""
+
+    cert_path: Path
+    key_path: Path
+    ca_path: Path
+    sign_messages: bool = Field(
+        default=False, description="Sign outgoing messages (XML signature) with this key"
+    )
+    require_signatures: bool = Field(
+        default=False, description="Refuse VEN messages without a valid XML signature"
+    )
+
+
+class AllowedVen(_Section):
+    """One OEM cloud allowed to register."""
+
+    ven_name: Identifier = Field(description="The VEN's oadrVenName; prefixes its device ids")
+    fingerprint: str | None = Field(
+        default=None, pattern=_FINGERPRINT, description="Required with TLS"
+    )
+    location: TopologyLocation | None = Field(
+        default=None, description="For resources whose id carries no location"
+    )
+    program: VtnProgram = VtnProgram()
+    programs: dict[DerClass, VtnProgram] = Field(
+        default_factory=dict, description="Per DER class, overriding 'program'"
+    )
+    max_resources: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    def program_for(self, der_class: DerClass) -> VtnProgram:
+        return self.programs.get(der_class, self.program)
+
+
+class OpenAdrVtnConfig(_Section):
+    vtn_id: str = Field(default="derms-vtn", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="0: any free port (tests)")
+    path_prefix: str = "/OpenADR2/Simple/2.0b"
+    tls: VtnTlsConfig | None = None
+    allow_plain_http: bool = Field(
+        default=False, description="Serve without TLS (development only)"
+    )
+    vens: tuple[AllowedVen, ...] = Field(min_length=1)
+    store_path: Path = Path("derms-openadr-vtn.sqlite")
+    poll_interval_s: int = Field(default=10, ge=1, le=3600, description="Asked of every VEN")
+    report_interval_s: int = Field(default=10, ge=1, le=3600, description="Telemetry period")
+    stale_after_s: float = Field(default=60.0, gt=0, description="Telemetry older is stale")
+    offline_after_s: float = Field(
+        default=60.0, gt=0, description="A VEN silent this long is unavailable"
+    )
+    retention_s: float = Field(default=86_400.0, gt=0, description="Keep ended events this long")
+    max_message_bytes: int = Field(default=1_000_000, ge=10_000, le=1_048_576)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpenAdrVtnConfig:
+        problems = []
+        if self.tls is None and not self.allow_plain_http:
+            problems.append("no [tls] section: set allow_plain_http = true (development only)")
+        if self.tls is not None:
+            problems.extend(
+                f"VEN {v.ven_name!r} needs a fingerprint with TLS"
+                for v in self.vens
+                if not v.fingerprint
+            )
+        names = [v.ven_name for v in self.vens]
+        if len(set(names)) != len(names):
+            problems.append("ven_name values are not unique")
+        if self.stale_after_s <= self.report_interval_s:
+            problems.append("stale_after_s must be longer than report_interval_s")
+        if self.offline_after_s <= self.poll_interval_s:
+            problems.append("offline_after_s must be longer than poll_interval_s")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def ven(self, ven_name: str) -> AllowedVen | None:
+        return next((v for v in self.vens if v.ven_name == ven_name), None)
+
+
+# --------------------------------------------------------------------------- the gateway side
+
+
+class Registrar(Protocol):
+    """What the VTN needs from the gateway core (``gateway.core.Gateway`` provides both)."""
+
+    def add_device(self, device: Device, adapter: DeviceAdapter) -> None: ...
+
+    def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None: ...
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+class VenRegistration(_Section):
+    ven_name: str
+    ven_id: str
+    registration_id: str | None
+    registered_at: datetime
+
+
+class ResourceRecord(_Section):
+    """A resource a VEN described, and which report values belong to it."""
+
+    device_id: str
+    ven_name: str
+    resource_id: str
+    usage_rid: str | None = None
+    usage_specifier: str | None = None
+    usage_factor_kw: float = 1.0
+    status_rid: str | None = None
+    status_specifier: str | None = None
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vtn_vens (ven_name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vtn_resources (device_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vtn_events (event_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+"""
+
+
+class VtnStore:
+    """Registrations, resources and issued events, one JSON row each."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def __aenter__(self) -> VtnStore:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self._path)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.executescript(_SCHEMA)
+            await db.commit()
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("VTN store is not open")
+        return self._db
+
+    async def _rows(self, table: str) -> list[str]:
+        async with self.db.execute(f"SELECT record FROM {table}") as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def load(
+        self,
+    ) -> tuple[list[VenRegistration], list[ResourceRecord], list[IssuedEvent]]:
+        vens = [VenRegistration.model_validate_json(r) for r in await self._rows("vtn_vens")]
+        resources = [
+            ResourceRecord.model_validate_json(r) for r in await self._rows("vtn_resources")
+        ]
+        events = [IssuedEvent.model_validate_json(r) for r in await self._rows("vtn_events")]
+        return vens, resources, events
+
+    async def save_ven(self, ven: VenRegistration) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO vtn_vens (ven_name, record) VALUES (?, ?)",
+            (ven.ven_name, ven.model_dump_json()),
+        )
+        await self.db.commit()
+
+    async def save_resources(self, resources: list[ResourceRecord]) -> None:
+        await self.db.executemany(
+            "INSERT OR REPLACE INTO vtn_resources (device_id, record) VALUES (?, ?)",
+            [(r.device_id, r.model_dump_json()) for r in resources],
+        )
+        await self.db.commit()
+
+    async def save_event(self, event: IssuedEvent) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO vtn_events (event_id, record) VALUES (?, ?)",
+            (event.event_id, event.model_dump_json()),
+        )
+        await self.db.commit()
+
+    async def delete_events(self, event_ids: list[str]) -> None:
+        await self.db.executemany(
+            "DELETE FROM vtn_events WHERE event_id = ?", [(e,) for e in event_ids]
+        )
+        await self.db.commit()
+
+
+# --------------------------------------------------------------------------- runtime state
+
+
+@dataclass(slots=True)
+class _Telemetry:
+    power_kw: float | None = None
+    power_at: datetime | None = None
+    soc_pct: float | None = None
+    soc_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class _Session:
+    """What one VEN is owed on its next polls; rebuilt at start, not persisted."""
+
+    last_seen: datetime | None = None
+    events_dirty: bool = True
+    outbox: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
+
+
+def _power_factor_kw(measurement: object) -> float | None:
+    """kW per reported unit of a usage description, or None when it is not real power."""
+    if not isinstance(measurement, Mapping):
+        return None
+    unit = str(measurement.get("unit") or "")
+    base = {"W": 1e-3, "kW": 1.0, "MW": 1e3}.get(unit)
+    if base is None:
+        return None
+    scale = {"none": 1.0, "k": 1e3, "M": 1e6, "m": 1e-3, None: 1.0, "": 1.0}.get(
+        measurement.get("scale")
+    )
+    return None if scale is None else base * scale
+
+
+def _text(value: object) -> str:
+    """openleadr renders with jinja without autoescaping: escape what we echo back."""
+    return escape(str(value))
+
+
+def _as_list(value: object) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+class OpenAdrVtn:
+    """The VTN service. Run :meth:`run` inside the gateway's task group; cancel it to stop."""
+
+    def __init__(
+        self,
+        config: OpenAdrVtnConfig,
+        *,
+        registrar: Registrar,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self._registrar = registrar
+        self._clock = clock
+        self._store = VtnStore(config.store_path)
+        self.registrations: dict[str, VenRegistration] = {}
+        self.resources: dict[str, ResourceRecord] = {}
+        self.adapters: dict[str, OadrResource] = {}
+        self.events: dict[str, IssuedEvent] = {}
+        self._by_device: dict[str, str] = {}
+        self._by_rid: dict[tuple[str, str], tuple[str, str]] = {}
+        self._telemetry: dict[str, _Telemetry] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._lock = asyncio.Lock()
+        self._refused_logged: set[tuple[str, str]] = set()
+        self.ready = asyncio.Event()
+        self.port: int | None = None
+        """The port actually bound (useful with ``port = 0``)."""
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        quiet_openleadr()
+        async with self._store:
+            await self._load()
+            server = self._build_server()
+            runner = web.AppRunner(server.app, access_log=None, handle_signals=False)
+            await runner.setup()
+            try:
+                site = web.TCPSite(
+                    runner, self.config.host, self.config.port, ssl_context=self._ssl_context()
+                )
+                await site.start()
+                self.port = _bound_port(runner)
+                scheme = "https" if self.config.tls else "http"
+                log.info(
+                    "OpenADR VTN %s listening on %s://%s:%s%s",
+                    self.config.vtn_id,
+                    scheme,
+                    self.config.host,
+                    self.port,
+                    self.config.path_prefix,
+                )
+                self.ready.set()
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._housekeeping(), name="openadr-vtn:housekeeping")
+                    await wait_inside_task_group()
+            finally:
+                self.ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await runner.cleanup()
+
+    async def _load(self) -> None:
+        vens, resources, events = await self._store.load()
+        self.registrations = {v.ven_name: v for v in vens if self.config.ven(v.ven_name)}
+        for event in sorted(events, key=lambda e: e.updated_at):
+            self.events[event.event_id] = event
+            self._by_device[event.device_id] = event.event_id
+        for record in resources:
+            allowed = self.config.ven(record.ven_name)
+            if allowed is None:
+                log.warning(
+                    "VEN %s is no longer configured: its resources stay out", record.ven_name
+                )
+                continue
+            try:
+                descriptor = parse_resource_id(record.resource_id)
+            except ResourceIdError as exc:
+                log.warning("stored resource %s unreadable: %s", record.device_id, exc)
+                continue
+            self._enrol(allowed, descriptor, record)
+        for name in self.registrations:
+            # Re-send every VEN its events once after a restart: we cannot know what it saw.
+            self._session(name).events_dirty = True
+        if self.events:
+            live = sum(1 for e in self.events.values() if is_live(e, self._clock()))
+            log.info("OpenADR VTN restored %d event(s), %d live", len(self.events), live)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(TLS_CIPHERS)
+        ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(str(tls.cert_path), str(tls.key_path))
+        ctx.load_verify_locations(cafile=str(tls.ca_path))
+        return ctx
+
+    def _build_server(self) -> Any:
+        cfg = self.config
+        openleadr_log = logging.getLogger("openleadr")
+        level = openleadr_log.level
+        openleadr_log.setLevel(logging.ERROR)  # its constructor warns about options we replace
+        try:
+            server = OpenADRServer(
+                vtn_id=cfg.vtn_id,
+                http_host=cfg.host,
+                http_port=cfg.port,
+                http_path_prefix=cfg.path_prefix,
+                requested_poll_freq=timedelta(seconds=cfg.poll_interval_s),
+                show_fingerprint=False,
+            )
+        finally:
+            openleadr_log.setLevel(level)
+        cert = key = None
+        if cfg.tls is not None and cfg.tls.sign_messages:
+            cert, key = cfg.tls.cert_path.read_bytes(), cfg.tls.key_path.read_bytes()
+        for service in server.services.values():
+            service._create_message = partial(create_message, cert=cert, key=key)
+            service.ven_lookup = self._ven_lookup
+            service.verify_message_signatures = bool(cfg.tls and cfg.tls.require_signatures)
+        server.add_handler("on_poll", self._on_poll)
+        server.add_handler("on_request_event", self._on_request_event)
+        server.add_handler("on_create_party_registration", self._on_create_party_registration)
+        handlers: dict[str, dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]] = {
+            "event_service": {"oadrCreatedEvent": self._on_created_event},
+            "report_service": {
+                "oadrRegisterReport": self._on_register_report,
+                "oadrUpdateReport": self._on_update_report,
+                "oadrCreatedReport": self._on_created_report,
+            },
+            "registration_service": {
+                "oadrCancelPartyRegistration": self._on_cancel_party_registration
+            },
+        }
+        for service_name, table in handlers.items():
+            server.services[service_name].handlers.update(table)
+        server.app.middlewares.append(self._admission)
+        return server
+
+    # ------------------------------------------------------------------ admission
+    @web.middleware
+    async def _admission(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Refuse what must not reach openleadr (and thus never reaches a device)."""
+        limit = self.config.max_message_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return self._refuse_http(request, 413, f"message larger than {limit} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse_http(request, 413, f"message larger than {limit} bytes")
+        if len(body) > limit:
+            return self._refuse_http(request, 413, f"message larger than {limit} bytes")
+        if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+            return self._refuse_http(request, 400, "XML with a DTD is not accepted")
+        if request.path.endswith("/EiRegisterParty") and b"oadrCreatePartyRegistration" in body:
+            refusal = self._check_registration(request, body)
+            if refusal is not None:
+                return refusal
+        return await handler(request)
+
+    def _refuse_http(self, request: web.Request, status: int, reason: str) -> web.Response:
+        log.warning("OpenADR VTN refused a request from %s: %s", request.remote, reason)
+        return web.Response(status=status, text=reason, content_type="text/plain")
+
+    def _check_registration(self, request: web.Request, body: bytes) -> web.Response | None:
+        try:
+            message_type, payload = decode(body, max_bytes=self.config.max_message_bytes)
+        except OadrMessageError as exc:
+            return self._refuse_http(request, 400, f"invalid registration: {exc}")
+        if message_type != "oadrCreatePartyRegistration":
+            return None
+        name = str(payload.get("ven_name") or "")
+        allowed = self.config.ven(name)
+        reason: str | None = None
+        if allowed is None:
+            reason = f"VEN name {name[:64]!r} is not configured"
+        elif self.config.tls is not None:
+            presented = _peer_fingerprint(request)
+            if presented is None:
+                reason = "no client certificate"
+            elif allowed.fingerprint is None or presented.upper() != allowed.fingerprint.upper():
+                reason = f"certificate fingerprint {presented} does not match the configuration"
+        if reason is None:
+            return None
+        key = (name[:64], reason)
+        if key not in self._refused_logged:  # a refused VEN retries forever: say it once
+            self._refused_logged.add(key)
+            log.warning("OpenADR VTN refused registration from %s: %s", request.remote, reason)
+        answer = encode(
+            "oadrCreatedPartyRegistration",
+            {
+                "response": {
+                    "response_code": _NOT_AUTHORIZED,
+                    "response_description": _text(reason),
+                    "request_id": _text(payload.get("request_id") or ""),
+                },
+                "ven_id": None,
+                "registration_id": None,
+                "vtn_id": self.config.vtn_id,
+                "profiles": [
+                    {"profile_name": "2.0b", "transports": [{"transport_name": "simpleHttp"}]}
+                ],
+            },
+        )
+        return web.Response(body=answer, content_type="application/xml")
+
+    # ------------------------------------------------------------------ registration
+    def _ven_lookup(self, ven_id: str) -> dict[str, Any] | None:
+        for reg in self.registrations.values():
+            if reg.ven_id == ven_id and reg.registration_id is not None:
+                allowed = self.config.ven(reg.ven_name)
+                return {
+                    "ven_id": reg.ven_id,
+                    "ven_name": reg.ven_name,
+                    "registration_id": reg.registration_id,
+                    "fingerprint": None if allowed is None else allowed.fingerprint,
+                }
+        return None
+
+    def _registered_name(self, ven_id: object) -> str | None:
+        found = self._ven_lookup(str(ven_id)) if ven_id is not None else None
+        return None if found is None else str(found["ven_name"])
+
+    async def _on_create_party_registration(self, payload: dict[str, Any]) -> tuple[str, str]:
+        """Only admitted VENs get here (see :meth:`_check_registration`)."""
+        name = str(payload["ven_name"])
+        previous = self.registrations.get(name)
+        ven_id = previous.ven_id if previous else f"{name}-{uuid.uuid4().hex[:12]}"
+        if previous is not None and previous.registration_id is not None:
+            registration_id = previous.registration_id  # a repeated registration: same answer
+        else:
+            registration_id = uuid.uuid4().hex
+        registration = VenRegistration(
+            ven_name=name,
+            ven_id=ven_id,
+            registration_id=registration_id,
+            registered_at=self._clock(),
+        )
+        await self._store.save_ven(registration)
+        self.registrations[name] = registration
+        session = self._session(name)
+        session.outbox.clear()
+        session.events_dirty = True
+        session.last_seen = self._clock()
+        self._refused_logged = {k for k in self._refused_logged if k[0] != name}
+        log.info("OpenADR VEN %s registered as %s", name, ven_id)
+        return ven_id, registration_id
+
+    async def _on_cancel_party_registration(
+        self, payload: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        name = self._registered_name(payload.get("ven_id"))
+        if name is not None:
+            registration = self.registrations[name].model_copy(update={"registration_id": None})
+            await self._store.save_ven(registration)
+            self.registrations[name] = registration
+            self._session(name).outbox.clear()
+            log.info("OpenADR VEN %s cancelled its registration", name)
+        return "oadrCanceledPartyRegistration", {
+            "registration_id": _text(payload.get("registration_id") or ""),
+            "ven_id": _text(payload.get("ven_id") or ""),
+        }
+
+    def _session(self, ven_name: str) -> _Session:
+        return self._sessions.setdefault(ven_name, _Session())
+
+    # ------------------------------------------------------------------ polling and events
+    async def _on_poll(self, ven_id: str) -> tuple[str, dict[str, Any]] | None:
+        name = self._registered_name(ven_id)
+        if name is None:
+            return "oadrRequestReregistration", {"ven_id": _text(ven_id)}
+        session = self._session(name)
+        session.last_seen = self._clock()
+        if session.outbox:
+            return session.outbox.popleft()
+        if session.events_dirty:
+            session.events_dirty = False
+            return "oadrDistributeEvent", {"events": self._distribution(name)}
+        return None
+
+    async def _on_request_event(self, ven_id: str) -> list[dict[str, Any]] | None:
+        name = self._registered_name(ven_id)
+        if name is None:
+            return None
+        session = self._session(name)
+        session.last_seen = self._clock()
+        session.events_dirty = False
+        return self._distribution(name) or None
+
+    def _distribution(self, ven_name: str) -> list[dict[str, Any]]:
+        """Every event the VEN must know about: live ones, and cancellations not yet answered."""
+        registration = self.registrations[ven_name]
+        now = self._clock()
+        chosen = [
+            e
+            for e in self.events.values()
+            if e.ven_name == ven_name
+            and (is_live(e, now) or (e.cancelled and not e.acknowledged_cancel and e.end > now))
+        ]
+        chosen.sort(key=lambda e: (e.start, e.event_id))
+        return [
+            event_payload(e, now, registration.ven_id)
+            for e in chosen[:_MAX_EVENTS_PER_DISTRIBUTION]
+        ]
+
+    async def _on_created_event(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Opt responses. A repeat changes nothing; an opt-out re-allocates the resource."""
+        name = self._registered_name(payload.get("ven_id"))
+        if name is None:
+            return "oadrResponse", {}
+        for response in _as_list(payload.get("event_responses")):
+            if not isinstance(response, Mapping):
+                continue
+            event = self.events.get(str(response.get("event_id")))
+            if event is None or event.ven_name != name:
+                log.debug("VEN %s answered unknown event %s", name, response.get("event_id"))
+                continue
+            modification, opt = response.get("modification_number"), response.get("opt_type")
+            if modification != event.modification_number or opt not in ("optIn", "optOut"):
+                continue  # an answer to an older modification, superseded since
+            if event.opt == opt and event.opt_modification == modification:
+                continue  # a repeated answer
+            updated = event.model_copy(
+                update={
+                    "opt": opt,
+                    "opt_modification": modification,
+                    "acknowledged_cancel": event.cancelled,
+                    "updated_at": self._clock(),
+                }
+            )
+            async with self._lock:
+                await self._store.save_event(updated)
+                self.events[updated.event_id] = updated
+            if opt == "optOut" and not event.cancelled:
+                code = response.get("response_code")
+                detail = str(response.get("response_description") or "")
+                log.info(
+                    "OpenADR VEN %s opted out of event %s (%s, modification %s)",
+                    name,
+                    event.event_id,
+                    event.device_id,
+                    modification,
+                )
+                self._registrar.report_refusal(
+                    event.command(),
+                    DeviceRejected(
+                        event.device_id,
+                        f"VEN {name} opted out of event {event.event_id} "
+                        f"(modification {modification}){': ' + detail if detail else ''}",
+                        code=code if isinstance(code, int) else None,
+                    ),
+                )
+        return "oadrResponse", {}
+
+    # ------------------------------------------------------------------ reports
+    async def _on_register_report(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """METADATA: enrol the resources and ask for their telemetry (through polls)."""
+        name = self._registered_name(payload.get("ven_id"))
+        if name is None:
+            return "oadrRegisteredReport", {"report_requests": []}
+        allowed = self.config.ven(name)
+        assert allowed is not None  # registrations are only kept for configured VENs
+        found: dict[str, dict[str, Any]] = {}
+        requests: list[tuple[str, list[str]]] = []
+        for report in _as_list(payload.get("reports")):
+            if not isinstance(report, Mapping):
+                continue
+            report_name = str(report.get("report_name") or "")
+            kind = {
+                "METADATA_TELEMETRY_USAGE": "usage",
+                "METADATA_TELEMETRY_STATUS": "status",
+            }.get(report_name)
+            if kind is None:
+                continue  # history and custom reports are offered, not needed
+            r_ids: list[str] = []
+            for description in _as_list(report.get("report_descriptions")):
+                if not isinstance(description, Mapping):
+                    continue
+                source = description.get("report_data_source") or {}
+                resource_id = source.get("resource_id") if isinstance(source, Mapping) else None
+                r_id = description.get("r_id")
+                if resource_id is None or r_id is None:
+                    continue
+                entry = found.setdefault(str(resource_id), {})
+                specifier = str(report.get("report_specifier_id"))
+                if kind == "usage":
+                    factor = _power_factor_kw(description.get("measurement"))
+                    if factor is None:
+                        self._warn_once(name, f"usage of {resource_id} is not real power")
+                        continue
+                    entry.update(
+                        usage_rid=str(r_id), usage_specifier=specifier, usage_factor_kw=factor
+                    )
+                else:
+                    entry.update(status_rid=str(r_id), status_specifier=specifier)
+                r_ids.append(str(r_id))
+            if r_ids:
+                requests.append((str(report.get("report_specifier_id")), r_ids))
+        records = self._enrol_all(allowed, found)
+        if records:
+            await self._store.save_resources(records)
+        session = self._session(name)
+        for specifier_id, r_ids in requests:
+            session.outbox.append(self._report_request(specifier_id, r_ids))
+        return "oadrRegisteredReport", {"report_requests": []}
+
+    def _report_request(
+        self, specifier_id: str, r_ids: list[str], *, one_shot: bool = False
+    ) -> tuple[str, dict[str, Any]]:
+        period = timedelta(seconds=0 if one_shot else self.config.report_interval_s)
+        return "oadrCreateReport", {
+            "request_id": uuid.uuid4().hex,
+            "report_requests": [
+                {
+                    "report_request_id": uuid.uuid4().hex,
+                    "report_specifier": {
+                        "report_specifier_id": _text(specifier_id),
+                        "granularity": period,
+                        "report_back_duration": period,
+                        "specifier_payloads": [
+                            {"r_id": _text(r), "reading_type": "Direct Read"} for r in r_ids
+                        ],
+                    },
+                }
+            ],
+        }
+
+    async def _on_created_report(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return "oadrResponse", {}
+
+    async def _on_update_report(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        name = self._registered_name(payload.get("ven_id"))
+        if name is None:
+            return "oadrUpdatedReport", {}
+        now = self._clock()
+        for report in _as_list(payload.get("reports")):
+            if not isinstance(report, Mapping):
+                continue
+            for interval in _as_list(report.get("intervals")):
+                if isinstance(interval, Mapping):
+                    self._take_sample(name, interval, now)
+        return "oadrUpdatedReport", {}
+
+    def _take_sample(self, ven_name: str, interval: Mapping[str, Any], now: datetime) -> None:
+        report_payload = interval.get("report_payload")
+        if not isinstance(report_payload, Mapping):
+            return
+        key = (ven_name, str(report_payload.get("r_id")))
+        target = self._by_rid.get(key)
+        if target is None:
+            self._warn_once(ven_name, f"reports unknown rID {key[1][:64]!r}")
+            return
+        device_id, kind = target
+        value, at = report_payload.get("value"), interval.get("dtstart")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            self._warn_once(ven_name, f"sent a non-numeric value for {device_id}")
+            return
+        if not isinstance(at, datetime) or at.tzinfo is None:
+            at = now
+        if (at - now).total_seconds() > _CLOCK_SKEW_S:
+            self._warn_once(ven_name, f"reports from the future for {device_id} (clock skew)")
+            return
+        seen = self._telemetry.setdefault(device_id, _Telemetry())
+        if kind == "usage":
+            if seen.power_at is None or at >= seen.power_at:
+                factor = self.resources[device_id].usage_factor_kw
+                seen.power_kw, seen.power_at = float(value) * factor, at
+        elif 0 <= value <= 100:
+            if seen.soc_at is None or at >= seen.soc_at:
+                seen.soc_pct, seen.soc_at = float(value), at
+        else:
+            self._warn_once(ven_name, f"status of {device_id} outside 0-100 %")
+
+    def request_report(self, ven_name: str) -> bool:
+        """Ask a VEN for a one-shot report of all its telemetry (on its next poll)."""
+        by_specifier: dict[str, list[str]] = {}
+        for record in self.resources.values():
+            if record.ven_name != ven_name:
+                continue
+            for spec, rid in (
+                (record.usage_specifier, record.usage_rid),
+                (record.status_specifier, record.status_rid),
+            ):
+                if spec is not None and rid is not None:
+                    by_specifier.setdefault(spec, []).append(rid)
+        if ven_name not in self.registrations or not by_specifier:
+            return False
+        session = self._session(ven_name)
+        for spec, rids in by_specifier.items():
+            session.outbox.append(self._report_request(spec, rids, one_shot=True))
+        return True
+
+    def _warn_once(self, ven_name: str, what: str) -> None:
+        key = (ven_name, what)
+        if key not in self._refused_logged:
+            self._refused_logged.add(key)
+            log.warning("OpenADR VEN %s %s", ven_name, what)
+
+    # ------------------------------------------------------------------ enrolment
+    def _enrol_all(
+        self, allowed: AllowedVen, found: Mapping[str, Mapping[str, Any]]
+    ) -> list[ResourceRecord]:
+        records = []
+        for resource_id, rids in found.items():
+            try:
+                descriptor = parse_resource_id(resource_id)
+            except ResourceIdError as exc:
+                self._warn_once(allowed.ven_name, f"resource refused: {exc}")
+                continue
+            owned = sum(1 for r in self.resources.values() if r.ven_name == allowed.ven_name)
+            device_id = f"{allowed.ven_name}.{descriptor.name}"
+            if device_id not in self.resources and owned >= allowed.max_resources:
+                self._warn_once(allowed.ven_name, f"exceeds {allowed.max_resources} resources")
+                break
+            record = ResourceRecord(
+                device_id=device_id,
+                ven_name=allowed.ven_name,
+                resource_id=resource_id,
+                **rids,
+            )
+            if self._enrol(allowed, descriptor, record):
+                records.append(record)
+        return records
+
+    def _enrol(
+        self, allowed: AllowedVen, descriptor: ResourceDescriptor, record: ResourceRecord
+    ) -> bool:
+        """Add the resource to the registry once; later METADATA only refreshes its rIDs."""
+        existing = self.resources.get(record.device_id)
+        if existing is not None and existing.resource_id != record.resource_id:
+            self._warn_once(
+                allowed.ven_name,
+                f"changed resource {record.device_id}; ratings and location stay as first "
+                "described until the gateway restarts",
+            )
+            record = record.model_copy(update={"resource_id": existing.resource_id})
+        location = descriptor.location or allowed.location
+        if location is None:
+            self._warn_once(allowed.ven_name, f"resource {descriptor.name} has no location")
+            return False
+        for old in (existing.usage_rid, existing.status_rid) if existing else ():
+            if old is not None:
+                self._by_rid.pop((allowed.ven_name, old), None)
+        self.resources[record.device_id] = record
+        if record.usage_rid is not None:
+            self._by_rid[(allowed.ven_name, record.usage_rid)] = (record.device_id, "usage")
+        if record.status_rid is not None:
+            self._by_rid[(allowed.ven_name, record.status_rid)] = (record.device_id, "status")
+        if record.device_id in self.adapters:
+            return True
+        program = allowed.program_for(descriptor.der_class)
+        try:
+            device = Device(
+                device_id=record.device_id,
+                der_class=descriptor.der_class,
+                location=location,
+                adapter="openadr_vtn",
+                ratings=BatteryRatings(
+                    max_charge_kw=descriptor.rated_kw,
+                    max_discharge_kw=descriptor.rated_kw,
+                    capacity_kwh=descriptor.capacity_kwh,
+                ),
+                programs=(program.program,),
+            )
+        except ValueError as exc:
+            self._warn_once(allowed.ven_name, f"resource {descriptor.name} refused: {exc}")
+            del self.resources[record.device_id]
+            return False
+        adapter = OadrResource(
+            record.device_id,
+            self,
+            ven_name=allowed.ven_name,
+            resource_id=record.resource_id,
+            rated_kw=descriptor.rated_kw,
+            capacity_kwh=descriptor.capacity_kwh,
+            stale_after_s=self.config.stale_after_s,
+        )
+        self.adapters[record.device_id] = adapter
+        try:
+            self._registrar.add_device(device, adapter)
+        except ValueError as exc:
+            log.warning("OpenADR resource %s not enrolled: %s", record.device_id, exc)
+            return True
+        log.info(
+            "OpenADR resource %s enrolled (%s, %g kW, %s)",
+            record.device_id,
+            descriptor.der_class.value,
+            descriptor.rated_kw,
+            location.model_dump(exclude_none=True),
+        )
+        return True
+
+    # ------------------------------------------------------------------ ResourceChannel
+    def ven_ready(self, device_id: str) -> str | None:
+        record = self.resources.get(device_id)
+        if record is None:
+            return "unknown resource"
+        registration = self.registrations.get(record.ven_name)
+        if registration is None or registration.registration_id is None:
+            return f"VEN {record.ven_name} is not registered"
+        seen = self._session(record.ven_name).last_seen
+        if seen is None:
+            return f"VEN {record.ven_name} has not polled since the gateway started"
+        silent = (self._clock() - seen).total_seconds()
+        if silent > self.config.offline_after_s:
+            return f"VEN {record.ven_name} silent for {silent:.0f} s"
+        return None
+
+    def telemetry(self, device_id: str) -> ResourceTelemetry | None:
+        seen = self._telemetry.get(device_id)
+        if seen is None:
+            return None
+        return ResourceTelemetry(seen.power_kw, seen.power_at, seen.soc_pct, seen.soc_at)
+
+    async def issue(self, command: DeviceCommand) -> None:
+        record = self.resources.get(command.device_id)
+        adapter = self.adapters.get(command.device_id)
+        if record is None or adapter is None:
+            raise DeviceRejected(command.device_id, "not an OpenADR resource of this VTN")
+        allowed = self.config.ven(record.ven_name)
+        if allowed is None:
+            raise DeviceRejected(command.device_id, f"VEN {record.ven_name} not configured")
+        descriptor = parse_resource_id(record.resource_id)
+        async with self._lock:
+            previous_id = self._by_device.get(command.device_id)
+            previous = self.events.get(previous_id) if previous_id else None
+            event = plan_event(
+                previous,
+                command,
+                ven_name=record.ven_name,
+                resource_id=record.resource_id,
+                rated_kw=adapter.rated_kw,
+                program=allowed.program_for(descriptor.der_class),
+                now=self._clock(),
+                new_event_id=f"ev-{uuid.uuid4().hex[:20]}",
+            )
+            if event is None:
+                return
+            await self._store.save_event(event)
+            self.events[event.event_id] = event
+            self._by_device[command.device_id] = event.event_id
+            self._session(record.ven_name).events_dirty = True
+        log.info(
+            "OpenADR event %s for %s: modification %d, %s",
+            event.event_id,
+            event.device_id,
+            event.modification_number,
+            "cancelled"
+            if event.cancelled
+            else f"{event.signal_name} {event.signal_type} {event.value:g}",
+        )
+
+    # ------------------------------------------------------------------ introspection
+    def events_for(self, device_id: str) -> Iterator[IssuedEvent]:
+        return (e for e in self.events.values() if e.device_id == device_id)
+
+    def current_event(self, device_id: str) -> IssuedEvent | None:
+        event_id = self._by_device.get(device_id)
+        return None if event_id is None else self.events.get(event_id)
+
+    # ------------------------------------------------------------------ housekeeping
+    async def _housekeeping(self) -> None:
+        """Forget events long over, so neither memory nor the store grows without bound."""
+        while True:
+            await asyncio.sleep(min(60.0, self.config.retention_s))
+            now = self._clock()
+            horizon = timedelta(seconds=self.config.retention_s)
+            old = [
+                e.event_id
+                for e in self.events.values()
+                if (e.cancelled or e.end <= now) and max(e.end, e.updated_at) + horizon <= now
+            ]
+            if not old:
+                continue
+            async with self._lock:
+                await self._store.delete_events(old)
+                for event_id in old:
+                    event = self.events.pop(event_id)
+                    if self._by_device.get(event.device_id) == event_id:
+                        del self._by_device[event.device_id]
+
+
+def _peer_fingerprint(request: web.Request) -> str | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return fingerprint_of_der(der) if der else None
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return None
