@@ -3,7 +3,10 @@
 A broker (mosquitto if installed, else the embedded one), a fleet of simulated SunSpec batteries
 on Modbus TCP in two feeders of one substation, the gateway, and a scripted Grid DERMS that:
 
-1. asks feeder ``north-f1`` to discharge 12 kW for 20 s with a 4 s ramp,
+0. an OEM cloud (an OpenADR 2.0b VEN fronting two smart thermostats and a home battery on
+   ``north-f1``) joins the gateway's VTN: its resources become devices beside the Modbus ones,
+1. asks feeder ``north-f1`` to discharge 12 kW for 20 s with a 4 s ramp (shared by the Modbus
+   batteries and the OEM cloud's devices, each through its own protocol),
 2. caps feeder ``north-f2``'s export at 4 kW with an envelope, then asks it for 10 kW of discharge
    (the envelope wins: the batteries deliver 4 kW),
 3. sends one command for a feeder that does not exist (rejected with ``unknown_group``).
@@ -23,18 +26,33 @@ from typing import Any
 
 import click
 
-from gateway.broker import local_broker
+from gateway.broker import free_port, local_broker
 from gateway.config import parse_config
 from gateway.core import Gateway
-from gateway.model import Ack, AckState, ErrorMessage, GroupTelemetry, utcnow
+from gateway.model import Ack, AckState, ErrorMessage, GroupTelemetry, TopologyLocation, utcnow
 from simulators.grid_derms import GridDermsClient
+from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
 from simulators.sunspec_battery import SunSpecBatterySimulator
 
 GATEWAY_ID = "demo-gw"
 FEEDERS = ("north-f1", "north-f2")
 
 
-def demo_config(ports: list[int], store: Path, broker_port: int, protocol: str) -> dict[str, Any]:
+OEM = "oem-demo"
+
+
+def oem_fleet() -> list[SimThermostat | SimBattery]:
+    where = TopologyLocation(substation="north", feeder="north-f1")
+    return [
+        SimThermostat("tstat-1", location=where, indoor_c=22.3),
+        SimThermostat("tstat-2", location=where, indoor_c=21.8),
+        SimBattery("home-bat-1", location=where, rated_kw=5.0, capacity_kwh=13.5, soc_pct=65),
+    ]
+
+
+def demo_config(
+    ports: list[int], store: Path, broker_port: int, protocol: str, vtn_port: int
+) -> dict[str, Any]:
     devices = []
     for i, port in enumerate(ports):
         feeder = FEEDERS[i % len(FEEDERS)]
@@ -64,6 +82,22 @@ def demo_config(ports: list[int], store: Path, broker_port: int, protocol: str) 
             "stale_after_s": 5.0,
         },
         "devices": devices,
+        "openadr_vtn": {
+            "port": vtn_port,
+            "allow_plain_http": True,  # loopback demo only; the field needs TLS + fingerprints
+            "store_path": str(store.with_name("demo-vtn.sqlite")),
+            "poll_interval_s": 1,
+            "report_interval_s": 1,
+            "stale_after_s": 5.0,
+            "offline_after_s": 5.0,
+            "vens": [
+                {
+                    "ven_name": OEM,
+                    "location": {"substation": "north", "feeder": "north-f1"},
+                    "programs": {"battery": {"signal": "setpoint"}},
+                }
+            ],
+        },
     }
 
 
@@ -135,16 +169,27 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                 f"{len(sims)} SunSpec batteries on Modbus TCP ports "
                 f"{', '.join(str(s.port) for s in sims)}"
             )
+            vtn_port = free_port()
             config = parse_config(
                 demo_config(
                     [s.port for s in sims],
                     Path(tmp) / "demo.sqlite",
                     endpoint.port,
                     endpoint.protocol,
+                    vtn_port,
                 )
             )
             gateway = Gateway(config)
             gateway_task = asyncio.create_task(gateway.run(), name="gateway")
+            oem = OemCloud(
+                OEM,
+                f"http://127.0.0.1:{vtn_port}/OpenADR2/Simple/2.0b",
+                oem_fleet(),
+                poll_interval_s=0.5,
+                time_scale=20.0,
+                seed=1,
+            )
+            oem_task = asyncio.create_task(oem.run(), name="oem-cloud")
             try:
                 client = await stack.enter_async_context(
                     GridDermsClient(
@@ -162,21 +207,37 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                     f"gateway {GATEWAY_ID} online; groups: "
                     f"{', '.join(sorted(gateway.registry.groups()))}"
                 )
-                ok = await _script(client, gateway, printer, duration_s)
+                ok = await _script(client, gateway, oem, printer, duration_s)
             finally:
-                gateway_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gateway_task
+                for task in (oem_task, gateway_task):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
     printer.line("demo finished: " + ("all checks passed" if ok else "SOME CHECKS FAILED"))
     return ok
 
 
 async def _script(
-    client: GridDermsClient, gateway: Gateway, printer: Printer, duration_s: float
+    client: GridDermsClient, gateway: Gateway, oem: OemCloud, printer: Printer, duration_s: float
 ) -> bool:
     deadline = time.monotonic() + duration_s
-    # Let the first polls land so the planner knows every battery's state of charge.
-    await asyncio.sleep(min(3.0, duration_s / 6))
+    # Let the first polls land so the planner knows every battery's state of charge, and the
+    # OEM cloud register and report its resources.
+    oem_ids = {f"{OEM}.{name}" for name in oem.devices}
+
+    def joined() -> list[str]:
+        return sorted(
+            d for d in oem_ids if (s := gateway.supervisors.get(d)) is not None and s.available
+        )
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(min(10.0, duration_s / 3)):
+            while len(joined()) < len(oem_ids):
+                await asyncio.sleep(0.2)
+    printer.line(
+        f"OEM cloud {OEM} joined over OpenADR 2.0b with {len(joined())} resources: "
+        f"{', '.join(joined())}"
+    )
     now = utcnow()
     event_s = max(8.0, min(20.0, duration_s - 12))
     start = now + timedelta(seconds=1)
@@ -236,7 +297,18 @@ async def _script(
             timeout_s=max(0.1, remaining),
         )
     await asyncio.sleep(max(0.0, min(2.5, deadline - time.monotonic())))
+    f1 = next(
+        (a for a in reversed(client.observed.acks.get("shed-north-f1", [])) if a.allocations),
+        None,
+    )
+    oem_share = [a for a in (f1.allocations if f1 else ()) if a.device_id.startswith(OEM)]
+    if oem_share:
+        printer.line(
+            "OEM share of the f1 dispatch: "
+            + ", ".join(f"{a.device_id} {a.commanded_kw:+.1f} kW" for a in oem_share)
+        )
     checks = {
+        "OEM cloud resources joined": len(joined()) == len(oem_ids),
         "f1 dispatch completed": AckState.COMPLETED in client.states("shed-north-f1"),
         "f2 dispatch completed": AckState.COMPLETED in client.states("shed-north-f2"),
         "unknown group rejected": AckState.REJECTED in client.states("shed-nowhere"),
