@@ -230,10 +230,13 @@ async def _script(
             d for d in oem_ids if (s := gateway.supervisors.get(d)) is not None and s.available
         )
 
+    polled = asyncio.Event()
+    gateway.state_listeners.append(lambda _state: polled.set())
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(min(10.0, duration_s / 3)):
             while len(joined()) < len(oem_ids):
-                await asyncio.sleep(0.2)
+                await polled.wait()
+                polled.clear()
     printer.line(
         f"OEM cloud {OEM} joined over OpenADR 2.0b with {len(joined())} resources: "
         f"{', '.join(joined())}"
