@@ -330,6 +330,9 @@ class CommandBook:
 
     def _with_plan(self, ack: Ack, now: datetime, plan: Plan) -> Ack:
         allocations = plan.allocations.get(ack.command_id)
+        if allocations is None and ack.state is AckState.ACTIVE:
+            # In force but allocated to nobody (every device refused or dropped out): say so.
+            allocations = ()
         if allocations is None:
             # Ended commands are no longer planned: their last allocation is what they did.
             entry = self._open.get(ack.command_id)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 
-from adapters.base import AdapterError, DeviceAdapter
+from adapters.base import AdapterError, DeviceAdapter, DeviceRejected
 from adapters.sep2_der import Sep2Der
 from adapters.sunspec_battery import SunSpecBattery
 from adapters.supervisor import DeviceSupervisor
@@ -42,7 +42,7 @@ from gateway.northbound import Northbound, Outgoing, ReplyTo
 from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
 from gateway.openadr_vtn import OpenAdrVtn
 from gateway.registry import Registry
-from gateway.sep2_server import Sep2Server
+from gateway.sep2_server import Sep2ResponseRecord, Sep2Server
 from gateway.store import CommandStore
 from gateway.telemetry import (
     CycleEstimate,
@@ -113,7 +113,7 @@ class Gateway:
         self._tasks: asyncio.TaskGroup | None = None
         self.sep2_server: Sep2Server | None = None
         if config.sep2_server is not None:
-            self.sep2_server = Sep2Server(config.sep2_server)
+            self.sep2_server = Sep2Server(config.sep2_server, on_response=self._on_sep2_response)
         if adapters is None:
             adapters = build_adapters(config, self.registry, self.sep2_server)
         for adapter in adapters.values():
@@ -225,6 +225,43 @@ class Gateway:
         if self._tasks is not None:
             self._tasks.create_task(supervisor.run(), name=f"device:{device.device_id}")
         self._wake.set()
+
+    def _on_sep2_response(self, record: Sep2ResponseRecord) -> None:
+        """A 2030.5 client's Response to the control carrying one of our commands.
+
+        Rejections (252 cannot be met, 253 invalid, 254 rejected by the user) are refusals: the
+        commands behind the control are re-allocated around the device (a setpoint fails), the
+        same way a Modbus exception or an OpenADR opt-out is handled. The other states (received,
+        started, completed, superseded) confirm what the planner already knows and are logged.
+        """
+        if 252 <= record.status <= 254:
+            log.warning(
+                "device %s refused control %s: %s (%d)",
+                record.device_id,
+                record.control_mrid,
+                record.status_name,
+                record.status,
+            )
+            command = DeviceCommand(
+                device_id=record.device_id,
+                power_kw=record.power_kw,
+                provenance=record.provenance,
+            )
+            self.report_refusal(
+                command,
+                DeviceRejected(
+                    record.device_id,
+                    f"2030.5 Response {record.status} ({record.status_name})",
+                    code=record.status,
+                ),
+            )
+        else:
+            log.debug(
+                "device %s: control %s %s",
+                record.device_id,
+                record.control_mrid,
+                record.status_name,
+            )
 
     def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
         """A device (or the cloud behind it) refused a setpoint after it was handed over, e.g.

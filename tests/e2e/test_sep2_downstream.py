@@ -12,7 +12,7 @@ from gateway.broker import BrokerEndpoint
 from gateway.config import parse_config
 from gateway.core import Gateway
 from gateway.model import AckState
-from protocols.sep2 import MEDIA_TYPE, DERControlList, decode_as, to_watts
+from protocols.sep2 import MEDIA_TYPE, DERControl, DERControlList, decode_as, to_watts
 from simulators.grid_derms import GridDermsClient
 from tests.e2e.fleet import eventually, iso
 from tests.protocols.sep2.envoy_fixtures import load
@@ -121,6 +121,28 @@ async def test_dispatch_reaches_a_2030_5_client_as_a_der_control(
                 break
             await asyncio.sleep(0.1)
         assert targets[-1] == pytest.approx(3000), targets[-5:]
+
+        # The client answers the control with Response 253 ("cannot be met"): the dispatch is
+        # re-allocated around it (there is no one else here: all of it becomes shortfall).
+        published = server.snapshot("der-1").active_control
+        assert published is not None
+        async with session.get(server.url + published.href) as resp:
+            control = decode_as(DERControl, await resp.read())
+        assert control.reply_to is not None
+        body = (
+            load("req-derc-response-started.xml")
+            .replace(b"30000000000000000000000600000000", control.mrid.encode())
+            .replace(b"<status>2</status>", b"<status>253</status>")
+        )
+        async with session.post(server.url + control.reply_to, data=body) as resp:
+            assert resp.status == 201, await resp.text()
+        await grid.wait_for(
+            lambda o: any(
+                a.state is AckState.ACTIVE and not a.allocations and a.shortfall_kw == 3.0
+                for a in o.acks["via-sep2"]
+            ),
+            5,
+        )
 
 
 async def _cancel(task: object) -> None:
