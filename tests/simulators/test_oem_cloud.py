@@ -12,7 +12,6 @@ from protocols.openadr.vtn_events import parse_resource_id
 from simulators.oem_cloud import ActiveInstruction, OemCloud, SimBattery, SimThermostat
 
 LOC = TopologyLocation(substation="s1", feeder="f1", transformer="x9")
-START = utcnow() + timedelta(seconds=5)
 
 
 def shed(value: float = -3.0, minutes: float = 60) -> ActiveInstruction:
@@ -108,7 +107,9 @@ def event(
     status: str = "active",
     startafter: int = 0,
 ) -> dict[str, Any]:
-    start = START
+    # Computed per call: a module-level constant would be minutes stale by the time a full
+    # suite reaches this test.
+    start = utcnow() + timedelta(seconds=5)
     return {
         "event_descriptor": {
             "event_id": event_id,
