@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -106,10 +106,11 @@ def event(
     mod: int = 0,
     status: str = "active",
     startafter: int = 0,
+    start: datetime | None = None,
 ) -> dict[str, Any]:
-    # Computed per call: a module-level constant would be minutes stale by the time a full
-    # suite reaches this test.
-    start = utcnow() + timedelta(seconds=5)
+    # Computed per call by default: a module-level constant would be minutes stale by the time
+    # a full suite reaches these tests. Pass one to keep a modification on the same start.
+    start = start or utcnow() + timedelta(seconds=5)
     return {
         "event_descriptor": {
             "event_id": event_id,
@@ -139,12 +140,18 @@ async def test_event_handling_opts_in_out_and_draws_startafter_once() -> None:
     house = SimThermostat("t1", location=LOC)
     stubborn = SimThermostat("t2", location=LOC, override=True)
     cloud = OemCloud("oem", "http://127.0.0.1:9/OpenADR2/Simple/2.0b", [house, stubborn], seed=1)
-    assert await cloud._on_event(event("e1", house.resource_id(), -2.0, startafter=600)) == "optIn"
+    start = utcnow() + timedelta(seconds=5)
+    assert (
+        await cloud._on_event(event("e1", house.resource_id(), -2.0, startafter=600, start=start))
+        == "optIn"
+    )
     first = cloud.instructions["t1"]
     assert 0 < (first.start - utcnow()).total_seconds() <= 600
     # A modification keeps the draw.
     assert (
-        await cloud._on_event(event("e1", house.resource_id(), -1.0, mod=1, startafter=600))
+        await cloud._on_event(
+            event("e1", house.resource_id(), -1.0, mod=1, startafter=600, start=start)
+        )
         == "optIn"
     )
     second = cloud.instructions["t1"]
