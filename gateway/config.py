@@ -12,6 +12,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.mqtt_device import DeviceMqttConfig, MqttDeviceSettings
 from adapters.sep2_der import Sep2DerEndpoint
 from adapters.sunspec_battery import SunSpecEndpoint
 from gateway.model import DerClass, Device, Group, Identifier
@@ -75,12 +76,21 @@ class StoreConfig(Section):
     path: Path = Path("derms-gateway.sqlite")
 
 
+MQTT_ADAPTERS: dict[str, DerClass] = {
+    "mqtt_thermostat": DerClass.THERMOSTAT,
+    "mqtt_water_heater": DerClass.WATER_HEATER,
+}
+
+
 class DeviceConfig(Device):
     """A device as configured: the unified :class:`Device` plus how to reach it."""
 
     sunspec: SunSpecEndpoint | None = None
     sep2: Sep2DerEndpoint | None = Field(
         default=None, description="A 2030.5 client (inverter, battery) that polls our server"
+    )
+    mqtt: MqttDeviceSettings | None = Field(
+        default=None, description="A device on the device MQTT broker (thermostat, water heater)"
     )
 
     @model_validator(mode="after")
@@ -93,14 +103,17 @@ class DeviceConfig(Device):
         elif self.adapter == "sep2_der":
             if self.sep2 is None:
                 raise ValueError("adapter 'sep2_der' needs a [devices.sep2] endpoint (lfdi)")
+        elif self.adapter in MQTT_ADAPTERS:
+            wanted = MQTT_ADAPTERS[self.adapter]
+            if self.der_class is not wanted:
+                raise ValueError(f"adapter {self.adapter!r} only drives der_class {wanted.value!r}")
         else:
-            raise ValueError(
-                f"unknown adapter {self.adapter!r} (known: 'sunspec_battery', 'sep2_der')"
-            )
+            known = ", ".join(repr(a) for a in ("sunspec_battery", "sep2_der", *MQTT_ADAPTERS))
+            raise ValueError(f"unknown adapter {self.adapter!r} (known: {known})")
         return self
 
     def as_device(self) -> Device:
-        return Device.model_validate(self.model_dump(exclude={"sunspec", "sep2"}))
+        return Device.model_validate(self.model_dump(exclude={"sunspec", "sep2", "mqtt"}))
 
 
 class GatewayConfig(Section):
@@ -113,6 +126,10 @@ class GatewayConfig(Section):
         description="Extra named groups; every substation/feeder/... also gets an implicit group",
     )
     devices: tuple[DeviceConfig, ...] = Field(min_length=1)
+    device_mqtt: DeviceMqttConfig | None = Field(
+        default=None,
+        description="The broker that thermostats and water heaters talk to ('mqtt_*' devices)",
+    )
     sep2_server: Sep2ServerConfig | None = Field(
         default=None, description="Host an IEEE 2030.5 server for DER clients ('sep2_der' devices)"
     )
@@ -152,6 +169,17 @@ class GatewayConfig(Section):
                     f"device {device.device_id!r}: sunspec.setpoint_revert_s "
                     f"({device.sunspec.setpoint_revert_s}) must exceed timing.refresh_s "
                     f"({self.timing.refresh_s:g}), or the battery reverts between refreshes"
+                )
+        mqtt_devices = [d for d in self.devices if d.adapter in MQTT_ADAPTERS]
+        if mqtt_devices and self.device_mqtt is None:
+            problems.append("devices with an 'mqtt_*' adapter need a [device_mqtt] section")
+        for device in mqtt_devices:
+            hold = (device.mqtt or MqttDeviceSettings()).hold_s
+            if hold <= self.timing.refresh_s:
+                problems.append(
+                    f"device {device.device_id!r}: mqtt.hold_s ({hold:g}) must exceed "
+                    f"timing.refresh_s ({self.timing.refresh_s:g}), or events lapse between "
+                    "refreshes"
                 )
         if self.sep2_server is None and any(d.adapter == "sep2_der" for d in self.devices):
             problems.append("devices with adapter 'sep2_der' need a [sep2_server] section")

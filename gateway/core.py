@@ -15,6 +15,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from adapters.base import AdapterError, DeviceAdapter, DeviceRejected
+from adapters.mqtt_device import DeviceMqttLink, build_mqtt_adapter
 from adapters.sep2_der import Sep2Der
 from adapters.sunspec_battery import SunSpecBattery
 from adapters.supervisor import DeviceSupervisor
@@ -66,7 +67,11 @@ def _version() -> str:
 
 
 def build_adapters(
-    config: GatewayConfig, registry: Registry, sep2_server: Sep2Server | None
+    config: GatewayConfig,
+    registry: Registry,
+    sep2_server: Sep2Server | None,
+    device_mqtt: DeviceMqttLink | None = None,
+    on_opt_out: Callable[[DeviceCommand, AdapterError], None] | None = None,
 ) -> dict[str, DeviceAdapter]:
     adapters: dict[str, DeviceAdapter] = {}
     groups = registry.groups()
@@ -78,6 +83,15 @@ def build_adapters(
             member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
             adapters[device.device_id] = Sep2Der(
                 device.device_id, device.sep2, server=sep2_server, groups=member_of
+            )
+        elif device.adapter in ("mqtt_thermostat", "mqtt_water_heater"):
+            assert device_mqtt is not None  # the config validator guarantees it
+            adapters[device.device_id] = build_mqtt_adapter(
+                device.adapter,  # type: ignore[arg-type]
+                device.device_id,
+                device_mqtt,
+                device.mqtt,
+                on_opt_out=on_opt_out,
             )
     return adapters
 
@@ -114,8 +128,17 @@ class Gateway:
         self.sep2_server: Sep2Server | None = None
         if config.sep2_server is not None:
             self.sep2_server = Sep2Server(config.sep2_server, on_response=self._on_sep2_response)
+        self.device_mqtt: DeviceMqttLink | None = None
+        if config.device_mqtt is not None:
+            self.device_mqtt = DeviceMqttLink(config.device_mqtt, name=config.gateway_id)
         if adapters is None:
-            adapters = build_adapters(config, self.registry, self.sep2_server)
+            adapters = build_adapters(
+                config,
+                self.registry,
+                self.sep2_server,
+                self.device_mqtt,
+                on_opt_out=self.report_refusal,
+            )
         for adapter in adapters.values():
             self._supervise(adapter)
         self._build_estimation()
@@ -154,6 +177,8 @@ class Gateway:
                     tg.create_task(self.openadr_ven.run(), name="openadr-ven")
                 if self.sep2_server is not None:
                     tg.create_task(self.sep2_server.run(), name="sep2-server")
+                if self.device_mqtt is not None:
+                    tg.create_task(self.device_mqtt.run(), name="device-mqtt")
                 if self.openadr_vtn is not None:
                     tg.create_task(self.openadr_vtn.run(), name="openadr-vtn")
                 self.ready.set()

@@ -1,0 +1,166 @@
+"""Issue 5 end to end: a Grid DERMS dispatch sheds load from MQTT thermostats through the whole
+gateway (planner → MqttThermostat adapters → device broker with per-device accounts), and the
+load rebounds after the event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.broker import BrokerEndpoint
+from gateway.config import parse_config
+from gateway.core import Gateway
+from gateway.model import AckState
+from gateway.mqtt_acl import (
+    AuthenticatedMosquitto,
+    DeviceAccount,
+    new_device_accounts,
+    provision_broker_files,
+)
+from protocols.mqtt.devices import DeviceTopics
+from simulators.grid_derms import GridDermsClient
+from simulators.mqtt_devices import MqttDeviceSimulator, SimThermostat, ThermalHouse
+from tests.e2e.fleet import eventually, iso
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
+
+TOPICS = DeviceTopics("derms/devices/v1")
+GATEWAY = DeviceAccount("gateway", "gw-secret-e2e")
+N = 6
+
+
+async def test_group_dispatch_sheds_thermostat_load_then_it_rebounds(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    ids = [f"t{i}" for i in range(N)]
+    accounts = new_device_accounts(ids)
+    passwd, acl = provision_broker_files(tmp_path, TOPICS, [GATEWAY, *accounts.values()])
+    async with (
+        AuthenticatedMosquitto(passwd, acl) as devices_broker,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        gateway = Gateway(
+            parse_config(
+                {
+                    "gateway_id": "gw-tstat",
+                    "broker": {"port": broker_endpoint.port, "protocol": broker_endpoint.protocol},
+                    "store": {"path": str(tmp_path / "gw.sqlite")},
+                    "timing": {
+                        "control_period_s": 0.2,
+                        "poll_interval_s": 0.2,
+                        "telemetry_period_s": 0.5,
+                        "stale_after_s": 2.0,
+                        "refresh_s": 1.0,
+                    },
+                    "device_mqtt": {
+                        "port": devices_broker.port,
+                        "username": GATEWAY.username,
+                        "password": GATEWAY.password,
+                        "topic_root": TOPICS.root,
+                        "backoff_max_s": 1.0,
+                    },
+                    "devices": [
+                        {
+                            "device_id": d,
+                            "der_class": "thermostat",
+                            "adapter": "mqtt_thermostat",
+                            "location": {"substation": "s1", "feeder": "f1"},
+                            "ratings": {
+                                "max_charge_kw": 3,
+                                "max_discharge_kw": 3,
+                                "capacity_kwh": 3,
+                            },
+                            "mqtt": {
+                                "comfort_min_c": 20.0,
+                                "comfort_max_c": 24.5,
+                                "stale_after_s": 2.0,
+                                "hold_s": 5.0,
+                                "result_timeout_s": 2.0,
+                                "connect_wait_s": 3.0,
+                            },
+                        }
+                        for d in ids
+                    ],
+                }
+            )
+        )
+        sims = []
+        for i, device_id in enumerate(ids):
+            account = accounts[device_id]
+            sim = MqttDeviceSimulator(
+                SimThermostat(
+                    device_id, house=ThermalHouse(indoor_c=21.6 + 0.15 * i, on=i % 2 == 0)
+                ),
+                host=devices_broker.host,
+                port=devices_broker.port,
+                username=account.username,
+                password=account.password,
+                topics=TOPICS,
+                report_interval_s=0.1,
+                time_scale=900,
+            )
+            sims.append(sim)
+            stack.push_async_callback(
+                _stop, asyncio.create_task(sim.run(), name=f"sim:{device_id}")
+            )
+        grid = await stack.enter_async_context(
+            GridDermsClient(
+                broker_endpoint.host,
+                broker_endpoint.port,
+                "gw-tstat",
+                protocol=broker_endpoint.protocol,
+            )
+        )
+        stack.push_async_callback(_stop, asyncio.create_task(gateway.run(), name="gateway"))
+        await eventually(
+            lambda: all(s.available for s in gateway.supervisors.values()), 15, "thermostats online"
+        )
+
+        def load_kw() -> float:
+            return sum(sim.device.telemetry().power_kw for sim in sims)
+
+        async def mean_load(seconds: float) -> list[float]:
+            out = []
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                out.append(load_kw())
+                await asyncio.sleep(0.05)
+            return out
+
+        baseline = statistics.fmean(await mean_load(3.0))
+        assert baseline > 0
+
+        await grid.send(
+            {
+                "type": "dispatch",
+                "command_id": "shed-ac",
+                "kw": -18.0,
+                "target": {"group_id": "feeder:f1"},
+                "start": iso(0.1),
+                "duration_s": 4.0,
+            }
+        )
+        ack = await grid.wait_for_state("shed-ac", AckState.ACTIVE, 5)
+        assert len(ack.allocations) == N
+        shed = await mean_load(2.5)
+        assert statistics.fmean(shed[len(shed) // 3 :]) < 0.6 * baseline, (baseline, shed)
+        asked = {a.device_id for a in ack.allocations if a.commanded_kw < -0.1}
+        assert asked, ack
+        for sim in sims:  # setpoints really raised where the planner asked for a shed
+            assert (sim.device.offset_c > 0) == (sim.device.device_id in asked), sim.device
+
+        await grid.wait_for_state("shed-ac", AckState.COMPLETED, 5)
+        rebound = await mean_load(2.5)
+        assert all(sim.device.offset_c == 0 for sim in sims)  # released
+        assert max(rebound) > 1.2 * baseline, (baseline, max(rebound))  # compressors together
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
