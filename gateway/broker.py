@@ -66,26 +66,26 @@ class MosquittoBroker:
     def endpoint(self) -> BrokerEndpoint:
         return BrokerEndpoint("127.0.0.1", self.port, "5", "mosquitto")
 
+    def config_lines(self) -> list[str]:
+        """The generated mosquitto.conf (subclasses add authentication and ACLs here)."""
+        return [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence false",
+            # Acks and commands are QoS 1: a burst must not be silently dropped for a
+            # subscriber that is momentarily slow (mosquitto's default queue is small).
+            "max_queued_messages 100000",
+            "max_inflight_messages 1000",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "",
+        ]
+
     async def start(self) -> BrokerEndpoint:
         self._dir = tempfile.TemporaryDirectory(prefix="derms-mosquitto-")
         conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    f"listener {self.port} 127.0.0.1",
-                    "allow_anonymous true",
-                    "persistence false",
-                    # Acks and commands are QoS 1: a burst must not be silently dropped for a
-                    # subscriber that is momentarily slow (mosquitto's default queue is small).
-                    "max_queued_messages 100000",
-                    "max_inflight_messages 1000",
-                    "log_dest stderr",
-                    "log_type error",
-                    "log_type warning",
-                    "",
-                ]
-            )
-        )
+        conf.write_text("\n".join(self.config_lines()))
         self._process = await asyncio.create_subprocess_exec(
             self.executable,
             "-c",

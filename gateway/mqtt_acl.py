@@ -15,7 +15,6 @@ format ourselves. The file functions block on disk and a subprocess: call them f
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import os
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gateway.broker import BrokerEndpoint, MosquittoBroker, wait_for_port
+from gateway.broker import MosquittoBroker
 from protocols.mqtt.devices import DeviceTopics, MessageKind
 
 __all__ = [
@@ -247,8 +246,7 @@ def broker_auth_config(password_file: Path, acl_file: Path) -> list[str]:
 class AuthenticatedMosquitto(MosquittoBroker):
     """:class:`gateway.broker.MosquittoBroker` with a password file and an ACL.
 
-    Overrides ``start`` only to write a different config; stopping is the base class's. (A
-    ``extra_config`` hook on the base class would make this subclass unnecessary.)
+    Only its configuration differs: starting and stopping are the base class's.
     """
 
     def __init__(
@@ -283,29 +281,3 @@ class AuthenticatedMosquitto(MosquittoBroker):
             "log_type warning",
             "",
         ]
-
-    async def start(self) -> BrokerEndpoint:
-        self._dir = tempfile.TemporaryDirectory(prefix="derms-mosquitto-auth-")
-        conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text("\n".join(self.config_lines()))
-        self._process = await asyncio.create_subprocess_exec(
-            self.executable,
-            "-c",
-            str(conf),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            await wait_for_port("127.0.0.1", self.port)
-        except TimeoutError:
-            err = b""
-            stderr = self._process.stderr
-            if stderr is not None:
-                try:
-                    async with asyncio.timeout(1):
-                        err = await stderr.read(2000)
-                except TimeoutError:
-                    pass
-            await self.stop()
-            raise RuntimeError(f"mosquitto did not start: {err.decode(errors='replace')}") from None
-        return self.endpoint
