@@ -16,6 +16,7 @@ from adapters.mqtt_device import DeviceMqttConfig, MqttDeviceSettings
 from adapters.sep2_der import Sep2DerEndpoint
 from adapters.sunspec_battery import SunSpecEndpoint
 from gateway.model import DerClass, Device, Group, Identifier
+from gateway.ocpp_central import OcppCentralConfig
 from gateway.openadr_ven import OpenAdrVenConfig
 from gateway.openadr_vtn import OpenAdrVtnConfig
 from gateway.sep2_server import Sep2ServerConfig
@@ -125,10 +126,17 @@ class GatewayConfig(Section):
         default=(),
         description="Extra named groups; every substation/feeder/... also gets an implicit group",
     )
-    devices: tuple[DeviceConfig, ...] = Field(min_length=1)
+    devices: tuple[DeviceConfig, ...] = Field(
+        default=(),
+        description="Configured devices; more may enrol at run time (OEM clouds, EV chargers)",
+    )
     device_mqtt: DeviceMqttConfig | None = Field(
         default=None,
         description="The broker that thermostats and water heaters talk to ('mqtt_*' devices)",
+    )
+    ocpp_central: OcppCentralConfig | None = Field(
+        default=None,
+        description="An OCPP 1.6J / 2.0.1 central system for EV chargers (each becomes a device)",
     )
     sep2_server: Sep2ServerConfig | None = Field(
         default=None, description="Host an IEEE 2030.5 server for DER clients ('sep2_der' devices)"
@@ -170,6 +178,18 @@ class GatewayConfig(Section):
                     f"({device.sunspec.setpoint_revert_s}) must exceed timing.refresh_s "
                     f"({self.timing.refresh_s:g}), or the battery reverts between refreshes"
                 )
+        if not self.devices and self.ocpp_central is None and self.openadr_vtn is None:
+            problems.append(
+                "no devices: configure [[devices]], or an [ocpp_central] or [openadr_vtn] that "
+                "enrols them at run time"
+            )
+        if self.ocpp_central is not None:
+            for charger in self.ocpp_central.chargers:
+                if charger.resolved_device_id in seen:
+                    problems.append(
+                        f"OCPP charger {charger.charge_point_id!r} would enrol as device "
+                        f"{charger.resolved_device_id!r}, which [[devices]] already has"
+                    )
         mqtt_devices = [d for d in self.devices if d.adapter in MQTT_ADAPTERS]
         if mqtt_devices and self.device_mqtt is None:
             problems.append("devices with an 'mqtt_*' adapter need a [device_mqtt] section")

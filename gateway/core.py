@@ -40,6 +40,7 @@ from gateway.model import (
     utcnow,
 )
 from gateway.northbound import Northbound, Outgoing, ReplyTo
+from gateway.ocpp_central import OcppCentral
 from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
 from gateway.openadr_vtn import OpenAdrVtn
 from gateway.registry import Registry
@@ -152,6 +153,9 @@ class Gateway:
                 telemetry=self.group_telemetry,
                 capacity=capacity_from_registry(self.registry),
             )
+        self.ocpp_central: OcppCentral | None = None
+        if config.ocpp_central is not None:
+            self.ocpp_central = OcppCentral(config.ocpp_central, registrar=self)
         self.openadr_vtn: OpenAdrVtn | None = None
         if config.openadr_vtn is not None:
             self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self)
@@ -181,6 +185,8 @@ class Gateway:
                     tg.create_task(self.device_mqtt.run(), name="device-mqtt")
                 if self.openadr_vtn is not None:
                     tg.create_task(self.openadr_vtn.run(), name="openadr-vtn")
+                if self.ocpp_central is not None:
+                    tg.create_task(self.ocpp_central.run(), name="ocpp-central")
                 self.ready.set()
                 try:
                     await wait_inside_task_group()

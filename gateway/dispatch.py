@@ -253,14 +253,18 @@ def _plan_dispatch(
     rooms: dict[str, Headroom] = {}
     for device in target_devices(registry, command.target):
         did = device.device_id
-        if did in entry.excluded or states.get(did) is None:
+        state = states.get(did)
+        # Without a state of charge (an EV whose need is unknown, a device not yet reporting)
+        # the planner cannot promise anything with it: leave it running on its own rather than
+        # hold it at zero (which would, say, pause an EV that nobody asked to pause).
+        if did in entry.excluded or state is None or state.soc_pct is None:
             continue
         if did in holder:
             result.conflicts.setdefault(command.command_id, [])
             if holder[did] not in result.conflicts[command.command_id]:
                 result.conflicts[command.command_id].append(holder[did])
             continue
-        rooms[did] = headroom(device, states[did], remaining_s)
+        rooms[did] = headroom(device, state, remaining_s)
     caps = {d: (r.discharge_kw if total < 0 else r.charge_kw) for d, r in rooms.items()}
     shares = share(total, caps)
     for did, kw in shares.items():

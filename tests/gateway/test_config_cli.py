@@ -54,7 +54,7 @@ def test_errors_name_the_exact_place() -> None:
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
-        ({"devices": []}, "at least 1"),
+        ({"devices": []}, "no devices"),
         ({"devices": [device(1), device(1, sunspec={"port": 6000})]}, "appears twice"),
         ({"devices": [device(1), device(2, sunspec={"port": 5021})]}, "share the endpoint"),
         ({"devices": [device(1, adapter="carrier-pigeon")]}, "unknown adapter"),

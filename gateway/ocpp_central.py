@@ -1,0 +1,1152 @@
+"""The gateway as an OCPP central system (1.6J and 2.0.1) that EV chargers connect to.
+
+Chargers open a websocket to ``ws://host:port/<path_prefix>/<charge point id>`` and offer the
+OCPP versions they speak as subprotocols; the first of ``versions`` the charger also offers wins
+(``ocpp2.0.1`` before ``ocpp1.6`` by default). One ``ocpp`` ChargePoint object serves each
+connection; its handlers only update the charger's record here (status, transaction, latest meter
+sample, the driver's charging needs), so the central is a transport with a registry, and the
+policy (what limit to send) lives in :class:`adapters.ocpp_charger.OcppCharger`.
+
+Admission and protocol hygiene:
+
+* an unknown charge point id is refused during the HTTP handshake with 404, as OCPP-J asks,
+  unless ``auto_register`` is on (it is then enrolled at its first BootNotification);
+* an unparseable frame gets a CALLERROR (``FormationViolation`` in 1.6, ``RpcFrameworkError`` in
+  2.0.1) with the frame's message id when it can be read, ``-1`` otherwise; schema violations and
+  unknown actions get the ``ocpp`` package's errors; the connection stays up;
+* a request before the charger's BootNotification was accepted gets ``SecurityError`` (OCPP
+  2.0.1 B02.FR.09 / B03.FR.08), and the central asks for a boot with TriggerMessage, because a
+  charger that only lost its websocket (or outlived a restart of the gateway) does not boot again
+  by itself;
+* a 1.6 StopTransaction for a transaction this central never started gets
+  ``PropertyConstraintViolation`` (transactions are not persisted: see the module's limits).
+
+Energies and powers cross this module in kW / kWh; OCPP's W, Wh, A and Decimal stay inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Final, Literal, Protocol, TypeVar, cast
+from urllib.parse import unquote
+
+from ocpp.exceptions import (  # type: ignore[import-untyped]
+    OCPPError,
+    PropertyConstraintViolationError,
+    SecurityError,
+    UnknownCallErrorCodeError,
+)
+from ocpp.messages import Call, unpack  # type: ignore[import-untyped]
+from ocpp.routing import on  # type: ignore[import-untyped]
+from ocpp.v16 import ChargePoint as ChargePoint16  # type: ignore[import-untyped]
+from ocpp.v16 import call as call16
+from ocpp.v16 import call_result as result16
+from ocpp.v201 import ChargePoint as ChargePoint201  # type: ignore[import-untyped]
+from ocpp.v201 import call as call201
+from ocpp.v201 import call_result as result201
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from adapters.base import DeviceAdapter
+from gateway.aio import raise_if_cancelling
+from gateway.model import (
+    BatteryConstraints,
+    BatteryRatings,
+    DerClass,
+    Device,
+    Identifier,
+    TopologyLocation,
+    utcnow,
+)
+
+__all__ = [
+    "NEEDS_MESSAGE_ID",
+    "NEEDS_VENDOR_ID",
+    "SUBPROTOCOLS",
+    "ChargerCallFailed",
+    "ChargerNotConnected",
+    "ChargerRejected",
+    "ChargerSnapshot",
+    "ChargingNeed",
+    "ChargingProfileLimit",
+    "MeterSample",
+    "OcppCentral",
+    "OcppCentralConfig",
+    "OcppCentralError",
+    "OcppChargerConfig",
+    "OcppChargerDefaults",
+    "OcppVersion",
+    "ProfilePurpose",
+    "Registrar",
+    "Transaction",
+]
+
+log = logging.getLogger(__name__)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _WireLog(logging.LoggerAdapter[logging.Logger]):
+    """The ``ocpp`` package's logger, tamed for a gateway with many chargers.
+
+    The package logs every frame at INFO (here: DEBUG) and every CALLERROR it answers with a
+    traceback at ERROR. A charger's malformed message is the charger's fault, not ours: it is
+    logged as one WARNING line. Any other exception (a bug in our handlers) keeps its traceback.
+    """
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level == logging.INFO:
+            level = logging.DEBUG
+        elif level >= logging.ERROR and kwargs.get("exc_info"):
+            error = sys.exc_info()[1]
+            if isinstance(error, OCPPError):
+                level, kwargs["exc_info"] = logging.WARNING, False
+                args = (*args, error)
+                msg = f"{msg}: %s"
+        super().log(level, msg, *args, **kwargs)
+
+
+_WIRE_LOG: Final = _WireLog(logging.getLogger("gateway.ocpp_central.wire"))
+
+
+def _on(action: str) -> Callable[[_F], _F]:
+    """The ocpp package's handler decorator, typed."""
+    return cast("Callable[[_F], _F]", on(action))
+
+
+OcppVersion = Literal["ocpp2.0.1", "ocpp1.6"]
+SUBPROTOCOLS: Final[tuple[OcppVersion, ...]] = ("ocpp2.0.1", "ocpp1.6")
+
+#: 1.6 has no message for the driver's charging needs (2.0.1 has NotifyEVChargingNeeds), so a
+#: 1.6 charger (or its app backend) may send them in a DataTransfer with these ids; ``data`` is a
+#: JSON object ``{"energyAmountWh", "departureTime", "evEnergyCapacityWh", "evMaxPowerW"}``.
+NEEDS_VENDOR_ID: Final = "org.derms-gateway"
+NEEDS_MESSAGE_ID: Final = "EVChargingNeeds"
+
+_CP_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,47}$"
+_CP_ID_RE = re.compile(_CP_ID)
+_MESSAGE_ID_RE = re.compile(r'^\s*\[\s*\d+\s*,\s*"([^"\\]{1,36})"')
+#: Our charging profiles use these ids (one per purpose), so clearing ours never clears a
+#: profile the site installer or another system put on the charger.
+_PROFILE_IDS: Final = {"site_cap": 90_001, "tx_default": 90_002, "tx": 90_003}
+#: An absolute schedule starts this long before our clock's "now", so a charger whose clock runs
+#: slightly behind ours does not ignore a new limit until its clock catches up.
+_CLOCK_SKEW_ALLOWANCE: Final = timedelta(seconds=60)
+_PLUGGED_16: Final = frozenset(
+    {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing"}
+)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OcppChargerDefaults(_Section):
+    """How a charger joins the registry (and the defaults for auto-registered ones)."""
+
+    location: TopologyLocation
+    max_kw: float = Field(default=11.0, gt=0, le=1000, description="Charger (EVSE) rating, kW")
+    ev_capacity_kwh: float = Field(
+        default=60.0,
+        gt=0,
+        le=1000,
+        description="Nominal EV battery, for the SoC mapping when the EV does not report one",
+    )
+    site_cap_kw: float | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Standing site cap (the connection's limit); overrides default_site_cap_kw",
+    )
+    rate_unit: Literal["W", "A"] = Field(default="W", description="Unit of the limits we send")
+    voltage_v: float = Field(default=230.0, gt=0, le=1000, description="Phase voltage, for A")
+    phases: int = Field(default=3, ge=1, le=3)
+    programs: tuple[Identifier, ...] = ()
+
+
+class OcppChargerConfig(OcppChargerDefaults):
+    """One charger allowed to connect (``[[ocpp_central.chargers]]``)."""
+
+    charge_point_id: str = Field(pattern=_CP_ID, description="Identity in the websocket URL")
+    device_id: Identifier | None = Field(default=None, description="Default: charge_point_id")
+
+    @property
+    def resolved_device_id(self) -> str:
+        return self.device_id or self.charge_point_id
+
+
+class OcppCentralConfig(_Section):
+    """``[ocpp_central]``: the OCPP central system the gateway runs for EV chargers."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9000, ge=0, le=65535, description="0: any free port (tests)")
+    path_prefix: str = Field(default="/ocpp", pattern=r"^(/[A-Za-z0-9_.-]+)*$")
+    versions: tuple[OcppVersion, ...] = Field(
+        default=SUBPROTOCOLS, min_length=1, description="Subprotocols, preferred first"
+    )
+    chargers: tuple[OcppChargerConfig, ...] = ()
+    auto_register: bool = Field(
+        default=False, description="Accept (and enrol) chargers that are not configured"
+    )
+    auto_register_defaults: OcppChargerDefaults | None = Field(
+        default=None, description="Location and ratings of auto-registered chargers"
+    )
+    default_site_cap_kw: float | None = Field(
+        default=None, ge=0, le=1000, description="Standing site cap for every charger"
+    )
+    heartbeat_interval_s: int = Field(default=60, ge=1, le=86_400)
+    stale_after_s: float = Field(
+        default=120.0, gt=0, le=86_400, description="A charger silent this long is unavailable"
+    )
+    response_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    max_message_bytes: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
+    stack_level: int = Field(default=1, ge=0, le=100, description="Of our charging profiles")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OcppCentralConfig:
+        problems: list[str] = []
+        ids = [c.charge_point_id for c in self.chargers]
+        if len(set(ids)) != len(ids):
+            problems.append("charge_point_id values are not unique")
+        devices = [c.resolved_device_id for c in self.chargers]
+        if len(set(devices)) != len(devices):
+            problems.append("device ids are not unique")
+        if len(set(self.versions)) != len(self.versions):
+            problems.append("versions repeat")
+        if self.auto_register and self.auto_register_defaults is None:
+            problems.append("auto_register needs auto_register_defaults (location, ratings)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def charger(self, charge_point_id: str) -> OcppChargerConfig | None:
+        return next((c for c in self.chargers if c.charge_point_id == charge_point_id), None)
+
+
+class Registrar(Protocol):
+    """What the central needs from the gateway core (``gateway.core.Gateway`` provides it)."""
+
+    def add_device(self, device: Device, adapter: DeviceAdapter) -> None: ...
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class OcppCentralError(Exception):
+    """Base class of what the central raises to its callers (the charger adapters)."""
+
+    def __init__(self, charge_point_id: str, message: str) -> None:
+        super().__init__(f"{charge_point_id}: {message}")
+        self.charge_point_id = charge_point_id
+
+
+class ChargerNotConnected(OcppCentralError):
+    """No accepted session with this charger right now."""
+
+
+class ChargerCallFailed(OcppCentralError):
+    """A request got a CALLERROR or no answer in time (``error_code`` None: timeout)."""
+
+    def __init__(self, charge_point_id: str, action: str, error_code: str | None) -> None:
+        what = "no answer in time" if error_code is None else f"CALLERROR {error_code}"
+        super().__init__(charge_point_id, f"{action}: {what}")
+        self.action = action
+        self.error_code = error_code
+
+
+class ChargerRejected(OcppCentralError):
+    """The charger answered, with a status other than Accepted."""
+
+    def __init__(self, charge_point_id: str, action: str, status: str) -> None:
+        super().__init__(charge_point_id, f"{action}: {status}")
+        self.action = action
+        self.status = status
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSample:
+    """The latest meter reading of a charger (one connector / EVSE), in kW / kWh / %."""
+
+    received_at: datetime
+    measured_at: datetime | None
+    power_kw: float | None
+    energy_kwh: float | None
+    soc_pct: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChargingNeed:
+    """What the driver (or the EV) asked for: energy by a departure time."""
+
+    energy_kwh: float
+    departure: datetime | None
+    received_at: datetime
+    register_kwh: float | None
+    """The charger's energy register when the need was announced (what is delivered since
+    counts against it)."""
+    ev_capacity_kwh: float | None = None
+    ev_max_kw: float | None = None
+
+    def remaining_kwh(self, register_kwh: float | None) -> float:
+        if register_kwh is None or self.register_kwh is None:
+            return self.energy_kwh
+        return max(0.0, self.energy_kwh - max(0.0, register_kwh - self.register_kwh))
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    transaction_id: str
+    connector_id: int
+    started_at: datetime
+    meter_start_kwh: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChargerSnapshot:
+    """A consistent copy of what the central knows about one charger."""
+
+    charge_point_id: str
+    device_id: str
+    version: OcppVersion | None
+    connected: bool
+    booted: bool
+    generation: int
+    """Incremented at every accepted boot and every new connection: a reader that sees it change
+    knows the charger may have lost the profiles it was sent."""
+    vendor: str | None
+    model: str | None
+    status: str | None
+    plugged: bool
+    transaction: Transaction | None
+    sample: MeterSample | None
+    need: ChargingNeed | None
+    last_seen: datetime | None
+    settings: OcppChargerDefaults
+
+
+class ProfilePurpose(StrEnum):
+    SITE_CAP = "site_cap"
+    """ChargePointMaxProfile (1.6) / ChargingStationMaxProfile (2.0.1), on the whole charger."""
+    TX_DEFAULT = "tx_default"
+    TX = "tx"
+
+
+@dataclass(frozen=True, slots=True)
+class ChargingProfileLimit:
+    """One of our limits, as the adapter decides it; the central renders it per version."""
+
+    purpose: ProfilePurpose
+    limit_kw: float
+    transaction_id: str | None = None
+    connector_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.limit_kw) or self.limit_kw < 0:
+            raise ValueError(f"limit {self.limit_kw} kW is not valid")
+        if (self.purpose is ProfilePurpose.TX) != (self.transaction_id is not None):
+            raise ValueError("a transaction id is needed for, and only for, a TxProfile")
+
+
+@dataclass(slots=True)
+class _Record:
+    charge_point_id: str
+    settings: OcppChargerDefaults
+    device_id: str
+    version: OcppVersion | None = None
+    session: _Session | None = None
+    booted: bool = False
+    generation: int = 0
+    vendor: str | None = None
+    model: str | None = None
+    status: str | None = None
+    plugged: bool = False
+    transaction: Transaction | None = None
+    sample: MeterSample | None = None
+    need: ChargingNeed | None = None
+    last_seen: datetime | None = None
+    ended: dict[str, None] = field(default_factory=dict)
+    """Recently ended transactions, oldest first (a repeated StopTransaction is not an error)."""
+
+    def snapshot(self) -> ChargerSnapshot:
+        return ChargerSnapshot(
+            charge_point_id=self.charge_point_id,
+            device_id=self.device_id,
+            version=self.version,
+            connected=self.session is not None,
+            booted=self.booted and self.session is not None,
+            generation=self.generation,
+            vendor=self.vendor,
+            model=self.model,
+            status=self.status,
+            plugged=self.plugged or self.transaction is not None,
+            transaction=self.transaction,
+            sample=self.sample,
+            need=self.need,
+            last_seen=self.last_seen,
+            settings=self.settings,
+        )
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo else None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float | Decimal | str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+_TO_KILO: Final = {"W": 1e-3, "kW": 1.0, "Wh": 1e-3, "kWh": 1.0}
+
+
+def sampled_values(meter_values: object, version: OcppVersion) -> MeterSample | None:
+    """The latest power, energy register and SoC in a MeterValues list (snake_case keys).
+
+    Only the import measurands at the connector (no phase) are taken; a value in an unknown
+    unit is ignored rather than guessed.
+    """
+    if not isinstance(meter_values, list):
+        return None
+    power = energy = soc = None
+    measured: datetime | None = None
+    for entry in meter_values:
+        if not isinstance(entry, dict):
+            continue
+        stamp = _parse_time(entry.get("timestamp"))
+        for sv in entry.get("sampled_value") or ():
+            if not isinstance(sv, dict) or sv.get("phase") is not None:
+                continue
+            measurand = sv.get("measurand", "Energy.Active.Import.Register")
+            value = _number(sv.get("value"))
+            if value is None:
+                continue
+            if version == "ocpp1.6":
+                unit = sv.get("unit", "Wh")
+            else:
+                uom = sv.get("unit_of_measure") or {}
+                unit = uom.get("unit", "Wh")
+                value *= 10.0 ** int(uom.get("multiplier", 0))
+            if measurand == "Power.Active.Import" and unit in ("W", "kW"):
+                power = value * _TO_KILO[unit]
+            elif measurand == "Energy.Active.Import.Register" and unit in ("Wh", "kWh"):
+                energy = value * _TO_KILO[unit]
+            elif measurand == "SoC" and 0 <= value <= 100:
+                soc = value
+            else:
+                continue
+            if stamp is not None and (measured is None or stamp > measured):
+                measured = stamp
+    if power is None and energy is None and soc is None:
+        return None
+    return MeterSample(utcnow(), measured, power, energy, soc)
+
+
+def charging_profile(
+    version: OcppVersion,
+    limit: ChargingProfileLimit,
+    settings: OcppChargerDefaults,
+    *,
+    stack_level: int,
+    now: datetime,
+) -> tuple[int, dict[str, Any]]:
+    """(connector / evse id, profile) of a SetChargingProfile request, with snake_case keys.
+
+    Limits in A are per phase over ``settings.phases`` phases; both units are rounded *down* to
+    0.1 (1.6 allows one decimal), so a cap is never exceeded by rounding.
+    """
+    watts = limit.limit_kw * 1000
+    rate = watts / (settings.voltage_v * settings.phases) if settings.rate_unit == "A" else watts
+    rate = math.floor(rate * 10 + 1e-6) / 10
+    period: dict[str, Any] = {"start_period": 0, "limit": rate}
+    if settings.rate_unit == "A":
+        period["number_phases"] = settings.phases
+    schedule: dict[str, Any] = {
+        "start_schedule": _iso(now - _CLOCK_SKEW_ALLOWANCE),
+        "charging_rate_unit": settings.rate_unit,
+        "charging_schedule_period": [period],
+    }
+    profile_id = _PROFILE_IDS[limit.purpose.value]
+    if version == "ocpp1.6":
+        purpose = {
+            ProfilePurpose.SITE_CAP: "ChargePointMaxProfile",
+            ProfilePurpose.TX_DEFAULT: "TxDefaultProfile",
+            ProfilePurpose.TX: "TxProfile",
+        }[limit.purpose]
+        profile: dict[str, Any] = {
+            "charging_profile_id": profile_id,
+            "stack_level": stack_level,
+            "charging_profile_purpose": purpose,
+            "charging_profile_kind": "Absolute",
+            "charging_schedule": schedule,
+        }
+        if limit.transaction_id is not None:
+            profile["transaction_id"] = int(limit.transaction_id)
+    else:
+        purpose = {
+            ProfilePurpose.SITE_CAP: "ChargingStationMaxProfile",
+            ProfilePurpose.TX_DEFAULT: "TxDefaultProfile",
+            ProfilePurpose.TX: "TxProfile",
+        }[limit.purpose]
+        profile = {
+            "id": profile_id,
+            "stack_level": stack_level,
+            "charging_profile_purpose": purpose,
+            "charging_profile_kind": "Absolute",
+            "charging_schedule": [{"id": profile_id, **schedule}],
+        }
+        if limit.transaction_id is not None:
+            profile["transaction_id"] = limit.transaction_id
+    connector = 0 if limit.purpose is not ProfilePurpose.TX else limit.connector_id
+    return connector, profile
+
+
+def _call_error_frame(raw: str | bytes, exc: OCPPError, version: OcppVersion) -> str:
+    """A CALLERROR for a frame the ``ocpp`` package could not even unpack."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    match = _MESSAGE_ID_RE.match(text)
+    message_id = match.group(1) if match else "-1"
+    if version == "ocpp1.6":
+        code = (
+            "FormationViolation"
+            if exc.code in ("FormatViolation", "FormationViolation")
+            else exc.code
+        )
+    else:
+        code = "RpcFrameworkError" if message_id == "-1" else exc.code
+    details = {"cause": str(exc.details.get("cause", exc.description))[:200]}
+    return json.dumps([4, message_id, code, exc.description, details], separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class _Session:
+    """What both versions' ChargePoint objects share: admission checks and frame errors."""
+
+    id: str
+    central: OcppCentral
+    record: _Record
+    version: OcppVersion
+    tasks: asyncio.TaskGroup | None
+    _boot_requested: bool
+
+    # Provided by the ocpp package's ChargePoint (declared only: defining them here would
+    # shadow the real ones, which come later in the method resolution order).
+    _send: Callable[[str], Awaitable[None]]
+    call: Callable[..., Awaitable[Any]]
+    start: Callable[[], Awaitable[None]]
+    _connection: ServerConnection
+
+    async def route_message(self, raw_msg: str | bytes) -> None:
+        try:
+            msg = unpack(raw_msg)
+        except OCPPError as exc:
+            log.warning("OCPP %s sent an unparseable frame: %s", self.id, exc)
+            await self._send(_call_error_frame(raw_msg, exc, self.version))
+            return
+        self.record.last_seen = utcnow()
+        if isinstance(msg, Call) and msg.action != "BootNotification" and not self.record.booted:
+            error = SecurityError(description="BootNotification not accepted yet")
+            await self._send(msg.create_call_error(error).to_json())
+            self._request_boot()
+            return
+        await super().route_message(raw_msg)  # type: ignore[misc]
+
+    def _request_boot(self) -> None:
+        if self._boot_requested or self.tasks is None:
+            return
+        self._boot_requested = True
+        self.tasks.create_task(self._trigger_boot(), name=f"ocpp:{self.id}:trigger-boot")
+
+    async def _trigger_boot(self) -> None:
+        if self.version == "ocpp1.6":
+            request: Any = call16.TriggerMessage(requested_message="BootNotification")
+        else:
+            request = call201.TriggerMessage(requested_message="BootNotification")
+        try:
+            async with asyncio.timeout(self.central.config.response_timeout_s):
+                await self.call(request)
+        except (TimeoutError, OCPPError, ConnectionClosed) as exc:
+            log.info("OCPP %s: TriggerMessage(BootNotification) failed: %s", self.id, exc)
+        raise_if_cancelling()
+
+    def _boot_response(self, vendor: str, model: str) -> bool:
+        record = self.record
+        record.vendor, record.model = vendor, model
+        record.booted = True
+        record.generation += 1
+        log.info("OCPP %s booted (%s %s, %s)", self.id, vendor, model, self.version)
+        self.central.boot_accepted(record)
+        return True
+
+
+class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
+    def __init__(self, central: OcppCentral, record: _Record, connection: ServerConnection) -> None:
+        super().__init__(
+            record.charge_point_id,
+            connection,
+            response_timeout=central.config.response_timeout_s,
+            logger=_WIRE_LOG,
+        )
+        self.central, self.record, self.version = central, record, "ocpp1.6"
+        self.tasks, self._boot_requested = None, False
+
+    @_on("BootNotification")
+    def on_boot_notification(
+        self, charge_point_vendor: str, charge_point_model: str, **_: Any
+    ) -> Any:
+        self._boot_response(charge_point_vendor, charge_point_model)
+        return result16.BootNotification(
+            current_time=_iso(utcnow()),
+            interval=self.central.config.heartbeat_interval_s,
+            status="Accepted",
+        )
+
+    @_on("Heartbeat")
+    def on_heartbeat(self, **_: Any) -> Any:
+        return result16.Heartbeat(current_time=_iso(utcnow()))
+
+    @_on("StatusNotification")
+    def on_status_notification(self, connector_id: int, status: str, **_: Any) -> Any:
+        if connector_id != 0:
+            self.record.status = status
+            self.record.plugged = status in _PLUGGED_16
+        return result16.StatusNotification()
+
+    @_on("Authorize")
+    def on_authorize(self, id_tag: str, **_: Any) -> Any:
+        return result16.Authorize(id_tag_info={"status": "Accepted"})
+
+    @_on("StartTransaction")
+    def on_start_transaction(self, connector_id: int, meter_start: int, **_: Any) -> Any:
+        transaction_id = self.central.next_transaction_id()
+        self.central.transaction_started(
+            self.record,
+            Transaction(str(transaction_id), connector_id, utcnow(), meter_start / 1000),
+        )
+        return result16.StartTransaction(
+            transaction_id=transaction_id, id_tag_info={"status": "Accepted"}
+        )
+
+    @_on("StopTransaction")
+    def on_stop_transaction(self, transaction_id: int, meter_stop: int, **_: Any) -> Any:
+        record = self.record
+        known = record.transaction is not None and record.transaction.transaction_id == str(
+            transaction_id
+        )
+        if not known and str(transaction_id) not in record.ended:
+            raise PropertyConstraintViolationError(
+                details={"cause": f"transaction {transaction_id} is not known here"}
+            )
+        if known:
+            self.central.transaction_ended(record, meter_stop / 1000)
+        return result16.StopTransaction(id_tag_info={"status": "Accepted"})
+
+    @_on("MeterValues")
+    def on_meter_values(self, connector_id: int, meter_value: list[Any], **_: Any) -> Any:
+        self.central.meter_sample(self.record, sampled_values(meter_value, self.version))
+        return result16.MeterValues()
+
+    @_on("DataTransfer")
+    def on_data_transfer(
+        self, vendor_id: str, message_id: str | None = None, data: str | None = None, **_: Any
+    ) -> Any:
+        if vendor_id != NEEDS_VENDOR_ID:
+            return result16.DataTransfer(status="UnknownVendorId")
+        if message_id != NEEDS_MESSAGE_ID:
+            return result16.DataTransfer(status="UnknownMessageId")
+        try:
+            payload = json.loads(data or "")
+            energy_wh = _number(payload["energyAmountWh"])
+        except (ValueError, KeyError, TypeError):
+            return result16.DataTransfer(status="Rejected", data="energyAmountWh missing")
+        if energy_wh is None or energy_wh < 0:
+            return result16.DataTransfer(status="Rejected", data="energyAmountWh invalid")
+        capacity = _number(payload.get("evEnergyCapacityWh"))
+        max_w = _number(payload.get("evMaxPowerW"))
+        self.central.charging_need(
+            self.record,
+            energy_kwh=energy_wh / 1000,
+            departure=_parse_time(payload.get("departureTime")),
+            ev_capacity_kwh=None if capacity is None else capacity / 1000,
+            ev_max_kw=None if max_w is None else max_w / 1000,
+        )
+        return result16.DataTransfer(status="Accepted")
+
+
+class _Session201(_Session, ChargePoint201):  # type: ignore[misc]
+    def __init__(self, central: OcppCentral, record: _Record, connection: ServerConnection) -> None:
+        super().__init__(
+            record.charge_point_id,
+            connection,
+            response_timeout=central.config.response_timeout_s,
+            logger=_WIRE_LOG,
+        )
+        self.central, self.record, self.version = central, record, "ocpp2.0.1"
+        self.tasks, self._boot_requested = None, False
+
+    @_on("BootNotification")
+    def on_boot_notification(self, charging_station: dict[str, Any], **_: Any) -> Any:
+        self._boot_response(
+            str(charging_station.get("vendor_name", "")), str(charging_station.get("model", ""))
+        )
+        return result201.BootNotification(
+            current_time=_iso(utcnow()),
+            interval=self.central.config.heartbeat_interval_s,
+            status="Accepted",
+        )
+
+    @_on("Heartbeat")
+    def on_heartbeat(self, **_: Any) -> Any:
+        return result201.Heartbeat(current_time=_iso(utcnow()))
+
+    @_on("StatusNotification")
+    def on_status_notification(self, connector_status: str, evse_id: int, **_: Any) -> Any:
+        if evse_id != 0:
+            self.record.status = connector_status
+            self.record.plugged = connector_status == "Occupied"
+        return result201.StatusNotification()
+
+    @_on("Authorize")
+    def on_authorize(self, **_: Any) -> Any:
+        return result201.Authorize(id_token_info={"status": "Accepted"})
+
+    @_on("MeterValues")
+    def on_meter_values(self, meter_value: list[Any], **_: Any) -> Any:
+        self.central.meter_sample(self.record, sampled_values(meter_value, self.version))
+        return result201.MeterValues()
+
+    @_on("TransactionEvent")
+    def on_transaction_event(
+        self,
+        event_type: str,
+        transaction_info: dict[str, Any],
+        meter_value: list[Any] | None = None,
+        evse: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> Any:
+        record = self.record
+        transaction_id = str(transaction_info["transaction_id"])
+        sample = sampled_values(meter_value, self.version) if meter_value else None
+        current = record.transaction
+        is_current = current is not None and current.transaction_id == transaction_id
+        # A Started, or an Updated whose Started we missed (the station queued it offline or
+        # this central restarted): adopt it, since a 2.0.1 station issues transaction ids itself.
+        if event_type != "Ended" and not is_current and transaction_id not in record.ended:
+            connector = int((evse or {}).get("id", 1))
+            energy = sample.energy_kwh if sample else None
+            self.central.transaction_started(
+                record, Transaction(transaction_id, connector, utcnow(), energy)
+            )
+        self.central.meter_sample(record, sample)
+        if event_type == "Ended" and is_current:
+            self.central.transaction_ended(record, sample.energy_kwh if sample else None)
+        return result201.TransactionEvent()
+
+    @_on("NotifyEVChargingNeeds")
+    def on_notify_ev_charging_needs(self, charging_needs: dict[str, Any], **_: Any) -> Any:
+        ac = charging_needs.get("ac_charging_parameters") or {}
+        dc = charging_needs.get("dc_charging_parameters") or {}
+        energy_wh = _number(ac.get("energy_amount", dc.get("energy_amount")))
+        if energy_wh is None or energy_wh < 0:
+            return result201.NotifyEVChargingNeeds(status="Rejected")
+        capacity = _number(dc.get("ev_energy_capacity"))
+        max_w = _number(dc.get("ev_max_power"))
+        if max_w is None and ac:
+            amps, volts = _number(ac.get("ev_max_current")), _number(ac.get("ev_max_voltage"))
+            phases = self.record.settings.phases
+            max_w = None if amps is None or volts is None else amps * volts * phases
+        self.central.charging_need(
+            self.record,
+            energy_kwh=energy_wh / 1000,
+            departure=_parse_time(charging_needs.get("departure_time")),
+            ev_capacity_kwh=None if capacity is None else capacity / 1000,
+            ev_max_kw=None if max_w is None else max_w / 1000,
+        )
+        return result201.NotifyEVChargingNeeds(status="Accepted")
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class OcppCentral:
+    """The central system: one websocket server, one record per known charger."""
+
+    def __init__(self, config: OcppCentralConfig, *, registrar: Registrar | None = None) -> None:
+        self.config = config
+        self._registrar = registrar
+        self._records: dict[str, _Record] = {}
+        self._adapters: dict[str, DeviceAdapter] = {}
+        for charger in config.chargers:
+            self._records[charger.charge_point_id] = _Record(
+                charger.charge_point_id, _defaults_of(charger), charger.resolved_device_id
+            )
+        self._tx_ids = itertools.count(int(time.time()) % 1_000_000_000)
+        self.ready = asyncio.Event()
+        self._port: int | None = None
+        self.refused: dict[str, int] = {}
+        """Handshakes refused, by charge point id (diagnostics)."""
+        self.listeners: list[Callable[[ChargerSnapshot], None]] = []
+        """Called after every change to a charger's record (meter values, status, sessions)."""
+
+    # ------------------------------------------------------------------ registry side
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the central system is not listening yet")
+        return self._port
+
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}{self.config.path_prefix}"
+
+    def charge_point_ids(self) -> tuple[str, ...]:
+        return tuple(self._records)
+
+    def snapshot(self, charge_point_id: str) -> ChargerSnapshot | None:
+        record = self._records.get(charge_point_id)
+        return None if record is None else record.snapshot()
+
+    def site_cap_kw(self, charge_point_id: str) -> float | None:
+        """The standing cap of a charger with no envelope on it (None: no cap)."""
+        record = self._records.get(charge_point_id)
+        if record is None or record.settings.site_cap_kw is None:
+            return self.config.default_site_cap_kw
+        return record.settings.site_cap_kw
+
+    def device(self, charge_point_id: str) -> Device:
+        """The charger as the registry sees it (an EVSE that cannot export)."""
+        record = self._records[charge_point_id]
+        settings = record.settings
+        return Device(
+            device_id=record.device_id,
+            der_class=DerClass.EVSE,
+            location=settings.location,
+            adapter="ocpp_central",
+            # BatteryRatings needs a positive discharge rating: 1 W stands for "no V2G", and
+            # the adapter reports max_discharge_kw=0 so the planner never asks for export.
+            ratings=BatteryRatings(
+                max_charge_kw=settings.max_kw,
+                max_discharge_kw=0.001,
+                capacity_kwh=settings.ev_capacity_kwh,
+            ),
+            constraints=BatteryConstraints(reserve_soc_pct=0.0, max_soc_pct=100.0),
+            programs=settings.programs,
+        )
+
+    def adapter(self, charge_point_id: str) -> DeviceAdapter:
+        """The one adapter of a known charger (created on first use)."""
+        from adapters.ocpp_charger import OcppCharger
+
+        if charge_point_id not in self._records:
+            raise KeyError(charge_point_id)
+        existing = self._adapters.get(charge_point_id)
+        if existing is None:
+            existing = OcppCharger(self._records[charge_point_id].device_id, charge_point_id, self)
+            self._adapters[charge_point_id] = existing
+        return existing
+
+    def set_charging_need(
+        self, charge_point_id: str, energy_kwh: float, departure: datetime | None
+    ) -> None:
+        """A need learned out of band (the driver's app): same effect as NotifyEVChargingNeeds."""
+        self.charging_need(
+            self._records[charge_point_id],
+            energy_kwh=energy_kwh,
+            departure=departure,
+            ev_capacity_kwh=None,
+            ev_max_kw=None,
+        )
+
+    def _enrol(self, record: _Record) -> None:
+        if self._registrar is None:
+            return
+        try:
+            self._registrar.add_device(
+                self.device(record.charge_point_id), self.adapter(record.charge_point_id)
+            )
+        except ValueError as exc:
+            log.warning("OCPP charger %s not enrolled: %s", record.charge_point_id, exc)
+            return
+        log.info("OCPP charger %s enrolled as %s", record.charge_point_id, record.device_id)
+
+    # ------------------------------------------------------------------ session callbacks
+    def _changed(self, record: _Record) -> None:
+        snapshot = record.snapshot()
+        for listener in self.listeners:
+            listener(snapshot)
+
+    def boot_accepted(self, record: _Record) -> None:
+        if record.charge_point_id not in self._adapters and self._registrar is not None:
+            self._enrol(record)  # auto-registered (configured ones are enrolled at start)
+        self._changed(record)
+
+    def next_transaction_id(self) -> int:
+        return next(self._tx_ids) % 2_147_483_647 + 1
+
+    def transaction_started(self, record: _Record, transaction: Transaction) -> None:
+        record.transaction = transaction
+        record.plugged = True
+        log.info(
+            "OCPP %s: transaction %s started", record.charge_point_id, transaction.transaction_id
+        )
+        self._changed(record)
+
+    def transaction_ended(self, record: _Record, meter_stop_kwh: float | None) -> None:
+        if record.transaction is None:
+            return
+        record.ended[record.transaction.transaction_id] = None
+        if len(record.ended) > 64:
+            del record.ended[next(iter(record.ended))]
+        log.info(
+            "OCPP %s: transaction %s ended (meter %s kWh)",
+            record.charge_point_id,
+            record.transaction.transaction_id,
+            meter_stop_kwh,
+        )
+        record.transaction = None
+        record.need = None  # the driver's need belonged to that session
+        self._changed(record)
+
+    def meter_sample(self, record: _Record, sample: MeterSample | None) -> None:
+        if sample is None:
+            return
+        previous = record.sample
+        if previous is not None:
+            # Keep measurands this message did not carry (e.g. a SoC sent less often).
+            sample = replace(
+                sample,
+                power_kw=sample.power_kw if sample.power_kw is not None else previous.power_kw,
+                energy_kwh=sample.energy_kwh
+                if sample.energy_kwh is not None
+                else previous.energy_kwh,
+                soc_pct=sample.soc_pct if sample.soc_pct is not None else previous.soc_pct,
+            )
+        record.sample = sample
+        self._changed(record)
+
+    def charging_need(
+        self,
+        record: _Record,
+        *,
+        energy_kwh: float,
+        departure: datetime | None,
+        ev_capacity_kwh: float | None,
+        ev_max_kw: float | None,
+    ) -> None:
+        register = record.sample.energy_kwh if record.sample else None
+        record.need = ChargingNeed(
+            energy_kwh, departure, utcnow(), register, ev_capacity_kwh, ev_max_kw
+        )
+        log.info(
+            "OCPP %s: EV needs %.2f kWh by %s",
+            record.charge_point_id,
+            energy_kwh,
+            "?" if departure is None else _iso(departure),
+        )
+        self._changed(record)
+
+    # ------------------------------------------------------------------ requests to chargers
+    async def _request(self, charge_point_id: str, request: Any) -> Any:
+        record = self._records.get(charge_point_id)
+        session = None if record is None else record.session
+        if record is None or session is None or not record.booted:
+            raise ChargerNotConnected(charge_point_id, "no accepted session")
+        action = type(request).__name__
+        try:
+            async with asyncio.timeout(self.config.response_timeout_s):
+                response = await session.call(request, suppress=False)
+            # The ocpp package waits with asyncio.wait_for, which on 3.11 can swallow a
+            # cancellation (see gateway.aio): a stopping gateway must not carry on.
+            raise_if_cancelling()
+            return response
+        except TimeoutError:
+            raise ChargerCallFailed(charge_point_id, action, None) from None
+        except OCPPError as exc:
+            raise ChargerCallFailed(charge_point_id, action, str(exc.code)) from exc
+        except UnknownCallErrorCodeError as exc:
+            raise ChargerCallFailed(charge_point_id, action, "unknown") from exc
+        except ConnectionClosed as exc:
+            raise ChargerNotConnected(charge_point_id, f"connection lost: {exc}") from exc
+
+    async def set_charging_profile(self, charge_point_id: str, limit: ChargingProfileLimit) -> None:
+        """Send one of our profiles; raises :class:`OcppCentralError` unless it is Accepted."""
+        record = self._records.get(charge_point_id)
+        if record is None or record.version is None:
+            raise ChargerNotConnected(charge_point_id, "never connected")
+        connector, profile = charging_profile(
+            record.version,
+            limit,
+            record.settings,
+            stack_level=self.config.stack_level,
+            now=utcnow(),
+        )
+        if record.version == "ocpp1.6":
+            request: Any = call16.SetChargingProfile(
+                connector_id=connector, cs_charging_profiles=profile
+            )
+        else:
+            request = call201.SetChargingProfile(evse_id=connector, charging_profile=profile)
+        response = await self._request(charge_point_id, request)
+        if str(response.status) != "Accepted":
+            raise ChargerRejected(charge_point_id, "SetChargingProfile", str(response.status))
+
+    async def clear_charging_profile(self, charge_point_id: str, purpose: ProfilePurpose) -> None:
+        """Remove one of our profiles (by its id); a charger that has none answers Unknown."""
+        record = self._records.get(charge_point_id)
+        if record is None or record.version is None:
+            raise ChargerNotConnected(charge_point_id, "never connected")
+        profile_id = _PROFILE_IDS[purpose.value]
+        if record.version == "ocpp1.6":
+            request: Any = call16.ClearChargingProfile(id=profile_id)
+        else:
+            request = call201.ClearChargingProfile(charging_profile_id=profile_id)
+        response = await self._request(charge_point_id, request)
+        if str(response.status) not in ("Accepted", "Unknown"):
+            raise ChargerRejected(charge_point_id, "ClearChargingProfile", str(response.status))
+
+    # ------------------------------------------------------------------ websocket side
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        charge_point_id = self._charge_point_id(request.path)
+        if charge_point_id is None:
+            return connection.respond(404, "Unknown charge point\n")
+        if charge_point_id not in self._records and not self.config.auto_register:
+            self.refused[charge_point_id] = self.refused.get(charge_point_id, 0) + 1
+            log.warning("OCPP charger %r refused: not configured", charge_point_id)
+            return connection.respond(404, "Unknown charge point\n")
+        offered = {
+            token.strip()
+            for value in request.headers.get_all("Sec-WebSocket-Protocol")
+            for token in value.split(",")
+        }
+        if not offered.intersection(self.config.versions):
+            # Refused here rather than by websockets' negotiation, which logs a traceback.
+            log.warning(
+                "OCPP charger %r refused: offers %s, we speak %s",
+                charge_point_id,
+                sorted(offered) or "no subprotocol",
+                ", ".join(self.config.versions),
+            )
+            return connection.respond(400, "No common OCPP version\n")
+        return None
+
+    def _charge_point_id(self, path: str) -> str | None:
+        path = path.split("?", 1)[0]
+        prefix = self.config.path_prefix + "/"
+        if not path.startswith(prefix):
+            return None
+        candidate = unquote(path[len(prefix) :])
+        return candidate if _CP_ID_RE.match(candidate) else None
+
+    async def _serve(self, connection: ServerConnection) -> None:
+        assert connection.request is not None  # after the handshake
+        charge_point_id = self._charge_point_id(connection.request.path)
+        offered = connection.subprotocol
+        version: OcppVersion = "ocpp1.6" if offered == "ocpp1.6" else "ocpp2.0.1"
+        if charge_point_id is None or offered not in SUBPROTOCOLS:
+            await connection.close(1002, "no OCPP subprotocol agreed")
+            return
+        record = self._records.get(charge_point_id)
+        if record is None:
+            defaults = self.config.auto_register_defaults
+            if not self.config.auto_register or defaults is None:
+                await connection.close(1008, "unknown charge point")
+                return
+            record = _Record(charge_point_id, defaults, charge_point_id)
+            self._records[charge_point_id] = record
+            log.info("OCPP charger %s auto-registered", charge_point_id)
+        cls = _Session16 if version == "ocpp1.6" else _Session201
+        session: _Session = cls(self, record, connection)
+        previous = record.session
+        if previous is not None:
+            # A charger has one connection: the newer one wins (the old one is half-open).
+            with contextlib.suppress(Exception):
+                await previous._connection.close(1000, "superseded")
+        record.session, record.version = session, version
+        record.generation += 1
+        log.info("OCPP %s connected (%s)", charge_point_id, version)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                session.tasks = tg
+                await session.start()
+        except* ConnectionClosed:
+            pass
+        finally:
+            session.tasks = None
+            if record.session is session:
+                record.session = None
+                log.info("OCPP %s disconnected", charge_point_id)
+                self._changed(record)
+
+    async def run(self) -> None:
+        """Serve until cancelled; configured chargers are enrolled first."""
+        for record in list(self._records.values()):
+            if record.charge_point_id not in self._adapters:
+                self._enrol(record)
+        async with serve(
+            self._serve,
+            self.config.host,
+            self.config.port,
+            subprotocols=list(self.config.versions),  # type: ignore[arg-type]
+            process_request=self._admit,
+            max_size=self.config.max_message_bytes,
+            ping_interval=20,
+            ping_timeout=20,
+        ) as server:
+            sockets = list(server.sockets)
+            self._port = sockets[0].getsockname()[1] if sockets else self.config.port
+            log.info("OCPP central system listening on %s", self.url())
+            self.ready.set()
+            try:
+                await asyncio.get_running_loop().create_future()
+            finally:
+                self.ready.clear()
+                server.close(close_connections=True)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await server.wait_closed()
+
+
+def _defaults_of(charger: OcppChargerConfig) -> OcppChargerDefaults:
+    return OcppChargerDefaults.model_validate(
+        charger.model_dump(exclude={"charge_point_id", "device_id"})
+    )
