@@ -1,0 +1,88 @@
+"""Flexibility forecasts, event baselines and settlement (use cases 1 and 6).
+
+* :mod:`gateway.flex.forecast` — per group and interval: baseline, flex down / up and rebound,
+  each with p10/p50/p90, from device state, history and availability.
+* :mod:`gateway.flex.baseline` — CAISO-style 10-in-10 / 4-in-4 customer baselines with a
+  day-of adjustment capped at ±20 %.
+* :mod:`gateway.flex.performance` — per-device and per-group event performance against those
+  baselines, with data-quality flags.
+
+All of it is pure (no I/O, no clock: ``now`` is a parameter), so the core can call it from any
+task and tests can pin every number.
+"""
+
+from gateway.flex.baseline import (
+    BaselineConfig,
+    BaselineFallback,
+    DayType,
+    DeviceBaseline,
+    DeviceHistory,
+    EventCalendar,
+    ExcludedDevice,
+    GroupBaseline,
+    InsufficientHistory,
+    device_baseline,
+    group_baseline,
+)
+from gateway.flex.forecast import (
+    Band,
+    DeviceFlex,
+    DeviceFlexInput,
+    EnergyPolicy,
+    EvNeed,
+    FlexConfig,
+    FlexForecast,
+    FlexInterval,
+    FlexRequest,
+    ForecastGrid,
+    QuantileMethod,
+    ThermalParams,
+    aggregate,
+    availability_ratio,
+    device_flex,
+    flex_json_schemas,
+    forecast_group,
+)
+from gateway.flex.performance import (
+    DevicePerformance,
+    GroupPerformance,
+    device_performance,
+    event_performance,
+    group_performance,
+)
+
+__all__ = [
+    "Band",
+    "BaselineConfig",
+    "BaselineFallback",
+    "DayType",
+    "DeviceBaseline",
+    "DeviceFlex",
+    "DeviceFlexInput",
+    "DeviceHistory",
+    "DevicePerformance",
+    "EnergyPolicy",
+    "EvNeed",
+    "EventCalendar",
+    "ExcludedDevice",
+    "FlexConfig",
+    "FlexForecast",
+    "FlexInterval",
+    "FlexRequest",
+    "ForecastGrid",
+    "GroupBaseline",
+    "GroupPerformance",
+    "InsufficientHistory",
+    "QuantileMethod",
+    "ThermalParams",
+    "aggregate",
+    "availability_ratio",
+    "device_baseline",
+    "device_flex",
+    "device_performance",
+    "event_performance",
+    "flex_json_schemas",
+    "forecast_group",
+    "group_baseline",
+    "group_performance",
+]
