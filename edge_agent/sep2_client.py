@@ -44,6 +44,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar
 
 import aiohttp
+from aiohttp import web
 from yarl import URL
 
 from gateway.model import EnvelopeInterval, OperatingEnvelope, Target
@@ -68,6 +69,7 @@ from protocols.sep2 import (
     FunctionSetAssignmentsList,
     MirrorMeterReading,
     MirrorUsagePoint,
+    Notification,
     Reading,
     ReadingType,
     Registration,
@@ -547,6 +549,8 @@ class Sep2Client:
         self._capability_sent = False
         self._stopping = False
         self._delivered_next_change: int | None = None
+        self._last_notification = float("-inf")  # time.monotonic() of the last woken poll
+        self._notification_timer: asyncio.TimerHandle | None = None
         self.schedule: Schedule | None = None
         self.effective: EffectiveControls | None = None
 
@@ -595,6 +599,9 @@ class Sep2Client:
         TimeoutError, which would otherwise swallow the cancel.
         """
         self._stopping = True
+        if self._notification_timer is not None:
+            self._notification_timer.cancel()
+            self._notification_timer = None
         task, self._task = self._task, None
         if task is not None:
             while not task.done():
@@ -609,6 +616,53 @@ class Sep2Client:
     def poll_soon(self) -> None:
         """Wake the control loop now (e.g. on a Notification or an operator request)."""
         self._wake.set()
+
+    def notification_route(self, path: str = "/ntfy") -> web.RouteDef:
+        """A route for the aiohttp app that receives this client's Notifications (the
+        ``notificationURI`` of its Subscriptions).
+
+        A valid Notification only wakes the control loop (``poll_soon``): the client then reads
+        the server's resources as on any poll, so a forged or stale Notification cannot change
+        what is enforced. Wake-ups are spaced by ``min_poll_interval_s``; one arriving sooner
+        is deferred, not lost.
+        """
+        return web.post(path, self._handle_notification)
+
+    async def _handle_notification(self, request: web.Request) -> web.Response:
+        if not check_media_type(request.headers.get("Content-Type")):
+            return web.Response(status=415, text=f"Content-Type must be {MEDIA_TYPE}")
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return web.Response(status=413)
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                body = await request.read()
+            notification = decode_as(Notification, body, max_bytes=limit)
+        except TimeoutError:
+            return web.Response(status=408)
+        except Sep2Error as exc:
+            return web.Response(status=400, text=str(exc))
+        log.debug(
+            "2030.5 Notification for %s (status %d)",
+            notification.subscribed_resource,
+            notification.status,
+        )
+        self._notified()
+        return web.Response(status=204)
+
+    def _notified(self) -> None:
+        wait = self.config.min_poll_interval_s - (time.monotonic() - self._last_notification)
+        if wait <= 0:
+            self._last_notification = time.monotonic()
+            self.poll_soon()
+        elif self._notification_timer is None and not self._stopping:
+            self._notification_timer = asyncio.get_running_loop().call_later(
+                wait, self._deferred_notification
+            )
+
+    def _deferred_notification(self) -> None:
+        self._notification_timer = None
+        self._notified()
 
     @property
     def reachable(self) -> bool | None:

@@ -13,6 +13,7 @@ Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id):
                                         one DERProgram per topology group of the device
     /edev/{e}/der[/1[/derp|/dercap|/derg|/ders|/dera]]
     /edev/{e}/rsps[/1[/rsp[/{r}]]]      replyTo of every control
+    /edev/{e}/sub[/{s}]                 the client's Subscriptions (see below)
     /mup[/{m}]                          MirrorUsagePoints (telemetry)
 
 Who is asking: the LFDI of the TLS client certificate (or, for plain-HTTP development only, a
@@ -22,6 +23,14 @@ MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` 
 ``application/sep+xml`` with no charset parameter, and a request that fails changes nothing:
 bodies are read with a size limit and a timeout and decoded completely before any state changes.
 
+Subscriptions: a client may subscribe to its own DERControlLists (``derc``, ``actderc``) and
+DefaultDERControls; when a subscribed list changes (publish, release, supersede, lapse) the server
+POSTs a ``Notification`` to the subscription's notificationURI, whose host must be in
+``notification_hosts`` (no other targets, no redirects: the server must not become a proxy into
+its own network). Deliveries are queued per subscription (bounded, oldest dropped), retried with
+jittered backoff, dropped after ``notification_attempts`` failures, and sent by one task the
+server owns, never on the request path.
+
 State is in memory. Controls are re-published by the supervisors after a restart (they re-apply
 the desired setpoint on connect); mirrored telemetry is re-posted by clients at their postRate.
 """
@@ -29,8 +38,10 @@ the desired setpoint on connect); mirrored telemetry is re-posted by clients at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import random
 import re
 import ssl
 import time
@@ -41,7 +52,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TypeVar
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -78,6 +91,7 @@ from protocols.sep2 import (
     MirrorMeterReadingList,
     MirrorUsagePoint,
     MirrorUsagePointList,
+    Notification,
     Reading,
     ReadingType,
     Registration,
@@ -87,6 +101,8 @@ from protocols.sep2 import (
     ResponseSetList,
     Sep2Error,
     Sep2Model,
+    Subscription,
+    SubscriptionList,
     Time,
     check_media_type,
     decode_as,
@@ -154,6 +170,9 @@ _RSPS_ID: Final = 1  # one ResponseSet per device: DER controls
 _DER_ID: Final = 1  # one DER per EndDevice
 _FSA_ID: Final = 1
 _INT_QUERY: Final = re.compile(r"^[0-9]{1,10}$")
+_EDEV_PATH: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/|$)")
+_SUBSCRIBABLE: Final = re.compile(r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})/(derc|actderc|dderc)$")
+_ENCODING_XML: Final = 0
 _MAX_HISTORY: Final = 256
 
 
@@ -224,6 +243,22 @@ class Sep2ServerConfig(_Section):
         default=100, ge=0, le=255, description="Primacy of groups without a [[programs]] entry"
     )
     iana_pen: int = Field(default=0, ge=0, le=0xFFFF_FFFF, description="Goes into every mRID")
+    notification_hosts: tuple[str, ...] = Field(
+        default=("127.0.0.1", "localhost"),
+        description="Hosts a Subscription's notificationURI may name (anything else is refused)",
+    )
+    max_subscriptions: int = Field(default=8, ge=0, le=256, description="Subscriptions per client")
+    notification_queue: int = Field(
+        default=16, ge=1, le=1024, description="Pending Notifications per subscription"
+    )
+    notification_timeout_s: float = Field(default=5.0, gt=0, le=120, description="Per attempt")
+    notification_attempts: int = Field(
+        default=5, ge=1, le=100, description="Attempts before a Notification is dropped"
+    )
+    notification_backoff_s: float = Field(
+        default=1.0, gt=0, le=300, description="First retry delay; doubles per failure, jittered"
+    )
+    notification_backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
     programs: tuple[Sep2ProgramConfig, ...] = ()
 
     @model_validator(mode="after")
@@ -411,6 +446,23 @@ class _Der:
         return min(self.programs, key=lambda p: p.primacy)
 
 
+@dataclass(slots=True, eq=False)
+class _Subscription:
+    sub_id: int
+    der: _Der
+    program_id: int
+    kind: str  # derc | actderc | dderc
+    model: Subscription  # as served, with its href
+    pending: deque[bytes]  # encoded Notifications, oldest first
+    failures: int = 0  # consecutive failed attempts of the oldest pending Notification
+    retry_at: float = 0.0  # event-loop time
+    inflight: asyncio.Task[None] | None = None
+
+    @property
+    def href(self) -> str:
+        return self.model.href or ""
+
+
 class _HttpError(Exception):
     """A 2030.5 error answer: HTTP status plus the message in the ``<Error>`` body."""
 
@@ -476,6 +528,12 @@ class Sep2Server:
         self._runner: web.AppRunner | None = None
         self._start_lock = asyncio.Lock()
         self._port: int | None = None
+        self._subscriptions: dict[int, _Subscription] = {}
+        self._next_subscription = 1
+        self._notify_wake = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
+        self._notify_ssl: ssl.SSLContext | None = None
+        self._random = random.Random()
         self._configured = {p.group_id: p for p in config.programs}
         for program in config.programs:  # configured groups get the low, stable ids
             self._program(program.group_id)
@@ -547,8 +605,12 @@ class Sep2Server:
         return datetime.fromtimestamp(self._clock(), UTC)
 
     def _prune(self, der: _Der, now: int) -> None:
-        """Drop ended controls from the lists (their mRIDs stay known for late Responses)."""
-        der.controls = [c for c in der.controls if c.end > now]
+        """Drop ended controls from the lists (their mRIDs stay known for late Responses).
+        A control that lapsed changes the lists, so subscribers are told."""
+        kept = [c for c in der.controls if c.end > now]
+        if len(kept) != len(der.controls):
+            der.controls = kept
+            self._changed(der)
 
     def publish(
         self,
@@ -606,6 +668,7 @@ class Sep2Server:
         der.issued[mrid.upper()] = control
         while len(der.issued) > _MAX_HISTORY:
             del der.issued[next(iter(der.issued))]
+        self._changed(der)
         return control.published()
 
     def release(self, device_id: str) -> PublishedControl | None:
@@ -621,7 +684,10 @@ class Sep2Server:
                 control.status = STATUS_CANCELLED
                 control.status_time = now
                 cancelled = control
-        return None if cancelled is None else cancelled.published()
+        if cancelled is None:
+            return None
+        self._changed(der)
+        return cancelled.published()
 
     def _in_force(self, der: _Der, now: int) -> _Control | None:
         live = [c for c in der.controls if c.status is None and c.start <= now < c.end]
@@ -715,6 +781,10 @@ class Sep2Server:
             r.add_put(path, self._put_der_resource)
         r.add_get("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp", self._get_response_list)
         r.add_post("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp", self._post_response)
+        r.add_get("/edev/{e:\\d+}/sub", self._get_subscription_list)
+        r.add_post("/edev/{e:\\d+}/sub", self._post_subscription)
+        r.add_get("/edev/{e:\\d+}/sub/{s:\\d+}", self._get_subscription)
+        r.add_delete("/edev/{e:\\d+}/sub/{s:\\d+}", self._delete_subscription)
         r.add_get("/mup", self._get_mup_list)
         r.add_post("/mup", self._post_mup)
         r.add_get("/mup/{m:\\d+}", self._get_mup)
@@ -729,11 +799,16 @@ class Sep2Server:
             tls = self.config.tls
             ssl_context: ssl.SSLContext | None = None
             if tls is not None:
-                from gateway.certs import server_ssl_context
+                from gateway.certs import client_ssl_context, server_ssl_context
 
                 # Reads key files: keep the blocking part off the loop.
                 ssl_context = await asyncio.to_thread(
                     server_ssl_context, tls.cert_file, tls.key_file, tls.ca_file
+                )
+                # Notifications to https URIs go out with the server's own certificate and
+                # trust only receivers chained to the same CA as the clients.
+                self._notify_ssl = await asyncio.to_thread(
+                    client_ssl_context, tls.cert_file, tls.key_file, tls.ca_file
                 )
             runner = web.AppRunner(
                 self.make_app(),
@@ -756,11 +831,17 @@ class Sep2Server:
             address = runner.addresses[0]
             self._port = int(address[1])
             self._runner = runner
+            self._notifier = asyncio.create_task(self._notify_loop(), name="sep2-notifier")
             log.info("2030.5 server listening on %s", self.url)
 
     async def stop(self) -> None:
-        """Stop serving. Safe to call more than once."""
+        """Stop serving and notifying (pending Notifications are dropped). Safe to call more
+        than once."""
         async with self._start_lock:
+            notifier, self._notifier = self._notifier, None
+            if notifier is not None:
+                notifier.cancel()
+                await asyncio.wait({notifier})  # (a cancel of stop() itself propagates)
             runner, self._runner = self._runner, None
             if runner is not None:
                 await runner.cleanup()
@@ -940,6 +1021,9 @@ class Sep2Server:
             enabled=True,
             function_set_assignments_list_link=ListLink(href=f"{base}/fsa", all=1),
             registration_link=Link(href=f"{base}/rg") if der.enrollment.pin is not None else None,
+            subscription_list_link=ListLink(
+                href=f"{base}/sub", all=len(self._subscriptions_of(der))
+            ),
         )
 
     async def _get_edev_list(self, request: web.Request) -> web.Response:
@@ -1024,6 +1108,10 @@ class Sep2Server:
 
     def _listed_controls(self, der: _Der, program: _Program, now: int) -> list[_Control]:
         self._prune(der, now)
+        return self._sorted_controls(der, program)
+
+    @staticmethod
+    def _sorted_controls(der: _Der, program: _Program) -> list[_Control]:
         controls = [c for c in der.controls if c.program_id == program.program_id]
         # envoy's order: start ascending, then newest first, so a superseding control precedes
         # the one it supersedes.
@@ -1093,33 +1181,44 @@ class Sep2Server:
             der_control_base=control.base,
         )
 
-    def _control_list(
-        self, request: web.Request, *, active_only: bool, suffix: str
-    ) -> web.Response:
+    def _control_list(self, request: web.Request, *, suffix: str) -> web.Response:
         der, program = self._own_program(request)
         start, limit, after = self._paging(request)
         now = self._now()
-        controls = self._listed_controls(der, program, now)
-        if active_only:
+        self._prune(der, now)
+        return self._reply(self._control_list_model(der, program, now, suffix, start, limit, after))
+
+    def _control_list_model(
+        self,
+        der: _Der,
+        program: _Program,
+        now: int,
+        suffix: str,
+        start: int,
+        limit: int,
+        after: int | None = None,
+    ) -> DERControlList:
+        """A page of a program's ``derc`` (every listed control) or ``actderc`` (active ones)."""
+        controls = self._sorted_controls(der, program)
+        if suffix == "actderc":
             controls = [c for c in controls if c.current_status(now) == STATUS_ACTIVE]
         if after is not None:
             # "a": only items whose primary key (interval start) is at or after that time.
             controls = [c for c in controls if c.start >= after]
         page = tuple(self._der_control(der, c, now) for c in controls[start : start + limit])
-        return self._reply(
-            DERControlList(
-                href=f"{der.base_href}/derp/{program.program_id}/{suffix}",
-                all=len(controls),
-                results=len(page),
-                items=page,
-            )
+        return DERControlList(
+            href=f"{der.base_href}/derp/{program.program_id}/{suffix}",
+            subscribable=1,
+            all=len(controls),
+            results=len(page),
+            items=page,
         )
 
     async def _get_derc_list(self, request: web.Request) -> web.Response:
-        return self._control_list(request, active_only=False, suffix="derc")
+        return self._control_list(request, suffix="derc")
 
     async def _get_actderc_list(self, request: web.Request) -> web.Response:
-        return self._control_list(request, active_only=True, suffix="actderc")
+        return self._control_list(request, suffix="actderc")
 
     async def _get_derc(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
@@ -1133,13 +1232,15 @@ class Sep2Server:
     async def _get_dderc(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
         # Always 200, with an empty DERControlBase when the group has no default (as envoy).
-        return self._reply(
-            DefaultDERControl(
-                href=f"{der.base_href}/derp/{program.program_id}/dderc",
-                mrid=_mrid(1, program.program_id, self.config.iana_pen),
-                version=1,
-                der_control_base=program.default_base,
-            )
+        return self._reply(self._default_control(der, program))
+
+    def _default_control(self, der: _Der, program: _Program) -> DefaultDERControl:
+        return DefaultDERControl(
+            href=f"{der.base_href}/derp/{program.program_id}/dderc",
+            mrid=_mrid(1, program.program_id, self.config.iana_pen),
+            version=1,
+            der_control_base=program.default_base,
+            subscribable=1,
         )
 
     # ----------------------------------------------------------------------- DER resources
@@ -1284,6 +1385,240 @@ class Sep2Server:
             except Exception:  # a listener's bug must not turn the client's POST into a 500
                 log.exception("2030.5 response listener failed")
         return self._reply(None, 201, location=href)
+
+    # ----------------------------------------------------------------------- subscriptions
+
+    def _subscriptions_of(self, der: _Der) -> list[_Subscription]:
+        return [s for s in self._subscriptions.values() if s.der is der]
+
+    def _own_subscription(self, request: web.Request) -> _Subscription:
+        der = self._own(request)
+        sub = self._subscriptions.get(int(request.match_info["s"]))
+        if sub is None or sub.der is not der:
+            raise _HttpError(404, "no such Subscription for this EndDevice")
+        return sub
+
+    async def _get_subscription_list(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        start, limit, _ = self._paging(request)
+        subs = sorted(self._subscriptions_of(der), key=lambda s: s.sub_id)
+        page = tuple(s.model for s in subs[start : start + limit])
+        return self._reply(
+            SubscriptionList(
+                href=f"{der.base_href}/sub", all=len(subs), results=len(page), items=page
+            )
+        )
+
+    async def _get_subscription(self, request: web.Request) -> web.Response:
+        return self._reply(self._own_subscription(request).model)
+
+    async def _delete_subscription(self, request: web.Request) -> web.Response:
+        sub = self._own_subscription(request)
+        del self._subscriptions[sub.sub_id]
+        sub.pending.clear()
+        if sub.inflight is not None:
+            sub.inflight.cancel()  # no Notification after the DELETE has been answered
+        return self._reply(None, 204)
+
+    def _subscribed(self, der: _Der, lfdi: str | None, resource: str) -> tuple[_Program, str]:
+        """The client's own subscribable resource named by ``resource``: 403 for anyone else's
+        (as envoy answers), 400 for a resource that cannot be subscribed to."""
+        edev = _EDEV_PATH.match(resource)
+        if edev is not None and int(edev.group(1)) != der.edev_id:
+            raise _forbidden(lfdi)
+        match = _SUBSCRIBABLE.match(resource)
+        if match is None:
+            raise _HttpError(
+                400,
+                f"{resource!r} is not subscribable: only DERControlLists and DefaultDERControls",
+            )
+        program = der.program(int(match.group(2)))
+        if program is None:
+            raise _forbidden(lfdi)  # another group's program: not this client's resource
+        return program, match.group(3)
+
+    def _check_notification_uri(self, uri: str) -> None:
+        """Only http(s) to an allowed host: the server must not POST into arbitrary networks."""
+        try:
+            parts = urlsplit(uri)
+            port = parts.port
+        except ValueError:
+            raise _HttpError(400, f"notificationURI {uri!r} is not a URL") from None
+        host = (parts.hostname or "").lower()
+        allowed = {h.lower().strip("[]") for h in self.config.notification_hosts}
+        if parts.scheme not in ("http", "https") or not host:
+            raise _HttpError(400, "notificationURI must be an absolute http(s) URL")
+        if parts.username is not None or parts.password is not None:
+            raise _HttpError(400, "notificationURI must not carry credentials")
+        if host not in allowed:
+            raise _HttpError(400, f"notificationURI host {host!r} is not an allowed host")
+        if port == 0:
+            raise _HttpError(400, "notificationURI port 0")
+
+    async def _post_subscription(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        lfdi = der.lfdi
+        posted = await self._body(request, Subscription)
+        program, kind = self._subscribed(der, lfdi, posted.subscribed_resource)
+        if posted.encoding != _ENCODING_XML:
+            raise _HttpError(400, f"encoding {posted.encoding} is not supported (0 = XML only)")
+        self._check_notification_uri(posted.notification_uri)
+        if len(self._subscriptions_of(der)) >= self.config.max_subscriptions:
+            raise _HttpError(400, f"at most {self.config.max_subscriptions} Subscriptions")
+        sub_id = self._next_subscription
+        self._next_subscription += 1
+        href = f"{der.base_href}/sub/{sub_id}"
+        model = posted.model_copy(
+            update={"href": href, "limit": min(posted.limit, self.config.max_page_limit)}
+        )
+        self._subscriptions[sub_id] = _Subscription(
+            sub_id=sub_id,
+            der=der,
+            program_id=program.program_id,
+            kind=kind,
+            model=model,
+            pending=deque(maxlen=self.config.notification_queue),
+        )
+        return self._reply(None, 201, location=href)
+
+    def _changed(self, der: _Der) -> None:
+        """Queue a Notification for every subscription to one of ``der``'s control lists.
+
+        Called on the request path and from ``publish``/``release``: it only encodes and
+        enqueues (a full queue drops its oldest entry: every Notification carries the whole
+        list, so the newest one supersedes it); the notifier task does the network I/O.
+        """
+        subs = [s for s in self._subscriptions_of(der) if s.kind != "dderc"]
+        if not subs:
+            return
+        now = self._now()
+        der.controls = [c for c in der.controls if c.end > now]  # no recursion into _prune
+        for sub in subs:
+            program = der.program(sub.program_id)
+            if program is None:
+                continue
+            resource = self._control_list_model(der, program, now, sub.kind, 0, sub.model.limit)
+            notification = Notification(
+                subscribed_resource=sub.model.subscribed_resource,
+                resource=resource,
+                status=0,
+                subscription_uri=sub.href,
+            )
+            if len(sub.pending) == sub.pending.maxlen:
+                log.debug("2030.5 notification queue of %s full: oldest dropped", sub.href)
+                if sub.inflight is None:
+                    sub.failures = 0  # they were the dropped Notification's failures
+            sub.pending.append(encode(notification, csipaus=self.config.csipaus))
+        self._notify_wake.set()
+
+    def _next_lapse(self) -> float | None:
+        """Seconds until a subscribed control ends (its list changes then), if any."""
+        clock = self._clock()
+        ends = [
+            c.end - clock
+            for der in {id(s.der): s.der for s in self._subscriptions.values()}.values()
+            for c in der.controls
+        ]
+        return min(ends, default=None)
+
+    async def _notify_loop(self) -> None:
+        """The server's notifier: starts deliveries, notices lapsed controls; owns the
+        deliveries' HTTP session and cancels them when the server stops."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        connector = aiohttp.TCPConnector(
+            ssl=self._notify_ssl if self._notify_ssl is not None else True, limit=32
+        )
+        timeout = aiohttp.ClientTimeout(total=cfg.notification_timeout_s)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            try:
+                while True:
+                    self._notify_wake.clear()
+                    try:
+                        waits = self._start_deliveries(session, loop.time())
+                    except Exception:  # a bug of ours must not end notifications for good
+                        log.exception("2030.5 notifier failed")
+                        waits = [1.0]
+                    wait = min([60.0, *waits])
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._notify_wake.wait()
+            finally:
+                inflight = [s.inflight for s in self._subscriptions.values() if s.inflight]
+                for task in inflight:
+                    task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
+                dropped = sum(len(s.pending) for s in self._subscriptions.values())
+                for sub in self._subscriptions.values():
+                    sub.pending.clear()
+                    sub.failures = 0
+                if dropped:
+                    log.info("2030.5 server stopping: %d pending Notifications dropped", dropped)
+
+    def _start_deliveries(self, session: aiohttp.ClientSession, now: float) -> list[float]:
+        """Notice lapses, start due deliveries; return the delays until the next things due."""
+        for der in {id(s.der): s.der for s in self._subscriptions.values()}.values():
+            self._prune(der, self._now())  # a lapse queues a Notification
+        waits: list[float] = []
+        for sub in list(self._subscriptions.values()):
+            if sub.inflight is not None or not sub.pending:
+                continue
+            if sub.retry_at <= now:
+                sub.inflight = asyncio.create_task(
+                    self._deliver(session, sub), name=f"sep2-notify{sub.href}"
+                )
+            else:
+                waits.append(sub.retry_at - now)
+        lapse = self._next_lapse()
+        if lapse is not None:
+            waits.append(max(lapse, 0.2))
+        return waits
+
+    async def _deliver(self, session: aiohttp.ClientSession, sub: _Subscription) -> None:
+        """One attempt at the oldest pending Notification of ``sub``."""
+        cfg = self.config
+        uri = sub.model.notification_uri
+        body = sub.pending.popleft()
+        error: str | None = None
+        try:
+            # No redirects: the allowlist is about where the server sends, not where it starts.
+            async with session.post(
+                uri, data=body, headers={"Content-Type": MEDIA_TYPE}, allow_redirects=False
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    error = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except asyncio.CancelledError:
+            if sub.sub_id in self._subscriptions and len(sub.pending) < (sub.pending.maxlen or 0):
+                sub.pending.appendleft(body)  # counted as pending when the server stops
+            raise
+        finally:
+            sub.inflight = None
+            self._notify_wake.set()
+        if error is None:
+            sub.failures = 0
+            sub.retry_at = 0.0
+            return
+        sub.failures += 1
+        if sub.failures >= cfg.notification_attempts:
+            log.warning(
+                "2030.5 Notification for %s to %s dropped after %d attempts (last: %s)",
+                sub.href,
+                uri,
+                sub.failures,
+                error,
+            )
+            sub.failures = 0
+            sub.retry_at = 0.0
+            return
+        log.debug("2030.5 Notification for %s to %s failed: %s", sub.href, uri, error)
+        if sub.sub_id in self._subscriptions and len(sub.pending) < (sub.pending.maxlen or 0):
+            sub.pending.appendleft(body)  # else newer Notifications superseded it
+        delay = min(
+            cfg.notification_backoff_max_s, cfg.notification_backoff_s * 2 ** (sub.failures - 1)
+        )
+        sub.retry_at = asyncio.get_running_loop().time() + delay * self._random.uniform(0.5, 1.0)
 
     # ----------------------------------------------------------------------- mirror usage points
 
