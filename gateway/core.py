@@ -26,6 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.model import (
     Ack,
     AckState,
+    DerClass,
     Device,
     DeviceCommand,
     DeviceSetpoint,
@@ -490,6 +491,10 @@ class Gateway:
             energy = 0.0
             for device in members:
                 state = states[device.device_id]
+                # Only batteries hold energy the grid can have back; an EV's or a
+                # thermostat's "state of charge" is headroom, not stored energy for export.
+                if device.der_class is not DerClass.BATTERY:
+                    continue
                 if state is not None and state.soc_pct is not None:
                     margin = state.soc_pct - device.constraints.reserve_soc_pct
                     energy += max(0.0, margin) / 100.0 * device.ratings.capacity_kwh

@@ -22,7 +22,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -30,7 +30,10 @@ from gateway.broker import free_port, local_broker
 from gateway.config import parse_config
 from gateway.core import Gateway
 from gateway.model import Ack, AckState, ErrorMessage, GroupTelemetry, TopologyLocation, utcnow
+from simulators.ev_charger import EvChargerSim, EvChargerSimConfig, EvVisit
 from simulators.grid_derms import GridDermsClient
+from simulators.mqtt_devices import MqttDeviceSimulator, SimWaterHeater, ThermalHouse
+from simulators.mqtt_devices import SimThermostat as MqttThermostatSim
 from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
 from simulators.sunspec_battery import SunSpecBatterySimulator
 
@@ -39,6 +42,8 @@ FEEDERS = ("north-f1", "north-f2")
 
 
 OEM = "oem-demo"
+MQTT_DEVICES = {"tstat-m1": "thermostat", "tstat-m2": "thermostat", "wh-m1": "water_heater"}
+CHARGER = "CP-1"
 
 
 def oem_fleet() -> list[SimThermostat | SimBattery]:
@@ -50,8 +55,31 @@ def oem_fleet() -> list[SimThermostat | SimBattery]:
     ]
 
 
+def mqtt_device(device_id: str, kind: str) -> dict[str, Any]:
+    rated = 3.0 if kind == "thermostat" else 4.5
+    return {
+        "device_id": device_id,
+        "der_class": kind,
+        "adapter": f"mqtt_{kind}",
+        "location": {"substation": "north", "feeder": "north-f1"},
+        "ratings": {"max_charge_kw": rated, "max_discharge_kw": rated, "capacity_kwh": 3.0},
+        "mqtt": {
+            "comfort_min_c": 20.0,
+            "comfort_max_c": 25.0,
+            "stale_after_s": 5.0,
+            "hold_s": 120.0,
+            "connect_wait_s": 3.0,
+        },
+    }
+
+
 def demo_config(
-    ports: list[int], store: Path, broker_port: int, protocol: str, vtn_port: int
+    ports: list[int],
+    store: Path,
+    broker_port: int,
+    protocol: str,
+    vtn_port: int,
+    ocpp_port: int,
 ) -> dict[str, Any]:
     devices = []
     for i, port in enumerate(ports):
@@ -81,7 +109,22 @@ def demo_config(
             "telemetry_period_s": 2.0,
             "stale_after_s": 5.0,
         },
-        "devices": devices,
+        "devices": devices + [mqtt_device(d, k) for d, k in MQTT_DEVICES.items()],
+        # Thermostats and water heaters talk MQTT directly (here: the same local broker, on
+        # their own topic root; in the field a device broker with per-device accounts).
+        "device_mqtt": {"port": broker_port, "protocol": protocol, "backoff_max_s": 2.0},
+        "ocpp_central": {
+            "port": ocpp_port,
+            "heartbeat_interval_s": 30,
+            "stale_after_s": 5.0,
+            "chargers": [
+                {
+                    "charge_point_id": CHARGER,
+                    "location": {"substation": "north", "feeder": "north-f2"},
+                    "max_kw": 11.0,
+                }
+            ],
+        },
         "openadr_vtn": {
             "port": vtn_port,
             "allow_plain_http": True,  # loopback demo only; the field needs TLS + fingerprints
@@ -169,7 +212,7 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                 f"{len(sims)} SunSpec batteries on Modbus TCP ports "
                 f"{', '.join(str(s.port) for s in sims)}"
             )
-            vtn_port = free_port()
+            vtn_port, ocpp_port = free_port(), free_port()
             config = parse_config(
                 demo_config(
                     [s.port for s in sims],
@@ -177,6 +220,7 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                     endpoint.port,
                     endpoint.protocol,
                     vtn_port,
+                    ocpp_port,
                 )
             )
             gateway = Gateway(config)
@@ -190,6 +234,26 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                 seed=1,
             )
             oem_task = asyncio.create_task(oem.run(), name="oem-cloud")
+            device_tasks = [oem_task]
+            for i, (device_id, kind) in enumerate(MQTT_DEVICES.items()):
+                if kind == "thermostat":
+                    logic = MqttThermostatSim(
+                        device_id, house=ThermalHouse(indoor_c=22.0 + 0.3 * i, on=i % 2 == 0)
+                    )
+                    runner = _simulate(logic, endpoint.host, endpoint.port, endpoint.protocol)
+                else:
+                    runner = _simulate(
+                        SimWaterHeater(device_id), endpoint.host, endpoint.port, endpoint.protocol
+                    )
+                device_tasks.append(asyncio.create_task(runner, name=f"sim:{device_id}"))
+            charger = EvChargerSim(
+                EvChargerSimConfig(
+                    charge_point_id=CHARGER,
+                    url=f"ws://127.0.0.1:{ocpp_port}/ocpp",
+                    meter_interval_s=0.5,
+                    visits=(EvVisit(energy_needed_kwh=30.0, ev_max_kw=11.0),),
+                )
+            )
             try:
                 client = await stack.enter_async_context(
                     GridDermsClient(
@@ -203,13 +267,16 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                     )
                 )
                 await asyncio.wait_for(gateway.northbound.connected.wait(), 15)
+                assert gateway.ocpp_central is not None
+                await asyncio.wait_for(gateway.ocpp_central.ready.wait(), 15)
+                device_tasks.append(asyncio.create_task(charger.run(), name="ev-charger"))
                 printer.line(
                     f"gateway {GATEWAY_ID} online; groups: "
                     f"{', '.join(sorted(gateway.registry.groups()))}"
                 )
                 ok = await _script(client, gateway, oem, printer, duration_s)
             finally:
-                for task in (oem_task, gateway_task):
+                for task in (*device_tasks, gateway_task):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
@@ -224,22 +291,29 @@ async def _script(
     # Let the first polls land so the planner knows every battery's state of charge, and the
     # OEM cloud register and report its resources.
     oem_ids = {f"{OEM}.{name}" for name in oem.devices}
+    others = {*MQTT_DEVICES, CHARGER}
+
+    def online(ids: set[str]) -> list[str]:
+        return sorted(
+            d for d in ids if (s := gateway.supervisors.get(d)) is not None and s.available
+        )
 
     def joined() -> list[str]:
-        return sorted(
-            d for d in oem_ids if (s := gateway.supervisors.get(d)) is not None and s.available
-        )
+        return online(oem_ids)
 
     polled = asyncio.Event()
     gateway.state_listeners.append(lambda _state: polled.set())
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(min(10.0, duration_s / 3)):
-            while len(joined()) < len(oem_ids):
+            while len(joined()) < len(oem_ids) or len(online(others)) < len(others):
                 await polled.wait()
                 polled.clear()
     printer.line(
         f"OEM cloud {OEM} joined over OpenADR 2.0b with {len(joined())} resources: "
         f"{', '.join(joined())}"
+    )
+    printer.line(
+        "MQTT thermostats / water heater and OCPP charger online: " + ", ".join(online(others))
     )
     now = utcnow()
     event_s = max(8.0, min(20.0, duration_s - 12))
@@ -266,6 +340,8 @@ async def _script(
                     "start": now.isoformat(),
                     "end": (start + timedelta(seconds=event_s + 2)).isoformat(),
                     "export_limit_kw": 4.0,
+                    # ... and import: the EV charging at 11 kW on this feeder gets a site cap.
+                    "import_limit_kw": 6.0,
                 }
             ],
         },
@@ -312,6 +388,7 @@ async def _script(
         )
     checks = {
         "OEM cloud resources joined": len(joined()) == len(oem_ids),
+        "MQTT devices and EV charger online": len(online(others)) == len(others),
         "f1 dispatch completed": AckState.COMPLETED in client.states("shed-north-f1"),
         "f2 dispatch completed": AckState.COMPLETED in client.states("shed-north-f2"),
         "unknown group rejected": AckState.REJECTED in client.states("shed-nowhere"),
@@ -319,3 +396,18 @@ async def _script(
     for name, passed in checks.items():
         printer.line(f"CHECK {name}: {'ok' if passed else 'FAILED'}")
     return all(checks.values())
+
+
+_Sim = TypeVar("_Sim", MqttThermostatSim, SimWaterHeater)
+
+
+async def _simulate(device: _Sim, host: str, port: int, protocol: str) -> None:
+    sim = MqttDeviceSimulator(
+        device,
+        host=host,
+        port=port,
+        protocol=protocol,  # type: ignore[arg-type]
+        report_interval_s=0.5,
+        time_scale=60.0,
+    )
+    await sim.run()
