@@ -153,7 +153,9 @@ def check_config(config_path: Path) -> None:
 )
 def schema(out: Path | None) -> None:
     """Print (or write) the JSON Schemas of the northbound messages."""
-    schemas = json_schemas()
+    from gateway.flex import flex_json_schemas
+
+    schemas = json_schemas() | flex_json_schemas()
     if out is None:
         click.echo(json.dumps(schemas, indent=2))
         return

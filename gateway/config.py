@@ -73,6 +73,20 @@ class TimingConfig(Section):
         return self
 
 
+class FlexConfigSection(Section):
+    """``[flex]``: the flexibility forecast published per group (and served on request)."""
+
+    period_s: float = Field(default=300.0, gt=0, le=86_400, description="Publish every ...")
+    horizon_s: int = Field(default=24 * 3600, ge=300, le=7 * 24 * 3600)
+    interval_s: int = Field(default=3600, ge=300, le=24 * 3600)
+    outdoor_temp_c: float | None = Field(
+        default=None, ge=-60, le=60, description="Until a weather feed is wired: one value"
+    )
+    groups: tuple[Identifier, ...] = Field(
+        default=(), description="Groups to publish; empty = every substation and feeder"
+    )
+
+
 class StoreConfig(Section):
     path: Path = Path("derms-gateway.sqlite")
 
@@ -122,6 +136,7 @@ class GatewayConfig(Section):
     broker: BrokerConfig = BrokerConfig()
     store: StoreConfig = StoreConfig()
     timing: TimingConfig = TimingConfig()
+    flex: FlexConfigSection = FlexConfigSection()
     groups: tuple[Group, ...] = Field(
         default=(),
         description="Extra named groups; every substation/feeder/... also gets an implicit group",

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
+
+from pydantic import ValidationError
 
 from adapters.base import AdapterError, DeviceAdapter, DeviceRejected
 from adapters.mqtt_device import DeviceMqttLink, build_mqtt_adapter
@@ -23,6 +26,7 @@ from gateway import dispatch
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandBook, CommandRejected
 from gateway.config import GatewayConfig
+from gateway.flex import DeviceFlexInput, FlexForecast, FlexRequest, forecast_group
 from gateway.model import (
     Ack,
     AckState,
@@ -38,6 +42,7 @@ from gateway.model import (
     GroupTelemetry,
     Quality,
     Reason,
+    TopologyLevel,
     utcnow,
 )
 from gateway.northbound import Northbound, Outgoing, ReplyTo
@@ -144,6 +149,7 @@ class Gateway:
         for adapter in adapters.values():
             self._supervise(adapter)
         self._build_estimation()
+        self._availability: dict[str, float] = {}
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
         self.openadr_ven: OpenAdrVen | None = None
@@ -313,6 +319,9 @@ class Gateway:
     # ------------------------------------------------------------------ inbound
     async def handle_command(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
         now = utcnow()
+        if topic == self.topics.flex_requests:
+            self._handle_flex_request(payload, reply, topic)
+            return
         try:
             command = decode_command(payload)
         except CommandDecodeError as exc:
@@ -363,6 +372,69 @@ class Gateway:
             command_id=command_id,
         )
         self.northbound.publish_reliable(Outgoing(self.topics.errors, encode(error)))
+
+    # ------------------------------------------------------------------ flexibility
+    def flex_forecast(self, request: FlexRequest, now: datetime | None = None) -> FlexForecast:
+        """Available flexibility of one group over the request's horizon (p10/p50/p90)."""
+        now = now or utcnow()
+        states = self.device_states(now)
+        inputs = [
+            DeviceFlexInput(
+                device=d,
+                state=states.get(d.device_id),
+                availability=self._availability.get(d.device_id, 0.5),
+            )
+            for d in self.registry.members(request.group_id)
+        ]
+        return forecast_group(
+            inputs, request, now=now, outdoor_temp_c=self.config.flex.outdoor_temp_c
+        )
+
+    def _flex_groups(self) -> list[str]:
+        configured = self.config.flex.groups
+        if configured:
+            return [g for g in configured if self.registry.group(g) is not None]
+        return sorted(
+            gid
+            for gid, g in self.registry.groups().items()
+            if g.level in (TopologyLevel.SUBSTATION, TopologyLevel.FEEDER)
+        )
+
+    def _track_availability(self, now: datetime) -> None:
+        # The chance a device is there when asked, learnt from what we see each telemetry
+        # period (an exponential average; new devices start at an agnostic 0.5).
+        states = self.device_states(now)
+        for device_id, state in states.items():
+            seen = 1.0 if state is not None else 0.0
+            prev = self._availability.get(device_id, 0.5)
+            self._availability[device_id] = round(0.95 * prev + 0.05 * seen, 4)
+
+    def _publish_flex(self, now: datetime) -> None:
+        flex = self.config.flex
+        for group_id in self._flex_groups():
+            request = FlexRequest(
+                group_id=group_id, horizon_s=flex.horizon_s, interval_s=flex.interval_s
+            )
+            forecast = self.flex_forecast(request, now)
+            self.northbound.publish_telemetry(
+                Outgoing(self.topics.flex_forecast(group_id), encode(forecast), qos=1, retain=True)
+            )
+
+    def _handle_flex_request(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
+        try:
+            request = FlexRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            self._publish_error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload)
+            return
+        if self.registry.group(request.group_id) is None:
+            self._publish_error(
+                Reason.UNKNOWN_GROUP, f"unknown group {request.group_id!r}", topic, payload
+            )
+            return
+        forecast = self.flex_forecast(request)
+        self.northbound.publish_reliable(
+            Outgoing(self.topics.flex_forecast(request.group_id), encode(forecast), reply=reply)
+        )
 
     # ------------------------------------------------------------------ control
     def stale_after_s(self, device_id: str) -> float:
@@ -563,10 +635,18 @@ class Gateway:
 
     async def _telemetry_loop(self) -> None:
         period = self.config.timing.telemetry_period_s
+        flex_due = time.monotonic() + min(self.config.flex.period_s, 2 * period)
         while True:
             await asyncio.sleep(period)
             now = utcnow()
             self.estimate_cycle(now)
+            self._track_availability(now)
+            if time.monotonic() >= flex_due:
+                flex_due = time.monotonic() + self.config.flex.period_s
+                try:
+                    self._publish_flex(now)
+                except Exception:  # a forecast must never take telemetry down with it
+                    log.exception("flexibility forecast failed")
             for group in self.group_telemetry(now):
                 self.northbound.publish_telemetry(
                     Outgoing(self.topics.group_telemetry(group.group_id), encode(group), qos=0)

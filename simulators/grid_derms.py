@@ -32,6 +32,7 @@ class Observed:
     errors: list[ErrorMessage] = field(default_factory=list)
     groups: dict[str, GroupTelemetry] = field(default_factory=dict)
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flex: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: GatewayStatus | None = None
     replies: list[tuple[str, bytes | None, Ack]] = field(default_factory=list)
 
@@ -93,6 +94,13 @@ class GridDermsClient:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._client.__aexit__(None, None, None)
 
+    async def request_flex(self, request: dict[str, Any]) -> None:
+        """Ask for a flexibility forecast; it arrives on ``telemetry/flex/{group_id}``."""
+        assert self._client is not None
+        await self._client.publish(
+            f"{self.topics.root}/requests/flex", json.dumps(request).encode(), qos=1
+        )
+
     async def send(
         self,
         command: dict[str, Any] | bytes,
@@ -151,6 +159,9 @@ class GridDermsClient:
             self.observed.groups[group.group_id] = group
             if self._on_group:
                 self._on_group(group)
+        elif topic.startswith(f"{root}/telemetry/flex/"):
+            data = json.loads(payload)
+            self.observed.flex[data["group_id"]] = data
         elif topic.startswith(f"{root}/telemetry/devices/"):
             data = json.loads(payload)
             self.observed.devices[data["device_id"]] = data

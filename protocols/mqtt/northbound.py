@@ -38,6 +38,13 @@ class Topics:
         return f"{self.root}/telemetry/devices/{device_id}"
 
     @property
+    def flex_requests(self) -> str:
+        return f"{self.root}/requests/flex"
+
+    def flex_forecast(self, group_id: str) -> str:
+        return f"{self.root}/telemetry/flex/{group_id}"
+
+    @property
     def status(self) -> str:
         return f"{self.root}/status"
 

@@ -400,3 +400,27 @@ async def test_group_telemetry_estimates_a_silent_device_with_an_interval(fleet:
     assert g.power_lower_kw <= truth <= g.power_upper_kw, g
     assert g.power_kw == pytest.approx(truth, abs=0.5)  # a plain sum would be 2 kW short
     assert g.quality.value == "estimated"
+
+
+async def test_flexibility_forecast_is_published_and_served_on_request(fleet: Fleet) -> None:
+    # Published by itself (retained) for every substation and feeder...
+    await fleet.grid.wait_for(lambda o: "feeder:f1" in o.flex and "substation:s1" in o.flex, 8)
+    periodic = fleet.grid.observed.flex["substation:s1"]
+    assert periodic["devices_total"] == 4
+    # ... and on request, for the window asked.
+    await fleet.grid.request_flex(
+        {"request_id": "rq-1", "group_id": "feeder:f1", "horizon_s": 7200, "interval_s": 900}
+    )
+    await fleet.grid.wait_for(lambda o: o.flex.get("feeder:f1", {}).get("request_id") == "rq-1", 5)
+    forecast = fleet.grid.observed.flex["feeder:f1"]
+    assert len(forecast["intervals"]) == 8
+    first = forecast["intervals"][0]
+    # Two 5 kW batteries at 60 % SoC with a 20 % reserve: flex down is there, bounded by
+    # their ratings, and the bands are ordered. (A gateway that has just started has not yet
+    # learnt how reliably each device turns up, so the low band may still be 0.)
+    down = first["flex_down_kw"]
+    assert 0 <= down["p10"] <= down["p50"] <= down["p90"] <= 10.0 + 1e-6
+    assert down["p90"] > 1.0
+    # Bad requests get a specific error, not silence.
+    await fleet.grid.request_flex({"group_id": "feeder:nowhere"})
+    await fleet.grid.wait_for(lambda o: any(e.reason.value == "unknown_group" for e in o.errors), 5)
