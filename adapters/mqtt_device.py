@@ -392,6 +392,9 @@ class _MqttDevice:
 
     kind: DeviceKind
     telemetry_type: type[ThermostatTelemetry | WaterHeaterTelemetry]
+    #: Every command carries a hold time and lapses by itself, so a (re)connect needs no
+    #: release; the supervisor then writes only when there is something to ask.
+    release_on_connect = False
 
     def __init__(
         self,

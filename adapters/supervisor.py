@@ -57,6 +57,7 @@ class DeviceSupervisor:
         self._applied_at = 0.0
         self._refused: DeviceCommand | None = None
         self._must_write = True
+        self._release_on_connect = bool(getattr(adapter, "release_on_connect", True))
         self._served_ok = False
         self.available = False
         self._announced_down = False
@@ -126,9 +127,11 @@ class DeviceSupervisor:
                     raise
         raise_if_cancelling()
         # Whatever the device was doing (an old setpoint, a revert), it must be told again what
-        # we want after a reconnect: a setpoint, or an explicit release.
+        # we want after a reconnect: a setpoint, or an explicit release. Devices whose commands
+        # lapse by themselves (``release_on_connect = False``: MQTT devices with hold timers)
+        # need no release, and a fleet of them reconnecting at once must not storm the broker.
         self._applied = None
-        self._must_write = True
+        self._must_write = self._desired is not None or self._release_on_connect
 
     async def _serve(self) -> None:
         interval = self._poll_interval_s

@@ -72,3 +72,43 @@ async def test_fresh_state_expires() -> None:
     supervisor.latest = DeviceState(device_id="d1", timestamp=utcnow(), power_kw=1.0, source="t")
     assert supervisor.fresh_state(10) is not None
     assert supervisor.fresh_state(-1) is None
+
+
+class ReadsFine(ConnectsButNeverReads):
+    def __init__(self, release_on_connect: bool) -> None:
+        super().__init__()
+        self.release_on_connect = release_on_connect
+        self.applied: list[DeviceCommand] = []
+
+    async def read(self) -> DeviceState:
+        self.reads += 1
+        return DeviceState(device_id="d1", timestamp=utcnow(), power_kw=0.0, source="t")
+
+    async def apply(self, command: DeviceCommand) -> None:
+        self.applied.append(command)
+
+
+@pytest.mark.parametrize("release_on_connect", [True, False])
+async def test_release_on_connect_only_where_commands_do_not_lapse(
+    release_on_connect: bool,
+) -> None:
+    adapter = ReadsFine(release_on_connect)
+    supervisor = DeviceSupervisor(adapter, poll_interval_s=0.05, io_timeout_s=1, refresh_s=60)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        deadline = time.monotonic() + 2
+        while adapter.reads < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        # A battery is told "release" after every connect; an MQTT device with hold timers is
+        # not (a fleet reconnecting at once would storm the broker), ...
+        assert len(adapter.applied) == (1 if release_on_connect else 0)
+        # ... but either gets a real command as soon as there is one.
+        supervisor.command(DeviceCommand(device_id="d1", power_kw=-1.0))
+        deadline = time.monotonic() + 2
+        while not any(c.power_kw == -1.0 for c in adapter.applied):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
