@@ -260,16 +260,24 @@ class Sep2Der:
             if command.import_limit_kw is None and command.export_limit_kw is None:
                 self._server.release(self._device_id)
                 return
-            # Autonomous within limits: the device keeps its own mode, capped both ways.
+            # Autonomous within limits: the device keeps its own mode, capped both ways. A
+            # client that stands for a whole site (it mirrors site power) gets the CSIP-AUS site
+            # limits at the connection point; a single DER gets its generation / load limits.
             try:
-                base = DERControlBase(
-                    op_mod_gen_lim_w=None
+                export_w = (
+                    None
                     if command.export_limit_kw is None
-                    else from_watts(command.export_limit_kw * 1000),
-                    op_mod_load_lim_w=None
-                    if command.import_limit_kw is None
-                    else from_watts(command.import_limit_kw * 1000),
+                    else from_watts(command.export_limit_kw * 1000)
                 )
+                import_w = (
+                    None
+                    if command.import_limit_kw is None
+                    else from_watts(command.import_limit_kw * 1000)
+                )
+                if self._endpoint.power_from == "site":
+                    base = DERControlBase(op_mod_exp_lim_w=export_w, op_mod_imp_lim_w=import_w)
+                else:
+                    base = DERControlBase(op_mod_gen_lim_w=export_w, op_mod_load_lim_w=import_w)
             except InvalidValue as exc:
                 raise UnsafeCommand(self._device_id, str(exc)) from exc
             self._server.publish(

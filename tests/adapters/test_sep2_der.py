@@ -244,3 +244,36 @@ async def test_supervisor_drives_the_adapter(server: Sep2Server) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_autonomous_limits_are_device_or_site_limits(server: Sep2Server) -> None:
+    # A single DER gets generation / load limits; a client standing for a whole site (it
+    # mirrors site power) gets the CSIP-AUS site export / import limits.
+    der = _adapter(server)
+    await der.apply(
+        DeviceCommand(device_id="der-1", power_kw=None, export_limit_kw=2.5, import_limit_kw=4.0)
+    )
+    control = server.snapshot("der-1").active_control
+    assert control is not None
+    base = control.base
+    assert base.op_mod_gen_lim_w is not None
+    assert to_watts(base.op_mod_gen_lim_w) == 2500
+    assert base.op_mod_load_lim_w is not None
+    assert to_watts(base.op_mod_load_lim_w) == 4000
+    assert base.op_mod_exp_lim_w is None
+
+    site = Sep2Der(
+        "site-1",
+        Sep2DerEndpoint(lfdi="86441F107B66EBFE65B39FB3D5D7BAAEDA3EA6BF", power_from="site"),
+        server=server,
+        groups=("substation:s1",),
+    )
+    await site.apply(DeviceCommand(device_id="site-1", power_kw=None, export_limit_kw=1.5))
+    control = server.snapshot("site-1").active_control
+    assert control is not None
+    assert control.base.op_mod_exp_lim_w is not None
+    assert to_watts(control.base.op_mod_exp_lim_w) == 1500
+    assert control.base.op_mod_gen_lim_w is None
+    # No limits at all: back to the program's default.
+    await site.apply(DeviceCommand(device_id="site-1", power_kw=None))
+    assert server.snapshot("site-1").active_control is None
