@@ -58,7 +58,6 @@ import logging
 import os
 import platform
 import pstats
-import shlex
 import statistics
 import sys
 import tempfile
@@ -70,10 +69,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
+from bench.common import (
+    HOST,
+    arg_parser,
+    cpu_model,
+    cpu_s,
+    emit,
+    fmt,
+    pct,
+    print_command,
+    read_commands,
+    rss_bytes,
+    run,
+    setup_logging,
+    start_child,
+    stop_child,
+    write_results,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 ROOT = "derms/devices/v1"
 log = logging.getLogger("bench.mqtt_devices")
 
@@ -89,17 +102,6 @@ REPS = 3
 RATED_KW = 3.0  # SimThermostat's default house
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def device_ids(n: int) -> list[str]:
     return [f"th-{i:05d}" for i in range(n)]
 
@@ -112,17 +114,13 @@ def _pcts(values: list[float], scale: float = 1000.0) -> dict[str, float | None]
     if not values:
         return {"p50": None, "p99": None, "max": None}
     ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    p99 = pct(ordered, 0.99)
+    assert p99 is not None
     return {
         "p50": round(scale * statistics.median(ordered), 1),
         "p99": round(scale * p99, 1),
         "max": round(scale * ordered[-1], 1),
     }
-
-
-def _cpu_s(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 # =============================================================================== child protocol
@@ -132,9 +130,6 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 async def serve(handlers: dict[str, Handler], ready: dict[str, Any]) -> None:
     """Answer JSON-line requests on stdin until ``quit``, stdin closing, or the life bound."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(msg: dict[str, Any]) -> None:
@@ -143,21 +138,10 @@ async def serve(handlers: dict[str, Handler], ready: dict[str, Any]) -> None:
         except Exception as exc:  # report, do not die: the orchestrator decides
             log.exception("op %s failed", msg.get("op"))
             out = {"error": f"{type(exc).__name__}: {exc}"}
-        _emit({"id": msg["id"], **out})
+        emit({"id": msg["id"], **out})
 
-    _emit({"ready": True, "pid": os.getpid(), **ready})
-    deadline = time.monotonic() + CHILD_MAX_LIFE_S
-    while time.monotonic() < deadline:
-        try:
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                line = await reader.readline()
-        except TimeoutError:
-            break
-        if not line:
-            break
-        msg = json.loads(line)
-        if msg.get("op") == "quit":
-            break
+    emit({"ready": True, "pid": os.getpid(), **ready})
+    async for msg in read_commands(time.monotonic() + CHILD_MAX_LIFE_S):
         task = asyncio.create_task(handle(msg))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -180,30 +164,15 @@ class Child:
         self._ids = itertools.count(1)
 
     async def start(self, timeout_s: float) -> dict[str, Any]:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        self._proc, self.ready = await start_child(
             "bench.mqtt_devices",
-            "--role",
-            self.role,
-            *self.args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=REPO,
-            env=_env(),
+            ["--role", self.role, *self.args],
+            ready_timeout_s=timeout_s,
+            stop_timeout_s=20,
             limit=2**24,
+            name=self.role,
         )
         self.pid = self._proc.pid
-        try:
-            assert self._proc.stdout is not None
-            async with asyncio.timeout(timeout_s):
-                line = await self._proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.role} child exited with {await self._proc.wait()}")
-            self.ready = json.loads(line)
-        except BaseException:
-            await self.stop()
-            raise
         self._reader = asyncio.create_task(self._read(), name=f"{self.role}-reader")
         return self.ready
 
@@ -234,27 +203,12 @@ class Child:
         return reply
 
     def cpu_s(self) -> float:
-        return _cpu_s(self.pid)
+        return cpu_s(self.pid)
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.write(b'{"op": "quit"}\n')
-                await proc.stdin.drain()
-                proc.stdin.close()
-            try:
-                async with asyncio.timeout(20):
-                    await proc.wait()
-            except TimeoutError:
-                proc.terminate()
-                try:
-                    async with asyncio.timeout(5):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+        if proc is not None:
+            await stop_child(proc, 20)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -609,7 +563,7 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-gw-") as tmp:
         config = gateway_config(port, n, interval, gateway_id, Path(tmp) / "gw.sqlite")
         gc.collect()
-        rss0 = psutil.Process().memory_info().rss
+        rss0 = rss_bytes()
         gateway = Gateway(config)
         adapters = {k: s.adapter for k, s in gateway.supervisors.items()}
 
@@ -645,7 +599,7 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
         connect_s = time.monotonic() - t0
         await asyncio.sleep(1.0)
         gc.collect()
-        rss1 = psutil.Process().memory_info().rss
+        rss1 = rss_bytes()
         link = gateway.device_mqtt
         assert link is not None
 
@@ -657,7 +611,7 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
                 "link_ok": st.received - st.dropped_unknown - st.dropped_invalid,
                 "link_dropped": st.dropped_unknown + st.dropped_invalid,
                 "cpu_s": time.process_time(),
-                "rss": psutil.Process().memory_info().rss,
+                "rss": rss_bytes(),
                 "available": sum(s.available for s in gateway.supervisors.values()),
                 "warnings": warnings.counts,
             }
@@ -805,10 +759,10 @@ async def _flat_window(
     )
     await asyncio.sleep(warm)
     c0 = await consumer.call("counters")
-    w0, b0, l0 = time.monotonic(), _cpu_s(broker.pid), load.cpu_s()
+    w0, b0, l0 = time.monotonic(), cpu_s(broker.pid), load.cpu_s()
     await asyncio.sleep(seconds)
     c1 = await consumer.call("counters")
-    w1, b1, l1 = time.monotonic(), _cpu_s(broker.pid), load.cpu_s()
+    w1, b1, l1 = time.monotonic(), cpu_s(broker.pid), load.cpu_s()
     published = await flat
     wall = w1 - w0
     got = c1[key] - c0[key]
@@ -828,10 +782,10 @@ async def _paced_window(
 ) -> dict[str, Any]:
     t0 = time.time()
     g0, _ = await asyncio.gather(gw.call("counters"), load.call("counters"))
-    w0, b0, l0, d0 = time.monotonic(), _cpu_s(broker.pid), load.cpu_s(), drops.value
+    w0, b0, l0, d0 = time.monotonic(), cpu_s(broker.pid), load.cpu_s(), drops.value
     await asyncio.sleep(size.seconds)
     g1, _ = await asyncio.gather(gw.call("counters"), load.call("counters"))
-    w1, b1, l1, d1 = time.monotonic(), _cpu_s(broker.pid), load.cpu_s(), drops.value
+    w1, b1, l1, d1 = time.monotonic(), cpu_s(broker.pid), load.cpu_s(), drops.value
     t1 = time.time()
     # Grace: a reading published just before t1 reaches a DeviceState within one poll interval.
     await asyncio.sleep(size.interval / 2 + 1.5)
@@ -1006,7 +960,7 @@ async def run_size(size: Size, pub_clients: int) -> dict[str, Any]:
 
 
 def _f(value: object, spec: str = ".0f") -> str:
-    return "n/a" if value is None else format(value, spec)
+    return fmt(value, spec)
 
 
 def print_table(results: list[dict[str, Any]], interval: float, flat_rate: float) -> None:
@@ -1111,8 +1065,7 @@ def print_table(results: list[dict[str, Any]], interval: float, flat_rate: float
 
 async def orchestrate(args: argparse.Namespace) -> int:
     devices = [int(x) for x in args.devices.split(",") if x.strip()]
-    print(f"command: {shlex.join([Path(sys.executable).name, '-m', 'bench.mqtt_devices'])}", end="")
-    print(" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    print_command("bench.mqtt_devices")
     import aiomqtt
     import paho.mqtt
     import pydantic
@@ -1125,9 +1078,8 @@ async def orchestrate(args: argparse.Namespace) -> int:
         first = (await out.stdout.readline()).decode().strip() if out.stdout else ""
         await out.wait()
         mosq = first or mosq
-    cpu_model = _cpu_model()
     print(
-        f"machine: nproc={os.cpu_count()} {cpu_model} python={platform.python_version()} "
+        f"machine: nproc={os.cpu_count()} {cpu_model('?')} python={platform.python_version()} "
         f"{platform.system()} {platform.machine()}; {mosq}; aiomqtt {aiomqtt.__version__}, "
         f"paho-mqtt {paho.mqtt.__version__}, pydantic {pydantic.VERSION}"
     )
@@ -1177,43 +1129,13 @@ async def orchestrate(args: argparse.Namespace) -> int:
             n *= 2
     print_table(results, args.interval, args.flat_rate)
     if args.json:
-        meta = {
-            "argv": sys.argv,
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write(Path(args.json), json.dumps({"meta": meta, "results": results}, indent=2))
-        print(f"\nwrote {args.json}")
+        write_results(args.json, results, cpu=False)
     print(f"total {time.monotonic() - t_start:.0f} s")
     return 0 if all("error" not in r for r in results[: len(devices)]) else 1
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
-def _write(path: Path, text: str) -> None:
-    path.write_text(text)
-
-
-def _run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.mqtt_devices",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = arg_parser("bench.mqtt_devices", __doc__)
     parser.add_argument("--devices", default="500,2000", help="comma-separated fleet sizes")
     parser.add_argument("--interval", type=float, default=5.0, help="telemetry report interval s")
     parser.add_argument("--seconds", type=float, default=10.0, help="paced window length")
@@ -1238,21 +1160,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be in (0, 120] and --interval in [0.5, 60]")
     if not 1 <= args.pub_clients <= 64:
         parser.error("--pub-clients must be in [1, 64]")
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
+    setup_logging()
     if args.role == "load":
-        _run(_load_main(args.port, args.n, args.interval, args.pub_clients))
+        run(_load_main(args.port, args.n, args.interval, args.pub_clients))
         return 0
     if args.role == "raw":
-        _run(_raw_main(args.port))
+        run(_raw_main(args.port))
         return 0
     if args.role == "gateway":
-        _run(_gateway_main(args.port, args.n, args.interval, args.gateway_id))
+        run(_gateway_main(args.port, args.n, args.interval, args.gateway_id))
         return 0
-    return int(_run(orchestrate(args)))
+    return int(run(orchestrate(args)))
 
 
 if __name__ == "__main__":

@@ -50,11 +50,8 @@ import io
 import json
 import logging
 import os
-import platform
 import re
-import shlex
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,8 +65,24 @@ from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from bench.common import (
+    HOST,
+    arg_parser,
+    cpu_s,
+    emit,
+    fmt,
+    machine_summary,
+    pct,
+    print_command,
+    read_commands,
+    run,
+    run_worker,
+    setup_logging,
+    start_child,
+    stop_child,
+    write_results,
+)
+
 PREFIX = "/OpenADR2/Simple/2.0b"
 MODES = ("http", "tls", "signed")
 log = logging.getLogger("bench.openadr_vtn")
@@ -90,17 +103,6 @@ XML = {"Content-Type": "application/xml"}
 OADR_TLS_CIPHERS = "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"
 _TYPE = re.compile(rb"<(?:\w+:)?oadrSignedObject[^>]*>\s*<(?:\w+:)?(\w+)")
 _CODE = re.compile(rb"responseCode>\s*(\d+)\s*<")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 def _quiet() -> None:
@@ -382,7 +384,7 @@ class _LoopLag:
     def take(self) -> dict[str, float | None]:
         samples, self.samples = self.samples, []
         return {
-            "loop_lag_p95_ms": _ms(_pct(samples, 0.95)),
+            "loop_lag_p95_ms": _ms(pct(samples, 0.95)),
             "loop_lag_max_ms": _ms(max(samples, default=None)),
         }
 
@@ -398,33 +400,20 @@ async def _serve(kind: str, mode: str, pki: Path) -> None:
     lag = _LoopLag()
     lag_task = asyncio.create_task(lag.run(deadline), name="bench:loop-lag")
     try:
-        _emit({"port": server.port, "pid": os.getpid()})
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while time.monotonic() < deadline:
-            try:
-                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    line = await reader.readline()
-            except TimeoutError:
-                return
-            if not line:  # the load worker went away
-                return
-            msg = json.loads(line)
+        emit({"port": server.port, "pid": os.getpid()})
+        async for msg in read_commands(deadline):
             op = msg.get("op")
-            if op == "quit":
-                return
             if op == "issue":
                 issued = 0
                 for name in msg["names"]:
                     issued += bool(await server.issue(name))
-                _emit({"issued": issued})
+                emit({"issued": issued})
             elif op == "churn":
                 before, errors = churn.modified, churn.errors
                 churn.active = list(msg["names"])
-                _emit({"modified": before, "errors": errors, **lag.take()})
+                emit({"modified": before, "errors": errors, **lag.take()})
             else:
-                _emit({"error": f"unknown op {op!r}"})
+                emit({"error": f"unknown op {op!r}"})
     finally:
         for task in (churn_task, lag_task):
             task.cancel()
@@ -445,20 +434,10 @@ class ServerChild:
         self._ps: psutil.Process | None = None
 
     async def __aenter__(self) -> ServerChild:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.openadr_vtn",
-            *self.args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=REPO,
-            env=_env(),
+        self._proc, first = await start_child(
+            "bench.openadr_vtn", self.args, ready_timeout_s=120, stop_timeout_s=15
         )
         try:
-            assert self._proc.stdout is not None
-            async with asyncio.timeout(120):
-                first = json.loads(await self._proc.stdout.readline())
             self.port, self.pid = int(first["port"]), int(first["pid"])
             self._ps = psutil.Process(self.pid)
         except BaseException:
@@ -481,30 +460,12 @@ class ServerChild:
         return answer
 
     async def _stop(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(OSError):
-            assert proc.stdin is not None
-            proc.stdin.write(b'{"op": "quit"}\n')
-            await proc.stdin.drain()
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(15):
-                await proc.wait()
-        except TimeoutError:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        if self._proc is not None:
+            await stop_child(self._proc, 15)
 
     def cpu_s(self) -> float:
         assert self._ps is not None
-        times = self._ps.cpu_times()
-        return float(times.user + times.system)
+        return cpu_s(self._ps)
 
     def runq_s(self) -> float | None:
         """Time the child's main thread waited for a CPU (kernel run queue), if the kernel says."""
@@ -723,13 +684,6 @@ async def _register(proto: Protocol, ven: Ven, tag: str, url: str) -> None:
             raise RuntimeError(f"VEN {ven.name}: METADATA answered with {message_type}")
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(1000 * value, 2)
 
@@ -829,16 +783,16 @@ async def window(
         "polls_per_s": round(polls / wall, 1),
         **counts,
         "first_error": first_error[0] if first_error else None,
-        "p50_ms": _ms(_pct(latencies, 0.5)),
-        "p95_ms": _ms(_pct(latencies, 0.95)),
-        "p99_ms": _ms(_pct(latencies, 0.99)),
+        "p50_ms": _ms(pct(latencies, 0.5)),
+        "p95_ms": _ms(pct(latencies, 0.95)),
+        "p99_ms": _ms(pct(latencies, 0.99)),
         "max_ms": _ms(max(latencies) if latencies else None),
         "distributions_per_s": round(counts["distributions"] / wall, 1),
         "server_cpu_pct": round(100 * (s1 - s0) / wall, 1),
         "server_cpu_us_per_poll": round(1e6 * (s1 - s0) / polls, 1) if polls else None,
         "server_runq_pct": None if q0 is None or q1 is None else round(100 * (q1 - q0) / wall, 1),
         "load_cpu_pct": round(100 * (p1 - p0) / wall, 1),
-        "load_lag_p95_ms": _ms(_pct(lags, 0.95)),
+        "load_lag_p95_ms": _ms(pct(lags, 0.95)),
         "other_cpu_pct": round(
             100 * (cores - (m1.idle - m0.idle) / wall) - 100 * (s1 - s0 + p1 - p0) / wall, 1
         ),
@@ -993,20 +947,6 @@ async def _load_main(mode: str, sizes: list[int], seconds: float) -> dict[str, A
 # =============================================================================== orchestrator
 
 
-def _fmt(value: object, spec: str = "") -> str:
-    if value is None:
-        return "n/a"
-    return format(value, spec)
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def _serves(w: dict[str, Any]) -> bool:
     """Polls keep up with the offer and p95 stays under the target, without errors."""
     p95 = w["p95_ms"]
@@ -1039,19 +979,19 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 w = row[tag]
                 ratio = uo / ub if tag == "ours" and uo and ub else None
                 lag = (
-                    f"{_fmt(w['server_loop_lag_p95_ms'], '.0f')}/"
-                    f"{_fmt(w['server_loop_lag_max_ms'], '.0f')}"
+                    f"{fmt(w['server_loop_lag_p95_ms'], '.0f')}/"
+                    f"{fmt(w['server_loop_lag_max_ms'], '.0f')}"
                 )
                 print(
                     f"{res['mode']:<6}  {row['vens']:>5}  {tag:<6}  {w['offered_per_s']:>9.0f}  "
-                    f"{w['polls_per_s']:>7.1f}  {_fmt(w['p50_ms'], '.1f'):>7}  "
-                    f"{_fmt(w['p95_ms'], '.1f'):>7}  {_fmt(w['p99_ms'], '.1f'):>7}  "
+                    f"{w['polls_per_s']:>7.1f}  {fmt(w['p50_ms'], '.1f'):>7}  "
+                    f"{fmt(w['p95_ms'], '.1f'):>7}  {fmt(w['p99_ms'], '.1f'):>7}  "
                     f"{w['server_cpu_pct']:>11.0f}  "
-                    f"{_fmt(w['server_cpu_us_per_poll'], '.0f'):>11}  "
-                    f"{_fmt(ratio, '.2f') if tag == 'ours' else '':>9}  "
+                    f"{fmt(w['server_cpu_us_per_poll'], '.0f'):>11}  "
+                    f"{fmt(ratio, '.2f') if tag == 'ours' else '':>9}  "
                     f"{w['distributions_per_s']:>6.1f}  {w['errors']:>6}  "
-                    f"{w['load_cpu_pct']:>9.0f}  {_fmt(w['load_lag_p95_ms'], '.1f'):>12}  "
-                    f"{lag:>15}  {_fmt(w['server_runq_pct'], '.0f'):>9}  "
+                    f"{w['load_cpu_pct']:>9.0f}  {fmt(w['load_lag_p95_ms'], '.1f'):>12}  "
+                    f"{lag:>15}  {fmt(w['server_runq_pct'], '.0f'):>9}  "
                     f"{w['other_cpu_pct']:>10.0f}"
                 )
     print(
@@ -1118,7 +1058,7 @@ def capacity_lines(results: list[dict[str, Any]]) -> list[str]:
             ]
             lines.append(
                 f"  {res['mode']:<6} {tag}: measured {measured}; CPU ceiling {ceiling} "
-                f"({_fmt(per_poll, '.0f')} µs/poll at N={basis['vens']})"
+                f"({fmt(per_poll, '.0f')} µs/poll at N={basis['vens']})"
                 + (f" [contended: {', '.join(starved)}]" if starved else "")
             )
     windows = [
@@ -1214,17 +1154,14 @@ def signing_micro(repeat_ec: int = 100, repeat_rsa: int = 10) -> dict[str, float
 def orchestrate(args: argparse.Namespace) -> int:
     sizes = sorted({int(x) for x in args.vens.split(",") if x.strip()})
     modes = [m for m in args.modes.split(",") if m]
-    print(f"command: {shlex.join([Path(sys.executable).name, '-m', 'bench.openadr_vtn'])}", end="")
-    print(" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    print_command("bench.openadr_vtn")
     from importlib.metadata import version
 
     import aiohttp
 
     print(
-        f"machine: {_cpu_model()}, nproc={os.cpu_count()}, load avg "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; python={platform.python_version()} "
-        f"({platform.python_implementation()}) {platform.system()} {platform.machine()}; "
-        f"openleadr {version('openleadr')}, signxml {version('signxml')}, "
+        f"machine: {machine_summary()}; openleadr {version('openleadr')}, "
+        f"signxml {version('signxml')}, "
         f"aiohttp {aiohttp.__version__}; {ssl.OPENSSL_VERSION}"
     )
     print(
@@ -1253,25 +1190,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             str(args.seconds),
         ]
         print(f"... {mode}", flush=True)
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO, env=_env(), text=True)
-        try:
-            out, _ = proc.communicate(timeout=bound)
-        except subprocess.TimeoutExpired:
-            _stop_tree(proc)
-            results.append({"mode": mode, "error": f"load worker exceeded {bound:.0f} s"})
-            continue
-        except BaseException:
-            _stop_tree(proc)
-            raise
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            results.append({"mode": mode, "error": f"load worker exit code {proc.returncode}"})
-            continue
-        result = json.loads(lines[-1])
-        result["worker_wall_s"] = round(time.monotonic() - t0, 1)
-        results.append(result)
-        print(f"    done in {result['worker_wall_s']} s", flush=True)
+        result = run_worker(cmd, bound, "load worker")
+        results.append({"mode": mode, **result} if "error" in result else result)
     print_table(results)
     print()
     for line in capacity_lines(results):
@@ -1285,47 +1205,12 @@ def orchestrate(args: argparse.Namespace) -> int:
         f"{micro['rsa_verify_ms']:.2f} ms"
     )
     if args.json:
-        meta = {
-            "argv": sys.argv,
-            "nproc": os.cpu_count(),
-            "cpu": _cpu_model(),
-            "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        Path(args.json).write_text(
-            json.dumps({"meta": meta, "results": results, "signing": micro}, indent=2)
-        )
-        print(f"\nwrote {args.json}")
+        write_results(args.json, results, cpu=True, signing=micro)
     return 0 if all("error" not in r for r in results) else 1
 
 
-def _stop_tree(proc: subprocess.Popen[str]) -> None:
-    """Stop a load worker that overran, and anything it started (by PID, children first)."""
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def _run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.openadr_vtn",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = arg_parser("bench.openadr_vtn", __doc__)
     parser.add_argument("--vens", default="100,300", help="comma-separated fleet sizes")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured per server per row")
     parser.add_argument("--modes", default=",".join(MODES), help="http, tls, signed")
@@ -1340,16 +1225,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be in (0, 120] and each of --vens in [1, 2000]")
     if not set(args.modes.split(",")) <= set(MODES):
         parser.error(f"--modes: any of {', '.join(MODES)}")
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
+    setup_logging()
     if args.serve is not None:
-        _run(_serve(args.serve, args.mode, args.pki))
+        run(_serve(args.serve, args.mode, args.pki))
         return 0
     if args.load is not None:
-        _emit(_run(_load_main(args.load, sizes, args.seconds)))
+        emit(run(_load_main(args.load, sizes, args.seconds)))
         return 0
     return orchestrate(args)
 

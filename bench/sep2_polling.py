@@ -41,15 +41,10 @@ import asyncio
 import contextlib
 import cProfile
 import hashlib
-import io
 import json
 import logging
 import os
-import platform
-import pstats
-import shlex
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,9 +55,27 @@ from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import (
+    HOST,
+    REPO,
+    arg_parser,
+    cpu_s,
+    emit,
+    fmt,
+    machine_summary,
+    pct,
+    print_command,
+    profile_report,
+    read_commands,
+    run,
+    run_worker,
+    setup_logging,
+    start_child,
+    stop_child,
+    write_results,
+)
+
 FIXTURES = (REPO / ".." / "shared" / "fixtures" / "sep2-envoy").resolve()
-HOST = "127.0.0.1"
 HEADER = "X-LFDI"
 log = logging.getLogger("bench.sep2_polling")
 
@@ -80,17 +93,6 @@ FEEDERS = 4
 ROUTES = ("dcap", "edev", "fsa", "derp", "derc")
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def _fixture(name: str) -> bytes:
     path = FIXTURES / name
     if not path.is_file():
@@ -98,34 +100,15 @@ def _fixture(name: str) -> bytes:
     return path.read_bytes()
 
 
-def profile_report(profiler: cProfile.Profile, top: int = 35) -> str:
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return out.getvalue()
-
-
 # =============================================================================== server children
 
 
 async def _commands(stop_on: Callable[[dict[str, Any]], bool]) -> None:
-    """Read JSON commands from stdin until "quit", EOF or CHILD_MAX_LIFE_S."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    deadline = time.monotonic() + CHILD_MAX_LIFE_S
-    while time.monotonic() < deadline:
-        try:
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                line = await reader.readline()
-        except TimeoutError:
-            return
-        if not line:  # the load worker went away
-            return
-        msg = json.loads(line)
-        if msg.get("op") == "quit" or stop_on(msg):
-            return
+    """Read JSON commands from stdin until "quit", EOF, CHILD_MAX_LIFE_S or ``stop_on``."""
+    async with contextlib.aclosing(read_commands(time.monotonic() + CHILD_MAX_LIFE_S)) as msgs:
+        async for msg in msgs:
+            if stop_on(msg):
+                return
 
 
 def _profiling_hook(tag: str) -> Callable[[dict[str, Any]], bool]:
@@ -137,14 +120,14 @@ def _profiling_hook(tag: str) -> Callable[[dict[str, Any]], bool]:
             # cores, the load generator woken by each send) to whatever call was running.
             profiler.append(cProfile.Profile(time.thread_time))
             profiler[0].enable()
-            _emit({"id": msg.get("id"), "ok": True})
+            emit({"id": msg.get("id"), "ok": True})
         elif msg.get("op") == "profile_stop" and profiler:
             prof = profiler.pop()
             prof.disable()
             sys.stderr.write(f"---- cProfile of the {tag} server: {msg.get('label', '')}\n")
-            sys.stderr.write(profile_report(prof))
+            sys.stderr.write(profile_report(prof, 35))
             sys.stderr.flush()
-            _emit({"id": msg.get("id"), "ok": True})
+            emit({"id": msg.get("id"), "ok": True})
         return False
 
     return on
@@ -193,7 +176,7 @@ async def _serve_ours(mode: str, lfdis: list[str], pki: Path | None) -> None:
         for adapter in adapters:
             await adapter.connect()
             await adapter.apply(DeviceCommand(device_id=adapter.device_id, power_kw=-2))
-        _emit({"port": server.port, "pid": os.getpid()})
+        emit({"port": server.port, "pid": os.getpid()})
         await _commands(_profiling_hook("ours"))
 
 
@@ -233,7 +216,7 @@ async def _serve_bare(mode: str, bodies: dict[str, bytes], pki: Path | None) -> 
     try:
         site = web.TCPSite(runner, HOST, 0, ssl_context=ssl_context)
         await site.start()
-        _emit({"port": int(runner.addresses[0][1]), "pid": os.getpid()})
+        emit({"port": int(runner.addresses[0][1]), "pid": os.getpid()})
         await _commands(_profiling_hook("bare"))
     finally:
         await runner.cleanup()
@@ -251,22 +234,13 @@ class ServerChild:
         self._ps: psutil.Process | None = None
 
     async def __aenter__(self) -> ServerChild:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        self._proc, first = await start_child(
             "bench.sep2_polling",
-            "--serve",
-            self.kind,
-            *self.args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=REPO,
-            env=_env(),
+            ["--serve", self.kind, *self.args],
+            ready_timeout_s=120,
+            stop_timeout_s=10,
         )
         try:
-            assert self._proc.stdout is not None
-            async with asyncio.timeout(120):
-                first = json.loads(await self._proc.stdout.readline())
             self.port, self.pid = int(first["port"]), int(first["pid"])
             self._ps = psutil.Process(self.pid)
         except BaseException:
@@ -288,30 +262,12 @@ class ServerChild:
             await self._proc.stdout.readline()
 
     async def _stop(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(OSError):
-            assert proc.stdin is not None
-            proc.stdin.write(b'{"op": "quit"}\n')
-            await proc.stdin.drain()
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        if self._proc is not None:
+            await stop_child(self._proc, 10)
 
     def cpu_s(self) -> float:
         assert self._ps is not None
-        times = self._ps.cpu_times()
-        return float(times.user + times.system)
+        return cpu_s(self._ps)
 
 
 # =============================================================================== load worker
@@ -442,13 +398,6 @@ OPS = {
 }
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def window(
     clients: list[DerClient],
     op: Op,
@@ -556,7 +505,7 @@ async def window(
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     wall = w1 - w0
-    p50, p95 = _pct(latencies, 0.5), _pct(latencies, 0.95)
+    p50, p95 = pct(latencies, 0.5), pct(latencies, 0.95)
     return {
         "req_per_s": round(done / wall, 1),
         "cycles_per_s": round(cycles / wall, 2),
@@ -738,20 +687,6 @@ async def _load_main(mode: str, sizes: list[int], seconds: float, profile: bool)
 # =============================================================================== orchestrator
 
 
-def _fmt(value: object, spec: str = "") -> str:
-    if value is None:
-        return "n/a"
-    return format(value, spec)
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def _cycle_s(row: dict[str, Any] | None, tag: str = "ours") -> float | None:
     """Server CPU seconds per mixed cycle (6 requests)."""
     if row is None or row[tag]["server_cpu_us_per_req"] is None:
@@ -777,15 +712,15 @@ def print_table(results: list[dict[str, Any]]) -> None:
             paced = row["op"] == "mixed paced"
             ratio = o["req_per_s"] / b["req_per_s"] if b["req_per_s"] and not paced else None
             uo, ub = o["server_cpu_us_per_req"], b["server_cpu_us_per_req"]
-            us = f"{_fmt(uo, '.0f')}/{_fmt(ub, '.0f')}"
+            us = f"{fmt(uo, '.0f')}/{fmt(ub, '.0f')}"
             cpu_ratio = uo / ub if uo and ub else None
             load = f"{o['load_cpu_pct']:.0f}/{b['load_cpu_pct']:.0f}"
             other = f"{o['other_cpu_pct']:.0f}/{b['other_cpu_pct']:.0f}"
             print(
                 f"{res['mode']:<4}  {row['clients']:>7}  {row['op']:<13}  "
-                f"{o['req_per_s']:>10.0f}  {b['req_per_s']:>10.0f}  {_fmt(ratio, '.2f'):>5}  "
-                f"{_fmt(o['p50_ms'], '.1f'):>7}  {_fmt(o['p95_ms'], '.1f'):>7}  "
-                f"{o['server_cpu_pct']:>11.0f}  {us:>20}  {_fmt(cpu_ratio, '.2f'):>9}  "
+                f"{o['req_per_s']:>10.0f}  {b['req_per_s']:>10.0f}  {fmt(ratio, '.2f'):>5}  "
+                f"{fmt(o['p50_ms'], '.1f'):>7}  {fmt(o['p95_ms'], '.1f'):>7}  "
+                f"{o['server_cpu_pct']:>11.0f}  {us:>20}  {fmt(cpu_ratio, '.2f'):>9}  "
                 f"{load:>13}  {other:>14}"
             )
     print(
@@ -866,16 +801,10 @@ def fleet_estimate(results: list[dict[str, Any]], poll_s: float = 60.0) -> list[
 def orchestrate(args: argparse.Namespace) -> int:
     sizes = sorted({int(x) for x in args.clients.split(",") if x.strip()})
     modes = [m for m in args.modes.split(",") if m]
-    print(f"command: {shlex.join([Path(sys.executable).name, '-m', 'bench.sep2_polling'])}", end="")
-    print(" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    print_command("bench.sep2_polling")
     import aiohttp
 
-    print(
-        f"machine: {_cpu_model()}, nproc={os.cpu_count()}, load avg "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; python={platform.python_version()} "
-        f"({platform.python_implementation()}) {platform.system()} {platform.machine()}; "
-        f"aiohttp {aiohttp.__version__}; {ssl.OPENSSL_VERSION}"
-    )
+    print(f"machine: {machine_summary()}; aiohttp {aiohttp.__version__}; {ssl.OPENSSL_VERSION}")
     print(
         f"clients {sizes}, modes {modes}, {args.seconds:g} s per cell (half ours, half bare); "
         f"server (ours: Sep2Server with {max(sizes)} enrolled Sep2Der, each with a published "
@@ -902,69 +831,19 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.profile:
             cmd.append("--profile")
         print(f"... {mode}", flush=True)
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO, env=_env(), text=True)
-        try:
-            out, _ = proc.communicate(timeout=bound)
-        except subprocess.TimeoutExpired:
-            _stop_tree(proc)
-            results.append({"mode": mode, "error": f"load worker exceeded {bound:.0f} s"})
-            continue
-        except BaseException:
-            _stop_tree(proc)
-            raise
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            results.append({"mode": mode, "error": f"load worker exit code {proc.returncode}"})
-            continue
-        result = json.loads(lines[-1])
-        result["worker_wall_s"] = round(time.monotonic() - t0, 1)
-        results.append(result)
-        print(f"    done in {result['worker_wall_s']} s", flush=True)
+        result = run_worker(cmd, bound, "load worker")
+        results.append({"mode": mode, **result} if "error" in result else result)
     print_table(results)
     print()
     for line in fleet_estimate(results):
         print(line)
     if args.json:
-        meta = {
-            "argv": sys.argv,
-            "nproc": os.cpu_count(),
-            "cpu": _cpu_model(),
-            "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        print(f"\nwrote {args.json}")
+        write_results(args.json, results, cpu=True)
     return 0 if all("error" not in r for r in results) else 1
 
 
-def _stop_tree(proc: subprocess.Popen[str]) -> None:
-    """Stop a load worker that overran, and anything it started (by PID, children first)."""
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def _run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.sep2_polling",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = arg_parser("bench.sep2_polling", __doc__)
     parser.add_argument("--clients", default="100,500", help="comma-separated fleet sizes")
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="per cell: half for ours, half for bare"
@@ -988,20 +867,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be in (0, 120] and each of --clients in [1, 2000]")
     if not set(args.modes.split(",")) <= {"http", "tls"}:
         parser.error("--modes: http and/or tls")
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
+    setup_logging()
     if args.serve == "ours":
-        _run(_serve_ours(args.mode, json.loads(args.lfdis.read_text()), args.pki))
+        run(_serve_ours(args.mode, json.loads(args.lfdis.read_text()), args.pki))
         return 0
     if args.serve == "bare":
         bodies = {k: v.encode() for k, v in json.loads(args.bodies.read_text()).items()}
-        _run(_serve_bare(args.mode, bodies, args.pki))
+        run(_serve_bare(args.mode, bodies, args.pki))
         return 0
     if args.load is not None:
-        _emit(_run(_load_main(args.load, sizes, args.seconds, args.profile)))
+        emit(run(_load_main(args.load, sizes, args.seconds, args.profile)))
         return 0
     return orchestrate(args)
 

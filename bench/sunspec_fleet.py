@@ -35,45 +35,46 @@ import asyncio
 import contextlib
 import cProfile
 import gc
-import io
 import json
 import logging
 import os
 import platform
-import pstats
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from bench.common import (
+    HOST,
+    arg_parser,
+    cpu_s,
+    emit,
+    fmt,
+    print_command,
+    profile_report,
+    read_commands,
+    rss_bytes,
+    run,
+    run_worker,
+    setup_logging,
+    start_child,
+    stop_child,
+    write_results,
+)
+
 log = logging.getLogger("bench.sunspec_fleet")
 
 # Bounds: no loop in this file may run longer or more often than these.
 MAX_POLLS_PER_CLIENT = 10_000_000
 WATCH_TICK_S = 0.005
 CHILD_MAX_LIFE_S = 900.0
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 # =============================================================================== sims child
@@ -86,9 +87,6 @@ async def _sims_main(n: int, step_s: float) -> None:
         SunSpecBatterySimulator(host=HOST, port=0, serial=f"BENCH-{i:04d}", step_s=step_s)
         for i in range(n)
     ]
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     watches: set[asyncio.Task[None]] = set()
     # When each simulator last accepted a write: wrapping the (private) write hook here, in the
     # bench's own child, stamps the exact moment instead of the next tick of the watch loop.
@@ -134,30 +132,19 @@ async def _sims_main(n: int, step_s: float) -> None:
             pending = still
             if pending:
                 await asyncio.sleep(WATCH_TICK_S)
-        _emit({"id": wid, "t": held_at, "ok": not pending, "pending": len(pending)})
+        emit({"id": wid, "t": held_at, "ok": not pending, "pending": len(pending)})
 
     async with contextlib.AsyncExitStack() as stack:
         await asyncio.gather(*(stack.enter_async_context(s) for s in sims))
-        _emit({"ports": [s.port for s in sims], "pid": os.getpid()})
-        deadline = time.monotonic() + CHILD_MAX_LIFE_S
-        while time.monotonic() < deadline:
-            try:
-                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    line = await reader.readline()
-            except TimeoutError:
-                break
-            if not line:  # the worker went away
-                break
-            msg = json.loads(line)
-            if msg.get("op") == "quit":
-                break
+        emit({"ports": [s.port for s in sims], "pid": os.getpid()})
+        async for msg in read_commands(time.monotonic() + CHILD_MAX_LIFE_S):
             if msg.get("op") == "watch":
                 task = asyncio.create_task(
                     watch(msg["id"], msg["kind"], float(msg.get("watts", 0)), msg["timeout_s"])
                 )
                 watches.add(task)
                 task.add_done_callback(watches.discard)
-                _emit({"id": msg["id"], "armed": True})
+                emit({"id": msg["id"], "armed": True})
         for task in list(watches):
             task.cancel()
 
@@ -175,28 +162,14 @@ class SimsChild:
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
 
     async def __aenter__(self) -> SimsChild:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        self._proc, first = await start_child(
             "bench.sunspec_fleet",
-            "--sims",
-            str(self.n),
-            "--sim-step-s",
-            str(self.step_s),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=REPO,
-            env=_env(),
+            ["--sims", str(self.n), "--sim-step-s", str(self.step_s)],
+            ready_timeout_s=30 + 0.1 * self.n,
+            stop_timeout_s=5,
         )
         self.pid = self._proc.pid
-        try:
-            assert self._proc.stdout is not None
-            async with asyncio.timeout(30 + 0.1 * self.n):
-                first = json.loads(await self._proc.stdout.readline())
-            self.ports = list(first["ports"])
-        except BaseException:
-            await self._stop()
-            raise
+        self.ports = list(first["ports"])
         self._reader = asyncio.create_task(self._read(), name="sims-child-reader")
         return self
 
@@ -204,24 +177,8 @@ class SimsChild:
         await self._stop()
 
     async def _stop(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.write(b'{"op": "quit"}\n')
-                await proc.stdin.drain()
-                proc.stdin.close()
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.terminate()
-                try:
-                    async with asyncio.timeout(5):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+        if self._proc is not None:
+            await stop_child(self._proc, 5)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -260,15 +217,10 @@ class SimsChild:
         return result
 
     def cpu_s(self) -> float:
-        times = psutil.Process(self.pid).cpu_times()
-        return float(times.user + times.system)
+        return cpu_s(self.pid)
 
 
 # =============================================================================== worker helpers
-
-
-def rss_bytes() -> int:
-    return int(psutil.Process().memory_info().rss)
 
 
 def _children_cpu_s(name: str) -> float:
@@ -504,7 +456,7 @@ async def command_latency(
             if profiler is not None:
                 profiler.disable()
                 sys.stderr.write(f"---- cProfile, publish -> all {n} devices hold a dispatch\n")
-                sys.stderr.write(profile_report(profiler))
+                sys.stderr.write(profile_report(profiler, 30))
             if res["ok"]:
                 dispatch_s.append(res["t"] - t0)
             else:
@@ -632,14 +584,6 @@ class RawBaseline:
         return rate, win, errors
 
 
-def profile_report(profiler: cProfile.Profile, top: int = 30) -> str:
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return out.getvalue()
-
-
 async def _worker(n: int, seconds: float, reps: int, step_s: float, profile: bool) -> dict:
     from gateway.broker import MosquittoBroker
 
@@ -697,7 +641,7 @@ async def _worker(n: int, seconds: float, reps: int, step_s: float, profile: boo
                         await asyncio.sleep(min(seconds, 5.0))
                         profiler.disable()
                         sys.stderr.write(f"---- cProfile, gateway flat out, N={n}\n")
-                        sys.stderr.write(profile_report(profiler))
+                        sys.stderr.write(profile_report(profiler, 30))
                 finally:
                     await stop_gateway(gw.task)
                 raw_b = await raw.window(half, warmup)
@@ -725,12 +669,6 @@ async def _worker(n: int, seconds: float, reps: int, step_s: float, profile: boo
 # =============================================================================== orchestrator
 
 
-def _fmt(value: object, spec: str = "") -> str:
-    if value is None:
-        return "n/a"
-    return format(value, spec)
-
-
 def print_table(results: list[dict[str, Any]]) -> None:
     ok = [r for r in results if "error" not in r]
     print()
@@ -746,12 +684,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for r in ok:
         raw, fast = r["raw"], r["fast"]
         sims = f"{raw['sims_cpu_pct']:.0f}/{fast['sims_cpu_pct']:.0f}"
-        cpu = f"{_fmt(raw['cpu_us_per_poll'], '.0f')}/{_fmt(fast['cpu_us_per_poll'], '.0f')}"
+        cpu = f"{fmt(raw['cpu_us_per_poll'], '.0f')}/{fmt(fast['cpu_us_per_poll'], '.0f')}"
         spread = "/".join(f"{x:.0f}" for x in raw["before_after"])
         print(
             f"{r['devices']:>7}  {raw['polls_per_s']:>11.0f}  {spread:>16}  "
             f"{fast['polls_per_s']:>15.0f}  "
-            f"{_fmt(r['ratio'], '.2f'):>5}  {cpu:>18}  {fast['cpu_pct']:>7.0f}  {sims:>16}  "
+            f"{fmt(r['ratio'], '.2f'):>5}  {cpu:>18}  {fast['cpu_pct']:>7.0f}  {sims:>16}  "
             f"{fast['broker_cpu_pct']:>11.1f}"
         )
     print()
@@ -767,7 +705,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         slow, lat = r["slow"], r["latency"]
 
         def pair(key: str, lat: dict[str, Any] = lat) -> str:
-            return f"{_fmt(lat[key]['p50_ms'], '.0f')}/{_fmt(lat[key]['max_ms'], '.0f')}"
+            return f"{fmt(lat[key]['p50_ms'], '.0f')}/{fmt(lat[key]['max_ms'], '.0f')}"
 
         polls = f"{slow['polls_per_s']:.1f} ({slow['ideal_per_s']:.0f})"
         print(
@@ -804,10 +742,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def orchestrate(args: argparse.Namespace) -> int:
     devices = [int(x) for x in args.devices.split(",") if x.strip()]
-    print(
-        f"command: {shlex.join([Path(sys.executable).name, '-m', 'bench.sunspec_fleet'])}", end=""
-    )
-    print(" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    print_command("bench.sunspec_fleet")
     print(
         f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
         f"({platform.python_implementation()}) {platform.system()} {platform.machine()}"
@@ -842,62 +777,16 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.profile:
             cmd.append("--profile")
         print(f"... N={n}", flush=True)
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO, env=_env(), text=True)
-        try:
-            out, _ = proc.communicate(timeout=bound)
-        except subprocess.TimeoutExpired:
-            _stop_tree(proc)
-            results.append({"devices": n, "error": f"worker exceeded {bound:.0f} s"})
-            continue
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            results.append({"devices": n, "error": f"worker exit code {proc.returncode}"})
-            continue
-        result = json.loads(lines[-1])
-        result["worker_wall_s"] = round(time.monotonic() - t0, 1)
-        results.append(result)
-        print(f"    done in {result['worker_wall_s']} s", flush=True)
+        result = run_worker(cmd, bound, "worker")
+        results.append({"devices": n, **result} if "error" in result else result)
     print_table(results)
     if args.json:
-        meta = {
-            "argv": sys.argv,
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        print(f"\nwrote {args.json}")
+        write_results(args.json, results, cpu=False)
     return 0 if all("error" not in r for r in results) else 1
 
 
-def _stop_tree(proc: subprocess.Popen[str]) -> None:
-    """Stop a worker that overran, and anything it started (by PID, children first)."""
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def _run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.sunspec_fleet",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = arg_parser("bench.sunspec_fleet", __doc__)
     parser.add_argument("--devices", default="50,200", help="comma-separated fleet sizes")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each window")
     parser.add_argument("--reps", type=int, default=4, help="dispatch/cancel repetitions")
@@ -918,17 +807,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.seconds <= 120 or not 1 <= args.reps <= 50:
         parser.error("--seconds must be in (0, 120] and --reps in [1, 50]")
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=sys.stderr,
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
+    setup_logging()
     if args.sims is not None:
-        _run(_sims_main(args.sims, args.sim_step_s))
+        run(_sims_main(args.sims, args.sim_step_s))
         return 0
     if args.worker is not None:
-        result = _run(_worker(args.worker, args.seconds, args.reps, args.sim_step_s, args.profile))
-        _emit(result)
+        result = run(_worker(args.worker, args.seconds, args.reps, args.sim_step_s, args.profile))
+        emit(result)
         return 0
     return orchestrate(args)
 
