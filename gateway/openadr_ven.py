@@ -31,18 +31,17 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 from xml.sax.saxutils import escape
 
 import aiohttp
-import aiosqlite
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
 from gateway.commands import CommandBook, CommandRejected
 from gateway.model import Ack, AckState, Command, GroupTelemetry, Quality, Reason, utcnow
 from gateway.registry import Registry
+from gateway.store import SqliteStore
 from protocols.openadr import (
     GroupCapacity,
     OadrMessageError,
@@ -226,42 +225,15 @@ CREATE TABLE IF NOT EXISTS openadr_ven_events (
 """
 
 
-class VenStore:
+class VenStore(SqliteStore):
     """The VEN's durable state: its registration and one row per event record (JSON)."""
 
+    schema = _SCHEMA
+    name = "VEN store"
+
     def __init__(self, path: Path) -> None:
-        self._path = path
-        self._db: aiosqlite.Connection | None = None
+        super().__init__(path)
         self._saved: dict[str, str] = {}
-
-    async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self._path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.executescript(_SCHEMA)
-        await db.commit()
-        self._db = db
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    async def __aenter__(self) -> VenStore:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("VEN store is not open")
-        return self._db
 
     async def load(self) -> tuple[Registration | None, VenState]:
         registration = None

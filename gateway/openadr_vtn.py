@@ -43,11 +43,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Protocol
 from xml.sax.saxutils import escape
 
-import aiosqlite
 from aiohttp import web
 from openleadr import OpenADRServer  # type: ignore[import-untyped]
 from openleadr.messaging import create_message  # type: ignore[import-untyped]
@@ -66,6 +64,7 @@ from gateway.model import (
     TopologyLocation,
     utcnow,
 )
+from gateway.store import SqliteStore
 from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
 from protocols.openadr.vtn_events import (
     IssuedEvent,
@@ -234,39 +233,11 @@ CREATE TABLE IF NOT EXISTS vtn_events (event_id TEXT PRIMARY KEY, record TEXT NO
 """
 
 
-class VtnStore:
+class VtnStore(SqliteStore):
     """Registrations, resources and issued events, one JSON row each."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._db: aiosqlite.Connection | None = None
-
-    async def __aenter__(self) -> VtnStore:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self._path)
-        try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=FULL")
-            await db.executescript(_SCHEMA)
-            await db.commit()
-        except BaseException:
-            await db.close()
-            raise
-        self._db = db
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("VTN store is not open")
-        return self._db
+    schema = _SCHEMA
+    name = "VTN store"
 
     async def _rows(self, table: str) -> list[str]:
         async with self.db.execute(f"SELECT record FROM {table}") as cur:

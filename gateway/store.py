@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar, Self
 
 import aiosqlite
 
@@ -44,7 +45,15 @@ class StoredCommand:
     ack: Ack
 
 
-class CommandStore:
+class SqliteStore:
+    """One SQLite file through aiosqlite: opened with WAL and full sync, its schema applied.
+
+    Subclasses set ``schema`` and ``name`` (used in "not open" errors) and add their queries.
+    """
+
+    schema: ClassVar[str] = ""
+    name: ClassVar[str] = "store"
+
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
@@ -52,10 +61,14 @@ class CommandStore:
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(self._path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.executescript(_SCHEMA)
-        await db.commit()
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.executescript(self.schema)
+            await db.commit()
+        except BaseException:
+            await db.close()
+            raise
         self._db = db
 
     async def close(self) -> None:
@@ -63,7 +76,7 @@ class CommandStore:
             await self._db.close()
             self._db = None
 
-    async def __aenter__(self) -> CommandStore:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -75,8 +88,13 @@ class CommandStore:
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
-            raise RuntimeError("command store is not open")
+            raise RuntimeError(f"{self.name} is not open")
         return self._db
+
+
+class CommandStore(SqliteStore):
+    schema = _SCHEMA
+    name = "command store"
 
     async def get(self, command_id: str) -> StoredCommand | None:
         async with self.db.execute(
