@@ -222,3 +222,70 @@ def test_normal_for_itself_but_unusual_for_peers_is_not_an_outlier() -> None:
     qc.refresh_peers(T0.timestamp() + 600)
     verdict = qc.observe(reading(600, 22.0))  # a jump from 14, far above its peers
     assert Detail.OUTLIER not in verdict.quality.detail
+
+
+def _messy_sequence(n_peers: int) -> list[RawReading]:
+    """Duplicates, out-of-order, a skewed clock, a frozen value, a x10 spike, peers beside."""
+    out: list[RawReading] = []
+    for k in range(40):
+        value = 2.0 + 0.05 * (k % 3)
+        if k == 25:
+            value = 20.0  # spike
+        if 30 <= k < 36:
+            value = 2.2  # frozen while the device says it changed
+        out.append(reading(60 * k, value, skew=-300.0, delay=2.0, should_change=k >= 30))
+        if k % 7 == 3:
+            out.append(reading(60 * k, value, skew=-300.0, delay=4.0))  # duplicate
+        if k % 11 == 5:
+            out.append(reading(60 * (k - 2) + 30, 1.9, skew=-300.0, delay=130.0))  # out of order
+        out.extend(reading(60 * k, 1.5 + 0.1 * i, device=f"peer{i}") for i in range(n_peers))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_queued_readings_get_the_verdicts_of_one_by_one(chunk: int) -> None:
+    """The gateway queues readings and classifies once per cycle: nothing may change by it."""
+    sequence = _messy_sequence(n_peers=12)
+    one_by_one, queued = fleet(n_peers=12, max_kw=100.0), fleet(n_peers=12, max_kw=100.0)
+    expected = [one_by_one.observe(r).quality for r in sequence]
+    got: list[TelemetryQuality] = []
+    for start in range(0, len(sequence), chunk):
+        part = sequence[start : start + chunk]
+        for r in part:
+            queued.enqueue(r)
+        assert queued.queued == len(part)
+        verdicts = queued.flush()
+        assert queued.queued == 0
+        # flush() gives the newest verdict per device; collect the device's in order.
+        got.extend(verdicts[r.device_id] for r in part if r.device_id == "dev")
+        newest = {
+            r.device_id: q for q, r in zip(expected[start : start + chunk], part, strict=True)
+        }
+        assert verdicts == newest
+    assert queued.flush() == {}
+    snap_a, snap_b = one_by_one.snapshot(at(2500)), queued.snapshot(at(2500))
+    assert (snap_a.status == snap_b.status).all()
+    assert snap_a.value == pytest.approx(snap_b.value, nan_ok=True)
+    # The sequence really exercises the checks it claims to.
+    seen = Detail(0)
+    for q in expected:
+        seen |= q.detail
+    for flag in (Detail.DUPLICATE, Detail.OUT_OF_ORDER, Detail.CLOCK_SKEW, Detail.OUTLIER):
+        assert flag in seen, flag
+    assert got  # the device's readings were classified
+
+
+def test_enqueue_refuses_unknown_devices_and_naive_times() -> None:
+    qc = fleet()
+    with pytest.raises(KeyError, match="ghost"):
+        qc.enqueue(reading(0, 1.0, device="ghost"))
+    with pytest.raises(ValueError, match="naive"):
+        qc.enqueue(
+            RawReading(
+                device_id="dev",
+                device_time=datetime(2025, 1, 1),
+                received_at=at(0),
+                value_kw=1.0,
+            )
+        )
+    assert qc.queued == 0
