@@ -7,14 +7,17 @@ because the person reading them is an integrator with a config file open, not a 
 from __future__ import annotations
 
 import tomllib
+from datetime import date
 from pathlib import Path
 from typing import Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.mqtt_device import DeviceMqttConfig, MqttDeviceSettings
 from adapters.sep2_der import Sep2DerEndpoint
 from adapters.sunspec_battery import SunSpecEndpoint
+from gateway.flex.baseline import BaselineConfig
 from gateway.model import DerClass, Device, Group, Identifier
 from gateway.ocpp_central import OcppCentralConfig
 from gateway.openadr_ven import OpenAdrVenConfig
@@ -91,6 +94,67 @@ class StoreConfig(Section):
     path: Path = Path("derms-gateway.sqlite")
 
 
+class HistoryConfig(Section):
+    """``[history]``: durable per-device interval aggregates of the readings (``gateway.history``),
+    used for settlement baselines and history-based forecasts. A separate SQLite file from the
+    command store, so its volume never slows down command handling."""
+
+    enabled: bool = True
+    path: Path | None = Field(
+        default=None, description="SQLite file; default: <store>.history.sqlite next to the store"
+    )
+    interval_s: int = Field(
+        default=300, ge=1, le=3600, description="Bucket width, s; must divide 3600"
+    )
+    retention_days: float = Field(default=60.0, gt=0, le=3660)
+    flush_s: float = Field(default=10.0, gt=0, le=3600, description="Write buffered buckets")
+    prune_s: float = Field(default=3600.0, gt=0, description="Drop expired rows this often")
+    max_pending: int = Field(
+        default=200_000, ge=10, description="Buffered buckets; beyond, the oldest are dropped"
+    )
+    io_timeout_s: float = Field(default=30.0, gt=0, le=600, description="Timeout of one query")
+
+    @model_validator(mode="after")
+    def _divides_hour(self) -> HistoryConfig:
+        if 3600 % self.interval_s:
+            raise ValueError("interval_s must divide 3600 (so days and hours fall on the grid)")
+        return self
+
+    def resolved_path(self, store: Path) -> Path:
+        if self.path is not None:
+            return self.path
+        return store.with_name(f"{store.stem}.history{store.suffix or '.sqlite'}")
+
+
+class SettlementConfig(Section):
+    """``[settlement]``: a performance report after every dispatch that ran (needs history)."""
+
+    enabled: bool = True
+    baseline: BaselineConfig = BaselineConfig()
+    timezone: str = Field(default="UTC", description="IANA zone whose calendar days count")
+    holidays: tuple[date, ...] = Field(default=(), description="Days settled like weekends")
+    delay_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="Wait this long after the last settlement interval ends (late readings)",
+    )
+    fallback_window_s: int = Field(
+        default=3600,
+        ge=1,
+        le=86_400,
+        description="Without enough similar days: mean of this long before the event (flagged)",
+    )
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> SettlementConfig:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r}") from None
+        return self
+
+
 MQTT_ADAPTERS: dict[str, DerClass] = {
     "mqtt_thermostat": DerClass.THERMOSTAT,
     "mqtt_water_heater": DerClass.WATER_HEATER,
@@ -135,6 +199,8 @@ class GatewayConfig(Section):
     gateway_id: Identifier = "gateway-1"
     broker: BrokerConfig = BrokerConfig()
     store: StoreConfig = StoreConfig()
+    history: HistoryConfig = HistoryConfig()
+    settlement: SettlementConfig = SettlementConfig()
     timing: TimingConfig = TimingConfig()
     flex: FlexConfigSection = FlexConfigSection()
     groups: tuple[Group, ...] = Field(
@@ -232,6 +298,11 @@ class GatewayConfig(Section):
                         f"device {device.device_id!r}: sep2.control_duration_s must exceed twice "
                         "timing.refresh_s, or controls lapse between refreshes"
                     )
+        if self.settlement.baseline.interval_s % self.history.interval_s:
+            problems.append(
+                f"settlement.baseline.interval_s ({self.settlement.baseline.interval_s}) must be "
+                f"a multiple of history.interval_s ({self.history.interval_s})"
+            )
         group_ids = [g.group_id for g in self.groups]
         if len(set(group_ids)) != len(group_ids):
             problems.append("group_id values are not unique")
@@ -243,7 +314,8 @@ class GatewayConfig(Section):
         """Relative file paths (store, keys, certificates) resolved against the config file's
         folder, not against wherever the process happened to be started."""
         update: dict[str, object] = {
-            "store": self.store.model_copy(update=rebase(base, self.store, "path"))
+            "store": self.store.model_copy(update=rebase(base, self.store, "path")),
+            "history": self.history.model_copy(update=rebase(base, self.history, "path")),
         }
         if self.openadr_ven is not None:
             update["openadr_ven"] = self.openadr_ven.model_copy(

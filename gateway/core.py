@@ -8,13 +8,18 @@ arrives) and the telemetry loop. Nothing here blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+from zoneinfo import ZoneInfo
 
+import numpy as np
 from pydantic import ValidationError
 
 from adapters.base import AdapterError, DeviceAdapter, DeviceRejected
@@ -26,8 +31,23 @@ from gateway import dispatch
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandBook, CommandRejected
 from gateway.config import GatewayConfig
-from gateway.flex import DeviceFlexInput, FlexForecast, FlexRequest, forecast_group
+from gateway.flex import (
+    DeviceFlexInput,
+    DeviceHistory,
+    EventCalendar,
+    EventToSettle,
+    FlexConfig,
+    FlexForecast,
+    FlexRequest,
+    PerformanceRequest,
+    forecast_group,
+    settle_event,
+)
+from gateway.flex.baseline import epoch_s, from_epoch
+from gateway.flex.settlement import event_days, history_span, settlement_window
+from gateway.history import ReadingClass, ReadingHistory, run_history_writer
 from gateway.model import (
+    TERMINAL_STATES,
     Ack,
     AckState,
     DerClass,
@@ -36,6 +56,7 @@ from gateway.model import (
     DeviceSetpoint,
     DeviceState,
     DeviceTelemetry,
+    Dispatch,
     EnvelopeInterval,
     ErrorMessage,
     GatewayStatus,
@@ -172,6 +193,21 @@ class Gateway:
             self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self)
         self.plan = dispatch.Plan()
         self._refusals: list[_Refusal] = []
+        self.history: ReadingHistory | None = None
+        if config.history.enabled:
+            self.history = ReadingHistory(
+                config.history.resolved_path(config.store.path),
+                interval_s=config.history.interval_s,
+                retention_days=config.history.retention_days,
+                max_pending=config.history.max_pending,
+            )
+        self._was_active: set[str] = set()
+        self._allocated: dict[str, dict[str, float]] = {}
+        self._to_settle: dict[str, dict[str, Any]] = {}
+        self._settle_wake = asyncio.Event()
+        self._flex_history: dict[str, DeviceHistory] = {}
+        self._flex_calendar: EventCalendar | None = None
+        self._flex_history_end = -1
         self.ready = asyncio.Event()
         self.version = _version()
 
@@ -179,11 +215,27 @@ class Gateway:
     async def run(self) -> None:
         """Run until cancelled. Active setpoints stay on the devices (each armed with a revert
         timeout), so a restart inside that time resumes events without a blip."""
-        async with self.store:
+        async with self.store, contextlib.AsyncExitStack() as stack:
+            if self.history is not None:
+                await stack.enter_async_context(self.history)
             await self.book.load(utcnow())
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
                 tg.create_task(self.northbound.run(), name="northbound")
+                if self.history is not None:
+                    h = self.config.history
+                    tg.create_task(
+                        run_history_writer(
+                            self.history,
+                            flush_s=h.flush_s,
+                            prune_s=h.prune_s,
+                            io_timeout_s=h.io_timeout_s,
+                        ),
+                        name="history-writer",
+                    )
+                    tg.create_task(self._flex_history_loop(), name="flex-history")
+                    if self.config.settlement.enabled:
+                        tg.create_task(self._settlement_loop(), name="settlement")
                 for device_id, supervisor in self.supervisors.items():
                     tg.create_task(supervisor.run(), name=f"device:{device_id}")
                 tg.create_task(self._control_loop(), name="control")
@@ -330,6 +382,9 @@ class Gateway:
         if topic == self.topics.flex_requests:
             self._handle_flex_request(payload, reply, topic)
             return
+        if topic == self.topics.performance_requests:
+            await self._handle_performance_request(payload, reply, topic)
+            return
         try:
             command = decode_command(payload)
         except CommandDecodeError as exc:
@@ -367,6 +422,7 @@ class Gateway:
                 reply=reply if isinstance(reply, ReplyTo) else None,
             )
         )
+        self._track_for_settlement(ack)
 
     def _publish_error(
         self, reason: Reason, detail: str, topic: str, payload: bytes, command_id: str | None = None
@@ -391,12 +447,57 @@ class Gateway:
                 device=d,
                 state=states.get(d.device_id),
                 availability=self._availability.get(d.device_id, 0.5),
+                history=self._flex_history.get(d.device_id),
             )
             for d in self.registry.members(request.group_id)
         ]
         return forecast_group(
-            inputs, request, now=now, outdoor_temp_c=self.config.flex.outdoor_temp_c
+            inputs,
+            request,
+            now=now,
+            outdoor_temp_c=self.config.flex.outdoor_temp_c,
+            calendar=self._flex_calendar,
         )
+
+    def _calendar(self, device_event_days: Mapping[str, frozenset[Any]]) -> EventCalendar:
+        settlement = self.config.settlement
+        return EventCalendar(
+            holidays=frozenset(settlement.holidays),
+            tz=ZoneInfo(settlement.timezone),
+            device_event_days=dict(device_event_days),
+        )
+
+    async def refresh_flex_history(self, now: datetime) -> int:
+        """Read each device's hourly (``[flex] interval_s``) history for the forecasts.
+
+        Done here, asynchronously, once per flex period: forecasts (periodic or on request) then
+        use this cache and never wait on SQLite. Returns how many devices have history.
+        """
+        history = self.history
+        interval = self.config.flex.interval_s
+        if history is None or interval % history.interval_s:
+            return 0
+        lookback = FlexConfig().lookback_days
+        end = math.floor(epoch_s(now) / interval) * interval
+        if end == self._flex_history_end:
+            return len(self._flex_history)  # nothing new on the forecast's grid yet
+        start = end - lookback * 86_400
+        ids = [d.device_id for d in self.registry.devices()]
+        async with asyncio.timeout(self.config.history.io_timeout_s):
+            found = await history.histories(ids, from_epoch(start), from_epoch(end), interval)
+            days = await history.event_days(from_epoch(start).date())
+        self._flex_history = {d: h for d, h in found.items() if not np.isnan(h.kw).all()}
+        self._flex_calendar = self._calendar(days)
+        self._flex_history_end = end
+        return len(self._flex_history)
+
+    async def _flex_history_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_flex_history(utcnow())
+            except Exception:  # TimeoutError included: forecasts keep the previous cache
+                log.exception("reading history for the flexibility forecast failed")
+            await asyncio.sleep(self.config.flex.period_s)
 
     def _flex_groups(self) -> list[str]:
         configured = self.config.flex.groups
@@ -442,6 +543,206 @@ class Gateway:
         forecast = self.flex_forecast(request)
         self.northbound.publish_reliable(
             Outgoing(self.topics.flex_forecast(request.group_id), encode(forecast), reply=reply)
+        )
+
+    # ------------------------------------------------------------------ settlement
+    def _track_for_settlement(self, ack: Ack) -> None:
+        """Follow every ack; a dispatch that ran and has ended is queued for settlement."""
+        cid = ack.command_id
+        if ack.allocations:
+            shares = self._allocated.setdefault(cid, {})
+            shares.update({a.device_id: a.commanded_kw for a in ack.allocations})
+        if ack.state is AckState.ACTIVE:
+            self._was_active.add(cid)
+        if ack.state not in TERMINAL_STATES:
+            return
+        ran = ack.state is AckState.COMPLETED or cid in self._was_active
+        self._was_active.discard(cid)
+        allocated = self._allocated.pop(cid, {})
+        if not ran or self.history is None or not self.config.settlement.enabled:
+            return
+        entry = next((e for e in self.book.open_entries() if e.command.command_id == cid), None)
+        if entry is None or not isinstance(entry.command, Dispatch):
+            return
+        command = entry.command
+        members = {d.device_id for d in dispatch.target_devices(self.registry, command.target)}
+        self._to_settle[cid] = {
+            "command": command.model_dump(mode="json"),
+            "state": ack.state.value,
+            "end": min(command.end, ack.timestamp).isoformat(),
+            "allocations": allocated,
+            "devices": sorted(members | set(allocated)),
+        }
+        self._settle_wake.set()
+
+    def _event_to_settle(self, pending: Mapping[str, Any]) -> EventToSettle:
+        command = Dispatch.model_validate(pending["command"])
+        return EventToSettle(
+            command_id=command.command_id,
+            program=command.program,
+            group_id=command.target.group_id,
+            mode=command.mode,
+            kw=command.kw,
+            start=command.start,
+            end=datetime.fromisoformat(pending["end"]),
+            final_state=AckState(pending["state"]),
+            devices=tuple(pending["devices"]),
+            allocations={str(k): float(v) for k, v in pending["allocations"].items()},
+        )
+
+    def _settle_due(self, event: EventToSettle) -> float:
+        """Epoch seconds when the last settlement interval is over and its readings are in."""
+        settlement = self.config.settlement
+        _, end = settlement_window(event.start, event.end, settlement.baseline.interval_s)
+        return epoch_s(end) + settlement.delay_s
+
+    async def settle(self, event: EventToSettle) -> bytes:
+        """Compute, keep and publish the performance report of one finished dispatch."""
+        history = self.history
+        assert history is not None
+        settlement = self.config.settlement
+        timeout = self.config.history.io_timeout_s
+        start, end = settlement_window(event.start, event.end, settlement.baseline.interval_s)
+        since = epoch_s(history_span(start, settlement.baseline, settlement.fallback_window_s))
+        since = math.floor(since / history.interval_s) * history.interval_s
+        calendar = self._calendar({})
+        took_part = [d for d in event.devices if d in event.allocations] or list(event.devices)
+        async with asyncio.timeout(timeout):
+            await history.flush()  # the event's last readings may still be buffered
+            await history.add_event_days(
+                event.command_id,
+                {d: event_days(event.start, event.end, calendar) for d in took_part},
+            )
+            histories = await history.histories(event.devices, from_epoch(since), end)
+            days = await history.event_days(from_epoch(since).date(), excluding=event.command_id)
+        report = await asyncio.to_thread(
+            settle_event,
+            event,
+            histories,
+            self._calendar(days),
+            generated_at=utcnow(),
+            config=settlement.baseline,
+            fallback_window_s=settlement.fallback_window_s,
+        )
+        payload = encode(report)
+        async with asyncio.timeout(timeout):
+            await history.save_report(event.command_id, report.generated_at, payload.decode())
+        self.northbound.publish_reliable(
+            Outgoing(self.topics.performance(event.command_id), payload, qos=1, retain=True)
+        )
+        log.info(
+            "settled %s: delivered %s kWh, %s of request, quality %s",
+            event.command_id,
+            "?" if report.delivered_kwh is None else f"{report.delivered_kwh:.3f}",
+            "?" if report.performance_ratio is None else f"{report.performance_ratio:.0%}",
+            report.quality.value,
+        )
+        return payload
+
+    async def _settlement_loop(self) -> None:
+        """Settle each finished dispatch once its last interval is over (one named task).
+
+        Events waiting for settlement are kept in the history file, so a restart settles what
+        the previous run could not; a settlement that fails is retried twice a minute apart,
+        then dropped with its error logged (it must neither retry forever nor stop the others).
+        """
+        history = self.history
+        assert history is not None
+        timeout = self.config.history.io_timeout_s
+        persisted: set[str] = set()
+        attempts: dict[str, int] = {}
+        retry_at: dict[str, float] = {}
+        try:
+            async with asyncio.timeout(timeout):
+                stored = await history.pending_settlements()
+        except Exception:
+            log.exception("could not read the events waiting for settlement")
+            stored = {}
+        for cid, pending in stored.items():
+            self._to_settle.setdefault(cid, pending)
+            persisted.add(cid)
+        while True:
+            self._settle_wake.clear()
+            for cid, pending in list(self._to_settle.items()):
+                if cid in persisted:
+                    continue
+                try:
+                    async with asyncio.timeout(timeout):
+                        await history.add_pending(cid, pending)
+                    persisted.add(cid)
+                except Exception:
+                    log.exception("could not keep %s for settlement", cid)
+            now = epoch_s(utcnow())
+            due: dict[str, float] = {}
+            for cid, pending in list(self._to_settle.items()):
+                try:
+                    event = self._event_to_settle(pending)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.error("dropping unreadable settlement entry %s: %s", cid, exc)
+                    del self._to_settle[cid]
+                    await self._drop_pending(cid)
+                    continue
+                when = max(self._settle_due(event), retry_at.get(cid, 0.0))
+                if when > now:
+                    due[cid] = when
+                    continue
+                try:
+                    await self.settle(event)
+                except Exception:
+                    attempts[cid] = attempts.get(cid, 0) + 1
+                    if attempts[cid] < 3:
+                        log.exception("settling %s failed; retrying in a minute", cid)
+                        retry_at[cid] = due[cid] = now + 60.0
+                        continue
+                    log.exception("settling %s failed %d times: giving up", cid, attempts[cid])
+                    await self._drop_pending(cid)
+                del self._to_settle[cid]
+                persisted.discard(cid)
+                attempts.pop(cid, None)
+                retry_at.pop(cid, None)
+            wait = min(due.values(), default=now + 3600.0) - epoch_s(utcnow())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(3600.0, max(0.05, wait))):
+                    await self._settle_wake.wait()
+
+    async def _drop_pending(self, command_id: str) -> None:
+        assert self.history is not None
+        try:
+            async with asyncio.timeout(self.config.history.io_timeout_s):
+                await self.history.drop_pending(command_id)
+        except Exception:
+            log.exception("could not drop %s from the settlement queue", command_id)
+
+    async def _handle_performance_request(
+        self, payload: bytes, reply: ReplyTo | None, topic: str
+    ) -> None:
+        try:
+            request = PerformanceRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            self._publish_error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload)
+            return
+        cid = request.command_id
+        stored: str | None = None
+        if self.history is not None:
+            try:
+                async with asyncio.timeout(self.config.history.io_timeout_s):
+                    stored = await self.history.report(cid)
+            except Exception as exc:
+                log.exception("could not read the performance report of %s", cid)
+                self._publish_error(Reason.INTERNAL, f"{type(exc).__name__}: {exc}", topic, payload)
+                return
+        if stored is None:
+            if cid in self._to_settle:
+                due = from_epoch(self._settle_due(self._event_to_settle(self._to_settle[cid])))
+                detail = f"settlement of {cid!r} is due at {due.isoformat()}"
+            elif self.history is None or not self.config.settlement.enabled:
+                detail = "settlement is disabled ([history] / [settlement] enabled = false)"
+            else:
+                detail = f"no performance report for {cid!r}"
+            self._publish_error(Reason.UNKNOWN_COMMAND, detail, topic, payload, cid)
+            return
+        self.northbound.publish_reliable(
+            Outgoing(self.topics.performance(cid), stored.encode(), retain=True, reply=reply)
         )
 
     # ------------------------------------------------------------------ control
@@ -513,8 +814,19 @@ class Gateway:
             )
             if self._classifier.queued >= _QUALITY_BATCH:
                 self._flush_quality()
+        if self.history is not None:
+            self._record_history(state)
         for listener in self.state_listeners:
             listener(state)
+
+    def _record_history(self, state: DeviceState) -> None:
+        # Readings are classified in batches, so the verdict at hand is the device's latest
+        # (at most one telemetry period old): the faults that matter for settlement (stuck,
+        # out of bounds, skewed) persist across readings, so that is close enough.
+        assert self.history is not None
+        verdict = self.reading_quality.get(state.device_id)
+        cls = ReadingClass.GOOD if verdict is None else ReadingClass(int(verdict.validity))
+        self.history.observe(state.device_id, state.timestamp, state.power_kw, cls)
 
     def _on_device_result(self, command: DeviceCommand, error: AdapterError | None) -> None:
         if error is not None:

@@ -6,6 +6,8 @@
   day-of adjustment capped at ±20 %.
 * :mod:`gateway.flex.performance` — per-device and per-group event performance against those
   baselines, with data-quality flags.
+* :mod:`gateway.flex.settlement` — the performance report of one finished dispatch (window,
+  baselines with their fallback, performance, flags).
 
 All of it is pure (no I/O, no clock: ``now`` is a parameter), so the core can call it from any
 task and tests can pin every number.
@@ -50,6 +52,15 @@ from gateway.flex.performance import (
     event_performance,
     group_performance,
 )
+from gateway.flex.settlement import (
+    DeviceSettlement,
+    EventToSettle,
+    GroupSettlement,
+    PerformanceReport,
+    PerformanceRequest,
+    SettlementFlag,
+    settle_event,
+)
 
 __all__ = [
     "Band",
@@ -61,9 +72,11 @@ __all__ = [
     "DeviceFlexInput",
     "DeviceHistory",
     "DevicePerformance",
+    "DeviceSettlement",
     "EnergyPolicy",
     "EvNeed",
     "EventCalendar",
+    "EventToSettle",
     "ExcludedDevice",
     "FlexConfig",
     "FlexForecast",
@@ -72,8 +85,12 @@ __all__ = [
     "ForecastGrid",
     "GroupBaseline",
     "GroupPerformance",
+    "GroupSettlement",
     "InsufficientHistory",
+    "PerformanceReport",
+    "PerformanceRequest",
     "QuantileMethod",
+    "SettlementFlag",
     "ThermalParams",
     "aggregate",
     "availability_ratio",
@@ -85,4 +102,5 @@ __all__ = [
     "forecast_group",
     "group_baseline",
     "group_performance",
+    "settle_event",
 ]

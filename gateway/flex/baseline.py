@@ -262,7 +262,12 @@ class BaselineFallback(StrEnum):
 class BaselineConfig(Frozen):
     """Parameters of the 10-in-10 / 4-in-4 baseline; defaults follow CAISO practice."""
 
-    interval_s: int = Field(default=3600, ge=60, le=86_400, description="Baseline interval, s")
+    interval_s: int = Field(
+        default=3600,
+        ge=1,
+        le=86_400,
+        description="Baseline interval, s (settlement intervals; usually 3600, shorter in tests)",
+    )
     weekday_days: int = Field(default=10, ge=1, le=60)
     weekend_days: int = Field(default=4, ge=1, le=60)
     min_weekday_days: int = Field(default=5, ge=1, le=60)

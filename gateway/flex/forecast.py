@@ -704,6 +704,7 @@ def forecast_group(
 def flex_json_schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of the flexibility and settlement messages, by name."""
     from gateway.flex.performance import DevicePerformance, GroupPerformance
+    from gateway.flex.settlement import PerformanceReport, PerformanceRequest
 
     models: dict[str, type[BaseModel]] = {
         "flex_request": FlexRequest,
@@ -712,6 +713,8 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
         "group_baseline": GroupBaseline,
         "device_performance": DevicePerformance,
         "group_performance": GroupPerformance,
+        "performance_report": PerformanceReport,
+        "performance_request": PerformanceRequest,
         "baseline_config": BaselineConfig,
         "flex_config": FlexConfig,
     }

@@ -45,6 +45,13 @@ class Topics:
         return f"{self.root}/telemetry/flex/{group_id}"
 
     @property
+    def performance_requests(self) -> str:
+        return f"{self.root}/requests/performance"
+
+    def performance(self, command_id: str) -> str:
+        return f"{self.root}/performance/{command_id}"
+
+    @property
     def status(self) -> str:
         return f"{self.root}/status"
 

@@ -1,0 +1,482 @@
+"""Event settlement: the performance report of one dispatch, from baselines and meter history.
+
+After a dispatch has run, Grid DERMS wants to know what it got (use case 6): for the targeted
+group and for every device in it, the baseline it would have drawn, what it drew, what that
+delivered against the request, and how far each number can be trusted. This module turns a
+finished event and the devices' histories into a :class:`PerformanceReport`; the core reads the
+histories from :mod:`gateway.history`, publishes the report on ``performance/{command_id}`` and
+keeps it.
+
+* **Window.** Baselines work on whole intervals (``BaselineConfig.interval_s``, 1 h by
+  default), so the settlement window is the event widened to the interval grid (epoch-aligned);
+  the report says so with a ``window_widened`` flag. An event cancelled early is settled up to
+  when it was cancelled.
+* **Baseline.** 10-in-10 / 4-in-4 with the day-of adjustment capped at ±20 %
+  (:func:`gateway.flex.baseline.device_baseline`), each device on its own.
+* **Fallback.** A device with too few similar days (a new customer) gets the mean of its own
+  load on the event day over ``fallback_window_s`` ending ``adjustment_offset_s`` before the
+  start, as a flat profile of quality ``suspect`` and the flag ``fallback_pre_event_mean``
+  (the hour just before is skipped for the same reason the adjustment skips it: customers who
+  know about an event pre-charge or pre-cool then). Without even that, the device has no
+  baseline, is listed in ``excluded`` and contributes nothing.
+* **Performance.** :func:`gateway.flex.performance.event_performance` over every device the
+  event concerned (the target group's members and every device allocated to it), with each
+  device's request its last allocation. Load convention throughout: a reduction is negative,
+  and ``performance_ratio = delivered / requested`` is 1.0 for exactly what was asked.
+
+Pure: no I/O and no clock (``generated_at`` is a parameter).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from enum import StrEnum
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from gateway.flex.baseline import (
+    BaselineConfig,
+    DeviceBaseline,
+    DeviceHistory,
+    EventCalendar,
+    ExcludedDevice,
+    GroupBaseline,
+    InsufficientHistory,
+    device_baseline,
+    epoch_s,
+    from_epoch,
+    interval_starts,
+)
+from gateway.flex.performance import DevicePerformance, event_performance, worst
+from gateway.model import (
+    SCHEMA_VERSION,
+    AckState,
+    DispatchMode,
+    Frozen,
+    Identifier,
+    Quality,
+    UtcDatetime,
+)
+
+
+class FlagCode(StrEnum):
+    WINDOW_WIDENED = "window_widened"
+    """The event does not fill whole baseline intervals: the window was widened to them."""
+    FALLBACK_PRE_EVENT_MEAN = "fallback_pre_event_mean"
+    """Too few similar days: the baseline is the same-day pre-event mean (suspect)."""
+    EVENT_DAY_FALLBACK = "event_day_fallback"
+    """The 10-in-10 was topped up with earlier event days (``BaselineConfig.fallback``)."""
+    NO_BASELINE = "no_baseline"
+    NO_METER_DATA = "no_meter_data"
+    MISSING_INTERVALS = "missing_intervals"
+    """Intervals without meter data: credited as baseline (delivered 0)."""
+    ESTIMATED_INTERVALS = "estimated_intervals"
+    """Intervals whose meter data includes questionable readings."""
+    ADJUSTMENT_CAPPED = "adjustment_capped"
+    NO_ADJUSTMENT = "no_adjustment"
+    """No day-of adjustment could be computed (missing event-day data or a tiny baseline)."""
+
+
+class SettlementFlag(Frozen):
+    code: FlagCode
+    device_id: str | None = Field(default=None, description="None: the whole event")
+    detail: str
+
+
+class DeviceSettlement(Frozen):
+    """One device's row: how its baseline was made and what it delivered."""
+
+    device_id: str
+    allocated: bool = Field(description="The planner gave it a share of the event")
+    requested_kw: float | None = Field(description="Its last allocation, load convention")
+    baseline: DeviceBaseline | None = Field(
+        description="Method, similar days, adjustment factor, per-interval kW; None: no baseline"
+    )
+    performance: DevicePerformance | None = Field(
+        description="Per-interval baseline vs metered, delivered kWh / mean kW, quality"
+    )
+    flags: tuple[SettlementFlag, ...] = ()
+
+
+class GroupSettlement(Frozen):
+    """The event's total over its devices, interval by interval."""
+
+    group_id: str
+    interval_s: int
+    baseline_kw: tuple[float, ...]
+    metered_kw: tuple[float, ...]
+    delivered_kw: tuple[float, ...]
+    baseline_kwh: float
+    metered_kwh: float
+    delivered_kwh: float
+    mean_delivered_kw: float
+    requested_kw: float | None
+    percent_of_request: float | None
+    devices_settled: int
+    devices_by_quality: dict[Quality, int]
+    excluded: tuple[ExcludedDevice, ...] = ()
+    quality: Quality
+
+
+class PerformanceReport(Frozen):
+    """Published, retained, on ``derms/v1/{gw}/performance/{command_id}`` after an event."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    command_id: str
+    program: str
+    group_id: str | None = Field(description="The dispatch's target group; None: device list")
+    final_state: AckState
+    mode: DispatchMode
+    dispatch_kw: float = Field(description="The dispatch's kw, load convention")
+    requested_kw: float = Field(
+        description="Requested change: dispatch_kw (delta), or dispatch_kw - baseline (target)"
+    )
+    event_start: UtcDatetime
+    event_end: UtcDatetime = Field(description="End of the window, or when it was cancelled")
+    start: UtcDatetime = Field(description="Settlement window (whole baseline intervals)")
+    end: UtcDatetime
+    interval_s: int
+    generated_at: UtcDatetime
+    baseline_method: str
+    adjustment_cap: float
+    delivered_kwh: float | None = Field(description="metered - baseline energy (negative: shed)")
+    mean_delivered_kw: float | None
+    performance_ratio: float | None = Field(
+        description="mean delivered / requested: 1.0 is exactly what was asked"
+    )
+    group: GroupSettlement | None
+    devices: tuple[DeviceSettlement, ...]
+    flags: tuple[SettlementFlag, ...] = ()
+    quality: Quality
+
+
+class PerformanceRequest(Frozen):
+    """What Grid DERMS asks on ``derms/v1/{gw}/requests/performance``."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    command_id: Identifier
+
+
+@dataclass(frozen=True, slots=True)
+class EventToSettle:
+    """A finished dispatch as settlement needs it (the core builds it from the command book)."""
+
+    command_id: str
+    program: str
+    group_id: str | None
+    mode: DispatchMode
+    kw: float
+    start: datetime
+    end: datetime
+    final_state: AckState
+    devices: tuple[str, ...]
+    """Everything the event concerned: the target's members and every allocated device."""
+    allocations: Mapping[str, float] = field(default_factory=dict)
+    """Last commanded kW of each allocated device."""
+
+
+def settlement_window(start: datetime, end: datetime, interval_s: int) -> tuple[datetime, datetime]:
+    """``[start, end)`` widened to whole ``interval_s`` intervals of the epoch grid."""
+    t0 = math.floor(epoch_s(start) / interval_s) * interval_s
+    t1 = max(t0 + interval_s, math.ceil(epoch_s(end) / interval_s - 1e-9) * interval_s)
+    return from_epoch(t0), from_epoch(t1)
+
+
+def history_span(start: datetime, config: BaselineConfig, fallback_window_s: int) -> datetime:
+    """The earliest time a settlement of a window starting at ``start`` reads history from."""
+    before = max(
+        config.adjustment_offset_s + config.adjustment_duration_s,
+        config.adjustment_offset_s + fallback_window_s,
+    )
+    return from_epoch(epoch_s(start) - (config.lookback_days + 1) * 86_400 - before)
+
+
+def pre_event_baseline(
+    history: DeviceHistory,
+    calendar: EventCalendar,
+    start: datetime,
+    end: datetime,
+    config: BaselineConfig,
+    window_s: int,
+    reason: str,
+) -> DeviceBaseline | None:
+    """The documented fallback: a flat profile at the device's mean load before the event.
+
+    The mean is over ``[start - offset - window_s, start - offset)`` of the event day, where
+    ``offset`` is the adjustment offset; None if less than half of that span has data.
+    """
+    w1 = epoch_s(start) - config.adjustment_offset_s
+    w0 = w1 - window_s
+    t0 = epoch_s(history.start)
+    lo = max(0, math.ceil((w0 - t0) / history.interval_s - 1e-9))
+    hi = min(len(history.kw), math.floor((w1 - t0) / history.interval_s + 1e-9))
+    expected = max(1, round(window_s / history.interval_s))
+    values = history.kw[lo:hi] if hi > lo else np.empty(0)
+    have = values[~np.isnan(values)]
+    if len(have) < 0.5 * expected:
+        return None
+    mean = float(have.mean())
+    n = len(interval_starts(start, end, config.interval_s))
+    event_day = calendar.local_day(start)
+    return DeviceBaseline(
+        device_id=history.device_id,
+        event_day=event_day,
+        day_type=calendar.day_type(event_day),
+        start=start,
+        end=end,
+        interval_s=config.interval_s,
+        kw=(mean,) * n,
+        unadjusted_kw=(mean,) * n,
+        adjustment_factor=1.0,
+        raw_adjustment_factor=None,
+        adjustment_capped=False,
+        selected_days=(),
+        quality=Quality.SUSPECT,
+        method=(
+            f"same-day pre-event mean over {window_s} s ending {config.adjustment_offset_s} s "
+            f"before the start (fallback: {reason})"
+        ),
+    )
+
+
+def _baseline_flags(device_id: str, baseline: DeviceBaseline) -> list[SettlementFlag]:
+    flags = []
+    if baseline.fallback_days:
+        flags.append(
+            SettlementFlag(
+                code=FlagCode.EVENT_DAY_FALLBACK,
+                device_id=device_id,
+                detail=f"{len(baseline.fallback_days)} earlier event day(s) in the baseline",
+            )
+        )
+    if baseline.adjustment_capped:
+        flags.append(
+            SettlementFlag(
+                code=FlagCode.ADJUSTMENT_CAPPED,
+                device_id=device_id,
+                detail=f"day-of ratio {baseline.raw_adjustment_factor:.3f} capped to "
+                f"{baseline.adjustment_factor:.3f}",
+            )
+        )
+    elif baseline.selected_days and baseline.raw_adjustment_factor is None:
+        note = baseline.method.rsplit("; ", 1)[-1]
+        flags.append(SettlementFlag(code=FlagCode.NO_ADJUSTMENT, device_id=device_id, detail=note))
+    return flags
+
+
+def _performance_flags(perf: DevicePerformance) -> list[SettlementFlag]:
+    flags = []
+    if perf.intervals_missing:
+        flags.append(
+            SettlementFlag(
+                code=FlagCode.MISSING_INTERVALS,
+                device_id=perf.device_id,
+                detail=f"{perf.intervals_missing} of {perf.intervals_total} interval(s) without "
+                "meter data, credited at baseline",
+            )
+        )
+    if perf.intervals_estimated:
+        flags.append(
+            SettlementFlag(
+                code=FlagCode.ESTIMATED_INTERVALS,
+                device_id=perf.device_id,
+                detail=f"{perf.intervals_estimated} of {perf.intervals_total} interval(s) with "
+                "questionable readings",
+            )
+        )
+    return flags
+
+
+def settle_event(
+    event: EventToSettle,
+    histories: Mapping[str, DeviceHistory],
+    calendar: EventCalendar,
+    *,
+    generated_at: datetime,
+    config: BaselineConfig | None = None,
+    fallback_window_s: int = 3600,
+) -> PerformanceReport:
+    """The performance report of one finished dispatch (see the module docstring)."""
+    config = config or BaselineConfig()
+    start, end = settlement_window(event.start, event.end, config.interval_s)
+    flags: list[SettlementFlag] = []
+    if (start, end) != (event.start, event.end):
+        flags.append(
+            SettlementFlag(
+                code=FlagCode.WINDOW_WIDENED,
+                detail=f"event {event.start.isoformat()} - {event.end.isoformat()} settled over "
+                f"whole {config.interval_s} s intervals {start.isoformat()} - {end.isoformat()}",
+            )
+        )
+    baselines: dict[str, DeviceBaseline] = {}
+    device_flags: dict[str, list[SettlementFlag]] = {d: [] for d in event.devices}
+    excluded: list[ExcludedDevice] = []
+    for device_id in event.devices:
+        history = histories.get(device_id)
+        if history is None or np.isnan(history.kw).all():
+            reason = "no history"
+            excluded.append(ExcludedDevice(device_id=device_id, reason=reason))
+            device_flags[device_id].append(
+                SettlementFlag(code=FlagCode.NO_METER_DATA, device_id=device_id, detail=reason)
+            )
+            continue
+        try:
+            baseline = device_baseline(history, calendar, start, end, config)
+            device_flags[device_id].extend(_baseline_flags(device_id, baseline))
+        except InsufficientHistory as exc:
+            fallback = pre_event_baseline(
+                history, calendar, start, end, config, fallback_window_s, str(exc)
+            )
+            if fallback is None:
+                reason = f"{exc}; no event-day data before the event either"
+                excluded.append(ExcludedDevice(device_id=device_id, reason=reason))
+                device_flags[device_id].append(
+                    SettlementFlag(code=FlagCode.NO_BASELINE, device_id=device_id, detail=reason)
+                )
+                continue
+            baseline = fallback
+            device_flags[device_id].append(
+                SettlementFlag(
+                    code=FlagCode.FALLBACK_PRE_EVENT_MEAN, device_id=device_id, detail=str(exc)
+                )
+            )
+        except ValueError as exc:
+            excluded.append(ExcludedDevice(device_id=device_id, reason=str(exc)))
+            device_flags[device_id].append(
+                SettlementFlag(code=FlagCode.NO_BASELINE, device_id=device_id, detail=str(exc))
+            )
+            continue
+        baselines[device_id] = baseline
+
+    n = len(interval_starts(start, end, config.interval_s))
+    total = np.zeros(n)
+    for b in baselines.values():
+        total += np.array(b.kw)
+    base_mean = float(total.mean()) if baselines else 0.0
+    requested = event.kw if event.mode is DispatchMode.DELTA else event.kw - base_mean
+    device_requests = dict(event.allocations)
+    if event.mode is DispatchMode.TARGET:
+        device_requests = {
+            d: kw - float(np.mean(baselines[d].kw)) if d in baselines else kw
+            for d, kw in device_requests.items()
+        }
+
+    group: GroupSettlement | None = None
+    performances: dict[str, DevicePerformance] = {}
+    group_id = event.group_id or f"command:{event.command_id}"
+    if baselines:
+        group_baseline = GroupBaseline(
+            group_id=group_id,
+            start=start,
+            end=end,
+            interval_s=config.interval_s,
+            kw=tuple(float(v) for v in total),
+            devices=tuple(baselines.values()),
+            excluded=tuple(excluded),
+            quality=worst(b.quality for b in baselines.values()),
+        )
+        perf = event_performance(
+            group_baseline,
+            {d: h for d, h in histories.items() if d in baselines},
+            requested,
+            device_requests,
+        )
+        performances = {p.device_id: p for p in perf.devices}
+        group = GroupSettlement(
+            group_id=group_id,
+            interval_s=perf.interval_s,
+            baseline_kw=perf.baseline_kw,
+            metered_kw=perf.metered_kw,
+            delivered_kw=perf.delivered_kw,
+            baseline_kwh=perf.baseline_kwh,
+            metered_kwh=perf.metered_kwh,
+            delivered_kwh=perf.delivered_kwh,
+            mean_delivered_kw=perf.mean_delivered_kw,
+            requested_kw=perf.requested_kw,
+            percent_of_request=perf.percent_of_request,
+            devices_settled=len(perf.devices),
+            devices_by_quality=perf.devices_by_quality,
+            excluded=perf.excluded,
+            quality=perf.quality,
+        )
+        for p in perf.devices:
+            device_flags[p.device_id].extend(_performance_flags(p))
+    else:
+        flags.append(SettlementFlag(code=FlagCode.NO_BASELINE, detail="no device has a baseline"))
+
+    rows = tuple(
+        DeviceSettlement(
+            device_id=d,
+            allocated=d in event.allocations,
+            requested_kw=device_requests.get(d),
+            baseline=baselines.get(d),
+            performance=performances.get(d),
+            flags=tuple(device_flags[d]),
+        )
+        for d in event.devices
+    )
+    for row in rows:
+        flags.extend(row.flags)
+    ratio = None
+    if group is not None and group.percent_of_request is not None:
+        ratio = group.percent_of_request / 100.0
+    rule = f"{config.weekday_days}-in-{config.weekday_days} (weekdays) / "
+    rule += f"{config.weekend_days}-in-{config.weekend_days} (weekends, holidays)"
+    if config.adjustment_duration_s:
+        rule += (
+            f", day-of adjustment over {config.adjustment_duration_s} s ending "
+            f"{config.adjustment_offset_s} s before the start, capped at "
+            f"±{config.adjustment_cap:.0%}"
+        )
+    return PerformanceReport(
+        command_id=event.command_id,
+        program=event.program,
+        group_id=event.group_id,
+        final_state=event.final_state,
+        mode=event.mode,
+        dispatch_kw=event.kw,
+        requested_kw=requested,
+        event_start=event.start,
+        event_end=event.end,
+        start=start,
+        end=end,
+        interval_s=config.interval_s,
+        generated_at=generated_at,
+        baseline_method=rule,
+        adjustment_cap=config.adjustment_cap,
+        delivered_kwh=group.delivered_kwh if group else None,
+        mean_delivered_kw=group.mean_delivered_kw if group else None,
+        performance_ratio=ratio,
+        group=group,
+        devices=rows,
+        flags=tuple(flags),
+        quality=group.quality if group is not None else Quality.INVALID,
+    )
+
+
+def event_days(start: datetime, end: datetime, calendar: EventCalendar) -> list[date]:
+    """The local days an event touched (they are not "similar days" for later baselines)."""
+    first = calendar.local_day(start)
+    last = calendar.local_day(from_epoch(max(epoch_s(start), epoch_s(end) - 1e-6)))
+    return [first + timedelta(days=k) for k in range((last - first).days + 1)]
+
+
+__all__ = [
+    "DeviceSettlement",
+    "EventToSettle",
+    "FlagCode",
+    "GroupSettlement",
+    "PerformanceReport",
+    "PerformanceRequest",
+    "SettlementFlag",
+    "event_days",
+    "history_span",
+    "pre_event_baseline",
+    "settle_event",
+    "settlement_window",
+]

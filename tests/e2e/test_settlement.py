@@ -1,0 +1,257 @@
+"""End to end: a dispatch on real Modbus batteries is settled against a seeded 10-in-10 history.
+
+Weeks of history are written through the history store at the event's time of day on earlier
+days (with 1-second buckets and 1-second settlement intervals, so the event can last seconds).
+The batteries idle before the event, so the day-of adjustment hits its -20 % cap: the baseline
+is exactly 0.8 x the mean of the selected similar days, which the test computes on its own.
+The metered side is checked against what the gateway read and what the batteries really did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.broker import BrokerEndpoint
+from gateway.flex import PerformanceReport
+from gateway.history import ReadingHistory
+from gateway.model import AckState, DeviceState, utcnow
+from simulators.sunspec_battery import SunSpecBatterySimulator
+from tests.e2e.fleet import Fleet, eventually
+
+pytestmark = pytest.mark.broker
+
+DURATION_S = 8
+LEAD_S = 25  # the gateway runs this long before the event: the day-of adjustment window
+LOOKBACK_DAYS = 30
+ADJ_OFFSET_S, ADJ_DURATION_S = 2, 10
+
+
+def seeded_kw(device: str, back: int) -> float:
+    """What each device drew at the event's time of day ``back`` days ago (kW, +import)."""
+    return 1.0 + 0.05 * back if device == "bat-1" else 0.5 + 0.1 * back
+
+
+def similar_days(event_day: date) -> list[int]:
+    """The 10-in-10 (weekday) or 4-in-4 (weekend) selection, as days back, computed here."""
+    weekend = event_day.weekday() >= 5
+    want = 4 if weekend else 10
+    picked = [
+        back
+        for back in range(1, LOOKBACK_DAYS + 1)
+        if ((event_day - timedelta(days=back)).weekday() >= 5) == weekend
+    ]
+    return picked[:want]
+
+
+class ReportListener:
+    """A second Grid DERMS client: performance reports, and MQTT 5 requests for them."""
+
+    def __init__(self, broker: BrokerEndpoint, gateway_id: str) -> None:
+        self.root = f"derms/v1/{gateway_id}"
+        self.reply_topic = f"settlement-test/{uuid.uuid4().hex[:8]}"
+        self.reports: dict[str, bytes] = {}
+        self.replies: list[tuple[bytes, bytes | None]] = []
+        self._client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            identifier=f"settlement-test-{uuid.uuid4().hex[:8]}",
+            timeout=10,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ReportListener:
+        await self._client.__aenter__()
+        await self._client.subscribe(f"{self.root}/performance/+", qos=1)
+        await self._client.subscribe(self.reply_topic, qos=1)
+        self._task = asyncio.create_task(self._receive(), name="settlement-test-receive")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.__aexit__(None, None, None)
+
+    async def _receive(self) -> None:
+        async for message in self._client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if str(message.topic) == self.reply_topic:
+                corr = getattr(message.properties, "CorrelationData", None)
+                self.replies.append((payload, bytes(corr) if corr else None))
+            else:
+                self.reports[str(message.topic).rsplit("/", 1)[-1]] = payload
+
+    async def request(self, command_id: str, correlation: bytes) -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = correlation
+        await self._client.publish(
+            f"{self.root}/requests/performance",
+            json.dumps({"command_id": command_id}).encode(),
+            qos=1,
+            properties=props,
+        )
+
+
+async def seed_history(path: Path, event_start: datetime) -> None:
+    """One reading per second at the event's time of day, every earlier day of the look-back."""
+    async with ReadingHistory(path, interval_s=1) as history:
+        for back in range(1, LOOKBACK_DAYS + 1):
+            day_start = event_start - timedelta(days=back)
+            for s in range(-(ADJ_OFFSET_S + ADJ_DURATION_S), DURATION_S):
+                for device in ("bat-1", "bat-2"):
+                    when = day_start + timedelta(seconds=s + 0.5)
+                    history.observe(device, when, seeded_kw(device, back))
+            await history.flush()
+
+
+@pytest.fixture
+async def fleet_and_event(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> AsyncIterator[tuple[Fleet, datetime]]:
+    history_path = tmp_path / "history.sqlite"
+    event_start = datetime.fromtimestamp(math.ceil(time.time()) + LEAD_S, UTC)
+    await seed_history(history_path, event_start)
+    sims = [
+        SunSpecBatterySimulator(
+            port=0, capacity_kwh=10.0, max_charge_kw=5.0, max_discharge_kw=5.0, initial_soc_pct=60
+        )
+        for _ in range(2)
+    ]
+    extra: dict[str, Any] = {
+        "history": {"path": str(history_path), "interval_s": 1, "flush_s": 0.5},
+        "settlement": {
+            "delay_s": 1.0,
+            "fallback_window_s": 10,
+            "baseline": {
+                "interval_s": 1,
+                "lookback_days": LOOKBACK_DAYS,
+                "adjustment_offset_s": ADJ_OFFSET_S,
+                "adjustment_duration_s": ADJ_DURATION_S,
+                "min_coverage": 0.5,
+            },
+        },
+    }
+    async with Fleet(
+        broker_endpoint, tmp_path / "gw.sqlite", sims, feeders=("f1",), extra_config=extra
+    ) as fleet:
+        yield fleet, event_start
+
+
+async def test_dispatch_is_settled_against_the_seeded_baseline(
+    fleet_and_event: tuple[Fleet, datetime], broker_endpoint: BrokerEndpoint
+) -> None:
+    fleet, event_start = fleet_and_event
+    gateway = fleet.gateway
+    assert gateway is not None
+    seen: list[DeviceState] = []
+    gateway.state_listeners.append(seen.append)
+    event_end = event_start + timedelta(seconds=DURATION_S)
+
+    async with ReportListener(broker_endpoint, fleet.gateway_id) as listener:
+        await fleet.grid.send(
+            {
+                "type": "dispatch",
+                "command_id": "ev-1",
+                "target": {"group_id": "feeder:f1"},
+                "kw": -6.0,
+                "start": event_start.isoformat(),
+                "duration_s": DURATION_S,
+            }
+        )
+        # What the batteries really do, sampled straight from the simulators.
+        physical: list[tuple[datetime, float]] = []
+        await asyncio.sleep(max(0.0, (event_start - utcnow()).total_seconds()))
+        while utcnow() < event_end:
+            physical.append((utcnow(), sum(s.power_kw for s in fleet.sims)))
+            await asyncio.sleep(0.05)
+        await fleet.grid.wait_for_state("ev-1", AckState.COMPLETED, 15)
+        await eventually(lambda: "ev-1" in listener.reports, 30, "the performance report")
+        report = PerformanceReport.model_validate_json(listener.reports["ev-1"])
+
+        # ---- the window and the event
+        assert report.final_state is AckState.COMPLETED
+        assert (report.start, report.end) == (event_start, event_end)
+        assert report.interval_s == 1
+        assert report.requested_kw == pytest.approx(-6.0)
+        assert {d.device_id for d in report.devices} == {"bat-1", "bat-2"}
+        assert all(d.allocated and d.requested_kw == pytest.approx(-3.0) for d in report.devices)
+
+        # ---- the baseline: 10-in-10 (or 4-in-4) of the seeded days, adjusted by the -20 % cap
+        days_back = similar_days(event_start.date())
+        expected_group = 0.0
+        for row in report.devices:
+            assert row.baseline is not None
+            expected = float(np.mean([seeded_kw(row.device_id, b) for b in days_back]))
+            assert row.baseline.selected_days == tuple(
+                event_start.date() - timedelta(days=b) for b in days_back
+            )
+            assert row.baseline.unadjusted_kw == pytest.approx([expected] * DURATION_S, abs=1e-9)
+            # Idle before the event (0 kW) against a baseline of 1-3 kW: ratio 0, capped.
+            assert row.baseline.raw_adjustment_factor == pytest.approx(0.0, abs=1e-9)
+            assert row.baseline.adjustment_factor == pytest.approx(0.8)
+            assert row.baseline.adjustment_capped
+            assert row.baseline.kw == pytest.approx([0.8 * expected] * DURATION_S, abs=1e-9)
+            assert row.baseline.quality.value == "good"
+            expected_group += 0.8 * expected
+        group = report.group
+        assert group is not None
+        assert len(group.baseline_kw) == DURATION_S
+        assert group.baseline_kw == pytest.approx([expected_group] * DURATION_S, abs=1e-9)
+        assert any(f.code.value == "adjustment_capped" for f in report.flags)
+        assert not any(f.code.value == "window_widened" for f in report.flags)
+
+        # ---- the metered side is exactly what the gateway read, second by second
+        for row in report.devices:
+            assert row.performance is not None
+            for i, metered in enumerate(row.performance.metered_kw):
+                t0 = event_start + timedelta(seconds=i)
+                values = [
+                    s.power_kw
+                    for s in seen
+                    if s.device_id == row.device_id
+                    and t0 <= s.timestamp < t0 + timedelta(seconds=1)
+                ]
+                if values:
+                    assert metered == pytest.approx(float(np.mean(values)), abs=1e-9)
+                else:
+                    assert metered is None
+        # ... and close to what the batteries physically did (poll lag blurs the edges only).
+        physical_mean = float(np.mean([kw for _, kw in physical]))
+        assert physical_mean < -4.5, "the batteries discharged during the event"
+        metered_mean = float(np.mean(group.metered_kw))
+        assert metered_mean == pytest.approx(physical_mean, abs=1.0)
+
+        # ---- delivered = metered - baseline; ratio against the -6 kW request
+        assert group.mean_delivered_kw == pytest.approx(metered_mean - expected_group, abs=1e-9)
+        assert report.delivered_kwh == pytest.approx(
+            (metered_mean - expected_group) * DURATION_S / 3600, abs=1e-9
+        )
+        assert report.performance_ratio == pytest.approx(group.mean_delivered_kw / -6.0)
+        # Discharging ~6 kW against a baseline of charging counts for more than was asked.
+        assert report.performance_ratio is not None
+        assert report.performance_ratio > 1.0
+
+        # ---- after a restart the report is served from SQLite on request
+        await fleet.stop_gateway()
+        await fleet.start_gateway()
+        await listener.request("ev-1", b"corr-1")
+        await eventually(lambda: bool(listener.replies), 15, "the reply to requests/performance")
+        payload, correlation = listener.replies[0]
+        assert correlation == b"corr-1"
+        assert PerformanceReport.model_validate_json(payload) == report
