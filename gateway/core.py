@@ -193,6 +193,7 @@ class Gateway:
             self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self)
         self.plan = dispatch.Plan()
         self._refusals: list[_Refusal] = []
+        self._last_reading: dict[str, datetime] = {}
         self.history: ReadingHistory | None = None
         if config.history.enabled:
             self.history = ReadingHistory(
@@ -796,6 +797,17 @@ class Gateway:
         self._wake.set()
 
     def _on_device_state(self, state: DeviceState) -> None:
+        # Supervisors poll; an adapter whose device pushes (MQTT, OpenADR, 2030.5) hands back
+        # the same reading until a new one arrives. Judge and record each reading once: a
+        # repeat is neither a duplicate the device sent nor a second sample for the history.
+        new = self._last_reading.get(state.device_id) != state.timestamp
+        self._last_reading[state.device_id] = state.timestamp
+        if new:
+            self._judge_and_record(state)
+        for listener in self.state_listeners:
+            listener(state)
+
+    def _judge_and_record(self, state: DeviceState) -> None:
         if state.device_id in self._fleet_index.row:
             desired = self.supervisors[state.device_id].desired
             # A device held at a setpoint should read steady; one left alone may drift. That
@@ -816,8 +828,6 @@ class Gateway:
                 self._flush_quality()
         if self.history is not None:
             self._record_history(state)
-        for listener in self.state_listeners:
-            listener(state)
 
     def _record_history(self, state: DeviceState) -> None:
         # Readings are classified in batches, so the verdict at hand is the device's latest

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 from gateway.core import Gateway
 from gateway.flex import FlexRequest
 from gateway.history import ReadingClass, ReadingHistory
 from gateway.model import DeviceState
+from gateway.telemetry import Detail
 
 T0 = datetime(2024, 6, 20, 12, 0, tzinfo=UTC)  # a Thursday
 
@@ -247,8 +248,8 @@ async def test_forecast_baseline_comes_from_history_at_the_same_time_of_day(
     assert bare.intervals[0].baseline_kw.p50 == 0.0
 
 
-async def test_gateway_feeds_device_states_into_the_history(tmp_path: Path) -> None:
-    config = parse_config(
+def _gateway_config(tmp_path: Path) -> GatewayConfig:
+    return parse_config(
         {
             "store": {"path": str(tmp_path / "gw.sqlite")},
             "history": {"interval_s": 60},
@@ -264,6 +265,10 @@ async def test_gateway_feeds_device_states_into_the_history(tmp_path: Path) -> N
             ],
         }
     )
+
+
+async def test_gateway_feeds_device_states_into_the_history(tmp_path: Path) -> None:
+    config = _gateway_config(tmp_path)
     gateway = Gateway(config)
     assert gateway.history is not None
     assert gateway.history._path == tmp_path / "gw.history.sqlite"
@@ -276,3 +281,26 @@ async def test_gateway_feeds_device_states_into_the_history(tmp_path: Path) -> N
         (row,) = await gateway.history.buckets("bat-1", T0, at(60))
     assert row.samples == 3
     assert row.mean_kw == pytest.approx(3.0)
+
+
+async def test_a_reading_polled_again_is_judged_and_recorded_once(tmp_path: Path) -> None:
+    """Pushed devices (MQTT, OpenADR, 2030.5) hand the supervisor the same reading until a new
+    one arrives: the repeats are neither duplicates the device sent nor extra samples."""
+    config = _gateway_config(tmp_path)
+    gateway = Gateway(config)
+    assert gateway.history is not None
+    seen: list[DeviceState] = []
+    gateway.state_listeners.append(seen.append)
+    async with gateway.history:
+        for i, kw in [(0, 1.0), (0, 1.0), (0, 1.0), (1, 5.0), (1, 5.0)]:
+            gateway._on_device_state(
+                DeviceState(device_id="bat-1", timestamp=at(i), power_kw=kw, source="t")
+            )
+        await gateway.history.flush()
+        (row,) = await gateway.history.buckets("bat-1", T0, at(60))
+    assert len(seen) == 5  # listeners still see every poll
+    assert row.samples == 2
+    assert row.mean_kw == pytest.approx(3.0)
+    gateway.estimate_cycle(at(2))
+    quality = gateway.reading_quality["bat-1"]
+    assert Detail.DUPLICATE not in quality.detail, quality
