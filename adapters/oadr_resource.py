@@ -10,6 +10,10 @@ OpenADR is pull-based and asynchronous: ``apply`` returns once the event is pers
 for the VEN's next poll, not when the customer's device acted. An opt-out arrives later and goes
 to ``Gateway.report_refusal`` from the VTN, not from here.
 
+While an EiOpt opt-out schedule covers the resource, ``read`` reports no state of charge (so the
+planner commits nothing to it, while its power still counts in telemetry) and ``apply`` refuses
+a setpoint with :class:`adapters.base.DeviceRejected`; a release still goes through.
+
 The adapter talks to the VTN only through :class:`ResourceChannel`, so it can be tested without
 HTTP and the VTN implementation (2.0b today, 3.x beside it later) can change behind it.
 """
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from adapters.base import DeviceUnavailable, UnsafeCommand
+from adapters.base import DeviceRejected, DeviceUnavailable, UnsafeCommand
 from gateway.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = ["RATING_TOLERANCE", "OadrResource", "ResourceChannel", "ResourceTelemetry"]
@@ -48,6 +52,9 @@ class ResourceChannel(Protocol):
         """None when the resource's VEN is registered and polling; otherwise why not."""
 
     def telemetry(self, device_id: str) -> ResourceTelemetry | None: ...
+
+    def opted_out(self, device_id: str) -> str | None:
+        """None unless an opt-out schedule of the VEN covers the resource now; then why."""
 
     async def issue(self, command: DeviceCommand) -> None:
         """Create, modify or cancel the resource's event; idempotent for a repeated command."""
@@ -103,6 +110,8 @@ class OadrResource:
         soc = seen.soc_pct
         if seen.soc_at is None or (now - seen.soc_at).total_seconds() > self._stale_after_s:
             soc = None  # without a fresh state of charge the planner commits nothing
+        if self._channel.opted_out(self._device_id) is not None:
+            soc = None  # opted out: the same, for as long as the window lasts
         return DeviceState(
             device_id=self._device_id,
             timestamp=power_at,
@@ -145,4 +154,7 @@ class OadrResource:
         why = self._channel.ven_ready(self._device_id)
         if why is not None:
             raise DeviceUnavailable(self._device_id, why)
+        opted_out = self._channel.opted_out(self._device_id)
+        if opted_out is not None:
+            raise DeviceRejected(self._device_id, opted_out)
         await self._channel.issue(command)

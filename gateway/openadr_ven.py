@@ -15,7 +15,11 @@ layer (through :mod:`protocols.openadr.messages`) and owns the behaviour:
 * commands reach the gateway through an injected ``submit`` callback; a refused command turns
   the event's opt-in into an opt-out with the gateway's reason;
 * TELEMETRY_USAGE and TELEMETRY_STATUS reports are offered at registration and sent as the VTN
-  requests them, from an injected group-telemetry callback.
+  requests them (periodic, or one-shot: one report, then the request is done), from an injected
+  group-telemetry callback; a request for anything else (HISTORY_USAGE, unknown rIDs) is
+  answered with 461 naming the refused requests;
+* with a ``[tls]`` section: TLS 1.2 with the OpenADR suites, our client certificate, and the
+  VTN's certificate checked against the configured CA (an untrusted one is reported as such).
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ TelemetrySource = Callable[[datetime], Iterable[GroupTelemetry]]
 CapacitySource = Callable[[str], GroupCapacity | None]
 """Shed / import capacity of a group, for SIMPLE fractions and ``x-loadControlCapacity``."""
 
+_TLS_CIPHERS: Final = "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"  # as the VTN's TLS_CIPHERS
+_REPORT_NOT_SUPPORTED: Final = 461
 _NEVER_S: Final = 10 * 365 * 86_400.0
 _USAGE_SPECIFIER: Final = "derms-telemetry-usage"
 _STATUS_SPECIFIER: Final = "derms-telemetry-status"
@@ -404,7 +410,10 @@ class OpenAdrVen:
         if tls is None:
             return None
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_path))
+        # OpenADR 2.0b: TLS 1.2 with its two suites (ECDSA first), nothing else.
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(_TLS_CIPHERS)
         context.check_hostname = tls.check_hostname
         context.load_cert_chain(str(tls.cert_path), str(tls.key_path))
         return context
@@ -795,18 +804,30 @@ class OpenAdrVen:
             f"status:{g}" for g, _ in self._report_groups()
         }
         accepted: list[str] = []
+        refused: list[str] = []
         for request in _as_list(payload.get("report_requests")):
             if not isinstance(request, Mapping):
                 continue
             specifier = request.get("report_specifier") or {}
+            if not isinstance(specifier, Mapping):
+                specifier = {}
             request_id = request.get("report_request_id")
+            specifier_id = str(specifier.get("report_specifier_id", ""))
             r_ids = tuple(
                 str(p.get("r_id"))
                 for p in _as_list(specifier.get("specifier_payloads"))
                 if isinstance(p, Mapping) and str(p.get("r_id")) in known
             )
-            if request_id is None or not r_ids:
-                log.warning("OpenADR VTN requested a report we do not offer: %s", specifier)
+            if (
+                request_id is None
+                or specifier_id not in (_USAGE_SPECIFIER, _STATUS_SPECIFIER)
+                or not r_ids
+            ):
+                # Only the two telemetry reports are offered (no HISTORY_USAGE: the gateway's
+                # history is not kept per OpenADR resource): refuse the rest by name.
+                what = f"{str(request_id)[:64]} ({specifier_id[:64] or 'no specifier'})"
+                refused.append(what)
+                log.warning("OpenADR VTN requested a report we do not offer: %s", what)
                 continue
             granularity = _seconds(specifier.get("granularity"))
             back = _seconds(specifier.get("report_back_duration"))
@@ -818,7 +839,7 @@ class OpenAdrVen:
             back = max(back, granularity) if back > 0 else granularity
             report = _ReportRequest(
                 request_id=str(request_id),
-                specifier_id=str(specifier.get("report_specifier_id", "")),
+                specifier_id=specifier_id,
                 r_ids=r_ids,
                 granularity_s=granularity,
                 back_s=back,
@@ -838,11 +859,20 @@ class OpenAdrVen:
             request_id = payload.get("request_id")
             if request_id is None and isinstance(payload.get("response"), Mapping):
                 request_id = payload["response"].get("request_id")
+            response = self._ok(request_id)
+            if refused:
+                response |= {
+                    "response_code": _REPORT_NOT_SUPPORTED,
+                    "response_description": _xml_text(
+                        "not offered (only TELEMETRY_USAGE and TELEMETRY_STATUS): "
+                        + ", ".join(refused[:10])
+                    ),
+                }
             await self._exchange(
                 "EiReport",
                 "oadrCreatedReport",
                 {
-                    "response": self._ok(request_id),
+                    "response": response,
                     "pending_reports": [{"report_request_id": _xml_text(r)} for r in accepted],
                     "ven_id": _xml_text(self._registered().ven_id),
                 },
@@ -1014,6 +1044,11 @@ class OpenAdrVen:
         except TimeoutError:
             raise_if_cancelling()
             raise VtnUnavailable(url, f"no answer in {self.config.io_timeout_s:g}s") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # Not a network fault: say so, since retrying will not help until someone acts.
+            raise VtnUnavailable(
+                url, f"the VTN's TLS certificate is not trusted: {exc.certificate_error}"
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise VtnUnavailable(url, f"{type(exc).__name__}: {exc}") from exc
         if status != 200:

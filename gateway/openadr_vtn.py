@@ -20,9 +20,19 @@ refusal) and keeps everything in memory. So this service owns the behaviour:
   whenever an event changed;
 * the event-response, report and registration handlers are replaced with ours, which see whole
   payloads (openleadr's external mode would drop the modification number of an opt response);
-* registrations, resources and issued events live in SQLite, so after a restart the devices are
-  in the registry before their VEN polls again and the VEN is sent its events once more (a
-  2.0b VEN handles the repeat idempotently).
+* EiOpt gets a route and handlers of ours (openleadr's ``OptService`` is a placeholder that
+  ``OpenADRServer`` does not even route): ``oadrCreateOpt`` / ``oadrCancelOpt`` are validated by
+  :func:`protocols.openadr.vtn_opts.read_opt` (a refusal is answered with its code, 452 / 454 /
+  463, and changes nothing), persisted, and applied. An opt for one event is an opt response to
+  it; an opt-out schedule keeps its resources out of dispatch during its windows (the adapter
+  reports no state of charge and refuses setpoints) and a setpoint they carry when a window
+  starts is refused once, so the planner re-allocates. Schedules that are over are pruned;
+* registrations, resources, issued events and opt schedules live in SQLite, so after a restart
+  the devices are in the registry before their VEN polls again and the VEN is sent its events
+  once more (a 2.0b VEN handles the repeat idempotently);
+* with ``require_signatures``, a message without an XML signature is refused (403) before
+  openleadr sees it; openleadr itself refuses a signature that does not match the content (403)
+  and a replayed one (463).
 
 Nothing openleadr configures on its service *classes* (message signing, ``ven_lookup``) is used
 as class state: we set it on this server's instances, so a second openleadr server in the same
@@ -49,6 +59,7 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 from openleadr import OpenADRServer  # type: ignore[import-untyped]
 from openleadr.messaging import create_message  # type: ignore[import-untyped]
+from openleadr.service import OptService  # type: ignore[import-untyped]
 from openleadr.utils import certificate_fingerprint_from_der  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -76,6 +87,13 @@ from protocols.openadr.vtn_events import (
     parse_resource_id,
     plan_event,
 )
+from protocols.openadr.vtn_opts import (
+    OptRefused,
+    OptSchedule,
+    OptTarget,
+    opt_out_in_force,
+    read_opt,
+)
 
 __all__ = [
     "TLS_CIPHERS",
@@ -98,6 +116,8 @@ _NOT_AUTHORIZED: Final = 463
 _FINGERPRINT: Final = r"^([0-9A-Fa-f]{2}:){9}[0-9A-Fa-f]{2}$"
 _MAX_EVENTS_PER_DISTRIBUTION: Final = 500
 _CLOCK_SKEW_S: Final = 120.0
+_MAX_OPTS_PER_VEN: Final = 1_000
+_NOT_ALLOWED: Final = 451
 
 
 def fingerprint_of_der(der: bytes) -> str:
@@ -230,11 +250,17 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vtn_vens (ven_name TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vtn_resources (device_id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vtn_events (event_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vtn_opts (
+    ven_name TEXT NOT NULL,
+    opt_id   TEXT NOT NULL,
+    record   TEXT NOT NULL,
+    PRIMARY KEY (ven_name, opt_id)
+);
 """
 
 
 class VtnStore(SqliteStore):
-    """Registrations, resources and issued events, one JSON row each."""
+    """Registrations, resources, issued events and opt schedules, one JSON row each."""
 
     schema = _SCHEMA
     name = "VTN store"
@@ -252,6 +278,20 @@ class VtnStore(SqliteStore):
         ]
         events = [IssuedEvent.model_validate_json(r) for r in await self._rows("vtn_events")]
         return vens, resources, events
+
+    async def load_opts(self) -> list[OptSchedule]:
+        return [OptSchedule.model_validate_json(r) for r in await self._rows("vtn_opts")]
+
+    async def save_opt(self, opt: OptSchedule) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO vtn_opts (ven_name, opt_id, record) VALUES (?, ?, ?)",
+            (opt.ven_name, opt.opt_id, opt.model_dump_json()),
+        )
+        await self.db.commit()
+
+    async def delete_opts(self, keys: list[tuple[str, str]]) -> None:
+        await self.db.executemany("DELETE FROM vtn_opts WHERE ven_name = ? AND opt_id = ?", keys)
+        await self.db.commit()
 
     async def save_ven(self, ven: VenRegistration) -> None:
         await self.db.execute(
@@ -326,6 +366,27 @@ def _as_list(value: object) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+class _OptEndpoint(OptService):  # type: ignore[misc]
+    """EiOpt, which ``OpenADRServer`` neither routes nor implements (placeholder handlers).
+
+    Its base class still does the useful part (schema validation, the VEN lookup, TLS
+    fingerprint and signature checks); only ``handle_message`` is replaced, because openleadr's
+    overwrites every answer's response code with 200 and a refused opt must say why.
+    """
+
+    async def handle_message(
+        self, message_type: str, payload: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        handler = self.handlers.get(message_type)
+        if handler is None:
+            answer: tuple[str, dict[str, Any]] = self.error_response(
+                "oadrResponse", 459, f"{message_type} is not an EiOpt message"
+            )
+            return answer
+        result: tuple[str, dict[str, Any]] = await handler(payload)
+        return result
+
+
 class OpenAdrVtn:
     """The VTN service. Run :meth:`run` inside the gateway's task group; cancel it to stop."""
 
@@ -350,6 +411,12 @@ class OpenAdrVtn:
         self._sessions: dict[str, _Session] = {}
         self._lock = asyncio.Lock()
         self._refused_logged: set[tuple[str, str]] = set()
+        self.opts: dict[tuple[str, str], OptSchedule] = {}
+        """EiOpt schedules by (VEN name, optID), windowed or for one event."""
+        self._opts_by_device: dict[str, list[OptSchedule]] = {}
+        self._opt_seq = 0
+        self._opt_refused: set[tuple[str, int]] = set()
+        self._opts_changed = asyncio.Event()
         self.ready = asyncio.Event()
         self.port: int | None = None
         """The port actually bound (useful with ``port = 0``)."""
@@ -380,6 +447,7 @@ class OpenAdrVtn:
                 self.ready.set()
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._housekeeping(), name="openadr-vtn:housekeeping")
+                    tg.create_task(self._opt_watch(), name="openadr-vtn:opt-schedules")
                     await wait_inside_task_group()
             finally:
                 self.ready.clear()
@@ -412,6 +480,13 @@ class OpenAdrVtn:
         if self.events:
             live = sum(1 for e in self.events.values() if is_live(e, self._clock()))
             log.info("OpenADR VTN restored %d event(s), %d live", len(self.events), live)
+        for opt in sorted(await self._store.load_opts(), key=lambda o: (o.received_at, o.seq)):
+            if self.config.ven(opt.ven_name) is not None:
+                self.opts[(opt.ven_name, opt.opt_id)] = opt
+                self._opt_seq = max(self._opt_seq, opt.seq + 1)
+        self._index_opts()
+        if self.opts:
+            log.info("OpenADR VTN restored %d opt schedule(s)", len(self.opts))
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         tls = self.config.tls
@@ -446,6 +521,13 @@ class OpenAdrVtn:
         cert = key = None
         if cfg.tls is not None and cfg.tls.sign_messages:
             cert, key = cfg.tls.cert_path.read_bytes(), cfg.tls.key_path.read_bytes()
+        opt_service = _OptEndpoint(cfg.vtn_id)
+        opt_service.handlers = {
+            "oadrCreateOpt": self._on_create_opt,
+            "oadrCancelOpt": self._on_cancel_opt,
+        }
+        server.services["opt_service"] = opt_service
+        server.app.router.add_post(f"{cfg.path_prefix}/EiOpt", opt_service.handler)
         for service in server.services.values():
             service._create_message = partial(create_message, cert=cert, key=key)
             service.ven_lookup = self._ven_lookup
@@ -486,6 +568,10 @@ class OpenAdrVtn:
             return self._refuse_http(request, 413, f"message larger than {limit} bytes")
         if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
             return self._refuse_http(request, 400, "XML with a DTD is not accepted")
+        tls = self.config.tls
+        if tls is not None and tls.require_signatures and b"SignatureValue" not in body:
+            # openleadr would fail on the missing signature with an HTTP 500: say what is wrong.
+            return self._refuse_http(request, 403, "message is not signed (signatures required)")
         if request.path.endswith("/EiRegisterParty") and b"oadrCreatePartyRegistration" in body:
             refusal = self._check_registration(request, body)
             if refusal is not None:
@@ -493,7 +579,10 @@ class OpenAdrVtn:
         return await handler(request)
 
     def _refuse_http(self, request: web.Request, status: int, reason: str) -> web.Response:
-        log.warning("OpenADR VTN refused a request from %s: %s", request.remote, reason)
+        peer = _peer_fingerprint(request) or str(request.remote)
+        if (peer, reason) not in self._refused_logged:  # a VEN retries every poll: say it once
+            self._refused_logged.add((peer, reason))
+            log.warning("OpenADR VTN refused a request from %s: %s", peer, reason)
         return web.Response(status=status, text=reason, content_type="text/plain")
 
     def _check_registration(self, request: web.Request, body: bytes) -> web.Response | None:
@@ -652,39 +741,252 @@ class OpenAdrVtn:
             modification, opt = response.get("modification_number"), response.get("opt_type")
             if modification != event.modification_number or opt not in ("optIn", "optOut"):
                 continue  # an answer to an older modification, superseded since
-            if event.opt == opt and event.opt_modification == modification:
-                continue  # a repeated answer
-            updated = event.model_copy(
-                update={
-                    "opt": opt,
-                    "opt_modification": modification,
-                    "acknowledged_cancel": event.cancelled,
-                    "updated_at": self._clock(),
-                }
+            code = response.get("response_code")
+            await self._take_event_opt(
+                name,
+                event,
+                opt,
+                detail=str(response.get("response_description") or ""),
+                code=code if isinstance(code, int) else None,
             )
-            async with self._lock:
-                await self._store.save_event(updated)
-                self.events[updated.event_id] = updated
-            if opt == "optOut" and not event.cancelled:
-                code = response.get("response_code")
-                detail = str(response.get("response_description") or "")
-                log.info(
-                    "OpenADR VEN %s opted out of event %s (%s, modification %s)",
-                    name,
-                    event.event_id,
-                    event.device_id,
-                    modification,
-                )
-                self._registrar.report_refusal(
-                    event.command(),
-                    DeviceRejected(
-                        event.device_id,
-                        f"VEN {name} opted out of event {event.event_id} "
-                        f"(modification {modification}){': ' + detail if detail else ''}",
-                        code=code if isinstance(code, int) else None,
-                    ),
-                )
         return "oadrResponse", {}
+
+    async def _take_event_opt(
+        self, name: str, event: IssuedEvent, opt: str, *, detail: str, code: int | None = None
+    ) -> None:
+        """The VEN opted in or out of the event's current modification (an opt response, or an
+        EiOpt naming the event). A repeat changes nothing; an opt-out re-allocates."""
+        modification = event.modification_number
+        if event.opt == opt and event.opt_modification == modification:
+            return  # a repeated answer
+        updated = event.model_copy(
+            update={
+                "opt": opt,
+                "opt_modification": modification,
+                "acknowledged_cancel": event.cancelled,
+                "updated_at": self._clock(),
+            }
+        )
+        async with self._lock:
+            await self._store.save_event(updated)
+            self.events[updated.event_id] = updated
+        if opt != "optOut" or event.cancelled:
+            return
+        log.info(
+            "OpenADR VEN %s opted out of event %s (%s, modification %s)",
+            name,
+            event.event_id,
+            event.device_id,
+            modification,
+        )
+        if (event.event_id, modification) in self._opt_refused:
+            return  # an opt schedule already refused this modification
+        self._opt_refused.add((event.event_id, modification))
+        self._registrar.report_refusal(
+            event.command(),
+            DeviceRejected(
+                event.device_id,
+                f"VEN {name} opted out of event {event.event_id} "
+                f"(modification {modification}){': ' + detail if detail else ''}",
+                code=code,
+            ),
+        )
+
+    # ------------------------------------------------------------------ EiOpt
+    @staticmethod
+    def _opt_answer(
+        message_type: str, payload: Mapping[str, Any], code: int = 200, description: str = "OK"
+    ) -> tuple[str, dict[str, Any]]:
+        return message_type, {
+            "opt_id": _text(str(payload.get("opt_id") or "")[:128]),
+            "response": {
+                "response_code": code,
+                "response_description": _text(description),
+                "request_id": _text(str(payload.get("request_id") or "")[:128]),
+            },
+        }
+
+    def _read_opt(self, name: str, payload: Mapping[str, Any]) -> OptSchedule:
+        allowed = self.config.ven(name)
+        registration = self.registrations.get(name)
+        if allowed is None or registration is None:
+            raise OptRefused(_NOT_AUTHORIZED, f"VEN {name} is not registered")
+        targets = []
+        for record in self.resources.values():
+            if record.ven_name != name:
+                continue
+            der_class = parse_resource_id(record.resource_id).der_class
+            context = allowed.program_for(der_class).market_context
+            targets.append(OptTarget(record.device_id, record.resource_id, context))
+        now = self._clock()
+        opt = read_opt(
+            payload,
+            ven_name=name,
+            ven_id=registration.ven_id,
+            targets=targets,
+            market_contexts={
+                allowed.program.market_context,
+                *(p.market_context for p in allowed.programs.values()),
+            },
+            events={
+                e.event_id: (e.modification_number, e.device_id)
+                for e in self.events.values()
+                if e.ven_name == name and is_live(e, now)
+            },
+            now=now,
+            seq=self._opt_seq,
+        )
+        owned = sum(1 for ven, _ in self.opts if ven == name)
+        if (name, opt.opt_id) not in self.opts and owned >= _MAX_OPTS_PER_VEN:
+            raise OptRefused(_NOT_ALLOWED, f"more than {_MAX_OPTS_PER_VEN} opt schedules")
+        return opt
+
+    async def _on_create_opt(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``oadrCreateOpt``: validate, persist, answer, then apply (nothing when refused)."""
+        name = self._registered_name(payload.get("ven_id"))
+        if name is None:
+            return self._opt_answer("oadrCreatedOpt", payload, _NOT_AUTHORIZED, "not registered")
+        try:
+            opt = self._read_opt(name, payload)
+        except OptRefused as exc:
+            log.warning(
+                "OpenADR VEN %s: opt %s refused (%d): %s",
+                name,
+                str(payload.get("opt_id"))[:64],
+                exc.code,
+                exc.description,
+            )
+            return self._opt_answer("oadrCreatedOpt", payload, exc.code, exc.description)
+        key = (name, opt.opt_id)
+        previous = self.opts.get(key)
+        if previous is not None and previous.same_request(opt):
+            return self._opt_answer("oadrCreatedOpt", payload)  # a repeated delivery
+        async with self._lock:
+            await self._store.save_opt(opt)
+            self.opts[key] = opt
+            self._opt_seq += 1
+            self._index_opts()
+        if opt.event_id is not None:
+            log.info(
+                "OpenADR VEN %s: %s of event %s (EiOpt %s)",
+                name,
+                opt.opt_type,
+                opt.event_id,
+                opt.opt_id,
+            )
+            event = self.events.get(opt.event_id)
+            if event is not None:
+                reason = f"EiOpt {opt.opt_id}{': ' + opt.reason if opt.reason else ''}"
+                await self._take_event_opt(name, event, opt.opt_type, detail=reason)
+        else:
+            log.info(
+                "OpenADR VEN %s: %s schedule %s for %d resource(s), %s",
+                name,
+                opt.opt_type,
+                opt.opt_id,
+                len(opt.device_ids),
+                ", ".join(
+                    f"{w.start:%Y-%m-%dT%H:%M:%SZ}..{w.end:%H:%M:%SZ}" for w in opt.windows[:3]
+                ),
+            )
+            self._enforce_opts()
+            self._opts_changed.set()
+        return self._opt_answer("oadrCreatedOpt", payload)
+
+    async def _on_cancel_opt(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        name = self._registered_name(payload.get("ven_id"))
+        if name is None:
+            return self._opt_answer("oadrCanceledOpt", payload, _NOT_AUTHORIZED, "not registered")
+        key = (name, str(payload.get("opt_id")))
+        if key not in self.opts:
+            log.warning("OpenADR VEN %s cancelled unknown opt %s", name, key[1][:64])
+            return self._opt_answer(
+                "oadrCanceledOpt", payload, 452, f"unknown optID {key[1][:64]!r}"
+            )
+        async with self._lock:
+            await self._store.delete_opts([key])
+            del self.opts[key]
+            self._index_opts()
+        log.info("OpenADR VEN %s cancelled opt %s", name, key[1])
+        self._opts_changed.set()
+        return self._opt_answer("oadrCanceledOpt", payload)
+
+    def _index_opts(self) -> None:
+        by_device: dict[str, list[OptSchedule]] = {}
+        for opt in self.opts.values():
+            if opt.windows:
+                for device_id in opt.device_ids:
+                    by_device.setdefault(device_id, []).append(opt)
+        self._opts_by_device = by_device
+
+    def opt_out_in_force(self, device_id: str) -> OptSchedule | None:
+        """The opt-out schedule keeping the resource out of dispatch now, if any."""
+        return opt_out_in_force(self._opts_by_device.get(device_id, ()), device_id, self._clock())
+
+    def _enforce_opts(self) -> None:
+        """A resource opted out now that carries a setpoint: refuse it once, so the planner
+        re-allocates (and then releases it, which cancels the event)."""
+        now = self._clock()
+        for device_id, event_id in list(self._by_device.items()):
+            event = self.events.get(event_id)
+            if event is None or not is_live(event, now) or event.power_kw is None:
+                continue
+            opt = opt_out_in_force(self._opts_by_device.get(device_id, ()), device_id, now)
+            if opt is None:
+                continue
+            if event.opt == "optOut" and event.opt_modification == event.modification_number:
+                continue  # refused already through its event response
+            key = (event.event_id, event.modification_number)
+            if key in self._opt_refused:
+                continue
+            self._opt_refused.add(key)
+            log.info(
+                "OpenADR VEN %s opt-out schedule %s covers %s: event %s refused",
+                opt.ven_name,
+                opt.opt_id,
+                device_id,
+                event.event_id,
+            )
+            self._registrar.report_refusal(
+                event.command(), DeviceRejected(device_id, _opt_out_reason(opt, now))
+            )
+
+    async def _opt_watch(self) -> None:
+        """Apply opt windows as they start, and forget schedules that are over."""
+        while True:
+            now = self._clock()
+            over = [
+                key
+                for key, opt in self.opts.items()
+                if opt.expired(now)
+                or (opt.event_id is not None and not self._event_live(opt.event_id, now))
+            ]
+            if over:
+                async with self._lock:
+                    await self._store.delete_opts(over)
+                    for key in over:
+                        self.opts.pop(key, None)
+                    self._index_opts()
+                log.debug("OpenADR VTN pruned %d opt schedule(s)", len(over))
+            self._enforce_opts()
+            boundaries = [
+                t
+                for opt in self.opts.values()
+                for w in opt.windows
+                for t in (w.start, w.end)
+                if t > now
+            ]
+            delay = 60.0
+            if boundaries:
+                delay = min(delay, max(0.05, (min(boundaries) - now).total_seconds()))
+            self._opts_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._opts_changed.wait()
+
+    def _event_live(self, event_id: str, now: datetime) -> bool:
+        event = self.events.get(event_id)
+        return event is not None and is_live(event, now)
 
     # ------------------------------------------------------------------ reports
     async def _on_register_report(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -944,6 +1246,10 @@ class OpenAdrVtn:
             return f"VEN {record.ven_name} silent for {silent:.0f} s"
         return None
 
+    def opted_out(self, device_id: str) -> str | None:
+        opt = self.opt_out_in_force(device_id)
+        return None if opt is None else _opt_out_reason(opt, self._clock())
+
     def telemetry(self, device_id: str) -> ResourceTelemetry | None:
         seen = self._telemetry.get(device_id)
         if seen is None:
@@ -1012,10 +1318,19 @@ class OpenAdrVtn:
                 continue
             async with self._lock:
                 await self._store.delete_events(old)
+                gone = set(old)
+                self._opt_refused = {k for k in self._opt_refused if k[0] not in gone}
                 for event_id in old:
                     event = self.events.pop(event_id)
                     if self._by_device.get(event.device_id) == event_id:
                         del self._by_device[event.device_id]
+
+
+def _opt_out_reason(opt: OptSchedule, now: datetime) -> str:
+    window = opt.window_at(now)
+    until = f" until {window.end:%Y-%m-%dT%H:%M:%SZ}" if window is not None else ""
+    reason = f": {opt.reason}" if opt.reason else ""
+    return f"VEN {opt.ven_name} opted out{until} (EiOpt {opt.opt_id}{reason})"
 
 
 def _peer_fingerprint(request: web.Request) -> str | None:

@@ -23,7 +23,10 @@ Physics (Euler steps of at most 30 simulated seconds; ``time_scale`` speeds the 
 * battery: holds the requested power within its rating, stops at its SoC limits.
 
 A device opts out when it cannot follow: a customer override, a thermostat already at the top of
-its comfort band, a battery asked beyond its rating or at its SoC limit.
+its comfort band, a battery asked beyond its rating or at its SoC limit. Beyond per-event
+answers, the cloud can send EiOpt schedules (:meth:`OemCloud.opt_out`, :meth:`OemCloud.opt_in`,
+:meth:`OemCloud.opt_out_of_event`, :meth:`OemCloud.cancel_opt`), e.g. a customer away for the
+afternoon, and reads the VTN's answer code.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from protocols.openadr.vtn_events import format_resource_id
 __all__ = [
     "ActiveInstruction",
     "OemCloud",
+    "OptAnswer",
     "SimBattery",
     "SimDevice",
     "SimThermostat",
@@ -59,6 +63,19 @@ _USAGE_SPECIFIER: Final = "oem-telemetry-usage"
 _STATUS_SPECIFIER: Final = "oem-telemetry-status"
 
 Opt = Literal["optIn", "optOut"]
+
+
+@dataclass(frozen=True, slots=True)
+class OptAnswer:
+    """The VTN's answer to an EiOpt message (``code`` None: no OpenADR answer at all)."""
+
+    opt_id: str
+    code: int | None
+    description: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +264,8 @@ class OemCloud:
         ca_path: str | None = None,
         seed: int | None = None,
         clock: Callable[[], datetime] = utcnow,
+        sign_messages: bool = False,
+        vtn_fingerprint: str | None = None,
     ) -> None:
         quiet_openleadr()
         self.ven_name = ven_name
@@ -266,8 +285,9 @@ class OemCloud:
             key=key_path,
             ca_file=ca_path,
             show_fingerprint=False,
-            disable_signature=True,
+            disable_signature=not sign_messages,
             check_hostname=False,
+            vtn_fingerprint=vtn_fingerprint,
         )
         quiet_openleadr()  # the client module resets its logger on import and construction
         # Its report jobs run on APScheduler, which logs every run at INFO.
@@ -468,6 +488,110 @@ class OemCloud:
         self.stats.log.append(_EventLog(event_id, modification, status, opt, reason))
         if opt == "optOut":
             log.info("OEM cloud %s opts out of %s: %s", self.ven_name, event_id, reason or status)
+
+    # ------------------------------------------------------------------ EiOpt
+    async def opt_out(
+        self,
+        device: str | None,
+        start: datetime,
+        duration: timedelta,
+        *,
+        reason: str = "overrideStatus",
+        opt_id: str | None = None,
+        market_context: str | None = None,
+    ) -> OptAnswer:
+        """Take ``device`` (None: every resource) out of dispatch for one window."""
+        return await self.send_opt(
+            "optOut",
+            device=device,
+            windows=[(start, duration)],
+            reason=reason,
+            opt_id=opt_id,
+            market_context=market_context,
+        )
+
+    async def opt_in(
+        self,
+        device: str | None,
+        start: datetime,
+        duration: timedelta,
+        *,
+        reason: str = "participating",
+        opt_id: str | None = None,
+    ) -> OptAnswer:
+        """Make ``device`` available again for one window (ends an earlier opt-out early)."""
+        return await self.send_opt(
+            "optIn", device=device, windows=[(start, duration)], reason=reason, opt_id=opt_id
+        )
+
+    async def opt_out_of_event(
+        self, event_id: str, modification_number: int, *, reason: str = "overrideStatus"
+    ) -> OptAnswer:
+        return await self.send_opt("optOut", event=(event_id, modification_number), reason=reason)
+
+    async def send_opt(
+        self,
+        opt_type: Opt,
+        *,
+        device: str | None = None,
+        resource_id: str | None = None,
+        windows: Sequence[tuple[datetime, timedelta]] = (),
+        event: tuple[str, int] | None = None,
+        reason: str = "x-schedule",
+        opt_id: str | None = None,
+        market_context: str | None = None,
+    ) -> OptAnswer:
+        """One ``oadrCreateOpt`` (rendered and, if configured, signed by openleadr).
+
+        openleadr's template renders one ``eiTarget`` per target, and the schema allows one, so
+        an opt names one resource (``device``, or a raw ``resource_id``) or none (the whole VEN).
+        """
+        opt_id = opt_id or f"opt-{self._rng.getrandbits(64):016x}"
+        rid = resource_id
+        if device is not None:
+            rid = self.devices[device].resource_id()
+        payload: dict[str, Any] = {
+            "request_id": f"req-{self._rng.getrandbits(64):016x}",
+            "ven_id": self.client.ven_id,
+            "opt_id": opt_id,
+            "opt_type": opt_type,
+            "opt_reason": reason,
+            "market_context": market_context,
+            "created_date_time": self._clock(),
+            "targets": [{"resource_id": rid}] if rid is not None else None,
+            "vavailability": (
+                {"components": [{"dtstart": s, "duration": d} for s, d in windows]}
+                if windows
+                else None
+            ),
+            "event_id": event[0] if event else None,
+            "modification_number": event[1] if event else None,
+        }
+        return await self._opt_exchange("oadrCreateOpt", payload, opt_id)
+
+    async def cancel_opt(self, opt_id: str) -> OptAnswer:
+        payload = {
+            "request_id": f"req-{self._rng.getrandbits(64):016x}",
+            "ven_id": self.client.ven_id,
+            "opt_id": opt_id,
+        }
+        return await self._opt_exchange("oadrCancelOpt", payload, opt_id)
+
+    async def _opt_exchange(
+        self, message_type: str, payload: dict[str, Any], opt_id: str
+    ) -> OptAnswer:
+        message = self.client._create_message(message_type, **payload)
+        result = await self._io(self.client._perform_request("EiOpt", message))
+        answer_type, answer = result if isinstance(result, tuple) else (None, {})
+        response = answer.get("response") if isinstance(answer, dict) else None
+        if not answer_type or not isinstance(response, dict):
+            return OptAnswer(opt_id, None, "no OpenADR answer (HTTP error or unreadable)")
+        code = response.get("response_code")
+        return OptAnswer(
+            str(answer.get("opt_id") or opt_id),
+            code if isinstance(code, int) else None,
+            str(response.get("response_description") or ""),
+        )
 
     # ------------------------------------------------------------------ physics
     async def _physics(self) -> None:

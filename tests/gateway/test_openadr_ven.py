@@ -39,6 +39,7 @@ from gateway.openadr_ven import (
     OpenAdrVen,
     OpenAdrVenConfig,
     VenStore,
+    VenTlsConfig,
     capacity_from_registry,
     submit_to_book,
 )
@@ -84,21 +85,34 @@ class Vtn:
     opts: dict[str, list[str]] = field(default_factory=dict)
     deliveries: dict[str, int] = field(default_factory=dict)
     report_values: dict[str, list[tuple[datetime, float]]] = field(default_factory=dict)
+    tls: tuple[Path, Path, Path] | None = None
+    """(certificate, key, CA of the VENs' certificates): serve HTTPS with client certificates."""
+    registrations: list[dict[str, Any]] = field(default_factory=list)
+    outbox: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """Messages handed out on the next polls, before openleadr's own."""
+    received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Report-service messages from the VEN, by type."""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/OpenADR2/Simple/2.0b"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/OpenADR2/Simple/2.0b"
 
     async def start(self) -> None:
+        cert, key, ca = self.tls or (None, None, None)
         server = OpenADRServer(
             vtn_id="VTN",
             http_host="127.0.0.1",
             http_port=self.port,
             requested_poll_freq=timedelta(seconds=1),
             show_fingerprint=False,
+            http_cert=None if cert is None else str(cert),
+            http_key=None if key is None else str(key),
+            http_ca_file=None if ca is None else str(ca),
         )
 
         async def on_create_party_registration(payload: dict[str, Any]) -> Any:
+            self.registrations.append(payload)
             if payload.get("ven_name") != VEN_NAME:
                 return False
             return VEN_ID, "reg-1"
@@ -121,8 +135,33 @@ class Vtn:
 
         server.add_handler("on_create_party_registration", on_create_party_registration)
         server.add_handler("on_register_report", on_register_report)
+        self._tap(server)
         await server.run()
         self.server = server
+
+    def _tap(self, server: Any) -> None:
+        """Serve ``outbox`` first on polls, and record what the VEN sends to EiReport."""
+        poll_handlers = server.services["poll_service"].handlers
+        poll = poll_handlers["oadrPoll"]
+
+        async def tapped_poll(payload: dict[str, Any]) -> Any:
+            if self.outbox:
+                return self.outbox.pop(0)
+            return await poll(payload)
+
+        poll_handlers["oadrPoll"] = tapped_poll
+        report_handlers = server.services["report_service"].handlers
+        for message_type in ("oadrCreatedReport", "oadrUpdateReport"):
+            original = report_handlers[message_type]
+
+            async def tapped(
+                payload: dict[str, Any], original: Any = original, kind: str = message_type
+            ) -> Any:
+                self.received.setdefault(kind, []).append(payload)
+                result = original(payload)
+                return await result if asyncio.iscoroutine(result) else result
+
+            report_handlers[message_type] = tapped
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -265,9 +304,10 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
         yield Gateway(CommandBook(store, registry(), lambda ack, reply: None))
 
 
-def ven_config(vtn: Vtn, tmp_path: Path) -> OpenAdrVenConfig:
+def ven_config(vtn: Vtn, tmp_path: Path, tls: VenTlsConfig | None = None) -> OpenAdrVenConfig:
     return OpenAdrVenConfig(
         vtn_url=vtn.url,
+        tls=tls,
         program=VenProgramConfig(ven_name=VEN_NAME, program="utility-dr", default_group=GROUP),
         store_path=tmp_path / "ven.sqlite",
         poll_interval_s=0.1,
@@ -280,17 +320,17 @@ def ven_config(vtn: Vtn, tmp_path: Path) -> OpenAdrVenConfig:
 
 @asynccontextmanager
 async def running(
-    vtn: Vtn, gateway: Gateway, tmp_path: Path, seed: int = 1
+    vtn: Vtn, gateway: Gateway, tmp_path: Path, seed: int = 1, tls: VenTlsConfig | None = None
 ) -> AsyncIterator[OpenAdrVen]:
     ven = OpenAdrVen(
-        ven_config(vtn, tmp_path),
+        ven_config(vtn, tmp_path, tls),
         submit=gateway.submit,
         telemetry=gateway.telemetry,
         rng=random.Random(seed),
     )
     task = asyncio.create_task(ven.run(), name="test:ven")
     try:
-        await wait_for(lambda: ven.registration is not None and ven.reachable)
+        await wait_for(lambda: ven.registration is not None and ven.reachable, 10)
         yield ven
     finally:
         task.cancel()
@@ -501,3 +541,147 @@ async def test_simple_levels_use_the_registry_capacity(
     # Level 2 is 75 % of the group's shed capacity (two 5 kW batteries) by default.
     assert isinstance(command, Dispatch)
     assert command.kw == -7.5
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _fingerprint(cert_path: Path) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.openadr_vtn import fingerprint_of_der
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return fingerprint_of_der(cert.public_bytes(serialization.Encoding.DER))
+
+
+async def test_tls_with_a_client_certificate_toward_the_utility_vtn(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    from gateway.certs import make_ca, make_cert
+
+    logging.getLogger("openleadr").setLevel(logging.WARNING)
+    ca = make_ca(tmp_path / "pki")
+    server_cert = make_cert(ca, tmp_path / "pki", "utility-vtn", server=True)
+    client = make_cert(ca, tmp_path / "pki", "site-1")
+    vtn = Vtn(free_port(), tls=(server_cert.cert_path, server_cert.key_path, ca.cert_path))
+    await vtn.start()
+    tls = VenTlsConfig(cert_path=client.cert_path, key_path=client.key_path, ca_path=ca.cert_path)
+    try:
+        assert vtn.url.startswith("https://")
+        async with running(vtn, gateway, tmp_path, tls=tls):
+            # The VTN saw our certificate (its fingerprint is what a utility enrols).
+            (registration,) = vtn.registrations
+            assert registration["fingerprint"] == _fingerprint(client.cert_path)
+            vtn.add_event("tls-1", values=(-2000.0,))
+            await wait_for(lambda: vtn.opts.get("tls-1") == ["optIn"], 10)
+            assert dispatch_ids(gateway) == ["oadr-site-1-tls-1-m0-i0"]
+            await wait_for(lambda: vtn.report_values.get("RealPower:feeder:f1"), 10)
+    finally:
+        await vtn.stop()
+
+
+async def test_a_vtn_certificate_from_another_ca_is_refused_and_nothing_is_submitted(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    from gateway.certs import make_ca, make_cert
+
+    logging.getLogger("openleadr").setLevel(logging.WARNING)
+    ours = make_ca(tmp_path / "ours", "our-ca")
+    rogue = make_ca(tmp_path / "rogue", "rogue-ca")
+    rogue_server = make_cert(rogue, tmp_path / "rogue", "utility-vtn", server=True)
+    client = make_cert(ours, tmp_path / "ours", "site-1")
+    # The rogue VTN would even accept our client certificate.
+    vtn = Vtn(free_port(), tls=(rogue_server.cert_path, rogue_server.key_path, ours.cert_path))
+    await vtn.start()
+    tls = VenTlsConfig(cert_path=client.cert_path, key_path=client.key_path, ca_path=ours.cert_path)
+    ven = OpenAdrVen(
+        ven_config(vtn, tmp_path, tls), submit=gateway.submit, telemetry=gateway.telemetry
+    )
+    try:
+        vtn.add_event("rogue-1", values=(-2000.0,))
+        with captured("gateway.openadr_ven") as records:
+            task = asyncio.create_task(ven.run(), name="test:ven")
+            try:
+                await wait_for(lambda: ven.reachable is False, 10)
+                await asyncio.sleep(0.5)  # several attempts with backoff
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    finally:
+        await vtn.stop()
+    assert ven.registration is None
+    assert vtn.registrations == []
+    assert gateway.submitted == []
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "TLS certificate is not trusted" in warnings[0]
+
+
+# --------------------------------------------------------------------------- report requests
+
+
+def _report_request(request_id: str, specifier_id: str, r_id: str) -> tuple[str, dict[str, Any]]:
+    return "oadrCreateReport", {
+        "request_id": request_id,
+        "report_requests": [
+            {
+                "report_request_id": request_id,
+                "report_specifier": {
+                    "report_specifier_id": specifier_id,
+                    "granularity": timedelta(0),
+                    "report_back_duration": timedelta(0),
+                    "specifier_payloads": [{"r_id": r_id, "reading_type": "Direct Read"}],
+                },
+            }
+        ],
+    }
+
+
+async def test_one_shot_report_is_sent_once_and_history_usage_is_refused(
+    vtn: Vtn, gateway: Gateway, tmp_path: Path
+) -> None:
+    async with running(vtn, gateway, tmp_path):
+        vtn.outbox.append(_report_request("once", "derms-telemetry-usage", "usage:feeder:f1"))
+        vtn.outbox.append(_report_request("hist", "derms-history-usage", "history:feeder:f1"))
+
+        def created(request_id: str) -> dict[str, Any] | None:
+            """The answer naming the request (openleadr re-numbers the requestIDs we queue)."""
+            return next(
+                (
+                    p
+                    for p in vtn.received.get("oadrCreatedReport", [])
+                    if request_id in [r["report_request_id"] for r in p.get("pending_reports", [])]
+                    or f"{request_id} (" in p["response"].get("response_description", "")
+                ),
+                None,
+            )
+
+        def updates(request_id: str) -> list[dict[str, Any]]:
+            return [
+                r
+                for p in vtn.received.get("oadrUpdateReport", [])
+                for r in p.get("reports", [])
+                if r.get("report_request_id") == request_id
+            ]
+
+        await wait_for(lambda: created("once") and created("hist") and updates("once"), 10)
+        once = created("once")
+        assert once is not None
+        assert once["response"]["response_code"] == 200
+        assert [p["report_request_id"] for p in once["pending_reports"]] == ["once"]
+        hist = created("hist")
+        assert hist is not None
+        assert hist["response"]["response_code"] == 461
+        assert "hist (derms-history-usage)" in hist["response"]["response_description"]
+        assert hist.get("pending_reports") in (None, [])
+
+        (report,) = updates("once")
+        assert report["report_name"] == "TELEMETRY_USAGE"
+        values = [i["report_payload"]["value"] for i in report["intervals"]]
+        assert values == [-3.5]
+        await asyncio.sleep(1.5)  # several report cycles: one-shot means one
+        assert len(updates("once")) == 1
+        assert updates("hist") == []
