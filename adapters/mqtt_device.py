@@ -131,6 +131,12 @@ class DeviceMqttConfig(_Section):
         ge=100,
         description="aiomqtt's inbound queue; beyond it messages are dropped (telemetry first)",
     )
+    max_publishes_in_flight: int = Field(
+        default=64,
+        ge=1,
+        le=65_535,
+        description="Commands handed to the MQTT client at once; the rest of a fan-out waits",
+    )
 
 
 class MqttDeviceSettings(_Section):
@@ -219,6 +225,9 @@ class DeviceMqttLink:
         self.connected = asyncio.Event()
         self.stats = LinkStats()
         self._log = _LogOnce()
+        # aiomqtt scans every pending call on each publish: a fan-out of N unbounded publishes
+        # costs O(N^2). Bounded, it costs O(N) and the broker sees the same stream.
+        self._in_flight = asyncio.Semaphore(config.max_publishes_in_flight)
 
     # ------------------------------------------------------------------ fan-out
     def attach(self, endpoint: _Endpoint) -> None:
@@ -264,7 +273,7 @@ class DeviceMqttLink:
         if client is None or not self.connected.is_set():
             raise LinkDown("device broker not connected")
         try:
-            async with asyncio.timeout(self.config.io_timeout_s):
+            async with asyncio.timeout(self.config.io_timeout_s), self._in_flight:
                 await client.publish(topic, payload, qos=qos)
         except (aiomqtt.MqttError, TimeoutError) as exc:
             raise LinkDown(f"publish to {topic} failed: {exc}") from exc

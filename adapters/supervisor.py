@@ -54,6 +54,7 @@ class DeviceSupervisor:
         self._wake = asyncio.Event()
         self._desired: DeviceCommand | None = None
         self._applied: DeviceCommand | None = None
+        self._in_doubt = False  # a write failed without a verdict: the device may hold it
         self._applied_at = 0.0
         self._refused: DeviceCommand | None = None
         self._must_write = True
@@ -130,8 +131,12 @@ class DeviceSupervisor:
         # we want after a reconnect: a setpoint, or an explicit release. Devices whose commands
         # lapse by themselves (``release_on_connect = False``: MQTT devices with hold timers)
         # need no release, and a fleet of them reconnecting at once must not storm the broker.
+        # Devices whose commands lapse by themselves still hold one until its hold time runs
+        # out: if a command reached the device (or a write failed half-way, so it may have),
+        # release it now rather than leave a cancelled event running for up to its hold time.
+        holding = self._applied is not None or self._in_doubt
         self._applied = None
-        self._must_write = self._desired is not None or self._release_on_connect
+        self._must_write = self._desired is not None or self._release_on_connect or holding
 
     async def _serve(self) -> None:
         interval = self._poll_interval_s
@@ -185,9 +190,11 @@ class DeviceSupervisor:
         desired = self._desired
         release = DeviceCommand(device_id=self.device_id, power_kw=None)
         command = desired if desired is not None else release
+        self._in_doubt = True
         try:
             await self._io(self.adapter.apply(command))
         except (DeviceRejected, UnsafeCommand) as exc:
+            self._in_doubt = False
             # The device is fine but refuses this setpoint: do not hammer it with the same one.
             self._refused = desired
             log.warning("%s refused setpoint %s kW: %s", self.device_id, command.power_kw, exc)
@@ -195,6 +202,7 @@ class DeviceSupervisor:
                 self._on_result(command, exc)
             return
         self.writes += 1
+        self._in_doubt = False
         self._must_write = False
         self._refused = None
         self._applied = desired

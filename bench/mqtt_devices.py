@@ -333,6 +333,12 @@ async def _load_main(port: int, n: int, interval: float, k: int) -> None:
                 offered.append((datetime.fromisoformat(stamp.decode()).timestamp(), due))
             await asyncio.sleep(TICK_S)
 
+    replies_in_flight = asyncio.Semaphore(64)
+
+    async def answer_one(topic: str, reply: bytes) -> None:
+        async with replies_in_flight:
+            await cmd.publish(topic, reply, 1)
+
     async def answer() -> None:
         nonlocal commands
         prefix = len(ROOT) + 1
@@ -348,9 +354,11 @@ async def _load_main(port: int, n: int, interval: float, k: int) -> None:
                 w.hit(device_id, action, t)
             reply = _result(device_id, str(data.get("command_id")), time.time())
             # Not awaited inline: a QoS 1 publish waits for its PUBACK, and the next command's
-            # receipt must not wait behind it.
+            # receipt must not wait behind it. Bounded: aiomqtt scans every pending call on each
+            # publish, so N results in flight at once would cost this one client O(N^2) (real
+            # devices each have their own client and answer one command each).
             task = asyncio.create_task(
-                cmd.publish(topics.topic(device_id, MessageKind.RESULT), reply, 1)
+                answer_one(topics.topic(device_id, MessageKind.RESULT), reply)
             )
             result_tasks.add(task)
             task.add_done_callback(result_tasks.discard)
@@ -539,10 +547,12 @@ class WarningCounter(logging.Handler):
     def __init__(self, show: int = 5) -> None:
         super().__init__(logging.WARNING)
         self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
         self.show = show
 
     def emit(self, record: logging.LogRecord) -> None:
         self.counts[record.name] = self.counts.get(record.name, 0) + 1
+        self.first.setdefault(record.name, record.getMessage()[:200])
         if record.name != "mqtt" and sum(self.counts.values()) <= self.show:
             sys.stderr.write(f"[gateway child] {record.levelname} {record.getMessage()}\n")
 
@@ -559,6 +569,16 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
     pubs: list[float] = []  # publish timestamps of readings that reached a DeviceState
     arrival_lag: list[float] = []  # publish → delivered to the adapter by the link
     state_lag: list[float] = []  # publish → DeviceState
+
+    gc_time = [0.0, 0.0]  # total seconds in the collector; start of the current collection
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_time[1] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - gc_time[1]
+
+    gc.callbacks.append(on_gc)
 
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-gw-") as tmp:
         config = gateway_config(port, n, interval, gateway_id, Path(tmp) / "gw.sqlite")
@@ -600,6 +620,9 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
         await asyncio.sleep(1.0)
         gc.collect()
         rss1 = rss_bytes()
+        if os.environ.get("BENCH_GC_FREEZE"):
+            gc.freeze()
+            gc.set_threshold(int(os.environ["BENCH_GC_FREEZE"]), 10, 10)
         link = gateway.device_mqtt
         assert link is not None
 
@@ -611,9 +634,11 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
                 "link_ok": st.received - st.dropped_unknown - st.dropped_invalid,
                 "link_dropped": st.dropped_unknown + st.dropped_invalid,
                 "cpu_s": time.process_time(),
+                "gc_s": gc_time[0],
                 "rss": rss_bytes(),
                 "available": sum(s.available for s in gateway.supervisors.values()),
                 "warnings": warnings.counts,
+                "first_warnings": warnings.first,
             }
 
         async def op_ingested(msg: dict[str, Any]) -> dict[str, Any]:
@@ -802,6 +827,7 @@ async def _paced_window(
         "link_per_s": round((g1["link_ok"] - g0["link_ok"]) / wall, 1),
         "states_per_s": round((g1["states"] - g0["states"]) / wall, 1),
         "gw_cpu_pct": round(100 * (g1["cpu_s"] - g0["cpu_s"]) / wall, 1),
+        "gw_gc_pct": round(100 * (g1["gc_s"] - g0["gc_s"]) / wall, 1),
         "broker_cpu_pct": round(100 * (b1 - b0) / wall, 1),
         "load_cpu_pct": round(100 * (l1 - l0) / wall, 1),
         "broker_dropped": None if d0 is None or d1 is None else d1 - d0,
@@ -825,6 +851,7 @@ async def _dispatch_latency(
     allocated: list[int] = []
     async with GridDermsClient(HOST, port, gateway_id) as grid:
         await asyncio.sleep(0.5)
+        c0 = await gw.call("counters")
         for rep in range(REPS):
             cid = grid.new_id("bench")
             after = time.time()
@@ -865,7 +892,10 @@ async def _dispatch_latency(
             else:
                 failures.append(f"cancel {cid}: only {res['got']}/{n} devices released")
             await asyncio.sleep(0.5)
+        c1 = await gw.call("counters")
     return {
+        "gw_cpu_s": round(c1["cpu_s"] - c0["cpu_s"], 2),
+        "gw_gc_s": round(c1["gc_s"] - c0["gc_s"], 2),
         "dispatch_ms": _pcts(dispatch_s),
         "release_ms": _pcts(release_s),
         "active_ack_ms": _pcts(ack_s),
@@ -925,7 +955,9 @@ async def run_size(size: Size, pub_clients: int) -> dict[str, Any]:
                 )
                 if size.profile:
                     await prof
-                res["warnings"] = (await gw.call("counters"))["warnings"]
+                counters = await gw.call("counters")
+                res["warnings"] = counters["warnings"]
+                res["first_warnings"] = counters["first_warnings"]
             await gw.stop()
             if size.full:
                 await raw.start(30)
@@ -1014,12 +1046,14 @@ def print_table(results: list[dict[str, Any]], interval: float, flat_rate: float
         print(
             f"N={r['devices']}: arrival lag p50/p99/max {p['arrival_lag_ms']['p50']}/"
             f"{p['arrival_lag_ms']['p99']}/{p['arrival_lag_ms']['max']} ms; states/s "
-            f"{p['states_per_s']}; broker CPU {p['broker_cpu_pct']}%, load CPU "
+            f"{p['states_per_s']}; gateway GC {p['gw_gc_pct']}% of a core; "
+            f"broker CPU {p['broker_cpu_pct']}%, load CPU "
             f"{p['load_cpu_pct']}%, broker dropped {p['broker_dropped']}; dispatch s "
             f"{lat['dispatch_s']}, release s {lat['release_s']}, active ack ms "
-            f"{lat['active_ack_ms']['p50']}, devices shedding {lat['allocated']}; "
+            f"{lat['active_ack_ms']['p50']}, devices shedding {lat['allocated']}, gateway CPU "
+            f"{lat['gw_cpu_s']} s of which GC {lat['gw_gc_s']} s over the dispatch reps; "
             f"births {r['births_s']} s; RSS {r['rss_before_mib']} -> {r['rss_after_mib']} MiB; "
-            f"gateway warnings {r.get('warnings')}"
+            f"gateway warnings {r.get('warnings')} (first of each: {r.get('first_warnings')})"
         )
         for failure in lat["failures"]:
             print(f"  FAILURE: {failure}")

@@ -267,10 +267,11 @@ def _plan_dispatch(
         rooms[did] = headroom(device, state, remaining_s)
     caps = {d: (r.discharge_kw if total < 0 else r.charge_kw) for d, r in rooms.items()}
     shares = share(total, caps)
+    available = sum(caps.values())
     for did, kw in shares.items():
         limits: list[str] = []
         room = rooms[did]
-        fair = total * (caps[did] / sum(caps.values())) if sum(caps.values()) > _EPS else 0.0
+        fair = total * (caps[did] / available) if available > _EPS else 0.0
         if abs(kw) + _EPS < abs(fair) or caps[did] <= _EPS:
             limits.append(room.discharge_limit if total < 0 else room.charge_limit)
         slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)

@@ -113,3 +113,88 @@ async def test_release_on_connect_only_where_commands_do_not_lapse(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+class DropsOnce(ReadsFine):
+    """A device with hold timers whose link drops once while it holds a command, and whose
+    command is cancelled while it is away (``apply`` can be made to hang: a lost answer)."""
+
+    def __init__(self) -> None:
+        super().__init__(release_on_connect=False)
+        self.fail_reads = 0
+        self.fail_connects = 0
+        self.hang_applies = 0
+
+    async def connect(self) -> None:
+        if self.fail_connects:
+            raise DeviceUnavailable("d1", "unreachable")
+        await super().connect()
+
+    async def read(self) -> DeviceState:
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise DeviceUnavailable("d1", "link lost")
+        return await super().read()
+
+    async def apply(self, command: DeviceCommand) -> None:
+        self.applied.append(command)
+        if self.hang_applies:
+            self.hang_applies -= 1
+            await asyncio.sleep(10)  # the answer never comes: the supervisor times out
+
+
+async def _until(predicate: object, seconds: float = 3.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("answer_lost", [False, True])
+async def test_a_command_the_device_may_hold_is_released_after_a_reconnect(
+    answer_lost: bool,
+) -> None:
+    """Hold-timer devices are not released on every connect (no storm), but one that got (or
+    may have got) a command that was cancelled while it was away is released at once, rather
+    than left running the cancelled event until its hold time ends."""
+    adapter = DropsOnce()
+    supervisor = DeviceSupervisor(
+        adapter, poll_interval_s=0.05, io_timeout_s=0.3, refresh_s=60, backoff_max_s=0.1
+    )
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await _until(lambda: adapter.reads >= 2)
+        if answer_lost:  # the command goes out, its answer never comes, the device is gone
+            adapter.hang_applies, adapter.fail_connects = 1, 1
+        supervisor.command(DeviceCommand(device_id="d1", power_kw=-1.0))
+        await _until(lambda: len(adapter.applied) == 1)
+        if not answer_lost:
+            adapter.fail_reads = 1_000  # the link drops after the command got through
+        await _until(lambda: not supervisor.available)
+        supervisor.command(None)  # cancelled while the device is away
+        adapter.fail_reads = adapter.fail_connects = 0  # it comes back
+        await _until(lambda: any(c.power_kw is None for c in adapter.applied))
+        release = adapter.applied[-1]
+        assert release.power_kw is None
+        assert release.import_limit_kw is None
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_device_never_commanded_is_not_released_after_a_reconnect() -> None:
+    adapter = DropsOnce()
+    supervisor = DeviceSupervisor(
+        adapter, poll_interval_s=0.05, io_timeout_s=0.3, refresh_s=60, backoff_max_s=0.1
+    )
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await _until(lambda: adapter.reads >= 2)
+        adapter.fail_reads = 3
+        await _until(lambda: adapter.fail_reads == 0 and adapter.reads >= 6)
+        assert adapter.applied == []
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
