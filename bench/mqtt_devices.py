@@ -559,6 +559,7 @@ class WarningCounter(logging.Handler):
 
 async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> None:
     from gateway.core import Gateway
+    from gateway.runtime import settle_heap
 
     warnings = WarningCounter()
     logging.getLogger().handlers[:] = [warnings]
@@ -585,6 +586,8 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
         gc.collect()
         rss0 = rss_bytes()
         gateway = Gateway(config)
+        if not os.environ.get("BENCH_NO_SETTLE_HEAP"):
+            settle_heap()  # as `derms-gateway run` does
         adapters = {k: s.adapter for k, s in gateway.supervisors.items()}
 
         def on_state(state: Any) -> None:
@@ -620,9 +623,6 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
         await asyncio.sleep(1.0)
         gc.collect()
         rss1 = rss_bytes()
-        if os.environ.get("BENCH_GC_FREEZE"):
-            gc.freeze()
-            gc.set_threshold(int(os.environ["BENCH_GC_FREEZE"]), 10, 10)
         link = gateway.device_mqtt
         assert link is not None
 

@@ -16,6 +16,7 @@ import click
 
 from gateway.config import ConfigError, load_config
 from gateway.model import json_schemas
+from gateway.runtime import settle_heap
 
 
 def _setup_logging(verbose: int) -> None:
@@ -103,7 +104,9 @@ def run(ctx: click.Context, config_path: Path) -> None:
         config = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    run_until_signal(Gateway(config).run())
+    gateway = Gateway(config)
+    settle_heap()
+    run_until_signal(gateway.run())
 
 
 @main.command()
@@ -125,7 +128,9 @@ def edge(ctx: click.Context, config_path: Path) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     assert isinstance(config, EdgeAgentConfig)
-    run_until_signal(EdgeAgent(config).run())
+    agent = EdgeAgent(config)
+    settle_heap()
+    run_until_signal(agent.run())
 
 
 @main.command("check-config")
