@@ -31,6 +31,13 @@ its own network). Deliveries are queued per subscription (bounded, oldest droppe
 jittered backoff, dropped after ``notification_attempts`` failures, and sent by one task the
 server owns, never on the request path.
 
+GET answers come from a bounded cache of encoded bodies (most polls find nothing changed, and
+encoding was a third of the server's CPU): an entry names the path, the asking client and the
+paging, and holds the client's generation (bumped by every change to what its documents show)
+and, for documents that read differently as time passes (an event turning active or lapsing),
+the next such boundary. ``/tm`` is never cached. Cached bodies carry an ``ETag``, so a client that
+sends ``If-None-Match`` gets ``304 Not Modified``.
+
 State is in memory. Controls are re-published by the supervisors after a restart (they re-apply
 the desired setpoint on connect); mirrored telemetry is re-posted by clients at their postRate.
 """
@@ -40,18 +47,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import random
 import re
 import ssl
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -119,6 +127,7 @@ __all__ = [
     "DerSnapshot",
     "PowerSample",
     "PublishedControl",
+    "ResponseCacheInfo",
     "Sep2DefaultEnvelope",
     "Sep2Enrollment",
     "Sep2ProgramConfig",
@@ -259,6 +268,13 @@ class Sep2ServerConfig(_Section):
         default=1.0, gt=0, le=300, description="First retry delay; doubles per failure, jittered"
     )
     notification_backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
+    response_cache_entries: int = Field(
+        default=8192,
+        ge=0,
+        le=1_000_000,
+        description="Encoded GET responses kept, least recently used dropped first (a polling "
+        "client reads about 6 documents: size it to 6x the fleet); 0 = no cache",
+    )
     programs: tuple[Sep2ProgramConfig, ...] = ()
 
     @model_validator(mode="after")
@@ -429,6 +445,9 @@ class _Der:
     )
     next_response_id: int = 1
     last_seen: datetime | None = None
+    # Bumped (from the server's counter, so never reused) whenever anything a GET of this
+    # client's documents shows changes: the response cache compares it.
+    generation: int = 0
 
     @property
     def base_href(self) -> str:
@@ -461,6 +480,79 @@ class _Subscription:
     @property
     def href(self) -> str:
         return self.model.href or ""
+
+
+class ResponseCacheInfo(NamedTuple):
+    """How the server's cache of encoded GET responses is doing (like ``functools.lru_cache``)."""
+
+    hits: int
+    misses: int
+    entries: int
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedBody:
+    generation: int  # the client's generation the body was built from
+    built_at: int  # epoch second it was built at
+    valid_until: int | None  # epoch second from which its content may be wrong (None: never)
+    body: bytes
+    etag: str
+
+
+_CacheKey = tuple[str, int | None, int, int, int | None]  # path, EndDevice, s, l, a
+
+
+class _ResponseCache:
+    """Encoded bodies of GET responses, least recently used dropped first.
+
+    An entry is used only while the client's generation is the one it was built from and the
+    clock is in ``[built_at, valid_until)``: documents whose content depends on the time (an
+    event turning active, a control lapsing) carry the next such boundary, so no entry is ever
+    served past the moment its bytes would change. Stale entries are replaced when next asked
+    for, or age out of the LRU order.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[_CacheKey, _CachedBody] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: _CacheKey, generation: int, now: int) -> _CachedBody | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            if (
+                entry.generation == generation
+                and entry.built_at <= now
+                and (entry.valid_until is None or now < entry.valid_until)
+            ):
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry
+            del self._entries[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: _CacheKey, entry: _CachedBody) -> None:
+        if self.capacity == 0:
+            return
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def info(self) -> ResponseCacheInfo:
+        return ResponseCacheInfo(self.hits, self.misses, len(self._entries), self.capacity)
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 weak comparison of an ``If-None-Match`` list against our (strong) tag."""
+    for candidate in if_none_match.split(","):
+        tag = candidate.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
 
 
 class _HttpError(Exception):
@@ -534,6 +626,8 @@ class Sep2Server:
         self._notifier: asyncio.Task[None] | None = None
         self._notify_ssl: ssl.SSLContext | None = None
         self._random = random.Random()
+        self._cache = _ResponseCache(config.response_cache_entries)
+        self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
         for program in config.programs:  # configured groups get the low, stable ids
             self._program(program.group_id)
@@ -558,6 +652,7 @@ class Sep2Server:
             programs=[self._program(g) for g in dict.fromkeys(groups)],
             changed_time=now,
             registered_at=now,
+            generation=next(self._generations),
         )
         self._next_edev += 1
         self._ders[enrollment.device_id] = der
@@ -600,6 +695,14 @@ class Sep2Server:
 
     def _now(self) -> int:
         return int(self._clock())
+
+    def _touch(self, der: _Der) -> None:
+        """Something a GET of ``der``'s documents shows has changed: its cached bodies are stale."""
+        der.generation = next(self._generations)
+
+    def cache_info(self) -> ResponseCacheInfo:
+        """Hits, misses and size of the cache of encoded GET responses."""
+        return self._cache.info()
 
     def _now_dt(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
@@ -880,6 +983,50 @@ class Sep2Server:
             body=encode(model, csipaus=self.config.csipaus), status=status, headers=headers
         )
 
+    def _cached(
+        self,
+        request: web.Request,
+        der: _Der | None,
+        build: Callable[[int], tuple[Sep2Model, int | None]],
+        paging: tuple[int, int, int | None] = (0, 0, None),
+    ) -> web.Response:
+        """Answer a GET with cached bytes, building and encoding the document only when they
+        are missing or stale.
+
+        ``build(now)`` returns the document and the epoch second from which it would read
+        differently by time alone (None: only a change of state alters it). The key is the path,
+        the asking client's EndDevice (``/dcap``, ``/edev`` and ``/mup`` are per client on a
+        shared path) and the paging; nothing else in the request changes the bytes (``Accept``
+        is not negotiated: every body is ``application/sep+xml``). Call this only once the
+        client is known to own the resource: the key names the client, it does not authorise.
+        """
+        now = self._now()
+        start, limit, after = paging
+        key: _CacheKey = (request.path, None if der is None else der.edev_id, start, limit, after)
+        entry = self._cache.get(key, 0 if der is None else der.generation, now)
+        if entry is None:
+            model, valid_until = build(now)
+            body = encode(model, csipaus=self.config.csipaus)
+            etag = f'"{hashlib.blake2b(body, digest_size=12).hexdigest()}"'
+            # The generation after building: building may prune a lapsed control (a change).
+            generation = 0 if der is None else der.generation
+            entry = _CachedBody(generation, now, valid_until, body, etag)
+            self._cache.put(key, entry)
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match is not None and _etag_matches(if_none_match, entry.etag):
+            return web.Response(status=304, headers={"ETag": entry.etag})
+        return web.Response(
+            body=entry.body, headers={"Content-Type": MEDIA_TYPE, "ETag": entry.etag}
+        )
+
+    @staticmethod
+    def _next_boundary(der: _Der, now: int) -> int | None:
+        """When ``der``'s control documents next read differently by time alone: a scheduled
+        control turning active, or a listed one lapsing out of the lists."""
+        times = [c.end for c in der.controls]
+        times += [c.start for c in der.controls if c.status is None and c.start > now]
+        return min(times, default=None)
+
     def _error(
         self, status: int, message: str, headers: dict[str, str] | None = None
     ) -> web.Response:
@@ -983,21 +1130,23 @@ class Sep2Server:
 
     async def _get_dcap(self, request: web.Request) -> web.Response:
         _, der = self._client(request)
-        cfg = self.config
-        mirrors = 0 if der is None else len(der.mirrors)
-        return self._reply(
-            DeviceCapability(
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            mirrors = 0 if der is None else len(der.mirrors)
+            return DeviceCapability(
                 href="/dcap",
-                poll_rate=cfg.poll_rate_s if der is not None else None,
+                poll_rate=self.config.poll_rate_s if der is not None else None,
                 time_link=Link(href="/tm"),
                 end_device_list_link=ListLink(href="/edev", all=0 if der is None else 1),
                 mirror_usage_point_list_link=ListLink(href="/mup", all=mirrors),
-            )
-        )
+            ), None
+
+        return self._cached(request, der, build)
 
     async def _get_time(self, request: web.Request) -> web.Response:
         self._client(request)
-        # UTC with no DST: the controls carry epoch times, so local-time fields add only risk.
+        # Never cached: it is the clock. UTC with no DST: the controls carry epoch times, so
+        # local-time fields add only risk.
         return self._reply(
             Time(
                 href="/tm",
@@ -1028,21 +1177,24 @@ class Sep2Server:
 
     async def _get_edev_list(self, request: web.Request) -> web.Response:
         _, der = self._client(request)
-        start, limit, _ = self._paging(request)
-        items = [] if der is None else [self._end_device(der)]
-        page = tuple(items[start : start + limit])
-        return self._reply(
-            EndDeviceList(
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            items = [] if der is None else [self._end_device(der)]
+            page = tuple(items[start : start + limit])
+            return EndDeviceList(
                 href="/edev",
                 all=len(items),
                 results=len(page),
                 poll_rate=self.config.poll_rate_s,
                 items=page,
-            )
-        )
+            ), None
+
+        return self._cached(request, der, build, (start, limit, after))
 
     async def _get_edev(self, request: web.Request) -> web.Response:
-        return self._reply(self._end_device(self._own(request)))
+        der = self._own(request)
+        return self._cached(request, der, lambda _: (self._end_device(der), None))
 
     async def _post_edev(self, request: web.Request) -> web.Response:
         """In-band registration. DERs are enrolled by configuration (an unknown device is never
@@ -1058,6 +1210,7 @@ class Sep2Server:
         if der.posted_registration:
             raise _HttpError(409, f"EndDevice {der.base_href} is already registered")
         der.posted_registration = True
+        self._touch(der)
         return self._reply(None, 201, location=der.base_href)
 
     async def _get_registration(self, request: web.Request) -> web.Response:
@@ -1065,28 +1218,35 @@ class Sep2Server:
         pin = der.enrollment.pin
         if pin is None:
             raise _HttpError(404, "no Registration for this EndDevice")
-        return self._reply(
-            Registration(
-                href=f"{der.base_href}/rg",
-                date_time_registered=der.registered_at,
-                pin=with_check_digit(pin),
-            )
+        return self._cached(
+            request,
+            der,
+            lambda _: (
+                Registration(
+                    href=f"{der.base_href}/rg",
+                    date_time_registered=der.registered_at,
+                    pin=with_check_digit(pin),
+                ),
+                None,
+            ),
         )
 
     async def _get_fsa_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        start, limit, _ = self._paging(request)
-        items = [self._fsa(der)]
-        page = tuple(items[start : start + limit])
-        return self._reply(
-            FunctionSetAssignmentsList(
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            items = [self._fsa(der)]
+            page = tuple(items[start : start + limit])
+            return FunctionSetAssignmentsList(
                 href=f"{der.base_href}/fsa",
                 all=len(items),
                 results=len(page),
                 poll_rate=self.config.poll_rate_s,
                 items=page,
-            )
-        )
+            ), None
+
+        return self._cached(request, der, build, (start, limit, after))
 
     def _fsa(self, der: _Der) -> FunctionSetAssignments:
         href = f"{der.base_href}/fsa/{_FSA_ID}"
@@ -1102,7 +1262,7 @@ class Sep2Server:
         der = self._own(request)
         if int(request.match_info["f"]) != _FSA_ID:
             raise _HttpError(404, "no such FunctionSetAssignments")
-        return self._reply(self._fsa(der))
+        return self._cached(request, der, lambda _: (self._fsa(der), None))
 
     # ----------------------------------------------------------------------- programs & controls
 
@@ -1145,23 +1305,28 @@ class Sep2Server:
             raise _HttpError(404, "no such FunctionSetAssignments")
         if "d" in request.match_info and int(request.match_info["d"]) != _DER_ID:
             raise _HttpError(404, "no such DER")
-        start, limit, _ = self._paging(request)
-        now = self._now()
-        programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
-        page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
-        return self._reply(
-            DERProgramList(
+        start, limit, after = self._paging(request)
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
+            page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
+            return DERProgramList(
                 href=request.path,
                 all=len(programs),
                 results=len(page),
                 poll_rate=self.config.der_poll_rate_s,
                 items=page,
-            )
-        )
+            ), self._next_boundary(der, now)  # a DERProgram counts the active controls
+
+        return self._cached(request, der, build, (start, limit, after))
 
     async def _get_derp(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
-        return self._reply(self._der_program(der, program, self._now()))
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            return self._der_program(der, program, now), self._next_boundary(der, now)
+
+        return self._cached(request, der, build)
 
     def _der_control(self, der: _Der, control: _Control, now: int) -> DERControl:
         return DERControl(
@@ -1184,9 +1349,13 @@ class Sep2Server:
     def _control_list(self, request: web.Request, *, suffix: str) -> web.Response:
         der, program = self._own_program(request)
         start, limit, after = self._paging(request)
-        now = self._now()
-        self._prune(der, now)
-        return self._reply(self._control_list_model(der, program, now, suffix, start, limit, after))
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            self._prune(der, now)
+            model = self._control_list_model(der, program, now, suffix, start, limit, after)
+            return model, self._next_boundary(der, now)
+
+        return self._cached(request, der, build, (start, limit, after))
 
     def _control_list_model(
         self,
@@ -1222,17 +1391,21 @@ class Sep2Server:
 
     async def _get_derc(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
-        now = self._now()
         wanted = int(request.match_info["c"])
-        for control in self._listed_controls(der, program, now):
-            if control.control_id == wanted:
-                return self._reply(self._der_control(der, control, now))
-        raise _HttpError(404, f"no DERControl {wanted} in this DERProgram")
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            for control in self._listed_controls(der, program, now):
+                if control.control_id == wanted:
+                    return self._der_control(der, control, now), self._next_boundary(der, now)
+            raise _HttpError(404, f"no DERControl {wanted} in this DERProgram")
+
+        return self._cached(request, der, build)
 
     async def _get_dderc(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
         # Always 200, with an empty DERControlBase when the group has no default (as envoy).
-        return self._reply(self._default_control(der, program))
+        # The default comes from the configuration: it changes only with a restart.
+        return self._cached(request, der, lambda _: (self._default_control(der, program), None))
 
     def _default_control(self, der: _Der, program: _Program) -> DefaultDERControl:
         return DefaultDERControl(
@@ -1264,21 +1437,24 @@ class Sep2Server:
 
     async def _get_der_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        start, limit, _ = self._paging(request)
-        items = [self._der_resource(der)]
-        page = tuple(items[start : start + limit])
-        return self._reply(
-            DERList(
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            items = [self._der_resource(der)]
+            page = tuple(items[start : start + limit])
+            return DERList(
                 href=f"{der.base_href}/der",
                 all=len(items),
                 results=len(page),
                 poll_rate=self.config.der_poll_rate_s,
                 items=page,
-            )
-        )
+            ), None
+
+        return self._cached(request, der, build, (start, limit, after))
 
     async def _get_der(self, request: web.Request) -> web.Response:
-        return self._reply(self._der_resource(self._own_der(request)))
+        der = self._own_der(request)
+        return self._cached(request, der, lambda _: (self._der_resource(der), None))
 
     async def _get_der_resource(self, request: web.Request) -> web.Response:
         der = self._own_der(request)
@@ -1286,7 +1462,7 @@ class Sep2Server:
         stored: Sep2Model | None = getattr(der, _DER_FIELDS[kind])
         if stored is None:
             raise _HttpError(404, f"{_DER_KINDS[kind].xml_tag} has not been PUT yet")
-        return self._reply(stored)
+        return self._cached(request, der, lambda _: (stored, None))
 
     async def _put_der_resource(self, request: web.Request) -> web.Response:
         der = self._own_der(request)
@@ -1294,6 +1470,7 @@ class Sep2Server:
         cls: type[Sep2Model] = _DER_KINDS[kind]
         model = await self._body(request, cls)
         setattr(der, _DER_FIELDS[kind], model.model_copy(update={"href": request.path}))
+        self._touch(der)
         return self._reply(None, 204)
 
     # ----------------------------------------------------------------------- responses
@@ -1309,14 +1486,15 @@ class Sep2Server:
 
     async def _get_rsps_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        start, limit, _ = self._paging(request)
-        items = [self._response_set(der)]
-        page = tuple(items[start : start + limit])
-        return self._reply(
-            ResponseSetList(
-                href=f"{der.base_href}/rsps", all=len(items), results=len(page), items=page
-            )
-        )
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            items = [self._response_set(der)]
+            page = tuple(items[start : start + limit])
+            href = f"{der.base_href}/rsps"
+            return ResponseSetList(href=href, all=len(items), results=len(page), items=page), None
+
+        return self._cached(request, der, build, (start, limit, after))
 
     def _own_rsps(self, request: web.Request) -> _Der:
         der = self._own(request)
@@ -1325,26 +1503,35 @@ class Sep2Server:
         return der
 
     async def _get_rsps(self, request: web.Request) -> web.Response:
-        return self._reply(self._response_set(self._own_rsps(request)))
+        der = self._own_rsps(request)
+        return self._cached(request, der, lambda _: (self._response_set(der), None))
 
     async def _get_response_list(self, request: web.Request) -> web.Response:
         der = self._own_rsps(request)
-        start, limit, _ = self._paging(request)
-        newest_first = [
-            Response.model_validate(r.model_dump()) for _, r, _ in reversed(der.responses)
-        ]
-        page = tuple(newest_first[start : start + limit])
-        return self._reply(
-            ResponseList(href=der.reply_to, all=len(newest_first), results=len(page), items=page)
-        )
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            newest_first = [
+                Response.model_validate(r.model_dump()) for _, r, _ in reversed(der.responses)
+            ]
+            page = tuple(newest_first[start : start + limit])
+            return ResponseList(
+                href=der.reply_to, all=len(newest_first), results=len(page), items=page
+            ), None
+
+        return self._cached(request, der, build, (start, limit, after))
 
     async def _get_response(self, request: web.Request) -> web.Response:
         der = self._own_rsps(request)
         wanted = int(request.match_info["n"])
-        for number, response, _ in der.responses:
-            if number == wanted:
-                return self._reply(DERControlResponse.model_validate(response.model_dump()))
-        raise _HttpError(404, f"no Response {wanted}")
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            for number, response, _ in der.responses:
+                if number == wanted:
+                    return DERControlResponse.model_validate(response.model_dump()), None
+            raise _HttpError(404, f"no Response {wanted}")
+
+        return self._cached(request, der, build)
 
     async def _post_response(self, request: web.Request) -> web.Response:
         der = self._own_rsps(request)
@@ -1379,6 +1566,7 @@ class Sep2Server:
             subject=posted.subject,
         )
         der.responses.append((number, stored, record))
+        self._touch(der)
         if self._on_response is not None:
             try:
                 self._on_response(record)
@@ -1400,21 +1588,24 @@ class Sep2Server:
 
     async def _get_subscription_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        start, limit, _ = self._paging(request)
-        subs = sorted(self._subscriptions_of(der), key=lambda s: s.sub_id)
-        page = tuple(s.model for s in subs[start : start + limit])
-        return self._reply(
-            SubscriptionList(
-                href=f"{der.base_href}/sub", all=len(subs), results=len(page), items=page
-            )
-        )
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            subs = sorted(self._subscriptions_of(der), key=lambda s: s.sub_id)
+            page = tuple(s.model for s in subs[start : start + limit])
+            href = f"{der.base_href}/sub"
+            return SubscriptionList(href=href, all=len(subs), results=len(page), items=page), None
+
+        return self._cached(request, der, build, (start, limit, after))
 
     async def _get_subscription(self, request: web.Request) -> web.Response:
-        return self._reply(self._own_subscription(request).model)
+        sub = self._own_subscription(request)
+        return self._cached(request, sub.der, lambda _: (sub.model, None))
 
     async def _delete_subscription(self, request: web.Request) -> web.Response:
         sub = self._own_subscription(request)
         del self._subscriptions[sub.sub_id]
+        self._touch(sub.der)
         sub.pending.clear()
         if sub.inflight is not None:
             sub.inflight.cancel()  # no Notification after the DELETE has been answered
@@ -1479,15 +1670,18 @@ class Sep2Server:
             model=model,
             pending=deque(maxlen=self.config.notification_queue),
         )
+        self._touch(der)
         return self._reply(None, 201, location=href)
 
     def _changed(self, der: _Der) -> None:
-        """Queue a Notification for every subscription to one of ``der``'s control lists.
+        """``der``'s controls changed: its cached documents are stale, and every subscription to
+        one of its control lists gets a Notification.
 
         Called on the request path and from ``publish``/``release``: it only encodes and
         enqueues (a full queue drops its oldest entry: every Notification carries the whole
         list, so the newest one supersedes it); the notifier task does the network I/O.
         """
+        self._touch(der)
         subs = [s for s in self._subscriptions_of(der) if s.kind != "dderc"]
         if not subs:
             return
@@ -1646,22 +1840,24 @@ class Sep2Server:
 
     async def _get_mup_list(self, request: web.Request) -> web.Response:
         _, der = self._client(request)
-        start, limit, _ = self._paging(request)
-        mirrors = [] if der is None else sorted(der.mirrors.values(), key=lambda m: m.mup_id)
-        page = tuple(self._mirror_view(m) for m in mirrors[start : start + limit])
-        return self._reply(
-            MirrorUsagePointList(
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            mirrors = [] if der is None else sorted(der.mirrors.values(), key=lambda m: m.mup_id)
+            page = tuple(self._mirror_view(m) for m in mirrors[start : start + limit])
+            return MirrorUsagePointList(
                 href="/mup",
                 all=len(mirrors),
                 results=len(page),
                 poll_rate=self.config.post_rate_s,
                 items=page,
-            )
-        )
+            ), None
+
+        return self._cached(request, der, build, (start, limit, after))
 
     async def _get_mup(self, request: web.Request) -> web.Response:
-        _, mirror = self._own_mirror(request)
-        return self._reply(self._mirror_view(mirror))
+        der, mirror = self._own_mirror(request)
+        return self._cached(request, der, lambda _: (self._mirror_view(mirror), None))
 
     async def _post_mup(self, request: web.Request) -> web.Response:
         lfdi, der = self._client(request)
@@ -1698,11 +1894,12 @@ class Sep2Server:
             mirror = existing
             mirror.point, mirror.reading_types = point, types
             status = 204  # envoy: re-POST of a known MUP answers 204 with its Location
+        self._touch(der)
         self._ingest(mirror, posted.mirror_meter_readings)
         return self._reply(None, status, location=f"/mup/{mirror.mup_id}")
 
     async def _post_mmr(self, request: web.Request) -> web.Response:
-        _, mirror = self._own_mirror(request)
+        der, mirror = self._own_mirror(request)
         data = await self._body(request, Sep2Model)
         if isinstance(data, MirrorMeterReading):
             readings: tuple[MirrorMeterReading, ...] = (data,)
@@ -1723,7 +1920,9 @@ class Sep2Server:
                 )
         if len(types) > self.config.max_readings_per_point:
             raise _HttpError(400, f"at most {self.config.max_readings_per_point} readings per MUP")
-        mirror.reading_types = types
+        if types != mirror.reading_types:  # the MUP as served lists them; readings it does not
+            mirror.reading_types = types
+            self._touch(der)
         self._ingest(mirror, readings)
         return self._reply(None, 201)
 
