@@ -83,7 +83,10 @@ class FlexConfigSection(Section):
     horizon_s: int = Field(default=24 * 3600, ge=300, le=7 * 24 * 3600)
     interval_s: int = Field(default=3600, ge=300, le=24 * 3600)
     outdoor_temp_c: float | None = Field(
-        default=None, ge=-60, le=60, description="Until a weather feed is wired: one value"
+        default=None,
+        ge=-60,
+        le=60,
+        description="Used where no weather forecast (the weather topic) covers an interval",
     )
     groups: tuple[Identifier, ...] = Field(
         default=(), description="Groups to publish; empty = every substation and feeder"

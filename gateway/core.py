@@ -83,7 +83,9 @@ from gateway.telemetry import (
     RawReading,
     TelemetryQuality,
 )
+from gateway.weather import WeatherBook, WeatherForecast, forecast_excerpt
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
+from protocols.mqtt.northbound import WeatherDecodeError, decode_weather
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +211,8 @@ class Gateway:
         self._flex_history: dict[str, DeviceHistory] = {}
         self._flex_calendar: EventCalendar | None = None
         self._flex_history_end = -1
+        self.weather = WeatherBook()
+        """Latest outdoor temperature forecast per scope, for the flex forecast."""
         self.ready = asyncio.Event()
         self.version = _version()
 
@@ -219,6 +223,7 @@ class Gateway:
         async with self.store, contextlib.AsyncExitStack() as stack:
             if self.history is not None:
                 await stack.enter_async_context(self.history)
+                await self._load_weather()
             await self.book.load(utcnow())
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
@@ -386,6 +391,9 @@ class Gateway:
         if topic == self.topics.performance_requests:
             await self._handle_performance_request(payload, reply, topic)
             return
+        if topic == self.topics.weather:
+            await self._handle_weather(payload, topic)
+            return
         try:
             command = decode_command(payload)
         except CommandDecodeError as exc:
@@ -443,14 +451,17 @@ class Gateway:
         """Available flexibility of one group over the request's horizon (p10/p50/p90)."""
         now = now or utcnow()
         states = self.device_states(now)
+        members = self.registry.members(request.group_id)
+        weather = self.weather.for_devices(members, self.registry)
         inputs = [
             DeviceFlexInput(
                 device=d,
                 state=states.get(d.device_id),
                 availability=self._availability.get(d.device_id, 0.5),
                 history=self._flex_history.get(d.device_id),
+                weather=weather.get(d.device_id),
             )
-            for d in self.registry.members(request.group_id)
+            for d in members
         ]
         return forecast_group(
             inputs,
@@ -459,6 +470,57 @@ class Gateway:
             outdoor_temp_c=self.config.flex.outdoor_temp_c,
             calendar=self._flex_calendar,
         )
+
+    async def _handle_weather(self, payload: bytes, topic: str) -> None:
+        """A weather forecast: validated whole, or rejected on ``errors`` with nothing changed;
+        one not newer than the forecast held for its scope (a redelivery) is ignored."""
+        try:
+            forecast = decode_weather(payload)
+        except WeatherDecodeError as exc:
+            log.warning("bad weather forecast on %s: %s", topic, exc)
+            self._publish_error(exc.reason, exc.detail, topic, payload)
+            return
+        if forecast.scope is not None and self.registry.group(forecast.scope) is None:
+            self._publish_error(
+                Reason.UNKNOWN_GROUP, f"unknown weather scope {forecast.scope!r}", topic, payload
+            )
+            return
+        if not self.weather.is_newer(forecast):
+            log.info(
+                "weather forecast for %s not newer than the one held: ignored",
+                forecast.scope or "the gateway",
+            )
+            return
+        if self.history is not None:
+            try:
+                async with asyncio.timeout(self.config.history.io_timeout_s):
+                    await self.history.save_weather(
+                        forecast.scope_key, forecast.issued_at, forecast.model_dump_json()
+                    )
+            except Exception as exc:  # still use it; say it will not survive a restart
+                log.exception("could not store the weather forecast")
+                self._publish_error(
+                    Reason.INTERNAL,
+                    f"weather forecast used but not stored: {type(exc).__name__}: {exc}",
+                    topic,
+                    payload,
+                )
+        self.weather.put(forecast)
+        log.info("weather forecast %s", forecast_excerpt(forecast))
+
+    async def _load_weather(self) -> None:
+        assert self.history is not None
+        try:
+            async with asyncio.timeout(self.config.history.io_timeout_s):
+                stored = await self.history.weather_forecasts()
+        except Exception:  # TimeoutError included: forecasts fall back to the configuration
+            log.exception("could not read the stored weather forecasts")
+            return
+        for scope, payload in stored.items():
+            try:
+                self.weather.put(WeatherForecast.model_validate_json(payload))
+            except ValidationError as exc:
+                log.warning("stored weather forecast for %s is unusable: %s", scope, exc)
 
     def _calendar(self, device_event_days: Mapping[str, frozenset[Any]]) -> EventCalendar:
         settlement = self.config.settlement

@@ -16,7 +16,8 @@ result rests on doubtful data).
 
 The same file keeps what settlement produces and needs across restarts: performance reports,
 events still waiting to be settled, and which days each device had an event (those days are
-not "similar days" for later baselines).
+not "similar days" for later baselines); and the latest weather forecast per scope
+(:mod:`gateway.weather`), which the flexibility forecast uses.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ CREATE TABLE IF NOT EXISTS performance_reports (
     command_id    TEXT PRIMARY KEY,
     generated_at  TEXT NOT NULL,
     payload       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS weather_forecasts (
+    scope      TEXT PRIMARY KEY,  -- a group id, or '*' for the whole gateway
+    issued_at  REAL NOT NULL,     -- epoch seconds
+    payload    TEXT NOT NULL      -- the forecast as received (validated JSON)
 );
 """
 
@@ -467,6 +473,27 @@ class ReadingHistory(SqliteStore):
         ) as cur:
             row = await cur.fetchone()
         return None if row is None else str(row[0])
+
+    # ------------------------------------------------------------------ weather forecasts
+    async def save_weather(self, scope: str, issued_at: datetime, payload: str) -> bool:
+        """Keep ``payload`` as the forecast of ``scope`` unless a newer one is stored; returns
+        whether it was stored (the check and the write are one statement)."""
+        async with self._write_lock:
+            cur = await self.db.execute(
+                "INSERT INTO weather_forecasts (scope, issued_at, payload) VALUES (?, ?, ?)"
+                " ON CONFLICT(scope) DO UPDATE SET issued_at = excluded.issued_at,"
+                " payload = excluded.payload"
+                " WHERE excluded.issued_at > weather_forecasts.issued_at",
+                (scope, epoch_s(issued_at), payload),
+            )
+            await self.db.commit()
+        return cur.rowcount > 0
+
+    async def weather_forecasts(self) -> dict[str, str]:
+        """The stored forecast of each scope (JSON, as saved)."""
+        async with self.db.execute("SELECT scope, payload FROM weather_forecasts") as cur:
+            rows = await cur.fetchall()
+        return {str(scope): str(payload) for scope, payload in rows}
 
 
 async def run_history_writer(

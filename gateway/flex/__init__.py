@@ -1,7 +1,8 @@
 """Flexibility forecasts, event baselines and settlement (use cases 1 and 6).
 
 * :mod:`gateway.flex.forecast` — per group and interval: baseline, flex down / up and rebound,
-  each with p10/p50/p90, from device state, history and availability.
+  each with p10/p50/p90, from device state, history, availability and the outdoor temperature
+  (per area and interval from :mod:`gateway.weather`).
 * :mod:`gateway.flex.baseline` — CAISO-style 10-in-10 / 4-in-4 customer baselines with a
   day-of adjustment capped at ±20 %.
 * :mod:`gateway.flex.performance` — per-device and per-group event performance against those
@@ -38,7 +39,9 @@ from gateway.flex.forecast import (
     FlexRequest,
     ForecastGrid,
     QuantileMethod,
+    TemperatureSource,
     ThermalParams,
+    WeatherUse,
     aggregate,
     availability_ratio,
     device_flex,
@@ -91,7 +94,9 @@ __all__ = [
     "PerformanceRequest",
     "QuantileMethod",
     "SettlementFlag",
+    "TemperatureSource",
     "ThermalParams",
+    "WeatherUse",
     "aggregate",
     "availability_ratio",
     "device_baseline",

@@ -32,7 +32,10 @@ explainable to an operator):
 * thermostat (cooling, or heating): with an outdoor temperature forecast, load =
   ``rated × duty``, ``duty = (T_out − T_set) / (R · COP · rated)`` clipped to [0, 1] — the
   steady state of the first-order house ``C dT/dt = (T_out − T_in)/R − COP · P`` the simulators
-  use. Without one, the history profile, else the current power. Flex down is at most that load
+  use. ``T_out`` is per interval: the weather forecast of the device's area where it covers the
+  interval (:mod:`gateway.weather`), else the configured temperature; each interval of the
+  output says which (``temperature_source``). Without any, the history profile, else the
+  current power. Flex down is at most that load
   (a thermostat cannot shed more than it draws), with an energy budget of
   ``C × headroom_°C / COP``, where ``headroom_°C = soc_pct/100 × comfort_band_c`` (adapters
   report comfort headroom in ``soc_pct``); zero headroom or an occupant override (``soc_pct``
@@ -90,6 +93,7 @@ from gateway.model import (
     Identifier,
     UtcDatetime,
 )
+from gateway.weather import TemperatureSeries, WeatherForecast
 
 _Z90 = NormalDist().inv_cdf(0.9)
 _DAY_S = 86_400
@@ -105,6 +109,16 @@ class QuantileMethod(StrEnum):
     AUTO = "auto"
     NORMAL = "normal"
     MONTE_CARLO = "monte_carlo"
+
+
+class TemperatureSource(StrEnum):
+    """Where an interval's outdoor temperature came from, over the group's thermostats."""
+
+    WEATHER_FORECAST = "weather_forecast"
+    CONFIGURED = "configured"
+    HISTORY = "history"
+    """No temperature: thermostat baselines from their history (or current power)."""
+    MIXED = "mixed"
 
 
 class ThermalParams(Frozen):
@@ -188,6 +202,21 @@ class FlexInterval(Frozen):
     flex_down_kw: Band = Field(description="Possible load reduction, non-negative kW")
     flex_up_kw: Band = Field(description="Possible load increase, non-negative kW")
     rebound_kw: Band = Field(description="Extra load after the window from using flex down")
+    outdoor_temp_c: float | None = Field(
+        default=None, description="Mean outdoor temperature the group's thermostats were given"
+    )
+    temperature_source: TemperatureSource | None = Field(
+        default=None, description="Where that temperature came from; absent: no thermostats"
+    )
+
+
+class WeatherUse(Frozen):
+    """One weather forecast a flexibility forecast used."""
+
+    scope: str | None = Field(default=None, description="Its scope; absent: the whole gateway")
+    issued_at: UtcDatetime | None = None
+    thermostats: int = Field(ge=0, description="Thermostats it applied to")
+    intervals_covered: int = Field(ge=0, description="Intervals it covered")
 
 
 class FlexForecast(Frozen):
@@ -208,6 +237,9 @@ class FlexForecast(Frozen):
     devices_with_state: int
     expected_participants: float = Field(description="Sum of the devices' availabilities")
     intervals: tuple[FlexInterval, ...]
+    weather: tuple[WeatherUse, ...] | None = Field(
+        default=None, description="Weather forecasts used for thermostats; absent: none"
+    )
     notes: tuple[str, ...] = ()
 
 
@@ -238,6 +270,9 @@ class DeviceFlexInput:
     history: DeviceHistory | None = None
     ev_need: EvNeed | None = None
     thermal: ThermalParams | None = None
+    weather: TemperatureSeries | None = None
+    """Outdoor temperature forecast for the device's area; where it does not cover an
+    interval, the group-wide ``outdoor_temp_c`` of :func:`forecast_group` applies."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.availability <= 1.0:
@@ -421,7 +456,11 @@ def device_flex(
     policy: EnergyPolicy = EnergyPolicy.SEQUENTIAL,
     config: FlexConfig | None = None,
 ) -> DeviceFlex:
-    """One device's baseline and flex per interval, assuming it participates."""
+    """One device's baseline and flex per interval, assuming it participates.
+
+    ``outdoor_temp_c`` may be NaN in some intervals: a thermostat's baseline there comes from
+    its history, as it does everywhere without a temperature.
+    """
     config = config or FlexConfig()
     dev, state, dt = inp.device, inp.state, grid.dt_h
     zeros = np.zeros(grid.n)
@@ -451,15 +490,23 @@ def device_flex(
     elif dev.der_class is DerClass.THERMOSTAT:
         p = inp.thermal or config.thermal
         rated = _rated(inp)
-        if outdoor_temp_c is not None:
+        known = (
+            np.zeros(grid.n, dtype=np.bool_)
+            if outdoor_temp_c is None
+            else np.isfinite(outdoor_temp_c)
+        )
+        if known.any():
+            assert outdoor_temp_c is not None
             sign = 1.0 if p.mode == "cool" else -1.0
             if rated > 0:
-                duty = sign * (outdoor_temp_c - p.setpoint_c)
+                temps = np.where(known, outdoor_temp_c, p.setpoint_c)
+                duty = sign * (temps - p.setpoint_c)
                 duty = duty / (p.resistance_c_per_kw * p.cop * rated)
                 base = rated * np.clip(duty, 0.0, 1.0)
             var = (config.model_cv * base) ** 2
-        else:
-            base, var = _base_load(inp, grid, config, notes)
+        if not known.all():
+            hist_base, hist_var = _base_load(inp, grid, config, notes)
+            base, var = np.where(known, base, hist_base), np.where(known, var, hist_var)
         headroom = None if state is None else state.soc_pct
         if headroom is None:
             notes.append("no comfort headroom (offline or occupant override): no flex")
@@ -586,8 +633,14 @@ def aggregate(
     config: FlexConfig | None = None,
     request_id: str | None = None,
     notes: Sequence[str] = (),
+    outdoor_temp_c: FloatArray | None = None,
+    temperature_sources: Sequence[TemperatureSource | None] | None = None,
+    weather: tuple[WeatherUse, ...] | None = None,
 ) -> FlexForecast:
-    """Combine per-device contributions into a group's forecast with p10/p50/p90 bands."""
+    """Combine per-device contributions into a group's forecast with p10/p50/p90 bands.
+
+    ``outdoor_temp_c`` (NaN: none) and ``temperature_sources`` are per interval, reported as is.
+    """
     config = config or FlexConfig()
     n_t = grid.n
     p = np.array([f.availability for f in flexes], dtype=np.float64)
@@ -624,6 +677,12 @@ def aggregate(
                 flex_down_kw=band(bands["flex_down_kw"], i),
                 flex_up_kw=band(bands["flex_up_kw"], i),
                 rebound_kw=band(bands["rebound_kw"], i),
+                outdoor_temp_c=(
+                    float(outdoor_temp_c[i])
+                    if outdoor_temp_c is not None and np.isfinite(outdoor_temp_c[i])
+                    else None
+                ),
+                temperature_source=temperature_sources[i] if temperature_sources else None,
             )
         )
     in_window = np.flatnonzero(grid.window)
@@ -644,6 +703,7 @@ def aggregate(
         devices_with_state=sum(f.has_state for f in flexes),
         expected_participants=float(p.sum()),
         intervals=tuple(intervals),
+        weather=weather,
         notes=tuple(notes),
     )
 
@@ -659,9 +719,11 @@ def forecast_group(
 ) -> FlexForecast:
     """The flexibility forecast of one group (``inputs``: its members, resolved by the core).
 
-    ``outdoor_temp_c`` is one temperature for the whole horizon or one per interval; without it
-    thermostats fall back to their history. ``calendar`` (event days, holidays, local time zone)
-    shapes the history profiles; without it every past day counts as similar.
+    A thermostat's outdoor temperature in an interval is its input's ``weather`` series where
+    that covers the interval, else ``outdoor_temp_c`` (one temperature for the whole horizon or
+    one per interval); without either its baseline comes from its history. Each interval of
+    the result says which it was (``temperature_source``). ``calendar`` (event days, holidays,
+    local time zone) shapes the history profiles; without it every past day counts as similar.
     """
     config = config or FlexConfig()
     start = request.start or now
@@ -674,18 +736,24 @@ def forecast_group(
         calendar,
         config.lookback_days,
     )
-    temps: FloatArray | None = None
+    fallback: FloatArray | None = None
     if outdoor_temp_c is not None:
-        temps = np.broadcast_to(np.asarray(outdoor_temp_c, dtype=np.float64), (grid.n,)).copy()
+        fallback = np.broadcast_to(np.asarray(outdoor_temp_c, dtype=np.float64), (grid.n,)).copy()
+    temperature = _OutdoorTemperature(grid, fallback)
     flexes = [
-        device_flex(inp, grid, outdoor_temp_c=temps, policy=request.policy, config=config)
+        device_flex(
+            inp,
+            grid,
+            outdoor_temp_c=temperature.for_device(inp),
+            policy=request.policy,
+            config=config,
+        )
         for inp in inputs
     ]
     notes: list[str] = []
     if not grid.window.any():
         notes.append("the window does not overlap the horizon: no flex")
-    if temps is None and any(i.device.der_class is DerClass.THERMOSTAT for i in inputs):
-        notes.append("no outdoor temperature: thermostat baselines from history")
+    notes.extend(temperature.notes())
     without = sum(not f.has_state for f in flexes)
     if without:
         notes.append(f"{without} device(s) without a recent state: baseline only")
@@ -698,7 +766,117 @@ def forecast_group(
         config=config,
         request_id=request.request_id,
         notes=notes,
+        outdoor_temp_c=temperature.group_mean(),
+        temperature_sources=temperature.sources(),
+        weather=temperature.uses(),
     )
+
+
+class _OutdoorTemperature:
+    """Each thermostat's temperature per interval (its area's weather forecast where that
+    covers the interval, else the fallback), and a record of what was used for the output."""
+
+    def __init__(self, grid: ForecastGrid, fallback: FloatArray | None) -> None:
+        self.grid = grid
+        self.fallback = fallback
+        n = grid.n
+        self._means: dict[int, FloatArray] = {}
+        self._used: dict[int, tuple[TemperatureSeries, int]] = {}
+        self.thermostats = 0
+        self.total = np.zeros(n)
+        self.known = np.zeros(n, dtype=np.int64)
+        self.from_weather = np.zeros(n, dtype=np.int64)
+
+    def for_device(self, inp: DeviceFlexInput) -> FloatArray | None:
+        if inp.device.der_class is not DerClass.THERMOSTAT:
+            return self.fallback
+        self.thermostats += 1
+        temps = self.fallback
+        series = inp.weather
+        if series is not None:
+            key = id(series)
+            means = self._means.get(key)
+            if means is None:
+                means = self._means[key] = series.means(self.grid.starts, self.grid.interval_s)
+            covered = np.isfinite(means)
+            base = self.fallback if self.fallback is not None else np.full(self.grid.n, np.nan)
+            temps = np.where(covered, means, base)
+            self.from_weather += covered
+            _, count = self._used.get(key, (series, 0))
+            self._used[key] = (series, count + 1)
+        if temps is not None:
+            have = np.isfinite(temps)
+            self.total += np.where(have, temps, 0.0)
+            self.known += have
+        return temps
+
+    def group_mean(self) -> FloatArray:
+        out: FloatArray = np.full(self.grid.n, np.nan)
+        np.divide(self.total, self.known, out=out, where=self.known > 0)
+        return out
+
+    def sources(self) -> list[TemperatureSource | None]:
+        if not self.thermostats:
+            return [None] * self.grid.n
+        out: list[TemperatureSource | None] = []
+        for weather, known in zip(self.from_weather, self.known, strict=True):
+            if weather == self.thermostats:
+                out.append(TemperatureSource.WEATHER_FORECAST)
+            elif known == 0:
+                out.append(TemperatureSource.HISTORY)
+            elif weather == 0 and known == self.thermostats:
+                out.append(TemperatureSource.CONFIGURED)
+            else:
+                out.append(TemperatureSource.MIXED)
+        return out
+
+    def uses(self) -> tuple[WeatherUse, ...] | None:
+        if not self._used:
+            return None
+        merged: dict[tuple[str, datetime | None], tuple[int, int]] = {}
+        for key, (series, count) in self._used.items():
+            # Equal forecasts held as distinct objects still report as one.
+            ident = (series.scope or "", series.issued_at)
+            covered = int(np.isfinite(self._means[key]).sum())
+            before = merged.get(ident, (0, 0))
+            merged[ident] = (before[0] + count, max(before[1], covered))
+        return tuple(
+            WeatherUse(
+                scope=scope or None,
+                issued_at=issued_at,
+                thermostats=count,
+                intervals_covered=covered,
+            )
+            for (scope, issued_at), (count, covered) in sorted(merged.items(), key=_use_order)
+        )
+
+    def notes(self) -> list[str]:
+        if not self.thermostats:
+            return []
+        out = []
+        n = self.grid.n
+        for use in self.uses() or ():
+            issued = f" issued {use.issued_at.isoformat()}" if use.issued_at else ""
+            out.append(
+                f"outdoor temperature from the weather forecast for "
+                f"{use.scope or 'the gateway'}{issued} ({use.intervals_covered} of {n} interval(s))"
+            )
+        if self.fallback is not None and (self.from_weather < self.thermostats).any():
+            out.append("configured outdoor temperature where no weather forecast covers")
+        missing = int((self.known < self.thermostats).sum())
+        if missing == n:
+            out.append("no outdoor temperature: thermostat baselines from history")
+        elif missing:
+            out.append(
+                f"no outdoor temperature in {missing} interval(s): thermostat baselines from "
+                "history there"
+            )
+        return out
+
+
+def _use_order(item: tuple[tuple[str, datetime | None], tuple[int, int]]) -> tuple[str, float]:
+    (scope, issued_at), _ = item
+    return scope, issued_at.timestamp() if issued_at is not None else 0.0
 
 
 def flex_json_schemas() -> dict[str, dict[str, Any]]:
@@ -717,6 +895,7 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
         "performance_request": PerformanceRequest,
         "baseline_config": BaselineConfig,
         "flex_config": FlexConfig,
+        "weather_forecast": WeatherForecast,
     }
     return {name: model.model_json_schema() for name, model in models.items()}
 
@@ -733,7 +912,9 @@ __all__ = [
     "FlexRequest",
     "ForecastGrid",
     "QuantileMethod",
+    "TemperatureSource",
     "ThermalParams",
+    "WeatherUse",
     "aggregate",
     "availability_ratio",
     "device_flex",

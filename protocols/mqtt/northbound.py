@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 
 from gateway.model import COMMAND_ADAPTER, SCHEMA_VERSION, Command, Reason
+from gateway.weather import WeatherForecast
 
 MAX_COMMAND_BYTES = 256 * 1024
+MAX_WEATHER_BYTES = 512 * 1024
+"""14 days of 5-minute points, with room for whitespace."""
 API_ROOT = "derms/v1"
 
 
@@ -50,6 +53,10 @@ class Topics:
 
     def performance(self, command_id: str) -> str:
         return f"{self.root}/performance/{command_id}"
+
+    @property
+    def weather(self) -> str:
+        return f"{self.root}/weather"
 
     @property
     def status(self) -> str:
@@ -130,6 +137,40 @@ def decode_command(payload: bytes) -> Command:
     except ValidationError as exc:
         reason = Reason.WINDOW_INVALID if _is_window_error(exc) else Reason.SCHEMA_VIOLATION
         raise CommandDecodeError(reason, _format_errors(exc), command_id) from None
+
+
+class WeatherDecodeError(Exception):
+    """An inbound weather forecast that is not valid; nothing of it is used."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_weather(payload: bytes) -> WeatherForecast:
+    """Parse and validate one weather forecast; raise :class:`WeatherDecodeError`."""
+    if len(payload) > MAX_WEATHER_BYTES:
+        raise WeatherDecodeError(
+            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_WEATHER_BYTES}"
+        )
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeatherDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
+    if not isinstance(raw, dict):
+        raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, "a weather forecast must be an object")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise WeatherDecodeError(
+            Reason.UNSUPPORTED_VERSION,
+            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
+        )
+    try:
+        # json.loads lets NaN and Infinity through; the model rejects them (not finite).
+        return WeatherForecast.model_validate(raw)
+    except ValidationError as exc:
+        raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
 
 
 def encode(message: BaseModel) -> bytes:

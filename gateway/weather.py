@@ -1,0 +1,243 @@
+"""Outdoor temperature forecasts, per area, for the flexibility forecast.
+
+Grid DERMS (or a weather service integration) publishes a :class:`WeatherForecast` on
+``derms/v1/{gw}/weather``: fixed-step points of outdoor temperature for the whole gateway or for
+one topology group (``substation:s1``, ``feeder:f1``...), so areas far apart can differ. The
+gateway keeps the latest forecast per scope (:class:`WeatherBook`; the core stores it in the
+history file so it survives a restart) and gives each thermostat the series of the most specific
+scope that covers it.
+
+Each point is the mean temperature over ``[start, start + step_s)``. A forecast interval takes
+the time-weighted mean of the points it overlaps (:meth:`TemperatureSeries.means`), provided the
+forecast covers at least half of it; elsewhere the flexibility forecast falls back to the
+configured temperature, and says so.
+
+Everything here is pure (no I/O, no clock), like :mod:`gateway.flex`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Literal, Protocol
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from gateway.model import (
+    SCHEMA_VERSION,
+    TOPOLOGY_LEVELS,
+    Device,
+    Frozen,
+    Group,
+    Identifier,
+    UtcDatetime,
+)
+
+MIN_TEMP_C: Final = -60.0
+MAX_TEMP_C: Final = 60.0
+MAX_SPAN_S: Final = 14 * 86_400
+"""A forecast may cover at most 14 days."""
+MIN_STEP_S: Final = 300
+MAX_POINTS: Final = MAX_SPAN_S // MIN_STEP_S
+MIN_COVERAGE: Final = 0.5
+"""Share of a forecast interval the weather forecast must cover to be used for it."""
+GATEWAY_SCOPE: Final = "*"
+"""How the whole-gateway scope is keyed in storage (``scope`` omitted on the wire)."""
+
+FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+
+
+class TemperaturePoint(Frozen):
+    start: UtcDatetime
+    temp_c: float = Field(
+        ge=MIN_TEMP_C,
+        le=MAX_TEMP_C,
+        allow_inf_nan=False,
+        description="Mean outdoor temperature over [start, start + step_s), °C",
+    )
+
+
+class WeatherForecast(Frozen):
+    """Published by Grid DERMS on ``derms/v1/{gw}/weather`` (QoS 1, may be retained)."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    issued_at: UtcDatetime = Field(
+        description="When the forecast was made; an older one than held for the scope is ignored"
+    )
+    scope: Identifier | None = Field(
+        default=None,
+        description="A topology group id (substation:s1, feeder:f1, ...); omitted: the gateway",
+    )
+    step_s: int = Field(default=3600, ge=MIN_STEP_S, le=86_400, description="Spacing of points")
+    points: tuple[TemperaturePoint, ...] = Field(min_length=1, max_length=MAX_POINTS)
+    source: str | None = Field(default=None, max_length=128, description="Provider, for people")
+
+    @model_validator(mode="after")
+    def _fixed_step(self) -> WeatherForecast:
+        first = self.points[0].start
+        for k, point in enumerate(self.points[1:], start=1):
+            gap = (point.start - self.points[k - 1].start).total_seconds()
+            if gap <= 0:
+                raise ValueError(f"points[{k}].start is not after points[{k - 1}].start")
+            if (point.start - first).total_seconds() != k * self.step_s:
+                raise ValueError(
+                    f"points[{k}].start is {gap:g} s after the previous point; step_s is "
+                    f"{self.step_s}"
+                )
+        if len(self.points) * self.step_s > MAX_SPAN_S:
+            raise ValueError(f"the points span more than {MAX_SPAN_S // 86_400} days")
+        return self
+
+    @property
+    def scope_key(self) -> str:
+        return self.scope or GATEWAY_SCOPE
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TemperatureSeries:
+    """One forecast as numbers: ``temps_c[k]`` is the mean over the k-th step from ``start_s``."""
+
+    start_s: float
+    step_s: int
+    temps_c: FloatArray
+    scope: str | None = None
+    issued_at: datetime | None = None
+    _knots: FloatArray = field(init=False, repr=False)
+    _integral: FloatArray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        temps = np.asarray(self.temps_c, dtype=np.float64)
+        if temps.ndim != 1 or not len(temps) or not np.isfinite(temps).all() or self.step_s <= 0:
+            raise ValueError("a temperature series needs finite values and a positive step")
+        object.__setattr__(self, "temps_c", temps)
+        knots = self.start_s + self.step_s * np.arange(len(temps) + 1, dtype=np.float64)
+        object.__setattr__(self, "_knots", knots)
+        object.__setattr__(self, "_integral", np.concatenate(([0.0], np.cumsum(temps))))
+
+    @classmethod
+    def from_forecast(cls, forecast: WeatherForecast) -> TemperatureSeries:
+        return cls(
+            start_s=forecast.points[0].start.timestamp(),
+            step_s=forecast.step_s,
+            temps_c=np.array([p.temp_c for p in forecast.points], dtype=np.float64),
+            scope=forecast.scope,
+            issued_at=forecast.issued_at,
+        )
+
+    @property
+    def end_s(self) -> float:
+        return float(self._knots[-1])
+
+    def at(self, when: datetime) -> float | None:
+        """The temperature of the step containing ``when``; None outside the forecast."""
+        t = when.timestamp()
+        if not self.start_s <= t < self.end_s:
+            return None
+        return float(self.temps_c[int((t - self.start_s) // self.step_s)])
+
+    def means(self, starts: FloatArray, interval_s: float) -> FloatArray:
+        """Mean temperature over each ``[s, s + interval_s)`` (epoch seconds), NaN where the
+        forecast covers less than :data:`MIN_COVERAGE` of the interval."""
+        starts = np.asarray(starts, dtype=np.float64)
+        a = np.clip(starts, self.start_s, self.end_s)
+        b = np.clip(starts + interval_s, self.start_s, self.end_s)
+        covered = b - a
+        # The integral of a step function is piecewise linear: exact through np.interp.
+        integral = np.interp(b, self._knots, self._integral) - np.interp(
+            a, self._knots, self._integral
+        )
+        mean = np.divide(
+            integral * self.step_s, covered, out=np.full(len(starts), np.nan), where=covered > 0
+        )
+        return np.where(covered >= MIN_COVERAGE * interval_s - 1e-9, mean, np.nan)
+
+
+class _Groups(Protocol):
+    """What :meth:`WeatherBook.for_devices` needs of the registry."""
+
+    def group(self, group_id: str) -> Group | None: ...
+
+    def members(self, group_id: str) -> list[Device]: ...
+
+
+class WeatherBook:
+    """The latest forecast per scope, and which one applies to each device."""
+
+    def __init__(self, forecasts: Iterable[WeatherForecast] = ()) -> None:
+        self._held: dict[str, WeatherForecast] = {}
+        self._series: dict[str, TemperatureSeries] = {}
+        for forecast in forecasts:
+            self.put(forecast)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def get(self, scope: str | None) -> WeatherForecast | None:
+        return self._held.get(scope or GATEWAY_SCOPE)
+
+    def is_newer(self, forecast: WeatherForecast) -> bool:
+        """False for a forecast not newer than the one held for its scope (a redelivery)."""
+        held = self._held.get(forecast.scope_key)
+        return held is None or forecast.issued_at > held.issued_at
+
+    def put(self, forecast: WeatherForecast) -> bool:
+        """Hold ``forecast`` if it is newer than the one held for its scope; say whether it was."""
+        if not self.is_newer(forecast):
+            return False
+        self._held[forecast.scope_key] = forecast
+        self._series[forecast.scope_key] = TemperatureSeries.from_forecast(forecast)
+        return True
+
+    def for_devices(
+        self, devices: Sequence[Device], registry: _Groups
+    ) -> dict[str, TemperatureSeries]:
+        """Per device id, the series of the most specific scope that covers it.
+
+        Deeper topology levels win (transformer over feeder over substation over the gateway);
+        between groups of the same level, the newer forecast. Scopes the registry does not know
+        (any more) cover nobody. Devices no forecast covers are left out.
+        """
+        wanted = {d.device_id for d in devices}
+        out: dict[str, TemperatureSeries] = {}
+        gateway = self._series.get(GATEWAY_SCOPE)
+        if gateway is not None:
+            out = dict.fromkeys(wanted, gateway)
+        ranked: list[tuple[int, float, str]] = []
+        for key, forecast in self._held.items():
+            group = registry.group(key) if key != GATEWAY_SCOPE else None
+            if group is not None:
+                depth = TOPOLOGY_LEVELS.index(group.level)
+                ranked.append((depth, forecast.issued_at.timestamp(), key))
+        for _, _, key in sorted(ranked):  # most specific last, so it wins
+            series = self._series[key]
+            for device in registry.members(key):
+                if device.device_id in wanted:
+                    out[device.device_id] = series
+        return out
+
+
+def forecast_excerpt(forecast: WeatherForecast) -> str:
+    """A one-line summary for logs."""
+    first, last = forecast.points[0], forecast.points[-1]
+    span_h = len(forecast.points) * forecast.step_s / 3600
+    temps = [p.temp_c for p in forecast.points]
+    return (
+        f"{forecast.scope or 'gateway'}: {len(temps)} point(s) over {span_h:g} h from "
+        f"{first.start.isoformat()} ({min(temps):g}..{max(temps):g} °C, last "
+        f"{last.temp_c:g} °C), issued {forecast.issued_at.isoformat()}"
+    )
+
+
+__all__ = [
+    "GATEWAY_SCOPE",
+    "MAX_POINTS",
+    "MAX_SPAN_S",
+    "MIN_COVERAGE",
+    "TemperaturePoint",
+    "TemperatureSeries",
+    "WeatherBook",
+    "WeatherForecast",
+    "forecast_excerpt",
+]
