@@ -23,9 +23,9 @@ Processes (127.0.0.1 only; a fresh set per fleet size N, all stopped at the end 
   (config built in code; ``poll_interval_s = interval / 2``, see below) and counts DeviceStates
   through ``Gateway.state_listeners``;
 * the **raw** child is one plain aiomqtt client subscribed to the same wildcard
-  (``derms/devices/v1/+/telemetry``, QoS 1, the same 50,000-message inbound queue as the
-  gateway's link) that ``json.loads`` every payload: the floor of what any Python MQTT consumer
-  pays on this machine.
+  (``derms/devices/v1/+/telemetry``, QoS 1, MQTT 3.1.1 and the same 50,000-message inbound
+  queue as the gateway's link) that ``json.loads`` every payload: the floor of what any Python
+  MQTT consumer pays on this machine.
 
 Phases per N: raw flat-out window, gateway start, paced window (telemetry every ``--interval``),
 3 dispatch/cancel repetitions, gateway flat-out window, gateway stop, raw flat-out window again
@@ -487,8 +487,9 @@ async def _raw_main(port: int) -> None:
         HOST,
         port,
         identifier=f"bench-raw-{uuid.uuid4().hex[:6]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        max_queued_incoming_messages=50_000,  # as DeviceMqttConfig.max_queued_incoming
+        # As the gateway's device link (DeviceMqttConfig.protocol and .max_queued_incoming).
+        protocol=aiomqtt.ProtocolVersion.V311,
+        max_queued_incoming_messages=50_000,
     ) as client:
         await client.subscribe(f"{ROOT}/+/telemetry", qos=1)
         task = asyncio.create_task(consume(client))
