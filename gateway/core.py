@@ -212,6 +212,7 @@ class Gateway:
         self._flex_calendar: EventCalendar | None = None
         self._flex_history_end = -1
         self.weather = WeatherBook()
+        self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
         self.ready = asyncio.Event()
         self.version = _version()
@@ -507,6 +508,9 @@ class Gateway:
                 )
         self.weather.put(forecast)
         log.info("weather forecast %s", forecast_excerpt(forecast))
+        # The retained forecasts were made with the old temperatures: republish them at the
+        # next telemetry cycle rather than at the end of the flex period.
+        self._flex_outdated = True
 
     async def _load_weather(self) -> None:
         assert self.history is not None
@@ -1043,8 +1047,9 @@ class Gateway:
             now = utcnow()
             self.estimate_cycle(now)
             self._track_availability(now)
-            if time.monotonic() >= flex_due:
+            if time.monotonic() >= flex_due or self._flex_outdated:
                 flex_due = time.monotonic() + self.config.flex.period_s
+                self._flex_outdated = False
                 try:
                     self._publish_flex(now)
                 except Exception:  # a forecast must never take telemetry down with it

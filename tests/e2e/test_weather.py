@@ -247,3 +247,41 @@ async def test_the_gateway_wide_forecast_covers_every_group_and_a_newer_one_repl
         second = await grid.forecast(request)
         assert p50(second) == pytest.approx([3 * ac_kw(28.0)] * 2)
         assert grid.errors == []
+
+
+async def test_a_new_weather_forecast_republishes_the_retained_flex_forecasts(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    """The periodic forecasts are retained: a subscriber must not keep yesterday's
+    temperatures for a whole flex period after a new weather forecast."""
+    gateway_id = f"gw-wx-{uuid.uuid4().hex[:8]}"
+    base = gateway_config(broker_endpoint, gateway_id, tmp_path)
+    config = base.model_copy(
+        update={
+            "flex": base.flex.model_copy(update={"groups": ("feeder:f1",)}),
+            "timing": base.timing.model_copy(update={"telemetry_period_s": 0.5}),
+        }
+    )
+    start = utcnow().replace(minute=0, second=0, microsecond=0)
+    weather = {
+        "issued_at": utcnow().isoformat(),
+        "scope": "feeder:f1",
+        "points": [{"start": hour(start, k), "temp_c": 34.0} for k in range(30)],
+    }
+
+    def periodic() -> list[dict[str, Any]]:
+        return [f for f in grid.flex if f.get("request_id") is None]
+
+    async with grid_derms(broker_endpoint, gateway_id) as grid, running(config):
+        await eventually(lambda: len(periodic()) >= 1, 15, "the first periodic forecast")
+        first = periodic()[-1]
+        assert {i["temperature_source"] for i in first["intervals"]} == {"configured"}
+        await grid.weather(weather)
+        await eventually(
+            lambda: any(
+                "weather_forecast" in {i["temperature_source"] for i in f["intervals"]}
+                for f in periodic()
+            ),
+            15,
+            "a periodic forecast with the new weather, long before the flex period (1 day)",
+        )
