@@ -145,7 +145,13 @@ class Northbound:
         return kwargs
 
     async def _session(self) -> None:
-        async with aiomqtt.Client(**self._client_kwargs()) as client:  # type: ignore[arg-type]
+        client = aiomqtt.Client(**self._client_kwargs())  # type: ignore[arg-type]
+        # PUBACK only once a command is handled (stored, or answered with an error): a gateway
+        # that dies in between leaves it unacknowledged in its persistent session, and the
+        # broker delivers it again on the next connect. aiomqtt 2 has no API for this; its
+        # paho client does.
+        client._client.manual_ack_set(True)
+        async with client:
             self._client = client
             try:
                 await client.publish(self.topics.status, encode(self._status()), qos=1, retain=True)
@@ -191,8 +197,15 @@ class Northbound:
             reply = _reply_to(message.properties)
             # Commands are handled one at a time, in arrival order: idempotency and
             # supersession depend on it.
-            await self._on_command(bytes(payload), reply, str(message.topic))
+            try:
+                await self._on_command(bytes(payload), reply, str(message.topic))
+            except Exception:
+                # A bug, not bad input (that gets an error message): acknowledge anyway, or the
+                # broker would deliver the same message after every reconnect.
+                log.exception("handling a message on %s failed", message.topic)
             raise_if_cancelling()
+            if message.qos > 0:
+                client._client.ack(message.mid, message.qos)
 
     async def _send(self, client: aiomqtt.Client) -> None:
         while True:

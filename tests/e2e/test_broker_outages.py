@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -83,3 +84,34 @@ async def test_commands_sent_while_the_gateway_is_down_are_delivered_on_return(
     await fleet.start_gateway()
     ack = await fleet.grid.wait_for_state("queued", AckState.ACTIVE, 10)
     assert sum(a.commanded_kw for a in ack.allocations) == pytest.approx(-3.0)
+
+
+async def test_a_command_the_gateway_died_handling_is_delivered_again(fleet: Fleet) -> None:
+    """The broker's PUBACK is sent only once a command is stored: a gateway that stops between
+    receiving a command and storing it gets it again from its persistent session."""
+    gateway = fleet.gateway
+    assert gateway is not None
+    entered = asyncio.Event()
+
+    async def dies_before_storing(*_: object) -> None:
+        entered.set()
+        await asyncio.Event().wait()  # the disk hangs, then the process is stopped
+
+    gateway.book.submit = dies_before_storing  # type: ignore[method-assign]
+    await fleet.grid.send(
+        {
+            "type": "dispatch",
+            "command_id": "in-flight",
+            "kw": -2.0,
+            "target": {"group_id": "substation:s1"},
+            "start": iso(0.5),
+            "duration_s": 30,
+        }
+    )
+    await asyncio.wait_for(entered.wait(), 10)
+    await fleet.stop_gateway()
+    assert fleet.grid.states("in-flight") == []  # nothing was acknowledged to Grid DERMS
+
+    await fleet.start_gateway()  # a new process, same session
+    ack = await fleet.grid.wait_for_state("in-flight", AckState.ACTIVE, 10)
+    assert sum(a.commanded_kw for a in ack.allocations) == pytest.approx(-2.0)
