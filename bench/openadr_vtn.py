@@ -226,6 +226,20 @@ class _Ours(_Vtn):
     async def modify(self, name: str, value: float) -> None:
         await self._set(name, value)
 
+    async def burst(self, names: list[str], value: float, *, batched: bool) -> float:
+        """Modify every named VEN's event at once (a group dispatch re-shared); seconds until
+        the last is stored. Unbatched: each event in its own transaction, one after another
+        (how ``issue`` worked before group commit), for the same-run comparison."""
+        vtn = self.vtn
+        running = vtn._writer_running
+        vtn._writer_running = running and batched
+        try:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(self._set(name, value) for name in names))
+            return time.perf_counter() - t0
+        finally:
+            vtn._writer_running = running
+
 
 class _Bare(_Vtn):
     """openleadr's VTN as its documentation shows it: registration handler, ven_lookup,
@@ -408,6 +422,16 @@ async def _serve(kind: str, mode: str, pki: Path) -> None:
                 for name in msg["names"]:
                     issued += bool(await server.issue(name))
                 emit({"issued": issued})
+            elif op == "burst" and isinstance(server, _Ours):
+                names = list(msg["names"])
+                out: dict[str, list[float]] = {"batched_ms": [], "unbatched_ms": []}
+                for rep in range(3):  # alternate, so drift hits both alike
+                    for batched in (True, False) if rep % 2 == 0 else (False, True):
+                        value = -1.0 - 0.1 * (1 + len(out["batched_ms"]) + len(out["unbatched_ms"]))
+                        took = await server.burst(names, value, batched=batched)
+                        key = "batched_ms" if batched else "unbatched_ms"
+                        out[key].append(round(1000 * took, 1))
+                emit({"events": len(names), **out})
             elif op == "churn":
                 before, errors = churn.modified, churn.errors
                 churn.active = list(msg["names"])
@@ -921,6 +945,7 @@ async def _load_main(mode: str, sizes: list[int], seconds: float) -> dict[str, A
 
                 # Both at once (set-up is not measured): each VTN is its own process.
                 await asyncio.gather(set_up("ours"), set_up("bare"))
+                result["issue_burst"] = await ours.command({"op": "burst", "names": event_names})
                 sys.stderr.write(f"    {mode}: {n_max} VENs set up {result['setup_s']}\n")
                 for cell, n in enumerate(sizes):
                     group = vens[:n]
@@ -1023,6 +1048,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
             + ", ".join(f"{k} {v} B" for k, v in sorted(last[tag]["answer_bytes"].items()))
             for tag in ("ours", "bare")
         )
+        burst = res.get("issue_burst")
+        if burst:
+            print(
+                f"{res['mode']}: modifying {burst['events']} events at once (OpenAdrVtn.issue, "
+                f"3 reps): group commit {burst['batched_ms']} ms, one transaction per event "
+                f"{burst['unbatched_ms']} ms"
+            )
         print(
             f"{res['mode']}: identities {res['identities_s']} s; registration + events for "
             f"{max(res['vens'])} VENs: {setup}; answers: {sizes}; "

@@ -63,7 +63,7 @@ from openleadr.service import OptService  # type: ignore[import-untyped]
 from openleadr.utils import certificate_fingerprint_from_der  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adapters.base import AdapterError, DeviceAdapter, DeviceRejected
+from adapters.base import AdapterError, DeviceAdapter, DeviceRejected, DeviceUnavailable
 from adapters.oadr_resource import OadrResource, ResourceTelemetry
 from gateway.aio import wait_inside_task_group
 from gateway.model import (
@@ -117,6 +117,7 @@ _FINGERPRINT: Final = r"^([0-9A-Fa-f]{2}:){9}[0-9A-Fa-f]{2}$"
 _MAX_EVENTS_PER_DISTRIBUTION: Final = 500
 _CLOCK_SKEW_S: Final = 120.0
 _MAX_OPTS_PER_VEN: Final = 1_000
+_EVENT_WRITE_TIMEOUT_S: Final = 10.0
 _NOT_ALLOWED: Final = 451
 
 
@@ -308,9 +309,13 @@ class VtnStore(SqliteStore):
         await self.db.commit()
 
     async def save_event(self, event: IssuedEvent) -> None:
-        await self.db.execute(
+        await self.save_events([event])
+
+    async def save_events(self, events: list[IssuedEvent]) -> None:
+        """One transaction (one fsync) for a whole batch of new or modified events."""
+        await self.db.executemany(
             "INSERT OR REPLACE INTO vtn_events (event_id, record) VALUES (?, ?)",
-            (event.event_id, event.model_dump_json()),
+            [(event.event_id, event.model_dump_json()) for event in events],
         )
         await self.db.commit()
 
@@ -410,6 +415,12 @@ class OpenAdrVtn:
         self._telemetry: dict[str, _Telemetry] = {}
         self._sessions: dict[str, _Session] = {}
         self._lock = asyncio.Lock()
+        # Group commit of issued events: a dispatch over many resources issues many events at
+        # once; they are planned one by one but written in one transaction by the writer task.
+        self._unsaved: dict[str, IssuedEvent] = {}
+        self._batch: asyncio.Future[None] | None = None
+        self._flush = asyncio.Event()
+        self._writer_running = False
         self._refused_logged: set[tuple[str, str]] = set()
         self.opts: dict[tuple[str, str], OptSchedule] = {}
         """EiOpt schedules by (VEN name, optID), windowed or for one event."""
@@ -448,6 +459,7 @@ class OpenAdrVtn:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._housekeeping(), name="openadr-vtn:housekeeping")
                     tg.create_task(self._opt_watch(), name="openadr-vtn:opt-schedules")
+                    tg.create_task(self._event_writer(), name="openadr-vtn:event-writer")
                     await wait_inside_task_group()
             finally:
                 self.ready.clear()
@@ -1266,8 +1278,10 @@ class OpenAdrVtn:
             raise DeviceRejected(command.device_id, f"VEN {record.ven_name} not configured")
         descriptor = parse_resource_id(record.resource_id)
         async with self._lock:
-            previous_id = self._by_device.get(command.device_id)
-            previous = self.events.get(previous_id) if previous_id else None
+            previous = self._unsaved.get(command.device_id)
+            if previous is None:
+                previous_id = self._by_device.get(command.device_id)
+                previous = self.events.get(previous_id) if previous_id else None
             event = plan_event(
                 previous,
                 command,
@@ -1280,10 +1294,35 @@ class OpenAdrVtn:
             )
             if event is None:
                 return
-            await self._store.save_event(event)
-            self.events[event.event_id] = event
-            self._by_device[command.device_id] = event.event_id
-            self._session(record.ven_name).events_dirty = True
+            if not self._writer_running:  # not started (or stopping): write it ourselves
+                try:
+                    await self._store.save_event(event)
+                except Exception as exc:
+                    raise DeviceUnavailable(
+                        command.device_id, f"could not store its event: {exc!r}"
+                    ) from exc
+                self._expose([event])
+                batch = None
+            else:
+                self._unsaved[command.device_id] = event
+                if self._batch is None:
+                    self._batch = asyncio.get_running_loop().create_future()
+                    # Its issuers may all be gone (cancelled) by the time it fails.
+                    self._batch.add_done_callback(_retrieve)
+                batch = self._batch
+                self._flush.set()
+        if batch is not None:
+            # Stored (with everything else issued meanwhile) before any VEN can see it. The
+            # shield keeps one caller's cancellation from failing the whole batch.
+            try:
+                async with asyncio.timeout(_EVENT_WRITE_TIMEOUT_S):
+                    await asyncio.shield(batch)
+            except AdapterError:
+                raise
+            except Exception as exc:  # the store failed or hung: the supervisor retries
+                raise DeviceUnavailable(
+                    command.device_id, f"could not store its event: {exc!r}"
+                ) from exc
         log.info(
             "OpenADR event %s for %s: modification %d, %s",
             event.event_id,
@@ -1293,6 +1332,41 @@ class OpenAdrVtn:
             if event.cancelled
             else f"{event.signal_name} {event.signal_type} {event.value:g}",
         )
+
+    def _expose(self, events: list[IssuedEvent]) -> None:
+        """Stored events become what VENs are served (caller holds the lock)."""
+        for event in events:
+            self.events[event.event_id] = event
+            self._by_device[event.device_id] = event.event_id
+            self._session(event.ven_name).events_dirty = True
+
+    async def _event_writer(self) -> None:
+        """Write each batch of issued events in one transaction, then expose them."""
+        self._writer_running = True
+        try:
+            while True:
+                await self._flush.wait()
+                async with self._lock:
+                    self._flush.clear()
+                    batch, self._unsaved = list(self._unsaved.values()), {}
+                    done, self._batch = self._batch, None
+                    if not batch or done is None:
+                        continue
+                    try:
+                        async with asyncio.timeout(_EVENT_WRITE_TIMEOUT_S):
+                            await self._store.save_events(batch)
+                    except Exception as exc:  # the issuers see it; the events stay unissued
+                        log.error("storing %d OpenADR events failed: %s", len(batch), exc)
+                        done.set_exception(exc)
+                        continue
+                    self._expose(batch)
+                    done.set_result(None)
+        finally:
+            self._writer_running = False
+            pending, self._batch = self._batch, None
+            self._unsaved.clear()
+            if pending is not None and not pending.done():
+                pending.set_exception(DeviceRejected("openadr-vtn", "the VTN is stopping"))
 
     # ------------------------------------------------------------------ introspection
     def events_for(self, device_id: str) -> Iterator[IssuedEvent]:
@@ -1347,3 +1421,8 @@ def _bound_port(runner: web.AppRunner) -> int | None:
         if isinstance(address, tuple) and len(address) >= 2:
             return int(address[1])
     return None
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
