@@ -109,6 +109,14 @@ def demo_config(
             "telemetry_period_s": 2.0,
             "stale_after_s": 5.0,
         },
+        # Seconds, not the field's 5 min / 1 h: each dispatch is settled within the demo (with
+        # no history yet, against the pre-event mean, flagged as such).
+        "history": {"interval_s": 1},
+        "settlement": {
+            "baseline": {"interval_s": 2, "adjustment_offset_s": 0, "lookback_days": 1},
+            "delay_s": 1.0,
+            "fallback_window_s": 4,
+        },
         "devices": devices + [mqtt_device(d, k) for d, k in MQTT_DEVICES.items()],
         # Thermostats and water heaters talk MQTT directly (here: the same local broker, on
         # their own topic root; in the field a device broker with per-device accounts).
@@ -386,12 +394,28 @@ async def _script(
             "OEM share of the f1 dispatch: "
             + ", ".join(f"{a.device_id} {a.commanded_kw:+.1f} kW" for a in oem_share)
         )
+    with contextlib.suppress(TimeoutError):
+        await client.wait_for(
+            lambda o: "shed-north-f1" in o.performance,
+            timeout_s=max(0.1, min(8.0, deadline + 8.0 - time.monotonic())),
+        )
+    report = client.observed.performance.get("shed-north-f1")
+    if report is not None:
+        printer.line(
+            f"SETTLED shed-north-f1: baseline {report.baseline_method}, delivered "
+            f"{_num(report.delivered_kwh, '.3f')} kWh, mean "
+            f"{_num(report.mean_delivered_kw, '+.1f')} kW of {report.requested_kw:+.1f} kW "
+            f"requested ({_num(report.performance_ratio, '.0%')}), {len(report.devices)} "
+            f"devices, quality {report.quality.value}; flags "
+            f"{', '.join(sorted({str(f.code) for f in report.flags})) or 'none'}"
+        )
     checks = {
         "OEM cloud resources joined": len(joined()) == len(oem_ids),
         "MQTT devices and EV charger online": len(online(others)) == len(others),
         "f1 dispatch completed": AckState.COMPLETED in client.states("shed-north-f1"),
         "f2 dispatch completed": AckState.COMPLETED in client.states("shed-north-f2"),
         "unknown group rejected": AckState.REJECTED in client.states("shed-nowhere"),
+        "f1 performance report published": report is not None and bool(report.devices),
     }
     for name, passed in checks.items():
         printer.line(f"CHECK {name}: {'ok' if passed else 'FAILED'}")
@@ -411,3 +435,7 @@ async def _simulate(device: _Sim, host: str, port: int, protocol: str) -> None:
         time_scale=60.0,
     )
     await sim.run()
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "?" if value is None else format(value, spec)

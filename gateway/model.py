@@ -483,9 +483,11 @@ class DeviceTelemetry(Frozen):
     device_id: Identifier
     timestamp: UtcDatetime
     available: bool
-    power_kw: float | None
-    soc_pct: float | None
-    setpoint_kw: float | None = Field(description="What the gateway currently asks of it")
+    power_kw: float | None = None
+    soc_pct: float | None = None
+    setpoint_kw: float | None = Field(
+        default=None, description="What the gateway currently asks of it"
+    )
     quality: Quality
     provenance: tuple[LimitSource, ...] = ()
 

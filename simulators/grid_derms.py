@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.aio import raise_if_cancelling
+from gateway.flex import PerformanceReport
 from gateway.model import Ack, AckState, ErrorMessage, GatewayStatus, GroupTelemetry
 from protocols.mqtt import Topics
 
@@ -35,6 +36,7 @@ class Observed:
     flex: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: GatewayStatus | None = None
     replies: list[tuple[str, bytes | None, Ack]] = field(default_factory=list)
+    performance: dict[str, PerformanceReport] = field(default_factory=dict)
 
 
 class GridDermsClient:
@@ -77,6 +79,7 @@ class GridDermsClient:
             f"{root}/errors",
             f"{root}/status",
             f"{root}/telemetry/#",
+            f"{root}/performance/+",
             self.reply_topic,
         ):
             await self._client.subscribe(topic, qos=1)
@@ -152,6 +155,9 @@ class GridDermsClient:
             self.observed.errors.append(error)
             if self._on_error:
                 self._on_error(error)
+        elif topic.startswith(f"{root}/performance/"):
+            report = PerformanceReport.model_validate_json(payload)
+            self.observed.performance[report.command_id] = report
         elif topic == f"{root}/status":
             self.observed.status = GatewayStatus.model_validate_json(payload)
         elif topic.startswith(f"{root}/telemetry/groups/"):

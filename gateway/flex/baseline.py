@@ -314,7 +314,8 @@ class DeviceBaseline(Frozen):
     unadjusted_kw: tuple[float, ...] = Field(description="Mean of the selected days, kW")
     adjustment_factor: float = Field(description="Applied (capped) day-of factor; 1: none")
     raw_adjustment_factor: float | None = Field(
-        description="Uncapped actual/baseline ratio in the adjustment window; None: not computed"
+        default=None,
+        description="Uncapped actual/baseline ratio in the adjustment window; None: not computed",
     )
     adjustment_capped: bool
     selected_days: tuple[date, ...] = Field(description="Similar days used, most recent first")

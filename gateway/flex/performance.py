@@ -75,8 +75,8 @@ class DevicePerformance(Frozen):
     metered_kwh: float = Field(description="Energy over the window, missing intervals at baseline")
     delivered_kwh: float
     mean_delivered_kw: float = Field(description="Average delivered kW over the window")
-    requested_kw: float | None = Field(description="What was asked, load convention")
-    percent_of_request: float | None
+    requested_kw: float | None = Field(default=None, description="What was asked, load convention")
+    percent_of_request: float | None = None
     intervals_total: int
     intervals_measured: int
     intervals_estimated: int
@@ -99,8 +99,8 @@ class GroupPerformance(Frozen):
     metered_kwh: float
     delivered_kwh: float
     mean_delivered_kw: float
-    requested_kw: float | None
-    percent_of_request: float | None
+    requested_kw: float | None = None
+    percent_of_request: float | None = None
     devices: tuple[DevicePerformance, ...]
     devices_by_quality: dict[Quality, int]
     excluded: tuple[ExcludedDevice, ...] = Field(

@@ -93,12 +93,16 @@ class DeviceSettlement(Frozen):
 
     device_id: str
     allocated: bool = Field(description="The planner gave it a share of the event")
-    requested_kw: float | None = Field(description="Its last allocation, load convention")
+    requested_kw: float | None = Field(
+        default=None, description="Its last allocation, load convention"
+    )
     baseline: DeviceBaseline | None = Field(
-        description="Method, similar days, adjustment factor, per-interval kW; None: no baseline"
+        default=None,
+        description="Method, similar days, adjustment factor, per-interval kW; None: no baseline",
     )
     performance: DevicePerformance | None = Field(
-        description="Per-interval baseline vs metered, delivered kWh / mean kW, quality"
+        default=None,
+        description="Per-interval baseline vs metered, delivered kWh / mean kW, quality",
     )
     flags: tuple[SettlementFlag, ...] = ()
 
@@ -115,8 +119,8 @@ class GroupSettlement(Frozen):
     metered_kwh: float
     delivered_kwh: float
     mean_delivered_kw: float
-    requested_kw: float | None
-    percent_of_request: float | None
+    requested_kw: float | None = None
+    percent_of_request: float | None = None
     devices_settled: int
     devices_by_quality: dict[Quality, int]
     excluded: tuple[ExcludedDevice, ...] = ()
@@ -129,7 +133,9 @@ class PerformanceReport(Frozen):
     schema_version: Literal["1"] = SCHEMA_VERSION
     command_id: str
     program: str
-    group_id: str | None = Field(description="The dispatch's target group; None: device list")
+    group_id: str | None = Field(
+        default=None, description="The dispatch's target group; None: device list"
+    )
     final_state: AckState
     mode: DispatchMode
     dispatch_kw: float = Field(description="The dispatch's kw, load convention")
@@ -144,12 +150,14 @@ class PerformanceReport(Frozen):
     generated_at: UtcDatetime
     baseline_method: str
     adjustment_cap: float
-    delivered_kwh: float | None = Field(description="metered - baseline energy (negative: shed)")
-    mean_delivered_kw: float | None
-    performance_ratio: float | None = Field(
-        description="mean delivered / requested: 1.0 is exactly what was asked"
+    delivered_kwh: float | None = Field(
+        default=None, description="metered - baseline energy (negative: shed)"
     )
-    group: GroupSettlement | None
+    mean_delivered_kw: float | None = None
+    performance_ratio: float | None = Field(
+        default=None, description="mean delivered / requested: 1.0 is exactly what was asked"
+    )
+    group: GroupSettlement | None = None
     devices: tuple[DeviceSettlement, ...]
     flags: tuple[SettlementFlag, ...] = ()
     quality: Quality

@@ -164,3 +164,30 @@ def test_edge_agent_example_resolves_paths_against_its_folder() -> None:
     assert config.store.path == ROOT / "examples" / "site-1-edge.sqlite"
     with pytest.raises(ConfigError, match="upstream_sep2"):
         load_config(ROOT / "examples" / "gateway.toml", EdgeAgentConfig)
+
+
+def _nullable_but_required(schema: dict[str, object]) -> list[str]:
+    """Properties a schema requires although they may be null (at any depth)."""
+    found: list[str] = []
+    defs = schema.get("$defs", {})
+    assert isinstance(defs, dict)
+    for name, node in [("", schema), *defs.items()]:
+        assert isinstance(node, dict)
+        required = set(node.get("required", ()))
+        for prop, spec in node.get("properties", {}).items():
+            options = spec.get("anyOf", [spec])
+            if prop in required and any(o.get("type") == "null" for o in options):
+                found.append(f"{name or 'root'}.{prop}")
+    return found
+
+
+def test_published_messages_do_not_require_what_the_gateway_leaves_out() -> None:
+    """The gateway omits null fields from what it publishes (smaller messages on thousands of
+    devices), so a published schema must not require a field that may be null: a consumer that
+    validates with it would reject every message of an unavailable device or a failed
+    settlement."""
+    from gateway.flex import flex_json_schemas
+
+    schemas = json_schemas() | flex_json_schemas()
+    offenders = {name: bad for name, s in schemas.items() if (bad := _nullable_but_required(s))}
+    assert offenders == {}
