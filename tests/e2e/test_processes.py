@@ -113,3 +113,21 @@ sunspec = {{ port = {port} }}
         assert (tmp_path / "gw.sqlite").exists()
     finally:
         await stop(sim)
+
+
+@pytest.mark.timeout(180)
+async def test_the_readme_demo_passes_its_checks(tmp_path: Path) -> None:
+    """`derms-gateway demo` is the README's first command: every one of its checks must pass
+    (dispatch over every device family, envelope, rejection, the performance report)."""
+    log = tmp_path / "demo.log"
+    demo = await start("demo", log=log)
+    try:
+        code = await asyncio.wait_for(demo.wait(), 150)
+    finally:
+        await stop(demo, signal.SIGKILL)
+    out = log.read_text(errors="replace")
+    assert code == 0, out[-3000:]
+    checks = [line for line in out.splitlines() if " CHECK " in line]
+    assert len(checks) >= 6, out[-3000:]
+    assert all(line.endswith(": ok") for line in checks), checks
+    assert "SETTLED shed-north-f1" in out
