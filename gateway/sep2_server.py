@@ -244,6 +244,15 @@ class Sep2ServerConfig(_Section):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=256 * 1024)
     body_timeout_s: float = Field(default=10.0, gt=0, le=300)
     keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
+    listen_backlog: int = Field(
+        default=1024,
+        ge=16,
+        le=65_535,
+        description=(
+            "Pending connections the kernel queues (capped by net.core.somaxconn): a fleet "
+            "reconnecting after a restart overflows aiohttp's 128 and waits seconds on SYN retries"
+        ),
+    )
     default_page_limit: int = Field(default=1, ge=1, le=255, description="2030.5 default l=1")
     max_page_limit: int = Field(default=255, ge=1, le=1000)
     max_mirror_points: int = Field(default=8, ge=1, le=256, description="MUPs per client")
@@ -926,6 +935,7 @@ class Sep2Server:
                     self.config.host,
                     self.config.port,
                     ssl_context=ssl_context,
+                    backlog=self.config.listen_backlog,
                 )
                 await site.start()
             except BaseException:

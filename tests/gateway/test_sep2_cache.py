@@ -7,6 +7,8 @@ The server's clock is a settable integer so time moves only when a test moves it
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -440,3 +442,20 @@ async def test_cache_is_bounded(session: aiohttp.ClientSession) -> None:
         assert (info.hits, info.entries) == (0, 0)
     finally:
         await env.server.stop()
+
+
+async def test_the_listen_backlog_is_configurable(session: aiohttp.ClientSession) -> None:
+    """A fleet reconnecting at once after a restart must not overflow aiohttp's default 128."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read a listening socket's backlog")
+    setup = await _env(session, listen_backlog=777)
+    try:
+        ss = await asyncio.create_subprocess_exec(
+            "ss", "-Hltn", f"sport = :{setup.server.port}", stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await asyncio.wait_for(ss.communicate(), 10)
+        out = stdout.decode().split()
+        assert out[0] == "LISTEN"
+        assert int(out[2]) == 777  # Send-Q of a listening socket: its backlog
+    finally:
+        await setup.server.stop()
