@@ -171,6 +171,13 @@ class OpenAdrVtnConfig(_Section):
     vtn_id: str = Field(default="derms-vtn", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535, description="0: any free port (tests)")
+    listen_backlog: int = Field(
+        default=1024,
+        ge=16,
+        le=65_535,
+        description="Pending connections queued (capped by net.core.somaxconn); aiohttp's 128 "
+        "overflows when many VENs reconnect at once",
+    )
     path_prefix: str = "/OpenADR2/Simple/2.0b"
     tls: VtnTlsConfig | None = None
     allow_plain_http: bool = Field(
@@ -442,7 +449,11 @@ class OpenAdrVtn:
             await runner.setup()
             try:
                 site = web.TCPSite(
-                    runner, self.config.host, self.config.port, ssl_context=self._ssl_context()
+                    runner,
+                    self.config.host,
+                    self.config.port,
+                    ssl_context=self._ssl_context(),
+                    backlog=self.config.listen_backlog,
                 )
                 await site.start()
                 self.port = _bound_port(runner)

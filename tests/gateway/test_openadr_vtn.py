@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -652,3 +653,16 @@ async def test_events_issued_together_are_stored_in_one_transaction(
         event = vtn.current_event(f"{OEM}.b0")
         assert event is not None
         assert (event.value, event.modification_number) == (-2.0, 1)
+
+
+async def test_the_listen_backlog_is_configurable(tmp_path: Path, registrar: Registrar) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read a listening socket's backlog")
+    async with running_vtn(vtn_config(tmp_path, 0, listen_backlog=555), registrar) as vtn:
+        ss = await asyncio.create_subprocess_exec(
+            "ss", "-Hltn", f"sport = :{vtn.port}", stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await asyncio.wait_for(ss.communicate(), 10)
+        out = stdout.decode().split()
+        assert out[0] == "LISTEN"
+        assert int(out[2]) == 555  # Send-Q of a listening socket: its backlog
