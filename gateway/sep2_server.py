@@ -59,7 +59,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -993,6 +993,26 @@ class Sep2Server:
             body=encode(model, csipaus=self.config.csipaus), status=status, headers=headers
         )
 
+    def _list(
+        self,
+        request: web.Request,
+        der: _Der | None,
+        list_type: Callable[..., Sep2Model],
+        href: str,
+        items: Callable[[], list[Any]],
+        poll_rate_s: int | None = None,
+    ) -> web.Response:
+        """A list resource whose items do not depend on time: one page of ``items()``."""
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            every = items()
+            page = tuple(every[start : start + limit])
+            rate = {} if poll_rate_s is None else {"poll_rate": poll_rate_s}
+            return list_type(href=href, all=len(every), results=len(page), items=page, **rate), None
+
+        return self._cached(request, der, build, (start, limit, after))
+
     def _cached(
         self,
         request: web.Request,
@@ -1187,20 +1207,14 @@ class Sep2Server:
 
     async def _get_edev_list(self, request: web.Request) -> web.Response:
         _, der = self._client(request)
-        start, limit, after = self._paging(request)
-
-        def build(_now: int) -> tuple[Sep2Model, None]:
-            items = [] if der is None else [self._end_device(der)]
-            page = tuple(items[start : start + limit])
-            return EndDeviceList(
-                href="/edev",
-                all=len(items),
-                results=len(page),
-                poll_rate=self.config.poll_rate_s,
-                items=page,
-            ), None
-
-        return self._cached(request, der, build, (start, limit, after))
+        return self._list(
+            request,
+            der,
+            EndDeviceList,
+            "/edev",
+            lambda: [] if der is None else [self._end_device(der)],
+            self.config.poll_rate_s,
+        )
 
     async def _get_edev(self, request: web.Request) -> web.Response:
         der = self._own(request)
@@ -1243,20 +1257,14 @@ class Sep2Server:
 
     async def _get_fsa_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        start, limit, after = self._paging(request)
-
-        def build(_now: int) -> tuple[Sep2Model, None]:
-            items = [self._fsa(der)]
-            page = tuple(items[start : start + limit])
-            return FunctionSetAssignmentsList(
-                href=f"{der.base_href}/fsa",
-                all=len(items),
-                results=len(page),
-                poll_rate=self.config.poll_rate_s,
-                items=page,
-            ), None
-
-        return self._cached(request, der, build, (start, limit, after))
+        return self._list(
+            request,
+            der,
+            FunctionSetAssignmentsList,
+            f"{der.base_href}/fsa",
+            lambda: [self._fsa(der)],
+            self.config.poll_rate_s,
+        )
 
     def _fsa(self, der: _Der) -> FunctionSetAssignments:
         href = f"{der.base_href}/fsa/{_FSA_ID}"
@@ -1447,20 +1455,14 @@ class Sep2Server:
 
     async def _get_der_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        start, limit, after = self._paging(request)
-
-        def build(_now: int) -> tuple[Sep2Model, None]:
-            items = [self._der_resource(der)]
-            page = tuple(items[start : start + limit])
-            return DERList(
-                href=f"{der.base_href}/der",
-                all=len(items),
-                results=len(page),
-                poll_rate=self.config.der_poll_rate_s,
-                items=page,
-            ), None
-
-        return self._cached(request, der, build, (start, limit, after))
+        return self._list(
+            request,
+            der,
+            DERList,
+            f"{der.base_href}/der",
+            lambda: [self._der_resource(der)],
+            self.config.der_poll_rate_s,
+        )
 
     async def _get_der(self, request: web.Request) -> web.Response:
         der = self._own_der(request)
@@ -1496,15 +1498,8 @@ class Sep2Server:
 
     async def _get_rsps_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        start, limit, after = self._paging(request)
-
-        def build(_now: int) -> tuple[Sep2Model, None]:
-            items = [self._response_set(der)]
-            page = tuple(items[start : start + limit])
-            href = f"{der.base_href}/rsps"
-            return ResponseSetList(href=href, all=len(items), results=len(page), items=page), None
-
-        return self._cached(request, der, build, (start, limit, after))
+        href = f"{der.base_href}/rsps"
+        return self._list(request, der, ResponseSetList, href, lambda: [self._response_set(der)])
 
     def _own_rsps(self, request: web.Request) -> _Der:
         der = self._own(request)
