@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -94,7 +94,8 @@ ON CONFLICT(device_id, bucket) DO UPDATE SET
     last_ts = max(last_ts, excluded.last_ts)
 """
 
-_SQL_PARAMS = 500  # device ids per IN (...) query, well under SQLite's parameter limit
+HISTORY_CHUNK_DEVICES: Final = 500
+"""Device ids per ``IN (...)`` query (well under SQLite's parameter limit)."""
 _DAY_S = 86_400
 
 
@@ -354,8 +355,8 @@ class ReadingHistory(SqliteStore):
         sums = {d: np.zeros(n) for d in ids}
         counts = {d: np.zeros(n) for d in ids}
         doubtful = {d: np.zeros(n, dtype=np.bool_) for d in ids}
-        for i in range(0, len(ids), _SQL_PARAMS):
-            chunk = ids[i : i + _SQL_PARAMS]
+        for i in range(0, len(ids), HISTORY_CHUNK_DEVICES):
+            chunk = ids[i : i + HISTORY_CHUNK_DEVICES]
             marks = ",".join("?" for _ in chunk)
             async with self.db.execute(
                 f"SELECT device_id, (bucket - ?) / ?, SUM(sum_kw), SUM(n), SUM(n_questionable)"
