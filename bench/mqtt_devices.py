@@ -18,7 +18,7 @@ Processes (127.0.0.1 only; a fresh set per fleet size N, all stopped at the end 
   ``timestamp`` per batch: the thermal model is not stepped, the bench measures transport and
   decoding. A separate client subscribes to every device's ``command`` topic, stamps each
   receipt with ``time.time()`` and answers ``accepted`` on the device's ``result`` topic.
-  Not emulated: per-device accounts and ACL (``gateway.mqtt_acl``) and per-device last wills;
+  Not emulated: per-device accounts and ACL (``mqtt_devices.acl``) and per-device last wills;
 * the **gateway** child runs a real ``gateway.core.Gateway`` with N ``mqtt_thermostat`` devices
   (config built in code; ``poll_interval_s = interval / 2``, see below) and counts DeviceStates
   through ``Gateway.state_listeners``;
@@ -505,7 +505,7 @@ async def _raw_main(port: int) -> None:
 
 
 def gateway_config(port: int, n: int, interval: float, gateway_id: str, store: Path) -> Any:
-    from gateway.config import parse_config
+    from composition.config import parse_config
 
     stale = max(15.0, 3 * interval)
     devices = [
@@ -559,8 +559,8 @@ class WarningCounter(logging.Handler):
 
 
 async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> None:
+    from composition.runtime import settle_heap
     from gateway.core import Gateway
-    from gateway.runtime import settle_heap
 
     warnings = WarningCounter()
     logging.getLogger().handlers[:] = [warnings]
@@ -687,7 +687,7 @@ class BenchBroker:
     """mosquitto for the bench: anonymous, queues sized for the fleet, ``$SYS`` every second."""
 
     def __init__(self, n: int) -> None:
-        from gateway.broker import MosquittoBroker
+        from simulators.broker import MosquittoBroker
 
         queued = max(100_000, 50 * n)
         self._dir = tempfile.TemporaryDirectory(prefix="bench-mqtt-broker-")
@@ -841,8 +841,8 @@ async def _paced_window(
 async def _dispatch_latency(
     load: Child, gw: Child, port: int, gateway_id: str, size: Size
 ) -> dict[str, Any]:
-    from gateway.model import AckState, utcnow
     from simulators.grid_derms import GridDermsClient
+    from unified.model import AckState, utcnow
 
     n = size.n
     dispatch_s: list[float] = []
@@ -910,7 +910,7 @@ async def _dispatch_latency(
 def grid_ack_time(grid: Any, command_id: str) -> float:
     """Arrival of the ``active`` ack: the client keeps acks, not times, so use the ack's own
     timestamp (stamped by the gateway when it published it, same machine clock)."""
-    from gateway.model import AckState
+    from unified.model import AckState
 
     acks = grid.observed.acks.get(command_id, [])
     return next(a.timestamp.timestamp() for a in acks if a.state is AckState.ACTIVE)

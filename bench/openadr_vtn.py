@@ -112,8 +112,8 @@ def _quiet() -> None:
 
 
 def _resource_id() -> str:
-    from gateway.model import DerClass, TopologyLocation
     from protocols.openadr.vtn_events import format_resource_id
+    from unified.model import DerClass, TopologyLocation
 
     location = TopologyLocation(substation="s1", feeder="f1")
     return format_resource_id("r1", DerClass.BATTERY, 5.0, capacity_kwh=13.5, location=location)
@@ -158,8 +158,8 @@ class _Vtn:
 
 class _Ours(_Vtn):
     def __init__(self, mode: str, pki: Path, vens: list[dict[str, str]]) -> None:
-        from gateway.model import TopologyLocation
-        from gateway.openadr_vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
+        from adapters.oem_vtn.vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
+        from unified.model import TopologyLocation
 
         location = TopologyLocation(substation="s1", feeder="f1")
         allowed = [
@@ -213,7 +213,7 @@ class _Ours(_Vtn):
                 await asyncio.wait_for(self._task, 10)
 
     async def _set(self, name: str, value: float) -> None:
-        from gateway.model import DeviceCommand
+        from unified.model import DeviceCommand
 
         await self.vtn.issue(DeviceCommand(device_id=f"{name}.r1", power_kw=value))
 
@@ -840,8 +840,8 @@ def make_identities(mode: str, n: int, pki: Path) -> list[dict[str, Any]]:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
-        from gateway.certs import make_ca, make_cert
-        from gateway.openadr_vtn import fingerprint_of_der
+        from adapters.oem_vtn.vtn import fingerprint_of_der
+        from composition.certs import make_ca, make_cert
 
         ca = make_ca(pki, "ca")
         make_cert(ca, pki, "vtn", server=True, hosts=(HOST,))
@@ -1134,7 +1134,7 @@ def signing_micro(repeat_ec: int = 100, repeat_rsa: int = 10) -> dict[str, float
     from cryptography.x509.oid import NameOID
     from openleadr import messaging
 
-    from gateway.certs import make_ca, make_cert
+    from composition.certs import make_ca, make_cert
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-oadr-sig-") as tmp:

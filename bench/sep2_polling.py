@@ -134,15 +134,15 @@ def _profiling_hook(tag: str) -> Callable[[dict[str, Any]], bool]:
 
 
 async def _serve_ours(mode: str, lfdis: list[str], pki: Path | None) -> None:
-    from adapters.sep2_der import Sep2Der, Sep2DerEndpoint
-    from gateway.model import DeviceCommand
-    from gateway.sep2_server import (
+    from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
+    from adapters.sep2_der.server import (
         Sep2DefaultEnvelope,
         Sep2ProgramConfig,
         Sep2Server,
         Sep2ServerConfig,
         Sep2TlsConfig,
     )
+    from unified.model import DeviceCommand
 
     programs = [
         Sep2ProgramConfig(
@@ -207,7 +207,7 @@ async def _serve_bare(mode: str, bodies: dict[str, bytes], pki: Path | None) -> 
     app.router.add_post("/mup/{m:\\d+}", post)
     ssl_context = None
     if mode == "tls":
-        from gateway.certs import server_ssl_context
+        from protocols.tls import server_ssl_context
 
         assert pki is not None
         ssl_context = server_ssl_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
@@ -296,7 +296,8 @@ def make_identities(mode: str, n: int, pki: Path) -> tuple[list[str], list[ssl.S
     (about 1 ms each for key, certificate and its SSLContext), so no certificate is shared."""
     if mode == "http":
         return [_http_lfdi(i) for i in range(n)], [None] * n
-    from gateway.certs import client_ssl_context, make_ca, make_cert
+    from composition.certs import make_ca, make_cert
+    from protocols.tls import client_ssl_context
 
     ca = make_ca(pki, "ca")
     make_cert(ca, pki, "server", server=True, hosts=(HOST,))

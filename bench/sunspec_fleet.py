@@ -273,7 +273,7 @@ async def measure(
 def gateway_config(
     ports: list[int], broker_port: int, store: Path, *, poll_s: float, control_s: float
 ) -> Any:
-    from gateway.config import parse_config
+    from composition.config import parse_config
 
     devices = [
         {
@@ -414,8 +414,8 @@ async def command_latency(
     sims: SimsChild, gateway: Any, broker_port: int, n: int, reps: int, profile: bool = False
 ) -> dict[str, Any]:
     """Dispatch to the whole substation, wait for every simulator to hold it, cancel, repeat."""
-    from gateway.model import utcnow
     from simulators.grid_derms import GridDermsClient
+    from unified.model import utcnow
 
     clock = AckClock()
     gateway_id = gateway.config.gateway_id
@@ -499,7 +499,7 @@ async def command_latency(
 
 async def discover_addresses(port: int) -> tuple[int, int]:
     """The registers the adapter polls: 701 ``W`` and 713 ``SoC``, found by its own connect()."""
-    from adapters.sunspec_battery import SunSpecBattery, SunSpecEndpoint
+    from adapters.sunspec.battery import SunSpecBattery, SunSpecEndpoint
     from protocols.sunspec import (
         MODEL_DER_MEASURE_AC,
         MODEL_DER_STORAGE_CAPACITY,
@@ -585,7 +585,7 @@ class RawBaseline:
 
 
 async def _worker(n: int, seconds: float, reps: int, step_s: float, profile: bool) -> dict:
-    from gateway.broker import MosquittoBroker
+    from simulators.broker import MosquittoBroker
 
     warmup = min(1.0, seconds / 5)
     start_timeout = 30 + 0.15 * n

@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.model import DerClass
 from gateway.telemetry import (
     Detail,
     DeviceProfile,
@@ -59,6 +58,7 @@ from gateway.telemetry import (
     GroupEstimator,
     QualityClassifier,
 )
+from unified.model import DerClass
 
 F = npt.NDArray[np.float64]
 I = npt.NDArray[np.intp]  # noqa: E741

@@ -27,12 +27,25 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.sep2_client import EffectiveControls, Sep2Client, Sep2ClientConfig, TelemetrySample
+from adapters.sep2_client.client import (
+    EffectiveControls,
+    Sep2Client,
+    Sep2ClientConfig,
+    TelemetrySample,
+)
+from composition.config import GatewayConfig
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
-from gateway.config import GatewayConfig, rebase
 from gateway.core import Gateway
-from gateway.model import (
+from protocols.sep2 import (
+    DERCapability,
+    DERStatus,
+    StateOfChargeStatus,
+    WattHour,
+    from_watts,
+)
+from unified.config import rebase
+from unified.model import (
     AckState,
     Cancel,
     Command,
@@ -43,13 +56,6 @@ from gateway.model import (
     OperatingEnvelope,
     Target,
     utcnow,
-)
-from protocols.sep2 import (
-    DERCapability,
-    DERStatus,
-    StateOfChargeStatus,
-    WattHour,
-    from_watts,
 )
 
 log = logging.getLogger(__name__)
@@ -134,8 +140,8 @@ class EdgeAgent:
         ssl_context = None
         lfdi = upstream.lfdi
         if upstream.tls is not None:
-            from gateway.certs import client_ssl_context
             from protocols.sep2 import lfdi_from_cert
+            from protocols.tls import client_ssl_context
 
             ssl_context = client_ssl_context(
                 upstream.tls.cert_file, upstream.tls.key_file, upstream.tls.ca_file

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.dispatch import ActiveCommand, Plan, allocations_changed, target_devices
-from gateway.model import (
+from gateway.registry import Registry
+from gateway.store import CommandStore, digest
+from unified.model import (
     ALLOWED_TRANSITIONS,
     TERMINAL_STATES,
     Ack,
@@ -27,8 +29,6 @@ from gateway.model import (
     ScheduledCommand,
     Target,
 )
-from gateway.registry import Registry
-from gateway.store import CommandStore, digest
 
 log = logging.getLogger(__name__)
 

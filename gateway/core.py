@@ -22,15 +22,19 @@ from zoneinfo import ZoneInfo
 import numpy as np
 from pydantic import ValidationError
 
-from adapters.base import AdapterError, DeviceAdapter, DeviceRejected
-from adapters.mqtt_device import DeviceMqttLink, build_mqtt_adapter
-from adapters.sep2_der import Sep2Der
-from adapters.sunspec_battery import SunSpecBattery
-from adapters.supervisor import DeviceSupervisor
+from adapters.grid_derms.link import Northbound, Outgoing, ReplyTo
+from adapters.mqtt_devices.devices import DeviceMqttLink, build_mqtt_adapter
+from adapters.ocpp.central import OcppCentral
+from adapters.oem_vtn.vtn import OpenAdrVtn
+from adapters.openadr_ven.ven import OpenAdrVen, capacity_from_registry, submit_to_book
+from adapters.sep2_der.der import Sep2Der
+from adapters.sep2_der.server import Sep2ResponseRecord, Sep2Server
+from adapters.sunspec.battery import SunSpecBattery
+from composition.config import GatewayConfig
 from gateway import dispatch
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandBook, CommandRejected
-from gateway.config import GatewayConfig
+from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected
 from gateway.flex import (
     DeviceFlexInput,
     DeviceHistory,
@@ -51,7 +55,23 @@ from gateway.history import (
     ReadingHistory,
     run_history_writer,
 )
-from gateway.model import (
+from gateway.registry import Registry
+from gateway.store import CommandStore
+from gateway.supervisor import DeviceSupervisor
+from gateway.telemetry import (
+    CycleEstimate,
+    DeviceProfile,
+    EstimatorConfig,
+    FleetIndex,
+    GroupEstimator,
+    QualityClassifier,
+    RawReading,
+    TelemetryQuality,
+)
+from gateway.weather import WeatherBook, forecast_excerpt
+from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
+from protocols.mqtt.northbound import WeatherDecodeError, decode_weather
+from unified.model import (
     TERMINAL_STATES,
     Ack,
     AckState,
@@ -71,26 +91,7 @@ from gateway.model import (
     TopologyLevel,
     utcnow,
 )
-from gateway.northbound import Northbound, Outgoing, ReplyTo
-from gateway.ocpp_central import OcppCentral
-from gateway.openadr_ven import OpenAdrVen, capacity_from_registry, submit_to_book
-from gateway.openadr_vtn import OpenAdrVtn
-from gateway.registry import Registry
-from gateway.sep2_server import Sep2ResponseRecord, Sep2Server
-from gateway.store import CommandStore
-from gateway.telemetry import (
-    CycleEstimate,
-    DeviceProfile,
-    EstimatorConfig,
-    FleetIndex,
-    GroupEstimator,
-    QualityClassifier,
-    RawReading,
-    TelemetryQuality,
-)
-from gateway.weather import WeatherBook, WeatherForecast, forecast_excerpt
-from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
-from protocols.mqtt.northbound import WeatherDecodeError, decode_weather
+from unified.weather import WeatherForecast
 
 log = logging.getLogger(__name__)
 

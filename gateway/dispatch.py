@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from gateway.model import (
+from gateway.registry import Registry
+from unified.model import (
     Allocation,
     Device,
     DeviceCommand,
@@ -28,7 +29,6 @@ from gateway.model import (
     ScheduledCommand,
     Target,
 )
-from gateway.registry import Registry
 
 # Energy limits are spread over at least this long, so a battery a hair above its reserve is not
 # allowed full power for the last control periods of an event and then overshoot the reserve.

@@ -38,8 +38,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.flex.baseline import DeviceHistory, epoch_s, from_epoch
-from gateway.model import utcnow
 from gateway.store import SqliteStore
+from unified.model import utcnow
 
 log = logging.getLogger(__name__)
 

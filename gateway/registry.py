@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.model import TOPOLOGY_LEVELS, Device, Group, TopologyLocation
+from unified.model import TOPOLOGY_LEVELS, Device, Group, TopologyLocation
 
 
 def implicit_group_id(level: str, name: str) -> str:

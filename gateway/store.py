@@ -15,7 +15,7 @@ from typing import ClassVar, Self
 
 import aiosqlite
 
-from gateway.model import COMMAND_ADAPTER, TERMINAL_STATES, Ack, AckState, Command
+from unified.model import COMMAND_ADAPTER, TERMINAL_STATES, Ack, AckState, Command
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (

@@ -67,7 +67,7 @@ class _WireLog(logging.LoggerAdapter[logging.Logger]):
 
 _WIRE_LOG: Final = _WireLog(logging.getLogger("simulators.ev_charger.wire"))
 _CONNECTOR: Final = 1
-_NEEDS_VENDOR_ID: Final = "org.derms-gateway"  # gateway.ocpp_central.NEEDS_VENDOR_ID
+_NEEDS_VENDOR_ID: Final = "org.derms-gateway"  # adapters.ocpp.central.NEEDS_VENDOR_ID
 _NEEDS_MESSAGE_ID: Final = "EVChargingNeeds"
 
 

@@ -23,8 +23,8 @@ from paho.mqtt.properties import Properties
 
 from gateway.aio import raise_if_cancelling
 from gateway.flex import PerformanceReport
-from gateway.model import Ack, AckState, ErrorMessage, GatewayStatus, GroupTelemetry
 from protocols.mqtt import Topics
+from unified.model import Ack, AckState, ErrorMessage, GatewayStatus, GroupTelemetry
 
 
 @dataclass

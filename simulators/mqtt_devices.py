@@ -34,7 +34,6 @@ from typing import Final, Generic, Literal, TypeVar
 import aiomqtt
 
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
-from gateway.model import utcnow
 from protocols.mqtt.devices import (
     Availability,
     Birth,
@@ -58,6 +57,7 @@ from protocols.mqtt.devices import (
     decode_command,
     encode,
 )
+from unified.model import utcnow
 
 __all__ = [
     "MqttDeviceSimulator",

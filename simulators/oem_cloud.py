@@ -43,9 +43,9 @@ from typing import Any, Final, Literal
 
 from openleadr import OpenADRClient, objects  # type: ignore[import-untyped]
 
-from gateway.model import DerClass, TopologyLocation, utcnow
 from protocols.openadr import MalformedEvent, OadrEvent, parse_event, quiet_openleadr
 from protocols.openadr.vtn_events import format_resource_id
+from unified.model import DerClass, TopologyLocation, utcnow
 
 __all__ = [
     "ActiveInstruction",

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from gateway.broker import BrokerEndpoint, EmbeddedBroker, MosquittoBroker
+from simulators.broker import BrokerEndpoint, EmbeddedBroker, MosquittoBroker
 
 
 @pytest.fixture(scope="session")

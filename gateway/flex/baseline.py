@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from gateway.model import SCHEMA_VERSION, Frozen, Quality, Quantity, Reading, UtcDatetime
+from unified.model import SCHEMA_VERSION, Frozen, Quality, Quantity, Reading, UtcDatetime
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]

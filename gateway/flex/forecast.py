@@ -84,7 +84,8 @@ from gateway.flex.baseline import (
     epoch_s,
     from_epoch,
 )
-from gateway.model import (
+from gateway.weather import TemperatureSeries
+from unified.model import (
     SCHEMA_VERSION,
     DerClass,
     Device,
@@ -93,7 +94,7 @@ from gateway.model import (
     Identifier,
     UtcDatetime,
 )
-from gateway.weather import TemperatureSeries, WeatherForecast
+from unified.weather import WeatherForecast
 
 _Z90 = NormalDist().inv_cdf(0.9)
 _DAY_S = 86_400

@@ -2,7 +2,7 @@
 
 Sign convention (the model's load convention throughout): ``delivered_kw = metered − baseline``
 is the change in net import the event caused, so a load *reduction* is negative, exactly like the
-``kw`` of the :class:`gateway.model.Dispatch` that asked for it ("reduce by 2 MW" is ``-2000``).
+``kw`` of the :class:`unified.model.Dispatch` that asked for it ("reduce by 2 MW" is ``-2000``).
 ``percent_of_request = 100 × delivered / requested`` is then positive when the device moved the
 way it was asked, whichever way that was, and above 100 when it over-delivered.
 
@@ -35,7 +35,7 @@ from gateway.flex.baseline import (
     GroupBaseline,
     interval_starts,
 )
-from gateway.model import SCHEMA_VERSION, Frozen, Quality, UtcDatetime
+from unified.model import SCHEMA_VERSION, Frozen, Quality, UtcDatetime
 
 #: Worse qualities later: a combined result takes the worst of its parts.
 _SEVERITY: dict[Quality, int] = {

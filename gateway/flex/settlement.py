@@ -53,7 +53,7 @@ from gateway.flex.baseline import (
     interval_starts,
 )
 from gateway.flex.performance import DevicePerformance, event_performance, worst
-from gateway.model import (
+from unified.model import (
     SCHEMA_VERSION,
     AckState,
     DispatchMode,

@@ -63,9 +63,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from gateway.model import SCHEMA_VERSION, DerClass, Frozen, Quality, UtcDatetime
 from gateway.telemetry.fleet import CLASS_CODE, CLASSES, FleetIndex, FloatArray, IntArray
 from gateway.telemetry.quality import DeviceStatus, FleetSnapshot
+from unified.model import SCHEMA_VERSION, DerClass, Frozen, Quality, UtcDatetime
 
 #: Lags (in telemetry periods) at which a separate regression is fitted; a missing device uses the
 #: nearest one (on a log scale). The extra last bucket is "no history": the class mean.

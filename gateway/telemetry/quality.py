@@ -3,7 +3,7 @@
 Quality follows IEC 61850 (``q``): a *validity* (good / questionable / invalid), *detail* flags
 that say why, and a *source* (process or substituted); ``estimated`` marks values the gateway
 computed rather than received. ``TelemetryQuality.to_core`` maps it onto the core
-``gateway.model.Quality`` so the northbound messages can carry it unchanged.
+``unified.model.Quality`` so the northbound messages can carry it unchanged.
 
 What is checked, and why it is done this way:
 
@@ -54,8 +54,8 @@ from enum import IntEnum, IntFlag, StrEnum
 import numpy as np
 import numpy.typing as npt
 
-from gateway.model import DeviceState, Quality
 from gateway.telemetry.fleet import CLASSES, FleetIndex, FloatArray, IntArray
+from unified.model import DeviceState, Quality
 
 BoolArray = npt.NDArray[np.bool_]
 

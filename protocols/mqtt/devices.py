@@ -8,7 +8,7 @@ Thermostats and water heaters each own a subtree ``{root}/{device_id}/``::
     command       gateway → device   QoS 1             one action, with a hold time
     result        device → gateway   QoS 1             accepted / rejected / completed / opted out
 
-The broker ACL (:mod:`gateway.mqtt_acl`) lets a device write only its own ``birth``,
+The broker ACL (:mod:`adapters.mqtt_devices.acl`) lets a device write only its own ``birth``,
 ``availability``, ``telemetry`` and ``result`` and read only its own ``command``, so the topic
 tells who sent a message; a payload whose ``device_id`` disagrees with its topic is refused.
 
@@ -26,7 +26,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from gateway.model import SCHEMA_VERSION, Frozen, Identifier, UtcDatetime
+from unified.model import SCHEMA_VERSION, Frozen, Identifier, UtcDatetime
 
 __all__ = [
     "COMMAND_ADAPTER",

@@ -1,6 +1,6 @@
 """Topics and JSON payloads of the Grid DERMS MQTT interface, ``derms/v1/{gateway_id}/...``.
 
-Pure functions over bytes and models: the transport lives in :mod:`gateway.northbound`.
+Pure functions over bytes and models: the transport lives in :mod:`adapters.grid_derms.link`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.model import COMMAND_ADAPTER, SCHEMA_VERSION, Command, Reason
-from gateway.weather import WeatherForecast
+from unified.model import COMMAND_ADAPTER, SCHEMA_VERSION, Command, Reason
+from unified.weather import WeatherForecast
 
 MAX_COMMAND_BYTES = 256 * 1024
 MAX_WEATHER_BYTES = 512 * 1024

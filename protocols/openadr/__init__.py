@@ -1,6 +1,6 @@
 """OpenADR 2.0b: event translation (a pure reconciler) and the message codec (no I/O).
 
-The VEN service that talks to a VTN lives in :mod:`gateway.openadr_ven`. The VTN side's pure
+The VEN service that talks to a VTN lives in :mod:`adapters.openadr_ven.ven`. The VTN side's pure
 parts are :mod:`protocols.openadr.vtn_events` (setpoints → events) and
 :mod:`protocols.openadr.vtn_opts` (EiOpt messages → opt schedules).
 """

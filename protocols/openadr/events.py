@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.model import (
+from unified.model import (
     AckState,
     Cancel,
     Command,
@@ -99,7 +99,7 @@ class OptOutReason(StrEnum):
     """Why the VEN refused an event before submitting anything.
 
     A refusal because the gateway rejected a command carries the gateway's own
-    :class:`gateway.model.Reason` value instead (``beyond_ratings``, ``no_devices``, ...).
+    :class:`unified.model.Reason` value instead (``beyond_ratings``, ``no_devices``, ...).
     """
 
     MALFORMED_EVENT = "malformed_event"

@@ -2,7 +2,7 @@
 
 The gateway hosts a VTN that OEM clouds join as VENs. Each resource a VEN lists in its METADATA
 report becomes a device; the planner then hands that device one setpoint at a time
-(:class:`gateway.model.DeviceCommand`). This module decides what that setpoint means on the wire:
+(:class:`unified.model.DeviceCommand`). This module decides what that setpoint means on the wire:
 
 * :func:`parse_resource_id` reads what a VEN tells us about a resource. OpenADR has no field for
   a resource's capacity or grid location, and openleadr's VEN cannot fill ``reportSubject`` or
@@ -21,7 +21,7 @@ Resource id grammar (``;``-separated, the name first, then ``key=value`` fields 
     tstat-7;class=thermostat;kw=3.5;sub=s1;feeder=f1;xfmr=t12
     bat-2;class=battery;kw=5;kwh=13.5;sub=s1;feeder=f2;section=f2a
 
-``class`` is a :class:`gateway.model.DerClass` value, ``kw`` the rated power (shed and absorb),
+``class`` is a :class:`unified.model.DerClass` value, ``kw`` the rated power (shed and absorb),
 ``kwh`` the usable energy (a thermostat defaults to one hour at rated power: the energy its
 comfort band stores), ``sub`` / ``feeder`` / ``section`` / ``xfmr`` the grid location. A resource
 without a location gets its VEN's default location from the configuration.
@@ -38,7 +38,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.model import DerClass, DeviceCommand, LimitSource, TopologyLocation
+from unified.model import DerClass, DeviceCommand, LimitSource, TopologyLocation
 
 __all__ = [
     "DEFAULT_LEVEL_FRACTIONS",

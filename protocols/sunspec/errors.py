@@ -1,7 +1,7 @@
 """Errors of the SunSpec codec. Each carries the ids it concerns as attributes, not only text."""
 
 # The names say what went wrong in SunSpec terms (``MapNotFound``, ``ModelMissing``), like
-# adapters.base does; an ``Error`` suffix on each would add nothing.
+# gateway.devices does; an ``Error`` suffix on each would add nothing.
 
 from __future__ import annotations
 

@@ -20,8 +20,13 @@ from typing import TypeVar
 import aiomqtt
 import pytest
 
-from adapters.base import AdapterError, DeviceRejected, DeviceUnavailable, UnsafeCommand
-from adapters.mqtt_device import (
+from adapters.mqtt_devices.acl import (
+    AuthenticatedMosquitto,
+    DeviceAccount,
+    new_device_accounts,
+    provision_broker_files,
+)
+from adapters.mqtt_devices.devices import (
     DeviceMqttConfig,
     DeviceMqttLink,
     MqttDeviceSettings,
@@ -29,15 +34,8 @@ from adapters.mqtt_device import (
     MqttWaterHeater,
     build_mqtt_adapter,
 )
-from adapters.supervisor import DeviceSupervisor
-from gateway.broker import BrokerEndpoint, MosquittoBroker
-from gateway.model import DeviceCommand, utcnow
-from gateway.mqtt_acl import (
-    AuthenticatedMosquitto,
-    DeviceAccount,
-    new_device_accounts,
-    provision_broker_files,
-)
+from gateway.devices import AdapterError, DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.supervisor import DeviceSupervisor
 from protocols.mqtt.devices import (
     DeviceTopics,
     MessageKind,
@@ -45,6 +43,7 @@ from protocols.mqtt.devices import (
     WaterHeaterMode,
     encode,
 )
+from simulators.broker import BrokerEndpoint, MosquittoBroker
 from simulators.mqtt_devices import (
     MqttDeviceSimulator,
     SimThermostat,
@@ -52,6 +51,7 @@ from simulators.mqtt_devices import (
     Tank,
     ThermalHouse,
 )
+from unified.model import DeviceCommand, utcnow
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -403,7 +403,7 @@ async def test_bad_input_is_logged_once_and_dropped(
             (f"{TOPICS.root}/t0/telemetry/extra", encode(fake)),  # not even subscribed
             (TOPICS.topic("t0", MessageKind.RESULT), b'{"command_id": 5}'),
         ]
-        caplog.set_level(logging.WARNING, logger="adapters.mqtt_device")
+        caplog.set_level(logging.WARNING, logger="adapters.mqtt_devices.devices")
         async with aiomqtt.Client(
             r.endpoint.host,
             r.endpoint.port,

@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 import aiohttp
 import pytest
 
-from adapters.base import DeviceAdapter, DeviceUnavailable, UnsafeCommand
-from adapters.sep2_der import Sep2Der, Sep2DerEndpoint
-from adapters.supervisor import DeviceSupervisor
-from gateway.model import DeviceCommand
-from gateway.sep2_server import Sep2Server, Sep2ServerConfig
+from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
+from adapters.sep2_der.server import Sep2Server, Sep2ServerConfig
+from gateway.devices import DeviceAdapter, DeviceUnavailable, UnsafeCommand
+from gateway.supervisor import DeviceSupervisor
 from protocols.sep2 import MEDIA_TYPE, to_watts
 from tests.protocols.sep2.envoy_fixtures import load
+from unified.model import DeviceCommand
 
 LFDI = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy capture's device A
 HEADER = "X-LFDI"

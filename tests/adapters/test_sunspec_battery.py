@@ -10,18 +10,18 @@ from typing import Any
 
 import pytest
 
-from adapters.base import (
+from adapters.sunspec.battery import SunSpecBattery, SunSpecEndpoint
+from gateway.devices import (
     DeviceAdapter,
     DeviceProtocolError,
     DeviceRejected,
     DeviceUnavailable,
     UnsafeCommand,
 )
-from adapters.sunspec_battery import SunSpecBattery, SunSpecEndpoint
-from gateway.model import DeviceCommand
 from protocols.modbus import ModbusTcpTransport
 from protocols.sunspec import load_model_def
 from simulators.sunspec_battery import SunSpecBatterySimulator
+from unified.model import DeviceCommand
 
 M704 = load_model_def(704)
 

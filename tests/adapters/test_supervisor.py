@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from adapters.base import DeviceUnavailable
-from adapters.supervisor import DeviceSupervisor
-from gateway.model import DeviceCommand, DeviceState, utcnow
+from gateway.devices import DeviceUnavailable
+from gateway.supervisor import DeviceSupervisor
+from unified.model import DeviceCommand, DeviceState, utcnow
 
 
 class ConnectsButNeverReads:
@@ -41,7 +41,7 @@ class ConnectsButNeverReads:
 async def test_failing_reads_back_off_and_never_starve_the_loop(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="adapters.supervisor")
+    caplog.set_level(logging.INFO, logger="gateway.supervisor")
     adapter = ConnectsButNeverReads()
     supervisor = DeviceSupervisor(
         adapter,

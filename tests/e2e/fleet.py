@@ -11,12 +11,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.broker import BrokerEndpoint
-from gateway.config import GatewayConfig, parse_config
+from composition.config import GatewayConfig, parse_config
 from gateway.core import Gateway
-from gateway.model import utcnow
+from simulators.broker import BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
 from simulators.sunspec_battery import SunSpecBatterySimulator
+from unified.model import utcnow
 
 FAST_TIMING = {
     "control_period_s": 0.2,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import MosquittoBroker
-from gateway.model import AckState
+from simulators.broker import MosquittoBroker
 from simulators.grid_derms import GridDermsClient
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually, iso
+from unified.model import AckState
 
 pytestmark = pytest.mark.broker
 

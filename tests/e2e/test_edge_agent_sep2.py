@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from composition.certs import make_ca, make_cert
+from composition.config import parse_config
 from edge_agent.agent import EdgeAgent, EdgeAgentConfig
-from gateway.broker import BrokerEndpoint, free_port
-from gateway.certs import make_ca, make_cert
-from gateway.config import parse_config
 from gateway.core import Gateway
-from gateway.model import AckState
+from simulators.broker import BrokerEndpoint, free_port
 from simulators.grid_derms import GridDermsClient
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import eventually, iso
+from unified.model import AckState
 
 pytestmark = pytest.mark.broker
 

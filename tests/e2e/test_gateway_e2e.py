@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import BrokerEndpoint
-from gateway.model import AckState, Reason
+from simulators.broker import BrokerEndpoint
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually, iso
+from unified.model import AckState, Reason
 
 pytestmark = pytest.mark.broker
 
@@ -250,7 +250,7 @@ async def test_mqtt5_response_topic_and_correlation(
 async def test_offline_device_is_logged_once_and_its_share_reallocated(
     fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="adapters.supervisor")
+    caplog.set_level(logging.INFO, logger="gateway.supervisor")
     f1 = [s for i, s in enumerate(fleet.sims) if fleet.feeder_of(i) == "f1"]
     await fleet.grid.send(dispatch("realloc", "feeder:f1", -6.0, 0.2, 20))
     await fleet.grid.wait_for_state("realloc", AckState.ACTIVE, 5)
@@ -324,8 +324,8 @@ async def test_device_refusing_control_fails_a_setpoint_and_is_dispatched_around
 
 
 async def test_device_enrolled_at_run_time_joins_an_active_dispatch(fleet: Fleet) -> None:
-    from adapters.sunspec_battery import SunSpecBattery, SunSpecEndpoint
-    from gateway.model import BatteryRatings, DerClass, Device, TopologyLocation
+    from adapters.sunspec.battery import SunSpecBattery, SunSpecEndpoint
+    from unified.model import BatteryRatings, DerClass, Device, TopologyLocation
 
     assert fleet.gateway is not None
     await fleet.grid.send(dispatch("grow", "feeder:f1", -9.0, 0.1, 20))

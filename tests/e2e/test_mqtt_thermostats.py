@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import BrokerEndpoint
-from gateway.config import parse_config
-from gateway.core import Gateway
-from gateway.model import AckState
-from gateway.mqtt_acl import (
+from adapters.mqtt_devices.acl import (
     AuthenticatedMosquitto,
     DeviceAccount,
     new_device_accounts,
     provision_broker_files,
 )
+from composition.config import parse_config
+from gateway.core import Gateway
 from protocols.mqtt.devices import DeviceTopics, SetpointOffset
+from simulators.broker import BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
 from simulators.mqtt_devices import MqttDeviceSimulator, SimThermostat, ThermalHouse
 from tests.e2e.fleet import eventually, iso
+from unified.model import AckState
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 

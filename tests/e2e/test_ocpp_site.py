@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import BrokerEndpoint, free_port
+from simulators.broker import BrokerEndpoint, free_port
 from simulators.ev_charger import EvChargerSim, EvChargerSimConfig, EvVisit
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually, iso

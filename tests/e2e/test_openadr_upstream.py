@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import BrokerEndpoint, free_port
-from gateway.model import AckState, utcnow
+from simulators.broker import BrokerEndpoint, free_port
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually
 from tests.gateway.test_openadr_ven import VEN_NAME, Vtn
+from unified.model import AckState, utcnow
 
 pytestmark = [
     pytest.mark.broker,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.sunspec_battery import SunSpecBattery, SunSpecEndpoint
-from gateway.broker import BrokerEndpoint, free_port, wait_for_port
+from adapters.sunspec.battery import SunSpecBattery, SunSpecEndpoint
+from simulators.broker import BrokerEndpoint, free_port, wait_for_port
 from simulators.grid_derms import GridDermsClient
 from tests.e2e.fleet import eventually
 
@@ -23,7 +23,7 @@ async def start(*args: str, log: Path | None = None) -> asyncio.subprocess.Proce
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateway.cli",
+            "composition.cli",
             *args,
             cwd=ROOT,
             stdout=asyncio.subprocess.DEVNULL,
@@ -31,7 +31,7 @@ async def start(*args: str, log: Path | None = None) -> asyncio.subprocess.Proce
         )
     with log.open("wb") as sink:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", *args, cwd=ROOT, stdout=sink, stderr=sink
+            sys.executable, "-m", "composition.cli", *args, cwd=ROOT, stdout=sink, stderr=sink
         )
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.broker import BrokerEndpoint
-from gateway.config import parse_config
+from composition.config import parse_config
 from gateway.core import Gateway
-from gateway.model import AckState
 from protocols.sep2 import MEDIA_TYPE, DERControl, DERControlList, decode_as, to_watts
+from simulators.broker import BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
 from tests.e2e.fleet import eventually, iso
 from tests.protocols.sep2.envoy_fixtures import load
+from unified.model import AckState
 
 pytestmark = pytest.mark.broker
 

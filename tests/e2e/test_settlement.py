@@ -25,12 +25,12 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.broker import BrokerEndpoint
 from gateway.flex import PerformanceReport
 from gateway.history import ReadingHistory
-from gateway.model import AckState, DeviceState, utcnow
+from simulators.broker import BrokerEndpoint
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually
+from unified.model import AckState, DeviceState, utcnow
 
 pytestmark = pytest.mark.broker
 

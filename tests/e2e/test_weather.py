@@ -19,10 +19,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway.broker import BrokerEndpoint
-from gateway.config import GatewayConfig, parse_config
+from composition.config import GatewayConfig, parse_config
 from gateway.core import Gateway
-from gateway.model import utcnow
+from simulators.broker import BrokerEndpoint
+from unified.model import utcnow
 
 from .fleet import eventually
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.sep2_client import (
+from adapters.sep2_client.client import (
     BodyTooLarge,
     EffectiveControls,
     HttpStatusError,
@@ -24,7 +24,6 @@ from edge_agent.sep2_client import (
     TelemetrySample,
     WrongMediaType,
 )
-from gateway.model import Target
 from protocols.sep2 import (
     MEDIA_TYPE,
     DERCapability,
@@ -37,6 +36,7 @@ from protocols.sep2 import (
 from protocols.sep2.models import ActivePower
 from protocols.sep2.scheduler import SourceKind
 from tests.edge_agent.sep2_server_stub import REPLY_TO, Failure, Sep2ServerStub
+from unified.model import Target
 
 LFDI = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy fixture device A
 SFDI = 646847986525
@@ -376,7 +376,7 @@ async def test_persisted_default_and_draws_survive_restart_while_unreachable(
     await client.stop()
     await stub.stop()  # the utility is gone: connection refused
 
-    caplog.set_level(logging.INFO, logger="edge_agent.sep2_client")
+    caplog.set_level(logging.INFO, logger="adapters.sep2_client.client")
     restarted = Envelopes()
     again = await make_client(stub.url, restarted, start=True, rng=lambda a, b: 456)
     # Before any answer from the server, the persisted default is in force.
@@ -432,7 +432,7 @@ async def test_bad_answers_keep_the_last_good_state(
     assert len(client.schedule.events) == 1
 
     # The background loop logs the specific problem once and keeps enforcing.
-    caplog.set_level(logging.INFO, logger="edge_agent.sep2_client")
+    caplog.set_level(logging.INFO, logger="adapters.sep2_client.client")
     await client.start()
 
     def problems() -> list[str]:

@@ -15,13 +15,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from adapters.sep2_der import Sep2Der, Sep2DerEndpoint
-from edge_agent.sep2_client import EffectiveControls, Sep2Client, Sep2ClientConfig
-from gateway.certs import client_ssl_context, make_ca, make_cert
-from gateway.model import DeviceCommand
-from gateway.sep2_server import Sep2Server, Sep2ServerConfig, Sep2TlsConfig
+from adapters.sep2_client.client import EffectiveControls, Sep2Client, Sep2ClientConfig
+from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
+from adapters.sep2_der.server import Sep2Server, Sep2ServerConfig, Sep2TlsConfig
+from composition.certs import make_ca, make_cert
 from protocols.sep2 import MEDIA_TYPE, DERProgramList, decode_as
+from protocols.tls import client_ssl_context
 from tests.protocols.sep2.envoy_fixtures import load
+from unified.model import DeviceCommand
 
 SEP = {"Content-Type": MEDIA_TYPE}
 

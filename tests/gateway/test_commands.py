@@ -10,7 +10,9 @@ import pytest
 
 from gateway.commands import CommandBook, CommandRejected
 from gateway.dispatch import Plan
-from gateway.model import (
+from gateway.registry import Registry
+from gateway.store import CommandStore
+from unified.model import (
     Ack,
     AckState,
     BatteryRatings,
@@ -23,8 +25,6 @@ from gateway.model import (
     Target,
     TopologyLocation,
 )
-from gateway.registry import Registry
-from gateway.store import CommandStore
 
 NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config
-from gateway.model import json_schemas
+from composition.config import load_config, parse_config
+from unified.config import ConfigError
+from unified.model import json_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,7 @@ def test_unreadable_and_non_toml_files(tmp_path: Path) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "composition.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.dispatch import ActiveCommand, headroom, plan, share
-from gateway.model import (
+from gateway.registry import Registry
+from unified.model import (
     BatteryConstraints,
     BatteryRatings,
     DerClass,
@@ -20,7 +21,6 @@ from gateway.model import (
     Target,
     TopologyLocation,
 )
-from gateway.registry import Registry
 
 NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.config import GatewayConfig, parse_config
+from composition.config import GatewayConfig, parse_config
 from gateway.core import Gateway
 from gateway.flex import FlexRequest
 from gateway.history import ReadingClass, ReadingHistory
-from gateway.model import DeviceState
 from gateway.telemetry import Detail
+from unified.model import DeviceState
 
 T0 = datetime(2024, 6, 20, 12, 0, tzinfo=UTC)  # a Thursday
 

@@ -14,9 +14,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway.broker import BrokerEndpoint, MosquittoBroker
-from gateway.model import utcnow
-from gateway.mqtt_acl import (
+from adapters.mqtt_devices.acl import (
     AuthenticatedMosquitto,
     DeviceAccount,
     acl_text,
@@ -39,6 +37,8 @@ from protocols.mqtt.devices import (
     decode_telemetry,
     encode,
 )
+from simulators.broker import BrokerEndpoint, MosquittoBroker
+from unified.model import utcnow
 
 TOPICS = DeviceTopics("acl/devices/v1")
 GATEWAY = DeviceAccount("gateway", "gw-pass")

@@ -18,18 +18,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from adapters.base import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
-from adapters.ocpp_charger import DEPARTURE_FLOOR, OcppCharger
-from adapters.supervisor import DeviceSupervisor
-from gateway.model import (
-    DerClass,
-    Device,
-    DeviceCommand,
-    LimitSource,
-    TopologyLocation,
-    utcnow,
-)
-from gateway.ocpp_central import (
+from adapters.ocpp.central import (
     ChargerNotConnected,
     ChargingProfileLimit,
     OcppCentral,
@@ -41,7 +30,18 @@ from gateway.ocpp_central import (
     charging_profile,
     sampled_values,
 )
+from adapters.ocpp.charger import DEPARTURE_FLOOR, OcppCharger
+from gateway.devices import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
+from gateway.supervisor import DeviceSupervisor
 from simulators.ev_charger import ChargerRefused, EvChargerSim, EvChargerSimConfig, EvVisit
+from unified.model import (
+    DerClass,
+    Device,
+    DeviceCommand,
+    LimitSource,
+    TopologyLocation,
+    utcnow,
+)
 
 LOCATION = TopologyLocation(substation="sub-1", feeder="f-1")
 VERSIONS: list[OcppVersion] = ["ocpp1.6", "ocpp2.0.1"]

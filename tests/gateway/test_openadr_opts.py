@@ -15,10 +15,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-from adapters.base import DeviceRejected
-from gateway.model import utcnow
 from gateway.openadr_vtn import VtnStore
+
+from gateway.devices import DeviceRejected
 from protocols.openadr import encode
 from simulators.oem_cloud import SimBattery, SimThermostat
 from tests.gateway.test_openadr_vtn import (
@@ -35,6 +34,7 @@ from tests.gateway.test_openadr_vtn import (
     vtn_config,
     wait_for,
 )
+from unified.model import utcnow
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
 
@@ -184,7 +184,7 @@ async def test_bad_opt_messages_get_a_clear_error_and_change_nothing(
     tmp_path: Path, registrar: Registrar, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
-    caplog.set_level(logging.WARNING, logger="gateway.openadr_vtn")
+    caplog.set_level(logging.WARNING, logger="adapters.oem_vtn.vtn")
     async with (
         running_vtn(vtn_config(tmp_path, port), registrar) as vtn,
         running_oem(port, fleet()) as oem,
@@ -309,9 +309,9 @@ async def test_real_gateway_reallocates_around_an_opt_out_schedule(
     """A feeder dispatch over a SunSpec battery and two OEM batteries; the OEM cloud then opts
     one battery out for the afternoon: its share moves to the others, the ack says so, it gets
     no event from a later dispatch until the opt-out is cancelled."""
-    from gateway.model import AckState
     from simulators.sunspec_battery import SunSpecBatterySimulator
     from tests.e2e.fleet import Fleet, eventually, iso
+    from unified.model import AckState
 
     sim = SunSpecBatterySimulator(
         port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=70

@@ -17,9 +17,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.certs import make_ca, make_cert
-from gateway.model import utcnow
-from gateway.openadr_vtn import TLS_CIPHERS, AllowedVen, VtnTlsConfig, fingerprint_of_der
+from adapters.oem_vtn.vtn import AllowedVen, VtnTlsConfig, fingerprint_of_der
+from composition.certs import make_ca, make_cert
+from protocols.tls import OPENADR_TLS_CIPHERS as TLS_CIPHERS
 from tests.gateway.test_openadr_vtn import (
     LOC,
     OEM,
@@ -34,6 +34,7 @@ from tests.gateway.test_openadr_vtn import (
     vtn_config,
     wait_for,
 )
+from unified.model import utcnow
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
 
@@ -47,7 +48,7 @@ async def test_signed_messages_both_ways_and_unsigned_or_tampered_ones_are_refus
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     logging.getLogger("openleadr").setLevel(logging.WARNING)
-    caplog.set_level(logging.WARNING, logger="gateway.openadr_vtn")
+    caplog.set_level(logging.WARNING, logger="adapters.oem_vtn.vtn")
     pki = tmp_path / "pki"
     ca = make_ca(pki)
     server = make_cert(ca, pki, "vtn", server=True)

@@ -20,8 +20,26 @@ from typing import Any
 import pytest
 from openleadr import OpenADRServer, enums, objects  # type: ignore[import-untyped]
 
+from adapters.openadr_ven.ven import (
+    OpenAdrVen,
+    OpenAdrVenConfig,
+    VenStore,
+    VenTlsConfig,
+    capacity_from_registry,
+    submit_to_book,
+)
 from gateway.commands import CommandBook
-from gateway.model import (
+from gateway.registry import Registry
+from gateway.store import CommandStore
+from protocols.openadr import (
+    RecordStatus,
+    VenProgramConfig,
+    VenState,
+    parse_distribution,
+    pending_commands,
+    reconcile,
+)
+from unified.model import (
     Ack,
     AckState,
     BatteryRatings,
@@ -34,24 +52,6 @@ from gateway.model import (
     Quality,
     TopologyLocation,
     utcnow,
-)
-from gateway.openadr_ven import (
-    OpenAdrVen,
-    OpenAdrVenConfig,
-    VenStore,
-    VenTlsConfig,
-    capacity_from_registry,
-    submit_to_book,
-)
-from gateway.registry import Registry
-from gateway.store import CommandStore
-from protocols.openadr import (
-    RecordStatus,
-    VenProgramConfig,
-    VenState,
-    parse_distribution,
-    pending_commands,
-    reconcile,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
@@ -474,7 +474,7 @@ def captured(logger: str) -> Iterator[list[logging.LogRecord]]:
 async def test_vtn_loss_and_recovery_are_logged_once(
     vtn: Vtn, gateway: Gateway, tmp_path: Path
 ) -> None:
-    with captured("gateway.openadr_ven") as records:
+    with captured("adapters.openadr_ven.ven") as records:
         async with running(vtn, gateway, tmp_path) as ven:
             await vtn.stop()
             await wait_for(lambda: ven.reachable is False)
@@ -550,7 +550,7 @@ def _fingerprint(cert_path: Path) -> str:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.openadr_vtn import fingerprint_of_der
+    from adapters.oem_vtn.vtn import fingerprint_of_der
 
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     return fingerprint_of_der(cert.public_bytes(serialization.Encoding.DER))
@@ -559,7 +559,7 @@ def _fingerprint(cert_path: Path) -> str:
 async def test_tls_with_a_client_certificate_toward_the_utility_vtn(
     gateway: Gateway, tmp_path: Path
 ) -> None:
-    from gateway.certs import make_ca, make_cert
+    from composition.certs import make_ca, make_cert
 
     logging.getLogger("openleadr").setLevel(logging.WARNING)
     ca = make_ca(tmp_path / "pki")
@@ -585,7 +585,7 @@ async def test_tls_with_a_client_certificate_toward_the_utility_vtn(
 async def test_a_vtn_certificate_from_another_ca_is_refused_and_nothing_is_submitted(
     gateway: Gateway, tmp_path: Path
 ) -> None:
-    from gateway.certs import make_ca, make_cert
+    from composition.certs import make_ca, make_cert
 
     logging.getLogger("openleadr").setLevel(logging.WARNING)
     ours = make_ca(tmp_path / "ours", "our-ca")
@@ -601,7 +601,7 @@ async def test_a_vtn_certificate_from_another_ca_is_refused_and_nothing_is_submi
     )
     try:
         vtn.add_event("rogue-1", values=(-2000.0,))
-        with captured("gateway.openadr_ven") as records:
+        with captured("adapters.openadr_ven.ven") as records:
             task = asyncio.create_task(ven.run(), name="test:ven")
             try:
                 await wait_for(lambda: ven.reachable is False, 10)

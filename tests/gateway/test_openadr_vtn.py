@@ -20,10 +20,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from gateway.openadr_vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
 
-from adapters.base import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
-from adapters.oadr_resource import OadrResource
-from gateway.model import (
+from adapters.oem_vtn.resource import OadrResource
+from gateway.devices import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
+from protocols.openadr import encode
+from protocols.openadr.vtn_events import VtnProgram
+from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
+from unified.model import (
     DerClass,
     Device,
     DeviceCommand,
@@ -31,10 +35,6 @@ from gateway.model import (
     TopologyLocation,
     utcnow,
 )
-from gateway.openadr_vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
-from protocols.openadr import encode
-from protocols.openadr.vtn_events import VtnProgram
-from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
 
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
 
@@ -345,7 +345,7 @@ async def test_unknown_ven_is_refused_and_logged(
     tmp_path: Path, registrar: Registrar, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
-    caplog.set_level(logging.WARNING, logger="gateway.openadr_vtn")
+    caplog.set_level(logging.WARNING, logger="adapters.oem_vtn.vtn")
     async with (
         running_vtn(vtn_config(tmp_path, port), registrar) as vtn,
         running_oem(port, fleet(), name="intruder") as oem,
@@ -562,9 +562,9 @@ async def test_tls_registration_checks_the_certificate_fingerprint(
 ) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-
-    from gateway.certs import make_ca, make_cert
     from gateway.openadr_vtn import fingerprint_of_der
+
+    from composition.certs import make_ca, make_cert
 
     ca = make_ca(tmp_path / "pki")
     server = make_cert(ca, tmp_path / "pki", "vtn", server=True)
@@ -583,7 +583,7 @@ async def test_tls_registration_checks_the_certificate_fingerprint(
         ),
         vens=[AllowedVen(ven_name=OEM, location=LOC, fingerprint=fingerprint)],
     )
-    caplog.set_level(logging.WARNING, logger="gateway.openadr_vtn")
+    caplog.set_level(logging.WARNING, logger="adapters.oem_vtn.vtn")
     tls = {"ca_path": str(ca.cert_path)}
     async with running_vtn(config, registrar) as vtn:
         async with running_oem(

@@ -17,9 +17,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from adapters.sep2_der import Sep2Der, Sep2DerEndpoint
-from gateway.model import DeviceCommand
-from gateway.sep2_server import Sep2ProgramConfig, Sep2Server, Sep2ServerConfig
+from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
+from adapters.sep2_der.server import Sep2ProgramConfig, Sep2Server, Sep2ServerConfig
 from protocols.sep2 import (
     MEDIA_TYPE,
     DERControl,
@@ -39,6 +38,7 @@ from protocols.sep2 import (
     decode_as,
 )
 from tests.protocols.sep2.envoy_fixtures import load
+from unified.model import DeviceCommand
 
 LFDI_A = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy capture's device A
 LFDI_B = "86441F107B66EBFE65B39FB3D5D7BAAEDA3EA6BF"

@@ -17,11 +17,8 @@ from typing import TypeVar
 import aiohttp
 import pytest
 
-from adapters.base import DeviceUnavailable
-from adapters.sep2_der import Sep2Der, Sep2DerEndpoint
-from gateway.certs import client_ssl_context, describe, describe_text, make_ca, make_cert
-from gateway.model import DeviceCommand, LimitSource
-from gateway.sep2_server import (
+from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
+from adapters.sep2_der.server import (
     Sep2DefaultEnvelope,
     Sep2ProgramConfig,
     Sep2ResponseRecord,
@@ -29,6 +26,8 @@ from gateway.sep2_server import (
     Sep2ServerConfig,
     Sep2TlsConfig,
 )
+from composition.certs import describe, describe_text, make_ca, make_cert
+from gateway.devices import DeviceUnavailable
 from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
@@ -55,7 +54,9 @@ from protocols.sep2 import (
     decode_as,
     to_watts,
 )
+from protocols.tls import client_ssl_context
 from tests.protocols.sep2.envoy_fixtures import load
+from unified.model import DeviceCommand, LimitSource
 
 LFDI_A = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy capture's device A
 LFDI_B = "86441F107B66EBFE65B39FB3D5D7BAAEDA3EA6BF"  # envoy capture's device B

@@ -18,15 +18,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from adapters.sep2_der import Sep2Der, Sep2DerEndpoint
-from gateway.certs import client_ssl_context, describe, make_ca, make_cert, server_ssl_context
-from gateway.model import DeviceCommand
-from gateway.sep2_server import (
+from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
+from adapters.sep2_der.server import (
     Sep2ProgramConfig,
     Sep2Server,
     Sep2ServerConfig,
     Sep2TlsConfig,
 )
+from composition.certs import describe, make_ca, make_cert
 from protocols.sep2 import (
     MEDIA_TYPE,
     DefaultDERControl,
@@ -40,6 +39,8 @@ from protocols.sep2 import (
     decode_as,
     to_watts,
 )
+from protocols.tls import client_ssl_context, server_ssl_context
+from unified.model import DeviceCommand
 
 LFDI_A = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"
 LFDI_B = "86441F107B66EBFE65B39FB3D5D7BAAEDA3EA6BF"
@@ -364,7 +365,7 @@ async def test_dropped_after_n_failures_with_one_log_line(
             receiver.script = [500] * 3
             status, _, _ = await setup.subscribe(await setup.derc(), receiver.url + "/down")
             assert status == 201
-            with caplog.at_level(logging.WARNING, logger="gateway.sep2_server"):
+            with caplog.at_level(logging.WARNING, logger="adapters.sep2_der.server"):
                 await _setpoint(setup, -3)
                 for _ in range(50):
                     if any("dropped" in r.getMessage() for r in caplog.records):

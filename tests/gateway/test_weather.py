@@ -13,15 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.flex import flex_json_schemas
-from gateway.model import DerClass, Device, Group, Reason, TopologyLevel, TopologyLocation
 from gateway.registry import Registry
-from gateway.weather import (
-    MAX_POINTS,
-    TemperatureSeries,
-    WeatherBook,
-    WeatherForecast,
-)
+from gateway.weather import TemperatureSeries, WeatherBook
 from protocols.mqtt.northbound import MAX_WEATHER_BYTES, WeatherDecodeError, decode_weather
+from unified.model import DerClass, Device, Group, Reason, TopologyLevel, TopologyLocation
+from unified.weather import MAX_POINTS, WeatherForecast
 
 from .flex.conftest import make_device
 

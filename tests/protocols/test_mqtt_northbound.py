@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gateway.model import Cancel, Dispatch, Reason
 from protocols.mqtt import MAX_COMMAND_BYTES, CommandDecodeError, Topics, decode_command, encode
+from unified.model import Cancel, Dispatch, Reason
 
 GOOD = {
     "type": "dispatch",

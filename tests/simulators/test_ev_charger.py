@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.model import TopologyLocation
-from gateway.ocpp_central import (
+from adapters.ocpp.central import (
     NEEDS_MESSAGE_ID,
     NEEDS_VENDOR_ID,
     OcppCentral,
@@ -23,6 +22,7 @@ from gateway.ocpp_central import (
 )
 from simulators import ev_charger
 from simulators.ev_charger import EvChargerSim, EvChargerSimConfig, EvVisit
+from unified.model import TopologyLocation
 
 pytestmark = pytest.mark.timeout(30)
 VERSIONS: list[OcppVersion] = ["ocpp1.6", "ocpp2.0.1"]

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import aiomqtt
 import pytest
 
-from gateway.broker import MosquittoBroker
-from gateway.model import utcnow
 from protocols.mqtt.devices import (
     DeviceCommandMessage,
     DeviceTopics,
@@ -28,6 +26,7 @@ from protocols.mqtt.devices import (
     decode_telemetry,
     encode,
 )
+from simulators.broker import MosquittoBroker
 from simulators.mqtt_devices import (
     MqttDeviceSimulator,
     SimThermostat,
@@ -35,6 +34,7 @@ from simulators.mqtt_devices import (
     Tank,
     ThermalHouse,
 )
+from unified.model import utcnow
 
 
 @dataclass

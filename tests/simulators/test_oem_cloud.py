@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from gateway.model import DerClass, TopologyLocation, utcnow
 from protocols.openadr.vtn_events import parse_resource_id
 from simulators.oem_cloud import ActiveInstruction, OemCloud, SimBattery, SimThermostat
+from unified.model import DerClass, TopologyLocation, utcnow
 
 LOC = TopologyLocation(substation="s1", feeder="f1", transformer="x9")
 

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 
 from gateway.flex import DeviceHistory
-from gateway.model import (
+from unified.model import (
     BatteryConstraints,
     BatteryRatings,
     DerClass,

@@ -16,7 +16,7 @@ from gateway.flex import (
     device_baseline,
     group_baseline,
 )
-from gateway.model import Quality
+from unified.model import Quality
 
 from .conftest import hourly_history
 

@@ -22,7 +22,7 @@ from gateway.flex import (
     flex_json_schemas,
     forecast_group,
 )
-from gateway.model import DerClass
+from unified.model import DerClass
 
 from .conftest import NOW, hourly_history, make_device, make_state
 

@@ -15,8 +15,9 @@ from gateway.flex import (
     TemperatureSource,
     forecast_group,
 )
-from gateway.model import DerClass
-from gateway.weather import TemperatureSeries, WeatherForecast
+from gateway.weather import TemperatureSeries
+from unified.model import DerClass
+from unified.weather import WeatherForecast
 
 from .conftest import NOW, make_device, make_state
 

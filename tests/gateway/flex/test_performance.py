@@ -15,7 +15,7 @@ from gateway.flex import (
     event_performance,
     group_baseline,
 )
-from gateway.model import Quality
+from unified.model import Quality
 
 from .conftest import hourly_history
 

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.flex import BaselineConfig, DeviceHistory, EventCalendar, EventToSettle, settle_event
 from gateway.flex.settlement import FlagCode, event_days, settlement_window
-from gateway.model import AckState, DispatchMode, Quality
+from unified.model import AckState, DispatchMode, Quality
 
 EVENT_DAY = date(2024, 6, 20)  # a Thursday
 START = datetime(2024, 6, 20, 16, tzinfo=UTC)

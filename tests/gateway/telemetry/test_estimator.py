@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 
-from gateway.model import DerClass, Quality
 from gateway.telemetry import (
     DeviceProfile,
     DeviceStatus,
@@ -17,6 +16,7 @@ from gateway.telemetry import (
     GroupEstimator,
     QualityClassifier,
 )
+from unified.model import DerClass, Quality
 
 GROUPS = 4
 PERIOD = 60.0

@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.model import DerClass, Quality
 from gateway.telemetry import (
     Detail,
     DeviceProfile,
@@ -17,6 +16,7 @@ from gateway.telemetry import (
     TelemetryQuality,
     Validity,
 )
+from unified.model import DerClass, Quality
 
 T0 = datetime(2025, 7, 15, 12, 0, tzinfo=UTC)
 

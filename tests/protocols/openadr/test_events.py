@@ -10,7 +10,6 @@ import pytest
 from openleadr import enums, objects  # type: ignore[import-untyped]
 from openleadr.messaging import create_message, parse_message  # type: ignore[import-untyped]
 
-from gateway.model import AckState, Cancel, Command, Dispatch, DispatchMode, OperatingEnvelope
 from protocols.openadr import (
     Distribution,
     GroupCapacity,
@@ -28,6 +27,7 @@ from protocols.openadr import (
     reconcile,
     settle,
 )
+from unified.model import AckState, Cancel, Command, Dispatch, DispatchMode, OperatingEnvelope
 
 NOW = datetime(2026, 7, 1, 15, 0, tzinfo=UTC)
 START = NOW + timedelta(hours=1)

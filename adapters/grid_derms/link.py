@@ -20,10 +20,10 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from adapters.grid_derms.config import BrokerConfig
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
-from gateway.config import BrokerConfig
-from gateway.model import GatewayStatus, utcnow
 from protocols.mqtt import Topics, encode
+from unified.model import GatewayStatus, utcnow
 
 log = logging.getLogger(__name__)
 

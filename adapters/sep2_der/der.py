@@ -1,7 +1,7 @@
 """A DER that polls the gateway's IEEE 2030.5 server (smart inverter, battery, aggregator cloud).
 
 Unlike Modbus, the gateway cannot write to such a device: it publishes a DERControl on its
-``gateway.sep2_server.Sep2Server`` and the device's 2030.5 client picks it up at its next poll.
+``adapters.sep2_der.server.Sep2Server`` and the device's 2030.5 client picks it up at its next poll.
 So ``apply`` *publishes* and ``read`` returns what the client last *posted*; the server is the
 transport, this adapter is the translation between the unified model and 2030.5 controls.
 
@@ -27,9 +27,8 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from adapters.base import DeviceUnavailable, UnsafeCommand
-from gateway.model import DeviceCommand, DeviceState, Frozen
-from gateway.sep2_server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
+from adapters.sep2_der.server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
+from gateway.devices import DeviceUnavailable, UnsafeCommand
 from protocols.sep2 import (
     DERCapability,
     DERControlBase,
@@ -39,6 +38,7 @@ from protocols.sep2 import (
     scaled_value,
     to_watts,
 )
+from unified.model import DeviceCommand, DeviceState, Frozen
 
 __all__ = ["MODE_TARGET_W", "RATING_TOLERANCE", "Sep2Der", "Sep2DerEndpoint"]
 
@@ -86,7 +86,7 @@ class Sep2DerEndpoint(Frozen):
 
 
 class Sep2Der:
-    """:class:`adapters.base.DeviceAdapter` for one DER enrolled on a shared :class:`Sep2Server`."""
+    """:class:`gateway.devices.DeviceAdapter` for one DER enrolled on a shared Sep2Server."""
 
     def __init__(
         self,

@@ -26,16 +26,16 @@ from typing import Any, TypeVar
 
 import click
 
-from gateway.broker import free_port, local_broker
-from gateway.config import parse_config
+from composition.config import parse_config
 from gateway.core import Gateway
-from gateway.model import Ack, AckState, ErrorMessage, GroupTelemetry, TopologyLocation, utcnow
+from simulators.broker import free_port, local_broker
 from simulators.ev_charger import EvChargerSim, EvChargerSimConfig, EvVisit
 from simulators.grid_derms import GridDermsClient
 from simulators.mqtt_devices import MqttDeviceSimulator, SimWaterHeater, ThermalHouse
 from simulators.mqtt_devices import SimThermostat as MqttThermostatSim
 from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
 from simulators.sunspec_battery import SunSpecBatterySimulator
+from unified.model import Ack, AckState, ErrorMessage, GroupTelemetry, TopologyLocation, utcnow
 
 GATEWAY_ID = "demo-gw"
 FEEDERS = ("north-f1", "north-f2")

@@ -18,9 +18,9 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
-from adapters.base import AdapterError, DeviceAdapter, DeviceRejected, UnsafeCommand
 from gateway.aio import raise_if_cancelling
-from gateway.model import DeviceCommand, DeviceState
+from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected, UnsafeCommand
+from unified.model import DeviceCommand, DeviceState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -43,7 +43,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
 from gateway.commands import CommandBook, CommandRejected
-from gateway.model import Ack, AckState, Command, GroupTelemetry, Quality, Reason, utcnow
 from gateway.registry import Registry
 from gateway.store import SqliteStore
 from protocols.openadr import (
@@ -60,6 +59,8 @@ from protocols.openadr import (
     reconcile,
     settle,
 )
+from protocols.tls import pin_openadr_tls
+from unified.model import Ack, AckState, Command, GroupTelemetry, Quality, Reason, utcnow
 
 __all__ = [
     "CapacitySource",
@@ -87,7 +88,6 @@ TelemetrySource = Callable[[datetime], Iterable[GroupTelemetry]]
 CapacitySource = Callable[[str], GroupCapacity | None]
 """Shed / import capacity of a group, for SIMPLE fractions and ``x-loadControlCapacity``."""
 
-_TLS_CIPHERS: Final = "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"  # as the VTN's TLS_CIPHERS
 _REPORT_NOT_SUPPORTED: Final = 461
 _NEVER_S: Final = 10 * 365 * 86_400.0
 _USAGE_SPECIFIER: Final = "derms-telemetry-usage"
@@ -410,10 +410,7 @@ class OpenAdrVen:
         if tls is None:
             return None
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_path))
-        # OpenADR 2.0b: TLS 1.2 with its two suites (ECDSA first), nothing else.
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
-        context.set_ciphers(_TLS_CIPHERS)
+        pin_openadr_tls(context)
         context.check_hostname = tls.check_hostname
         context.load_cert_chain(str(tls.cert_path), str(tls.key_path))
         return context

@@ -4,7 +4,7 @@ One :class:`DeviceMqttLink` (one aiomqtt client) serves every MQTT device of a g
 subscribes once per message kind with a wildcard (``{root}/+/telemetry`` ...), keeps the latest
 birth, availability and telemetry of each device it knows, and routes command results to the
 adapter waiting for them. Per-device adapters (:class:`MqttThermostat`,
-:class:`MqttWaterHeater`) implement :class:`adapters.base.DeviceAdapter` over it, so the
+:class:`MqttWaterHeater`) implement :class:`gateway.devices.DeviceAdapter` over it, so the
 supervisor and the planner drive them like any battery:
 
 * The planner sees a device that idles at 0 kW: a setpoint ``power_kw`` is a *change from the
@@ -48,14 +48,13 @@ from typing import Final, Literal, Protocol
 import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adapters.base import (
+from gateway.aio import raise_if_cancelling, wait_inside_task_group
+from gateway.devices import (
     AdapterError,
     DeviceRejected,
     DeviceUnavailable,
     UnsafeCommand,
 )
-from gateway.aio import raise_if_cancelling, wait_inside_task_group
-from gateway.model import DeviceCommand, DeviceState, utcnow
 from protocols.mqtt.devices import (
     DEFAULT_ROOT,
     DEVICE_TO_GATEWAY,
@@ -82,6 +81,7 @@ from protocols.mqtt.devices import (
     decode_telemetry,
     encode,
 )
+from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = [
     "RATING_TOLERANCE",
@@ -619,7 +619,7 @@ class _MqttDevice:
 
 
 class MqttThermostat(_MqttDevice):
-    """:class:`adapters.base.DeviceAdapter` for an MQTT thermostat (cooling or heating)."""
+    """:class:`gateway.devices.DeviceAdapter` for an MQTT thermostat (cooling or heating)."""
 
     kind = DeviceKind.THERMOSTAT
     telemetry_type = ThermostatTelemetry
@@ -732,7 +732,7 @@ class MqttThermostat(_MqttDevice):
 
 
 class MqttWaterHeater(_MqttDevice):
-    """:class:`adapters.base.DeviceAdapter` for a water heater with CTA-2045 style modes."""
+    """:class:`gateway.devices.DeviceAdapter` for a water heater with CTA-2045 style modes."""
 
     kind = DeviceKind.WATER_HEATER
     telemetry_type = WaterHeaterTelemetry

@@ -1,7 +1,7 @@
 """A resource behind an OEM cloud, reached as an OpenADR 2.0b VEN of the gateway's VTN.
 
 The OEM cloud (a thermostat, battery or EV-charger vendor) lists its resources in a METADATA
-report; the VTN (:mod:`gateway.openadr_vtn`) enrols each one as a device with this adapter, so
+report; the VTN (:mod:`adapters.oem_vtn.vtn`) enrols each one as a device with this adapter, so
 the planner allocates to it exactly as to a Modbus battery. ``apply`` becomes an event (new,
 modified or cancelled) for that VEN, targeted at the resource; ``read`` returns the latest
 TELEMETRY_USAGE / TELEMETRY_STATUS values the VEN reported.
@@ -12,7 +12,7 @@ to ``Gateway.report_refusal`` from the VTN, not from here.
 
 While an EiOpt opt-out schedule covers the resource, ``read`` reports no state of charge (so the
 planner commits nothing to it, while its power still counts in telemetry) and ``apply`` refuses
-a setpoint with :class:`adapters.base.DeviceRejected`; a release still goes through.
+a setpoint with :class:`gateway.devices.DeviceRejected`; a release still goes through.
 
 The adapter talks to the VTN only through :class:`ResourceChannel`, so it can be tested without
 HTTP and the VTN implementation (2.0b today, 3.x beside it later) can change behind it.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from adapters.base import DeviceRejected, DeviceUnavailable, UnsafeCommand
-from gateway.model import DeviceCommand, DeviceState, utcnow
+from gateway.devices import DeviceRejected, DeviceUnavailable, UnsafeCommand
+from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = ["RATING_TOLERANCE", "OadrResource", "ResourceChannel", "ResourceTelemetry"]
 
@@ -61,7 +61,7 @@ class ResourceChannel(Protocol):
 
 
 class OadrResource:
-    """:class:`adapters.base.DeviceAdapter` for one resource of an OEM cloud VEN."""
+    """:class:`gateway.devices.DeviceAdapter` for one resource of an OEM cloud VEN."""
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """An EV charger connected to the gateway's OCPP central system (1.6J or 2.0.1).
 
 Like a 2030.5 DER, the charger is reached through a server the gateway hosts
-(:class:`gateway.ocpp_central.OcppCentral`): ``read`` returns what the charger last reported,
+(:class:`adapters.ocpp.central.OcppCentral`): ``read`` returns what the charger last reported,
 ``apply`` sends charging profiles. The planner's one instruction per device becomes:
 
 * a setpoint (``power_kw``) → a **TxProfile** for the running transaction, or a
@@ -18,7 +18,7 @@ tighter of the two. Profiles other systems set on the charger are never touched 
 own ids).
 
 **The driver's departure need.** When the charger (2.0.1 NotifyEVChargingNeeds, or a 1.6
-DataTransfer, see :data:`gateway.ocpp_central.NEEDS_MESSAGE_ID`) or an app told the central how
+DataTransfer, see :data:`adapters.ocpp.central.NEEDS_MESSAGE_ID`) or an app told the central how
 much energy the EV needs by when, a setpoint is never below the power that still meets it
 (remaining kWh / hours to departure, at most the rating). Only an envelope may hold an EV
 below that floor: a setpoint whose provenance names an envelope, or an import limit, is obeyed
@@ -45,9 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from adapters.base import DeviceRejected, DeviceUnavailable, UnsafeCommand
-from gateway.model import DeviceCommand, DeviceState, utcnow
-from gateway.ocpp_central import (
+from adapters.ocpp.central import (
     ChargerCallFailed,
     ChargerNotConnected,
     ChargerRejected,
@@ -57,6 +55,8 @@ from gateway.ocpp_central import (
     OcppCentralError,
     ProfilePurpose,
 )
+from gateway.devices import DeviceRejected, DeviceUnavailable, UnsafeCommand
+from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = [
     "DEPARTURE_FLOOR",
@@ -97,7 +97,7 @@ class ChargingDecision:
 
 
 class OcppCharger:
-    """:class:`adapters.base.DeviceAdapter` for one charger of an :class:`OcppCentral`."""
+    """:class:`gateway.devices.DeviceAdapter` for one charger of an :class:`OcppCentral`."""
 
     def __init__(self, device_id: str, charge_point_id: str, central: OcppCentral) -> None:
         self._device_id = device_id

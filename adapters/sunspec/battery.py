@@ -20,8 +20,7 @@ from typing import Final
 
 from pydantic import Field
 
-from adapters.base import DeviceProtocolError, DeviceRejected, DeviceUnavailable, UnsafeCommand
-from gateway.model import DeviceCommand, DeviceState, Frozen, utcnow
+from gateway.devices import DeviceProtocolError, DeviceRejected, DeviceUnavailable, UnsafeCommand
 from protocols.modbus import (
     ModbusExceptionResponse,
     ModbusTcpTransport,
@@ -50,6 +49,7 @@ from protocols.sunspec import (
     load_model_def,
     parse_model_chain,
 )
+from unified.model import DeviceCommand, DeviceState, Frozen, utcnow
 
 __all__ = ["RATING_TOLERANCE", "SunSpecBattery", "SunSpecEndpoint"]
 
@@ -118,7 +118,7 @@ class _Setpoint:
 
 
 class SunSpecBattery:
-    """:class:`adapters.base.DeviceAdapter` for a SunSpec battery (models 1/701/702/704/713/802)."""
+    """The DeviceAdapter for a SunSpec battery (models 1/701/702/704/713/802)."""
 
     def __init__(
         self,

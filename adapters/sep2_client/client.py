@@ -47,7 +47,6 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from gateway.model import EnvelopeInterval, OperatingEnvelope, Target
 from protocols.sep2 import (
     DEFAULT_MAX_BYTES,
     MEDIA_TYPE,
@@ -101,6 +100,7 @@ from protocols.sep2.scheduler import (
     event_key,
 )
 from protocols.sep2.schema import CsipAusVersion
+from unified.model import EnvelopeInterval, OperatingEnvelope, Target
 
 __all__ = [
     "BodyTooLarge",

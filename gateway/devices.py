@@ -1,7 +1,7 @@
 """The one interface every device adapter implements, and the errors it may raise.
 
 An adapter joins a protocol codec to a transport for one device. It does no scheduling, retrying
-or availability bookkeeping: :class:`adapters.supervisor.DeviceSupervisor` does that once for all
+or availability bookkeeping: :class:`gateway.supervisor.DeviceSupervisor` does that once for all
 adapters, so every device family gets the same backoff and the same log discipline.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from gateway.model import DeviceCommand, DeviceState
+from unified.model import DeviceCommand, DeviceState
 
 
 class AdapterError(Exception):

@@ -1,7 +1,7 @@
 """The gateway as an OpenADR 2.0b VTN that OEM clouds join as VENs.
 
 Each resource an OEM cloud lists in its METADATA report becomes a device in the gateway's
-registry (``Registrar.add_device``) with an :class:`adapters.oadr_resource.OadrResource`, so the
+registry (``Registrar.add_device``) with an :class:`adapters.oem_vtn.resource.OadrResource`, so the
 planner allocates group dispatches and envelopes over OEM resources exactly as over Modbus
 batteries. A setpoint for such a device becomes an event for its VEN (new, modified or
 cancelled: :func:`protocols.openadr.vtn_events.plan_event`); an opt-out comes back as
@@ -63,18 +63,9 @@ from openleadr.service import OptService  # type: ignore[import-untyped]
 from openleadr.utils import certificate_fingerprint_from_der  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adapters.base import AdapterError, DeviceAdapter, DeviceRejected, DeviceUnavailable
-from adapters.oadr_resource import OadrResource, ResourceTelemetry
+from adapters.oem_vtn.resource import OadrResource, ResourceTelemetry
 from gateway.aio import wait_inside_task_group
-from gateway.model import (
-    BatteryRatings,
-    DerClass,
-    Device,
-    DeviceCommand,
-    Identifier,
-    TopologyLocation,
-    utcnow,
-)
+from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected, DeviceUnavailable
 from gateway.store import SqliteStore
 from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
 from protocols.openadr.vtn_events import (
@@ -94,9 +85,18 @@ from protocols.openadr.vtn_opts import (
     opt_out_in_force,
     read_opt,
 )
+from protocols.tls import pin_openadr_tls
+from unified.model import (
+    BatteryRatings,
+    DerClass,
+    Device,
+    DeviceCommand,
+    Identifier,
+    TopologyLocation,
+    utcnow,
+)
 
 __all__ = [
-    "TLS_CIPHERS",
     "AllowedVen",
     "OpenAdrVtn",
     "OpenAdrVtnConfig",
@@ -111,7 +111,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: OpenADR 2.0b's TLS 1.2 suites (ECDSA first: the profile prefers P-256 certificates).
-TLS_CIPHERS: Final = "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"
 _NOT_AUTHORIZED: Final = 463
 _FINGERPRINT: Final = r"^([0-9A-Fa-f]{2}:){9}[0-9A-Fa-f]{2}$"
 _MAX_EVENTS_PER_DISTRIBUTION: Final = 500
@@ -515,10 +514,7 @@ class OpenAdrVtn:
         tls = self.config.tls
         if tls is None:
             return None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(TLS_CIPHERS)
+        ctx = pin_openadr_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_cert_chain(str(tls.cert_path), str(tls.key_path))

@@ -5,7 +5,7 @@ OCPP versions they speak as subprotocols; the first of ``versions`` the charger 
 (``ocpp2.0.1`` before ``ocpp1.6`` by default). One ``ocpp`` ChargePoint object serves each
 connection; its handlers only update the charger's record here (status, transaction, latest meter
 sample, the driver's charging needs), so the central is a transport with a registry, and the
-policy (what limit to send) lives in :class:`adapters.ocpp_charger.OcppCharger`.
+policy (what limit to send) lives in :class:`adapters.ocpp.charger.OcppCharger`.
 
 Admission and protocol hygiene:
 
@@ -62,9 +62,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from adapters.base import DeviceAdapter
 from gateway.aio import raise_if_cancelling
-from gateway.model import (
+from gateway.devices import DeviceAdapter
+from unified.model import (
     BatteryConstraints,
     BatteryRatings,
     DerClass,
@@ -120,7 +120,7 @@ class _WireLog(logging.LoggerAdapter[logging.Logger]):
         super().log(level, msg, *args, **kwargs)
 
 
-_WIRE_LOG: Final = _WireLog(logging.getLogger("gateway.ocpp_central.wire"))
+_WIRE_LOG: Final = _WireLog(logging.getLogger("adapters.ocpp.central.wire"))
 
 
 def _on(action: str) -> Callable[[_F], _F]:
@@ -875,7 +875,7 @@ class OcppCentral:
 
     def adapter(self, charge_point_id: str) -> DeviceAdapter:
         """The one adapter of a known charger (created on first use)."""
-        from adapters.ocpp_charger import OcppCharger
+        from adapters.ocpp.charger import OcppCharger
 
         if charge_point_id not in self._records:
             raise KeyError(charge_point_id)

@@ -1,4 +1,6 @@
-"""Development certificates and the TLS policy of IEEE 2030.5 (CSIP / CSIP-AUS).
+"""Development certificates for IEEE 2030.5 (CSIP / CSIP-AUS) and OpenADR test deployments.
+
+The TLS policy itself (cipher suites, versions, contexts) is in :mod:`protocols.tls`.
 
 2030.5 identifies a device by its certificate: the LFDI is the first 160 bits of the SHA-256 of
 the DER certificate, the SFDI a short decimal form of it. Installers read both off a device and
@@ -6,7 +8,7 @@ hand them to the utility (or to this gateway's config), so ``describe`` prints t
 
 The CA made here is for development and tests only: a self-signed P-256 root that signs device and
 server certificates directly. Production devices carry certificates chained to the 2030.5 / CSIP
-PKI, and the gateway then only needs ``server_ssl_context`` with that PKI's roots.
+PKI, and the gateway then only needs ``protocols.tls.sep2_server_context`` with that PKI's roots.
 
 Everything here does blocking file I/O and key generation: call it from the CLI, at start-up, or
 through ``asyncio.to_thread`` — never on a running event loop's hot path.
@@ -18,7 +20,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -31,21 +32,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from protocols.sep2 import lfdi_from_cert, sfdi_from_lfdi
 
 __all__ = [
-    "TLS_CIPHER",
     "CertificateAuthority",
     "IssuedCertificate",
-    "client_ssl_context",
     "describe",
     "describe_text",
     "load_ca",
     "make_ca",
     "make_cert",
-    "server_ssl_context",
 ]
 
-#: The one cipher suite 2030.5 mandates (TLS 1.2, ECDHE with P-256, ECDSA, AES-128-CCM, 8-byte tag).
-TLS_CIPHER: Final = "ECDHE-ECDSA-AES128-CCM8"
-_CURVE: Final = "prime256v1"  # OpenSSL's name for P-256 / secp256r1
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CA_DAYS: Final = 3650
 _CERT_DAYS: Final = 825
@@ -224,42 +219,3 @@ def describe_text(cert_path: Path | str) -> str:
     """``describe`` as the lines ``derms-gateway certs`` prints."""
     lfdi, sfdi = describe(cert_path)
     return f"LFDI: {lfdi}\nSFDI: {sfdi}"
-
-
-def _tls12_ccm8(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    # Pinning both ends to TLS 1.2 matters: under TLS 1.3 OpenSSL ignores set_ciphers(), so a
-    # peer could otherwise negotiate a suite 2030.5 devices are not required to support.
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS_CIPHER)
-    ctx.set_ecdh_curve(_CURVE)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    return ctx
-
-
-def server_ssl_context(
-    cert_file: Path | str, key_file: Path | str, ca_file: Path | str
-) -> ssl.SSLContext:
-    """A server context for 2030.5: TLS 1.2, ECDHE-ECDSA-AES128-CCM8, P-256, and a client
-    certificate chained to ``ca_file`` required (the certificate *is* the client's identity)."""
-    ctx = _tls12_ccm8(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(cert_file), str(key_file))
-    ctx.load_verify_locations(cafile=str(ca_file))
-    return ctx
-
-
-def client_ssl_context(
-    cert_file: Path | str,
-    key_file: Path | str,
-    ca_file: Path | str,
-    *,
-    check_hostname: bool = True,
-) -> ssl.SSLContext:
-    """The matching client context: presents the device certificate, verifies the server's."""
-    ctx = _tls12_ccm8(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    ctx.check_hostname = check_hostname
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(cert_file), str(key_file))
-    ctx.load_verify_locations(cafile=str(ca_file))
-    return ctx

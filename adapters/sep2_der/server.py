@@ -1,7 +1,7 @@
 """The gateway's IEEE 2030.5 (CSIP / CSIP-AUS) server: DER clients poll it for their controls.
 
 One aiohttp application holds the resource tree for every enrolled DER. Each DER is also a device in
-the gateway registry, reached through an ``adapters.sep2_der.Sep2Der`` adapter that turns its
+the gateway registry, reached through an ``adapters.sep2_der.der.Sep2Der`` adapter that turns its
 setpoint into a DERControl here (``publish`` / ``release``) and reads back what the client posted
 (``snapshot``). The server is the adapter's transport: it knows 2030.5 resources, not the planner.
 
@@ -66,7 +66,6 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.model import Identifier, LimitSource
 from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
@@ -122,6 +121,7 @@ from protocols.sep2 import (
     sfdi_from_lfdi,
     with_check_digit,
 )
+from unified.model import Identifier, LimitSource
 
 __all__ = [
     "DerSnapshot",
@@ -911,7 +911,7 @@ class Sep2Server:
             tls = self.config.tls
             ssl_context: ssl.SSLContext | None = None
             if tls is not None:
-                from gateway.certs import client_ssl_context, server_ssl_context
+                from protocols.tls import client_ssl_context, server_ssl_context
 
                 # Reads key files: keep the blocking part off the loop.
                 ssl_context = await asyncio.to_thread(

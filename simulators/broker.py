@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import shutil
 import socket
 import tempfile
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
+
+from adapters.mqtt_devices.acl import broker_auth_config
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +181,43 @@ def local_broker(
     if prefer == "mosquitto" or (prefer == "auto" and MosquittoBroker.available()):
         return MosquittoBroker(port)
     return EmbeddedBroker(port)
+
+
+class AuthenticatedMosquitto(MosquittoBroker):
+    """:class:`MosquittoBroker` with a password file and an ACL.
+
+    Only its configuration differs: starting and stopping are the base class's.
+    """
+
+    def __init__(
+        self,
+        password_file: Path,
+        acl_file: Path,
+        port: int = 0,
+        *,
+        executable: str | None = None,
+        max_queued_messages: int = 10_000,
+    ) -> None:
+        super().__init__(port, executable=executable)
+        self.password_file = password_file
+        self.acl_file = acl_file
+        self.max_queued_messages = max_queued_messages
+
+    def config_lines(self) -> list[str]:
+        return [
+            f"listener {self.port} 127.0.0.1",
+            # Started as root, mosquitto switches to the 'mosquitto' user before it reads the
+            # password file, which then cannot open our private (0600) files: stay as whoever
+            # started it. (Ignored when not started as root.)
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+            *broker_auth_config(self.password_file, self.acl_file),
+            "persistence false",
+            # Commands and results are QoS 1: size the per-client queue for a fleet's burst
+            # rather than mosquitto's small default, which drops for a momentarily slow reader.
+            f"max_queued_messages {self.max_queued_messages}",
+            "max_inflight_messages 1000",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "",
+        ]

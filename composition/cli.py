@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from gateway.config import ConfigError, load_config
-from gateway.model import json_schemas
-from gateway.runtime import settle_heap
+from composition.config import load_config
+from composition.runtime import settle_heap
+from unified.config import ConfigError
+from unified.model import json_schemas
 
 
 def _setup_logging(verbose: int) -> None:
@@ -189,7 +190,7 @@ def schema(out: Path | None) -> None:
 @click.pass_context
 def demo(ctx: click.Context, duration: float, batteries: int, broker: str) -> None:
     """Self-contained demo: broker, simulated batteries, gateway and a scripted Grid DERMS."""
-    from gateway.demo import run_demo
+    from composition.demo import run_demo
 
     _setup_logging(ctx.obj["verbose"])
     result = run_until_signal(run_demo(duration_s=duration, batteries=batteries, broker=broker))
@@ -207,7 +208,7 @@ def certs() -> None:
 @click.option("--name", default="derms-dev-ca", show_default=True)
 def certs_ca(directory: Path, name: str) -> None:
     """Create a development CA (<name>.pem, <name>.key) in DIRECTORY."""
-    from gateway.certs import make_ca
+    from composition.certs import make_ca
 
     ca = make_ca(directory, name)
     click.echo(f"CA certificate: {ca.cert_path}\nCA key:         {ca.key_path}")
@@ -228,7 +229,7 @@ def certs_issue(
     directory: Path, name: str, ca_name: str, server: bool, hosts: tuple[str, ...]
 ) -> None:
     """Issue a device (or --server) certificate signed by the CA in DIRECTORY."""
-    from gateway.certs import load_ca, make_cert
+    from composition.certs import load_ca, make_cert
 
     try:
         ca = load_ca(directory / f"{ca_name}.pem", directory / f"{ca_name}.key")
@@ -244,7 +245,7 @@ def certs_issue(
 @click.argument("certificate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def certs_show(certificate: Path) -> None:
     """Print a certificate's LFDI and SFDI (what an installer hands the utility)."""
-    from gateway.certs import describe_text
+    from composition.certs import describe_text
 
     try:
         click.echo(describe_text(certificate))

@@ -1,0 +1,24 @@
+"""``[broker]``: the MQTT broker Grid DERMS talks to us through."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from unified.config import Section
+
+__all__ = ["BrokerConfig"]
+
+
+class BrokerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT version; 3.1.1 only for brokers without MQTT 5"
+    )
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=120)

@@ -1,0 +1,225 @@
+"""Gateway configuration: one TOML file, validated in full before anything starts.
+
+The file is the core's sections (:class:`gateway.config.CoreConfig`) plus each adapter family's
+endpoint and uplink sections; this module alone knows them all. Errors name the exact place in
+the file (``devices[3].ratings.max_charge_kw``) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, ValidationError, model_validator
+
+from adapters.grid_derms.config import BrokerConfig
+from adapters.mqtt_devices.devices import DeviceMqttConfig, MqttDeviceSettings
+from adapters.ocpp.central import OcppCentralConfig
+from adapters.oem_vtn.vtn import OpenAdrVtnConfig
+from adapters.openadr_ven.ven import OpenAdrVenConfig
+from adapters.sep2_der.der import Sep2DerEndpoint
+from adapters.sep2_der.server import Sep2ServerConfig
+from adapters.sunspec.battery import SunSpecEndpoint
+from gateway.config import CoreConfig
+from unified.config import ConfigError, describe_errors, rebase
+from unified.model import DerClass, Device
+
+__all__ = ["MQTT_ADAPTERS", "DeviceConfig", "GatewayConfig", "load_config", "parse_config"]
+
+
+MQTT_ADAPTERS: dict[str, DerClass] = {
+    "mqtt_thermostat": DerClass.THERMOSTAT,
+    "mqtt_water_heater": DerClass.WATER_HEATER,
+}
+
+
+class DeviceConfig(Device):
+    """A device as configured: the unified :class:`Device` plus how to reach it."""
+
+    sunspec: SunSpecEndpoint | None = None
+    sep2: Sep2DerEndpoint | None = Field(
+        default=None, description="A 2030.5 client (inverter, battery) that polls our server"
+    )
+    mqtt: MqttDeviceSettings | None = Field(
+        default=None, description="A device on the device MQTT broker (thermostat, water heater)"
+    )
+
+    @model_validator(mode="after")
+    def _reachable(self) -> DeviceConfig:
+        if self.adapter == "sunspec_battery":
+            if self.sunspec is None:
+                raise ValueError("adapter 'sunspec_battery' needs a [devices.sunspec] endpoint")
+            if self.der_class is not DerClass.BATTERY:
+                raise ValueError("adapter 'sunspec_battery' only drives der_class 'battery'")
+        elif self.adapter == "sep2_der":
+            if self.sep2 is None:
+                raise ValueError("adapter 'sep2_der' needs a [devices.sep2] endpoint (lfdi)")
+        elif self.adapter in MQTT_ADAPTERS:
+            wanted = MQTT_ADAPTERS[self.adapter]
+            if self.der_class is not wanted:
+                raise ValueError(f"adapter {self.adapter!r} only drives der_class {wanted.value!r}")
+        else:
+            known = ", ".join(repr(a) for a in ("sunspec_battery", "sep2_der", *MQTT_ADAPTERS))
+            raise ValueError(f"unknown adapter {self.adapter!r} (known: {known})")
+        return self
+
+    def as_device(self) -> Device:
+        return Device.model_validate(self.model_dump(exclude={"sunspec", "sep2", "mqtt"}))
+
+
+class GatewayConfig(CoreConfig):
+    """The whole configuration file: the core's sections plus devices, endpoints and uplinks."""
+
+    broker: BrokerConfig = BrokerConfig()
+    devices: tuple[DeviceConfig, ...] = Field(
+        default=(),
+        description="Configured devices; more may enrol at run time (OEM clouds, EV chargers)",
+    )
+    device_mqtt: DeviceMqttConfig | None = Field(
+        default=None,
+        description="The broker that thermostats and water heaters talk to ('mqtt_*' devices)",
+    )
+    ocpp_central: OcppCentralConfig | None = Field(
+        default=None,
+        description="An OCPP 1.6J / 2.0.1 central system for EV chargers (each becomes a device)",
+    )
+    sep2_server: Sep2ServerConfig | None = Field(
+        default=None, description="Host an IEEE 2030.5 server for DER clients ('sep2_der' devices)"
+    )
+    openadr_vtn: OpenAdrVtnConfig | None = Field(
+        default=None,
+        description="Host an OpenADR 2.0b VTN that OEM clouds join as VENs; their reported "
+        "resources become devices",
+    )
+    openadr_ven: OpenAdrVenConfig | None = Field(
+        default=None, description="Take orders from a utility's OpenADR 2.0b VTN as a VEN"
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        problems = []
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.device_id in seen:
+                problems.append(f"device_id {device.device_id!r} appears twice")
+            seen.add(device.device_id)
+        endpoints: dict[tuple[str, int, int], str] = {}
+        for device in self.devices:
+            if device.sunspec is not None:
+                key = (device.sunspec.host, device.sunspec.port, device.sunspec.unit_id)
+                if key in endpoints:
+                    problems.append(
+                        f"devices {endpoints[key]!r} and {device.device_id!r} share the endpoint "
+                        f"{key[0]}:{key[1]} unit {key[2]}"
+                    )
+                endpoints[key] = device.device_id
+        for device in self.devices:
+            if (
+                device.sunspec is not None
+                and device.sunspec.setpoint_revert_s <= self.timing.refresh_s
+            ):
+                problems.append(
+                    f"device {device.device_id!r}: sunspec.setpoint_revert_s "
+                    f"({device.sunspec.setpoint_revert_s}) must exceed timing.refresh_s "
+                    f"({self.timing.refresh_s:g}), or the battery reverts between refreshes"
+                )
+        if not self.devices and self.ocpp_central is None and self.openadr_vtn is None:
+            problems.append(
+                "no devices: configure [[devices]], or an [ocpp_central] or [openadr_vtn] that "
+                "enrols them at run time"
+            )
+        if self.ocpp_central is not None:
+            for charger in self.ocpp_central.chargers:
+                if charger.resolved_device_id in seen:
+                    problems.append(
+                        f"OCPP charger {charger.charge_point_id!r} would enrol as device "
+                        f"{charger.resolved_device_id!r}, which [[devices]] already has"
+                    )
+        mqtt_devices = [d for d in self.devices if d.adapter in MQTT_ADAPTERS]
+        if mqtt_devices and self.device_mqtt is None:
+            problems.append("devices with an 'mqtt_*' adapter need a [device_mqtt] section")
+        for device in mqtt_devices:
+            hold = (device.mqtt or MqttDeviceSettings()).hold_s
+            if hold <= self.timing.refresh_s:
+                problems.append(
+                    f"device {device.device_id!r}: mqtt.hold_s ({hold:g}) must exceed "
+                    f"timing.refresh_s ({self.timing.refresh_s:g}), or events lapse between "
+                    "refreshes"
+                )
+        if self.sep2_server is None and any(d.adapter == "sep2_der" for d in self.devices):
+            problems.append("devices with adapter 'sep2_der' need a [sep2_server] section")
+        lfdis: dict[str, str] = {}
+        for device in self.devices:
+            if device.sep2 is not None:
+                lfdi = device.sep2.lfdi.lower()
+                if lfdi in lfdis:
+                    problems.append(
+                        f"devices {lfdis[lfdi]!r} and {device.device_id!r} share LFDI {lfdi}"
+                    )
+                lfdis[lfdi] = device.device_id
+                if device.sep2.control_duration_s <= 2 * self.timing.refresh_s:
+                    problems.append(
+                        f"device {device.device_id!r}: sep2.control_duration_s must exceed twice "
+                        "timing.refresh_s, or controls lapse between refreshes"
+                    )
+        if self.settlement.baseline.interval_s % self.history.interval_s:
+            problems.append(
+                f"settlement.baseline.interval_s ({self.settlement.baseline.interval_s}) must be "
+                f"a multiple of history.interval_s ({self.history.interval_s})"
+            )
+        group_ids = [g.group_id for g in self.groups]
+        if len(set(group_ids)) != len(group_ids):
+            problems.append("group_id values are not unique")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def relative_to(self, base: Path) -> Self:
+        """Relative file paths (store, keys, certificates) resolved against the config file's
+        folder, not against wherever the process happened to be started."""
+        update: dict[str, object] = {
+            "store": self.store.model_copy(update=rebase(base, self.store, "path")),
+            "history": self.history.model_copy(update=rebase(base, self.history, "path")),
+        }
+        if self.openadr_ven is not None:
+            update["openadr_ven"] = self.openadr_ven.model_copy(
+                update=rebase(base, self.openadr_ven, "store_path")
+            )
+        vtn = self.openadr_vtn
+        if vtn is not None:
+            vtn_update: dict[str, object] = dict(rebase(base, vtn, "store_path"))
+            if vtn.tls is not None:
+                vtn_update["tls"] = vtn.tls.model_copy(
+                    update=rebase(base, vtn.tls, "cert_path", "key_path", "ca_path")
+                )
+            update["openadr_vtn"] = vtn.model_copy(update=vtn_update)
+        if self.sep2_server is not None and self.sep2_server.tls is not None:
+            tls = self.sep2_server.tls
+            tls = tls.model_copy(update=rebase(base, tls, "cert_file", "key_file", "ca_file"))
+            update["sep2_server"] = self.sep2_server.model_copy(update={"tls": tls})
+        return self.model_copy(update=update)
+
+
+def parse_config(
+    data: dict[str, object], source: str = "<dict>", model: type[GatewayConfig] = GatewayConfig
+) -> GatewayConfig:
+    """Validate ``data`` as ``model`` (the gateway's config, or an extension of it such as the
+    edge agent's), reporting every problem with its place."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, describe_errors(exc)) from None
+
+
+def load_config(path: Path, model: type[GatewayConfig] = GatewayConfig) -> GatewayConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    config = parse_config(data, str(path), model)
+    return config.relative_to(path.parent)

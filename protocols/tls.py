@@ -1,0 +1,77 @@
+"""TLS policy of the protocols the gateway speaks: cipher suites, versions and contexts.
+
+IEEE 2030.5 mandates one suite (TLS 1.2 ``ECDHE-ECDSA-AES128-CCM8`` over P-256); OpenADR 2.0b
+allows two (TLS 1.2 ``ECDHE-ECDSA-AES128-SHA256`` or ``AES128-SHA256``). Every endpoint and uplink
+takes its constants and contexts from here, so one protocol has one policy. Building a context
+reads the certificate files (blocking): do it at start-up, not on a hot path.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "OPENADR_TLS_CIPHERS",
+    "SEP2_CURVE",
+    "SEP2_TLS_CIPHER",
+    "client_ssl_context",
+    "pin_openadr_tls",
+    "server_ssl_context",
+]
+
+#: The one cipher suite 2030.5 mandates (TLS 1.2, ECDHE with P-256, ECDSA, AES-128-CCM, 8-byte tag).
+SEP2_TLS_CIPHER: Final = "ECDHE-ECDSA-AES128-CCM8"
+SEP2_CURVE: Final = "prime256v1"  # OpenSSL's name for P-256 / secp256r1
+
+#: The suites OpenADR 2.0b names (TLS 1.2): ECDSA certificates, or RSA ones.
+OPENADR_TLS_CIPHERS: Final = "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"
+
+
+def pin_openadr_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Pin ``ctx`` to TLS 1.2 and the OpenADR suites (under TLS 1.3 OpenSSL ignores
+    ``set_ciphers()``, so a peer could otherwise negotiate a suite OpenADR does not name)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(OPENADR_TLS_CIPHERS)
+    return ctx
+
+
+def _tls12_ccm8(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    # Pinning both ends to TLS 1.2 matters: under TLS 1.3 OpenSSL ignores set_ciphers(), so a
+    # peer could otherwise negotiate a suite 2030.5 devices are not required to support.
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(SEP2_TLS_CIPHER)
+    ctx.set_ecdh_curve(SEP2_CURVE)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+def server_ssl_context(
+    cert_file: Path | str, key_file: Path | str, ca_file: Path | str
+) -> ssl.SSLContext:
+    """A server context for 2030.5: TLS 1.2, ECDHE-ECDSA-AES128-CCM8, P-256, and a client
+    certificate chained to ``ca_file`` required (the certificate *is* the client's identity)."""
+    ctx = _tls12_ccm8(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.load_verify_locations(cafile=str(ca_file))
+    return ctx
+
+
+def client_ssl_context(
+    cert_file: Path | str,
+    key_file: Path | str,
+    ca_file: Path | str,
+    *,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    """The matching client context: presents the device certificate, verifies the server's."""
+    ctx = _tls12_ccm8(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.check_hostname = check_hostname
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.load_verify_locations(cafile=str(ca_file))
+    return ctx
