@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from adapters.sep2_client.client import (
     EffectiveControls,
@@ -44,7 +44,7 @@ from protocols.sep2 import (
     WattHour,
     from_watts,
 )
-from unified.config import rebase
+from unified.config import Section, rebase
 from unified.model import (
     AckState,
     Cancel,
@@ -77,17 +77,13 @@ UTILITY_PRIORITY = 1000
 _HORIZON = timedelta(hours=24)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Sep2TlsFiles(_Section):
+class Sep2TlsFiles(Section):
     cert_file: Path
     key_file: Path
     ca_file: Path
 
 
-class UpstreamSep2Config(_Section):
+class UpstreamSep2Config(Section):
     """``[upstream_sep2]``: the utility's 2030.5 server this site takes its limits from."""
 
     server_url: str = Field(description="Scheme, host and port, e.g. https://doe.example:8443")

@@ -31,9 +31,7 @@ from unified.model import (
 )
 from unified.weather import (
     GATEWAY_SCOPE,
-    MAX_SPAN_S,
     MIN_COVERAGE,
-    TemperaturePoint,
     WeatherForecast,
 )
 
@@ -175,14 +173,4 @@ def forecast_excerpt(forecast: WeatherForecast) -> str:
     )
 
 
-__all__ = [
-    "GATEWAY_SCOPE",
-    "MAX_POINTS",
-    "MAX_SPAN_S",
-    "MIN_COVERAGE",
-    "TemperaturePoint",
-    "TemperatureSeries",
-    "WeatherBook",
-    "WeatherForecast",
-    "forecast_excerpt",
-]
+__all__ = ["TemperatureSeries", "WeatherBook", "forecast_excerpt"]

@@ -46,7 +46,7 @@ from datetime import datetime
 from typing import Final, Literal, Protocol
 
 import aiomqtt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
 from gateway.devices import (
@@ -81,6 +81,7 @@ from protocols.mqtt.devices import (
     decode_telemetry,
     encode,
 )
+from unified.config import Section
 from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = [
@@ -107,11 +108,7 @@ OptOutListener = Callable[[DeviceCommand, AdapterError], None]
 # --------------------------------------------------------------------------- configuration
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DeviceMqttConfig(_Section):
+class DeviceMqttConfig(Section):
     """The broker the devices use (``[device_mqtt]``); often not the Grid DERMS broker."""
 
     host: str = "127.0.0.1"
@@ -146,7 +143,7 @@ class DeviceMqttConfig(_Section):
     )
 
 
-class MqttDeviceSettings(_Section):
+class MqttDeviceSettings(Section):
     """Per device (``[devices.mqtt]``): timing, and the customer's comfort band."""
 
     stale_after_s: float = Field(default=60.0, gt=0, le=3600)

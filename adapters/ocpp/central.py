@@ -57,13 +57,14 @@ from ocpp.v16 import call_result as result16
 from ocpp.v201 import ChargePoint as ChargePoint201  # type: ignore[import-untyped]
 from ocpp.v201 import call as call201
 from ocpp.v201 import call_result as result201
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from gateway.aio import raise_if_cancelling
 from gateway.devices import DeviceAdapter
+from unified.config import Section
 from unified.model import (
     BatteryConstraints,
     BatteryRatings,
@@ -154,11 +155,7 @@ _PLUGGED_16: Final = frozenset(
 # --------------------------------------------------------------------------- configuration
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class OcppChargerDefaults(_Section):
+class OcppChargerDefaults(Section):
     """How a charger joins the registry (and the defaults for auto-registered ones)."""
 
     location: TopologyLocation
@@ -192,7 +189,7 @@ class OcppChargerConfig(OcppChargerDefaults):
         return self.device_id or self.charge_point_id
 
 
-class OcppCentralConfig(_Section):
+class OcppCentralConfig(Section):
     """``[ocpp_central]``: the OCPP central system the gateway runs for EV chargers."""
 
     host: str = "127.0.0.1"

@@ -54,20 +54,20 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, Protocol
-from xml.sax.saxutils import escape
 
 from aiohttp import web
 from openleadr import OpenADRServer  # type: ignore[import-untyped]
 from openleadr.messaging import create_message  # type: ignore[import-untyped]
 from openleadr.service import OptService  # type: ignore[import-untyped]
 from openleadr.utils import certificate_fingerprint_from_der  # type: ignore[import-untyped]
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from adapters.oem_vtn.resource import OadrResource, ResourceTelemetry
 from gateway.aio import wait_inside_task_group
 from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected, DeviceUnavailable
 from gateway.store import SqliteStore
 from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
+from protocols.openadr.messages import as_list, xml_text
 from protocols.openadr.vtn_events import (
     IssuedEvent,
     ResourceDescriptor,
@@ -86,6 +86,7 @@ from protocols.openadr.vtn_opts import (
     read_opt,
 )
 from protocols.tls import pin_openadr_tls
+from unified.config import Section
 from unified.model import (
     BatteryRatings,
     DerClass,
@@ -128,11 +129,7 @@ def fingerprint_of_der(der: bytes) -> str:
 # --------------------------------------------------------------------------- configuration
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class VtnTlsConfig(_Section):
+class VtnTlsConfig(Section):
     """Mutual TLS: our certificate and the CA that signs the VENs' certificates."""
 
     cert_path: Path
@@ -146,7 +143,7 @@ class VtnTlsConfig(_Section):
     )
 
 
-class AllowedVen(_Section):
+class AllowedVen(Section):
     """One OEM cloud allowed to register."""
 
     ven_name: Identifier = Field(description="The VEN's oadrVenName; prefixes its device ids")
@@ -166,7 +163,7 @@ class AllowedVen(_Section):
         return self.programs.get(der_class, self.program)
 
 
-class OpenAdrVtnConfig(_Section):
+class OpenAdrVtnConfig(Section):
     vtn_id: str = Field(default="derms-vtn", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535, description="0: any free port (tests)")
@@ -233,14 +230,14 @@ class Registrar(Protocol):
 # --------------------------------------------------------------------------- persistence
 
 
-class VenRegistration(_Section):
+class VenRegistration(Section):
     ven_name: str
     ven_id: str
     registration_id: str | None
     registered_at: datetime
 
 
-class ResourceRecord(_Section):
+class ResourceRecord(Section):
     """A resource a VEN described, and which report values belong to it."""
 
     device_id: str
@@ -366,15 +363,8 @@ def _power_factor_kw(measurement: object) -> float | None:
     return None if scale is None else base * scale
 
 
-def _text(value: object) -> str:
-    """openleadr renders with jinja without autoescaping: escape what we echo back."""
-    return escape(str(value))
 
 
-def _as_list(value: object) -> list[Any]:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
 
 
 class _OptEndpoint(OptService):  # type: ignore[misc]
@@ -633,8 +623,8 @@ class OpenAdrVtn:
             {
                 "response": {
                     "response_code": _NOT_AUTHORIZED,
-                    "response_description": _text(reason),
-                    "request_id": _text(payload.get("request_id") or ""),
+                    "response_description": xml_text(reason),
+                    "request_id": xml_text(payload.get("request_id") or ""),
                 },
                 "ven_id": None,
                 "registration_id": None,
@@ -699,8 +689,8 @@ class OpenAdrVtn:
             self._session(name).outbox.clear()
             log.info("OpenADR VEN %s cancelled its registration", name)
         return "oadrCanceledPartyRegistration", {
-            "registration_id": _text(payload.get("registration_id") or ""),
-            "ven_id": _text(payload.get("ven_id") or ""),
+            "registration_id": xml_text(payload.get("registration_id") or ""),
+            "ven_id": xml_text(payload.get("ven_id") or ""),
         }
 
     def _session(self, ven_name: str) -> _Session:
@@ -710,7 +700,7 @@ class OpenAdrVtn:
     async def _on_poll(self, ven_id: str) -> tuple[str, dict[str, Any]] | None:
         name = self._registered_name(ven_id)
         if name is None:
-            return "oadrRequestReregistration", {"ven_id": _text(ven_id)}
+            return "oadrRequestReregistration", {"ven_id": xml_text(ven_id)}
         session = self._session(name)
         session.last_seen = self._clock()
         if session.outbox:
@@ -750,7 +740,7 @@ class OpenAdrVtn:
         name = self._registered_name(payload.get("ven_id"))
         if name is None:
             return "oadrResponse", {}
-        for response in _as_list(payload.get("event_responses")):
+        for response in as_list(payload.get("event_responses")):
             if not isinstance(response, Mapping):
                 continue
             event = self.events.get(str(response.get("event_id")))
@@ -817,11 +807,11 @@ class OpenAdrVtn:
         message_type: str, payload: Mapping[str, Any], code: int = 200, description: str = "OK"
     ) -> tuple[str, dict[str, Any]]:
         return message_type, {
-            "opt_id": _text(str(payload.get("opt_id") or "")[:128]),
+            "opt_id": xml_text(str(payload.get("opt_id") or "")[:128]),
             "response": {
                 "response_code": code,
-                "response_description": _text(description),
-                "request_id": _text(str(payload.get("request_id") or "")[:128]),
+                "response_description": xml_text(description),
+                "request_id": xml_text(str(payload.get("request_id") or "")[:128]),
             },
         }
 
@@ -1017,7 +1007,7 @@ class OpenAdrVtn:
         assert allowed is not None  # registrations are only kept for configured VENs
         found: dict[str, dict[str, Any]] = {}
         requests: list[tuple[str, list[str]]] = []
-        for report in _as_list(payload.get("reports")):
+        for report in as_list(payload.get("reports")):
             if not isinstance(report, Mapping):
                 continue
             report_name = str(report.get("report_name") or "")
@@ -1028,7 +1018,7 @@ class OpenAdrVtn:
             if kind is None:
                 continue  # history and custom reports are offered, not needed
             r_ids: list[str] = []
-            for description in _as_list(report.get("report_descriptions")):
+            for description in as_list(report.get("report_descriptions")):
                 if not isinstance(description, Mapping):
                     continue
                 source = description.get("report_data_source") or {}
@@ -1069,11 +1059,11 @@ class OpenAdrVtn:
                 {
                     "report_request_id": uuid.uuid4().hex,
                     "report_specifier": {
-                        "report_specifier_id": _text(specifier_id),
+                        "report_specifier_id": xml_text(specifier_id),
                         "granularity": period,
                         "report_back_duration": period,
                         "specifier_payloads": [
-                            {"r_id": _text(r), "reading_type": "Direct Read"} for r in r_ids
+                            {"r_id": xml_text(r), "reading_type": "Direct Read"} for r in r_ids
                         ],
                     },
                 }
@@ -1088,10 +1078,10 @@ class OpenAdrVtn:
         if name is None:
             return "oadrUpdatedReport", {}
         now = self._clock()
-        for report in _as_list(payload.get("reports")):
+        for report in as_list(payload.get("reports")):
             if not isinstance(report, Mapping):
                 continue
-            for interval in _as_list(report.get("intervals")):
+            for interval in as_list(report.get("intervals")):
                 if isinstance(interval, Mapping):
                     self._take_sample(name, interval, now)
         return "oadrUpdatedReport", {}

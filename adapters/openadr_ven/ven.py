@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
-from xml.sax.saxutils import escape
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
 from gateway.commands import CommandBook, CommandRejected
@@ -59,7 +58,9 @@ from protocols.openadr import (
     reconcile,
     settle,
 )
+from protocols.openadr.messages import as_list, xml_text
 from protocols.tls import pin_openadr_tls
+from unified.config import Section
 from unified.model import Ack, AckState, Command, GroupTelemetry, Quality, Reason, utcnow
 
 __all__ = [
@@ -143,11 +144,7 @@ def capacity_from_registry(registry: Registry) -> CapacitySource:
 # --------------------------------------------------------------------------- configuration
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class VenTlsConfig(_Section):
+class VenTlsConfig(Section):
     """Mutual TLS toward the VTN (OpenADR requires it in production)."""
 
     cert_path: Path
@@ -156,7 +153,7 @@ class VenTlsConfig(_Section):
     check_hostname: bool = True
 
 
-class OpenAdrVenConfig(_Section):
+class OpenAdrVenConfig(Section):
     vtn_url: str = Field(description="Base URL, e.g. https://vtn.example/OpenADR2/Simple/2.0b")
     program: VenProgramConfig
     store_path: Path = Path("derms-openadr-ven.sqlite")
@@ -212,7 +209,7 @@ class RegistrationRefused(OpenAdrVenError):
 # --------------------------------------------------------------------------- persistence
 
 
-class Registration(_Section):
+class Registration(Section):
     ven_id: str
     registration_id: str
     vtn_id: str | None = None
@@ -307,9 +304,6 @@ class _ReportRequest:
         return self.back_s <= 0 and self.granularity_s <= 0
 
 
-def _xml_text(value: object) -> str:
-    """openleadr renders with jinja without autoescaping: escape anything we echo back."""
-    return escape(str(value))
 
 
 def _seconds(value: object) -> float:
@@ -320,12 +314,6 @@ def _seconds(value: object) -> float:
     return 0.0
 
 
-def _as_list(value: object) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return value
-    return [value]
 
 
 # --------------------------------------------------------------------------- the service
@@ -466,7 +454,7 @@ class OpenAdrVen:
         for _ in range(self.config.max_messages_per_poll):
             registration = self._registered()
             message_type, payload = await self._exchange(
-                "OadrPoll", "oadrPoll", {"ven_id": _xml_text(registration.ven_id)}
+                "OadrPoll", "oadrPoll", {"ven_id": xml_text(registration.ven_id)}
             )
             if message_type in ("oadrResponse", ""):
                 return
@@ -499,7 +487,7 @@ class OpenAdrVen:
                 {
                     "response": self._ok(payload.get("request_id")),
                     "report_requests": [],
-                    "ven_id": _xml_text(self._registered().ven_id),
+                    "ven_id": xml_text(self._registered().ven_id),
                 },
                 check=False,
             )
@@ -524,10 +512,10 @@ class OpenAdrVen:
             "oadrCreatePartyRegistration",
             {
                 "request_id": self._new_id(),
-                "ven_name": _xml_text(self.config.program.ven_name),
-                "ven_id": _xml_text(previous.ven_id) if previous else None,
+                "ven_name": xml_text(self.config.program.ven_name),
+                "ven_id": xml_text(previous.ven_id) if previous else None,
                 "registration_id": (
-                    _xml_text(previous.registration_id) if previous and reregister else None
+                    xml_text(previous.registration_id) if previous and reregister else None
                 ),
                 "http_pull_model": True,
                 "xml_signature": False,
@@ -567,8 +555,8 @@ class OpenAdrVen:
             "oadrCanceledPartyRegistration",
             {
                 "response": self._ok(payload.get("request_id")),
-                "registration_id": _xml_text(registration.registration_id),
-                "ven_id": _xml_text(registration.ven_id),
+                "registration_id": xml_text(registration.registration_id),
+                "ven_id": xml_text(registration.ven_id),
             },
             check=False,
         )
@@ -584,7 +572,7 @@ class OpenAdrVen:
         message_type, payload = await self._exchange(
             "EiEvent",
             "oadrRequestEvent",
-            {"request_id": self._new_id(), "ven_id": _xml_text(registration.ven_id)},
+            {"request_id": self._new_id(), "ven_id": xml_text(registration.ven_id)},
         )
         if message_type == "oadrDistributeEvent":
             await self._on_distribution(payload)
@@ -697,7 +685,7 @@ class OpenAdrVen:
         self, request_id: str | None, responses: list[OptResponse]
     ) -> None:
         registration = self._registered()
-        rid = _xml_text(request_id or self._new_id())
+        rid = xml_text(request_id or self._new_id())
         await self._exchange(
             "EiEvent",
             "oadrCreatedEvent",
@@ -706,15 +694,15 @@ class OpenAdrVen:
                 "event_responses": [
                     {
                         "response_code": r.response_code,
-                        "response_description": _xml_text(r.description),
+                        "response_description": xml_text(r.description),
                         "request_id": rid,
-                        "event_id": _xml_text(r.event_id),
+                        "event_id": xml_text(r.event_id),
                         "modification_number": r.modification_number,
                         "opt_type": r.opt_type.value,
                     }
                     for r in responses
                 ],
-                "ven_id": _xml_text(registration.ven_id),
+                "ven_id": xml_text(registration.ven_id),
             },
             check=False,
         )
@@ -742,8 +730,8 @@ class OpenAdrVen:
             r_id: str, resource: str, report_type: str, reading: str, measurement: Any
         ) -> dict[str, Any]:
             return {
-                "r_id": _xml_text(r_id),
-                "report_data_source": {"resource_id": _xml_text(resource)},
+                "r_id": xml_text(r_id),
+                "report_data_source": {"resource_id": xml_text(resource)},
                 "report_subject": None,
                 "report_type": report_type,
                 "reading_type": reading,
@@ -788,7 +776,7 @@ class OpenAdrVen:
             "oadrRegisterReport",
             {
                 "request_id": self._new_id(),
-                "ven_id": _xml_text(registration.ven_id),
+                "ven_id": xml_text(registration.ven_id),
                 "reports": reports,
             },
         )
@@ -802,7 +790,7 @@ class OpenAdrVen:
         }
         accepted: list[str] = []
         refused: list[str] = []
-        for request in _as_list(payload.get("report_requests")):
+        for request in as_list(payload.get("report_requests")):
             if not isinstance(request, Mapping):
                 continue
             specifier = request.get("report_specifier") or {}
@@ -812,7 +800,7 @@ class OpenAdrVen:
             specifier_id = str(specifier.get("report_specifier_id", ""))
             r_ids = tuple(
                 str(p.get("r_id"))
-                for p in _as_list(specifier.get("specifier_payloads"))
+                for p in as_list(specifier.get("specifier_payloads"))
                 if isinstance(p, Mapping) and str(p.get("r_id")) in known
             )
             if (
@@ -860,7 +848,7 @@ class OpenAdrVen:
             if refused:
                 response |= {
                     "response_code": _REPORT_NOT_SUPPORTED,
-                    "response_description": _xml_text(
+                    "response_description": xml_text(
                         "not offered (only TELEMETRY_USAGE and TELEMETRY_STATUS): "
                         + ", ".join(refused[:10])
                     ),
@@ -870,8 +858,8 @@ class OpenAdrVen:
                 "oadrCreatedReport",
                 {
                     "response": response,
-                    "pending_reports": [{"report_request_id": _xml_text(r)} for r in accepted],
-                    "ven_id": _xml_text(self._registered().ven_id),
+                    "pending_reports": [{"report_request_id": xml_text(r)} for r in accepted],
+                    "ven_id": xml_text(self._registered().ven_id),
                 },
                 check=False,
             )
@@ -889,7 +877,7 @@ class OpenAdrVen:
             {
                 "response": self._ok(payload.get("request_id")),
                 "pending_reports": [],
-                "ven_id": _xml_text(self._registered().ven_id),
+                "ven_id": xml_text(self._registered().ven_id),
             },
             check=False,
         )
@@ -953,7 +941,7 @@ class OpenAdrVen:
                 {
                     "dtstart": telemetry.timestamp,
                     "report_payload": {
-                        "r_id": _xml_text(r_id),
+                        "r_id": xml_text(r_id),
                         "value": round(value, 6),
                         "data_quality": _DATA_QUALITY[telemetry.quality],
                     },
@@ -973,12 +961,12 @@ class OpenAdrVen:
                 "oadrUpdateReport",
                 {
                     "request_id": self._new_id(),
-                    "ven_id": _xml_text(self._registered().ven_id),
+                    "ven_id": xml_text(self._registered().ven_id),
                     "reports": [
                         {
                             "report_id": self._new_id(),
-                            "report_request_id": _xml_text(report.request_id),
-                            "report_specifier_id": _xml_text(report.specifier_id),
+                            "report_request_id": xml_text(report.request_id),
+                            "report_specifier_id": xml_text(report.specifier_id),
                             "report_name": name,
                             "created_date_time": self._clock(),
                             "dtstart": min(s["dtstart"] for s in samples),
@@ -996,7 +984,7 @@ class OpenAdrVen:
         return {
             "response_code": 200,
             "response_description": "OK",
-            "request_id": None if request_id is None else _xml_text(request_id),
+            "request_id": None if request_id is None else xml_text(request_id),
         }
 
     async def _send_response(self, service: str, request_id: object) -> None:
@@ -1005,7 +993,7 @@ class OpenAdrVen:
             "oadrResponse",
             {
                 "response": self._ok(request_id),
-                "ven_id": _xml_text(self._registered().ven_id),
+                "ven_id": xml_text(self._registered().ven_id),
             },
             check=False,
         )

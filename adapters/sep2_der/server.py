@@ -121,6 +121,7 @@ from protocols.sep2 import (
     sfdi_from_lfdi,
     with_check_digit,
 )
+from unified.config import Section
 from unified.model import Identifier, LimitSource
 
 __all__ = [
@@ -188,11 +189,7 @@ _MAX_HISTORY: Final = 256
 # --------------------------------------------------------------------------- configuration
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Sep2TlsConfig(_Section):
+class Sep2TlsConfig(Section):
     """Server certificate and the CA(s) whose client certificates are accepted."""
 
     cert_file: Path
@@ -200,7 +197,7 @@ class Sep2TlsConfig(_Section):
     ca_file: Path
 
 
-class Sep2DefaultEnvelope(_Section):
+class Sep2DefaultEnvelope(Section):
     """A group's DefaultDERControl: what its DERs do when no event is active (None = no limit)."""
 
     import_limit_kw: float | None = Field(
@@ -217,7 +214,7 @@ class Sep2DefaultEnvelope(_Section):
     )
 
 
-class Sep2ProgramConfig(_Section):
+class Sep2ProgramConfig(Section):
     """The DERProgram of one topology group. Lower ``primacy`` wins on the client."""
 
     group_id: Identifier
@@ -226,7 +223,7 @@ class Sep2ProgramConfig(_Section):
     default: Sep2DefaultEnvelope = Sep2DefaultEnvelope()
 
 
-class Sep2ServerConfig(_Section):
+class Sep2ServerConfig(Section):
     """The ``[sep2_server]`` section."""
 
     host: str = "127.0.0.1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from html import escape
 from typing import Any, Final
 
 from openleadr import messaging  # type: ignore[import-untyped]
@@ -20,9 +21,11 @@ __all__ = [
     "MessageTooLarge",
     "OadrMessageError",
     "UnsafeMessage",
+    "as_list",
     "decode",
     "encode",
     "quiet_openleadr",
+    "xml_text",
 ]
 
 MAX_MESSAGE_BYTES: Final = 1_000_000
@@ -92,3 +95,15 @@ def decode(body: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[str, dic
     if not isinstance(payload, dict):
         raise InvalidMessage("payload is not a structure", str(message_type))
     return str(message_type), payload
+
+
+def xml_text(value: object) -> str:
+    """openleadr renders with jinja without autoescaping: escape anything we echo back."""
+    return escape(str(value))
+
+
+def as_list(value: object) -> list[Any]:
+    """xmltodict gives one child as itself and several as a list: always a list."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]

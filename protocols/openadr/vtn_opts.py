@@ -20,6 +20,8 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocols.openadr.messages import as_list
+
 __all__ = [
     "MAX_OPT_WINDOWS",
     "OptRefused",
@@ -109,10 +111,6 @@ def opt_out_in_force(
     return last if last.opt_type == "optOut" else None
 
 
-def _as_list(value: object) -> list[Any]:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
 
 
 def _short(value: object) -> str:
@@ -125,7 +123,7 @@ def _windows(payload: Mapping[str, Any], now: datetime) -> tuple[OptWindow, ...]
         return ()
     components = availability.get("components") if isinstance(availability, Mapping) else None
     available = components.get("available") if isinstance(components, Mapping) else None
-    items = _as_list(available)
+    items = as_list(available)
     if not items:
         raise OptRefused(INVALID_DATA, "vavailability has no available component")
     if len(items) > MAX_OPT_WINDOWS:
@@ -163,7 +161,7 @@ def _targeted_devices(
         by_name[t.resource_id] = t.device_id
         by_name.setdefault(t.resource_id.split(";", 1)[0], t.device_id)
     named: list[str] = []
-    for target in _as_list(payload.get("targets")):
+    for target in as_list(payload.get("targets")):
         if not isinstance(target, Mapping):
             continue
         for key, value in target.items():
@@ -205,7 +203,7 @@ def _targeted_devices(
 def _named_resources(payload: Mapping[str, Any]) -> bool:
     return any(
         isinstance(t, Mapping) and t.get("resource_id") is not None
-        for t in _as_list(payload.get("targets"))
+        for t in as_list(payload.get("targets"))
     )
 
 

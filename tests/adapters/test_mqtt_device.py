@@ -21,7 +21,6 @@ import aiomqtt
 import pytest
 
 from adapters.mqtt_devices.acl import (
-    AuthenticatedMosquitto,
     DeviceAccount,
     new_device_accounts,
     provision_broker_files,
@@ -43,7 +42,7 @@ from protocols.mqtt.devices import (
     WaterHeaterMode,
     encode,
 )
-from simulators.broker import BrokerEndpoint, MosquittoBroker
+from simulators.broker import AuthenticatedMosquitto, BrokerEndpoint, MosquittoBroker
 from simulators.mqtt_devices import (
     MqttDeviceSimulator,
     SimThermostat,

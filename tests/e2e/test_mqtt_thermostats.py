@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from adapters.mqtt_devices.acl import (
-    AuthenticatedMosquitto,
     DeviceAccount,
     new_device_accounts,
     provision_broker_files,
@@ -21,7 +20,7 @@ from adapters.mqtt_devices.acl import (
 from composition.config import parse_config
 from gateway.core import Gateway
 from protocols.mqtt.devices import DeviceTopics, SetpointOffset
-from simulators.broker import BrokerEndpoint
+from simulators.broker import AuthenticatedMosquitto, BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
 from simulators.mqtt_devices import MqttDeviceSimulator, SimThermostat, ThermalHouse
 from tests.e2e.fleet import eventually, iso

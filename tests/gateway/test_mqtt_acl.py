@@ -15,7 +15,6 @@ import aiomqtt
 import pytest
 
 from adapters.mqtt_devices.acl import (
-    AuthenticatedMosquitto,
     DeviceAccount,
     acl_text,
     hash_password,
@@ -37,7 +36,7 @@ from protocols.mqtt.devices import (
     decode_telemetry,
     encode,
 )
-from simulators.broker import BrokerEndpoint, MosquittoBroker
+from simulators.broker import AuthenticatedMosquitto, BrokerEndpoint, MosquittoBroker
 from unified.model import utcnow
 
 TOPICS = DeviceTopics("acl/devices/v1")

@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from gateway.openadr_vtn import VtnStore
 
+from adapters.oem_vtn.vtn import VtnStore
 from gateway.devices import DeviceRejected
 from protocols.openadr import encode
 from simulators.oem_cloud import SimBattery, SimThermostat

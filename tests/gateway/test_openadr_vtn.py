@@ -20,9 +20,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from gateway.openadr_vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
 
 from adapters.oem_vtn.resource import OadrResource
+from adapters.oem_vtn.vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
 from gateway.devices import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
 from protocols.openadr import encode
 from protocols.openadr.vtn_events import VtnProgram
@@ -562,8 +562,8 @@ async def test_tls_registration_checks_the_certificate_fingerprint(
 ) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    from gateway.openadr_vtn import fingerprint_of_der
 
+    from adapters.oem_vtn.vtn import fingerprint_of_der
     from composition.certs import make_ca, make_cert
 
     ca = make_ca(tmp_path / "pki")
