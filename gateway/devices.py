@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from unified.model import DeviceCommand, DeviceState
+from unified.model import Device, DeviceCommand, DeviceState
 
 
 class AdapterError(Exception):
@@ -58,3 +58,39 @@ class DeviceAdapter(Protocol):
 
     async def apply(self, command: DeviceCommand) -> None:
         """Write one setpoint (or release control when ``power_kw`` is None)."""
+
+
+# --------------------------------------------------------------------------- abilities
+
+
+@runtime_checkable
+class ReportsOnItsOwnSchedule(Protocol):
+    """A device that reports when it chooses, more slowly than the gateway polls (a 2030.5
+    client posts every minute or five; MQTT devices push): its readings stay fresh this long."""
+
+    @property
+    def stale_after_s(self) -> float: ...
+
+
+@runtime_checkable
+class CommandsLapse(Protocol):
+    """Every command it is given carries a hold time and lapses by itself (MQTT thermostats and
+    water heaters), so a (re)connect needs no release: the supervisor writes only when there is
+    something to ask."""
+
+    @property
+    def hold_s(self) -> float: ...
+
+
+# --------------------------------------------------------------------------- enrolment
+
+
+@runtime_checkable
+class Registrar(Protocol):
+    """What an endpoint that enrols devices needs from the core (the OCPP central, the OpenADR
+    VTN): a device discovered at run time, and a refusal reported after a setpoint was handed
+    over (an opt-out, a rejected profile)."""
+
+    def add_device(self, device: Device, adapter: DeviceAdapter) -> None: ...
+
+    def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None: ...

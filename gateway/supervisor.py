@@ -19,7 +19,13 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from gateway.aio import raise_if_cancelling
-from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected, UnsafeCommand
+from gateway.devices import (
+    AdapterError,
+    CommandsLapse,
+    DeviceAdapter,
+    DeviceRejected,
+    UnsafeCommand,
+)
 from unified.model import DeviceCommand, DeviceState
 
 log = logging.getLogger(__name__)
@@ -58,7 +64,7 @@ class DeviceSupervisor:
         self._applied_at = 0.0
         self._refused: DeviceCommand | None = None
         self._must_write = True
-        self._release_on_connect = bool(getattr(adapter, "release_on_connect", True))
+        self._release_on_connect = not isinstance(adapter, CommandsLapse)
         self._served_ok = False
         self.available = False
         self._announced_down = False
@@ -129,9 +135,9 @@ class DeviceSupervisor:
         raise_if_cancelling()
         # Whatever the device was doing (an old setpoint, a revert), it must be told again what
         # we want after a reconnect: a setpoint, or an explicit release. Devices whose commands
-        # lapse by themselves (``release_on_connect = False``: MQTT devices with hold timers)
-        # need no release, and a fleet of them reconnecting at once must not storm the broker.
-        # Devices whose commands lapse by themselves still hold one until its hold time runs
+        # lapse by themselves (:class:`gateway.devices.CommandsLapse`: MQTT devices with hold
+        # timers) need no release, and a fleet of them reconnecting at once must not storm the
+        # broker. Devices whose commands lapse by themselves still hold one until its hold time runs
         # out: if a command reached the device (or a write failed half-way, so it may have),
         # release it now rather than leave a cancelled event running for up to its hold time.
         holding = self._applied is not None or self._in_doubt

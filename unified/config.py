@@ -50,5 +50,3 @@ def describe_errors(exc: ValidationError) -> list[str]:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
         problems.append(f"{loc or '(top level)'}: {err['msg']}")
     return problems
-
-

@@ -408,9 +408,6 @@ class _MqttDevice:
 
     kind: DeviceKind
     telemetry_type: type[ThermostatTelemetry | WaterHeaterTelemetry]
-    #: Every command carries a hold time and lapses by itself, so a (re)connect needs no
-    #: release; the supervisor then writes only when there is something to ask.
-    release_on_connect = False
 
     def __init__(
         self,
@@ -442,6 +439,12 @@ class _MqttDevice:
     @property
     def stale_after_s(self) -> float:
         return self.settings.stale_after_s
+
+    @property
+    def hold_s(self) -> float:
+        """Every command carries this hold time and lapses by itself
+        (:class:`gateway.devices.CommandsLapse`), so a (re)connect needs no release."""
+        return self.settings.hold_s
 
     @property
     def birth(self) -> Birth | None:

@@ -363,10 +363,6 @@ def _power_factor_kw(measurement: object) -> float | None:
     return None if scale is None else base * scale
 
 
-
-
-
-
 class _OptEndpoint(OptService):  # type: ignore[misc]
     """EiOpt, which ``OpenADRServer`` neither routes nor implements (placeholder handlers).
 

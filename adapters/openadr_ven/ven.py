@@ -304,16 +304,12 @@ class _ReportRequest:
         return self.back_s <= 0 and self.granularity_s <= 0
 
 
-
-
 def _seconds(value: object) -> float:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     return 0.0
-
-
 
 
 # --------------------------------------------------------------------------- the service

@@ -111,8 +111,6 @@ def opt_out_in_force(
     return last if last.opt_type == "optOut" else None
 
 
-
-
 def _short(value: object) -> str:
     return str(value)[:_MAX_ID]
 

@@ -75,9 +75,8 @@ async def test_fresh_state_expires() -> None:
 
 
 class ReadsFine(ConnectsButNeverReads):
-    def __init__(self, release_on_connect: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.release_on_connect = release_on_connect
         self.applied: list[DeviceCommand] = []
 
     async def read(self) -> DeviceState:
@@ -88,11 +87,17 @@ class ReadsFine(ConnectsButNeverReads):
         self.applied.append(command)
 
 
+class LapsesByItself(ReadsFine):
+    """Commands carry a hold time (an MQTT device): a ``CommandsLapse``."""
+
+    hold_s = 300.0
+
+
 @pytest.mark.parametrize("release_on_connect", [True, False])
 async def test_release_on_connect_only_where_commands_do_not_lapse(
     release_on_connect: bool,
 ) -> None:
-    adapter = ReadsFine(release_on_connect)
+    adapter = ReadsFine() if release_on_connect else LapsesByItself()
     supervisor = DeviceSupervisor(adapter, poll_interval_s=0.05, io_timeout_s=1, refresh_s=60)
     task = asyncio.create_task(supervisor.run())
     try:
@@ -115,12 +120,12 @@ async def test_release_on_connect_only_where_commands_do_not_lapse(
             await task
 
 
-class DropsOnce(ReadsFine):
+class DropsOnce(LapsesByItself):
     """A device with hold timers whose link drops once while it holds a command, and whose
     command is cancelled while it is away (``apply`` can be made to hang: a lost answer)."""
 
     def __init__(self) -> None:
-        super().__init__(release_on_connect=False)
+        super().__init__()
         self.fail_reads = 0
         self.fail_connects = 0
         self.hang_applies = 0
