@@ -19,9 +19,9 @@ Processes (127.0.0.1 only; a fresh set per fleet size N, all stopped at the end 
   decoding. A separate client subscribes to every device's ``command`` topic, stamps each
   receipt with ``time.time()`` and answers ``accepted`` on the device's ``result`` topic.
   Not emulated: per-device accounts and ACL (``mqtt_devices.acl``) and per-device last wills;
-* the **gateway** child runs a real ``gateway.core.Gateway`` with N ``mqtt_thermostat`` devices
-  (config built in code; ``poll_interval_s = interval / 2``, see below) and counts DeviceStates
-  through ``Gateway.state_listeners``;
+* the **gateway** child runs a real gateway (``composition.app.GatewayApp``) with N
+  ``mqtt_thermostat`` devices (config built in code; ``poll_interval_s = interval / 2``, see
+  below) and counts DeviceStates through ``Gateway.state_listeners``;
 * the **raw** child is one plain aiomqtt client subscribed to the same wildcard
   (``derms/devices/v1/+/telemetry``, QoS 1, MQTT 3.1.1 and the same 50,000-message inbound
   queue as the gateway's link) that ``json.loads`` every payload: the floor of what any Python
@@ -559,8 +559,8 @@ class WarningCounter(logging.Handler):
 
 
 async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> None:
+    from composition.app import GatewayApp
     from composition.runtime import settle_heap
-    from gateway.core import Gateway
 
     warnings = WarningCounter()
     logging.getLogger().handlers[:] = [warnings]
@@ -586,7 +586,8 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
         config = gateway_config(port, n, interval, gateway_id, Path(tmp) / "gw.sqlite")
         gc.collect()
         rss0 = rss_bytes()
-        gateway = Gateway(config)
+        app = GatewayApp(config)
+        gateway = app.core
         if not os.environ.get("BENCH_NO_SETTLE_HEAP"):
             settle_heap()  # as `derms-gateway run` does
         adapters = {k: s.adapter for k, s in gateway.supervisors.items()}
@@ -607,7 +608,7 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
 
         gateway.state_listeners.append(on_state)
         t0 = time.monotonic()
-        task = asyncio.create_task(gateway.run(), name="gateway-under-bench")
+        task = asyncio.create_task(app.run(), name="gateway-under-bench")
         deadline = t0 + 60 + 0.01 * n
         while not all(s.available for s in gateway.supervisors.values()):
             if task.done():
@@ -615,7 +616,7 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
                 raise RuntimeError("gateway stopped before all devices were online")
             if time.monotonic() > deadline:
                 up = sum(s.available for s in gateway.supervisors.values())
-                stats = gateway.device_mqtt.stats if gateway.device_mqtt else None
+                stats = app.device_mqtt.stats if app.device_mqtt else None
                 raise TimeoutError(
                     f"only {up}/{n} devices online; link {stats}; warnings {warnings.counts}"
                 )
@@ -624,7 +625,7 @@ async def _gateway_main(port: int, n: int, interval: float, gateway_id: str) -> 
         await asyncio.sleep(1.0)
         gc.collect()
         rss1 = rss_bytes()
-        link = gateway.device_mqtt
+        link = app.device_mqtt
         assert link is not None
 
         async def op_counters(_: dict[str, Any]) -> dict[str, Any]:

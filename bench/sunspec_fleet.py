@@ -331,17 +331,18 @@ class RunningGateway:
 
 
 async def start_gateway(config: Any, timeout_s: float) -> RunningGateway:
-    from gateway.core import Gateway
+    from composition.app import GatewayApp
 
-    gateway = Gateway(config)
+    app = GatewayApp(config)
+    gateway = app.core
     counter = StateCounter()
     counter.attach(gateway)
     t0 = time.monotonic()
-    task = asyncio.create_task(gateway.run(), name="gateway-under-bench")
+    task = asyncio.create_task(app.run(), name="gateway-under-bench")
     deadline = t0 + timeout_s
     try:
         async with asyncio.timeout(timeout_s):
-            await gateway.northbound.connected.wait()
+            await app.northbound.connected.wait()
         while not all(s.available for s in gateway.supervisors.values()):
             if task.done():
                 task.result()  # raises whatever stopped it

@@ -98,16 +98,16 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.pass_context
 def run(ctx: click.Context, config_path: Path) -> None:
     """Run the gateway with a TOML configuration file."""
-    from gateway.core import Gateway
+    from composition.app import GatewayApp
 
     _setup_logging(max(1, ctx.obj["verbose"]))
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    gateway = Gateway(config)
+    app = GatewayApp(config)
     settle_heap()
-    run_until_signal(gateway.run())
+    run_until_signal(app.run())
 
 
 @main.command()
@@ -121,7 +121,8 @@ def run(ctx: click.Context, config_path: Path) -> None:
 def edge(ctx: click.Context, config_path: Path) -> None:
     """Run the edge agent: the gateway core on site hardware plus its upstream 2030.5 link
     (an ``[upstream_sep2]`` section in the configuration)."""
-    from edge_agent.agent import EdgeAgent, EdgeAgentConfig
+    from composition.app import build_edge_agent
+    from composition.config import EdgeAgentConfig
 
     _setup_logging(max(1, ctx.obj["verbose"]))
     try:
@@ -129,7 +130,7 @@ def edge(ctx: click.Context, config_path: Path) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     assert isinstance(config, EdgeAgentConfig)
-    agent = EdgeAgent(config)
+    agent = build_edge_agent(config)
     settle_heap()
     run_until_signal(agent.run())
 

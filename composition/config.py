@@ -21,6 +21,7 @@ from adapters.openadr_ven.ven import OpenAdrVenConfig
 from adapters.sep2_der.der import Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2ServerConfig
 from adapters.sunspec.battery import SunSpecEndpoint
+from edge_agent.agent import UpstreamSep2Config
 from gateway.config import CoreConfig
 from unified.config import ConfigError, describe_errors, rebase
 from unified.model import DerClass, Device
@@ -199,6 +200,22 @@ class GatewayConfig(CoreConfig):
             tls = tls.model_copy(update=rebase(base, tls, "cert_file", "key_file", "ca_file"))
             update["sep2_server"] = self.sep2_server.model_copy(update={"tls": tls})
         return self.model_copy(update=update)
+
+
+class EdgeAgentConfig(GatewayConfig):
+    """The edge agent's file: a gateway's sections plus ``[upstream_sep2]``."""
+
+    upstream_sep2: UpstreamSep2Config
+
+    def relative_to(self, base: Path) -> Self:
+        config = super().relative_to(base)
+        upstream = config.upstream_sep2
+        update: dict[str, object] = dict(rebase(base, upstream, "state_path"))
+        if upstream.tls is not None:
+            update["tls"] = upstream.tls.model_copy(
+                update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
+            )
+        return config.model_copy(update={"upstream_sep2": upstream.model_copy(update=update)})
 
 
 def parse_config(

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import click
 
+from composition.app import GatewayApp
 from composition.config import parse_config
 from gateway.core import Gateway
 from simulators.broker import free_port, local_broker
@@ -231,8 +232,9 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                     ocpp_port,
                 )
             )
-            gateway = Gateway(config)
-            gateway_task = asyncio.create_task(gateway.run(), name="gateway")
+            app = GatewayApp(config)
+            gateway = app.core
+            gateway_task = asyncio.create_task(app.run(), name="gateway")
             oem = OemCloud(
                 OEM,
                 f"http://127.0.0.1:{vtn_port}/OpenADR2/Simple/2.0b",
@@ -274,9 +276,9 @@ async def run_demo(duration_s: float = 40.0, batteries: int = 6, broker: str = "
                         on_error=printer.error,
                     )
                 )
-                await asyncio.wait_for(gateway.northbound.connected.wait(), 15)
-                assert gateway.ocpp_central is not None
-                await asyncio.wait_for(gateway.ocpp_central.ready.wait(), 15)
+                await asyncio.wait_for(app.northbound.connected.wait(), 15)
+                assert app.ocpp_central is not None
+                await asyncio.wait_for(app.ocpp_central.ready.wait(), 15)
                 device_tasks.append(asyncio.create_task(charger.run(), name="ev-charger"))
                 printer.line(
                     f"gateway {GATEWAY_ID} online; groups: "

@@ -1,10 +1,10 @@
 """The edge agent: the gateway core on site hardware, taking its limits from a utility.
 
-It is the same ``Gateway`` (local adapters, command store, planner, local MQTT for a site
-controller) plus an upstream link: a 2030.5 client polling the utility's (or a head-end
-gateway's) server. What the server puts in force at ``now`` becomes ordinary unified commands
-in the local command book, so utility limits go through exactly the validation, composition and
-ack lifecycle that Grid DERMS commands do:
+It is the same core (local adapters, command store, planner, local MQTT for a site controller),
+assembled by the composition root, plus an upstream link: a 2030.5 client polling the utility's
+(or a head-end gateway's) server. What the server puts in force at ``now`` becomes ordinary
+unified commands in the local command book, so utility limits go through exactly the
+validation, composition and ack lifecycle that Grid DERMS commands do:
 
 * site limits (``opModImpLimW`` / ``opModExpLimW``) and the device limits
   (``opModLoadLimW`` / ``opModGenLimW``, the site's DER seen as one) → one
@@ -23,7 +23,7 @@ import json
 import logging
 from datetime import timedelta
 from pathlib import Path
-from typing import Self
+from typing import Protocol
 
 from pydantic import Field
 
@@ -33,7 +33,6 @@ from adapters.sep2_client.client import (
     Sep2ClientConfig,
     TelemetrySample,
 )
-from composition.config import GatewayConfig
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
 from gateway.core import Gateway
@@ -44,7 +43,7 @@ from protocols.sep2 import (
     WattHour,
     from_watts,
 )
-from unified.config import Section, rebase
+from unified.config import Section
 from unified.model import (
     AckState,
     Cancel,
@@ -100,18 +99,17 @@ class UpstreamSep2Config(Section):
     backoff_max_s: float = Field(default=300.0, gt=0)
 
 
-class EdgeAgentConfig(GatewayConfig):
-    upstream_sep2: UpstreamSep2Config
+class HostedCore(Protocol):
+    """The site's gateway process as the composition root built it: the core and its endpoints,
+    run together; ``ready`` once the core's command book is loaded."""
 
-    def relative_to(self, base: Path) -> Self:
-        config = super().relative_to(base)
-        upstream = config.upstream_sep2
-        update: dict[str, object] = dict(rebase(base, upstream, "state_path"))
-        if upstream.tls is not None:
-            update["tls"] = upstream.tls.model_copy(
-                update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
-            )
-        return config.model_copy(update={"upstream_sep2": upstream.model_copy(update=update)})
+    @property
+    def core(self) -> Gateway: ...
+
+    @property
+    def ready(self) -> asyncio.Event: ...
+
+    async def run(self) -> None: ...
 
 
 def _fingerprint(*parts: object) -> str:
@@ -127,10 +125,10 @@ def _tighter(a: float | None, b: float | None) -> float | None:
 
 
 class EdgeAgent:
-    def __init__(self, config: EdgeAgentConfig, *, gateway: Gateway | None = None) -> None:
-        self.config = config
-        self.gateway = gateway or Gateway(config)
-        upstream = config.upstream_sep2
+    def __init__(self, upstream: UpstreamSep2Config, host: HostedCore) -> None:
+        self.upstream = upstream
+        self.host = host
+        self.gateway = host.core
         if upstream.site_group not in self.gateway.registry.groups():
             raise ValueError(f"upstream_sep2.site_group {upstream.site_group!r} is not a group")
         ssl_context = None
@@ -169,12 +167,12 @@ class EdgeAgent:
 
     @property
     def _site(self) -> Target:
-        return Target(group_id=self.config.upstream_sep2.site_group)
+        return Target(group_id=self.upstream.site_group)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.gateway.run(), name="edge-gateway")
-            await self.gateway.ready.wait()
+            tg.create_task(self.host.run(), name="edge-gateway")
+            await self.host.ready.wait()
             async with self.client:
                 await wait_inside_task_group()
 
@@ -227,7 +225,7 @@ class EdgeAgent:
 
     async def _submit(self, command: Command) -> AckState | None:
         try:
-            ack = await self.gateway.book.submit(command, utcnow())
+            ack = await self.gateway.submit(command)
         except CommandRejected as exc:
             log.warning("utility control %s not applied: %s", command.command_id, exc)
             return None
@@ -235,13 +233,12 @@ class EdgeAgent:
             log.warning(
                 "utility control %s rejected: %s %s", command.command_id, ack.reason, ack.detail
             )
-        self.gateway.wake_control()
         return ack.state
 
     # ------------------------------------------------------------------ local → upstream
     def site_capability(self) -> DERCapability:
         """The site's DERs seen as one: summed ratings (what the head end allocates against)."""
-        members = self.gateway.registry.members(self.config.upstream_sep2.site_group)
+        members = self.gateway.registry.members(self.upstream.site_group)
         charge = sum(d.ratings.max_charge_kw for d in members)
         discharge = sum(d.ratings.max_discharge_kw for d in members)
         energy = sum(d.ratings.capacity_kwh for d in members)
@@ -257,7 +254,7 @@ class EdgeAgent:
 
     async def site_status(self) -> DERStatus:
         now = utcnow()
-        group = self.config.upstream_sep2.site_group
+        group = self.upstream.site_group
         members = self.gateway.registry.members(group)
         states = self.gateway.device_states(now)
         energy = capacity = 0.0
@@ -275,7 +272,7 @@ class EdgeAgent:
 
     async def site_telemetry(self) -> TelemetrySample:
         now = utcnow()
-        group = self.config.upstream_sep2.site_group
+        group = self.upstream.site_group
         for telemetry in self.gateway.group_telemetry(now):
             if telemetry.group_id == group:
                 return TelemetrySample(

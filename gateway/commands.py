@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.dispatch import ActiveCommand, Plan, allocations_changed, target_devices
+from gateway.errors import CoreError
 from gateway.registry import Registry
 from gateway.store import CommandStore, digest
 from unified.model import (
@@ -38,11 +39,8 @@ AckSink = Callable[[Ack, object | None], None]
 _RATING_TOLERANCE_KW = 1e-6
 
 
-class CommandRejected(Exception):
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class CommandRejected(CoreError):
+    """A command the book will not take (invalid, conflicting, unknown target, ...)."""
 
 
 @dataclass(slots=True)

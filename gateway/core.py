@@ -1,8 +1,17 @@
-"""The gateway process: wires the Grid DERMS link, the command book, the planner and the devices.
+"""The domain core: the command book, the planner, the device supervisors, telemetry, flex and
+settlement, behind one API and one outbound port.
 
-Loops (one named task each, in one TaskGroup): the MQTT link, one supervisor per device, the
-control loop (plan → lifecycle → setpoints, every ``control_period_s`` and at once when a command
-arrives) and the telemetry loop. Nothing here blocks the event loop.
+Whoever commands us (the Grid DERMS uplink, our OpenADR VEN, the edge agent's 2030.5 client)
+calls the API: :meth:`Gateway.submit`, :meth:`Gateway.request_flex`, :meth:`Gateway.put_weather`,
+:meth:`Gateway.performance_report`, :meth:`Gateway.group_telemetry`. What the core has to say
+northbound (acks, telemetry, forecasts, reports) goes out through the :class:`Publisher` port it
+is given. Devices come in as :class:`DeviceAdapter` ports, built by the composition root; the
+core knows no socket, topic, XML or protocol status code.
+
+Loops (one named task each, in one TaskGroup): one supervisor per device, the control loop
+(plan → lifecycle → setpoints, every ``control_period_s`` and at once when a command arrives),
+the telemetry loop, and with history the history writer, flex-history and settlement loops.
+Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -22,19 +31,12 @@ from zoneinfo import ZoneInfo
 import numpy as np
 from pydantic import ValidationError
 
-from adapters.grid_derms.link import Northbound, Outgoing, ReplyTo
-from adapters.mqtt_devices.devices import DeviceMqttLink, build_mqtt_adapter
-from adapters.ocpp.central import OcppCentral
-from adapters.oem_vtn.vtn import OpenAdrVtn
-from adapters.openadr_ven.ven import OpenAdrVen, capacity_from_registry, submit_to_book
-from adapters.sep2_der.der import Sep2Der
-from adapters.sep2_der.server import Sep2ResponseRecord, Sep2Server
-from adapters.sunspec.battery import SunSpecBattery
-from composition.config import GatewayConfig
 from gateway import dispatch
 from gateway.aio import wait_inside_task_group
-from gateway.commands import CommandBook, CommandRejected
-from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected
+from gateway.commands import CommandBook
+from gateway.config import CoreConfig
+from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule
+from gateway.errors import CoreError
 from gateway.flex import (
     DeviceFlexInput,
     DeviceHistory,
@@ -43,7 +45,6 @@ from gateway.flex import (
     FlexConfig,
     FlexForecast,
     FlexRequest,
-    PerformanceRequest,
     forecast_group,
     settle_event,
 )
@@ -51,10 +52,12 @@ from gateway.flex.baseline import epoch_s, from_epoch
 from gateway.flex.settlement import event_days, history_span, settlement_window
 from gateway.history import (
     HISTORY_CHUNK_DEVICES,
+    HistoryError,
     ReadingClass,
     ReadingHistory,
     run_history_writer,
 )
+from gateway.ports import Publisher
 from gateway.registry import Registry
 from gateway.store import CommandStore
 from gateway.supervisor import DeviceSupervisor
@@ -69,12 +72,11 @@ from gateway.telemetry import (
     TelemetryQuality,
 )
 from gateway.weather import WeatherBook, forecast_excerpt
-from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
-from protocols.mqtt.northbound import WeatherDecodeError, decode_weather
 from unified.model import (
     TERMINAL_STATES,
     Ack,
     AckState,
+    Command,
     DerClass,
     Device,
     DeviceCommand,
@@ -83,7 +85,6 @@ from unified.model import (
     DeviceTelemetry,
     Dispatch,
     EnvelopeInterval,
-    ErrorMessage,
     GatewayStatus,
     GroupTelemetry,
     Quality,
@@ -106,36 +107,6 @@ def _version() -> str:
         return "0+unknown"
 
 
-def build_adapters(
-    config: GatewayConfig,
-    registry: Registry,
-    sep2_server: Sep2Server | None,
-    device_mqtt: DeviceMqttLink | None = None,
-    on_opt_out: Callable[[DeviceCommand, AdapterError], None] | None = None,
-) -> dict[str, DeviceAdapter]:
-    adapters: dict[str, DeviceAdapter] = {}
-    groups = registry.groups()
-    for device in config.devices:
-        if device.adapter == "sunspec_battery" and device.sunspec is not None:
-            adapters[device.device_id] = SunSpecBattery(device.device_id, device.sunspec)
-        elif device.adapter == "sep2_der" and device.sep2 is not None:
-            assert sep2_server is not None  # the config validator guarantees it
-            member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
-            adapters[device.device_id] = Sep2Der(
-                device.device_id, device.sep2, server=sep2_server, groups=member_of
-            )
-        elif device.adapter in ("mqtt_thermostat", "mqtt_water_heater"):
-            assert device_mqtt is not None  # the config validator guarantees it
-            adapters[device.device_id] = build_mqtt_adapter(
-                device.adapter,  # type: ignore[arg-type]
-                device.device_id,
-                device_mqtt,
-                device.mqtt,
-                on_opt_out=on_opt_out,
-            )
-    return adapters
-
-
 @dataclass(frozen=True, slots=True)
 class _Refusal:
     command: DeviceCommand
@@ -145,60 +116,29 @@ class _Refusal:
 class Gateway:
     def __init__(
         self,
-        config: GatewayConfig,
+        config: CoreConfig,
         *,
-        adapters: Mapping[str, DeviceAdapter] | None = None,
+        devices: Sequence[Device],
+        adapters: Mapping[str, DeviceAdapter],
+        publisher: Publisher,
     ) -> None:
+        """``devices`` are the configured fleet (the registry's start), ``adapters`` how to
+        reach each of them (a device without one is planned around as never reporting), and
+        ``publisher`` where acks, telemetry, forecasts and reports go."""
         self.config = config
-        timing = config.timing
-        self.registry = Registry([d.as_device() for d in config.devices], config.groups)
-        self.topics = Topics(config.gateway_id)
+        self.publisher = publisher
+        self.registry = Registry(list(devices), config.groups)
         self.store = CommandStore(config.store.path)
         self.book = CommandBook(self.store, self.registry, self._publish_ack)
         self._wake = asyncio.Event()
-        self.northbound = Northbound(
-            config.broker,
-            self.topics,
-            on_command=self.handle_command,
-            status=self.status,
-            backoff_max_s=timing.backoff_max_s,
-        )
         self.supervisors: dict[str, DeviceSupervisor] = {}
         self._tasks: asyncio.TaskGroup | None = None
-        self.sep2_server: Sep2Server | None = None
-        if config.sep2_server is not None:
-            self.sep2_server = Sep2Server(config.sep2_server, on_response=self._on_sep2_response)
-        self.device_mqtt: DeviceMqttLink | None = None
-        if config.device_mqtt is not None:
-            self.device_mqtt = DeviceMqttLink(config.device_mqtt, name=config.gateway_id)
-        if adapters is None:
-            adapters = build_adapters(
-                config,
-                self.registry,
-                self.sep2_server,
-                self.device_mqtt,
-                on_opt_out=self.report_refusal,
-            )
         for adapter in adapters.values():
             self._supervise(adapter)
         self._build_estimation()
         self._availability: dict[str, float] = {}
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
-        self.openadr_ven: OpenAdrVen | None = None
-        if config.openadr_ven is not None:
-            self.openadr_ven = OpenAdrVen(
-                config.openadr_ven,
-                submit=submit_to_book(self.book, self.wake_control),
-                telemetry=self.group_telemetry,
-                capacity=capacity_from_registry(self.registry),
-            )
-        self.ocpp_central: OcppCentral | None = None
-        if config.ocpp_central is not None:
-            self.ocpp_central = OcppCentral(config.ocpp_central, registrar=self)
-        self.openadr_vtn: OpenAdrVtn | None = None
-        if config.openadr_vtn is not None:
-            self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self)
         self.plan = dispatch.Plan()
         self._refusals: list[_Refusal] = []
         self._last_reading: dict[str, datetime] = {}
@@ -226,7 +166,10 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         """Run until cancelled. Active setpoints stay on the devices (each armed with a revert
-        timeout), so a restart inside that time resumes events without a blip."""
+        timeout), so a restart inside that time resumes events without a blip.
+
+        ``ready`` is set once the command book is loaded and every loop is started: the API
+        may be called from then on."""
         async with self.store, contextlib.AsyncExitStack() as stack:
             if self.history is not None:
                 await stack.enter_async_context(self.history)
@@ -234,7 +177,6 @@ class Gateway:
             await self.book.load(utcnow())
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
-                tg.create_task(self.northbound.run(), name="northbound")
                 if self.history is not None:
                     h = self.config.history
                     tg.create_task(
@@ -253,16 +195,6 @@ class Gateway:
                     tg.create_task(supervisor.run(), name=f"device:{device_id}")
                 tg.create_task(self._control_loop(), name="control")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
-                if self.openadr_ven is not None:
-                    tg.create_task(self.openadr_ven.run(), name="openadr-ven")
-                if self.sep2_server is not None:
-                    tg.create_task(self.sep2_server.run(), name="sep2-server")
-                if self.device_mqtt is not None:
-                    tg.create_task(self.device_mqtt.run(), name="device-mqtt")
-                if self.openadr_vtn is not None:
-                    tg.create_task(self.openadr_vtn.run(), name="openadr-vtn")
-                if self.ocpp_central is not None:
-                    tg.create_task(self.ocpp_central.run(), name="ocpp-central")
                 self.ready.set()
                 try:
                     await wait_inside_task_group()
@@ -286,8 +218,8 @@ class Gateway:
     # ------------------------------------------------------------------ telemetry quality
     def _report_interval_s(self, device_id: str) -> float:
         supervisor = self.supervisors.get(device_id)
-        own = getattr(supervisor.adapter, "stale_after_s", None) if supervisor else None
-        if isinstance(own, int | float):
+        if supervisor is not None and isinstance(supervisor.adapter, ReportsOnItsOwnSchedule):
+            own = supervisor.adapter.stale_after_s
             return max(self.config.timing.poll_interval_s, float(own) / 3.0)
         return self.config.timing.poll_interval_s
 
@@ -337,43 +269,6 @@ class Gateway:
             self._tasks.create_task(supervisor.run(), name=f"device:{device.device_id}")
         self._wake.set()
 
-    def _on_sep2_response(self, record: Sep2ResponseRecord) -> None:
-        """A 2030.5 client's Response to the control carrying one of our commands.
-
-        Rejections (252 cannot be met, 253 invalid, 254 rejected by the user) are refusals: the
-        commands behind the control are re-allocated around the device (a setpoint fails), the
-        same way a Modbus exception or an OpenADR opt-out is handled. The other states (received,
-        started, completed, superseded) confirm what the planner already knows and are logged.
-        """
-        if 252 <= record.status <= 254:
-            log.warning(
-                "device %s refused control %s: %s (%d)",
-                record.device_id,
-                record.control_mrid,
-                record.status_name,
-                record.status,
-            )
-            command = DeviceCommand(
-                device_id=record.device_id,
-                power_kw=record.power_kw,
-                provenance=record.provenance,
-            )
-            self.report_refusal(
-                command,
-                DeviceRejected(
-                    record.device_id,
-                    f"2030.5 Response {record.status} ({record.status_name})",
-                    code=record.status,
-                ),
-            )
-        else:
-            log.debug(
-                "device %s: control %s %s",
-                record.device_id,
-                record.control_mrid,
-                record.status_name,
-            )
-
     def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
         """A device (or the cloud behind it) refused a setpoint after it was handed over, e.g.
         an OpenADR opt-out: its commands are re-allocated to other devices from now on."""
@@ -389,69 +284,28 @@ class Gateway:
             groups=tuple(sorted(self.registry.groups())),
         )
 
-    # ------------------------------------------------------------------ inbound
-    async def handle_command(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
-        now = utcnow()
-        if topic == self.topics.flex_requests:
-            self._handle_flex_request(payload, reply, topic)
-            return
-        if topic == self.topics.performance_requests:
-            await self._handle_performance_request(payload, reply, topic)
-            return
-        if topic == self.topics.weather:
-            await self._handle_weather(payload, topic)
-            return
-        try:
-            command = decode_command(payload)
-        except CommandDecodeError as exc:
-            log.warning("bad command on %s: %s", topic, exc)
-            if exc.command_id is not None:
-                ack = Ack(
-                    command_id=exc.command_id,
-                    state=AckState.REJECTED,
-                    timestamp=now,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                )
-                self._publish_ack(ack, reply)
-            else:
-                self._publish_error(exc.reason, exc.detail, topic, payload)
-            return
-        try:
-            await self.book.submit(command, now, reply)
-        except CommandRejected as exc:
-            self._publish_error(exc.reason, exc.detail, topic, payload, command.command_id)
-            return
-        except Exception as exc:  # e.g. the store's disk is full: say so, keep the link up
-            log.exception("could not handle command %s", command.command_id)
-            self._publish_error(
-                Reason.INTERNAL, f"{type(exc).__name__}: {exc}", topic, payload, command.command_id
-            )
-            return
+    # ------------------------------------------------------------------ API
+    async def submit(self, command: Command, reply: object | None = None) -> Ack:
+        """Take a command into the book and plan it at once.
+
+        Raises :class:`gateway.commands.CommandRejected` (a :class:`CoreError`) for a command
+        the book will not take; acks (with ``reply``) go out through the publisher either way
+        the command goes from here. Anything else raised (the store's disk is full) is the
+        caller's to report: the command was not taken.
+        """
+        ack = await self.book.submit(command, utcnow(), reply)
         self._wake.set()
+        return ack
+
+    def request_flex(self, request: FlexRequest) -> FlexForecast:
+        """A flexibility forecast asked for now; :class:`CoreError` for an unknown group."""
+        if self.registry.group(request.group_id) is None:
+            raise CoreError(Reason.UNKNOWN_GROUP, f"unknown group {request.group_id!r}")
+        return self.flex_forecast(request)
 
     def _publish_ack(self, ack: Ack, reply: object | None) -> None:
-        self.northbound.publish_reliable(
-            Outgoing(
-                self.topics.ack(ack.command_id),
-                encode(ack),
-                reply=reply if isinstance(reply, ReplyTo) else None,
-            )
-        )
+        self.publisher.ack(ack, reply)
         self._track_for_settlement(ack)
-
-    def _publish_error(
-        self, reason: Reason, detail: str, topic: str, payload: bytes, command_id: str | None = None
-    ) -> None:
-        error = ErrorMessage(
-            timestamp=utcnow(),
-            reason=reason,
-            detail=detail[:2000],
-            topic=topic,
-            payload_excerpt=payload[:256].decode("utf-8", errors="replace"),
-            command_id=command_id,
-        )
-        self.northbound.publish_reliable(Outgoing(self.topics.errors, encode(error)))
 
     # ------------------------------------------------------------------ flexibility
     def flex_forecast(self, request: FlexRequest, now: datetime | None = None) -> FlexForecast:
@@ -478,52 +332,45 @@ class Gateway:
             calendar=self._flex_calendar,
         )
 
-    async def _handle_weather(self, payload: bytes, topic: str) -> None:
-        """A weather forecast: validated whole, or rejected on ``errors`` with nothing changed;
-        one not newer than the forecast held for its scope (a redelivery) is ignored."""
-        try:
-            forecast = decode_weather(payload)
-        except WeatherDecodeError as exc:
-            log.warning("bad weather forecast on %s: %s", topic, exc)
-            self._publish_error(exc.reason, exc.detail, topic, payload)
-            return
+    async def put_weather(self, forecast: WeatherForecast) -> str | None:
+        """Use an outdoor temperature forecast for the flex forecasts of its scope.
+
+        :class:`CoreError` for an unknown scope (nothing changes); one not newer than the
+        forecast held for its scope (a redelivery) is ignored. Returns a warning for the
+        sender when the forecast is used but could not be stored (it will not survive a
+        restart), else None.
+        """
         if forecast.scope is not None and self.registry.group(forecast.scope) is None:
-            self._publish_error(
-                Reason.UNKNOWN_GROUP, f"unknown weather scope {forecast.scope!r}", topic, payload
-            )
-            return
+            raise CoreError(Reason.UNKNOWN_GROUP, f"unknown weather scope {forecast.scope!r}")
         if not self.weather.is_newer(forecast):
             log.info(
                 "weather forecast for %s not newer than the one held: ignored",
                 forecast.scope or "the gateway",
             )
-            return
+            return None
+        warning = None
         if self.history is not None:
             try:
                 async with asyncio.timeout(self.config.history.io_timeout_s):
                     await self.history.save_weather(
                         forecast.scope_key, forecast.issued_at, forecast.model_dump_json()
                     )
-            except Exception as exc:  # still use it; say it will not survive a restart
+            except (HistoryError, TimeoutError) as exc:  # still use it; say it is not stored
                 log.exception("could not store the weather forecast")
-                self._publish_error(
-                    Reason.INTERNAL,
-                    f"weather forecast used but not stored: {type(exc).__name__}: {exc}",
-                    topic,
-                    payload,
-                )
+                warning = f"weather forecast used but not stored: {type(exc).__name__}: {exc}"
         self.weather.put(forecast)
         log.info("weather forecast %s", forecast_excerpt(forecast))
         # The retained forecasts were made with the old temperatures: republish them at the
         # next telemetry cycle rather than at the end of the flex period.
         self._flex_outdated = True
+        return warning
 
     async def _load_weather(self) -> None:
         assert self.history is not None
         try:
             async with asyncio.timeout(self.config.history.io_timeout_s):
                 stored = await self.history.weather_forecasts()
-        except Exception:  # TimeoutError included: forecasts fall back to the configuration
+        except (HistoryError, TimeoutError):  # forecasts fall back to the configuration
             log.exception("could not read the stored weather forecasts")
             return
         for scope, payload in stored.items():
@@ -597,26 +444,7 @@ class Gateway:
             request = FlexRequest(
                 group_id=group_id, horizon_s=flex.horizon_s, interval_s=flex.interval_s
             )
-            forecast = self.flex_forecast(request, now)
-            self.northbound.publish_telemetry(
-                Outgoing(self.topics.flex_forecast(group_id), encode(forecast), qos=1, retain=True)
-            )
-
-    def _handle_flex_request(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
-        try:
-            request = FlexRequest.model_validate_json(payload)
-        except ValidationError as exc:
-            self._publish_error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload)
-            return
-        if self.registry.group(request.group_id) is None:
-            self._publish_error(
-                Reason.UNKNOWN_GROUP, f"unknown group {request.group_id!r}", topic, payload
-            )
-            return
-        forecast = self.flex_forecast(request)
-        self.northbound.publish_reliable(
-            Outgoing(self.topics.flex_forecast(request.group_id), encode(forecast), reply=reply)
-        )
+            self.publisher.flex_forecast(self.flex_forecast(request, now))
 
     # ------------------------------------------------------------------ settlement
     def _track_for_settlement(self, ack: Ack) -> None:
@@ -707,12 +535,10 @@ class Gateway:
             config=settlement.baseline,
             fallback_window_s=settlement.fallback_window_s,
         )
-        payload = encode(report)
+        payload = report.model_dump_json(exclude_none=True).encode()
         async with asyncio.timeout(timeout):
             await history.save_report(event.command_id, report.generated_at, payload.decode())
-        self.northbound.publish_reliable(
-            Outgoing(self.topics.performance(event.command_id), payload, qos=1, retain=True)
-        )
+        self.publisher.performance_report(event.command_id, payload)
         log.info(
             "settled %s: delivered %s kWh, %s of request, quality %s",
             event.command_id,
@@ -738,7 +564,7 @@ class Gateway:
         try:
             async with asyncio.timeout(timeout):
                 stored = await history.pending_settlements()
-        except Exception:
+        except (HistoryError, TimeoutError):
             log.exception("could not read the events waiting for settlement")
             stored = {}
         for cid, pending in stored.items():
@@ -753,7 +579,7 @@ class Gateway:
                     async with asyncio.timeout(timeout):
                         await history.add_pending(cid, pending)
                     persisted.add(cid)
-                except Exception:
+                except (HistoryError, TimeoutError):  # kept in memory; retried next round
                     log.exception("could not keep %s for settlement", cid)
             now = epoch_s(utcnow())
             due: dict[str, float] = {}
@@ -771,7 +597,7 @@ class Gateway:
                     continue
                 try:
                     await self.settle(event)
-                except Exception:
+                except Exception:  # loop boundary: one event's failure (any) must not stop others
                     attempts[cid] = attempts.get(cid, 0) + 1
                     if attempts[cid] < 3:
                         log.exception("settling %s failed; retrying in a minute", cid)
@@ -793,27 +619,23 @@ class Gateway:
         try:
             async with asyncio.timeout(self.config.history.io_timeout_s):
                 await self.history.drop_pending(command_id)
-        except Exception:
+        except (HistoryError, TimeoutError):
             log.exception("could not drop %s from the settlement queue", command_id)
 
-    async def _handle_performance_request(
-        self, payload: bytes, reply: ReplyTo | None, topic: str
-    ) -> None:
-        try:
-            request = PerformanceRequest.model_validate_json(payload)
-        except ValidationError as exc:
-            self._publish_error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload)
-            return
-        cid = request.command_id
+    async def performance_report(self, cid: str) -> bytes:
+        """The stored performance report of a settled dispatch (its JSON).
+
+        :class:`CoreError` ``UNKNOWN_COMMAND`` when there is none (yet: the detail says when
+        it is due, or that settlement is off), ``INTERNAL`` when the history cannot be read.
+        """
         stored: str | None = None
         if self.history is not None:
             try:
                 async with asyncio.timeout(self.config.history.io_timeout_s):
                     stored = await self.history.report(cid)
-            except Exception as exc:
+            except (HistoryError, TimeoutError) as exc:  # the caller is told
                 log.exception("could not read the performance report of %s", cid)
-                self._publish_error(Reason.INTERNAL, f"{type(exc).__name__}: {exc}", topic, payload)
-                return
+                raise CoreError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
         if stored is None:
             if cid in self._to_settle:
                 due = from_epoch(self._settle_due(self._event_to_settle(self._to_settle[cid])))
@@ -822,19 +644,18 @@ class Gateway:
                 detail = "settlement is disabled ([history] / [settlement] enabled = false)"
             else:
                 detail = f"no performance report for {cid!r}"
-            self._publish_error(Reason.UNKNOWN_COMMAND, detail, topic, payload, cid)
-            return
-        self.northbound.publish_reliable(
-            Outgoing(self.topics.performance(cid), stored.encode(), retain=True, reply=reply)
-        )
+            raise CoreError(Reason.UNKNOWN_COMMAND, detail, command_id=cid)
+        return stored.encode()
 
     # ------------------------------------------------------------------ control
     def stale_after_s(self, device_id: str) -> float:
         """How old a reading may be: the gateway's setting, or longer for an adapter whose
         devices report slowly by design (a 2030.5 client posts every minute or five)."""
-        own = getattr(self.supervisors[device_id].adapter, "stale_after_s", None)
+        adapter = self.supervisors[device_id].adapter
         base = self.config.timing.stale_after_s
-        return max(base, float(own)) if isinstance(own, int | float) else base
+        if isinstance(adapter, ReportsOnItsOwnSchedule):
+            return max(base, float(adapter.stale_after_s))
+        return base
 
     def device_states(self, now: datetime) -> dict[str, DeviceState | None]:
         return {
@@ -1071,10 +892,6 @@ class Gateway:
                 except Exception:  # a forecast must never take telemetry down with it
                     log.exception("flexibility forecast failed")
             for group in self.group_telemetry(now):
-                self.northbound.publish_telemetry(
-                    Outgoing(self.topics.group_telemetry(group.group_id), encode(group), qos=0)
-                )
+                self.publisher.group_telemetry(group)
             for device in self.device_telemetry(now):
-                self.northbound.publish_telemetry(
-                    Outgoing(self.topics.device_telemetry(device.device_id), encode(device), qos=0)
-                )
+                self.publisher.device_telemetry(device)

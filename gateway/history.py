@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.flex.baseline import DeviceHistory, epoch_s, from_epoch
-from gateway.store import SqliteStore
+from gateway.store import SqliteStore, StoreError, store_errors
 from unified.model import utcnow
 
 log = logging.getLogger(__name__)
@@ -167,11 +167,19 @@ class GroupSeries:
     devices_total: int
 
 
+class HistoryError(StoreError):
+    """The reading history could not be read or written (see :class:`StoreError`)."""
+
+
+_translated = store_errors(HistoryError)
+
+
 class ReadingHistory(SqliteStore):
     """The history file: buffered writes from the state callback, async queries."""
 
     schema = _SCHEMA
     name = "history store"
+    error = HistoryError
 
     def __init__(
         self,
@@ -227,6 +235,7 @@ class ReadingHistory(SqliteStore):
         return len(self._pending)
 
     # ------------------------------------------------------------------ writes
+    @_translated
     async def flush(self) -> int:
         """Write every buffered bucket in one transaction; returns how many were written.
 
@@ -281,6 +290,7 @@ class ReadingHistory(SqliteStore):
                     self._drop_oldest()
                 self._pending[key] = bucket
 
+    @_translated
     async def prune(self, now: datetime) -> int:
         """Delete buckets and event days older than the retention; returns buckets deleted."""
         cutoff = epoch_s(now) - self.retention_days * _DAY_S
@@ -303,6 +313,7 @@ class ReadingHistory(SqliteStore):
         await super().close()
 
     # ------------------------------------------------------------------ queries
+    @_translated
     async def buckets(self, device_id: str, start: datetime, end: datetime) -> list[BucketRow]:
         """The stored buckets of one device in ``[start, end)``, oldest first."""
         async with self.db.execute(
@@ -328,6 +339,7 @@ class ReadingHistory(SqliteStore):
             for r in rows
         ]
 
+    @_translated
     async def histories(
         self,
         device_ids: Iterable[str],
@@ -374,11 +386,13 @@ class ReadingHistory(SqliteStore):
             out[d] = DeviceHistory(d, start, width, kw, doubtful[d] & (counts[d] > 0))
         return out
 
+    @_translated
     async def device_history(
         self, device_id: str, start: datetime, end: datetime, interval_s: int | None = None
     ) -> DeviceHistory:
         return (await self.histories([device_id], start, end, interval_s))[device_id]
 
+    @_translated
     async def group_series(
         self,
         device_ids: Sequence[str],
@@ -404,6 +418,7 @@ class ReadingHistory(SqliteStore):
         return GroupSeries(start, width, kw, reporting, len(hist))
 
     # ------------------------------------------------------------------ settlement records
+    @_translated
     async def add_event_days(
         self, command_id: str, device_days: Mapping[str, Iterable[date]]
     ) -> None:
@@ -419,6 +434,7 @@ class ReadingHistory(SqliteStore):
             )
             await self.db.commit()
 
+    @_translated
     async def event_days(
         self, since: date, *, excluding: str | None = None
     ) -> dict[str, frozenset[date]]:
@@ -433,6 +449,7 @@ class ReadingHistory(SqliteStore):
             out.setdefault(str(device_id), set()).add(date.fromisoformat(str(day)))
         return {d: frozenset(days) for d, days in out.items()}
 
+    @_translated
     async def add_pending(self, command_id: str, payload: Mapping[str, object]) -> None:
         async with self._write_lock:
             await self.db.execute(
@@ -441,11 +458,13 @@ class ReadingHistory(SqliteStore):
             )
             await self.db.commit()
 
+    @_translated
     async def pending_settlements(self) -> dict[str, dict[str, object]]:
         async with self.db.execute("SELECT command_id, payload FROM pending_settlements") as cur:
             rows = await cur.fetchall()
         return {str(cid): json.loads(str(payload)) for cid, payload in rows}
 
+    @_translated
     async def save_report(self, command_id: str, generated_at: datetime, payload: str) -> None:
         """Store a report and clear the event's pending entry, in one transaction."""
         async with self._write_lock:
@@ -459,6 +478,7 @@ class ReadingHistory(SqliteStore):
             )
             await self.db.commit()
 
+    @_translated
     async def drop_pending(self, command_id: str) -> None:
         async with self._write_lock:
             await self.db.execute(
@@ -466,6 +486,7 @@ class ReadingHistory(SqliteStore):
             )
             await self.db.commit()
 
+    @_translated
     async def report(self, command_id: str) -> str | None:
         async with self.db.execute(
             "SELECT payload FROM performance_reports WHERE command_id = ?", (command_id,)
@@ -474,6 +495,7 @@ class ReadingHistory(SqliteStore):
         return None if row is None else str(row[0])
 
     # ------------------------------------------------------------------ weather forecasts
+    @_translated
     async def save_weather(self, scope: str, issued_at: datetime, payload: str) -> bool:
         """Keep ``payload`` as the forecast of ``scope`` unless a newer one is stored; returns
         whether it was stored (the check and the write are one statement)."""
@@ -488,6 +510,7 @@ class ReadingHistory(SqliteStore):
             await self.db.commit()
         return cur.rowcount > 0
 
+    @_translated
     async def weather_forecasts(self) -> dict[str, str]:
         """The stored forecast of each scope (JSON, as saved)."""
         async with self.db.execute("SELECT scope, payload FROM weather_forecasts") as cur:
@@ -522,6 +545,7 @@ async def run_history_writer(
 __all__ = [
     "BucketRow",
     "GroupSeries",
+    "HistoryError",
     "ReadingClass",
     "ReadingHistory",
     "run_history_writer",

@@ -7,11 +7,15 @@ on with the commands that were still open.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import sqlite3
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar, ParamSpec, Self, TypeVar
 
 import aiosqlite
 
@@ -30,6 +34,37 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_open ON commands(state);
 """
+
+
+class StoreError(Exception):
+    """A SQLite store could not do what was asked (disk full, file corrupt, not open): the
+    store's one exception family, raised instead of ``sqlite3``'s, ``OSError`` or decoding
+    errors of what was read back."""
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def store_errors(
+    error: type[StoreError],
+) -> Callable[[Callable[_P, Awaitable[_T]]], Callable[_P, Awaitable[_T]]]:
+    """Translate what SQLite, the file system and JSON decoding raise into ``error`` (one
+    translation point per store method; the original is chained as the cause)."""
+
+    def decorate(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+        @functools.wraps(method)
+        async def translated(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            try:
+                return await method(*args, **kwargs)
+            except StoreError:
+                raise
+            except (sqlite3.Error, OSError, json.JSONDecodeError) as exc:
+                raise error(f"{method.__qualname__}: {type(exc).__name__}: {exc}") from exc
+
+        return translated
+
+    return decorate
 
 
 def digest(command: Command) -> str:
@@ -53,21 +88,30 @@ class SqliteStore:
 
     schema: ClassVar[str] = ""
     name: ClassVar[str] = "store"
+    error: ClassVar[type[StoreError]] = StoreError
+    """What this store raises, for every failure of SQLite or the file system."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self._path)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(self._path)
+        except (sqlite3.Error, OSError) as exc:
+            raise self.error(f"{self.name} {self._path}: {type(exc).__name__}: {exc}") from exc
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.executescript(self.schema)
             await db.commit()
-        except BaseException:
+        except BaseException as exc:
             await db.close()
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise self.error(
+                    f"{self.name} {self._path}: {type(exc).__name__}: {exc}"
+                ) from exc
             raise
         self._db = db
 
@@ -88,7 +132,7 @@ class SqliteStore:
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
-            raise RuntimeError(f"{self.name} is not open")
+            raise self.error(f"{self.name} is not open")
         return self._db
 
 
@@ -96,6 +140,7 @@ class CommandStore(SqliteStore):
     schema = _SCHEMA
     name = "command store"
 
+    @store_errors(StoreError)
     async def get(self, command_id: str) -> StoredCommand | None:
         async with self.db.execute(
             "SELECT seq, payload, digest, ack FROM commands WHERE command_id = ?", (command_id,)
@@ -103,6 +148,7 @@ class CommandStore(SqliteStore):
             row = await cur.fetchone()
         return None if row is None else _row(row)
 
+    @store_errors(StoreError)
     async def insert(self, command: Command, ack: Ack) -> int:
         cur = await self.db.execute(
             "INSERT INTO commands (command_id, kind, payload, digest, state, ack, received_at)"
@@ -121,6 +167,7 @@ class CommandStore(SqliteStore):
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    @store_errors(StoreError)
     async def update_ack(self, ack: Ack) -> None:
         await self.db.execute(
             "UPDATE commands SET state = ?, ack = ? WHERE command_id = ?",
@@ -128,6 +175,7 @@ class CommandStore(SqliteStore):
         )
         await self.db.commit()
 
+    @store_errors(StoreError)
     async def open_commands(self) -> list[StoredCommand]:
         """Commands not yet in a terminal state, oldest first."""
         placeholders = ",".join("?" for _ in TERMINAL_STATES)
@@ -139,6 +187,7 @@ class CommandStore(SqliteStore):
             rows = await cur.fetchall()
         return [_row(r) for r in rows]
 
+    @store_errors(StoreError)
     async def count(self, state: AckState | None = None) -> int:
         query, args = "SELECT COUNT(*) FROM commands", ()
         if state is not None:

@@ -793,6 +793,6 @@ def build_mqtt_adapter(
     *,
     on_opt_out: OptOutListener | None = None,
 ) -> MqttThermostat | MqttWaterHeater:
-    """What the core's ``build_adapters`` calls for ``adapter = "mqtt_thermostat"`` etc."""
+    """What ``composition.app.build_adapters`` calls for ``adapter = "mqtt_thermostat"`` etc."""
     cls = MqttThermostat if adapter == "mqtt_thermostat" else MqttWaterHeater
     return cls(device_id, link, settings, on_opt_out=on_opt_out)

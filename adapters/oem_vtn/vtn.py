@@ -220,7 +220,8 @@ class OpenAdrVtnConfig(Section):
 
 
 class Registrar(Protocol):
-    """What the VTN needs from the gateway core (``gateway.core.Gateway`` provides both)."""
+    """What the VTN needs from the gateway core (``gateway.core.Gateway`` provides both; the
+    composition root hands it over)."""
 
     def add_device(self, device: Device, adapter: DeviceAdapter) -> None: ...
 

@@ -20,15 +20,17 @@ of the device's programs applies again.
 
 from __future__ import annotations
 
+import logging
 import math
 import ssl
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final, Literal
 
 from pydantic import Field
 
 from adapters.sep2_der.server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
-from gateway.devices import DeviceUnavailable, UnsafeCommand
+from gateway.devices import AdapterError, DeviceRejected, DeviceUnavailable, UnsafeCommand
 from protocols.sep2 import (
     DERCapability,
     DERControlBase,
@@ -39,6 +41,8 @@ from protocols.sep2 import (
     to_watts,
 )
 from unified.model import DeviceCommand, DeviceState, Frozen
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MODE_TARGET_W", "RATING_TOLERANCE", "Sep2Der", "Sep2DerEndpoint"]
 
@@ -307,3 +311,48 @@ def _limits_text(command: DeviceCommand) -> str:
     if command.import_limit_kw is not None:
         parts.append(f"import<={command.import_limit_kw:g} kW")
     return "limits " + " ".join(parts)
+
+
+def refusals_to(
+    report_refusal: Callable[[DeviceCommand, AdapterError], None],
+) -> Callable[[Sep2ResponseRecord], None]:
+    """The server's response listener: a client's Response to a control carrying our commands.
+
+    Rejections (252 cannot be met, 253 invalid, 254 rejected by the user) are refusals, handed
+    to ``report_refusal`` (the core's): the commands behind the control are re-allocated around
+    the device (a setpoint fails), the same way a Modbus exception or an OpenADR opt-out is
+    handled. The other states (received, started, completed, superseded) confirm what the
+    planner already knows and are logged.
+    """
+
+    def on_response(record: Sep2ResponseRecord) -> None:
+        if 252 <= record.status <= 254:
+            log.warning(
+                "device %s refused control %s: %s (%d)",
+                record.device_id,
+                record.control_mrid,
+                record.status_name,
+                record.status,
+            )
+            command = DeviceCommand(
+                device_id=record.device_id,
+                power_kw=record.power_kw,
+                provenance=record.provenance,
+            )
+            report_refusal(
+                command,
+                DeviceRejected(
+                    record.device_id,
+                    f"2030.5 Response {record.status} ({record.status_name})",
+                    code=record.status,
+                ),
+            )
+        else:
+            log.debug(
+                "device %s: control %s %s",
+                record.device_id,
+                record.control_mrid,
+                record.status_name,
+            )
+
+    return on_response

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from composition.app import GatewayApp
 from composition.config import GatewayConfig, parse_config
 from gateway.core import Gateway
 from simulators.broker import BrokerEndpoint
@@ -62,7 +63,9 @@ class Fleet:
         self.feeders = feeders
         self.reserve = reserve_soc_pct
         self.extra_config = extra_config or {}
+        self.app: GatewayApp | None = None
         self.gateway: Gateway | None = None
+        """The running app's core."""
         self._task: asyncio.Task[None] | None = None
         self.client: GridDermsClient | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -122,10 +125,11 @@ class Fleet:
         await self._stack.aclose()
 
     async def start_gateway(self) -> Gateway:
-        gateway = Gateway(self.config())
-        self.gateway = gateway
-        self._task = asyncio.create_task(gateway.run(), name="gateway-under-test")
-        await asyncio.wait_for(gateway.northbound.connected.wait(), 10)
+        app = GatewayApp(self.config())
+        self.app, self.gateway = app, app.core
+        gateway = app.core
+        self._task = asyncio.create_task(app.run(), name="gateway-under-test")
+        await asyncio.wait_for(app.northbound.connected.wait(), 10)
         # Every device polled at least once, so the planner knows its SoC.
         own = [self.device_id(i) for i in range(len(self.sims))]
         await eventually(

@@ -32,7 +32,7 @@ async def fleet(mosquitto: MosquittoBroker, tmp_path: Path) -> AsyncIterator[Fle
 async def test_gateway_reconnects_after_a_broker_restart(
     fleet: Fleet, mosquitto: MosquittoBroker
 ) -> None:
-    assert fleet.gateway is not None
+    assert fleet.app is not None
     await fleet.grid.send(
         {
             "type": "dispatch",
@@ -46,7 +46,7 @@ async def test_gateway_reconnects_after_a_broker_restart(
     await fleet.grid.wait_for_state("before", AckState.ACTIVE, 5)
 
     await mosquitto.stop()
-    await eventually(lambda: not fleet.gateway.northbound.connected.is_set(), 5, "link down")
+    await eventually(lambda: not fleet.app.northbound.connected.is_set(), 5, "link down")
     # The devices keep obeying the active command while the uplink is down.
     await eventually(
         lambda: (
@@ -56,7 +56,7 @@ async def test_gateway_reconnects_after_a_broker_restart(
         3,
     )
     await mosquitto.start()  # same port
-    await eventually(fleet.gateway.northbound.connected.is_set, 15, "gateway reconnected")
+    await eventually(fleet.app.northbound.connected.is_set, 15, "gateway reconnected")
 
     async with GridDermsClient(
         mosquitto.endpoint.host, mosquitto.endpoint.port, fleet.gateway_id

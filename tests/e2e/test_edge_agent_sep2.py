@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from composition.app import GatewayApp, build_edge_agent
 from composition.certs import make_ca, make_cert
-from composition.config import parse_config
-from edge_agent.agent import EdgeAgent, EdgeAgentConfig
-from gateway.core import Gateway
+from composition.config import EdgeAgentConfig, parse_config
+from edge_agent.agent import EdgeAgent
 from simulators.broker import BrokerEndpoint, free_port
 from simulators.grid_derms import GridDermsClient
 from simulators.sunspec_battery import SunSpecBatterySimulator
@@ -46,7 +46,7 @@ async def _run(task_name: str, coro: object, stack: contextlib.AsyncExitStack) -
 
 @dataclass
 class Site:
-    head_end: Gateway
+    head_end: GatewayApp
     edge: EdgeAgent
     battery: SunSpecBatterySimulator
     grid: GridDermsClient  # Grid DERMS, talking to the head end
@@ -62,7 +62,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
     port = free_port()
     broker = {"port": broker_endpoint.port, "protocol": broker_endpoint.protocol}
 
-    head_end = Gateway(
+    head_end = GatewayApp(
         parse_config(
             {
                 "gateway_id": "head-end",
@@ -103,7 +103,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                 port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=70
             )
         )
-        edge = EdgeAgent(
+        edge = build_edge_agent(
             parse_config(
                 {
                     "gateway_id": "site-1-edge",
@@ -140,7 +140,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                 },
                 model=EdgeAgentConfig,
             )
-        )  # type: ignore[arg-type]
+        )
         assert edge.lfdi.lower() == site_cert.lfdi.lower()
         grid = await stack.enter_async_context(
             GridDermsClient(
@@ -167,7 +167,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
         await _run("edge", edge.run(), stack)
         # The site posts its telemetry and SoC upstream, so the head end can count on it.
         await eventually(
-            lambda: head_end.supervisors["site-1"].available,
+            lambda: head_end.core.supervisors["site-1"].available,
             15,
             "site-1 reporting to the head end over mutual TLS",
         )
@@ -177,7 +177,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
 async def test_grid_dispatch_reaches_a_site_battery_through_2030_5_over_mutual_tls(
     site: Site,
 ) -> None:
-    state = site.head_end.supervisors["site-1"].latest
+    state = site.head_end.core.supervisors["site-1"].latest
     assert state is not None
     assert state.soc_pct == pytest.approx(70, abs=1)
 
@@ -208,7 +208,7 @@ async def test_grid_dispatch_reaches_a_site_battery_through_2030_5_over_mutual_t
     # The head end sees the site's response in its own telemetry.
     await eventually(
         lambda: (
-            (s := site.head_end.supervisors["site-1"].latest) is not None
+            (s := site.head_end.core.supervisors["site-1"].latest) is not None
             and s.power_kw == pytest.approx(-3.0, abs=0.2)
         ),
         10,
@@ -244,7 +244,7 @@ async def test_grid_envelope_caps_a_site_already_discharging_for_a_local_program
     )
     await eventually(
         lambda: (
-            (s := site.head_end.supervisors["site-1"].latest) is not None
+            (s := site.head_end.core.supervisors["site-1"].latest) is not None
             and s.power_kw == pytest.approx(-4.0, abs=0.2)
         ),
         10,

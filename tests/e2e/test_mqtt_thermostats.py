@@ -17,8 +17,8 @@ from adapters.mqtt_devices.acl import (
     new_device_accounts,
     provision_broker_files,
 )
+from composition.app import GatewayApp
 from composition.config import parse_config
-from gateway.core import Gateway
 from protocols.mqtt.devices import DeviceTopics, SetpointOffset
 from simulators.broker import AuthenticatedMosquitto, BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
@@ -43,7 +43,7 @@ async def test_group_dispatch_sheds_thermostat_load_then_it_rebounds(
         AuthenticatedMosquitto(passwd, acl) as devices_broker,
         contextlib.AsyncExitStack() as stack,
     ):
-        gateway = Gateway(
+        app = GatewayApp(
             parse_config(
                 {
                     "gateway_id": "gw-tstat",
@@ -88,6 +88,7 @@ async def test_group_dispatch_sheds_thermostat_load_then_it_rebounds(
                 }
             )
         )
+        gateway = app.core
         sims = []
         for i, device_id in enumerate(ids):
             account = accounts[device_id]
@@ -115,7 +116,7 @@ async def test_group_dispatch_sheds_thermostat_load_then_it_rebounds(
                 protocol=broker_endpoint.protocol,
             )
         )
-        stack.push_async_callback(_stop, asyncio.create_task(gateway.run(), name="gateway"))
+        stack.push_async_callback(_stop, asyncio.create_task(app.run(), name="gateway"))
         await eventually(
             lambda: all(s.available for s in gateway.supervisors.values()), 15, "thermostats online"
         )

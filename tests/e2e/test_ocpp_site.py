@@ -42,12 +42,12 @@ async def test_envelope_caps_an_ev_site_and_lifts_after(
     async with Fleet(
         broker_endpoint, tmp_path / "gw.sqlite", [battery], feeders=("f2",), extra_config=ocpp
     ) as fleet:
-        assert fleet.gateway is not None
-        assert fleet.gateway.ocpp_central is not None
+        assert fleet.app is not None
+        assert fleet.app.ocpp_central is not None
         sim = EvChargerSim(
             EvChargerSimConfig(
                 charge_point_id="CP-1",
-                url=fleet.gateway.ocpp_central.url(),
+                url=fleet.app.ocpp_central.url(),
                 version=version,
                 meter_interval_s=0.1,
                 tick_s=0.02,

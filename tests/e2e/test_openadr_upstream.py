@@ -12,7 +12,7 @@ import pytest
 from simulators.broker import BrokerEndpoint, free_port
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually
-from tests.gateway.test_openadr_ven import VEN_NAME, Vtn
+from tests.adapters.openadr_ven.test_ven import VEN_NAME, Vtn
 from unified.model import AckState, utcnow
 
 pytestmark = [
@@ -59,10 +59,10 @@ async def test_openadr_event_dispatches_the_batteries_and_opts_in(
     async with Fleet(
         broker_endpoint, tmp_path / "gw.sqlite", sims, feeders=("f1",), extra_config=ven
     ) as fleet:
-        assert fleet.gateway is not None
-        assert fleet.gateway.openadr_ven is not None
+        assert fleet.app is not None
+        assert fleet.app.openadr_ven is not None
         await eventually(
-            lambda: fleet.gateway.openadr_ven.registration is not None,
+            lambda: fleet.app.openadr_ven.registration is not None,
             10,
             "VEN registered with the VTN",
         )

@@ -8,8 +8,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from composition.app import GatewayApp
 from composition.config import parse_config
-from gateway.core import Gateway
 from protocols.sep2 import MEDIA_TYPE, DERControl, DERControlList, decode_as, to_watts
 from simulators.broker import BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
@@ -50,9 +50,10 @@ async def test_dispatch_reaches_a_2030_5_client_as_a_der_control(
             ],
         }
     )
-    gateway = Gateway(config)
-    assert gateway.sep2_server is not None
-    server = gateway.sep2_server
+    app = GatewayApp(config)
+    gateway = app.core
+    assert app.sep2_server is not None
+    server = app.sep2_server
     async with contextlib.AsyncExitStack() as stack:
         grid = await stack.enter_async_context(
             GridDermsClient(
@@ -64,7 +65,7 @@ async def test_dispatch_reaches_a_2030_5_client_as_a_der_control(
         )
         import asyncio
 
-        task = asyncio.create_task(gateway.run())
+        task = asyncio.create_task(app.run())
         stack.push_async_callback(_cancel, task)
         await eventually(lambda: server.running, 10, "2030.5 server listening")
         session = await stack.enter_async_context(

@@ -19,6 +19,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from composition.app import GatewayApp
 from composition.config import GatewayConfig, parse_config
 from gateway.core import Gateway
 from simulators.broker import BrokerEndpoint
@@ -118,11 +119,11 @@ async def grid_derms(broker: BrokerEndpoint, gateway_id: str) -> AsyncIterator[G
 
 @contextlib.asynccontextmanager
 async def running(config: GatewayConfig) -> AsyncIterator[Gateway]:
-    gateway = Gateway(config, adapters={})
-    task = asyncio.create_task(gateway.run(), name="gateway-under-test")
+    app = GatewayApp(config, adapters={})
+    task = asyncio.create_task(app.run(), name="gateway-under-test")
     try:
-        await asyncio.wait_for(gateway.northbound.connected.wait(), 15)
-        yield gateway
+        await asyncio.wait_for(app.northbound.connected.wait(), 15)
+        yield app.core
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

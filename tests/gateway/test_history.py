@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from composition.app import GatewayApp
 from composition.config import GatewayConfig, parse_config
-from gateway.core import Gateway
 from gateway.flex import FlexRequest
-from gateway.history import ReadingClass, ReadingHistory
+from gateway.history import HistoryError, ReadingClass, ReadingHistory
 from gateway.telemetry import Detail
 from unified.model import DeviceState
 
@@ -109,8 +109,9 @@ async def test_a_failed_write_keeps_the_buffer_for_the_next_flush(
         raise OSError("disk full")
 
     monkeypatch.setattr(history.db, "executemany", disk_full)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(HistoryError, match="disk full") as raised:
         await history.flush()
+    assert isinstance(raised.value.__cause__, OSError)
     history.observe("a", at(1), 3.0)  # arrives while the disk is failing
     assert history.pending == 1
     monkeypatch.setattr(history.db, "executemany", real)
@@ -118,6 +119,21 @@ async def test_a_failed_write_keeps_the_buffer_for_the_next_flush(
     (row,) = await history.buckets("a", T0, at(60))
     assert row.samples == 2
     assert row.mean_kw == pytest.approx(2.0)
+
+
+async def test_a_corrupt_history_file_raises_the_history_error(tmp_path: Path) -> None:
+    """What SQLite raises never leaves the store: callers catch one family."""
+    path = tmp_path / "h.sqlite"
+    history = ReadingHistory(path, interval_s=60)
+    async with history:
+        history.observe("a", at(0), 1.0)
+        await history.flush()
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(HistoryError):
+        async with ReadingHistory(path, interval_s=60) as broken:
+            await broken.report("x")
+    with pytest.raises(HistoryError, match="not open"):
+        await ReadingHistory(tmp_path / "never-opened.sqlite", interval_s=60).report("x")
 
 
 async def test_retention_prunes_old_buckets_only(tmp_path: Path) -> None:
@@ -213,7 +229,7 @@ async def test_forecast_baseline_comes_from_history_at_the_same_time_of_day(
             ],
         }
     )
-    gateway = Gateway(config, adapters={})
+    gateway = GatewayApp(config, adapters={}).core
     now = datetime(2024, 6, 20, 12, 10, tzinfo=UTC)
     assert gateway.history is not None
     async with gateway.history:
@@ -269,7 +285,7 @@ def _gateway_config(tmp_path: Path) -> GatewayConfig:
 
 async def test_gateway_feeds_device_states_into_the_history(tmp_path: Path) -> None:
     config = _gateway_config(tmp_path)
-    gateway = Gateway(config)
+    gateway = GatewayApp(config).core
     assert gateway.history is not None
     assert gateway.history._path == tmp_path / "gw.history.sqlite"
     async with gateway.history:
@@ -287,7 +303,7 @@ async def test_a_reading_polled_again_is_judged_and_recorded_once(tmp_path: Path
     """Pushed devices (MQTT, OpenADR, 2030.5) hand the supervisor the same reading until a new
     one arrives: the repeats are neither duplicates the device sent nor extra samples."""
     config = _gateway_config(tmp_path)
-    gateway = Gateway(config)
+    gateway = GatewayApp(config).core
     assert gateway.history is not None
     seen: list[DeviceState] = []
     gateway.state_listeners.append(seen.append)

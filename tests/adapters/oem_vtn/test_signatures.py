@@ -1,6 +1,6 @@
 """The VTN and an OEM cloud VEN over mutual TLS with XML signatures on every message.
 
-ECDSA P-256 certificates from ``gateway.certs``. The VTN signs what it sends and requires a
+ECDSA P-256 certificates from ``composition.certs``. The VTN signs what it sends and requires a
 valid signature from the VEN's registered certificate on what it receives; the VEN checks the
 VTN's signatures against the VTN certificate's fingerprint.
 """
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from adapters.oem_vtn.vtn import AllowedVen, VtnTlsConfig, fingerprint_of_der
 from composition.certs import make_ca, make_cert
 from protocols.tls import OPENADR_TLS_CIPHERS as TLS_CIPHERS
-from tests.gateway.test_openadr_vtn import (
+from tests.adapters.oem_vtn.test_vtn import (
     LOC,
     OEM,
     Registrar,

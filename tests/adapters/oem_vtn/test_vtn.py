@@ -506,7 +506,8 @@ async def test_real_gateway_dispatches_over_oem_resources_and_reallocates_an_opt
     ) as fleet:
         gateway = fleet.gateway
         assert gateway is not None
-        vtn = gateway.openadr_vtn
+        assert fleet.app is not None
+        vtn = fleet.app.openadr_vtn
         assert vtn is not None
         async with running_oem(port, devices) as oem:
             await eventually(

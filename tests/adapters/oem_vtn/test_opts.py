@@ -20,7 +20,7 @@ from adapters.oem_vtn.vtn import VtnStore
 from gateway.devices import DeviceRejected
 from protocols.openadr import encode
 from simulators.oem_cloud import SimBattery, SimThermostat
-from tests.gateway.test_openadr_vtn import (
+from tests.adapters.oem_vtn.test_vtn import (
     LOC,
     OEM,
     Registrar,
@@ -332,7 +332,8 @@ async def test_real_gateway_reallocates_around_an_opt_out_schedule(
     ) as fleet_:
         gateway = fleet_.gateway
         assert gateway is not None
-        vtn = gateway.openadr_vtn
+        assert fleet_.app is not None
+        vtn = fleet_.app.openadr_vtn
         assert vtn is not None
         refusals: list[str] = []
         report_refusal = gateway.report_refusal

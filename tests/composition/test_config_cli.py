@@ -154,7 +154,7 @@ def test_cli_certs_make_a_ca_issue_and_describe(tmp_path: Path) -> None:
 
 
 def test_edge_agent_example_resolves_paths_against_its_folder() -> None:
-    from edge_agent.agent import EdgeAgentConfig
+    from composition.config import EdgeAgentConfig
 
     config = load_config(ROOT / "examples" / "edge-agent.toml", EdgeAgentConfig)
     assert isinstance(config, EdgeAgentConfig)

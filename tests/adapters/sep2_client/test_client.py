@@ -35,7 +35,7 @@ from protocols.sep2 import (
 )
 from protocols.sep2.models import ActivePower
 from protocols.sep2.scheduler import SourceKind
-from tests.edge_agent.sep2_server_stub import REPLY_TO, Failure, Sep2ServerStub
+from tests.adapters.sep2_client.sep2_server_stub import REPLY_TO, Failure, Sep2ServerStub
 from unified.model import Target
 
 LFDI = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy fixture device A

@@ -1,0 +1,151 @@
+"""Assembly: the one place that knows every protocol.
+
+:class:`GatewayApp` builds, from a :class:`GatewayConfig`, the endpoints devices reach us on (the
+2030.5 server, the device MQTT link, the OpenADR VTN, the OCPP central), the device adapters, the
+domain core (:class:`gateway.core.Gateway`) and the uplinks that command it (Grid DERMS over MQTT,
+our OpenADR VEN), and runs them all in one TaskGroup, one named task each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+from adapters.grid_derms.link import Northbound
+from adapters.grid_derms.uplink import GridDermsUplink
+from adapters.mqtt_devices.devices import DeviceMqttLink, build_mqtt_adapter
+from adapters.ocpp.central import OcppCentral
+from adapters.oem_vtn.vtn import OpenAdrVtn
+from adapters.openadr_ven.ven import OpenAdrVen, capacity_from_registry, submit_to_book
+from adapters.sep2_der.der import Sep2Der, refusals_to
+from adapters.sep2_der.server import Sep2Server
+from adapters.sunspec.battery import SunSpecBattery
+from composition.config import EdgeAgentConfig, GatewayConfig
+from edge_agent.agent import EdgeAgent
+from gateway.aio import wait_inside_task_group
+from gateway.core import Gateway
+from gateway.devices import AdapterError, DeviceAdapter
+from gateway.registry import Registry
+from unified.model import DeviceCommand
+
+__all__ = ["GatewayApp", "build_adapters", "build_edge_agent"]
+
+
+def build_adapters(
+    config: GatewayConfig,
+    sep2_server: Sep2Server | None,
+    device_mqtt: DeviceMqttLink | None,
+    report_refusal: Callable[[DeviceCommand, AdapterError], None],
+) -> dict[str, DeviceAdapter]:
+    """One adapter per configured device (devices the VTN and the central enrol come later)."""
+    adapters: dict[str, DeviceAdapter] = {}
+    registry = Registry([d.as_device() for d in config.devices], config.groups)
+    groups = registry.groups()
+    for device in config.devices:
+        if device.adapter == "sunspec_battery" and device.sunspec is not None:
+            adapters[device.device_id] = SunSpecBattery(device.device_id, device.sunspec)
+        elif device.adapter == "sep2_der" and device.sep2 is not None:
+            assert sep2_server is not None  # the config validator guarantees it
+            member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
+            adapters[device.device_id] = Sep2Der(
+                device.device_id, device.sep2, server=sep2_server, groups=member_of
+            )
+        elif device.adapter in ("mqtt_thermostat", "mqtt_water_heater"):
+            assert device_mqtt is not None  # the config validator guarantees it
+            adapters[device.device_id] = build_mqtt_adapter(
+                device.adapter,  # type: ignore[arg-type]
+                device.device_id,
+                device_mqtt,
+                device.mqtt,
+                on_opt_out=report_refusal,
+            )
+    return adapters
+
+
+class GatewayApp:
+    """The gateway process: the core with every endpoint and uplink its config names.
+
+    ``adapters`` replaces the configured devices' adapters (tests, benchmarks); the endpoints
+    are built from the config either way.
+    """
+
+    def __init__(
+        self, config: GatewayConfig, *, adapters: Mapping[str, DeviceAdapter] | None = None
+    ) -> None:
+        self.config = config
+        self.sep2_server: Sep2Server | None = None
+        if config.sep2_server is not None:
+            self.sep2_server = Sep2Server(
+                config.sep2_server, on_response=refusals_to(self._report_refusal)
+            )
+        self.device_mqtt: DeviceMqttLink | None = None
+        if config.device_mqtt is not None:
+            self.device_mqtt = DeviceMqttLink(config.device_mqtt, name=config.gateway_id)
+        if adapters is None:
+            adapters = build_adapters(
+                config, self.sep2_server, self.device_mqtt, self._report_refusal
+            )
+        self.uplink = GridDermsUplink(
+            config.broker, config.gateway_id, backoff_max_s=config.timing.backoff_max_s
+        )
+        self.core = Gateway(
+            config,
+            devices=[d.as_device() for d in config.devices],
+            adapters=adapters,
+            publisher=self.uplink,
+        )
+        self.uplink.bind(self.core)
+        self.openadr_ven: OpenAdrVen | None = None
+        if config.openadr_ven is not None:
+            self.openadr_ven = OpenAdrVen(
+                config.openadr_ven,
+                submit=submit_to_book(self.core.book, self.core.wake_control),
+                telemetry=self.core.group_telemetry,
+                capacity=capacity_from_registry(self.core.registry),
+            )
+        self.ocpp_central: OcppCentral | None = None
+        if config.ocpp_central is not None:
+            self.ocpp_central = OcppCentral(config.ocpp_central, registrar=self.core)
+        self.openadr_vtn: OpenAdrVtn | None = None
+        if config.openadr_vtn is not None:
+            self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self.core)
+        self.ready = asyncio.Event()
+        """Set once the core is loaded and every endpoint and uplink task is started."""
+
+    @property
+    def northbound(self) -> Northbound:
+        """The Grid DERMS MQTT link (its connection state, for tests and the demo)."""
+        return self.uplink.link
+
+    def _report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
+        # Called by adapters and endpoints built before the core exists, only once it runs.
+        self.core.report_refusal(command, error)
+
+    async def run(self) -> None:
+        """Run until cancelled: the core first (its command book loaded), then the endpoints
+        devices reach us on, then the uplinks that command us."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.core.run(), name="core")
+            # Should the core fail to start, the group cancels this wait and raises its error.
+            await self.core.ready.wait()
+            if self.sep2_server is not None:
+                tg.create_task(self.sep2_server.run(), name="sep2-server")
+            if self.device_mqtt is not None:
+                tg.create_task(self.device_mqtt.run(), name="device-mqtt")
+            if self.openadr_vtn is not None:
+                tg.create_task(self.openadr_vtn.run(), name="openadr-vtn")
+            if self.ocpp_central is not None:
+                tg.create_task(self.ocpp_central.run(), name="ocpp-central")
+            tg.create_task(self.uplink.run(), name="northbound")
+            if self.openadr_ven is not None:
+                tg.create_task(self.openadr_ven.run(), name="openadr-ven")
+            self.ready.set()
+            await wait_inside_task_group()
+
+
+def build_edge_agent(
+    config: EdgeAgentConfig, *, adapters: Mapping[str, DeviceAdapter] | None = None
+) -> EdgeAgent:
+    """The site deployment: the gateway process its config describes, plus the upstream
+    2030.5 client that takes the utility's limits into its command book."""
+    return EdgeAgent(config.upstream_sep2, GatewayApp(config, adapters=adapters))
