@@ -63,6 +63,9 @@ class DeviceSupervisor:
         self._in_doubt = False  # a write failed without a verdict: the device may hold it
         self._applied_at = 0.0
         self._refused: DeviceCommand | None = None
+        self._refusing = False
+        """The device refused writing ``_refused`` (None: the release): not asked again until
+        the planner wants something else or the device reconnects."""
         self._must_write = True
         self._release_on_connect = not isinstance(adapter, CommandsLapse)
         self._served_ok = False
@@ -142,6 +145,7 @@ class DeviceSupervisor:
         # release it now rather than leave a cancelled event running for up to its hold time.
         holding = self._applied is not None or self._in_doubt
         self._applied = None
+        self._refusing = False  # a device that came back may take what it refused
         self._must_write = self._desired is not None or self._release_on_connect or holding
 
     async def _serve(self) -> None:
@@ -171,7 +175,7 @@ class DeviceSupervisor:
                 if self._on_state is not None:
                     self._on_state(state)
             timeout = max(0.0, next_poll - time.monotonic())
-            if self._desired is not None and self._applied is not None:
+            if self._refresh_due():
                 timeout = min(timeout, max(0.0, self._applied_at + self._refresh_s - now))
             try:
                 async with asyncio.timeout(timeout):
@@ -180,9 +184,20 @@ class DeviceSupervisor:
                 pass
             self._wake.clear()
 
+    def _refresh_due(self) -> bool:
+        """The desired setpoint is the one on the device and will be written again at
+        ``refresh_s``: only then does the loop wake for it (a refused one is not refreshed, so
+        the wait is never computed from a refresh that will not happen)."""
+        desired = self._desired
+        return (
+            desired is not None
+            and desired == self._applied
+            and not (self._refusing and desired == self._refused)
+        )
+
     def _needs_write(self, now: float) -> bool:
         desired = self._desired
-        if desired == self._refused and self._refused is not None:
+        if self._refusing and desired == self._refused:
             return False
         if self._must_write:
             return True
@@ -201,8 +216,10 @@ class DeviceSupervisor:
             await self._io(self.adapter.apply(command))
         except (DeviceRejected, UnsafeCommand) as exc:
             self._in_doubt = False
-            # The device is fine but refuses this setpoint: do not hammer it with the same one.
+            # The device is fine but refuses this setpoint (or the release): do not hammer it
+            # with the same one, and say so once.
             self._refused = desired
+            self._refusing = True
             log.warning("%s refused setpoint %s kW: %s", self.device_id, command.power_kw, exc)
             if self._on_result is not None:
                 self._on_result(command, exc)
@@ -211,6 +228,7 @@ class DeviceSupervisor:
         self._in_doubt = False
         self._must_write = False
         self._refused = None
+        self._refusing = False
         self._applied = desired
         self._applied_at = time.monotonic()
         if self._on_result is not None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import pytest
 
-from gateway.devices import DeviceUnavailable
+from gateway.devices import DeviceRejected, DeviceUnavailable
 from gateway.supervisor import DeviceSupervisor
 from unified.model import DeviceCommand, DeviceState, utcnow
 
@@ -203,3 +204,68 @@ async def test_a_device_never_commanded_is_not_released_after_a_reconnect() -> N
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+class RefusesSome(ReadsFine):
+    """Takes the first setpoint, then refuses what ``refuse`` says (Modbus exception 4)."""
+
+    def __init__(self, refuse: Callable[[DeviceCommand], bool]) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.attempts: list[DeviceCommand] = []
+
+    async def apply(self, command: DeviceCommand) -> None:
+        self.attempts.append(command)
+        if self.refuse(command):
+            raise DeviceRejected("d1", "exception 4 (server device failure)", code=4)
+        self.applied.append(command)
+
+
+async def test_a_refused_change_after_the_refresh_time_does_not_spin_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An override refuses a changed setpoint while the earlier one is applied and its refresh
+    time has passed: the supervisor waits for its next poll, it does not busy-loop."""
+    adapter = RefusesSome(lambda c: c.power_kw == -2.0)
+    supervisor = DeviceSupervisor(adapter, poll_interval_s=0.2, io_timeout_s=1, refresh_s=0.1)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        supervisor.command(DeviceCommand(device_id="d1", power_kw=-1.0))
+        await _until(lambda: len(adapter.applied) >= 1)
+        await asyncio.sleep(0.15)  # the applied setpoint's refresh time passes
+        caplog.set_level(logging.WARNING, logger="gateway.supervisor")
+        supervisor.command(DeviceCommand(device_id="d1", power_kw=-2.0))
+        await _until(lambda: any(c.power_kw == -2.0 for c in adapter.attempts))
+        cpu = time.process_time()
+        reads = adapter.reads
+        await asyncio.sleep(1.0)
+        cpu = time.process_time() - cpu
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert cpu < 0.4, f"{cpu:.2f} s of CPU in 1 s: the supervisor spins"
+    assert 3 <= adapter.reads - reads <= 7  # still polled at its interval
+    assert sum(c.power_kw == -2.0 for c in adapter.attempts) == 1  # refused once, not retried
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1
+
+
+async def test_a_refused_release_is_not_rewritten_every_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.supervisor")
+    adapter = RefusesSome(lambda c: c.power_kw is None)
+    supervisor = DeviceSupervisor(adapter, poll_interval_s=0.05, io_timeout_s=1, refresh_s=60)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await _until(lambda: adapter.reads >= 10)  # 0.5 s of polls after the refused release
+        supervisor.command(DeviceCommand(device_id="d1", power_kw=-1.0))
+        await _until(lambda: len(adapter.applied) == 1)  # a new setpoint is still written
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    releases = [c for c in adapter.attempts if c.power_kw is None]
+    assert len(releases) == 1, f"release written {len(releases)} times"
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
