@@ -26,6 +26,7 @@ from unified.model import (
     Command,
     DeviceSetpoint,
     Dispatch,
+    DispatchMode,
     Reason,
     ScheduledCommand,
     Target,
@@ -181,6 +182,11 @@ class CommandBook:
             )
 
     def _validate_dispatch(self, command: Dispatch) -> None:
+        if command.mode is DispatchMode.TARGET:
+            # An absolute net power: what it asks of the devices depends on the baseline at
+            # each moment, so it cannot be held against their ratings here. A target out of
+            # reach shows as a shortfall on the ack.
+            return
         devices = target_devices(self._registry, command.target)
         if command.kw < 0:
             rated = sum(d.ratings.max_discharge_kw for d in devices)

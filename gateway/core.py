@@ -96,6 +96,9 @@ from unified.weather import WeatherForecast
 
 log = logging.getLogger(__name__)
 
+_BASELINE_TAU_S = 900.0
+"""Time constant of the autonomous-power average (a thermostat's duty cycle is minutes)."""
+
 _QUALITY_BATCH = 4096
 """Readings queued for classification before a flush ahead of the telemetry cycle."""
 
@@ -142,6 +145,9 @@ class Gateway:
         self.plan = dispatch.Plan()
         self._refusals: list[_Refusal] = []
         self._last_reading: dict[str, datetime] = {}
+        self._autonomous_kw: dict[str, float] = {}
+        """Each device's power while left alone (no setpoint, no limit), averaged over
+        ``_BASELINE_TAU_S``: the baseline a ``target`` dispatch plans a thermal device from."""
         self.history: ReadingHistory | None = None
         if config.history.enabled:
             self.history = ReadingHistory(
@@ -671,11 +677,15 @@ class Gateway:
         now = utcnow()
         await self._handle_refusals(now)
         states = self.device_states(now)
-        first = dispatch.plan(now, self.registry, states, self.book.active(now))
+        first = dispatch.plan(
+            now, self.registry, states, self.book.active(now), self._autonomous_kw
+        )
         await self.book.tick(now, first)
         # The lifecycle may have just started, ended or superseded commands: plan again so the
         # devices never see a setpoint from a command that is no longer in force.
-        plan = dispatch.plan(now, self.registry, states, self.book.active(now))
+        plan = dispatch.plan(
+            now, self.registry, states, self.book.active(now), self._autonomous_kw
+        )
         self._apply(plan)
         self.plan = plan
         return plan
@@ -703,12 +713,26 @@ class Gateway:
         # Supervisors poll; an adapter whose device pushes (MQTT, OpenADR, 2030.5) hands back
         # the same reading until a new one arrives. Judge and record each reading once: a
         # repeat is neither a duplicate the device sent nor a second sample for the history.
-        new = self._last_reading.get(state.device_id) != state.timestamp
+        previous = self._last_reading.get(state.device_id)
+        new = previous != state.timestamp
         self._last_reading[state.device_id] = state.timestamp
         if new:
+            self._learn_baseline(state, previous)
             self._judge_and_record(state)
         for listener in self.state_listeners:
             listener(state)
+
+    def _learn_baseline(self, state: DeviceState, previous: datetime | None) -> None:
+        supervisor = self.supervisors.get(state.device_id)
+        if supervisor is None or supervisor.desired is not None:
+            return  # under a setpoint or a limit: not what it would do alone
+        known = self._autonomous_kw.get(state.device_id)
+        if known is None or previous is None:
+            self._autonomous_kw[state.device_id] = state.power_kw
+            return
+        dt = max(0.0, (state.timestamp - previous).total_seconds())
+        weight = 1.0 - math.exp(-dt / _BASELINE_TAU_S)
+        self._autonomous_kw[state.device_id] = known + weight * (state.power_kw - known)
 
     def _judge_and_record(self, state: DeviceState) -> None:
         if state.device_id in self._fleet_index.row:

@@ -6,6 +6,24 @@ constraints (ratings, reserve and maximum state of charge); then every active op
 scales the result so the group's net power stays inside its limits. The envelope runs last, so it
 wins over every program goal. Every change a constraint makes is recorded against the device, so
 an operator can see why a battery is held where it is.
+
+Two kinds of setpoint, by device class. A battery's, an EV charger's or an inverter's setpoint is
+its power (it idles at 0 kW when nobody asks); a thermostat's or a water heater's is a *change
+from its own baseline* (what it would draw left alone: the MQTT adapters turn it into a comfort
+offset or a shed / load-up). The two modes of a dispatch use that:
+
+* ``delta`` (the default): the group's net power changes by ``kw`` from its baseline. The
+  allocated setpoints sum to ``kw``: ``kw = -200`` sheds 200 kW, whatever the load is.
+* ``target``: the group's net power becomes ``kw``. The planner estimates the group's baseline
+  each control period — the measured power of every member it does not control, plus the
+  baseline of each thermal device it does (``baselines``: the core learns each device's own
+  power while it runs autonomously; a battery under control contributes its setpoint only) —
+  and allocates the difference. Worked example: a feeder of 100 thermostats drawing 300 kW
+  (baseline 3 kW each), 20 idle batteries and 40 kW of uncontrolled load; ``target`` 250 kW
+  means a baseline of 300 + 40 = 340 kW, so a change of 250 - 340 = -90 kW is allocated (shed
+  or discharged); ``delta`` -90 kW asks the same. When the uncontrolled load rises by 10 kW,
+  the target's allocation follows (-100 kW) and the delta's does not. A ramp moves from the
+  baseline to the target linearly.
 """
 
 from __future__ import annotations
@@ -19,11 +37,13 @@ from typing import Literal
 from gateway.registry import Registry
 from unified.model import (
     Allocation,
+    DerClass,
     Device,
     DeviceCommand,
     DeviceSetpoint,
     DeviceState,
     Dispatch,
+    DispatchMode,
     LimitSource,
     OperatingEnvelope,
     ScheduledCommand,
@@ -34,6 +54,9 @@ from unified.model import (
 # allowed full power for the last control periods of an event and then overshoot the reserve.
 MIN_ENERGY_HORIZON_S = 60.0
 _EPS = 1e-9
+
+SHIFTS_FROM_BASELINE: frozenset[DerClass] = frozenset({DerClass.THERMOSTAT, DerClass.WATER_HEATER})
+"""Device classes whose setpoint is a change from their own baseline, not their power."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +140,11 @@ class Plan:
     """command_id → ids of commands that already held devices it wanted."""
     envelopes: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     """envelope command_id → (import_limit_kw, export_limit_kw) in force."""
+    requested_kw: dict[str, float] = field(default_factory=dict)
+    """dispatch command_id → the change from baseline asked for now (ramp and, in ``target``
+    mode, the baseline estimate applied)."""
+    baseline_kw: dict[str, float] = field(default_factory=dict)
+    """``target`` dispatch command_id → the group baseline estimated for it now."""
 
 
 def target_devices(registry: Registry, target: Target) -> list[Device]:
@@ -130,12 +158,15 @@ def plan(
     registry: Registry,
     states: Mapping[str, DeviceState | None],
     active: Sequence[ActiveCommand],
+    baselines: Mapping[str, float] | None = None,
 ) -> Plan:
     """Compute every device's setpoint for ``now``.
 
     ``states`` holds the latest *fresh* state of each device (None when unavailable or stale);
-    ``active`` the commands whose window contains ``now``.
+    ``active`` the commands whose window contains ``now``; ``baselines`` each device's power when
+    left alone, as far as it is known (``target`` mode only).
     """
+    baselines = baselines or {}
     result = Plan()
     slots: dict[str, _Slot] = {}
     holder: dict[str, str] = {}
@@ -149,7 +180,9 @@ def plan(
         if isinstance(command, DeviceSetpoint):
             _plan_setpoint(command, registry, states, slots, holder, result, remaining)
         elif isinstance(command, Dispatch):
-            _plan_dispatch(now, entry, registry, states, slots, holder, result, remaining)
+            _plan_dispatch(
+                now, entry, registry, states, baselines, slots, holder, result, remaining
+            )
 
     envelopes = sorted(
         (a for a in active if isinstance(a.command, OperatingEnvelope)), key=lambda a: a.seq
@@ -193,7 +226,7 @@ def plan(
         command = entry.command
         if isinstance(command, Dispatch):
             delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
-            wanted = command.kw * ramp_factor(command, now)
+            wanted = result.requested_kw.get(command.command_id, 0.0)
             result.shortfall_kw[command.command_id] = round(
                 max(0.0, abs(wanted) - abs(delivered)), 3
             )
@@ -242,6 +275,7 @@ def _plan_dispatch(
     entry: ActiveCommand,
     registry: Registry,
     states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
     slots: dict[str, _Slot],
     holder: dict[str, str],
     result: Plan,
@@ -249,9 +283,9 @@ def _plan_dispatch(
 ) -> None:
     command = entry.command
     assert isinstance(command, Dispatch)
-    total = command.kw * ramp_factor(command, now)
+    members = target_devices(registry, command.target)
     rooms: dict[str, Headroom] = {}
-    for device in target_devices(registry, command.target):
+    for device in members:
         did = device.device_id
         state = states.get(did)
         # Without a state of charge (an EV whose need is unknown, a device not yet reporting)
@@ -265,6 +299,13 @@ def _plan_dispatch(
                 result.conflicts[command.command_id].append(holder[did])
             continue
         rooms[did] = headroom(device, state, remaining_s)
+    if command.mode is DispatchMode.TARGET:
+        baseline = group_baseline(members, states, baselines, controlled=rooms.keys())
+        result.baseline_kw[command.command_id] = round(baseline, 3)
+        total = (command.kw - baseline) * ramp_factor(command, now)
+    else:
+        total = command.kw * ramp_factor(command, now)
+    result.requested_kw[command.command_id] = total
     caps = {d: (r.discharge_kw if total < 0 else r.charge_kw) for d, r in rooms.items()}
     shares = share(total, caps)
     available = sum(caps.values())
@@ -276,6 +317,36 @@ def _plan_dispatch(
             limits.append(room.discharge_limit if total < 0 else room.charge_limit)
         slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)
         holder[did] = command.command_id
+
+
+def group_baseline(
+    members: Iterable[Device],
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    *,
+    controlled: Iterable[str],
+) -> float:
+    """The group's net power without the command's own setpoints (see the module docstring).
+
+    A member the command does not control counts with what it measures now (or, when it does
+    not report, its learnt baseline, else nothing); a controlled thermal device with its
+    baseline (its setpoint moves it from there); a controlled battery, EV or inverter with
+    nothing (its setpoint is its power).
+    """
+    held = set(controlled)
+    total = 0.0
+    for device in members:
+        did = device.device_id
+        state = states.get(did)
+        if did in held:
+            if device.der_class in SHIFTS_FROM_BASELINE:
+                own = baselines.get(did)
+                total += own if own is not None else (state.power_kw if state else 0.0)
+        elif state is not None:
+            total += state.power_kw
+        else:
+            total += baselines.get(did, 0.0)
+    return total
 
 
 @dataclass(slots=True)

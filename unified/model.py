@@ -248,8 +248,10 @@ class DispatchMode(StrEnum):
 class Dispatch(CommandBase):
     """Change (``delta``) or set (``target``) the net power of a group or of devices.
 
-    For battery fleets the baseline is idle (0 kW), so ``delta`` and ``target`` both set the
-    fleet's total battery power; they differ for fleets with a baseline load (later device kinds).
+    ``delta``: the group's net power moves by ``kw`` from its baseline (what it would draw
+    without this command). ``target``: the group's net power becomes ``kw``; the planner
+    estimates the baseline each control period and allocates the difference (worked examples in
+    :mod:`gateway.dispatch`). For an idle battery fleet the two coincide.
     """
 
     type: Literal["dispatch"] = "dispatch"

@@ -95,6 +95,47 @@ async def test_dispatch_moves_registers_and_soc_then_ends_on_time(fleet: Fleet) 
     )
 
 
+async def test_target_mode_holds_the_feeder_net_power_around_load_it_does_not_control(
+    fleet: Fleet,
+) -> None:
+    """bat-1 is held charging at +2 kW by a higher-priority setpoint (load this dispatch does not
+    control); a ``target`` of -1 kW on feeder f1 makes bat-3 discharge 3 kW so the feeder nets
+    -1 kW. A ``delta`` of -1 kW would have left the feeder at +1 kW."""
+    await fleet.grid.send(
+        {
+            "type": "setpoint",
+            "command_id": "hold-b1",
+            "device_id": "bat-1",
+            "kw": 2.0,
+            "start": iso(0.1),
+            "duration_s": 20,
+            "priority": 100,
+        }
+    )
+    await fleet.grid.wait_for_state("hold-b1", AckState.ACTIVE, 5)
+    await eventually(lambda: fleet.sims[0].power_kw == pytest.approx(2.0, abs=0.05), 3, "bat-1")
+    await fleet.grid.send(
+        dispatch("t1", "feeder:f1", -1.0, start_in=0.3, duration=20, mode="target")
+    )
+    ack = await fleet.grid.wait_for_state("t1", AckState.ACTIVE, 5)
+    assert {a.device_id: a.commanded_kw for a in ack.allocations} == {
+        "bat-3": pytest.approx(-3.0, abs=0.1)
+    }
+    await eventually(
+        lambda: fleet.feeder_power_kw("f1") == pytest.approx(-1.0, abs=0.1),
+        3,
+        "feeder f1 held at its -1 kW target",
+    )
+    # The other load moves (the setpoint ends): the target follows it, bat-3 comes back to -1.
+    await fleet.grid.send({"type": "cancel", "command_id": "c-hold", "cancels": "hold-b1"})
+    await eventually(
+        lambda: fleet.feeder_power_kw("f1") == pytest.approx(-1.0, abs=0.1)
+        and abs(fleet.sims[0].power_kw) < 0.6,
+        5,
+        "target re-planned after the other load changed",
+    )
+
+
 async def test_envelope_clips_a_dispatch(fleet: Fleet) -> None:
     await fleet.grid.send(
         {

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.dispatch import ActiveCommand, headroom, plan, share
+from gateway.dispatch import ActiveCommand, Plan, headroom, plan, share
 from gateway.registry import Registry
 from unified.model import (
     BatteryConstraints,
@@ -16,6 +16,7 @@ from unified.model import (
     DeviceSetpoint,
     DeviceState,
     Dispatch,
+    DispatchMode,
     EnvelopeInterval,
     OperatingEnvelope,
     Target,
@@ -295,3 +296,74 @@ def test_regrouping_moves_a_device_between_active_commands() -> None:
     assert {a.device_id for a in after.allocations["f2"]} == {"b2", "b3"}
     assert after.setpoints["b1"].power_kw == pytest.approx(-4.0)
     assert after.setpoints["b2"].power_kw == pytest.approx(-1.0)
+
+
+def thermostat(i: int, feeder: str = "f1", kw: float = 3.0) -> Device:
+    return Device(
+        device_id=f"t{i}",
+        der_class=DerClass.THERMOSTAT,
+        adapter="mqtt_thermostat",
+        location=TopologyLocation(substation="s1", feeder=feeder),
+        ratings=BatteryRatings(max_charge_kw=kw, max_discharge_kw=kw, capacity_kwh=kw),
+        constraints=BatteryConstraints(reserve_soc_pct=0.0),
+    )
+
+
+def target(kw: float, group: str = "feeder:f1", *, cid: str = "t1", ramp: float = 0) -> Dispatch:
+    return dispatch(kw, group, cid=cid, ramp=ramp).model_copy(update={"mode": DispatchMode.TARGET})
+
+
+def _net_after(p: Plan, reg: Registry, measured: dict[str, float], base: dict[str, float]) -> float:
+    """The group's net power once every device does what the plan says."""
+    net = 0.0
+    for device in reg.members("feeder:f1"):
+        did = device.device_id
+        sp = p.setpoints.get(did)
+        if sp is None or sp.power_kw is None:
+            net += measured[did]
+        elif device.der_class is DerClass.THERMOSTAT:
+            net += base[did] + sp.power_kw
+        else:
+            net += sp.power_kw
+    return net
+
+
+def test_target_mode_plans_the_change_from_the_baseline_to_the_target() -> None:
+    """Worked example: 3 thermostats at a 3 kW baseline, an idle battery and 2 kW of load the
+    gateway does not control; a target of 5 kW is a change of 5 - 11 = -6 kW."""
+    uncontrolled = Device(
+        device_id="site",
+        der_class=DerClass.CI_SITE,
+        adapter="sunspec_battery",
+        location=TopologyLocation(substation="s1", feeder="f1"),
+        ratings=BatteryRatings(max_charge_kw=10, max_discharge_kw=10, capacity_kwh=10),
+    )
+    reg = Registry([thermostat(1), thermostat(2), thermostat(3), battery(1), uncontrolled])
+    base = {"t1": 3.0, "t2": 3.0, "t3": 3.0, "b1": 0.0}
+    measured = {**base, "site": 2.0}
+    states = {d: state(d, soc=60.0, power=kw) for d, kw in measured.items()}
+    states["site"] = DeviceState(device_id="site", timestamp=NOW, power_kw=2.0, source="test")
+
+    p = plan(NOW, reg, states, [ActiveCommand(target(5.0), 1)], base)
+    assert p.baseline_kw["t1"] == pytest.approx(11.0)
+    assert p.requested_kw["t1"] == pytest.approx(-6.0)
+    assert sum(a.commanded_kw for a in p.allocations["t1"]) == pytest.approx(-6.0)
+    assert _net_after(p, reg, measured, base) == pytest.approx(5.0, abs=1e-3)
+    assert p.shortfall_kw["t1"] == pytest.approx(0.0)
+
+    # The load nobody controls rises by 3 kW: the target follows it, a delta would not.
+    states["site"] = states["site"].model_copy(update={"power_kw": 5.0})
+    measured["site"] = 5.0
+    p = plan(NOW, reg, states, [ActiveCommand(target(5.0), 1)], base)
+    assert p.requested_kw["t1"] == pytest.approx(-9.0)
+    assert _net_after(p, reg, measured, base) == pytest.approx(5.0, abs=1e-3)
+
+
+def test_target_above_the_baseline_charges_and_a_ramp_starts_from_the_baseline() -> None:
+    reg = Registry([battery(1), battery(2)])
+    states = {"b1": state("b1", soc=50.0), "b2": state("b2", soc=50.0)}
+    p = plan(NOW, reg, states, [ActiveCommand(target(4.0), 1)])
+    assert sum(a.commanded_kw for a in p.allocations["t1"]) == pytest.approx(4.0)  # charge
+    ramped = target(4.0, ramp=600).model_copy(update={"start": NOW - timedelta(seconds=150)})
+    p = plan(NOW, reg, states, [ActiveCommand(ramped, 1)])
+    assert sum(a.commanded_kw for a in p.allocations["t1"]) == pytest.approx(1.0)
