@@ -687,9 +687,14 @@ class MqttThermostat(_MqttDevice):
         if telemetry.mode is HvacMode.OFF:
             raise DeviceRejected(self._device_id, "HVAC is off: no load to shift")
         shed, absorb = self.offset_range(telemetry)
-        offset = round(fraction * (shed if power < 0 else absorb), 1)
-        if abs(offset) < self.settings.min_offset_c:
+        room = shed if power < 0 else absorb
+        if abs(room) < self.settings.min_offset_c:
             raise DeviceRejected(self._device_id, "setpoint already at the edge of comfort band")
+        offset = round(fraction * room, 1)
+        if abs(offset) < self.settings.min_offset_c:
+            # A small request that rounds below the smallest worthwhile offset (the band has
+            # room for it): the smallest offset, not a refusal that would exclude the house.
+            offset = math.copysign(self.settings.min_offset_c, room)
         return SetpointOffset(offset_c=offset)
 
     async def setpoint_event(

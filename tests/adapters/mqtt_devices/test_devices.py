@@ -308,6 +308,26 @@ async def test_setpoint_event_with_preconditioning_and_comfort_band(tmp_path: Pa
             await adapter.apply(DeviceCommand(device_id="t0", power_kw=-10.0))
 
 
+async def test_a_small_shed_gets_the_smallest_offset_and_only_a_full_band_refuses(
+    tmp_path: Path,
+) -> None:
+    """0.3 kW of a 3 kW unit with 2.5 degC of band left is 0.25 degC, which rounds below the
+    0.3 degC minimum: the house takes the minimum offset. Only a band with less room than the
+    minimum is "at the edge" (a refusal, after which the planner excludes the house)."""
+    async with rig(tmp_path, ["t0", "t1"]) as r:
+        adapter = MqttThermostat("t0", r.link, SETTINGS)
+        full = SETTINGS.model_copy(update={"comfort_max_c": 22.2})  # 0.2 degC of room
+        edge = MqttThermostat("t1", r.link, full)
+        sim = r.simulate(house(0), time_scale=60)
+        r.simulate(house(1), time_scale=60)
+        await adapter.connect()
+        await adapter.apply(DeviceCommand(device_id="t0", power_kw=-0.3))
+        assert sim.device.offset_c == pytest.approx(SETTINGS.min_offset_c)
+        await edge.connect()
+        with pytest.raises(DeviceRejected, match="edge of comfort band"):
+            await edge.apply(DeviceCommand(device_id="t1", power_kw=-1.5))
+
+
 async def test_water_heater_sheds_and_loads_up(tmp_path: Path) -> None:
     async with rig(tmp_path, ["wh1"]) as r:
         heater = SimWaterHeater("wh1", tank=Tank(tank_c=44.0))  # below 47: heating in normal
