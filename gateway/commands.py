@@ -44,6 +44,9 @@ class CommandRejected(CoreError):
     """A command the book will not take (invalid, conflicting, unknown target, ...)."""
 
 
+_CONFLICT_DETAIL = "devices held by higher-priority or earlier command(s)"
+
+
 @dataclass(slots=True)
 class Entry:
     command: ScheduledCommand
@@ -276,11 +279,13 @@ class CommandBook:
         devices_changed = {a.device_id for a in allocations} != {
             a.device_id for a in entry.last_published_allocations
         }
+        updated = self._with_plan(entry.ack, now, plan)
         # A ramp or a drifting SoC changes allocations every cycle: report those at a bounded
         # rate, but a device joining or leaving the command at once.
         due = (now - entry.ack.timestamp).total_seconds() >= self._progress_interval_s
-        if changed and (due or devices_changed):
-            await self._publish(entry, self._with_plan(entry.ack, now, plan))
+        # A conflict that starts or ends is said at once too.
+        if (changed and (due or devices_changed)) or updated.detail != entry.ack.detail:
+            await self._publish(entry, updated)
 
     def device_refused(self, command_id: str, device_id: str, now: datetime) -> Entry | None:
         """A device refused its share: allocate around it from now on."""
@@ -348,12 +353,18 @@ class CommandBook:
                     "shortfall_kw": entry.ack.shortfall_kw,
                 }
             )
-        conflicts = plan.conflicts.get(ack.command_id)
+        # Only blockers still in force: a plan made before this cycle's lifecycle may name a
+        # command this one has just superseded, or one that has ended.
+        conflicts = [
+            c
+            for c in plan.conflicts.get(ack.command_id, ())
+            if (e := self._open.get(c)) is not None and e.state not in TERMINAL_STATES
+        ]
         detail = ack.detail
         if conflicts:
-            detail = (
-                f"devices held by higher-priority or earlier command(s): {', '.join(conflicts)}"
-            )
+            detail = f"{_CONFLICT_DETAIL}: {', '.join(conflicts)}"
+        elif detail is not None and detail.startswith(_CONFLICT_DETAIL):
+            detail = None  # the conflict is over
         return ack.model_copy(
             update={
                 "timestamp": now,

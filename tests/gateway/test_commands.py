@@ -192,6 +192,37 @@ async def test_newer_command_in_same_program_supersedes_older(store: CommandStor
     assert sink.states("other")[-1] is AckState.ACTIVE
 
 
+async def test_a_superseding_commands_ack_never_names_what_it_superseded(
+    store: CommandStore,
+) -> None:
+    """The plan of the cycle the newer command starts in was made while the older still held
+    the devices: its ack must not name the command it has just superseded, and a conflict that
+    ends is cleared from the ack at once."""
+    sink = Sink()
+    book = CommandBook(store, registry(), sink)
+    await book.submit(dispatch("old", duration=600), NOW)
+    await book.tick(NOW, Plan())
+    later = NOW + timedelta(seconds=30)
+    await book.submit(dispatch("new", start=later, duration=60), NOW + timedelta(seconds=1))
+    stale = Plan(conflicts={"new": ["old"]}, allocations={"old": ()})
+    await book.tick(later, stale)
+    assert sink.states("old")[-1] is AckState.SUPERSEDED
+    active = sink.acks[-1]
+    assert active.command_id == "new"
+    assert active.state is AckState.ACTIVE
+    assert "old" not in (active.detail or "")
+
+    # A real conflict with a command still in force is named, and cleared when it ends.
+    await book.submit(dispatch("other", program="q", duration=600), later)
+    await book.tick(later, Plan())
+    blocked = Plan(conflicts={"new": ["other"]})
+    await book.tick(later + timedelta(seconds=1), blocked)
+    assert "other" in (sink.acks[-1].detail or "")
+    await book.tick(later + timedelta(seconds=2), Plan())
+    assert sink.acks[-1].command_id == "new"
+    assert sink.acks[-1].detail is None
+
+
 async def test_open_commands_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "cmd.sqlite"
     async with CommandStore(path) as store:
