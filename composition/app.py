@@ -15,6 +15,7 @@ from adapters.grid_derms.link import Northbound
 from adapters.grid_derms.uplink import GridDermsUplink
 from adapters.mqtt_devices.devices import DeviceMqttLink, build_mqtt_adapter
 from adapters.ocpp.central import OcppCentral
+from adapters.ocpp.charger import OcppCharger
 from adapters.oem_vtn.vtn import OpenAdrVtn
 from adapters.openadr_ven.ven import OpenAdrVen, capacity_from_registry, submit_to_book
 from adapters.sep2_der.der import Sep2Der, refusals_to
@@ -105,7 +106,9 @@ class GatewayApp:
             )
         self.ocpp_central: OcppCentral | None = None
         if config.ocpp_central is not None:
-            self.ocpp_central = OcppCentral(config.ocpp_central, registrar=self.core)
+            self.ocpp_central = OcppCentral(
+                config.ocpp_central, charger_factory=OcppCharger, registrar=self.core
+            )
         self.openadr_vtn: OpenAdrVtn | None = None
         if config.openadr_vtn is not None:
             self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self.core)

@@ -21,7 +21,14 @@ Admission and protocol hygiene:
 * a 1.6 StopTransaction for a transaction this central never started gets
   ``PropertyConstraintViolation`` (transactions are not persisted: see the module's limits).
 
-Energies and powers cross this module in kW / kWh; OCPP's W, Wh, A and Decimal stay inside.
+Energies and powers cross this module in kW / kWh. OCPP's W, Wh, A, multipliers and Decimal
+stay in the pure codec :mod:`protocols.ocpp`, which renders our charging profiles and reads
+meter values and charging needs; this module moves its payloads to and from the ``ocpp``
+package's messages.
+
+The central does not build its charger adapters: the composition root hands it a factory
+(:class:`adapters.ocpp.charger.OcppCharger`), so the adapter depends on the central and not
+the other way round.
 """
 
 from __future__ import annotations
@@ -31,16 +38,13 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from enum import StrEnum
-from typing import Any, Final, Literal, Protocol, TypeVar, cast
+from datetime import datetime
+from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, cast
 from urllib.parse import unquote
 
 from ocpp.exceptions import (  # type: ignore[import-untyped]
@@ -64,6 +68,23 @@ from websockets.http11 import Request, Response
 
 from gateway.aio import raise_if_cancelling
 from gateway.devices import DeviceAdapter
+from protocols.ocpp import (
+    NEEDS_MESSAGE_ID,
+    NEEDS_VENDOR_ID,
+    ChargingProfileLimit,
+    EvChargingNeeds,
+    InvalidChargingNeeds,
+    MeterReading,
+    OcppVersion,
+    ProfilePurpose,
+    clear_charging_profile,
+    decode_data_transfer_needs,
+    decode_ev_charging_needs,
+    decode_meter_values,
+    format_time,
+    register_kwh,
+    set_charging_profile,
+)
 from unified.config import Section
 from unified.model import (
     BatteryConstraints,
@@ -80,6 +101,7 @@ __all__ = [
     "NEEDS_VENDOR_ID",
     "SUBPROTOCOLS",
     "ChargerCallFailed",
+    "ChargerFactory",
     "ChargerNotConnected",
     "ChargerRejected",
     "ChargerSnapshot",
@@ -129,24 +151,11 @@ def _on(action: str) -> Callable[[_F], _F]:
     return cast("Callable[[_F], _F]", on(action))
 
 
-OcppVersion = Literal["ocpp2.0.1", "ocpp1.6"]
 SUBPROTOCOLS: Final[tuple[OcppVersion, ...]] = ("ocpp2.0.1", "ocpp1.6")
-
-#: 1.6 has no message for the driver's charging needs (2.0.1 has NotifyEVChargingNeeds), so a
-#: 1.6 charger (or its app backend) may send them in a DataTransfer with these ids; ``data`` is a
-#: JSON object ``{"energyAmountWh", "departureTime", "evEnergyCapacityWh", "evMaxPowerW"}``.
-NEEDS_VENDOR_ID: Final = "org.derms-gateway"
-NEEDS_MESSAGE_ID: Final = "EVChargingNeeds"
 
 _CP_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,47}$"
 _CP_ID_RE = re.compile(_CP_ID)
 _MESSAGE_ID_RE = re.compile(r'^\s*\[\s*\d+\s*,\s*"([^"\\]{1,36})"')
-#: Our charging profiles use these ids (one per purpose), so clearing ours never clears a
-#: profile the site installer or another system put on the charger.
-_PROFILE_IDS: Final = {"site_cap": 90_001, "tx_default": 90_002, "tx": 90_003}
-#: An absolute schedule starts this long before our clock's "now", so a charger whose clock runs
-#: slightly behind ours does not ignore a new limit until its clock catches up.
-_CLOCK_SKEW_ALLOWANCE: Final = timedelta(seconds=60)
 _PLUGGED_16: Final = frozenset(
     {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing"}
 )
@@ -238,9 +247,14 @@ class OcppCentralConfig(Section):
 
 
 class Registrar(Protocol):
-    """What the central needs from the gateway core (``gateway.core.Gateway`` provides it)."""
+    """What the central needs from the gateway core (``gateway.core.Gateway`` provides it; the
+    composition root hands it over)."""
 
     def add_device(self, device: Device, adapter: DeviceAdapter) -> None: ...
+
+
+ChargerFactory = Callable[[str, str, "OcppCentral"], DeviceAdapter]
+"""Builds the one adapter of a charger from (device id, charge point id, the central)."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -289,6 +303,12 @@ class MeterSample:
     power_kw: float | None
     energy_kwh: float | None
     soc_pct: float | None
+
+    @classmethod
+    def received(cls, reading: MeterReading, received_at: datetime) -> MeterSample:
+        return cls(
+            received_at, reading.measured_at, reading.power_kw, reading.energy_kwh, reading.soc_pct
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,29 +361,6 @@ class ChargerSnapshot:
     settings: OcppChargerDefaults
 
 
-class ProfilePurpose(StrEnum):
-    SITE_CAP = "site_cap"
-    """ChargePointMaxProfile (1.6) / ChargingStationMaxProfile (2.0.1), on the whole charger."""
-    TX_DEFAULT = "tx_default"
-    TX = "tx"
-
-
-@dataclass(frozen=True, slots=True)
-class ChargingProfileLimit:
-    """One of our limits, as the adapter decides it; the central renders it per version."""
-
-    purpose: ProfilePurpose
-    limit_kw: float
-    transaction_id: str | None = None
-    connector_id: int = 0
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.limit_kw) or self.limit_kw < 0:
-            raise ValueError(f"limit {self.limit_kw} kW is not valid")
-        if (self.purpose is ProfilePurpose.TX) != (self.transaction_id is not None):
-            raise ValueError("a transaction id is needed for, and only for, a TxProfile")
-
-
 @dataclass(slots=True)
 class _Record:
     charge_point_id: str
@@ -404,137 +401,7 @@ class _Record:
         )
 
 
-# --------------------------------------------------------------------------- pure helpers
-
-
-def _iso(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed.astimezone(UTC) if parsed.tzinfo else None
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float | Decimal | str):
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-        return number if math.isfinite(number) else None
-    return None
-
-
-_TO_KILO: Final = {"W": 1e-3, "kW": 1.0, "Wh": 1e-3, "kWh": 1.0}
-
-
-def sampled_values(meter_values: object, version: OcppVersion) -> MeterSample | None:
-    """The latest power, energy register and SoC in a MeterValues list (snake_case keys).
-
-    Only the import measurands at the connector (no phase) are taken; a value in an unknown
-    unit is ignored rather than guessed.
-    """
-    if not isinstance(meter_values, list):
-        return None
-    power = energy = soc = None
-    measured: datetime | None = None
-    for entry in meter_values:
-        if not isinstance(entry, dict):
-            continue
-        stamp = _parse_time(entry.get("timestamp"))
-        for sv in entry.get("sampled_value") or ():
-            if not isinstance(sv, dict) or sv.get("phase") is not None:
-                continue
-            measurand = sv.get("measurand", "Energy.Active.Import.Register")
-            value = _number(sv.get("value"))
-            if value is None:
-                continue
-            if version == "ocpp1.6":
-                unit = sv.get("unit", "Wh")
-            else:
-                uom = sv.get("unit_of_measure") or {}
-                unit = uom.get("unit", "Wh")
-                value *= 10.0 ** int(uom.get("multiplier", 0))
-            if measurand == "Power.Active.Import" and unit in ("W", "kW"):
-                power = value * _TO_KILO[unit]
-            elif measurand == "Energy.Active.Import.Register" and unit in ("Wh", "kWh"):
-                energy = value * _TO_KILO[unit]
-            elif measurand == "SoC" and 0 <= value <= 100:
-                soc = value
-            else:
-                continue
-            if stamp is not None and (measured is None or stamp > measured):
-                measured = stamp
-    if power is None and energy is None and soc is None:
-        return None
-    return MeterSample(utcnow(), measured, power, energy, soc)
-
-
-def charging_profile(
-    version: OcppVersion,
-    limit: ChargingProfileLimit,
-    settings: OcppChargerDefaults,
-    *,
-    stack_level: int,
-    now: datetime,
-) -> tuple[int, dict[str, Any]]:
-    """(connector / evse id, profile) of a SetChargingProfile request, with snake_case keys.
-
-    Limits in A are per phase over ``settings.phases`` phases; both units are rounded *down* to
-    0.1 (1.6 allows one decimal), so a cap is never exceeded by rounding.
-    """
-    watts = limit.limit_kw * 1000
-    rate = watts / (settings.voltage_v * settings.phases) if settings.rate_unit == "A" else watts
-    rate = math.floor(rate * 10 + 1e-6) / 10
-    period: dict[str, Any] = {"start_period": 0, "limit": rate}
-    if settings.rate_unit == "A":
-        period["number_phases"] = settings.phases
-    schedule: dict[str, Any] = {
-        "start_schedule": _iso(now - _CLOCK_SKEW_ALLOWANCE),
-        "charging_rate_unit": settings.rate_unit,
-        "charging_schedule_period": [period],
-    }
-    profile_id = _PROFILE_IDS[limit.purpose.value]
-    if version == "ocpp1.6":
-        purpose = {
-            ProfilePurpose.SITE_CAP: "ChargePointMaxProfile",
-            ProfilePurpose.TX_DEFAULT: "TxDefaultProfile",
-            ProfilePurpose.TX: "TxProfile",
-        }[limit.purpose]
-        profile: dict[str, Any] = {
-            "charging_profile_id": profile_id,
-            "stack_level": stack_level,
-            "charging_profile_purpose": purpose,
-            "charging_profile_kind": "Absolute",
-            "charging_schedule": schedule,
-        }
-        if limit.transaction_id is not None:
-            profile["transaction_id"] = int(limit.transaction_id)
-    else:
-        purpose = {
-            ProfilePurpose.SITE_CAP: "ChargingStationMaxProfile",
-            ProfilePurpose.TX_DEFAULT: "TxDefaultProfile",
-            ProfilePurpose.TX: "TxProfile",
-        }[limit.purpose]
-        profile = {
-            "id": profile_id,
-            "stack_level": stack_level,
-            "charging_profile_purpose": purpose,
-            "charging_profile_kind": "Absolute",
-            "charging_schedule": [{"id": profile_id, **schedule}],
-        }
-        if limit.transaction_id is not None:
-            profile["transaction_id"] = limit.transaction_id
-    connector = 0 if limit.purpose is not ProfilePurpose.TX else limit.connector_id
-    return connector, profile
+# --------------------------------------------------------------------------- frames
 
 
 def _call_error_frame(raw: str | bytes, exc: OCPPError, version: OcppVersion) -> str:
@@ -558,12 +425,18 @@ def _call_error_frame(raw: str | bytes, exc: OCPPError, version: OcppVersion) ->
 
 
 class _Session:
-    """What both versions' ChargePoint objects share: admission checks and frame errors."""
+    """What both versions' ChargePoint objects share: admission checks, frame errors, and the
+    handlers whose logic is the same in both versions (only the message classes differ)."""
+
+    version: ClassVar[OcppVersion]
+    _requests: ClassVar[Any]
+    """The ``ocpp`` package's ``call`` module of this version."""
+    _results: ClassVar[Any]
+    """Its ``call_result`` module."""
 
     id: str
     central: OcppCentral
     record: _Record
-    version: OcppVersion
     tasks: asyncio.TaskGroup | None
     _boot_requested: bool
 
@@ -573,6 +446,16 @@ class _Session:
     call: Callable[..., Awaitable[Any]]
     start: Callable[[], Awaitable[None]]
     _connection: ServerConnection
+
+    def __init__(self, central: OcppCentral, record: _Record, connection: ServerConnection) -> None:
+        super().__init__(  # type: ignore[call-arg]  # the ocpp package's ChargePoint
+            record.charge_point_id,
+            connection,
+            response_timeout=central.config.response_timeout_s,
+            logger=_WIRE_LOG,
+        )
+        self.central, self.record = central, record
+        self.tasks, self._boot_requested = None, False
 
     async def route_message(self, raw_msg: str | bytes) -> None:
         try:
@@ -596,10 +479,7 @@ class _Session:
         self.tasks.create_task(self._trigger_boot(), name=f"ocpp:{self.id}:trigger-boot")
 
     async def _trigger_boot(self) -> None:
-        if self.version == "ocpp1.6":
-            request: Any = call16.TriggerMessage(requested_message="BootNotification")
-        else:
-            request = call201.TriggerMessage(requested_message="BootNotification")
+        request = self._requests.TriggerMessage(requested_message="BootNotification")
         try:
             async with asyncio.timeout(self.central.config.response_timeout_s):
                 await self.call(request)
@@ -607,41 +487,43 @@ class _Session:
             log.info("OCPP %s: TriggerMessage(BootNotification) failed: %s", self.id, exc)
         raise_if_cancelling()
 
-    def _boot_response(self, vendor: str, model: str) -> bool:
+    def _boot_accepted(self, vendor: str, model: str) -> Any:
+        """Record the boot; the BootNotification response."""
         record = self.record
         record.vendor, record.model = vendor, model
         record.booted = True
         record.generation += 1
         log.info("OCPP %s booted (%s %s, %s)", self.id, vendor, model, self.version)
         self.central.boot_accepted(record)
-        return True
+        return self._results.BootNotification(
+            current_time=format_time(utcnow()),
+            interval=self.central.config.heartbeat_interval_s,
+            status="Accepted",
+        )
+
+    def _sample(self, meter_value: object) -> MeterSample | None:
+        reading = decode_meter_values(meter_value, self.version)
+        return None if reading is None else MeterSample.received(reading, utcnow())
+
+    @_on("Heartbeat")
+    def on_heartbeat(self, **_: Any) -> Any:
+        return self._results.Heartbeat(current_time=format_time(utcnow()))
+
+    @_on("MeterValues")
+    def on_meter_values(self, meter_value: list[Any], **_: Any) -> Any:
+        self.central.meter_sample(self.record, self._sample(meter_value))
+        return self._results.MeterValues()
 
 
 class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
-    def __init__(self, central: OcppCentral, record: _Record, connection: ServerConnection) -> None:
-        super().__init__(
-            record.charge_point_id,
-            connection,
-            response_timeout=central.config.response_timeout_s,
-            logger=_WIRE_LOG,
-        )
-        self.central, self.record, self.version = central, record, "ocpp1.6"
-        self.tasks, self._boot_requested = None, False
+    version = "ocpp1.6"
+    _requests, _results = call16, result16
 
     @_on("BootNotification")
     def on_boot_notification(
         self, charge_point_vendor: str, charge_point_model: str, **_: Any
     ) -> Any:
-        self._boot_response(charge_point_vendor, charge_point_model)
-        return result16.BootNotification(
-            current_time=_iso(utcnow()),
-            interval=self.central.config.heartbeat_interval_s,
-            status="Accepted",
-        )
-
-    @_on("Heartbeat")
-    def on_heartbeat(self, **_: Any) -> Any:
-        return result16.Heartbeat(current_time=_iso(utcnow()))
+        return self._boot_accepted(charge_point_vendor, charge_point_model)
 
     @_on("StatusNotification")
     def on_status_notification(self, connector_id: int, status: str, **_: Any) -> Any:
@@ -659,7 +541,7 @@ class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
         transaction_id = self.central.next_transaction_id()
         self.central.transaction_started(
             self.record,
-            Transaction(str(transaction_id), connector_id, utcnow(), meter_start / 1000),
+            Transaction(str(transaction_id), connector_id, utcnow(), register_kwh(meter_start)),
         )
         return result16.StartTransaction(
             transaction_id=transaction_id, id_tag_info={"status": "Accepted"}
@@ -676,13 +558,8 @@ class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
                 details={"cause": f"transaction {transaction_id} is not known here"}
             )
         if known:
-            self.central.transaction_ended(record, meter_stop / 1000)
+            self.central.transaction_ended(record, register_kwh(meter_stop))
         return result16.StopTransaction(id_tag_info={"status": "Accepted"})
-
-    @_on("MeterValues")
-    def on_meter_values(self, connector_id: int, meter_value: list[Any], **_: Any) -> Any:
-        self.central.meter_sample(self.record, sampled_values(meter_value, self.version))
-        return result16.MeterValues()
 
     @_on("DataTransfer")
     def on_data_transfer(
@@ -693,49 +570,22 @@ class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
         if message_id != NEEDS_MESSAGE_ID:
             return result16.DataTransfer(status="UnknownMessageId")
         try:
-            payload = json.loads(data or "")
-            energy_wh = _number(payload["energyAmountWh"])
-        except (ValueError, KeyError, TypeError):
-            return result16.DataTransfer(status="Rejected", data="energyAmountWh missing")
-        if energy_wh is None or energy_wh < 0:
-            return result16.DataTransfer(status="Rejected", data="energyAmountWh invalid")
-        capacity = _number(payload.get("evEnergyCapacityWh"))
-        max_w = _number(payload.get("evMaxPowerW"))
-        self.central.charging_need(
-            self.record,
-            energy_kwh=energy_wh / 1000,
-            departure=_parse_time(payload.get("departureTime")),
-            ev_capacity_kwh=None if capacity is None else capacity / 1000,
-            ev_max_kw=None if max_w is None else max_w / 1000,
-        )
+            needs = decode_data_transfer_needs(data)
+        except InvalidChargingNeeds as exc:
+            return result16.DataTransfer(status="Rejected", data=str(exc))
+        self.central.charging_need(self.record, needs)
         return result16.DataTransfer(status="Accepted")
 
 
 class _Session201(_Session, ChargePoint201):  # type: ignore[misc]
-    def __init__(self, central: OcppCentral, record: _Record, connection: ServerConnection) -> None:
-        super().__init__(
-            record.charge_point_id,
-            connection,
-            response_timeout=central.config.response_timeout_s,
-            logger=_WIRE_LOG,
-        )
-        self.central, self.record, self.version = central, record, "ocpp2.0.1"
-        self.tasks, self._boot_requested = None, False
+    version = "ocpp2.0.1"
+    _requests, _results = call201, result201
 
     @_on("BootNotification")
     def on_boot_notification(self, charging_station: dict[str, Any], **_: Any) -> Any:
-        self._boot_response(
+        return self._boot_accepted(
             str(charging_station.get("vendor_name", "")), str(charging_station.get("model", ""))
         )
-        return result201.BootNotification(
-            current_time=_iso(utcnow()),
-            interval=self.central.config.heartbeat_interval_s,
-            status="Accepted",
-        )
-
-    @_on("Heartbeat")
-    def on_heartbeat(self, **_: Any) -> Any:
-        return result201.Heartbeat(current_time=_iso(utcnow()))
 
     @_on("StatusNotification")
     def on_status_notification(self, connector_status: str, evse_id: int, **_: Any) -> Any:
@@ -748,11 +598,6 @@ class _Session201(_Session, ChargePoint201):  # type: ignore[misc]
     def on_authorize(self, **_: Any) -> Any:
         return result201.Authorize(id_token_info={"status": "Accepted"})
 
-    @_on("MeterValues")
-    def on_meter_values(self, meter_value: list[Any], **_: Any) -> Any:
-        self.central.meter_sample(self.record, sampled_values(meter_value, self.version))
-        return result201.MeterValues()
-
     @_on("TransactionEvent")
     def on_transaction_event(
         self,
@@ -764,7 +609,7 @@ class _Session201(_Session, ChargePoint201):  # type: ignore[misc]
     ) -> Any:
         record = self.record
         transaction_id = str(transaction_info["transaction_id"])
-        sample = sampled_values(meter_value, self.version) if meter_value else None
+        sample = self._sample(meter_value) if meter_value else None
         current = record.transaction
         is_current = current is not None and current.transaction_id == transaction_id
         # A Started, or an Updated whose Started we missed (the station queued it offline or
@@ -782,35 +627,41 @@ class _Session201(_Session, ChargePoint201):  # type: ignore[misc]
 
     @_on("NotifyEVChargingNeeds")
     def on_notify_ev_charging_needs(self, charging_needs: dict[str, Any], **_: Any) -> Any:
-        ac = charging_needs.get("ac_charging_parameters") or {}
-        dc = charging_needs.get("dc_charging_parameters") or {}
-        energy_wh = _number(ac.get("energy_amount", dc.get("energy_amount")))
-        if energy_wh is None or energy_wh < 0:
+        try:
+            needs = decode_ev_charging_needs(charging_needs, phases=self.record.settings.phases)
+        except InvalidChargingNeeds:
             return result201.NotifyEVChargingNeeds(status="Rejected")
-        capacity = _number(dc.get("ev_energy_capacity"))
-        max_w = _number(dc.get("ev_max_power"))
-        if max_w is None and ac:
-            amps, volts = _number(ac.get("ev_max_current")), _number(ac.get("ev_max_voltage"))
-            phases = self.record.settings.phases
-            max_w = None if amps is None or volts is None else amps * volts * phases
-        self.central.charging_need(
-            self.record,
-            energy_kwh=energy_wh / 1000,
-            departure=_parse_time(charging_needs.get("departure_time")),
-            ev_capacity_kwh=None if capacity is None else capacity / 1000,
-            ev_max_kw=None if max_w is None else max_w / 1000,
-        )
+        self.central.charging_need(self.record, needs)
         return result201.NotifyEVChargingNeeds(status="Accepted")
+
+
+_SESSIONS: Final[dict[OcppVersion, type[_Session]]] = {
+    "ocpp1.6": _Session16,
+    "ocpp2.0.1": _Session201,
+}
 
 
 # --------------------------------------------------------------------------- the server
 
 
 class OcppCentral:
-    """The central system: one websocket server, one record per known charger."""
+    """The central system: one websocket server, one record per known charger.
 
-    def __init__(self, config: OcppCentralConfig, *, registrar: Registrar | None = None) -> None:
+    ``charger_factory`` builds the adapter of each charger (the composition root passes
+    :class:`adapters.ocpp.charger.OcppCharger`); with a ``registrar``, every charger is enrolled
+    with its adapter (configured ones when the server starts, auto-registered ones at their
+    first accepted boot).
+    """
+
+    def __init__(
+        self,
+        config: OcppCentralConfig,
+        *,
+        charger_factory: ChargerFactory,
+        registrar: Registrar | None = None,
+    ) -> None:
         self.config = config
+        self._charger_factory = charger_factory
         self._registrar = registrar
         self._records: dict[str, _Record] = {}
         self._adapters: dict[str, DeviceAdapter] = {}
@@ -871,14 +722,13 @@ class OcppCentral:
         )
 
     def adapter(self, charge_point_id: str) -> DeviceAdapter:
-        """The one adapter of a known charger (created on first use)."""
-        from adapters.ocpp.charger import OcppCharger
-
+        """The one adapter of a known charger (built by the factory on first use)."""
         if charge_point_id not in self._records:
             raise KeyError(charge_point_id)
         existing = self._adapters.get(charge_point_id)
         if existing is None:
-            existing = OcppCharger(self._records[charge_point_id].device_id, charge_point_id, self)
+            device_id = self._records[charge_point_id].device_id
+            existing = self._charger_factory(device_id, charge_point_id, self)
             self._adapters[charge_point_id] = existing
         return existing
 
@@ -888,10 +738,7 @@ class OcppCentral:
         """A need learned out of band (the driver's app): same effect as NotifyEVChargingNeeds."""
         self.charging_need(
             self._records[charge_point_id],
-            energy_kwh=energy_kwh,
-            departure=departure,
-            ev_capacity_kwh=None,
-            ev_max_kw=None,
+            EvChargingNeeds(energy_kwh, departure, ev_capacity_kwh=None, ev_max_kw=None),
         )
 
     def _enrol(self, record: _Record) -> None:
@@ -961,24 +808,21 @@ class OcppCentral:
         record.sample = sample
         self._changed(record)
 
-    def charging_need(
-        self,
-        record: _Record,
-        *,
-        energy_kwh: float,
-        departure: datetime | None,
-        ev_capacity_kwh: float | None,
-        ev_max_kw: float | None,
-    ) -> None:
+    def charging_need(self, record: _Record, needs: EvChargingNeeds) -> None:
         register = record.sample.energy_kwh if record.sample else None
         record.need = ChargingNeed(
-            energy_kwh, departure, utcnow(), register, ev_capacity_kwh, ev_max_kw
+            needs.energy_kwh,
+            needs.departure,
+            utcnow(),
+            register,
+            needs.ev_capacity_kwh,
+            needs.ev_max_kw,
         )
         log.info(
             "OCPP %s: EV needs %.2f kWh by %s",
             record.charge_point_id,
-            energy_kwh,
-            "?" if departure is None else _iso(departure),
+            needs.energy_kwh,
+            "?" if needs.departure is None else format_time(needs.departure),
         )
         self._changed(record)
 
@@ -1010,19 +854,17 @@ class OcppCentral:
         record = self._records.get(charge_point_id)
         if record is None or record.version is None:
             raise ChargerNotConnected(charge_point_id, "never connected")
-        connector, profile = charging_profile(
+        settings = record.settings
+        payload = set_charging_profile(
             record.version,
             limit,
-            record.settings,
+            rate_unit=settings.rate_unit,
+            voltage_v=settings.voltage_v,
+            phases=settings.phases,
             stack_level=self.config.stack_level,
             now=utcnow(),
         )
-        if record.version == "ocpp1.6":
-            request: Any = call16.SetChargingProfile(
-                connector_id=connector, cs_charging_profiles=profile
-            )
-        else:
-            request = call201.SetChargingProfile(evse_id=connector, charging_profile=profile)
+        request = _SESSIONS[record.version]._requests.SetChargingProfile(**payload)
         response = await self._request(charge_point_id, request)
         if str(response.status) != "Accepted":
             raise ChargerRejected(charge_point_id, "SetChargingProfile", str(response.status))
@@ -1032,11 +874,8 @@ class OcppCentral:
         record = self._records.get(charge_point_id)
         if record is None or record.version is None:
             raise ChargerNotConnected(charge_point_id, "never connected")
-        profile_id = _PROFILE_IDS[purpose.value]
-        if record.version == "ocpp1.6":
-            request: Any = call16.ClearChargingProfile(id=profile_id)
-        else:
-            request = call201.ClearChargingProfile(charging_profile_id=profile_id)
+        payload = clear_charging_profile(record.version, purpose)
+        request = _SESSIONS[record.version]._requests.ClearChargingProfile(**payload)
         response = await self._request(charge_point_id, request)
         if str(response.status) not in ("Accepted", "Unknown"):
             raise ChargerRejected(charge_point_id, "ClearChargingProfile", str(response.status))
@@ -1091,8 +930,7 @@ class OcppCentral:
             record = _Record(charge_point_id, defaults, charge_point_id)
             self._records[charge_point_id] = record
             log.info("OCPP charger %s auto-registered", charge_point_id)
-        cls = _Session16 if version == "ocpp1.6" else _Session201
-        session: _Session = cls(self, record, connection)
+        session = _SESSIONS[version](self, record, connection)
         previous = record.session
         if previous is not None:
             # A charger has one connection: the newer one wins (the old one is half-open).

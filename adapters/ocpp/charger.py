@@ -18,7 +18,7 @@ tighter of the two. Profiles other systems set on the charger are never touched 
 own ids).
 
 **The driver's departure need.** When the charger (2.0.1 NotifyEVChargingNeeds, or a 1.6
-DataTransfer, see :data:`adapters.ocpp.central.NEEDS_MESSAGE_ID`) or an app told the central how
+DataTransfer, see :data:`protocols.ocpp.NEEDS_MESSAGE_ID`) or an app told the central how
 much energy the EV needs by when, a setpoint is never below the power that still meets it
 (remaining kWh / hours to departure, at most the rating). Only an envelope may hold an EV
 below that floor: a setpoint whose provenance names an envelope, or an import limit, is obeyed
@@ -50,12 +50,11 @@ from adapters.ocpp.central import (
     ChargerNotConnected,
     ChargerRejected,
     ChargerSnapshot,
-    ChargingProfileLimit,
     OcppCentral,
     OcppCentralError,
-    ProfilePurpose,
 )
 from gateway.devices import DeviceRejected, DeviceUnavailable, UnsafeCommand
+from protocols.ocpp import ChargingProfileLimit, ProfilePurpose
 from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = [

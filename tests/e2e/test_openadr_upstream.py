@@ -11,8 +11,8 @@ import pytest
 
 from simulators.broker import BrokerEndpoint, free_port
 from simulators.sunspec_battery import SunSpecBatterySimulator
-from tests.e2e.fleet import Fleet, eventually
 from tests.adapters.openadr_ven.test_ven import VEN_NAME, Vtn
+from tests.e2e.fleet import Fleet, eventually
 from unified.model import AckState, utcnow
 
 pytestmark = [

@@ -20,6 +20,7 @@ from adapters.ocpp.central import (
     OcppChargerConfig,
     OcppVersion,
 )
+from adapters.ocpp.charger import OcppCharger
 from simulators import ev_charger
 from simulators.ev_charger import EvChargerSim, EvChargerSimConfig, EvVisit
 from unified.model import TopologyLocation
@@ -142,7 +143,7 @@ async def central() -> AsyncIterator[OcppCentral]:
         port=0,
         chargers=(OcppChargerConfig(charge_point_id="CP-1", location=location),),
     )
-    system = OcppCentral(config)
+    system = OcppCentral(config, charger_factory=OcppCharger)
     task = asyncio.create_task(system.run())
     try:
         await asyncio.wait_for(system.ready.wait(), 5)

@@ -27,8 +27,6 @@ from adapters.ocpp.central import (
     OcppChargerDefaults,
     OcppVersion,
     ProfilePurpose,
-    charging_profile,
-    sampled_values,
 )
 from adapters.ocpp.charger import DEPARTURE_FLOOR, OcppCharger
 from gateway.devices import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
@@ -117,7 +115,7 @@ class Harness:
 async def running(
     config: OcppCentralConfig, registrar: FakeRegistrar | None = None
 ) -> AsyncIterator[Harness]:
-    central = OcppCentral(config, registrar=registrar)
+    central = OcppCentral(config, charger_factory=OcppCharger, registrar=registrar)
     server = asyncio.create_task(central.run(), name="central")
     harness = Harness(central)
     try:
@@ -580,71 +578,6 @@ async def test_reconnect_makes_the_adapter_resend() -> None:
         await adapter.connect()  # what the supervisor does next
         await adapter.apply(setpoint(2.0))
         assert [p.purpose for p in second.profiles.values()] == ["tx_default"]
-
-
-# --------------------------------------------------------------------------- pure parts
-
-
-def test_profiles_render_per_version() -> None:
-    settings = OcppChargerDefaults(location=LOCATION)
-    now = utcnow()
-    connector, p16 = charging_profile(
-        "ocpp1.6",
-        ChargingProfileLimit(ProfilePurpose.SITE_CAP, 4.26),
-        settings,
-        stack_level=1,
-        now=now,
-    )
-    assert connector == 0
-    assert p16["charging_profile_purpose"] == "ChargePointMaxProfile"
-    assert p16["charging_schedule"]["charging_schedule_period"] == [
-        {"start_period": 0, "limit": 4260.0}
-    ]
-    limit = ChargingProfileLimit(ProfilePurpose.TX, 3.0, transaction_id="abc", connector_id=1)
-    connector, p201 = charging_profile("ocpp2.0.1", limit, settings, stack_level=1, now=now)
-    assert connector == 1
-    assert p201["charging_profile_purpose"] == "TxProfile"
-    assert p201["transaction_id"] == "abc"
-    amps = OcppChargerDefaults(location=LOCATION, rate_unit="A", phases=1, voltage_v=230)
-    _, pa = charging_profile(
-        "ocpp1.6",
-        ChargingProfileLimit(ProfilePurpose.TX_DEFAULT, 3.0),
-        amps,
-        stack_level=1,
-        now=now,
-    )
-    period = pa["charging_schedule"]["charging_schedule_period"][0]
-    assert period == {"start_period": 0, "limit": 13.0, "number_phases": 1}  # 13.04 A rounded down
-    with pytest.raises(ValueError, match="transaction"):
-        ChargingProfileLimit(ProfilePurpose.TX, 3.0)
-
-
-def test_sampled_values_units() -> None:
-    s16 = sampled_values(
-        [{"timestamp": "2024-01-01T00:00:00Z", "sampled_value": [
-            {"value": "7.2", "measurand": "Power.Active.Import", "unit": "kW"},
-            {"value": "1500", "unit": "Wh"},
-            {"value": "230", "measurand": "Voltage", "unit": "V"},
-            {"value": "3000", "measurand": "Power.Active.Import", "unit": "W", "phase": "L1"},
-        ]}],
-        "ocpp1.6",
-    )  # fmt: skip
-    assert s16 is not None
-    assert s16.power_kw == 7.2
-    assert s16.energy_kwh == 1.5
-    assert s16.soc_pct is None
-    s201 = sampled_values(
-        [{"timestamp": "2024-01-01T00:00:00Z", "sampled_value": [
-            {"value": 7.2, "measurand": "Power.Active.Import",
-             "unit_of_measure": {"unit": "W", "multiplier": 3}},
-            {"value": 55, "measurand": "SoC", "unit_of_measure": {"unit": "Percent"}},
-        ]}],
-        "ocpp2.0.1",
-    )  # fmt: skip
-    assert s201 is not None
-    assert s201.power_kw == pytest.approx(7.2)
-    assert s201.soc_pct == 55
-    assert sampled_values("garbage", "ocpp1.6") is None
 
 
 # --------------------------------------------------------------------------- with the supervisor
