@@ -63,6 +63,10 @@ async def test_opt_out_schedule_refuses_the_active_setpoint_once_and_keeps_the_r
         b1 = registrar.resource("b1")
         await b1.apply(cmd("b1", -2.0, "dispatch-1"))
         await wait_for(lambda: oem.devices["b1"].power_kw == -2.0, 10, "battery discharging")
+        # The OEM answers the event (createdEvent optIn) after it has applied it.
+        await wait_for(
+            lambda: getattr(vtn.current_event(f"{OEM}.b1"), "opt", None) == "optIn", 10, "opted in"
+        )
         event = vtn.current_event(f"{OEM}.b1")
         assert event is not None
 
