@@ -36,11 +36,45 @@ Identifier = Annotated[
 ]
 
 
+#: Timestamps outside this range are rejected at the boundary: they are a device with a reset
+#: clock or a hostile peer, and near the ends of ``datetime`` converting to UTC (or adding a
+#: duration) overflows.
+EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST: Final = datetime(2200, 1, 1, tzinfo=UTC)
+
+
 def _to_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        utc = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError("timestamp out of range (1970-01-01 to 2200-01-01 UTC)") from None
+    if not EARLIEST <= utc < LATEST:
+        raise ValueError("timestamp out of range (1970-01-01 to 2200-01-01 UTC)")
+    return utc
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+def utc_from_timestamp(seconds: float) -> datetime | None:
+    """A POSIX timestamp as an aware UTC datetime, or None when it is outside the sane range.
+
+    Peers send 64-bit times (2030.5 ``TimeType``); ``datetime.fromtimestamp`` raises
+    ``OverflowError``, ``OSError`` or ``ValueError`` on the far ones instead of answering.
+    """
+    if not EARLIEST.timestamp() <= seconds < LATEST.timestamp():
+        return None
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def in_sane_range(value: datetime) -> datetime | None:
+    """``value`` in UTC when it is aware and inside the sane range, else None."""
+    if value.tzinfo is None:
+        return None
+    try:
+        return _to_utc(value)
+    except ValueError:
+        return None
 
 
 def utcnow() -> datetime:

@@ -100,7 +100,7 @@ from protocols.sep2.scheduler import (
     event_key,
 )
 from protocols.sep2.schema import CsipAusVersion
-from unified.model import EnvelopeInterval, OperatingEnvelope, Target
+from unified.model import EnvelopeInterval, OperatingEnvelope, Target, utc_from_timestamp
 
 __all__ = [
     "BodyTooLarge",
@@ -1056,7 +1056,7 @@ class Sep2Client:
         valid_until = (
             None
             if schedule.next_change is None
-            else datetime.fromtimestamp(self._server_clock.to_local(schedule.next_change), UTC)
+            else utc_from_timestamp(self._server_clock.to_local(schedule.next_change))
         )
         effective = EffectiveControls(
             at=datetime.fromtimestamp(local_now, UTC),

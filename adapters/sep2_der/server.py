@@ -122,7 +122,7 @@ from protocols.sep2 import (
     with_check_digit,
 )
 from unified.config import Section
-from unified.model import Identifier, LimitSource
+from unified.model import Identifier, LimitSource, utc_from_timestamp
 
 __all__ = [
     "DerSnapshot",
@@ -1555,7 +1555,7 @@ class Sep2Server:
             control_href=control.href,
             status=posted.status,
             status_name=RESPONSE_STATUS.get(posted.status, "unknown"),
-            created_at=None if created is None else datetime.fromtimestamp(created, UTC),
+            created_at=None if created is None else utc_from_timestamp(created),
             received_at=self._now_dt(),
             power_kw=control.power_kw,
             provenance=control.provenance,
@@ -1964,6 +1964,6 @@ class Sep2Server:
                 mirror.power = PowerSample(
                     watts=watts + 0.0,
                     received_at=received,
-                    measured_at=datetime.fromtimestamp(end, UTC) if end else None,
+                    measured_at=utc_from_timestamp(end) if end else None,
                     quality_flags=flags,
                 )

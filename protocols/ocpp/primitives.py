@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
+from unified.model import in_sane_range
+
 __all__ = ["OcppVersion", "format_time", "number", "parse_time"]
 
 OcppVersion = Literal["ocpp2.0.1", "ocpp1.6"]
@@ -26,14 +28,15 @@ def format_time(when: datetime) -> str:
 
 
 def parse_time(value: object) -> datetime | None:
-    """An aware datetime in UTC, or None for anything that is not a timestamp with an offset."""
+    """An aware datetime in UTC, or None for anything that is not a timestamp with an offset
+    inside the model's sane range (a far-future offset time would overflow converting to UTC)."""
     if not isinstance(value, str):
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return parsed.astimezone(UTC) if parsed.tzinfo else None
+    return in_sane_range(parsed)
 
 
 def number(value: object) -> float | None:
