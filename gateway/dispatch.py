@@ -77,15 +77,39 @@ class Headroom:
     charge_limit: str
 
 
+def plannable(device: Device, state: DeviceState | None) -> bool:
+    """Whether the planner can promise anything with this device right now.
+
+    A stored-energy device needs a fresh SoC (nobody can promise its reserve holds without
+    one); an EV charger needs a plugged-in EV whose need is known. Without either the device is
+    left running on its own rather than held at zero (which would, say, pause an EV that nobody
+    asked to pause).
+    """
+    if state is None:
+        return False
+    if device.der_class is DerClass.EVSE:
+        return state.ev is not None and state.ev.energy_needed_kwh is not None
+    return state.soc_pct is not None
+
+
 def headroom(device: Device, state: DeviceState | None, remaining_s: float) -> Headroom:
-    if state is None or state.soc_pct is None:
-        # Without a fresh SoC nobody can promise the reserve holds: commit nothing.
+    if state is None or not plannable(device, state):
         return Headroom(0.0, 0.0, "unavailable", "unavailable")
     ratings, limits = device.ratings, device.constraints
     rated_dis = min(ratings.max_discharge_kw, _or_inf(state.max_discharge_kw))
     rated_ch = min(ratings.max_charge_kw, _or_inf(state.max_charge_kw))
-    capacity = min(ratings.capacity_kwh, _or_inf(state.capacity_kwh))
     hours = max(remaining_s, MIN_ENERGY_HORIZON_S) / 3600.0
+    if state.ev is not None and device.der_class is DerClass.EVSE:
+        # An EV charger never exports, and charges at most the energy its EV still wants.
+        wanted = (state.ev.energy_needed_kwh or 0.0) / hours
+        return Headroom(
+            discharge_kw=0.0,
+            charge_kw=min(rated_ch, wanted),
+            discharge_limit="rating",
+            charge_limit="ev_energy_need" if wanted < rated_ch else "rating",
+        )
+    assert state.soc_pct is not None  # plannable
+    capacity = min(ratings.capacity_kwh, _or_inf(state.capacity_kwh))
     above_reserve = max(0.0, (state.soc_pct - limits.reserve_soc_pct) / 100.0 * capacity)
     below_max = max(0.0, (limits.max_soc_pct - state.soc_pct) / 100.0 * capacity)
     dis_energy, ch_energy = above_reserve / hours, below_max / hours
@@ -287,18 +311,14 @@ def _plan_dispatch(
     rooms: dict[str, Headroom] = {}
     for device in members:
         did = device.device_id
-        state = states.get(did)
-        # Without a state of charge (an EV whose need is unknown, a device not yet reporting)
-        # the planner cannot promise anything with it: leave it running on its own rather than
-        # hold it at zero (which would, say, pause an EV that nobody asked to pause).
-        if did in entry.excluded or state is None or state.soc_pct is None:
+        if did in entry.excluded or not plannable(device, states.get(did)):
             continue
         if did in holder:
             result.conflicts.setdefault(command.command_id, [])
             if holder[did] not in result.conflicts[command.command_id]:
                 result.conflicts[command.command_id].append(holder[did])
             continue
-        rooms[did] = headroom(device, state, remaining_s)
+        rooms[did] = headroom(device, states.get(did), remaining_s)
     if command.mode is DispatchMode.TARGET:
         baseline = group_baseline(members, states, baselines, controlled=rooms.keys())
         result.baseline_kw[command.command_id] = round(baseline, 3)

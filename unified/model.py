@@ -213,8 +213,25 @@ class Reading(Frozen):
     source: str = Field(description="Adapter or estimator that produced the value")
 
 
+class EvSession(Frozen):
+    """An EV charger's nature: what the plugged-in EV still wants (it never exports).
+
+    ``energy_needed_kwh`` is the energy the driver still wants by ``departure`` (from the
+    charger's charging needs, or to a full battery when only the EV's SoC is known); None when
+    nothing says what the EV wants, and then nobody can promise anything with it.
+    """
+
+    energy_needed_kwh: float | None = Field(default=None, ge=0)
+    departure: UtcDatetime | None = Field(default=None, description="When the EV leaves, if known")
+
+
 class DeviceState(Frozen):
-    """What an adapter learned in one poll of a battery."""
+    """What an adapter learned in one poll of a device.
+
+    ``soc_pct`` and ``capacity_kwh`` are a stored-energy device's (a battery's, or the comfort or
+    tank headroom of a thermal load); an EV charger reports its plugged-in EV's need in ``ev``
+    instead (``soc_pct`` is then the EV's own reported SoC, telemetry only).
+    """
 
     device_id: Identifier
     timestamp: UtcDatetime
@@ -224,6 +241,9 @@ class DeviceState(Frozen):
     max_charge_kw: float | None = Field(default=None, ge=0)
     max_discharge_kw: float | None = Field(default=None, ge=0)
     setpoint_kw: float | None = Field(default=None, description="Active power setpoint in force")
+    ev: EvSession | None = Field(
+        default=None, description="EV chargers: the plugged-in EV's need; absent: none plugged in"
+    )
     source: str
 
     def readings(self) -> list[Reading]:

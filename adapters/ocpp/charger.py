@@ -24,16 +24,16 @@ much energy the EV needs by when, a setpoint is never below the power that still
 below that floor: a setpoint whose provenance names an envelope, or an import limit, is obeyed
 as sent, and the shortfall is logged and recorded in :attr:`OcppCharger.decision`.
 
-**What the planner sees** (it treats every device as a battery, see ``gateway.dispatch``):
+**What the planner sees**: an EV charger's nature (:class:`unified.model.EvSession`), not a
+battery's:
 
 * ``max_discharge_kw = 0``: no V2G, so no command ever asks a charger to export;
-* no EV plugged in: ``max_charge_kw = 0`` and no SoC, so nothing is committed to it;
-* the EV reports its SoC (MeterValues ``SoC``): ``soc_pct`` is that SoC and ``capacity_kwh`` the
-  EV's battery (from its charging needs, else the configured nominal ``ev_capacity_kwh``);
-* else, when its energy need is known: ``soc_pct = 100 × (1 − remaining need / capacity)``, so the
-  planner's charge headroom ``(max_soc − soc) × capacity`` is exactly the energy still wanted
-  by departure (chargers are registered with ``max_soc_pct = 100``);
-* else no SoC: as for any battery without one, the planner commits nothing to it.
+* no EV plugged in: ``max_charge_kw = 0`` and no ``ev``, so nothing is committed to it;
+* ``ev.energy_needed_kwh``: the driver's remaining need when it is known (with its departure);
+  else, when the EV reports its SoC (MeterValues ``SoC``), the energy to a full battery (of the
+  capacity in its charging needs, else the configured nominal ``ev_capacity_kwh``); else None,
+  and the planner commits nothing to it;
+* ``soc_pct`` is only ever the EV's own reported SoC (telemetry), never derived.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from adapters.ocpp.central import (
 )
 from gateway.devices import DeviceRejected, DeviceUnavailable, UnsafeCommand
 from protocols.ocpp import ChargingProfileLimit, ProfilePurpose
-from unified.model import DeviceCommand, DeviceState, utcnow
+from unified.model import DeviceCommand, DeviceState, EvSession, utcnow
 
 __all__ = [
     "DEPARTURE_FLOOR",
@@ -181,13 +181,14 @@ class OcppCharger:
             power, stamp = 0.0, snap.last_seen  # nothing plugged in draws nothing
         else:
             raise DeviceUnavailable(self._device_id, f"no meter values for {max_age:g} s")
-        soc, capacity = self._soc_mapping(snap)
+        ev_soc = snap.sample.soc_pct if snap.plugged and snap.sample is not None else None
         return DeviceState(
             device_id=self._device_id,
             timestamp=stamp,
             power_kw=max(0.0, power) + 0.0,
-            soc_pct=soc,
-            capacity_kwh=capacity,
+            soc_pct=ev_soc,
+            capacity_kwh=self._ev_capacity_kwh(snap) if ev_soc is not None else None,
+            ev=self._ev_session(snap),
             max_charge_kw=self._max_charge_kw(snap) if snap.plugged else 0.0,
             max_discharge_kw=0.0,
             setpoint_kw=self._setpoint_kw,
@@ -204,21 +205,25 @@ class OcppCharger:
         return min(limits)
 
     @staticmethod
-    def _soc_mapping(snap: ChargerSnapshot) -> tuple[float | None, float | None]:
-        """(soc_pct, capacity_kwh) for the planner; see the module docstring."""
+    def _ev_capacity_kwh(snap: ChargerSnapshot) -> float:
+        if snap.need is not None and snap.need.ev_capacity_kwh:
+            return snap.need.ev_capacity_kwh
+        return snap.settings.ev_capacity_kwh
+
+    def _ev_session(self, snap: ChargerSnapshot) -> EvSession | None:
+        """The plugged-in EV's need for the planner; see the module docstring."""
         if not snap.plugged:
-            return None, None
+            return None
         need = snap.need
-        capacity = snap.settings.ev_capacity_kwh
-        if need is not None and need.ev_capacity_kwh:
-            capacity = need.ev_capacity_kwh
-        if snap.sample is not None and snap.sample.soc_pct is not None:
-            return snap.sample.soc_pct, capacity
         if need is not None:
             register = snap.sample.energy_kwh if snap.sample else None
-            remaining = need.remaining_kwh(register)
-            return max(0.0, min(100.0, 100.0 * (1.0 - remaining / capacity))), capacity
-        return None, capacity
+            return EvSession(
+                energy_needed_kwh=need.remaining_kwh(register), departure=need.departure
+            )
+        if snap.sample is not None and snap.sample.soc_pct is not None:
+            to_full = (100.0 - snap.sample.soc_pct) / 100.0 * self._ev_capacity_kwh(snap)
+            return EvSession(energy_needed_kwh=max(0.0, to_full))
+        return EvSession()
 
     def departure_floor_kw(self, snap: ChargerSnapshot | None = None) -> float | None:
         """The power that still meets the driver's need by departure (None: not known)."""

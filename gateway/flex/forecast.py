@@ -42,7 +42,8 @@ explainable to an operator):
   None) means no flex. Flex up (pre-cooling) is ``rated − load`` with a budget of
   ``C × precool_c / COP``. The rebound pays the deferred energy back at up to ``rated − load``.
 * water heater: same shape with stored energy (``soc_pct`` of ``capacity_kwh``) as the budget.
-* EV charger: plugged in when the charger reports a charge rating > 0. Baseline = charging at
+* EV charger: plugged in when the charger reports a charge rating > 0; the energy needed and
+  the departure are the EV's (``state.ev``). Baseline = charging at
   full rate until the energy needed is delivered (what an unmanaged charger does). Charging can
   be deferred only by the slack ``rate × time to departure − energy needed``; with no known
   departure nothing is deferrable (the car may leave any minute). Flex up is extra charging into
@@ -542,8 +543,8 @@ def device_flex(
         need, departure = None, None
         if inp.ev_need is not None:
             need, departure = max(0.0, inp.ev_need.energy_kwh), inp.ev_need.departure
-        elif state is not None and state.soc_pct is not None and state.capacity_kwh:
-            need = max(0.0, dev.constraints.max_soc_pct - state.soc_pct) / 100 * state.capacity_kwh
+        elif state is not None and state.ev is not None:
+            need, departure = state.ev.energy_needed_kwh, state.ev.departure
         if rate <= 0 or need is None:
             base, var = _base_load(inp, grid, config, notes)
             notes.append("no EV plugged in or energy need unknown: no flex")

@@ -18,6 +18,7 @@ from unified.model import (
     Dispatch,
     DispatchMode,
     EnvelopeInterval,
+    EvSession,
     OperatingEnvelope,
     Target,
     TopologyLocation,
@@ -367,3 +368,51 @@ def test_target_above_the_baseline_charges_and_a_ramp_starts_from_the_baseline()
     ramped = target(4.0, ramp=600).model_copy(update={"start": NOW - timedelta(seconds=150)})
     p = plan(NOW, reg, states, [ActiveCommand(ramped, 1)])
     assert sum(a.commanded_kw for a in p.allocations["t1"]) == pytest.approx(1.0)
+
+
+def ev_charger(i: int, kw: float = 7.0) -> Device:
+    return Device(
+        device_id=f"e{i}",
+        der_class=DerClass.EVSE,
+        adapter="ocpp_charger",
+        location=TopologyLocation(substation="s1", feeder="f1"),
+        ratings=BatteryRatings(max_charge_kw=kw, max_discharge_kw=0.001, capacity_kwh=60.0),
+        constraints=BatteryConstraints(reserve_soc_pct=0.0, max_soc_pct=100.0),
+    )
+
+
+def ev_state(device_id: str, need_kwh: float | None, *, soc: float | None = None) -> DeviceState:
+    return DeviceState(
+        device_id=device_id,
+        timestamp=NOW,
+        power_kw=0.0,
+        soc_pct=soc,
+        max_charge_kw=7.0,
+        max_discharge_kw=0.0,
+        ev=EvSession(energy_needed_kwh=need_kwh, departure=NOW + timedelta(hours=3)),
+        source="test",
+    )
+
+
+def test_ev_charger_takes_at_most_its_need_and_never_exports() -> None:
+    reg = Registry([ev_charger(1), ev_charger(2)])
+    # e1 wants 2 kWh: over a one-hour load-up that is 2 kW, whatever its rating or reported SoC.
+    states = {"e1": ev_state("e1", 2.0, soc=10.0), "e2": ev_state("e2", 30.0)}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(+12.0, duration=3600), 1)])
+    assert p.setpoints["e1"].power_kw == pytest.approx(2.0)
+    assert p.setpoints["e2"].power_kw == pytest.approx(7.0)
+    allocs = {a.device_id: a for a in p.allocations["d1"]}
+    assert "ev_energy_need" in allocs["e1"].limited_by
+    # A shed never asks an EV to export.
+    shed = plan(NOW, reg, states, [ActiveCommand(dispatch(-5.0, duration=3600), 1)])
+    assert all((sp.power_kw or 0.0) >= 0.0 for sp in shed.setpoints.values())
+    assert shed.shortfall_kw["d1"] == pytest.approx(5.0)
+
+
+def test_ev_charger_whose_need_is_unknown_is_left_alone() -> None:
+    # A battery-like SoC on an EV charger is not a need: nothing is committed to it.
+    reg = Registry([ev_charger(1)])
+    states = {"e1": ev_state("e1", None, soc=50.0)}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(+5.0, duration=3600), 1)])
+    assert "e1" not in p.setpoints
+    assert p.shortfall_kw["d1"] == pytest.approx(5.0)

@@ -216,8 +216,12 @@ async def test_session_meter_values_become_device_states(version: OcppVersion) -
         )
         state = await adapter.read()
         assert state.power_kw == pytest.approx(7.0)
-        assert state.soc_pct is not None
+        assert state.soc_pct is not None  # the EV's own SoC, as telemetry
         assert 40.0 <= state.soc_pct < 41.0
+        # The planner sees the EV's need (20 kWh announced, a little already delivered).
+        assert state.ev is not None
+        assert state.ev.energy_needed_kwh is not None
+        assert 19.0 < state.ev.energy_needed_kwh <= 20.0
         assert state.max_discharge_kw == 0.0  # no V2G
         assert state.max_charge_kw == pytest.approx(7.0, abs=0.15)  # the EV maximum, from its needs
         assert state.source == "ocpp:CP-1"
@@ -431,10 +435,12 @@ async def test_need_from_an_app_sets_the_floor() -> None:
         assert floor is not None
         assert floor == pytest.approx(4.0, rel=0.05)
         state = await _fresh_read(adapter)
-        # Energy-need mapping: the planner's headroom (100 - soc) × capacity is the remaining need.
-        assert state.soc_pct is not None
-        assert state.capacity_kwh == 60.0
-        assert (100 - state.soc_pct) / 100 * 60.0 == pytest.approx(1.0, abs=0.05)
+        # The EV's nature carries the remaining need and the departure; no SoC is made up.
+        assert state.soc_pct is None
+        assert state.ev is not None
+        assert state.ev.energy_needed_kwh is not None
+        assert state.ev.energy_needed_kwh == pytest.approx(1.0, abs=0.05)
+        assert state.ev.departure is not None
 
 
 async def _fresh_read(adapter: OcppCharger) -> Any:

@@ -22,7 +22,7 @@ from gateway.flex import (
     flex_json_schemas,
     forecast_group,
 )
-from unified.model import DerClass
+from unified.model import DerClass, EvSession
 
 from .conftest import NOW, hourly_history, make_device, make_state
 
@@ -149,6 +149,17 @@ def test_ev_deferral_is_bounded_by_departure(
         # After deferring, the need still fits before departure at the charger's rate.
         rebound_room = 7.0 * min(departure_h, 4) - flex.baseline_kw.sum()
         assert flex.flex_down_kw.sum() <= rebound_room + (7.0 * max(0, departure_h - 4)) + 1e-9
+
+
+def test_ev_need_and_departure_come_from_the_chargers_state() -> None:
+    # What the OCPP adapter reports (the EV nature) gives the same forecast as an explicit need.
+    device = make_device("e1", DerClass.EVSE, charge_kw=11.0, discharge_kw=0.1)
+    state = make_state("e1", power_kw=7.0, max_charge_kw=7.0, max_discharge_kw=0.0)
+    session = EvSession(energy_needed_kwh=14.0, departure=NOW + timedelta(hours=3))
+    inp = DeviceFlexInput(device, state.model_copy(update={"ev": session}))
+    flex = device_flex(inp, grid(hours=4))
+    assert flex.baseline_kw == pytest.approx([7, 7, 0, 0])
+    assert flex.flex_down_kw == pytest.approx([7, 0, 0, 0])
 
 
 def test_unplugged_ev_has_no_flex() -> None:
