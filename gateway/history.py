@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -275,7 +276,8 @@ class ReadingHistory(SqliteStore):
     async def _requeue(self, batch: dict[tuple[str, int], _Bucket]) -> None:
         try:
             await self.db.rollback()
-        except Exception as exc:  # the connection may be gone; the buffer is what matters
+        # aiosqlite raises ValueError once its connection is gone; the buffer is what matters.
+        except (sqlite3.Error, ValueError) as exc:
             log.debug("history rollback failed: %s", exc)
         newer, self._pending = self._pending, {}
         for key, bucket in batch.items():
@@ -308,7 +310,7 @@ class ReadingHistory(SqliteStore):
             try:
                 async with asyncio.timeout(10):
                     await self.flush()
-            except Exception:  # TimeoutError included: a stuck disk must not hang a shutdown
+            except (HistoryError, TimeoutError):  # a stuck disk must not hang a shutdown
                 log.exception("history: final flush failed; %d bucket(s) lost", self.pending)
         await super().close()
 
@@ -538,7 +540,7 @@ async def run_history_writer(
                     removed = await history.prune(utcnow())
                 if removed:
                     log.info("history: pruned %d expired bucket(s)", removed)
-        except Exception:  # TimeoutError included
+        except Exception:  # loop boundary (TimeoutError included): the next flush retries
             log.exception("history write failed; retrying at the next flush")
 
 

@@ -27,13 +27,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal
 
 from ocpp.exceptions import OCPPError  # type: ignore[import-untyped]
-from ocpp.routing import on  # type: ignore[import-untyped]
 from ocpp.v16 import ChargePoint as ChargePoint16  # type: ignore[import-untyped]
 from ocpp.v16 import call as call16
 from ocpp.v16 import call_result as result16
@@ -45,6 +43,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from adapters.ocpp.wire import WireLog, on_action
+
 __all__ = [
     "ChargerRefused",
     "EvChargerSim",
@@ -55,24 +55,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class _WireLog(logging.LoggerAdapter[logging.Logger]):
-    """The ``ocpp`` package logs every frame at INFO: DEBUG is enough for a simulator."""
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
-
-
-_WIRE_LOG: Final = _WireLog(logging.getLogger("simulators.ev_charger.wire"))
+_WIRE_LOG: Final = WireLog(logging.getLogger("simulators.ev_charger.wire"))
 _CONNECTOR: Final = 1
 _NEEDS_VENDOR_ID: Final = "org.derms-gateway"  # adapters.ocpp.central.NEEDS_VENDOR_ID
 _NEEDS_MESSAGE_ID: Final = "EVChargingNeeds"
-
-
-def _on(action: str) -> Callable[[_F], _F]:
-    return cast("Callable[[_F], _F]", on(action))
 
 
 def _raise_if_cancelling() -> None:
@@ -696,14 +682,14 @@ class _Client16(ChargePoint16):  # type: ignore[misc]
         )
         self.sim = sim
 
-    @_on("SetChargingProfile")
+    @on_action("SetChargingProfile")
     def on_set_charging_profile(
         self, connector_id: int, cs_charging_profiles: dict[str, Any], **_: Any
     ) -> Any:
         status = self.sim.store_profile(connector_id, cs_charging_profiles, "ocpp1.6")
         return result16.SetChargingProfile(status=status)
 
-    @_on("ClearChargingProfile")
+    @on_action("ClearChargingProfile")
     def on_clear_charging_profile(
         self,
         id: int | None = None,  # the OCPP field name
@@ -715,7 +701,7 @@ class _Client16(ChargePoint16):  # type: ignore[misc]
         status = self.sim.clear_profiles(id, connector_id, charging_profile_purpose, stack_level)
         return result16.ClearChargingProfile(status=status)
 
-    @_on("TriggerMessage")
+    @on_action("TriggerMessage")
     def on_trigger_message(self, requested_message: str, **_: Any) -> Any:
         if requested_message != "BootNotification":
             return result16.TriggerMessage(status="NotImplemented")
@@ -733,14 +719,14 @@ class _Client201(ChargePoint201):  # type: ignore[misc]
         )
         self.sim = sim
 
-    @_on("SetChargingProfile")
+    @on_action("SetChargingProfile")
     def on_set_charging_profile(
         self, evse_id: int, charging_profile: dict[str, Any], **_: Any
     ) -> Any:
         status = self.sim.store_profile(evse_id, charging_profile, "ocpp2.0.1")
         return result201.SetChargingProfile(status=status)
 
-    @_on("ClearChargingProfile")
+    @on_action("ClearChargingProfile")
     def on_clear_charging_profile(
         self,
         charging_profile_id: int | None = None,
@@ -756,7 +742,7 @@ class _Client201(ChargePoint201):  # type: ignore[misc]
         )
         return result201.ClearChargingProfile(status=status)
 
-    @_on("TriggerMessage")
+    @on_action("TriggerMessage")
     def on_trigger_message(self, requested_message: str, **_: Any) -> Any:
         if requested_message != "BootNotification":
             return result201.TriggerMessage(status="NotImplemented")

@@ -39,12 +39,11 @@ import itertools
 import json
 import logging
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Final, Literal, Protocol
 from urllib.parse import unquote
 
 from ocpp.exceptions import (  # type: ignore[import-untyped]
@@ -54,7 +53,6 @@ from ocpp.exceptions import (  # type: ignore[import-untyped]
     UnknownCallErrorCodeError,
 )
 from ocpp.messages import Call, unpack  # type: ignore[import-untyped]
-from ocpp.routing import on  # type: ignore[import-untyped]
 from ocpp.v16 import ChargePoint as ChargePoint16  # type: ignore[import-untyped]
 from ocpp.v16 import call as call16
 from ocpp.v16 import call_result as result16
@@ -66,6 +64,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from adapters.ocpp.wire import WireLog, on_action
 from gateway.aio import raise_if_cancelling
 from gateway.devices import DeviceAdapter
 from protocols.ocpp import (
@@ -120,35 +119,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class _WireLog(logging.LoggerAdapter[logging.Logger]):
-    """The ``ocpp`` package's logger, tamed for a gateway with many chargers.
-
-    The package logs every frame at INFO (here: DEBUG) and every CALLERROR it answers with a
-    traceback at ERROR. A charger's malformed message is the charger's fault, not ours: it is
-    logged as one WARNING line. Any other exception (a bug in our handlers) keeps its traceback.
-    """
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        if level == logging.INFO:
-            level = logging.DEBUG
-        elif level >= logging.ERROR and kwargs.get("exc_info"):
-            error = sys.exc_info()[1]
-            if isinstance(error, OCPPError):
-                level, kwargs["exc_info"] = logging.WARNING, False
-                args = (*args, error)
-                msg = f"{msg}: %s"
-        super().log(level, msg, *args, **kwargs)
-
-
-_WIRE_LOG: Final = _WireLog(logging.getLogger("adapters.ocpp.central.wire"))
-
-
-def _on(action: str) -> Callable[[_F], _F]:
-    """The ocpp package's handler decorator, typed."""
-    return cast("Callable[[_F], _F]", on(action))
+_WIRE_LOG: Final = WireLog(logging.getLogger("adapters.ocpp.central.wire"))
 
 
 SUBPROTOCOLS: Final[tuple[OcppVersion, ...]] = ("ocpp2.0.1", "ocpp1.6")
@@ -505,11 +476,11 @@ class _Session:
         reading = decode_meter_values(meter_value, self.version)
         return None if reading is None else MeterSample.received(reading, utcnow())
 
-    @_on("Heartbeat")
+    @on_action("Heartbeat")
     def on_heartbeat(self, **_: Any) -> Any:
         return self._results.Heartbeat(current_time=format_time(utcnow()))
 
-    @_on("MeterValues")
+    @on_action("MeterValues")
     def on_meter_values(self, meter_value: list[Any], **_: Any) -> Any:
         self.central.meter_sample(self.record, self._sample(meter_value))
         return self._results.MeterValues()
@@ -519,24 +490,24 @@ class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
     version = "ocpp1.6"
     _requests, _results = call16, result16
 
-    @_on("BootNotification")
+    @on_action("BootNotification")
     def on_boot_notification(
         self, charge_point_vendor: str, charge_point_model: str, **_: Any
     ) -> Any:
         return self._boot_accepted(charge_point_vendor, charge_point_model)
 
-    @_on("StatusNotification")
+    @on_action("StatusNotification")
     def on_status_notification(self, connector_id: int, status: str, **_: Any) -> Any:
         if connector_id != 0:
             self.record.status = status
             self.record.plugged = status in _PLUGGED_16
         return result16.StatusNotification()
 
-    @_on("Authorize")
+    @on_action("Authorize")
     def on_authorize(self, id_tag: str, **_: Any) -> Any:
         return result16.Authorize(id_tag_info={"status": "Accepted"})
 
-    @_on("StartTransaction")
+    @on_action("StartTransaction")
     def on_start_transaction(self, connector_id: int, meter_start: int, **_: Any) -> Any:
         transaction_id = self.central.next_transaction_id()
         self.central.transaction_started(
@@ -547,7 +518,7 @@ class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
             transaction_id=transaction_id, id_tag_info={"status": "Accepted"}
         )
 
-    @_on("StopTransaction")
+    @on_action("StopTransaction")
     def on_stop_transaction(self, transaction_id: int, meter_stop: int, **_: Any) -> Any:
         record = self.record
         known = record.transaction is not None and record.transaction.transaction_id == str(
@@ -561,7 +532,7 @@ class _Session16(_Session, ChargePoint16):  # type: ignore[misc]
             self.central.transaction_ended(record, register_kwh(meter_stop))
         return result16.StopTransaction(id_tag_info={"status": "Accepted"})
 
-    @_on("DataTransfer")
+    @on_action("DataTransfer")
     def on_data_transfer(
         self, vendor_id: str, message_id: str | None = None, data: str | None = None, **_: Any
     ) -> Any:
@@ -581,24 +552,24 @@ class _Session201(_Session, ChargePoint201):  # type: ignore[misc]
     version = "ocpp2.0.1"
     _requests, _results = call201, result201
 
-    @_on("BootNotification")
+    @on_action("BootNotification")
     def on_boot_notification(self, charging_station: dict[str, Any], **_: Any) -> Any:
         return self._boot_accepted(
             str(charging_station.get("vendor_name", "")), str(charging_station.get("model", ""))
         )
 
-    @_on("StatusNotification")
+    @on_action("StatusNotification")
     def on_status_notification(self, connector_status: str, evse_id: int, **_: Any) -> Any:
         if evse_id != 0:
             self.record.status = connector_status
             self.record.plugged = connector_status == "Occupied"
         return result201.StatusNotification()
 
-    @_on("Authorize")
+    @on_action("Authorize")
     def on_authorize(self, **_: Any) -> Any:
         return result201.Authorize(id_token_info={"status": "Accepted"})
 
-    @_on("TransactionEvent")
+    @on_action("TransactionEvent")
     def on_transaction_event(
         self,
         event_type: str,
@@ -625,7 +596,7 @@ class _Session201(_Session, ChargePoint201):  # type: ignore[misc]
             self.central.transaction_ended(record, sample.energy_kwh if sample else None)
         return result201.TransactionEvent()
 
-    @_on("NotifyEVChargingNeeds")
+    @on_action("NotifyEVChargingNeeds")
     def on_notify_ev_charging_needs(self, charging_needs: dict[str, Any], **_: Any) -> Any:
         try:
             needs = decode_ev_charging_needs(charging_needs, phases=self.record.settings.phases)
