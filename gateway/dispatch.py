@@ -169,6 +169,11 @@ class Plan:
     mode, the baseline estimate applied)."""
     baseline_kw: dict[str, float] = field(default_factory=dict)
     """``target`` dispatch command_id → the group baseline estimated for it now."""
+    available_kw: dict[str, float] = field(default_factory=dict)
+    """dispatch command_id → what the devices it holds can give in the request's direction."""
+    committed_kw: dict[str, float] = field(default_factory=dict)
+    """dispatch command_id → the change to allocate: the request plus the closed loop's
+    correction (:mod:`gateway.delivery`); the devices' caps may leave a shortfall."""
 
 
 def target_devices(registry: Registry, target: Target) -> list[Device]:
@@ -183,14 +188,17 @@ def plan(
     states: Mapping[str, DeviceState | None],
     active: Sequence[ActiveCommand],
     baselines: Mapping[str, float] | None = None,
+    corrections: Mapping[str, float] | None = None,
 ) -> Plan:
     """Compute every device's setpoint for ``now``.
 
     ``states`` holds the latest *fresh* state of each device (None when unavailable or stale);
     ``active`` the commands whose window contains ``now``; ``baselines`` each device's power when
-    left alone, as far as it is known (``target`` mode only).
+    left alone, as far as it is known (``target`` mode and envelopes); ``corrections`` the
+    closed loop's correction of each dispatch's request (:mod:`gateway.delivery`), in kW.
     """
     baselines = baselines or {}
+    corrections = corrections or {}
     result = Plan()
     slots: dict[str, _Slot] = {}
     holder: dict[str, str] = {}
@@ -205,7 +213,16 @@ def plan(
             _plan_setpoint(command, registry, states, slots, holder, result, remaining)
         elif isinstance(command, Dispatch):
             _plan_dispatch(
-                now, entry, registry, states, baselines, slots, holder, result, remaining
+                now,
+                entry,
+                registry,
+                states,
+                baselines,
+                corrections.get(command.command_id, 0.0),
+                slots,
+                holder,
+                result,
+                remaining,
             )
 
     envelopes = sorted(
@@ -215,9 +232,10 @@ def plan(
     # settles any nested envelopes (a feeder inside a substation) that the first pass disturbed.
     limits: dict[str, _Limits] = {}
     for _ in range(2):
+        limits.clear()  # the second pass sees every envelope's setpoints: it decides the limits
         for entry in envelopes:
             assert isinstance(entry.command, OperatingEnvelope)
-            _apply_envelope(now, entry.command, registry, slots, limits, result)
+            _apply_envelope(now, entry.command, registry, states, baselines, slots, limits, result)
     for device_id, limit in limits.items():
         if device_id in slots:
             continue
@@ -250,7 +268,7 @@ def plan(
         command = entry.command
         if isinstance(command, Dispatch):
             delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
-            wanted = result.requested_kw.get(command.command_id, 0.0)
+            wanted = result.committed_kw.get(command.command_id, 0.0)
             result.shortfall_kw[command.command_id] = round(
                 max(0.0, abs(wanted) - abs(delivered)), 3
             )
@@ -300,6 +318,7 @@ def _plan_dispatch(
     registry: Registry,
     states: Mapping[str, DeviceState | None],
     baselines: Mapping[str, float],
+    correction_kw: float,
     slots: dict[str, _Slot],
     holder: dict[str, str],
     result: Plan,
@@ -327,8 +346,12 @@ def _plan_dispatch(
         total = command.kw * ramp_factor(command, now)
     result.requested_kw[command.command_id] = total
     caps = {d: (r.discharge_kw if total < 0 else r.charge_kw) for d, r in rooms.items()}
-    shares = share(total, caps)
     available = sum(caps.values())
+    result.available_kw[command.command_id] = available
+    # The device's caps bound what is allocated below; the shortfall says what they could not.
+    total = corrected(total, correction_kw, math.inf)
+    result.committed_kw[command.command_id] = total
+    shares = share(total, caps)
     for did, kw in shares.items():
         limits: list[str] = []
         room = rooms[did]
@@ -337,6 +360,15 @@ def _plan_dispatch(
             limits.append(room.discharge_limit if total < 0 else room.charge_limit)
         slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)
         holder[did] = command.command_id
+
+
+def corrected(requested_kw: float, correction_kw: float, available_kw: float) -> float:
+    """The request plus the closed loop's correction, with the request's sign (a shed never
+    turns into a load-up against its own over-delivery) and at most ``available_kw``."""
+    if abs(requested_kw) <= _EPS:
+        return 0.0
+    sign = 1.0 if requested_kw > 0 else -1.0
+    return sign * max(0.0, min(available_kw, sign * (requested_kw + correction_kw)))
 
 
 def group_baseline(
@@ -386,72 +418,170 @@ class _Limits:
             self.sources.append(source)
 
 
+MODULATING: frozenset[DerClass] = frozenset({DerClass.BATTERY, DerClass.EVSE, DerClass.PV})
+"""Classes whose power a standing limit caps continuously. A thermostat's compressor is on or
+off: a cap below its rating only switches it off, so thermal loads are never given standing
+limits; an envelope sheds them with setpoints when batteries cannot hold it."""
+
+
 def _apply_envelope(
     now: datetime,
     command: OperatingEnvelope,
     registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
     slots: dict[str, _Slot],
     limits: dict[str, _Limits],
     result: Plan,
 ) -> None:
-    """Keep the group's net power inside the envelope.
+    """Keep the group's net power inside the envelope, counting all of it.
 
-    Devices under a setpoint are scaled back (the envelope wins over dispatch). Devices running
-    on their own get a standing share of what is left, in proportion to their ratings: a limit
-    that does not depend on their measured power, so it holds steadily instead of being imposed
-    and lifted in turn as the device obeys.
+    The group's net power is what the planner controls (each setpoint: a battery's or an EV's
+    power, a thermal device's baseline plus its change) plus what it does not: each load left
+    alone at its measured power (its learnt baseline when it does not report). When that passes
+    a limit, in order: devices under a setpoint that push past it are scaled back (the envelope
+    wins over dispatch); batteries in the group discharge (or charge, against an export limit)
+    to offset the rest, those left alone as well as those already dispatched, within their
+    headroom; then thermal loads are shed (or loaded up). Batteries, EV chargers and inverters
+    left alone get a standing share of whatever room remains, in proportion to their ratings: a
+    limit that does not depend on their own measured power, so it holds steadily instead of being
+    imposed and lifted in turn as the device obeys.
     """
     interval = command.interval_at(now)
     if interval is None:
         return
     imp, exp = interval.import_limit_kw, interval.export_limit_kw
-    result.envelopes[command.command_id] = (imp, exp)
+    cid = command.command_id
+    result.envelopes[cid] = (imp, exp)
     members = target_devices(registry, command.target)
-    controlled = {d.device_id: slots[d.device_id].kw for d in members if d.device_id in slots}
-    autonomous = [d for d in members if d.device_id not in slots]
-    net = sum(controlled.values())
-    scaled = dict(controlled)
-    if exp is not None and net < -exp - _EPS:
-        _scale_side(scaled, net, -exp, exporting=True)
-    elif imp is not None and net > imp + _EPS:
-        _scale_side(scaled, net, imp, exporting=False)
-    for did, kw in scaled.items():
-        slot = slots[did]
-        if abs(kw - slot.kw) <= _EPS:
+    remaining_s = (interval.end - now).total_seconds()
+    modulating = [d for d in members if d.device_id not in slots and d.der_class in MODULATING]
+    net = sum(
+        _predicted_kw(d, states, baselines, slots)
+        for d in members
+        if d.device_id in slots or d.der_class not in MODULATING
+    )
+    for limit, side in ((imp, 1.0), (exp, -1.0)):
+        if limit is None:
             continue
-        slot.kw = kw
-        if command.command_id not in slot.limited_by:
-            slot.limited_by.append(command.command_id)
-    if not autonomous:
+        bound = limit * side  # import: net <= imp; export: net >= -exp
+        excess = side * (net - bound)
+        if excess > _EPS:
+            net -= side * _relieve(
+                cid, side, excess, members, modulating, states, slots, remaining_s
+            )
+    # What the planned devices and the other loads leave of each limit, for those left alone.
+    modulating = [d for d in modulating if d.device_id not in slots]
+    if not modulating:
         return
-    net = sum(scaled.values())
-    # What the controlled devices leave of each limit (their net flow counts against it).
-    exp_room = None if exp is None else max(0.0, exp + min(net, 0.0))
-    imp_room = None if imp is None else max(0.0, imp - max(net, 0.0))
-    dis = sum(d.ratings.max_discharge_kw for d in autonomous)
-    cha = sum(d.ratings.max_charge_kw for d in autonomous)
-    for device in autonomous:
+    imp_room = None if imp is None else max(0.0, imp - net)
+    exp_room = None if exp is None else max(0.0, exp + net)
+    dis = sum(d.ratings.max_discharge_kw for d in modulating)
+    cha = sum(d.ratings.max_charge_kw for d in modulating)
+    for device in modulating:
         own_exp = None if exp_room is None else exp_room * device.ratings.max_discharge_kw / dis
         own_imp = None if imp_room is None else imp_room * device.ratings.max_charge_kw / cha
         limits.setdefault(device.device_id, _Limits()).tighten(
-            command.command_id,
+            cid,
             None if own_imp is None else round(own_imp, 4),
             None if own_exp is None else round(own_exp, 4),
         )
 
 
-def _scale_side(values: dict[str, float], net: float, limit: float, *, exporting: bool) -> None:
-    """Shrink the devices pushing net power past ``limit`` proportionally; then, if that is not
-    enough (other devices' autonomous flow), push back with the devices that can."""
-    pushing = {d: v for d, v in values.items() if (v < 0 if exporting else v > 0)}
-    push_total = sum(pushing.values())
-    others = net - push_total
-    wanted_push = limit - others  # what the pushing side may total
-    if (exporting and wanted_push > 0) or (not exporting and wanted_push < 0):
-        wanted_push = 0.0
-    factor = 0.0 if abs(push_total) <= _EPS else max(0.0, min(1.0, wanted_push / push_total))
-    for did, v in pushing.items():
-        values[did] = v * factor
+def _predicted_kw(
+    device: Device,
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    slots: Mapping[str, _Slot],
+) -> float:
+    """A member's net power this period: its setpoint when planned, else what it measures."""
+    did = device.device_id
+    slot = slots.get(did)
+    state = states.get(did)
+    if slot is not None:
+        if device.der_class in SHIFTS_FROM_BASELINE:
+            own = baselines.get(did)
+            base = own if own is not None else (state.power_kw if state else 0.0)
+            return base + slot.kw
+        return slot.kw
+    if state is not None:
+        return state.power_kw
+    return baselines.get(did, 0.0)
+
+
+def _relieve(
+    cid: str,
+    side: float,
+    excess: float,
+    members: Sequence[Device],
+    modulating: Sequence[Device],
+    states: Mapping[str, DeviceState | None],
+    slots: dict[str, _Slot],
+    remaining_s: float,
+) -> float:
+    """Move the group's net power by up to ``excess`` kW against ``side`` (+1: it imports too
+    much, -1: it exports too much); returns how far it moved."""
+    moved = 0.0
+    # 1. Setpoints pushing past the limit shrink proportionally (the envelope wins).
+    pushing = {d: sl for d, sl in slots.items() if sl.kw * side > _EPS}
+    pushing = {d: sl for d, sl in pushing.items() if any(m.device_id == d for m in members)}
+    push_total = sum(sl.kw * side for sl in pushing.values())
+    if push_total > _EPS:
+        cut = min(excess, push_total)
+        factor = 1.0 - cut / push_total
+        for sl in pushing.values():
+            sl.kw *= factor
+            if cid not in sl.limited_by:
+                sl.limited_by.append(cid)
+        moved += cut
+    # 2. Batteries offset the rest: those dispatched go further, those left alone are called.
+    #    3. Then thermal loads are shed (import) or loaded up (export).
+    free = {d.device_id for d in modulating}
+    eligible_classes: tuple[frozenset[DerClass], ...] = (
+        frozenset({DerClass.BATTERY}),
+        SHIFTS_FROM_BASELINE,
+    )
+    for eligible in eligible_classes:
+        if excess - moved <= _EPS:
+            break
+        rooms: dict[str, float] = {}
+        for device in members:
+            did = device.device_id
+            state = states.get(did)
+            if device.der_class not in eligible or not plannable(device, state):
+                continue
+            if did not in slots and did not in free and device.der_class in MODULATING:
+                continue
+            room = headroom(device, state, remaining_s)
+            most = room.discharge_kw if side > 0 else room.charge_kw
+            slot = slots.get(did)
+            if slot is not None:
+                now_kw = slot.kw
+            elif device.der_class in SHIFTS_FROM_BASELINE:
+                now_kw = 0.0  # a change from its baseline, which is what it measures now
+            else:
+                now_kw = state.power_kw if state is not None else 0.0
+            rooms[did] = max(0.0, most + side * now_kw)
+        shares = share(-side * (excess - moved), rooms)
+        for did, kw in shares.items():
+            if abs(kw) <= _EPS:
+                continue
+            slot = slots.get(did)
+            if slot is None:
+                state = states.get(did)
+                device = next(m for m in members if m.device_id == did)
+                start = (
+                    0.0
+                    if device.der_class in SHIFTS_FROM_BASELINE or state is None
+                    else state.power_kw
+                )
+                slots[did] = _Slot(cid, "envelope", start + kw, start + kw, [])
+            else:
+                slot.kw += kw
+                if cid not in slot.limited_by and slot.command_id != cid:
+                    slot.limited_by.append(cid)
+            moved += abs(kw)
+    return moved
 
 
 def allocations_changed(

@@ -474,6 +474,25 @@ class Allocation(Frozen):
     )
 
 
+class Delivery(Frozen):
+    """A running dispatch's response as measured, beside what was asked and what was committed.
+
+    All three are changes from the baseline, in kW (a shed is negative). ``delivered_kw`` is
+    the estimated response of the devices the dispatch holds (their measured power minus the
+    baseline each had before it was held, smoothed over a few minutes), with a 90 % interval.
+    """
+
+    requested_kw: float = Field(description="Change asked for now (ramp and target applied)")
+    committed_kw: float = Field(
+        description="Change the devices were asked for: the request corrected by the closed loop"
+    )
+    delivered_kw: float = Field(description="Estimated change delivered")
+    delivered_lower_kw: float
+    delivered_upper_kw: float
+    devices: int = Field(ge=0, description="Devices the estimate covers")
+    short: bool = Field(description="Delivery short of the request beyond tolerance")
+
+
 class Ack(Frozen):
     schema_version: Literal["1"] = SCHEMA_VERSION
     command_id: Identifier
@@ -484,6 +503,9 @@ class Ack(Frozen):
     allocations: tuple[Allocation, ...] = ()
     shortfall_kw: float | None = Field(
         default=None, description="Part of the request that could not be allocated"
+    )
+    delivery: Delivery | None = Field(
+        default=None, description="A running dispatch's measured response (absent: none yet)"
     )
 
 

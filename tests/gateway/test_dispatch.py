@@ -416,3 +416,57 @@ def test_ev_charger_whose_need_is_unknown_is_left_alone() -> None:
     p = plan(NOW, reg, states, [ActiveCommand(dispatch(+5.0, duration=3600), 1)])
     assert "e1" not in p.setpoints
     assert p.shortfall_kw["d1"] == pytest.approx(5.0)
+
+
+def import_envelope(limit: float, group: str = "feeder:f1") -> OperatingEnvelope:
+    return OperatingEnvelope(
+        command_id="env",
+        target=Target(group_id=group),
+        intervals=(
+            EnvelopeInterval(start=NOW, end=NOW + timedelta(hours=1), import_limit_kw=limit),
+        ),
+    )
+
+
+def test_envelope_is_held_by_batteries_offsetting_other_load() -> None:
+    # Four air conditioners draw 10 kW; the feeder may import 7 kW. The idle battery discharges
+    # the 3 kW difference; the houses are left alone (no compressor forced off).
+    reg = Registry([thermostat(i) for i in range(4)] + [battery(1)])
+    states = {f"t{i}": state(f"t{i}", soc=80.0, power=2.5) for i in range(4)}
+    states["b1"] = state("b1", soc=60.0)
+    p = plan(NOW, reg, states, [ActiveCommand(import_envelope(7.0), 1)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-3.0)
+    assert p.setpoints["b1"].provenance[0].command_id == "env"
+    assert all(f"t{i}" not in p.setpoints for i in range(4))
+    # The net power the plan leads to is at the limit: 10 kW of load, 3 kW discharged.
+    assert 10.0 + (p.setpoints["b1"].power_kw or 0.0) == pytest.approx(7.0)
+
+
+def test_envelope_sheds_thermal_load_only_beyond_what_batteries_can_give() -> None:
+    # The battery holds 2 kWh above its reserve: 2 kW for the hour. The last 1 kW is shed by
+    # the thermostats, shared among them, as a change from their baseline.
+    reg = Registry([thermostat(i) for i in range(4)] + [battery(1)])
+    states = {f"t{i}": state(f"t{i}", soc=80.0, power=2.5) for i in range(4)}
+    states["b1"] = state("b1", soc=40.0)
+    baselines = {f"t{i}": 2.5 for i in range(4)}
+    p = plan(NOW, reg, states, [ActiveCommand(import_envelope(7.0), 1)], baselines)
+    assert p.setpoints["b1"].power_kw == pytest.approx(-2.0)
+    sheds = [p.setpoints[f"t{i}"].power_kw or 0.0 for i in range(4)]
+    assert sum(sheds) == pytest.approx(-1.0)
+    assert all(s < 0 for s in sheds)
+
+
+def test_envelope_pushes_a_discharging_dispatch_further_but_never_past_headroom() -> None:
+    # b1 discharges 1 kW for a dispatch; the feeder's other load leaves it 4 kW over the limit:
+    # b1 goes to its 5 kW rating (envelope wins), which is 4 kW further, and no further.
+    reg = Registry([thermostat(i) for i in range(4)] + [battery(1)])
+    states = {f"t{i}": state(f"t{i}", soc=0.0, power=2.75) for i in range(4)}
+    states["b1"] = state("b1", soc=90.0)
+    p = plan(
+        NOW,
+        reg,
+        states,
+        [ActiveCommand(dispatch(-1.0, duration=600), 1), ActiveCommand(import_envelope(6.0), 2)],
+    )
+    assert p.setpoints["b1"].power_kw == pytest.approx(-5.0)
+    assert {s.command_id for s in p.setpoints["b1"].provenance} >= {"d1", "env"}

@@ -1,0 +1,160 @@
+"""Closing the loop on a dispatch: estimated delivered response against the request (pure).
+
+The planner's allocation is open loop: it asks each device for a change and trusts it. Thermal
+loads do not follow that trust. A thermostat whose setpoint is raised stops its compressor at once,
+so a fleet called together sheds everything it draws (twice the request) until the houses have
+warmed to the new setpoint, and then comes back to nearly its old duty cycle (a fraction of the
+request). Any device may also fall short, refuse or lie. So each control period, for each active
+dispatch, :class:`DeliveryLoop`:
+
+* takes the **baseline** of every device the dispatch holds: its power when left alone, learnt
+  by the core while the device ran on its own (an exponential mean and variance of its readings)
+  and frozen while it is held (:class:`DeviceBaseline`);
+* estimates the **delivered** response, ``Σ (measured − baseline)`` over the held devices,
+  smoothed over ``smoothing_s`` (a compressor cycles in minutes), with a 90 % interval from the
+  spread of each baseline (thermostats cycling on and off have a wide one; an idle battery none);
+* corrects the request with an **integral term**: ``I += dt / integral_s × (request −
+  delivered)``, so the planner allocates ``request + I``. A fleet that over-delivers is asked
+  for less (smaller offsets), one whose response decays as the houses warm is asked for more
+  (the offsets rise over the event, spending the comfort band at the rate the request needs).
+  The corrected request keeps the request's sign (a shed is never turned into a load-up to
+  offset its own over-delivery) and never exceeds what the held devices can do (anti-windup).
+
+A battery does what it is told, so for a battery-only dispatch the delivered response equals the
+request and the correction stays at zero: the loop changes nothing where open loop was right.
+
+:class:`Delivery` is what the ack reports while the dispatch runs: requested, committed and
+estimated delivered kW with its interval, and whether delivery is short beyond tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.dispatch import corrected
+from unified.model import Delivery
+
+__all__ = ["DeliveryLoop", "DeliveryTuning", "DeviceBaseline"]
+
+_Z90 = 1.645
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBaseline:
+    """A device's power when left alone: mean and variance of its recent readings (kW, kW²)."""
+
+    mean_kw: float
+    var_kw2: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryTuning:
+    smoothing_s: float = 120.0
+    """Time constant of the delivered-response average."""
+    integral_s: float = 300.0
+    """Integral time: a steady error of E kW moves the correction by E kW in this long."""
+    tolerance: float = 0.1
+    """Delivery is *short* when the smoothed delivered response falls below the request by more
+    than this fraction of it (and more than ``tolerance_kw``) once ``settle_s`` has passed."""
+    tolerance_kw: float = 1.0
+    settle_s: float = 300.0
+    """Time the devices get after the start (or a change of request) before short is flagged."""
+
+
+@dataclass(slots=True)
+class DeliveryLoop:
+    """One dispatch's closed loop; the core keeps one per active dispatch."""
+
+    tuning: DeliveryTuning = field(default_factory=DeliveryTuning)
+    baselines: dict[str, DeviceBaseline] = field(default_factory=dict)
+    """Frozen when a device is first held by this dispatch (and dropped when released)."""
+    correction_kw: float = 0.0
+    delivered_kw: float | None = None
+    delivered_var: float = 0.0
+    _last: datetime | None = None
+    _settled_from: datetime | None = None
+    _settle_request: float | None = None
+
+    def hold(self, held: Mapping[str, DeviceBaseline]) -> None:
+        """The devices the dispatch holds now, with the baseline each had before it was held.
+
+        A device keeps the baseline it had when this dispatch first held it; a device no longer
+        held (refused, dropped out, regrouped) leaves the estimate."""
+        for device_id in [d for d in self.baselines if d not in held]:
+            del self.baselines[device_id]
+        for device_id, baseline in held.items():
+            self.baselines.setdefault(device_id, baseline)
+
+    def update(
+        self,
+        now: datetime,
+        requested_kw: float,
+        measured_kw: Mapping[str, float],
+        available_kw: float,
+    ) -> Delivery:
+        """Fold in this period's measurements of the held devices and move the correction.
+
+        ``measured_kw`` holds the fresh power of each held device (a device without a fresh
+        reading is left out of this period's estimate, not counted as delivering nothing)."""
+        tuning = self.tuning
+        dt = 0.0 if self._last is None else max(0.0, (now - self._last).total_seconds())
+        self._last = now
+        if self._settle_request is None or _changed(self._settle_request, requested_kw, tuning):
+            self._settled_from, self._settle_request = now, requested_kw
+        delivered, var, counted = 0.0, 0.0, 0
+        for device_id, baseline in self.baselines.items():
+            power = measured_kw.get(device_id)
+            if power is None:
+                continue
+            delivered += power - baseline.mean_kw
+            var += baseline.var_kw2
+            counted += 1
+        if self.delivered_kw is None or dt <= 0:
+            if self.delivered_kw is None:
+                self.delivered_kw, self.delivered_var = delivered, var
+        else:
+            weight = 1.0 - math.exp(-dt / tuning.smoothing_s)
+            self.delivered_kw += weight * (delivered - self.delivered_kw)
+            # The average of n noisy periods has less variance than one; the baselines'
+            # own spread does not average away (it is the same error every period).
+            self.delivered_var += weight * (var - self.delivered_var)
+        if counted and dt > 0:
+            error = requested_kw - self.delivered_kw
+            self.correction_kw += dt / tuning.integral_s * error
+        # Anti-windup: the correction never takes the total past what the devices can do, nor
+        # across zero.
+        total = corrected(requested_kw, self.correction_kw, available_kw)
+        self.correction_kw = total - requested_kw
+        return self._report(now, requested_kw, available_kw)
+
+    def _report(self, now: datetime, requested_kw: float, available_kw: float) -> Delivery:
+        tuning = self.tuning
+        delivered = self.delivered_kw or 0.0
+        half = _Z90 * math.sqrt(max(0.0, self.delivered_var))
+        settled = (
+            self._settled_from is not None
+            and (now - self._settled_from).total_seconds() >= tuning.settle_s
+        )
+        gap = abs(requested_kw) - math.copysign(1.0, requested_kw or 1.0) * delivered
+        short = (
+            settled
+            and gap > tuning.tolerance * abs(requested_kw)
+            and gap > tuning.tolerance_kw
+        )
+        return Delivery(
+            requested_kw=round(requested_kw, 3),
+            committed_kw=round(corrected(requested_kw, self.correction_kw, available_kw), 3),
+            delivered_kw=round(delivered, 3),
+            delivered_lower_kw=round(delivered - half, 3),
+            delivered_upper_kw=round(delivered + half, 3),
+            devices=len(self.baselines),
+            short=short,
+        )
+
+
+def _changed(before: float, now: float, tuning: DeliveryTuning) -> bool:
+    return abs(now - before) > max(tuning.tolerance * abs(before), tuning.tolerance_kw)
