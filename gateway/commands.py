@@ -276,6 +276,14 @@ class CommandBook:
                 or abs(shortfall - entry.last_shortfall) > self._tolerance
             )
         )
+        delivery = plan.delivery.get(entry.command.command_id)
+        before = entry.ack.delivery
+        if delivery is not None and (
+            before is None
+            or abs(delivery.delivered_kw - before.delivered_kw) > self._tolerance
+            or abs(delivery.committed_kw - before.committed_kw) > self._tolerance
+        ):
+            changed = True
         devices_changed = {a.device_id for a in allocations} != {
             a.device_id for a in entry.last_published_allocations
         }
@@ -283,8 +291,14 @@ class CommandBook:
         # A ramp or a drifting SoC changes allocations every cycle: report those at a bounded
         # rate, but a device joining or leaving the command at once.
         due = (now - entry.ack.timestamp).total_seconds() >= self._progress_interval_s
-        # A conflict that starts or ends is said at once too.
-        if (changed and (due or devices_changed)) or updated.detail != entry.ack.detail:
+        # A conflict that starts or ends is said at once too, and so is delivery falling short
+        # (or recovering).
+        short_changed = delivery is not None and (before is None or delivery.short != before.short)
+        if (
+            (changed and (due or devices_changed))
+            or updated.detail != entry.ack.detail
+            or short_changed
+        ):
             await self._publish(entry, updated)
 
     def device_refused(self, command_id: str, device_id: str, now: datetime) -> Entry | None:
@@ -327,6 +341,7 @@ class CommandBook:
                 update={
                     "allocations": entry.ack.allocations,
                     "shortfall_kw": entry.ack.shortfall_kw,
+                    "delivery": entry.ack.delivery,
                 }
             )
         await self._publish(entry, ack)
@@ -351,6 +366,7 @@ class CommandBook:
                 update={
                     "allocations": entry.ack.allocations,
                     "shortfall_kw": entry.ack.shortfall_kw,
+                    "delivery": entry.ack.delivery,
                 }
             )
         # Only blockers still in force: a plan made before this cycle's lifecycle may name a
@@ -370,6 +386,7 @@ class CommandBook:
                 "timestamp": now,
                 "allocations": allocations,
                 "shortfall_kw": plan.shortfall_kw.get(ack.command_id),
+                "delivery": plan.delivery.get(ack.command_id, ack.delivery),
                 "detail": detail,
             }
         )

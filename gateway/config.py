@@ -8,12 +8,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, model_validator
 
+from gateway.delivery import DeliveryTuning
 from gateway.flex.baseline import BaselineConfig
 from unified.config import Section
 from unified.model import Group, Identifier
 
 __all__ = [
     "CoreConfig",
+    "DeliveryConfig",
     "FlexConfigSection",
     "HistoryConfig",
     "SettlementConfig",
@@ -129,6 +131,37 @@ class SettlementConfig(Section):
         return self
 
 
+class DeliveryConfig(Section):
+    """The closed loop on each running dispatch (``gateway.delivery``)."""
+
+    closed_loop: bool = Field(
+        default=True,
+        description="Correct each dispatch by its measured response (off: open-loop allocation)",
+    )
+    smoothing_s: float = Field(
+        default=120.0, gt=0, le=3600, description="Averaging time of the delivered response"
+    )
+    integral_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="Integral time of the correction"
+    )
+    tolerance: float = Field(
+        default=0.1, gt=0, le=1, description="Delivery short beyond this fraction of the request"
+    )
+    tolerance_kw: float = Field(default=1.0, ge=0, description="... and beyond this many kW")
+    settle_s: float = Field(
+        default=300.0, ge=0, le=86_400, description="Time given to respond before short is said"
+    )
+
+    def tuning(self) -> DeliveryTuning:
+        return DeliveryTuning(
+            smoothing_s=self.smoothing_s,
+            integral_s=self.integral_s,
+            tolerance=self.tolerance,
+            tolerance_kw=self.tolerance_kw,
+            settle_s=self.settle_s,
+        )
+
+
 class CoreConfig(Section):
     """The sections the domain core reads; the composition root's config extends it with the
     devices, endpoints and uplinks (one flat TOML file for the operator)."""
@@ -138,6 +171,7 @@ class CoreConfig(Section):
     history: HistoryConfig = HistoryConfig()
     settlement: SettlementConfig = SettlementConfig()
     timing: TimingConfig = TimingConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     flex: FlexConfigSection = FlexConfigSection()
     groups: tuple[Group, ...] = Field(
         default=(),

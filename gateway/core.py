@@ -35,6 +35,7 @@ from gateway import dispatch
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandBook
 from gateway.config import CoreConfig
+from gateway.delivery import BaselineTracker, DeliveryLoop, close_loops
 from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule
 from gateway.errors import CoreError
 from gateway.flex import (
@@ -77,6 +78,7 @@ from unified.model import (
     Ack,
     AckState,
     Command,
+    Delivery,
     DerClass,
     Device,
     DeviceCommand,
@@ -145,9 +147,13 @@ class Gateway:
         self.plan = dispatch.Plan()
         self._refusals: list[_Refusal] = []
         self._last_reading: dict[str, datetime] = {}
-        self._autonomous_kw: dict[str, float] = {}
-        """Each device's power while left alone (no setpoint, no limit), averaged over
-        ``_BASELINE_TAU_S``: the baseline a ``target`` dispatch plans a thermal device from."""
+        self._baselines = BaselineTracker(_BASELINE_TAU_S)
+        """Each device's power while left alone (no setpoint, no limit): the baseline a
+        ``target`` dispatch plans a thermal device from, and that a dispatch's delivered
+        response is measured against."""
+        self._autonomous_kw = self._baselines.mean_kw
+        self._loops: dict[str, DeliveryLoop] = {}
+        """The closed loop of each running dispatch (by command id)."""
         self.history: ReadingHistory | None = None
         if config.history.enabled:
             self.history = ReadingHistory(
@@ -677,18 +683,32 @@ class Gateway:
         now = utcnow()
         await self._handle_refusals(now)
         states = self.device_states(now)
+        deliveries = self._close_loops(now, states)
+        corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
         first = dispatch.plan(
-            now, self.registry, states, self.book.active(now), self._autonomous_kw
+            now, self.registry, states, self.book.active(now), self._autonomous_kw, corrections
         )
+        first.delivery = deliveries
         await self.book.tick(now, first)
         # The lifecycle may have just started, ended or superseded commands: plan again so the
         # devices never see a setpoint from a command that is no longer in force.
         plan = dispatch.plan(
-            now, self.registry, states, self.book.active(now), self._autonomous_kw
+            now, self.registry, states, self.book.active(now), self._autonomous_kw, corrections
         )
+        plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
         self._apply(plan)
         self.plan = plan
         return plan
+
+    def _close_loops(
+        self, now: datetime, states: Mapping[str, DeviceState | None]
+    ) -> dict[str, Delivery]:
+        if not self.config.delivery.closed_loop:
+            self._loops.clear()
+            return {}
+        return close_loops(
+            now, self.plan, states, self._baselines, self._loops, self.config.delivery.tuning()
+        )
 
     def _apply(self, plan: dispatch.Plan) -> None:
         deadband = self.config.timing.deadband_kw
@@ -717,22 +737,12 @@ class Gateway:
         new = previous != state.timestamp
         self._last_reading[state.device_id] = state.timestamp
         if new:
-            self._learn_baseline(state, previous)
+            supervisor = self.supervisors.get(state.device_id)
+            held = supervisor is None or supervisor.desired is not None
+            self._baselines.observe(state.device_id, state.timestamp, state.power_kw, held=held)
             self._judge_and_record(state)
         for listener in self.state_listeners:
             listener(state)
-
-    def _learn_baseline(self, state: DeviceState, previous: datetime | None) -> None:
-        supervisor = self.supervisors.get(state.device_id)
-        if supervisor is None or supervisor.desired is not None:
-            return  # under a setpoint or a limit: not what it would do alone
-        known = self._autonomous_kw.get(state.device_id)
-        if known is None or previous is None:
-            self._autonomous_kw[state.device_id] = state.power_kw
-            return
-        dt = max(0.0, (state.timestamp - previous).total_seconds())
-        weight = 1.0 - math.exp(-dt / _BASELINE_TAU_S)
-        self._autonomous_kw[state.device_id] = known + weight * (state.power_kw - known)
 
     def _judge_and_record(self, state: DeviceState) -> None:
         if state.device_id in self._fleet_index.row:

@@ -30,14 +30,14 @@ estimated delivered kW with its interval, and whether delivery is short beyond t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from gateway.dispatch import corrected
-from unified.model import Delivery
+from gateway.dispatch import Plan, corrected
+from unified.model import Delivery, DeviceState
 
-__all__ = ["DeliveryLoop", "DeliveryTuning", "DeviceBaseline"]
+__all__ = ["BaselineTracker", "DeliveryLoop", "DeliveryTuning", "DeviceBaseline", "close_loops"]
 
 _Z90 = 1.645
 _EPS = 1e-9
@@ -49,6 +49,41 @@ class DeviceBaseline:
 
     mean_kw: float
     var_kw2: float = 0.0
+
+
+@dataclass(slots=True)
+class BaselineTracker:
+    """Each device's power while left alone: an exponentially weighted mean and variance of its
+    readings over ``tau_s`` (a thermostat's duty cycle is minutes), learnt only while nothing
+    holds the device (``observe`` with ``held=True`` keeps the last values)."""
+
+    tau_s: float = 900.0
+    mean_kw: dict[str, float] = field(default_factory=dict)
+    var_kw2: dict[str, float] = field(default_factory=dict)
+    _last: dict[str, datetime] = field(default_factory=dict)
+
+    def observe(self, device_id: str, at: datetime, power_kw: float, *, held: bool) -> None:
+        previous = self._last.get(device_id)
+        self._last[device_id] = at
+        if held:
+            return  # under a setpoint or a limit: not what it would do alone
+        known = self.mean_kw.get(device_id)
+        if known is None or previous is None:
+            self.mean_kw[device_id] = power_kw
+            self.var_kw2.setdefault(device_id, 0.0)
+            return
+        dt = max(0.0, (at - previous).total_seconds())
+        weight = 1.0 - math.exp(-dt / self.tau_s)
+        deviation = power_kw - known
+        self.mean_kw[device_id] = known + weight * deviation
+        var = self.var_kw2.get(device_id, 0.0)
+        self.var_kw2[device_id] = (1.0 - weight) * (var + weight * deviation**2)
+
+    def baseline(self, device_id: str, fallback_kw: float | None) -> DeviceBaseline | None:
+        mean = self.mean_kw.get(device_id, fallback_kw)
+        if mean is None:
+            return None
+        return DeviceBaseline(mean, self.var_kw2.get(device_id, 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +193,37 @@ class DeliveryLoop:
 
 def _changed(before: float, now: float, tuning: DeliveryTuning) -> bool:
     return abs(now - before) > max(tuning.tolerance * abs(before), tuning.tolerance_kw)
+
+
+def close_loops(
+    now: datetime,
+    previous: Plan,
+    states: Mapping[str, DeviceState | None],
+    baselines: BaselineTracker,
+    loops: MutableMapping[str, DeliveryLoop],
+    tuning: DeliveryTuning,
+) -> dict[str, Delivery]:
+    """Measure each running dispatch's response to what ``previous`` (the last plan) asked of
+    its devices, and move each loop's correction; loops of dispatches no longer planned go.
+
+    The corrections (``loop.correction_kw``) feed the next plan."""
+    for cid in [c for c in loops if c not in previous.requested_kw]:
+        del loops[cid]
+    out: dict[str, Delivery] = {}
+    for cid, requested in previous.requested_kw.items():
+        loop = loops.get(cid)
+        if loop is None:
+            loop = loops[cid] = DeliveryLoop(tuning)
+        held: dict[str, DeviceBaseline] = {}
+        measured: dict[str, float] = {}
+        for allocation in previous.allocations.get(cid, ()):
+            did = allocation.device_id
+            state = states.get(did)
+            if state is not None:
+                measured[did] = state.power_kw
+            baseline = baselines.baseline(did, state.power_kw if state else None)
+            if baseline is not None:
+                held[did] = baseline
+        loop.hold(held)
+        out[cid] = loop.update(now, requested, measured, previous.available_kw.get(cid, 0.0))
+    return out

@@ -37,6 +37,7 @@ from typing import Literal
 from gateway.registry import Registry
 from unified.model import (
     Allocation,
+    Delivery,
     DerClass,
     Device,
     DeviceCommand,
@@ -171,6 +172,9 @@ class Plan:
     """``target`` dispatch command_id → the group baseline estimated for it now."""
     available_kw: dict[str, float] = field(default_factory=dict)
     """dispatch command_id → what the devices it holds can give in the request's direction."""
+    delivery: dict[str, Delivery] = field(default_factory=dict)
+    """dispatch command_id → its measured response so far, as the closed loop
+    (:mod:`gateway.delivery`) estimated it; the core sets it, the planner does not."""
     committed_kw: dict[str, float] = field(default_factory=dict)
     """dispatch command_id → the change to allocate: the request plus the closed loop's
     correction (:mod:`gateway.delivery`); the devices' caps may leave a shortfall."""

@@ -94,6 +94,8 @@ __all__ = [
     "MqttWaterHeater",
     "OptOutListener",
     "build_mqtt_adapter",
+    "offset_for_change",
+    "worth_an_offset",
 ]
 
 log = logging.getLogger(__name__)
@@ -618,6 +620,29 @@ class _MqttDevice:
         return result
 
 
+def worth_an_offset(power_kw: float, rated_kw: float, settings: MqttDeviceSettings) -> bool:
+    """Whether a change of ``power_kw`` from baseline is worth a setpoint offset at all."""
+    fraction = min(1.0, abs(power_kw) / rated_kw)
+    return fraction * settings.max_offset_c >= settings.min_offset_c
+
+
+def offset_for_change(
+    power_kw: float, rated_kw: float, room_c: float, settings: MqttDeviceSettings
+) -> float:
+    """The setpoint offset (°C, signed like ``room_c``) for a change of ``power_kw`` from the
+    baseline: the same share of the comfort band's ``room_c`` as of the rating, to 0.1 °C.
+
+    The planner's closed loop (``gateway.delivery``) corrects the request by what the houses
+    measure, so this mapping need only be monotonic, not exact."""
+    fraction = min(1.0, abs(power_kw) / rated_kw)
+    offset = round(fraction * room_c, 1)
+    if abs(offset) < settings.min_offset_c:
+        # A small request that rounds below the smallest worthwhile offset (the band has room
+        # for it): the smallest offset, not a refusal that would exclude the house.
+        offset = math.copysign(settings.min_offset_c, room_c)
+    return offset
+
+
 class MqttThermostat(_MqttDevice):
     """:class:`gateway.devices.DeviceAdapter` for an MQTT thermostat (cooling or heating)."""
 
@@ -680,8 +705,7 @@ class MqttThermostat(_MqttDevice):
             if limit is None or limit >= birth.rated_kw:
                 return EndEvent()
             power = -birth.rated_kw  # an on/off compressor only fits under the cap when off
-        fraction = min(1.0, abs(power) / birth.rated_kw)
-        if fraction * self.settings.max_offset_c < self.settings.min_offset_c:
+        if not worth_an_offset(power, birth.rated_kw, self.settings):
             return EndEvent()
         self._refuse_if_overridden()
         if telemetry.mode is HvacMode.OFF:
@@ -690,11 +714,7 @@ class MqttThermostat(_MqttDevice):
         room = shed if power < 0 else absorb
         if abs(room) < self.settings.min_offset_c:
             raise DeviceRejected(self._device_id, "setpoint already at the edge of comfort band")
-        offset = round(fraction * room, 1)
-        if abs(offset) < self.settings.min_offset_c:
-            # A small request that rounds below the smallest worthwhile offset (the band has
-            # room for it): the smallest offset, not a refusal that would exclude the house.
-            offset = math.copysign(self.settings.min_offset_c, room)
+        offset = offset_for_change(power, birth.rated_kw, room, self.settings)
         return SetpointOffset(offset_c=offset)
 
     async def setpoint_event(
