@@ -113,6 +113,7 @@ class DeliveryLoop:
     _last: datetime | None = None
     _settled_from: datetime | None = None
     _settle_request: float | None = None
+    _left: dict[str, DeviceBaseline] = field(default_factory=dict)
 
     def hold(self, held: Mapping[str, DeviceBaseline]) -> None:
         """The devices the dispatch holds now, with the baseline each had before it was held.
@@ -120,9 +121,12 @@ class DeliveryLoop:
         A device keeps the baseline it had when this dispatch first held it; a device no longer
         held (refused, dropped out, regrouped) leaves the estimate."""
         for device_id in [d for d in self.baselines if d not in held]:
-            del self.baselines[device_id]
+            self._left[device_id] = self.baselines.pop(device_id)
         for device_id, baseline in held.items():
-            self.baselines.setdefault(device_id, baseline)
+            if device_id not in self.baselines:
+                # One that comes back (after a dropout) keeps the baseline it had before the
+                # dispatch: what it learnt in between was the event, not its own behaviour.
+                self.baselines[device_id] = self._left.pop(device_id, baseline)
 
     def update(
         self,
@@ -175,11 +179,7 @@ class DeliveryLoop:
             and (now - self._settled_from).total_seconds() >= tuning.settle_s
         )
         gap = abs(requested_kw) - math.copysign(1.0, requested_kw or 1.0) * delivered
-        short = (
-            settled
-            and gap > tuning.tolerance * abs(requested_kw)
-            and gap > tuning.tolerance_kw
-        )
+        short = settled and gap > tuning.tolerance * abs(requested_kw) and gap > tuning.tolerance_kw
         return Delivery(
             requested_kw=round(requested_kw, 3),
             committed_kw=round(corrected(requested_kw, self.correction_kw, available_kw), 3),

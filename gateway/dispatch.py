@@ -175,6 +175,8 @@ class Plan:
     delivery: dict[str, Delivery] = field(default_factory=dict)
     """dispatch command_id → its measured response so far, as the closed loop
     (:mod:`gateway.delivery`) estimated it; the core sets it, the planner does not."""
+    held_since: dict[str, datetime] = field(default_factory=dict)
+    """Thermal devices called by a dispatch → since when (for their turn: ``rotation_order``)."""
     committed_kw: dict[str, float] = field(default_factory=dict)
     """dispatch command_id → the change to allocate: the request plus the closed loop's
     correction (:mod:`gateway.delivery`); the devices' caps may leave a shortfall."""
@@ -193,6 +195,8 @@ def plan(
     active: Sequence[ActiveCommand],
     baselines: Mapping[str, float] | None = None,
     corrections: Mapping[str, float] | None = None,
+    previous: Plan | None = None,
+    rotation_s: float = 1800.0,
 ) -> Plan:
     """Compute every device's setpoint for ``now``.
 
@@ -223,6 +227,8 @@ def plan(
                 states,
                 baselines,
                 corrections.get(command.command_id, 0.0),
+                previous,
+                rotation_s,
                 slots,
                 holder,
                 result,
@@ -251,18 +257,26 @@ def plan(
             provenance=tuple(LimitSource(command_id=c, kind="envelope") for c in limit.sources),
         )
 
+    # The planner's own values need no validation: ``model_construct`` (a plan for 10,000
+    # devices builds ~20,000 of these every control period; validating them cost 0.4 s).
+    sources: dict[tuple[str, str], LimitSource] = {}
     requested_by_command: dict[str, list[Allocation]] = {}
     for device_id, slot in slots.items():
-        provenance = [LimitSource(command_id=slot.command_id, kind=slot.kind)]
-        provenance += [_limit_source(s) for s in slot.limited_by]
-        result.setpoints[device_id] = DeviceCommand(
-            device_id=device_id, power_kw=round(slot.kw, 4), provenance=tuple(provenance)
+        provenance = [_source(sources, slot.command_id, slot.kind)]
+        provenance += [_limit_source(sources, s) for s in slot.limited_by]
+        kw = round(slot.kw, 4)
+        result.setpoints[device_id] = DeviceCommand.model_construct(
+            device_id=device_id,
+            power_kw=kw,
+            import_limit_kw=None,
+            export_limit_kw=None,
+            provenance=tuple(provenance),
         )
         requested_by_command.setdefault(slot.command_id, []).append(
-            Allocation(
+            Allocation.model_construct(
                 device_id=device_id,
                 requested_kw=round(slot.requested_kw, 4),
-                commanded_kw=round(slot.kw, 4),
+                commanded_kw=kw,
                 limited_by=tuple(slot.limited_by),
             )
         )
@@ -286,10 +300,18 @@ def ramp_factor(command: Dispatch, now: datetime) -> float:
     return max(0.0, min(1.0, elapsed / command.ramp_s))
 
 
-def _limit_source(label: str) -> LimitSource:
-    if label in ("rating", "reserve_soc", "max_soc"):
-        return LimitSource(command_id=label, kind=label)
-    return LimitSource(command_id=label, kind="envelope")
+def _source(cache: dict[tuple[str, str], LimitSource], command_id: str, kind: str) -> LimitSource:
+    key = (command_id, kind)
+    source = cache.get(key)
+    if source is None:
+        source = cache[key] = LimitSource(command_id=command_id, kind=kind)
+    return source
+
+
+def _limit_source(cache: dict[tuple[str, str], LimitSource], label: str) -> LimitSource:
+    if label in ("rating", "reserve_soc", "max_soc", "ev_energy_need"):
+        return _source(cache, label, label)
+    return _source(cache, label, "envelope")
 
 
 def _plan_setpoint(
@@ -323,6 +345,8 @@ def _plan_dispatch(
     states: Mapping[str, DeviceState | None],
     baselines: Mapping[str, float],
     correction_kw: float,
+    previous: Plan | None,
+    rotation_s: float,
     slots: dict[str, _Slot],
     holder: dict[str, str],
     result: Plan,
@@ -355,15 +379,89 @@ def _plan_dispatch(
     # The device's caps bound what is allocated below; the shortfall says what they could not.
     total = corrected(total, correction_kw, math.inf)
     result.committed_kw[command.command_id] = total
-    shares = share(total, caps)
+    thermal = {d.device_id for d in members if d.der_class in SHIFTS_FROM_BASELINE} & caps.keys()
+    others = {d: c for d, c in caps.items() if d not in thermal}
+    thermal_caps = {d: caps[d] for d in thermal}
+    # Between the two pools in proportion to what each can give; within the thermal pool in
+    # turns (see rotation_order), within the other pool in proportion.
+    pooled = share(total, {"thermal": sum(thermal_caps.values()), "other": sum(others.values())})
+    shares = share(pooled["other"], others)
+    order = rotation_order(command.command_id, thermal_caps, states, previous, now, rotation_s)
+    shares.update(share_in_turn(pooled["thermal"], thermal_caps, order))
     for did, kw in shares.items():
         limits: list[str] = []
         room = rooms[did]
         fair = total * (caps[did] / available) if available > _EPS else 0.0
-        if abs(kw) + _EPS < abs(fair) or caps[did] <= _EPS:
+        if (did not in thermal and abs(kw) + _EPS < abs(fair)) or caps[did] <= _EPS:
             limits.append(room.discharge_limit if total < 0 else room.charge_limit)
         slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)
         holder[did] = command.command_id
+        if did in thermal and abs(kw) <= _EPS:
+            continue  # not called this period
+        since = previous.held_since.get(did) if previous is not None else None
+        same = previous is not None and _holder_of(previous, did) == command.command_id
+        result.held_since[did] = since if (same and since is not None) else now
+
+
+def _holder_of(plan: Plan, device_id: str) -> str | None:
+    setpoint = plan.setpoints.get(device_id)
+    if setpoint is None or not setpoint.provenance:
+        return None
+    return setpoint.provenance[0].command_id
+
+
+def share_in_turn(
+    total_kw: float, caps: Mapping[str, float], order: Sequence[str]
+) -> dict[str, float]:
+    """Split ``total_kw`` by filling devices to their cap one after another in ``order``."""
+    sign = 1.0 if total_kw > 0 else -1.0
+    left = abs(total_kw)
+    out = dict.fromkeys(caps, 0.0)
+    for did in order:
+        if left <= _EPS:
+            break
+        take = min(caps[did], left)
+        out[did] = sign * take
+        left -= take
+    return out
+
+
+def rotation_order(
+    command_id: str,
+    caps: Mapping[str, float],
+    states: Mapping[str, DeviceState | None],
+    previous: Plan | None,
+    now: datetime,
+    rotation_s: float,
+) -> list[str]:
+    """Who a thermal load is asked of first: the houses already called for this command (until
+    they have been called for ``rotation_s``), then those with the most comfort headroom, then
+    the ones whose turn is over.
+
+    Called in turns, not all at once: a fleet whose every thermostat moves together stops every
+    compressor together (twice the request) and then recovers together (a fraction of it and a
+    rebound); houses called in turn, each for a while, keep the aggregate level, and each house
+    gives back only the little heat of its own turn.
+    """
+
+    def headroom_of(did: str) -> float:
+        state = states.get(did)
+        return state.soc_pct if state is not None and state.soc_pct is not None else 0.0
+
+    current: list[tuple[float, str]] = []
+    fresh: list[tuple[float, str]] = []
+    done: list[tuple[float, str]] = []
+    for did in caps:
+        since = None
+        if previous is not None and _holder_of(previous, did) == command_id:
+            since = previous.held_since.get(did)
+        if since is None:
+            fresh.append((-headroom_of(did), did))
+        elif (now - since).total_seconds() < rotation_s:
+            current.append(((since - now).total_seconds(), did))
+        else:
+            done.append(((since - now).total_seconds(), did))
+    return [did for _, did in sorted(current) + sorted(fresh) + sorted(done)]
 
 
 def corrected(requested_kw: float, correction_kw: float, available_kw: float) -> float:
@@ -422,6 +520,10 @@ class _Limits:
             self.sources.append(source)
 
 
+ENVELOPE_MARGIN = 0.01
+"""An envelope is held this share of the measured load it counts inside each limit: loads left
+alone switch between control periods and the batteries offsetting them follow a period later."""
+
 MODULATING: frozenset[DerClass] = frozenset({DerClass.BATTERY, DerClass.EVSE, DerClass.PV})
 """Classes whose power a standing limit caps continuously. A thermostat's compressor is on or
 off: a cap below its rating only switches it off, so thermal loads are never given standing
@@ -460,15 +562,19 @@ def _apply_envelope(
     members = target_devices(registry, command.target)
     remaining_s = (interval.end - now).total_seconds()
     modulating = [d for d in members if d.device_id not in slots and d.der_class in MODULATING]
-    net = sum(
-        _predicted_kw(d, states, baselines, slots)
-        for d in members
-        if d.device_id in slots or d.der_class not in MODULATING
-    )
+    net = 0.0
+    measured = 0.0  # loads left alone: they switch between periods, batteries follow a period on
+    for d in members:
+        if d.device_id in slots or d.der_class not in MODULATING:
+            kw = _predicted_kw(d, states, baselines, slots)
+            net += kw
+            if d.device_id not in slots:
+                measured += abs(kw)
+    margin = ENVELOPE_MARGIN * measured
     for limit, side in ((imp, 1.0), (exp, -1.0)):
         if limit is None:
             continue
-        bound = limit * side  # import: net <= imp; export: net >= -exp
+        bound = (limit - margin) * side  # import: net <= imp; export: net >= -exp
         excess = side * (net - bound)
         if excess > _EPS:
             net -= side * _relieve(
@@ -559,12 +665,10 @@ def _relieve(
             room = headroom(device, state, remaining_s)
             most = room.discharge_kw if side > 0 else room.charge_kw
             slot = slots.get(did)
-            if slot is not None:
-                now_kw = slot.kw
-            elif device.der_class in SHIFTS_FROM_BASELINE:
-                now_kw = 0.0  # a change from its baseline, which is what it measures now
-            else:
-                now_kw = state.power_kw if state is not None else 0.0
+            # A device called now starts from 0: a thermal load's setpoint is a change from
+            # the baseline it measures now; a battery left alone is not in the net above (its
+            # standing limits govern it), so its setpoint is all that it adds.
+            now_kw = slot.kw if slot is not None else 0.0
             rooms[did] = max(0.0, most + side * now_kw)
         shares = share(-side * (excess - moved), rooms)
         for did, kw in shares.items():
@@ -572,14 +676,7 @@ def _relieve(
                 continue
             slot = slots.get(did)
             if slot is None:
-                state = states.get(did)
-                device = next(m for m in members if m.device_id == did)
-                start = (
-                    0.0
-                    if device.der_class in SHIFTS_FROM_BASELINE or state is None
-                    else state.power_kw
-                )
-                slots[did] = _Slot(cid, "envelope", start + kw, start + kw, [])
+                slots[did] = _Slot(cid, "envelope", kw, kw, [])
             else:
                 slot.kw += kw
                 if cid not in slot.limited_by and slot.command_id != cid:

@@ -109,9 +109,7 @@ class SqliteStore:
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error | OSError):
-                raise self.error(
-                    f"{self.name} {self._path}: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise self.error(f"{self.name} {self._path}: {type(exc).__name__}: {exc}") from exc
             raise
         self._db = db
 

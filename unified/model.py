@@ -528,7 +528,16 @@ class LimitSource(Frozen):
     """Why a device is held where it is: the command (or rule) that produced a limit."""
 
     command_id: str
-    kind: Literal["dispatch", "setpoint", "envelope", "rating", "reserve_soc", "max_soc", "idle"]
+    kind: Literal[
+        "dispatch",
+        "setpoint",
+        "envelope",
+        "rating",
+        "reserve_soc",
+        "max_soc",
+        "ev_energy_need",
+        "idle",
+    ]
 
 
 class DeviceCommand(Frozen):

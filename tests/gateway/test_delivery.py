@@ -1,0 +1,105 @@
+"""The closed loop on a dispatch (pure): estimated delivered response, correction, truth on the ack."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gateway.delivery import BaselineTracker, DeliveryLoop, DeliveryTuning, DeviceBaseline
+
+NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
+TUNING = DeliveryTuning(smoothing_s=60.0, integral_s=300.0, settle_s=300.0)
+
+
+def run_plant(
+    loop: DeliveryLoop,
+    request: float,
+    respond: float,
+    *,
+    devices: int = 10,
+    available: float = 1000.0,
+    minutes: int = 60,
+) -> list[float]:
+    """Each of ``devices`` gives ``respond`` × its share of what the loop commits; returns what
+    was committed each 10 s period."""
+    baseline = {f"d{i}": DeviceBaseline(3.0, 0.01) for i in range(devices)}
+    loop.hold(baseline)
+    committed: list[float] = []
+    total = request
+    for k in range(minutes * 6):
+        now = NOW + timedelta(seconds=10 * k)
+        measured = dict.fromkeys(baseline, 3.0 + respond * total / devices)
+        delivery = loop.update(now, request, measured, available)
+        total = delivery.committed_kw
+        committed.append(total)
+    return committed
+
+
+def test_a_device_that_does_as_told_needs_no_correction() -> None:
+    loop = DeliveryLoop(TUNING)
+    committed = run_plant(loop, -100.0, respond=1.0)
+    assert all(c == pytest.approx(-100.0, abs=0.5) for c in committed)
+    assert loop.correction_kw == pytest.approx(0.0, abs=0.5)
+
+
+def test_over_delivery_is_corrected_down_and_under_delivery_up() -> None:
+    # Thermostats that all stop give twice what each was asked: the loop asks for half.
+    over = DeliveryLoop(TUNING)
+    committed = run_plant(over, -100.0, respond=2.0)
+    assert committed[-1] == pytest.approx(-50.0, rel=0.05)
+    # Houses whose response has decayed give half: the loop asks for twice as much.
+    under = DeliveryLoop(TUNING)
+    committed = run_plant(under, -100.0, respond=0.5)
+    assert committed[-1] == pytest.approx(-200.0, rel=0.05)
+    assert under.delivered_kw == pytest.approx(-100.0, rel=0.05)
+
+
+def test_the_correction_never_turns_a_shed_into_a_load_up_nor_exceeds_the_devices() -> None:
+    loop = DeliveryLoop(TUNING)
+    committed = run_plant(loop, -100.0, respond=-1.0)  # devices do the opposite of what is asked
+    assert all(-1000.0 <= c <= 0.0 for c in committed)
+    assert committed[-1] == pytest.approx(-1000.0)  # all it can ask, never a load-up
+    capped = DeliveryLoop(TUNING)
+    committed = run_plant(capped, -100.0, respond=0.2, available=150.0)
+    assert min(committed) >= -150.0
+    assert committed[-1] == pytest.approx(-150.0)
+
+
+def test_short_is_flagged_once_settled_and_the_interval_holds_the_truth() -> None:
+    loop = DeliveryLoop(TUNING)
+    baseline = {f"d{i}": DeviceBaseline(3.0, 0.25) for i in range(10)}
+    loop.hold(baseline)
+    # Only 40 kW can be had (the devices are at their limit), 100 kW asked.
+    reports = [
+        loop.update(NOW + timedelta(seconds=10 * k), -100.0, dict.fromkeys(baseline, -1.0), 40.0)
+        for k in range(60)
+    ]
+    assert not reports[5].short  # not before settle_s
+    assert reports[-1].short
+    last = reports[-1]
+    assert last.delivered_kw == pytest.approx(-40.0, abs=0.5)
+    assert last.delivered_lower_kw < -40.0 < last.delivered_upper_kw
+    assert last.devices == 10
+
+
+def test_a_device_back_from_a_dropout_keeps_its_pre_event_baseline() -> None:
+    loop = DeliveryLoop(TUNING)
+    loop.hold({"a": DeviceBaseline(3.0), "b": DeviceBaseline(2.0)})
+    loop.hold({"a": DeviceBaseline(3.0)})
+    # While it was away its tracker learnt the event (0.5 kW): that is not its baseline.
+    loop.hold({"a": DeviceBaseline(3.0), "b": DeviceBaseline(0.5)})
+    assert loop.baselines["b"].mean_kw == 2.0
+
+
+def test_baseline_tracker_learns_only_while_the_device_is_left_alone() -> None:
+    tracker = BaselineTracker(tau_s=600.0)
+    for k in range(360):  # one hour of a compressor on 6 min of every 10
+        power = 3.0 if k % 60 < 36 else 0.0
+        tracker.observe("t", NOW + timedelta(seconds=10 * k), power, held=False)
+    mean_before = tracker.mean_kw["t"]
+    assert mean_before == pytest.approx(1.8, abs=0.4)
+    assert tracker.var_kw2["t"] > 0.5  # a cycling compressor has a wide baseline
+    for k in range(360, 720):
+        tracker.observe("t", NOW + timedelta(seconds=10 * k), 0.0, held=True)
+    assert tracker.mean_kw["t"] == mean_before
