@@ -1,4 +1,4 @@
-"""The closed loop on a dispatch (pure): estimated delivered response, correction, truth on the ack."""
+"""The closed loop on a dispatch (pure): delivered response, correction, the truth on the ack."""
 
 from __future__ import annotations
 
