@@ -293,7 +293,8 @@ class CommandBook:
         due = (now - entry.ack.timestamp).total_seconds() >= self._progress_interval_s
         # A conflict that starts or ends is said at once too, and so is delivery falling short
         # (or recovering).
-        short_changed = delivery is not None and (before is None or delivery.short != before.short)
+        was_short = before is not None and before.short
+        short_changed = delivery is not None and delivery.short != was_short
         if (
             (changed and (due or devices_changed))
             or updated.detail != entry.ack.detail

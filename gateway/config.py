@@ -152,6 +152,13 @@ class DeliveryConfig(Section):
         default=300.0, ge=0, le=86_400, description="Time given to respond before short is said"
     )
 
+    thermal_turn_s: float = Field(
+        default=1800.0,
+        gt=0,
+        le=86_400,
+        description="How long a thermal load called by a dispatch stays called before others",
+    )
+
     def tuning(self) -> DeliveryTuning:
         return DeliveryTuning(
             smoothing_s=self.smoothing_s,

@@ -685,15 +685,30 @@ class Gateway:
         states = self.device_states(now)
         deliveries = self._close_loops(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
+        turn_s = self.config.delivery.thermal_turn_s
         first = dispatch.plan(
-            now, self.registry, states, self.book.active(now), self._autonomous_kw, corrections
+            now,
+            self.registry,
+            states,
+            self.book.active(now),
+            self._autonomous_kw,
+            corrections,
+            self.plan,
+            turn_s,
         )
         first.delivery = deliveries
         await self.book.tick(now, first)
         # The lifecycle may have just started, ended or superseded commands: plan again so the
         # devices never see a setpoint from a command that is no longer in force.
         plan = dispatch.plan(
-            now, self.registry, states, self.book.active(now), self._autonomous_kw, corrections
+            now,
+            self.registry,
+            states,
+            self.book.active(now),
+            self._autonomous_kw,
+            corrections,
+            self.plan,
+            turn_s,
         )
         plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
         self._apply(plan)
@@ -706,8 +721,19 @@ class Gateway:
         if not self.config.delivery.closed_loop:
             self._loops.clear()
             return {}
+        thermal = {
+            d.device_id
+            for d in self.registry.devices()
+            if d.der_class in dispatch.SHIFTS_FROM_BASELINE
+        }
         return close_loops(
-            now, self.plan, states, self._baselines, self._loops, self.config.delivery.tuning()
+            now,
+            self.plan,
+            states,
+            self._baselines,
+            self._loops,
+            self.config.delivery.tuning(),
+            thermal,
         )
 
     def _apply(self, plan: dispatch.Plan) -> None:

@@ -30,7 +30,7 @@ estimated delivered kW with its interval, and whether delivery is short beyond t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Container, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -51,6 +51,9 @@ class DeviceBaseline:
     var_kw2: float = 0.0
 
 
+_IDLE = DeviceBaseline(0.0)
+
+
 @dataclass(slots=True)
 class BaselineTracker:
     """Each device's power while left alone: an exponentially weighted mean and variance of its
@@ -61,6 +64,7 @@ class BaselineTracker:
     mean_kw: dict[str, float] = field(default_factory=dict)
     var_kw2: dict[str, float] = field(default_factory=dict)
     _last: dict[str, datetime] = field(default_factory=dict)
+    _span: dict[str, float] = field(default_factory=dict)
 
     def observe(self, device_id: str, at: datetime, power_kw: float, *, held: bool) -> None:
         previous = self._last.get(device_id)
@@ -73,7 +77,10 @@ class BaselineTracker:
             self.var_kw2.setdefault(device_id, 0.0)
             return
         dt = max(0.0, (at - previous).total_seconds())
-        weight = 1.0 - math.exp(-dt / self.tau_s)
+        # Until it has seen tau_s of readings, the plain mean of what it has seen: an average
+        # that starts from one reading of an on/off compressor would carry it for an hour.
+        span = self._span[device_id] = min(self._span.get(device_id, 0.0) + dt, self.tau_s)
+        weight = max(1.0 - math.exp(-dt / self.tau_s), dt / span if span > 0 else 1.0)
         deviation = power_kw - known
         self.mean_kw[device_id] = known + weight * deviation
         var = self.var_kw2.get(device_id, 0.0)
@@ -109,7 +116,11 @@ class DeliveryLoop:
     """Frozen when a device is first held by this dispatch (and dropped when released)."""
     correction_kw: float = 0.0
     delivered_kw: float | None = None
+    """The estimated delivered response, as measured (what the ack reports)."""
     delivered_var: float = 0.0
+    controlled_kw: float | None = None
+    """What the loop corrects on: the same, but with each trusted device's setpoint instead of
+    its measured power (see :meth:`update`)."""
     _last: datetime | None = None
     _settled_from: datetime | None = None
     _settle_request: float | None = None
@@ -134,40 +145,55 @@ class DeliveryLoop:
         requested_kw: float,
         measured_kw: Mapping[str, float],
         available_kw: float,
+        trusted_kw: Mapping[str, float] | None = None,
     ) -> Delivery:
         """Fold in this period's measurements of the held devices and move the correction.
 
         ``measured_kw`` holds the fresh power of each held device (a device without a fresh
-        reading is left out of this period's estimate, not counted as delivering nothing)."""
+        reading is left out of this period's estimate, not counted as delivering nothing).
+        ``trusted_kw`` holds the setpoints of devices whose power *is* their setpoint (batteries,
+        EV chargers): the correction works on the thermal loads' measured response and on those
+        setpoints, so that a battery's poll latency (a second or two behind each new setpoint)
+        never winds the loop up. What is reported is measured, for every device."""
+        trusted_kw = trusted_kw or {}
         tuning = self.tuning
         dt = 0.0 if self._last is None else max(0.0, (now - self._last).total_seconds())
         self._last = now
         if self._settle_request is None or _changed(self._settle_request, requested_kw, tuning):
             self._settled_from, self._settle_request = now, requested_kw
-        delivered, var, counted = 0.0, 0.0, 0
+        delivered, controlled, var, counted = 0.0, 0.0, 0.0, 0
         for device_id, baseline in self.baselines.items():
+            trusted = trusted_kw.get(device_id)
             power = measured_kw.get(device_id)
+            if trusted is not None:
+                controlled += trusted - baseline.mean_kw
             if power is None:
                 continue
             delivered += power - baseline.mean_kw
+            if trusted is None:
+                controlled += power - baseline.mean_kw
             var += baseline.var_kw2
             counted += 1
-        if self.delivered_kw is None or dt <= 0:
-            if self.delivered_kw is None:
-                self.delivered_kw, self.delivered_var = delivered, var
-        else:
+        if self.delivered_kw is None or self.controlled_kw is None:
+            self.delivered_kw, self.delivered_var = delivered, var
+            self.controlled_kw = controlled
+        elif dt > 0:
             weight = 1.0 - math.exp(-dt / tuning.smoothing_s)
             self.delivered_kw += weight * (delivered - self.delivered_kw)
+            self.controlled_kw += weight * (controlled - self.controlled_kw)
             # The average of n noisy periods has less variance than one; the baselines'
             # own spread does not average away (it is the same error every period).
             self.delivered_var += weight * (var - self.delivered_var)
-        if counted and dt > 0:
-            error = requested_kw - self.delivered_kw
-            self.correction_kw += dt / tuning.integral_s * error
-        # Anti-windup: the correction never takes the total past what the devices can do, nor
-        # across zero.
-        total = corrected(requested_kw, self.correction_kw, available_kw)
-        self.correction_kw = total - requested_kw
+        if counted and dt > 0 and abs(requested_kw) > _EPS:
+            sign = 1.0 if requested_kw > 0 else -1.0
+            step = dt / tuning.integral_s * (requested_kw - self.controlled_kw)
+            beyond = sign * (requested_kw + self.correction_kw) >= available_kw
+            # Anti-windup: past what the devices can give, the correction does not grow (a
+            # momentary dip in what is available never cuts the request itself).
+            if not (beyond and sign * step > 0):
+                self.correction_kw += step
+            # Nor does it take the total across zero.
+            self.correction_kw = max(self.correction_kw * sign, -abs(requested_kw)) * sign
         return self._report(now, requested_kw, available_kw)
 
     def _report(self, now: datetime, requested_kw: float, available_kw: float) -> Delivery:
@@ -202,10 +228,14 @@ def close_loops(
     baselines: BaselineTracker,
     loops: MutableMapping[str, DeliveryLoop],
     tuning: DeliveryTuning,
+    thermal: Container[str],
 ) -> dict[str, Delivery]:
     """Measure each running dispatch's response to what ``previous`` (the last plan) asked of
     its devices, and move each loop's correction; loops of dispatches no longer planned go.
 
+    A ``thermal`` device's response is measured against its learnt baseline; any other's (a
+    battery's, an EV charger's) against 0 kW, as the planner plans it (its setpoint is its
+    power): after a restart, a battery still on the last setpoint is not its own baseline.
     The corrections (``loop.correction_kw``) feed the next plan."""
     for cid in [c for c in loops if c not in previous.requested_kw]:
         del loops[cid]
@@ -216,14 +246,21 @@ def close_loops(
             loop = loops[cid] = DeliveryLoop(tuning)
         held: dict[str, DeviceBaseline] = {}
         measured: dict[str, float] = {}
+        trusted: dict[str, float] = {}
         for allocation in previous.allocations.get(cid, ()):
             did = allocation.device_id
             state = states.get(did)
             if state is not None:
                 measured[did] = state.power_kw
+            if did not in thermal:
+                held[did] = _IDLE
+                trusted[did] = allocation.commanded_kw
+                continue
             baseline = baselines.baseline(did, state.power_kw if state else None)
             if baseline is not None:
                 held[did] = baseline
         loop.hold(held)
-        out[cid] = loop.update(now, requested, measured, previous.available_kw.get(cid, 0.0))
+        out[cid] = loop.update(
+            now, requested, measured, previous.available_kw.get(cid, 0.0), trusted
+        )
     return out

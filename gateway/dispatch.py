@@ -29,6 +29,7 @@ offset or a shed / load-up). The two modes of a dispatch use that:
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,6 +59,9 @@ _EPS = 1e-9
 
 SHIFTS_FROM_BASELINE: frozenset[DerClass] = frozenset({DerClass.THERMOSTAT, DerClass.WATER_HEATER})
 """Device classes whose setpoint is a change from their own baseline, not their power."""
+
+THERMAL_MIN_HEADROOM_PCT = 5.0
+"""A thermal load with less comfort (or tank) headroom than this is not called to shed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +97,37 @@ def plannable(device: Device, state: DeviceState | None) -> bool:
     return state.soc_pct is not None
 
 
-def headroom(device: Device, state: DeviceState | None, remaining_s: float) -> Headroom:
+def headroom(
+    device: Device,
+    state: DeviceState | None,
+    remaining_s: float,
+    baseline_kw: float | None = None,
+) -> Headroom:
+    """What a device can give now without breaking a rating or an energy limit.
+
+    A thermal load (thermostat, water heater) called to shed is held off for its turn (its
+    adapter keeps the setpoint ahead of the room or the tank), so what it sheds is what it would
+    have drawn: its ``baseline_kw`` (its current power when unknown), while it has comfort or
+    tank headroom left (more than ``THERMAL_MIN_HEADROOM_PCT``); the headroom it spends is
+    bounded by its turn, not spread over the event.
+    """
     if state is None or not plannable(device, state):
         return Headroom(0.0, 0.0, "unavailable", "unavailable")
     ratings, limits = device.ratings, device.constraints
     rated_dis = min(ratings.max_discharge_kw, _or_inf(state.max_discharge_kw))
     rated_ch = min(ratings.max_charge_kw, _or_inf(state.max_charge_kw))
     hours = max(remaining_s, MIN_ENERGY_HORIZON_S) / 3600.0
+    if device.der_class in SHIFTS_FROM_BASELINE and state.soc_pct is not None:
+        draws = state.power_kw if baseline_kw is None else baseline_kw
+        has_room = state.soc_pct > THERMAL_MIN_HEADROOM_PCT
+        capacity = min(ratings.capacity_kwh, _or_inf(state.capacity_kwh))
+        ch_energy = max(0.0, (limits.max_soc_pct - state.soc_pct) / 100.0 * capacity) / hours
+        return Headroom(
+            discharge_kw=min(rated_dis, max(0.0, draws)) if has_room else 0.0,
+            charge_kw=min(rated_ch, ch_energy),
+            discharge_limit="rating" if has_room else "reserve_soc",
+            charge_limit="max_soc" if ch_energy < rated_ch else "rating",
+        )
     if state.ev is not None and device.der_class is DerClass.EVSE:
         # An EV charger never exports, and charges at most the energy its EV still wants.
         wanted = (state.ev.energy_needed_kwh or 0.0) / hours
@@ -365,7 +393,7 @@ def _plan_dispatch(
             if holder[did] not in result.conflicts[command.command_id]:
                 result.conflicts[command.command_id].append(holder[did])
             continue
-        rooms[did] = headroom(device, states.get(did), remaining_s)
+        rooms[did] = headroom(device, states.get(did), remaining_s, baselines.get(did))
     if command.mode is DispatchMode.TARGET:
         baseline = group_baseline(members, states, baselines, controlled=rooms.keys())
         result.baseline_kw[command.command_id] = round(baseline, 3)
@@ -426,6 +454,12 @@ def share_in_turn(
     return out
 
 
+def _turn_share(device_id: str) -> float:
+    """Each house's turn lasts 0.5-1.5 × the configured turn (fixed per device): houses called
+    together are not all released together, which would send a rebound through the event."""
+    return 0.5 + zlib.crc32(device_id.encode()) / 0xFFFFFFFF
+
+
 def rotation_order(
     command_id: str,
     caps: Mapping[str, float],
@@ -457,7 +491,7 @@ def rotation_order(
             since = previous.held_since.get(did)
         if since is None:
             fresh.append((-headroom_of(did), did))
-        elif (now - since).total_seconds() < rotation_s:
+        elif (now - since).total_seconds() < rotation_s * _turn_share(did):
             current.append(((since - now).total_seconds(), did))
         else:
             done.append(((since - now).total_seconds(), did))
@@ -578,7 +612,7 @@ def _apply_envelope(
         excess = side * (net - bound)
         if excess > _EPS:
             net -= side * _relieve(
-                cid, side, excess, members, modulating, states, slots, remaining_s
+                cid, side, excess, members, modulating, states, baselines, slots, remaining_s
             )
     # What the planned devices and the other loads leave of each limit, for those left alone.
     modulating = [d for d in modulating if d.device_id not in slots]
@@ -626,6 +660,7 @@ def _relieve(
     members: Sequence[Device],
     modulating: Sequence[Device],
     states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
     slots: dict[str, _Slot],
     remaining_s: float,
 ) -> float:
@@ -662,7 +697,7 @@ def _relieve(
                 continue
             if did not in slots and did not in free and device.der_class in MODULATING:
                 continue
-            room = headroom(device, state, remaining_s)
+            room = headroom(device, state, remaining_s, baselines.get(did))
             most = room.discharge_kw if side > 0 else room.charge_kw
             slot = slots.get(did)
             # A device called now starts from 0: a thermal load's setpoint is a change from

@@ -86,9 +86,12 @@ class VirtualPowerPlant:
         tuning: DeliveryTuning | None = None,
         control_period_s: float = 10.0,
         deadband_kw: float = 0.05,
-        rotation_s: float = 1800.0,
+        thermal_turn_s: float = 1800.0,
+        baseline_tau_s: float = 900.0,
+        refresh_s: float = 60.0,
     ) -> None:
-        self.rotation_s = rotation_s
+        self.refresh_s = refresh_s
+        self.thermal_turn_s = thermal_turn_s
         self.spec = spec
         self.now = start
         self.closed_loop = closed_loop
@@ -123,7 +126,8 @@ class VirtualPowerPlant:
             devices.append(self._device(f"b{j}", DerClass.BATTERY, j, float(self.b_rated[j])))
         self.devices = devices
         self.registry = Registry(devices)
-        self.baselines = BaselineTracker()
+        self._thermal = {d.device_id for d in devices if d.der_class is DerClass.THERMOSTAT}
+        self.baselines = BaselineTracker(baseline_tau_s)
         self.loops: dict[str, DeliveryLoop] = {}
         self.plan = dispatch.Plan()
         self.commands: list[ScheduledCommand] = []
@@ -242,7 +246,7 @@ class VirtualPowerPlant:
         deliveries: dict[str, Delivery] = {}
         if self.closed_loop:
             deliveries = close_loops(
-                now, self.plan, states, self.baselines, self.loops, self.tuning
+                now, self.plan, states, self.baselines, self.loops, self.tuning, self._thermal
             )
         corrections = {cid: loop.correction_kw for cid, loop in self.loops.items()}
         active = [
@@ -258,7 +262,7 @@ class VirtualPowerPlant:
             self.baselines.mean_kw,
             corrections,
             self.plan,
-            self.rotation_s,
+            self.thermal_turn_s,
         )
         self._apply(plan)
         self.plan = plan
@@ -293,20 +297,45 @@ class VirtualPowerPlant:
             if power is None or not worth_an_offset(power, rated, settings):
                 self.offset[i] = 0.0
                 continue
-            shed_room = min(settings.max_offset_c, settings.comfort_max_c - self.setpoint[i])
-            absorb_room = -min(settings.max_offset_c, self.setpoint[i] - settings.comfort_min_c)
-            room = shed_room if power < 0 else absorb_room
-            if abs(room) < settings.min_offset_c:
-                continue  # the adapter refuses: the offset in force stays
-            self.offset[i] = offset_for_change(power, rated, float(room), settings)
+            self._offset_for(i, power)
+
+    def _offset_for(self, i: int, power: float) -> None:
+        settings = self.spec.settings
+        shed_room = min(settings.max_offset_c, settings.comfort_max_c - self.setpoint[i])
+        absorb_room = -min(settings.max_offset_c, self.setpoint[i] - settings.comfort_min_c)
+        room = shed_room if power < 0 else absorb_room
+        if abs(room) < settings.min_offset_c:
+            return  # the adapter refuses: the offset in force stays
+        self.offset[i] = offset_for_change(
+            power,
+            float(self.rated[i]),
+            float(room),
+            settings,
+            float(self.indoor[i] - self.setpoint[i]),
+        )
+
+    def refresh(self) -> None:
+        """What the supervisors do every ``refresh_s``: re-apply each setpoint in force (the
+        adapter recomputes the offset from the house's telemetry)."""
+        for i in range(self.spec.thermostats):
+            command = self._desired.get(f"t{i}")
+            power = None if command is None else command.power_kw
+            if power is not None and worth_an_offset(
+                power, float(self.rated[i]), self.spec.settings
+            ):
+                self._offset_for(i, power)
 
     def run(self, until: datetime, *, record_s: float = 60.0) -> list[Sample]:
         """Step physics and control to ``until``; one sample every ``record_s``."""
         samples: list[Sample] = []
         next_record = self.now
         settings = self.spec.settings
+        next_refresh = self.now
         while self.now < until:
             deliveries = self.control()
+            if self.now >= next_refresh:
+                self.refresh()
+                next_refresh = self.now + timedelta(seconds=self.refresh_s)
             if self.now >= next_record:
                 above = self.indoor > settings.comfort_max_c + self.hysteresis + 0.05
                 reserve = self.b_soc < self.b_reserve - 0.5

@@ -170,6 +170,12 @@ class MqttDeviceSettings(Section):
         gt=0,
         description="Electric energy the comfort band stores; None: one hour at rated power",
     )
+    hold_lead_c: float = Field(
+        default=1.0,
+        gt=0,
+        le=5,
+        description="Thermostat: how far ahead of the room a shed keeps the setpoint (°C)",
+    )
     deadband_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="Water heater: |request| below this share of rated"
     )
@@ -627,15 +633,27 @@ def worth_an_offset(power_kw: float, rated_kw: float, settings: MqttDeviceSettin
 
 
 def offset_for_change(
-    power_kw: float, rated_kw: float, room_c: float, settings: MqttDeviceSettings
+    power_kw: float,
+    rated_kw: float,
+    room_c: float,
+    settings: MqttDeviceSettings,
+    indoor_minus_setpoint_c: float,
 ) -> float:
     """The setpoint offset (°C, signed like ``room_c``) for a change of ``power_kw`` from the
-    baseline: the same share of the comfort band's ``room_c`` as of the rating, to 0.1 °C.
+    baseline.
 
-    The planner's closed loop (``gateway.delivery``) corrects the request by what the houses
-    measure, so this mapping need only be monotonic, not exact."""
-    fraction = min(1.0, abs(power_kw) / rated_kw)
-    offset = round(fraction * room_c, 1)
+    A compressor is on or off, so a house called to shed is *held off* for its turn: the
+    setpoint is kept ``hold_lead_c`` ahead of the room, in the direction of ``room_c`` (up for a
+    cooling shed, down for a heating one), within the comfort band's ``room_c``. The supervisor
+    re-applies the command every ``refresh_s``, so the offset follows the room up as it warms
+    and the compressor stays off until the band is spent. A load
+    up (pre-cooling) is held on the same way. The planner calls houses in turns and closes the
+    loop on what they measure (``gateway.dispatch``, ``gateway.delivery``); a house need only
+    do reliably what one house can: stop, or run.
+    """
+    direction = math.copysign(1.0, room_c)
+    wanted = direction * indoor_minus_setpoint_c + settings.hold_lead_c
+    offset = direction * round(min(abs(room_c), max(0.0, wanted)), 1)
     if abs(offset) < settings.min_offset_c:
         # A small request that rounds below the smallest worthwhile offset (the band has room
         # for it): the smallest offset, not a refusal that would exclude the house.
@@ -714,7 +732,9 @@ class MqttThermostat(_MqttDevice):
         room = shed if power < 0 else absorb
         if abs(room) < self.settings.min_offset_c:
             raise DeviceRejected(self._device_id, "setpoint already at the edge of comfort band")
-        offset = offset_for_change(power, birth.rated_kw, room, self.settings)
+        offset = offset_for_change(
+            power, birth.rated_kw, room, self.settings, telemetry.indoor_c - telemetry.setpoint_c
+        )
         return SetpointOffset(offset_c=offset)
 
     async def setpoint_event(
