@@ -159,6 +159,13 @@ class DeliveryConfig(Section):
         description="How long a thermal load called by a dispatch stays called before others",
     )
 
+    release_s: float = Field(
+        default=3600.0,
+        ge=0,
+        le=86_400,
+        description="Thermal loads of an ended dispatch are released one by one over this long",
+    )
+
     def tuning(self) -> DeliveryTuning:
         return DeliveryTuning(
             smoothing_s=self.smoothing_s,

@@ -695,6 +695,7 @@ class Gateway:
             corrections,
             self.plan,
             turn_s,
+            self.config.delivery.release_s,
         )
         first.delivery = deliveries
         await self.book.tick(now, first)
@@ -709,6 +710,7 @@ class Gateway:
             corrections,
             self.plan,
             turn_s,
+            self.config.delivery.release_s,
         )
         plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
         self._apply(plan)

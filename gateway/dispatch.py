@@ -32,7 +32,7 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from gateway.registry import Registry
@@ -177,7 +177,7 @@ class _Slot:
     """One device's state during planning."""
 
     command_id: str
-    kind: Literal["dispatch", "setpoint", "envelope"]
+    kind: Literal["dispatch", "setpoint", "envelope", "release"]
     requested_kw: float
     kw: float
     limited_by: list[str] = field(default_factory=list)
@@ -208,6 +208,15 @@ class Plan:
     committed_kw: dict[str, float] = field(default_factory=dict)
     """dispatch command_id → the change to allocate: the request plus the closed loop's
     correction (:mod:`gateway.delivery`); the devices' caps may leave a shortfall."""
+    releasing: dict[str, Release] = field(default_factory=dict)
+    """Thermal devices of a dispatch that has ended, each held until its turn to be released."""
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    command_id: str
+    kw: float
+    at: datetime
 
 
 def target_devices(registry: Registry, target: Target) -> list[Device]:
@@ -225,13 +234,16 @@ def plan(
     corrections: Mapping[str, float] | None = None,
     previous: Plan | None = None,
     rotation_s: float = 1800.0,
+    release_s: float = 0.0,
 ) -> Plan:
     """Compute every device's setpoint for ``now``.
 
     ``states`` holds the latest *fresh* state of each device (None when unavailable or stale);
     ``active`` the commands whose window contains ``now``; ``baselines`` each device's power when
     left alone, as far as it is known (``target`` mode and envelopes); ``corrections`` the
-    closed loop's correction of each dispatch's request (:mod:`gateway.delivery`), in kW.
+    closed loop's correction of each dispatch's request (:mod:`gateway.delivery`), in kW;
+    ``previous`` the last plan (whose turns and releases go on); ``rotation_s`` a thermal load's
+    turn; ``release_s`` how long the thermal loads of an ended dispatch take to be released.
     """
     baselines = baselines or {}
     corrections = corrections or {}
@@ -263,6 +275,10 @@ def plan(
                 remaining,
             )
 
+    if previous is not None and release_s > 0:
+        active_ids = {a.command.command_id for a in active}
+        _stagger_release(now, previous, active_ids, registry, slots, result, release_s)
+
     envelopes = sorted(
         (a for a in active if isinstance(a.command, OperatingEnvelope)), key=lambda a: a.seq
     )
@@ -293,6 +309,15 @@ def plan(
         provenance = [_source(sources, slot.command_id, slot.kind)]
         provenance += [_limit_source(sources, s) for s in slot.limited_by]
         kw = round(slot.kw, 4)
+        if slot.kind == "release":
+            result.setpoints[device_id] = DeviceCommand.model_construct(
+                device_id=device_id,
+                power_kw=kw,
+                import_limit_kw=None,
+                export_limit_kw=None,
+                provenance=tuple(provenance),
+            )
+            continue  # not part of any command's allocation any more
         result.setpoints[device_id] = DeviceCommand.model_construct(
             device_id=device_id,
             power_kw=kw,
@@ -424,11 +449,49 @@ def _plan_dispatch(
             limits.append(room.discharge_limit if total < 0 else room.charge_limit)
         slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)
         holder[did] = command.command_id
-        if did in thermal and abs(kw) <= _EPS:
-            continue  # not called this period
+        if did not in thermal or abs(kw) <= _EPS:
+            continue  # only a thermal load called this period has a turn
         since = previous.held_since.get(did) if previous is not None else None
         same = previous is not None and _holder_of(previous, did) == command.command_id
         result.held_since[did] = since if (same and since is not None) else now
+
+
+def _stagger_release(
+    now: datetime,
+    previous: Plan,
+    active_ids: set[str],
+    registry: Registry,
+    slots: dict[str, _Slot],
+    result: Plan,
+    release_s: float,
+) -> None:
+    """Release the thermal loads of a dispatch that has just ended one after another over
+    ``release_s``, longest called first, instead of all at once.
+
+    Every house held off pays its stored heat back when released: released together, their
+    compressors all start together (a rebound larger than the shed). A device another command
+    claims is simply taken (power commands are planned first)."""
+    for device_id, release in previous.releasing.items():
+        if release.at > now and device_id not in slots and device_id in registry:
+            slots[device_id] = _Slot(release.command_id, "release", release.kw, release.kw)
+            result.releasing[device_id] = release
+    for command_id in previous.requested_kw:
+        if command_id in active_ids:
+            continue
+        called = [
+            a
+            for a in previous.allocations.get(command_id, ())
+            if a.device_id in previous.held_since and abs(a.commanded_kw) > _EPS
+        ]
+        called.sort(key=lambda a: previous.held_since[a.device_id])
+        for rank, allocation in enumerate(called):
+            did = allocation.device_id
+            if did in slots or did not in registry:
+                continue
+            at = now + timedelta(seconds=release_s * (rank + 1) / len(called))
+            kw = allocation.commanded_kw
+            slots[did] = _Slot(command_id, "release", kw, kw)
+            result.releasing[did] = Release(command_id, kw, at)
 
 
 def _holder_of(plan: Plan, device_id: str) -> str | None:

@@ -89,7 +89,9 @@ class VirtualPowerPlant:
         thermal_turn_s: float = 1800.0,
         baseline_tau_s: float = 900.0,
         refresh_s: float = 60.0,
+        release_s: float = 3600.0,
     ) -> None:
+        self.release_s = release_s
         self.refresh_s = refresh_s
         self.thermal_turn_s = thermal_turn_s
         self.spec = spec
@@ -263,6 +265,7 @@ class VirtualPowerPlant:
             corrections,
             self.plan,
             self.thermal_turn_s,
+            self.release_s,
         )
         self._apply(plan)
         self.plan = plan
@@ -294,9 +297,11 @@ class VirtualPowerPlant:
             i = index
             power = None if new is None else new.power_kw
             rated = float(self.rated[i])
-            if power is None or not worth_an_offset(power, rated, settings):
+            if new is None or power is None or not worth_an_offset(power, rated, settings):
                 self.offset[i] = 0.0
                 continue
+            if _releasing(new) and self.offset[i] != 0:
+                continue  # waiting to be released: the offset stays where it is
             self._offset_for(i, power)
 
     def _offset_for(self, i: int, power: float) -> None:
@@ -320,9 +325,9 @@ class VirtualPowerPlant:
         for i in range(self.spec.thermostats):
             command = self._desired.get(f"t{i}")
             power = None if command is None else command.power_kw
-            if power is not None and worth_an_offset(
-                power, float(self.rated[i]), self.spec.settings
-            ):
+            if command is None or power is None or _releasing(command):
+                continue  # nothing in force, or waiting to be released: the offset stays
+            if worth_an_offset(power, float(self.rated[i]), self.spec.settings):
                 self._offset_for(i, power)
 
     def run(self, until: datetime, *, record_s: float = 60.0) -> list[Sample]:
@@ -355,3 +360,7 @@ class VirtualPowerPlant:
 
     def add(self, commands: Sequence[ScheduledCommand]) -> None:
         self.commands.extend(commands)
+
+
+def _releasing(command: DeviceCommand) -> bool:
+    return bool(command.provenance) and command.provenance[0].kind == "release"

@@ -536,6 +536,7 @@ class LimitSource(Frozen):
         "reserve_soc",
         "max_soc",
         "ev_energy_need",
+        "release",
         "idle",
     ]
 

@@ -726,6 +726,16 @@ class MqttThermostat(_MqttDevice):
         if not worth_an_offset(power, birth.rated_kw, self.settings):
             return EndEvent()
         self._refuse_if_overridden()
+        active = self._active
+        if (
+            command.provenance
+            and command.provenance[0].kind == "release"
+            and active is not None
+            and isinstance(active.message.body, SetpointOffset)
+        ):
+            # Waiting for its turn to be released after the event: the house stays where it is
+            # (its setpoint no longer follows the room up), so it stores no more heat to pay back.
+            return SetpointOffset(offset_c=active.message.body.offset_c)
         if telemetry.mode is HvacMode.OFF:
             raise DeviceRejected(self._device_id, "HVAC is off: no load to shift")
         shed, absorb = self.offset_range(telemetry)
