@@ -18,8 +18,8 @@ from adapters.mqtt_devices.acl import (
     provision_broker_files,
 )
 from composition.app import GatewayApp
-from gateway.dispatch import THERMAL_MIN_HEADROOM_PCT
 from composition.config import parse_config
+from gateway.dispatch import THERMAL_MIN_HEADROOM_PCT
 from protocols.mqtt.devices import DeviceTopics, SetpointOffset
 from simulators.broker import AuthenticatedMosquitto, BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
