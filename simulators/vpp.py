@@ -60,6 +60,10 @@ class FleetSpec:
     previous one, until it is older than ``stale_after_s``."""
     stale_after_s: float = 30.0
     battery_soc_pct: tuple[float, float] = (40.0, 90.0)
+    burn_in_s: float = 6 * 3600.0
+    """Physics run before the start, so that the compressors' cycles are spread as in a real
+    fleet (houses started together stay in step for hours: the aggregate then swings by a
+    tenth, which no baseline can follow)."""
     settings: MqttDeviceSettings = field(default_factory=MqttDeviceSettings)
 
 
@@ -114,6 +118,7 @@ class VirtualPowerPlant:
         self.indoor = self.setpoint + rng.uniform(-0.5, 0.5, n)
         self.on = rng.random(n) < duty
         self.offset = np.zeros(n)
+        self._step_houses(spec.burn_in_s)
         m = spec.batteries
         self.b_rated = rng.choice([5.0, 7.0, 10.0], m)
         self.b_capacity = self.b_rated * 2.0
@@ -156,6 +161,12 @@ class VirtualPowerPlant:
 
     # ------------------------------------------------------------------ physics
     def _step(self, dt_s: float) -> None:
+        self._step_houses(dt_s)
+        self.b_power = self.b_setpoint.copy()
+        self.b_soc += self.b_power * dt_s / 3600.0 / self.b_capacity * 100.0
+        self.b_soc = np.clip(self.b_soc, 0.0, 100.0)
+
+    def _step_houses(self, dt_s: float) -> None:
         remaining = dt_s
         while remaining > 0:
             dt = min(remaining, _SUBSTEP_S)
@@ -169,9 +180,6 @@ class VirtualPowerPlant:
                 True,
                 np.where(self.indoor < target - self.hysteresis, False, self.on),
             )
-        self.b_power = self.b_setpoint.copy()
-        self.b_soc += self.b_power * dt_s / 3600.0 / self.b_capacity * 100.0
-        self.b_soc = np.clip(self.b_soc, 0.0, 100.0)
 
     def thermostat_power(self) -> _Array:
         return np.where(self.on, self.rated, 0.0)
