@@ -245,10 +245,11 @@ class VirtualPowerPlant:
         return last
 
     # ------------------------------------------------------------------ the control path
-    def control(self) -> dict[str, Delivery]:
+    def control(self, states: dict[str, DeviceState | None] | None = None) -> dict[str, Delivery]:
         """One control period of the gateway: close the loops, plan, apply."""
         now = self.now
-        states = self.states()
+        if states is None:
+            states = self.states()
         for did, state in states.items():
             if state is not None:
                 held = did in self._desired
@@ -362,9 +363,13 @@ class VirtualPowerPlant:
                     )
                 )
                 next_record = self.now + timedelta(seconds=record_s)
-            self._step(self.period_s)
-            self.now += timedelta(seconds=self.period_s)
+            self.advance()
         return samples
+
+    def advance(self) -> None:
+        """Physics over one control period."""
+        self._step(self.period_s)
+        self.now += timedelta(seconds=self.period_s)
 
     def add(self, commands: Sequence[ScheduledCommand]) -> None:
         self.commands.extend(commands)
