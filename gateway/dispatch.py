@@ -33,7 +33,9 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
 
 from gateway.registry import Registry
 from unified.model import (
@@ -301,32 +303,39 @@ def plan(
             provenance=tuple(LimitSource(command_id=c, kind="envelope") for c in limit.sources),
         )
 
-    # The planner's own values need no validation: ``model_construct`` (a plan for 10,000
-    # devices builds ~20,000 of these every control period; validating them cost 0.4 s).
+    # A plan for 10,000 devices has ~20,000 of these every control period: a device whose
+    # command has not changed keeps the same object, and new ones are built from the planner's
+    # own values without re-validation (validating them cost 0.4 s a period).
     sources: dict[tuple[str, str], LimitSource] = {}
     requested_by_command: dict[str, list[Allocation]] = {}
+    before = previous.setpoints if previous is not None else {}
     for device_id, slot in slots.items():
         provenance = [_source(sources, slot.command_id, slot.kind)]
         provenance += [_limit_source(sources, s) for s in slot.limited_by]
         kw = round(slot.kw, 4)
-        if slot.kind == "release":
-            result.setpoints[device_id] = DeviceCommand.model_construct(
+        old = before.get(device_id)
+        if (
+            old is not None
+            and old.power_kw == kw
+            and old.import_limit_kw is None
+            and old.export_limit_kw is None
+            and old.provenance == tuple(provenance)
+        ):
+            result.setpoints[device_id] = old
+        else:
+            result.setpoints[device_id] = _built(
+                DeviceCommand,
                 device_id=device_id,
                 power_kw=kw,
                 import_limit_kw=None,
                 export_limit_kw=None,
                 provenance=tuple(provenance),
             )
+        if slot.kind == "release":
             continue  # not part of any command's allocation any more
-        result.setpoints[device_id] = DeviceCommand.model_construct(
-            device_id=device_id,
-            power_kw=kw,
-            import_limit_kw=None,
-            export_limit_kw=None,
-            provenance=tuple(provenance),
-        )
         requested_by_command.setdefault(slot.command_id, []).append(
-            Allocation.model_construct(
+            _built(
+                Allocation,
                 device_id=device_id,
                 requested_kw=round(slot.requested_kw, 4),
                 commanded_kw=kw,
@@ -344,6 +353,20 @@ def plan(
                 max(0.0, abs(wanted) - abs(delivered)), 3
             )
     return result
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _built(cls: type[_M], **values: Any) -> _M:
+    """A model from values the planner computed itself, every field given: what
+    ``model_construct`` does, without its per-field default handling (5× faster)."""
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", values)
+    object.__setattr__(model, "__pydantic_fields_set__", set(values))
+    object.__setattr__(model, "__pydantic_extra__", None)
+    object.__setattr__(model, "__pydantic_private__", None)
+    return model
 
 
 def ramp_factor(command: Dispatch, now: datetime) -> float:
@@ -731,8 +754,11 @@ def _relieve(
     much, -1: it exports too much); returns how far it moved."""
     moved = 0.0
     # 1. Setpoints pushing past the limit shrink proportionally (the envelope wins).
-    pushing = {d: sl for d, sl in slots.items() if sl.kw * side > _EPS}
-    pushing = {d: sl for d, sl in pushing.items() if any(m.device_id == d for m in members)}
+    pushing = {
+        m.device_id: sl
+        for m in members
+        if (sl := slots.get(m.device_id)) is not None and sl.kw * side > _EPS
+    }
     push_total = sum(sl.kw * side for sl in pushing.values())
     if push_total > _EPS:
         cut = min(excess, push_total)

@@ -6,11 +6,13 @@ Pure functions over bytes and models: the transport lives in :mod:`adapters.grid
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
 
-from unified.model import COMMAND_ADAPTER, SCHEMA_VERSION, Command, Reason
+from unified.model import COMMAND_ADAPTER, ID_PATTERN, SCHEMA_VERSION, Command, Reason
 from unified.weather import WeatherForecast
 
 MAX_COMMAND_BYTES = 256 * 1024
@@ -91,23 +93,27 @@ def _format_errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_ID_RE: Final = re.compile(ID_PATTERN)
+
 _WINDOW_FIELDS = frozenset({"duration_s", "ramp_s", "start", "end"})
 _WINDOW_MESSAGES = ("after its start", "longer than duration_s", "overlap or are out of order")
 
 
 def _is_window_error(exc: ValidationError) -> bool:
-    """A time window that ends before it starts (or has no length) gets its own reason."""
-    for err in exc.errors(include_url=False):
-        loc = err["loc"]
-        if any(m in err["msg"] for m in _WINDOW_MESSAGES):
-            return True
-        if (
-            loc
-            and loc[-1] in ("duration_s",)
-            and err["type"] in ("greater_than", "less_than_equal")
-        ):
-            return True
-    return False
+    """A time window that ends before it starts (or has no length) gets its own reason, when
+    that is all that is wrong with the command."""
+    # A list left empty by its invalid items is a consequence, not a second problem.
+    errors = [e for e in exc.errors(include_url=False) if e["type"] != "too_short"]
+    return bool(errors) and all(_window_error(err) for err in errors)
+
+
+def _window_error(err: Any) -> bool:
+    loc = err["loc"]
+    if any(m in err["msg"] for m in _WINDOW_MESSAGES):
+        return True
+    return bool(
+        loc and loc[-1] in ("duration_s",) and err["type"] in ("greater_than", "less_than_equal")
+    )
 
 
 def decode_command(payload: bytes) -> Command:
@@ -123,7 +129,17 @@ def decode_command(payload: bytes) -> Command:
     if not isinstance(raw, dict):
         raise CommandDecodeError(Reason.SCHEMA_VIOLATION, "a command must be a JSON object")
     command_id = raw.get("command_id")
-    if not isinstance(command_id, str) or not command_id:
+    if not isinstance(command_id, str) or _ID_RE.fullmatch(command_id) is None:
+        # Not an identifier (empty, too long, "bad id/#"): the command cannot be answered on an
+        # ack topic of its own (nor must its id become part of a topic): errors, without it.
+        if isinstance(command_id, str) and command_id:
+            try:
+                COMMAND_ADAPTER.validate_python(raw)
+            except ValidationError as exc:
+                detail = _format_errors(exc)
+            else:  # pragma: no cover - the id alone fails validation
+                detail = "command_id: not an identifier"
+            raise CommandDecodeError(Reason.SCHEMA_VIOLATION, detail)
         command_id = None
     version = raw.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:

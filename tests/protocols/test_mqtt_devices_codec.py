@@ -116,6 +116,15 @@ def test_water_heater_telemetry_and_energy_take_bound() -> None:
         (json.dumps(thermostat(power_kw=-1)).encode(), "schema_violation"),
         (json.dumps(thermostat(mode="turbo")).encode(), "schema_violation"),
         (json.dumps(thermostat(timestamp="2026-07-01T16:00:00")).encode(), "schema_violation"),
+        # Overflow converting to UTC: a refusal, not an OverflowError that ends the link's task.
+        (
+            json.dumps(thermostat(timestamp="9999-12-31T23:00:00-05:00")).encode(),
+            "schema_violation",
+        ),
+        (
+            json.dumps(thermostat(timestamp="0001-01-01T00:00:00+05:00")).encode(),
+            "schema_violation",
+        ),
         (json.dumps(thermostat(schema_version="2")).encode(), "schema_violation"),
         (json.dumps(thermostat(extra_field=1)).encode(), "schema_violation"),
         (json.dumps(thermostat(type="toaster")).encode(), "schema_violation"),

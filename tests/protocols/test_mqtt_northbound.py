@@ -92,6 +92,39 @@ def test_times_are_normalised_to_utc() -> None:
             "after its start",
         ),
         (b" " * (MAX_COMMAND_BYTES + 1), Reason.PAYLOAD_TOO_LARGE, False, "exceeds"),
+        # A timestamp that overflows converting to UTC is a reason, not an OverflowError.
+        (
+            json.dumps(GOOD | {"start": "9999-12-31T23:00:00-05:00"}).encode(),
+            Reason.SCHEMA_VIOLATION,
+            True,
+            "out of range",
+        ),
+        (
+            json.dumps(GOOD | {"start": "0001-01-01T00:00:00+05:00"}).encode(),
+            Reason.SCHEMA_VIOLATION,
+            True,
+            "out of range",
+        ),
+        # An id that is a string but no identifier: never an ack topic, answered on errors.
+        (
+            json.dumps(GOOD | {"command_id": "bad id/#"}).encode(),
+            Reason.SCHEMA_VIOLATION,
+            False,
+            "command_id",
+        ),
+        (
+            json.dumps(GOOD | {"command_id": "c" * 129}).encode(),
+            Reason.SCHEMA_VIOLATION,
+            False,
+            "command_id",
+        ),
+        # Not a window problem when the id is wrong too.
+        (
+            json.dumps(GOOD | {"command_id": "bad id", "duration_s": -5}).encode(),
+            Reason.SCHEMA_VIOLATION,
+            False,
+            "command_id",
+        ),
     ],
 )
 def test_bad_payloads_get_specific_reasons(
