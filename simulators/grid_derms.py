@@ -58,7 +58,7 @@ class GridDermsClient:
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
-        self.reply_topic = f"grid-derms/{uuid.uuid4().hex[:8]}/replies"
+        self.reply_topic = f"derms/v1/replies/grid-derms-{uuid.uuid4().hex[:8]}"
         self._ids = itertools.count(1)
 
     async def __aenter__(self) -> GridDermsClient:

@@ -461,6 +461,7 @@ class Reason(StrEnum):
     DEVICE_UNAVAILABLE = "device_unavailable"
     DEVICE_REJECTED = "device_rejected"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    RESPONSE_TOPIC_REFUSED = "response_topic_refused"
     INTERNAL = "internal"
 
 

@@ -22,3 +22,11 @@ class BrokerConfig(Section):
     client_id: str | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    response_topic_prefix: str = Field(
+        default="derms/v1/replies/",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^+#\x00]+$",
+        description="MQTT 5 response topics are honoured only under this prefix (never the "
+        "gateway's own topics); others are refused on errors and the ack goes to its usual topic",
+    )

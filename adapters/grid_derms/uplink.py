@@ -21,7 +21,7 @@ from adapters.grid_derms.link import Northbound, Outgoing, ReplyTo
 from gateway.errors import CoreError
 from gateway.flex import FlexForecast, FlexRequest, PerformanceRequest
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
-from protocols.mqtt.northbound import WeatherDecodeError, decode_weather
+from protocols.mqtt.northbound import WeatherDecodeError, decode_weather, response_topic_problem
 from unified.model import (
     Ack,
     AckState,
@@ -47,6 +47,7 @@ class GridDermsUplink:
 
     def __init__(self, config: BrokerConfig, gateway_id: str, *, backoff_max_s: float) -> None:
         self.topics = Topics(gateway_id)
+        self._response_prefix = config.response_topic_prefix
         self._core: Gateway | None = None
         self.link = Northbound(
             config,
@@ -74,6 +75,14 @@ class GridDermsUplink:
     # ------------------------------------------------------------------ inbound
     async def handle(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
         """One inbound message, answered whatever it holds."""
+        if reply is not None:
+            problem = response_topic_problem(
+                reply.topic, self._response_prefix, self.topics.root
+            )
+            if problem is not None:
+                log.warning("%s (on %s)", problem, topic)
+                self._error(Reason.RESPONSE_TOPIC_REFUSED, problem, topic, payload)
+                reply = None  # answered on the usual topics only
         if topic == self.topics.flex_requests:
             self._flex_request(payload, reply, topic)
         elif topic == self.topics.performance_requests:

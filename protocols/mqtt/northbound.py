@@ -116,6 +116,27 @@ def _window_error(err: Any) -> bool:
     )
 
 
+MAX_TOPIC_BYTES: Final = 512
+
+
+def response_topic_problem(topic: str, prefix: str, own_root: str) -> str | None:
+    """Why an MQTT 5 *Response Topic* must not be used, or None when it may.
+
+    A response topic is chosen by whoever sent the command: pointed at the gateway's own
+    ``commands`` topic, its acks would come back in as commands; pointed at a device's command
+    topic, the gateway would publish there. So it must lie under the configured ``prefix``, never
+    under the gateway's own tree, and be a plain topic name (no wildcard, no NUL)."""
+    if len(topic.encode("utf-8", errors="replace")) > MAX_TOPIC_BYTES:
+        return f"response topic longer than {MAX_TOPIC_BYTES} bytes"
+    if any(c in topic for c in "+#\x00"):
+        return "response topic contains a wildcard or NUL"
+    if topic == own_root or topic.startswith(own_root.rstrip("/") + "/"):
+        return f"response topic {topic!r} is inside the gateway's own topics"
+    if not topic.startswith(prefix):
+        return f"response topic {topic!r} is not under {prefix!r}"
+    return None
+
+
 def decode_command(payload: bytes) -> Command:
     """Parse and validate one command; raise :class:`CommandDecodeError` with a precise reason."""
     if len(payload) > MAX_COMMAND_BYTES:

@@ -129,8 +129,10 @@ async def test_target_mode_holds_the_feeder_net_power_around_load_it_does_not_co
     # The other load moves (the setpoint ends): the target follows it, bat-3 comes back to -1.
     await fleet.grid.send({"type": "cancel", "command_id": "c-hold", "cancels": "hold-b1"})
     await eventually(
-        lambda: fleet.feeder_power_kw("f1") == pytest.approx(-1.0, abs=0.1)
-        and abs(fleet.sims[0].power_kw) < 0.6,
+        lambda: (
+            fleet.feeder_power_kw("f1") == pytest.approx(-1.0, abs=0.1)
+            and abs(fleet.sims[0].power_kw) < 0.6
+        ),
         5,
         "target re-planned after the other load changed",
     )
@@ -286,6 +288,27 @@ async def test_mqtt5_response_topic_and_correlation(
     states = [ack.state for _, _, ack in fleet.grid.observed.replies]
     assert states[:2] == [AckState.RECEIVED, AckState.ACCEPTED]
     assert all(corr == b"corr-42" for _, corr, _ in fleet.grid.observed.replies)
+
+
+async def test_a_response_topic_into_the_gateways_own_topics_is_refused(
+    fleet: Fleet, broker_endpoint: BrokerEndpoint
+) -> None:
+    """Pointed at the gateway's own commands topic, the acks would come back in as commands."""
+    if broker_endpoint.protocol != "5":
+        pytest.skip("response topics need MQTT 5 (mosquitto)")
+    assert fleet.gateway is not None
+    fleet.grid.reply_topic = fleet.grid.topics.commands
+    await fleet.grid.send(dispatch("loop", "feeder:f1", -1.0, 30, 10), reply=True)
+    await fleet.grid.wait_for_state("loop", AckState.ACCEPTED, 5)
+    await fleet.grid.wait_for(
+        lambda o: any(e.reason is Reason.RESPONSE_TOPIC_REFUSED for e in o.errors), 5
+    )
+    await asyncio.sleep(0.5)
+    # Nothing was fed back in: no error about an ack arriving as a command, one command stored.
+    assert not [
+        e for e in fleet.grid.observed.errors if e.reason is not Reason.RESPONSE_TOPIC_REFUSED
+    ]
+    assert await fleet.gateway.store.count() == 1
 
 
 async def test_offline_device_is_logged_once_and_its_share_reallocated(

@@ -62,7 +62,7 @@ class ReportListener:
 
     def __init__(self, broker: BrokerEndpoint, gateway_id: str) -> None:
         self.root = f"derms/v1/{gateway_id}"
-        self.reply_topic = f"settlement-test/{uuid.uuid4().hex[:8]}"
+        self.reply_topic = f"derms/v1/replies/settlement-test-{uuid.uuid4().hex[:8]}"
         self.reports: dict[str, bytes] = {}
         self.replies: list[tuple[bytes, bytes | None]] = []
         self._client = aiomqtt.Client(

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from protocols.mqtt import MAX_COMMAND_BYTES, CommandDecodeError, Topics, decode_command, encode
+from protocols.mqtt.northbound import response_topic_problem
 from unified.model import Cancel, Dispatch, Reason
 
 GOOD = {
@@ -140,3 +141,21 @@ def test_bad_payloads_get_specific_reasons(
 def test_cancel_decodes() -> None:
     command = decode_command(b'{"type":"cancel","command_id":"x","cancels":"c1"}')
     assert isinstance(command, Cancel)
+
+
+@pytest.mark.parametrize(
+    ("topic", "allowed"),
+    [
+        ("derms/v1/replies/grid-1", True),
+        ("derms/v1/gw-1/commands", False),  # acks would be fed back in as commands
+        ("derms/v1/gw-1/acks/x", False),
+        ("derms/v1/gw-1", False),
+        ("devices/t1/command", False),  # a device's command topic
+        ("derms/v1/replies/#", False),
+        ("derms/v1/replies/+/x", False),
+        ("derms/v1/replies/" + "x" * 600, False),
+    ],
+)
+def test_response_topics_only_under_the_prefix(topic: str, allowed: bool) -> None:
+    problem = response_topic_problem(topic, "derms/v1/replies/", "derms/v1/gw-1")
+    assert (problem is None) is allowed, problem
