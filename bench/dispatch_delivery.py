@@ -62,7 +62,8 @@ class Scenario:
 
     @property
     def until(self) -> datetime:
-        return self.end + timedelta(hours=1)
+        # Long enough for a release spread over twice the event, and an hour after it.
+        return self.end + timedelta(hours=2 * self.hours + 1)
 
 
 def feeder(samples: list[Sample]) -> F:
@@ -111,6 +112,7 @@ def dispatch_scenario(sc: Scenario) -> dict[str, Any]:
         delta = feeder(samples) - base
         event = delta[w + 1 : w + 1 + m]
         after = delta[w + 1 + m : w + 1 + m + 60]
+        later = delta[w + 1 + m :]
         five = fives(event)
         out[mode] = {
             "hourly_kw": [
@@ -120,6 +122,8 @@ def dispatch_scenario(sc: Scenario) -> dict[str, Any]:
             "within_15": round(float(np.mean(np.abs(five - request) <= 0.15 * abs(request))), 3),
             # The highest 5-minute mean above the baseline in the hour after, over |request|.
             "rebound_peak": round(float(fives(after).max()) / abs(request), 3),
+            # ... and at any time after the event (a release spread out moves it later).
+            "rebound_peak_any": round(float(fives(later).max()) / abs(request), 3),
             "comfort_breaches": max(s.comfort_breaches for s in samples),
             "reserve_breaches": max(s.reserve_breaches for s in samples),
         }
@@ -254,6 +258,7 @@ def print_dispatch(title: str, r: dict[str, Any]) -> None:
     )
     print(
         f"{'mode':20} {'hourly mean kW':22} {'5-min ±10%':>10} {'±15%':>6} {'rebound':>8} "
+        f"{'later':>6} "
         f"{'comfort':>8} {'reserve':>8}"
     )
     for mode in ("open", "closed", "closed, release 2x"):
@@ -261,7 +266,8 @@ def print_dispatch(title: str, r: dict[str, Any]) -> None:
         hourly = " / ".join(f"{v:.0f}" for v in x["hourly_kw"])
         print(
             f"{mode:20} {hourly:22} {x['within_10']:>10.0%} {x['within_15']:>6.0%} "
-            f"{x['rebound_peak']:>8.0%} {x['comfort_breaches']:>8} {x['reserve_breaches']:>8}"
+            f"{x['rebound_peak']:>8.0%} {x['rebound_peak_any']:>6.0%} "
+            f"{x['comfort_breaches']:>8} {x['reserve_breaches']:>8}"
         )
 
 

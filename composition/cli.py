@@ -207,11 +207,25 @@ def certs() -> None:
 @certs.command("ca")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default="derms-dev-ca", show_default=True)
-def certs_ca(directory: Path, name: str) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing CA (every certificate it issued then fails to verify).",
+)
+def certs_ca(directory: Path, name: str, force: bool) -> None:
     """Create a development CA (<name>.pem, <name>.key) in DIRECTORY."""
     from composition.certs import make_ca
 
-    ca = make_ca(directory, name)
+    existing = [p for p in (directory / f"{name}.pem", directory / f"{name}.key") if p.exists()]
+    if existing and not force:
+        raise click.ClickException(
+            f"{existing[0]} exists: replacing the CA would make every certificate it issued fail "
+            "to verify. Use another --name or DIRECTORY, or --force."
+        )
+    try:
+        ca = make_ca(directory, name)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot create the CA in {directory}: {exc}") from None
     click.echo(f"CA certificate: {ca.cert_path}\nCA key:         {ca.key_path}")
 
 
@@ -247,11 +261,14 @@ def certs_issue(
 def certs_show(certificate: Path) -> None:
     """Print a certificate's LFDI and SFDI (what an installer hands the utility)."""
     from composition.certs import describe_text
+    from protocols.sep2.errors import InvalidCertificate
 
     try:
         click.echo(describe_text(certificate))
-    except ValueError as exc:
+    except (ValueError, InvalidCertificate) as exc:
         raise click.ClickException(f"{certificate}: not a certificate ({exc})") from None
+    except OSError as exc:
+        raise click.ClickException(f"{certificate}: cannot read it ({exc})") from None
 
 
 @main.group()

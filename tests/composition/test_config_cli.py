@@ -151,6 +151,20 @@ def test_cli_certs_make_a_ca_issue_and_describe(tmp_path: Path) -> None:
     missing = run_cli("certs", "issue", str(tmp_path / "nowhere"), "x")
     assert missing.returncode != 0
     assert "cannot load CA" in missing.stderr
+    # The CA is never replaced by accident: its certificates would all fail to verify.
+    key_before = (tmp_path / "derms-dev-ca.key").read_bytes()
+    again = run_cli("certs", "ca", str(tmp_path))
+    assert again.returncode != 0
+    assert "--force" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (tmp_path / "derms-dev-ca.key").read_bytes() == key_before
+    # Anything that is not a certificate gets a sentence, not a traceback.
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(100)))
+    shown_junk = run_cli("certs", "show", str(junk))
+    assert shown_junk.returncode != 0
+    assert "not a certificate" in shown_junk.stderr
+    assert "Traceback" not in shown_junk.stderr
 
 
 def test_edge_agent_example_resolves_paths_against_its_folder() -> None:
