@@ -79,6 +79,36 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(runner())
 
 
+def _run_explained(main: Coroutine[Any, Any, Any]) -> None:
+    """``run_until_signal``, with a store that cannot be opened or written said in a sentence
+    with what to do, and exit status 1, instead of a traceback."""
+    from gateway.store import StoreError
+
+    try:
+        run_until_signal(main)
+    except StoreError as exc:
+        raise click.ClickException(_store_advice(exc)) from None
+    except BaseExceptionGroup as group:
+        found = group.subgroup(StoreError)
+        if found is None:
+            raise
+        leaf: BaseException = found
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise click.ClickException(_store_advice(leaf)) from None
+
+
+def _store_advice(error: BaseException) -> str:
+    return (
+        f"{error}\n"
+        "The gateway cannot use this SQLite file: it is corrupt, not a database, or not "
+        "readable and writable by this user (or its disk is full). Nothing was commanded. "
+        "Check the file's permissions and free space; if it is damaged, restore it from a "
+        "backup, or move it aside to start with an empty store (active commands in it are "
+        "then lost: Grid DERMS must send them again)."
+    )
+
+
 @click.group()
 @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logs.")
 @click.pass_context
@@ -107,7 +137,7 @@ def run(ctx: click.Context, config_path: Path) -> None:
         raise click.ClickException(str(exc)) from None
     app = GatewayApp(config)
     settle_heap()
-    run_until_signal(app.run())
+    _run_explained(app.run())
 
 
 @main.command()
@@ -132,7 +162,7 @@ def edge(ctx: click.Context, config_path: Path) -> None:
     assert isinstance(config, EdgeAgentConfig)
     agent = build_edge_agent(config)
     settle_heap()
-    run_until_signal(agent.run())
+    _run_explained(agent.run())
 
 
 @main.command("check-config")

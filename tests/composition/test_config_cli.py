@@ -206,3 +206,31 @@ def test_published_messages_do_not_require_what_the_gateway_leaves_out() -> None
     schemas = json_schemas() | flex_json_schemas()
     offenders = {name: bad for name, s in schemas.items() if (bad := _nullable_but_required(s))}
     assert offenders == {}
+
+
+def test_a_corrupt_store_is_said_in_a_sentence_not_a_traceback(tmp_path: Path) -> None:
+    store = tmp_path / "gw.sqlite"
+    store.write_bytes(bytes(range(256)) * 20)  # not a SQLite file
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        f"""gateway_id = "gw-corrupt"
+[broker]
+port = 1
+[store]
+path = "{store}"
+[history]
+enabled = false
+[[devices]]
+device_id = "b1"
+der_class = "battery"
+adapter = "sunspec_battery"
+location = {{ substation = "s1", feeder = "f1" }}
+ratings = {{ max_charge_kw = 5, max_discharge_kw = 5, capacity_kwh = 10 }}
+sunspec = {{ host = "127.0.0.1", port = 1 }}
+"""
+    )
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert "cannot use this SQLite file" in result.stderr
+    assert str(store) in result.stderr
+    assert "Traceback" not in result.stderr
