@@ -469,6 +469,9 @@ def test_times() -> None:
     assert parse_time("2026-03-04T06:06:07.5+01:00") == NOW.replace(microsecond=500_000)
     for not_a_time in ("2026-03-04T05:06:07", "yesterday", 1_700_000_000, None):
         assert parse_time(not_a_time) is None
+    # Times that overflow converting to UTC, or a reset clock: not a time, never an exception.
+    for far in ("9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+05:00", "1900-01-01T00:00:00Z"):
+        assert parse_time(far) is None
 
 
 # --------------------------------------------------------------------------- properties
