@@ -15,7 +15,7 @@ from datetime import datetime
 from gateway.dispatch import ActiveCommand, Plan, allocations_changed, target_devices
 from gateway.errors import CoreError
 from gateway.registry import Registry
-from gateway.store import CommandStore, digest
+from gateway.store import CommandStore, StoreError, digest
 from unified.model import (
     ALLOWED_TRANSITIONS,
     TERMINAL_STATES,
@@ -107,6 +107,21 @@ class CommandBook:
             return ack
 
         self._sink(self._ack(command.command_id, AckState.RECEIVED, now), reply)
+        try:
+            return await self._take(command, now, reply)
+        except StoreError as exc:
+            # Its ack says received: it must not stay there. Nothing of it was applied.
+            failed = self._ack(
+                command.command_id,
+                AckState.FAILED,
+                now,
+                Reason.INTERNAL,
+                f"not applied: the command store could not record it ({exc})",
+            )
+            self._sink(failed, reply)
+            raise
+
+    async def _take(self, command: Command, now: datetime, reply: object | None) -> Ack:
         try:
             await self._validate(command, now)
         except CommandRejected as exc:

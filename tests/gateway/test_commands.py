@@ -11,7 +11,7 @@ import pytest
 from gateway.commands import CommandBook, CommandRejected
 from gateway.dispatch import Plan
 from gateway.registry import Registry
-from gateway.store import CommandStore
+from gateway.store import CommandStore, StoreError
 from unified.model import (
     Ack,
     AckState,
@@ -245,3 +245,21 @@ async def test_open_commands_survive_a_restart(tmp_path: Path) -> None:
         # a redelivery after the restart is still recognised
         again = await book.submit(dispatch("running", duration=600), NOW + timedelta(minutes=2))
         assert again.state is AckState.ACTIVE
+
+
+async def test_a_store_that_cannot_record_the_command_leaves_a_final_failed_ack(
+    store: CommandStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = Sink()
+    book = CommandBook(store, registry(), sink)
+
+    async def disk_full(*_: object) -> int:
+        raise StoreError("command store: OperationalError: database or disk is full")
+
+    monkeypatch.setattr(store, "insert", disk_full)
+    with pytest.raises(StoreError):
+        await book.submit(dispatch(), NOW)
+    assert sink.states("d1") == [AckState.RECEIVED, AckState.FAILED]
+    assert sink.acks[-1].reason is Reason.INTERNAL
+    assert "not applied" in (sink.acks[-1].detail or "")
+    assert book.active(NOW + timedelta(seconds=1)) == []
