@@ -309,11 +309,24 @@ class CommandBook:
         # A conflict that starts or ends is said at once too, and so is delivery falling short
         # (or recovering).
         was_short = before is not None and before.short
-        short_changed = delivery is not None and delivery.short != was_short
+        said_at_once = delivery is not None and delivery.short != was_short
+        compliance = plan.compliance.get(entry.command.command_id)
+        held = entry.ack.compliance
+        if compliance is not None and (
+            held is None
+            or compliance.seconds_outside != held.seconds_outside
+            or abs(compliance.measured_kw - held.measured_kw) > self._tolerance
+        ):
+            changed = True
+        # Leaving (or coming back inside) an envelope is said at once.
+        was_outside = held is not None and held.outside
+        said_at_once = said_at_once or (
+            compliance is not None and (held is None or compliance.outside != was_outside)
+        )
         if (
             (changed and (due or devices_changed))
             or updated.detail != entry.ack.detail
-            or short_changed
+            or said_at_once
         ):
             await self._publish(entry, updated)
 
@@ -352,12 +365,13 @@ class CommandBook:
         ack = self._ack(entry.command.command_id, state, now, reason, detail)
         if plan is not None:
             ack = self._with_plan(ack, now, plan)
-        elif entry.ack.allocations:
+        elif entry.ack.allocations or entry.ack.compliance is not None:
             ack = ack.model_copy(
                 update={
                     "allocations": entry.ack.allocations,
                     "shortfall_kw": entry.ack.shortfall_kw,
                     "delivery": entry.ack.delivery,
+                    "compliance": entry.ack.compliance,
                 }
             )
         await self._publish(entry, ack)
@@ -376,13 +390,14 @@ class CommandBook:
         if allocations is None:
             # Ended commands are no longer planned: their last allocation is what they did.
             entry = self._open.get(ack.command_id)
-            if entry is None or not entry.ack.allocations:
+            if entry is None or not (entry.ack.allocations or entry.ack.compliance):
                 return ack
             return ack.model_copy(
                 update={
                     "allocations": entry.ack.allocations,
                     "shortfall_kw": entry.ack.shortfall_kw,
                     "delivery": entry.ack.delivery,
+                    "compliance": entry.ack.compliance,
                 }
             )
         # Only blockers still in force: a plan made before this cycle's lifecycle may name a
@@ -403,6 +418,7 @@ class CommandBook:
                 "allocations": allocations,
                 "shortfall_kw": plan.shortfall_kw.get(ack.command_id),
                 "delivery": plan.delivery.get(ack.command_id, ack.delivery),
+                "compliance": plan.compliance.get(ack.command_id, ack.compliance),
                 "detail": detail,
             }
         )

@@ -35,7 +35,7 @@ from gateway import dispatch
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandBook
 from gateway.config import CoreConfig
-from gateway.delivery import BaselineTracker, DeliveryLoop, close_loops
+from gateway.delivery import BaselineTracker, DeliveryLoop, EnvelopeWatch, close_loops
 from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule
 from gateway.errors import CoreError
 from gateway.flex import (
@@ -86,9 +86,11 @@ from unified.model import (
     DeviceState,
     DeviceTelemetry,
     Dispatch,
+    EnvelopeCompliance,
     EnvelopeInterval,
     GatewayStatus,
     GroupTelemetry,
+    OperatingEnvelope,
     Quality,
     Reason,
     TopologyLevel,
@@ -153,6 +155,8 @@ class Gateway:
         response is measured against."""
         self._autonomous_kw = self._baselines.mean_kw
         self._loops: dict[str, DeliveryLoop] = {}
+        self._watches: dict[str, EnvelopeWatch] = {}
+        """How each envelope in force holds at the meter (by command id)."""
         """The closed loop of each running dispatch (by command id)."""
         self.history: ReadingHistory | None = None
         if config.history.enabled:
@@ -684,6 +688,7 @@ class Gateway:
         await self._handle_refusals(now)
         states = self.device_states(now)
         deliveries = self._close_loops(now, states)
+        compliance = self._watch_envelopes(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
         turn_s = self.config.delivery.thermal_turn_s
         first = dispatch.plan(
@@ -698,6 +703,7 @@ class Gateway:
             self.config.delivery.release_s,
         )
         first.delivery = deliveries
+        first.compliance = compliance
         await self.book.tick(now, first)
         # The lifecycle may have just started, ended or superseded commands: plan again so the
         # devices never see a setpoint from a command that is no longer in force.
@@ -713,9 +719,42 @@ class Gateway:
             self.config.delivery.release_s,
         )
         plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
+        plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}
         self._apply(plan)
         self.plan = plan
         return plan
+
+    def _watch_envelopes(
+        self, now: datetime, states: Mapping[str, DeviceState | None]
+    ) -> dict[str, EnvelopeCompliance]:
+        """Each envelope in force against its group's measured net power (what the last plan
+        left it to hold)."""
+        previous = self.plan
+        for cid in [c for c in self._watches if c not in previous.envelopes]:
+            del self._watches[cid]
+        acting: dict[str, int] = {}
+        for setpoint in previous.setpoints.values():
+            for source in {s.command_id for s in setpoint.provenance if s.kind == "envelope"}:
+                acting[source] = acting.get(source, 0) + 1
+        out: dict[str, EnvelopeCompliance] = {}
+        for entry in self.book.active(now):
+            command = entry.command
+            cid = command.command_id
+            if not isinstance(command, OperatingEnvelope) or cid not in previous.envelopes:
+                continue
+            measured, reporting = 0.0, 0
+            for device in dispatch.target_devices(self.registry, command.target):
+                state = states.get(device.device_id)
+                if state is not None:
+                    measured += state.power_kw
+                    reporting += 1
+                else:
+                    measured += self._autonomous_kw.get(device.device_id, 0.0)
+            watch = self._watches.setdefault(cid, EnvelopeWatch())
+            out[cid] = watch.update(
+                now, previous.envelopes[cid], measured, reporting, acting.get(cid, 0)
+            )
+        return out
 
     def _close_loops(
         self, now: datetime, states: Mapping[str, DeviceState | None]

@@ -35,9 +35,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.dispatch import Plan, corrected
-from unified.model import Delivery, DeviceState
+from unified.model import Delivery, DeviceState, EnvelopeCompliance
 
-__all__ = ["BaselineTracker", "DeliveryLoop", "DeliveryTuning", "DeviceBaseline", "close_loops"]
+__all__ = [
+    "BaselineTracker",
+    "DeliveryLoop",
+    "DeliveryTuning",
+    "DeviceBaseline",
+    "EnvelopeWatch",
+    "close_loops",
+]
 
 _Z90 = 1.645
 _EPS = 1e-9
@@ -264,3 +271,49 @@ def close_loops(
             now, requested, measured, previous.available_kw.get(cid, 0.0), trusted
         )
     return out
+
+
+@dataclass(slots=True)
+class EnvelopeWatch:
+    """One envelope's compliance at the meter: the group's measured net power against its
+    limits, period by period (what the ack reports while it runs and when it ends)."""
+
+    tolerance: float = 0.02
+    seconds_in_force: float = 0.0
+    seconds_outside: float = 0.0
+    worst_excursion_kw: float = 0.0
+    _last: datetime | None = None
+
+    def update(
+        self,
+        now: datetime,
+        limits: tuple[float | None, float | None],
+        measured_kw: float,
+        reporting: int,
+        acting: int,
+    ) -> EnvelopeCompliance:
+        imp, exp = limits
+        dt = 0.0 if self._last is None else max(0.0, (now - self._last).total_seconds())
+        self._last = now
+        excess = 0.0
+        if imp is not None:
+            excess = max(excess, measured_kw - imp)
+        if exp is not None:
+            excess = max(excess, -measured_kw - exp)
+        bound = min(x for x in (imp, exp, math.inf) if x is not None)
+        outside = excess > max(self.tolerance * bound, _EPS) if math.isfinite(bound) else False
+        self.seconds_in_force += dt
+        if outside:
+            self.seconds_outside += dt
+        self.worst_excursion_kw = max(self.worst_excursion_kw, excess)
+        return EnvelopeCompliance(
+            import_limit_kw=imp,
+            export_limit_kw=exp,
+            measured_kw=round(measured_kw, 3),
+            devices_reporting=reporting,
+            devices_acting=acting,
+            seconds_in_force=round(self.seconds_in_force, 1),
+            seconds_outside=round(self.seconds_outside, 1),
+            worst_excursion_kw=round(self.worst_excursion_kw, 3),
+            outside=outside,
+        )

@@ -48,6 +48,7 @@ from unified.model import (
     DeviceState,
     Dispatch,
     DispatchMode,
+    EnvelopeCompliance,
     LimitSource,
     OperatingEnvelope,
     ScheduledCommand,
@@ -202,6 +203,9 @@ class Plan:
     """``target`` dispatch command_id → the group baseline estimated for it now."""
     available_kw: dict[str, float] = field(default_factory=dict)
     """dispatch command_id → what the devices it holds can give in the request's direction."""
+    compliance: dict[str, EnvelopeCompliance] = field(default_factory=dict)
+    """envelope command_id → how it holds at the meter (:class:`gateway.delivery.EnvelopeWatch`);
+    the core sets it, the planner does not."""
     delivery: dict[str, Delivery] = field(default_factory=dict)
     """dispatch command_id → its measured response so far, as the closed loop
     (:mod:`gateway.delivery`) estimated it; the core sets it, the planner does not."""

@@ -495,6 +495,24 @@ class Delivery(Frozen):
     short: bool = Field(description="Delivery short of the request beyond tolerance")
 
 
+class EnvelopeCompliance(Frozen):
+    """A running envelope held against the group's measured net power (load convention).
+
+    ``measured_kw`` sums the fresh readings of the group's members (a member without one counts
+    with its learnt baseline). Time outside counts control periods in which the measured net
+    power passed a limit by more than ``tolerance`` (2 %)."""
+
+    import_limit_kw: float | None = None
+    export_limit_kw: float | None = None
+    measured_kw: float
+    devices_reporting: int = Field(ge=0)
+    devices_acting: int = Field(ge=0, description="Devices the envelope holds now")
+    seconds_in_force: float = Field(ge=0)
+    seconds_outside: float = Field(ge=0)
+    worst_excursion_kw: float = Field(ge=0, description="Largest measured excess over a limit")
+    outside: bool = Field(description="Outside a limit beyond tolerance now")
+
+
 class Ack(Frozen):
     schema_version: Literal["1"] = SCHEMA_VERSION
     command_id: Identifier
@@ -508,6 +526,9 @@ class Ack(Frozen):
     )
     delivery: Delivery | None = Field(
         default=None, description="A running dispatch's measured response (absent: none yet)"
+    )
+    compliance: EnvelopeCompliance | None = Field(
+        default=None, description="A running envelope against the measured net power"
     )
 
 

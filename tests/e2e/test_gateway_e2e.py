@@ -163,6 +163,19 @@ async def test_envelope_clips_a_dispatch(fleet: Fleet) -> None:
     for _ in range(10):
         assert fleet.feeder_power_kw("f2") >= -2.5 - 0.05
         await asyncio.sleep(0.1)
+    # The envelope's own ack says how it holds at the meter.
+    await fleet.grid.wait_for(
+        lambda o: any(
+            a.compliance is not None and a.compliance.seconds_in_force >= 1.0 for a in o.acks["doe"]
+        ),
+        8,
+    )
+    held = [a.compliance for a in fleet.grid.observed.acks["doe"] if a.compliance is not None]
+    assert held[-1].export_limit_kw == 2.5
+    assert held[-1].measured_kw == pytest.approx(-2.5, abs=0.1)
+    assert held[-1].seconds_outside == 0
+    assert held[-1].worst_excursion_kw < 0.05
+    assert not held[-1].outside
     await fleet.grid.send({"type": "cancel", "command_id": "c-d2", "cancels": "d2"})
     await fleet.grid.wait_for_state("d2", AckState.CANCELLED, 5)
     await eventually(lambda: abs(fleet.feeder_power_kw("f2")) < 0.01, 3, "f2 released on cancel")

@@ -6,7 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.delivery import BaselineTracker, DeliveryLoop, DeliveryTuning, DeviceBaseline
+from gateway.delivery import (
+    BaselineTracker,
+    DeliveryLoop,
+    DeliveryTuning,
+    DeviceBaseline,
+    EnvelopeWatch,
+)
 
 NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 TUNING = DeliveryTuning(smoothing_s=60.0, integral_s=300.0, settle_s=300.0)
@@ -103,3 +109,19 @@ def test_baseline_tracker_learns_only_while_the_device_is_left_alone() -> None:
     for k in range(360, 720):
         tracker.observe("t", NOW + timedelta(seconds=10 * k), 0.0, held=True)
     assert tracker.mean_kw["t"] == mean_before
+
+
+def test_envelope_watch_counts_time_outside_and_the_worst_excursion() -> None:
+    watch = EnvelopeWatch()
+    readings = [90.0, 99.0, 101.5, 110.0, 104.0, 95.0]  # import limit 100 kW, 2 % tolerance
+    reports = [
+        watch.update(NOW + timedelta(seconds=10 * k), (100.0, None), kw, 5, 1)
+        for k, kw in enumerate(readings)
+    ]
+    assert [r.outside for r in reports] == [False, False, False, True, True, False]
+    assert reports[-1].seconds_in_force == 50.0
+    assert reports[-1].seconds_outside == 20.0
+    assert reports[-1].worst_excursion_kw == pytest.approx(10.0)
+    export = EnvelopeWatch().update(NOW, (None, 50.0), -60.0, 5, 2)
+    assert export.outside
+    assert export.worst_excursion_kw == pytest.approx(10.0)
