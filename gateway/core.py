@@ -114,6 +114,10 @@ def _version() -> str:
         return "0+unknown"
 
 
+def _in_force(active: Sequence[dispatch.ActiveCommand]) -> list[tuple[str, int, frozenset[str]]]:
+    return [(a.command.command_id, a.seq, a.excluded) for a in active]
+
+
 @dataclass(frozen=True, slots=True)
 class _Refusal:
     command: DeviceCommand
@@ -691,11 +695,12 @@ class Gateway:
         compliance = self._watch_envelopes(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
         turn_s = self.config.delivery.thermal_turn_s
+        active = self.book.active(now)
         first = dispatch.plan(
             now,
             self.registry,
             states,
-            self.book.active(now),
+            active,
             self._autonomous_kw,
             corrections,
             self.plan,
@@ -705,21 +710,24 @@ class Gateway:
         first.delivery = deliveries
         first.compliance = compliance
         await self.book.tick(now, first)
-        # The lifecycle may have just started, ended or superseded commands: plan again so the
-        # devices never see a setpoint from a command that is no longer in force.
-        plan = dispatch.plan(
-            now,
-            self.registry,
-            states,
-            self.book.active(now),
-            self._autonomous_kw,
-            corrections,
-            self.plan,
-            turn_s,
-            self.config.delivery.release_s,
-        )
-        plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
-        plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}
+        plan = first
+        after = self.book.active(now)
+        if _in_force(after) != _in_force(active):
+            # The lifecycle has just started, ended or superseded commands (or a device refused):
+            # plan again so the devices never see a setpoint from a command no longer in force.
+            plan = dispatch.plan(
+                now,
+                self.registry,
+                states,
+                after,
+                self._autonomous_kw,
+                corrections,
+                self.plan,
+                turn_s,
+                self.config.delivery.release_s,
+            )
+            plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
+            plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}
         self._apply(plan)
         self.plan = plan
         return plan

@@ -24,10 +24,16 @@ from datetime import datetime, timedelta
 import numpy as np
 import numpy.typing as npt
 
-from adapters.mqtt_devices.devices import MqttDeviceSettings, offset_for_change, worth_an_offset
+from adapters.mqtt_devices.devices import (
+    MqttDeviceSettings,
+    offset_for_change,
+    offset_range,
+    worth_an_offset,
+)
 from gateway import dispatch
 from gateway.delivery import BaselineTracker, DeliveryLoop, DeliveryTuning, close_loops
 from gateway.registry import Registry
+from protocols.mqtt.devices import HvacMode
 from unified.model import (
     BatteryConstraints,
     BatteryRatings,
@@ -315,8 +321,7 @@ class VirtualPowerPlant:
 
     def _offset_for(self, i: int, power: float) -> None:
         settings = self.spec.settings
-        shed_room = min(settings.max_offset_c, settings.comfort_max_c - self.setpoint[i])
-        absorb_room = -min(settings.max_offset_c, self.setpoint[i] - settings.comfort_min_c)
+        shed_room, absorb_room = offset_range(float(self.setpoint[i]), HvacMode.COOL, settings)
         room = shed_room if power < 0 else absorb_room
         if abs(room) < settings.min_offset_c:
             return  # the adapter refuses: the offset in force stays

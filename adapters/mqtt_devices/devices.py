@@ -95,6 +95,7 @@ __all__ = [
     "OptOutListener",
     "build_mqtt_adapter",
     "offset_for_change",
+    "offset_range",
     "worth_an_offset",
 ]
 
@@ -632,6 +633,21 @@ def worth_an_offset(power_kw: float, rated_kw: float, settings: MqttDeviceSettin
     return fraction * settings.max_offset_c >= settings.min_offset_c
 
 
+def offset_range(
+    setpoint_c: float, mode: HvacMode, settings: MqttDeviceSettings
+) -> tuple[float, float]:
+    """(shed, absorb) offsets the comfort band allows from ``setpoint_c``; the sign follows the
+    mode (a cooling shed raises the setpoint, a heating one lowers it)."""
+    s = settings
+    if mode is HvacMode.HEAT:
+        shed = -min(s.max_offset_c, max(0.0, setpoint_c - s.comfort_min_c))
+        absorb = min(s.max_offset_c, max(0.0, s.comfort_max_c - setpoint_c))
+    else:
+        shed = min(s.max_offset_c, max(0.0, s.comfort_max_c - setpoint_c))
+        absorb = -min(s.max_offset_c, max(0.0, setpoint_c - s.comfort_min_c))
+    return shed, absorb
+
+
 def offset_for_change(
     power_kw: float,
     rated_kw: float,
@@ -700,15 +716,7 @@ class MqttThermostat(_MqttDevice):
 
     def offset_range(self, telemetry: ThermostatTelemetry) -> tuple[float, float]:
         """(shed, absorb) offsets allowed by the comfort band; the sign follows the mode."""
-        s = self.settings
-        base = telemetry.setpoint_c
-        if telemetry.mode is HvacMode.HEAT:
-            shed = -min(s.max_offset_c, max(0.0, base - s.comfort_min_c))
-            absorb = min(s.max_offset_c, max(0.0, s.comfort_max_c - base))
-        else:
-            shed = min(s.max_offset_c, max(0.0, s.comfort_max_c - base))
-            absorb = -min(s.max_offset_c, max(0.0, base - s.comfort_min_c))
-        return shed, absorb
+        return offset_range(telemetry.setpoint_c, telemetry.mode, self.settings)
 
     def _action_for(
         self,
