@@ -263,6 +263,10 @@ def close_loops(
                 held[did] = _IDLE
                 trusted[did] = allocation.commanded_kw
                 continue
+            known = loop.baselines.get(did)
+            if known is not None:
+                held[did] = known  # frozen when it was first held: no need to look again
+                continue
             baseline = baselines.baseline(did, state.power_kw if state else None)
             if baseline is not None:
                 held[did] = baseline

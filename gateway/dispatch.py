@@ -116,6 +116,13 @@ def headroom(
     """
     if state is None or not plannable(device, state):
         return Headroom(0.0, 0.0, "unavailable", "unavailable")
+    return _headroom(device, state, remaining_s, baseline_kw)
+
+
+def _headroom(
+    device: Device, state: DeviceState, remaining_s: float, baseline_kw: float | None
+) -> Headroom:
+    """:func:`headroom` of a device already known to be plannable."""
     ratings, limits = device.ratings, device.constraints
     rated_dis = min(ratings.max_discharge_kw, _or_inf(state.max_discharge_kw))
     rated_ch = min(ratings.max_charge_kw, _or_inf(state.max_charge_kw))
@@ -311,11 +318,18 @@ def plan(
     # command has not changed keeps the same object, and new ones are built from the planner's
     # own values without re-validation (validating them cost 0.4 s a period).
     sources: dict[tuple[str, str], LimitSource] = {}
+    provenances: dict[tuple[str, str, tuple[str, ...]], tuple[LimitSource, ...]] = {}
     requested_by_command: dict[str, list[Allocation]] = {}
     before = previous.setpoints if previous is not None else {}
     for device_id, slot in slots.items():
-        provenance = [_source(sources, slot.command_id, slot.kind)]
-        provenance += [_limit_source(sources, s) for s in slot.limited_by]
+        limited_by = tuple(slot.limited_by)
+        key = (slot.command_id, slot.kind, limited_by)
+        provenance = provenances.get(key)
+        if provenance is None:
+            provenance = provenances[key] = (
+                _source(sources, slot.command_id, slot.kind),
+                *(_limit_source(sources, s) for s in limited_by),
+            )
         kw = round(slot.kw, 4)
         old = before.get(device_id)
         if (
@@ -323,7 +337,7 @@ def plan(
             and old.power_kw == kw
             and old.import_limit_kw is None
             and old.export_limit_kw is None
-            and old.provenance == tuple(provenance)
+            and old.provenance == provenance
         ):
             result.setpoints[device_id] = old
         else:
@@ -333,7 +347,7 @@ def plan(
                 power_kw=kw,
                 import_limit_kw=None,
                 export_limit_kw=None,
-                provenance=tuple(provenance),
+                provenance=provenance,
             )
         if slot.kind == "release":
             continue  # not part of any command's allocation any more
@@ -343,7 +357,7 @@ def plan(
                 device_id=device_id,
                 requested_kw=round(slot.requested_kw, 4),
                 commanded_kw=kw,
-                limited_by=tuple(slot.limited_by),
+                limited_by=limited_by,
             )
         )
     for command_id, allocs in requested_by_command.items():
@@ -438,14 +452,15 @@ def _plan_dispatch(
     rooms: dict[str, Headroom] = {}
     for device in members:
         did = device.device_id
-        if did in entry.excluded or not plannable(device, states.get(did)):
+        state = states.get(did)
+        if did in entry.excluded or state is None or not plannable(device, state):
             continue
         if did in holder:
             result.conflicts.setdefault(command.command_id, [])
             if holder[did] not in result.conflicts[command.command_id]:
                 result.conflicts[command.command_id].append(holder[did])
             continue
-        rooms[did] = headroom(device, states.get(did), remaining_s, baselines.get(did))
+        rooms[did] = _headroom(device, state, remaining_s, baselines.get(did))
     if command.mode is DispatchMode.TARGET:
         baseline = group_baseline(members, states, baselines, controlled=rooms.keys())
         result.baseline_kw[command.command_id] = round(baseline, 3)
@@ -575,10 +590,11 @@ def rotation_order(
     current: list[tuple[float, str]] = []
     fresh: list[tuple[float, str]] = []
     done: list[tuple[float, str]] = []
+    held_since = previous.held_since if previous is not None else {}
     for did in caps:
-        since = None
-        if previous is not None and _holder_of(previous, did) == command_id:
-            since = previous.held_since.get(did)
+        since = held_since.get(did)
+        if since is not None and previous is not None and _holder_of(previous, did) != command_id:
+            since = None  # called by another command then: a fresh turn for this one
         if since is None:
             fresh.append((-headroom_of(did), did))
         elif (now - since).total_seconds() < rotation_s * _turn_share(did):
