@@ -68,6 +68,14 @@ class FlexConfigSection(Section):
 
 class StoreConfig(Section):
     path: Path = Path("derms-gateway.sqlite")
+    retention_days: float = Field(
+        default=90.0,
+        ge=1,
+        le=3650,
+        description="Commands that ended longer ago than this are deleted (open ones never)",
+    )
+    prune_s: float = Field(default=3600.0, gt=0, le=86_400, description="Prune this often")
+    io_timeout_s: float = Field(default=30.0, gt=0, le=600, description="Timeout of one prune")
 
 
 class HistoryConfig(Section):

@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -60,7 +60,7 @@ from gateway.history import (
 )
 from gateway.ports import Publisher
 from gateway.registry import Registry
-from gateway.store import CommandStore
+from gateway.store import CommandStore, StoreError
 from gateway.supervisor import DeviceSupervisor
 from gateway.telemetry import (
     CycleEstimate,
@@ -214,6 +214,7 @@ class Gateway:
                 for device_id, supervisor in self.supervisors.items():
                     tg.create_task(supervisor.run(), name=f"device:{device_id}")
                 tg.create_task(self._control_loop(), name="control")
+                tg.create_task(self._store_retention_loop(), name="store-retention")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
                 self.ready.set()
                 try:
@@ -866,6 +867,21 @@ class Gateway:
                     await self.book.fail(
                         source.command_id, now, Reason.DEVICE_REJECTED, str(refusal.error)
                     )
+
+    async def _store_retention_loop(self) -> None:
+        """Delete commands that ended longer ago than ``[store] retention_days``."""
+        config = self.config.store
+        while True:
+            await asyncio.sleep(config.prune_s)
+            before = utcnow() - timedelta(days=config.retention_days)
+            try:
+                async with asyncio.timeout(config.io_timeout_s):
+                    removed = await self.store.prune(before)
+            except (StoreError, TimeoutError) as exc:  # the next round tries again
+                log.warning("command store: pruning failed (%s); retrying later", exc)
+                continue
+            if removed:
+                log.info("command store: %d command(s) older than %s pruned", removed, before)
 
     async def _control_loop(self) -> None:
         period = self.config.timing.control_period_s

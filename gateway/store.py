@@ -13,6 +13,7 @@ import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, ParamSpec, Self, TypeVar
@@ -184,6 +185,21 @@ class CommandStore(SqliteStore):
         ) as cur:
             rows = await cur.fetchall()
         return [_row(r) for r in rows]
+
+    @store_errors(StoreError)
+    async def prune(self, before: datetime) -> int:
+        """Delete commands in a terminal state received before ``before``; returns how many.
+
+        Open commands are never deleted, whatever their age. A pruned id is forgotten: the same
+        id sent again afterwards is a new command (retention is days; a redelivery comes within
+        seconds)."""
+        placeholders = ",".join("?" for _ in TERMINAL_STATES)
+        cur = await self.db.execute(
+            f"DELETE FROM commands WHERE state IN ({placeholders}) AND received_at < ?",
+            (*(s.value for s in TERMINAL_STATES), before.astimezone(UTC).isoformat()),
+        )
+        await self.db.commit()
+        return int(cur.rowcount)
 
     @store_errors(StoreError)
     async def count(self, state: AckState | None = None) -> int:

@@ -263,3 +263,22 @@ async def test_a_store_that_cannot_record_the_command_leaves_a_final_failed_ack(
     assert sink.acks[-1].reason is Reason.INTERNAL
     assert "not applied" in (sink.acks[-1].detail or "")
     assert book.active(NOW + timedelta(seconds=1)) == []
+
+
+async def test_store_retention_deletes_only_old_commands_that_ended(store: CommandStore) -> None:
+    old = NOW - timedelta(days=100)
+    await store.insert(
+        dispatch("old-done"), Ack(command_id="old-done", state=AckState.COMPLETED, timestamp=old)
+    )
+    await store.insert(
+        dispatch("old-open"), Ack(command_id="old-open", state=AckState.ACTIVE, timestamp=old)
+    )
+    await store.insert(
+        dispatch("new-done"), Ack(command_id="new-done", state=AckState.CANCELLED, timestamp=NOW)
+    )
+    removed = await store.prune(NOW - timedelta(days=90))
+    assert removed == 1
+    assert await store.get("old-done") is None
+    assert await store.get("old-open") is not None  # open: never, whatever its age
+    assert await store.get("new-done") is not None
+    assert await store.count() == 2
