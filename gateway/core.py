@@ -1007,8 +1007,11 @@ class Gateway:
         while True:
             await asyncio.sleep(period)
             now = utcnow()
-            self.estimate_cycle(now)
-            self._track_availability(now)
+            try:
+                self.estimate_cycle(now)
+                self._track_availability(now)
+            except Exception:  # loop boundary: one bad cycle must not end telemetry (or control)
+                log.exception("telemetry estimation cycle failed")
             if time.monotonic() >= flex_due or self._flex_outdated:
                 flex_due = time.monotonic() + self.config.flex.period_s
                 self._flex_outdated = False
@@ -1016,7 +1019,10 @@ class Gateway:
                     self._publish_flex(now)
                 except Exception:  # a forecast must never take telemetry down with it
                     log.exception("flexibility forecast failed")
-            for group in self.group_telemetry(now):
-                self.publisher.group_telemetry(group)
-            for device in self.device_telemetry(now):
-                self.publisher.device_telemetry(device)
+            try:
+                for group in self.group_telemetry(now):
+                    self.publisher.group_telemetry(group)
+                for device in self.device_telemetry(now):
+                    self.publisher.device_telemetry(device)
+            except Exception:  # loop boundary: the next period publishes again
+                log.exception("publishing telemetry failed")

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -501,3 +502,25 @@ async def test_flexibility_forecast_is_published_and_served_on_request(fleet: Fl
     # Bad requests get a specific error, not silence.
     await fleet.grid.request_flex({"group_id": "feeder:nowhere"})
     await fleet.grid.wait_for(lambda o: any(e.reason.value == "unknown_group" for e in o.errors), 5)
+
+
+async def test_a_failing_telemetry_cycle_does_not_end_the_gateway(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = fleet.gateway
+    assert gateway is not None
+    real = gateway.group_telemetry
+    failures: list[int] = []
+
+    def broken_once(now: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug in one telemetry cycle")
+        return real(now)
+
+    monkeypatch.setattr(gateway, "group_telemetry", broken_once)
+    await eventually(lambda: bool(failures), 5, "the broken cycle ran")
+    fleet.grid.observed.groups.clear()
+    await eventually(lambda: "feeder:f1" in fleet.grid.observed.groups, 5, "telemetry again")
+    assert fleet._task is not None
+    assert not fleet._task.done()
