@@ -462,6 +462,7 @@ class Reason(StrEnum):
     DEVICE_REJECTED = "device_rejected"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RESPONSE_TOPIC_REFUSED = "response_topic_refused"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 

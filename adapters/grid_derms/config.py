@@ -22,6 +22,16 @@ class BrokerConfig(Section):
     client_id: str | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    commands_per_s: float = Field(
+        default=50.0,
+        gt=0,
+        le=100_000,
+        description="Commands taken per second on average; beyond it and the burst, a command "
+        "is refused on errors with rate_limited (the gateway keeps up with the rest)",
+    )
+    commands_burst: int = Field(
+        default=500, ge=1, le=1_000_000, description="Commands that may arrive at once"
+    )
     response_topic_prefix: str = Field(
         default="derms/v1/replies/",
         min_length=1,

@@ -12,6 +12,8 @@ reliably (kept while the link is down), periodic telemetry is dropped while the 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -41,6 +43,26 @@ log = logging.getLogger(__name__)
 __all__ = ["GridDermsUplink"]
 
 
+@dataclass(slots=True)
+class TokenBucket:
+    """``rate_per_s`` on average, ``burst`` at once; time is an argument (monotonic seconds)."""
+
+    rate_per_s: float
+    burst: int
+    _tokens: float | None = None
+    _at: float = 0.0
+
+    def take(self, now: float) -> bool:
+        if self._tokens is None:
+            self._tokens, self._at = float(self.burst), now
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class GridDermsUplink:
     """The core's link to Grid DERMS. Build it, hand it to the core as its publisher, then
     :meth:`bind` it to that core before :meth:`run`."""
@@ -48,6 +70,7 @@ class GridDermsUplink:
     def __init__(self, config: BrokerConfig, gateway_id: str, *, backoff_max_s: float) -> None:
         self.topics = Topics(gateway_id)
         self._response_prefix = config.response_topic_prefix
+        self._bucket = TokenBucket(config.commands_per_s, config.commands_burst)
         self._core: Gateway | None = None
         self.link = Northbound(
             config,
@@ -108,6 +131,18 @@ class GridDermsUplink:
                 self.ack(ack, reply)
             else:
                 self._error(exc.reason, exc.detail, topic, payload)
+            return
+        if not self._bucket.take(time.monotonic()):
+            # A flood (a runaway script, a replay) must not queue hours of work ahead of the
+            # commands that matter: refused at once, each with an answer.
+            self._error(
+                Reason.RATE_LIMITED,
+                f"more than {self._bucket.rate_per_s:g} commands/s (burst "
+                f"{self._bucket.burst}): not taken, send it again later",
+                topic,
+                payload,
+                command.command_id,
+            )
             return
         try:
             await self.core.submit(command, reply)
