@@ -30,10 +30,9 @@ from pydantic import (
 SCHEMA_VERSION: Final = "1"
 
 ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
-_ID_PATTERN = ID_PATTERN
 Identifier = Annotated[
     str,
-    Field(pattern=_ID_PATTERN, description="Identifier: letters, digits, '_', '.', ':', '-'"),
+    Field(pattern=ID_PATTERN, description="Identifier: letters, digits, '_', '.', ':', '-'"),
 ]
 
 
