@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from gateway.clock import STEP_DETAIL
 from gateway.dispatch import ActiveCommand, Plan, allocations_changed, target_devices
 from gateway.errors import CoreError
 from gateway.registry import Registry
@@ -45,6 +46,7 @@ class CommandRejected(CoreError):
 
 
 _CONFLICT_DETAIL = "devices held by higher-priority or earlier command(s)"
+_PASSING_DETAILS = (_CONFLICT_DETAIL, STEP_DETAIL)
 
 
 @dataclass(slots=True)
@@ -78,6 +80,7 @@ class CommandBook:
         self._tolerance = allocation_tolerance_kw
         self._progress_interval_s = progress_interval_s
         self._open: dict[str, Entry] = {}
+        self._clock_note: str | None = None
 
     # ------------------------------------------------------------------ start-up
     async def load(self, now: datetime) -> int:
@@ -232,8 +235,14 @@ class CommandBook:
             if e.command.start <= now < e.command.end and e.state not in TERMINAL_STATES
         ]
 
+    def clock_stepped(self, note: str) -> None:
+        """The wall clock has just stepped: the next :meth:`tick` says so on every open
+        command's ack (a transition it causes, or a progress ack), once."""
+        self._clock_note = note
+
     async def tick(self, now: datetime, plan: Plan) -> None:
         """Move commands through their lifecycle and publish what changed."""
+        note, self._clock_note = self._clock_note, None
         for entry in sorted(self._open.values(), key=lambda e: e.seq):
             command = entry.command
             if entry.state is AckState.ACCEPTED and command.end <= now:
@@ -242,15 +251,20 @@ class CommandBook:
                     AckState.FAILED,
                     now,
                     Reason.ALREADY_ENDED,
-                    "its window passed while the gateway was not running",
+                    note or "its window passed while the gateway was not running",
                 )
             elif entry.state is AckState.ACCEPTED and command.start <= now:
                 await self._supersede_older(entry, now)
-                await self._transition(entry, AckState.ACTIVE, now, plan=plan)
+                await self._transition(entry, AckState.ACTIVE, now, detail=note, plan=plan)
             elif entry.state is AckState.ACTIVE and command.end <= now:
-                await self._transition(entry, AckState.COMPLETED, now, plan=plan)
+                await self._transition(entry, AckState.COMPLETED, now, detail=note, plan=plan)
             elif entry.state is AckState.ACTIVE:
-                await self._report_progress(entry, now, plan)
+                await self._report_progress(entry, now, plan, note)
+            elif note is not None:
+                # Accepted and still ahead: its start has moved as seen from here.
+                await self._publish(
+                    entry, entry.ack.model_copy(update={"timestamp": now, "detail": note})
+                )
         for command_id in [c for c, e in self._open.items() if e.state in TERMINAL_STATES]:
             del self._open[command_id]
 
@@ -279,7 +293,9 @@ class CommandBook:
             return {command.device_id}
         return {d.device_id for d in target_devices(self._registry, command.target)}
 
-    async def _report_progress(self, entry: Entry, now: datetime, plan: Plan) -> None:
+    async def _report_progress(
+        self, entry: Entry, now: datetime, plan: Plan, note: str | None = None
+    ) -> None:
         allocations = plan.allocations.get(entry.command.command_id, ())
         shortfall = plan.shortfall_kw.get(entry.command.command_id)
         changed = allocations_changed(
@@ -303,6 +319,8 @@ class CommandBook:
             a.device_id for a in entry.last_published_allocations
         }
         updated = self._with_plan(entry.ack, now, plan)
+        if note is not None:
+            updated = updated.model_copy(update={"detail": note})
         # A ramp or a drifting SoC changes allocations every cycle: report those at a bounded
         # rate, but a device joining or leaving the command at once.
         due = (now - entry.ack.timestamp).total_seconds() >= self._progress_interval_s
@@ -410,8 +428,8 @@ class CommandBook:
         detail = ack.detail
         if conflicts:
             detail = f"{_CONFLICT_DETAIL}: {', '.join(conflicts)}"
-        elif detail is not None and detail.startswith(_CONFLICT_DETAIL):
-            detail = None  # the conflict is over
+        elif detail is not None and detail.startswith(_PASSING_DETAILS):
+            detail = None  # the conflict is over, or the clock step has been said
         return ack.model_copy(
             update={
                 "timestamp": now,

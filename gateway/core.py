@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from gateway import dispatch
 from gateway.aio import wait_inside_task_group
+from gateway.clock import ClockStep, ClockWatch
 from gateway.commands import CommandBook
 from gateway.config import CoreConfig
 from gateway.delivery import BaselineTracker, DeliveryLoop, EnvelopeWatch, close_loops
@@ -142,6 +143,8 @@ class Gateway:
         self.store = CommandStore(config.store.path)
         self.book = CommandBook(self.store, self.registry, self._publish_ack)
         self._wake = asyncio.Event()
+        self.clock = ClockWatch()
+        """Wall-clock steps between control cycles (:mod:`gateway.clock`)."""
         self.supervisors: dict[str, DeviceSupervisor] = {}
         self._tasks: asyncio.TaskGroup | None = None
         for adapter in adapters.values():
@@ -632,7 +635,8 @@ class Gateway:
                 retry_at.pop(cid, None)
             wait = min(due.values(), default=now + 3600.0) - epoch_s(utcnow())
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(3600.0, max(0.05, wait))):
+                # Re-read the wall clock at least once a minute: a step of it moves what is due.
+                async with asyncio.timeout(min(60.0, max(0.05, wait))):
                     await self._settle_wake.wait()
 
     async def _drop_pending(self, command_id: str) -> None:
@@ -690,6 +694,9 @@ class Gateway:
 
     async def control_once(self) -> dispatch.Plan:
         now = utcnow()
+        step = self.clock.observe(now)
+        if step is not None:
+            self._clock_stepped(step)
         await self._handle_refusals(now)
         states = self.device_states(now)
         deliveries = self._close_loops(now, states)
@@ -732,6 +739,18 @@ class Gateway:
         self._apply(plan)
         self.plan = plan
         return plan
+
+    def _clock_stepped(self, step: ClockStep) -> None:
+        """Elapsed time in the control state stays true; lifecycles follow the new clock, and
+        every open command's next ack says so."""
+        log.warning("%s", step.describe())
+        self.plan.shift(step.step)
+        for loop in self._loops.values():
+            loop.shift(step.step)
+        for watch in self._watches.values():
+            watch.shift(step.step)
+        self.book.clock_stepped(step.describe())
+        self._settle_wake.set()
 
     def _watch_envelopes(
         self, now: datetime, states: Mapping[str, DeviceState | None]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Container, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gateway.dispatch import Plan, corrected
 from unified.model import Delivery, DeviceState, EnvelopeCompliance
@@ -132,6 +132,13 @@ class DeliveryLoop:
     _settled_from: datetime | None = None
     _settle_request: float | None = None
     _left: dict[str, DeviceBaseline] = field(default_factory=dict)
+
+    def shift(self, by: timedelta) -> None:
+        """The wall clock stepped by ``by``: keep the time this loop has counted true."""
+        if self._last is not None:
+            self._last += by
+        if self._settled_from is not None:
+            self._settled_from += by
 
     def hold(self, held: Mapping[str, DeviceBaseline]) -> None:
         """The devices the dispatch holds now, with the baseline each had before it was held.
@@ -287,6 +294,11 @@ class EnvelopeWatch:
     seconds_outside: float = 0.0
     worst_excursion_kw: float = 0.0
     _last: datetime | None = None
+
+    def shift(self, by: timedelta) -> None:
+        """The wall clock stepped by ``by``: time outside is counted in true seconds."""
+        if self._last is not None:
+            self._last += by
 
     def update(
         self,

@@ -224,6 +224,13 @@ class Plan:
     releasing: dict[str, Release] = field(default_factory=dict)
     """Thermal devices of a dispatch that has ended, each held until its turn to be released."""
 
+    def shift(self, by: timedelta) -> None:
+        """The wall clock stepped by ``by``: turns and releases keep their true durations."""
+        self.held_since = {d: since + by for d, since in self.held_since.items()}
+        self.releasing = {
+            d: Release(r.command_id, r.kw, r.at + by) for d, r in self.releasing.items()
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Release:

@@ -6,11 +6,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import gateway.core
 from simulators.broker import BrokerEndpoint
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually, iso
@@ -524,3 +526,20 @@ async def test_a_failing_telemetry_cycle_does_not_end_the_gateway(
     await eventually(lambda: "feeder:f1" in fleet.grid.observed.groups, 5, "telemetry again")
     assert fleet._task is not None
     assert not fleet._task.done()
+
+
+async def test_a_wall_clock_step_ends_a_dispatch_by_the_new_clock_and_says_so(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f1 = [s for i, s in enumerate(fleet.sims) if fleet.feeder_of(i) == "f1"]
+    await fleet.grid.send(dispatch("d1", "feeder:f1", -6.0, start_in=0.2, duration=1800.0))
+    await fleet.grid.wait_for_state("d1", AckState.ACTIVE, 5)
+    await eventually(lambda: all(s.wset_enabled for s in f1), 3, "WSet written")
+
+    # NTP steps the gateway's clock an hour forward: by the new clock the dispatch is over.
+    real = gateway.core.utcnow
+    monkeypatch.setattr(gateway.core, "utcnow", lambda: real() + timedelta(hours=1))
+    completed = await fleet.grid.wait_for_state("d1", AckState.COMPLETED, 5)
+    assert completed.detail is not None
+    assert "wall clock stepped forward by 3600 s" in completed.detail
+    await eventually(lambda: not any(s.wset_enabled for s in f1), 5, "batteries released")
