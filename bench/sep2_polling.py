@@ -161,7 +161,12 @@ async def _serve_ours(mode: str, lfdis: list[str], pki: Path | None) -> None:
                 cert_file=pki / "server.pem", key_file=pki / "server.key", ca_file=pki / "ca.pem"
             )
         }
-    config = Sep2ServerConfig(host=HOST, port=0, programs=tuple(programs), **identity)
+    # Flat out by design: the per-client quota (429 beyond it) must not cut the measurement.
+    quota: dict[str, Any] = {
+        "requests_per_client_per_s": 100_000,
+        "requests_per_client_burst": 10**6,
+    }
+    config = Sep2ServerConfig(host=HOST, port=0, programs=tuple(programs), **identity, **quota)
     server = Sep2Server(config)
     adapters = [
         Sep2Der(

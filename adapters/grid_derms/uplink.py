@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -22,6 +21,7 @@ from adapters.grid_derms.config import BrokerConfig
 from adapters.grid_derms.link import Northbound, Outgoing, ReplyTo
 from gateway.errors import CoreError
 from gateway.flex import FlexForecast, FlexRequest, PerformanceRequest
+from gateway.quota import TokenBucket
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
 from protocols.mqtt.northbound import WeatherDecodeError, decode_weather, response_topic_problem
 from unified.model import (
@@ -41,26 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["GridDermsUplink"]
-
-
-@dataclass(slots=True)
-class TokenBucket:
-    """``rate_per_s`` on average, ``burst`` at once; time is an argument (monotonic seconds)."""
-
-    rate_per_s: float
-    burst: int
-    _tokens: float | None = None
-    _at: float = 0.0
-
-    def take(self, now: float) -> bool:
-        if self._tokens is None:
-            self._tokens, self._at = float(self.burst), now
-        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 class GridDermsUplink:
@@ -99,9 +79,7 @@ class GridDermsUplink:
     async def handle(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
         """One inbound message, answered whatever it holds."""
         if reply is not None:
-            problem = response_topic_problem(
-                reply.topic, self._response_prefix, self.topics.root
-            )
+            problem = response_topic_problem(reply.topic, self._response_prefix, self.topics.root)
             if problem is not None:
                 log.warning("%s (on %s)", problem, topic)
                 self._error(Reason.RESPONSE_TOPIC_REFUSED, problem, topic, payload)
@@ -169,9 +147,7 @@ class GridDermsUplink:
             Outgoing(self.topics.flex_forecast(request.group_id), encode(forecast), reply=reply)
         )
 
-    async def _performance_request(
-        self, payload: bytes, reply: ReplyTo | None, topic: str
-    ) -> None:
+    async def _performance_request(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
         try:
             request = PerformanceRequest.model_validate_json(payload)
         except ValidationError as exc:
@@ -183,9 +159,7 @@ class GridDermsUplink:
             self._error(exc.reason, exc.detail, topic, payload, exc.command_id)
             return
         self.link.publish_reliable(
-            Outgoing(
-                self.topics.performance(request.command_id), report, retain=True, reply=reply
-            )
+            Outgoing(self.topics.performance(request.command_id), report, retain=True, reply=reply)
         )
 
     async def _weather(self, payload: bytes, topic: str) -> None:

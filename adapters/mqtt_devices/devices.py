@@ -55,6 +55,7 @@ from gateway.devices import (
     DeviceUnavailable,
     UnsafeCommand,
 )
+from gateway.quota import Quotas
 from protocols.mqtt.devices import (
     DEFAULT_ROOT,
     DEVICE_TO_GATEWAY,
@@ -138,6 +139,16 @@ class DeviceMqttConfig(Section):
         ge=100,
         description="aiomqtt's inbound queue; beyond it messages are dropped (telemetry first)",
     )
+    messages_per_device_per_s: float = Field(
+        default=20.0,
+        gt=0,
+        le=10_000,
+        description="Messages one device may send per second on average (real ones send one "
+        "every few seconds); beyond it and the burst, its messages are dropped and counted",
+    )
+    messages_per_device_burst: int = Field(
+        default=100, ge=1, le=100_000, description="Messages one device may send at once"
+    )
     max_publishes_in_flight: int = Field(
         default=64,
         ge=1,
@@ -208,6 +219,7 @@ class LinkStats:
     received: int = 0
     dropped_unknown: int = 0
     dropped_invalid: int = 0
+    dropped_over_quota: int = 0
     published: int = 0
 
 
@@ -238,6 +250,7 @@ class DeviceMqttLink:
         self.connected = asyncio.Event()
         self.stats = LinkStats()
         self._log = _LogOnce()
+        self._quotas = Quotas(config.messages_per_device_per_s, config.messages_per_device_burst)
         # aiomqtt scans every pending call on each publish: a fan-out of N unbounded publishes
         # costs O(N^2). Bounded, it costs O(N) and the broker sees the same stream.
         self._in_flight = asyncio.Semaphore(config.max_publishes_in_flight)
@@ -250,6 +263,7 @@ class DeviceMqttLink:
 
     def detach(self, device_id: str) -> None:
         self._endpoints.pop(device_id, None)
+        self._quotas.forget(device_id)
 
     def route(self, topic: str, payload: bytes) -> None:
         """Hand one inbound message to its device's adapter (synchronous: no awaits)."""
@@ -265,6 +279,19 @@ class DeviceMqttLink:
             self.stats.dropped_unknown += 1
             self._log.warn(
                 ("unknown", device_id), "device link: ignoring unknown device %r", device_id
+            )
+            return
+        if not self._quotas.take(device_id, time.monotonic()):
+            # A device sending far more than any real one does (a firmware loop, or someone
+            # with its credentials): its excess is not decoded, so it cannot crowd out the rest.
+            self.stats.dropped_over_quota += 1
+            self._log.warn(
+                ("quota", device_id),
+                "device %s: more than %g messages/s (burst %d); the excess is dropped and "
+                "counted, further ones silently",
+                device_id,
+                self._quotas.rate_per_s,
+                self._quotas.burst,
             )
             return
         try:

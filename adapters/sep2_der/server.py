@@ -49,6 +49,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import random
 import re
 import ssl
@@ -66,6 +67,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.quota import Quotas
 from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
@@ -238,6 +240,14 @@ class Sep2ServerConfig(Section):
     poll_rate_s: int = Field(default=300, ge=1, le=86_400, description="dcap/edev/fsa pollRate")
     der_poll_rate_s: int = Field(default=60, ge=1, le=86_400, description="DERProgram pollRate")
     post_rate_s: int = Field(default=60, ge=1, le=86_400, description="MirrorUsagePoint postRate")
+    requests_per_client_per_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=100_000,
+        description="Requests one client (its LFDI, or its address before it has one) may make "
+        "per second on average; beyond it and the burst it gets 429 with Retry-After",
+    )
+    requests_per_client_burst: int = Field(default=100, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=256 * 1024)
     body_timeout_s: float = Field(default=10.0, gt=0, le=300)
     keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
@@ -633,6 +643,9 @@ class Sep2Server:
         self._notify_ssl: ssl.SSLContext | None = None
         self._random = random.Random()
         self._cache = _ResponseCache(config.response_cache_entries)
+        self.quotas = Quotas(config.requests_per_client_per_s, config.requests_per_client_burst)
+        """Per-client request quotas; ``quotas.refused`` counts the 429s by client."""
+        self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
         for program in config.programs:  # configured groups get the low, stable ids
@@ -856,7 +869,7 @@ class Sep2Server:
         """The aiohttp application (routes + error and identity handling)."""
         app = web.Application(
             client_max_size=self.config.max_body_bytes,
-            middlewares=[self._error_middleware],
+            middlewares=[self._error_middleware, self._quota_middleware],
         )
         r = app.router
         get = [
@@ -1081,6 +1094,26 @@ class Sep2Server:
             # A bug of ours: log it, answer in 2030.5 form, and keep serving everyone else.
             log.exception("2030.5 %s %s failed", request.method, request.path)
             return self._error(500, "internal server error")
+
+    @web.middleware
+    async def _quota_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        source = self._lfdi(request) or f"address:{request.remote}"
+        if self.quotas.take(source, time.monotonic()):
+            return await handler(request)
+        if source not in self._quota_logged and len(self._quota_logged) < 10_000:
+            self._quota_logged.add(source)
+            log.warning(
+                "2030.5 client %s: more than %g requests/s (burst %d); answered 429 (logged once)",
+                source,
+                self.quotas.rate_per_s,
+                self.quotas.burst,
+            )
+        retry_after = max(1, math.ceil(1.0 / self.quotas.rate_per_s))
+        return self._error(
+            429, "too many requests: slow down to the pollRate", {"Retry-After": str(retry_after)}
+        )
 
     def _lfdi(self, request: web.Request) -> str | None:
         """The requesting client's LFDI (uppercase), from its certificate or the dev header."""

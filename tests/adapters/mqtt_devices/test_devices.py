@@ -507,3 +507,42 @@ async def test_link_and_devices_come_back_after_a_broker_restart(tmp_path: Path)
                 task.cancel()
     finally:
         await broker.stop()
+
+
+async def test_a_flooding_device_is_held_to_its_quota_and_its_neighbour_still_heard(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with rig(tmp_path, ["t0", "t1"]) as r:
+        r.simulate(house(1), time_scale=1)
+        flooder = MqttThermostat("t0", r.link, SETTINGS)
+        neighbour = MqttThermostat("t1", r.link, SETTINGS)
+        r.simulate(house(0), time_scale=1)
+        await flooder.connect()
+        await neighbour.connect()
+        good = thermostat_telemetry(flooder)
+        caplog.set_level(logging.WARNING, logger="adapters.mqtt_devices.devices")
+        account = r.accounts["t0"]
+        sent = 2_000
+        async with aiomqtt.Client(
+            r.endpoint.host,
+            r.endpoint.port,
+            username=account.username,
+            password=account.password,
+        ) as client:
+            for k in range(sent):
+                fake = good.model_copy(update={"indoor_c": 10.0 + k / 1000, "timestamp": utcnow()})
+                await client.publish(TOPICS.topic("t0", MessageKind.TELEMETRY), encode(fake))
+        quota = r.link.config.messages_per_device_burst
+        await eventually(
+            lambda: r.link.stats.dropped_over_quota >= sent - 2 * quota - 100,
+            5,
+            "the flood's excess dropped",
+        )
+        # The neighbour is still heard, fresh, while t0 floods.
+        before = thermostat_telemetry(neighbour).timestamp
+        await eventually(
+            lambda: thermostat_telemetry(neighbour).timestamp > before, 3, "t1 still heard"
+        )
+        warnings = [rec.getMessage() for rec in caplog.records]
+        assert sum("more than" in w and "t0" in w for w in warnings) == 1  # logged once
+        assert not any("t1" in w and "more than" in w for w in warnings)

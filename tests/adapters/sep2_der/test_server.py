@@ -717,3 +717,25 @@ async def test_internal_errors_answer_in_2030_5_form(
     c = client(fleet, session)
     assert await c.error("GET", "/edev", 500) == "internal server error"
     assert isinstance(await c.get("/dcap"), DeviceCapability)  # still serving
+
+
+async def test_a_client_polling_far_too_fast_gets_429_and_others_are_still_served(
+    session: aiohttp.ClientSession,
+) -> None:
+    server = Sep2Server(_config(requests_per_client_per_s=0.5, requests_per_client_burst=5))
+    der = Sep2Der("bat-a", Sep2DerEndpoint(lfdi=LFDI_A), server=server, groups=("feeder:f1",))
+    await der.connect()
+    try:
+        fast = Client(session, server.url, LFDI_A)
+        other = Client(session, server.url, LFDI_B)
+        statuses = [(await fast.request("GET", "/dcap"))[0] for _ in range(8)]
+        assert statuses == [200] * 5 + [429] * 3
+        message = await fast.error("GET", "/dcap", 429)
+        assert "too many requests" in message
+        _, headers, _ = await fast.request("GET", "/tm")
+        assert headers["Retry-After"] == "2"
+        # Another client has its own quota: served while the first is held back.
+        assert (await other.request("GET", "/dcap"))[0] == 200
+        assert server.quotas.refused == {LFDI_A: 5}
+    finally:
+        await server.stop()
