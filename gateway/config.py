@@ -168,10 +168,18 @@ class DeliveryConfig(Section):
     )
 
     release_s: float = Field(
-        default=3600.0,
+        default=10_800.0,
         ge=0,
         le=86_400,
-        description="Thermal loads of an ended dispatch are released one by one over this long",
+        description="Thermal loads of an ended dispatch are released one by one as the rebound "
+        "leaves room (rebound_limit), and at the latest on a schedule spread over this long",
+    )
+    rebound_limit: float = Field(
+        default=0.3,
+        gt=0,
+        le=10,
+        description="After a dispatch, its thermal loads are released only while the measured "
+        "rise above their pre-event baseline stays under this fraction of the request",
     )
 
     def tuning(self) -> DeliveryTuning:
@@ -181,6 +189,7 @@ class DeliveryConfig(Section):
             tolerance=self.tolerance,
             tolerance_kw=self.tolerance_kw,
             settle_s=self.settle_s,
+            rebound_limit=self.rebound_limit,
         )
 
 

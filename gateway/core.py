@@ -36,7 +36,14 @@ from gateway.aio import wait_inside_task_group
 from gateway.clock import ClockStep, ClockWatch
 from gateway.commands import CommandBook
 from gateway.config import CoreConfig
-from gateway.delivery import BaselineTracker, DeliveryLoop, EnvelopeWatch, close_loops
+from gateway.delivery import (
+    BaselineTracker,
+    DeliveryLoop,
+    EnvelopeWatch,
+    ReleaseGovernor,
+    close_loops,
+    govern_releases,
+)
 from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule
 from gateway.errors import CoreError
 from gateway.flex import (
@@ -162,6 +169,9 @@ class Gateway:
         response is measured against."""
         self._autonomous_kw = self._baselines.mean_kw
         self._loops: dict[str, DeliveryLoop] = {}
+        self._governors: dict[str, ReleaseGovernor] = {}
+        """Ended dispatches whose thermal loads are still being released, paced on the measured
+        rebound (by command id)."""
         self._watches: dict[str, EnvelopeWatch] = {}
         """How each envelope in force holds at the meter (by command id)."""
         """The closed loop of each running dispatch (by command id)."""
@@ -700,6 +710,7 @@ class Gateway:
         await self._handle_refusals(now)
         states = self.device_states(now)
         deliveries = self._close_loops(now, states)
+        allowance = govern_releases(now, self.plan, states, self._governors)
         compliance = self._watch_envelopes(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
         turn_s = self.config.delivery.thermal_turn_s
@@ -714,6 +725,7 @@ class Gateway:
             self.plan,
             turn_s,
             self.config.delivery.release_s,
+            allowance,
         )
         first.delivery = deliveries
         first.compliance = compliance
@@ -733,6 +745,7 @@ class Gateway:
                 self.plan,
                 turn_s,
                 self.config.delivery.release_s,
+                allowance,
             )
             plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
             plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}
@@ -749,6 +762,8 @@ class Gateway:
             loop.shift(step.step)
         for watch in self._watches.values():
             watch.shift(step.step)
+        for governor in self._governors.values():
+            governor.shift(step.step)
         self.book.clock_stepped(step.describe())
         self._settle_wake.set()
 
@@ -789,6 +804,7 @@ class Gateway:
     ) -> dict[str, Delivery]:
         if not self.config.delivery.closed_loop:
             self._loops.clear()
+            self._governors.clear()
             return {}
         thermal = {
             d.device_id
@@ -803,6 +819,7 @@ class Gateway:
             self._loops,
             self.config.delivery.tuning(),
             thermal,
+            self._governors,
         )
 
     def _apply(self, plan: dispatch.Plan) -> None:

@@ -43,7 +43,9 @@ __all__ = [
     "DeliveryTuning",
     "DeviceBaseline",
     "EnvelopeWatch",
+    "ReleaseGovernor",
     "close_loops",
+    "govern_releases",
 ]
 
 _Z90 = 1.645
@@ -112,6 +114,10 @@ class DeliveryTuning:
     tolerance_kw: float = 1.0
     settle_s: float = 300.0
     """Time the devices get after the start (or a change of request) before short is flagged."""
+    rebound_limit: float = 0.3
+    """After a dispatch ends, its thermal loads are released only while the group's measured
+    rise above its pre-event baseline stays under this fraction of the request
+    (:class:`ReleaseGovernor`); the ``release_s`` schedule is the floor."""
 
 
 @dataclass(slots=True)
@@ -132,6 +138,7 @@ class DeliveryLoop:
     _settled_from: datetime | None = None
     _settle_request: float | None = None
     _left: dict[str, DeviceBaseline] = field(default_factory=dict)
+    last_request_kw: float = 0.0
 
     def shift(self, by: timedelta) -> None:
         """The wall clock stepped by ``by``: keep the time this loop has counted true."""
@@ -171,6 +178,7 @@ class DeliveryLoop:
         never winds the loop up. What is reported is measured, for every device."""
         trusted_kw = trusted_kw or {}
         tuning = self.tuning
+        self.last_request_kw = requested_kw
         dt = 0.0 if self._last is None else max(0.0, (now - self._last).total_seconds())
         self._last = now
         if self._settle_request is None or _changed(self._settle_request, requested_kw, tuning):
@@ -243,6 +251,7 @@ def close_loops(
     loops: MutableMapping[str, DeliveryLoop],
     tuning: DeliveryTuning,
     thermal: Container[str],
+    governors: MutableMapping[str, ReleaseGovernor] | None = None,
 ) -> dict[str, Delivery]:
     """Measure each running dispatch's response to what ``previous`` (the last plan) asked of
     its devices, and move each loop's correction; loops of dispatches no longer planned go.
@@ -250,9 +259,13 @@ def close_loops(
     A ``thermal`` device's response is measured against its learnt baseline; any other's (a
     battery's, an EV charger's) against 0 kW, as the planner plans it (its setpoint is its
     power): after a restart, a battery still on the last setpoint is not its own baseline.
-    The corrections (``loop.correction_kw``) feed the next plan."""
+    The corrections (``loop.correction_kw``) feed the next plan. A dispatch that has ended with
+    thermal loads still to release hands its loop's baselines to a :class:`ReleaseGovernor` in
+    ``governors``."""
     for cid in [c for c in loops if c not in previous.requested_kw]:
-        del loops[cid]
+        ended = loops.pop(cid)
+        if governors is not None and any(r.command_id == cid for r in previous.releasing.values()):
+            governors[cid] = ReleaseGovernor.after(ended, tuning)
     out: dict[str, Delivery] = {}
     for cid, requested in previous.requested_kw.items():
         loop = loops.get(cid)
@@ -282,6 +295,111 @@ def close_loops(
             now, requested, measured, previous.available_kw.get(cid, 0.0), trusted
         )
     return out
+
+
+@dataclass(slots=True)
+class ReleaseGovernor:
+    """The end of a dispatch, closed on measurement: how much more of its held thermal load may
+    be let go this period without the group's rebound passing ``limit_kw``.
+
+    Every house held off has stored heat (it is warmer than its setpoint) and pays it back at its
+    compressor's full power once released. Released on a fixed schedule, the houses still
+    recovering add up to a rebound larger than the shed itself; so the measured rise of the
+    dispatch's devices above the baselines they had before it (the same baselines its loop
+    measured the shed against: held ones still count below theirs) is held under the limit, and
+    only the room left is released. The planner's ``release_s`` schedule stays the floor, so no
+    house is held longer than that after the end."""
+
+    limit_kw: float
+    baselines: dict[str, DeviceBaseline]
+    smoothing_s: float = 60.0
+    rise_kw: float | None = None
+    """The measured rise above the baselines, smoothed (what :meth:`allowance` works on)."""
+    pending_s: float = 300.0
+    """How long a released device's expected power is counted while readings do not show it."""
+    _pending: dict[str, tuple[datetime, float]] = field(default_factory=dict)
+    _last: datetime | None = None
+
+    @classmethod
+    def after(cls, loop: DeliveryLoop, tuning: DeliveryTuning) -> ReleaseGovernor:
+        return cls(
+            limit_kw=tuning.rebound_limit * abs(loop.last_request_kw),
+            baselines={**loop._left, **loop.baselines},
+            smoothing_s=min(60.0, tuning.smoothing_s),
+        )
+
+    def shift(self, by: timedelta) -> None:
+        if self._last is not None:
+            self._last += by
+        self._pending = {d: (at + by, kw) for d, (at, kw) in self._pending.items()}
+
+    def _mean(self, device_id: str) -> float:
+        baseline = self.baselines.get(device_id)
+        return 0.0 if baseline is None else baseline.mean_kw
+
+    def allowance(
+        self,
+        now: datetime,
+        states: Mapping[str, DeviceState | None],
+        released: Mapping[str, float] | None = None,
+    ) -> float:
+        """kW of expected rise that may be released this period (≤ 0: release nothing more).
+
+        ``released`` holds the devices the last plan let go of, with the rise expected of each:
+        counted until a reading shows it (a released house starts its compressor only once it
+        has drifted up to its lowered setpoint, minutes later, and reports every half minute or
+        so; without this, the next periods would see no rise yet and release again)."""
+        since = self._last or now
+        for device_id, rise in (released or {}).items():
+            state = states.get(device_id)
+            before = state.power_kw if state is not None else self._mean(device_id)
+            self._pending[device_id] = (since, before + rise)
+        rise_kw = 0.0
+        for device_id, baseline in self.baselines.items():
+            state = states.get(device_id)
+            power = state.power_kw if state is not None else None
+            pending = self._pending.get(device_id)
+            if pending is not None:
+                at, expected_kw = pending
+                if (now - at).total_seconds() > self.pending_s or (
+                    power is not None and power >= expected_kw
+                ):
+                    del self._pending[device_id]
+                else:
+                    # Let go but not yet running (its house drifts up to the lowered setpoint
+                    # within minutes): count what it is about to draw.
+                    power = expected_kw if power is None else max(power, expected_kw)
+            if power is not None:
+                rise_kw += power - baseline.mean_kw
+        dt = 0.0 if self._last is None else max(0.0, (now - self._last).total_seconds())
+        self._last = now
+        if self.rise_kw is None:
+            self.rise_kw = rise_kw
+        elif dt > 0:
+            # Quick to see a rise, slow to believe a fall: releasing more is the risky way.
+            tau = self.smoothing_s / 4 if rise_kw > self.rise_kw else self.smoothing_s
+            self.rise_kw += (1.0 - math.exp(-dt / tau)) * (rise_kw - self.rise_kw)
+        return self.limit_kw - self.rise_kw
+
+
+def govern_releases(
+    now: datetime,
+    previous: Plan,
+    states: Mapping[str, DeviceState | None],
+    governors: MutableMapping[str, ReleaseGovernor],
+) -> dict[str, float]:
+    """Each ended dispatch still releasing: the rise it may release this period (the planner's
+    ``release_allowance``); governors whose devices are all released go."""
+    releasing = {r.command_id for r in previous.releasing.values()}
+    for cid in [c for c in governors if c not in releasing]:
+        del governors[cid]
+    released: dict[str, dict[str, float]] = {}
+    for device_id, (cid, rise) in previous.released.items():
+        released.setdefault(cid, {})[device_id] = rise
+    return {
+        cid: governor.allowance(now, states, released.get(cid))
+        for cid, governor in governors.items()
+    }
 
 
 @dataclass(slots=True)

@@ -223,6 +223,10 @@ class Plan:
     correction (:mod:`gateway.delivery`); the devices' caps may leave a shortfall."""
     releasing: dict[str, Release] = field(default_factory=dict)
     """Thermal devices of a dispatch that has ended, each held until its turn to be released."""
+    released: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """Thermal devices this plan let go of after their dispatch ended → (its command_id, the
+    rise expected of it: from what it drew to full power); the release governor counts it
+    until a reading shows it (:class:`gateway.delivery.ReleaseGovernor`)."""
 
     def shift(self, by: timedelta) -> None:
         """The wall clock stepped by ``by``: turns and releases keep their true durations."""
@@ -255,6 +259,7 @@ def plan(
     previous: Plan | None = None,
     rotation_s: float = 1800.0,
     release_s: float = 0.0,
+    release_allowance: Mapping[str, float] | None = None,
 ) -> Plan:
     """Compute every device's setpoint for ``now``.
 
@@ -263,7 +268,9 @@ def plan(
     left alone, as far as it is known (``target`` mode and envelopes); ``corrections`` the
     closed loop's correction of each dispatch's request (:mod:`gateway.delivery`), in kW;
     ``previous`` the last plan (whose turns and releases go on); ``rotation_s`` a thermal load's
-    turn; ``release_s`` how long the thermal loads of an ended dispatch take to be released.
+    turn; ``release_s`` how long the thermal loads of an ended dispatch take to be released at
+    the latest; ``release_allowance`` per ended dispatch, the rise its releases may add now
+    (:class:`gateway.delivery.ReleaseGovernor`; without one, the ``release_s`` schedule alone).
     """
     baselines = baselines or {}
     corrections = corrections or {}
@@ -297,7 +304,17 @@ def plan(
 
     if previous is not None and release_s > 0:
         active_ids = {a.command.command_id for a in active}
-        _stagger_release(now, previous, active_ids, registry, slots, result, release_s)
+        _stagger_release(
+            now,
+            previous,
+            active_ids,
+            registry,
+            states,
+            slots,
+            result,
+            release_s,
+            release_allowance or {},
+        )
 
     envelopes = sorted(
         (a for a in active if isinstance(a.command, OperatingEnvelope)), key=lambda a: a.seq
@@ -510,18 +527,40 @@ def _stagger_release(
     previous: Plan,
     active_ids: set[str],
     registry: Registry,
+    states: Mapping[str, DeviceState | None],
     slots: dict[str, _Slot],
     result: Plan,
     release_s: float,
+    allowance: Mapping[str, float],
 ) -> None:
-    """Release the thermal loads of a dispatch that has just ended one after another over
-    ``release_s``, longest called first, instead of all at once.
+    """Release the thermal loads of a dispatch that has just ended one after another, longest
+    called first, instead of all at once: each as the measured rebound leaves room for it
+    (``allowance``: the rise its release may add, from what it draws now to its full power,
+    since a house held warm runs flat out to cool back), and at the latest on a schedule spread
+    over ``release_s``.
 
     Every house held off pays its stored heat back when released: released together, their
     compressors all start together (a rebound larger than the shed). A device another command
     claims is simply taken (power commands are planned first)."""
+    waiting: dict[str, list[tuple[datetime, str, Release]]] = {}
     for device_id, release in previous.releasing.items():
-        if release.at > now and device_id not in slots and device_id in registry:
+        if device_id in slots or device_id not in registry:
+            continue  # another command has it now, or it has gone
+        rise = _release_rise(registry.device(device_id), states.get(device_id), release)
+        if release.at <= now:
+            result.released[device_id] = (release.command_id, rise)  # on the schedule
+        else:
+            waiting.setdefault(release.command_id, []).append((release.at, device_id, release))
+    for command_id, queue in waiting.items():
+        room = allowance.get(command_id)
+        queue.sort(key=lambda item: (item[0], item[1]))
+        for _, device_id, release in queue:
+            rise = _release_rise(registry.device(device_id), states.get(device_id), release)
+            if room is not None and room >= rise:
+                room -= rise  # released now: the rebound has room for it
+                result.released[device_id] = (command_id, rise)
+                continue
+            room = None if room is None else -1.0  # in order: none after one that waits
             slots[device_id] = _Slot(release.command_id, "release", release.kw, release.kw)
             result.releasing[device_id] = release
     for command_id in previous.requested_kw:
@@ -541,6 +580,16 @@ def _stagger_release(
             kw = allocation.commanded_kw
             slots[did] = _Slot(command_id, "release", kw, kw)
             result.releasing[did] = Release(command_id, kw, at)
+
+
+def _release_rise(device: Device, state: DeviceState | None, release: Release) -> float:
+    """What releasing a held thermal load adds: it goes from what it draws now to full power."""
+    rated = device.ratings.max_discharge_kw
+    if state is not None and state.max_discharge_kw is not None:
+        rated = min(rated, state.max_discharge_kw)
+    if not math.isfinite(rated) or rated <= 0:
+        return abs(release.kw)
+    return max(abs(release.kw), rated - (state.power_kw if state is not None else 0.0))
 
 
 def _holder_of(plan: Plan, device_id: str) -> str | None:

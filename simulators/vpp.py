@@ -31,7 +31,14 @@ from adapters.mqtt_devices.devices import (
     worth_an_offset,
 )
 from gateway import dispatch
-from gateway.delivery import BaselineTracker, DeliveryLoop, DeliveryTuning, close_loops
+from gateway.delivery import (
+    BaselineTracker,
+    DeliveryLoop,
+    DeliveryTuning,
+    ReleaseGovernor,
+    close_loops,
+    govern_releases,
+)
 from gateway.registry import Registry
 from protocols.mqtt.devices import HvacMode
 from unified.model import (
@@ -99,9 +106,14 @@ class VirtualPowerPlant:
         thermal_turn_s: float = 1800.0,
         baseline_tau_s: float = 900.0,
         refresh_s: float = 60.0,
-        release_s: float = 3600.0,
+        release_s: float = 10_800.0,
+        govern_release: bool = True,
     ) -> None:
+        """``release_s`` and ``tuning.rebound_limit`` are the gateway's ``[delivery]`` settings;
+        ``govern_release = False`` releases on the ``release_s`` schedule alone (no
+        :class:`gateway.delivery.ReleaseGovernor`), as the gateway did before it."""
         self.release_s = release_s
+        self.govern_release = govern_release
         self.refresh_s = refresh_s
         self.thermal_turn_s = thermal_turn_s
         self.spec = spec
@@ -142,6 +154,7 @@ class VirtualPowerPlant:
         self._thermal = {d.device_id for d in devices if d.der_class is DerClass.THERMOSTAT}
         self.baselines = BaselineTracker(baseline_tau_s)
         self.loops: dict[str, DeliveryLoop] = {}
+        self.governors: dict[str, ReleaseGovernor] = {}
         self.plan = dispatch.Plan()
         self.commands: list[ScheduledCommand] = []
         self._desired: dict[str, DeviceCommand] = {}
@@ -261,10 +274,20 @@ class VirtualPowerPlant:
                 held = did in self._desired
                 self.baselines.observe(did, now, state.power_kw, held=held)
         deliveries: dict[str, Delivery] = {}
+        allowance: dict[str, float] = {}
         if self.closed_loop:
             deliveries = close_loops(
-                now, self.plan, states, self.baselines, self.loops, self.tuning, self._thermal
+                now,
+                self.plan,
+                states,
+                self.baselines,
+                self.loops,
+                self.tuning,
+                self._thermal,
+                self.governors,
             )
+            if self.govern_release:
+                allowance = govern_releases(now, self.plan, states, self.governors)
         corrections = {cid: loop.correction_kw for cid, loop in self.loops.items()}
         active = [
             dispatch.ActiveCommand(c, seq)
@@ -281,6 +304,7 @@ class VirtualPowerPlant:
             self.plan,
             self.thermal_turn_s,
             self.release_s,
+            allowance,
         )
         self._apply(plan)
         self.plan = plan

@@ -12,7 +12,9 @@ from gateway.delivery import (
     DeliveryTuning,
     DeviceBaseline,
     EnvelopeWatch,
+    ReleaseGovernor,
 )
+from unified.model import DeviceState
 
 NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 TUNING = DeliveryTuning(smoothing_s=60.0, integral_s=300.0, settle_s=300.0)
@@ -125,3 +127,29 @@ def test_envelope_watch_counts_time_outside_and_the_worst_excursion() -> None:
     export = EnvelopeWatch().update(NOW, (None, 50.0), -60.0, 5, 2)
     assert export.outside
     assert export.worst_excursion_kw == pytest.approx(10.0)
+
+
+def _reading(device_id: str, kw: float, at: datetime) -> DeviceState:
+    return DeviceState(device_id=device_id, timestamp=at, power_kw=kw, source="test")
+
+
+def test_release_governor_counts_a_released_house_until_it_is_seen_running() -> None:
+    governor = ReleaseGovernor(
+        limit_kw=3.0, baselines={f"t{i}": DeviceBaseline(1.5) for i in range(4)}, smoothing_s=1.0
+    )
+    # Four houses held off (0 kW each against 1.5 kW baselines): the group is 6 kW below.
+    off = {f"t{i}": _reading(f"t{i}", 0.0, NOW) for i in range(4)}
+    assert governor.allowance(NOW, off) == pytest.approx(9.0)
+    # Two are let go (each to go from 0 to 3 kW). Their compressors have not started yet: what
+    # they are about to draw is counted all the same, so the room is gone.
+    later = NOW + timedelta(seconds=30)
+    room = governor.allowance(later, off, {"t0": 3.0, "t1": 3.0})
+    assert room == pytest.approx(3.0 - (3.0 + 3.0 - 1.5 - 1.5 - 1.5 - 1.5), abs=0.01)
+    # Once seen running the measurement takes over (and it is the same).
+    running = {**off, "t0": _reading("t0", 3.0, later), "t1": _reading("t1", 3.0, later)}
+    again = governor.allowance(later + timedelta(seconds=30), running)
+    assert again == pytest.approx(room, abs=0.01)
+    # A house let go that never starts stops counting after pending_s.
+    stuck = governor.allowance(later + timedelta(seconds=60), off, {"t2": 3.0})
+    gone = governor.allowance(later + timedelta(seconds=60 + governor.pending_s + 30), off)
+    assert gone > stuck

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.dispatch import ENVELOPE_MARGIN, ActiveCommand, Plan, headroom, plan, share
+from gateway.dispatch import ENVELOPE_MARGIN, ActiveCommand, Plan, Release, headroom, plan, share
 from gateway.registry import Registry
 from unified.model import (
     BatteryConstraints,
@@ -472,3 +472,41 @@ def test_envelope_pushes_a_discharging_dispatch_further_but_never_past_headroom(
     )
     assert p.setpoints["b1"].power_kw == pytest.approx(-5.0)
     assert {s.command_id for s in p.setpoints["b1"].provenance} >= {"d1", "env"}
+
+
+def test_an_ended_dispatchs_houses_are_released_as_the_rebound_leaves_room() -> None:
+    reg = Registry([thermostat(i) for i in range(4)])
+    held = {f"t{i}": state(f"t{i}", power=0.0) for i in range(4)}
+    previous = Plan(
+        releasing={
+            f"t{i}": Release("d1", -1.0, NOW + timedelta(minutes=10 * (i + 1))) for i in range(4)
+        }
+    )
+    later = NOW + timedelta(minutes=5)
+
+    def after(allowance: dict[str, float] | None) -> Plan:
+        return plan(
+            later, reg, held, [], previous=previous, release_s=3600, release_allowance=allowance
+        )
+
+    # No governor: the schedule alone (nobody is due yet).
+    assert set(after(None).releasing) == {"t0", "t1", "t2", "t3"}
+    # Room for two houses going from off to their full 3 kW: the first two in order go.
+    paced = after({"d1": 6.5})
+    assert set(paced.releasing) == {"t2", "t3"}
+    assert paced.released == {"t0": ("d1", 3.0), "t1": ("d1", 3.0)}
+    assert "t0" not in paced.setpoints
+    # No room (the group is already above its rebound limit): all stay held.
+    assert set(after({"d1": -10.0}).releasing) == {"t0", "t1", "t2", "t3"}
+    # The schedule is the floor: one whose time has come goes whatever the room.
+    floor = plan(
+        NOW + timedelta(minutes=15),
+        reg,
+        held,
+        [],
+        previous=previous,
+        release_s=3600,
+        release_allowance={"d1": -10.0},
+    )
+    assert set(floor.releasing) == {"t1", "t2", "t3"}
+    assert floor.released == {"t0": ("d1", 3.0)}

@@ -13,7 +13,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from gateway.delivery import DeliveryTuning
 from simulators.vpp import FleetSpec, Sample, VirtualPowerPlant
 from unified.model import Dispatch, EnvelopeInterval, OperatingEnvelope, ScheduledCommand, Target
 
@@ -123,18 +122,26 @@ def test_envelope_is_held_at_the_meter_by_batteries_offsetting_thermal_load() ->
     assert max(s.reserve_breaches for s in samples) == 0
 
 
-def test_staggered_release_bounds_the_rebound() -> None:
-    spec = FleetSpec(thermostats=250, seed=6)
+def test_release_paced_on_the_measured_rebound_bounds_it() -> None:
+    spec = FleetSpec(thermostats=250, seed=3)
     end = START + timedelta(minutes=60)
     until = end + timedelta(minutes=60)
     _, base = run(spec, [], until)
     baseline = feeder_kw(base)
     request = -round(0.2 * baseline[:60].mean())
-    tuning = DeliveryTuning()
-    _, staggered = run(spec, [shed(request, 60)], until, tuning=tuning)
-    _, at_once = run(spec, [shed(request, 60)], until, tuning=tuning, release_s=0.0)
     after = slice(120, 180)
-    peak = (feeder_kw(staggered)[after] - baseline[after]).reshape(12, 5).mean(axis=1).max()
-    peak_at_once = (feeder_kw(at_once)[after] - baseline[after]).reshape(12, 5).mean(axis=1).max()
-    assert peak_at_once > 1.2 * abs(request)  # every house paying back its heat together
-    assert peak < 0.6 * peak_at_once, (peak, peak_at_once)
+
+    def rebound(**kwargs: object) -> float:
+        _, samples = run(spec, [shed(request, 60)], until, **kwargs)
+        delta = feeder_kw(samples)[after] - baseline[after]
+        return float(delta.reshape(12, 5).mean(axis=1).max())
+
+    governed = rebound()  # the defaults: paced on the measured rebound
+    scheduled = rebound(govern_release=False, release_s=3600.0)  # one by one over an hour
+    at_once = rebound(release_s=0.0)
+    assert at_once > 1.5 * abs(request)  # every house paying back its heat together
+    assert scheduled < 0.7 * at_once, (scheduled, at_once)
+    # Paced on measurement: the rebound stays near rebound_limit (0.3) of the request, where
+    # a fixed schedule lets the houses still recovering add up past the request itself.
+    assert scheduled > abs(request)
+    assert governed < 0.5 * abs(request), (governed, request)
