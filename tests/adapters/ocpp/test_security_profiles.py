@@ -27,7 +27,7 @@ from adapters.ocpp.charger import OcppCharger
 from composition.certs import make_ca, make_cert
 from composition.config import parse_config
 from protocols.ocpp import authorization_header
-from protocols.tls import OCPP_TLS12_CIPHERS, ocpp_client_ssl_context
+from protocols.tls import OCPP_TLS12_CIPHERS, ocpp_client_ssl_context, ocpp_server_ssl_context
 from simulators.ev_charger import ChargerRefused, EvChargerSim
 from tests.adapters.ocpp.test_central import (
     LOCATION,
@@ -295,7 +295,24 @@ async def test_tls_below_1_2_is_refused_and_the_suites_are_ocpps(
         assert cipher in OCPP_TLS12_CIPHERS.split(":")
         assert cipher.startswith("ECDHE-ECDSA-AES")  # the development certificate is P-256
         assert (await _handshake(h.central.port, ocpp_client_ssl_context(pki.ca)))[0] == "TLSv1.3"
+        # A TLS 1.2 suite OCPP does not name (one OpenSSL would otherwise pick) is not taken.
+        chacha = ocpp_client_ssl_context(pki.ca)
+        chacha.maximum_version = ssl.TLSVersion.TLSv1_2
+        chacha.set_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305")
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            await _handshake(h.central.port, chacha)
         assert h.central.snapshot("CP-1").generation == 0  # type: ignore[union-attr]
+
+
+def test_the_central_tls_policy(pki: Pki) -> None:
+    # OpenSSL's defaults already refuse TLS 1.1 today: the policy must not depend on them.
+    for ca_file, verify in ((None, ssl.CERT_NONE), (pki.ca, ssl.CERT_REQUIRED)):
+        context = ocpp_server_ssl_context(pki.server_cert, pki.server_key, ca_file)
+        assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+        tls12 = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
+        assert tls12 == set(OCPP_TLS12_CIPHERS.split(":"))
+        assert context.options & ssl.OP_NO_COMPRESSION
+        assert context.verify_mode is verify
 
 
 # --------------------------------------------------------------------------- profile 3
