@@ -1,4 +1,4 @@
-"""Development certificates for IEEE 2030.5 (CSIP / CSIP-AUS) and OpenADR test deployments.
+"""Development certificates for IEEE 2030.5 (CSIP / CSIP-AUS), OpenADR and OCPP test deployments.
 
 The TLS policy itself (cipher suites, versions, contexts) is in :mod:`protocols.tls`.
 
@@ -151,9 +151,12 @@ def make_cert(
     *,
     server: bool = False,
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+    organization: str | None = None,
 ) -> IssuedCertificate:
     """Issue a P-256 certificate ``<name>.pem`` / ``<name>.key`` signed by ``ca``.
 
+    The subject is ``CN=<name>`` (an OCPP charger certificate's CN is its charge point id),
+    with ``O=<organization>`` when given (OCPP asks the CPO's name there).
     A device (client) certificate gets the clientAuth usage; a server certificate gets serverAuth
     and subjectAltNames for ``hosts`` (DNS names or IP addresses), which TLS clients check.
     """
@@ -163,9 +166,12 @@ def make_cert(
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    if organization is not None:
+        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

@@ -135,7 +135,10 @@ def run(ctx: click.Context, config_path: Path) -> None:
         config = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    app = GatewayApp(config)
+    try:
+        app = GatewayApp(config)  # reads secrets and certificates (OCPP central)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     settle_heap()
     _run_explained(app.run())
 
@@ -160,7 +163,10 @@ def edge(ctx: click.Context, config_path: Path) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     assert isinstance(config, EdgeAgentConfig)
-    agent = build_edge_agent(config)
+    try:
+        agent = build_edge_agent(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     settle_heap()
     _run_explained(agent.run())
 
@@ -173,6 +179,12 @@ def check_config(config_path: Path) -> None:
 
     try:
         config = load_config(config_path)
+        if config.ocpp_central is not None:
+            from adapters.ocpp.central import OcppCentral
+            from adapters.ocpp.charger import OcppCharger
+
+            # Reads the chargers' secrets and the TLS files, as a start would.
+            OcppCentral(config.ocpp_central, charger_factory=OcppCharger)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     registry = Registry([d.as_device() for d in config.devices], config.groups)
@@ -270,10 +282,24 @@ def certs_ca(directory: Path, name: str, force: bool) -> None:
 )
 @click.option("--server", is_flag=True, help="A server certificate (serverAuth, host names).")
 @click.option("--host", "hosts", multiple=True, help="Server host name or IP (repeatable).")
+@click.option(
+    "--org",
+    "organization",
+    default=None,
+    help="Subject O (an OCPP charger certificate carries the CPO's name: [ocpp_central] cpo_name).",
+)
 def certs_issue(
-    directory: Path, name: str, ca_name: str, server: bool, hosts: tuple[str, ...]
+    directory: Path,
+    name: str,
+    ca_name: str,
+    server: bool,
+    hosts: tuple[str, ...],
+    organization: str | None,
 ) -> None:
-    """Issue a device (or --server) certificate signed by the CA in DIRECTORY."""
+    """Issue a device (or --server) certificate signed by the CA in DIRECTORY.
+
+    NAME is the subject CN: for an OCPP charger (security profile 3), its charge point id.
+    """
     from composition.certs import load_ca, make_cert
 
     try:
@@ -281,7 +307,7 @@ def certs_issue(
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load CA {ca_name!r} from {directory}: {exc}") from None
     kwargs = {"hosts": hosts} if hosts else {}
-    issued = make_cert(ca, directory, name, server=server, **kwargs)
+    issued = make_cert(ca, directory, name, server=server, organization=organization, **kwargs)
     click.echo(f"certificate: {issued.cert_path}\nkey:         {issued.key_path}")
     click.echo(f"LFDI: {issued.lfdi}\nSFDI: {issued.sfdi}")
 

@@ -195,6 +195,17 @@ class GatewayConfig(CoreConfig):
                     update=rebase(base, vtn.tls, "cert_path", "key_path", "ca_path")
                 )
             update["openadr_vtn"] = vtn.model_copy(update=vtn_update)
+        central = self.ocpp_central
+        if central is not None:
+            chargers = tuple(
+                c.model_copy(update=rebase(base, c, "password_file")) for c in central.chargers
+            )
+            central_update: dict[str, object] = dict(
+                rebase(base, central, "cert_file", "key_file", "ca_file")
+            )
+            update["ocpp_central"] = central.model_copy(
+                update={**central_update, "chargers": chargers}
+            )
         if self.sep2_server is not None and self.sep2_server.tls is not None:
             tls = self.sep2_server.tls
             tls = tls.model_copy(update=rebase(base, tls, "cert_file", "key_file", "ca_file"))

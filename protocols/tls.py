@@ -1,7 +1,8 @@
 """TLS policy of the protocols the gateway speaks: cipher suites, versions and contexts.
 
 IEEE 2030.5 mandates one suite (TLS 1.2 ``ECDHE-ECDSA-AES128-CCM8`` over P-256); OpenADR 2.0b
-allows two (TLS 1.2 ``ECDHE-ECDSA-AES128-SHA256`` or ``AES128-SHA256``). Every endpoint and uplink
+allows two (TLS 1.2 ``ECDHE-ECDSA-AES128-SHA256`` or ``AES128-SHA256``); OCPP security profiles 2
+and 3 ask TLS 1.2 or later with AES-GCM suites. Every endpoint and uplink
 takes its constants and contexts from here, so one protocol has one policy. Building a context
 reads the certificate files (blocking): do it at start-up, not on a hot path.
 """
@@ -13,10 +14,13 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "OCPP_TLS12_CIPHERS",
     "OPENADR_TLS_CIPHERS",
     "SEP2_CURVE",
     "SEP2_TLS_CIPHER",
     "client_ssl_context",
+    "ocpp_client_ssl_context",
+    "ocpp_server_ssl_context",
     "pin_openadr_tls",
     "server_ssl_context",
 ]
@@ -27,6 +31,21 @@ SEP2_CURVE: Final = "prime256v1"  # OpenSSL's name for P-256 / secp256r1
 
 #: The suites OpenADR 2.0b names (TLS 1.2): ECDSA certificates, or RSA ones.
 OPENADR_TLS_CIPHERS: Final = "ECDHE-ECDSA-AES128-SHA256:AES128-SHA256"
+
+#: OCPP's TLS 1.2 suites. A central system "SHALL support at least" the first two (ECDSA
+#: certificate) and the last two (RSA certificate) (1.6 Security Whitepaper ed. 3 A00.FR.317,
+#: 2.0.1 A00.FR.318); the ECDHE-RSA pair gives an RSA certificate forward secrecy. OpenSSL offers
+#: those its certificate can sign. TLS 1.3 suites (all AEAD) stay as OpenSSL has them.
+OCPP_TLS12_CIPHERS: Final = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "AES128-GCM-SHA256",
+        "AES256-GCM-SHA384",
+    )
+)
 
 
 def pin_openadr_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
@@ -74,4 +93,41 @@ def client_ssl_context(
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(str(cert_file), str(key_file))
     ctx.load_verify_locations(cafile=str(ca_file))
+    return ctx
+
+
+def _ocpp_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    # TLS 1.0/1.1 "not allowed in OCPP 2.0.1", and for 1.6 only for legacy chargers that
+    # cannot do better (A00.FR.312): none here. No compression (A00.FR.320).
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(OCPP_TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+def ocpp_server_ssl_context(
+    cert_file: Path | str, key_file: Path | str, ca_file: Path | str | None = None
+) -> ssl.SSLContext:
+    """An OCPP central system's context: security profile 2 without ``ca_file``, profile 3
+    (a client certificate chained to ``ca_file`` required in the handshake) with it."""
+    ctx = _ocpp_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    if ca_file is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(ca_file))
+    return ctx
+
+
+def ocpp_client_ssl_context(
+    ca_file: Path | str,
+    cert_file: Path | str | None = None,
+    key_file: Path | str | None = None,
+) -> ssl.SSLContext:
+    """A charger's context: verifies the central's certificate (and host name) against
+    ``ca_file``; presents ``cert_file`` for security profile 3."""
+    ctx = _ocpp_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.load_verify_locations(cafile=str(ca_file))
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
     return ctx

@@ -11,6 +11,12 @@ The charger boots, reports status, heartbeats, starts and stops transactions, an
 charging needs (2.0.1 NotifyEVChargingNeeds; 1.6 a DataTransfer the gateway understands) and
 sends meter values (power, energy register, SoC when the EV has one) every ``meter_interval_s``.
 
+Security profiles: ``password`` makes it send HTTP Basic credentials with its upgrade (profiles 1
+and 2; a 1.6 AuthorizationKey of 32-40 hex digits goes out as the bytes it encodes, as the 1.6
+Security Whitepaper says), a ``wss://`` URL makes it verify the central's certificate against
+``ca_file`` (profile 2), and ``cert_file`` / ``key_file`` make it present a client certificate
+(profile 3).
+
 ``time_scale`` compresses simulated time so tests run fast: arrivals, dwell times and energy
 accumulate ``time_scale`` times faster than the wall clock. On the wire everything is in wall
 time — departure times are "now + remaining simulated time / time_scale", and energies (needs and
@@ -25,10 +31,12 @@ import itertools
 import json
 import logging
 import math
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from ocpp.exceptions import OCPPError  # type: ignore[import-untyped]
@@ -40,10 +48,12 @@ from ocpp.v201 import call as call201
 from ocpp.v201 import call_result as result201
 from pydantic import BaseModel, ConfigDict, Field
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.typing import Subprotocol
 
 from adapters.ocpp.wire import WireLog, on_action
+from protocols.ocpp import authorization_header, wire_password
+from protocols.tls import ocpp_client_ssl_context
 
 __all__ = [
     "ChargerRefused",
@@ -116,6 +126,19 @@ class EvChargerSimConfig(_Frozen):
     visits: tuple[EvVisit, ...] = ()
     vendor: str = "DERMS-Sim"
     model: str = "EVSE-Sim"
+    password: str | None = Field(
+        default=None,
+        repr=False,
+        description="Profiles 1-2: the AuthorizationKey (1.6) / BasicAuthPassword (2.0.1)",
+    )
+    basic_auth_username: str | None = Field(
+        default=None, description="Default: charge_point_id (another one tests the central)"
+    )
+    ca_file: Path | None = Field(
+        default=None, description="wss: the CA of the central's certificate (None: the system's)"
+    )
+    cert_file: Path | None = Field(default=None, description="Profile 3: client certificate")
+    key_file: Path | None = Field(default=None, description="Profile 3: its private key")
 
 
 class ChargerRefused(Exception):
@@ -207,18 +230,38 @@ class EvChargerSim:
         self._next_arrival = None
 
     async def run(self) -> None:
-        url = f"{self.config.url.rstrip('/')}/{self.config.charge_point_id}"
+        cfg = self.config
+        url = f"{cfg.url.rstrip('/')}/{cfg.charge_point_id}"
+        headers: dict[str, str] = {}
+        if cfg.password is not None:
+            username = cfg.basic_auth_username or cfg.charge_point_id
+            headers["Authorization"] = authorization_header(
+                username, wire_password(cfg.password, cfg.version)
+            )
+        tls: ssl.SSLContext | bool | None = None  # None for ws://; True: the system's trust
+        if url.startswith("wss:"):
+            tls = True
+            if cfg.ca_file is not None:
+                tls = await asyncio.to_thread(
+                    ocpp_client_ssl_context, cfg.ca_file, cfg.cert_file, cfg.key_file
+                )
         try:
             websocket = await connect(
                 url,
-                subprotocols=[Subprotocol(self.config.version)],
+                subprotocols=[Subprotocol(cfg.version)],
+                additional_headers=headers or None,
                 open_timeout=5,
+                ssl=tls,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
-            raise ChargerRefused(
-                self.config.charge_point_id, f"HTTP {status}", http_status=status
-            ) from exc
+            raise ChargerRefused(cfg.charge_point_id, f"HTTP {status}", http_status=status) from exc
+        except ssl.SSLError as exc:
+            raise ChargerRefused(cfg.charge_point_id, f"TLS: {exc}") from exc
+        except (InvalidMessage, ConnectionResetError) as exc:
+            # In TLS 1.3 the server checks a client certificate after the client has finished
+            # its handshake: a refused one ends the connection before any HTTP answer.
+            raise ChargerRefused(cfg.charge_point_id, f"no HTTP answer: {exc}") from exc
         try:
             cls = _Client16 if self.config.version == "ocpp1.6" else _Client201
             self._cp = cls(self, websocket)

@@ -1,6 +1,6 @@
 """The gateway as an OCPP central system (1.6J and 2.0.1) that EV chargers connect to.
 
-Chargers open a websocket to ``ws://host:port/<path_prefix>/<charge point id>`` and offer the
+Chargers open a websocket to ``ws[s]://host:port/<path_prefix>/<charge point id>`` and offer the
 OCPP versions they speak as subprotocols; the first of ``versions`` the charger also offers wins
 (``ocpp2.0.1`` before ``ocpp1.6`` by default). One ``ocpp`` ChargePoint object serves each
 connection; its handlers only update the charger's record here (status, transaction, latest meter
@@ -9,8 +9,15 @@ policy (what limit to send) lives in :class:`adapters.ocpp.charger.OcppCharger`.
 
 Admission and protocol hygiene:
 
-* an unknown charge point id is refused during the HTTP handshake with 404, as OCPP-J asks,
-  unless ``auto_register`` is on (it is then enrolled at its first BootNotification);
+* who may connect as which charger is decided during the HTTP handshake, before any websocket
+  exists, by the OCPP security profile (``security_profile``; see
+  :mod:`adapters.ocpp.admission`): HTTP Basic with a password per charger (1, 2), a client
+  certificate whose CN is the charge point id (3), TLS (2, 3); refusals are 401 / 403 / 429,
+  counted by reason and logged at most once per charger per five minutes. With profile 0 (no
+  authentication, the default, for development on loopback) an unknown charge point id is
+  refused with 404, as OCPP-J asks;
+* ``auto_register`` (profiles 0 and 3) accepts chargers that are not configured, and enrols
+  them at their first BootNotification;
 * an unparseable frame gets a CALLERROR (``FormationViolation`` in 1.6, ``RpcFrameworkError`` in
   2.0.1) with the frame's message id when it can be read, ``-1`` otherwise; schema violations and
   unknown actions get the ``ocpp`` package's errors; the connection stays up;
@@ -35,14 +42,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import re
+import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from http import HTTPStatus
+from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, Protocol
 from urllib.parse import unquote
 
@@ -64,6 +77,15 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from adapters.ocpp.admission import (
+    ChargerSecret,
+    PeerCertificate,
+    Refusal,
+    RefusalLog,
+    SecurityGate,
+    SecurityProfile,
+    load_secret,
+)
 from adapters.ocpp.wire import WireLog, on_action
 from gateway.aio import raise_if_cancelling
 from gateway.devices import DeviceAdapter
@@ -84,7 +106,8 @@ from protocols.ocpp import (
     register_kwh,
     set_charging_profile,
 )
-from unified.config import Section
+from protocols.tls import ocpp_server_ssl_context
+from unified.config import ConfigError, Section
 from unified.model import (
     BatteryConstraints,
     BatteryRatings,
@@ -115,7 +138,9 @@ __all__ = [
     "OcppVersion",
     "ProfilePurpose",
     "Registrar",
+    "SecurityProfile",
     "Transaction",
+    "is_loopback",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +155,17 @@ _MESSAGE_ID_RE = re.compile(r'^\s*\[\s*\d+\s*,\s*"([^"\\]{1,36})"')
 _PLUGGED_16: Final = frozenset(
     {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing"}
 )
+# What a refused client reads: nothing about which check failed (a wrong password and an
+# unknown id answer alike).
+_REFUSAL_TEXT: Final = {
+    HTTPStatus.BAD_REQUEST: "No common OCPP version\n",
+    HTTPStatus.UNAUTHORIZED: "Unauthorized\n",
+    HTTPStatus.FORBIDDEN: "Forbidden\n",
+    HTTPStatus.NOT_FOUND: "Unknown charge point\n",
+    HTTPStatus.TOO_MANY_REQUESTS: "Too many failed attempts; try again later\n",
+}
+_BASIC_CHALLENGE: Final = 'Basic realm="OCPP", charset="UTF-8"'
+_MAX_COUNTED_IDS: Final = 1024
 
 
 # --------------------------------------------------------------------------- configuration
@@ -163,6 +199,16 @@ class OcppChargerConfig(OcppChargerDefaults):
 
     charge_point_id: str = Field(pattern=_CP_ID, description="Identity in the websocket URL")
     device_id: Identifier | None = Field(default=None, description="Default: charge_point_id")
+    password_file: Path | None = Field(
+        default=None,
+        description="Security profiles 1-2: a file holding this charger's password (its 1.6 "
+        "AuthorizationKey / 2.0.1 BasicAuthPassword), relative to the config file's folder",
+    )
+    password_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="Security profiles 1-2: the environment variable holding the password",
+    )
 
     @property
     def resolved_device_id(self) -> str:
@@ -195,10 +241,33 @@ class OcppCentralConfig(Section):
     response_timeout_s: float = Field(default=10.0, gt=0, le=120)
     max_message_bytes: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
     stack_level: int = Field(default=1, ge=0, le=100, description="Of our charging profiles")
+    security_profile: SecurityProfile = Field(
+        default=0,
+        description="0: no authentication (development, loopback); 1: HTTP Basic over ws "
+        "(trusted networks only); 2: TLS + HTTP Basic; 3: TLS with client certificates",
+    )
+    cert_file: Path | None = Field(
+        default=None, description="Profiles 2-3: the central's TLS certificate (PEM)"
+    )
+    key_file: Path | None = Field(default=None, description="Profiles 2-3: its private key")
+    ca_file: Path | None = Field(
+        default=None, description="Profile 3: the CA(s) charger certificates must chain to"
+    )
+    cpo_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Profile 3: the O (organizationName) charger certificates must carry",
+    )
+    trusted_network: bool = Field(
+        default=False,
+        description="Profile 1 beyond loopback: the chargers reach host only through a "
+        "network that is already secured (VPN, private APN); passwords cross it in clear",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> OcppCentralConfig:
-        problems: list[str] = []
+        problems = self._security_problems()
         ids = [c.charge_point_id for c in self.chargers]
         if len(set(ids)) != len(ids):
             problems.append("charge_point_id values are not unique")
@@ -212,6 +281,50 @@ class OcppCentralConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _security_problems(self) -> list[str]:
+        problems: list[str] = []
+        profile = self.security_profile
+        tls = profile in (2, 3)
+        if tls and (self.cert_file is None or self.key_file is None):
+            problems.append(f"security_profile {profile} needs cert_file and key_file")
+        if not tls and (self.cert_file is not None or self.key_file is not None):
+            problems.append("cert_file and key_file are for security_profile 2 or 3 (TLS)")
+        if profile == 3 and self.ca_file is None:
+            problems.append("security_profile 3 needs ca_file (the CA of charger certificates)")
+        if profile != 3 and (self.ca_file is not None or self.cpo_name is not None):
+            problems.append("ca_file and cpo_name are for security_profile 3 (client certificates)")
+        if profile == 1 and not self.trusted_network and not is_loopback(self.host):
+            problems.append(
+                f"security_profile 1 sends passwords in clear: on host {self.host!r} (not "
+                "loopback) it needs trusted_network = true (a VPN or private APN), or use "
+                "security_profile 2"
+            )
+        basic = profile in (1, 2)
+        for charger in self.chargers:
+            has_file, has_env = charger.password_file is not None, charger.password_env is not None
+            where = f"charger {charger.charge_point_id!r}"
+            if basic and has_file == has_env:
+                problems.append(
+                    f"{where}: security_profile {profile} needs exactly one of "
+                    "password_file and password_env"
+                )
+            if not basic and (has_file or has_env):
+                problems.append(
+                    f"{where}: password_file / password_env are for security_profile 1 or 2"
+                )
+            if basic and ":" in charger.charge_point_id:
+                problems.append(f"{where}: a Basic username cannot contain ':' (RFC 7617)")
+        if basic and self.auto_register:
+            problems.append(
+                "auto_register cannot work with security_profile 1 or 2 (an unknown charger "
+                "has no password); use security_profile 3, where the CA vouches for new chargers"
+            )
+        return problems
+
+    @property
+    def tls(self) -> bool:
+        return self.security_profile in (2, 3)
 
     def charger(self, charge_point_id: str) -> OcppChargerConfig | None:
         return next((c for c in self.chargers if c.charge_point_id == charge_point_id), None)
@@ -644,7 +757,12 @@ class OcppCentral:
         self.ready = asyncio.Event()
         self._port: int | None = None
         self.refused: dict[str, int] = {}
-        """Handshakes refused, by charge point id (diagnostics)."""
+        """Handshakes refused, by charge point id (diagnostics; ids beyond 1024 count as
+        ``*``)."""
+        self.refusals: Counter[str] = Counter()
+        """Handshakes refused, by reason (:data:`adapters.ocpp.admission.RefusalReason`)."""
+        self._gate, self._ssl = _security(config)
+        self._refusal_log = RefusalLog(log)
         self.listeners: list[Callable[[ChargerSnapshot], None]] = []
         """Called after every change to a charger's record (meter values, status, sessions)."""
 
@@ -656,7 +774,8 @@ class OcppCentral:
         return self._port
 
     def url(self) -> str:
-        return f"ws://{self.config.host}:{self.port}{self.config.path_prefix}"
+        scheme = "wss" if self.config.tls else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}{self.config.path_prefix}"
 
     def charge_point_ids(self) -> tuple[str, ...]:
         return tuple(self._records)
@@ -853,28 +972,55 @@ class OcppCentral:
 
     # ------------------------------------------------------------------ websocket side
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The upgrade request's checks, before any websocket exists: the id, the security
+        profile's credentials (:mod:`adapters.ocpp.admission`), then the OCPP version."""
         charge_point_id = self._charge_point_id(request.path)
         if charge_point_id is None:
-            return connection.respond(404, "Unknown charge point\n")
-        if charge_point_id not in self._records and not self.config.auto_register:
-            self.refused[charge_point_id] = self.refused.get(charge_point_id, 0) + 1
-            log.warning("OCPP charger %r refused: not configured", charge_point_id)
-            return connection.respond(404, "Unknown charge point\n")
-        offered = {
-            token.strip()
-            for value in request.headers.get_all("Sec-WebSocket-Protocol")
-            for token in value.split(",")
-        }
-        if not offered.intersection(self.config.versions):
-            # Refused here rather than by websockets' negotiation, which logs a traceback.
-            log.warning(
-                "OCPP charger %r refused: offers %s, we speak %s",
-                charge_point_id,
-                sorted(offered) or "no subprotocol",
-                ", ".join(self.config.versions),
-            )
-            return connection.respond(400, "No common OCPP version\n")
+            return connection.respond(HTTPStatus.NOT_FOUND, _REFUSAL_TEXT[HTTPStatus.NOT_FOUND])
+        source = _source(connection)
+        known = charge_point_id in self._records or self.config.auto_register
+        refusal = self._gate.check(
+            charge_point_id,
+            source,
+            request.headers.get_all("Authorization"),
+            _peer_certificate(connection),
+            known=known,
+        )
+        if refusal is None and not known:  # profile 0: OCPP-J's answer to an unknown id
+            refusal = Refusal(HTTPStatus.NOT_FOUND, "unknown_charger", "not configured")
+        if refusal is None:
+            offered = {
+                token.strip()
+                for value in request.headers.get_all("Sec-WebSocket-Protocol")
+                for token in value.split(",")
+            }
+            if not offered.intersection(self.config.versions):
+                # Refused here rather than by websockets' negotiation, which logs a traceback.
+                refusal = Refusal(
+                    HTTPStatus.BAD_REQUEST,
+                    "no_common_version",
+                    f"offers {', '.join(sorted(offered)) or 'no subprotocol'}, "
+                    f"we speak {', '.join(self.config.versions)}",
+                )
+        if refusal is not None:
+            return self._refuse(connection, charge_point_id, source, refusal)
         return None
+
+    def _refuse(
+        self, connection: ServerConnection, charge_point_id: str, source: str, refusal: Refusal
+    ) -> Response:
+        counted = charge_point_id
+        if counted not in self.refused and len(self.refused) >= _MAX_COUNTED_IDS:
+            counted = "*"
+        self.refused[counted] = self.refused.get(counted, 0) + 1
+        self.refusals[refusal.reason] += 1
+        self._refusal_log.refused(charge_point_id, source, refusal)
+        response = connection.respond(refusal.status, _REFUSAL_TEXT[refusal.status])
+        if refusal.status == HTTPStatus.UNAUTHORIZED:
+            response.headers["WWW-Authenticate"] = _BASIC_CHALLENGE
+        if refusal.retry_after_s is not None:
+            response.headers["Retry-After"] = str(math.ceil(refusal.retry_after_s))
+        return response
 
     def _charge_point_id(self, path: str) -> str | None:
         path = path.split("?", 1)[0]
@@ -909,7 +1055,13 @@ class OcppCentral:
                 await previous._connection.close(1000, "superseded")
         record.session, record.version = session, version
         record.generation += 1
-        log.info("OCPP %s connected (%s)", charge_point_id, version)
+        log.info(
+            "OCPP %s connected from %s (%s, security profile %d)",
+            charge_point_id,
+            _source(connection),
+            version,
+            self.config.security_profile,
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 session.tasks = tg
@@ -937,10 +1089,21 @@ class OcppCentral:
             max_size=self.config.max_message_bytes,
             ping_interval=20,
             ping_timeout=20,
+            ssl=self._ssl,
         ) as server:
             sockets = list(server.sockets)
             self._port = sockets[0].getsockname()[1] if sockets else self.config.port
-            log.info("OCPP central system listening on %s", self.url())
+            log.info(
+                "OCPP central system listening on %s (security profile %d)",
+                self.url(),
+                self.config.security_profile,
+            )
+            if self.config.security_profile == 0 and not is_loopback(self.config.host):
+                log.warning(
+                    "OCPP central on %s with security_profile 0: anyone who knows a charger's "
+                    "id can connect as that charger; use security_profile 2 or 3",
+                    self.config.host,
+                )
             self.ready.set()
             try:
                 await asyncio.get_running_loop().create_future()
@@ -952,7 +1115,62 @@ class OcppCentral:
                         await server.wait_closed()
 
 
+def _security(config: OcppCentralConfig) -> tuple[SecurityGate, ssl.SSLContext | None]:
+    """The profile's gate and TLS context, from the chargers' secrets and the TLS files (read
+    here, once, when the central is built). Raises ConfigError naming every unusable one."""
+    problems: list[str] = []
+    secrets: dict[str, ChargerSecret] = {}
+    if config.security_profile in (1, 2):
+        for index, charger in enumerate(config.chargers):
+            try:
+                secrets[charger.charge_point_id] = load_secret(
+                    charger.charge_point_id, charger.password_file, charger.password_env
+                )
+            except ValueError as exc:
+                problems.append(f"chargers[{index}] ({charger.charge_point_id}): {exc}")
+    context: ssl.SSLContext | None = None
+    if config.cert_file is not None and config.key_file is not None:
+        try:
+            context = ocpp_server_ssl_context(
+                config.cert_file,
+                config.key_file,
+                config.ca_file if config.security_profile == 3 else None,
+            )
+        except OSError as exc:  # ssl.SSLError included: a key that does not fit, not PEM
+            problems.append(f"cannot use the TLS files (cert_file, key_file, ca_file): {exc}")
+    if problems:
+        raise ConfigError("[ocpp_central]", problems)
+    gate = SecurityGate(config.security_profile, secrets, cpo_name=config.cpo_name)
+    return gate, context
+
+
+def _source(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "?"
+
+
+def _peer_certificate(connection: ServerConnection) -> PeerCertificate | None:
+    """The client certificate the TLS handshake verified (None: no TLS, or none asked)."""
+    ssl_object = connection.transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    certificate: PeerCertificate | None = ssl_object.getpeercert()
+    return certificate or None
+
+
 def _defaults_of(charger: OcppChargerConfig) -> OcppChargerDefaults:
     return OcppChargerDefaults.model_validate(
-        charger.model_dump(exclude={"charge_point_id", "device_id"})
+        charger.model_dump(
+            exclude={"charge_point_id", "device_id", "password_file", "password_env"}
+        )
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the port on this machine (``0.0.0.0`` / ``""``: no)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -8,13 +8,22 @@ central system (:mod:`adapters.ocpp.central`) and the charger adapter see kW / k
 * :mod:`~protocols.ocpp.meter`: MeterValues sampled values → a :class:`MeterReading`;
 * :mod:`~protocols.ocpp.needs`: the driver's charging needs (2.0.1 NotifyEVChargingNeeds, or our
   1.6 DataTransfer) → :class:`EvChargingNeeds`;
-* :mod:`~protocols.ocpp.primitives`: timestamps and numbers as OCPP-J writes them.
+* :mod:`~protocols.ocpp.primitives`: timestamps and numbers as OCPP-J writes them;
+* :mod:`~protocols.ocpp.auth`: HTTP Basic credentials of security profiles 1 and 2.
 
 Payloads are dicts with the snake_case keys the ``ocpp`` package takes and gives (it converts
 to and from camelCase on the wire); this package does not import it. Time is always an
 argument (``now``), and so are the charger's settings: no configuration object comes in.
 """
 
+from protocols.ocpp.auth import (
+    BasicCredentials,
+    accepted_passwords,
+    authorization_header,
+    parse_authorization,
+    secret_problem,
+    wire_password,
+)
 from protocols.ocpp.meter import MeterReading, decode_meter_values, register_kwh
 from protocols.ocpp.needs import (
     NEEDS_MESSAGE_ID,
@@ -41,6 +50,7 @@ __all__ = [
     "NEEDS_MESSAGE_ID",
     "NEEDS_VENDOR_ID",
     "PROFILE_IDS",
+    "BasicCredentials",
     "ChargingProfileLimit",
     "EvChargingNeeds",
     "InvalidChargingNeeds",
@@ -48,13 +58,18 @@ __all__ = [
     "OcppVersion",
     "ProfilePurpose",
     "RateUnit",
+    "accepted_passwords",
+    "authorization_header",
     "clear_charging_profile",
     "decode_data_transfer_needs",
     "decode_ev_charging_needs",
     "decode_meter_values",
     "format_time",
+    "parse_authorization",
     "parse_time",
     "profile_rate",
     "register_kwh",
+    "secret_problem",
     "set_charging_profile",
+    "wire_password",
 ]
