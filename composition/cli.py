@@ -179,6 +179,14 @@ def check_config(config_path: Path) -> None:
     click.echo(f"ok: gateway {config.gateway_id}, {len(registry)} device(s), groups:")
     for group_id in sorted(registry.groups()):
         click.echo(f"  {group_id}: {len(registry.members(group_id))} device(s)")
+    for warning in config.security_warnings():
+        click.echo(f"warning: {warning}")
+    for name, login in config.broker_logins().items():
+        if login.password_env is not None and not os.environ.get(login.password_env):
+            click.echo(
+                f"note: {name}.password_env: {login.password_env} is not set in this shell "
+                "(it must be where the gateway runs)"
+            )
 
 
 @main.command()
