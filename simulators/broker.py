@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -141,6 +142,12 @@ class MosquittoBroker:
             await self.stop()
             raise RuntimeError(f"mosquitto did not start: {err.decode(errors='replace')}") from None
         return self.endpoint
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password file and ACL (not its listeners)."""
+        if self._process is None or self._process.returncode is not None:
+            raise RuntimeError("the broker is not running")
+        self._process.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
         process, self._process = self._process, None

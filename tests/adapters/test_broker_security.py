@@ -17,14 +17,19 @@ from pydantic import ValidationError
 
 from adapters.broker_security import (
     BrokerLogin,
+    BrokerTls,
     CredentialsRotated,
     CredentialsUnavailable,
     FileStamps,
     watch_rotation,
 )
 from adapters.grid_derms.config import BrokerConfig
-from adapters.mqtt_devices.devices import DeviceMqttConfig
+from adapters.mqtt_devices.acl import DeviceAccount, write_acl_file, write_password_file
+from adapters.mqtt_devices.devices import DeviceMqttConfig, DeviceMqttLink
 from composition.certs import CertificateAuthority, make_ca, make_cert
+from protocols.mqtt.devices import DeviceTopics, MessageKind
+from protocols.tls import broker_client_context
+from simulators.broker import MosquittoBroker, TlsMosquitto
 
 SECRET = "s3cr3t-Pa55word-never-shown"
 
@@ -250,3 +255,80 @@ async def test_a_changed_file_ends_the_watch(tmp_path: Path) -> None:
     await asyncio.sleep(0.05)
     assert not idle.done()
     idle.cancel()
+
+
+# --------------------------------------------------------------------------- on mosquitto
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(30)
+async def test_device_link_with_a_certificate_and_a_rotated_password(
+    pki: tuple[Path, CertificateAuthority], tmp_path: Path
+) -> None:
+    """Both factors (a client certificate *and* a password), and a password changed on the
+    broker, then in the gateway's file: the running link logs in again with the new one."""
+    if not MosquittoBroker.available():
+        pytest.skip("mosquitto not installed")
+    folder, ca = pki
+    topics = DeviceTopics("sec/devices/v1")
+    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    write_password_file(passwd, [DeviceAccount("gateway", "first-pw")], use_tool=False)
+    write_acl_file(acl, topics, [DeviceAccount("gateway", "first-pw")])
+    secret = tmp_path / "gateway.password"
+    secret.write_text("first-pw\n")
+    broker = TlsMosquitto(
+        passwd,
+        acl,
+        ca_file=ca.cert_path,
+        cert_file=folder / "local.pem",
+        key_file=folder / "local.key",
+        require_certificate=True,
+        connection_log=True,
+    )
+    async with broker:
+        config = DeviceMqttConfig(
+            port=broker.port,
+            username="gateway",
+            password_file=secret,
+            topic_root=topics.root,
+            rotation_check_s=0.1,
+            backoff_initial_s=0.1,
+            backoff_max_s=0.3,
+            tls=BrokerTls(
+                ca_file=ca.cert_path, cert_file=folder / "gw.pem", key_file=folder / "gw.key"
+            ),
+        )
+        link = DeviceMqttLink(config)
+        task = asyncio.create_task(link.run())
+        try:
+            await asyncio.wait_for(link.connected.wait(), 5)
+            # Without the certificate the same password is not enough.
+            with pytest.raises(aiomqtt.MqttError):
+                async with aiomqtt.Client(
+                    "127.0.0.1",
+                    broker.port,
+                    username="gateway",
+                    password="first-pw",
+                    tls_context=broker_client_context(ca_file=ca.cert_path),
+                    timeout=2,
+                ) as sneaky:
+                    await sneaky.publish(topics.topic("t1", MessageKind.COMMAND), b"{}", qos=1)
+
+            async def logged_in(times: int) -> None:
+                deadline = asyncio.get_running_loop().time() + 5
+                while broker.connections().count("gateway") < times or not link.connected.is_set():
+                    assert asyncio.get_running_loop().time() < deadline, broker.connections()
+                    await asyncio.sleep(0.05)
+
+            # The file rewritten (a redeployment): the watch notices and the link logs in anew.
+            secret.write_text("first-pw\n")
+            await logged_in(2)
+            # A new password: on the broker (which drops the session at once), then in the file.
+            write_password_file(passwd, [DeviceAccount("gateway", "second-pw")], use_tool=False)
+            broker.reload()
+            secret.write_text("second-pw\n")
+            await logged_in(3)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
