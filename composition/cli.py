@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -365,7 +365,7 @@ def broker_provision(
     """Write OUT_DIR: per broker a mosquitto.conf, ACL and password file; secrets/ (one 0600
     file per secret); gateway-snippet.toml. Only Grid DERMS may command, only the gateway may
     answer, each device only its own topics, nobody anonymous (docs/security-broker.md)."""
-    from composition.broker_provision import ProvisionError, provision
+    from composition.broker_provision import AuthMode, ProvisionError, provision
     from composition.certs import load_ca
 
     try:
@@ -384,7 +384,7 @@ def broker_provision(
             out_dir,
             grid_user=grid_derms_user,
             gateway_user=gateway_user,
-            auth=auth,  # type: ignore[arg-type]
+            auth=cast("AuthMode | None", auth),  # click.Choice has checked it
             ca=ca,
             install_dir=install_dir,
             rotate=rotate_secrets,
