@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -191,6 +191,14 @@ def check_config(config_path: Path) -> None:
     click.echo(f"ok: gateway {config.gateway_id}, {len(registry)} device(s), groups:")
     for group_id in sorted(registry.groups()):
         click.echo(f"  {group_id}: {len(registry.members(group_id))} device(s)")
+    for warning in config.security_warnings():
+        click.echo(f"warning: {warning}")
+    for name, login in config.broker_logins().items():
+        if login.password_env is not None and not os.environ.get(login.password_env):
+            click.echo(
+                f"note: {name}.password_env: {login.password_env} is not set in this shell "
+                "(it must be where the gateway runs)"
+            )
 
 
 @main.command()
@@ -325,6 +333,103 @@ def certs_show(certificate: Path) -> None:
         raise click.ClickException(f"{certificate}: not a certificate ({exc})") from None
     except OSError as exc:
         raise click.ClickException(f"{certificate}: cannot read it ({exc})") from None
+
+
+@main.group()
+def broker() -> None:
+    """The brokers' side of the security model: identities, ACL, TLS listener."""
+
+
+@broker.command("provision")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The gateway's configuration ([broker], [device_mqtt], the MQTT devices).",
+)
+@click.option("--grid-derms-user", default="grid-derms", show_default=True)
+@click.option(
+    "--gateway-user",
+    default=None,
+    help="The gateway's user name (default: [broker] username, else the gateway id).",
+)
+@click.option(
+    "--auth",
+    type=click.Choice(["password", "certificate"]),
+    default=None,
+    help="How clients log in (default: certificate where the config gives the gateway a "
+    "client certificate and no password, else password).",
+)
+@click.option(
+    "--ca-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A development CA (from `certs ca`) to issue the broker's certificate and, for "
+    "certificate logins, each identity's. Without it, supply your PKI's files.",
+)
+@click.option("--ca-name", default="derms-dev-ca", show_default=True)
+@click.option(
+    "--install-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where OUT_DIR will live on the broker host (the paths in mosquitto.conf).",
+)
+@click.option("--rotate-secrets", is_flag=True, help="Replace existing passwords and certificates.")
+def broker_provision(
+    out_dir: Path,
+    config_path: Path,
+    grid_derms_user: str,
+    gateway_user: str | None,
+    auth: str | None,
+    ca_dir: Path | None,
+    ca_name: str,
+    install_dir: Path | None,
+    rotate_secrets: bool,
+) -> None:
+    """Write OUT_DIR: per broker a mosquitto.conf, ACL and password file; secrets/ (one 0600
+    file per secret); gateway-snippet.toml. Only Grid DERMS may command, only the gateway may
+    answer, each device only its own topics, nobody anonymous (docs/security-broker.md)."""
+    from composition.broker_provision import AuthMode, ProvisionError, provision
+    from composition.certs import load_ca
+
+    try:
+        config = load_config(config_path, check_files=False)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    ca = None
+    if ca_dir is not None:
+        try:
+            ca = load_ca(ca_dir / f"{ca_name}.pem", ca_dir / f"{ca_name}.key")
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"cannot load CA {ca_name!r} from {ca_dir}: {exc}") from None
+    try:
+        done = provision(
+            config,
+            out_dir,
+            grid_user=grid_derms_user,
+            gateway_user=gateway_user,
+            auth=cast("AuthMode | None", auth),  # click.Choice has checked it
+            ca=ca,
+            install_dir=install_dir,
+            rotate=rotate_secrets,
+        )
+    except (ProvisionError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_dir}: {exc}") from None
+    for plan in done.plans:
+        click.echo(f"{plan.folder}/: {plan.host}:{plan.port} ({plan.auth} logins)")
+        for user, role in plan.roles.items():
+            click.echo(f"  {user}: {role}")
+    if done.new_secrets:
+        click.echo(f"new secrets: {', '.join(done.new_secrets)}")
+    if done.kept_secrets:
+        click.echo(f"kept secrets: {', '.join(done.kept_secrets)}")
+    for item in done.to_supply:
+        click.echo(f"supply: {item}")
+    click.echo(f"gateway settings: {out_dir / 'gateway-snippet.toml'}")
 
 
 @main.group()

@@ -13,6 +13,7 @@ from typing import Self
 
 from pydantic import Field, ValidationError, model_validator
 
+from adapters.broker_security import BrokerLogin
 from adapters.grid_derms.config import BrokerConfig
 from adapters.mqtt_devices.devices import DeviceMqttConfig, MqttDeviceSettings
 from adapters.ocpp.central import OcppCentralConfig
@@ -182,7 +183,10 @@ class GatewayConfig(CoreConfig):
         update: dict[str, object] = {
             "store": self.store.model_copy(update=rebase(base, self.store, "path")),
             "history": self.history.model_copy(update=rebase(base, self.history, "path")),
+            "broker": self.broker.rebased(base),
         }
+        if self.device_mqtt is not None:
+            update["device_mqtt"] = self.device_mqtt.rebased(base)
         if self.openadr_ven is not None:
             update["openadr_ven"] = self.openadr_ven.model_copy(
                 update=rebase(base, self.openadr_ven, "store_path")
@@ -212,6 +216,26 @@ class GatewayConfig(CoreConfig):
             update["sep2_server"] = self.sep2_server.model_copy(update={"tls": tls})
         return self.model_copy(update=update)
 
+    def broker_logins(self) -> dict[str, BrokerLogin]:
+        """The MQTT links' logins, by section name."""
+        logins: dict[str, BrokerLogin] = {"broker": self.broker}
+        if self.device_mqtt is not None:
+            logins["device_mqtt"] = self.device_mqtt
+        return logins
+
+    def file_problems(self) -> list[str]:
+        """Secret and certificate files the configuration names that cannot be read."""
+        logins = self.broker_logins().items()
+        return [problem for name, login in logins for problem in login.file_problems(name)]
+
+    def security_warnings(self) -> list[str]:
+        """What is allowed but weak (plain-text passwords, no TLS off this host, keys others
+        can read), one sentence each."""
+        out = self.broker.warnings("broker", self.broker.host)
+        if self.device_mqtt is not None:
+            out += self.device_mqtt.warnings("device_mqtt", self.device_mqtt.host)
+        return out
+
 
 class EdgeAgentConfig(GatewayConfig):
     """The edge agent's file: a gateway's sections plus ``[upstream_sep2]``."""
@@ -240,7 +264,11 @@ def parse_config(
         raise ConfigError(source, describe_errors(exc)) from None
 
 
-def load_config(path: Path, model: type[GatewayConfig] = GatewayConfig) -> GatewayConfig:
+def load_config(
+    path: Path, model: type[GatewayConfig] = GatewayConfig, *, check_files: bool = True
+) -> GatewayConfig:
+    """Read, validate and resolve ``path``; ``check_files``: also require the secret and
+    certificate files it names to be readable (off only for tools that create them)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -249,5 +277,10 @@ def load_config(path: Path, model: type[GatewayConfig] = GatewayConfig) -> Gatew
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    config = parse_config(data, str(path), model)
-    return config.relative_to(path.parent)
+    config = parse_config(data, str(path), model).relative_to(path.parent)
+    # Checked here, once paths are resolved, so a missing certificate stops `run` and shows
+    # in `check-config` rather than as a link that keeps failing to connect.
+    problems = config.file_problems() if check_files else []
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config

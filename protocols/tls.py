@@ -2,22 +2,26 @@
 
 IEEE 2030.5 mandates one suite (TLS 1.2 ``ECDHE-ECDSA-AES128-CCM8`` over P-256); OpenADR 2.0b
 allows two (TLS 1.2 ``ECDHE-ECDSA-AES128-SHA256`` or ``AES128-SHA256``); OCPP security profiles 2
-and 3 ask TLS 1.2 or later with AES-GCM suites. Every endpoint and uplink
-takes its constants and contexts from here, so one protocol has one policy. Building a context
-reads the certificate files (blocking): do it at start-up, not on a hot path.
+and 3 ask TLS 1.2 or later with AES-GCM suites; MQTT names none, so the broker links take
+OpenSSL's defaults above a minimum version. Every endpoint and uplink takes its constants and
+contexts from here, so one protocol has one policy. Building a context reads the certificate
+files (blocking): do it at start-up or in a thread, not on a hot path.
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 __all__ = [
     "OCPP_TLS12_CIPHERS",
     "OPENADR_TLS_CIPHERS",
     "SEP2_CURVE",
     "SEP2_TLS_CIPHER",
+    "TlsVersion",
+    "broker_client_context",
     "client_ssl_context",
     "ocpp_client_ssl_context",
     "ocpp_server_ssl_context",
@@ -130,4 +134,76 @@ def ocpp_client_ssl_context(
     ctx.load_verify_locations(cafile=str(ca_file))
     if cert_file is not None:
         ctx.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
+    return ctx
+
+
+TlsVersion = Literal["1.2", "1.3"]
+_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class _FixedServerName(ssl.SSLContext):
+    """A client context that checks the server against one configured name, whatever host name
+    the socket library passes in. paho dials ``host`` and checks the certificate against that
+    same string; a broker reached by IP address or through a tunnel has a certificate for its
+    real name, which this context checks instead (and sends as SNI)."""
+
+    server_name: str = ""
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        del server_hostname  # replaced, never added to: the check stays on
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=self.server_name,
+            session=session,
+        )
+
+
+def broker_client_context(
+    *,
+    ca_file: Path | str | None,
+    cert_file: Path | str | None = None,
+    key_file: Path | str | None = None,
+    key_password: str | None = None,
+    server_hostname: str | None = None,
+    min_version: TlsVersion = "1.2",
+) -> ssl.SSLContext:
+    """A client context for an MQTT broker: the server's certificate verified against
+    ``ca_file`` (None: the system's trust store) and its host name always checked; a client
+    certificate presented when ``cert_file`` is given (mutual TLS; ``key_file`` None when the
+    PEM holds both). ``server_hostname`` replaces the dialled host in the name check.
+
+    There is deliberately no way to turn verification off: a broker with a certificate for
+    another name gets ``server_hostname``, a development broker a certificate for its address
+    (``derms-gateway certs issue --server --host 127.0.0.1``).
+    """
+    ctx: ssl.SSLContext
+    if server_hostname is not None:
+        named = _FixedServerName(ssl.PROTOCOL_TLS_CLIENT)
+        named.server_name = server_hostname
+        ctx = named
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.minimum_version = _VERSIONS[min_version]
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if ca_file is None:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    if cert_file is not None:
+        ctx.load_cert_chain(
+            str(cert_file), None if key_file is None else str(key_file), password=key_password
+        )
     return ctx

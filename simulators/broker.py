@@ -12,7 +12,9 @@ import contextlib
 import logging
 import os
 import pwd
+import re
 import shutil
+import signal
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from adapters.mqtt_devices.acl import broker_auth_config
+from adapters.mqtt_devices.acl import broker_auth_config, tls_listener_config
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,18 @@ class BrokerEndpoint:
 
 
 class MosquittoBroker:
-    """A mosquitto process on 127.0.0.1 with a generated config, stopped by its PID."""
+    """A mosquitto process on 127.0.0.1 with a generated config, stopped by its PID.
 
-    def __init__(self, port: int = 0, *, executable: str | None = None) -> None:
+    ``connection_log``: mosquitto writes who connected as whom to :attr:`log_path`
+    (:meth:`connections` reads it back) instead of errors to stderr.
+    """
+
+    def __init__(
+        self, port: int = 0, *, executable: str | None = None, connection_log: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.executable = executable or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.connection_log = connection_log
         self._process: asyncio.subprocess.Process | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -80,11 +89,36 @@ class MosquittoBroker:
             # subscriber that is momentarily slow (mosquitto's default queue is small).
             "max_queued_messages 100000",
             "max_inflight_messages 1000",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
+            *self.log_lines(),
             "",
         ]
+
+    def log_lines(self) -> list[str]:
+        if not self.connection_log:
+            return ["log_dest stderr", "log_type error", "log_type warning"]
+        # Only to the file: stderr is a pipe nobody reads while mosquitto runs.
+        return [
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "connection_messages true",
+        ]
+
+    @property
+    def log_path(self) -> Path:
+        """mosquitto's log file while it runs (in its private folder, gone once stopped)."""
+        if self._dir is None:
+            raise RuntimeError("the broker is not running")
+        return Path(self._dir.name) / "mosquitto.log"
+
+    def connections(self) -> list[str]:
+        """The user names clients connected as, in order (``connection_log`` only)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except (FileNotFoundError, RuntimeError):
+            return []
+        return re.findall(r"New client connected from .* u'([^']*)'\)", text)
 
     async def start(self) -> BrokerEndpoint:
         self._dir = tempfile.TemporaryDirectory(prefix="derms-mosquitto-")
@@ -108,6 +142,12 @@ class MosquittoBroker:
             await self.stop()
             raise RuntimeError(f"mosquitto did not start: {err.decode(errors='replace')}") from None
         return self.endpoint
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password file and ACL (not its listeners)."""
+        if self._process is None or self._process.returncode is not None:
+            raise RuntimeError("the broker is not running")
+        self._process.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
         process, self._process = self._process, None
@@ -191,21 +231,25 @@ class AuthenticatedMosquitto(MosquittoBroker):
 
     def __init__(
         self,
-        password_file: Path,
+        password_file: Path | None,
         acl_file: Path,
         port: int = 0,
         *,
         executable: str | None = None,
         max_queued_messages: int = 10_000,
+        connection_log: bool = False,
     ) -> None:
-        super().__init__(port, executable=executable)
+        super().__init__(port, executable=executable, connection_log=connection_log)
         self.password_file = password_file
         self.acl_file = acl_file
         self.max_queued_messages = max_queued_messages
 
+    def listener_lines(self) -> list[str]:
+        return [f"listener {self.port} 127.0.0.1"]
+
     def config_lines(self) -> list[str]:
         return [
-            f"listener {self.port} 127.0.0.1",
+            *self.listener_lines(),
             # Started as root, mosquitto switches to the 'mosquitto' user before it reads the
             # password file, which then cannot open our private (0600) files: stay as whoever
             # started it. (Ignored when not started as root.)
@@ -216,8 +260,68 @@ class AuthenticatedMosquitto(MosquittoBroker):
             # rather than mosquitto's small default, which drops for a momentarily slow reader.
             f"max_queued_messages {self.max_queued_messages}",
             "max_inflight_messages 1000",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
+            *self.log_lines(),
+            "",
+        ]
+
+
+class TlsMosquitto(AuthenticatedMosquitto):
+    """:class:`AuthenticatedMosquitto` on a TLS-only listener (the lines production gets from
+    ``derms-gateway broker provision``).
+
+    ``identity_from_certificate``: mutual TLS, each client's certificate Common Name is its user
+    name (no passwords).
+    """
+
+    def __init__(
+        self,
+        password_file: Path | None,
+        acl_file: Path,
+        *,
+        ca_file: Path,
+        cert_file: Path,
+        key_file: Path,
+        identity_from_certificate: bool = False,
+        require_certificate: bool | None = None,
+        port: int = 0,
+        connection_log: bool = False,
+        executable: str | None = None,
+    ) -> None:
+        super().__init__(
+            password_file, acl_file, port, executable=executable, connection_log=connection_log
+        )
+        self.tls_lines = tls_listener_config(
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            identity_from_certificate=identity_from_certificate,
+            require_certificate=require_certificate,
+        )
+
+    def listener_lines(self) -> list[str]:
+        return [*super().listener_lines(), *self.tls_lines]
+
+
+class ProvisionedMosquitto(MosquittoBroker):
+    """mosquitto run from a ``mosquitto.conf`` that ``derms-gateway broker provision`` wrote, as
+    is, plus only what a test run needs (no persistence, its own user, logs); its port is the
+    listener's."""
+
+    def __init__(
+        self, conf_file: Path, *, executable: str | None = None, connection_log: bool = False
+    ) -> None:
+        self.conf = conf_file.read_text().splitlines()
+        listeners = [line.split() for line in self.conf if line.startswith("listener ")]
+        if len(listeners) != 1:
+            raise ValueError(f"{conf_file}: expected one listener, found {len(listeners)}")
+        super().__init__(int(listeners[0][1]), executable=executable, connection_log=connection_log)
+
+    def config_lines(self) -> list[str]:
+        return [
+            *self.conf,
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",  # see AuthenticatedMosquitto
+            "persistence false",
+            "max_queued_messages 10000",
+            *self.log_lines(),
             "",
         ]

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import ssl
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -47,12 +48,16 @@ class GridDermsClient:
         gateway_id: str,
         *,
         protocol: Literal["5", "3.1.1"] = "5",
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
         on_ack: Callable[[Ack], None] | None = None,
         on_group: Callable[[GroupTelemetry], None] | None = None,
         on_error: Callable[[ErrorMessage], None] | None = None,
     ) -> None:
         self.topics = Topics(gateway_id)
         self._host, self._port, self._protocol = host, port, protocol
+        self._username, self._password, self._tls = username, password, tls_context
         self.observed = Observed()
         self._on_ack, self._on_group, self._on_error = on_ack, on_group, on_error
         self._client: aiomqtt.Client | None = None
@@ -70,6 +75,9 @@ class GridDermsClient:
             self._port,
             protocol=version,
             identifier=f"grid-derms-{uuid.uuid4().hex[:8]}",
+            username=self._username,
+            password=self._password,
+            tls_context=self._tls,
             timeout=10,
         )
         await self._client.__aenter__()

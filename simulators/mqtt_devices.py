@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -431,6 +432,7 @@ class MqttDeviceSimulator(Generic[_D]):
         port: int,
         username: str | None = None,
         password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
         topics: DeviceTopics | None = None,
         protocol: Literal["5", "3.1.1"] = "5",
         report_interval_s: float = 1.0,
@@ -443,6 +445,7 @@ class MqttDeviceSimulator(Generic[_D]):
         self.device_id = device.device_id
         self._host, self._port = host, port
         self._username, self._password = username, password
+        self._tls = tls_context
         self.topics = topics or DeviceTopics()
         self._protocol = protocol
         self.report_interval_s = report_interval_s
@@ -517,6 +520,7 @@ class MqttDeviceSimulator(Generic[_D]):
             self._port,
             username=self._username,
             password=self._password,
+            tls_context=self._tls,
             identifier=f"sim-{self.device_id}",
             protocol=version,
             will=will,

@@ -1,4 +1,8 @@
-"""``[broker]``: the MQTT broker Grid DERMS talks to us through."""
+"""``[broker]``: the MQTT broker Grid DERMS talks to us through.
+
+Who the gateway is on it (user name, password source, TLS and mutual TLS, rotation) comes from
+:class:`adapters.broker_security.BrokerLogin`, shared with the device link.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from unified.config import Section
+from adapters.broker_security import BrokerLogin
 
 __all__ = ["BrokerConfig"]
 
 
-class BrokerConfig(Section):
+class BrokerConfig(BrokerLogin):
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
+    port: int = Field(default=1883, ge=1, le=65535, description="Usually 8883 with TLS")
     protocol: Literal["5", "3.1.1"] = Field(
         default="5", description="MQTT version; 3.1.1 only for brokers without MQTT 5"
     )
-    username: str | None = None
-    password: str | None = None
     client_id: str | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=120)

@@ -5,6 +5,10 @@ sent while the gateway is restarting wait in the broker. The retained ``status``
 ``online`` on connect and the broker's will says ``offline`` if the gateway dies. Acks are queued
 while the link is down and flushed on reconnect before any telemetry; telemetry published while
 the link is down is dropped, since a newer period will follow.
+
+Each connect reads the password and TLS files afresh; while connected, a change to one of them
+ends the session cleanly (no will: the status stays ``online``) and the link reconnects at once
+with the new files (:mod:`adapters.broker_security`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from adapters.broker_security import (
+    Credentials,
+    CredentialsRotated,
+    CredentialsUnavailable,
+    watch_rotation,
+)
 from adapters.grid_derms.config import BrokerConfig
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
 from protocols.mqtt import Topics, encode
@@ -93,12 +103,22 @@ class Northbound:
 
     # ------------------------------------------------------------------ the task
     async def run(self) -> None:
+        for warning in self._config.warnings("broker", self._config.host):
+            log.warning("%s", warning)
         attempt = 0
         while True:
             raise_if_cancelling()
             try:
                 await self._session()
-            except aiomqtt.MqttError as exc:
+            except CredentialsRotated as rotated:
+                log.info(
+                    "%s changed: reconnecting to %s:%d with the new files",
+                    ", ".join(rotated.settings),
+                    self._config.host,
+                    self._config.port,
+                )
+                attempt = 0
+            except (aiomqtt.MqttError, CredentialsUnavailable) as exc:
                 self.connected.clear()
                 attempt += 1
                 delay = random.uniform(0.5, 1.0) * min(
@@ -117,15 +137,14 @@ class Northbound:
             if attempt == 0:
                 await asyncio.sleep(0.1)
 
-    def _client_kwargs(self) -> dict[str, object]:
+    def _client_kwargs(self, credentials: Credentials) -> dict[str, object]:
         status_offline = GatewayStatus(
             gateway_id=self.topics.gateway_id, state="offline", timestamp=utcnow()
         )
         kwargs: dict[str, object] = {
             "hostname": self._config.host,
             "port": self._config.port,
-            "username": self._config.username,
-            "password": self._config.password,
+            **credentials.client_kwargs(),
             "identifier": self._config.client_id or f"derms-gateway-{self.topics.gateway_id}",
             "keepalive": self._config.keepalive_s,
             "timeout": self._config.connect_timeout_s,
@@ -145,7 +164,9 @@ class Northbound:
         return kwargs
 
     async def _session(self) -> None:
-        client = aiomqtt.Client(**self._client_kwargs())  # type: ignore[arg-type]
+        # Read now, not at start-up: a rotated password or certificate is used on reconnect.
+        credentials = await asyncio.to_thread(self._config.credentials, "broker")
+        client = aiomqtt.Client(**self._client_kwargs(credentials))  # type: ignore[arg-type]
         # PUBACK only once a command is handled (stored, or answered with an error): a gateway
         # that dies in between leaves it unacknowledged in its persistent session, and the
         # broker delivers it again on the next connect. aiomqtt 2 has no API for this; its
@@ -174,13 +195,23 @@ class Northbound:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client), name="mqtt-receive")
                         tg.create_task(self._send(client), name="mqtt-send")
+                        tg.create_task(
+                            watch_rotation(credentials.stamps, self._config.rotation_check_s),
+                            name="mqtt-rotation",
+                        )
                         await wait_inside_task_group()
                 except ExceptionGroup as group:
-                    # A lost link ends both loops with MqttError: surface one plain MqttError so
-                    # run() reconnects. Anything else is a bug and propagates as is.
-                    lost = [e for e in group.exceptions if isinstance(e, aiomqtt.MqttError)]
-                    if len(lost) == len(group.exceptions):
-                        raise lost[0] from None
+                    # A lost link ends both loops with MqttError, a rotated file the watch with
+                    # CredentialsRotated: surface one plain error so run() reconnects. Anything
+                    # else is a bug and propagates as is.
+                    ends = [
+                        e
+                        for e in group.exceptions
+                        if isinstance(e, aiomqtt.MqttError | CredentialsRotated)
+                    ]
+                    if len(ends) == len(group.exceptions):
+                        rotated = [e for e in ends if isinstance(e, CredentialsRotated)]
+                        raise (rotated or ends)[0] from None
                     raise
             except asyncio.CancelledError:
                 # A clean stop: say so ourselves, since the broker sends the will only when a

@@ -6,6 +6,10 @@ Each MQTT device gets its own account and may write only its own ``birth``, ``av
 enforces this, so a compromised or misconfigured device cannot command its neighbour, read its
 neighbour's telemetry, or speak for it.
 
+The writers are generic over :class:`TopicRule` lists, so a deployment's whole broker (the Grid
+DERMS topics too, :mod:`composition.broker_provision`) is written by this one module, and so is
+the mosquitto.conf of a TLS listener (:func:`tls_listener_config`).
+
 Passwords are hashed with PBKDF2-SHA512 in mosquitto's ``$7$`` format. Debian's
 ``mosquitto_passwd`` does the hashing when it is installed (fed through a private temporary file,
 never the command line, where other users could read it in ``ps``); otherwise we write the same
@@ -23,25 +27,33 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from protocols.mqtt.devices import DeviceTopics, MessageKind
 
 __all__ = [
     "PBKDF2_ITERATIONS",
+    "Access",
     "DeviceAccount",
+    "TopicRule",
     "acl_text",
     "broker_auth_config",
+    "device_rules",
+    "device_username",
     "hash_password",
     "new_device_accounts",
     "password_file_text",
     "provision_broker_files",
+    "rules_acl_text",
+    "tls_listener_config",
+    "usable_username",
     "verify_password",
     "write_acl_file",
     "write_password_file",
+    "write_private_file",
 ]
 
 PBKDF2_ITERATIONS: Final = 101
@@ -73,13 +85,22 @@ class DeviceAccount:
         return f"DeviceAccount(username={self.username!r}, device_id={self.device_id!r})"
 
 
+def usable_username(name: str) -> bool:
+    """Whether ``name`` can stand in a mosquitto password file and ACL as it is."""
+    return bool(_USERNAME.match(name))
+
+
+def device_username(device_id: str) -> str:
+    """A device's broker user name: its id where that is usable, else a stable ``dev-`` slug."""
+    return device_id if _USERNAME.match(device_id) else f"dev-{_slug(device_id)}"
+
+
 def new_device_accounts(device_ids: Iterable[str]) -> dict[str, DeviceAccount]:
     """A fresh random password per device; the user name is the device id where possible."""
-    accounts = {}
-    for device_id in device_ids:
-        username = device_id if _USERNAME.match(device_id) else f"dev-{_slug(device_id)}"
-        accounts[device_id] = DeviceAccount(username, secrets.token_urlsafe(24), device_id)
-    return accounts
+    return {
+        device_id: DeviceAccount(device_username(device_id), secrets.token_urlsafe(24), device_id)
+        for device_id in device_ids
+    }
 
 
 def _slug(text: str) -> str:
@@ -169,6 +190,32 @@ def write_password_file(
 # --------------------------------------------------------------------------- ACL
 
 
+Access = Literal["read", "write", "readwrite"]
+"""mosquitto's words: ``read`` is subscribe and receive, ``write`` is publish."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRule:
+    """One ``topic`` line of an ACL block."""
+
+    access: Access
+    topic: str
+
+    def __post_init__(self) -> None:
+        # Whitespace would split the ACL line; '#' anywhere but a whole last level, or '+'
+        # inside a level, is not a filter mosquitto reads the way it looks.
+        levels = self.topic.split("/")
+        if not self.topic or any(c.isspace() or c == "\0" for c in self.topic):
+            raise ValueError(f"topic {self.topic!r} cannot appear in an ACL")
+        if any(("#" in lv and (lv != "#" or i != len(levels) - 1)) for i, lv in enumerate(levels)):
+            raise ValueError(f"topic {self.topic!r}: '#' only as the whole last level")
+        if any("+" in lv and lv != "+" for lv in levels):
+            raise ValueError(f"topic {self.topic!r}: '+' only as a whole level")
+
+    def line(self) -> str:
+        return f"topic {self.access} {self.topic}"
+
+
 _DEVICE_WRITES: Final = (
     MessageKind.BIRTH,
     MessageKind.AVAILABILITY,
@@ -177,40 +224,58 @@ _DEVICE_WRITES: Final = (
 )
 
 
-def acl_text(topics: DeviceTopics, accounts: Iterable[DeviceAccount]) -> str:
-    """A mosquitto ``acl_file``: explicit per-user rules, nothing for anyone else.
+def device_rules(topics: DeviceTopics, device_id: str | None) -> list[TopicRule]:
+    """A device's own topics (it writes its reports and reads its commands); ``None``: the
+    gateway's, every device topic."""
+    if device_id is None:
+        return [TopicRule("readwrite", f"{topics.root}/#")]
+    return [
+        *(TopicRule("write", topics.topic(device_id, kind)) for kind in _DEVICE_WRITES),
+        TopicRule("read", topics.topic(device_id, MessageKind.COMMAND)),
+    ]
+
+
+def rules_acl_text(rules: Mapping[str, Sequence[TopicRule]], header: Sequence[str] = ()) -> str:
+    """A mosquitto ``acl_file``: one explicit block per user name, nothing for anyone else.
 
     No ``pattern`` lines (``%u``) are used: the rules stay correct when a user name differs from
     its device id, and an auditor can read exactly what each account may do.
     """
-    lines = [
-        "# Generated by adapters.mqtt_devices.acl: one block per account. Do not edit by hand.",
-        "# Devices write only their own birth/availability/telemetry/result topics and read only",
-        "# their own command topic; the gateway reaches all device topics.",
-        "",
-    ]
-    for account in _unique(accounts):
-        lines.append(f"user {account.username}")
-        if account.device_id is None:
-            lines.append(f"topic readwrite {topics.root}/#")
-        else:
-            lines.extend(
-                f"topic write {topics.topic(account.device_id, kind)}" for kind in _DEVICE_WRITES
-            )
-            lines.append(f"topic read {topics.topic(account.device_id, MessageKind.COMMAND)}")
+    lines = [*(f"# {h}" if h else "#" for h in header), ""]
+    for username, user_rules in rules.items():
+        if not _USERNAME.match(username):
+            raise ValueError(f"user name {username!r} is not usable in mosquitto files")
+        lines.append(f"user {username}")
+        lines.extend(rule.line() for rule in user_rules)
         lines.append("")
     return "\n".join(lines)
 
 
-def write_acl_file(path: Path, topics: DeviceTopics, accounts: Iterable[DeviceAccount]) -> None:
+def acl_text(topics: DeviceTopics, accounts: Iterable[DeviceAccount]) -> str:
+    """The device broker's ACL: each device its own topics, the gateway every device topic."""
+    header = [
+        "Generated by adapters.mqtt_devices.acl: one block per account. Do not edit by hand.",
+        "Devices write only their own birth/availability/telemetry/result topics and read only",
+        "their own command topic; the gateway reaches all device topics.",
+    ]
+    rules = {a.username: device_rules(topics, a.device_id) for a in _unique(accounts)}
+    return rules_acl_text(rules, header)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by this user only (0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".acl-", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(acl_text(topics, accounts))
+        with os.fdopen(fd, "w") as out:  # mkstemp creates it 0600
+            out.write(text)
         os.replace(tmp_name, path)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
+
+
+def write_acl_file(path: Path, topics: DeviceTopics, accounts: Iterable[DeviceAccount]) -> None:
+    write_private_file(path, acl_text(topics, accounts))
 
 
 def provision_broker_files(
@@ -228,10 +293,40 @@ def provision_broker_files(
     return password_file, acl_file
 
 
-def broker_auth_config(password_file: Path, acl_file: Path) -> list[str]:
-    """mosquitto.conf lines that turn the two files on (and anonymous access off)."""
+def broker_auth_config(password_file: Path | None, acl_file: Path) -> list[str]:
+    """mosquitto.conf lines that turn the two files on (and anonymous access off). No password
+    file: clients are known by their certificate (:func:`tls_listener_config`)."""
     return [
         "allow_anonymous false",
-        f"password_file {password_file}",
+        *([] if password_file is None else [f"password_file {password_file}"]),
         f"acl_file {acl_file}",
+    ]
+
+
+def tls_listener_config(
+    *,
+    ca_file: Path,
+    cert_file: Path,
+    key_file: Path,
+    identity_from_certificate: bool = False,
+    require_certificate: bool | None = None,
+    min_version: Literal["1.2", "1.3"] = "1.2",
+) -> list[str]:
+    """mosquitto.conf lines that make the listener above them TLS only.
+
+    ``identity_from_certificate``: every client must present a certificate chained to
+    ``ca_file`` and its Common Name is its user name for the ACL (mutual TLS; passwords are then
+    not asked). Otherwise the broker proves itself and clients log in with passwords;
+    ``require_certificate`` may still demand a client certificate as a second factor.
+    """
+    required = identity_from_certificate if require_certificate is None else require_certificate
+    if identity_from_certificate and not required:
+        raise ValueError("a certificate identity needs require_certificate")
+    return [
+        f"cafile {ca_file}",
+        f"certfile {cert_file}",
+        f"keyfile {key_file}",
+        f"tls_version tlsv{min_version}",  # mosquitto 2: the lowest version accepted
+        f"require_certificate {str(required).lower()}",
+        *(["use_identity_as_username true"] if identity_from_certificate else []),
     ]

@@ -48,6 +48,13 @@ from typing import Final, Literal, Protocol
 import aiomqtt
 from pydantic import Field, model_validator
 
+from adapters.broker_security import (
+    BrokerLogin,
+    Credentials,
+    CredentialsRotated,
+    CredentialsUnavailable,
+    watch_rotation,
+)
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
 from gateway.devices import (
     AdapterError,
@@ -112,13 +119,12 @@ OptOutListener = Callable[[DeviceCommand, AdapterError], None]
 # --------------------------------------------------------------------------- configuration
 
 
-class DeviceMqttConfig(Section):
-    """The broker the devices use (``[device_mqtt]``); often not the Grid DERMS broker."""
+class DeviceMqttConfig(BrokerLogin):
+    """The broker the devices use (``[device_mqtt]``); often not the Grid DERMS broker. The
+    gateway's login on it (password source, TLS, rotation) is :class:`BrokerLogin`'s."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: str | None = Field(default=None, repr=False)
+    port: int = Field(default=1883, ge=1, le=65535, description="Usually 8883 with TLS")
     client_id: str | None = Field(default=None, max_length=128)
     protocol: Literal["5", "3.1.1"] = Field(
         default="3.1.1",
@@ -322,13 +328,22 @@ class DeviceMqttLink:
 
     # ------------------------------------------------------------------ the task
     async def run(self) -> None:
+        for warning in self.config.warnings("device_mqtt", self.config.host):
+            log.warning("%s", warning)
         failures = 0
         while True:
             raise_if_cancelling()
             try:
                 await self._session()
                 failures = 0
-            except (aiomqtt.MqttError, TimeoutError) as exc:
+            except CredentialsRotated as rotated:
+                log.info(
+                    "%s changed: reconnecting to the device broker %s:%d with the new files",
+                    ", ".join(rotated.settings),
+                    *self._where(),
+                )
+                failures = 0
+            except (aiomqtt.MqttError, TimeoutError, CredentialsUnavailable) as exc:
                 failures += 1
                 if failures == 1:
                     log.warning(
@@ -347,13 +362,12 @@ class DeviceMqttLink:
             # Full jitter: a broker restart must not bring every gateway back in one burst.
             await asyncio.sleep(random.uniform(0.5 * ceiling, ceiling) if failures else 0.1)
 
-    def _client_kwargs(self) -> dict[str, object]:
+    def _client_kwargs(self, credentials: Credentials) -> dict[str, object]:
         cfg = self.config
         kwargs: dict[str, object] = {
             "hostname": cfg.host,
             "port": cfg.port,
-            "username": cfg.username,
-            "password": cfg.password,
+            **credentials.client_kwargs(),
             "identifier": cfg.client_id or f"derms-devices-{self.name}-{secrets.token_hex(3)}",
             "keepalive": cfg.keepalive_s,
             "timeout": cfg.connect_timeout_s,
@@ -366,7 +380,10 @@ class DeviceMqttLink:
         return kwargs
 
     async def _session(self) -> None:
-        async with aiomqtt.Client(**self._client_kwargs()) as client:  # type: ignore[arg-type]
+        # Read now, not at start-up: a rotated password or certificate is used on reconnect.
+        credentials = await asyncio.to_thread(self.config.credentials, "device_mqtt")
+        kwargs = self._client_kwargs(credentials)
+        async with aiomqtt.Client(**kwargs) as client:  # type: ignore[arg-type]
             # aiomqtt logs a warning for every publish past 10 in flight (with a stack walk
             # per record); a dispatch fanning out to a thousand devices is normal here.
             client.pending_calls_threshold = 1_000_000
@@ -383,13 +400,23 @@ class DeviceMqttLink:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._receive(client), name=f"device-link:{self.name}:receive")
+                    tg.create_task(
+                        watch_rotation(credentials.stamps, self.config.rotation_check_s),
+                        name=f"device-link:{self.name}:rotation",
+                    )
                     await wait_inside_task_group()
             except ExceptionGroup as group:
-                lost = [e for e in group.exceptions if isinstance(e, aiomqtt.MqttError)]
-                # A lost link ends the receive loop with MqttError: surface a plain one so
-                # run() reconnects. Anything else is a bug and propagates as is.
-                if len(lost) == len(group.exceptions):
-                    raise lost[0] from None
+                ends = [
+                    e
+                    for e in group.exceptions
+                    if isinstance(e, aiomqtt.MqttError | CredentialsRotated)
+                ]
+                # A lost link ends the receive loop with MqttError, a rotated file the watch
+                # with CredentialsRotated: surface a plain one so run() reconnects. Anything
+                # else is a bug and propagates as is.
+                if len(ends) == len(group.exceptions):
+                    rotated = [e for e in ends if isinstance(e, CredentialsRotated)]
+                    raise (rotated or ends)[0] from None
                 raise
 
     def _where(self) -> tuple[str, int]:

@@ -134,6 +134,36 @@ def test_cli_check_config_reports_problems(tmp_path: Path) -> None:
     assert "feeder:north-f1: 1 device(s)" in ok.stdout
 
 
+def test_broker_secret_and_certificate_files_must_exist(tmp_path: Path) -> None:
+    example = (ROOT / "examples" / "gateway.toml").read_text()
+    assert "\n[broker]\n" in example
+    (tmp_path / "ca.pem").write_text("not checked at load time, only that it can be read")
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        example.replace(
+            "\n[broker]\n",
+            "\n[broker.tls]\nca_file = 'ca.pem'\ncert_file = 'pki/gw.pem'\n"
+            "[broker]\nusername = 'gw'\npassword_file = 'secrets/gw.password'\n",
+        )
+    )
+    result = run_cli("check-config", str(config))
+    assert result.returncode != 0
+    assert f"broker.password_file: {tmp_path / 'secrets/gw.password'} does not exist" in (
+        result.stderr
+    )
+    assert f"broker.tls.cert_file: {tmp_path / 'pki/gw.pem'} does not exist" in result.stderr
+    assert "ca_file" not in result.stderr
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets/gw.password").write_text("pw\n")
+    (tmp_path / "secrets/gw.password").chmod(0o600)
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki/gw.pem").write_text("-")
+    assert load_config(config).broker.password_file == tmp_path / "secrets/gw.password"
+    ok = run_cli("check-config", str(config))
+    assert ok.returncode == 0, ok.stderr
+    assert "warning" not in ok.stdout
+
+
 def test_cli_certs_make_a_ca_issue_and_describe(tmp_path: Path) -> None:
     from protocols.sep2 import has_valid_check_digit, lfdi_from_cert
 

@@ -266,3 +266,34 @@ async def test_unknown_wrong_or_missing_credentials_are_refused(broker: BrokerEn
         with pytest.raises(aiomqtt.MqttError):
             async with client(broker, user, password):
                 pass
+
+
+def test_rules_are_checked_and_written_one_block_per_user() -> None:
+    from adapters.mqtt_devices.acl import TopicRule, rules_acl_text, tls_listener_config
+
+    text = rules_acl_text(
+        {"grid": [TopicRule("write", "a/commands"), TopicRule("read", "a/acks/#")]}, ["hi"]
+    )
+    assert text == "# hi\n\nuser grid\ntopic write a/commands\ntopic read a/acks/#\n"
+    for bad in ("a b", "a/#/b", "a/x#", "a/x+", ""):
+        with pytest.raises(ValueError, match="topic"):
+            TopicRule("read", bad)
+    with pytest.raises(ValueError, match="not usable"):
+        rules_acl_text({"bad user": []})
+    lines = tls_listener_config(
+        ca_file=Path("ca.pem"),
+        cert_file=Path("s.pem"),
+        key_file=Path("s.key"),
+        identity_from_certificate=True,
+    )
+    assert "tls_version tlsv1.2" in lines
+    assert "require_certificate true" in lines
+    assert "use_identity_as_username true" in lines
+    with pytest.raises(ValueError, match="require_certificate"):
+        tls_listener_config(
+            ca_file=Path("ca.pem"),
+            cert_file=Path("s.pem"),
+            key_file=Path("s.key"),
+            identity_from_certificate=True,
+            require_certificate=False,
+        )
