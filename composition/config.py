@@ -182,6 +182,7 @@ class GatewayConfig(CoreConfig):
         update: dict[str, object] = {
             "store": self.store.model_copy(update=rebase(base, self.store, "path")),
             "history": self.history.model_copy(update=rebase(base, self.history, "path")),
+            "audit": self.audit.model_copy(update=rebase(base, self.audit, "path")),
         }
         if self.openadr_ven is not None:
             update["openadr_ven"] = self.openadr_ven.model_copy(
