@@ -48,7 +48,9 @@ class Outgoing:
     reply: ReplyTo | None = None
 
 
-CommandHandler = Callable[[bytes, ReplyTo | None, str], Awaitable[None]]
+UserProperties = tuple[tuple[str, str], ...]
+CommandHandler = Callable[[bytes, ReplyTo | None, str, UserProperties], Awaitable[None]]
+"""(payload, MQTT 5 reply context, topic, MQTT 5 user properties)."""
 
 
 class Northbound:
@@ -198,7 +200,9 @@ class Northbound:
             # Commands are handled one at a time, in arrival order: idempotency and
             # supersession depend on it.
             try:
-                await self._on_command(bytes(payload), reply, str(message.topic))
+                await self._on_command(
+                    bytes(payload), reply, str(message.topic), _user_properties(message.properties)
+                )
             except Exception:
                 # A bug, not bad input (that gets an error message): acknowledge anyway, or the
                 # broker would deliver the same message after every reconnect.
@@ -236,6 +240,14 @@ class Northbound:
                 await client.publish(self.topics.status, encode(status), qos=1, retain=True)
         except (aiomqtt.MqttError, TimeoutError) as exc:
             log.debug("could not publish offline status: %s", exc)
+
+
+def _user_properties(properties: Properties | None) -> UserProperties:
+    """MQTT 5 user properties as sent (what the sender says of itself: for the audit log)."""
+    if properties is None:
+        return ()
+    pairs = getattr(properties, "UserProperty", None) or ()
+    return tuple((str(k), str(v)) for k, v in pairs)
 
 
 def _reply_to(properties: Properties | None) -> ReplyTo | None:
