@@ -228,6 +228,7 @@ class AuditLog:
         return (self._gap_from, AuditKind.GAP, CORE_SOURCE, None, None, details)
 
     async def __aenter__(self) -> Self:
+        self._closed = self._stopping = False
         self.record(
             AuditKind.STARTED,
             source=CORE_SOURCE,
@@ -310,7 +311,7 @@ class AuditLog:
                     )
                     self._noted = True
             self._write(pending)
-        except OSError as exc:
+        except Exception as exc:  # a disk error (or a bug): kept, retried, never lost silently
             self._fail(exc)
             return
         finally:
@@ -393,6 +394,7 @@ class AuditLog:
                 for _ in range(n):
                     pending.popleft()
                 self.written += n
+                self._held = len(pending)
             if full:
                 self._rotate()
 
@@ -419,7 +421,7 @@ class AuditLog:
         finally:
             os.close(fd)
 
-    def _fail(self, exc: OSError) -> None:
+    def _fail(self, exc: Exception) -> None:
         self._close_file()
         self._error = f"{type(exc).__name__}: {exc}"
         self._retry_at = time.monotonic() + self._retry_s
@@ -433,6 +435,7 @@ class AuditLog:
                 self._error,
                 self._max_queue,
                 self._retry_s,
+                exc_info=not isinstance(exc, OSError),  # not the disk: a bug, show where
             )
 
     def _close_file(self) -> None:

@@ -129,6 +129,18 @@ async def test_rotation_keeps_n_files_and_the_chain_verifies_across_them(tmp_pat
     )
 
 
+async def test_lowering_keep_deletes_the_oldest_files_at_the_next_rotation(
+    tmp_path: Path,
+) -> None:
+    async with AuditLog(tmp_path, max_bytes=4096, keep=5) as log:
+        write(log, 150)
+    assert len(sizes(tmp_path)) == 6
+    async with AuditLog(tmp_path, max_bytes=4096, keep=2) as log:
+        write(log, 20)
+    assert sizes(tmp_path).keys() == {"audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"}
+    assert verify(tmp_path).ok
+
+
 async def test_a_changed_line_and_a_removed_line_fail_verify_where_they_are(
     tmp_path: Path,
 ) -> None:
