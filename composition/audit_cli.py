@@ -183,7 +183,7 @@ def show(
 @audit.command("verify")
 @_where
 def verify_command(config_path: Path | None, path: Path | None) -> None:
-    """Check the hash chain and the sequence of every record; exit 1 at the first break."""
+    """Check the hash chain and sequence (exit 1 at the first break)."""
     directory, name = _locate(config_path, path)
     result = verify(directory, name)
     if not result.files:

@@ -263,10 +263,11 @@ class AuditLog:
         pending: deque[_Item] = deque()
         try:
             while True:
-                timeout = None
-                if pending and self.failing:
-                    timeout = max(0.0, self._retry_at - time.monotonic())
-                self._wakeup.wait(timeout)
+                if self.failing or not self._queue:  # else more is queued already
+                    timeout = None
+                    if pending and self.failing:
+                        timeout = max(0.0, self._retry_at - time.monotonic())
+                    self._wakeup.wait(timeout)
                 self._wakeup.clear()
                 stopping = self._stopping
                 while self._queue and len(pending) < self._max_queue:
@@ -274,7 +275,8 @@ class AuditLog:
                 self._held = len(pending)
                 if pending and (not self.failing or stopping or time.monotonic() >= self._retry_at):
                     self._flush(pending)
-                if stopping and not self._queue and (not pending or self.failing):
+                # At a stop: everything written, or the disk still failing (then it is lost).
+                if stopping and (self.failing or not (pending or self._queue)):
                     break
         finally:
             self.lost = len(pending) + len(self._queue)
