@@ -100,7 +100,9 @@ class GatewayApp:
         if config.openadr_ven is not None:
             self.openadr_ven = OpenAdrVen(
                 config.openadr_ven,
-                submit=submit_to_book(self.core.book, self.core.wake_control),
+                submit=submit_to_book(
+                    self.core.book, self.core.wake_control, source=self._openadr_source
+                ),
                 telemetry=self.core.group_telemetry,
                 capacity=capacity_from_registry(self.core.registry),
             )
@@ -119,6 +121,9 @@ class GatewayApp:
     def northbound(self) -> Northbound:
         """The Grid DERMS MQTT link (its connection state, for tests and the demo)."""
         return self.uplink.link
+
+    def _openadr_source(self) -> str | None:
+        return None if self.openadr_ven is None else self.openadr_ven.audit_source
 
     def _report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
         # Called by adapters and endpoints built before the core exists, only once it runs.

@@ -1,4 +1,5 @@
-"""``derms-gateway``: run the gateway, the demo, a simulator, or print the message schemas."""
+"""``derms-gateway``: run the gateway, the demo, a simulator, print the message schemas, or read
+the audit log."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, cast
 
 import click
 
+from composition.audit_cli import audit
 from composition.config import load_config
 from composition.runtime import settle_heap
 from unified.config import ConfigError
@@ -481,6 +483,9 @@ def simulate_battery(
             time_scale=time_scale,
         )
     )
+
+
+main.add_command(audit)
 
 
 if __name__ == "__main__":

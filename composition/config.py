@@ -184,6 +184,7 @@ class GatewayConfig(CoreConfig):
             "store": self.store.model_copy(update=rebase(base, self.store, "path")),
             "history": self.history.model_copy(update=rebase(base, self.history, "path")),
             "broker": self.broker.rebased(base),
+            "audit": self.audit.model_copy(update=rebase(base, self.audit, "path")),
         }
         if self.device_mqtt is not None:
             update["device_mqtt"] = self.device_mqtt.rebased(base)

@@ -144,6 +144,8 @@ class EdgeAgent:
         if lfdi is None:
             raise ValueError("upstream_sep2 needs an lfdi or a tls.cert_file to derive it from")
         self.lfdi = lfdi
+        self.audit_source = f"sep2-server:{upstream.server_url};client-lfdi={lfdi}"
+        """Who commands this site, for the audit log: the utility's server, as our LFDI."""
         self.client = Sep2Client(
             Sep2ClientConfig(
                 server_url=upstream.server_url,
@@ -225,7 +227,7 @@ class EdgeAgent:
 
     async def _submit(self, command: Command) -> AckState | None:
         try:
-            ack = await self.gateway.submit(command)
+            ack = await self.gateway.submit(command, source=self.audit_source)
         except CommandRejected as exc:
             log.warning("utility control %s not applied: %s", command.command_id, exc)
             return None

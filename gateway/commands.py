@@ -2,7 +2,9 @@
 
 Every inbound command ends up here exactly once per command id. The book decides whether it is
 accepted, keeps it in SQLite, moves it through its lifecycle as time passes, and hands every ack
-to a publisher. It does no MQTT and no device I/O, so it is tested without either.
+to a publisher. It does no MQTT and no device I/O, so it is tested without either. Every command
+handed to it (with its sender's identity), every refusal and every lifecycle step goes to the
+audit trail.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from gateway.audit import CORE_SOURCE, NO_AUDIT, AuditKind, AuditTrail
 from gateway.clock import STEP_DETAIL
 from gateway.dispatch import ActiveCommand, Plan, allocations_changed, target_devices
 from gateway.errors import CoreError
@@ -73,8 +76,10 @@ class CommandBook:
         *,
         allocation_tolerance_kw: float = 0.5,
         progress_interval_s: float = 5.0,
+        audit: AuditTrail = NO_AUDIT,
     ) -> None:
         self._store = store
+        self._audit = audit
         self._registry = registry
         self._sink = sink
         self._tolerance = allocation_tolerance_kw
@@ -95,32 +100,60 @@ class CommandBook:
         return len(self._open)
 
     # ------------------------------------------------------------------ inbound
-    async def submit(self, command: Command, now: datetime, reply: object | None = None) -> Ack:
-        """Handle one command. A redelivery (same id, same content) gets the same ack back."""
-        stored = await self._store.get(command.command_id)
+    async def submit(
+        self,
+        command: Command,
+        now: datetime,
+        reply: object | None = None,
+        *,
+        source: str | None = None,
+    ) -> Ack:
+        """Handle one command. A redelivery (same id, same content) gets the same ack back.
+
+        ``source`` says who sent it, for the audit trail (``mqtt:{topic}``, ``openadr-vtn:{id}``).
+        """
+        cid = command.command_id
+        stored = await self._store.get(cid)
         if stored is not None:
             if stored.digest != digest(command):
-                raise CommandRejected(
+                refused = CommandRejected(
                     Reason.DUPLICATE_ID_CONFLICT,
-                    f"command_id {command.command_id!r} was already used for a different command",
+                    f"command_id {cid!r} was already used for a different command",
                 )
-            entry = self._open.get(command.command_id)
+                self._audit.record(
+                    AuditKind.COMMAND_REFUSED,
+                    source=source,
+                    command_id=cid,
+                    details={"reason": refused.reason, "detail": refused.detail},
+                )
+                raise refused
+            entry = self._open.get(cid)
             ack = entry.ack if entry is not None else stored.ack
+            self._audit.record(
+                AuditKind.COMMAND_REDELIVERED,
+                source=source,
+                command_id=cid,
+                details={"state": ack.state},
+            )
             self._sink(ack, reply)
             return ack
 
-        self._sink(self._ack(command.command_id, AckState.RECEIVED, now), reply)
+        self._audit.record(
+            AuditKind.COMMAND_RECEIVED, source=source, command_id=cid, details={"command": command}
+        )
+        self._sink(self._ack(cid, AckState.RECEIVED, now), reply)
         try:
             return await self._take(command, now, reply)
         except StoreError as exc:
             # Its ack says received: it must not stay there. Nothing of it was applied.
             failed = self._ack(
-                command.command_id,
+                cid,
                 AckState.FAILED,
                 now,
                 Reason.INTERNAL,
                 f"not applied: the command store could not record it ({exc})",
             )
+            self._audit_step(failed)
             self._sink(failed, reply)
             raise
 
@@ -130,17 +163,20 @@ class CommandBook:
         except CommandRejected as exc:
             ack = self._ack(command.command_id, AckState.REJECTED, now, exc.reason, exc.detail)
             await self._store.insert(command, ack)
+            self._audit_step(ack)
             self._sink(ack, reply)
             log.info("rejected %s: %s", command.command_id, exc)
             return ack
 
         ack = self._ack(command.command_id, AckState.ACCEPTED, now)
         seq = await self._store.insert(command, ack)
+        self._audit_step(ack)
         self._sink(ack, reply)
         if isinstance(command, Cancel):
             await self._cancel(command, now, reply)
             done = self._ack(command.command_id, AckState.COMPLETED, now)
             await self._store.update_ack(done)
+            self._audit_step(done)
             self._sink(done, reply)
             return done
         self._open[command.command_id] = Entry(command, seq, ack, reply)
@@ -393,6 +429,7 @@ class CommandBook:
                 }
             )
         await self._publish(entry, ack)
+        self._audit_step(ack)
         log.info(
             "command %s: %s%s",
             entry.command.command_id,
@@ -439,6 +476,19 @@ class CommandBook:
                 "compliance": plan.compliance.get(ack.command_id, ack.compliance),
                 "detail": detail,
             }
+        )
+
+    def _audit_step(self, ack: Ack) -> None:
+        details: dict[str, object] = {}
+        if ack.reason is not None:
+            details["reason"] = ack.reason
+        if ack.detail is not None:
+            details["detail"] = ack.detail
+        self._audit.record(
+            AuditKind.lifecycle(ack.state),
+            source=CORE_SOURCE,
+            command_id=ack.command_id,
+            details=details or None,
         )
 
     async def _publish(self, entry: Entry, ack: Ack) -> None:

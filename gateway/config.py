@@ -14,6 +14,7 @@ from unified.config import Section
 from unified.model import Group, Identifier
 
 __all__ = [
+    "AuditConfig",
     "CoreConfig",
     "DeliveryConfig",
     "FlexConfigSection",
@@ -110,6 +111,46 @@ class HistoryConfig(Section):
         return store.with_name(f"{store.stem}.history{store.suffix or '.sqlite'}")
 
 
+class AuditConfig(Section):
+    """``[audit]``: the append-only audit log (``gateway.audit``, ``docs/security-audit.md``):
+    every command received, lifecycle step, device write and refusal, one JSON line each, in
+    its own rotated files with a hash chain that ``derms-gateway audit verify`` checks."""
+
+    enabled: bool = True
+    path: Path | None = Field(
+        default=None,
+        description="Folder of audit.jsonl and its rotated files; default: <store stem>-audit "
+        "next to the command store",
+    )
+    max_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=4096,
+        description="audit.jsonl is rotated (renamed audit.jsonl.1, ...) before it grows beyond",
+    )
+    keep: int = Field(
+        default=20, ge=1, le=10_000, description="Rotated files kept; the oldest beyond is deleted"
+    )
+    fsync: bool = Field(
+        default=True,
+        description="fsync every write batch (off: the OS decides when records reach the disk)",
+    )
+    max_queue: int = Field(
+        default=100_000,
+        ge=100,
+        le=10_000_000,
+        description="Records waiting for the writer; beyond, records are dropped and counted "
+        "(an audit.gap record says how many)",
+    )
+    retry_s: float = Field(
+        default=2.0, gt=0, le=600, description="After a write error, try again this often"
+    )
+
+    def resolved_path(self, store: Path) -> Path:
+        if self.path is not None:
+            return self.path
+        return store.with_name(f"{store.stem}-audit")
+
+
 class SettlementConfig(Section):
     """``[settlement]``: a performance report after every dispatch that ran (needs history)."""
 
@@ -200,6 +241,7 @@ class CoreConfig(Section):
     gateway_id: Identifier = "gateway-1"
     store: StoreConfig = StoreConfig()
     history: HistoryConfig = HistoryConfig()
+    audit: AuditConfig = AuditConfig()
     settlement: SettlementConfig = SettlementConfig()
     timing: TimingConfig = TimingConfig()
     delivery: DeliveryConfig = DeliveryConfig()

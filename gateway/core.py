@@ -11,7 +11,8 @@ core knows no socket, topic, XML or protocol status code.
 Loops (one named task each, in one TaskGroup): one supervisor per device, the control loop
 (plan → lifecycle → setpoints, every ``control_period_s`` and at once when a command arrives),
 the telemetry loop, and with history the history writer, flex-history and settlement loops.
-Nothing here blocks the event loop.
+Nothing here blocks the event loop. Commands, their lifecycle and every device write go to the
+audit trail (:mod:`gateway.audit`; its writer is a thread of its own).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pydantic import ValidationError
 
 from gateway import dispatch
 from gateway.aio import wait_inside_task_group
+from gateway.audit import CORE_SOURCE, NO_AUDIT, AuditKind, AuditLog, AuditTrail
 from gateway.clock import ClockStep, ClockWatch
 from gateway.commands import CommandBook
 from gateway.config import CoreConfig
@@ -148,7 +150,22 @@ class Gateway:
         self.publisher = publisher
         self.registry = Registry(list(devices), config.groups)
         self.store = CommandStore(config.store.path)
-        self.book = CommandBook(self.store, self.registry, self._publish_ack)
+        self.version = _version()
+        self.audit_log: AuditLog | None = None
+        self.audit: AuditTrail = NO_AUDIT
+        """Where the core and the uplinks record commands, refusals and device writes."""
+        if config.audit.enabled:
+            audit = config.audit
+            self.audit = self.audit_log = AuditLog(
+                audit.resolved_path(config.store.path),
+                max_bytes=audit.max_bytes,
+                keep=audit.keep,
+                fsync=audit.fsync,
+                max_queue=audit.max_queue,
+                retry_s=audit.retry_s,
+                identity={"gateway_id": config.gateway_id, "version": self.version},
+            )
+        self.book = CommandBook(self.store, self.registry, self._publish_ack, audit=self.audit)
         self._wake = asyncio.Event()
         self.clock = ClockWatch()
         """Wall-clock steps between control cycles (:mod:`gateway.clock`)."""
@@ -194,7 +211,6 @@ class Gateway:
         self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
         self.ready = asyncio.Event()
-        self.version = _version()
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -203,7 +219,10 @@ class Gateway:
 
         ``ready`` is set once the command book is loaded and every loop is started: the API
         may be called from then on."""
-        async with self.store, contextlib.AsyncExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.audit_log is not None:
+                await stack.enter_async_context(self.audit_log)
+            await stack.enter_async_context(self.store)
             if self.history is not None:
                 await stack.enter_async_context(self.history)
                 await self._load_weather()
@@ -319,15 +338,18 @@ class Gateway:
         )
 
     # ------------------------------------------------------------------ API
-    async def submit(self, command: Command, reply: object | None = None) -> Ack:
+    async def submit(
+        self, command: Command, reply: object | None = None, *, source: str | None = None
+    ) -> Ack:
         """Take a command into the book and plan it at once.
 
         Raises :class:`gateway.commands.CommandRejected` (a :class:`CoreError`) for a command
         the book will not take; acks (with ``reply``) go out through the publisher either way
         the command goes from here. Anything else raised (the store's disk is full) is the
-        caller's to report: the command was not taken.
+        caller's to report: the command was not taken. ``source`` is the sender's identity as
+        the uplink knows it (``mqtt:{topic}``, a VTN id, an LFDI), for the audit trail.
         """
-        ack = await self.book.submit(command, utcnow(), reply)
+        ack = await self.book.submit(command, utcnow(), reply, source=source)
         self._wake.set()
         return ack
 
@@ -757,6 +779,11 @@ class Gateway:
         """Elapsed time in the control state stays true; lifecycles follow the new clock, and
         every open command's next ack says so."""
         log.warning("%s", step.describe())
+        self.audit.record(
+            AuditKind.CLOCK_STEPPED,
+            source=CORE_SOURCE,
+            details={"step_s": round(step.step.total_seconds(), 3), "at": step.at.isoformat()},
+        )
         self.plan.shift(step.step)
         for loop in self._loops.values():
             loop.shift(step.step)
@@ -824,9 +851,12 @@ class Gateway:
 
     def _apply(self, plan: dispatch.Plan) -> None:
         deadband = self.config.timing.deadband_kw
+        record = self.audit.record
         for device_id, supervisor in self.supervisors.items():
             new = plan.setpoints.get(device_id)
             old = supervisor.desired
+            if new is old or new == old:
+                continue  # unchanged (the planner reuses an unchanged device's command)
             if (
                 new is not None
                 and old is not None
@@ -837,6 +867,18 @@ class Gateway:
             ):
                 continue
             supervisor.command(new)
+            # Only what changed reaches here: one record per device per change, written off
+            # the event loop (a fleet-wide dispatch is thousands of these at once).
+            cause = new if new is not None else old
+            record(
+                AuditKind.DEVICE_WRITE,
+                source=CORE_SOURCE,
+                command_id=cause.provenance[0].command_id
+                if cause is not None and cause.provenance
+                else None,
+                device_id=device_id,
+                details={"command": new} if new is not None else {"command": None, "released": old},
+            )
 
     def wake_control(self) -> None:
         self._wake.set()
@@ -889,6 +931,13 @@ class Gateway:
 
     def _on_device_result(self, command: DeviceCommand, error: AdapterError | None) -> None:
         if error is not None:
+            self.audit.record(
+                AuditKind.DEVICE_REFUSED,
+                source=f"device:{command.device_id}",
+                command_id=command.provenance[0].command_id if command.provenance else None,
+                device_id=command.device_id,
+                details={"command": command, "error": f"{type(error).__name__}: {error}"},
+            )
             self._refusals.append(_Refusal(command, error))
             self._wake.set()
 

@@ -118,15 +118,19 @@ class GridDermsClient:
         *,
         reply: bool = False,
         correlation: bytes | None = None,
+        user_properties: dict[str, str] | None = None,
     ) -> None:
         assert self._client is not None
         payload = command if isinstance(command, bytes) else json.dumps(command).encode()
         props = None
-        if reply and self._protocol == "5":
+        if (reply or user_properties) and self._protocol == "5":
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ResponseTopic = self.reply_topic
+            if reply:
+                props.ResponseTopic = self.reply_topic
             if correlation is not None:
                 props.CorrelationData = correlation
+            if user_properties:
+                props.UserProperty = list(user_properties.items())
         await self._client.publish(self.topics.commands, payload, qos=1, properties=props)
 
     async def _receive(self) -> None:

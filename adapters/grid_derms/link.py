@@ -58,7 +58,9 @@ class Outgoing:
     reply: ReplyTo | None = None
 
 
-CommandHandler = Callable[[bytes, ReplyTo | None, str], Awaitable[None]]
+UserProperties = tuple[tuple[str, str], ...]
+CommandHandler = Callable[[bytes, ReplyTo | None, str, UserProperties], Awaitable[None]]
+"""(payload, MQTT 5 reply context, topic, MQTT 5 user properties)."""
 
 
 class Northbound:
@@ -229,7 +231,9 @@ class Northbound:
             # Commands are handled one at a time, in arrival order: idempotency and
             # supersession depend on it.
             try:
-                await self._on_command(bytes(payload), reply, str(message.topic))
+                await self._on_command(
+                    bytes(payload), reply, str(message.topic), _user_properties(message.properties)
+                )
             except Exception:
                 # A bug, not bad input (that gets an error message): acknowledge anyway, or the
                 # broker would deliver the same message after every reconnect.
@@ -267,6 +271,14 @@ class Northbound:
                 await client.publish(self.topics.status, encode(status), qos=1, retain=True)
         except (aiomqtt.MqttError, TimeoutError) as exc:
             log.debug("could not publish offline status: %s", exc)
+
+
+def _user_properties(properties: Properties | None) -> UserProperties:
+    """MQTT 5 user properties as sent (what the sender says of itself: for the audit log)."""
+    if properties is None:
+        return ()
+    pairs = getattr(properties, "UserProperty", None) or ()
+    return tuple((str(k), str(v)) for k, v in pairs)
 
 
 def _reply_to(properties: Properties | None) -> ReplyTo | None:

@@ -7,6 +7,11 @@ its ``command_id`` could be read and an ``errors`` message otherwise; a request 
 the core's :class:`gateway.ports.Publisher`: acks, on-request answers and reports are queued
 reliably (kept while the link is down), periodic telemetry is dropped while the link is down
 (a newer period follows), forecasts and reports are retained for late subscribers.
+
+Every command goes to the core with its sender as the link knows it (``mqtt:{topic}``, plus the
+MQTT 5 response topic and user properties when present) for the audit log; whatever is refused
+here, before the core sees it (undecodable, rate limited, a refused response topic, an invalid
+request), is recorded here.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pydantic import ValidationError
 
 from adapters.grid_derms.config import BrokerConfig
 from adapters.grid_derms.link import Northbound, Outgoing, ReplyTo
+from gateway.audit import AuditKind
 from gateway.errors import CoreError
 from gateway.flex import FlexForecast, FlexRequest, PerformanceRequest
 from gateway.quota import TokenBucket
@@ -40,7 +46,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GridDermsUplink"]
+__all__ = ["GridDermsUplink", "mqtt_source"]
+
+_MAX_USER_PROPERTIES = 8
+
+
+def mqtt_source(
+    topic: str, reply: ReplyTo | None = None, user_properties: tuple[tuple[str, str], ...] = ()
+) -> str:
+    """Who sent a message, as far as the link knows: the topic (which only Grid DERMS
+    identities may publish to, by the broker's ACL), the MQTT 5 response topic and the user
+    properties the sender set (its own claims, not authenticated)."""
+    parts = [f"mqtt:{topic}"]
+    if reply is not None:
+        parts.append(f"response_topic={reply.topic[:256]}")
+    parts += [f"{k[:64]}={v[:128]}" for k, v in user_properties[:_MAX_USER_PROPERTIES]]
+    return ";".join(parts)
 
 
 class GridDermsUplink:
@@ -76,29 +97,47 @@ class GridDermsUplink:
         return self.core.status()
 
     # ------------------------------------------------------------------ inbound
-    async def handle(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
+    async def handle(
+        self,
+        payload: bytes,
+        reply: ReplyTo | None,
+        topic: str,
+        user_properties: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         """One inbound message, answered whatever it holds."""
+        source = mqtt_source(topic, reply, user_properties)
         if reply is not None:
             problem = response_topic_problem(reply.topic, self._response_prefix, self.topics.root)
             if problem is not None:
                 log.warning("%s (on %s)", problem, topic)
-                self._error(Reason.RESPONSE_TOPIC_REFUSED, problem, topic, payload)
+                self._error(Reason.RESPONSE_TOPIC_REFUSED, problem, topic, payload, source=source)
                 reply = None  # answered on the usual topics only
         if topic == self.topics.flex_requests:
-            self._flex_request(payload, reply, topic)
+            self._flex_request(payload, reply, topic, source)
         elif topic == self.topics.performance_requests:
-            await self._performance_request(payload, reply, topic)
+            await self._performance_request(payload, reply, topic, source)
         elif topic == self.topics.weather:
-            await self._weather(payload, topic)
+            await self._weather(payload, topic, source)
         else:
-            await self._command(payload, reply, topic)
+            await self._command(payload, reply, topic, source)
 
-    async def _command(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
+    async def _command(
+        self, payload: bytes, reply: ReplyTo | None, topic: str, source: str
+    ) -> None:
         try:
             command = decode_command(payload)
         except CommandDecodeError as exc:
             log.warning("bad command on %s: %s", topic, exc)
             if exc.command_id is not None:
+                self._audit_refusal(
+                    AuditKind.COMMAND_REFUSED,
+                    exc.reason,
+                    exc.detail,
+                    topic,
+                    payload,
+                    source,
+                    exc.command_id,
+                )
                 ack = Ack(
                     command_id=exc.command_id,
                     state=AckState.REJECTED,
@@ -108,7 +147,7 @@ class GridDermsUplink:
                 )
                 self.ack(ack, reply)
             else:
-                self._error(exc.reason, exc.detail, topic, payload)
+                self._error(exc.reason, exc.detail, topic, payload, source=source)
             return
         if not self._bucket.take(time.monotonic()):
             # A flood (a runaway script, a replay) must not queue hours of work ahead of the
@@ -120,67 +159,113 @@ class GridDermsUplink:
                 topic,
                 payload,
                 command.command_id,
+                source=source,
+                kind=AuditKind.COMMAND_REFUSED,
             )
             return
         try:
-            await self.core.submit(command, reply)
-        except CoreError as exc:
-            self._error(exc.reason, exc.detail, topic, payload, command.command_id)
+            await self.core.submit(command, reply, source=source)
+        except CoreError as exc:  # the core has recorded its refusal
+            self._error(exc.reason, exc.detail, topic, payload, command.command_id, audit=False)
         except Exception as exc:  # e.g. the store's disk is full: say so, keep the link up
             log.exception("could not handle command %s", command.command_id)
             self._error(
-                Reason.INTERNAL, f"{type(exc).__name__}: {exc}", topic, payload, command.command_id
+                Reason.INTERNAL,
+                f"{type(exc).__name__}: {exc}",
+                topic,
+                payload,
+                command.command_id,
+                source=source,
+                kind=AuditKind.COMMAND_REFUSED,
             )
 
-    def _flex_request(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
+    def _flex_request(self, payload: bytes, reply: ReplyTo | None, topic: str, source: str) -> None:
         try:
             request = FlexRequest.model_validate_json(payload)
         except ValidationError as exc:
-            self._error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload)
+            self._error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload, source=source)
             return
         try:
             forecast = self.core.request_flex(request)
         except CoreError as exc:
-            self._error(exc.reason, exc.detail, topic, payload)
+            self._error(exc.reason, exc.detail, topic, payload, source=source)
             return
         self.link.publish_reliable(
             Outgoing(self.topics.flex_forecast(request.group_id), encode(forecast), reply=reply)
         )
 
-    async def _performance_request(self, payload: bytes, reply: ReplyTo | None, topic: str) -> None:
+    async def _performance_request(
+        self, payload: bytes, reply: ReplyTo | None, topic: str, source: str
+    ) -> None:
         try:
             request = PerformanceRequest.model_validate_json(payload)
         except ValidationError as exc:
-            self._error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload)
+            self._error(Reason.SCHEMA_VIOLATION, str(exc)[:1000], topic, payload, source=source)
             return
         try:
             report = await self.core.performance_report(request.command_id)
         except CoreError as exc:
-            self._error(exc.reason, exc.detail, topic, payload, exc.command_id)
+            self._error(exc.reason, exc.detail, topic, payload, exc.command_id, source=source)
             return
         self.link.publish_reliable(
             Outgoing(self.topics.performance(request.command_id), report, retain=True, reply=reply)
         )
 
-    async def _weather(self, payload: bytes, topic: str) -> None:
+    async def _weather(self, payload: bytes, topic: str, source: str) -> None:
         """Validated whole, or rejected on ``errors`` with nothing changed."""
         try:
             forecast = decode_weather(payload)
         except WeatherDecodeError as exc:
             log.warning("bad weather forecast on %s: %s", topic, exc)
-            self._error(exc.reason, exc.detail, topic, payload)
+            self._error(exc.reason, exc.detail, topic, payload, source=source)
             return
         try:
             warning = await self.core.put_weather(forecast)
         except CoreError as exc:
-            self._error(exc.reason, exc.detail, topic, payload)
+            self._error(exc.reason, exc.detail, topic, payload, source=source)
             return
         if warning is not None:
-            self._error(Reason.INTERNAL, warning, topic, payload)
+            self._error(Reason.INTERNAL, warning, topic, payload, audit=False)  # not a refusal
+
+    def _audit_refusal(
+        self,
+        kind: AuditKind,
+        reason: Reason,
+        detail: str,
+        topic: str,
+        payload: bytes,
+        source: str,
+        command_id: str | None,
+    ) -> None:
+        self.core.audit.record(
+            kind,
+            source=source,
+            command_id=command_id,
+            details={
+                "reason": reason,
+                "detail": detail[:2000],
+                "topic": topic,
+                "payload_excerpt": payload[:256].decode("utf-8", errors="replace"),
+            },
+        )
 
     def _error(
-        self, reason: Reason, detail: str, topic: str, payload: bytes, command_id: str | None = None
+        self,
+        reason: Reason,
+        detail: str,
+        topic: str,
+        payload: bytes,
+        command_id: str | None = None,
+        *,
+        source: str | None = None,
+        kind: AuditKind = AuditKind.INPUT_REFUSED,
+        audit: bool = True,
     ) -> None:
+        """An answer on ``errors``, and (unless the core has) a record of the refusal."""
+        if audit:
+            self._audit_refusal(
+                kind, reason, detail, topic, payload, source or mqtt_source(topic), command_id
+            )
         error = ErrorMessage(
             timestamp=utcnow(),
             reason=reason,

@@ -103,14 +103,20 @@ _DATA_QUALITY: Final[dict[Quality, str]] = {
 }
 
 
-def submit_to_book(book: CommandBook, wake: Callable[[], None] | None = None) -> Submit:
+def submit_to_book(
+    book: CommandBook,
+    wake: Callable[[], None] | None = None,
+    *,
+    source: Callable[[], str | None] | None = None,
+) -> Submit:
     """The ``submit`` callback for a gateway: the book's ack, a refusal as a rejected ack, and
-    ``wake`` (the control loop's event) so an accepted command is planned at once."""
+    ``wake`` (the control loop's event) so an accepted command is planned at once. ``source``
+    names the sender for the audit log at each submission (:attr:`OpenAdrVen.audit_source`)."""
 
     async def submit(command: Command) -> Ack:
         now = utcnow()
         try:
-            ack = await book.submit(command, now)
+            ack = await book.submit(command, now, source=None if source is None else source())
         except CommandRejected as exc:  # the id was used for different content
             return Ack(
                 command_id=command.command_id,
@@ -656,6 +662,14 @@ class OpenAdrVen:
             await self._send_event_responses(None, list(changed.values()))
             return {}
         return changed
+
+    @property
+    def audit_source(self) -> str:
+        """Who commands us, for the audit log: the VTN by the id it gave at registration (its
+        URL until then)."""
+        registration = self.registration
+        vtn = registration.vtn_id if registration is not None else None
+        return f"openadr-vtn:{vtn or self.config.vtn_url}"
 
     async def _submit_one(self, command: Command) -> Ack | None:
         """The gateway's ack, or None when it could not answer (retry later)."""

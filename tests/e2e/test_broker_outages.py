@@ -93,7 +93,7 @@ async def test_a_command_the_gateway_died_handling_is_delivered_again(fleet: Fle
     assert gateway is not None
     entered = asyncio.Event()
 
-    async def dies_before_storing(*_: object) -> None:
+    async def dies_before_storing(*_: object, **__: object) -> None:
         entered.set()
         await asyncio.Event().wait()  # the disk hangs, then the process is stopped
 

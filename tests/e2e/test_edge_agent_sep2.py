@@ -15,6 +15,7 @@ from composition.app import GatewayApp, build_edge_agent
 from composition.certs import make_ca, make_cert
 from composition.config import EdgeAgentConfig, parse_config
 from edge_agent.agent import EdgeAgent
+from gateway.audit import read_lines
 from simulators.broker import BrokerEndpoint, free_port
 from simulators.grid_derms import GridDermsClient
 from simulators.sunspec_battery import SunSpecBatterySimulator
@@ -205,6 +206,24 @@ async def test_grid_dispatch_reaches_a_site_battery_through_2030_5_over_mutual_t
     assert controls is not None
     assert controls.target_kw == pytest.approx(-3.0)
     assert controls.generation_limit_kw == pytest.approx(3.0)
+    # The site's audit log names the utility's server, and us as its client, as the sender.
+    edge_log = site.edge.gateway.audit_log
+    assert edge_log is not None
+    await eventually(
+        lambda: any(
+            r.record is not None and r.record["kind"] == "command.received"
+            for r in read_lines(edge_log.directory)
+        ),
+        3,
+        "the utility's control recorded",
+    )
+    sources = {
+        r.record["source"]
+        for r in read_lines(edge_log.directory)
+        if r.record is not None and r.record["kind"] == "command.received"
+    }
+    upstream = site.edge.upstream.server_url
+    assert sources == {f"sep2-server:{upstream};client-lfdi={site.edge.lfdi}"}
     # The head end sees the site's response in its own telemetry.
     await eventually(
         lambda: (

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import gateway.core
+from gateway.audit import read_lines
 from simulators.broker import BrokerEndpoint
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually, iso
@@ -543,3 +544,13 @@ async def test_a_wall_clock_step_ends_a_dispatch_by_the_new_clock_and_says_so(
     assert completed.detail is not None
     assert "wall clock stepped forward by 3600 s" in completed.detail
     await eventually(lambda: not any(s.wset_enabled for s in f1), 5, "batteries released")
+    # ... and the audit trail has the step.
+    assert fleet.gateway is not None
+    assert fleet.gateway.audit_log is not None
+    steps = [
+        line.record
+        for line in read_lines(fleet.gateway.audit_log.directory)
+        if line.record is not None and line.record["kind"] == "clock.stepped"
+    ]
+    assert len(steps) == 1
+    assert steps[0]["details"]["step_s"] == pytest.approx(3600, abs=5)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit import read_lines
 from simulators.broker import BrokerEndpoint, free_port
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.adapters.openadr_ven.test_ven import VEN_NAME, Vtn
@@ -87,3 +88,18 @@ async def test_openadr_event_dispatches_the_batteries_and_opts_in(
         assert oadr, fleet.grid.observed.acks.keys()
         await fleet.grid.wait_for_state(oadr[0], AckState.COMPLETED, 10)
         await eventually(lambda: all(not s.wset_enabled for s in sims), 3, "released after")
+        # The audit log names the VTN as the command's sender.
+        registration = fleet.app.openadr_ven.registration
+        assert registration is not None
+        assert registration.vtn_id
+        assert fleet.gateway is not None
+        assert fleet.gateway.audit_log is not None
+        folder = fleet.gateway.audit_log.directory
+        received = [
+            r.record
+            for r in read_lines(folder)
+            if r.record is not None
+            and r.record["kind"] == "command.received"
+            and r.record["command_id"] == oadr[0]
+        ]
+        assert [r["source"] for r in received] == [f"openadr-vtn:{registration.vtn_id}"]

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from adapters.grid_derms.uplink import TokenBucket
+from gateway.audit import read_lines
 from simulators.broker import BrokerEndpoint
 from simulators.sunspec_battery import SunSpecBatterySimulator
-from tests.e2e.fleet import Fleet, iso
+from tests.e2e.fleet import Fleet, eventually, iso
 from unified.model import AckState, Reason
 
 
@@ -78,3 +79,18 @@ async def test_a_flood_is_refused_beyond_the_rate_and_every_command_is_answered(
     assert limited
     assert fleet.gateway is not None
     assert await fleet.gateway.store.count() == len(taken)
+    # Each refusal is in the audit log, with its sender and reason; none reached the core.
+    log = fleet.gateway.audit_log
+    assert log is not None
+
+    def audited() -> dict[str, dict[str, object]]:
+        return {
+            str(r.record["command_id"]): r.record
+            for r in read_lines(log.directory)
+            if r.record is not None and r.record["kind"] == "command.refused"
+        }
+
+    await eventually(lambda: set(audited()) == limited, 3, "refusals recorded")
+    for record in audited().values():
+        assert record["source"] == f"mqtt:{fleet.grid.topics.commands}"
+        assert record["details"]["reason"] == "rate_limited"  # type: ignore[index]
