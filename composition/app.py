@@ -24,6 +24,7 @@ from adapters.sunspec.battery import SunSpecBattery
 from composition.config import EdgeAgentConfig, GatewayConfig
 from edge_agent.agent import EdgeAgent
 from gateway.aio import wait_inside_task_group
+from gateway.audit import RefusalRecorder
 from gateway.core import Gateway
 from gateway.devices import AdapterError, DeviceAdapter
 from gateway.registry import Registry
@@ -114,6 +115,14 @@ class GatewayApp:
         self.openadr_vtn: OpenAdrVtn | None = None
         if config.openadr_vtn is not None:
             self.openadr_vtn = OpenAdrVtn(config.openadr_vtn, registrar=self.core)
+        # Refused peers at the endpoints we host go into the audit trail.
+        audit = self.core.audit
+        if self.sep2_server is not None:
+            self.sep2_server.on_refused = RefusalRecorder(audit, "sep2_server")
+        if self.ocpp_central is not None:
+            self.ocpp_central.on_refused = RefusalRecorder(audit, "ocpp_central")
+        if self.openadr_vtn is not None:
+            self.openadr_vtn.on_refused = RefusalRecorder(audit, "openadr_vtn")
         self.ready = asyncio.Event()
         """Set once the core is loaded and every endpoint and uplink task is started."""
 

@@ -7,10 +7,15 @@ handed in with the command and handed back with every ack for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from gateway.flex import FlexForecast
 from unified.model import Ack, DeviceTelemetry, GroupTelemetry
+
+RefusalHook = Callable[[str, str, str], None]
+"""What an endpoint peers connect to calls when it refuses one: ``(source, reason, detail)``
+(:class:`gateway.audit.RefusalRecorder` puts it in the audit trail)."""
 
 
 class Publisher(Protocol):

@@ -89,6 +89,7 @@ from adapters.ocpp.admission import (
 from adapters.ocpp.wire import WireLog, on_action
 from gateway.aio import raise_if_cancelling
 from gateway.devices import DeviceAdapter
+from gateway.ports import RefusalHook
 from protocols.ocpp import (
     NEEDS_MESSAGE_ID,
     NEEDS_VENDOR_ID,
@@ -756,6 +757,8 @@ class OcppCentral:
         self._tx_ids = itertools.count(int(time.time()) % 1_000_000_000)
         self.ready = asyncio.Event()
         self._port: int | None = None
+        self.on_refused: RefusalHook | None = None
+        """Told of every refused handshake: ``(source, reason, detail)`` (the audit trail)."""
         self.refused: dict[str, int] = {}
         """Handshakes refused, by charge point id (diagnostics; ids beyond 1024 count as
         ``*``)."""
@@ -1015,6 +1018,8 @@ class OcppCentral:
         self.refused[counted] = self.refused.get(counted, 0) + 1
         self.refusals[refusal.reason] += 1
         self._refusal_log.refused(charge_point_id, source, refusal)
+        if self.on_refused is not None:
+            self.on_refused(f"ocpp:{charge_point_id}@{source}", refusal.reason, refusal.detail)
         response = connection.respond(refusal.status, _REFUSAL_TEXT[refusal.status])
         if refusal.status == HTTPStatus.UNAUTHORIZED:
             response.headers["WWW-Authenticate"] = _BASIC_CHALLENGE

@@ -65,6 +65,7 @@ from pydantic import Field, model_validator
 from adapters.oem_vtn.resource import OadrResource, ResourceTelemetry
 from gateway.aio import wait_inside_task_group
 from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected, DeviceUnavailable
+from gateway.ports import RefusalHook
 from gateway.store import SqliteStore
 from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
 from protocols.openadr.messages import as_list, xml_text
@@ -415,6 +416,8 @@ class OpenAdrVtn:
         self._flush = asyncio.Event()
         self._writer_running = False
         self._refused_logged: set[tuple[str, str]] = set()
+        self.on_refused: RefusalHook | None = None
+        """Told of every refused request: ``(source, reason, detail)`` (the audit trail)."""
         self.opts: dict[tuple[str, str], OptSchedule] = {}
         """EiOpt schedules by (VEN name, optID), windowed or for one event."""
         self._opts_by_device: dict[str, list[OptSchedule]] = {}
@@ -589,6 +592,9 @@ class OpenAdrVtn:
         if (peer, reason) not in self._refused_logged:  # a VEN retries every poll: say it once
             self._refused_logged.add((peer, reason))
             log.warning("OpenADR VTN refused a request from %s: %s", peer, reason)
+        if self.on_refused is not None:
+            kind = "invalid" if status == 400 else "not_authorised"
+            self.on_refused(f"openadr-ven:{peer}", kind, reason)
         return web.Response(status=status, text=reason, content_type="text/plain")
 
     def _check_registration(self, request: web.Request, body: bytes) -> web.Response | None:

@@ -67,6 +67,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.ports import RefusalHook
 from gateway.quota import Quotas
 from protocols.sep2 import (
     DER,
@@ -644,6 +645,9 @@ class Sep2Server:
         self._random = random.Random()
         self._cache = _ResponseCache(config.response_cache_entries)
         self.quotas = Quotas(config.requests_per_client_per_s, config.requests_per_client_burst)
+        self.on_refused: RefusalHook | None = None
+        """Told of every request refused for who sent it (403 out of scope, 429 over quota):
+        ``(source, reason, detail)`` (the audit trail)."""
         """Per-client request quotas; ``quotas.refused`` counts the 429s by client."""
         self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
@@ -1084,6 +1088,12 @@ class Sep2Server:
         except _HttpError as exc:
             if exc.status >= 500:
                 log.error("2030.5 %s %s: %s", request.method, request.path, exc.message)
+            elif exc.status == 403 and self.on_refused is not None:
+                self.on_refused(
+                    f"sep2:{self._who(request)}",
+                    "forbidden",
+                    f"{request.method} {request.path[:200]}: {exc.message[:200]}",
+                )
             return self._error(exc.status, exc.message)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -1099,7 +1109,7 @@ class Sep2Server:
     async def _quota_middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        source = self._lfdi(request) or f"address:{request.remote}"
+        source = self._who(request)
         if self.quotas.take(source, time.monotonic()):
             return await handler(request)
         if source not in self._quota_logged and len(self._quota_logged) < 10_000:
@@ -1110,10 +1120,21 @@ class Sep2Server:
                 self.quotas.rate_per_s,
                 self.quotas.burst,
             )
+        if self.on_refused is not None:
+            self.on_refused(
+                f"sep2:{source}", "rate_limited", f"{request.method} {request.path[:200]}"
+            )
         retry_after = max(1, math.ceil(1.0 / self.quotas.rate_per_s))
         return self._error(
             429, "too many requests: slow down to the pollRate", {"Retry-After": str(retry_after)}
         )
+
+    def _who(self, request: web.Request) -> str:
+        try:
+            lfdi = self._lfdi(request)
+        except _HttpError:
+            lfdi = None
+        return lfdi or f"address:{request.remote}"
 
     def _lfdi(self, request: web.Request) -> str | None:
         """The requesting client's LFDI (uppercase), from its certificate or the dev header."""

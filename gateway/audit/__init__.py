@@ -8,6 +8,7 @@ verification of the files.
 
 from gateway.audit.files import CURRENT, GENESIS, AuditLine, Verification, read_lines, verify
 from gateway.audit.log import AuditLog
+from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.trail import CORE_SOURCE, NO_AUDIT, AuditKind, AuditTrail, NullAuditTrail
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "AuditLog",
     "AuditTrail",
     "NullAuditTrail",
+    "RefusalRecorder",
     "Verification",
     "read_lines",
     "verify",

@@ -51,6 +51,9 @@ class AuditKind(StrEnum):
     """The core handed a device a new instruction (a setpoint, limits, or a release)."""
     DEVICE_REFUSED = "device.refused"
     """A device (or the cloud behind it) refused an instruction."""
+    ACCESS_REFUSED = "access.refused"
+    """A peer refused at an endpoint we host (bad credentials, out of scope, over its quota,
+    not configured); at most one record per source and reason a minute, with the count."""
     CLOCK_STEPPED = "clock.stepped"
     """The gateway's wall clock stepped (by how much): lifecycles follow the new clock."""
 

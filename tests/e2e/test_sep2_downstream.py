@@ -10,6 +10,7 @@ import pytest
 
 from composition.app import GatewayApp
 from composition.config import parse_config
+from gateway.audit import read_lines
 from protocols.sep2 import MEDIA_TYPE, DERControl, DERControlList, decode_as, to_watts
 from simulators.broker import BrokerEndpoint
 from simulators.grid_derms import GridDermsClient
@@ -144,6 +145,23 @@ async def test_dispatch_reaches_a_2030_5_client_as_a_der_control(
             ),
             5,
         )
+
+        # A client asking for another's EndDevice is refused, and the audit trail has it.
+        stranger = "0123456789ABCDEF0123456789ABCDEF01234567"
+        async with session.get(server.url + edev, headers={HEADER: stranger}) as resp:
+            assert resp.status == 403
+        assert gateway.audit_log is not None
+        folder = gateway.audit_log.directory
+
+        def refused() -> list[dict[str, object]]:
+            return [
+                line.record
+                for line in read_lines(folder)
+                if line.record is not None and line.record["kind"] == "access.refused"
+            ]
+
+        await eventually(lambda: bool(refused()), 5, "the refusal in the audit log")
+        assert refused()[0]["source"] == f"sep2:{stranger}"
 
 
 async def _cancel(task: object) -> None:

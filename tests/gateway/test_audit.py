@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.audit import GENESIS, AuditKind, AuditLog, read_lines, verify
+from gateway.audit import GENESIS, AuditKind, AuditLog, RefusalRecorder, read_lines, verify
 from gateway.audit.files import FIELDS
 from unified.model import (
     DeviceCommand,
@@ -242,3 +242,29 @@ async def test_an_unwritable_folder_keeps_the_records_and_writes_them_when_it_ca
 @pytest.fixture(autouse=True)
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+def test_refusals_are_recorded_once_a_minute_per_source_and_reason_with_the_count() -> None:
+    class Collect:
+        def __init__(self) -> None:
+            self.records: list[tuple[AuditKind, str | None, dict[str, object]]] = []
+
+        def record(self, kind: AuditKind, *, source: str | None = None, **kw: Any) -> None:
+            self.records.append((kind, source, dict(kw["details"])))
+
+    clock = [100.0]
+    trail = Collect()
+    recorder = RefusalRecorder(trail, "ocpp_central", monotonic=lambda: clock[0])  # type: ignore[arg-type]
+    for _ in range(5):
+        recorder("ocpp:CP-1@10.0.0.9", "wrong_password", "bad credentials")
+    recorder("ocpp:CP-2@10.0.0.9", "unknown_id", "no such charger")
+    assert [(s, d["reason"]) for _, s, d in trail.records] == [
+        ("ocpp:CP-1@10.0.0.9", "wrong_password"),
+        ("ocpp:CP-2@10.0.0.9", "unknown_id"),
+    ]
+    assert all(k is AuditKind.ACCESS_REFUSED for k, _, _ in trail.records)
+    clock[0] += 61
+    recorder("ocpp:CP-1@10.0.0.9", "wrong_password", "bad credentials")
+    last = trail.records[-1][2]
+    assert last["refused_since_last_record"] == 4
+    assert last["endpoint"] == "ocpp_central"

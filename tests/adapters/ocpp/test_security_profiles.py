@@ -203,6 +203,8 @@ async def test_failed_attempts_are_throttled_and_logged_once(
     registrar = FakeRegistrar()
     with caplog.at_level(logging.WARNING, logger="adapters.ocpp.central"):
         async with running(basic_config(1, secrets, pki), registrar) as h:
+            told: list[tuple[str, str, str]] = []
+            h.central.on_refused = lambda *refusal: told.append(refusal)
             for _ in range(3):  # two free failures, the third closes CP-1 from here for 1 s
                 assert (await refused(h.sim("CP-1", password="ff" * 20))).http_status == 401
             # Even the right password is not examined while closed: guesses cost time.
@@ -211,6 +213,10 @@ async def test_failed_attempts_are_throttled_and_logged_once(
             await asyncio.sleep(1.05)
             await h.start(h.sim("CP-1", password=CP1_KEY))
             assert h.central.refusals == {"wrong_password": 3, "throttled": 1}
+            # Every refusal reaches the audit hook, with who and why (never the password).
+            assert [reason for _, reason, _ in told] == ["wrong_password"] * 3 + ["throttled"]
+            assert all(source.startswith("ocpp:CP-1@127.0.0.1") for source, _, _ in told)
+            assert not any("ff" * 20 in detail for _, _, detail in told)
     lines = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 1  # four refusals of CP-1, one log line
     assert "CP-1" in lines[0].getMessage()

@@ -723,6 +723,8 @@ async def test_a_client_polling_far_too_fast_gets_429_and_others_are_still_serve
     session: aiohttp.ClientSession,
 ) -> None:
     server = Sep2Server(_config(requests_per_client_per_s=0.5, requests_per_client_burst=5))
+    told: list[tuple[str, str, str]] = []
+    server.on_refused = lambda *refusal: told.append(refusal)
     der = Sep2Der("bat-a", Sep2DerEndpoint(lfdi=LFDI_A), server=server, groups=("feeder:f1",))
     await der.connect()
     try:
@@ -737,5 +739,11 @@ async def test_a_client_polling_far_too_fast_gets_429_and_others_are_still_serve
         # Another client has its own quota: served while the first is held back.
         assert (await other.request("GET", "/dcap"))[0] == 200
         assert server.quotas.refused == {LFDI_A: 5}
+        assert told[0] == (f"sep2:{LFDI_A}", "rate_limited", "GET /dcap")
+        assert len(told) == 5
+        # Out of scope is told too: B asking for A's EndDevice.
+        told.clear()
+        await other.error("GET", "/edev/1", 403)
+        assert [(s, r) for s, r, _ in told] == [(f"sep2:{LFDI_B}", "forbidden")]
     finally:
         await server.stop()
