@@ -3,9 +3,10 @@
 The gateway's own control path (planner, closed loop, thermostat offset mapping, staggered
 release) over the in-process fleet of :mod:`simulators.vpp` (house and battery physics, noisy
 readings, dropouts). Each scenario runs without the command (the counterfactual) and with it,
-closed loop (the gateway as configured), open loop (``closed_loop = false``, every house
-released at the end at once: what the gateway did before the loop), and closed loop with the
-release spread over twice the event (``release_s``); delivered = with − without.
+closed loop (the gateway as configured: the release after the event paced on the measured
+rebound), open loop (``closed_loop = false``, every house released at the end at once: what the
+gateway did before the loop), and closed loop with the release on a fixed one-hour schedule
+instead (what it did before the release governor); delivered = with − without.
 
 Scenarios: a thermostat-only fleet and a mixed fleet (thermostats and batteries), each asked to
 shed a share of its baseline for ``--hours``; an import envelope at 85 % of a mixed feeder's
@@ -102,10 +103,9 @@ def dispatch_scenario(sc: Scenario) -> dict[str, Any]:
     }
     modes: tuple[tuple[str, dict[str, Any]], ...] = (
         ("open", {"closed_loop": False, "release_s": 0.0}),
+        # The release on a fixed schedule (one by one over an hour), as before the governor.
+        ("closed, 1 h schedule", {"govern_release": False, "release_s": 3600.0}),
         ("closed", {}),
-        # The rebound is the heat the houses stored: released over twice the event, it comes
-        # back at about half the rate it was shed.
-        ("closed, release 2x", {"release_s": 2 * sc.hours * 3600}),
     )
     for mode, kwargs in modes:
         samples = run(sc, [command], **kwargs)
@@ -261,7 +261,7 @@ def print_dispatch(title: str, r: dict[str, Any]) -> None:
         f"{'later':>6} "
         f"{'comfort':>8} {'reserve':>8}"
     )
-    for mode in ("open", "closed", "closed, release 2x"):
+    for mode in ("open", "closed, 1 h schedule", "closed"):
         x = r[mode]
         hourly = " / ".join(f"{v:.0f}" for v in x["hourly_kw"])
         print(
