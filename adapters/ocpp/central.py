@@ -60,6 +60,7 @@ from typing import Any, ClassVar, Final, Literal, Protocol
 from urllib.parse import unquote
 
 from ocpp.exceptions import (  # type: ignore[import-untyped]
+    FormatViolationError,
     OCPPError,
     PropertyConstraintViolationError,
     SecurityError,
@@ -506,6 +507,22 @@ def _call_error_frame(raw: str | bytes, exc: OCPPError, version: OcppVersion) ->
     return json.dumps([4, message_id, code, exc.description, details], separators=(",", ":"))
 
 
+def _unpack(raw: str | bytes) -> Any:
+    """The ``ocpp`` package's ``unpack``, raising :class:`OCPPError` for every frame that
+    cannot be routed: also JSON nested past the parser's limit (a ``RecursionError``) and a
+    CALL whose id or action is not a string (the package would look a list up as an action: a
+    ``TypeError``). Either would otherwise end the connection."""
+    try:
+        msg = unpack(raw)
+    except RecursionError:
+        raise FormatViolationError(details={"cause": "JSON nested too deeply"}) from None
+    if isinstance(msg, Call) and not (
+        isinstance(msg.unique_id, str) and isinstance(msg.action, str)
+    ):
+        raise FormatViolationError(details={"cause": "message id or action is not a string"})
+    return msg
+
+
 # --------------------------------------------------------------------------- sessions
 
 
@@ -544,7 +561,7 @@ class _Session:
 
     async def route_message(self, raw_msg: str | bytes) -> None:
         try:
-            msg = unpack(raw_msg)
+            msg = _unpack(raw_msg)
         except OCPPError as exc:
             log.warning("OCPP %s sent an unparseable frame: %s", self.id, exc)
             await self._send(_call_error_frame(raw_msg, exc, self.version))

@@ -577,6 +577,10 @@ class OpenAdrVtn:
             return self._refuse_http(request, 413, f"message larger than {limit} bytes")
         if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
             return self._refuse_http(request, 400, "XML with a DTD is not accepted")
+        if not request.headers.get("Content-Type", "").lower().startswith("application/xml"):
+            # openleadr means to answer 400 here, but its error class takes other arguments
+            # than it passes: a TypeError, and so an HTTP 500.
+            return self._refuse_http(request, 415, "Content-Type must be application/xml")
         tls = self.config.tls
         if tls is not None and tls.require_signatures and b"SignatureValue" not in body:
             # openleadr would fail on the missing signature with an HTTP 500: say what is wrong.
@@ -585,17 +589,29 @@ class OpenAdrVtn:
             refusal = self._check_registration(request, body)
             if refusal is not None:
                 return refusal
-        return await handler(request)
+        response = await handler(request)
+        if response.status == 500:
+            # openleadr answers 500 for anything its parser raises on, bad input included (a
+            # number of 5000 digits, a duration of 10^10 days). Read the message again, only
+            # here: if it does not decode, the fault is the sender's and it says why.
+            try:
+                decode(body, max_bytes=limit)
+            except OadrMessageError as exc:
+                return self._refuse_http(request, 400, "invalid message", detail=str(exc))
+        return response
 
-    def _refuse_http(self, request: web.Request, status: int, reason: str) -> web.Response:
+    def _refuse_http(
+        self, request: web.Request, status: int, reason: str, *, detail: str | None = None
+    ) -> web.Response:
         peer = _peer_fingerprint(request) or str(request.remote)
         if (peer, reason) not in self._refused_logged:  # a VEN retries every poll: say it once
             self._refused_logged.add((peer, reason))
-            log.warning("OpenADR VTN refused a request from %s: %s", peer, reason)
+            log.warning("OpenADR VTN refused a request from %s: %s", peer, detail or reason)
+        text = reason if detail is None else f"{reason}: {detail[:300]}"
         if self.on_refused is not None:
-            kind = "invalid" if status == 400 else "not_authorised"
-            self.on_refused(f"openadr-ven:{peer}", kind, reason)
-        return web.Response(status=status, text=reason, content_type="text/plain")
+            kind = "invalid" if status in (400, 413, 415) else "not_authorised"
+            self.on_refused(f"openadr-ven:{peer}", kind, text)
+        return web.Response(status=status, text=text, content_type="text/plain")
 
     def _check_registration(self, request: web.Request, body: bytes) -> web.Response | None:
         try:

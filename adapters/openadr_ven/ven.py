@@ -832,6 +832,8 @@ class OpenAdrVen:
                     self.config.report_max_period_s,
                 )
             back = max(back, granularity) if back > 0 else granularity
+            # A report back duration of millions of days is "never", not a date past 9999.
+            back = min(back, _NEVER_S)
             report = _ReportRequest(
                 request_id=str(request_id),
                 specifier_id=specifier_id,

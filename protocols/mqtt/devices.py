@@ -320,6 +320,10 @@ def _load(payload: bytes) -> Any:
         return json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DeviceMessageError("malformed_json", str(exc)) from None
+    except RecursionError:
+        # 16 kB of "[" is past the parser's recursion limit: bad input like any other, and an
+        # exception other than DeviceMessageError would end the link's receive task.
+        raise DeviceMessageError("malformed_json", "JSON nested too deeply") from None
 
 
 def _errors(exc: ValidationError) -> str:

@@ -137,6 +137,15 @@ def response_topic_problem(topic: str, prefix: str, own_root: str) -> str | None
     return None
 
 
+def _load_json(payload: bytes) -> Any:
+    """``json.loads``, with nesting too deep for the parser (a few hundred kB of ``[``) said as
+    the ``ValueError`` every other unparseable payload is, not a ``RecursionError``."""
+    try:
+        return json.loads(payload)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def decode_command(payload: bytes) -> Command:
     """Parse and validate one command; raise :class:`CommandDecodeError` with a precise reason."""
     if len(payload) > MAX_COMMAND_BYTES:
@@ -144,8 +153,8 @@ def decode_command(payload: bytes) -> Command:
             Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_COMMAND_BYTES}"
         )
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = _load_json(payload)
+    except ValueError as exc:
         raise CommandDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
     if not isinstance(raw, dict):
         raise CommandDecodeError(Reason.SCHEMA_VIOLATION, "a command must be a JSON object")
@@ -192,8 +201,8 @@ def decode_weather(payload: bytes) -> WeatherForecast:
             Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_WEATHER_BYTES}"
         )
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = _load_json(payload)
+    except ValueError as exc:
         raise WeatherDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
     if not isinstance(raw, dict):
         raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, "a weather forecast must be an object")

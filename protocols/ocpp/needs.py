@@ -56,7 +56,7 @@ def decode_data_transfer_needs(data: str | None) -> EvChargingNeeds:
     try:
         payload = json.loads(data or "")
         energy_wh = number(payload["energyAmountWh"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: "[[[[..."
         raise InvalidChargingNeeds("energyAmountWh", "missing") from None
     if energy_wh is None or energy_wh < 0:
         raise InvalidChargingNeeds("energyAmountWh", "invalid")
@@ -76,13 +76,16 @@ def decode_ev_charging_needs(charging_needs: Mapping[str, Any], *, phases: int) 
     """
     ac = charging_needs.get("ac_charging_parameters") or {}
     dc = charging_needs.get("dc_charging_parameters") or {}
+    if not isinstance(ac, Mapping) or not isinstance(dc, Mapping):
+        raise InvalidChargingNeeds("charging_parameters", "invalid")
     energy_wh = number(ac.get("energy_amount", dc.get("energy_amount")))
     if energy_wh is None or energy_wh < 0:
         raise InvalidChargingNeeds("energy_amount", "invalid")
     max_w = number(dc.get("ev_max_power"))
     if max_w is None and ac:
         amps, volts = number(ac.get("ev_max_current")), number(ac.get("ev_max_voltage"))
-        max_w = None if amps is None or volts is None else amps * volts * phases
+        # Two finite numbers may still multiply past any float: no maximum, then.
+        max_w = None if amps is None or volts is None else number(amps * volts * phases)
     return EvChargingNeeds(
         energy_kwh=energy_wh / 1000,
         departure=parse_time(charging_needs.get("departure_time")),

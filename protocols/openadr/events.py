@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -46,6 +46,7 @@ from unified.model import (
     Identifier,
     OperatingEnvelope,
     Target,
+    in_sane_range,
 )
 
 __all__ = [
@@ -361,7 +362,22 @@ def _time(value: object, where: str) -> datetime:
         raise _Malformed(f"{where} is not a date-time: {value!r}")
     if value.tzinfo is None:
         raise _Malformed(f"{where} has no time zone")
-    return value.astimezone(UTC)
+    utc = in_sane_range(value)
+    if utc is None:
+        raise _Malformed(f"{where} {value.isoformat()} is out of range")
+    return utc
+
+
+def _check_span(start: datetime, seconds: float, startafter_s: float, where: str) -> None:
+    """``start`` plus ``seconds`` plus up to ``startafter_s`` must be a sane time: the
+    reconciler adds durations and the startafter draw to event times, and a far-future start
+    or a duration of years overflows ``datetime`` (or a NaN one cannot be added at all)."""
+    try:
+        ends = [start + timedelta(seconds=s) for s in (seconds, seconds + max(startafter_s, 0.0))]
+    except (OverflowError, ValueError):
+        raise _Malformed(f"{where} does not end at a representable time") from None
+    if any(in_sane_range(end) is None for end in ends):
+        raise _Malformed(f"{where} ends out of range")
 
 
 def _number(value: object, where: str) -> float:
@@ -410,7 +426,7 @@ def _targets(raw: object) -> tuple[str, ...]:
     return tuple(sorted(set(out)))
 
 
-def _signal(raw: object, start: datetime, index: int) -> OadrSignal:
+def _signal(raw: object, start: datetime, index: int, startafter_s: float) -> OadrSignal:
     signal = _as_mapping(raw, f"event_signals[{index}]")
     name, kind = signal.get("signal_name"), signal.get("signal_type")
     if not isinstance(name, str) or not isinstance(kind, str):
@@ -432,6 +448,7 @@ def _signal(raw: object, start: datetime, index: int) -> OadrSignal:
             else cursor
         )
         duration = _seconds(interval.get("duration"), f"{where}.duration")
+        _check_span(begin, duration, startafter_s, where)
         payload = interval.get("signal_payload")
         if isinstance(payload, Mapping):
             payload = payload.get("value")
@@ -484,18 +501,21 @@ def parse_event(raw: object) -> OadrEvent | MalformedEvent:
             raise _Malformed("event has no signals")
         created = descriptor.get("created_date_time")
         priority = descriptor.get("priority", 0)
+        duration_s = _seconds(active.get("duration"), "active_period.duration")
+        startafter_s = _startafter(active)
+        _check_span(start, duration_s, startafter_s, "active_period")
         return OadrEvent(
             event_id=event_id,
             modification_number=mod,
             status=str(descriptor.get("event_status", EventStatus.NONE)),
             start=start,
-            duration_s=_seconds(active.get("duration"), "active_period.duration"),
-            signals=tuple(_signal(s, start, i) for i, s in enumerate(signals_raw)),
+            duration_s=duration_s,
+            signals=tuple(_signal(s, start, i, startafter_s) for i, s in enumerate(signals_raw)),
             targets=_targets(event.get("targets")),
             priority=priority if isinstance(priority, int) else 0,
             created=_time(created, "created_date_time") if created is not None else None,
             test_event=descriptor.get("test_event") not in (None, False, "false"),
-            startafter_s=_startafter(active),
+            startafter_s=startafter_s,
             ramp_up_s=_period(active, "ramp_up", "ramp_up_period"),
             recovery_s=_period(active, "recovery", "recovery_period"),
             response_required=required,
@@ -508,7 +528,7 @@ def parse_event(raw: object) -> OadrEvent | MalformedEvent:
 def parse_distribution(payload: Mapping[str, Any]) -> Distribution:
     """Read an ``oadrDistributeEvent`` payload as openleadr's ``parse_message`` returns it."""
     events = payload.get("events") or []
-    if isinstance(events, Mapping):
+    if not isinstance(events, list | tuple):  # one event, or something that is none
         events = [events]
     request_id = payload.get("request_id")
     vtn_id = payload.get("vtn_id")

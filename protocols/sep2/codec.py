@@ -59,6 +59,9 @@ M = TypeVar("M", bound=Sep2Model)
 _CSIPAUS_URIS: Final = (CSIPAUS_NS, CSIPAUS_V13_NS)
 _XSI_TYPE: Final = f"{{{XSI_NS}}}type"
 _INTEGER: Final = re.compile(r"^[+-]?[0-9]+$")
+_MAX_INTEGER_CHARS: Final = 64
+"""No 2030.5 integer is longer (UInt64 has 20 digits); a longer one is out of range without
+asking ``int()``, which refuses more than 4300 digits with a bare ``ValueError``."""
 # XML 1.0 forbids these characters outright; refuse to write them rather than emit bad XML.
 _FORBIDDEN_CHARS: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -196,6 +199,9 @@ def _parse_scalar(kind: _Scalar, text: str, path: str) -> int | bool | str:
         # Not int(): it accepts "1_000" and non-ASCII digits, which XSD integers do not.
         if not _INTEGER.match(stripped):
             raise InvalidValue(path, text, "not an integer")
+        if len(stripped) > _MAX_INTEGER_CHARS:
+            shown = f"{stripped[:24]}... ({len(stripped)} characters)"
+            raise InvalidValue(path, shown, "out of range")
         return int(stripped)
     if stripped in ("true", "1"):
         return True
