@@ -133,7 +133,7 @@ def _line(record: dict[str, Any]) -> str:
 
 @click.group()
 def audit() -> None:
-    """Query and verify the append-only audit log (docs/security-audit.md)."""
+    """Query and verify the append-only audit log (docs/security.md)."""
 
 
 @audit.command("show")

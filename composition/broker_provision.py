@@ -1,6 +1,6 @@
 """``derms-gateway broker provision``: the broker side of a deployment's identity model.
 
-Who may do what (docs/security-broker.md), with ``{root}`` = ``derms/v1/{gateway_id}``:
+Who may do what (docs/security.md), with ``{root}`` = ``derms/v1/{gateway_id}``:
 
 ============  ==========================================  ========================================
 identity      publishes                                   reads

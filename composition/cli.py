@@ -392,7 +392,7 @@ def broker_provision(
 ) -> None:
     """Write OUT_DIR: per broker a mosquitto.conf, ACL and password file; secrets/ (one 0600
     file per secret); gateway-snippet.toml. Only Grid DERMS may command, only the gateway may
-    answer, each device only its own topics, nobody anonymous (docs/security-broker.md)."""
+    answer, each device only its own topics, nobody anonymous (docs/security.md)."""
     from composition.broker_provision import AuthMode, ProvisionError, provision
     from composition.certs import load_ca
 

@@ -112,7 +112,7 @@ class HistoryConfig(Section):
 
 
 class AuditConfig(Section):
-    """``[audit]``: the append-only audit log (``gateway.audit``, ``docs/security-audit.md``):
+    """``[audit]``: the append-only audit log (``gateway.audit``, ``docs/security.md``):
     every command received, lifecycle step, device write and refusal, one JSON line each, in
     its own rotated files with a hash chain that ``derms-gateway audit verify`` checks."""
 

@@ -1,5 +1,5 @@
 """The append-only audit log: who commanded what, what the gateway did with it, and what it
-told each device (``docs/security-audit.md``).
+told each device (``docs/security.md``).
 
 :mod:`gateway.audit.trail` is the port the core and the uplinks record through,
 :mod:`gateway.audit.log` the writer, :mod:`gateway.audit.files` the format, reading and
