@@ -91,6 +91,7 @@ from adapters.ocpp.wire import WireLog, on_action
 from gateway.aio import raise_if_cancelling
 from gateway.devices import DeviceAdapter
 from gateway.ports import RefusalHook
+from gateway.quota import TokenBucket
 from protocols.ocpp import (
     NEEDS_MESSAGE_ID,
     NEEDS_VENDOR_ID,
@@ -168,6 +169,9 @@ _REFUSAL_TEXT: Final = {
 }
 _BASIC_CHALLENGE: Final = 'Basic realm="OCPP", charset="UTF-8"'
 _MAX_COUNTED_IDS: Final = 1024
+_RESPONSES_PER_S: Final = 5.0
+"""Answers a charger may send per second on average (one per call of ours; calls are serial)."""
+_RESPONSES_BURST: Final = 10
 
 
 # --------------------------------------------------------------------------- configuration
@@ -548,6 +552,8 @@ class _Session:
     call: Callable[..., Awaitable[Any]]
     start: Callable[[], Awaitable[None]]
     _connection: ServerConnection
+    _call_lock: asyncio.Lock
+    _response_queue: asyncio.Queue[Any]
 
     def __init__(self, central: OcppCentral, record: _Record, connection: ServerConnection) -> None:
         super().__init__(  # type: ignore[call-arg]  # the ocpp package's ChargePoint
@@ -558,6 +564,9 @@ class _Session:
         )
         self.central, self.record = central, record
         self.tasks, self._boot_requested = None, False
+        self._responses = TokenBucket(_RESPONSES_PER_S, _RESPONSES_BURST)
+        self.unsolicited = 0
+        """CALLRESULT / CALLERROR frames dropped: no call of ours waiting, or too many."""
 
     async def route_message(self, raw_msg: str | bytes) -> None:
         try:
@@ -567,12 +576,33 @@ class _Session:
             await self._send(_call_error_frame(raw_msg, exc, self.version))
             return
         self.record.last_seen = utcnow()
+        if not isinstance(msg, Call) and not self._response_awaited():
+            # The ocpp package queues every answer for the next call() to sift through (one
+            # level of recursion per stranger): answers nobody asked for would grow the queue
+            # without bound, and a flood during a call would recurse past Python's limit.
+            self.unsolicited += 1
+            if self.unsolicited == 1:
+                log.warning(
+                    "OCPP %s sent a response nobody was waiting for (dropped; further ones are "
+                    "dropped and counted silently)",
+                    self.id,
+                )
+            return
         if isinstance(msg, Call) and msg.action != "BootNotification" and not self.record.booted:
             error = SecurityError(description="BootNotification not accepted yet")
             await self._send(msg.create_call_error(error).to_json())
             self._request_boot()
             return
         await super().route_message(raw_msg)  # type: ignore[misc]
+
+    def _response_awaited(self) -> bool:
+        """A call of ours waits for its answer, none is queued yet, and the charger is within
+        its answers' rate."""
+        return (
+            self._call_lock.locked()
+            and self._response_queue.empty()
+            and self._responses.take(time.monotonic())
+        )
 
     def _request_boot(self) -> None:
         if self._boot_requested or self.tasks is None:

@@ -620,3 +620,23 @@ async def test_enrolled_charger_under_the_device_supervisor() -> None:
             task.cancel()
             async with asyncio.timeout(5):
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_answers_nobody_asked_for_are_dropped_not_queued() -> None:
+    async with running(central_config()) as h:
+        ws = await raw_client(h, "CP-1", "ocpp1.6")
+        try:
+            boot = {"chargePointVendor": "raw", "chargePointModel": "raw"}
+            reply = await exchange(ws, json.dumps([2, "boot-1", "BootNotification", boot]))
+            assert reply[2]["status"] == "Accepted"
+            for k in range(2_000):  # the ocpp package would queue each for a call to sift
+                await ws.send(json.dumps([3, f"nobody-{k}", {"status": "Accepted"}]))
+                await ws.send(json.dumps([4, f"nobody-e{k}", "GenericError", "", {}]))
+            reply = await exchange(ws, '[2,"hb-1","Heartbeat",{}]')
+            assert reply[:2] == [3, "hb-1"]  # the connection lives and answers in order
+            session = h.central._records["CP-1"].session
+            assert session is not None
+            assert session.unsolicited == 4_000
+            assert session._response_queue.empty()
+        finally:
+            await ws.close()
