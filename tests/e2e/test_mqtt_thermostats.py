@@ -181,7 +181,9 @@ async def test_group_dispatch_sheds_thermostat_load_then_it_rebounds(
                 )
 
         await grid.wait_for_state("shed-ac", AckState.COMPLETED, 5)
-        held_at_end = sum(1 for sim in sims if sim.device.offset_c > 0)
+        completed_at = time.monotonic()
+        held = {sim.device.device_id for sim in sims if sim.device.offset_c > 0}
+        held_at_end = len(held)
         released_at: dict[str, float] = {}
 
         def track_releases() -> bool:
@@ -196,9 +198,11 @@ async def test_group_dispatch_sheds_thermostat_load_then_it_rebounds(
             rebound.append(load_kw())
             await asyncio.sleep(0.05)
         assert track_releases()  # all released within release_s
-        # Not all at once: those still held at the end go one after another.
+        # Not at the end: those still held are let go as the measured rebound leaves room, each
+        # a control period or more after the end (released with the end, they would all pay
+        # their heat back at once).
         assert held_at_end > 1
-        assert max(released_at.values()) - min(released_at.values()) > 0.5, released_at
+        assert min(released_at[d] for d in held) >= completed_at + 0.1, (completed_at, released_at)
         rebound += await mean_load(1.0)
         assert max(rebound) > baseline, (baseline, max(rebound))  # the stored heat comes back
 
