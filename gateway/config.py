@@ -223,6 +223,13 @@ class DeliveryConfig(Section):
         "rise above their pre-event baseline stays under this fraction of the request",
     )
 
+    compliance_interval_s: int = Field(
+        default=300,
+        ge=10,
+        le=3600,
+        description="Interval of an envelope's compliance report (held or not, by its mean)",
+    )
+
     def tuning(self) -> DeliveryTuning:
         return DeliveryTuning(
             smoothing_s=self.smoothing_s,

@@ -190,6 +190,7 @@ class Gateway:
         """Ended dispatches whose thermal loads are still being released, paced on the measured
         rebound (by command id)."""
         self._watches: dict[str, EnvelopeWatch] = {}
+        self._watched: dict[str, OperatingEnvelope] = {}
         """How each envelope in force holds at the meter (by command id)."""
         """The closed loop of each running dispatch (by command id)."""
         self.history: ReadingHistory | None = None
@@ -800,17 +801,22 @@ class Gateway:
         """Each envelope in force against its group's measured net power (what the last plan
         left it to hold)."""
         previous = self.plan
-        for cid in [c for c in self._watches if c not in previous.envelopes]:
-            del self._watches[cid]
-        acting: dict[str, int] = {}
-        for setpoint in previous.setpoints.values():
+        in_force = {
+            e.command.command_id: e.command
+            for e in self.book.active(now)
+            if isinstance(e.command, OperatingEnvelope)
+        }
+        for cid in [c for c in self._watches if c not in in_force]:
+            self._envelope_ended(cid, self._watches.pop(cid), now)
+        acting: dict[str, set[str]] = {}
+        for device_id, setpoint in previous.setpoints.items():
             for source in {s.command_id for s in setpoint.provenance if s.kind == "envelope"}:
-                acting[source] = acting.get(source, 0) + 1
+                acting.setdefault(source, set()).add(device_id)
         out: dict[str, EnvelopeCompliance] = {}
-        for entry in self.book.active(now):
-            command = entry.command
-            cid = command.command_id
-            if not isinstance(command, OperatingEnvelope) or cid not in previous.envelopes:
+        for cid, command in in_force.items():
+            if cid not in previous.envelopes:
+                if cid in self._watches:
+                    self._watches[cid].pause()  # between two of its intervals
                 continue
             measured, reporting = 0.0, 0
             for device in dispatch.target_devices(self.registry, command.target):
@@ -820,11 +826,46 @@ class Gateway:
                     reporting += 1
                 else:
                     measured += self._autonomous_kw.get(device.device_id, 0.0)
-            watch = self._watches.setdefault(cid, EnvelopeWatch())
+            watch = self._watches.get(cid)
+            if watch is None:
+                watch = self._watches[cid] = EnvelopeWatch(
+                    interval_s=self.config.delivery.compliance_interval_s
+                )
+                self._watched[cid] = command
             out[cid] = watch.update(
-                now, previous.envelopes[cid], measured, reporting, acting.get(cid, 0)
+                now, previous.envelopes[cid], measured, reporting, acting.get(cid, set())
             )
         return out
+
+    def _envelope_ended(self, cid: str, watch: EnvelopeWatch, now: datetime) -> None:
+        """An envelope has ended (or was cancelled or superseded): its compliance report goes
+        northbound, retained, and into the history file beside the dispatches' reports."""
+        command = self._watched.pop(cid, None)
+        if command is None:
+            return
+        report = watch.report(command, now)
+        payload = report.model_dump_json().encode()
+        self.publisher.performance_report(cid, payload)
+        log.info(
+            "envelope %s: %d of %d intervals held, worst excursion %.3f kW, %d device(s) acted",
+            cid,
+            report.intervals_held,
+            report.intervals_total,
+            report.worst_excursion_kw,
+            report.devices_acted_count,
+        )
+        if self.history is not None and self._tasks is not None:
+            self._tasks.create_task(
+                self._save_report(cid, now, payload.decode()), name=f"envelope-report:{cid}"
+            )
+
+    async def _save_report(self, cid: str, generated_at: datetime, payload: str) -> None:
+        assert self.history is not None
+        try:
+            async with asyncio.timeout(self.config.history.io_timeout_s):
+                await self.history.save_report(cid, generated_at, payload)
+        except (HistoryError, TimeoutError):  # published already; a request will not find it
+            log.exception("could not store the compliance report of envelope %s", cid)
 
     def _close_loops(
         self, now: datetime, states: Mapping[str, DeviceState | None]

@@ -32,10 +32,17 @@ from __future__ import annotations
 import math
 from collections.abc import Container, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from gateway.dispatch import Plan, corrected
-from unified.model import Delivery, DeviceState, EnvelopeCompliance
+from unified.model import (
+    ComplianceInterval,
+    Delivery,
+    DeviceState,
+    EnvelopeCompliance,
+    EnvelopeReport,
+    OperatingEnvelope,
+)
 
 __all__ = [
     "BaselineTracker",
@@ -403,14 +410,31 @@ def govern_releases(
 
 
 @dataclass(slots=True)
+class _Bucket:
+    start: datetime
+    limits: tuple[float | None, float | None]
+    seconds: float = 0.0
+    kw_seconds: float = 0.0
+    seconds_outside: float = 0.0
+    max_kw: float = -math.inf
+    min_kw: float = math.inf
+    readings_kw: float = 0.0
+    readings: int = 0
+
+
+@dataclass(slots=True)
 class EnvelopeWatch:
     """One envelope's compliance at the meter: the group's measured net power against its
-    limits, period by period (what the ack reports while it runs and when it ends)."""
+    limits, period by period (what the ack reports while it runs), and interval by interval
+    with the devices that acted (the report published when it ends: :meth:`report`)."""
 
     tolerance: float = 0.02
+    interval_s: int = 300
     seconds_in_force: float = 0.0
     seconds_outside: float = 0.0
     worst_excursion_kw: float = 0.0
+    acted: set[str] = field(default_factory=set)
+    _buckets: dict[datetime, _Bucket] = field(default_factory=dict)
     _last: datetime | None = None
 
     def shift(self, by: timedelta) -> None:
@@ -418,36 +442,112 @@ class EnvelopeWatch:
         if self._last is not None:
             self._last += by
 
+    def pause(self) -> None:
+        """No limit in force now (a gap between the envelope's intervals): the time until the
+        next :meth:`update` is not counted."""
+        self._last = None
+
     def update(
         self,
         now: datetime,
         limits: tuple[float | None, float | None],
         measured_kw: float,
         reporting: int,
-        acting: int,
+        acting: int | set[str],
     ) -> EnvelopeCompliance:
         imp, exp = limits
         dt = 0.0 if self._last is None else max(0.0, (now - self._last).total_seconds())
         self._last = now
-        excess = 0.0
-        if imp is not None:
-            excess = max(excess, measured_kw - imp)
-        if exp is not None:
-            excess = max(excess, -measured_kw - exp)
-        bound = min(x for x in (imp, exp, math.inf) if x is not None)
-        outside = excess > max(self.tolerance * bound, _EPS) if math.isfinite(bound) else False
+        excess = _excess(measured_kw, limits)
+        outside = self._outside(excess, limits)
         self.seconds_in_force += dt
         if outside:
             self.seconds_outside += dt
         self.worst_excursion_kw = max(self.worst_excursion_kw, excess)
+        if isinstance(acting, set):
+            self.acted |= acting
+        bucket_start = _floor(now, self.interval_s)
+        bucket = self._buckets.get(bucket_start)
+        if bucket is None:
+            bucket = self._buckets[bucket_start] = _Bucket(bucket_start, limits)
+        bucket.limits = limits  # the latest in force (an interval boundary moves them)
+        bucket.seconds += dt
+        bucket.kw_seconds += measured_kw * dt
+        bucket.readings_kw += measured_kw
+        bucket.readings += 1
+        bucket.max_kw = max(bucket.max_kw, measured_kw)
+        bucket.min_kw = min(bucket.min_kw, measured_kw)
+        if outside:
+            bucket.seconds_outside += dt
         return EnvelopeCompliance(
             import_limit_kw=imp,
             export_limit_kw=exp,
             measured_kw=round(measured_kw, 3),
             devices_reporting=reporting,
-            devices_acting=acting,
+            devices_acting=acting if isinstance(acting, int) else len(acting),
             seconds_in_force=round(self.seconds_in_force, 1),
             seconds_outside=round(self.seconds_outside, 1),
             worst_excursion_kw=round(self.worst_excursion_kw, 3),
             outside=outside,
         )
+
+    def _outside(self, excess: float, limits: tuple[float | None, float | None]) -> bool:
+        bound = min(x for x in (*limits, math.inf) if x is not None)
+        return excess > max(self.tolerance * bound, _EPS) if math.isfinite(bound) else False
+
+    def report(self, command: OperatingEnvelope, generated_at: datetime) -> EnvelopeReport:
+        """The compliance report of an envelope that has ended."""
+        intervals = []
+        for start in sorted(self._buckets):
+            bucket = self._buckets[start]
+            if bucket.seconds > 0:
+                mean = bucket.kw_seconds / bucket.seconds
+            else:  # one reading only (the envelope's first or last period)
+                mean = bucket.readings_kw / max(1, bucket.readings)
+            intervals.append(
+                ComplianceInterval(
+                    start=start,
+                    end=start + timedelta(seconds=self.interval_s),
+                    import_limit_kw=bucket.limits[0],
+                    export_limit_kw=bucket.limits[1],
+                    mean_measured_kw=round(mean, 3),
+                    max_measured_kw=round(bucket.max_kw, 3),
+                    min_measured_kw=round(bucket.min_kw, 3),
+                    seconds_measured=round(bucket.seconds, 1),
+                    seconds_outside=round(bucket.seconds_outside, 1),
+                    held=not self._outside(_excess(mean, bucket.limits), bucket.limits),
+                )
+            )
+        acted = sorted(self.acted)
+        return EnvelopeReport(
+            command_id=command.command_id,
+            target=command.target,
+            start=command.start,
+            end=command.end,
+            generated_at=generated_at,
+            interval_s=self.interval_s,
+            tolerance=self.tolerance,
+            intervals=tuple(intervals),
+            intervals_total=len(intervals),
+            intervals_held=sum(1 for i in intervals if i.held),
+            seconds_in_force=round(self.seconds_in_force, 1),
+            seconds_outside=round(self.seconds_outside, 1),
+            worst_excursion_kw=round(self.worst_excursion_kw, 3),
+            devices_acted=tuple(acted[:1000]),
+            devices_acted_count=len(acted),
+        )
+
+
+def _excess(measured_kw: float, limits: tuple[float | None, float | None]) -> float:
+    imp, exp = limits
+    excess = 0.0
+    if imp is not None:
+        excess = max(excess, measured_kw - imp)
+    if exp is not None:
+        excess = max(excess, -measured_kw - exp)
+    return excess
+
+
+def _floor(when: datetime, interval_s: int) -> datetime:
+    seconds = when.timestamp()
+    return datetime.fromtimestamp(seconds - seconds % interval_s, UTC)

@@ -25,7 +25,14 @@ from paho.mqtt.properties import Properties
 from gateway.aio import raise_if_cancelling
 from gateway.flex import PerformanceReport
 from protocols.mqtt import Topics
-from unified.model import Ack, AckState, ErrorMessage, GatewayStatus, GroupTelemetry
+from unified.model import (
+    Ack,
+    AckState,
+    EnvelopeReport,
+    ErrorMessage,
+    GatewayStatus,
+    GroupTelemetry,
+)
 
 
 @dataclass
@@ -38,6 +45,8 @@ class Observed:
     status: GatewayStatus | None = None
     replies: list[tuple[str, bytes | None, Ack]] = field(default_factory=list)
     performance: dict[str, PerformanceReport] = field(default_factory=dict)
+    envelopes: dict[str, EnvelopeReport] = field(default_factory=dict)
+    """Envelope compliance reports (same topic as the dispatches' performance reports)."""
 
 
 class GridDermsClient:
@@ -168,8 +177,12 @@ class GridDermsClient:
             if self._on_error:
                 self._on_error(error)
         elif topic.startswith(f"{root}/performance/"):
-            report = PerformanceReport.model_validate_json(payload)
-            self.observed.performance[report.command_id] = report
+            if b'"envelope_compliance"' in payload:
+                envelope = EnvelopeReport.model_validate_json(payload)
+                self.observed.envelopes[envelope.command_id] = envelope
+            else:
+                report = PerformanceReport.model_validate_json(payload)
+                self.observed.performance[report.command_id] = report
         elif topic == f"{root}/status":
             self.observed.status = GatewayStatus.model_validate_json(payload)
         elif topic.startswith(f"{root}/telemetry/groups/"):

@@ -513,6 +513,47 @@ class EnvelopeCompliance(Frozen):
     outside: bool = Field(description="Outside a limit beyond tolerance now")
 
 
+class ComplianceInterval(Frozen):
+    """One interval of an envelope's compliance report: the measured net power against the
+    limits in force (time-weighted over the control periods that fell in it)."""
+
+    start: UtcDatetime
+    end: UtcDatetime
+    import_limit_kw: float | None = None
+    export_limit_kw: float | None = None
+    mean_measured_kw: float
+    max_measured_kw: float
+    min_measured_kw: float
+    seconds_measured: float = Field(ge=0)
+    seconds_outside: float = Field(ge=0)
+    held: bool = Field(description="The interval's mean was inside every limit (+ tolerance)")
+
+
+class EnvelopeReport(Frozen):
+    """What an envelope did, once it has ended: its compliance interval by interval, the worst
+    excursion, and which devices acted to hold it (``performance/{command_id}``, retained)."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    type: Literal["envelope_compliance"] = "envelope_compliance"
+    command_id: Identifier
+    target: Target
+    start: UtcDatetime
+    end: UtcDatetime
+    generated_at: UtcDatetime
+    interval_s: int = Field(gt=0)
+    tolerance: float = Field(ge=0, description="Share of the limit an excess must pass to count")
+    intervals: tuple[ComplianceInterval, ...]
+    intervals_total: int = Field(ge=0)
+    intervals_held: int = Field(ge=0)
+    seconds_in_force: float = Field(ge=0)
+    seconds_outside: float = Field(ge=0)
+    worst_excursion_kw: float = Field(ge=0)
+    devices_acted: tuple[str, ...] = Field(
+        description="Devices the envelope held at some time (sorted; the first 1,000)"
+    )
+    devices_acted_count: int = Field(ge=0)
+
+
 class Ack(Frozen):
     schema_version: Literal["1"] = SCHEMA_VERSION
     command_id: Identifier
@@ -646,6 +687,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         "device_telemetry": DeviceTelemetry,
         "group_telemetry": GroupTelemetry,
         "status": GatewayStatus,
+        "envelope_report": EnvelopeReport,
         "device": Device,
         "group": Group,
         "reading": Reading,

@@ -183,6 +183,17 @@ async def test_envelope_clips_a_dispatch(fleet: Fleet) -> None:
     await fleet.grid.send({"type": "cancel", "command_id": "c-d2", "cancels": "d2"})
     await fleet.grid.wait_for_state("d2", AckState.CANCELLED, 5)
     await eventually(lambda: abs(fleet.feeder_power_kw("f2")) < 0.01, 3, "f2 released on cancel")
+    # Once the envelope ends, its compliance report: interval by interval, who acted.
+    await fleet.grid.send({"type": "cancel", "command_id": "c-doe", "cancels": "doe"})
+    await fleet.grid.wait_for(lambda o: "doe" in o.envelopes, 5)
+    report = fleet.grid.observed.envelopes["doe"]
+    assert report.intervals_total >= 1
+    assert report.intervals_held == report.intervals_total
+    assert report.seconds_outside == 0
+    assert report.seconds_in_force >= 1.0
+    assert set(report.devices_acted) == {"bat-2", "bat-4"}  # the f2 batteries it clipped
+    assert all(i.export_limit_kw == 2.5 for i in report.intervals)
+    assert min(i.min_measured_kw for i in report.intervals) >= -2.5 - 0.1
 
 
 async def test_restart_mid_command_resumes_it(fleet: Fleet) -> None:

@@ -14,7 +14,7 @@ from gateway.delivery import (
     EnvelopeWatch,
     ReleaseGovernor,
 )
-from unified.model import DeviceState
+from unified.model import DeviceState, EnvelopeInterval, OperatingEnvelope, Target
 
 NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 TUNING = DeliveryTuning(smoothing_s=60.0, integral_s=300.0, settle_s=300.0)
@@ -153,3 +153,45 @@ def test_release_governor_counts_a_released_house_until_it_is_seen_running() -> 
     stuck = governor.allowance(later + timedelta(seconds=60), off, {"t2": 3.0})
     gone = governor.allowance(later + timedelta(seconds=60 + governor.pending_s + 30), off)
     assert gone > stuck
+
+
+def test_envelope_report_says_interval_by_interval_whether_it_held_and_who_acted() -> None:
+    envelope = OperatingEnvelope(
+        command_id="cap",
+        target=Target(group_id="feeder:f1"),
+        intervals=(
+            EnvelopeInterval(start=NOW, end=NOW + timedelta(minutes=10), import_limit_kw=100.0),
+            EnvelopeInterval(
+                start=NOW + timedelta(minutes=20),
+                end=NOW + timedelta(minutes=25),
+                import_limit_kw=80.0,
+            ),
+        ),
+    )
+    watch = EnvelopeWatch(interval_s=300)
+    # First 5 minutes held at 99 kW by b1; the next 5 at 110 kW (outside), b2 joins.
+    for k in range(31):
+        watch.update(NOW + timedelta(seconds=10 * k), (100.0, None), 99.0, 3, {"b1"})
+    for k in range(31, 60):
+        watch.update(NOW + timedelta(seconds=10 * k), (100.0, None), 110.0, 3, {"b1", "b2"})
+    watch.pause()  # a gap of ten minutes without a limit: not counted
+    for k in range(120, 150):
+        watch.update(NOW + timedelta(seconds=10 * k), (80.0, None), 79.0, 3, set())
+    report = watch.report(envelope, NOW + timedelta(minutes=26))
+    assert [i.held for i in report.intervals] == [True, False, True]
+    assert [i.start for i in report.intervals] == [
+        NOW,
+        NOW + timedelta(minutes=5),
+        NOW + timedelta(minutes=20),
+    ]
+    first, second, third = report.intervals
+    assert first.mean_measured_kw == pytest.approx(99.0)
+    assert second.mean_measured_kw == pytest.approx(110.0, abs=0.5)
+    assert second.seconds_outside == pytest.approx(290.0)
+    assert third.import_limit_kw == 80.0
+    assert report.seconds_in_force == pytest.approx(590 + 290)  # the gap is not counted
+    assert report.worst_excursion_kw == pytest.approx(10.0)
+    assert (report.intervals_total, report.intervals_held) == (3, 2)
+    assert report.devices_acted == ("b1", "b2")
+    assert report.start == NOW
+    assert report.end == NOW + timedelta(minutes=25)
