@@ -216,6 +216,7 @@ async def test_forecast_baseline_comes_from_history_at_the_same_time_of_day(
     config = parse_config(
         {
             "store": {"path": str(tmp_path / "gw.sqlite")},
+            "settlement": {"timezone": "UTC"},
             "history": {"interval_s": 300},
             "device_mqtt": {},
             "devices": [
@@ -268,6 +269,7 @@ def _gateway_config(tmp_path: Path) -> GatewayConfig:
     return parse_config(
         {
             "store": {"path": str(tmp_path / "gw.sqlite")},
+            "settlement": {"timezone": "UTC"},
             "history": {"interval_s": 60},
             "devices": [
                 {
