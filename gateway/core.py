@@ -617,6 +617,11 @@ class Gateway:
                 {d: event_days(event.start, event.end, calendar) for d in event.devices},
             )
             histories = await history.histories(event.devices, from_epoch(since), end, grid)
+            # The settlement window again on the buckets' grid: the part of a partial interval
+            # inside the event is then metered exactly (an event at 16:10 on hourly baselines).
+            metered = None
+            if grid > history.interval_s:
+                metered = await history.histories(event.devices, start, end)
             days = await history.event_days(from_epoch(since).date(), excluding=event.command_id)
         report = await asyncio.to_thread(
             settle_event,
@@ -626,6 +631,7 @@ class Gateway:
             generated_at=utcnow(),
             config=settlement.baseline,
             fallback_window_s=settlement.fallback_window_s,
+            metered=metered,
         )
         payload = report.model_dump_json(exclude_none=True).encode()
         async with asyncio.timeout(timeout):
