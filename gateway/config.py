@@ -195,6 +195,14 @@ class SettlementConfig(Section):
         le=86_400,
         description="Without enough similar days: mean of this long before the event (flagged)",
     )
+    report_retention_days: float = Field(
+        default=90.0,
+        ge=1,
+        le=3660,
+        description="Performance reports generated longer ago are deleted from the history "
+        "file (Grid DERMS must have fetched its copy by then: published retained when made, "
+        "served on requests/performance until then)",
+    )
 
     @model_validator(mode="after")
     def _known_zones(self) -> SettlementConfig:

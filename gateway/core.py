@@ -198,6 +198,7 @@ class Gateway:
                 config.history.resolved_path(config.store.path),
                 interval_s=config.history.interval_s,
                 retention_days=config.history.retention_days,
+                report_retention_days=config.settlement.report_retention_days,
                 max_pending=config.history.max_pending,
             )
         self._was_active: set[str] = set()
