@@ -528,6 +528,7 @@ def gateway_config(port: int, n: int, interval: float, gateway_id: str, store: P
             "gateway_id": gateway_id,
             "broker": {"host": HOST, "port": port, "protocol": "5"},
             "store": {"path": str(store)},
+            "settlement": {"timezone": "UTC"},
             "timing": {
                 "poll_interval_s": interval / 2,
                 "control_period_s": 1.0,

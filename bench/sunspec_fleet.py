@@ -293,6 +293,7 @@ def gateway_config(
             "gateway_id": f"bench-{uuid.uuid4().hex[:8]}",
             "broker": {"host": HOST, "port": broker_port, "protocol": "5"},
             "store": {"path": str(store)},
+            "settlement": {"timezone": "UTC"},
             "timing": {
                 "poll_interval_s": poll_s,
                 "control_period_s": control_s,

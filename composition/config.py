@@ -170,6 +170,18 @@ class GatewayConfig(CoreConfig):
                 f"settlement.baseline.interval_s ({self.settlement.baseline.interval_s}) must be "
                 f"a multiple of history.interval_s ({self.history.interval_s})"
             )
+        settlement = self.settlement
+        if (
+            settlement.enabled
+            and self.history.enabled
+            and settlement.timezone is None
+            and not settlement.group_timezones
+        ):
+            problems.append(
+                "settlement.timezone is required when settlement is on: baselines compare local "
+                'calendar days and clock hours (set e.g. timezone = "America/Los_Angeles", or '
+                "group_timezones per group, or settlement.enabled = false)"
+            )
         group_ids = [g.group_id for g in self.groups]
         if len(set(group_ids)) != len(group_ids):
             problems.append("group_id values are not unique")

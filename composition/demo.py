@@ -114,6 +114,7 @@ def demo_config(
         # no history yet, against the pre-event mean, flagged as such).
         "history": {"interval_s": 1},
         "settlement": {
+            "timezone": "UTC",
             "baseline": {"interval_s": 2, "adjustment_offset_s": 0, "lookback_days": 1},
             "delay_s": 1.0,
             "fallback_window_s": 4,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -151,12 +152,36 @@ class AuditConfig(Section):
         return store.with_name(f"{store.stem}-audit")
 
 
+def _check_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name: 'America/New_York')") from None
+    return name
+
+
 class SettlementConfig(Section):
-    """``[settlement]``: a performance report after every dispatch that ran (needs history)."""
+    """``[settlement]``: a performance report after every dispatch that ran (needs history).
+
+    Baselines compare clock hours of local calendar days, so the zone is not optional: with
+    settlement on, ``timezone`` or ``group_timezones`` must be given (a configuration error
+    otherwise: there is no silent UTC, which would settle a Friday 16:00 Pacific event as a
+    Saturday)."""
 
     enabled: bool = True
     baseline: BaselineConfig = BaselineConfig()
-    timezone: str = Field(default="UTC", description="IANA zone whose calendar days count")
+    timezone: str | None = Field(
+        default=None,
+        description="IANA zone whose calendar days and clock hours baselines compare "
+        "(e.g. 'America/Los_Angeles'); required with settlement on unless group_timezones "
+        "covers every dispatched group",
+    )
+    group_timezones: dict[Identifier, str] = Field(
+        default_factory=dict,
+        description="Zone per group id ('substation:north', 'feeder:f7', a named group) for "
+        "groups in another zone than 'timezone': a dispatch takes its target group's zone, "
+        "else the zone its devices' groups agree on, else 'timezone'",
+    )
     holidays: tuple[date, ...] = Field(default=(), description="Days settled like weekends")
     delay_s: float = Field(
         default=60.0,
@@ -170,14 +195,33 @@ class SettlementConfig(Section):
         le=86_400,
         description="Without enough similar days: mean of this long before the event (flagged)",
     )
+    report_retention_days: float = Field(
+        default=90.0,
+        ge=1,
+        le=3660,
+        description="Performance reports generated longer ago are deleted from the history "
+        "file (Grid DERMS must have fetched its copy by then: published retained when made, "
+        "served on requests/performance until then)",
+    )
 
     @model_validator(mode="after")
-    def _known_zone(self) -> SettlementConfig:
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {self.timezone!r}") from None
+    def _known_zones(self) -> SettlementConfig:
+        if self.timezone is not None:
+            _check_zone(self.timezone)
+        for group_id, zone in self.group_timezones.items():
+            try:
+                _check_zone(zone)
+            except ValueError as exc:
+                raise ValueError(f"group_timezones[{group_id!r}]: {exc}") from None
         return self
+
+    def zone_for(self, group_ids: Sequence[str]) -> ZoneInfo | None:
+        """The zone of a dispatch: the first of ``group_ids`` (its target group, then the
+        groups its devices are in) with a zone of its own, else ``timezone``; None: neither."""
+        for group_id in group_ids:
+            if group_id in self.group_timezones:
+                return ZoneInfo(self.group_timezones[group_id])
+        return None if self.timezone is None else ZoneInfo(self.timezone)
 
 
 class DeliveryConfig(Section):

@@ -199,6 +199,7 @@ class Gateway:
                 config.history.resolved_path(config.store.path),
                 interval_s=config.history.interval_s,
                 retention_days=config.history.retention_days,
+                report_retention_days=config.settlement.report_retention_days,
                 max_pending=config.history.max_pending,
             )
         self._was_active: set[str] = set()
@@ -436,13 +437,46 @@ class Gateway:
             except ValidationError as exc:
                 log.warning("stored weather forecast for %s is unusable: %s", scope, exc)
 
-    def _calendar(self, device_event_days: Mapping[str, frozenset[Any]]) -> EventCalendar:
+    def _calendar(
+        self, device_event_days: Mapping[str, frozenset[Any]], tz: ZoneInfo | None = None
+    ) -> EventCalendar:
         settlement = self.config.settlement
+        # Forecasts only sort days into types; without a settlement zone they use UTC's.
+        zone = tz or settlement.zone_for(()) or ZoneInfo("UTC")
         return EventCalendar(
             holidays=frozenset(settlement.holidays),
-            tz=ZoneInfo(settlement.timezone),
+            tz=zone,
             device_event_days=dict(device_event_days),
         )
+
+    def settlement_zone(self, event: EventToSettle) -> ZoneInfo:
+        """The time zone whose days and clock hours settle ``event``: its target group's
+        (``[settlement] group_timezones``), else the one zone its devices' groups agree on,
+        else ``[settlement] timezone``; :class:`CoreError` when none applies."""
+        settlement = self.config.settlement
+        if event.group_id is not None and event.group_id in settlement.group_timezones:
+            return ZoneInfo(settlement.group_timezones[event.group_id])
+        default = settlement.zone_for(())
+        zoned = [
+            g for g in self.registry.groups().values() if g.group_id in settlement.group_timezones
+        ]
+        zones: set[str | None] = set()
+        for device_id in event.devices:
+            if device_id in self.registry:
+                device = self.registry.device(device_id)
+                own = {settlement.group_timezones[g.group_id] for g in zoned if g.contains(device)}
+                zones.update(own or {None if default is None else default.key})
+        if len(zones) == 1 and (only := zones.pop()) is not None:
+            return ZoneInfo(only)
+        if default is None:
+            raise CoreError(
+                Reason.INTERNAL,
+                f"no settlement time zone for {event.group_id or event.command_id!r}: neither "
+                "[settlement] group_timezones (one zone for the target group or all its devices) "
+                "nor [settlement] timezone gives one",
+                command_id=event.command_id,
+            )
+        return default
 
     async def refresh_flex_history(self, now: datetime) -> int:
         """Read each device's hourly (``[flex] interval_s``) history for the forecasts.
@@ -573,24 +607,33 @@ class Gateway:
         grid = settlement.baseline.interval_s
         since = epoch_s(history_span(start, settlement.baseline, settlement.fallback_window_s))
         since = math.floor(since / grid) * grid
-        calendar = self._calendar({})
-        took_part = [d for d in event.devices if d in event.allocations] or list(event.devices)
+        zone = self.settlement_zone(event)
+        calendar = self._calendar({}, zone)
         async with asyncio.timeout(timeout + self._history_read_timeout(len(event.devices))):
             await history.flush()  # the event's last readings may still be buffered
+            # Every device the event concerned, allocated or not: a called device's day is not
+            # a normal day for its baseline (it may have been held, pre-conditioned, or only
+            # waiting to be used), so later baselines must not take it as a similar day.
             await history.add_event_days(
                 event.command_id,
-                {d: event_days(event.start, event.end, calendar) for d in took_part},
+                {d: event_days(event.start, event.end, calendar) for d in event.devices},
             )
             histories = await history.histories(event.devices, from_epoch(since), end, grid)
+            # The settlement window again on the buckets' grid: the part of a partial interval
+            # inside the event is then metered exactly (an event at 16:10 on hourly baselines).
+            metered = None
+            if grid > history.interval_s:
+                metered = await history.histories(event.devices, start, end)
             days = await history.event_days(from_epoch(since).date(), excluding=event.command_id)
         report = await asyncio.to_thread(
             settle_event,
             event,
             histories,
-            self._calendar(days),
+            self._calendar(days, zone),
             generated_at=utcnow(),
             config=settlement.baseline,
             fallback_window_s=settlement.fallback_window_s,
+            metered=metered,
         )
         payload = report.model_dump_json(exclude_none=True).encode()
         async with asyncio.timeout(timeout):

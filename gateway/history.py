@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.flex.baseline import DeviceHistory, epoch_s, from_epoch
-from gateway.store import SqliteStore, StoreError, store_errors
+from gateway.store import SqliteStore, StoreError, pack, store_errors, unpack
 from unified.model import utcnow
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class ReadingHistory(SqliteStore):
         *,
         interval_s: int = 300,
         retention_days: float = 60.0,
+        report_retention_days: float = 400.0,
         max_pending: int = 200_000,
     ) -> None:
         super().__init__(path)
@@ -195,6 +196,7 @@ class ReadingHistory(SqliteStore):
             raise ValueError("interval_s must divide 3600")
         self.interval_s = interval_s
         self.retention_days = retention_days
+        self.report_retention_days = report_retention_days
         self.max_pending = max_pending
         self._pending: dict[tuple[str, int], _Bucket] = {}
         self._write_lock = asyncio.Lock()
@@ -294,14 +296,22 @@ class ReadingHistory(SqliteStore):
 
     @_translated
     async def prune(self, now: datetime) -> int:
-        """Delete buckets and event days older than the retention; returns buckets deleted."""
+        """Delete buckets and event days older than the retention, and performance reports
+        generated longer ago than the report retention; returns buckets deleted."""
         cutoff = epoch_s(now) - self.retention_days * _DAY_S
+        reports_cutoff = from_epoch(epoch_s(now) - self.report_retention_days * _DAY_S)
         async with self._write_lock:
             cur = await self.db.execute("DELETE FROM readings WHERE bucket < ?", (int(cutoff),))
             await self.db.execute(
                 "DELETE FROM event_days WHERE day < ?", (from_epoch(cutoff).date().isoformat(),)
             )
+            reports = await self.db.execute(
+                "DELETE FROM performance_reports WHERE generated_at < ?",
+                (reports_cutoff.isoformat(),),
+            )
             await self.db.commit()
+        if reports.rowcount:
+            log.info("history: %d performance report(s) past retention deleted", reports.rowcount)
         return cur.rowcount
 
     async def close(self) -> None:
@@ -468,12 +478,13 @@ class ReadingHistory(SqliteStore):
 
     @_translated
     async def save_report(self, command_id: str, generated_at: datetime, payload: str) -> None:
-        """Store a report and clear the event's pending entry, in one transaction."""
+        """Store a report (packed: :func:`gateway.store.pack`) and clear the event's pending
+        entry, in one transaction."""
         async with self._write_lock:
             await self.db.execute(
                 "INSERT OR REPLACE INTO performance_reports (command_id, generated_at, payload)"
                 " VALUES (?, ?, ?)",
-                (command_id, generated_at.isoformat(), payload),
+                (command_id, from_epoch(epoch_s(generated_at)).isoformat(), pack(payload)),
             )
             await self.db.execute(
                 "DELETE FROM pending_settlements WHERE command_id = ?", (command_id,)
@@ -494,7 +505,7 @@ class ReadingHistory(SqliteStore):
             "SELECT payload FROM performance_reports WHERE command_id = ?", (command_id,)
         ) as cur:
             row = await cur.fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else unpack(row[0])
 
     # ------------------------------------------------------------------ weather forecasts
     @_translated

@@ -3,6 +3,12 @@
 A command is written before its ack is published, and its latest ack is written before the ack
 goes out, so after a restart the gateway republishes exactly what Grid DERMS last saw and carries
 on with the commands that were still open.
+
+The latest ack of a dispatch lists an allocation per device (about 27 KB of JSON for 210
+devices), rewritten on every lifecycle step: acks are kept zlib-compressed (:func:`pack`, about
+5 KB for the same ack, byte for byte the same JSON when read back; rows written as text by an
+earlier version are still read). Commands that ended longer ago than ``[store] retention_days``
+are deleted (:meth:`CommandStore.prune`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import functools
 import hashlib
 import json
 import sqlite3
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,6 +73,21 @@ def store_errors(
         return translated
 
     return decorate
+
+
+def pack(text: str) -> bytes:
+    """The compact form of a JSON text kept in a store (zlib; lossless)."""
+    return zlib.compress(text.encode(), 6)
+
+
+def unpack(value: object) -> str:
+    """A stored JSON text: packed (bytes) or, from before packing, plain text."""
+    if isinstance(value, bytes):
+        try:
+            return zlib.decompress(value).decode()
+        except zlib.error as exc:
+            raise json.JSONDecodeError(f"not a packed JSON text: {exc}", "", 0) from exc
+    return str(value)
 
 
 def digest(command: Command) -> str:
@@ -158,7 +180,7 @@ class CommandStore(SqliteStore):
                 command.model_dump_json(),
                 digest(command),
                 ack.state.value,
-                ack.model_dump_json(),
+                pack(ack.model_dump_json()),
                 ack.timestamp.isoformat(),
             ),
         )
@@ -170,7 +192,7 @@ class CommandStore(SqliteStore):
     async def update_ack(self, ack: Ack) -> None:
         await self.db.execute(
             "UPDATE commands SET state = ?, ack = ? WHERE command_id = ?",
-            (ack.state.value, ack.model_dump_json(), ack.command_id),
+            (ack.state.value, pack(ack.model_dump_json()), ack.command_id),
         )
         await self.db.commit()
 
@@ -217,5 +239,5 @@ def _row(row: aiosqlite.Row | tuple[object, ...]) -> StoredCommand:
         seq=int(str(seq)),
         command=COMMAND_ADAPTER.validate_json(str(payload)),
         digest=str(dig),
-        ack=Ack.model_validate_json(str(ack)),
+        ack=Ack.model_validate_json(unpack(ack)),
     )

@@ -12,8 +12,14 @@ load baseline does (and most North-American DR tariffs copy):
   the intervals the baseline needs (``min_coverage``): a day the meter was down would drag the
   average towards whatever the gaps were filled with.
 * **Profile.** For every interval of the event window, the mean over the selected days of the
-  device's average power at the same local time of day (days are local calendar days of the
-  calendar's time zone, since customers live by the local clock).
+  device's average power at the same local *clock* time (days are local calendar days of the
+  calendar's time zone, since customers live by the local clock). Each (similar day, clock
+  time) is converted to UTC on its own, so a day with a daylight-saving change is read at the
+  right hours: 16:00 on the spring-forward Sunday is 15 h after its midnight, not 16. A clock
+  time that does not exist on a similar day (02:30 when clocks jump from 02:00 to 03:00) is
+  missing on that day, and the other days' mean stands for it; a clock time that occurs twice
+  (01:30 when clocks fall back) is read at its first occurrence. On an event day that falls
+  back, both 01:00 hours of the event take the similar days' 01:00.
 * **Day-of adjustment.** Similar days can be cooler or busier than the event day. The ratio of
   the event day's actual load to the baseline profile in the hours just before the event (by
   default the 3 h ending 1 h before the start: the hour right before is excluded because
@@ -38,10 +44,12 @@ kW, NaN where no data), results go out as frozen pydantic models with JSON Schem
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from enum import StrEnum
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -178,8 +186,18 @@ class DeviceHistory:
         Returns ``(mean, coverage, estimated_share)``: the mean of the intervals that have data
         (NaN if none), the share of the window's intervals with data, and the share that were
         estimated. ``width_s`` must be a multiple of ``interval_s`` and every start must fall on
-        the history's grid: a partial overlap would silently mix two intervals.
+        the history's grid: a partial overlap would silently mix two intervals. A NaN start (a
+        clock time that does not exist on that day) gives NaN mean and coverage.
         """
+        starts = np.asarray(starts, dtype=np.float64)
+        absent = np.isnan(starts)
+        if absent.any():
+            mean, coverage, est = self.window(np.where(absent, self._t0, starts), width_s)
+            return (
+                np.where(absent, np.nan, mean),
+                np.where(absent, np.nan, coverage),
+                np.where(absent, np.nan, est),
+            )
         if width_s % self.interval_s:
             raise ValueError(
                 f"{self.device_id}: window {width_s} s is not a multiple of the history "
@@ -247,6 +265,35 @@ class EventCalendar:
     def midnight(self, day: date) -> datetime:
         """Local midnight starting ``day``, in UTC."""
         return datetime(day.year, day.month, day.day, tzinfo=self.tz).astimezone(UTC)
+
+    def clock_times(self, day: date, instants: FloatArray) -> tuple[timedelta, ...]:
+        """The local wall-clock time of each epoch second in ``instants``, as an offset from
+        the local midnight of ``day`` (negative for the evening before, 1 day+ after)."""
+        base = datetime.combine(day, time())
+        return tuple(
+            from_epoch(s).astimezone(self.tz).replace(tzinfo=None) - base for s in instants
+        )
+
+    def at_clock_times(self, day: date, clock: tuple[timedelta, ...]) -> FloatArray:
+        """Epoch seconds of the local clock times ``clock`` (see :meth:`clock_times`) on
+        ``day``, each converted on its own; NaN where that clock time does not exist on that
+        day (the hour skipped when clocks go forward). A time that occurs twice (clocks going
+        back) is its first occurrence."""
+        return np.array(_at_clock_times(self.tz, day, clock), dtype=np.float64)
+
+
+@lru_cache(maxsize=8192)
+def _at_clock_times(tz: tzinfo, day: date, clock: tuple[timedelta, ...]) -> tuple[float, ...]:
+    # Cached: settlement asks the same (day, clock times) for every device of an event.
+    base = datetime.combine(day, time())
+    out = []
+    for offset in clock:
+        wall = base + offset
+        aware = wall.replace(tzinfo=tz, fold=0)
+        utc = aware.astimezone(UTC)
+        exists = utc.astimezone(tz).replace(tzinfo=None) == wall
+        out.append(epoch_s(utc) if exists else math.nan)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -378,7 +425,7 @@ def _select_days(
     day_type = calendar.day_type(event_day)
     want = config.weekday_days if day_type is DayType.WEEKDAY else config.weekend_days
     minimum = config.min_weekday_days if day_type is DayType.WEEKDAY else config.min_weekend_days
-    event_midnight = epoch_s(calendar.midnight(event_day))
+    clock = calendar.clock_times(event_day, needed)
     selected: list[date] = []
     event_candidates: list[date] = []
     skipped_coverage = 0
@@ -386,9 +433,9 @@ def _select_days(
         day = event_day - timedelta(days=back)
         if calendar.day_type(day) is not day_type:
             continue
-        shift = event_midnight - epoch_s(calendar.midnight(day))
-        _, coverage, _ = history.window(needed - shift, config.interval_s)
-        if coverage.mean() < config.min_coverage:
+        _, coverage, _ = history.window(calendar.at_clock_times(day, clock), config.interval_s)
+        # A clock time the day does not have (NaN) is not held against its coverage.
+        if np.isnan(coverage).all() or np.nanmean(coverage) < config.min_coverage:
             skipped_coverage += 1
             continue
         if calendar.is_event_day(history.device_id, day):
@@ -436,9 +483,9 @@ def device_baseline(
     selected, fallback, day_type = _select_days(history, calendar, event_day, needed, config)
     days = selected + fallback
 
-    event_midnight = epoch_s(calendar.midnight(event_day))
-    shifts = np.array([event_midnight - epoch_s(calendar.midnight(d)) for d in days])
-    means, _, _ = history.window(needed[None, :] - shifts[:, None], config.interval_s)
+    clock = calendar.clock_times(event_day, needed)
+    at = np.array([calendar.at_clock_times(d, clock) for d in days]).reshape(len(days), -1)
+    means, _, _ = history.window(at, config.interval_s)
     have = ~np.isnan(means)
     n_have = have.sum(axis=0)
     profile = np.full(len(needed), np.nan)

@@ -8,14 +8,19 @@ histories from :mod:`gateway.history`, publishes the report on ``performance/{co
 keeps it.
 
 * **Window.** Baselines work on whole intervals (``BaselineConfig.interval_s``, 1 h by
-  default), so the settlement window is the event widened to the interval grid (epoch-aligned);
-  the report says so with a ``window_widened`` flag. An event cancelled early is settled up to
-  when it was cancelled.
+  default), so baselines cover the event widened to the interval grid (epoch-aligned). The
+  *performance* is over the event's exact window (:mod:`gateway.flex.performance`: partial
+  intervals weighted by their share inside the event, metered over that share where the meter
+  data is fine enough); the figures over the whole intervals are kept as supporting detail
+  (``widened``) and the flag ``window_widened`` says so. An event cancelled early is settled up
+  to when it was cancelled.
 * **Baseline.** 10-in-10 / 4-in-4 with the day-of adjustment capped at ±20 %
   (:func:`gateway.flex.baseline.device_baseline`), each device on its own.
 * **Fallback.** A device with too few similar days (a new customer) gets the mean of its own
   load on the event day over ``fallback_window_s`` ending ``adjustment_offset_s`` before the
-  start, as a flat profile of quality ``suspect`` and the flag ``fallback_pre_event_mean``
+  start of the first settlement interval (like the day-of adjustment window: the event's start
+  rounded down to the interval grid), as a flat profile of quality ``suspect`` and the flag
+  ``fallback_pre_event_mean``
   (the hour just before is skipped for the same reason the adjustment skips it: customers who
   know about an event pre-charge or pre-cool then). Without even that, the device has no
   baseline, is listed in ``excluded`` and contributes nothing.
@@ -52,7 +57,12 @@ from gateway.flex.baseline import (
     from_epoch,
     interval_starts,
 )
-from gateway.flex.performance import DevicePerformance, event_performance, worst
+from gateway.flex.performance import (
+    DevicePerformance,
+    WidenedFigures,
+    event_performance,
+    worst,
+)
 from unified.model import (
     SCHEMA_VERSION,
     AckState,
@@ -66,7 +76,9 @@ from unified.model import (
 
 class FlagCode(StrEnum):
     WINDOW_WIDENED = "window_widened"
-    """The event does not fill whole baseline intervals: the window was widened to them."""
+    """The event does not fill whole baseline intervals: baselines cover the whole intervals,
+    performance the exact event (partial intervals weighted); ``widened`` has the figures over
+    the whole intervals, as supporting detail."""
     FALLBACK_PRE_EVENT_MEAN = "fallback_pre_event_mean"
     """Too few similar days: the baseline is the same-day pre-event mean (suspect)."""
     EVENT_DAY_FALLBACK = "event_day_fallback"
@@ -113,14 +125,17 @@ class GroupSettlement(Frozen):
     group_id: str
     interval_s: int
     baseline_kw: tuple[float, ...]
+    weights: tuple[float, ...] = Field(description="Share of each interval inside the event")
     metered_kw: tuple[float, ...]
     delivered_kw: tuple[float, ...]
+    event_hours: float
     baseline_kwh: float
     metered_kwh: float
     delivered_kwh: float
     mean_delivered_kw: float
     requested_kw: float | None = None
     percent_of_request: float | None = None
+    widened: WidenedFigures | None = None
     devices_settled: int
     devices_by_quality: dict[Quality, int]
     excluded: tuple[ExcludedDevice, ...] = ()
@@ -144,18 +159,26 @@ class PerformanceReport(Frozen):
     )
     event_start: UtcDatetime
     event_end: UtcDatetime = Field(description="End of the window, or when it was cancelled")
-    start: UtcDatetime = Field(description="Settlement window (whole baseline intervals)")
+    start: UtcDatetime = Field(description="Baseline window (whole baseline intervals)")
     end: UtcDatetime
     interval_s: int
     generated_at: UtcDatetime
     baseline_method: str
     adjustment_cap: float
     delivered_kwh: float | None = Field(
-        default=None, description="metered - baseline energy (negative: shed)"
+        default=None,
+        description="metered - baseline energy over the exact event window (negative: shed)",
     )
-    mean_delivered_kw: float | None = None
+    mean_delivered_kw: float | None = Field(
+        default=None, description="delivered_kwh / the event's duration"
+    )
     performance_ratio: float | None = Field(
         default=None, description="mean delivered / requested: 1.0 is exactly what was asked"
+    )
+    widened: WidenedFigures | None = Field(
+        default=None,
+        description="The figures over the whole baseline intervals (start - end) when the "
+        "event does not fill them: supporting detail, not the settled result",
     )
     group: GroupSettlement | None = None
     devices: tuple[DeviceSettlement, ...]
@@ -308,19 +331,19 @@ def settle_event(
     generated_at: datetime,
     config: BaselineConfig | None = None,
     fallback_window_s: int = 3600,
+    metered: Mapping[str, DeviceHistory] | None = None,
 ) -> PerformanceReport:
-    """The performance report of one finished dispatch (see the module docstring)."""
+    """The performance report of one finished dispatch (see the module docstring).
+
+    ``metered`` is meter data over the settlement window on a grid finer than the baseline's
+    (so the part of a partial interval inside the event is metered exactly); default: the
+    ``histories``, on the baseline's grid."""
     config = config or BaselineConfig()
     start, end = settlement_window(event.start, event.end, config.interval_s)
+    exact_start = event.start
+    exact_end = max(event.end, event.start + timedelta(seconds=1))
     flags: list[SettlementFlag] = []
-    if (start, end) != (event.start, event.end):
-        flags.append(
-            SettlementFlag(
-                code=FlagCode.WINDOW_WIDENED,
-                detail=f"event {event.start.isoformat()} - {event.end.isoformat()} settled over "
-                f"whole {config.interval_s} s intervals {start.isoformat()} - {end.isoformat()}",
-            )
-        )
+    metered = metered or histories
     baselines: dict[str, DeviceBaseline] = {}
     device_flags: dict[str, list[SettlementFlag]] = {d: [] for d in event.devices}
     excluded: list[ExcludedDevice] = []
@@ -361,16 +384,25 @@ def settle_event(
             continue
         baselines[device_id] = baseline
 
-    n = len(interval_starts(start, end, config.interval_s))
-    total = np.zeros(n)
+    starts = interval_starts(start, end, config.interval_s)
+    lo, hi = epoch_s(exact_start), epoch_s(exact_end)
+    weights = (
+        np.clip(hi, starts, starts + config.interval_s)
+        - np.clip(lo, starts, starts + config.interval_s)
+    ) / config.interval_s
+    total = np.zeros(len(starts))
     for b in baselines.values():
         total += np.array(b.kw)
-    base_mean = float(total.mean()) if baselines else 0.0
+
+    def over_event(kw: np.ndarray) -> float:  # the baseline's mean over the exact window
+        return float((kw * weights).sum() / weights.sum())
+
+    base_mean = over_event(total) if baselines else 0.0
     requested = event.kw if event.mode is DispatchMode.DELTA else event.kw - base_mean
     device_requests = dict(event.allocations)
     if event.mode is DispatchMode.TARGET:
         device_requests = {
-            d: kw - float(np.mean(baselines[d].kw)) if d in baselines else kw
+            d: kw - over_event(np.array(baselines[d].kw)) if d in baselines else kw
             for d, kw in device_requests.items()
         }
 
@@ -390,23 +422,28 @@ def settle_event(
         )
         perf = event_performance(
             group_baseline,
-            {d: h for d, h in histories.items() if d in baselines},
+            {d: h for d, h in metered.items() if d in baselines},
             requested,
             device_requests,
+            event_start=exact_start,
+            event_end=exact_end,
         )
         performances = {p.device_id: p for p in perf.devices}
         group = GroupSettlement(
             group_id=group_id,
             interval_s=perf.interval_s,
             baseline_kw=perf.baseline_kw,
+            weights=perf.weights,
             metered_kw=perf.metered_kw,
             delivered_kw=perf.delivered_kw,
+            event_hours=perf.event_hours,
             baseline_kwh=perf.baseline_kwh,
             metered_kwh=perf.metered_kwh,
             delivered_kwh=perf.delivered_kwh,
             mean_delivered_kw=perf.mean_delivered_kw,
             requested_kw=perf.requested_kw,
             percent_of_request=perf.percent_of_request,
+            widened=perf.widened,
             devices_settled=len(perf.devices),
             devices_by_quality=perf.devices_by_quality,
             excluded=perf.excluded,
@@ -433,6 +470,21 @@ def settle_event(
     ratio = None
     if group is not None and group.percent_of_request is not None:
         ratio = group.percent_of_request / 100.0
+    if (start, end) != (event.start, event.end):
+        detail = (
+            f"event {event.start.isoformat()} - {event.end.isoformat()} "
+            f"({(hi - lo) / 3600:.3f} h) settled over its exact window, partial intervals "
+            f"weighted; baselines over whole {config.interval_s} s intervals "
+            f"{start.isoformat()} - {end.isoformat()}"
+        )
+        widened = group.widened if group is not None else None
+        if widened is not None and widened.percent_of_request is not None and ratio is not None:
+            detail += (
+                f"; over those whole intervals the ratio would read "
+                f"{widened.percent_of_request / 100:.3f} instead of {ratio:.3f} (supporting "
+                "detail in 'widened')"
+            )
+        flags.insert(0, SettlementFlag(code=FlagCode.WINDOW_WIDENED, detail=detail))
     rule = f"{config.weekday_days}-in-{config.weekday_days} (weekdays) / "
     rule += f"{config.weekend_days}-in-{config.weekend_days} (weekends, holidays)"
     if config.adjustment_duration_s:
@@ -460,6 +512,7 @@ def settle_event(
         delivered_kwh=group.delivered_kwh if group else None,
         mean_delivered_kw=group.mean_delivered_kw if group else None,
         performance_ratio=ratio,
+        widened=group.widened if group is not None else None,
         group=group,
         devices=rows,
         flags=tuple(flags),

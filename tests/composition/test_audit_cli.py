@@ -190,6 +190,8 @@ def test_the_log_is_found_from_a_config_file_relative_to_it(tmp_path: Path) -> N
 path = "gw.sqlite"
 [audit]
 path = "audit-trail"
+[settlement]
+timezone = "UTC"
 [[devices]]
 device_id = "bat-1"
 der_class = "battery"

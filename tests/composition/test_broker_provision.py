@@ -36,6 +36,7 @@ def config(**over: Any) -> GatewayConfig:
         "broker": {"host": "mqtt.utility.example", "port": 8883, "username": "gw-7", "tls": tls},
         "device_mqtt": {"host": "127.0.0.1", "port": 1883, "username": "gateway"},
         "devices": [thermostat("t1"), thermostat("site:9")],
+        "settlement": {"timezone": "UTC"},
     }
     return parse_config(data | over)
 
@@ -205,6 +206,7 @@ def test_cli_provision(tmp_path: Path) -> None:
         'gateway_id = "gw-9"\n'
         '[broker]\nhost = "127.0.0.1"\nport = 8883\nusername = "gw-9"\n'
         'password_file = "out/secrets/gw-9.password"\n'
+        '[settlement]\ntimezone = "UTC"\n'
         '[broker.tls]\nca_file = "out/northbound/tls/ca.pem"\n'
         '[[devices]]\ndevice_id = "b1"\nder_class = "battery"\nadapter = "sunspec_battery"\n'
         'location = { substation = "s", feeder = "f" }\n'

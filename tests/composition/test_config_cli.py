@@ -264,3 +264,19 @@ sunspec = {{ host = "127.0.0.1", port = 1 }}
     assert "cannot use this SQLite file" in result.stderr
     assert str(store) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_settlement_needs_a_time_zone_unless_it_is_off() -> None:
+    found = problems({"devices": [device(1)]})
+    assert any("settlement.timezone is required when settlement is on" in p for p in found)
+    for ok in (
+        {"settlement": {"timezone": "America/Los_Angeles"}},
+        {"settlement": {"group_timezones": {"feeder:f1": "America/Los_Angeles"}}},
+        {"settlement": {"enabled": False}},
+        {"history": {"enabled": False}},
+    ):
+        parse_config({"devices": [device(1)], **ok})
+    assert any(
+        "unknown time zone 'Mars/Olympus'" in p
+        for p in problems({"devices": [device(1)], "settlement": {"timezone": "Mars/Olympus"}})
+    )

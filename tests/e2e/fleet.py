@@ -103,6 +103,7 @@ class Fleet:
                     "protocol": self.broker.protocol,
                 },
                 "store": {"path": str(self.store)},
+                "settlement": {"timezone": "UTC"},
                 "timing": FAST_TIMING,
                 "devices": devices,
             }

@@ -81,6 +81,7 @@ def gateway_config(
         | device_link
         | {"topic_root": TOPICS.root, "backoff_max_s": 0.5, "backoff_initial_s": 0.1},
         "store": {"path": "gw.sqlite"},
+        "settlement": {"timezone": "UTC"},
         "timing": {
             "control_period_s": 0.2,
             "poll_interval_s": 0.2,

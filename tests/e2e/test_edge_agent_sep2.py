@@ -70,6 +70,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                 "broker": broker,
                 "timing": FAST,
                 "store": {"path": str(tmp_path / "head-end.sqlite")},
+                "settlement": {"timezone": "UTC"},
                 "sep2_server": {
                     "port": port,
                     "tls": {
@@ -111,6 +112,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                     "broker": broker,
                     "timing": FAST,
                     "store": {"path": str(tmp_path / "edge.sqlite")},
+                    "settlement": {"timezone": "UTC"},
                     "devices": [
                         {
                             "device_id": "bat-1",

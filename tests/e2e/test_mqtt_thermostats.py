@@ -50,6 +50,7 @@ async def test_group_dispatch_sheds_thermostat_load_then_it_rebounds(
                     "gateway_id": "gw-tstat",
                     "broker": {"port": broker_endpoint.port, "protocol": broker_endpoint.protocol},
                     "store": {"path": str(tmp_path / "gw.sqlite")},
+                    "settlement": {"timezone": "UTC"},
                     "timing": {
                         "control_period_s": 0.2,
                         "poll_interval_s": 0.2,

@@ -78,6 +78,8 @@ port = {broker_endpoint.port}
 protocol = "{broker_endpoint.protocol}"
 [store]
 path = "gw.sqlite"
+[settlement]
+timezone = "UTC"
 [[devices]]
 device_id = "b1"
 der_class = "battery"

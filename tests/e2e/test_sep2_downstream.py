@@ -32,6 +32,7 @@ async def test_dispatch_reaches_a_2030_5_client_as_a_der_control(
             "gateway_id": "gw-sep2",
             "broker": {"port": broker_endpoint.port, "protocol": broker_endpoint.protocol},
             "store": {"path": str(tmp_path / "gw.sqlite")},
+            "settlement": {"timezone": "UTC"},
             "timing": {
                 "control_period_s": 0.2,
                 "poll_interval_s": 0.3,

@@ -1,10 +1,16 @@
-"""End to end: a dispatch on real Modbus batteries is settled against a seeded 10-in-10 history.
+"""End to end: a dispatch on real Modbus batteries is settled against history the running
+gateway recorded, and the published report is checked against a baseline computed here.
 
-Weeks of history are written through the history store at the event's time of day on earlier
-days (with 1-second buckets and 1-second settlement intervals, so the event can last seconds).
-The batteries idle before the event, so the day-of adjustment hits its -20 % cap: the baseline
-is exactly 0.8 x the mean of the selected similar days, which the test computes on its own.
-The metered side is checked against what the gateway read and what the batteries really did.
+The gateway runs with a `[settlement] timezone` whose calendar day differs from UTC's at the
+moment the test runs (Honolulu, UTC-10, or Kiritimati, UTC+14), so a baseline on UTC days would
+select other days; weeks of history are fed to
+its history store while it runs (its own writer task puts them on disk) at the event's *local
+clock time* on earlier local days, with 1-second buckets and 1-second settlement intervals so
+the event can last seconds. One earlier day of bat-2 has no data and one earlier day of bat-1
+was an event day. The test selects the similar days, averages them, and computes the day-of
+adjustment from the readings the gateway saw before the event, all on its own (none of the
+gateway's baseline code is called), and compares the report with that. The batteries idle
+before the event, so the adjustment hits its -20 % cap.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiomqtt
 import numpy as np
@@ -26,7 +33,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.flex import PerformanceReport
-from gateway.history import ReadingHistory
 from simulators.broker import BrokerEndpoint
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually
@@ -34,25 +40,38 @@ from unified.model import AckState, DeviceState, utcnow
 
 pytestmark = pytest.mark.broker
 
+# Whichever of the two puts the local day on another date than the UTC day right now.
+ZONE = ZoneInfo("Pacific/Honolulu" if datetime.now(UTC).hour < 10 else "Pacific/Kiritimati")
 DURATION_S = 8
 LEAD_S = 25  # the gateway runs this long before the event: the day-of adjustment window
 LOOKBACK_DAYS = 30
 ADJ_OFFSET_S, ADJ_DURATION_S = 2, 10
+MISSING = ("bat-2", 3)  # bat-2 has no data 3 local days back
+EVENT_DAY = ("bat-1", 1)  # bat-1 had an event 1 local day back
 
 
 def seeded_kw(device: str, back: int) -> float:
-    """What each device drew at the event's time of day ``back`` days ago (kW, +import)."""
+    """What each device drew at the event's clock time ``back`` local days ago (kW, +import)."""
     return 1.0 + 0.05 * back if device == "bat-1" else 0.5 + 0.1 * back
 
 
-def similar_days(event_day: date) -> list[int]:
-    """The 10-in-10 (weekday) or 4-in-4 (weekend) selection, as days back, computed here."""
+def same_clock_time(when: datetime, back: int) -> datetime:
+    """``when``'s local clock time ``back`` local days earlier, in UTC."""
+    local = when.astimezone(ZONE)
+    day = local.date() - timedelta(days=back)
+    return datetime.combine(day, local.time(), ZONE).astimezone(UTC)
+
+
+def similar_days(device: str, event_day: date) -> list[int]:
+    """10-in-10 (weekday) or 4-in-4 (weekend), days back, skipping the device's event day and
+    the day it has no data: computed here, independently of the gateway."""
     weekend = event_day.weekday() >= 5
     want = 4 if weekend else 10
     picked = [
         back
         for back in range(1, LOOKBACK_DAYS + 1)
         if ((event_day - timedelta(days=back)).weekday() >= 5) == weekend
+        and (device, back) not in (MISSING, EVENT_DAY)
     ]
     return picked[:want]
 
@@ -108,25 +127,27 @@ class ReportListener:
         )
 
 
-async def seed_history(path: Path, event_start: datetime) -> None:
-    """One reading per second at the event's time of day, every earlier day of the look-back."""
-    async with ReadingHistory(path, interval_s=1) as history:
-        for back in range(1, LOOKBACK_DAYS + 1):
-            day_start = event_start - timedelta(days=back)
-            for s in range(-(ADJ_OFFSET_S + ADJ_DURATION_S), DURATION_S):
-                for device in ("bat-1", "bat-2"):
-                    when = day_start + timedelta(seconds=s + 0.5)
-                    history.observe(device, when, seeded_kw(device, back))
-            await history.flush()
+def seed_through(fleet: Fleet, event_start: datetime) -> None:
+    """One reading per second at the event's local clock time, every earlier day of the
+    look-back, into the running gateway's history (its writer task flushes them)."""
+    gateway = fleet.gateway
+    assert gateway is not None
+    assert gateway.history is not None
+    for back in range(1, LOOKBACK_DAYS + 1):
+        day_start = same_clock_time(event_start, back)
+        for s in range(-(ADJ_OFFSET_S + ADJ_DURATION_S), DURATION_S):
+            for device in ("bat-1", "bat-2"):
+                if (device, back) == MISSING:
+                    continue
+                when = day_start + timedelta(seconds=s + 0.5)
+                gateway.history.observe(device, when, seeded_kw(device, back))
 
 
 @pytest.fixture
 async def fleet_and_event(
     broker_endpoint: BrokerEndpoint, tmp_path: Path
 ) -> AsyncIterator[tuple[Fleet, datetime]]:
-    history_path = tmp_path / "history.sqlite"
     event_start = datetime.fromtimestamp(math.ceil(time.time()) + LEAD_S, UTC)
-    await seed_history(history_path, event_start)
     sims = [
         SunSpecBatterySimulator(
             port=0, capacity_kwh=10.0, max_charge_kw=5.0, max_discharge_kw=5.0, initial_soc_pct=60
@@ -134,8 +155,9 @@ async def fleet_and_event(
         for _ in range(2)
     ]
     extra: dict[str, Any] = {
-        "history": {"path": str(history_path), "interval_s": 1, "flush_s": 0.5},
+        "history": {"path": str(tmp_path / "history.sqlite"), "interval_s": 1, "flush_s": 0.5},
         "settlement": {
+            "timezone": ZONE.key,
             "delay_s": 1.0,
             "fallback_window_s": 10,
             "baseline": {
@@ -150,10 +172,20 @@ async def fleet_and_event(
     async with Fleet(
         broker_endpoint, tmp_path / "gw.sqlite", sims, feeders=("f1",), extra_config=extra
     ) as fleet:
+        gateway = fleet.gateway
+        assert gateway is not None
+        assert gateway.history is not None
+        seed_through(fleet, event_start)
+        event_day = event_start.astimezone(ZONE).date()
+        await gateway.history.add_event_days(
+            "ev-0", {EVENT_DAY[0]: [event_day - timedelta(days=EVENT_DAY[1])]}
+        )
+        history = gateway.history
+        await eventually(lambda: history.pending < 100, 10, "the gateway's writer to flush")
         yield fleet, event_start
 
 
-async def test_dispatch_is_settled_against_the_seeded_baseline(
+async def test_dispatch_is_settled_against_an_independently_computed_baseline(
     fleet_and_event: tuple[Fleet, datetime], broker_endpoint: BrokerEndpoint
 ) -> None:
     fleet, event_start = fleet_and_event
@@ -162,6 +194,8 @@ async def test_dispatch_is_settled_against_the_seeded_baseline(
     seen: list[DeviceState] = []
     gateway.state_listeners.append(seen.append)
     event_end = event_start + timedelta(seconds=DURATION_S)
+    event_day = event_start.astimezone(ZONE).date()
+    assert event_day != event_start.date(), "the zone must put the event on another date"
 
     async with ReportListener(broker_endpoint, fleet.gateway_id) as listener:
         await fleet.grid.send(
@@ -192,28 +226,43 @@ async def test_dispatch_is_settled_against_the_seeded_baseline(
         assert {d.device_id for d in report.devices} == {"bat-1", "bat-2"}
         assert all(d.allocated and d.requested_kw == pytest.approx(-3.0) for d in report.devices)
 
-        # ---- the baseline: 10-in-10 (or 4-in-4) of the seeded days, adjusted by the -20 % cap
-        days_back = similar_days(event_start.date())
+        # ---- the baseline, computed here: similar local days, their mean, the capped ratio
+        def bucket_means(device: str, t0: datetime, t1: datetime) -> list[float]:
+            out = []
+            for k in range(int((t1 - t0).total_seconds())):
+                a = t0 + timedelta(seconds=k)
+                vals = [
+                    s.power_kw
+                    for s in seen
+                    if s.device_id == device and a <= s.timestamp < a + timedelta(seconds=1)
+                ]
+                if vals:
+                    out.append(float(np.mean(vals)))
+            return out
+
+        adj_end = event_start - timedelta(seconds=ADJ_OFFSET_S)
+        adj_start = adj_end - timedelta(seconds=ADJ_DURATION_S)
         expected_group = 0.0
         for row in report.devices:
             assert row.baseline is not None
-            expected = float(np.mean([seeded_kw(row.device_id, b) for b in days_back]))
+            days_back = similar_days(row.device_id, event_day)
+            mean = float(np.mean([seeded_kw(row.device_id, b) for b in days_back]))
+            actual = bucket_means(row.device_id, adj_start, adj_end)
+            raw = float(np.mean(actual)) / mean
+            factor = min(1.2, max(0.8, raw))
+            assert row.baseline.event_day == event_day
             assert row.baseline.selected_days == tuple(
-                event_start.date() - timedelta(days=b) for b in days_back
+                event_day - timedelta(days=b) for b in days_back
             )
-            assert row.baseline.unadjusted_kw == pytest.approx([expected] * DURATION_S, abs=1e-9)
-            # Idle before the event (0 kW) against a baseline of 1-3 kW: ratio 0, capped.
-            assert row.baseline.raw_adjustment_factor == pytest.approx(0.0, abs=1e-9)
-            assert row.baseline.adjustment_factor == pytest.approx(0.8)
-            assert row.baseline.adjustment_capped
-            assert row.baseline.kw == pytest.approx([0.8 * expected] * DURATION_S, abs=1e-9)
+            assert row.baseline.unadjusted_kw == pytest.approx([mean] * DURATION_S, abs=1e-9)
+            assert row.baseline.raw_adjustment_factor == pytest.approx(raw, abs=1e-9)
+            assert row.baseline.adjustment_factor == pytest.approx(factor)
+            assert row.baseline.kw == pytest.approx([factor * mean] * DURATION_S, abs=1e-9)
             assert row.baseline.quality.value == "good"
-            expected_group += 0.8 * expected
+            expected_group += factor * mean
         group = report.group
         assert group is not None
-        assert len(group.baseline_kw) == DURATION_S
         assert group.baseline_kw == pytest.approx([expected_group] * DURATION_S, abs=1e-9)
-        assert any(f.code.value == "adjustment_capped" for f in report.flags)
         assert not any(f.code.value == "window_widened" for f in report.flags)
 
         # ---- the metered side is exactly what the gateway read, second by second
@@ -221,14 +270,9 @@ async def test_dispatch_is_settled_against_the_seeded_baseline(
             assert row.performance is not None
             for i, metered in enumerate(row.performance.metered_kw):
                 t0 = event_start + timedelta(seconds=i)
-                values = [
-                    s.power_kw
-                    for s in seen
-                    if s.device_id == row.device_id
-                    and t0 <= s.timestamp < t0 + timedelta(seconds=1)
-                ]
+                values = bucket_means(row.device_id, t0, t0 + timedelta(seconds=1))
                 if values:
-                    assert metered == pytest.approx(float(np.mean(values)), abs=1e-9)
+                    assert metered == pytest.approx(values[0], abs=1e-9)
                 else:
                     assert metered is None
         # ... and close to what the batteries physically did (poll lag blurs the edges only).
@@ -243,9 +287,15 @@ async def test_dispatch_is_settled_against_the_seeded_baseline(
             (metered_mean - expected_group) * DURATION_S / 3600, abs=1e-9
         )
         assert report.performance_ratio == pytest.approx(group.mean_delivered_kw / -6.0)
-        # Discharging ~6 kW against a baseline of charging counts for more than was asked.
         assert report.performance_ratio is not None
         assert report.performance_ratio > 1.0
+
+        # ---- the event's local day is now an event day of both devices
+        history = gateway.history
+        assert history is not None
+        days = await history.event_days(event_day - timedelta(days=LOOKBACK_DAYS))
+        assert event_day in days["bat-1"]
+        assert days["bat-2"] == frozenset({event_day})
 
         # ---- after a restart the report is served from SQLite on request
         await fleet.stop_gateway()

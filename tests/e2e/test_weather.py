@@ -52,6 +52,7 @@ def gateway_config(broker: BrokerEndpoint, gateway_id: str, tmp_path: Path) -> G
             "gateway_id": gateway_id,
             "broker": {"host": broker.host, "port": broker.port, "protocol": broker.protocol},
             "store": {"path": str(tmp_path / "gw.sqlite")},
+            "settlement": {"timezone": "UTC"},
             # Periodic forecasts only long after the test: every one seen answers a request.
             "flex": {"outdoor_temp_c": FALLBACK_C, "period_s": 86_400},
             "timing": {"telemetry_period_s": 3600},

@@ -15,6 +15,7 @@ from gateway.store import CommandStore, StoreError
 from unified.model import (
     Ack,
     AckState,
+    Allocation,
     BatteryRatings,
     Cancel,
     DerClass,
@@ -282,3 +283,38 @@ async def test_store_retention_deletes_only_old_commands_that_ended(store: Comma
     assert await store.get("old-open") is not None  # open: never, whatever its age
     assert await store.get("new-done") is not None
     assert await store.count() == 2
+
+
+async def test_acks_are_stored_compactly_and_read_back_exactly(
+    store: CommandStore, tmp_path: Path
+) -> None:
+    # A feeder dispatch's ack with an allocation for each of 210 devices.
+    allocations = tuple(
+        Allocation(
+            device_id=f"north-f{i % 7}-tstat-{i:05d}",
+            requested_kw=-0.5 - (i * 0.0137) % 2.5,
+            commanded_kw=-0.5 - (i * 0.0173) % 2.5,
+            limited_by=("doe-north-f1",) if i % 5 == 0 else (),
+        )
+        for i in range(210)
+    )
+    ack = Ack(command_id="big", state=AckState.ACTIVE, timestamp=NOW, allocations=allocations)
+    await store.insert(
+        dispatch("big"), Ack(command_id="big", state=AckState.ACCEPTED, timestamp=NOW)
+    )
+    await store.update_ack(ack)
+    stored = await store.get("big")
+    assert stored is not None
+    assert stored.ack.model_dump_json() == ack.model_dump_json(), "byte for byte what was sent"
+    async with store.db.execute("SELECT length(ack) FROM commands WHERE command_id = 'big'") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    assert len(ack.model_dump_json()) > 20_000
+    assert row[0] < len(ack.model_dump_json()) / 4, "kept compact"
+    # A row written as plain text (before compaction) is still read.
+    await store.db.execute(
+        "UPDATE commands SET ack = ? WHERE command_id = 'big'", (ack.model_dump_json(),)
+    )
+    stored = await store.get("big")
+    assert stored is not None
+    assert stored.ack == ack

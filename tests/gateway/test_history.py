@@ -150,6 +150,21 @@ async def test_retention_prunes_old_buckets_only(tmp_path: Path) -> None:
         assert event_days == {"a": frozenset({(T0 - timedelta(days=2)).date()})}
 
 
+async def test_reports_are_kept_compactly_for_their_own_retention(tmp_path: Path) -> None:
+    async with ReadingHistory(
+        tmp_path / "h.sqlite", interval_s=60, retention_days=7, report_retention_days=30
+    ) as history:
+        report = '{"devices": [' + ",".join(f'{{"device_id": "d{i}"}}' for i in range(500)) + "]}"
+        await history.save_report("old", T0 - timedelta(days=31), report)
+        await history.save_report("kept", T0 - timedelta(days=29), report)
+        await history.prune(T0)
+        assert await history.report("old") is None
+        assert await history.report("kept") == report, "read back exactly"
+        async with history.db.execute("SELECT length(payload) FROM performance_reports") as cur:
+            (size,) = await cur.fetchone() or (0,)
+        assert size < len(report) / 4
+
+
 async def test_history_survives_a_restart_including_what_was_buffered(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite"
     async with ReadingHistory(path, interval_s=60) as history:
@@ -216,6 +231,7 @@ async def test_forecast_baseline_comes_from_history_at_the_same_time_of_day(
     config = parse_config(
         {
             "store": {"path": str(tmp_path / "gw.sqlite")},
+            "settlement": {"timezone": "UTC"},
             "history": {"interval_s": 300},
             "device_mqtt": {},
             "devices": [
@@ -268,6 +284,7 @@ def _gateway_config(tmp_path: Path) -> GatewayConfig:
     return parse_config(
         {
             "store": {"path": str(tmp_path / "gw.sqlite")},
+            "settlement": {"timezone": "UTC"},
             "history": {"interval_s": 60},
             "devices": [
                 {

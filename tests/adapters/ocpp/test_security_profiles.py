@@ -453,6 +453,7 @@ def test_unusable_secrets_and_tls_files_stop_the_central_before_it_starts(
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     data = {
+        "settlement": {"timezone": "UTC"},
         "ocpp_central": {
             "security_profile": 2,
             "cert_file": "tls/central.pem",
@@ -469,7 +470,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
                     "password_env": "CP2_PASSWORD",
                 },
             ],
-        }
+        },
     }
     central = parse_config(data).relative_to(tmp_path).ocpp_central
     assert central is not None
@@ -489,6 +490,7 @@ def test_cli_check_config_reads_the_secrets_and_certs_issue_sets_the_o(tmp_path:
     runner = CliRunner()
     config = tmp_path / "gw.toml"
     config.write_text(
+        '[settlement]\ntimezone = "UTC"\n'
         "[ocpp_central]\nsecurity_profile = 1\n"
         '[[ocpp_central.chargers]]\ncharge_point_id = "CP-1"\npassword_file = "CP-1.key"\n'
         'location = { substation = "s1", feeder = "f1" }\n'

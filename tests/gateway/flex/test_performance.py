@@ -93,3 +93,28 @@ def test_finer_meter_data_is_averaged_into_baseline_intervals() -> None:
     assert result.delivered_kw == pytest.approx((-1.5, -1.5, -1.5))
     assert result.percent_of_request == pytest.approx(100.0)
     assert result.quality is Quality.GOOD
+
+
+def test_with_only_hourly_meter_data_a_partial_hour_takes_the_hours_mean_weighted() -> None:
+    # Event 16:10-18:50 against a flat 3 kW baseline; the meter has hourly means only (4/3, 1,
+    # 4/3 kW), so a partial hour's part inside the event cannot be told from the hour: by hand
+    # delivered (-5/3, -2, -5/3) kW with weights (5/6, 1, 5/6): -25/9 - 2 = -43/9 kWh over 8/3 h,
+    # a mean of -43/24 kW.
+    baseline = group_baseline(
+        "g", [hourly_history("a", lambda d, h: 3.0)], EventCalendar(), START, END, CONFIG
+    ).devices[0]
+    meter = DeviceHistory("a", START, 3600, np.array([4 / 3, 1.0, 4 / 3]))
+    result = device_performance(
+        baseline,
+        meter,
+        requested_kw=-2.0,
+        event_start=START + timedelta(minutes=10),
+        event_end=END - timedelta(minutes=10),
+    )
+    assert result.weights == pytest.approx((5 / 6, 1.0, 5 / 6))
+    assert result.delivered_kw == pytest.approx((-5 / 3, -2.0, -5 / 3))
+    assert result.event_hours == pytest.approx(8 / 3)
+    assert result.delivered_kwh == pytest.approx(-43 / 9)
+    assert result.mean_delivered_kw == pytest.approx(-43 / 24)
+    assert result.widened is not None
+    assert result.widened.mean_delivered_kw == pytest.approx(-16 / 9)

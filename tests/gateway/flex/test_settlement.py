@@ -169,3 +169,80 @@ def test_window_and_event_days_helpers() -> None:
     assert event_days(START, START.replace(hour=23) + timedelta(hours=1), EventCalendar()) == [
         EVENT_DAY
     ], "an event ending at midnight does not touch the next day"
+
+
+def five_minute_meter(device_id: str, kw_at: dict[str, float], start: datetime) -> DeviceHistory:
+    """5-min meter data over 16:00-19:00: ``kw_at["event"]`` inside 16:10-18:50, else "pre"."""
+    values = [
+        kw_at["event"]
+        if START + timedelta(minutes=10)
+        <= start + timedelta(minutes=5 * i)
+        < START + timedelta(hours=2, minutes=50)
+        else kw_at["pre"]
+        for i in range(36)
+    ]
+    return DeviceHistory.from_values(device_id, start, 300, values)
+
+
+def test_performance_is_over_the_exact_event_window_with_partial_intervals_weighted() -> None:
+    # Event 16:10-18:50 (2 h 40), request -2 kW. Baseline 3 kW every hour (flat history, no
+    # adjustment); the meter (5-min) reads 1 kW inside the event, 3 kW outside: exactly the 2 kW
+    # asked for. By hand: weights (5/6, 1, 5/6), 8/3 h, delivered -2 kW x 8/3 h = -16/3 kWh,
+    # mean -2 kW, ratio 1.0. Over the widened 16:00-19:00 the hourly means are 4/3, 1, 4/3 kW
+    # (10 of the 60 minutes at 3 kW at each edge): delivered -16/3 kWh over 3 h, mean -16/9 kW,
+    # ratio 8/9 = 0.889 -- 11 % low for a response that was exactly what was asked.
+    config = BaselineConfig(adjustment_duration_s=0)
+    a = history("a", {"old": 3.0, "pre": 3.0, "event": 1.0})
+    meter = five_minute_meter("a", {"pre": 3.0, "event": 1.0}, START)
+    exact = settle_event(
+        event(
+            ("a",),
+            start=START + timedelta(minutes=10),
+            end=START + timedelta(hours=2, minutes=50),
+            kw=-2.0,
+            allocations={"a": -2.0},
+        ),
+        {"a": a},
+        EventCalendar(),
+        generated_at=END,
+        config=config,
+        metered={"a": meter},
+    )
+    assert (exact.start, exact.end) == (START, START + timedelta(hours=3))
+    group = exact.group
+    assert group is not None
+    assert group.weights == pytest.approx((5 / 6, 1.0, 5 / 6))
+    assert group.event_hours == pytest.approx(8 / 3)
+    assert group.baseline_kw == pytest.approx((3.0, 3.0, 3.0))
+    assert group.metered_kw == pytest.approx((1.0, 1.0, 1.0)), "the event's part of each hour"
+    assert exact.delivered_kwh == pytest.approx(-16 / 3)
+    assert exact.mean_delivered_kw == pytest.approx(-2.0)
+    assert exact.performance_ratio == pytest.approx(1.0)
+    row = exact.devices[0].performance
+    assert row is not None
+    assert row.percent_of_request == pytest.approx(100.0)
+    assert row.baseline_kwh == pytest.approx(8.0)  # 3 kW x 8/3 h
+    # The whole intervals: supporting detail only, and said so.
+    assert exact.widened is not None
+    assert exact.widened.delivered_kwh == pytest.approx(-16 / 3)
+    assert exact.widened.mean_delivered_kw == pytest.approx(-16 / 9)
+    assert exact.widened.percent_of_request == pytest.approx(800 / 9)
+    (flag,) = [f for f in exact.flags if f.code is FlagCode.WINDOW_WIDENED]
+    assert "2.667 h" in flag.detail
+    assert "0.889 instead of 1.000" in flag.detail
+
+
+def test_a_full_hour_event_has_no_widened_figures() -> None:
+    a = history("a", {"old": 3.0, "pre": 3.0, "event": 1.0})
+    report = settle_event(
+        event(("a",), allocations={"a": -2.0}, kw=-2.0),
+        {"a": a},
+        EventCalendar(),
+        generated_at=END,
+        config=CONFIG,
+    )
+    assert report.widened is None
+    assert report.group is not None
+    assert report.group.weights == (1.0, 1.0)
+    assert report.performance_ratio == pytest.approx(1.0)
+    assert not any(f.code is FlagCode.WINDOW_WIDENED for f in report.flags)
