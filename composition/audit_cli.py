@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
+from composition.cli_base import EXIT_FAILURE, GatewayGroup, InvalidConfig, config_option
 from gateway.audit import CURRENT, read_lines, verify
 from unified.config import ConfigError
 
@@ -32,16 +34,15 @@ def _where(func: F) -> F:
         default=None,
         help="The audit log's folder (or its audit.jsonl).",
     )(func)
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        help="A gateway configuration file: its [audit] path.",
-    )(func)
+    return config_option(required=False, help="A gateway configuration file: its [audit] path.")(
+        func
+    )
 
 
 def _locate(config_path: Path | None, path: Path | None) -> tuple[Path, str]:
+    ctx = click.get_current_context()
+    if path is not None and ctx.get_parameter_source("config_path") is ParameterSource.ENVIRONMENT:
+        config_path = None  # an explicit --path wins over DERMS_CONFIG
     if (config_path is None) == (path is None):
         raise click.UsageError("give the log's --path or a gateway's --config (one of them)")
     if path is not None:
@@ -52,7 +53,7 @@ def _locate(config_path: Path | None, path: Path | None) -> tuple[Path, str]:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InvalidConfig(str(exc)) from None
     return config.audit.resolved_path(config.store.path), CURRENT
 
 
@@ -131,7 +132,7 @@ def _line(record: dict[str, Any]) -> str:
     ).rstrip()
 
 
-@click.group()
+@click.group(cls=GatewayGroup)
 def audit() -> None:
     """Query and verify the append-only audit log (docs/security.md)."""
 
@@ -204,4 +205,4 @@ def verify_command(config_path: Path | None, path: Path | None) -> None:
     if len(result.problems) > 20:
         click.echo(f"  ... {len(result.problems) - 20} more")
     click.echo(f"read: {where}")
-    sys.exit(1)
+    sys.exit(EXIT_FAILURE)

@@ -14,24 +14,21 @@ from pathlib import Path
 from typing import Any, cast
 
 import click
+from click.core import ParameterSource
 
 from composition.audit_cli import audit
-from composition.config import load_config
+from composition.cli_base import (
+    CONFIG_ENV,
+    EXIT_FAILURE,
+    LOG_FORMAT_ENV,
+    GatewayGroup,
+    InvalidConfig,
+    config_option,
+)
+from composition.config import GatewayConfig, load_config
 from composition.runtime import settle_heap
 from unified.config import ConfigError
 from unified.model import json_schemas
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # pymodbus logs every timeout and refused connection itself; the supervisor already reports
-    # those once per outage, in domain terms.
-    for noisy in ("pymodbus", "amqtt", "transitions", "aiosqlite"):
-        logging.getLogger(noisy).setLevel(max(level, logging.CRITICAL))
-
 
 SHUTDOWN_GRACE_S = 10.0
 
@@ -41,7 +38,7 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
 
     If the clean stop has not finished ``SHUTDOWN_GRACE_S`` after the signal (a task that
     swallowed its cancellation), the stuck tasks are logged with their stacks and the process
-    exits non-zero rather than hang; a second signal does the same at once.
+    exits with status 1 rather than hang; a second signal does the same at once.
     """
     log = logging.getLogger("gateway")
 
@@ -58,7 +55,7 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
                     frames = pending.get_stack(limit=8)
                     where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in frames)
                     log.error("  %s at %s", pending.get_name(), where)
-            os._exit(3)
+            os._exit(EXIT_FAILURE)
 
         def on_signal(sig: int) -> None:
             signalled.append(sig)
@@ -111,84 +108,126 @@ def _store_advice(error: BaseException) -> str:
     )
 
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logs.")
-@click.pass_context
-def main(ctx: click.Context, verbose: int) -> None:
-    """Edge DERMS protocol gateway."""
-    ctx.ensure_object(dict)
-    ctx.obj["verbose"] = verbose
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("derms-gateway")
+    except PackageNotFoundError:
+        installed = "unknown (run from a source tree that is not installed)"
+    click.echo(f"derms-gateway {installed}")
+    ctx.exit()
 
 
-@main.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.group(
+    cls=GatewayGroup,
+    epilog=f"""\b
+Exit status:
+  0  done (a stop by SIGINT or SIGTERM is a clean stop)
+  1  operational failure: a store, disk or peer that failed, a check that did not pass
+  2  usage or configuration error: fix the command line or the configuration first
+
+\b
+Environment:
+  {CONFIG_ENV}      the configuration file, for commands that take --config
+  {LOG_FORMAT_ENV}  text or json, as --log-format""",
 )
-@click.pass_context
-def run(ctx: click.Context, config_path: Path) -> None:
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the installed version and exit.",
+)
+def main() -> None:
+    """Edge DERMS protocol gateway.
+
+    -v / -vv and --log-format may stand before or after the command name; every command that
+    reads a configuration takes it as --config FILE (or DERMS_CONFIG).
+    """
+
+
+def _load(
+    config_path: Path, model: type[GatewayConfig] = GatewayConfig, *, check_files: bool = True
+) -> GatewayConfig:
+    """The configuration, or exit status 2 with every problem in it."""
+    try:
+        return load_config(config_path, model, check_files=check_files)
+    except ConfigError as exc:
+        raise InvalidConfig(str(exc)) from None
+
+
+@main.command(min_verbosity=1)
+@config_option()
+def run(config_path: Path) -> None:
     """Run the gateway with a TOML configuration file."""
     from composition.app import GatewayApp
 
-    _setup_logging(max(1, ctx.obj["verbose"]))
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = _load(config_path)
     try:
         app = GatewayApp(config)  # reads secrets and certificates (OCPP central)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InvalidConfig(str(exc)) from None
     settle_heap()
     _run_explained(app.run())
 
 
-@main.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-)
-@click.pass_context
-def edge(ctx: click.Context, config_path: Path) -> None:
+@main.command(min_verbosity=1)
+@config_option()
+def edge(config_path: Path) -> None:
     """Run the edge agent: the gateway core on site hardware plus its upstream 2030.5 link
     (an ``[upstream_sep2]`` section in the configuration)."""
     from composition.app import build_edge_agent
     from composition.config import EdgeAgentConfig
 
-    _setup_logging(max(1, ctx.obj["verbose"]))
-    try:
-        config = load_config(config_path, EdgeAgentConfig)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = _load(config_path, EdgeAgentConfig)
     assert isinstance(config, EdgeAgentConfig)
     try:
         agent = build_edge_agent(config)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InvalidConfig(str(exc)) from None
     settle_heap()
     _run_explained(agent.run())
 
 
 @main.command("check-config")
-@click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def check_config(config_path: Path) -> None:
-    """Validate a configuration file and summarise it."""
+@config_option(required=False)
+@click.argument(
+    "legacy_path",
+    metavar="[FILE]",
+    required=False,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.pass_context
+def check_config(ctx: click.Context, config_path: Path | None, legacy_path: Path | None) -> None:
+    """Validate a configuration file and summarise it.
+
+    FILE as an argument (check-config FILE) is the old form of --config FILE: deprecated.
+    """
     from gateway.registry import Registry
 
-    try:
-        config = load_config(config_path)
-        if config.ocpp_central is not None:
-            from adapters.ocpp.central import OcppCentral
-            from adapters.ocpp.charger import OcppCharger
+    if legacy_path is not None:
+        if ctx.get_parameter_source("config_path") is ParameterSource.COMMANDLINE:
+            raise click.UsageError("give the configuration once: --config FILE")
+        click.echo(
+            "warning: check-config FILE is deprecated: use check-config --config FILE", err=True
+        )
+        config_path = legacy_path
+    if config_path is None:
+        raise click.UsageError(f"Missing option '--config' (or {CONFIG_ENV}).")
+    config = _load(config_path)
+    if config.ocpp_central is not None:
+        from adapters.ocpp.central import OcppCentral
+        from adapters.ocpp.charger import OcppCharger
 
+        try:
             # Reads the chargers' secrets and the TLS files, as a start would.
             OcppCentral(config.ocpp_central, charger_factory=OcppCharger)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        except ConfigError as exc:
+            raise InvalidConfig(str(exc)) from None
     registry = Registry([d.as_device() for d in config.devices], config.groups)
     click.echo(f"ok: gateway {config.gateway_id}, {len(registry)} device(s), groups:")
     for group_id in sorted(registry.groups()):
@@ -240,15 +279,13 @@ def schema(out: Path | None) -> None:
     show_default=True,
     help="auto: mosquitto if on PATH, else the embedded broker.",
 )
-@click.pass_context
-def demo(ctx: click.Context, duration: float, batteries: int, broker: str) -> None:
+def demo(duration: float, batteries: int, broker: str) -> None:
     """Self-contained demo: broker, simulated batteries, gateway and a scripted Grid DERMS."""
     from composition.demo import run_demo
 
-    _setup_logging(ctx.obj["verbose"])
     result = run_until_signal(run_demo(duration_s=duration, batteries=batteries, broker=broker))
     if result is not None and not result:
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
 
 
 @main.group()
@@ -344,13 +381,7 @@ def broker() -> None:
 
 @broker.command("provision")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The gateway's configuration ([broker], [device_mqtt], the MQTT devices).",
-)
+@config_option(help="The gateway's configuration ([broker], [device_mqtt], the MQTT devices).")
 @click.option("--grid-derms-user", default="grid-derms", show_default=True)
 @click.option(
     "--gateway-user",
@@ -396,10 +427,7 @@ def broker_provision(
     from composition.broker_provision import AuthMode, ProvisionError, provision
     from composition.certs import load_ca
 
-    try:
-        config = load_config(config_path, check_files=False)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = _load(config_path, check_files=False)
     ca = None
     if ca_dir is not None:
         try:
@@ -417,7 +445,9 @@ def broker_provision(
             install_dir=install_dir,
             rotate=rotate_secrets,
         )
-    except (ProvisionError, ValueError) as exc:
+    except ProvisionError as exc:
+        raise InvalidConfig(str(exc)) from None
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot write {out_dir}: {exc}") from None
@@ -439,7 +469,7 @@ def simulate() -> None:
     """Run a device simulator standalone (for integrators testing their own tools)."""
 
 
-@simulate.command("battery")
+@simulate.command("battery", min_verbosity=1)
 @click.option("--port", type=click.IntRange(1, 65535), default=5020, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--unit-id", type=click.IntRange(1, 247), default=1, show_default=True)
@@ -454,9 +484,7 @@ def simulate() -> None:
     show_default=True,
     help="Speed up state-of-charge changes by this factor.",
 )
-@click.pass_context
 def simulate_battery(
-    ctx: click.Context,
     port: int,
     host: str,
     unit_id: int,
@@ -469,7 +497,6 @@ def simulate_battery(
     """A SunSpec (models 1, 701, 702, 704, 713, 802) battery on Modbus TCP."""
     from simulators.sunspec_battery import serve_battery
 
-    _setup_logging(max(1, ctx.obj["verbose"]))
     click.echo(f"SunSpec battery on {host}:{port} unit {unit_id} (map at 40000); Ctrl-C stops it")
     run_until_signal(
         serve_battery(

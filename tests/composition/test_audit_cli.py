@@ -71,8 +71,8 @@ def write_log(folder: Path, *, max_bytes: int = 1 << 20) -> dict[str, str]:
     return marks
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["audit", *args])
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["audit", *args], env=env)
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -206,6 +206,14 @@ sunspec = { port = 5020 }
     assert (code, shown(out)) == (0, [("command.rejected", "d2", "-")])
     code, out, _ = run("verify", "--config", str(site / "gw.toml"))
     assert code == 0, out
+    # DERMS_CONFIG stands for --config; an explicit --path wins over it.
+    env = {"DERMS_CONFIG": str(site / "gw.toml")}
+    code, out, _ = run("show", "--kind", "command.rejected", env=env)
+    assert (code, shown(out)) == (0, [("command.rejected", "d2", "-")])
+    write_log(tmp_path / "other")
+    code, out, _ = run("show", "--path", str(tmp_path / "other"), "--json", env=env)
+    assert code == 0
+    assert out == (tmp_path / "other" / "audit.jsonl").read_text()
 
 
 def test_it_says_what_is_missing(tmp_path: Path) -> None:

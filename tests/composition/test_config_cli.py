@@ -126,10 +126,10 @@ def test_docs_schemas_are_current() -> None:
 def test_cli_check_config_reports_problems(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[devices]]\ndevice_id = "b 1"\n')
-    result = run_cli("check-config", str(bad))
-    assert result.returncode != 0
+    result = run_cli("check-config", "--config", str(bad))
+    assert result.returncode == 2
     assert "devices[0].device_id" in result.stderr
-    ok = run_cli("check-config", str(ROOT / "examples" / "gateway.toml"))
+    ok = run_cli("check-config", "--config", str(ROOT / "examples" / "gateway.toml"))
     assert ok.returncode == 0
     assert "feeder:north-f1: 1 device(s)" in ok.stdout
 
@@ -146,7 +146,7 @@ def test_broker_secret_and_certificate_files_must_exist(tmp_path: Path) -> None:
             "[broker]\nusername = 'gw'\npassword_file = 'secrets/gw.password'\n",
         )
     )
-    result = run_cli("check-config", str(config))
+    result = run_cli("check-config", "--config", str(config))
     assert result.returncode != 0
     assert f"broker.password_file: {tmp_path / 'secrets/gw.password'} does not exist" in (
         result.stderr
@@ -159,7 +159,7 @@ def test_broker_secret_and_certificate_files_must_exist(tmp_path: Path) -> None:
     (tmp_path / "pki").mkdir()
     (tmp_path / "pki/gw.pem").write_text("-")
     assert load_config(config).broker.password_file == tmp_path / "secrets/gw.password"
-    ok = run_cli("check-config", str(config))
+    ok = run_cli("check-config", "--config", str(config))
     assert ok.returncode == 0, ok.stderr
     assert "warning" not in ok.stdout
 

@@ -495,12 +495,12 @@ def test_cli_check_config_reads_the_secrets_and_certs_issue_sets_the_o(tmp_path:
         '[[ocpp_central.chargers]]\ncharge_point_id = "CP-1"\npassword_file = "CP-1.key"\n'
         'location = { substation = "s1", feeder = "f1" }\n'
     )
-    missing = runner.invoke(main, ["check-config", str(config)])
+    missing = runner.invoke(main, ["check-config", "--config", str(config)])
     assert missing.exit_code != 0
     assert "cannot read password_file" in missing.output
     assert str(tmp_path / "CP-1.key") in missing.output  # resolved against the config's folder
     (tmp_path / "CP-1.key").write_text(CP1_KEY)
-    assert runner.invoke(main, ["check-config", str(config)]).exit_code == 0
+    assert runner.invoke(main, ["check-config", "--config", str(config)]).exit_code == 0
 
     assert runner.invoke(main, ["certs", "ca", str(tmp_path)]).exit_code == 0
     issued = runner.invoke(main, ["certs", "issue", str(tmp_path), "CP-1", "--org", CPO])
