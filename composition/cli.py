@@ -18,6 +18,7 @@ import click
 from composition.audit_cli import audit
 from composition.config import load_config
 from composition.runtime import settle_heap
+from composition.status_cli import status
 from unified.config import ConfigError
 from unified.model import json_schemas
 
@@ -486,6 +487,7 @@ def simulate_battery(
 
 
 main.add_command(audit)
+main.add_command(status)
 
 
 if __name__ == "__main__":
