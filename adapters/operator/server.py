@@ -366,7 +366,11 @@ class OperatorServer:
         A port that cannot be bound (taken, not allowed) is logged and tried again every
         ``_RETRY_BIND_S``: the endpoint is for watching the gateway, and must never be why it
         stops serving the grid."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Open requests get 2 s to finish on a stop: a scraper's kept-alive connection must
+        # not hold up the gateway's shutdown.
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await runner.setup()
         try:
             async with asyncio.TaskGroup() as tg:
