@@ -119,6 +119,15 @@ async def test_metrics_follow_dispatch_refusals_and_a_device_going_offline(fleet
         }
     )
     await fleet.grid.wait_for_state("m1", AckState.ACTIVE, 5)
+    # The batteries discharge 4 kW between them, and the group metrics say so.
+    await scrape_until(
+        fleet,
+        lambda m: (
+            abs((value(m, "derms_group_measured_power_watts", group="substation:s1") or 0) + 4000)
+            < 100
+        ),
+        5,
+    )
     await fleet.grid.send(
         {
             "type": "dispatch",
