@@ -2,14 +2,15 @@
 
 :class:`GatewayApp` builds, from a :class:`GatewayConfig`, the endpoints devices reach us on (the
 2030.5 server, the device MQTT link, the OpenADR VTN, the OCPP central), the device adapters, the
-domain core (:class:`gateway.core.Gateway`) and the uplinks that command it (Grid DERMS over MQTT,
-our OpenADR VEN), and runs them all in one TaskGroup, one named task each.
+domain core (:class:`gateway.core.Gateway`), the uplinks that command it (Grid DERMS over MQTT,
+our OpenADR VEN) and the operator endpoint (metrics, health, status), and runs them all in one
+TaskGroup, one named task each.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from adapters.grid_derms.link import Northbound
 from adapters.grid_derms.uplink import GridDermsUplink
@@ -18,6 +19,8 @@ from adapters.ocpp.central import OcppCentral
 from adapters.ocpp.charger import OcppCharger
 from adapters.oem_vtn.vtn import OpenAdrVtn
 from adapters.openadr_ven.ven import OpenAdrVen, capacity_from_registry, submit_to_book
+from adapters.operator.peers import Peers
+from adapters.operator.server import Extension, OperatorServer
 from adapters.sep2_der.der import Sep2Der, refusals_to
 from adapters.sep2_der.server import Sep2Server
 from adapters.sunspec.battery import SunSpecBattery
@@ -72,7 +75,11 @@ class GatewayApp:
     """
 
     def __init__(
-        self, config: GatewayConfig, *, adapters: Mapping[str, DeviceAdapter] | None = None
+        self,
+        config: GatewayConfig,
+        *,
+        adapters: Mapping[str, DeviceAdapter] | None = None,
+        operator_extensions: Sequence[Extension] = (),
     ) -> None:
         self.config = config
         self.sep2_server: Sep2Server | None = None
@@ -123,6 +130,21 @@ class GatewayApp:
             self.ocpp_central.on_refused = RefusalRecorder(audit, "ocpp_central")
         if self.openadr_vtn is not None:
             self.openadr_vtn.on_refused = RefusalRecorder(audit, "openadr_vtn")
+        self.operator: OperatorServer | None = None
+        if config.operator.enabled:
+            self.operator = OperatorServer(
+                config.operator,
+                self.core,
+                peers=Peers(
+                    grid=self.uplink,
+                    device_mqtt=self.device_mqtt,
+                    sep2_server=self.sep2_server,
+                    ocpp_central=self.ocpp_central,
+                    openadr_vtn=self.openadr_vtn,
+                    openadr_ven=self.openadr_ven,
+                ),
+                extensions=operator_extensions,
+            )
         self.ready = asyncio.Event()
         """Set once the core is loaded and every endpoint and uplink task is started."""
 
@@ -142,6 +164,9 @@ class GatewayApp:
         """Run until cancelled: the core first (its command book loaded), then the endpoints
         devices reach us on, then the uplinks that command us."""
         async with asyncio.TaskGroup() as tg:
+            if self.operator is not None:
+                # First, so health checks answer (not ready) while the core loads its store.
+                tg.create_task(self.operator.run(), name="operator")
             tg.create_task(self.core.run(), name="core")
             # Should the core fail to start, the group cancels this wait and raises its error.
             await self.core.ready.wait()

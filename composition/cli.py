@@ -27,6 +27,7 @@ from composition.cli_base import (
 )
 from composition.config import GatewayConfig, load_config
 from composition.runtime import settle_heap
+from composition.status_cli import status
 from unified.config import ConfigError
 from unified.model import json_schemas
 
@@ -513,6 +514,7 @@ def simulate_battery(
 
 
 main.add_command(audit)
+main.add_command(status)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from adapters.mqtt_devices.devices import DeviceMqttConfig, MqttDeviceSettings
 from adapters.ocpp.central import OcppCentralConfig
 from adapters.oem_vtn.vtn import OpenAdrVtnConfig
 from adapters.openadr_ven.ven import OpenAdrVenConfig
+from adapters.operator.config import OperatorConfig
 from adapters.sep2_der.der import Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2ServerConfig
 from adapters.sunspec.battery import SunSpecEndpoint
@@ -96,6 +97,10 @@ class GatewayConfig(CoreConfig):
     )
     openadr_ven: OpenAdrVenConfig | None = Field(
         default=None, description="Take orders from a utility's OpenADR 2.0b VTN as a VEN"
+    )
+    operator: OperatorConfig = Field(
+        default=OperatorConfig(),
+        description="The operator endpoint: Prometheus metrics, health checks, status",
     )
 
     @model_validator(mode="after")
@@ -197,6 +202,7 @@ class GatewayConfig(CoreConfig):
             "history": self.history.model_copy(update=rebase(base, self.history, "path")),
             "broker": self.broker.rebased(base),
             "audit": self.audit.model_copy(update=rebase(base, self.audit, "path")),
+            "operator": self.operator.rebased(base),
         }
         if self.device_mqtt is not None:
             update["device_mqtt"] = self.device_mqtt.rebased(base)
@@ -239,7 +245,10 @@ class GatewayConfig(CoreConfig):
     def file_problems(self) -> list[str]:
         """Secret and certificate files the configuration names that cannot be read."""
         logins = self.broker_logins().items()
-        return [problem for name, login in logins for problem in login.file_problems(name)]
+        problems = [problem for name, login in logins for problem in login.file_problems(name)]
+        if self.operator.enabled:
+            problems += self.operator.file_problems()
+        return problems
 
     def security_warnings(self) -> list[str]:
         """What is allowed but weak (plain-text passwords, no TLS off this host, keys others
@@ -247,7 +256,7 @@ class GatewayConfig(CoreConfig):
         out = self.broker.warnings("broker", self.broker.host)
         if self.device_mqtt is not None:
             out += self.device_mqtt.warnings("device_mqtt", self.device_mqtt.host)
-        return out
+        return out + self.operator.warnings()
 
 
 class EdgeAgentConfig(GatewayConfig):

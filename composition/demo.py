@@ -104,6 +104,8 @@ def demo_config(
         "gateway_id": GATEWAY_ID,
         "broker": {"port": broker_port, "protocol": protocol},
         "store": {"path": str(store)},
+        # The demo is watched on its own output; a machine may run one on 9108 already.
+        "operator": {"enabled": False},
         "timing": {
             "control_period_s": 0.5,
             "poll_interval_s": 1.0,

@@ -38,6 +38,7 @@ from gateway.audit import CORE_SOURCE, NO_AUDIT, AuditKind, AuditLog, AuditTrail
 from gateway.clock import ClockStep, ClockWatch
 from gateway.commands import CommandBook
 from gateway.config import CoreConfig
+from gateway.cycles import CycleStats
 from gateway.delivery import (
     BaselineTracker,
     DeliveryLoop,
@@ -169,7 +170,17 @@ class Gateway:
         self._wake = asyncio.Event()
         self.clock = ClockWatch()
         """Wall-clock steps between control cycles (:mod:`gateway.clock`)."""
+        timing = config.timing
+        self.control_cycles = CycleStats(timing.control_period_s)
+        self.telemetry_cycles = CycleStats(timing.telemetry_period_s)
+        """What each control and telemetry cycle took, and when the last ended (for the
+        operator's metrics and health checks)."""
+        self.last_group_telemetry: tuple[GroupTelemetry, ...] = ()
+        """What the last telemetry cycle published for each group."""
         self.supervisors: dict[str, DeviceSupervisor] = {}
+        self._own_schedule: dict[str, ReportsOnItsOwnSchedule] = {}
+        """Adapters whose devices report on their own schedule, found once: a runtime check
+        against a Protocol costs ~20 µs, and device_states asks for every device each cycle."""
         self._tasks: asyncio.TaskGroup | None = None
         for adapter in adapters.values():
             self._supervise(adapter)
@@ -268,6 +279,8 @@ class Gateway:
             on_result=self._on_device_result,
         )
         self.supervisors[adapter.device_id] = supervisor
+        if isinstance(adapter, ReportsOnItsOwnSchedule):
+            self._own_schedule[adapter.device_id] = adapter
         return supervisor
 
     # ------------------------------------------------------------------ telemetry quality
@@ -752,9 +765,9 @@ class Gateway:
     def stale_after_s(self, device_id: str) -> float:
         """How old a reading may be: the gateway's setting, or longer for an adapter whose
         devices report slowly by design (a 2030.5 client posts every minute or five)."""
-        adapter = self.supervisors[device_id].adapter
         base = self.config.timing.stale_after_s
-        if isinstance(adapter, ReportsOnItsOwnSchedule):
+        adapter = self._own_schedule.get(device_id)
+        if adapter is not None:
             return max(base, float(adapter.stale_after_s))
         return base
 
@@ -1055,10 +1068,13 @@ class Gateway:
     async def _control_loop(self) -> None:
         period = self.config.timing.control_period_s
         while True:
+            started, failed = time.perf_counter(), False
             try:
                 await self.control_once()
             except Exception:  # the control loop must outlive any one bad cycle
+                failed = True
                 log.exception("control cycle failed")
+            self.control_cycles.observe(time.perf_counter() - started, failed=failed)
             try:
                 async with asyncio.timeout(period):
                     await self._wake.wait()
@@ -1176,10 +1192,12 @@ class Gateway:
         while True:
             await asyncio.sleep(period)
             now = utcnow()
+            started, failed = time.perf_counter(), False
             try:
                 self.estimate_cycle(now)
                 self._track_availability(now)
             except Exception:  # loop boundary: one bad cycle must not end telemetry (or control)
+                failed = True
                 log.exception("telemetry estimation cycle failed")
             if time.monotonic() >= flex_due or self._flex_outdated:
                 flex_due = time.monotonic() + self.config.flex.period_s
@@ -1187,11 +1205,16 @@ class Gateway:
                 try:
                     self._publish_flex(now)
                 except Exception:  # a forecast must never take telemetry down with it
+                    failed = True
                     log.exception("flexibility forecast failed")
             try:
-                for group in self.group_telemetry(now):
+                groups = self.group_telemetry(now)
+                self.last_group_telemetry = tuple(groups)
+                for group in groups:
                     self.publisher.group_telemetry(group)
                 for device in self.device_telemetry(now):
                     self.publisher.device_telemetry(device)
             except Exception:  # loop boundary: the next period publishes again
+                failed = True
                 log.exception("publishing telemetry failed")
+            self.telemetry_cycles.observe(time.perf_counter() - started, failed=failed)

@@ -88,6 +88,16 @@ class Northbound:
     def mqtt5(self) -> bool:
         return self._config.protocol == "5"
 
+    @property
+    def pending_acks(self) -> int:
+        """Acks, answers and reports queued for the broker (kept while the link is down)."""
+        return len(self._acks)
+
+    @property
+    def pending_telemetry(self) -> int:
+        """Telemetry queued for the broker (dropped while the link is down)."""
+        return len(self._telemetry)
+
     # ------------------------------------------------------------------ outbound API
     def publish_reliable(self, message: Outgoing) -> None:
         """Queue an ack-like message: kept while the link is down, sent in order."""

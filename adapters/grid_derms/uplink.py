@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import ValidationError
 
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GridDermsUplink", "mqtt_source"]
+__all__ = ["GridDermsUplink", "UplinkStats", "mqtt_source"]
 
 _MAX_USER_PROPERTIES = 8
 
@@ -64,6 +66,19 @@ def mqtt_source(
     return ";".join(parts)
 
 
+MessageKind = Literal["command", "flex_request", "performance_request", "weather"]
+
+
+@dataclass(slots=True)
+class UplinkStats:
+    """What Grid DERMS sent us, by message kind, and what of it was refused, by kind and reason
+    (for the operator's metrics; a few dict increments per message)."""
+
+    received: Counter[str] = field(default_factory=Counter)
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """By (message kind, :class:`unified.model.Reason` value)."""
+
+
 class GridDermsUplink:
     """The core's link to Grid DERMS. Build it, hand it to the core as its publisher, then
     :meth:`bind` it to that core before :meth:`run`."""
@@ -73,6 +88,7 @@ class GridDermsUplink:
         self._response_prefix = config.response_topic_prefix
         self._bucket = TokenBucket(config.commands_per_s, config.commands_burst)
         self._core: Gateway | None = None
+        self.stats = UplinkStats()
         self.link = Northbound(
             config,
             self.topics,
@@ -112,14 +128,25 @@ class GridDermsUplink:
                 log.warning("%s (on %s)", problem, topic)
                 self._error(Reason.RESPONSE_TOPIC_REFUSED, problem, topic, payload, source=source)
                 reply = None  # answered on the usual topics only
-        if topic == self.topics.flex_requests:
+        kind = self._kind(topic)
+        self.stats.received[kind] += 1
+        if kind == "flex_request":
             self._flex_request(payload, reply, topic, source)
-        elif topic == self.topics.performance_requests:
+        elif kind == "performance_request":
             await self._performance_request(payload, reply, topic, source)
-        elif topic == self.topics.weather:
+        elif kind == "weather":
             await self._weather(payload, topic, source)
         else:
             await self._command(payload, reply, topic, source)
+
+    def _kind(self, topic: str) -> MessageKind:
+        if topic == self.topics.flex_requests:
+            return "flex_request"
+        if topic == self.topics.performance_requests:
+            return "performance_request"
+        if topic == self.topics.weather:
+            return "weather"
+        return "command"
 
     async def _command(
         self, payload: bytes, reply: ReplyTo | None, topic: str, source: str
@@ -129,6 +156,7 @@ class GridDermsUplink:
         except CommandDecodeError as exc:
             log.warning("bad command on %s: %s", topic, exc)
             if exc.command_id is not None:
+                self.stats.refused["command", exc.reason.value] += 1
                 self._audit_refusal(
                     AuditKind.COMMAND_REFUSED,
                     exc.reason,
@@ -164,7 +192,7 @@ class GridDermsUplink:
             )
             return
         try:
-            await self.core.submit(command, reply, source=source)
+            ack = await self.core.submit(command, reply, source=source)
         except CoreError as exc:  # the core has recorded its refusal
             self._error(exc.reason, exc.detail, topic, payload, command.command_id, audit=False)
         except Exception as exc:  # e.g. the store's disk is full: say so, keep the link up
@@ -178,6 +206,9 @@ class GridDermsUplink:
                 source=source,
                 kind=AuditKind.COMMAND_REFUSED,
             )
+        else:
+            if ack.state is AckState.REJECTED and ack.reason is not None:
+                self.stats.refused["command", ack.reason.value] += 1
 
     def _flex_request(self, payload: bytes, reply: ReplyTo | None, topic: str, source: str) -> None:
         try:
@@ -224,8 +255,8 @@ class GridDermsUplink:
         except CoreError as exc:
             self._error(exc.reason, exc.detail, topic, payload, source=source)
             return
-        if warning is not None:
-            self._error(Reason.INTERNAL, warning, topic, payload, audit=False)  # not a refusal
+        if warning is not None:  # not a refusal
+            self._error(Reason.INTERNAL, warning, topic, payload, audit=False, refused=False)
 
     def _audit_refusal(
         self,
@@ -260,8 +291,11 @@ class GridDermsUplink:
         source: str | None = None,
         kind: AuditKind = AuditKind.INPUT_REFUSED,
         audit: bool = True,
+        refused: bool = True,
     ) -> None:
         """An answer on ``errors``, and (unless the core has) a record of the refusal."""
+        if refused:
+            self.stats.refused[self._kind(topic), reason.value] += 1
         if audit:
             self._audit_refusal(
                 kind, reason, detail, topic, payload, source or mqtt_source(topic), command_id

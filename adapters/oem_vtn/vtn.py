@@ -47,7 +47,7 @@ import logging
 import math
 import ssl
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -418,6 +418,11 @@ class OpenAdrVtn:
         self._refused_logged: set[tuple[str, str]] = set()
         self.on_refused: RefusalHook | None = None
         """Told of every refused request: ``(source, reason, detail)`` (the audit trail)."""
+        self.answered: Counter[int] = Counter()
+        """Requests answered, by HTTP status (the operator's metrics)."""
+        self.refusals: Counter[str] = Counter()
+        """Requests refused before openleadr, by reason: ``invalid``, ``not_authorised``,
+        ``registration`` (a VEN not configured, or with another certificate)."""
         self.opts: dict[tuple[str, str], OptSchedule] = {}
         """EiOpt schedules by (VEN name, optID), windowed or for one event."""
         self._opts_by_device: dict[str, list[OptSchedule]] = {}
@@ -566,6 +571,13 @@ class OpenAdrVtn:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """Refuse what must not reach openleadr (and thus never reaches a device)."""
+        response = await self._admit(request, handler)
+        self.answered[response.status] += 1
+        return response
+
+    async def _admit(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         limit = self.config.max_message_bytes
         if request.content_length is not None and request.content_length > limit:
             return self._refuse_http(request, 413, f"message larger than {limit} bytes")
@@ -608,8 +620,9 @@ class OpenAdrVtn:
             self._refused_logged.add((peer, reason))
             log.warning("OpenADR VTN refused a request from %s: %s", peer, detail or reason)
         text = reason if detail is None else f"{reason}: {detail[:300]}"
+        kind = "invalid" if status in (400, 413, 415) else "not_authorised"
+        self.refusals[kind] += 1
         if self.on_refused is not None:
-            kind = "invalid" if status in (400, 413, 415) else "not_authorised"
             self.on_refused(f"openadr-ven:{peer}", kind, text)
         return web.Response(status=status, text=text, content_type="text/plain")
 
@@ -633,6 +646,7 @@ class OpenAdrVtn:
                 reason = f"certificate fingerprint {presented} does not match the configuration"
         if reason is None:
             return None
+        self.refusals["registration"] += 1
         key = (name[:64], reason)
         if key not in self._refused_logged:  # a refused VEN retries forever: say it once
             self._refused_logged.add(key)

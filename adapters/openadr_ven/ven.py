@@ -31,6 +31,7 @@ import logging
 import random
 import ssl
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -348,6 +349,8 @@ class OpenAdrVen:
         self.registration: Registration | None = None
         self.state = VenState()
         self.reachable: bool | None = None
+        self.polls: Counter[str] = Counter()
+        """Poll cycles with the VTN by outcome, ``ok`` or ``failed`` (the operator's metrics)."""
         # Reports registered and events requested since the (re-)registration or the start.
         self._synced = False
         self.ready = asyncio.Event()
@@ -419,14 +422,17 @@ class OpenAdrVen:
                 await self._flush(announce=True)
                 await self._poll_until_empty()
             except (VtnUnavailable, VtnProtocolError, RegistrationRefused) as exc:
+                self.polls["failed"] += 1
                 self._mark_down(exc)
                 delay = backoff * self._rng.uniform(0.5, 1.0)
                 backoff = min(backoff * 2, self.config.backoff_max_s)
             except Exception:  # e.g. the store's disk: the loop must outlive one bad cycle
+                self.polls["failed"] += 1
                 log.exception("OpenADR VEN poll cycle failed")
                 delay = backoff * self._rng.uniform(0.5, 1.0)
                 backoff = min(backoff * 2, self.config.backoff_max_s)
             else:
+                self.polls["ok"] += 1
                 self._mark_up()
                 backoff = self.config.backoff_initial_s
                 delay = self._poll_delay()

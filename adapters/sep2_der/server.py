@@ -55,7 +55,7 @@ import re
 import ssl
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -649,6 +649,8 @@ class Sep2Server:
         """Told of every request refused for who sent it (403 out of scope, 429 over quota):
         ``(source, reason, detail)`` (the audit trail)."""
         """Per-client request quotas; ``quotas.refused`` counts the 429s by client."""
+        self.answered: Counter[int] = Counter()
+        """Requests answered, by HTTP status (the operator's metrics)."""
         self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
@@ -1081,6 +1083,13 @@ class Sep2Server:
 
     @web.middleware
     async def _error_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        response = await self._answer(request, handler)
+        self.answered[response.status] += 1
+        return response
+
+    async def _answer(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         try:
