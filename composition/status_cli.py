@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from adapters.broker_security import CredentialsUnavailable
 from adapters.operator.config import OperatorConfig
+from composition.cli_base import config_option
 from unified.config import ConfigError, describe_errors
 
 __all__ = [
@@ -166,13 +167,7 @@ def format_status(document: dict[str, Any]) -> str:
 
 
 @click.command("status")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The running gateway's configuration (its [operator] endpoint and password).",
-)
+@config_option(help="The running gateway's configuration (its [operator] endpoint and password).")
 @click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
 @click.option(
     "--timeout",

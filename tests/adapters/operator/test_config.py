@@ -13,6 +13,8 @@ from unified.config import ConfigError
 
 BASE = """
 gateway_id = "gw"
+[settlement]
+timezone = "America/New_York"
 [[devices]]
 device_id = "b1"
 der_class = "battery"

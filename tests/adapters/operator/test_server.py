@@ -30,6 +30,7 @@ def app_config(tmp_path: Path, **operator: Any) -> dict[str, Any]:
         "gateway_id": "gw-op",
         "store": {"path": str(tmp_path / "store" / "gw.sqlite")},
         "operator": {"port": 0, **operator},
+        "settlement": {"timezone": "America/New_York"},
         "devices": [
             {
                 "device_id": "b1",
