@@ -1,5 +1,5 @@
-"""``derms-gateway``: run the gateway, the demo, a simulator, print the message schemas, or read
-the audit log."""
+"""``derms-gateway``: run the gateway, the demo, a simulator, print the message schemas, read
+the audit log, or draw a command's report."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import click
 
 from composition.audit_cli import audit
 from composition.config import load_config
+from composition.report_cli import report
 from composition.runtime import settle_heap
 from unified.config import ConfigError
 from unified.model import json_schemas
@@ -486,6 +487,7 @@ def simulate_battery(
 
 
 main.add_command(audit)
+main.add_command(report)
 
 
 if __name__ == "__main__":
