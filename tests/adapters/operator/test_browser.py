@@ -15,7 +15,9 @@ import pytest
 
 from tests.adapters.operator.browser import Chromium, read_png, require_chromium
 from tests.adapters.operator.conftest import ViewServer
+from tests.adapters.operator.samples import performance_report
 from tests.e2e.fleet import iso
+from unified.model import utcnow
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("chromium")]
 
@@ -44,11 +46,30 @@ async def test_the_page_shows_the_topology_and_each_groups_power(view: ViewServe
             what="the feeder's estimate band",
         )
         dom = await browser.dom()
+        # A settled dispatch's picture, asked for by id in the page's report form.
+        assert view.core.history is not None
+        await view.core.history.save_report(
+            "shed-1", utcnow(), performance_report().model_dump_json()
+        )
+        await browser.evaluate(
+            "document.getElementById('report-id').value = 'shed-1';"
+            " document.getElementById('report-id').dispatchEvent(new Event('input'));"
+            " document.getElementById('report-form').requestSubmit()"
+        )
+        size = await browser.wait_for(
+            "(() => { const i = document.querySelector('#chart img');"
+            " return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null;"
+            " })()",
+            what="the report's picture in the page",
+        )
+        csv_link = await browser.evaluate("document.getElementById('report-csv').href")
         parents = await browser.evaluate(
             "Object.fromEntries([...document.querySelectorAll('#tree .node')].map(n => {"
             " const up = n.closest('li').parentElement.closest('li');"
             " return [n.dataset.group, up ? up.querySelector('.node').dataset.group : null]; }))"
         )
+    assert size == [720, 340]
+    assert csv_link == view.origin + "/view/reports/shed-1.csv"
     # The whole tree, nested substation > feeder > feeder section > transformer.
     assert parents == {
         "substation:s1": None,
