@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
+from aiohttp import web
+
 from adapters.grid_derms.link import Northbound
 from adapters.grid_derms.uplink import GridDermsUplink
 from adapters.mqtt_devices.devices import DeviceMqttLink, build_mqtt_adapter
@@ -19,8 +21,10 @@ from adapters.ocpp.central import OcppCentral
 from adapters.ocpp.charger import OcppCharger
 from adapters.oem_vtn.vtn import OpenAdrVtn
 from adapters.openadr_ven.ven import OpenAdrVen, capacity_from_registry, submit_to_book
+from adapters.operator.auth import BasicAuth
 from adapters.operator.peers import Peers
 from adapters.operator.server import Extension, OperatorServer
+from adapters.operator.view import add_view
 from adapters.sep2_der.der import Sep2Der, refusals_to
 from adapters.sep2_der.server import Sep2Server
 from adapters.sunspec.battery import SunSpecBattery
@@ -132,6 +136,15 @@ class GatewayApp:
             self.openadr_vtn.on_refused = RefusalRecorder(audit, "openadr_vtn")
         self.operator: OperatorServer | None = None
         if config.operator.enabled:
+            op = config.operator
+            view_auth = BasicAuth(
+                op.user, password_file=op.password_file, password_env=op.password_env
+            )
+            core = self.core
+
+            def live_view(app: web.Application) -> None:
+                add_view(app, core, view_auth)
+
             self.operator = OperatorServer(
                 config.operator,
                 self.core,
@@ -143,7 +156,7 @@ class GatewayApp:
                     openadr_vtn=self.openadr_vtn,
                     openadr_ven=self.openadr_ven,
                 ),
-                extensions=operator_extensions,
+                extensions=(live_view, *operator_extensions),
             )
         self.ready = asyncio.Event()
         """Set once the core is loaded and every endpoint and uplink task is started."""

@@ -1,5 +1,5 @@
-"""``derms-gateway``: run the gateway, the demo, a simulator, print the message schemas, or read
-the audit log."""
+"""``derms-gateway``: run the gateway, the demo, a simulator, print the message schemas, read
+the audit log, or draw a command's report."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from composition.cli_base import (
     config_option,
 )
 from composition.config import GatewayConfig, load_config
+from composition.report_cli import report
 from composition.runtime import settle_heap
 from composition.status_cli import status
 from unified.config import ConfigError
@@ -515,6 +516,7 @@ def simulate_battery(
 
 main.add_command(audit)
 main.add_command(status)
+main.add_command(report)
 
 
 if __name__ == "__main__":

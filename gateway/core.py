@@ -188,6 +188,9 @@ class Gateway:
         self._availability: dict[str, float] = {}
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
+        self.ack_listeners: list[Callable[[Ack], None]] = []
+        """Called with every ack as it is published (the operator's live view). A listener
+        must return at once: it runs inside the command book's lifecycle step."""
         self.plan = dispatch.Plan()
         self._refusals: list[_Refusal] = []
         self._last_reading: dict[str, datetime] = {}
@@ -377,6 +380,11 @@ class Gateway:
     def _publish_ack(self, ack: Ack, reply: object | None) -> None:
         self.publisher.ack(ack, reply)
         self._track_for_settlement(ack)
+        for listener in self.ack_listeners:
+            try:
+                listener(ack)
+            except Exception:  # an observer must never stop a lifecycle step
+                log.exception("ack listener failed")
 
     # ------------------------------------------------------------------ flexibility
     def flex_forecast(self, request: FlexRequest, now: datetime | None = None) -> FlexForecast:
@@ -1158,6 +1166,24 @@ class Gateway:
                 )
             out.append(telemetry)
         return out
+
+    def group_baselines(self, now: datetime) -> dict[str, float]:
+        """Each group's net power without the gateway's setpoints, by group id: a member left
+        alone at its measured power (its learnt baseline when it does not report), a held
+        thermal load at its learnt baseline, a held battery, EV or inverter at nothing (its
+        setpoint is its power). The counterfactual a ``target`` dispatch plans from
+        (:func:`gateway.dispatch.group_baseline`)."""
+        states = self.device_states(now)
+        held = self.plan.setpoints.keys()
+        return {
+            group_id: round(
+                dispatch.group_baseline(
+                    self.registry.members(group_id), states, self._autonomous_kw, controlled=held
+                ),
+                3,
+            )
+            for group_id in sorted(self.registry.groups())
+        }
 
     def device_telemetry(self, now: datetime) -> list[DeviceTelemetry]:
         self._flush_quality()
