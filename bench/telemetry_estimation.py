@@ -81,6 +81,8 @@ VENDOR_MIX = (
 )
 VENDOR_FINGERPRINT = np.array([True, False, True, False, True, False])
 VENDOR_HINT = np.array([True, True, False, False, True, False])
+EVENT_OFFSET_C = 2.0
+EVENT_BATTERY_KW = 3.0
 # Nameplate bounds configured in the registry (looser than most devices' real draw).
 BOUNDS = {AC: (-0.1, 7.0), WH: (-0.1, 6.0), EV: (-0.1, 12.0), BAT: (-5.5, 5.5)}
 
@@ -139,6 +141,11 @@ class Fleet:
         self.bat_noise = np.zeros(n)
         self.power = np.zeros(n)
         self.state = np.zeros(n, dtype=np.int8)
+        # Demand response (scenario ``dr_event``): half the ACs raise their setpoint by 2 °C and
+        # half the batteries discharge at 3 kW for the event; both let go at its end.
+        self.event: tuple[float, float] | None = None
+        self.ac_in_event = (k == AC) & (rng.random(n) < 0.5)
+        self.bat_in_event = (k == BAT) & (rng.random(n) < 0.5)
         self._rng = rng
         self._is = [k == j for j in range(4)]
 
@@ -155,6 +162,9 @@ class Fleet:
         is_ac, is_wh, is_ev, is_bat = self._is
         # AC: thermostat on a 1 °C deadband.
         sp = self.ac_sp - np.where(h >= 17.0, self.ac_evening_drop, 0.0)
+        in_event = self.event is not None and self.event[0] <= h < self.event[1]
+        if in_event:
+            sp = sp + np.where(self.ac_in_event, EVENT_OFFSET_C, 0.0)
         t_out = self.outdoor(h)
         self.t_in += ((t_out - self.t_in) / self.ac_tau - self.ac_on * self.ac_q) * dt
         self.t_in += rng.normal(0.0, 0.02, n)
@@ -183,6 +193,8 @@ class Fleet:
         discharge = (h >= 17.0) & (h < 21.0) & (self.bat_soc > 0.2)
         bp = np.where(charge, np.clip(self.bat_charge * (1 + 2 * self.bat_noise), 0.0, 5.0), 0.0)
         bp = np.where(discharge, -np.clip(self.bat_house * (1 + 2 * self.bat_noise), 0.0, 5.0), bp)
+        if in_event:
+            bp = np.where(self.bat_in_event & (self.bat_soc > 0.1), -EVENT_BATTERY_KW, bp)
         self.bat_soc += bp * dt / self.bat_cap
         power = np.where(is_ac, np.where(self.ac_on, self.ac_p, 0.03), 0.0)
         power = np.where(is_wh, np.where(self.wh_on, self.wh_p, 0.0), power)
@@ -202,6 +214,17 @@ class Scenario:
     vendor_outage: tuple[float, float] | None = None
     feeder_outage: tuple[float, float] | None = None
     backfill_s: float = 1800.0
+    #: Share of devices whose vendor reports W as kW (values x1000): the EV cloud of vendor 3.
+    w_as_kw: bool = False
+    #: Share of devices reporting kW as MW (x0.001) and share of loads reporting generator
+    #: convention (sign flipped).
+    milli_share: float = 0.0
+    sign_share: float = 0.0
+    #: Share of devices whose power sensor sticks at 0 kW (no flag) for 1-6 h.
+    stuck_zero_share: float = 0.0
+    #: Demand-response event window (hours), with 5 % of the event's batteries serving
+    #: frozen registers for its duration.
+    event: tuple[float, float] | None = None
 
 
 @dataclass
@@ -232,7 +255,13 @@ class Faults:
     """Turns true device behaviour into the reading stream a gateway would receive."""
 
     def __init__(
-        self, fleet: Fleet, sc: Scenario, rng: np.random.Generator, t0: float, t1: float
+        self,
+        fleet: Fleet,
+        sc: Scenario,
+        rng: np.random.Generator,
+        t0: float,
+        t1: float,
+        fingerprints: bool,
     ) -> None:
         n = fleet.n
         self.fleet, self.sc, self.rng = fleet, sc, rng
@@ -252,8 +281,23 @@ class Faults:
         stale = rng.random(n) < 0.01
         self.stale_from = np.where(stale, t0 + rng.uniform(0, span, n), np.inf)
         self.stale_to = self.stale_from + rng.uniform(1800, 3 * 3600, n)
-        self.has_fp = VENDOR_FINGERPRINT[fleet.vendor]
-        self.has_hint = VENDOR_HINT[fleet.vendor]
+        if sc.event is not None:
+            e0, e1 = DAY0 + sc.event[0] * 3600, DAY0 + sc.event[1] * 3600
+            frozen = fleet.bat_in_event & (rng.random(n) < 0.05)
+            self.stuck_from = np.where(frozen, e0, self.stuck_from)
+            self.stuck_to = np.where(frozen, e1, self.stuck_to)
+        # Unit errors: a multiplier per device on what it reports.
+        self.scale = np.ones(n)
+        if sc.w_as_kw:
+            self.scale[fleet.vendor == 3] = 1000.0
+        loads = fleet.kind != BAT
+        self.scale[(self.scale == 1.0) & (rng.random(n) < sc.milli_share)] = 0.001
+        self.scale[(self.scale == 1.0) & loads & (rng.random(n) < sc.sign_share)] = -1.0
+        zero = rng.random(n) < sc.stuck_zero_share
+        self.zero_from = np.where(zero, t0 + rng.uniform(0, span, n), np.inf)
+        self.zero_to = self.zero_from + rng.uniform(3600, 6 * 3600, n)
+        self.has_fp = VENDOR_FINGERPRINT[fleet.vendor] & fingerprints
+        self.has_hint = VENDOR_HINT[fleet.vendor] & fingerprints
         self.last_value = np.zeros(n)
         self.last_fp = np.ones(n, dtype=np.int64)
         self.last_dev = np.full(n, np.nan)
@@ -287,6 +331,10 @@ class Faults:
         self.up[rows] = up
         true = fl.power[rows]
         value = np.where(true != 0.0, true * (1.0 + 0.01 * rng.standard_normal(m)), 0.0)
+        # A power sensor stuck at zero; the rest of the payload (and its state) stays live.
+        zero = (t >= self.zero_from[rows]) & (t < self.zero_to[rows])
+        value = np.where(zero, 0.0, value)
+        value = value * self.scale[rows]
         self.counter += 1
         fp = np.where(self.has_fp[rows], rows.astype(np.int64) * 1_000_003 + self.counter, 0)
         state = fl.state[rows]
@@ -454,16 +502,43 @@ def metrics(truth: F, s: Series, mask: B) -> dict[str, dict[str, float]]:
     return out
 
 
+def coverage_by_hour(truth: F, s: Series, h: F, mask: B) -> dict[str, dict[int, float]]:
+    """90 % interval coverage per hour of the day, fleet and all feeders pooled (hours with
+    at least 30 scored cycles: the run's last instant is not an hour)."""
+    lo, hi = np.array(s.lo), np.array(s.hi)
+    inside = (lo <= truth) & (truth <= hi)
+    out: dict[str, dict[int, float]] = {"fleet": {}, "feeder": {}}
+    for hour in sorted({int(x) for x in h[mask]}):
+        sel = mask & (np.floor(h) == hour)
+        if sel.sum() < 30:
+            continue
+        out["fleet"][hour] = float(100 * inside[sel, 0].mean())
+        out["feeder"][hour] = float(100 * inside[sel, 1:].mean())
+    return out
+
+
 # --------------------------------------------------------------------------- one run
 
 
 def run(
-    sc: Scenario, n: int, seed: int, start_h: float, warm_h: float, end_h: float
+    sc: Scenario,
+    n: int,
+    seed: int,
+    start_h: float,
+    warm_h: float,
+    end_h: float,
+    fingerprints: bool = False,
 ) -> dict[str, Any]:
     fleet = Fleet(n, np.random.default_rng([seed, 0]), start_h)
+    fleet.event = sc.event
     t0, t1 = DAY0 + start_h * 3600, DAY0 + end_h * 3600
     faults = Faults(
-        fleet, sc, np.random.default_rng([seed, 1, zlib.crc32(sc.name.encode())]), t0, t1
+        fleet,
+        sc,
+        np.random.default_rng([seed, 1, zlib.crc32(sc.name.encode())]),
+        t0,
+        t1,
+        fingerprints,
     )
     profiles = [
         DeviceProfile(
@@ -550,6 +625,7 @@ def run(
         windows["outages"] = scored & w
     gw = series["gateway"]
     result: dict[str, Any] = {
+        "by_hour": coverage_by_hour(truth, gw, h, scored),
         "_trace": {
             "hours": h,
             "truth": truth,
@@ -600,6 +676,9 @@ def print_table(res: dict[str, Any]) -> None:
                     f"{win:8} {level:7} {name:16} {fmt(mm['mape'])} {fmt(mm['bias'], '+6.2f')} "
                     f"{fmt(mm['p95'])} {fmt(mm['coverage'], '6.1f')} {fmt(mm['width'])}"
                 )
+    for level in ("fleet", "feeder"):
+        cells = " ".join(f"{hh}h {c:.0f}" for hh, c in res["by_hour"][level].items())
+        print(f"cov90% by hour, {level:6}: {cells}")
     print(
         "aggregation cycle (snapshot + estimate + fleet & 20 feeders):"
         f" median {res['cycle_ms_median']:.1f} ms, p95 {res['cycle_ms_p95']:.1f} ms;"
@@ -607,47 +686,49 @@ def print_table(res: dict[str, Any]) -> None:
     )
 
 
+#: Fleet MAPE target per scenario (issue 13): random loss 1.5 %, every harder case 2.5 %.
+MAPE_TARGET = {"random20": 1.5}
+
+
 def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool]]:
     rows: list[tuple[str, str, bool]] = []
-    r20 = results["random20"]["methods"]["all"]["gateway"]
-    corr = results["correlated"]["methods"]
-    cw = corr.get("outages", corr["all"])["gateway"]
-    ca = corr["all"]["gateway"]
 
     def add(name: str, value: str, ok: bool) -> None:
         rows.append((name, value, ok))
 
-    add(
-        "fleet MAPE, 20% random loss <= 1.5%",
-        f"{r20['fleet']['mape']:.2f}%",
-        r20["fleet"]["mape"] <= 1.5,
-    )
-    add(
-        "fleet MAPE, correlated loss (all hours) <= 2.5%",
-        f"{ca['fleet']['mape']:.2f}%",
-        ca["fleet"]["mape"] <= 2.5,
-    )
-    add(
-        "fleet MAPE, correlated loss (outage hours) <= 2.5%",
-        f"{cw['fleet']['mape']:.2f}%",
-        cw["fleet"]["mape"] <= 2.5,
-    )
-    for label, m in (("random20", r20), ("correlated", ca), ("correlated outages", cw)):
-        for level in ("fleet", "feeder"):
-            b = m[level]["bias"]
-            what = "worst feeder" if level == "feeder" else "fleet"
-            add(f"{what} bias within ±1%, {label}", f"{b:+.2f}%", abs(b) <= 1.0)
-    for label, m in (("random20", r20), ("correlated", ca), ("correlated outages", cw)):
+    for name, res in results.items():
+        m = res["methods"]["all"]["gateway"]
+        goal = MAPE_TARGET.get(name, 2.5)
         add(
-            f"feeder MAPE <= 5%, {label}", f"{m['feeder']['mape']:.2f}%", m["feeder"]["mape"] <= 5.0
+            f"{name}: fleet MAPE <= {goal}%",
+            f"{m['fleet']['mape']:.2f}%",
+            m["fleet"]["mape"] <= goal,
         )
-    for label, m in (("random20", r20), ("correlated", ca), ("correlated outages", cw)):
+        if "outages" in res["methods"]:
+            w = res["methods"]["outages"]["gateway"]["fleet"]["mape"]
+            add(f"{name}: fleet MAPE in the outage hours <= 2.5%", f"{w:.2f}%", w <= 2.5)
+        b = m["feeder"]["bias"]
+        add(f"{name}: worst feeder bias within ±3%", f"{b:+.2f}%", abs(b) <= 3.0)
         for level in ("fleet", "feeder"):
             c = m[level]["coverage"]
-            add(f"{level} 90% coverage in 85-95%, {label}", f"{c:.1f}%", 85.0 <= c <= 95.0)
+            low = min(res["by_hour"][level].values())
+            add(
+                f"{name}: {level} 90% coverage in 85-95%, >= 75% every hour",
+                f"{c:.1f}% (lowest hour {low:.0f}%)",
+                85.0 <= c <= 95.0 and low >= 75.0,
+            )
     p95 = max(r["cycle_ms_p95"] for r in results.values())
-    add("one cycle, 10k devices, p95 well under 100 ms (<= 50 ms)", f"{p95:.1f} ms", p95 <= 50.0)
+    add("one cycle, 10k devices, p95 < 50 ms", f"{p95:.1f} ms", p95 < 50.0)
     return rows
+
+
+SCENARIOS = (
+    Scenario("random20", loss=0.20),
+    Scenario("correlated", loss=0.05, vendor_outage=(17.0, 19.0), feeder_outage=(19.5, 21.0)),
+    Scenario("unit_error", loss=0.05, w_as_kw=True, milli_share=0.02, sign_share=0.02),
+    Scenario("stuck_zero", loss=0.05, stuck_zero_share=0.06),
+    Scenario("dr_event", loss=0.05, event=(17.0, 19.0)),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,21 +737,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    ap.add_argument(
+        "--scenario",
+        action="append",
+        choices=[sc.name for sc in SCENARIOS],
+        help="run only this scenario (repeatable; default: all)",
+    )
+    ap.add_argument(
+        "--fingerprints",
+        action="store_true",
+        help="pass vendor payload fingerprints and state hints (the running gateway has none)",
+    )
     args = ap.parse_args(argv)
     start_h, warm_h, end_h = (15.0, 16.0, 21.0) if args.quick else (11.0, 12.0, 24.0)
-    scenarios = [
-        Scenario("random20", loss=0.20),
-        Scenario("correlated", loss=0.05, vendor_outage=(17.0, 19.0), feeder_outage=(19.5, 21.0)),
-    ]
+    scenarios = [sc for sc in SCENARIOS if not args.scenario or sc.name in args.scenario]
     results = {}
     wall = time.perf_counter()
     for sc in scenarios:
-        res = run(sc, args.devices, args.seed, start_h, warm_h, end_h)
+        res = run(sc, args.devices, args.seed, start_h, warm_h, end_h, args.fingerprints)
         results[sc.name] = res
         print_table(res)
         sys.stdout.flush()
     print(
         f"\n=== targets (seed {args.seed}, {args.devices:,} devices,"
+        f" fingerprints {'on' if args.fingerprints else 'off'},"
         f" wall {time.perf_counter() - wall:.0f} s)"
     )
     rows = targets(results)
