@@ -51,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.telemetry import (
+    CommandBoard,
     Detail,
     DeviceProfile,
     EstimatorConfig,
@@ -520,6 +521,36 @@ def coverage_by_hour(truth: F, s: Series, h: F, mask: B) -> dict[str, dict[int, 
 # --------------------------------------------------------------------------- one run
 
 
+RELEASE_COHORT_S = 900.0
+
+
+def tell_commands(
+    board: CommandBoard, fleet: Fleet, event: tuple[float, float], t: float, phase: int
+) -> int:
+    """What the core's control loop tells the telemetry board as the event goes: at its start
+    the ACs are shed (expected 0 kW) and the batteries held at -3 kW; at its end both are
+    released (the ACs expected back at their rated power), and 15 min later forgotten."""
+    h = hours(t)
+    ac, bat = fleet.ac_in_event, fleet.bat_in_event
+    n = fleet.n
+    if phase == 0 and h >= event[0]:
+        cohort = np.where(ac, board.code("dr:ac"), np.where(bat, board.code("dr:bat"), 0))
+        expected = np.where(ac, 0.0, np.where(bat, -EVENT_BATTERY_KW, np.nan))
+        board.set_rows(t, cohort.astype(np.intp), expected, bat.copy())
+        return 1
+    if phase == 1 and h >= event[1]:
+        cohort = np.where(
+            ac, board.code("release:dr:ac"), np.where(bat, board.code("release:dr:bat"), 0)
+        )
+        expected = np.where(ac, fleet.ac_p, np.nan)
+        board.set_rows(t, cohort.astype(np.intp), expected, np.zeros(n, dtype=bool))
+        return 2
+    if phase == 2 and h >= event[1] + RELEASE_COHORT_S / 3600:
+        board.set_rows(t, np.zeros(n, dtype=np.intp), np.full(n, np.nan), np.zeros(n, dtype=bool))
+        return 3
+    return phase
+
+
 def run(
     sc: Scenario,
     n: int,
@@ -552,8 +583,11 @@ def run(
         for i, (k, f) in enumerate(zip(fleet.kind.tolist(), fleet.feeder.tolist(), strict=True))
     ]
     index = FleetIndex(profiles)
-    classifier = QualityClassifier(index)
-    estimator = GroupEstimator(index, EstimatorConfig(period_s=PERIOD_S, seed=seed))
+    # The commands in force, as the core tells them after each control cycle (dr_event).
+    board = CommandBoard(index)
+    classifier = QualityClassifier(index, commands=board)
+    estimator = GroupEstimator(index, EstimatorConfig(period_s=PERIOD_S, seed=seed), commands=board)
+    event_phase = 0
     feeder_of = fleet.feeder  # group labels 0..19 for feeders; the fleet is summed separately
     naive = NaiveBaselines(n, feeder_of, N_FEEDERS)
     group_ids = [f"feeder:F{f:02d}" for f in range(N_FEEDERS)]
@@ -573,6 +607,8 @@ def run(
         if sc.vendor_outage and not recovered and hours(t) >= sc.vendor_outage[1]:
             faults.recover(t)
             recovered = True
+        if sc.event is not None:
+            event_phase = tell_commands(board, fleet, sc.event, t, event_phase)
         if step % STEPS_PER_PERIOD:
             continue
         batch = faults.arrivals.release(t)
