@@ -489,27 +489,26 @@ class GroupEstimator:
         x2_all = np.concatenate([*xs2, np.zeros(len(tr))])
         resid = y[rows_all] - self._predict(coef, b_all, cls[rows_all], x1_all, x2_all)
         ok_r = np.isfinite(resid)
-        # Commanded cohorts: their devices step together, away from their class. The mean
-        # residual of a cohort's reporting devices (per lag bucket and class) is what its
-        # missing devices are off by (``_cohort_prior``); it is taken out of the residuals
-        # before the peer-group correction, which is about place, not commands.
+        # Commanded cohorts step together, away from their class: the peer-group correction
+        # (about place) is learnt from the devices under no command, and each cohort's mean
+        # residual beyond it (per lag bucket and class) is what its missing devices are off
+        # by (``_cohort_prior``).
         coh = self.commands.cohort[rows_all]
-        ckey = (coh * N_BUCKETS + b_all) * n_cls + cls[rows_all]
-        in_c = ok_r & (coh > 0)
-        size_c = self.commands.n_cohorts * N_BUCKETS * n_cls
-        self._coh_n = np.bincount(ckey[in_c], minlength=size_c).astype(np.float64)
-        self._coh_sum = np.bincount(ckey[in_c], weights=resid[in_c], minlength=size_c).astype(
-            np.float64
-        )
-        c_n = self._coh_n[ckey]
-        c_mean = self._coh_sum[ckey] / np.maximum(c_n, 1.0)
-        resid = resid - np.where(coh > 0, c_n / (c_n + self.config.cohort_shrink) * c_mean, 0.0)
+        free = ok_r & (coh == 0)
         n_peer = self._n_peers
         skey = (self.index.peer_code[rows_all] * N_BUCKETS + b_all) * n_cls + cls[rows_all]
         size = n_peer * N_BUCKETS * n_cls
-        cnt_s = np.bincount(skey[ok_r], minlength=size).astype(np.float64)
-        sum_s = np.bincount(skey[ok_r], weights=resid[ok_r], minlength=size)
+        cnt_s = np.bincount(skey[free], minlength=size).astype(np.float64)
+        sum_s = np.bincount(skey[free], weights=resid[free], minlength=size)
         adjust = sum_s / (cnt_s + self.config.stratum_shrink)
+        ckey = (coh * N_BUCKETS + b_all) * n_cls + cls[rows_all]
+        in_c = ok_r & (coh > 0)
+        beyond = resid - adjust[skey]
+        size_c = self.commands.n_cohorts * N_BUCKETS * n_cls
+        self._coh_n = np.bincount(ckey[in_c], minlength=size_c).astype(np.float64)
+        self._coh_sum = np.bincount(ckey[in_c], weights=beyond[in_c], minlength=size_c).astype(
+            np.float64
+        )
         self._adjust = adjust.reshape(n_peer, N_BUCKETS, n_cls)
         return coef, n_fit, var_y
 

@@ -303,6 +303,9 @@ _DEVICE_STATE: dict[str, tuple[float, type[np.generic], bool]] = {
     "_good_ts": (-np.inf, np.float64, False),
     "_pre_run_value": (np.nan, np.float64, False),
     "_pre_run_ts": (-np.inf, np.float64, False),
+    "_pre_run_zero": (np.nan, np.float64, False),
+    "_pre_run_duty": (np.nan, np.float64, False),
+    "_zero_stuck": (False, np.bool_, False),
     # Rings: recent device timestamps (duplicates), clock offsets, accepted values.
     "_dup_ring": (np.nan, np.float64, True),
     "_dup_pos": (0, np.int64, False),
@@ -344,6 +347,9 @@ class QualityClassifier:
     _good_ts: FloatArray
     _pre_run_value: FloatArray
     _pre_run_ts: FloatArray
+    _pre_run_zero: FloatArray
+    _pre_run_duty: FloatArray
+    _zero_stuck: BoolArray
     _dup_ring: FloatArray
     _dup_pos: npt.NDArray[np.int64]
     _off_ring: FloatArray
@@ -634,6 +640,9 @@ class QualityClassifier:
             | long_run
             | frozen_vs_command
             | self._stuck_at_zero(d, value, corr - run_start, run_n)
+            # A zero run once found stuck stays so until the value moves (peers' share of
+            # running devices wanders around the threshold; the sensor does not recover).
+            | (~nonzero & same_value & self._zero_stuck[d])
         )
         outlier = in_order & ~out_of_range & ~stuck & self._outlier(d, value)
         # Following a command is no outlier, however unusual the level.
@@ -674,6 +683,8 @@ class QualityClassifier:
         dn = d[new_run]
         self._pre_run_value[dn] = self._good_value[dn]
         self._pre_run_ts[dn] = self._good_ts[dn]
+        self._pre_run_zero[dn] = self._zero_share[dn]
+        self._pre_run_duty[dn] = self._duty[dn]
         self._last_value[di] = value[i]
         self._last_ok[di] = value_ok[i]
         self._last_detail[di] = detail[i]
@@ -683,6 +694,7 @@ class QualityClassifier:
         self._run_start[di] = run_start[i]
         self._fp_run[di] = fp_run[i]
         self._hint_run[di] = hint_run[i]
+        self._zero_stuck[di] = (stuck & ~nonzero)[i]
         self._unit_cand[di] = kept[i]
         self._unit_n[di] = unit_n[i]
         self._scale[di] = scale[i]
@@ -692,14 +704,14 @@ class QualityClassifier:
         self._good_ts[dg] = corr[good]
         self._hist[dg, self._hist_n[dg] % w] = value[good]
         self._hist_n[dg] += 1
-        a = 1.0 - 0.5 ** (1.0 / cfg.duty_halflife_readings)
+        # Running means at first (an EWMA started on one reading remembers it for hours).
+        a = np.maximum(1.0 - 0.5 ** (1.0 / cfg.duty_halflife_readings), 1.0 / self._hist_n[dg])
         for share, x in (
             (self._duty, self._running(dg, value[good])),
             (self._zero_share, ~nonzero[good]),
         ):
-            xf = x.astype(np.float64)
-            old = share[dg]
-            share[dg] = np.where(np.isnan(old), xf, old + a * (xf - old))
+            old = np.nan_to_num(share[dg])
+            share[dg] = old + a * (x.astype(np.float64) - old)
         # A sensor found stuck: its zeros since the run began were never the device's power.
         found = i & stuck & ~nonzero
         df = d[found]
@@ -767,12 +779,13 @@ class QualityClassifier:
     ) -> BoolArray:
         """A zero that the device's peers (and its own past) make implausible.
 
-        *Novel zero*: the device and its peers practically never read an exact zero, yet it
-        has read one ``zero_novel_readings`` times in a row (a sensor that died). *Long zero*:
+        Only for classes with a thermostatic cycle (``zero_cycle_s``): a battery or an EV at
+        zero may simply be empty or unplugged. *Novel zero*: the device and its peers
+        practically never read an exact zero, yet it has read one ``zero_novel_readings``
+        times in a row (a sensor that died). *Long zero*:
         the run is so long that a device running like its peers would almost surely have
         switched on: ``(1 - p) ** (run / cycle) < zero_alpha`` with ``p`` the share of its
-        peers running now; only for a device that ran like its peers before (its own duty),
-        and for classes with a thermostatic cycle (``zero_cycle_s``).
+        peers running now; only for a device that ran like its peers before (its own duty).
         """
         cfg = self.config
         zero = np.abs(value) <= cfg.zero_kw
@@ -783,8 +796,9 @@ class QualityClassifier:
             novel = (
                 zero
                 & known
+                & np.isfinite(self._zero_cycle[d])
                 & (run_n >= cfg.zero_novel_readings)
-                & (self._zero_share[d] < cfg.zero_novel_share)
+                & (self._pre_run_zero[d] < cfg.zero_novel_share)
                 & (p_zero < cfg.zero_novel_share)
             )
             log_off = (run_s / self._zero_cycle[d]) * np.log1p(-np.clip(p_on, 0.0, 0.99))
@@ -793,7 +807,7 @@ class QualityClassifier:
                 & known
                 & (p_on >= cfg.zero_min_on_share)
                 & (log_off < np.log(cfg.zero_alpha))
-                & (self._duty[d] >= 0.25 * p_on)
+                & (self._pre_run_duty[d] >= 0.25 * p_on)
             )
         result: BoolArray = novel | long_zero
         return result
