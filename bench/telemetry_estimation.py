@@ -1,6 +1,7 @@
 """Group telemetry estimation benchmark: a synthetic fleet with known truth and real faults.
 
-    python -m bench.telemetry_estimation [--quick] [--seed N] [--json FILE]
+    python -m bench.telemetry_estimation [--quick] [--seed N] [--json FILE] [--scenario NAME]
+                                         [--fingerprints]
 
 A fleet of 10,000 devices over 20 feeders is simulated in 20 s steps (all vectorised):
 
@@ -15,17 +16,27 @@ A fleet of 10,000 devices over 20 feeders is simulated in 20 s steps (all vector
   house load, limited by state of charge and reserve.
 
 Devices report every 60 s through one of six vendor clouds; readings carry a 1 % meter error.
-Faults injected (every scenario): per-device Markov dropouts; 1 % of devices stuck for 1–4 h
-(frozen payload where the vendor sends fingerprints, else a frozen power sensor while the rest
-of the payload, including the device's state, stays live); 1 % of devices stale for 0.5–3 h
-(the cloud re-serves the last reading); 1 % of values ×10; 2 % of readings delivered twice;
-latency lognormal (median 2 s) plus 5 % of readings delayed 30–300 s; 10 % of devices with clock
-skew of ±1–10 min. Scenarios:
+As in operation, no vendor payload fingerprint or state-change hint reaches the classifier unless
+``--fingerprints`` is given (the running gateway is never handed either). Faults injected (every
+scenario): per-device Markov dropouts; 1 % of devices stuck for 1–4 h (a frozen power sensor;
+with ``--fingerprints``, a frozen payload where the vendor sends fingerprints); 1 % of devices
+stale for 0.5–3 h (the cloud re-serves the last reading); 1 % of values ×10; 2 % of readings
+delivered twice; latency lognormal (median 2 s) plus 5 % of readings delayed 30–300 s; 10 % of
+devices with clock skew of ±1–10 min. Scenarios:
 
 * ``random20`` — dropouts at a 20 % stationary loss rate (mean outage 10 min);
 * ``correlated`` — 5 % random loss, plus the largest vendor cloud (≈30 % of devices: 45 % of the
   ACs and half the water heaters) down 17:00–19:00, backfilling its last 30 min late on
-  recovery, and one feeder's backhaul down 19:30–21:00 (no backfill).
+  recovery, and one feeder's backhaul down 19:30–21:00 (no backfill);
+* ``unit_error`` — 5 % loss; the EV cloud of vendor 3 (≈9 % of devices) reports W as kW (×1000),
+  2 % of devices report kW as MW (×0.001) and 2 % of the loads report generator convention;
+* ``stuck_zero`` — 5 % loss; 6 % of devices (every class) have a power sensor stuck at 0 kW,
+  unflagged, for 1–6 h from a random time;
+* ``dr_event`` — 5 % loss; a demand-response event 17:00–19:00: half the ACs raise their
+  setpoint by 2 °C (step down at the start, snapback at the end), half the batteries discharge
+  at 3 kW; 5 % of those batteries serve a frozen register for the event. The bench tells the
+  gateway's ``CommandBoard`` what the core's control loop would: the cohorts, the expected
+  response (ACs 0 kW, batteries −3 kW held; released ACs back at their rating) and when.
 
 Methods compared, every 60 s at fleet and feeder level, against the true instantaneous total:
 the gateway (``QualityClassifier`` → ``GroupEstimator``), and three naive baselines working on
