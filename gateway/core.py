@@ -74,6 +74,8 @@ from gateway.registry import Registry
 from gateway.store import CommandStore, StoreError
 from gateway.supervisor import DeviceSupervisor
 from gateway.telemetry import (
+    CommandBoard,
+    CommandInForce,
     CycleEstimate,
     DeviceProfile,
     EstimatorConfig,
@@ -113,6 +115,9 @@ log = logging.getLogger(__name__)
 
 _BASELINE_TAU_S = 900.0
 """Time constant of the autonomous-power average (a thermostat's duty cycle is minutes)."""
+
+_RELEASE_COHORT_S = 900.0
+"""How long devices released from a command are estimated as one cohort (their snapback)."""
 
 _QUALITY_BATCH = 4096
 """Readings queued for classification before a flush ahead of the telemetry cycle."""
@@ -294,25 +299,76 @@ class Gateway:
             return max(self.config.timing.poll_interval_s, float(own) / 3.0)
         return self.config.timing.poll_interval_s
 
+    def _profile(self, device: Device) -> DeviceProfile:
+        interval = self._report_interval_s(device.device_id)
+        return DeviceProfile.from_device(device, report_interval_s=interval)
+
     def _build_estimation(self) -> None:
         """Per-reading quality and the group estimator, over the registry as it is now.
 
-        Rebuilt (history restarts) when devices are enrolled at run time; regrouping needs no
-        rebuild because group members are resolved at each telemetry cycle.
+        Devices enrolled at run time are appended (:meth:`_enrol_for_estimation`), every
+        device's history kept; regrouping needs nothing because group members are resolved at
+        each telemetry cycle.
         """
-        index = FleetIndex(
-            [
-                DeviceProfile.from_device(d, report_interval_s=self._report_interval_s(d.device_id))
-                for d in self.registry.devices()
-            ]
-        )
+        index = FleetIndex([self._profile(d) for d in self.registry.devices()])
         self._fleet_index = index
-        self._classifier = QualityClassifier(index)
+        self._commands_in_force = CommandBoard(index)
+        """The plan's commands, as screening and estimation need them (told every control
+        cycle by :meth:`_tell_telemetry`)."""
+        self._released: dict[str, tuple[float, CommandInForce]] = {}
+        self._classifier = QualityClassifier(index, commands=self._commands_in_force)
         self._estimator = GroupEstimator(
-            index, EstimatorConfig(period_s=self.config.timing.telemetry_period_s)
+            index,
+            EstimatorConfig(period_s=self.config.timing.telemetry_period_s),
+            commands=self._commands_in_force,
         )
         self._cycle: CycleEstimate | None = None
         self.reading_quality: dict[str, TelemetryQuality] = {}
+
+    def _enrol_for_estimation(self, device: Device) -> None:
+        self._flush_quality()  # queued readings refer to the rows as they are
+        index = self._fleet_index.extended([self._profile(device)])
+        self._classifier.extend(index)
+        self._estimator.extend(index)
+        self._fleet_index = index
+
+    def _tell_telemetry(
+        self,
+        now: datetime,
+        previous: dispatch.Plan,
+        plan: dispatch.Plan,
+        states: Mapping[str, DeviceState | None],
+    ) -> None:
+        """Tell screening and estimation which commands are in force (the arrow runs core →
+        telemetry): each device's cohort (the command it serves), the power expected of it
+        and whether it should hold that power; devices just let go form a release cohort
+        for a while, since they step back together."""
+        t = now.timestamp()
+        for device_id, (cid, rise) in plan.released.items():
+            state = states.get(device_id)
+            expected = None if state is None else state.power_kw + rise
+            self._released[device_id] = (t, CommandInForce(f"release:{cid}", expected))
+        for device_id, old in previous.setpoints.items():
+            if device_id in plan.setpoints or device_id in plan.releasing:
+                continue
+            if device_id not in self._released and old.provenance:
+                cohort = f"release:{old.provenance[0].command_id}"
+                self._released[device_id] = (t, CommandInForce(cohort))
+        self._released = {
+            d: entry for d, entry in self._released.items() if t - entry[0] <= _RELEASE_COHORT_S
+        }
+        commands = {d: command for d, (_, command) in self._released.items()}
+        for device_id, setpoint in plan.setpoints.items():
+            self._released.pop(device_id, None)
+            cohort = setpoint.provenance[0].command_id if setpoint.provenance else "setpoint"
+            thermal = (
+                device_id in self.registry
+                and self.registry.device(device_id).der_class in dispatch.SHIFTS_FROM_BASELINE
+            )
+            commands[device_id] = CommandInForce(
+                cohort, setpoint.power_kw, held=setpoint.power_kw is not None and not thermal
+            )
+        self._commands_in_force.update(now, commands)
 
     def _flush_quality(self) -> None:
         self.reading_quality.update(self._classifier.flush())
@@ -335,7 +391,7 @@ class Gateway:
             raise ValueError(f"device {device.device_id!r} is already registered")
         self.registry.add(device)
         supervisor = self._supervise(adapter)
-        self._build_estimation()
+        self._enrol_for_estimation(device)
         if self._tasks is not None:
             self._tasks.create_task(supervisor.run(), name=f"device:{device.device_id}")
         self._wake.set()
@@ -837,6 +893,7 @@ class Gateway:
             plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
             plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}
         self._apply(plan)
+        self._tell_telemetry(now, self.plan, plan, states)
         self.plan = plan
         return plan
 
@@ -1005,10 +1062,8 @@ class Gateway:
 
     def _judge_and_record(self, state: DeviceState) -> None:
         if state.device_id in self._fleet_index.row:
-            desired = self.supervisors[state.device_id].desired
-            # A device held at a setpoint should read steady; one left alone may drift. That
-            # tells a frozen meter from a battery doing exactly what it was told.
-            held = desired is not None and desired.power_kw is not None
+            # What the device was told to do, the classifier learns from the commands in
+            # force (``_tell_telemetry``): a frozen meter away from its setpoint is stuck.
             # Queued, classified in one vectorised batch per telemetry cycle (a batch costs
             # about what one reading does alone); arrival order and times are kept.
             self._classifier.enqueue(
@@ -1017,7 +1072,6 @@ class Gateway:
                     device_time=state.timestamp,
                     received_at=utcnow(),
                     value_kw=state.power_kw,
-                    should_change=False if held else None,
                 )
             )
             if self._classifier.queued >= _QUALITY_BATCH:
@@ -1114,7 +1168,8 @@ class Gateway:
                 rows = self._fleet_index.rows(
                     d.device_id for d in members if d.device_id in self._fleet_index.row
                 )
-                estimate = cycle.group(group_id, rows)
+                # A device enrolled since the last cycle joins the estimate at the next one.
+                estimate = cycle.group(group_id, rows[rows < len(cycle.value)])
             setpoint = sum(
                 (sp.power_kw or 0.0)
                 for d in members

@@ -5,6 +5,7 @@ Feed readings to a ``QualityClassifier`` as they arrive; once per telemetry peri
 over any grouping into ``GroupEstimate``s.
 """
 
+from gateway.telemetry.commands import CommandBoard, CommandInForce
 from gateway.telemetry.estimator import (
     LAGS,
     CycleEstimate,
@@ -32,6 +33,8 @@ __all__ = [
     "CLASSES",
     "LAGS",
     "BatchQuality",
+    "CommandBoard",
+    "CommandInForce",
     "CycleEstimate",
     "Detail",
     "DeviceProfile",

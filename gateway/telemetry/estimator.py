@@ -63,6 +63,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from gateway.telemetry.commands import CommandBoard
 from gateway.telemetry.fleet import CLASS_CODE, CLASSES, FleetIndex, FloatArray, IntArray
 from gateway.telemetry.quality import DeviceStatus, FleetSnapshot
 from unified.model import SCHEMA_VERSION, DerClass, Frozen, Quality, UtcDatetime
@@ -93,6 +94,16 @@ class EstimatorConfig:
     min_calibration: int = 100
     min_calibration_group: int = 5
     min_fit: int = 30
+    #: Commanded cohorts: pseudo-count of the expected response against the cohort's own
+    #: reporting devices (a cohort with this many reporting devices weighs both equally).
+    cohort_shrink: float = 3.0
+    #: A group is ``suspect`` when more than this share of its devices is excluded (their
+    #: readings arrived but were rejected) or more than half of them is estimated.
+    suspect_excluded_share: float = 0.10
+    #: Intervals by hour of the day: the multiplier is the larger of the recent one and the
+    #: one of the same hour on earlier days (``hour_offset_h`` turns UTC into local hours).
+    hour_offset_h: float = 0.0
+    hour_window: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -149,6 +160,7 @@ class CycleEstimate:
     trend: FloatArray
     multiplier: float
     confidence: float
+    suspect_excluded_share: float = 0.10
 
     def totals(
         self, labels: IntArray, n_groups: int, der_class: DerClass | None = None
@@ -204,7 +216,7 @@ class CycleEstimate:
             estimated = missing + excluded
             if estimated == 0:
                 quality, method = Quality.GOOD, METHOD_MEASURED
-            elif reporting == 0 or estimated * 2 > n:
+            elif reporting == 0 or estimated * 2 > n or excluded > self.suspect_excluded_share * n:
                 quality, method = Quality.SUSPECT, METHOD_MODEL
             else:
                 quality, method = Quality.ESTIMATED, METHOD_MODEL
@@ -240,9 +252,17 @@ class CycleEstimate:
 class GroupEstimator:
     """Per-cycle estimator over the devices of a ``FleetIndex``; call ``cycle`` once a period."""
 
-    def __init__(self, index: FleetIndex, config: EstimatorConfig | None = None) -> None:
+    def __init__(
+        self,
+        index: FleetIndex,
+        config: EstimatorConfig | None = None,
+        *,
+        commands: CommandBoard | None = None,
+    ) -> None:
+        """``commands``: the board of the commands in force (shared with the classifier)."""
         self.index = index
         self.config = cfg = config or EstimatorConfig()
+        self.commands = commands if commands is not None else CommandBoard(index)
         n, h = len(index), cfg.ring_cycles
         self._cls = index.class_code
         self._n_classes = index.n_classes
@@ -260,6 +280,11 @@ class GroupEstimator:
         self._common_ss = np.zeros(self._n_classes)
         self._z = np.full(cfg.calibration_window, np.nan)
         self._z_n = 0
+        self._z_hour = np.full((24, cfg.hour_window), np.nan)
+        self._z_hour_n = np.zeros(24, dtype=np.int64)
+        self._hour = 0
+        self._coh_n = np.zeros(N_BUCKETS * self._n_classes)
+        self._coh_sum = np.zeros(N_BUCKETS * self._n_classes)
         self._lag_table = _lag_table(LAGS[-1] * 2)
         self._rng = np.random.default_rng(cfg.seed)
         self._decay = 0.5 ** (1.0 / cfg.error_halflife_cycles)
@@ -267,20 +292,60 @@ class GroupEstimator:
         self._prior_var = ((index.max_kw - index.min_kw) / 4.0) ** 2
         self._default_multiplier = 1.5 * NormalDist().inv_cdf(0.5 + cfg.confidence / 2)
 
+    def extend(self, index: FleetIndex) -> None:
+        """Enrol the devices ``index`` appends to the current one; all history is kept.
+
+        New devices start with no history (the class-mean model serves them until they have
+        some); peer groups they bring get their own residual corrections from the next cycle.
+        """
+        old = len(self.index)
+        if index.ids[:old] != self.index.ids:
+            raise ValueError("the new index must extend the current one")
+        grow, h = len(index) - old, self.config.ring_cycles
+        self.index = index
+        self._cls = index.class_code
+        pad = np.full((grow, h), np.nan, dtype=np.float32)
+        self._ring_v = np.concatenate([self._ring_v, pad])
+        self._ring_e = np.concatenate([self._ring_e, pad])
+        self._ewma = np.r_[self._ewma, np.full(grow, np.nan)]
+        n_peers = max(len(index.peer_groups), 1)
+        if n_peers > self._n_peers:
+            more = np.zeros((n_peers - self._n_peers, N_BUCKETS, self._n_classes))
+            self._adjust = np.concatenate([self._adjust, more])
+            self._n_peers = n_peers
+        self._prior_var = ((index.max_kw - index.min_kw) / 4.0) ** 2
+        if len(self.commands.index) < len(index):
+            self.commands.extend(index)
+
     @property
     def multiplier(self) -> float:
-        """Current interval multiplier (empirical quantile of held-out standardised errors)."""
+        """Current interval multiplier: the empirical quantile of held-out standardised errors
+        of recent cycles, or of this hour of the day on earlier days if that is larger (the
+        hours of synchronised steps — EV timers, tariff changes — need wider intervals)."""
+        q, need = self.config.confidence, self.config.min_calibration
         z = self._z[np.isfinite(self._z)]
-        if len(z) < self.config.min_calibration:
+        if len(z) < need:
             return self._default_multiplier
-        return float(np.quantile(np.abs(z), self.config.confidence))
+        recent = float(np.quantile(np.abs(z), q))
+        zh = self._z_hour[self._hour]
+        zh = zh[np.isfinite(zh)]
+        if len(zh) < need:
+            return recent
+        return max(recent, float(np.quantile(np.abs(zh), q)))
 
     # ------------------------------------------------------------------ one cycle
     def cycle(self, snap: FleetSnapshot) -> CycleEstimate:
         cfg, cls = self.config, self._cls
         n = len(cls)
         y = snap.value
-        reporting = snap.status == DeviceStatus.REPORTING
+        board = self.commands
+        self._hour = int(((snap.now / 3600.0 + cfg.hour_offset_h) % 24.0) // 1)
+        # A reading taken before its device's command started, changed or ended no longer
+        # stands for the device: it is estimated, from its cohort and the expected response.
+        read_at = snap.now - snap.age_s
+        pre_step = (snap.status == DeviceStatus.REPORTING) & (read_at < board.changed_at)
+        status = np.where(pre_step, np.int8(DeviceStatus.MISSING), snap.status).astype(np.int8)
+        reporting = status == DeviceStatus.REPORTING
         hold = reporting & (self._rng.random(n) < cfg.holdout_fraction)
         train = reporting & ~hold
         coef, n_fit, var_y = self._fit(y, train)
@@ -302,6 +367,7 @@ class GroupEstimator:
         pred = pred + self._adjust[self.index.peer_code, bucket, cls]
         fallback = np.where(has_hist, x2, 0.0)
         pred = np.where(np.isfinite(pred), pred, fallback)
+        pred, weight = self._cohort_prior(pred, np.arange(n), bucket)
 
         value = np.where(reporting, y, pred)
         # Readings are already ``age`` old at this instant and a prediction targets what a
@@ -311,6 +377,9 @@ class GroupEstimator:
         phi = np.where(reporting, phi, phi_typical)
         dev_var = sig2[bucket, cls]
         dev_var = np.where(np.isfinite(dev_var), dev_var, self._prior_var)
+        # What the expected response of a command does not tell: as wide as the class.
+        class_var = np.where(np.isfinite(var_y[cls]), var_y[cls], self._prior_var)
+        dev_var = dev_var + (1.0 - weight) * class_var
         drift = sig2[0, cls] * np.sqrt(phi)
         drift = np.where(np.isfinite(drift), drift, 0.0)
         variance = drift + np.where(reporting, 0.0, dev_var)
@@ -324,7 +393,7 @@ class GroupEstimator:
             timestamp=snap.now,
             value=value,
             variance=variance,
-            status=snap.status,
+            status=status,
             bucket=np.where(bucket_out < 0, 0, bucket_out),
             class_code=cls,
             shared_variance=np.where(np.isfinite(shared), shared, 0.0),
@@ -333,6 +402,7 @@ class GroupEstimator:
             trend=self._trend.copy(),
             multiplier=multiplier,
             confidence=cfg.confidence,
+            suspect_excluded_share=cfg.suspect_excluded_share,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -418,15 +488,56 @@ class GroupEstimator:
         x1_all = np.concatenate([*xs1, np.zeros(len(tr))])
         x2_all = np.concatenate([*xs2, np.zeros(len(tr))])
         resid = y[rows_all] - self._predict(coef, b_all, cls[rows_all], x1_all, x2_all)
+        ok_r = np.isfinite(resid)
+        # Commanded cohorts step together, away from their class: the peer-group correction
+        # (about place) is learnt from the devices under no command, and each cohort's mean
+        # residual beyond it (per lag bucket and class) is what its missing devices are off
+        # by (``_cohort_prior``).
+        coh = self.commands.cohort[rows_all]
+        free = ok_r & (coh == 0)
         n_peer = self._n_peers
         skey = (self.index.peer_code[rows_all] * N_BUCKETS + b_all) * n_cls + cls[rows_all]
         size = n_peer * N_BUCKETS * n_cls
-        ok_r = np.isfinite(resid)
-        cnt_s = np.bincount(skey[ok_r], minlength=size).astype(np.float64)
-        sum_s = np.bincount(skey[ok_r], weights=resid[ok_r], minlength=size)
+        cnt_s = np.bincount(skey[free], minlength=size).astype(np.float64)
+        sum_s = np.bincount(skey[free], weights=resid[free], minlength=size)
         adjust = sum_s / (cnt_s + self.config.stratum_shrink)
+        ckey = (coh * N_BUCKETS + b_all) * n_cls + cls[rows_all]
+        in_c = ok_r & (coh > 0)
+        beyond = resid - adjust[skey]
+        size_c = self.commands.n_cohorts * N_BUCKETS * n_cls
+        self._coh_n = np.bincount(ckey[in_c], minlength=size_c).astype(np.float64)
+        self._coh_sum = np.bincount(ckey[in_c], weights=beyond[in_c], minlength=size_c).astype(
+            np.float64
+        )
         self._adjust = adjust.reshape(n_peer, N_BUCKETS, n_cls)
         return coef, n_fit, var_y
+
+    def _cohort_prior(
+        self, pred: FloatArray, rows: IntArray, bucket: IntArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """Predictions of commanded devices: their cohort's mean residual, blended with the
+        command's expected response by how many of the cohort report (none do in the first
+        cycle after a step: the expected response is then all there is).
+
+        Returns the predictions and the weight of the data (1 outside any cohort).
+        """
+        board, n_cls = self.commands, self._n_classes
+        coh = board.cohort[rows]
+        in_c = coh > 0
+        key = (coh * N_BUCKETS + bucket) * n_cls + self._cls[rows]
+        key = np.where(in_c & (key < len(self._coh_n)), key, 0)
+        nn = np.where(in_c, self._coh_n[key], 0.0)
+        mean = np.where(nn > 0, self._coh_sum[key] / np.maximum(nn, 1.0), 0.0)
+        w = nn / (nn + self.config.cohort_shrink)
+        exp = board.expected_kw[rows]
+        with_exp = in_c & np.isfinite(exp)
+        out = np.where(
+            with_exp,
+            w * (pred + mean) + (1.0 - w) * np.where(with_exp, exp, 0.0),
+            pred + w * mean,
+        )
+        weight = np.where(with_exp, w, 1.0)
+        return out, weight
 
     @staticmethod
     def _predict(
@@ -463,10 +574,11 @@ class GroupEstimator:
             x2 = np.where(np.isfinite(e), e, v)
             bb = np.full(len(rows), b)
             adj = self._adjust[peer_rows, bb, cls]
-            errs[:, b] = self._predict(coef, bb, cls, v, x2) + adj - yh
-        errs[:, NO_HISTORY] = (
-            coef[NO_HISTORY, cls, 0] + self._adjust[peer_rows, NO_HISTORY, cls] - yh
-        )
+            p, _ = self._cohort_prior(self._predict(coef, bb, cls, v, x2) + adj, rows, bb)
+            errs[:, b] = p - yh
+        bb = np.full(len(rows), NO_HISTORY)
+        p0 = coef[NO_HISTORY, cls, 0] + self._adjust[peer_rows, NO_HISTORY, cls]
+        errs[:, NO_HISTORY] = self._cohort_prior(p0, rows, bb)[0] - yh
 
         # z-scores of held-out groups, each device at a lag drawn like the real missing ones.
         counts = np.bincount(
@@ -506,6 +618,9 @@ class GroupEstimator:
         pos = (self._z_n + np.arange(len(z))) % w
         self._z[pos] = z
         self._z_n += len(z)
+        hw = self.config.hour_window
+        self._z_hour[self._hour, (self._z_hour_n[self._hour] + np.arange(len(z))) % hw] = z
+        self._z_hour_n[self._hour] += len(z)
 
         # Common error: the squared mean held-out error of a class beyond what independent
         # device errors and the coefficients' sampling error explain.

@@ -4,8 +4,9 @@ The quality classifier and the group estimator keep their per-device state in nu
 whole fleet is screened or aggregated with a handful of vectorised operations instead of one
 Python call per device. ``FleetIndex`` fixes the row of every device and the codes of its DER
 class and peer group (the topology group whose devices of the same class serve as its peers).
-Rebuild it (and the classifier / estimator that use it) when devices are added or removed;
-*query* groups are given at estimation time, so regrouping needs no rebuild.
+Enrolment appends rows (``FleetIndex.extended``; the classifier and estimator ``extend`` their
+state and keep every device's history); removing devices needs a rebuild. *Query* groups are
+given at estimation time, so regrouping needs no rebuild.
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ class DeviceProfile:
 class FleetIndex:
     """Rows, class codes and peer-group codes of a fixed set of devices."""
 
-    def __init__(self, profiles: Sequence[DeviceProfile]) -> None:
+    def __init__(self, profiles: Sequence[DeviceProfile], peer_groups: Sequence[str] = ()) -> None:
+        """``peer_groups``: codes to keep (an index being extended); new groups follow, sorted."""
         self.profiles: tuple[DeviceProfile, ...] = tuple(profiles)
         self.ids: tuple[str, ...] = tuple(p.device_id for p in self.profiles)
         self.row: dict[str, int] = {d: i for i, d in enumerate(self.ids)}
         if len(self.row) != len(self.ids):
             raise ValueError("duplicate device ids in the fleet index")
-        groups = sorted({p.peer_group for p in self.profiles})
+        known = set(peer_groups)
+        groups = [*peer_groups, *sorted({p.peer_group for p in self.profiles} - known)]
         self.peer_groups: tuple[str, ...] = tuple(groups)
         group_code = {g: i for i, g in enumerate(groups)}
         self.class_code: IntArray = np.array(
@@ -93,6 +96,10 @@ class FleetIndex:
         self.interval_s: FloatArray = np.array(
             [p.report_interval_s for p in self.profiles], dtype=np.float64
         )
+
+    def extended(self, profiles: Sequence[DeviceProfile]) -> FleetIndex:
+        """This index with ``profiles`` appended: every existing row and peer-group code kept."""
+        return FleetIndex([*self.profiles, *profiles], self.peer_groups)
 
     def __len__(self) -> int:
         return len(self.ids)

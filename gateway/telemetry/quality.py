@@ -54,6 +54,7 @@ from enum import IntEnum, IntFlag, StrEnum
 import numpy as np
 import numpy.typing as npt
 
+from gateway.telemetry.commands import CommandBoard
 from gateway.telemetry.fleet import CLASSES, FleetIndex, FloatArray, IntArray
 from unified.model import DeviceState, Quality
 
@@ -81,6 +82,7 @@ class Detail(IntFlag):
     OUTLIER = 64
     CLOCK_SKEW = 128
     MISSING = 256
+    UNIT_ERROR = 512
 
 
 class Source(StrEnum):
@@ -89,7 +91,7 @@ class Source(StrEnum):
 
 
 _OLD_DATA = Detail.DUPLICATE | Detail.OUT_OF_ORDER | Detail.STALE
-_BAD_VALUE = Detail.STUCK | Detail.OUT_OF_RANGE | Detail.OUTLIER
+_BAD_VALUE = Detail.STUCK | Detail.OUT_OF_RANGE | Detail.OUTLIER | Detail.UNIT_ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,28 @@ class QualityConfig:
     stuck_fingerprint_readings: int = 3
     stuck_hint_readings: int = 2
     zero_kw: float = 1e-3
+    #: Unit errors: readings of consistent evidence before a device's scale is corrected, and
+    #: how many times its rating a value must be to count as W reported as kW.
+    unit_confirm: int = 3
+    unit_gross: float = 50.0
+    #: Stuck at zero, against peers. *Novel zero*: a device that (like its peers) practically
+    #: never reads an exact zero reads one ``zero_novel_readings`` times in a row. *Long zero*:
+    #: a zero run so long that a device running like its peers (share ``p`` of them on now,
+    #: one on/off cycle per ``zero_cycle_s``) would have switched on with probability
+    #: ``1 - zero_alpha``: ``(1 - p) ** (run / cycle) < zero_alpha``.
+    zero_novel_readings: int = 3
+    zero_novel_share: float = 0.02
+    zero_alpha: float = 1e-3
+    zero_min_on_share: float = 0.3
+    zero_cycle_s: dict[str, float] = field(
+        default_factory=lambda: {"thermostat": 1200.0, "water_heater": 3600.0}
+    )
+    duty_halflife_readings: float = 360.0
+    #: Commands in force: how long a device may take to follow, and how far from the expected
+    #: power a reading may be (absolute kW or relative, the larger).
+    command_settle_s: float = 120.0
+    command_tolerance_kw: float = 0.2
+    command_tolerance: float = 0.1
     #: Longest plausible run of one exact non-zero value, by DER class value.
     max_run_s: dict[str, float] = field(
         default_factory=lambda: {
@@ -188,9 +212,16 @@ class BatchQuality:
     detail: npt.NDArray[np.int32]
     corrected_ts: FloatArray
     accepted: BoolArray
+    value_kw: FloatArray
+    """The values, with unit errors corrected where the classifier is sure of them."""
 
     def quality(self, i: int) -> TelemetryQuality:
-        return TelemetryQuality(Validity(int(self.validity[i])), Detail(int(self.detail[i])))
+        validity, detail = Validity(int(self.validity[i])), Detail(int(self.detail[i]))
+        # A value the gateway corrected (a unit error it is sure of) is a substituted one.
+        corrected = validity is Validity.GOOD and Detail.UNIT_ERROR in detail
+        return TelemetryQuality(
+            validity, detail, Source.SUBSTITUTED if corrected else Source.PROCESS
+        )
 
 
 class DeviceStatus(IntEnum):
@@ -252,53 +283,151 @@ def grouped_quantile(keys: IntArray, values: FloatArray, n_keys: int, q: float) 
     return out
 
 
+#: Per-device state: attribute → (initial value, dtype, one ring of ``history`` per device).
+#: Enrolling devices appends rows with these values; nothing else is rebuilt.
+_DEVICE_STATE: dict[str, tuple[float, type[np.generic], bool]] = {
+    # Newest accepted (in-order, non-duplicate) reading.
+    "_last_dev": (-np.inf, np.float64, False),
+    "_last_corr": (-np.inf, np.float64, False),
+    "_last_value": (np.nan, np.float64, False),
+    "_last_ok": (False, np.bool_, False),
+    "_last_detail": (0, np.int32, False),
+    "_last_fp": (0, np.int64, False),
+    "_last_has_fp": (False, np.bool_, False),
+    "_run_n": (0, np.int64, False),
+    "_run_start": (0.0, np.float64, False),
+    "_fp_run": (0, np.int64, False),
+    "_hint_run": (0, np.int64, False),
+    # Newest value that passed the value checks, and the one before the current run began.
+    "_good_value": (np.nan, np.float64, False),
+    "_good_ts": (-np.inf, np.float64, False),
+    "_pre_run_value": (np.nan, np.float64, False),
+    "_pre_run_ts": (-np.inf, np.float64, False),
+    "_pre_run_zero": (np.nan, np.float64, False),
+    "_pre_run_duty": (np.nan, np.float64, False),
+    "_zero_stuck": (False, np.bool_, False),
+    # Rings: recent device timestamps (duplicates), clock offsets, accepted values.
+    "_dup_ring": (np.nan, np.float64, True),
+    "_dup_pos": (0, np.int64, False),
+    "_off_ring": (np.inf, np.float64, True),
+    "_off_n": (0, np.int64, False),
+    "_hist": (np.nan, np.float64, True),
+    "_hist_n": (0, np.int64, False),
+    "_offset": (0.0, np.float64, False),
+    # Unit errors: the scale in force, and the evidence for another one.
+    "_scale": (1.0, np.float64, False),
+    "_unit_cand": (0, np.int8, False),
+    "_unit_n": (0, np.int64, False),
+    # Long-run shares of good readings that are on (|v| > zero) and exactly zero.
+    "_duty": (np.nan, np.float64, False),
+    "_zero_share": (np.nan, np.float64, False),
+}
+
+# Unit-error candidates: what one reading says about the unit its device reports in.
+_U_NONE, _U_PLAIN, _U_MILLI, _U_KILO, _U_SIGN = 0, 1, 2, 3, 4
+#: The factor that turns a reading of each candidate into kW (load convention).
+_U_FACTOR = np.array([1.0, 1.0, 1e-3, 1e3, -1.0])
+
+
 class QualityClassifier:
     """Classifies readings of the devices of a ``FleetIndex`` as they arrive."""
 
-    def __init__(self, index: FleetIndex, config: QualityConfig | None = None) -> None:
+    _last_dev: FloatArray
+    _last_corr: FloatArray
+    _last_value: FloatArray
+    _last_ok: BoolArray
+    _last_detail: npt.NDArray[np.int32]
+    _last_fp: npt.NDArray[np.int64]
+    _last_has_fp: BoolArray
+    _run_n: npt.NDArray[np.int64]
+    _run_start: FloatArray
+    _fp_run: npt.NDArray[np.int64]
+    _hint_run: npt.NDArray[np.int64]
+    _good_value: FloatArray
+    _good_ts: FloatArray
+    _pre_run_value: FloatArray
+    _pre_run_ts: FloatArray
+    _pre_run_zero: FloatArray
+    _pre_run_duty: FloatArray
+    _zero_stuck: BoolArray
+    _dup_ring: FloatArray
+    _dup_pos: npt.NDArray[np.int64]
+    _off_ring: FloatArray
+    _off_n: npt.NDArray[np.int64]
+    _hist: FloatArray
+    _hist_n: npt.NDArray[np.int64]
+    _offset: FloatArray
+    _scale: FloatArray
+    _unit_cand: npt.NDArray[np.int8]
+    _unit_n: npt.NDArray[np.int64]
+    _duty: FloatArray
+    _zero_share: FloatArray
+
+    def __init__(
+        self,
+        index: FleetIndex,
+        config: QualityConfig | None = None,
+        *,
+        commands: CommandBoard | None = None,
+    ) -> None:
+        """``commands``: the board the core keeps of the commands in force (shared with the
+        group estimator); without one, no device is ever under command."""
         self.index = index
         self.config = cfg = config or QualityConfig()
+        self.commands = commands if commands is not None else CommandBoard(index)
         n, w = len(index), cfg.history
+        for name, (fill, dtype, ring) in _DEVICE_STATE.items():
+            setattr(self, name, np.full((n, w) if ring else n, fill, dtype=dtype))
+        self._n_strata = 0
+        self._peer_lo = self._peer_hi = self._peer_on = self._peer_zero = np.zeros(0)
+        self._class_lo = np.full(index.n_classes, np.nan)
+        self._class_hi = np.full(index.n_classes, np.nan)
+        self._peer_at = -np.inf
+        self._derive(index)
+        self._queue: list[tuple[int, float, float, float, int, int]] = []
+
+    def _derive(self, index: FleetIndex) -> None:
+        """What follows from the index alone: bounds, thresholds, strata."""
+        cfg = self.config
         self._interval = index.interval_s
         span = index.max_kw - index.min_kw
         tol = cfg.range_tolerance * span + 0.05
         self._lo = index.min_kw - tol
         self._hi = index.max_kw + tol
         self._floor = np.maximum(0.05 * span, 0.05)
+        self._mag = np.maximum(np.abs(index.min_kw), np.abs(index.max_kw))
+        # A load that cannot export (an AC, a water heater): a negative reading is a sign error.
+        self._load_only = index.min_kw > -0.5
         runs = [cfg.max_run_s.get(c.value, 3600.0) for c in CLASSES]
         self._max_run = np.array(runs)[index.class_code]
-        # Newest accepted (in-order, non-duplicate) reading.
-        self._last_dev = np.full(n, -np.inf)
-        self._last_corr = np.full(n, -np.inf)
-        self._last_value = np.full(n, np.nan)
-        self._last_ok = np.zeros(n, dtype=bool)
-        self._last_detail = np.zeros(n, dtype=np.int32)
-        self._last_fp = np.zeros(n, dtype=np.int64)
-        self._last_has_fp = np.zeros(n, dtype=bool)
-        self._run_n = np.zeros(n, dtype=np.int64)
-        self._run_start = np.zeros(n)
-        self._fp_run = np.zeros(n, dtype=np.int64)
-        self._hint_run = np.zeros(n, dtype=np.int64)
-        # Newest value that passed the value checks.
-        self._good_value = np.full(n, np.nan)
-        self._good_ts = np.full(n, -np.inf)
-        # Rings: recent device timestamps (duplicates), clock offsets, accepted values.
-        self._dup_ring = np.full((n, w), np.nan)
-        self._dup_pos = np.zeros(n, dtype=np.int64)
-        self._off_ring = np.full((n, w), np.inf)
-        self._off_n = np.zeros(n, dtype=np.int64)
-        self._hist = np.full((n, w), np.nan)
-        self._hist_n = np.zeros(n, dtype=np.int64)
-        self._offset = np.zeros(n)
-        # Peer statistics per (peer group, class) stratum.
+        cycles = [cfg.zero_cycle_s.get(c.value, np.inf) for c in CLASSES]
+        self._zero_cycle = np.array(cycles)[index.class_code]
+        # Peer statistics per (peer group, class) stratum; codes of old groups never change.
         self._stratum = index.peer_code * index.n_classes + index.class_code
-        self._n_strata = (len(index.peer_groups) or 1) * index.n_classes
-        self._peer_lo = np.full(self._n_strata, np.nan)
-        self._peer_hi = np.full(self._n_strata, np.nan)
-        self._class_lo = np.full(index.n_classes, np.nan)
-        self._class_hi = np.full(index.n_classes, np.nan)
-        self._peer_at = -np.inf
-        self._queue: list[tuple[int, float, float, float, int, int]] = []
+        n_strata = (len(index.peer_groups) or 1) * index.n_classes
+        grow = n_strata - self._n_strata
+        self._peer_lo = np.r_[self._peer_lo, np.full(grow, np.nan)]
+        self._peer_hi = np.r_[self._peer_hi, np.full(grow, np.nan)]
+        self._peer_on = np.r_[self._peer_on, np.full(grow, np.nan)]
+        self._peer_zero = np.r_[self._peer_zero, np.full(grow, np.nan)]
+        self._n_strata = n_strata
+
+    def extend(self, index: FleetIndex) -> None:
+        """Enrol the devices ``index`` appends to the current one; every device's state is kept.
+
+        ``index`` must be the current index with rows appended (``FleetIndex.extended``).
+        """
+        old = len(self.index)
+        if index.ids[:old] != self.index.ids:
+            raise ValueError("the new index must extend the current one")
+        grow, w = len(index) - old, self.config.history
+        for name, (fill, dtype, ring) in _DEVICE_STATE.items():
+            pad = np.full((grow, w) if ring else grow, fill, dtype=dtype)
+            setattr(self, name, np.concatenate([getattr(self, name), pad]))
+        self.index = index
+        if len(self.commands.index) < len(index):
+            self.commands.extend(index)
+        self._derive(index)
 
     # ------------------------------------------------------------------ per reading
     def observe(self, reading: RawReading) -> ReadingQuality:
@@ -415,8 +544,9 @@ class QualityClassifier:
         out_detail = np.zeros(m, dtype=np.int32)
         out_corr = np.array(device_ts, dtype=np.float64, copy=True)
         out_acc = np.zeros(m, dtype=bool)
+        out_value = np.array(value_kw, dtype=np.float64, copy=True)
         if m == 0:
-            return BatchQuality(out_validity, out_detail, out_corr, out_acc)
+            return BatchQuality(out_validity, out_detail, out_corr, out_acc, out_value)
         # Rank of each reading among the batch's readings of the same device (arrival order).
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -426,12 +556,13 @@ class QualityClassifier:
         rank[order] = np.arange(m) - starts[run_id]
         for wave in range(int(rank.max()) + 1):
             sel = np.flatnonzero(rank == wave)
-            v, d, c, a = self._wave(
+            v, d, c, a, x = self._wave(
                 rows[sel], device_ts[sel], received_ts[sel], value_kw[sel], fp[sel], has_fp[sel],
                 hint[sel],
             )  # fmt: skip
             out_validity[sel], out_detail[sel], out_corr[sel], out_acc[sel] = v, d, c, a
-        return BatchQuality(out_validity, out_detail, out_corr, out_acc)
+            out_value[sel] = x
+        return BatchQuality(out_validity, out_detail, out_corr, out_acc, out_value)
 
     def _wave(
         self,
@@ -442,7 +573,7 @@ class QualityClassifier:
         fp: npt.NDArray[np.int64],
         has_fp: BoolArray,
         hint: npt.NDArray[np.int8],
-    ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int32], FloatArray, BoolArray]:
+    ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int32], FloatArray, BoolArray, FloatArray]:
         """Readings of distinct devices: classify, then update their state."""
         cfg, w = self.config, self.config.history
         interval = self._interval[d]
@@ -467,6 +598,23 @@ class QualityClassifier:
         delay = recv - corr
         late = delay > cfg.late_intervals * interval
         stale = delay > cfg.stale_intervals * interval
+
+        # Commands in force: what the device should read, once it has had time to follow.
+        board = self.commands
+        expected = board.expected_kw[d]
+        settled = corr > board.changed_at[d] + cfg.command_settle_s
+        tol = np.maximum(cfg.command_tolerance_kw, cfg.command_tolerance * np.abs(expected))
+
+        # Unit errors: correct a device's readings once its unit is certain, doubt them before.
+        raw = value
+        cand, kept, unit_n, scale = self._units(d, raw, expected, settled & board.held[d], tol)
+        scaled = raw * scale
+        use_scale = (scale != 1.0) & (scaled >= self._lo[d]) & (scaled <= self._hi[d])
+        value = np.where(use_scale, scaled, raw)
+        corrected = use_scale & (np.abs(raw) > cfg.zero_kw)
+        doubted = ~use_scale & (cand >= _U_MILLI)
+        with np.errstate(invalid="ignore"):
+            off_command = settled & (np.abs(value - expected) > tol)
         out_of_range = ~np.isfinite(value) | (value < self._lo[d]) | (value > self._hi[d])
 
         same_value = value == self._last_value[d]
@@ -476,13 +624,29 @@ class QualityClassifier:
         fp_run = np.where(same_fp, self._fp_run[d] + 1, 1)
         # State changes the device announced while its value stayed frozen.
         hint_run = np.where(same_value, self._hint_run[d] + (hint == 1), 0)
-        long_run = (np.abs(value) > cfg.zero_kw) & (corr - run_start > self._max_run[d])
+        nonzero = np.abs(value) > cfg.zero_kw
+        long_run = nonzero & (corr - run_start > self._max_run[d])
+        # A frozen non-zero value away from the power the device was told to hold, or frozen
+        # since before its command moved (zero is exempt: an empty battery truly reads 0).
+        frozen_vs_command = (
+            nonzero
+            & off_command
+            & same_value
+            & ((run_n > cfg.stuck_hint_readings) | (run_start < board.changed_at[d]))
+        )
         stuck = in_order & (
             (fp_run >= cfg.stuck_fingerprint_readings)
             | (hint_run >= cfg.stuck_hint_readings)
             | long_run
+            | frozen_vs_command
+            | self._stuck_at_zero(d, value, corr - run_start, run_n)
+            # A zero run once found stuck stays so until the value moves (peers' share of
+            # running devices wanders around the threshold; the sensor does not recover).
+            | (~nonzero & same_value & self._zero_stuck[d])
         )
         outlier = in_order & ~out_of_range & ~stuck & self._outlier(d, value)
+        # Following a command is no outlier, however unusual the level.
+        outlier &= ~(np.isfinite(expected) & ~off_command)
 
         detail |= np.where(dup, int(Detail.DUPLICATE), 0)
         detail |= np.where(out_of_order, int(Detail.OUT_OF_ORDER), 0)
@@ -492,10 +656,13 @@ class QualityClassifier:
         detail |= np.where(out_of_range, int(Detail.OUT_OF_RANGE), 0)
         detail |= np.where(outlier, int(Detail.OUTLIER), 0)
         detail |= np.where(skewed, int(Detail.CLOCK_SKEW), 0)
+        detail |= np.where(corrected | doubted, int(Detail.UNIT_ERROR), 0)
         validity = np.where(
             out_of_range,
             Validity.INVALID,
-            np.where(dup | out_of_order | stale | stuck | outlier, Validity.QUESTIONABLE, 0),
+            np.where(
+                dup | out_of_order | stale | stuck | outlier | doubted, Validity.QUESTIONABLE, 0
+            ),
         ).astype(np.int8)
 
         # State updates: duplicates change nothing; out-of-order readings only join the
@@ -509,8 +676,16 @@ class QualityClassifier:
         self._dup_pos[di] += 1
         self._last_dev[di] = dev[i]
         self._last_corr[di] = corr[i]
+        value_ok = ~out_of_range & ~stuck & ~outlier & ~doubted
+        # The newest good value before a run of one value began: what stands for the device
+        # when that run turns out to be a stuck sensor.
+        new_run = i & ~same_value
+        dn = d[new_run]
+        self._pre_run_value[dn] = self._good_value[dn]
+        self._pre_run_ts[dn] = self._good_ts[dn]
+        self._pre_run_zero[dn] = self._zero_share[dn]
+        self._pre_run_duty[dn] = self._duty[dn]
         self._last_value[di] = value[i]
-        value_ok = ~out_of_range & ~stuck & ~outlier
         self._last_ok[di] = value_ok[i]
         self._last_detail[di] = detail[i]
         self._last_fp[di] = fp[i]
@@ -519,13 +694,123 @@ class QualityClassifier:
         self._run_start[di] = run_start[i]
         self._fp_run[di] = fp_run[i]
         self._hint_run[di] = hint_run[i]
+        self._zero_stuck[di] = (stuck & ~nonzero)[i]
+        self._unit_cand[di] = kept[i]
+        self._unit_n[di] = unit_n[i]
+        self._scale[di] = scale[i]
         good = i & value_ok
         dg = d[good]
         self._good_value[dg] = value[good]
         self._good_ts[dg] = corr[good]
         self._hist[dg, self._hist_n[dg] % w] = value[good]
         self._hist_n[dg] += 1
-        return validity, detail, corr, in_order
+        # Running means at first (an EWMA started on one reading remembers it for hours).
+        a = np.maximum(1.0 - 0.5 ** (1.0 / cfg.duty_halflife_readings), 1.0 / self._hist_n[dg])
+        for share, x in (
+            (self._duty, self._running(dg, value[good])),
+            (self._zero_share, ~nonzero[good]),
+        ):
+            old = np.nan_to_num(share[dg])
+            share[dg] = old + a * (x.astype(np.float64) - old)
+        # A sensor found stuck: its zeros since the run began were never the device's power.
+        found = i & stuck & ~nonzero
+        df = d[found]
+        self._good_value[df] = self._pre_run_value[df]
+        self._good_ts[df] = self._pre_run_ts[df]
+        return validity, detail, corr, in_order, value
+
+    def _running(self, d: IntArray, value: FloatArray) -> BoolArray:
+        """Drawing real power: more than 5 % of the rating (an AC's fan alone is not)."""
+        result: BoolArray = np.abs(value) > 0.05 * self._mag[d]
+        return result
+
+    def _units(
+        self,
+        d: IntArray,
+        raw: FloatArray,
+        expected: FloatArray,
+        held: BoolArray,
+        tol: FloatArray,
+    ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8], npt.NDArray[np.int64], FloatArray]:
+        """Unit evidence of each reading, and each device's scale after it.
+
+        A reading is evidence of W reported as kW when it is ``unit_gross`` times the rating
+        and a thousandth of it fits; of kW reported as MW when it is at most a thousandth of
+        the rating and a thousand times it is a real draw; of a flipped sign when a load that
+        cannot export reads a negative draw, or a device held at a setpoint reads its mirror.
+        A plain in-range reading is evidence of kW; zero says nothing (0 W is 0 kW). A scale is
+        adopted after ``unit_confirm`` readings of the same evidence in a row, so a single
+        corrupted value never rescales a device. Returns the candidate of each reading, the
+        candidate kept for each device, its run of evidence and its scale.
+        """
+        cfg = self.config
+        lo, hi, mag = self._lo[d], self._hi[d], self._mag[d]
+
+        def inside(x: FloatArray) -> BoolArray:
+            result: BoolArray = (x >= lo) & (x <= hi)
+            return result
+
+        load_only = self._load_only[d]
+        with np.errstate(invalid="ignore", over="ignore"):
+            nonzero = np.abs(raw) > cfg.zero_kw
+            milli = ~inside(raw) & inside(raw * 1e-3) & (np.abs(raw) >= cfg.unit_gross * mag)
+            kilo = (
+                nonzero
+                & inside(raw)
+                & (np.abs(raw) <= 1.2e-3 * mag)
+                & (np.abs(raw * 1e3) >= 0.1 * mag)
+            )
+            sign = (load_only & (raw < lo) & inside(-raw)) | (
+                held & (np.abs(expected) > 2 * tol) & (np.abs(raw + expected) <= tol)
+            )
+            plain = nonzero & inside(raw) & ~kilo & ~sign & ~(load_only & (raw < -cfg.zero_kw))
+        cand = np.select(
+            [milli, kilo, sign, plain], [_U_MILLI, _U_KILO, _U_SIGN, _U_PLAIN], _U_NONE
+        ).astype(np.int8)
+        prev_c, prev_n = self._unit_cand[d], self._unit_n[d]
+        informative = cand != _U_NONE
+        run = np.where(informative, np.where(cand == prev_c, prev_n + 1, 1), prev_n)
+        kept = np.where(informative, cand, prev_c).astype(np.int8)
+        scale = np.where(run >= cfg.unit_confirm, _U_FACTOR[kept], self._scale[d])
+        return cand, kept, run.astype(np.int64), scale
+
+    def _stuck_at_zero(
+        self, d: IntArray, value: FloatArray, run_s: FloatArray, run_n: npt.NDArray[np.int64]
+    ) -> BoolArray:
+        """A zero that the device's peers (and its own past) make implausible.
+
+        Only for classes with a thermostatic cycle (``zero_cycle_s``): a battery or an EV at
+        zero may simply be empty or unplugged. *Novel zero*: the device and its peers
+        practically never read an exact zero, yet it has read one ``zero_novel_readings``
+        times in a row (a sensor that died). *Long zero*:
+        the run is so long that a device running like its peers would almost surely have
+        switched on: ``(1 - p) ** (run / cycle) < zero_alpha`` with ``p`` the share of its
+        peers running now; only for a device that ran like its peers before (its own duty).
+        """
+        cfg = self.config
+        zero = np.abs(value) <= cfg.zero_kw
+        s = self._stratum[d]
+        p_on, p_zero = self._peer_on[s], self._peer_zero[s]
+        known = self._hist_n[d] >= cfg.min_history
+        with np.errstate(invalid="ignore", divide="ignore"):
+            novel = (
+                zero
+                & known
+                & np.isfinite(self._zero_cycle[d])
+                & (run_n >= cfg.zero_novel_readings)
+                & (self._pre_run_zero[d] < cfg.zero_novel_share)
+                & (p_zero < cfg.zero_novel_share)
+            )
+            log_off = (run_s / self._zero_cycle[d]) * np.log1p(-np.clip(p_on, 0.0, 0.99))
+            long_zero = (
+                zero
+                & known
+                & (p_on >= cfg.zero_min_on_share)
+                & (log_off < np.log(cfg.zero_alpha))
+                & (self._pre_run_duty[d] >= 0.25 * p_on)
+            )
+        result: BoolArray = novel | long_zero
+        return result
 
     def _outlier(self, d: IntArray, value: FloatArray) -> BoolArray:
         """Outside the device's own envelope *and* its peers' envelope, and a sudden jump."""
@@ -571,6 +856,14 @@ class QualityClassifier:
         q10 = grouped_quantile(strata, vals, self._n_strata, 0.10)
         q90 = grouped_quantile(strata, vals, self._n_strata, 0.90)
         enough = counts >= cfg.min_peers
+        safe = np.maximum(counts, 1)
+        running = self._running(np.flatnonzero(current), vals)
+        on = np.bincount(strata, weights=running.astype(np.float64), minlength=self._n_strata)
+        self._peer_on = np.where(enough, on / safe, np.nan)
+        # How often a typical peer reads an exact zero, over the long run: the median of the
+        # peers' own shares, so the few sensors stuck at zero now do not make zero look normal.
+        zshare = grouped_quantile(strata, self._zero_share[current], self._n_strata, 0.5)
+        self._peer_zero = np.where(enough, zshare, np.nan)
         pos, neg = vals > cfg.zero_kw, vals < -cfg.zero_kw
         hi = grouped_quantile(classes[pos], vals[pos], n_cls, 0.95)
         lo = grouped_quantile(classes[neg], vals[neg], n_cls, 0.05)
