@@ -137,14 +137,19 @@ class GatewayApp:
         self.operator: OperatorServer | None = None
         if config.operator.enabled:
             op = config.operator
-            view_auth = BasicAuth(
-                op.user, password_file=op.password_file, password_env=op.password_env
-            )
-            core = self.core
+            extensions: list[Extension] = []
+            if op.password_file is not None or op.password_env is not None:
+                # The live view needs a password; without one the operator endpoint serves
+                # metrics and health only (protected routes answer 403).
+                view_auth = BasicAuth(
+                    op.user, password_file=op.password_file, password_env=op.password_env
+                )
+                core = self.core
 
-            def live_view(app: web.Application) -> None:
-                add_view(app, core, view_auth)
+                def live_view(app: web.Application) -> None:
+                    add_view(app, core, view_auth)
 
+                extensions.append(live_view)
             self.operator = OperatorServer(
                 config.operator,
                 self.core,
@@ -156,7 +161,7 @@ class GatewayApp:
                     openadr_vtn=self.openadr_vtn,
                     openadr_ven=self.openadr_ven,
                 ),
-                extensions=(live_view, *operator_extensions),
+                extensions=(*extensions, *operator_extensions),
             )
         self.ready = asyncio.Event()
         """Set once the core is loaded and every endpoint and uplink task is started."""

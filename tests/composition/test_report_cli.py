@@ -28,6 +28,8 @@ FIXTURES = Path(__file__).parents[1] / "adapters" / "operator" / "fixtures"
 
 CONFIG = """
 gateway_id = "gw-report"
+[settlement]
+timezone = "America/New_York"
 [store]
 path = "{store}"
 {devices}
@@ -147,6 +149,7 @@ def test_what_has_no_report_is_refused_with_why(config: Path, tmp_path: Path) ->
     assert "'png' is not one of 'csv', 'svg'" in err
     empty = tmp_path / "empty.toml"
     empty.write_text(
+        '[settlement]\ntimezone = "UTC"\n'
         f'[store]\npath = "{tmp_path / "absent.sqlite"}"\n' + DEVICE.format(id="b", port=1)
     )
     code, _, err = run("shed-1", "--config", str(empty))

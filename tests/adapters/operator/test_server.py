@@ -54,9 +54,9 @@ def hello(app: web.Application) -> None:
     async def login(request: web.Request) -> web.Response:
         return web.Response(text="login page")
 
-    app.router.add_get("/view", page)
-    app.router.add_get("/view/login", login)
-    app[OPERATOR_SERVER].allow_anonymous("/view/login")
+    app.router.add_get("/hello", page)
+    app.router.add_get("/hello/login", login)
+    app[OPERATOR_SERVER].allow_anonymous("/hello/login")
 
 
 Serve = Callable[..., Any]
@@ -109,19 +109,24 @@ async def test_status_and_extensions_need_the_password_metrics_and_health_do_not
     assert "unauthorized" in body
     status, _ = await get(url + "/status", Authorization=basic("operator", "wrong"))
     assert status == 401
-    status, _ = await get(url + "/view")
+    status, _ = await get(url + "/hello")
     assert status == 401  # an extension's route is protected unless it says otherwise
-    status, body = await get(url + "/view", Authorization=basic("operator", "correct horse"))
+    status, body = await get(url + "/hello", Authorization=basic("operator", "correct horse"))
     assert (status, body) == (200, "hello from gw-op")
-    assert (await get(url + "/view/login"))[0] == 200
+    # With a password the live view is mounted too, behind the same login.
+    assert (await get(url + "/view"))[0] == 401
+    status, body = await get(url + "/view", Authorization=basic("operator", "correct horse"))
+    assert status == 200
+    assert "live view" in body
+    assert (await get(url + "/hello/login"))[0] == 200
     status, body = await get(url + "/status", Authorization=basic("operator", "correct horse"))
     assert status == 200
     assert '"gateway_id": "gw-op"' in body
     assert (await get(url + "/metrics"))[0] == 200
     assert (await get(url + "/health/live"))[0] == 200
-    assert server.refused["unauthenticated"] == 3
+    assert server.refused["unauthenticated"] == 4
     _, metrics = await get(url + "/metrics")
-    assert 'derms_operator_requests_refused_total{reason="unauthenticated"} 3.0' in metrics
+    assert 'derms_operator_requests_refused_total{reason="unauthenticated"} 4.0' in metrics
 
 
 async def test_metrics_auth_and_no_password(serve: Serve) -> None:

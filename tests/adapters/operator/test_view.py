@@ -285,6 +285,8 @@ def sample_report() -> PerformanceReport:
         end=end,
         interval_s=3600,
         baseline_kw=(0.5, 0.4),
+        weights=(1.0, 1.0),
+        event_hours=2.0,
         metered_kw=(-4.5, None),
         delivered_kw=(-5.0, 0.0),
         baseline_kwh=0.9,
@@ -302,6 +304,8 @@ def sample_report() -> PerformanceReport:
     group = GroupSettlement(
         group_id="feeder:f1",
         interval_s=3600,
+        weights=(1.0, 1.0),
+        event_hours=2.0,
         baseline_kw=(0.5, 0.4),
         metered_kw=(-4.5, 0.4),
         delivered_kw=(-5.0, 0.0),
