@@ -41,6 +41,7 @@ __all__ = [
     "CredentialsUnavailable",
     "FileStamps",
     "is_loopback",
+    "raise_session_end",
     "read_secret_file",
     "watch_rotation",
 ]
@@ -61,6 +62,18 @@ class CredentialsUnavailable(Exception):
         super().__init__(f"{setting}: {reason}")
         self.setting = setting
         self.reason = reason
+
+
+def raise_session_end(group: ExceptionGroup[Exception], lost: type[Exception]) -> NoReturn:
+    """A link session's task group has ended. A lost link ends its loops with ``lost`` (the MQTT
+    client's error), a rotated file the watch with :class:`CredentialsRotated`: raise one plain
+    exception of those so the link reconnects (a rotation first, since it is the reason). Anything
+    else is a bug and propagates as it is."""
+    ends = [e for e in group.exceptions if isinstance(e, lost | CredentialsRotated)]
+    if len(ends) == len(group.exceptions):
+        rotated = [e for e in ends if isinstance(e, CredentialsRotated)]
+        raise (rotated or ends)[0] from None
+    raise group
 
 
 class CredentialsRotated(Exception):

@@ -28,6 +28,7 @@ from adapters.broker_security import (
     Credentials,
     CredentialsRotated,
     CredentialsUnavailable,
+    raise_session_end,
     watch_rotation,
 )
 from adapters.grid_derms.config import BrokerConfig
@@ -213,18 +214,7 @@ class Northbound:
                         )
                         await wait_inside_task_group()
                 except ExceptionGroup as group:
-                    # A lost link ends both loops with MqttError, a rotated file the watch with
-                    # CredentialsRotated: surface one plain error so run() reconnects. Anything
-                    # else is a bug and propagates as is.
-                    ends = [
-                        e
-                        for e in group.exceptions
-                        if isinstance(e, aiomqtt.MqttError | CredentialsRotated)
-                    ]
-                    if len(ends) == len(group.exceptions):
-                        rotated = [e for e in ends if isinstance(e, CredentialsRotated)]
-                        raise (rotated or ends)[0] from None
-                    raise
+                    raise_session_end(group, aiomqtt.MqttError)
             except asyncio.CancelledError:
                 # A clean stop: say so ourselves, since the broker sends the will only when a
                 # client vanishes without a DISCONNECT.

@@ -53,6 +53,7 @@ from adapters.broker_security import (
     Credentials,
     CredentialsRotated,
     CredentialsUnavailable,
+    raise_session_end,
     watch_rotation,
 )
 from gateway.aio import raise_if_cancelling, wait_inside_task_group
@@ -406,18 +407,7 @@ class DeviceMqttLink:
                     )
                     await wait_inside_task_group()
             except ExceptionGroup as group:
-                ends = [
-                    e
-                    for e in group.exceptions
-                    if isinstance(e, aiomqtt.MqttError | CredentialsRotated)
-                ]
-                # A lost link ends the receive loop with MqttError, a rotated file the watch
-                # with CredentialsRotated: surface a plain one so run() reconnects. Anything
-                # else is a bug and propagates as is.
-                if len(ends) == len(group.exceptions):
-                    rotated = [e for e in ends if isinstance(e, CredentialsRotated)]
-                    raise (rotated or ends)[0] from None
-                raise
+                raise_session_end(group, aiomqtt.MqttError)
 
     def _where(self) -> tuple[str, int]:
         return self.config.host, self.config.port
