@@ -392,6 +392,14 @@ class BaselineConfig(Frozen):
             raise ValueError("minimum day counts exceed the target day counts")
         if self.min_weather_days > self.weather_days:
             raise ValueError("min_weather_days exceeds weather_days")
+        if (
+            self.method is BaselineMethod.CONTROL_GROUP
+            and self.group is GroupBaselineMode.AGGREGATE_LOAD
+        ):
+            raise ValueError(
+                "group = 'aggregate_load' with method = 'control_group': a control group is "
+                "already a baseline of the group (use 'sum_of_devices')"
+            )
         if self.adjustment_duration_s % self.interval_s:
             raise ValueError("adjustment window must be a whole number of intervals")
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -295,3 +296,57 @@ def test_control_group_baseline_is_the_control_mean() -> None:
     assert rows[0].quality is Quality.SUSPECT
     assert np.sum([r.kw for r in rows], axis=0) == pytest.approx([9.0, 9.0])
     assert rows[0].method.startswith("control group: mean metered load of 2 held-out device(s)")
+
+
+# --------------------------------------------------------------------------- clock time (DST)
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def clock_hour_load(offset: dict[date, float]) -> DeviceHistory:
+    """Hourly history whose load is the *local* clock hour plus a per-day offset (New York)."""
+    start, end = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 12, 1, tzinfo=UTC)
+    hours = int((end - start).total_seconds() // 3600)
+    values = np.empty(hours)
+    for i in range(hours):
+        local = (start + timedelta(hours=i)).astimezone(NEW_YORK)
+        values[i] = local.hour + offset.get(local.date(), 0.0)
+    return DeviceHistory("a", start, 3600, values)
+
+
+def local(day: date, hour: int) -> datetime:
+    return datetime(day.year, day.month, day.day, hour, tzinfo=NEW_YORK)
+
+
+def test_pjm_on_the_spring_forward_sunday_reads_the_clock_hours() -> None:
+    # Sunday 10 March 2024, clocks 02:00 -> 03:00 in New York; event 16:00-17:00 local.
+    # Sundays before: 3 March (+2 kW), 25 Feb (+1), 18 Feb (+4): highest 2 are 18 Feb and
+    # 3 March. Load at 16:00 local = 16 + offset: (20 + 18) / 2 = 19 kW. SAA window 13:00 and
+    # 14:00 local: CBL (13 + 14) / 2 + 3 = 16.5, actual on the day (13 + 14) / 2 = 13.5:
+    # SAA -3.0 -> 16.0 kW, i.e. exactly the event day's own 16:00 clock-hour load.
+    # (Read by elapsed time since midnight, 16:00 on the DST Sunday would be 15 h in: 15 kW.)
+    offsets = {D(2024, 3, 3): 2.0, D(2024, 2, 25): 1.0, D(2024, 2, 18): 4.0}
+    calendar = EventCalendar(tz=NEW_YORK)
+    day = D(2024, 3, 10)
+    b = method_baseline(clock_hour_load(offsets), calendar, local(day, 16), local(day, 17), PJM)
+    assert b.selected_days == (D(2024, 3, 3), D(2024, 2, 18))
+    assert b.unadjusted_kw == pytest.approx((19.0,))
+    assert b.adjustment_kw == pytest.approx(-3.0)
+    assert b.kw == pytest.approx((16.0,))
+
+
+def test_nyiso_with_a_similar_day_that_is_the_fall_back_sunday() -> None:
+    # Sunday 10 Nov 2024; like days 3 Nov (clocks 02:00 -> 01:00 in New York, +3.5 kW), 27 Oct
+    # (+3), 20 Oct (+2). At 15:00 local: 18.5, 18, 17 -> highest 2 are 3 Nov and 27 Oct:
+    # (18.5 + 18) / 2 = 18.25 kW. (Read by elapsed time, 15:00 on 3 Nov would be its 14:00.)
+    # Adjustment over 11:00 and 12:00 local: CBL (11 + 12) / 2 + 3.25 = 14.75, actual on the
+    # day (11 + 12) / 2 + 2.8 = 14.3 -> ratio 14.3 / 14.75 = 0.9695 -> 17.693 kW.
+    offsets = {D(2024, 11, 3): 3.5, D(2024, 10, 27): 3.0, D(2024, 10, 20): 2.0}
+    offsets[D(2024, 11, 10)] = 2.8
+    calendar = EventCalendar(tz=NEW_YORK)
+    day = D(2024, 11, 10)
+    b = method_baseline(clock_hour_load(offsets), calendar, local(day, 15), local(day, 16), NYISO)
+    assert b.selected_days == (D(2024, 11, 3), D(2024, 10, 27))
+    assert b.unadjusted_kw == pytest.approx((18.25,))
+    assert b.raw_adjustment_factor == pytest.approx(14.3 / 14.75)
+    assert b.kw == pytest.approx((18.25 * 14.3 / 14.75,))

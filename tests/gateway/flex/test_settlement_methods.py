@@ -191,3 +191,8 @@ def test_history_span_covers_each_rule() -> None:
     assert pjm == START - timedelta(days=46, hours=4)
     nyiso = BaselineConfig(method=BaselineMethod.NYISO_CBL, lookback_days=20)
     assert history_span(START, nyiso, 3600) == START - timedelta(days=31, hours=4)
+
+
+def test_control_group_with_aggregate_load_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError, match="already a baseline of the group"):
+        BaselineConfig(method=BaselineMethod.CONTROL_GROUP, group=GroupBaselineMode.AGGREGATE_LOAD)
