@@ -62,7 +62,7 @@ from gateway.flex import (
     settle_event,
 )
 from gateway.flex.baseline import BaselineConfig, BaselineMethod, epoch_s, from_epoch
-from gateway.flex.methods import control_group
+from gateway.flex.methods import Temperatures, control_group
 from gateway.flex.settlement import event_days, history_span, settlement_window
 from gateway.history import (
     HISTORY_CHUNK_DEVICES,
@@ -87,7 +87,7 @@ from gateway.telemetry import (
     RawReading,
     TelemetryQuality,
 )
-from gateway.weather import TemperatureSeries, WeatherBook, forecast_excerpt
+from gateway.weather import TemperatureRecord, WeatherBook, forecast_excerpt
 from unified.model import (
     TERMINAL_STATES,
     Ack,
@@ -111,7 +111,7 @@ from unified.model import (
     TopologyLevel,
     utcnow,
 )
-from unified.weather import WeatherForecast
+from unified.weather import GATEWAY_SCOPE, WeatherForecast
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,14 @@ class Gateway:
                     await self.history.save_weather(
                         forecast.scope_key, forecast.issued_at, forecast.model_dump_json()
                     )
+                    await self.history.save_temperatures(
+                        forecast.scope_key,
+                        forecast.issued_at,
+                        [
+                            (round(p.start.timestamp()), forecast.step_s, p.temp_c)
+                            for p in forecast.points
+                        ],
+                    )
             except (HistoryError, TimeoutError) as exc:  # still use it; say it is not stored
                 log.exception("could not store the weather forecast")
                 warning = f"weather forecast used but not stored: {type(exc).__name__}: {exc}"
@@ -681,16 +689,27 @@ class Gateway:
         chunks = max(1, math.ceil(devices / HISTORY_CHUNK_DEVICES))
         return self.config.history.io_timeout_s * chunks
 
-    def _settlement_temperatures(
-        self, event: EventToSettle, rule: BaselineConfig
-    ) -> dict[str, TemperatureSeries]:
-        """The weather-matched rule's outdoor temperatures: the series held for each device's
-        area. Only the newest forecast per scope is kept, so past days are covered only as far
-        as that series reaches back (see :mod:`gateway.flex.methods`)."""
+    async def _settlement_temperatures(
+        self, event: EventToSettle, rule: BaselineConfig, since: datetime, until: datetime
+    ) -> dict[str, Temperatures]:
+        """The weather-matched rule's outdoor temperatures: per device, the temperature record
+        of the scope whose forecast covers it now (the most specific, as for flex forecasts)."""
         if rule.method is not BaselineMethod.WEATHER_MATCHED:
             return {}
+        assert self.history is not None
         devices = [self.registry.device(d) for d in event.devices if d in self.registry]
-        return self.weather.for_devices(devices, self.registry)
+        scopes = {
+            d: series.scope or GATEWAY_SCOPE
+            for d, series in self.weather.for_devices(devices, self.registry).items()
+        }
+        records: dict[str, Temperatures] = {}
+        for scope in set(scopes.values()):
+            record = TemperatureRecord.from_points(
+                await self.history.temperatures(scope, since, until)
+            )
+            if record is not None:
+                records[scope] = record
+        return {d: records[s] for d, s in scopes.items() if s in records}
 
     def _hold_out(self, active: list[dispatch.ActiveCommand]) -> list[dispatch.ActiveCommand]:
         """Dispatches of control-group programs leave their held-out devices alone: the planner
@@ -749,6 +768,7 @@ class Gateway:
             if grid > history.interval_s:
                 metered = await history.histories(event.devices, start, end)
             days = await history.event_days(from_epoch(since).date(), excluding=event.command_id)
+            temperatures = await self._settlement_temperatures(event, rule, from_epoch(since), end)
         report = await asyncio.to_thread(
             settle_event,
             event,
@@ -758,7 +778,7 @@ class Gateway:
             config=rule,
             fallback_window_s=settlement.fallback_window_s,
             metered=metered,
-            temperatures=self._settlement_temperatures(event, rule),
+            temperatures=temperatures,
         )
         payload = report.model_dump_json(exclude_none=True).encode()
         async with asyncio.timeout(timeout):

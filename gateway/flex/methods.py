@@ -25,10 +25,11 @@ as :mod:`gateway.flex.baseline`, so DST days are read at the right hours):
   of the same type (weekday / weekend-or-holiday) whose mean outdoor temperature over the event's
   clock hours was closest to the event day's; ``weather_days`` (5) of them are averaged, no
   day-of adjustment (the temperature match does its job). It needs the outdoor temperature of
-  the past days at those hours: a :class:`gateway.weather.TemperatureSeries` covering the
-  look-back. The gateway keeps only the newest forecast per scope, so unless Grid DERMS (or a
-  weather integration) feeds observations covering the look-back, the rule finds too few days
-  and settlement falls back (flag ``fallback_pre_event_mean``), saying so.
+  the past days at those hours: the gateway records every forecast it receives, point by point,
+  in the history file (:class:`gateway.weather.TemperatureRecord`: each hour at its newest
+  forecast, the nearest thing to an observation it has), so the rule works once forecasts have
+  covered the look-back; before that it finds too few days and settlement falls back (flag
+  ``fallback_pre_event_mean``), saying so.
 * **Control group** (mass-market programs: thousands of small devices, where any one device's
   baseline is noise). A share of the group (``control_share``) is held out by a seeded draw
   (:func:`control_group`: deterministic, independent of the order devices are listed in) and
@@ -48,7 +49,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -65,8 +66,17 @@ from gateway.flex.baseline import (
     from_epoch,
     interval_starts,
 )
-from gateway.weather import TemperatureSeries
 from unified.model import Quality
+
+
+class Temperatures(Protocol):
+    """Outdoor temperatures over time: :class:`gateway.weather.TemperatureRecord` (what the
+    gateway recorded from the forecasts it received) or a :class:`~gateway.weather.
+    TemperatureSeries` (one forecast or a feed of observations)."""
+
+    def means(self, starts: FloatArray, interval_s: float) -> FloatArray:
+        """Mean °C over each ``[s, s + interval_s)``; NaN where not known."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +323,7 @@ def weather_matched_baseline(
     start: datetime,
     end: datetime,
     config: BaselineConfig,
-    temperatures: TemperatureSeries | None,
+    temperatures: Temperatures | None,
 ) -> DeviceBaseline:
     """The mean of the ``weather_days`` same-type days closest in outdoor temperature at the
     event's clock hours (see the module docstring); raises :class:`InsufficientHistory` with
@@ -456,7 +466,7 @@ def method_baseline(
     end: datetime,
     config: BaselineConfig,
     *,
-    temperatures: TemperatureSeries | None = None,
+    temperatures: Temperatures | None = None,
 ) -> DeviceBaseline:
     """One device's baseline by ``config.method`` (the control group is per event: see
     :func:`control_group_baseline`)."""
@@ -513,6 +523,7 @@ __all__ = [
     "NYISO_CBL",
     "PJM_HIGH_4_OF_5",
     "HighOfRule",
+    "Temperatures",
     "control_group",
     "control_group_baseline",
     "high_of_baseline",

@@ -63,6 +63,7 @@ from gateway.flex.baseline import (
     interval_starts,
 )
 from gateway.flex.methods import (
+    Temperatures,
     control_group,
     control_group_baseline,
     method_baseline,
@@ -75,7 +76,6 @@ from gateway.flex.performance import (
     event_performance,
     worst,
 )
-from gateway.weather import TemperatureSeries
 from unified.model import (
     SCHEMA_VERSION,
     AckState,
@@ -357,7 +357,7 @@ def settle_event(
     config: BaselineConfig | None = None,
     fallback_window_s: int = 3600,
     metered: Mapping[str, DeviceHistory] | None = None,
-    temperatures: Mapping[str, TemperatureSeries] | None = None,
+    temperatures: Mapping[str, Temperatures] | None = None,
 ) -> PerformanceReport:
     """The performance report of one finished dispatch (see the module docstring).
 
@@ -592,7 +592,7 @@ def _aggregate_shares(
     start: datetime,
     end: datetime,
     config: BaselineConfig,
-    temperatures: Mapping[str, TemperatureSeries],
+    temperatures: Mapping[str, Temperatures],
 ) -> dict[str, DeviceBaseline]:
     """``group = "aggregate_load"``: the rule applied to the summed load of the devices that
     have a baseline, shared out to them in proportion to their own baselines (equally where

@@ -25,7 +25,7 @@ from gateway.flex import (
     control_group_baseline,
     method_baseline,
 )
-from gateway.weather import TemperatureSeries
+from gateway.weather import TemperatureRecord, TemperatureSeries
 from unified.model import Quality
 
 D = date
@@ -350,3 +350,31 @@ def test_nyiso_with_a_similar_day_that_is_the_fall_back_sunday() -> None:
     assert b.unadjusted_kw == pytest.approx((18.25,))
     assert b.raw_adjustment_factor == pytest.approx(14.3 / 14.75)
     assert b.kw == pytest.approx((18.25 * 14.3 / 14.75,))
+
+
+# --------------------------------------------------------------------------- temperature record
+
+
+def test_temperature_record_keeps_each_moment_at_its_newest_forecast() -> None:
+    # Forecast A (issued first, hourly): 10:00 20 °C, 11:00 22 °C. Forecast B (issued later,
+    # half-hourly): 11:00 24 °C, 11:30 26 °C. On the common 30-min step: 10:00 20, 10:30 20,
+    # 11:00 24, 11:30 26. Hourly means: 10:00 -> 20, 11:00 -> (24 + 26) / 2 = 25; 12:00 ->
+    # unknown; 11:30-12:30 -> half known (the minimum coverage): 26.
+    t = at(EVENT_DAY, 10).timestamp()
+    record = TemperatureRecord.from_points(
+        [
+            (t + 3600, 1800, 24.0, 2.0),
+            (t, 3600, 20.0, 1.0),
+            (t + 3600, 3600, 22.0, 1.0),
+            (t + 5400, 1800, 26.0, 2.0),
+        ]
+    )
+    assert record is not None
+    assert record.step_s == 1800
+    starts = np.array([t, t + 3600, t + 7200, t + 5400, np.nan])
+    means = record.means(starts, 3600)
+    assert means[:2] == pytest.approx([20.0, 25.0])
+    assert np.isnan(means[2])
+    assert means[3] == pytest.approx(26.0)
+    assert np.isnan(means[4])
+    assert TemperatureRecord.from_points([]) is None
