@@ -36,7 +36,9 @@ load baseline does (and most North-American DR tariffs copy):
 
 Group baselines are the sum of the device baselines, each adjusted on its own (a device's
 adjustment should not be diluted by, or leak into, its neighbours'). Devices whose baseline
-cannot be computed are listed with the reason and contribute nothing.
+cannot be computed are listed with the reason and contribute nothing. (Settlement can instead
+take the baseline of the summed load, and other rules than this one: ``BaselineConfig.method``
+and ``group``, :mod:`gateway.flex.methods`.)
 
 Everything here is pure: histories come in as :class:`DeviceHistory` arrays (interval-average
 kW, NaN where no data), results go out as frozen pydantic models with JSON Schema.

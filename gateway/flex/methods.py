@@ -35,8 +35,14 @@ as :mod:`gateway.flex.baseline`, so DST days are read at the right hours):
   (:func:`control_group`: deterministic, independent of the order devices are listed in) and
   never called; every treated device's baseline is the control devices' mean metered load in
   each interval, so the treated group's baseline is that mean times the number of treated
-  devices. The planner leaves held-out devices alone (``Dispatch`` carries no list: the core
-  passes the held-out set as an eligibility flag, see ``gateway.dispatch.plan``).
+  devices. The planner leaves held-out devices alone: the core adds them to the dispatch's
+  ``ActiveCommand.excluded`` (the eligibility flag a refusing device gets), drawing them from
+  the target's members as settlement does (``Gateway._hold_out``).
+
+``interval_s``, ``min_coverage`` and ``min_adjust_kw`` of :class:`BaselineConfig` apply to every
+rule; the day counts, look-back, adjustment window and ``fallback`` (event days topping up the
+selection) are CAISO's, the PJM and NYISO rules use their tariffs' own (:data:`PJM_HIGH_4_OF_5`,
+:data:`NYISO_CBL`), and the weather-matched rule uses ``lookback_days``.
 
 Pure, like :mod:`gateway.flex.baseline`: histories, calendars and temperatures come in as
 arguments.
