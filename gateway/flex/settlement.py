@@ -594,12 +594,17 @@ def _aggregate_shares(
     config: BaselineConfig,
     temperatures: Mapping[str, Temperatures],
 ) -> dict[str, DeviceBaseline]:
-    """``group = "aggregate_load"``: the rule applied to the summed load of the devices that
-    have a baseline, shared out to them in proportion to their own baselines (equally where
-    those sum to zero). An interval is NaN in the sum only where no device has data; the
-    group's event days are every device's. Raises like the rule when the sum has no baseline:
-    the caller then keeps the device baselines (sum of devices) and says so."""
-    members = [histories[d] for d in baselines if d in histories]
+    """``group = "aggregate_load"``: the rule applied to the summed load of the devices whose
+    baseline came from the rule, shared out to them in proportion to their own baselines
+    (equally where those sum to zero). Devices on the pre-event fallback keep theirs: their
+    short history would lower the sum on the days before they joined. An interval is NaN in the
+    sum only where no device has data; the group's event days are every summed device's.
+    Raises like the rule when the sum has no baseline: the caller then keeps the device
+    baselines (sum of devices) and says so."""
+    ruled = {d: b for d, b in baselines.items() if b.selected_days and d in histories}
+    if not ruled:
+        raise ValueError(f"{group_id}: no device baseline from the rule to sum")
+    members = [histories[d] for d in ruled]
     grids = {(h.start, h.interval_s, len(h.kw)) for h in members}
     if len(grids) != 1:
         raise ValueError(f"{group_id}: device histories are not on one grid")
@@ -609,7 +614,7 @@ def _aggregate_shares(
     first = members[0]
     pseudo = DeviceHistory(group_id, first.start, first.interval_s, summed)
     days: set[date] = set()
-    for d in baselines:
+    for d in ruled:
         days |= calendar.device_event_days.get(d, frozenset())
     group_calendar = EventCalendar(
         event_days=calendar.event_days,
@@ -620,14 +625,14 @@ def _aggregate_shares(
     temps = next(iter(temperatures.values()), None)
     total = method_baseline(pseudo, group_calendar, start, end, config, temperatures=temps)
     group_kw = np.array(total.kw)
-    device_kw = {d: np.array(b.kw) for d, b in baselines.items()}
+    device_kw = {d: np.array(b.kw) for d, b in ruled.items()}
     device_sum = np.sum(list(device_kw.values()), axis=0)
-    out = {}
-    for d, b in baselines.items():
+    out = dict(baselines)
+    for d, b in ruled.items():
         share = np.divide(
             device_kw[d],
             device_sum,
-            out=np.full(len(group_kw), 1.0 / len(baselines)),
+            out=np.full(len(group_kw), 1.0 / len(ruled)),
             where=np.abs(device_sum) > 1e-9,
         )
         out[d] = b.model_copy(

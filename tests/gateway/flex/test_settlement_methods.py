@@ -196,3 +196,34 @@ def test_history_span_covers_each_rule() -> None:
 def test_control_group_with_aggregate_load_is_a_configuration_error() -> None:
     with pytest.raises(ValueError, match="already a baseline of the group"):
         BaselineConfig(method=BaselineMethod.CONTROL_GROUP, group=GroupBaselineMode.AGGREGATE_LOAD)
+
+
+def test_aggregate_load_leaves_a_fallback_device_out_of_the_sum() -> None:
+    # c joined on 17 June (2 kW since): one PJM weekday, too few, so its baseline is the
+    # pre-event mean, 2 kW. It is not summed with a and b (its missing weeks would lower the
+    # sum): the group is a and b's summed-load baseline, 8.0 kW (as above), plus c's 2.0.
+    hours = 84 * 24
+    values = np.full(hours, np.nan)
+    joined = int((datetime(2024, 6, 17, tzinfo=UTC) - HISTORY_START).total_seconds() // 3600)
+    before_event = int((START - HISTORY_START).total_seconds() // 3600)
+    values[joined:before_event] = 2.0
+    histories = {
+        "a": flat_days("a", A_DAYS, 2.0),
+        "b": flat_days("b", B_DAYS, 1.0),
+        "c": DeviceHistory("c", HISTORY_START, 3600, values),
+    }
+    aggregate = PJM.model_copy(update={"group": GroupBaselineMode.AGGREGATE_LOAD})
+    report = settle_event(
+        event(("a", "b", "c"), {"a": -2.0, "b": -2.0, "c": -2.0}),
+        histories,
+        CALENDAR,
+        generated_at=END,
+        config=aggregate,
+    )
+    assert report.group is not None
+    assert report.group.baseline_kw == pytest.approx((10.0, 10.0))
+    rows = {r.device_id: r for r in report.devices}
+    c = rows["c"].baseline
+    assert c is not None
+    assert c.kw == pytest.approx((2.0, 2.0))
+    assert any(f.code is FlagCode.FALLBACK_PRE_EVENT_MEAN for f in rows["c"].flags)
