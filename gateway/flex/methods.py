@@ -235,8 +235,11 @@ def high_of_baseline(
     window = [(d, m, usage(m)) for d, m in _take(candidates, size)]
     window = [w for w in window if not math.isnan(w[2])]
     low: list[date] = []
-    if weekday and rule.low_usage_share > 0 and window:
-        threshold = rule.low_usage_share * float(np.mean([u for _, _, u in window]))
+    window_mean = float(np.mean([u for _, _, u in window])) if window else 0.0
+    # The low-usage test is for consumption: a net exporter's (PV, a discharging battery)
+    # "25 % of the mean" would exclude its higher-export days instead.
+    if weekday and rule.low_usage_share > 0 and window_mean > 0:
+        threshold = rule.low_usage_share * window_mean
         low = [d for d, _, u in window if u < threshold]
         window = [w for w in window if w[2] >= threshold]
         for day, means in candidates:

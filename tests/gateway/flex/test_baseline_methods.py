@@ -378,3 +378,16 @@ def test_temperature_record_keeps_each_moment_at_its_newest_forecast() -> None:
     assert means[3] == pytest.approx(26.0)
     assert np.isnan(means[4])
     assert TemperatureRecord.from_points([]) is None
+
+
+def test_no_low_usage_exclusion_for_a_net_exporter() -> None:
+    # A PV-like device exporting: 17 (-6 kW), 14 (-5), 13 (-0.5), 12 (-7), 11 (-4). The window
+    # mean is negative, so no day is "low-usage"; the 4 highest loads are 13 (-0.5), 11 (-4),
+    # 14 (-5), 17 (-6) -> -15.5 / 4 = -3.875 kW.
+    days = {D(2024, 6, 17): -6.0, D(2024, 6, 14): -5.0, D(2024, 6, 13): -0.5}
+    days |= {D(2024, 6, 12): -7.0, D(2024, 6, 11): -4.0}
+    h = flat_days("pv", days)
+    b = method_baseline(h, CALENDAR, at(EVENT_DAY, 14), at(EVENT_DAY, 16), PJM)
+    assert b.selected_days == (D(2024, 6, 17), D(2024, 6, 14), D(2024, 6, 13), D(2024, 6, 11))
+    assert b.kw == pytest.approx((-3.875, -3.875))
+    assert "low-usage" not in b.method
