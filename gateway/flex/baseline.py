@@ -341,6 +341,17 @@ class GroupBaselineMode(StrEnum):
     then carry a pro-rata share of the group baseline."""
 
 
+class ControlScaling(StrEnum):
+    """How the control group's mean load becomes a treated device's baseline."""
+
+    COUNT = "count"
+    """The control mean as it is: a random draw makes the groups alike on average, so the
+    treated group's baseline is that mean times the treated count."""
+    PRE_EVENT = "pre_event"
+    """Times the treated over control mean load in the day-of adjustment window, capped like
+    that adjustment: corrects a draw that came out unlike (small groups)."""
+
+
 class BaselineConfig(Frozen):
     """Parameters of the baseline rule; the 10-in-10 / 4-in-4 defaults follow CAISO practice.
 
@@ -386,6 +397,10 @@ class BaselineConfig(Frozen):
     )
     control_seed: int = Field(
         default=0, description="control_group: seed of the hold-out draw (fixed per program)"
+    )
+    control_scaling: ControlScaling = Field(
+        default=ControlScaling.COUNT,
+        description="control_group: the control mean as is, or scaled by the pre-event ratio",
     )
 
     @model_validator(mode="after")

@@ -35,7 +35,9 @@ as :mod:`gateway.flex.baseline`, so DST days are read at the right hours):
   (:func:`control_group`: deterministic, independent of the order devices are listed in) and
   never called; every treated device's baseline is the control devices' mean metered load in
   each interval, so the treated group's baseline is that mean times the number of treated
-  devices. The planner leaves held-out devices alone: the core adds them to the dispatch's
+  devices (``control_scaling = "pre_event"``: times the treated over control load before the
+  event, capped ±``adjustment_cap``, for draws that came out unlike). The planner leaves
+  held-out devices alone: the core adds them to the dispatch's
   ``ActiveCommand.excluded`` (the eligibility flag a refusing device gets), drawing them from
   the target's members as settlement does (``Gateway._hold_out``).
 
@@ -62,6 +64,7 @@ import numpy as np
 from gateway.flex.baseline import (
     BaselineConfig,
     BaselineMethod,
+    ControlScaling,
     DeviceBaseline,
     DeviceHistory,
     EventCalendar,
@@ -430,9 +433,14 @@ def control_group_baseline(
     start: datetime,
     end: datetime,
     config: BaselineConfig,
+    treated: Mapping[str, DeviceHistory] | None = None,
 ) -> DeviceBaseline:
     """A treated device's baseline: the control devices' mean metered kW per interval.
 
+    With ``control_scaling = "pre_event"`` the mean is scaled by the treated devices' mean
+    load over the control devices' in the day-of adjustment window (``adjustment_offset_s``,
+    ``adjustment_duration_s``), capped to ``1 ± adjustment_cap`` like the day-of adjustment
+    (a treated customer who pre-cools must not inflate it); ``treated`` are their histories.
     ``suspect`` when some control device lacks data in some interval (the mean is then of
     fewer devices); raises :class:`InsufficientHistory` when an interval has none at all."""
     starts = interval_starts(start, end, config.interval_s)
@@ -447,6 +455,10 @@ def control_group_baseline(
             device_id, day_type, 0, 1, "no control device has meter data for some interval"
         )
     complete = not np.isnan(np.array(rows)).any()
+    factor, raw, note = 1.0, None, ""
+    if config.control_scaling is ControlScaling.PRE_EVENT:
+        factor, raw, note = _pre_event_scaling(control, treated or {}, start, config)
+    capped = raw is not None and abs(raw - factor) > 1e-12
     return DeviceBaseline(
         device_id=device_id,
         event_day=event_day,
@@ -454,18 +466,47 @@ def control_group_baseline(
         start=start,
         end=end,
         interval_s=config.interval_s,
-        kw=tuple(float(v) for v in profile),
+        kw=tuple(float(v) for v in profile * factor),
         unadjusted_kw=tuple(float(v) for v in profile),
-        adjustment_factor=1.0,
-        adjustment_capped=False,
+        adjustment_factor=factor,
+        raw_adjustment_factor=raw,
+        adjustment_capped=capped,
         selected_days=(),
         quality=Quality.GOOD if complete else Quality.SUSPECT,
         method=(
             f"control group: mean metered load of {len(rows)} held-out device(s) (share "
             f"{config.control_share:.0%}, seed {config.control_seed})"
+            + note
             + ("" if complete else "; some control intervals without data")
         ),
     )
+
+
+def _pre_event_scaling(
+    control: Mapping[str, DeviceHistory],
+    treated: Mapping[str, DeviceHistory],
+    start: datetime,
+    config: BaselineConfig,
+) -> tuple[float, float | None, str]:
+    """``(factor, uncapped ratio, note)``: treated over control mean load before the event."""
+    window = _adjustment_starts(
+        start, config.adjustment_offset_s, config.adjustment_duration_s, config.interval_s
+    )
+    if not len(window) or not treated:
+        return 1.0, None, "; not scaled: no pre-event window or no treated history"
+
+    def mean_load(histories: Mapping[str, DeviceHistory]) -> float:
+        rows = [h.window(window, config.interval_s)[0] for h in histories.values()]
+        values = np.array(rows)
+        return float(np.nanmean(values)) if (~np.isnan(values)).any() else math.nan
+
+    control_kw, treated_kw = mean_load(control), mean_load(treated)
+    if math.isnan(control_kw) or math.isnan(treated_kw) or control_kw <= config.min_adjust_kw:
+        return 1.0, None, "; not scaled: no usable pre-event load"
+    raw = treated_kw / control_kw
+    cap = config.adjustment_cap
+    factor = min(1 + cap, max(1 - cap, raw))
+    return factor, raw, f"; scaled x{factor:.3f} to the treated devices' pre-event load"
 
 
 def method_baseline(
@@ -524,6 +565,12 @@ def method_description(config: BaselineConfig) -> str:
             f"control group: {config.control_share:.0%} of the group held out (seed "
             f"{config.control_seed}), their mean metered load per treated device"
         )
+        if config.control_scaling is ControlScaling.PRE_EVENT:
+            rule += (
+                f", scaled by the treated / control load over {config.adjustment_duration_s} s "
+                f"ending {config.adjustment_offset_s} s before the start, capped at "
+                f"±{config.adjustment_cap:.0%}"
+            )
     return f"{method.value} ({rule}); group baseline {config.group.value}"
 
 

@@ -405,7 +405,13 @@ def settle_event(
         try:
             if config.method is BaselineMethod.CONTROL_GROUP:
                 baseline = control_group_baseline(
-                    device_id, control_histories, calendar, start, end, config
+                    device_id,
+                    control_histories,
+                    calendar,
+                    start,
+                    end,
+                    config,
+                    treated={d: histories[d] for d in settled if d in histories},
                 )
             else:
                 baseline = method_baseline(

@@ -18,6 +18,7 @@ import pytest
 from gateway.flex import (
     BaselineConfig,
     BaselineMethod,
+    ControlScaling,
     DeviceHistory,
     EventCalendar,
     InsufficientHistory,
@@ -391,3 +392,46 @@ def test_no_low_usage_exclusion_for_a_net_exporter() -> None:
     assert b.selected_days == (D(2024, 6, 17), D(2024, 6, 14), D(2024, 6, 13), D(2024, 6, 11))
     assert b.kw == pytest.approx((-3.875, -3.875))
     assert "low-usage" not in b.method
+
+
+def test_control_group_scaled_to_the_treated_pre_event_load() -> None:
+    # Event 16:00-18:00; pre-event window (CAISO keys): 3 h ending 1 h before, 12:00-15:00.
+    # Control c1 2 kW and c2 4 kW all day (mean 3.0, also in the event); treated t1 3.3 kW and
+    # t2 3.9 kW before the event (mean 3.6). Ratio 3.6 / 3.0 = 1.2 (at the ±20 % cap, not over)
+    # -> baseline 3.0 x 1.2 = 3.6 kW per treated device.
+    day_start = at(EVENT_DAY, 0)
+    c1 = DeviceHistory.from_values("c1", day_start, 3600, [2.0] * 24)
+    c2 = DeviceHistory.from_values("c2", day_start, 3600, [4.0] * 24)
+    t1 = DeviceHistory.from_values("t1", day_start, 3600, [3.3] * 16 + [0.5] * 8)
+    t2 = DeviceHistory.from_values("t2", day_start, 3600, [3.9] * 16 + [0.5] * 8)
+    config = BaselineConfig(
+        method=BaselineMethod.CONTROL_GROUP, control_scaling=ControlScaling.PRE_EVENT
+    )
+    start = at(EVENT_DAY, 16)
+    b = control_group_baseline(
+        "t1",
+        {"c1": c1, "c2": c2},
+        CALENDAR,
+        start,
+        start + timedelta(hours=2),
+        config,
+        treated={"t1": t1, "t2": t2},
+    )
+    assert b.unadjusted_kw == pytest.approx((3.0, 3.0))
+    assert b.raw_adjustment_factor == pytest.approx(1.2)
+    assert b.kw == pytest.approx((3.6, 3.6))
+    assert not b.adjustment_capped
+    # Treated at 4.5 kW before the event (a pre-cooling rush): 4.5 / 3.0 = 1.5, capped 1.2.
+    t3 = DeviceHistory.from_values("t3", day_start, 3600, [4.5] * 24)
+    capped = control_group_baseline(
+        "t3",
+        {"c1": c1, "c2": c2},
+        CALENDAR,
+        start,
+        start + timedelta(hours=2),
+        config,
+        treated={"t3": t3},
+    )
+    assert capped.raw_adjustment_factor == pytest.approx(1.5)
+    assert capped.kw == pytest.approx((3.6, 3.6))
+    assert capped.adjustment_capped
