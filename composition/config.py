@@ -170,11 +170,14 @@ class GatewayConfig(CoreConfig):
                         f"device {device.device_id!r}: sep2.control_duration_s must exceed twice "
                         "timing.refresh_s, or controls lapse between refreshes"
                     )
-        if self.settlement.baseline.interval_s % self.history.interval_s:
-            problems.append(
-                f"settlement.baseline.interval_s ({self.settlement.baseline.interval_s}) must be "
-                f"a multiple of history.interval_s ({self.history.interval_s})"
-            )
+        rules = {"baseline": self.settlement.baseline}
+        rules |= {f"programs.{k}": v for k, v in self.settlement.programs.items()}
+        for name, rule in rules.items():
+            if rule.interval_s % self.history.interval_s:
+                problems.append(
+                    f"settlement.{name}.interval_s ({rule.interval_s}) must be "
+                    f"a multiple of history.interval_s ({self.history.interval_s})"
+                )
         settlement = self.settlement
         if (
             settlement.enabled

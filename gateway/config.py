@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, model_validator
@@ -170,6 +171,12 @@ class SettlementConfig(Section):
 
     enabled: bool = True
     baseline: BaselineConfig = BaselineConfig()
+    programs: dict[str, BaselineConfig] = Field(
+        default_factory=dict,
+        description="Baseline rule per dispatch program ([settlement.programs.<program>]), "
+        "for programs settled on another rule than [settlement.baseline]; each table changes "
+        "only the keys it gives ([settlement.baseline] supplies the rest)",
+    )
     timezone: str | None = Field(
         default=None,
         description="IANA zone whose calendar days and clock hours baselines compare "
@@ -203,6 +210,25 @@ class SettlementConfig(Section):
         "file (Grid DERMS must have fetched its copy by then: published retained when made, "
         "served on requests/performance until then)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _programs_inherit(cls, data: Any) -> Any:
+        # A program's table overrides [settlement.baseline] key by key (a PJM program need not
+        # repeat the interval and coverage settings).
+        if isinstance(data, dict) and isinstance(data.get("programs"), dict):
+            base = data.get("baseline", {})
+            base = base.model_dump() if isinstance(base, BaselineConfig) else dict(base or {})
+            data = dict(data)
+            data["programs"] = {
+                name: {**base, **table} if isinstance(table, dict) else table
+                for name, table in data["programs"].items()
+            }
+        return data
+
+    def baseline_for(self, program: str) -> BaselineConfig:
+        """The baseline rule of ``program``: its own table, else ``[settlement.baseline]``."""
+        return self.programs.get(program, self.baseline)
 
     @model_validator(mode="after")
     def _known_zones(self) -> SettlementConfig:

@@ -23,8 +23,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -60,7 +61,8 @@ from gateway.flex import (
     forecast_group,
     settle_event,
 )
-from gateway.flex.baseline import epoch_s, from_epoch
+from gateway.flex.baseline import BaselineConfig, BaselineMethod, epoch_s, from_epoch
+from gateway.flex.methods import Temperatures, control_group
 from gateway.flex.settlement import event_days, history_span, settlement_window
 from gateway.history import (
     HISTORY_CHUNK_DEVICES,
@@ -85,7 +87,7 @@ from gateway.telemetry import (
     RawReading,
     TelemetryQuality,
 )
-from gateway.weather import WeatherBook, forecast_excerpt
+from gateway.weather import TemperatureRecord, WeatherBook, forecast_excerpt
 from unified.model import (
     TERMINAL_STATES,
     Ack,
@@ -109,7 +111,7 @@ from unified.model import (
     TopologyLevel,
     utcnow,
 )
-from unified.weather import WeatherForecast
+from unified.weather import GATEWAY_SCOPE, WeatherForecast
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,12 @@ def _version() -> str:
         return version("derms-gateway")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+@lru_cache(maxsize=64)
+def _control_group(members: tuple[str, ...], share: float, seed: int) -> frozenset[str]:
+    # Cached: every control period asks again for every running dispatch of the program.
+    return control_group(members, share, seed)
 
 
 def _in_force(active: Sequence[dispatch.ActiveCommand]) -> list[tuple[str, int, frozenset[str]]]:
@@ -490,6 +498,14 @@ class Gateway:
                     await self.history.save_weather(
                         forecast.scope_key, forecast.issued_at, forecast.model_dump_json()
                     )
+                    await self.history.save_temperatures(
+                        forecast.scope_key,
+                        forecast.issued_at,
+                        [
+                            (round(p.start.timestamp()), forecast.step_s, p.temp_c)
+                            for p in forecast.points
+                        ],
+                    )
             except (HistoryError, TimeoutError) as exc:  # still use it; say it is not stored
                 log.exception("could not store the weather forecast")
                 warning = f"weather forecast used but not stored: {type(exc).__name__}: {exc}"
@@ -662,7 +678,8 @@ class Gateway:
     def _settle_due(self, event: EventToSettle) -> float:
         """Epoch seconds when the last settlement interval is over and its readings are in."""
         settlement = self.config.settlement
-        _, end = settlement_window(event.start, event.end, settlement.baseline.interval_s)
+        rule = settlement.baseline_for(event.program)
+        _, end = settlement_window(event.start, event.end, rule.interval_s)
         return epoch_s(end) + settlement.delay_s
 
     def _history_read_timeout(self, devices: int) -> float:
@@ -672,17 +689,66 @@ class Gateway:
         chunks = max(1, math.ceil(devices / HISTORY_CHUNK_DEVICES))
         return self.config.history.io_timeout_s * chunks
 
+    async def _settlement_temperatures(
+        self, event: EventToSettle, rule: BaselineConfig, since: datetime, until: datetime
+    ) -> dict[str, Temperatures]:
+        """The weather-matched rule's outdoor temperatures: per device, the temperature record
+        of the scope whose forecast covers it now (the most specific, as for flex forecasts)."""
+        if rule.method is not BaselineMethod.WEATHER_MATCHED:
+            return {}
+        assert self.history is not None
+        devices = [self.registry.device(d) for d in event.devices if d in self.registry]
+        scopes = {
+            d: series.scope or GATEWAY_SCOPE
+            for d, series in self.weather.for_devices(devices, self.registry).items()
+        }
+        records: dict[str, Temperatures] = {}
+        for scope in set(scopes.values()):
+            record = TemperatureRecord.from_points(
+                await self.history.temperatures(scope, since, until)
+            )
+            if record is not None:
+                records[scope] = record
+        return {d: records[s] for d, s in scopes.items() if s in records}
+
+    def _hold_out(self, active: list[dispatch.ActiveCommand]) -> list[dispatch.ActiveCommand]:
+        """Dispatches of control-group programs leave their held-out devices alone: the planner
+        sees them as not eligible (``ActiveCommand.excluded``), the only planner change the
+        control group needs. Drawn from the target's members, as settlement draws them."""
+        settlement = self.config.settlement
+        if not settlement.enabled or (
+            not settlement.programs
+            and (settlement.baseline.method is not BaselineMethod.CONTROL_GROUP)
+        ):
+            return active
+        out = []
+        for original in active:
+            entry, command = original, original.command
+            if isinstance(command, Dispatch):
+                rule = settlement.baseline_for(command.program)
+                if rule.method is BaselineMethod.CONTROL_GROUP:
+                    members = dispatch.target_devices(self.registry, command.target)
+                    held = _control_group(
+                        tuple(sorted(d.device_id for d in members)),
+                        rule.control_share,
+                        rule.control_seed,
+                    )
+                    entry = replace(entry, excluded=entry.excluded | held)
+            out.append(entry)
+        return out
+
     async def settle(self, event: EventToSettle) -> bytes:
         """Compute, keep and publish the performance report of one finished dispatch."""
         history = self.history
         assert history is not None
         settlement = self.config.settlement
         timeout = self.config.history.io_timeout_s
-        start, end = settlement_window(event.start, event.end, settlement.baseline.interval_s)
+        rule = settlement.baseline_for(event.program)
+        start, end = settlement_window(event.start, event.end, rule.interval_s)
         # Read on the baseline's grid (a multiple of the buckets), not the buckets': 46 days of
         # 5-minute buckets for 10,000 devices would be arrays of ~4 GB; of hours, ~350 MB.
-        grid = settlement.baseline.interval_s
-        since = epoch_s(history_span(start, settlement.baseline, settlement.fallback_window_s))
+        grid = rule.interval_s
+        since = epoch_s(history_span(start, rule, settlement.fallback_window_s))
         since = math.floor(since / grid) * grid
         zone = self.settlement_zone(event)
         calendar = self._calendar({}, zone)
@@ -702,15 +768,17 @@ class Gateway:
             if grid > history.interval_s:
                 metered = await history.histories(event.devices, start, end)
             days = await history.event_days(from_epoch(since).date(), excluding=event.command_id)
+            temperatures = await self._settlement_temperatures(event, rule, from_epoch(since), end)
         report = await asyncio.to_thread(
             settle_event,
             event,
             histories,
             self._calendar(days, zone),
             generated_at=utcnow(),
-            config=settlement.baseline,
+            config=rule,
             fallback_window_s=settlement.fallback_window_s,
             metered=metered,
+            temperatures=temperatures,
         )
         payload = report.model_dump_json(exclude_none=True).encode()
         async with asyncio.timeout(timeout):
@@ -857,7 +925,7 @@ class Gateway:
         compliance = self._watch_envelopes(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
         turn_s = self.config.delivery.thermal_turn_s
-        active = self.book.active(now)
+        active = self._hold_out(self.book.active(now))
         first = dispatch.plan(
             now,
             self.registry,
@@ -874,7 +942,7 @@ class Gateway:
         first.compliance = compliance
         await self.book.tick(now, first)
         plan = first
-        after = self.book.active(now)
+        after = self._hold_out(self.book.active(now))
         if _in_force(after) != _in_force(active):
             # The lifecycle has just started, ended or superseded commands (or a device refused):
             # plan again so the devices never see a setpoint from a command no longer in force.

@@ -74,6 +74,14 @@ CREATE TABLE IF NOT EXISTS performance_reports (
     generated_at  TEXT NOT NULL,
     payload       TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS temperatures (
+    scope      TEXT    NOT NULL,  -- as weather_forecasts.scope
+    start_s    INTEGER NOT NULL,  -- epoch seconds of a forecast point
+    step_s     INTEGER NOT NULL,
+    temp_c     REAL    NOT NULL,
+    issued_at  REAL    NOT NULL,  -- of the forecast it came from: the newest one is kept
+    PRIMARY KEY (scope, start_s, step_s)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS weather_forecasts (
     scope      TEXT PRIMARY KEY,  -- a group id, or '*' for the whole gateway
     issued_at  REAL NOT NULL,     -- epoch seconds
@@ -305,6 +313,7 @@ class ReadingHistory(SqliteStore):
             await self.db.execute(
                 "DELETE FROM event_days WHERE day < ?", (from_epoch(cutoff).date().isoformat(),)
             )
+            await self.db.execute("DELETE FROM temperatures WHERE start_s < ?", (int(cutoff),))
             reports = await self.db.execute(
                 "DELETE FROM performance_reports WHERE generated_at < ?",
                 (reports_cutoff.isoformat(),),
@@ -522,6 +531,39 @@ class ReadingHistory(SqliteStore):
             )
             await self.db.commit()
         return cur.rowcount > 0
+
+    @_translated
+    async def save_temperatures(
+        self, scope: str, issued_at: datetime, points: Sequence[tuple[int, int, float]]
+    ) -> None:
+        """Record a forecast's ``(start_s, step_s, temp_c)`` points as the temperature record
+        of ``scope``; a point already recorded from a newer forecast is kept. The record is what
+        the weather-matched baseline compares past days by (the newest forecast of an hour is
+        the closest to an observation the gateway has); pruned with the readings."""
+        issued = epoch_s(issued_at)
+        async with self._write_lock:
+            await self.db.executemany(
+                "INSERT INTO temperatures (scope, start_s, step_s, temp_c, issued_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(scope, start_s, step_s) DO UPDATE SET temp_c = excluded.temp_c,"
+                " issued_at = excluded.issued_at WHERE excluded.issued_at > temperatures.issued_at",
+                [(scope, int(a), int(step), float(t), issued) for a, step, t in points],
+            )
+            await self.db.commit()
+
+    @_translated
+    async def temperatures(
+        self, scope: str, since: datetime, until: datetime
+    ) -> list[tuple[int, int, float, float]]:
+        """``(start_s, step_s, temp_c, issued_at)`` of the record of ``scope`` overlapping
+        ``[since, until)``, oldest issue first."""
+        async with self.db.execute(
+            "SELECT start_s, step_s, temp_c, issued_at FROM temperatures WHERE scope = ?"
+            " AND start_s < ? AND start_s + step_s > ? ORDER BY issued_at, start_s",
+            (scope, epoch_s(until), epoch_s(since)),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(int(a), int(b), float(c), float(d)) for a, b, c, d in rows]
 
     @_translated
     async def weather_forecasts(self) -> dict[str, str]:

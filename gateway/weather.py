@@ -17,6 +17,7 @@ Everything here is pure (no I/O, no clock), like :mod:`gateway.flex`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -97,6 +98,63 @@ class TemperatureSeries:
         return np.where(covered >= MIN_COVERAGE * interval_s - 1e-9, mean, np.nan)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class TemperatureRecord:
+    """Past outdoor temperatures of one scope, pieced together from every forecast received.
+
+    Each moment takes the newest-issued forecast point that covered it (the nearest thing to an
+    observation the gateway has); NaN where no forecast did. On the greatest common step of the
+    points, so forecasts of different steps mix. Answers :meth:`means` like
+    :class:`TemperatureSeries`, NaN where less than :data:`MIN_COVERAGE` of an interval is known.
+    """
+
+    start_s: float
+    step_s: int
+    temps_c: FloatArray
+    _knots: FloatArray = field(init=False, repr=False)
+    _sum: FloatArray = field(init=False, repr=False)
+    _known: FloatArray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        temps = np.asarray(self.temps_c, dtype=np.float64)
+        object.__setattr__(self, "temps_c", temps)
+        have = ~np.isnan(temps)
+        knots = self.start_s + self.step_s * np.arange(len(temps) + 1, dtype=np.float64)
+        object.__setattr__(self, "_knots", knots)
+        total = np.cumsum(np.where(have, temps, 0.0))
+        object.__setattr__(self, "_sum", np.concatenate(([0.0], total)))
+        object.__setattr__(self, "_known", np.concatenate(([0.0], np.cumsum(have))))
+
+    @classmethod
+    def from_points(
+        cls, points: Iterable[tuple[float, int, float, float]]
+    ) -> TemperatureRecord | None:
+        """From ``(start_s, step_s, temp_c, issued_at)`` points; None without any."""
+        pts = sorted(points, key=lambda p: p[3])  # older issues first: newer overwrite them
+        if not pts:
+            return None
+        start = int(min(p[0] for p in pts))
+        end = int(max(p[0] + p[1] for p in pts))
+        step = 0
+        for a, width, _, _ in pts:
+            step = math.gcd(step, int(width), int(a) - start)
+        temps = np.full((end - start) // step, np.nan)
+        for a, width, t, _ in pts:
+            i = (int(a) - start) // step
+            temps[i : i + int(width) // step] = t
+        return cls(float(start), step, temps)
+
+    def means(self, starts: FloatArray, interval_s: float) -> FloatArray:
+        """Mean known temperature over each ``[s, s + interval_s)`` (epoch seconds); NaN where
+        less than :data:`MIN_COVERAGE` of the interval is known (or ``s`` is NaN)."""
+        starts = np.asarray(starts, dtype=np.float64)
+        a, b = starts, starts + interval_s
+        known = np.interp(b, self._knots, self._known) - np.interp(a, self._knots, self._known)
+        total = np.interp(b, self._knots, self._sum) - np.interp(a, self._knots, self._sum)
+        mean = np.divide(total, known, out=np.full(len(starts), np.nan), where=known > 0)
+        return np.where(known * self.step_s >= MIN_COVERAGE * interval_s - 1e-9, mean, np.nan)
+
+
 class _Groups(Protocol):
     """What :meth:`WeatherBook.for_devices` needs of the registry."""
 
@@ -173,4 +231,4 @@ def forecast_excerpt(forecast: WeatherForecast) -> str:
     )
 
 
-__all__ = ["TemperatureSeries", "WeatherBook", "forecast_excerpt"]
+__all__ = ["TemperatureRecord", "TemperatureSeries", "WeatherBook", "forecast_excerpt"]

@@ -5,6 +5,8 @@
   (per area and interval from :mod:`gateway.weather`).
 * :mod:`gateway.flex.baseline` — CAISO-style 10-in-10 / 4-in-4 customer baselines with a
   day-of adjustment capped at ±20 %.
+* :mod:`gateway.flex.methods` — the other baseline rules utilities settle on (PJM High 4 of 5,
+  NYISO CBL, weather-matched, control group), chosen by ``BaselineConfig.method``.
 * :mod:`gateway.flex.performance` — per-device and per-group event performance against those
   baselines, with data-quality flags.
 * :mod:`gateway.flex.settlement` — the performance report of one finished dispatch (window,
@@ -17,12 +19,15 @@ task and tests can pin every number.
 from gateway.flex.baseline import (
     BaselineConfig,
     BaselineFallback,
+    BaselineMethod,
+    ControlScaling,
     DayType,
     DeviceBaseline,
     DeviceHistory,
     EventCalendar,
     ExcludedDevice,
     GroupBaseline,
+    GroupBaselineMode,
     InsufficientHistory,
     device_baseline,
     group_baseline,
@@ -48,6 +53,13 @@ from gateway.flex.forecast import (
     flex_json_schemas,
     forecast_group,
 )
+from gateway.flex.methods import (
+    control_group,
+    control_group_baseline,
+    high_of_baseline,
+    method_baseline,
+    weather_matched_baseline,
+)
 from gateway.flex.performance import (
     DevicePerformance,
     GroupPerformance,
@@ -69,6 +81,8 @@ __all__ = [
     "Band",
     "BaselineConfig",
     "BaselineFallback",
+    "BaselineMethod",
+    "ControlScaling",
     "DayType",
     "DeviceBaseline",
     "DeviceFlex",
@@ -87,6 +101,7 @@ __all__ = [
     "FlexRequest",
     "ForecastGrid",
     "GroupBaseline",
+    "GroupBaselineMode",
     "GroupPerformance",
     "GroupSettlement",
     "InsufficientHistory",
@@ -99,6 +114,8 @@ __all__ = [
     "WeatherUse",
     "aggregate",
     "availability_ratio",
+    "control_group",
+    "control_group_baseline",
     "device_baseline",
     "device_flex",
     "device_performance",
@@ -107,5 +124,8 @@ __all__ = [
     "forecast_group",
     "group_baseline",
     "group_performance",
+    "high_of_baseline",
+    "method_baseline",
     "settle_event",
+    "weather_matched_baseline",
 ]

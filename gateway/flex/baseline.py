@@ -36,7 +36,9 @@ load baseline does (and most North-American DR tariffs copy):
 
 Group baselines are the sum of the device baselines, each adjusted on its own (a device's
 adjustment should not be diluted by, or leak into, its neighbours'). Devices whose baseline
-cannot be computed are listed with the reason and contribute nothing.
+cannot be computed are listed with the reason and contribute nothing. (Settlement can instead
+take the baseline of the summed load, and other rules than this one: ``BaselineConfig.method``
+and ``group``, :mod:`gateway.flex.methods`.)
 
 Everything here is pure: histories come in as :class:`DeviceHistory` arrays (interval-average
 kW, NaN where no data), results go out as frozen pydantic models with JSON Schema.
@@ -306,9 +308,59 @@ class BaselineFallback(StrEnum):
     """Top the selection up with the most recent event days of the same type (flagged)."""
 
 
-class BaselineConfig(Frozen):
-    """Parameters of the 10-in-10 / 4-in-4 baseline; defaults follow CAISO practice."""
+class BaselineMethod(StrEnum):
+    """The rule that estimates what a device would have drawn (:mod:`gateway.flex.methods`)."""
 
+    CAISO_10_IN_10 = "caiso_10in10"
+    """10-in-10 weekdays / 4-in-4 weekends, multiplicative day-of adjustment capped ±20 %."""
+    PJM_HIGH_4_OF_5 = "pjm_high4of5"
+    """PJM economic CBL: the 4 highest of the 5 most recent weekdays (2 of 3 like weekend
+    days), symmetric additive adjustment."""
+    NYISO_CBL = "nyiso_cbl"
+    """NYISO CBL: the 5 highest of the last 10 weekdays (2 of 3 like weekend days), low-usage
+    days excluded, in-day adjustment capped ±20 %."""
+    WEATHER_MATCHED = "weather_matched"
+    """The past days of the same type whose outdoor temperature at the event hours was closest
+    to the event day's (thermal loads)."""
+    CONTROL_GROUP = "control_group"
+    """Mass-market programs: a seeded random held-out share of the group is not called; its
+    metered load, scaled to the treated devices, is their baseline."""
+
+
+class GroupBaselineMode(StrEnum):
+    """How a group's baseline is formed (see docs/mqtt-api.md, "Performance reports")."""
+
+    SUM_OF_DEVICES = "sum_of_devices"
+    """Each device's baseline computed (and adjusted) on its own, then summed: the default,
+    because device rows then add up to the group and one device's day-of adjustment neither
+    dilutes nor leaks into its neighbours'."""
+    AGGREGATE_LOAD = "aggregate_load"
+    """The rule applied once to the summed load of the group (what a utility does for an
+    aggregator settled at one meter or one portfolio): day selection and adjustment see the
+    group, so the high-X-of-Y rules pick the group's high days, not each device's. Device rows
+    then carry a pro-rata share of the group baseline."""
+
+
+class ControlScaling(StrEnum):
+    """How the control group's mean load becomes a treated device's baseline."""
+
+    COUNT = "count"
+    """The control mean as it is: a random draw makes the groups alike on average, so the
+    treated group's baseline is that mean times the treated count."""
+    PRE_EVENT = "pre_event"
+    """Times the treated over control mean load in the day-of adjustment window, capped like
+    that adjustment: corrects a draw that came out unlike (small groups)."""
+
+
+class BaselineConfig(Frozen):
+    """Parameters of the baseline rule; the 10-in-10 / 4-in-4 defaults follow CAISO practice.
+
+    ``method`` picks the rule; the day counts, look-back and adjustment window here belong to
+    the CAISO rule (the PJM and NYISO rules carry their tariffs' own, see
+    :mod:`gateway.flex.methods`)."""
+
+    method: BaselineMethod = BaselineMethod.CAISO_10_IN_10
+    group: GroupBaselineMode = GroupBaselineMode.SUM_OF_DEVICES
     interval_s: int = Field(
         default=3600,
         ge=1,
@@ -334,11 +386,37 @@ class BaselineConfig(Frozen):
         default=0.9, gt=0, le=1, description="Share of needed intervals a day must have data for"
     )
     fallback: BaselineFallback = BaselineFallback.NONE
+    weather_days: int = Field(
+        default=5, ge=1, le=60, description="weather_matched: days closest in temperature"
+    )
+    min_weather_days: int = Field(
+        default=3, ge=1, le=60, description="weather_matched: fewer days with temperature: none"
+    )
+    control_share: float = Field(
+        default=0.1, gt=0, lt=1, description="control_group: share of the group held out"
+    )
+    control_seed: int = Field(
+        default=0, description="control_group: seed of the hold-out draw (fixed per program)"
+    )
+    control_scaling: ControlScaling = Field(
+        default=ControlScaling.COUNT,
+        description="control_group: the control mean as is, or scaled by the pre-event ratio",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> BaselineConfig:
         if self.min_weekday_days > self.weekday_days or self.min_weekend_days > self.weekend_days:
             raise ValueError("minimum day counts exceed the target day counts")
+        if self.min_weather_days > self.weather_days:
+            raise ValueError("min_weather_days exceeds weather_days")
+        if (
+            self.method is BaselineMethod.CONTROL_GROUP
+            and self.group is GroupBaselineMode.AGGREGATE_LOAD
+        ):
+            raise ValueError(
+                "group = 'aggregate_load' with method = 'control_group': a control group is "
+                "already a baseline of the group (use 'sum_of_devices')"
+            )
         if self.adjustment_duration_s % self.interval_s:
             raise ValueError("adjustment window must be a whole number of intervals")
         return self
@@ -365,6 +443,11 @@ class DeviceBaseline(Frozen):
         description="Uncapped actual/baseline ratio in the adjustment window; None: not computed",
     )
     adjustment_capped: bool
+    adjustment_kw: float | None = Field(
+        default=None,
+        description="Additive day-of adjustment (PJM's symmetric additive adjustment), kW; "
+        "None: not additive",
+    )
     selected_days: tuple[date, ...] = Field(description="Similar days used, most recent first")
     fallback_days: tuple[date, ...] = Field(default=(), description="Event days used as fallback")
     quality: Quality

@@ -14,8 +14,12 @@ keeps it.
   data is fine enough); the figures over the whole intervals are kept as supporting detail
   (``widened``) and the flag ``window_widened`` says so. An event cancelled early is settled up
   to when it was cancelled.
-* **Baseline.** 10-in-10 / 4-in-4 with the day-of adjustment capped at ±20 %
-  (:func:`gateway.flex.baseline.device_baseline`), each device on its own.
+* **Baseline.** By ``config.method`` (:mod:`gateway.flex.methods`): CAISO 10-in-10 / 4-in-4
+  with the day-of adjustment capped at ±20 % by default, PJM High 4 of 5, NYISO CBL,
+  weather-matched, or a control group (then the held-out devices are not settled: they are
+  the baseline, listed in ``control_devices``). The group's baseline is the sum of the device
+  baselines, or with ``group = "aggregate_load"`` the rule applied to the group's summed load,
+  shared out to the device rows pro rata (``GroupBaselineMode`` says why each).
 * **Fallback.** A device with too few similar days (a new customer) gets the mean of its own
   load on the event day over ``fallback_window_s`` ending ``adjustment_offset_s`` before the
   start of the first settlement interval (like the day-of adjustment window: the event's start
@@ -46,16 +50,25 @@ from pydantic import Field
 
 from gateway.flex.baseline import (
     BaselineConfig,
+    BaselineMethod,
     DeviceBaseline,
     DeviceHistory,
     EventCalendar,
     ExcludedDevice,
     GroupBaseline,
+    GroupBaselineMode,
     InsufficientHistory,
-    device_baseline,
     epoch_s,
     from_epoch,
     interval_starts,
+)
+from gateway.flex.methods import (
+    Temperatures,
+    control_group,
+    control_group_baseline,
+    method_baseline,
+    method_description,
+    reach,
 )
 from gateway.flex.performance import (
     DevicePerformance,
@@ -92,6 +105,11 @@ class FlagCode(StrEnum):
     ADJUSTMENT_CAPPED = "adjustment_capped"
     NO_ADJUSTMENT = "no_adjustment"
     """No day-of adjustment could be computed (missing event-day data or a tiny baseline)."""
+    NO_AGGREGATE_BASELINE = "no_aggregate_baseline"
+    """``group = "aggregate_load"`` but the summed load has no baseline: devices summed."""
+    CONTROL_DEVICE_CALLED = "control_device_called"
+    """A device the control-group draw held out was allocated anyway: it is settled as a
+    treated device, and the control group is smaller by it."""
 
 
 class SettlementFlag(Frozen):
@@ -163,7 +181,12 @@ class PerformanceReport(Frozen):
     end: UtcDatetime
     interval_s: int
     generated_at: UtcDatetime
-    baseline_method: str
+    baseline_method: str = Field(description="The rule in words, naming the method")
+    method: BaselineMethod = BaselineMethod.CAISO_10_IN_10
+    group_baseline: GroupBaselineMode = GroupBaselineMode.SUM_OF_DEVICES
+    control_devices: tuple[str, ...] = Field(
+        default=(), description="control_group: the held-out devices whose load is the baseline"
+    )
     adjustment_cap: float
     delivered_kwh: float | None = Field(
         default=None,
@@ -220,11 +243,9 @@ def settlement_window(start: datetime, end: datetime, interval_s: int) -> tuple[
 
 def history_span(start: datetime, config: BaselineConfig, fallback_window_s: int) -> datetime:
     """The earliest time a settlement of a window starting at ``start`` reads history from."""
-    before = max(
-        config.adjustment_offset_s + config.adjustment_duration_s,
-        config.adjustment_offset_s + fallback_window_s,
-    )
-    return from_epoch(epoch_s(start) - (config.lookback_days + 1) * 86_400 - before)
+    lookback_days, adjustment_s = reach(config)
+    before = max(adjustment_s, config.adjustment_offset_s + fallback_window_s)
+    return from_epoch(epoch_s(start) - (lookback_days + 1) * 86_400 - before)
 
 
 def pre_event_baseline(
@@ -294,7 +315,11 @@ def _baseline_flags(device_id: str, baseline: DeviceBaseline) -> list[Settlement
                 f"{baseline.adjustment_factor:.3f}",
             )
         )
-    elif baseline.selected_days and baseline.raw_adjustment_factor is None:
+    elif (
+        baseline.selected_days
+        and baseline.raw_adjustment_factor is None
+        and baseline.adjustment_kw is None
+    ):
         note = baseline.method.rsplit("; ", 1)[-1]
         flags.append(SettlementFlag(code=FlagCode.NO_ADJUSTMENT, device_id=device_id, detail=note))
     return flags
@@ -332,22 +357,43 @@ def settle_event(
     config: BaselineConfig | None = None,
     fallback_window_s: int = 3600,
     metered: Mapping[str, DeviceHistory] | None = None,
+    temperatures: Mapping[str, Temperatures] | None = None,
 ) -> PerformanceReport:
     """The performance report of one finished dispatch (see the module docstring).
 
     ``metered`` is meter data over the settlement window on a grid finer than the baseline's
     (so the part of a partial interval inside the event is metered exactly); default: the
-    ``histories``, on the baseline's grid."""
+    ``histories``, on the baseline's grid. ``temperatures``: each device's outdoor temperature
+    series, for the weather-matched rule."""
     config = config or BaselineConfig()
     start, end = settlement_window(event.start, event.end, config.interval_s)
     exact_start = event.start
     exact_end = max(event.end, event.start + timedelta(seconds=1))
     flags: list[SettlementFlag] = []
     metered = metered or histories
+    temperatures = temperatures or {}
     baselines: dict[str, DeviceBaseline] = {}
-    device_flags: dict[str, list[SettlementFlag]] = {d: [] for d in event.devices}
     excluded: list[ExcludedDevice] = []
-    for device_id in event.devices:
+    settled = event.devices
+    control: tuple[str, ...] = ()
+    control_flags: list[SettlementFlag] = []
+    if config.method is BaselineMethod.CONTROL_GROUP:
+        drawn = control_group(event.devices, config.control_share, config.control_seed)
+        for device_id in sorted(drawn & set(event.allocations)):
+            control_flags.append(
+                SettlementFlag(
+                    code=FlagCode.CONTROL_DEVICE_CALLED,
+                    device_id=device_id,
+                    detail="held out as control but allocated: settled as treated",
+                )
+            )
+        control = tuple(sorted(drawn - set(event.allocations)))
+        settled = tuple(d for d in event.devices if d not in control)
+    device_flags: dict[str, list[SettlementFlag]] = {d: [] for d in settled}
+    for flag in control_flags:
+        device_flags[str(flag.device_id)].append(flag)
+    control_histories = {d: histories[d] for d in control if d in histories}
+    for device_id in settled:
         history = histories.get(device_id)
         if history is None or np.isnan(history.kw).all():
             reason = "no history"
@@ -357,7 +403,20 @@ def settle_event(
             )
             continue
         try:
-            baseline = device_baseline(history, calendar, start, end, config)
+            if config.method is BaselineMethod.CONTROL_GROUP:
+                baseline = control_group_baseline(
+                    device_id,
+                    control_histories,
+                    calendar,
+                    start,
+                    end,
+                    config,
+                    treated={d: histories[d] for d in settled if d in histories},
+                )
+            else:
+                baseline = method_baseline(
+                    history, calendar, start, end, config, temperatures=temperatures.get(device_id)
+                )
             device_flags[device_id].extend(_baseline_flags(device_id, baseline))
         except InsufficientHistory as exc:
             fallback = pre_event_baseline(
@@ -384,6 +443,18 @@ def settle_event(
             continue
         baselines[device_id] = baseline
 
+    if config.group is GroupBaselineMode.AGGREGATE_LOAD and baselines:
+        try:
+            baselines = _aggregate_shares(
+                group_id_of(event), baselines, histories, calendar, start, end, config, temperatures
+            )
+        except ValueError as exc:  # InsufficientHistory included
+            flags.append(
+                SettlementFlag(
+                    code=FlagCode.NO_AGGREGATE_BASELINE,
+                    detail=f"no baseline of the summed load ({exc}): sum of device baselines",
+                )
+            )
     starts = interval_starts(start, end, config.interval_s)
     lo, hi = epoch_s(exact_start), epoch_s(exact_end)
     weights = (
@@ -408,7 +479,7 @@ def settle_event(
 
     group: GroupSettlement | None = None
     performances: dict[str, DevicePerformance] = {}
-    group_id = event.group_id or f"command:{event.command_id}"
+    group_id = group_id_of(event)
     if baselines:
         group_baseline = GroupBaseline(
             group_id=group_id,
@@ -463,7 +534,7 @@ def settle_event(
             performance=performances.get(d),
             flags=tuple(device_flags[d]),
         )
-        for d in event.devices
+        for d in settled
     )
     for row in rows:
         flags.extend(row.flags)
@@ -485,14 +556,6 @@ def settle_event(
                 "detail in 'widened')"
             )
         flags.insert(0, SettlementFlag(code=FlagCode.WINDOW_WIDENED, detail=detail))
-    rule = f"{config.weekday_days}-in-{config.weekday_days} (weekdays) / "
-    rule += f"{config.weekend_days}-in-{config.weekend_days} (weekends, holidays)"
-    if config.adjustment_duration_s:
-        rule += (
-            f", day-of adjustment over {config.adjustment_duration_s} s ending "
-            f"{config.adjustment_offset_s} s before the start, capped at "
-            f"±{config.adjustment_cap:.0%}"
-        )
     return PerformanceReport(
         command_id=event.command_id,
         program=event.program,
@@ -507,7 +570,10 @@ def settle_event(
         end=end,
         interval_s=config.interval_s,
         generated_at=generated_at,
-        baseline_method=rule,
+        baseline_method=method_description(config),
+        method=config.method,
+        group_baseline=config.group,
+        control_devices=control,
         adjustment_cap=config.adjustment_cap,
         delivered_kwh=group.delivered_kwh if group else None,
         mean_delivered_kw=group.mean_delivered_kw if group else None,
@@ -518,6 +584,71 @@ def settle_event(
         flags=tuple(flags),
         quality=group.quality if group is not None else Quality.INVALID,
     )
+
+
+def group_id_of(event: EventToSettle) -> str:
+    return event.group_id or f"command:{event.command_id}"
+
+
+def _aggregate_shares(
+    group_id: str,
+    baselines: Mapping[str, DeviceBaseline],
+    histories: Mapping[str, DeviceHistory],
+    calendar: EventCalendar,
+    start: datetime,
+    end: datetime,
+    config: BaselineConfig,
+    temperatures: Mapping[str, Temperatures],
+) -> dict[str, DeviceBaseline]:
+    """``group = "aggregate_load"``: the rule applied to the summed load of the devices whose
+    baseline came from the rule, shared out to them in proportion to their own baselines
+    (equally where those sum to zero). Devices on the pre-event fallback keep theirs: their
+    short history would lower the sum on the days before they joined. An interval is NaN in the
+    sum only where no device has data; the group's event days are every summed device's.
+    Raises like the rule when the sum has no baseline: the caller then keeps the device
+    baselines (sum of devices) and says so."""
+    ruled = {d: b for d, b in baselines.items() if b.selected_days and d in histories}
+    if not ruled:
+        raise ValueError(f"{group_id}: no device baseline from the rule to sum")
+    members = [histories[d] for d in ruled]
+    grids = {(h.start, h.interval_s, len(h.kw)) for h in members}
+    if len(grids) != 1:
+        raise ValueError(f"{group_id}: device histories are not on one grid")
+    stacked = np.array([h.kw for h in members])
+    have = ~np.isnan(stacked)
+    summed = np.where(have.any(axis=0), np.where(have, stacked, 0.0).sum(axis=0), np.nan)
+    first = members[0]
+    pseudo = DeviceHistory(group_id, first.start, first.interval_s, summed)
+    days: set[date] = set()
+    for d in ruled:
+        days |= calendar.device_event_days.get(d, frozenset())
+    group_calendar = EventCalendar(
+        event_days=calendar.event_days,
+        holidays=calendar.holidays,
+        tz=calendar.tz,
+        device_event_days={group_id: frozenset(days)},
+    )
+    temps = next(iter(temperatures.values()), None)
+    total = method_baseline(pseudo, group_calendar, start, end, config, temperatures=temps)
+    group_kw = np.array(total.kw)
+    device_kw = {d: np.array(b.kw) for d, b in ruled.items()}
+    device_sum = np.sum(list(device_kw.values()), axis=0)
+    out = dict(baselines)
+    for d, b in ruled.items():
+        share = np.divide(
+            device_kw[d],
+            device_sum,
+            out=np.full(len(group_kw), 1.0 / len(ruled)),
+            where=np.abs(device_sum) > 1e-9,
+        )
+        out[d] = b.model_copy(
+            update={
+                "kw": tuple(float(v) for v in group_kw * share),
+                "method": f"{b.method}; pro-rata share of the group's aggregate-load baseline "
+                f"({total.method})",
+            }
+        )
+    return out
 
 
 def event_days(start: datetime, end: datetime, calendar: EventCalendar) -> list[date]:
@@ -536,6 +667,7 @@ __all__ = [
     "PerformanceRequest",
     "SettlementFlag",
     "event_days",
+    "group_id_of",
     "history_span",
     "pre_event_baseline",
     "settle_event",

@@ -16,6 +16,7 @@ before the event, so the adjustment hits its -20 % cap.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import time
@@ -305,3 +306,69 @@ async def test_dispatch_is_settled_against_an_independently_computed_baseline(
         payload, correlation = listener.replies[0]
         assert correlation == b"corr-1"
         assert PerformanceReport.model_validate_json(payload) == report
+
+
+async def test_control_group_program_holds_out_its_devices_and_settles_on_them(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    """A program settled on a control group: the held-out battery is never called (it idles),
+    the report lists it and settles the two treated batteries against its metered load."""
+    ids = ["bat-1", "bat-2", "bat-3"]
+    seed = 11
+    # The draw, written out: round(0.34 x 3) = 1 device, the first by SHA-256 of "seed:id".
+    held_out = sorted(ids, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).digest())[0]
+    treated = [d for d in ids if d != held_out]
+    sims = [
+        SunSpecBatterySimulator(
+            port=0, capacity_kwh=10.0, max_charge_kw=5.0, max_discharge_kw=5.0, initial_soc_pct=60
+        )
+        for _ in ids
+    ]
+    extra: dict[str, Any] = {
+        "history": {"path": str(tmp_path / "history.sqlite"), "interval_s": 1, "flush_s": 0.5},
+        "settlement": {
+            "timezone": ZONE.key,
+            "delay_s": 1.0,
+            "fallback_window_s": 4,
+            "baseline": {"interval_s": 2, "adjustment_duration_s": 0, "min_coverage": 0.5},
+            "programs": {
+                "mass-market": {
+                    "method": "control_group",
+                    "control_share": 0.34,
+                    "control_seed": seed,
+                }
+            },
+        },
+    }
+    async with (
+        Fleet(
+            broker_endpoint, tmp_path / "gw.sqlite", sims, feeders=("f1",), extra_config=extra
+        ) as fleet,
+        ReportListener(broker_endpoint, fleet.gateway_id) as listener,
+    ):
+        event_start = datetime.fromtimestamp(math.ceil(time.time()) + 4, UTC)
+        await fleet.grid.send(
+            {
+                "type": "dispatch",
+                "command_id": "mm-1",
+                "program": "mass-market",
+                "target": {"group_id": "feeder:f1"},
+                "kw": -4.0,
+                "start": event_start.isoformat(),
+                "duration_s": DURATION_S,
+            }
+        )
+        await fleet.grid.wait_for_state("mm-1", AckState.COMPLETED, 30)
+        await eventually(lambda: "mm-1" in listener.reports, 30, "the performance report")
+        report = PerformanceReport.model_validate_json(listener.reports["mm-1"])
+        assert report.method.value == "control_group"
+        assert report.control_devices == (held_out,)
+        assert [d.device_id for d in report.devices] == treated
+        assert all(d.allocated for d in report.devices)
+        # The held-out battery idled (0 kW), so each treated battery's baseline is ~0 kW and
+        # the group delivered what the two treated batteries discharged.
+        group = report.group
+        assert group is not None
+        assert group.baseline_kw == pytest.approx([0.0] * len(group.baseline_kw), abs=0.05)
+        assert report.mean_delivered_kw is not None
+        assert report.mean_delivered_kw < -3.0

@@ -11,8 +11,10 @@ import pytest
 from composition.config import parse_config
 from gateway.core import Gateway
 from gateway.errors import CoreError
-from gateway.flex import EventToSettle, FlexForecast
+from gateway.flex import BaselineMethod, EventToSettle, FlexForecast, PerformanceReport
+from gateway.history import ReadingHistory
 from unified.model import Ack, AckState, DeviceTelemetry, DispatchMode, GroupTelemetry
+from unified.weather import WeatherForecast
 
 T0 = datetime(2024, 6, 21, 20, tzinfo=UTC)  # Friday 13:00 in Los Angeles
 
@@ -127,3 +129,74 @@ async def test_every_device_of_the_target_group_gets_the_event_day(tmp_path: Pat
     friday = date(2024, 6, 21)  # the local day, not the UTC one (Saturday)
     assert days == {"e1": frozenset({friday}), "e2": frozenset({friday})}
     assert "ev-1" in reports.reports
+
+
+async def test_weather_matched_program_settles_on_the_recorded_forecasts(tmp_path: Path) -> None:
+    # Forecasts received over the weeks are recorded hour by hour; the "thermal" program is
+    # settled weather-matched on them. Event Friday 21 June 20:00-21:00 UTC at 30 °C. Weekdays
+    # with a recorded temperature and meter data at 20:00: 20th (25 °C, 5 kW), 19th (31, 7),
+    # 18th (29, 6), 17th (20, 9), 14th (30, 8). Closest 2: the 14th (0 K), then of the 19th
+    # and 18th (1 K each) the more recent, the 19th -> (8 + 7) / 2 = 7.5 kW.
+    gateway, reports = core(
+        tmp_path,
+        {
+            "timezone": "UTC",
+            "programs": {
+                "thermal": {"method": "weather_matched", "weather_days": 2, "min_weather_days": 2}
+            },
+        },
+    )
+    history = gateway.history
+    assert history is not None
+    days = {14: (30.0, 8.0), 17: (20.0, 9.0), 18: (29.0, 6.0), 19: (31.0, 7.0), 20: (25.0, 5.0)}
+    days[21] = (30.0, 1.0)
+    async with history:
+        for day, (temp, kw) in sorted(days.items()):
+            at = datetime(2024, 6, day, 20, tzinfo=UTC)
+            # Later forecasts for other hours: none of them replaces this hour's record.
+            await gateway.put_weather(
+                WeatherForecast.model_validate(
+                    {
+                        "issued_at": (at - timedelta(hours=6)).isoformat(),
+                        "points": [{"start": at.isoformat(), "temp_c": temp}],
+                    }
+                )
+            )
+            for minute in range(60):
+                history.observe("e1", at + timedelta(minutes=minute, seconds=30), kw)
+        event_at = datetime(2024, 6, 21, 20, tzinfo=UTC)
+        await gateway.settle(
+            event(
+                "substation:east",
+                ("e1",),
+                program="thermal",
+                start=event_at,
+                end=event_at + timedelta(hours=1),
+                allocations={"e1": -2.0},
+            )
+        )
+    report = PerformanceReport.model_validate_json(reports.reports["ev-1"])
+    assert report.method is BaselineMethod.WEATHER_MATCHED
+    (row,) = report.devices
+    assert row.baseline is not None
+    assert row.baseline.selected_days == (date(2024, 6, 19), date(2024, 6, 14))
+    assert row.baseline.kw == pytest.approx((7.5,))
+    assert "closest to 30.0 °C" in row.baseline.method
+
+
+async def test_the_temperature_record_keeps_the_newest_forecast_and_is_pruned(
+    tmp_path: Path,
+) -> None:
+    history = ReadingHistory(tmp_path / "h.sqlite", interval_s=60, retention_days=10)
+    t = T0
+    async with history:
+        await history.save_temperatures("*", t, [(int(t.timestamp()), 3600, 20.0)])
+        later = t + timedelta(hours=1)
+        await history.save_temperatures("*", later, [(int(t.timestamp()), 3600, 21.0)])
+        await history.save_temperatures("*", t, [(int(t.timestamp()), 3600, 19.0)])  # older
+        await history.save_temperatures("feeder:f1", t, [(int(t.timestamp()), 3600, 5.0)])
+        rows = await history.temperatures("*", t, t + timedelta(hours=1))
+        assert rows == [(int(t.timestamp()), 3600, 21.0, later.timestamp())]
+        assert await history.temperatures("*", t + timedelta(hours=1), t + timedelta(hours=2)) == []
+        await history.prune(t + timedelta(days=11))
+        assert await history.temperatures("*", t, t + timedelta(hours=1)) == []
