@@ -1,8 +1,15 @@
 """A SunSpec battery behind a real Modbus/TCP server, with believable physics and fault injection.
 
 The register image is laid out by :func:`protocols.sunspec.build_map` (models 1, 701, 702, 704, 713,
-802 at 40000), so the simulator and the adapter share the codec but not each other's assumptions:
-a standard client (pysunspec2) can scan it too.
+802 at 40000, or with ``legacy=True`` the 1xx models most deployed storage inverters still show:
+1, 103, 120, 121, 123, 124), so the simulator and the adapter share the codec but not each other's
+assumptions: a standard client (pysunspec2) can scan it too.
+
+Legacy control follows what storage inverters do with model 124: ``StorCtl_Mod`` enables a
+charge limit (bit 0, ``InWRte``) and a discharge limit (bit 1, ``OutWRte``), both in percent of
+``WChaMax`` and signed, so a window such as ``OutWRte=-40, InWRte=40`` forces charging at 40 %.
+The battery sits at the point of that window nearest to idle. ``InOutWRte_RvrtTms`` lifts the
+window when no control write arrives in time; ``WMaxLimPct_RvrtTms`` does the same for 123's cap.
 
 Server side uses the pymodbus 3.16 ``SimDevice``/``SimData`` API (the old datastore classes are
 deprecated). It holds the registers, but validation and dynamic values need more than static data,
@@ -34,10 +41,15 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from protocols.sunspec import (
     MODEL_BATTERY,
     MODEL_COMMON,
+    MODEL_CONTROLS,
     MODEL_DER_AC_CONTROLS,
     MODEL_DER_CAPACITY,
     MODEL_DER_MEASURE_AC,
     MODEL_DER_STORAGE_CAPACITY,
+    MODEL_INVERTER_3PH,
+    MODEL_NAMEPLATE,
+    MODEL_SETTINGS,
+    MODEL_STORAGE,
     ModelDef,
     ModelLocation,
     PointDef,
@@ -52,7 +64,7 @@ from protocols.sunspec import (
     unscale,
 )
 
-__all__ = ["SIM_MODELS", "SunSpecBatterySimulator", "serve_battery"]
+__all__ = ["LEGACY_SIM_MODELS", "SIM_MODELS", "SunSpecBatterySimulator", "serve_battery"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +75,14 @@ SIM_MODELS: Final = (
     MODEL_DER_AC_CONTROLS,
     MODEL_DER_STORAGE_CAPACITY,
     MODEL_BATTERY,
+)
+LEGACY_SIM_MODELS: Final = (
+    MODEL_COMMON,
+    MODEL_INVERTER_3PH,
+    MODEL_NAMEPLATE,
+    MODEL_SETTINGS,
+    MODEL_CONTROLS,
+    MODEL_STORAGE,
 )
 
 _AC_VOLTS: Final = 240.0
@@ -79,7 +99,14 @@ _MODE_W_MAX_PCT: Final = 0
 # 701 InvSt
 _INV_RUNNING: Final = 3
 _INV_STANDBY: Final = 7
-# 802 ChaSt
+# 103 St
+_ST_MPPT: Final = 4
+_ST_STANDBY: Final = 8
+# 124 StorCtl_Mod bits
+_STOR_CHARGE_BIT: Final = 1 << 0
+_STOR_DISCHARGE_BIT: Final = 1 << 1
+_DER_TYPE_PV_STOR: Final = 82
+# 802 ChaSt (124 uses the same numbers)
 _CHA_EMPTY, _CHA_DISCHARGING, _CHA_CHARGING, _CHA_FULL, _CHA_HOLDING = 2, 3, 4, 5, 6
 
 
@@ -118,6 +145,7 @@ class SunSpecBatterySimulator:
         manufacturer: str = "DERMS Simulators",
         model_name: str = "SunSpec Battery",
         base_address: int = 40000,
+        legacy: bool = False,
     ) -> None:
         if not 1 <= unit_id <= 247:
             raise ValueError("unit_id must be 1..247")
@@ -127,6 +155,8 @@ class SunSpecBatterySimulator:
             raise ValueError("need 0 <= min_soc_pct < max_soc_pct <= 100 and 0 <= soc <= 100")
         if time_scale <= 0 or step_s <= 0:
             raise ValueError("time_scale and step_s must be positive")
+        self.legacy = legacy
+        self.models: tuple[int, ...] = LEGACY_SIM_MODELS if legacy else SIM_MODELS
         self.host = host
         self.port = port
         self.unit_id = unit_id
@@ -150,6 +180,7 @@ class SunSpecBatterySimulator:
         self._wh_absorbed = 0.0
         self._heartbeat = 0
         self._control_written_at: float | None = None
+        self._limit_written_at: float | None = None
         self._last_step: float | None = None
         self._pending_exceptions: list[ExcCodes] = []
         #: Answer every write with this exception code (a unit in local mode refusing remote
@@ -159,7 +190,7 @@ class SunSpecBatterySimulator:
         self._server: ModbusTcpServer | None = None
         self._physics: asyncio.Task[None] | None = None
 
-        self._defs: dict[int, ModelDef] = {m: load_model_def(m) for m in SIM_MODELS}
+        self._defs: dict[int, ModelDef] = {m: load_model_def(m) for m in self.models}
         image = build_map(
             [
                 (self._defs[m], v)
@@ -173,7 +204,7 @@ class SunSpecBatterySimulator:
         self._image: list[int] = list(image.registers)
         self._where: dict[int, ModelLocation] = {m.model_id: m for m in image.layout.models}
         self._sfs: dict[int, dict[str, int | None]] = {
-            m: decode_scale_factors(self._defs[m], self._model_regs(m)) for m in SIM_MODELS
+            m: decode_scale_factors(self._defs[m], self._model_regs(m)) for m in self.models
         }
         self._refresh()
 
@@ -192,14 +223,73 @@ class SunSpecBatterySimulator:
         wh_sf = _fit_sf(wh, _UINT16_MAX, 0)
         dc_a_sf = _fit_sf(wmax / _DC_VOLTS, _INT16_MAX, -1)
         ah_sf = _fit_sf(wh / _DC_VOLTS, _UINT16_MAX, -1)
+        common: dict[str, PointValue | None] = {
+            "Mn": manufacturer,
+            "Md": model_name,
+            "Vr": "1.0.0",
+            "SN": serial,
+            "DA": self.unit_id,
+        }
+        if self.legacy:
+            return {
+                MODEL_COMMON: common,
+                MODEL_INVERTER_3PH: {
+                    "A_SF": a_sf,
+                    "V_SF": -1,
+                    "W_SF": w_sf_16,
+                    "Hz_SF": -2,
+                    "VA_SF": w_sf_16,
+                    "VAr_SF": w_sf_16,
+                    "PF_SF": -1,
+                    "WH_SF": 0,
+                    "PhVphA": _AC_VOLTS,
+                    "Hz": _HZ,
+                    "VAr": 0,
+                    "PF": 100.0,
+                    "Evt1": 0,
+                },
+                MODEL_NAMEPLATE: {
+                    "DERTyp": _DER_TYPE_PV_STOR,
+                    "WRtg_SF": w_sf_u16,
+                    "WHRtg_SF": wh_sf,
+                    "MaxChaRte_SF": w_sf_u16,
+                    "MaxDisChaRte_SF": w_sf_u16,
+                    "WRtg": wmax,
+                    "WHRtg": wh,
+                    "MaxChaRte": cha_w,
+                    "MaxDisChaRte": dis_w,
+                },
+                MODEL_SETTINGS: {"WMax_SF": w_sf_u16, "WMax": wmax},
+                MODEL_CONTROLS: {
+                    "WMaxLimPct_SF": -1,
+                    "Conn_WinTms": 0,
+                    "Conn_RvrtTms": 0,
+                    "Conn": 1,
+                    "WMaxLimPct": 100.0,
+                    "WMaxLimPct_WinTms": 0,
+                    "WMaxLimPct_RvrtTms": 0,
+                    "WMaxLimPct_RmpTms": 0,
+                    "WMaxLim_Ena": 0,
+                },
+                MODEL_STORAGE: {
+                    "WChaMax_SF": w_sf_u16,
+                    "MinRsvPct_SF": 0,
+                    "ChaState_SF": -1,
+                    "StorAval_SF": wh_sf,
+                    "InOutWRte_SF": -1,
+                    "WChaMax": wmax,
+                    "StorCtl_Mod": 0,
+                    "MinRsvPct": round(self.min_soc_pct),
+                    "OutWRte": 100.0,
+                    "InWRte": 100.0,
+                    "InOutWRte_WinTms": 0,
+                    "InOutWRte_RvrtTms": 0,
+                    "InOutWRte_RmpTms": 0,
+                    "ChaGriSet": 1,
+                },
+            }
         return {
-            MODEL_COMMON: {
-                "Mn": manufacturer,
-                "Md": model_name,
-                "Vr": "1.0.0",
-                "SN": serial,
-                "DA": self.unit_id,
-            },
+            MODEL_COMMON: common,
             MODEL_DER_MEASURE_AC: {
                 "A_SF": a_sf,
                 "V_SF": -1,
@@ -327,6 +417,10 @@ class SunSpecBatterySimulator:
     def _values(self, model_id: int) -> dict[str, PointValue | None]:
         return decode_model(self._defs[model_id], self._model_regs(model_id))
 
+    def values(self, model_id: int) -> dict[str, PointValue | None]:
+        """Every point of one model as a client would decode it now."""
+        return self._values(model_id)
+
     def _set(self, model_id: int, values: Mapping[str, PointValue | None]) -> None:
         start = self._where[model_id].address - self.base_address
         for offset, regs in encode_points(self._defs[model_id], values, self._sfs[model_id]):
@@ -352,11 +446,17 @@ class SunSpecBatterySimulator:
 
     @property
     def wset_enabled(self) -> bool:
+        if self.legacy:
+            return self._values(MODEL_STORAGE).get("StorCtl_Mod") not in (0, None)
         return self._values(MODEL_DER_AC_CONTROLS).get("WSetEna") == _ENABLED
 
     @property
     def wset_w(self) -> float | None:
-        """``WSet`` in watts, SunSpec sign (+ injecting)."""
+        """``WSet`` in watts, SunSpec sign (+ injecting); legacy: the 124 window's point."""
+        if self.legacy:
+            if not self.wset_enabled:
+                return None
+            return self._legacy_window_w(self._values(MODEL_STORAGE))[1]
         value = self._values(MODEL_DER_AC_CONTROLS).get("WSet")
         return None if value is None else float(value)
 
@@ -365,6 +465,40 @@ class SunSpecBatterySimulator:
         self._pending_exceptions.extend([ExcCodes(code)] * count)
 
     # ----------------------------------------------------------------------- physics
+
+    def _legacy_window_w(self, stor: Mapping[str, PointValue | None]) -> tuple[float, float]:
+        """The 124 window in watts, SunSpec sign: (most absorbing, most injecting)."""
+        base = float(stor.get("WChaMax") or 0)
+        mode = stor.get("StorCtl_Mod")
+        bits = mode if isinstance(mode, int) else 0
+        low = -self.max_charge_kw * 1000
+        high = self.max_discharge_kw * 1000
+        in_pct, out_pct = stor.get("InWRte"), stor.get("OutWRte")
+        if bits & _STOR_CHARGE_BIT and isinstance(in_pct, int | float):
+            low = max(low, -float(in_pct) * base / 100)
+        if bits & _STOR_DISCHARGE_BIT and isinstance(out_pct, int | float):
+            high = min(high, float(out_pct) * base / 100)
+        return low, max(low, high)
+
+    def _legacy_target_w(self) -> float:
+        ctl = self._values(MODEL_CONTROLS)
+        if ctl.get("Conn") == 0:
+            return 0.0
+        low, high = self._legacy_window_w(self._values(MODEL_STORAGE))
+        target = min(max(0.0, low), high)  # the point of the window nearest to idle
+        lim_pct = ctl.get("WMaxLimPct")
+        if ctl.get("WMaxLim_Ena") == _ENABLED and isinstance(lim_pct, int | float):
+            limit = max(self.max_charge_kw, self.max_discharge_kw) * 1000 * float(lim_pct) / 100
+            target = max(-limit, min(limit, target))
+        return self._soc_limited(target)
+
+    def _soc_limited(self, target: float) -> float:
+        soc = self.soc_pct
+        if target > 0 and soc <= self.min_soc_pct + 1e-9:
+            return 0.0
+        if target < 0 and soc >= self.max_soc_pct - 1e-9:
+            return 0.0
+        return target
 
     def _target_w(self, ctl: Mapping[str, PointValue | None]) -> float:
         if ctl.get("WSetEna") != _ENABLED:
@@ -383,12 +517,7 @@ class SunSpecBatterySimulator:
         if ctl.get("WMaxLimPctEna") == _ENABLED and isinstance(lim_pct, int | float):
             limit = max(self.max_charge_kw, self.max_discharge_kw) * 1000 * float(lim_pct) / 100
             target = max(-limit, min(limit, target))
-        soc = self.soc_pct
-        if target > 0 and soc <= self.min_soc_pct + 1e-9:
-            return 0.0
-        if target < 0 and soc >= self.max_soc_pct - 1e-9:
-            return 0.0
-        return target
+        return self._soc_limited(target)
 
     def _advance(self) -> None:
         """Integrate energy since the last step, apply reversion, then follow the controls."""
@@ -411,10 +540,30 @@ class SunSpecBatterySimulator:
                 self._wh_absorbed += (after - before) * 1000
             self._energy_kwh = after
             self._heartbeat = (self._heartbeat + 1) % _UINT16_MAX
-        ctl = self._values(MODEL_DER_AC_CONTROLS)
-        self._revert_if_due(ctl, now)
-        self._power_w = self._target_w(ctl)
+        if self.legacy:
+            self._revert_legacy_if_due(now)
+            self._power_w = self._legacy_target_w()
+        else:
+            ctl = self._values(MODEL_DER_AC_CONTROLS)
+            self._revert_if_due(ctl, now)
+            self._power_w = self._target_w(ctl)
         self._refresh()
+
+    def _revert_legacy_if_due(self, now: float) -> None:
+        """Legacy reversion: the 124 window and the 123 cap each lapse after their timeout."""
+        stor = self._values(MODEL_STORAGE)
+        tms = stor.get("InOutWRte_RvrtTms")
+        written = self._control_written_at
+        if written is not None and isinstance(tms, int) and tms > 0 and now - written >= tms:
+            self._set(MODEL_STORAGE, {"StorCtl_Mod": 0})
+            self._control_written_at = None
+            log.info("simulated battery %s: storage window lapsed after %s s", self.port, tms)
+        ctl = self._values(MODEL_CONTROLS)
+        tms = ctl.get("WMaxLimPct_RvrtTms")
+        written = self._limit_written_at
+        if written is not None and isinstance(tms, int) and tms > 0 and now - written >= tms:
+            self._set(MODEL_CONTROLS, {"WMaxLim_Ena": 0})
+            self._limit_written_at = None
 
     def _revert_if_due(self, ctl: dict[str, PointValue | None], now: float) -> None:
         """SunSpec reversion: no control write within ``WSetRvrtTms`` → reversion values."""
@@ -441,10 +590,42 @@ class SunSpecBatterySimulator:
         log.info("simulated battery %s reverted: no control write for %s s", self.port, tms)
 
     def _refresh(self) -> None:
-        """Write the measured values (701, 713, 802) into the image."""
+        """Write the measured values (701, 713, 802; legacy 103 and 124) into the image."""
         w = self._power_w
         soc = self.soc_pct
         amps_ac = abs(w) / _AC_VOLTS
+        if w > 0:
+            status = _CHA_DISCHARGING
+        elif w < 0:
+            status = _CHA_CHARGING
+        elif soc >= self.max_soc_pct - 1e-9:
+            status = _CHA_FULL
+        elif soc <= self.min_soc_pct + 1e-9:
+            status = _CHA_EMPTY
+        else:
+            status = _CHA_HOLDING
+        low_kwh = self.capacity_kwh * self.min_soc_pct / 100
+        if self.legacy:
+            self._set(
+                MODEL_INVERTER_3PH,
+                {
+                    "W": round(w),
+                    "VA": round(abs(w)),
+                    "A": round(amps_ac, 1),
+                    "AphA": round(amps_ac, 1),
+                    "St": _ST_MPPT if w else _ST_STANDBY,
+                    "WH": max(1, round(self._wh_injected)),  # acc32: 0 means "not implemented"
+                },
+            )
+            self._set(
+                MODEL_STORAGE,
+                {
+                    "ChaState": round(soc, 1),
+                    "ChaSt": status,
+                    "StorAval": round(max(0.0, self._energy_kwh - low_kwh) * 1000),
+                },
+            )
+            return
         self._set(
             MODEL_DER_MEASURE_AC,
             {
@@ -463,7 +644,6 @@ class SunSpecBatterySimulator:
                 "TotWhAbs": round(self._wh_absorbed),
             },
         )
-        low_kwh = self.capacity_kwh * self.min_soc_pct / 100
         self._set(
             MODEL_DER_STORAGE_CAPACITY,
             {
@@ -471,16 +651,6 @@ class SunSpecBatterySimulator:
                 "WHAvail": round(max(0.0, self._energy_kwh - low_kwh) * 1000),
             },
         )
-        if w > 0:
-            status = _CHA_DISCHARGING
-        elif w < 0:
-            status = _CHA_CHARGING
-        elif soc >= self.max_soc_pct - 1e-9:
-            status = _CHA_FULL
-        elif soc <= self.min_soc_pct + 1e-9:
-            status = _CHA_EMPTY
-        else:
-            status = _CHA_HOLDING
         self._set(
             MODEL_BATTERY,
             {
@@ -551,8 +721,12 @@ class SunSpecBatterySimulator:
             return ExcCodes.ILLEGAL_VALUE
         start = where.address - self.base_address
         self._image[start : start + where.size] = block
-        if where.model_id == MODEL_DER_AC_CONTROLS:
-            self._control_written_at = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        if where.model_id in (MODEL_DER_AC_CONTROLS, MODEL_STORAGE):
+            self._control_written_at = now
+            self._advance()
+        elif where.model_id == MODEL_CONTROLS:
+            self._limit_written_at = now
             self._advance()
         return None
 
@@ -576,8 +750,15 @@ class SunSpecBatterySimulator:
                 limit = values.get(rating.name)
                 if isinstance(limit, int | float) and float(value) > float(limit):
                     return False
+        names = {p.name for p in touched}
+        if model_def.model_id == MODEL_STORAGE:
+            for name in ("InWRte", "OutWRte"):
+                if name in names and abs(float(values[name] or 0)) > 100:
+                    return False
+        cap = float(values.get("WMaxLimPct") or 0)
+        if model_def.model_id == MODEL_CONTROLS and "WMaxLimPct" in names and not 0 <= cap <= 100:
+            return False
         if model_def.model_id == MODEL_DER_AC_CONTROLS:
-            names = {p.name for p in touched}
             for name in ("WSet", "WSetRvrt"):
                 if name in names:
                     watts = float(values[name] or 0)
