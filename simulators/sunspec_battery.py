@@ -61,6 +61,7 @@ from protocols.sunspec import (
     decode_scale_factors,
     encode_points,
     load_model_def,
+    not_implemented,
     unscale,
 )
 
@@ -416,6 +417,17 @@ class SunSpecBatterySimulator:
 
     def _values(self, model_id: int) -> dict[str, PointValue | None]:
         return decode_model(self._defs[model_id], self._model_regs(model_id))
+
+    def unimplement(self, model_id: int, *points: str) -> None:
+        """Show ``points`` as "not implemented" (a device variant that lacks them)."""
+        model_def = self._defs[model_id]
+        start = self._where[model_id].address - self.base_address
+        for name in points:
+            point = model_def.point(name)
+            regs = not_implemented(point)
+            self._image[start + point.offset : start + point.end] = regs
+            if point.type == "sunssf":
+                self._sfs[model_id][name] = None
 
     def values(self, model_id: int) -> dict[str, PointValue | None]:
         """Every point of one model as a client would decode it now."""

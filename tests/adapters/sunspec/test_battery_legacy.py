@@ -14,8 +14,6 @@ from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.adapters.sunspec.test_battery import CountingTransport, cmd, eventually
 from unified.model import DeviceCommand
 
-M124 = load_model_def(124)
-
 
 def endpoint(sim: SunSpecBatterySimulator, **kw: Any) -> SunSpecEndpoint:
     return SunSpecEndpoint(port=sim.port, timeout_s=0.5, **kw)
@@ -141,10 +139,8 @@ async def test_a_setpoint_the_device_cannot_take_fails_honestly(
 ) -> None:
     # The same device with 124's rate points "not implemented": it can be read, but a setpoint
     # is refused with a reason and nothing is written (the supervisor fails the command).
-    storage = battery.layout.find(124)  # type: ignore[union-attr]
     await battery.close()
-    start = storage.address - sim.base_address + M124.point("OutWRte").offset
-    sim._image[start : start + 2] = [0x8000, 0x8000]
+    sim.unimplement(124, "OutWRte", "InWRte")
     adapter = SunSpecBattery("bat-1", endpoint(sim))
     await adapter.connect()
     try:
