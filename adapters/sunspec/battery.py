@@ -21,22 +21,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from pydantic import Field
-
+from adapters.sunspec.connection import SunSpecConnection, SunSpecEndpoint, positive
 from gateway.devices import DeviceProtocolError, DeviceRejected, DeviceUnavailable, UnsafeCommand
 from protocols.modbus import (
-    ModbusExceptionResponse,
-    ModbusTcpTransport,
-    ModbusTransportError,
     RegisterTransport,
 )
 from protocols.sunspec import (
-    BASE_ADDRESSES,
     LEGACY_INVERTER_MODELS,
     MODEL_BATTERY,
     MODEL_COMMON,
@@ -48,21 +42,15 @@ from protocols.sunspec import (
     MODEL_NAMEPLATE,
     MODEL_SETTINGS,
     MODEL_STORAGE,
-    MapNotFound,
-    MapTruncated,
     ModelDef,
     ModelLocation,
     PointValue,
-    SunSpecError,
     SunSpecMap,
-    ValueOutOfRange,
     decode_model,
     decode_scale_factors,
-    encode_points,
     load_model_def,
-    parse_model_chain,
 )
-from unified.model import DeviceCommand, DeviceState, Frozen, utcnow
+from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = ["RATING_TOLERANCE", "SunSpecBattery", "SunSpecEndpoint"]
 
@@ -88,24 +76,6 @@ _M124 = load_model_def(MODEL_STORAGE)
 #: 124 ``StorCtl_Mod``: bit 0 enables the charge limit, bit 1 the discharge limit.
 _STOR_BOTH_LIMITS: Final = 0b11
 _UINT16_TIMER_MAX: Final = 0xFFFE
-
-
-class SunSpecEndpoint(Frozen):
-    """Where a SunSpec device is and how to talk to it."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
-    unit_id: int = Field(default=1, ge=1, le=247)
-    timeout_s: float = Field(default=2.0, gt=0, le=60)
-    base_address: int | None = Field(
-        default=None, ge=0, le=65535, description="None: look at 40000, then 0, then 50000"
-    )
-    setpoint_revert_s: int = Field(
-        default=300,
-        ge=1,
-        le=86_400,
-        description="704 WSetRvrtTms: the battery idles if no setpoint arrives for this long",
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +118,7 @@ class _Setpoint:
     valid_until: float  # time.monotonic()
 
 
-class SunSpecBattery:
+class SunSpecBattery(SunSpecConnection):
     """The DeviceAdapter for a SunSpec battery (models 1/701/702/704/713/802, or legacy
     1/1xx/120/121/123/124)."""
 
@@ -159,69 +129,16 @@ class SunSpecBattery:
         *,
         transport: RegisterTransport | None = None,
     ) -> None:
-        self._device_id = device_id
-        self._endpoint = endpoint
-        self._transport: RegisterTransport = transport or ModbusTcpTransport(
-            endpoint.host,
-            endpoint.port,
-            device_id=endpoint.unit_id,
-            timeout_s=endpoint.timeout_s,
-        )
+        super().__init__(device_id, endpoint, transport=transport)
         self._found: _Discovered | None = None
         self._limit_on: bool | None = None  # None: unknown (after a connect), so clear it once
         self._limit_pct: float | None = None
         self._setpoint: _Setpoint | None = None
 
     @property
-    def device_id(self) -> str:
-        return self._device_id
-
-    @property
-    def source(self) -> str:
-        ep = self._endpoint
-        return f"sunspec:{ep.host}:{ep.port}/{ep.unit_id}"
-
-    @property
     def layout(self) -> SunSpecMap | None:
         """The discovered map (None before connect)."""
         return None if self._found is None else self._found.layout
-
-    # ----------------------------------------------------------------------- error mapping
-
-    @contextmanager
-    def _translate(self, doing: str) -> Iterator[None]:
-        """The one place transport and codec errors become adapter errors."""
-        try:
-            yield
-        except ModbusExceptionResponse as exc:
-            raise DeviceRejected(
-                self._device_id, f"{doing}: {exc}", code=exc.exception_code
-            ) from exc
-        except ModbusTransportError as exc:
-            # Timeouts, refused or lost connections, garbled answers: the device is not usable
-            # right now; the supervisor reconnects.
-            raise DeviceUnavailable(self._device_id, f"{doing}: {exc}") from exc
-        except SunSpecError as exc:
-            raise DeviceProtocolError(self._device_id, f"{doing}: {exc}") from exc
-
-    async def _read(self, address: int, count: int) -> list[int]:
-        return await self._transport.read_holding(address, count)
-
-    async def _read_model(
-        self, location: ModelLocation, model_def: ModelDef, *names: str
-    ) -> tuple[list[int], int]:
-        """Registers covering ``names`` (all of the model if none), and their model offset."""
-        if names:
-            offset, count = model_def.span(*names)
-        else:
-            offset, count = 0, min(location.size, model_def.size)
-        if offset + count > location.size:
-            raise DeviceProtocolError(
-                self._device_id,
-                f"model {location.model_id} is {location.length} registers long, "
-                f"too short for its definition",
-            )
-        return await self._read(location.address + offset, count), offset
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -245,36 +162,6 @@ class SunSpecBattery:
         self._found = None
         self._setpoint = None
         await self._transport.close()
-
-    async def _find_map(self) -> SunSpecMap:
-        bases = (
-            (self._endpoint.base_address,)
-            if self._endpoint.base_address is not None
-            else BASE_ADDRESSES
-        )
-        for base in bases:
-            image: dict[int, int] = {}
-            while True:
-                try:
-                    return parse_model_chain(image, base)
-                except MapNotFound:
-                    break
-                except MapTruncated as need:
-                    try:
-                        regs = await self._read(need.address, need.count)
-                    except ModbusExceptionResponse as exc:
-                        if exc.exception_code not in {_ILLEGAL_ADDRESS, _ILLEGAL_VALUE}:
-                            raise
-                        if need.address == base:
-                            break  # nothing mapped at this base: try the next one
-                        if need.count > 1:
-                            # Some devices omit the end marker's length register.
-                            regs = await self._read(need.address, 1)
-                        else:
-                            raise
-                    addresses = range(need.address, need.address + len(regs))
-                    image.update(zip(addresses, regs, strict=True))
-        raise MapNotFound(bases[-1])
 
     async def _discover(self) -> _Discovered:
         layout = await self._find_map()
@@ -323,21 +210,15 @@ class SunSpecBattery:
             regs, _ = await self._read_model(layout.find(MODEL_DER_CAPACITY), _M702)
             capacity = decode_model(_M702, regs)
 
-        def watts(*candidates: PointValue | None) -> float | None:
-            for value in candidates:
-                if isinstance(value, int | float) and value > 0:
-                    return float(value)
-            return None
-
-        wmax = watts(capacity.get("WMaxRtg"))
-        charge_w = watts(capacity.get("WChaRteMaxRtg"), battery.get("WChaRteMax"), wmax)
-        discharge_w = watts(capacity.get("WDisChaRteMaxRtg"), battery.get("WDisChaRteMax"), wmax)
+        wmax = positive(capacity.get("WMaxRtg"))
+        charge_w = positive(capacity.get("WChaRteMaxRtg"), battery.get("WChaRteMax"), wmax)
+        discharge_w = positive(capacity.get("WDisChaRteMaxRtg"), battery.get("WDisChaRteMax"), wmax)
         if charge_w is None or discharge_w is None:
             # Without ratings no command can be checked, so none may be sent.
             raise DeviceProtocolError(self._device_id, "no charge/discharge power ratings")
         if wmax is not None:
             charge_w, discharge_w = min(charge_w, wmax), min(discharge_w, wmax)
-        wh = watts(storage.get("WHRtg"), battery.get("WHRtg"))
+        wh = positive(storage.get("WHRtg"), battery.get("WHRtg"))
 
         if MODEL_DER_STORAGE_CAPACITY in layout and storage.get("Pct_SF") is not None:
             soc_model, soc_location = _M713, layout.find(MODEL_DER_STORAGE_CAPACITY)
@@ -388,16 +269,10 @@ class SunSpecBattery:
             await whole(_M124),
         )
 
-        def watts(*candidates: PointValue | None) -> float | None:
-            for value in candidates:
-                if isinstance(value, int | float) and value > 0:
-                    return float(value)
-            return None
-
-        wmax = watts(settings.get("WMax"), nameplate.get("WRtg"))
-        base = watts(storage.get("WChaMax"))
-        charge_w = watts(nameplate.get("MaxChaRte"), base, wmax)
-        discharge_w = watts(nameplate.get("MaxDisChaRte"), base, wmax)
+        wmax = positive(settings.get("WMax"), nameplate.get("WRtg"))
+        base = positive(storage.get("WChaMax"))
+        charge_w = positive(nameplate.get("MaxChaRte"), base, wmax)
+        discharge_w = positive(nameplate.get("MaxDisChaRte"), base, wmax)
         if charge_w is None or discharge_w is None:
             raise DeviceProtocolError(self._device_id, "no charge/discharge power ratings")
         # The window is in percent of WChaMax within ±100 %: nothing beyond it can be asked.
@@ -416,7 +291,7 @@ class SunSpecBattery:
             no_setpoint = "124 WChaMax is not implemented: a charge rate has no base"
         elif unimplemented:
             no_setpoint = f"124 {', '.join(unimplemented)} not implemented"
-        wh = watts(nameplate.get("WHRtg"))
+        wh = positive(nameplate.get("WHRtg"))
         return _Discovered(
             layout=layout,
             measure=measure,
@@ -584,21 +459,6 @@ class SunSpecBattery:
         assert found.controls is not None  # a 7xx map always has 704
         await self._write_points(found.controls, _M704, values, sfs)
         self._setpoint = _Setpoint(power_kw, time.monotonic() + self._endpoint.setpoint_revert_s)
-
-    async def _write_points(
-        self,
-        location: ModelLocation,
-        model_def: ModelDef,
-        values: Mapping[str, PointValue | None],
-        sfs: Mapping[str, int | None],
-    ) -> None:
-        try:
-            runs = encode_points(model_def, values, sfs)
-        except ValueOutOfRange as exc:
-            raise UnsafeCommand(self._device_id, str(exc)) from exc
-        with self._translate("apply"):
-            for offset, regs in runs:
-                await self._transport.write_registers(location.address + offset, regs)
 
     async def _apply_legacy(self, found: _Discovered, command: DeviceCommand) -> None:
         """A setpoint as a 124 window of one point; a release clears ``StorCtl_Mod``.
