@@ -55,6 +55,11 @@ class DeviceConfig(Device):
                 raise ValueError("adapter 'sunspec_battery' needs a [devices.sunspec] endpoint")
             if self.der_class is not DerClass.BATTERY:
                 raise ValueError("adapter 'sunspec_battery' only drives der_class 'battery'")
+        elif self.adapter == "sunspec_pv":
+            if self.sunspec is None:
+                raise ValueError("adapter 'sunspec_pv' needs a [devices.sunspec] endpoint")
+            if self.der_class is not DerClass.PV:
+                raise ValueError("adapter 'sunspec_pv' only drives der_class 'pv'")
         elif self.adapter == "sep2_der":
             if self.sep2 is None:
                 raise ValueError("adapter 'sep2_der' needs a [devices.sep2] endpoint (lfdi)")
@@ -63,7 +68,9 @@ class DeviceConfig(Device):
             if self.der_class is not wanted:
                 raise ValueError(f"adapter {self.adapter!r} only drives der_class {wanted.value!r}")
         else:
-            known = ", ".join(repr(a) for a in ("sunspec_battery", "sep2_der", *MQTT_ADAPTERS))
+            known = ", ".join(
+                repr(a) for a in ("sunspec_battery", "sunspec_pv", "sep2_der", *MQTT_ADAPTERS)
+            )
             raise ValueError(f"unknown adapter {self.adapter!r} (known: {known})")
         return self
 
