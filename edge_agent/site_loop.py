@@ -33,9 +33,10 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import Field
 
-from gateway.devices import AdapterError
+from gateway.core import Gateway
+from gateway.devices import AdapterError, DeviceUnavailable
 from unified.config import Section
-from unified.model import DeviceCommand, DeviceState, utcnow
+from unified.model import DeviceCommand, DeviceState, OperatingEnvelope, utcnow
 
 __all__ = [
     "Curtailable",
@@ -45,6 +46,10 @@ __all__ = [
     "SiteLoop",
     "SiteLoopConfig",
     "SiteOutputs",
+    "SupervisedBattery",
+    "SupervisedPv",
+    "core_dispatch",
+    "core_envelope",
 ]
 
 log = logging.getLogger(__name__)
@@ -302,3 +307,77 @@ def _same(before: float | None, after: float | None, deadband: float) -> bool:
         return before is after
     # A cap that falls is written at once (it protects a limit); one that rises may wait.
     return abs(after - before) < deadband and after >= before - 1e-9
+
+
+# --------------------------------------------------------------------------- bound to the core
+
+
+def core_envelope(gateway: Gateway, group_id: str) -> EnvelopeSource:
+    """The tightest import and export limits of the envelopes in force on ``group_id``."""
+
+    def limits(now: datetime) -> tuple[float | None, float | None]:
+        imp: float | None = None
+        exp: float | None = None
+        for active in gateway.book.active(now):
+            command = active.command
+            if not isinstance(command, OperatingEnvelope) or command.target.group_id != group_id:
+                continue
+            interval = command.interval_at(now)
+            if interval is None:
+                continue
+            imp = _tighter(imp, interval.import_limit_kw)
+            exp = _tighter(exp, interval.export_limit_kw)
+        return imp, exp
+
+    return limits
+
+
+def core_dispatch(gateway: Gateway, device_id: str) -> DispatchSource:
+    """The battery setpoint the core's plan holds for ``device_id`` (None: none)."""
+
+    def setpoint(now: datetime) -> float | None:
+        planned = gateway.planned(device_id)
+        return None if planned is None else planned.power_kw
+
+    return setpoint
+
+
+class _Supervised:
+    """A device the core supervises, driven by the site loop through its supervisor: one
+    connection and one writer per device, and the core's polls are the loop's readings."""
+
+    def __init__(self, gateway: Gateway, device_id: str) -> None:
+        self._gateway = gateway
+        self._device_id = device_id
+        self._supervisor = gateway.supervisors[device_id]
+
+    @property
+    def device_id(self) -> str:
+        return self._device_id
+
+    async def read(self) -> DeviceState:
+        state = self._supervisor.fresh_state(self._gateway.stale_after_s(self._device_id))
+        if state is None:
+            raise DeviceUnavailable(self._device_id, "no fresh reading")
+        return state
+
+
+class SupervisedBattery(_Supervised):
+    async def apply(self, command: DeviceCommand) -> None:
+        self._supervisor.command(command)
+
+
+class SupervisedPv(_Supervised):
+    @property
+    def rated_kw(self) -> float | None:
+        return self._gateway.registry.device(self._device_id).ratings.max_discharge_kw
+
+    async def curtail(self, limit_kw: float | None, *, revert_s: int | None = None) -> None:
+        # A standing export limit: the PV adapter writes it without reversion.
+        self._supervisor.command(
+            DeviceCommand(device_id=self._device_id, power_kw=None, export_limit_kw=limit_kw)
+        )
+
+
+def _tighter(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
