@@ -211,4 +211,6 @@ def build_edge_agent(
 ) -> EdgeAgent:
     """The site deployment: the gateway process its config describes, plus the upstream
     2030.5 client that takes the utility's limits into its command book."""
-    return EdgeAgent(config.upstream_sep2, GatewayApp(config, adapters=adapters))
+    return EdgeAgent(
+        config.upstream_sep2, GatewayApp(config, adapters=adapters), site_loop=config.site_loop
+    )

@@ -24,6 +24,7 @@ from adapters.sep2_der.der import Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2ServerConfig
 from adapters.sunspec.battery import SunSpecEndpoint
 from edge_agent.agent import UpstreamSep2Config
+from edge_agent.site_loop import SiteLoopSettings
 from gateway.config import CoreConfig
 from unified.config import ConfigError, describe_errors, rebase
 from unified.model import DerClass, Device
@@ -270,6 +271,9 @@ class EdgeAgentConfig(GatewayConfig):
     """The edge agent's file: a gateway's sections plus ``[upstream_sep2]``."""
 
     upstream_sep2: UpstreamSep2Config
+    site_loop: SiteLoopSettings | None = Field(
+        default=None, description="The metered site loop (meter at the connection point)"
+    )
 
     def relative_to(self, base: Path) -> Self:
         config = super().relative_to(base)

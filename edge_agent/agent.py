@@ -33,6 +33,7 @@ from adapters.sep2_client.client import (
     Sep2ClientConfig,
     TelemetrySample,
 )
+from edge_agent.site_loop import SiteLoop, SiteLoopSettings, build_site_loop
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
 from gateway.core import Gateway
@@ -125,12 +126,25 @@ def _tighter(a: float | None, b: float | None) -> float | None:
 
 
 class EdgeAgent:
-    def __init__(self, upstream: UpstreamSep2Config, host: HostedCore) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamSep2Config,
+        host: HostedCore,
+        *,
+        site_loop: SiteLoopSettings | None = None,
+    ) -> None:
         self.upstream = upstream
         self.host = host
         self.gateway = host.core
         if upstream.site_group not in self.gateway.registry.groups():
             raise ValueError(f"upstream_sep2.site_group {upstream.site_group!r} is not a group")
+        self.site_loop: SiteLoop | None = None
+        """The metered loop holding the site's envelope at the connection point, if configured
+        (it drives the PV and battery it names; the core plans them but does not write)."""
+        if site_loop is not None:
+            self.site_loop = build_site_loop(
+                self.gateway, site_loop, site_loop.group or upstream.site_group
+            )
         ssl_context = None
         lfdi = upstream.lfdi
         if upstream.tls is not None:
@@ -175,6 +189,8 @@ class EdgeAgent:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.host.run(), name="edge-gateway")
             await self.host.ready.wait()
+            if self.site_loop is not None:
+                tg.create_task(self.site_loop.run(), name="edge-site-loop")
             async with self.client:
                 await wait_inside_task_group()
 

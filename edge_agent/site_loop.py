@@ -33,10 +33,19 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import Field
 
+from adapters.sunspec.connection import SunSpecEndpoint
+from adapters.sunspec.site_meter import SunSpecSiteMeter
 from gateway.core import Gateway
 from gateway.devices import AdapterError, DeviceUnavailable
 from unified.config import Section
-from unified.model import DeviceCommand, DeviceState, OperatingEnvelope, utcnow
+from unified.model import (
+    DerClass,
+    DeviceCommand,
+    DeviceState,
+    Identifier,
+    OperatingEnvelope,
+    utcnow,
+)
 
 __all__ = [
     "Curtailable",
@@ -45,9 +54,11 @@ __all__ = [
     "SiteInputs",
     "SiteLoop",
     "SiteLoopConfig",
+    "SiteLoopSettings",
     "SiteOutputs",
     "SupervisedBattery",
     "SupervisedPv",
+    "build_site_loop",
     "core_dispatch",
     "core_envelope",
 ]
@@ -381,3 +392,71 @@ class SupervisedPv(_Supervised):
 
 def _tighter(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+class SiteLoopSettings(SiteLoopConfig):
+    """``[site_loop]`` of the edge agent: the meter, the devices the loop drives, the group whose
+    envelope it holds (default: the upstream site group)."""
+
+    meter: SunSpecEndpoint
+    meter_import_positive: bool = Field(
+        default=True, description="The meter's 20x W is positive when importing"
+    )
+    battery: Identifier | None = None
+    pv: tuple[Identifier, ...] = ()
+    group: Identifier | None = None
+
+
+class ReconnectingMeter:
+    """The meter, reconnected on the next read after any failure (the loop's own supervisor)."""
+
+    def __init__(self, meter: SunSpecSiteMeter) -> None:
+        self._meter = meter
+        self._connected = False
+
+    async def read(self) -> DeviceState:
+        try:
+            if not self._connected:
+                await self._meter.connect()
+                self._connected = True
+            return await self._meter.read()
+        except AdapterError:
+            if self._connected:
+                self._connected = False
+                await self._meter.close()
+            raise
+
+    async def close(self) -> None:
+        self._connected = False
+        await self._meter.close()
+
+
+def build_site_loop(gateway: Gateway, settings: SiteLoopSettings, group: str) -> SiteLoop:
+    """A site loop over the core's supervised devices, which it takes over from the core."""
+    registry = gateway.registry
+    ids = [*settings.pv, *([settings.battery] if settings.battery else [])]
+    for device_id in ids:
+        if device_id not in registry:
+            raise ValueError(f"site_loop names unknown device {device_id!r}")
+    for device_id in settings.pv:
+        if registry.device(device_id).der_class is not DerClass.PV:
+            raise ValueError(f"site_loop.pv: {device_id!r} is not der_class 'pv'")
+    if settings.battery and registry.device(settings.battery).der_class is not DerClass.BATTERY:
+        raise ValueError(f"site_loop.battery: {settings.battery!r} is not der_class 'battery'")
+    gateway.delegate(frozenset(ids))
+    meter = SunSpecSiteMeter(
+        "site-meter", settings.meter, import_positive=settings.meter_import_positive
+    )
+    return SiteLoop(
+        ReconnectingMeter(meter),
+        [SupervisedPv(gateway, d) for d in settings.pv],
+        SupervisedBattery(gateway, settings.battery) if settings.battery else None,
+        core_envelope(gateway, group),
+        dispatch=core_dispatch(gateway, settings.battery) if settings.battery else None,
+        config=SiteLoopConfig.model_validate(
+            settings.model_dump(include=set(SiteLoopConfig.model_fields))
+        ),
+    )

@@ -148,3 +148,58 @@ async def test_export_limit_held_at_the_meter_through_cloud_steps(site: Site) ->
 async def test_without_the_loop_the_same_site_exports_far_more(site: Site) -> None:
     await asyncio.sleep(0.5)
     assert -site.meter.net_kw > 5.0  # 6.4 kW of PV on 1 kW of load
+
+
+def _edge_config(tmp_path: object, site_loop: dict[str, object]) -> dict[str, object]:
+    location = {"substation": "s1", "feeder": "f1"}
+    ratings = {"max_charge_kw": 5, "max_discharge_kw": 5, "capacity_kwh": 10}
+    return {
+        "gateway_id": "edge",
+        "store": {"path": f"{tmp_path}/edge.sqlite"},
+        "settlement": {"timezone": "UTC"},
+        "devices": [
+            {
+                "device_id": "pv-1",
+                "der_class": "pv",
+                "adapter": "sunspec_pv",
+                "location": location,
+                "ratings": ratings,
+                "sunspec": {"port": 5020},
+            },
+            {
+                "device_id": "bat-1",
+                "der_class": "battery",
+                "adapter": "sunspec_battery",
+                "location": location,
+                "ratings": ratings,
+                "sunspec": {"port": 5021},
+            },
+        ],
+        "upstream_sep2": {
+            "server_url": "https://127.0.0.1:1",
+            "site_group": "feeder:f1",
+            "lfdi": "00" * 20,
+        },
+        "site_loop": site_loop,
+    }
+
+
+def test_the_edge_agent_config_builds_the_site_loop(tmp_path: object) -> None:
+    from composition.app import build_edge_agent
+    from composition.config import EdgeAgentConfig, parse_config
+    from unified.config import ConfigError
+
+    settings = {"meter": {"port": 5030}, "battery": "bat-1", "pv": ["pv-1"]}
+    config = parse_config(_edge_config(tmp_path, settings), model=EdgeAgentConfig)
+    assert isinstance(config, EdgeAgentConfig)
+    agent = build_edge_agent(config)
+    assert agent.site_loop is not None
+    assert agent.site_loop.config.period_s == 1.0  # the default period
+    assert agent.gateway.delegated == {"pv-1", "bat-1"}
+    wrong = {"meter": {"port": 5030}, "battery": "pv-1"}
+    config = parse_config(_edge_config(tmp_path, wrong), model=EdgeAgentConfig)
+    assert isinstance(config, EdgeAgentConfig)
+    with pytest.raises(ValueError, match="not der_class 'battery'"):
+        build_edge_agent(config)
+    with pytest.raises(ConfigError):
+        parse_config(_edge_config(tmp_path, {"battery": "bat-1"}), model=EdgeAgentConfig)
