@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import pytest
@@ -150,7 +150,7 @@ async def test_without_the_loop_the_same_site_exports_far_more(site: Site) -> No
     assert -site.meter.net_kw > 5.0  # 6.4 kW of PV on 1 kW of load
 
 
-def _edge_config(tmp_path: object, site_loop: dict[str, object]) -> dict[str, object]:
+def _edge_config(tmp_path: object, site_loop: Mapping[str, object]) -> dict[str, object]:
     location = {"substation": "s1", "feeder": "f1"}
     ratings = {"max_charge_kw": 5, "max_discharge_kw": 5, "capacity_kwh": 10}
     return {
