@@ -23,7 +23,7 @@ import json
 import logging
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import Field
 
@@ -33,6 +33,7 @@ from adapters.sep2_client.client import (
     Sep2ClientConfig,
     TelemetrySample,
 )
+from edge_agent.outbox import Outbox
 from edge_agent.site_loop import SiteLoop, SiteLoopSettings, build_site_loop
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
@@ -98,6 +99,24 @@ class UpstreamSep2Config(Section):
     telemetry_interval_s: float | None = Field(default=None, gt=0)
     request_timeout_s: float = Field(default=10.0, gt=0, le=120)
     backoff_max_s: float = Field(default=300.0, gt=0)
+
+
+class SiteLoopHealth(Section):
+    period_s: float
+    latency_s: dict[str, float] = Field(description="Loop step duration percentiles")
+    last_error: str | None = None
+    export_limit_kw: float | None = None
+    import_limit_kw: float | None = None
+
+
+class EdgeHealth(Section):
+    """The box at a glance: uplink, outbox, the site loop's timing, device availability."""
+
+    uplink: Literal["up", "down", "unknown"]
+    outbox_depth: int | None = Field(default=None, description="None: no outbox configured")
+    outbox_dropped: int = 0
+    site_loop: SiteLoopHealth | None = None
+    devices_available: dict[str, bool]
 
 
 class HostedCore(Protocol):
@@ -252,6 +271,35 @@ class EdgeAgent:
                 "utility control %s rejected: %s %s", command.command_id, ack.reason, ack.detail
             )
         return ack.state
+
+    # ------------------------------------------------------------------ health
+    def health(self, outbox: Outbox | None = None) -> EdgeHealth:
+        reachable = self.client.reachable
+        uplink: Literal["up", "down", "unknown"] = (
+            "unknown" if reachable is None else "up" if reachable else "down"
+        )
+        loop_health: SiteLoopHealth | None = None
+        if self.site_loop is not None:
+            loop = self.site_loop
+            last = loop.samples[-1] if loop.samples else None
+            imp, exp = loop.envelope(utcnow())
+            loop_health = SiteLoopHealth(
+                period_s=loop.config.period_s,
+                latency_s=loop.latency_percentiles(),
+                last_error=None if last is None else last.error,
+                import_limit_kw=imp,
+                export_limit_kw=exp,
+            )
+        return EdgeHealth(
+            uplink=uplink,
+            outbox_depth=None if outbox is None else outbox.depth,
+            outbox_dropped=0 if outbox is None else outbox.dropped,
+            site_loop=loop_health,
+            devices_available={
+                device_id: supervisor.available
+                for device_id, supervisor in sorted(self.gateway.supervisors.items())
+            },
+        )
 
     # ------------------------------------------------------------------ local → upstream
     def site_capability(self) -> DERCapability:

@@ -222,7 +222,8 @@ class SiteLoop:
         self.config = config or SiteLoopConfig()
         self.controller = SiteController(self.config)
         self._meter, self._pv, self._battery = meter, list(pv), battery
-        self._envelope = envelope
+        self.envelope = envelope
+        """Where the loop takes its limits from (the health view shows them)."""
         self._dispatch = dispatch or (lambda now: None)
         self.samples: list[LoopSample] = []
         self._keep = keep_samples
@@ -262,7 +263,7 @@ class SiteLoop:
         meter = await self._meter.read()
         pv_states = [await p.read() for p in self._pv]
         battery = await self._battery.read() if self._battery is not None else None
-        imp, exp = self._envelope(now)
+        imp, exp = self.envelope(now)
         pv_rated = sum(p.rated_kw or 0.0 for p in self._pv)
         inputs = SiteInputs(
             net_kw=meter.power_kw,

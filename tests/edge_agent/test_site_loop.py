@@ -196,6 +196,12 @@ def test_the_edge_agent_config_builds_the_site_loop(tmp_path: object) -> None:
     assert agent.site_loop is not None
     assert agent.site_loop.config.period_s == 1.0  # the default period
     assert agent.gateway.delegated == {"pv-1", "bat-1"}
+    health = agent.health()
+    assert health.uplink == "unknown"  # never tried yet
+    assert health.devices_available == {"bat-1": False, "pv-1": False}
+    assert health.site_loop is not None
+    assert health.site_loop.period_s == 1.0
+    assert health.outbox_depth is None
     wrong = {"meter": {"port": 5030}, "battery": "pv-1"}
     config = parse_config(_edge_config(tmp_path, wrong), model=EdgeAgentConfig)
     assert isinstance(config, EdgeAgentConfig)
