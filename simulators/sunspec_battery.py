@@ -11,32 +11,17 @@ charge limit (bit 0, ``InWRte``) and a discharge limit (bit 1, ``OutWRte``), bot
 The battery sits at the point of that window nearest to idle. ``InOutWRte_RvrtTms`` lifts the
 window when no control write arrives in time; ``WMaxLimPct_RvrtTms`` does the same for 123's cap.
 
-Server side uses the pymodbus 3.16 ``SimDevice``/``SimData`` API (the old datastore classes are
-deprecated). It holds the registers, but validation and dynamic values need more than static data,
-so the device's ``action`` hook does the work: on every request it refreshes the requested window
-from our own image (the source of truth, updated by the physics task), validates writes point by
-point against the SunSpec definitions (read-only point → exception 2, bad value → exception 3,
-nothing changed), and injects latency or exceptions. No private pymodbus classes are subclassed.
-
-Requests to other unit ids, within the map's address span, are answered by a catch-all device
-(id 0 in pymodbus's terms) with exception 4, as PROTOCOLS.md describes; without it pymodbus would
-answer 4 too, but only after logging a traceback for its internal ``KeyError``. Outside the span
-pymodbus answers exception 2 (illegal address) for any unit id.
+The Modbus side (the pymodbus 3.16 ``SimDevice`` action hook, write validation, fault
+injection, other unit ids) is :class:`simulators.sunspec_device.SunSpecDeviceSimulator`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Final, Self
-
-from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
+from typing import Any, Final
 
 from protocols.sunspec import (
     MODEL_BATTERY,
@@ -50,20 +35,9 @@ from protocols.sunspec import (
     MODEL_NAMEPLATE,
     MODEL_SETTINGS,
     MODEL_STORAGE,
-    ModelDef,
-    ModelLocation,
-    PointDef,
     PointValue,
-    SunSpecError,
-    build_map,
-    decode_model,
-    decode_point,
-    decode_scale_factors,
-    encode_points,
-    load_model_def,
-    not_implemented,
-    unscale,
 )
+from simulators.sunspec_device import SunSpecDeviceSimulator, fit_sf
 
 __all__ = ["LEGACY_SIM_MODELS", "SIM_MODELS", "SunSpecBatterySimulator", "serve_battery"]
 
@@ -111,15 +85,7 @@ _DER_TYPE_PV_STOR: Final = 82
 _CHA_EMPTY, _CHA_DISCHARGING, _CHA_CHARGING, _CHA_FULL, _CHA_HOLDING = 2, 3, 4, 5, 6
 
 
-def _fit_sf(max_abs: float, limit: int, base: int) -> int:
-    """Smallest scale factor ≥ ``base`` at which ``max_abs`` still fits in ``limit``."""
-    sf = base
-    while abs(unscale(max_abs, sf)) > limit:
-        sf += 1
-    return sf
-
-
-class SunSpecBatterySimulator:
+class SunSpecBatterySimulator(SunSpecDeviceSimulator):
     """A battery + inverter speaking SunSpec over Modbus/TCP.
 
     Sign conventions follow SunSpec on the wire (701 ``W`` and 704 ``WSet`` positive = injecting =
@@ -148,18 +114,14 @@ class SunSpecBatterySimulator:
         base_address: int = 40000,
         legacy: bool = False,
     ) -> None:
-        if not 1 <= unit_id <= 247:
-            raise ValueError("unit_id must be 1..247")
         if capacity_kwh <= 0 or max_charge_kw <= 0 or max_discharge_kw <= 0:
             raise ValueError("capacity and power ratings must be positive")
         if not 0 <= min_soc_pct < max_soc_pct <= 100 or not 0 <= initial_soc_pct <= 100:
             raise ValueError("need 0 <= min_soc_pct < max_soc_pct <= 100 and 0 <= soc <= 100")
-        if time_scale <= 0 or step_s <= 0:
-            raise ValueError("time_scale and step_s must be positive")
+        if time_scale <= 0:
+            raise ValueError("time_scale must be positive")
         self.legacy = legacy
         self.models: tuple[int, ...] = LEGACY_SIM_MODELS if legacy else SIM_MODELS
-        self.host = host
-        self.port = port
         self.unit_id = unit_id
         self.capacity_kwh = capacity_kwh
         self.max_charge_kw = max_charge_kw
@@ -167,14 +129,6 @@ class SunSpecBatterySimulator:
         self.min_soc_pct = min_soc_pct
         self.max_soc_pct = max_soc_pct
         self.time_scale = time_scale
-        self.step_s = step_s
-        #: Delay added before answering each request (fault injection).
-        self.latency_s = 0.0
-        #: Write requests received (accepted or not): lets tests prove nothing was written.
-        self.write_count = 0
-        #: Write requests refused with a Modbus exception.
-        self.rejected_write_count = 0
-
         self._energy_kwh = capacity_kwh * initial_soc_pct / 100
         self._power_w = 0.0  # SunSpec sign: positive = injecting (discharging)
         self._wh_injected = 0.0
@@ -182,31 +136,17 @@ class SunSpecBatterySimulator:
         self._heartbeat = 0
         self._control_written_at: float | None = None
         self._limit_written_at: float | None = None
-        self._last_step: float | None = None
-        self._pending_exceptions: list[ExcCodes] = []
-        #: Answer every write with this exception code (a unit in local mode refusing remote
-        #: control); reads still work. None: writes are handled normally.
-        self.reject_writes: int | None = None
-        self._offline = False
-        self._server: ModbusTcpServer | None = None
-        self._physics: asyncio.Task[None] | None = None
-
-        self._defs: dict[int, ModelDef] = {m: load_model_def(m) for m in self.models}
-        image = build_map(
-            [
-                (self._defs[m], v)
-                for m, v in self._initial_values(
-                    serial=serial, manufacturer=manufacturer, model_name=model_name
-                ).items()
-            ],
-            base_address=base_address,
+        initial = self._initial_values(
+            serial=serial, manufacturer=manufacturer, model_name=model_name
         )
-        self.base_address = base_address
-        self._image: list[int] = list(image.registers)
-        self._where: dict[int, ModelLocation] = {m.model_id: m for m in image.layout.models}
-        self._sfs: dict[int, dict[str, int | None]] = {
-            m: decode_scale_factors(self._defs[m], self._model_regs(m)) for m in self.models
-        }
+        super().__init__(
+            [(m, initial[m]) for m in self.models],
+            host=host,
+            port=port,
+            unit_id=unit_id,
+            base_address=base_address,
+            step_s=step_s,
+        )
         self._refresh()
 
     # ----------------------------------------------------------------------- initial map
@@ -218,12 +158,12 @@ class SunSpecBatterySimulator:
         dis_w = self.max_discharge_kw * 1000
         wmax = max(cha_w, dis_w)
         wh = self.capacity_kwh * 1000
-        w_sf_16 = _fit_sf(wmax, _INT16_MAX, 0)
-        w_sf_u16 = _fit_sf(wmax, _UINT16_MAX, 0)
-        a_sf = _fit_sf(wmax / _AC_VOLTS, _INT16_MAX, -1)
-        wh_sf = _fit_sf(wh, _UINT16_MAX, 0)
-        dc_a_sf = _fit_sf(wmax / _DC_VOLTS, _INT16_MAX, -1)
-        ah_sf = _fit_sf(wh / _DC_VOLTS, _UINT16_MAX, -1)
+        w_sf_16 = fit_sf(wmax, _INT16_MAX, 0)
+        w_sf_u16 = fit_sf(wmax, _UINT16_MAX, 0)
+        a_sf = fit_sf(wmax / _AC_VOLTS, _INT16_MAX, -1)
+        wh_sf = fit_sf(wh, _UINT16_MAX, 0)
+        dc_a_sf = fit_sf(wmax / _DC_VOLTS, _INT16_MAX, -1)
+        ah_sf = fit_sf(wh / _DC_VOLTS, _UINT16_MAX, -1)
         common: dict[str, PointValue | None] = {
             "Mn": manufacturer,
             "Md": model_name,
@@ -410,41 +350,6 @@ class SunSpecBatterySimulator:
 
     # ----------------------------------------------------------------------- image helpers
 
-    def _model_regs(self, model_id: int) -> list[int]:
-        where = self._where[model_id]
-        start = where.address - self.base_address
-        return self._image[start : start + where.size]
-
-    def _values(self, model_id: int) -> dict[str, PointValue | None]:
-        return decode_model(self._defs[model_id], self._model_regs(model_id))
-
-    def unimplement(self, model_id: int, *points: str) -> None:
-        """Show ``points`` as "not implemented" (a device variant that lacks them)."""
-        model_def = self._defs[model_id]
-        start = self._where[model_id].address - self.base_address
-        for name in points:
-            point = model_def.point(name)
-            regs = not_implemented(point)
-            self._image[start + point.offset : start + point.end] = regs
-            if point.type == "sunssf":
-                self._sfs[model_id][name] = None
-
-    def values(self, model_id: int) -> dict[str, PointValue | None]:
-        """Every point of one model as a client would decode it now."""
-        return self._values(model_id)
-
-    def _set(self, model_id: int, values: Mapping[str, PointValue | None]) -> None:
-        start = self._where[model_id].address - self.base_address
-        for offset, regs in encode_points(self._defs[model_id], values, self._sfs[model_id]):
-            self._image[start + offset : start + offset + len(regs)] = regs
-
-    def read_registers(self, address: int, count: int) -> list[int]:
-        """A snapshot of ``count`` registers at ``address`` (what a client would read now)."""
-        start = address - self.base_address
-        if start < 0 or count < 0 or start + count > len(self._image):
-            raise ValueError(f"{count} registers at {address} are outside the map")
-        return self._image[start : start + count]
-
     # ----------------------------------------------------------------------- observable state
 
     @property
@@ -459,8 +364,8 @@ class SunSpecBatterySimulator:
     @property
     def wset_enabled(self) -> bool:
         if self.legacy:
-            return self._values(MODEL_STORAGE).get("StorCtl_Mod") not in (0, None)
-        return self._values(MODEL_DER_AC_CONTROLS).get("WSetEna") == _ENABLED
+            return self.values(MODEL_STORAGE).get("StorCtl_Mod") not in (0, None)
+        return self.values(MODEL_DER_AC_CONTROLS).get("WSetEna") == _ENABLED
 
     @property
     def wset_w(self) -> float | None:
@@ -468,13 +373,9 @@ class SunSpecBatterySimulator:
         if self.legacy:
             if not self.wset_enabled:
                 return None
-            return self._legacy_window_w(self._values(MODEL_STORAGE))[1]
-        value = self._values(MODEL_DER_AC_CONTROLS).get("WSet")
+            return self._legacy_window_w(self.values(MODEL_STORAGE))[1]
+        value = self.values(MODEL_DER_AC_CONTROLS).get("WSet")
         return None if value is None else float(value)
-
-    def inject_exception(self, code: int, count: int = 1) -> None:
-        """Answer the next ``count`` requests with Modbus exception ``code``."""
-        self._pending_exceptions.extend([ExcCodes(code)] * count)
 
     # ----------------------------------------------------------------------- physics
 
@@ -493,10 +394,10 @@ class SunSpecBatterySimulator:
         return low, max(low, high)
 
     def _legacy_target_w(self) -> float:
-        ctl = self._values(MODEL_CONTROLS)
+        ctl = self.values(MODEL_CONTROLS)
         if ctl.get("Conn") == 0:
             return 0.0
-        low, high = self._legacy_window_w(self._values(MODEL_STORAGE))
+        low, high = self._legacy_window_w(self.values(MODEL_STORAGE))
         target = min(max(0.0, low), high)  # the point of the window nearest to idle
         lim_pct = ctl.get("WMaxLimPct")
         if ctl.get("WMaxLim_Ena") == _ENABLED and isinstance(lim_pct, int | float):
@@ -531,11 +432,8 @@ class SunSpecBatterySimulator:
             target = max(-limit, min(limit, target))
         return self._soc_limited(target)
 
-    def _advance(self) -> None:
+    def _step(self, now: float, dt: float) -> None:
         """Integrate energy since the last step, apply reversion, then follow the controls."""
-        now = asyncio.get_running_loop().time()
-        dt = 0.0 if self._last_step is None else now - self._last_step
-        self._last_step = now
         if dt > 0:
             hours = dt * self.time_scale / 3600
             wh = self._power_w * hours
@@ -556,21 +454,21 @@ class SunSpecBatterySimulator:
             self._revert_legacy_if_due(now)
             self._power_w = self._legacy_target_w()
         else:
-            ctl = self._values(MODEL_DER_AC_CONTROLS)
+            ctl = self.values(MODEL_DER_AC_CONTROLS)
             self._revert_if_due(ctl, now)
             self._power_w = self._target_w(ctl)
         self._refresh()
 
     def _revert_legacy_if_due(self, now: float) -> None:
         """Legacy reversion: the 124 window and the 123 cap each lapse after their timeout."""
-        stor = self._values(MODEL_STORAGE)
+        stor = self.values(MODEL_STORAGE)
         tms = stor.get("InOutWRte_RvrtTms")
         written = self._control_written_at
         if written is not None and isinstance(tms, int) and tms > 0 and now - written >= tms:
             self._set(MODEL_STORAGE, {"StorCtl_Mod": 0})
             self._control_written_at = None
             log.info("simulated battery %s: storage window lapsed after %s s", self.port, tms)
-        ctl = self._values(MODEL_CONTROLS)
+        ctl = self.values(MODEL_CONTROLS)
         tms = ctl.get("WMaxLimPct_RvrtTms")
         written = self._limit_written_at
         if written is not None and isinstance(tms, int) and tms > 0 and now - written >= tms:
@@ -675,102 +573,34 @@ class SunSpecBatterySimulator:
             },
         )
 
-    async def _run_physics(self) -> None:
-        while True:
-            await asyncio.sleep(self.step_s)
-            self._advance()
-
-    # ----------------------------------------------------------------------- Modbus side
-
-    async def _action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        """pymodbus hook for every request to our unit id (see the module docstring)."""
-        if self.latency_s > 0:
-            await asyncio.sleep(self.latency_s)
-        writing = set_values is not None and function_code in _WRITE_FCS
-        if writing:
-            self.write_count += 1
-        if self._pending_exceptions:
-            if writing:
-                self.rejected_write_count += 1
-            return self._pending_exceptions.pop(0)
-        if writing and self.reject_writes is not None:
-            self.rejected_write_count += 1
-            return ExcCodes(self.reject_writes)
-        if function_code not in _READ_FCS | _WRITE_FCS:
-            return ExcCodes.ILLEGAL_FUNCTION
-        if writing:
-            code = self._write(address, [int(v) for v in set_values or ()])
-            if code is not None:
-                self.rejected_write_count += 1
-                return code
-            return None
-        base = address - start_address
-        registers[base : base + count] = self.read_registers(address, count)
-        return None
-
-    def _write(self, address: int, values: list[int]) -> ExcCodes | None:
-        """Validate and apply one write; on any refusal nothing changes."""
-        end = address + len(values)
-        where = next((m for m in self._where.values() if m.address <= address < m.end), None)
-        if where is None or end > where.end:
-            return ExcCodes.ILLEGAL_ADDRESS
-        model_def = self._defs[where.model_id]
-        rel, rel_end = address - where.address, end - where.address
-        touched = [p for p in model_def.points.values() if p.offset < rel_end and p.end > rel]
-        if any(not p.writable or p.offset < rel or p.end > rel_end for p in touched):
-            return ExcCodes.ILLEGAL_ADDRESS
-        block = self._model_regs(where.model_id)
-        block[rel:rel_end] = values
-        if not self._valid(model_def, block, touched):
-            return ExcCodes.ILLEGAL_VALUE
-        start = where.address - self.base_address
-        self._image[start : start + where.size] = block
-        now = asyncio.get_running_loop().time()
-        if where.model_id in (MODEL_DER_AC_CONTROLS, MODEL_STORAGE):
+    def _written(self, model_id: int, now: float) -> None:
+        if model_id in (MODEL_DER_AC_CONTROLS, MODEL_STORAGE):
             self._control_written_at = now
-            self._advance()
-        elif where.model_id == MODEL_CONTROLS:
+        elif model_id == MODEL_CONTROLS:
             self._limit_written_at = now
-            self._advance()
-        return None
 
-    def _valid(self, model_def: ModelDef, block: list[int], touched: list[PointDef]) -> bool:
-        try:
-            values = decode_model(model_def, block, sfs=self._sfs[model_def.model_id])
-        except SunSpecError:
-            return False
-        for point in touched:
-            value = values.get(point.name)
-            if point.type == "string":
-                continue
-            if value is None:
-                return False  # "not implemented" is not a setting
-            raw = decode_point(point, block[point.offset : point.end])
-            is_enum = point.type.startswith("enum") and bool(point.symbols)
-            if is_enum and raw not in point.symbols.values():
+    def _check(
+        self, model_id: int, values: Mapping[str, PointValue | None], names: set[str]
+    ) -> bool:
+        model_def = self._defs[model_id]
+        for name in names:
+            rating = model_def.points.get(name + "Rtg")
+            value, limit = values.get(name), None if rating is None else values.get(rating.name)
+            if (
+                not name.endswith("Min")
+                and isinstance(value, int | float)
+                and isinstance(limit, int | float)
+                and float(value) > float(limit)
+            ):
                 return False
-            rating = model_def.points.get(point.name + "Rtg")
-            if rating is not None and not point.name.endswith("Min"):
-                limit = values.get(rating.name)
-                if isinstance(limit, int | float) and float(value) > float(limit):
-                    return False
-        names = {p.name for p in touched}
-        if model_def.model_id == MODEL_STORAGE:
+        if model_id == MODEL_STORAGE:
             for name in ("InWRte", "OutWRte"):
                 if name in names and abs(float(values[name] or 0)) > 100:
                     return False
         cap = float(values.get("WMaxLimPct") or 0)
-        if model_def.model_id == MODEL_CONTROLS and "WMaxLimPct" in names and not 0 <= cap <= 100:
+        if model_id == MODEL_CONTROLS and "WMaxLimPct" in names and not 0 <= cap <= 100:
             return False
-        if model_def.model_id == MODEL_DER_AC_CONTROLS:
+        if model_id == MODEL_DER_AC_CONTROLS:
             for name in ("WSet", "WSetRvrt"):
                 if name in names:
                     watts = float(values[name] or 0)
@@ -783,104 +613,6 @@ class SunSpecBatterySimulator:
                 if name in names and not 0 <= float(values[name] or 0) <= 100:
                     return False
         return True
-
-    async def _reject_unknown_unit(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        return ExcCodes.DEVICE_FAILURE
-
-    def _devices(self) -> list[SimDevice]:
-        ours = SimDevice(
-            id=self.unit_id,
-            simdata=SimData(
-                address=self.base_address,
-                count=len(self._image),
-                values=0,
-                datatype=DataType.REGISTERS,
-            ),
-            action=self._action,
-        )
-        others = SimDevice(
-            id=0,
-            # Same span as our map: small (a full 64 Ki-register block would cost ~1 MB per
-            # simulator), and outside it pymodbus answers 2 before any action runs.
-            simdata=SimData(
-                address=self.base_address,
-                count=len(self._image),
-                values=0,
-                datatype=DataType.REGISTERS,
-            ),
-            action=self._reject_unknown_unit,
-        )
-        return [ours, others]
-
-    async def _listen(self) -> None:
-        server = ModbusTcpServer(self._devices(), address=(self.host, self.port))
-        await server.serve_forever(background=True)
-        self._server = server
-        # After listen() pymodbus's transport is the asyncio.Server: ask it for the bound port.
-        sockets = getattr(server.transport, "sockets", None) or ()
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
-
-    async def _unlisten(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            # close() closes the listening socket and every open connection (it is what
-            # shutdown() does, minus resolving serve_forever's future, which we do not await).
-            server.close()
-
-    # ----------------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
-        """Listen (``port`` is the bound port afterwards) and start the physics task."""
-        if self._physics is not None:
-            return
-        self._advance()
-        await self._listen()
-        self._physics = asyncio.create_task(self._run_physics(), name=f"sunspec-sim-{self.port}")
-
-    async def stop(self) -> None:
-        """Stop serving and stop the physics task; safe to call twice or while cancelled."""
-        task, self._physics = self._physics, None
-        try:
-            await self._unlisten()
-        finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def set_offline(self, offline: bool) -> None:
-        """Drop off the network (close listener and connections), or come back on the same port.
-
-        Physics keeps running while offline, as a real battery would.
-        """
-        if offline == self._offline:
-            return
-        self._offline = offline
-        if offline:
-            await self._unlisten()
-        elif self._physics is not None:
-            await self._listen()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def serve_battery(port: int, **kwargs: Any) -> None:

@@ -8,8 +8,19 @@ nothing changed), and injects latency, exceptions or refusals. Other unit ids ge
 
 A subclass supplies the physics (:meth:`SunSpecDeviceSimulator._step`), extra write checks
 (:meth:`SunSpecDeviceSimulator._check`) and what a control write starts
-(:meth:`SunSpecDeviceSimulator._written`). The battery simulator predates this class and keeps its
-own copy of the same machinery.
+(:meth:`SunSpecDeviceSimulator._written`): the battery, PV inverter and site meter simulators.
+
+Server side uses the pymodbus 3.16 ``SimDevice``/``SimData`` API (the old datastore classes are
+deprecated). It holds the registers, but validation and dynamic values need more than static data,
+so the device's ``action`` hook does the work: on every request it refreshes the requested window
+from our own image (the source of truth, updated by the physics task), validates writes point by
+point against the SunSpec definitions (read-only point → exception 2, bad value → exception 3,
+nothing changed), and injects latency or exceptions. No private pymodbus classes are subclassed.
+
+Requests to other unit ids, within the map's address span, are answered by a catch-all device
+(id 0 in pymodbus's terms) with exception 4, as PROTOCOLS.md describes; without it pymodbus would
+answer 4 too, but only after logging a traceback for its internal ``KeyError``. Outside the span
+pymodbus answers exception 2 (illegal address) for any unit id.
 """
 
 from __future__ import annotations
