@@ -166,3 +166,36 @@ def test_kill_9_mid_write_loses_nothing_acknowledged_and_numbers_stay_contiguous
         assert len(stored) - len(set(acknowledged)) <= 3
     check = sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()
     assert check == ("ok",)
+
+
+class Crash(BaseException):
+    """The process dying between the uplink taking a record and the outbox forgetting it."""
+
+
+async def test_a_crash_between_send_and_ack_resends_once_and_the_receiver_drops_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "out.sqlite"
+    rx = InOrderReceiver()
+    with Outbox(path) as box:
+        for i in range(10):
+            box.append("events", f"{i}".encode())
+
+        async def send_then_die(record: Record, floor: int) -> None:
+            rx.receive(record, floor)
+            if record.seq == 5:
+                raise Crash
+
+        with pytest.raises(Crash):
+            await Forwarder(box, send_then_die).run()
+    with Outbox(path) as box:  # the restart: record 5 is still there, unacknowledged
+        assert box.pending("events")[0].seq == 5
+
+        async def send(record: Record, floor: int) -> None:
+            rx.receive(record, floor)
+
+        forwarder = Forwarder(box, send)
+        while box.depth:
+            await forwarder.drain_once()
+    assert [r.seq for r in rx.delivered] == list(range(1, 11))
+    assert rx.duplicates >= 1
