@@ -17,7 +17,9 @@ the battery, infers the load it does not control (meter − PV − battery), and
 
 :class:`SiteController` is the control law, pure (measurements and time step in, actions out);
 :class:`SiteLoop` runs it against adapters. The PV cap carries no reversion timer: if this loop
-dies the limit must still hold, so the inverters stay capped until told otherwise.
+dies the limit must still hold, so the inverters stay capped until told otherwise. A period in which
+the loop cannot read the site (the meter is gone) caps the PV at the export limit itself, which
+holds whatever the load and the battery do.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from unified.model import (
 __all__ = [
     "Curtailable",
     "LoopSample",
+    "ReconnectingMeter",
     "SiteController",
     "SiteInputs",
     "SiteLoop",
@@ -250,10 +253,16 @@ class SiteLoop:
         try:
             sample = await self._step(now, dt, started)
         except AdapterError as exc:
-            # A device we cannot read this period: keep the last commands (the caps hold by
-            # themselves), say so, try again next period.
+            # Blind this period: nothing says what the load or the battery absorb, so the PV
+            # may make no more than the export limit itself (safe whatever else happens), and
+            # the battery keeps its last setpoint until its own reversion timer.
             log.warning("site loop: %s", exc)
-            sample = LoopSample(now, math.nan, None, time.monotonic() - started, str(exc))
+            error = f"{type(exc).__name__}: {exc}"
+            try:
+                await self._fail_safe(now)
+            except AdapterError as also:
+                error += f"; fail-safe cap not written: {also}"
+            sample = LoopSample(now, math.nan, None, time.monotonic() - started, error)
         self.samples.append(sample)
         if len(self.samples) > self._keep:
             del self.samples[: len(self.samples) - self._keep]
@@ -280,6 +289,15 @@ class SiteLoop:
         await self._write_pv(out.pv_cap_kw, pv_rated)
         await self._write_battery(out.battery_kw)
         return LoopSample(now, meter.power_kw, out, time.monotonic() - started)
+
+    async def _fail_safe(self, now: datetime) -> None:
+        _, exp = self.envelope(now)
+        if exp is None or not self._pv:
+            return
+        cap = max(0.0, exp - self.config.margin_kw)
+        if self.controller.pv_cap_kw is None or self.controller.pv_cap_kw > cap:
+            self.controller.pv_cap_kw = cap
+            await self._write_pv(cap, sum(p.rated_kw or 0.0 for p in self._pv))
 
     async def _write_pv(self, cap_kw: float | None, rated_kw: float) -> None:
         for pv in self._pv:

@@ -15,6 +15,7 @@ from adapters.sunspec.pv_inverter import SunSpecPvInverter
 from adapters.sunspec.site_meter import SunSpecSiteMeter
 from edge_agent.site_loop import (
     Curtailable,
+    ReconnectingMeter,
     SiteController,
     SiteInputs,
     SiteLoop,
@@ -209,3 +210,41 @@ def test_the_edge_agent_config_builds_the_site_loop(tmp_path: object) -> None:
         build_edge_agent(config)
     with pytest.raises(ConfigError):
         parse_config(_edge_config(tmp_path, {"battery": "bat-1"}), model=EdgeAgentConfig)
+
+
+async def test_a_blind_loop_caps_pv_at_the_export_limit_and_recovers(site: Site) -> None:
+    meter = ReconnectingMeter(
+        SunSpecSiteMeter("meter", SunSpecEndpoint(port=site.meter.port, timeout_s=0.3))
+    )
+    pv = SunSpecPvInverter("pv", SunSpecEndpoint(port=site.pv.port, timeout_s=0.5))
+    battery = SunSpecBattery("bat", SunSpecEndpoint(port=site.battery.port, timeout_s=0.5))
+    await pv.connect()
+    await battery.connect()
+    config = SiteLoopConfig(period_s=0.2, battery_ramp_kw_per_s=4.0, pv_ramp_kw_per_s=4.0)
+    loop = SiteLoop(meter, [pv], battery, lambda now: (None, 2.0), config=config)
+    task = asyncio.create_task(loop.run())
+    try:
+        await asyncio.sleep(1.0)
+        assert site.pv.limit_pct is not None
+        assert site.pv.limit_pct > 1.9 / 8.0 * 100 + 1  # the battery absorbs: the cap is higher
+        await site.meter.set_offline(True)
+        for _ in range(100):
+            if loop.samples[-1].error is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert loop.samples[-1].error is not None
+        # Blind: the PV may make no more than the export limit (less the margin) on its own.
+        assert site.pv.limit_pct == pytest.approx(1.9 / 8.0 * 100, abs=0.1)
+        await site.meter.set_offline(False)
+        for _ in range(100):
+            if loop.samples[-1].error is None and site.pv.limit_pct > 1.9 / 8.0 * 100 + 1:
+                break
+            await asyncio.sleep(0.05)
+        assert loop.samples[-1].error is None, "the meter is read again"
+        assert site.pv.limit_pct > 1.9 / 8.0 * 100 + 1, "and the cap follows the site again"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await meter.close()
+        await pv.close()
+        await battery.close()
