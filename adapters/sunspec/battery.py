@@ -469,7 +469,8 @@ class SunSpecBattery(SunSpecConnection):
         storage, sfs = _storage(found)
         if command.power_kw is None:
             await self._write_limit(found, command.export_limit_kw, command.import_limit_kw)
-            await self._write_points(storage, _M124, {"StorCtl_Mod": 0}, {})
+            if found.no_setpoint is None:  # a device that cannot take one has none to release
+                await self._write_points(storage, _M124, {"StorCtl_Mod": 0}, {})
             self._setpoint = _Setpoint(None, time.monotonic() + self._endpoint.setpoint_revert_s)
             return
         power_kw = self._checked_kw(found, command.power_kw)

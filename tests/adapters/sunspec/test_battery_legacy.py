@@ -149,6 +149,8 @@ async def test_a_setpoint_the_device_cannot_take_fails_honestly(
         with pytest.raises(DeviceRejected, match="OutWRte"):
             await adapter.apply(cmd(-1.0))
         assert sim.write_count == writes
+        await adapter.apply(cmd(None))  # releasing it is not an error, and writes nothing
+        assert sim.write_count == writes
     finally:
         await adapter.close()
 
