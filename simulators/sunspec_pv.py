@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from protocols.sunspec import (
+    LEGACY_INVERTER_MODELS,
     MODEL_COMMON,
     MODEL_CONTROLS,
     MODEL_DER_AC_CONTROLS,
@@ -51,6 +52,7 @@ DER_PV_MODELS: Final = (
     MODEL_DER_AC_CONTROLS,
     MODEL_DER_CONTROL,
 )
+_FLOAT_MODELS: Final = frozenset({111, 112, 113})
 LEGACY_PV_MODELS: Final = (
     MODEL_COMMON,
     MODEL_INVERTER_3PH,
@@ -118,6 +120,7 @@ class SunSpecPvSimulator(SunSpecDeviceSimulator):
         rated_kw: float = 5.0,
         profile: IrradianceProfile | None = None,
         legacy: bool = False,
+        legacy_model: int = MODEL_INVERTER_3PH,
         host: str = "127.0.0.1",
         port: int = 0,
         unit_id: int = 1,
@@ -129,7 +132,11 @@ class SunSpecPvSimulator(SunSpecDeviceSimulator):
             raise ValueError("rated_kw must be positive")
         self.rated_kw = rated_kw
         self.profile = profile or IrradianceProfile()
+        if legacy_model not in LEGACY_INVERTER_MODELS:
+            raise ValueError(f"legacy_model must be one of {LEGACY_INVERTER_MODELS}")
         self.legacy = legacy
+        self.measurement = legacy_model if legacy else MODEL_DER_MEASURE_AC
+        self._float = legacy and legacy_model in _FLOAT_MODELS
         self._power_w = 0.0
         self._available_w = 0.0
         self._wh = 0.0
@@ -158,23 +165,26 @@ class SunSpecPvSimulator(SunSpecDeviceSimulator):
             "DA": 1,
         }
         if self.legacy:
+            scale_factors: dict[str, PointValue | None] = {
+                "A_SF": a_sf,
+                "V_SF": -1,
+                "W_SF": w_sf,
+                "Hz_SF": -2,
+                "VA_SF": w_sf,
+                "VAr_SF": w_sf,
+                "PF_SF": -1,
+                "WH_SF": 0,
+            }
+            measured: dict[str, PointValue | None] = {
+                "PhVphA": _AC_VOLTS,
+                "Hz": _HZ,
+                "VAr": 0,
+                "PF": 100.0,
+                "Evt1": 0,
+            }
             return {
                 MODEL_COMMON: common,
-                MODEL_INVERTER_3PH: {
-                    "A_SF": a_sf,
-                    "V_SF": -1,
-                    "W_SF": w_sf,
-                    "Hz_SF": -2,
-                    "VA_SF": w_sf,
-                    "VAr_SF": w_sf,
-                    "PF_SF": -1,
-                    "WH_SF": 0,
-                    "PhVphA": _AC_VOLTS,
-                    "Hz": _HZ,
-                    "VAr": 0,
-                    "PF": 100.0,
-                    "Evt1": 0,
-                },
+                self.measurement: measured if self._float else scale_factors | measured,
                 MODEL_NAMEPLATE: {"DERTyp": _DER_TYPE_PV, "WRtg_SF": wu_sf, "WRtg": wmax},
                 MODEL_SETTINGS: {"WMax_SF": wu_sf, "WMax": wmax},
                 MODEL_STATUS: {"WAval_SF": wu_sf, "PVConn": _PV_CONNECTED_AVAILABLE_OPERATING},
@@ -337,7 +347,7 @@ class SunSpecPvSimulator(SunSpecDeviceSimulator):
         if self.legacy:
             state = _ST_THROTTLED if throttled else (_ST_MPPT if w else _ST_STANDBY)
             self._set(
-                MODEL_INVERTER_3PH,
+                self.measurement,
                 {
                     "W": w,
                     "VA": w,

@@ -125,3 +125,37 @@ async def test_a_map_without_controls_refuses_a_cap_but_reads() -> None:
             assert sim.write_count == 0
         finally:
             await pv.close()
+
+
+@pytest.mark.parametrize("model", [101, 113])
+async def test_other_legacy_measurement_models(model: int) -> None:
+    profile = IrradianceProfile(clear_sky_pu=0.5)
+    async with SunSpecPvSimulator(
+        rated_kw=5.0, profile=profile, legacy=True, legacy_model=model, step_s=0.02
+    ) as sim:
+        pv = SunSpecPvInverter("pv-1", SunSpecEndpoint(port=sim.port, timeout_s=0.5))
+        await pv.connect()
+        try:
+            assert pv.layout is not None
+            assert model in pv.layout.model_ids
+            await eventually(lambda: sim.power_kw == -2.5)
+            assert (await pv.read()).power_kw == -2.5  # float32 W (113) or W × 10^W_SF (101)
+            await pv.apply(cmd(export_limit_kw=1.0))
+            await eventually(lambda: sim.power_kw == -1.0)
+            assert (await pv.read()).power_kw == -1.0
+        finally:
+            await pv.close()
+
+
+async def test_legacy_disconnect_reverts_with_conn_rvrttms() -> None:
+    async with SunSpecPvSimulator(rated_kw=5.0, legacy=True, step_s=0.02) as sim:
+        pv = SunSpecPvInverter("pv-1", SunSpecEndpoint(port=sim.port, timeout_s=0.5))
+        await pv.connect()
+        try:
+            await pv.set_connected(False, revert_s=1)
+            assert sim.read_registers(sim.address_of(123, "Conn_WinTms"), 3) == [0, 1, 0]
+            await eventually(lambda: sim.power_kw == 0.0)
+            await eventually(lambda: sim.power_kw == -5.0, within_s=3.0)  # back by itself
+            assert sim.connected
+        finally:
+            await pv.close()
