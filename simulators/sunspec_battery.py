@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from protocols.sunspec import (
+    LEGACY_INVERTER_MODELS,
     MODEL_BATTERY,
     MODEL_COMMON,
     MODEL_CONTROLS,
@@ -113,6 +114,7 @@ class SunSpecBatterySimulator(SunSpecDeviceSimulator):
         model_name: str = "SunSpec Battery",
         base_address: int = 40000,
         legacy: bool = False,
+        legacy_model: int = MODEL_INVERTER_3PH,
     ) -> None:
         if capacity_kwh <= 0 or max_charge_kw <= 0 or max_discharge_kw <= 0:
             raise ValueError("capacity and power ratings must be positive")
@@ -121,7 +123,14 @@ class SunSpecBatterySimulator(SunSpecDeviceSimulator):
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
         self.legacy = legacy
-        self.models: tuple[int, ...] = LEGACY_SIM_MODELS if legacy else SIM_MODELS
+        if legacy_model not in LEGACY_INVERTER_MODELS:
+            raise ValueError(f"legacy_model must be one of {LEGACY_INVERTER_MODELS}")
+        self.measurement = legacy_model
+        self.models: tuple[int, ...] = (
+            tuple(legacy_model if m == MODEL_INVERTER_3PH else m for m in LEGACY_SIM_MODELS)
+            if legacy
+            else SIM_MODELS
+        )
         self.unit_id = unit_id
         self.capacity_kwh = capacity_kwh
         self.max_charge_kw = max_charge_kw
@@ -174,15 +183,21 @@ class SunSpecBatterySimulator(SunSpecDeviceSimulator):
         if self.legacy:
             return {
                 MODEL_COMMON: common,
-                MODEL_INVERTER_3PH: {
-                    "A_SF": a_sf,
-                    "V_SF": -1,
-                    "W_SF": w_sf_16,
-                    "Hz_SF": -2,
-                    "VA_SF": w_sf_16,
-                    "VAr_SF": w_sf_16,
-                    "PF_SF": -1,
-                    "WH_SF": 0,
+                self.measurement: {
+                    **(
+                        {}
+                        if self.measurement in (111, 112, 113)  # float32: no scale factors
+                        else {
+                            "A_SF": a_sf,
+                            "V_SF": -1,
+                            "W_SF": w_sf_16,
+                            "Hz_SF": -2,
+                            "VA_SF": w_sf_16,
+                            "VAr_SF": w_sf_16,
+                            "PF_SF": -1,
+                            "WH_SF": 0,
+                        }
+                    ),
                     "PhVphA": _AC_VOLTS,
                     "Hz": _HZ,
                     "VAr": 0,
@@ -517,7 +532,7 @@ class SunSpecBatterySimulator(SunSpecDeviceSimulator):
         low_kwh = self.capacity_kwh * self.min_soc_pct / 100
         if self.legacy:
             self._set(
-                MODEL_INVERTER_3PH,
+                self.measurement,
                 {
                     "W": round(w),
                     "VA": round(abs(w)),

@@ -163,3 +163,26 @@ async def test_a_legacy_map_without_storage_is_refused_by_name() -> None:
         adapter = SunSpecBattery("bat-1", endpoint(sim))
         with pytest.raises(DeviceProtocolError, match="124"):
             await adapter.connect()
+
+
+@pytest.mark.parametrize("model", [101, 113])
+async def test_other_legacy_measurement_models(model: int) -> None:
+    async with SunSpecBatterySimulator(
+        port=0,
+        legacy=True,
+        legacy_model=model,
+        max_charge_kw=3.0,
+        max_discharge_kw=3.0,
+        step_s=0.02,
+    ) as sim:
+        adapter = SunSpecBattery("bat-1", endpoint(sim))
+        await adapter.connect()
+        try:
+            assert adapter.layout is not None
+            assert model in adapter.layout.model_ids
+            # 1.5 kW is 50.0 % of WChaMax 3 kW (2.5 kW would be 83.3 %: 2499 W at 0.1 %).
+            await adapter.apply(cmd(-1.5))
+            await eventually(lambda: sim.power_kw == -1.5)
+            assert (await adapter.read()).power_kw == -1.5  # float32 W or W × 10^W_SF
+        finally:
+            await adapter.close()
