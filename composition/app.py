@@ -212,5 +212,8 @@ def build_edge_agent(
     """The site deployment: the gateway process its config describes, plus the upstream
     2030.5 client that takes the utility's limits into its command book."""
     return EdgeAgent(
-        config.upstream_sep2, GatewayApp(config, adapters=adapters), site_loop=config.site_loop
+        config.upstream_sep2,
+        GatewayApp(config, adapters=adapters),
+        site_loop=config.site_loop,
+        uplink=config.uplink_mqtt,
     )

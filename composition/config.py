@@ -23,7 +23,7 @@ from adapters.operator.config import OperatorConfig
 from adapters.sep2_der.der import Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2ServerConfig
 from adapters.sunspec.battery import SunSpecEndpoint
-from edge_agent.agent import UpstreamSep2Config
+from edge_agent.agent import UplinkMqttConfig, UpstreamSep2Config
 from edge_agent.site_loop import SiteLoopSettings
 from gateway.config import CoreConfig
 from unified.config import ConfigError, describe_errors, rebase
@@ -274,6 +274,9 @@ class EdgeAgentConfig(GatewayConfig):
     site_loop: SiteLoopSettings | None = Field(
         default=None, description="The metered site loop (meter at the connection point)"
     )
+    uplink_mqtt: UplinkMqttConfig | None = Field(
+        default=None, description="The head end's broker and the store-and-forward outbox"
+    )
 
     def relative_to(self, base: Path) -> Self:
         config = super().relative_to(base)
@@ -283,7 +286,16 @@ class EdgeAgentConfig(GatewayConfig):
             update["tls"] = upstream.tls.model_copy(
                 update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
             )
-        return config.model_copy(update={"upstream_sep2": upstream.model_copy(update=update)})
+        changes: dict[str, object] = {"upstream_sep2": upstream.model_copy(update=update)}
+        uplink = config.uplink_mqtt
+        if uplink is not None:
+            moved: dict[str, object] = dict(rebase(base, uplink, "outbox_path"))
+            if uplink.tls is not None:
+                moved["tls"] = uplink.tls.model_copy(
+                    update=rebase(base, uplink.tls, "cert_file", "key_file", "ca_file")
+                )
+            changes["uplink_mqtt"] = uplink.model_copy(update=moved)
+        return config.model_copy(update=changes)
 
 
 def parse_config(

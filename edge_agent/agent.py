@@ -18,6 +18,7 @@ persists the DefaultDERControl so a restart during comms loss still honours it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,8 +34,9 @@ from adapters.sep2_client.client import (
     Sep2ClientConfig,
     TelemetrySample,
 )
-from edge_agent.outbox import Outbox
-from edge_agent.site_loop import SiteLoop, SiteLoopSettings, build_site_loop
+from edge_agent.outbox import Forwarder, FullPolicy, Outbox, OutboxFull
+from edge_agent.site_loop import LoopSample, SiteLoop, SiteLoopSettings, build_site_loop
+from edge_agent.uplink import MqttUplink
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
 from gateway.core import Gateway
@@ -101,6 +103,19 @@ class UpstreamSep2Config(Section):
     backoff_max_s: float = Field(default=300.0, gt=0)
 
 
+class UplinkMqttConfig(Section):
+    """``[uplink_mqtt]``: the head end's broker, and the outbox that buffers for it."""
+
+    host: str
+    port: int = Field(default=8883, ge=1, le=65535)
+    site_id: Identifier
+    tls: Sep2TlsFiles | None = Field(default=None, description="Mutual TLS (required in the field)")
+    outbox_path: Path = Path("edge-outbox.sqlite")
+    max_records: int = Field(default=100_000, ge=1)
+    full_policy: FullPolicy = FullPolicy.DROP_OLDEST
+    backfill_per_s: float = Field(default=50.0, gt=0)
+
+
 class SiteLoopHealth(Section):
     period_s: float
     latency_s: dict[str, float] = Field(description="Loop step duration percentiles")
@@ -151,6 +166,7 @@ class EdgeAgent:
         host: HostedCore,
         *,
         site_loop: SiteLoopSettings | None = None,
+        uplink: UplinkMqttConfig | None = None,
     ) -> None:
         self.upstream = upstream
         self.host = host
@@ -164,6 +180,11 @@ class EdgeAgent:
             self.site_loop = build_site_loop(
                 self.gateway, site_loop, site_loop.group or upstream.site_group
             )
+        self.outbox: Outbox | None = None
+        self.uplink: MqttUplink | None = None
+        self.forwarder: Forwarder | None = None
+        if uplink is not None:
+            self._open_uplink(uplink)
         ssl_context = None
         lfdi = upstream.lfdi
         if upstream.tls is not None:
@@ -200,6 +221,32 @@ class EdgeAgent:
         """kind ("envelope" / "target") → command id currently standing for the utility."""
         self.last_controls: EffectiveControls | None = None
 
+    def _open_uplink(self, config: UplinkMqttConfig) -> None:
+        """Acks and the site loop's samples go to the head end through the durable outbox."""
+        tls = None
+        if config.tls is not None:
+            from protocols.tls import broker_client_context
+
+            tls = broker_client_context(
+                ca_file=config.tls.ca_file,
+                cert_file=config.tls.cert_file,
+                key_file=config.tls.key_file,
+            )
+        outbox = Outbox(
+            config.outbox_path, max_records=config.max_records, policy=config.full_policy
+        )
+        self.outbox = outbox
+        self.uplink = MqttUplink(config.host, config.port, config.site_id, tls_context=tls)
+        self.forwarder = Forwarder(outbox, self.uplink.send, backfill_per_s=config.backfill_per_s)
+
+        def keep(stream: str, payload: bytes) -> None:
+            with contextlib.suppress(OutboxFull):  # counted and logged by the outbox
+                outbox.append(stream, payload)
+
+        self.gateway.ack_listeners.append(lambda ack: keep("acks", ack.model_dump_json().encode()))
+        if self.site_loop is not None:
+            self.site_loop.on_sample = lambda sample: keep("site", _sample_json(sample))
+
     @property
     def _site(self) -> Target:
         return Target(group_id=self.upstream.site_group)
@@ -210,6 +257,9 @@ class EdgeAgent:
             await self.host.ready.wait()
             if self.site_loop is not None:
                 tg.create_task(self.site_loop.run(), name="edge-site-loop")
+            if self.uplink is not None and self.forwarder is not None:
+                tg.create_task(self.uplink.run(), name="edge-uplink")
+                tg.create_task(self.forwarder.run(), name="edge-outbox")
             async with self.client:
                 await wait_inside_task_group()
 
@@ -273,7 +323,8 @@ class EdgeAgent:
         return ack.state
 
     # ------------------------------------------------------------------ health
-    def health(self, outbox: Outbox | None = None) -> EdgeHealth:
+    def health(self) -> EdgeHealth:
+        outbox = self.outbox
         reachable = self.client.reachable
         uplink: Literal["up", "down", "unknown"] = (
             "unknown" if reachable is None else "up" if reachable else "down"
@@ -345,3 +396,17 @@ class EdgeAgent:
                     site_kw=telemetry.power_kw, der_kw=telemetry.power_kw, timestamp=now
                 )
         return TelemetrySample(timestamp=now)
+
+
+def _sample_json(sample: LoopSample) -> bytes:
+    out = sample.outputs
+    return json.dumps(
+        {
+            "at": sample.at.isoformat(),
+            "net_kw": None if sample.net_kw != sample.net_kw else sample.net_kw,  # NaN: blind
+            "battery_kw": None if out is None else out.battery_kw,
+            "pv_cap_kw": None if out is None else out.pv_cap_kw,
+            "load_kw": None if out is None else out.load_kw,
+            "error": sample.error,
+        }
+    ).encode()

@@ -221,6 +221,7 @@ class SiteLoop:
         dispatch: DispatchSource | None = None,
         config: SiteLoopConfig | None = None,
         keep_samples: int = 3600,
+        on_sample: Callable[[LoopSample], None] | None = None,
     ) -> None:
         self.config = config or SiteLoopConfig()
         self.controller = SiteController(self.config)
@@ -229,6 +230,8 @@ class SiteLoop:
         """Where the loop takes its limits from (the health view shows them)."""
         self._dispatch = dispatch or (lambda now: None)
         self.samples: list[LoopSample] = []
+        self.on_sample = on_sample
+        """Told of every period's sample (the edge agent puts them in its outbox)."""
         self._keep = keep_samples
         self._written_battery: float | None = None
         self._written_caps: dict[str, float | None] = {}
@@ -264,6 +267,8 @@ class SiteLoop:
                 error += f"; fail-safe cap not written: {also}"
             sample = LoopSample(now, math.nan, None, time.monotonic() - started, error)
         self.samples.append(sample)
+        if self.on_sample is not None:
+            self.on_sample(sample)
         if len(self.samples) > self._keep:
             del self.samples[: len(self.samples) - self._keep]
         return sample

@@ -15,6 +15,7 @@ from adapters.sunspec.pv_inverter import SunSpecPvInverter
 from adapters.sunspec.site_meter import SunSpecSiteMeter
 from edge_agent.site_loop import (
     Curtailable,
+    LoopSample,
     ReconnectingMeter,
     SiteController,
     SiteInputs,
@@ -24,6 +25,7 @@ from edge_agent.site_loop import (
 from simulators.site_meter import SiteLoadProfile, SiteMeterSimulator
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from simulators.sunspec_pv import CloudStep, IrradianceProfile, SunSpecPvSimulator
+from unified.model import utcnow
 
 
 def inputs(**over: float | None) -> SiteInputs:
@@ -203,6 +205,26 @@ def test_the_edge_agent_config_builds_the_site_loop(tmp_path: object) -> None:
     assert health.site_loop is not None
     assert health.site_loop.period_s == 1.0
     assert health.outbox_depth is None
+    # With an uplink, the loop's samples (and the acks) go to the durable outbox.
+    data = _edge_config(tmp_path, settings) | {
+        "uplink_mqtt": {
+            "host": "127.0.0.1",
+            "port": 1883,
+            "site_id": "site-1",
+            "outbox_path": f"{tmp_path}/outbox.sqlite",
+        }
+    }
+    config = parse_config(data, model=EdgeAgentConfig)
+    assert isinstance(config, EdgeAgentConfig)
+    agent = build_edge_agent(config)
+    assert agent.site_loop is not None
+    assert agent.site_loop.on_sample is not None
+    agent.site_loop.on_sample(LoopSample(utcnow(), -1.5, None, 0.002))
+    assert agent.outbox is not None
+    (record,) = agent.outbox.pending("site")
+    assert b'"net_kw": -1.5' in record.payload
+    assert agent.health().outbox_depth == 1
+    agent.outbox.close()
     wrong = {"meter": {"port": 5030}, "battery": "pv-1"}
     config = parse_config(_edge_config(tmp_path, wrong), model=EdgeAgentConfig)
     assert isinstance(config, EdgeAgentConfig)
