@@ -37,6 +37,7 @@ from pydantic import Field
 
 from adapters.sunspec.connection import SunSpecEndpoint
 from adapters.sunspec.site_meter import SunSpecSiteMeter
+from gateway.audit import AuditKind
 from gateway.core import Gateway
 from gateway.devices import AdapterError, DeviceUnavailable
 from unified.config import Section
@@ -67,6 +68,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+SITE_LOOP_SOURCE = "edge-site-loop"
+"""Who wrote, in the audit log, when the site loop drives a device."""
 
 
 class SiteLoopConfig(Section):
@@ -396,10 +400,23 @@ class _Supervised:
             raise DeviceUnavailable(self._device_id, "no fresh reading")
         return state
 
+    def _command(self, command: DeviceCommand) -> None:
+        """Ask the supervisor to write, and say so in the audit log as the core does."""
+        if command == self._supervisor.desired:
+            return
+        self._supervisor.command(command)
+        self._gateway.audit.record(
+            AuditKind.DEVICE_WRITE,
+            source=SITE_LOOP_SOURCE,
+            command_id=None,
+            device_id=self._device_id,
+            details={"command": command},
+        )
+
 
 class SupervisedBattery(_Supervised):
     async def apply(self, command: DeviceCommand) -> None:
-        self._supervisor.command(command)
+        self._command(command)
 
 
 class SupervisedPv(_Supervised):
@@ -409,7 +426,7 @@ class SupervisedPv(_Supervised):
 
     async def curtail(self, limit_kw: float | None, *, revert_s: int | None = None) -> None:
         # A standing export limit: the PV adapter writes it without reversion.
-        self._supervisor.command(
+        self._command(
             DeviceCommand(device_id=self._device_id, power_kw=None, export_limit_kw=limit_kw)
         )
 

@@ -22,6 +22,7 @@ from edge_agent.site_loop import (
     core_dispatch,
     core_envelope,
 )
+from gateway.audit import read_lines
 from simulators.broker import BrokerEndpoint
 from simulators.site_meter import SiteLoadProfile, SiteMeterSimulator
 from simulators.sunspec_battery import SunSpecBatterySimulator
@@ -137,6 +138,22 @@ async def test_core_envelope_held_at_the_meter(
         assert bat_sim.power_kw > 1.0
         # Stated tolerance through the cloud edges, with device polls at 0.1 s: 0.4 kW.
         assert worst <= 2.0 + 0.4, f"export reached {worst:.2f} kW"
+        # Every write the loop made is in the site's audit log, under its own name; none of the
+        # core's own writes reached these two devices.
+        audit = core.audit_log
+        assert audit is not None
+
+        def writers(device_id: str) -> set[str]:
+            return {
+                r.record["source"]
+                for r in read_lines(audit.directory)
+                if r.record is not None
+                and r.record["kind"] == "device.write"
+                and r.record.get("device_id") == device_id
+            }
+
+        await eventually(lambda: writers("pv-1") == {"edge-site-loop"}, 5, "PV writes audited")
+        assert writers("bat-1") == {"edge-site-loop"}
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
