@@ -25,11 +25,12 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from protocols.mqtt.outbox import InOrderReceiver, Record
 
 __all__ = [
     "Forwarder",
@@ -69,14 +70,6 @@ class OutboxFull(Exception):
         super().__init__(f"outbox full ({max_records} records): {stream} record refused")
         self.stream = stream
         self.max_records = max_records
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    stream: str
-    seq: int
-    created: float
-    payload: bytes
 
 
 class Outbox:
@@ -261,45 +254,3 @@ class Forwarder:
             self.sent += 1
             moved += 1
         return moved
-
-
-class InOrderReceiver:
-    """The head end's side: each ``(stream, seq)`` once, and each stream's records in order.
-
-    A record ahead of the next expected one (the live copy sent before the backlog) is held
-    back until the gap is filled, but shown at once as the stream's :attr:`live` value; a number
-    already taken is dropped. ``floor`` (the sender's oldest stored number) lets the receiver
-    skip numbers the sender dropped when its outbox was full.
-    """
-
-    def __init__(self) -> None:
-        self.next_seq: dict[str, int] = {}
-        self.delivered: list[Record] = []
-        self.live: dict[str, Record] = {}
-        self._held: dict[str, dict[int, Record]] = {}
-        self.duplicates = 0
-        self.skipped = 0
-
-    def receive(self, record: Record, floor: int = 1) -> list[Record]:
-        """Take one record off the wire; returns the records it makes deliverable, in order."""
-        expected = self.next_seq.get(record.stream, 1)
-        held = self._held.setdefault(record.stream, {})
-        if floor > expected:
-            self.skipped += floor - expected - sum(1 for s in held if s < floor)
-            for seq in sorted(s for s in held if s < floor):
-                self.delivered.append(held.pop(seq))
-            expected = floor
-        live = self.live.get(record.stream)
-        if live is None or record.seq > live.seq:
-            self.live[record.stream] = record
-        if record.seq < expected or record.seq in held:
-            self.duplicates += 1
-            return []
-        held[record.seq] = record
-        out: list[Record] = []
-        while expected in held:
-            out.append(held.pop(expected))
-            expected += 1
-        self.next_seq[record.stream] = expected
-        self.delivered.extend(out)
-        return out

@@ -11,16 +11,13 @@ The connection is kept by :meth:`MqttUplink.run` with a jittered backoff; mutual
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import random
 import ssl
-from typing import Any
 
 import aiomqtt
 
-from edge_agent.outbox import Record
+from protocols.mqtt.outbox import Record, decode_record, encode_record, outbox_topic
 
 __all__ = ["MqttUplink", "UplinkDown", "decode_record"]
 
@@ -29,31 +26,6 @@ log = logging.getLogger(__name__)
 
 class UplinkDown(ConnectionError):
     """The head end's broker is not reachable right now."""
-
-
-def encode_record(record: Record, floor: int) -> bytes:
-    return json.dumps(
-        {
-            "stream": record.stream,
-            "seq": record.seq,
-            "floor": floor,
-            "created": record.created,
-            "payload": base64.b64encode(record.payload).decode("ascii"),
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-def decode_record(data: bytes) -> tuple[Record, int]:
-    """The head end's side of :func:`encode_record`: the record and its stream's floor."""
-    obj: dict[str, Any] = json.loads(data)
-    record = Record(
-        stream=str(obj["stream"]),
-        seq=int(obj["seq"]),
-        created=float(obj["created"]),
-        payload=base64.b64decode(obj["payload"]),
-    )
-    return record, int(obj["floor"])
 
 
 class MqttUplink:
@@ -76,7 +48,7 @@ class MqttUplink:
         self.connected = asyncio.Event()
 
     def topic(self, stream: str) -> str:
-        return f"derms/v1/edge/{self.site_id}/outbox/{stream}"
+        return outbox_topic(self.site_id, stream)
 
     async def send(self, record: Record, floor: int) -> None:
         client = self._client

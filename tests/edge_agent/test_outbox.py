@@ -65,22 +65,6 @@ def test_full_can_refuse_new_records_instead(tmp_path: Path) -> None:
         assert [r.seq for r in box.pending("t")] == [1, 2]
 
 
-def test_receiver_takes_each_record_once_in_order_and_skips_dropped_numbers() -> None:
-    rx = InOrderReceiver()
-
-    def rec(seq: int) -> Record:
-        return Record("t", seq, 0.0, b"")
-
-    assert rx.receive(rec(3)) == []  # a live copy ahead of the backlog: held
-    assert rx.live["t"].seq == 3
-    assert [r.seq for r in rx.receive(rec(1))] == [1]
-    assert [r.seq for r in rx.receive(rec(2))] == [2, 3]
-    assert rx.receive(rec(2)) == []  # redelivered: dropped
-    assert rx.duplicates == 1
-    assert [r.seq for r in rx.receive(rec(7), floor=7)] == [7]  # 4–6 dropped by the sender
-    assert rx.skipped == 3
-
-
 async def test_uplink_cut_then_restored_delivers_every_record_once_in_order(
     tmp_path: Path,
 ) -> None:
