@@ -112,6 +112,7 @@ class UplinkMqttConfig(Section):
     tls: Sep2TlsFiles | None = Field(default=None, description="Mutual TLS (required in the field)")
     outbox_path: Path = Path("edge-outbox.sqlite")
     max_records: int = Field(default=100_000, ge=1)
+    max_bytes: int | None = Field(default=50_000_000, ge=1, description="Payload bytes at most")
     full_policy: FullPolicy = FullPolicy.DROP_OLDEST
     backfill_per_s: float = Field(default=50.0, gt=0)
 
@@ -233,7 +234,10 @@ class EdgeAgent:
                 key_file=config.tls.key_file,
             )
         outbox = Outbox(
-            config.outbox_path, max_records=config.max_records, policy=config.full_policy
+            config.outbox_path,
+            max_records=config.max_records,
+            max_bytes=config.max_bytes,
+            policy=config.full_policy,
         )
         self.outbox = outbox
         self.uplink = MqttUplink(config.host, config.port, config.site_id, tls_context=tls)

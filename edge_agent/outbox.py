@@ -13,9 +13,10 @@ runs) drops what it has already seen by ``(stream, seq)``. After an outage the n
 stream goes out first (live data) as well as in its place, and the backlog drains at
 ``backfill_per_s``, so the backlog never starves live data.
 
-The outbox is bounded (``max_records``). When full, the oldest records are dropped to make room
-(``drop_oldest``), or new ones refused (``refuse_new``); either way it is logged once per episode
-with the count, and :attr:`Outbox.dropped` / :attr:`Outbox.refused` count it for the health view.
+The outbox is bounded (``max_records``, and ``max_bytes`` of payload when given). When full, the
+oldest records are dropped to make room (``drop_oldest``), or new ones refused (``refuse_new``);
+either way it is logged once per episode, and :attr:`Outbox.dropped` / :attr:`Outbox.refused`
+count it for the health view.
 """
 
 from __future__ import annotations
@@ -80,12 +81,14 @@ class Outbox:
         path: Path,
         *,
         max_records: int = 100_000,
+        max_bytes: int | None = None,
         policy: FullPolicy = FullPolicy.DROP_OLDEST,
     ) -> None:
-        if max_records < 1:
-            raise ValueError("max_records must be at least 1")
+        if max_records < 1 or (max_bytes is not None and max_bytes < 1):
+            raise ValueError("max_records and max_bytes must be at least 1")
         self.path = path
         self.max_records = max_records
+        self.max_bytes = max_bytes
         self.policy = policy
         self.dropped = 0
         self.refused = 0
@@ -94,7 +97,13 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        (self._count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+        self._recount()
+
+    def _recount(self) -> None:
+        count, size = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM records"
+        ).fetchone()
+        self._count, self._bytes = int(count), int(size)
 
     def close(self) -> None:
         self._db.close()
@@ -113,15 +122,27 @@ class Outbox:
     @property
     def depth(self) -> int:
         """Records waiting to be delivered."""
-        return int(self._count)
+        return self._count
+
+    @property
+    def size_bytes(self) -> int:
+        """Payload bytes waiting to be delivered."""
+        return self._bytes
+
+    def _full(self, adding: int) -> bool:
+        if self._count >= self.max_records:
+            return True
+        return self.max_bytes is not None and self._bytes + adding > self.max_bytes
 
     def append(self, stream: str, payload: bytes, *, now: float | None = None) -> int:
         """Store one record; returns its sequence number once it is durable."""
         created = time.time() if now is None else now
         db = self._db
+        if self.max_bytes is not None and len(payload) > self.max_bytes:
+            raise OutboxFull(stream, self.max_records)
         db.execute("BEGIN IMMEDIATE")
         try:
-            if self._count >= self.max_records:
+            while self._count > 0 and self._full(len(payload)):
                 self._make_room(stream)
             row = db.execute("SELECT next_seq FROM streams WHERE stream = ?", (stream,)).fetchone()
             seq = 1 if row is None else int(row[0])
@@ -137,9 +158,11 @@ class Outbox:
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            self._recount()  # what _make_room took off is back
             raise
         self._count += 1
-        if self._full_episode and self._count < self.max_records:
+        self._bytes += len(payload)
+        if self._full_episode and not self._full(0):
             self._full_episode = False
         return seq
 
@@ -151,16 +174,18 @@ class Outbox:
                 self._full_episode = True
             raise OutboxFull(stream, self.max_records)
         # The oldest record of all streams goes: the backlog loses its tail, live data stays.
-        self._db.execute(
-            "DELETE FROM records WHERE rowid = "
-            "(SELECT rowid FROM records ORDER BY created, seq LIMIT 1)"
-        )
+        rowid, size = self._db.execute(
+            "SELECT rowid, LENGTH(payload) FROM records ORDER BY created, seq LIMIT 1"
+        ).fetchone()
+        self._db.execute("DELETE FROM records WHERE rowid = ?", (rowid,))
         self._count -= 1
+        self._bytes -= int(size)
         self.dropped += 1
         if not self._full_episode:
             log.warning(
-                "outbox full (%d records): dropping the oldest to keep the newest",
+                "outbox full (%d records, %s bytes at most): dropping the oldest",
                 self.max_records,
+                self.max_bytes,
             )
             self._full_episode = True
 
@@ -185,10 +210,22 @@ class Outbox:
 
     def ack(self, stream: str, upto_seq: int) -> None:
         """The uplink has taken every record of ``stream`` up to ``upto_seq``."""
-        cursor = self._db.execute(
-            "DELETE FROM records WHERE stream = ? AND seq <= ?", (stream, upto_seq)
-        )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            (size,) = self._db.execute(
+                "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM records "
+                "WHERE stream = ? AND seq <= ?",
+                (stream, upto_seq),
+            ).fetchone()
+            cursor = self._db.execute(
+                "DELETE FROM records WHERE stream = ? AND seq <= ?", (stream, upto_seq)
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         self._count -= cursor.rowcount
+        self._bytes -= int(size)
 
 
 Send = Callable[[Record, int], Awaitable[None]]

@@ -55,6 +55,20 @@ def test_full_drops_the_oldest_and_says_so_once(
     assert len([r for r in caplog.records if "outbox full" in r.getMessage()]) == 1
 
 
+def test_bounded_by_bytes_too(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "out.sqlite", max_bytes=1000) as box:
+        for i in range(10):
+            box.append("t", bytes(300), now=float(i))
+        assert (box.depth, box.size_bytes, box.dropped) == (3, 900, 7)
+        assert [r.seq for r in box.pending("t")] == [8, 9, 10]
+        box.ack("t", 9)
+        assert (box.depth, box.size_bytes) == (1, 300)
+        with pytest.raises(OutboxFull):
+            box.append("t", bytes(1001))  # could never fit
+    with Outbox(tmp_path / "out.sqlite", max_bytes=1000) as box:
+        assert (box.depth, box.size_bytes) == (1, 300)  # counted again on open
+
+
 def test_full_can_refuse_new_records_instead(tmp_path: Path) -> None:
     with Outbox(tmp_path / "out.sqlite", max_records=2, policy=FullPolicy.REFUSE_NEW) as box:
         box.append("t", b"1")
