@@ -28,6 +28,7 @@ from adapters.operator.view import add_view
 from adapters.sep2_der.der import Sep2Der, refusals_to
 from adapters.sep2_der.server import Sep2Server
 from adapters.sunspec.battery import SunSpecBattery
+from adapters.sunspec.pv_inverter import SunSpecPvInverter
 from composition.config import EdgeAgentConfig, GatewayConfig
 from edge_agent.agent import EdgeAgent
 from gateway.aio import wait_inside_task_group
@@ -53,6 +54,8 @@ def build_adapters(
     for device in config.devices:
         if device.adapter == "sunspec_battery" and device.sunspec is not None:
             adapters[device.device_id] = SunSpecBattery(device.device_id, device.sunspec)
+        elif device.adapter == "sunspec_pv" and device.sunspec is not None:
+            adapters[device.device_id] = SunSpecPvInverter(device.device_id, device.sunspec)
         elif device.adapter == "sep2_der" and device.sep2 is not None:
             assert sep2_server is not None  # the config validator guarantees it
             member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
@@ -208,4 +211,9 @@ def build_edge_agent(
 ) -> EdgeAgent:
     """The site deployment: the gateway process its config describes, plus the upstream
     2030.5 client that takes the utility's limits into its command book."""
-    return EdgeAgent(config.upstream_sep2, GatewayApp(config, adapters=adapters))
+    return EdgeAgent(
+        config.upstream_sep2,
+        GatewayApp(config, adapters=adapters),
+        site_loop=config.site_loop,
+        uplink=config.uplink_mqtt,
+    )

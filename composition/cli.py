@@ -486,6 +486,11 @@ def simulate() -> None:
     show_default=True,
     help="Speed up state-of-charge changes by this factor.",
 )
+@click.option(
+    "--legacy",
+    is_flag=True,
+    help="Show the legacy models (1, 103, 120, 121, 123, 124) instead of the 7xx ones.",
+)
 def simulate_battery(
     port: int,
     host: str,
@@ -495,8 +500,9 @@ def simulate_battery(
     max_discharge_kw: float,
     soc: float,
     time_scale: float,
+    legacy: bool,
 ) -> None:
-    """A SunSpec (models 1, 701, 702, 704, 713, 802) battery on Modbus TCP."""
+    """A SunSpec (models 1, 701, 702, 704, 713, 802; or legacy 1xx) battery on Modbus TCP."""
     from simulators.sunspec_battery import serve_battery
 
     click.echo(f"SunSpec battery on {host}:{port} unit {unit_id} (map at 40000); Ctrl-C stops it")
@@ -508,6 +514,7 @@ def simulate_battery(
             capacity_kwh=capacity_kwh,
             max_charge_kw=max_charge_kw,
             max_discharge_kw=max_discharge_kw,
+            legacy=legacy,
             initial_soc_pct=soc,
             time_scale=time_scale,
         )

@@ -23,7 +23,8 @@ from adapters.operator.config import OperatorConfig
 from adapters.sep2_der.der import Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2ServerConfig
 from adapters.sunspec.battery import SunSpecEndpoint
-from edge_agent.agent import UpstreamSep2Config
+from edge_agent.agent import UplinkMqttConfig, UpstreamSep2Config
+from edge_agent.site_loop import SiteLoopSettings
 from gateway.config import CoreConfig
 from unified.config import ConfigError, describe_errors, rebase
 from unified.model import DerClass, Device
@@ -55,6 +56,11 @@ class DeviceConfig(Device):
                 raise ValueError("adapter 'sunspec_battery' needs a [devices.sunspec] endpoint")
             if self.der_class is not DerClass.BATTERY:
                 raise ValueError("adapter 'sunspec_battery' only drives der_class 'battery'")
+        elif self.adapter == "sunspec_pv":
+            if self.sunspec is None:
+                raise ValueError("adapter 'sunspec_pv' needs a [devices.sunspec] endpoint")
+            if self.der_class is not DerClass.PV:
+                raise ValueError("adapter 'sunspec_pv' only drives der_class 'pv'")
         elif self.adapter == "sep2_der":
             if self.sep2 is None:
                 raise ValueError("adapter 'sep2_der' needs a [devices.sep2] endpoint (lfdi)")
@@ -63,7 +69,9 @@ class DeviceConfig(Device):
             if self.der_class is not wanted:
                 raise ValueError(f"adapter {self.adapter!r} only drives der_class {wanted.value!r}")
         else:
-            known = ", ".join(repr(a) for a in ("sunspec_battery", "sep2_der", *MQTT_ADAPTERS))
+            known = ", ".join(
+                repr(a) for a in ("sunspec_battery", "sunspec_pv", "sep2_der", *MQTT_ADAPTERS)
+            )
             raise ValueError(f"unknown adapter {self.adapter!r} (known: {known})")
         return self
 
@@ -266,6 +274,12 @@ class EdgeAgentConfig(GatewayConfig):
     """The edge agent's file: a gateway's sections plus ``[upstream_sep2]``."""
 
     upstream_sep2: UpstreamSep2Config
+    site_loop: SiteLoopSettings | None = Field(
+        default=None, description="The metered site loop (meter at the connection point)"
+    )
+    uplink_mqtt: UplinkMqttConfig | None = Field(
+        default=None, description="The head end's broker and the store-and-forward outbox"
+    )
 
     def relative_to(self, base: Path) -> Self:
         config = super().relative_to(base)
@@ -275,7 +289,16 @@ class EdgeAgentConfig(GatewayConfig):
             update["tls"] = upstream.tls.model_copy(
                 update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
             )
-        return config.model_copy(update={"upstream_sep2": upstream.model_copy(update=update)})
+        changes: dict[str, object] = {"upstream_sep2": upstream.model_copy(update=update)}
+        uplink = config.uplink_mqtt
+        if uplink is not None:
+            moved: dict[str, object] = dict(rebase(base, uplink, "outbox_path"))
+            if uplink.tls is not None:
+                moved["tls"] = uplink.tls.model_copy(
+                    update=rebase(base, uplink.tls, "cert_file", "key_file", "ca_file")
+                )
+            changes["uplink_mqtt"] = uplink.model_copy(update=moved)
+        return config.model_copy(update=changes)
 
 
 def parse_config(

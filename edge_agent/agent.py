@@ -18,12 +18,13 @@ persists the DefaultDERControl so a restart during comms loss still honours it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import Field
 
@@ -33,6 +34,9 @@ from adapters.sep2_client.client import (
     Sep2ClientConfig,
     TelemetrySample,
 )
+from edge_agent.outbox import Forwarder, FullPolicy, Outbox, OutboxFull
+from edge_agent.site_loop import LoopSample, SiteLoop, SiteLoopSettings, build_site_loop
+from edge_agent.uplink import MqttUplink
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
 from gateway.core import Gateway
@@ -99,6 +103,38 @@ class UpstreamSep2Config(Section):
     backoff_max_s: float = Field(default=300.0, gt=0)
 
 
+class UplinkMqttConfig(Section):
+    """``[uplink_mqtt]``: the head end's broker, and the outbox that buffers for it."""
+
+    host: str
+    port: int = Field(default=8883, ge=1, le=65535)
+    site_id: Identifier
+    tls: Sep2TlsFiles | None = Field(default=None, description="Mutual TLS (required in the field)")
+    outbox_path: Path = Path("edge-outbox.sqlite")
+    max_records: int = Field(default=100_000, ge=1)
+    max_bytes: int | None = Field(default=50_000_000, ge=1, description="Payload bytes at most")
+    full_policy: FullPolicy = FullPolicy.DROP_OLDEST
+    backfill_per_s: float = Field(default=50.0, gt=0)
+
+
+class SiteLoopHealth(Section):
+    period_s: float
+    latency_s: dict[str, float] = Field(description="Loop step duration percentiles")
+    last_error: str | None = None
+    export_limit_kw: float | None = None
+    import_limit_kw: float | None = None
+
+
+class EdgeHealth(Section):
+    """The box at a glance: uplink, outbox, the site loop's timing, device availability."""
+
+    uplink: Literal["up", "down", "unknown"]
+    outbox_depth: int | None = Field(default=None, description="None: no outbox configured")
+    outbox_dropped: int = 0
+    site_loop: SiteLoopHealth | None = None
+    devices_available: dict[str, bool]
+
+
 class HostedCore(Protocol):
     """The site's gateway process as the composition root built it: the core and its endpoints,
     run together; ``ready`` once the core's command book is loaded."""
@@ -125,12 +161,31 @@ def _tighter(a: float | None, b: float | None) -> float | None:
 
 
 class EdgeAgent:
-    def __init__(self, upstream: UpstreamSep2Config, host: HostedCore) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamSep2Config,
+        host: HostedCore,
+        *,
+        site_loop: SiteLoopSettings | None = None,
+        uplink: UplinkMqttConfig | None = None,
+    ) -> None:
         self.upstream = upstream
         self.host = host
         self.gateway = host.core
         if upstream.site_group not in self.gateway.registry.groups():
             raise ValueError(f"upstream_sep2.site_group {upstream.site_group!r} is not a group")
+        self.site_loop: SiteLoop | None = None
+        """The metered loop holding the site's envelope at the connection point, if configured
+        (it drives the PV and battery it names; the core plans them but does not write)."""
+        if site_loop is not None:
+            self.site_loop = build_site_loop(
+                self.gateway, site_loop, site_loop.group or upstream.site_group
+            )
+        self.outbox: Outbox | None = None
+        self.uplink: MqttUplink | None = None
+        self.forwarder: Forwarder | None = None
+        if uplink is not None:
+            self._open_uplink(uplink)
         ssl_context = None
         lfdi = upstream.lfdi
         if upstream.tls is not None:
@@ -167,6 +222,35 @@ class EdgeAgent:
         """kind ("envelope" / "target") → command id currently standing for the utility."""
         self.last_controls: EffectiveControls | None = None
 
+    def _open_uplink(self, config: UplinkMqttConfig) -> None:
+        """Acks and the site loop's samples go to the head end through the durable outbox."""
+        tls = None
+        if config.tls is not None:
+            from protocols.tls import broker_client_context
+
+            tls = broker_client_context(
+                ca_file=config.tls.ca_file,
+                cert_file=config.tls.cert_file,
+                key_file=config.tls.key_file,
+            )
+        outbox = Outbox(
+            config.outbox_path,
+            max_records=config.max_records,
+            max_bytes=config.max_bytes,
+            policy=config.full_policy,
+        )
+        self.outbox = outbox
+        self.uplink = MqttUplink(config.host, config.port, config.site_id, tls_context=tls)
+        self.forwarder = Forwarder(outbox, self.uplink.send, backfill_per_s=config.backfill_per_s)
+
+        def keep(stream: str, payload: bytes) -> None:
+            with contextlib.suppress(OutboxFull):  # counted and logged by the outbox
+                outbox.append(stream, payload)
+
+        self.gateway.ack_listeners.append(lambda ack: keep("acks", ack.model_dump_json().encode()))
+        if self.site_loop is not None:
+            self.site_loop.on_sample = lambda sample: keep("site", _sample_json(sample))
+
     @property
     def _site(self) -> Target:
         return Target(group_id=self.upstream.site_group)
@@ -175,6 +259,11 @@ class EdgeAgent:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.host.run(), name="edge-gateway")
             await self.host.ready.wait()
+            if self.site_loop is not None:
+                tg.create_task(self.site_loop.run(), name="edge-site-loop")
+            if self.uplink is not None and self.forwarder is not None:
+                tg.create_task(self.uplink.run(), name="edge-uplink")
+                tg.create_task(self.forwarder.run(), name="edge-outbox")
             async with self.client:
                 await wait_inside_task_group()
 
@@ -237,6 +326,36 @@ class EdgeAgent:
             )
         return ack.state
 
+    # ------------------------------------------------------------------ health
+    def health(self) -> EdgeHealth:
+        outbox = self.outbox
+        reachable = self.client.reachable
+        uplink: Literal["up", "down", "unknown"] = (
+            "unknown" if reachable is None else "up" if reachable else "down"
+        )
+        loop_health: SiteLoopHealth | None = None
+        if self.site_loop is not None:
+            loop = self.site_loop
+            last = loop.samples[-1] if loop.samples else None
+            imp, exp = loop.envelope(utcnow())
+            loop_health = SiteLoopHealth(
+                period_s=loop.config.period_s,
+                latency_s=loop.latency_percentiles(),
+                last_error=None if last is None else last.error,
+                import_limit_kw=imp,
+                export_limit_kw=exp,
+            )
+        return EdgeHealth(
+            uplink=uplink,
+            outbox_depth=None if outbox is None else outbox.depth,
+            outbox_dropped=0 if outbox is None else outbox.dropped,
+            site_loop=loop_health,
+            devices_available={
+                device_id: supervisor.available
+                for device_id, supervisor in sorted(self.gateway.supervisors.items())
+            },
+        )
+
     # ------------------------------------------------------------------ local → upstream
     def site_capability(self) -> DERCapability:
         """The site's DERs seen as one: summed ratings (what the head end allocates against)."""
@@ -281,3 +400,17 @@ class EdgeAgent:
                     site_kw=telemetry.power_kw, der_kw=telemetry.power_kw, timestamp=now
                 )
         return TelemetrySample(timestamp=now)
+
+
+def _sample_json(sample: LoopSample) -> bytes:
+    out = sample.outputs
+    return json.dumps(
+        {
+            "at": sample.at.isoformat(),
+            "net_kw": None if sample.net_kw != sample.net_kw else sample.net_kw,  # NaN: blind
+            "battery_kw": None if out is None else out.battery_kw,
+            "pv_cap_kw": None if out is None else out.pv_cap_kw,
+            "load_kw": None if out is None else out.load_kw,
+            "error": sample.error,
+        }
+    ).encode()

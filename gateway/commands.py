@@ -16,7 +16,13 @@ from datetime import datetime
 
 from gateway.audit import CORE_SOURCE, NO_AUDIT, AuditKind, AuditTrail
 from gateway.clock import STEP_DETAIL
-from gateway.dispatch import ActiveCommand, Plan, allocations_changed, target_devices
+from gateway.dispatch import (
+    GENERATION_ONLY,
+    ActiveCommand,
+    Plan,
+    allocations_changed,
+    target_devices,
+)
 from gateway.errors import CoreError
 from gateway.registry import Registry
 from gateway.store import CommandStore, StoreError, digest
@@ -224,7 +230,14 @@ class CommandBook:
     def _validate_setpoint(self, command: DeviceSetpoint) -> None:
         if command.device_id not in self._registry:
             raise CommandRejected(Reason.UNKNOWN_DEVICE, f"unknown device {command.device_id!r}")
-        ratings = self._registry.device(command.device_id).ratings
+        device = self._registry.device(command.device_id)
+        ratings = device.ratings
+        if device.der_class in GENERATION_ONLY and command.kw > 0:
+            raise CommandRejected(
+                Reason.BEYOND_RATINGS,
+                f"{command.device_id} is {device.der_class.value} generation: it cannot import "
+                f"{command.kw} kW",
+            )
         if command.kw < -ratings.max_discharge_kw - _RATING_TOLERANCE_KW:
             raise CommandRejected(
                 Reason.BEYOND_RATINGS,
@@ -249,7 +262,9 @@ class CommandBook:
             rated = sum(d.ratings.max_discharge_kw for d in devices)
             direction = "discharge"
         else:
-            rated = sum(d.ratings.max_charge_kw for d in devices)
+            rated = sum(
+                d.ratings.max_charge_kw for d in devices if d.der_class not in GENERATION_ONLY
+            )
             direction = "charge"
         if abs(command.kw) > rated + _RATING_TOLERANCE_KW:
             raise CommandRejected(

@@ -205,6 +205,10 @@ class Gateway:
         """Called with every ack as it is published (the operator's live view). A listener
         must return at once: it runs inside the command book's lifecycle step."""
         self.plan = dispatch.Plan()
+        self.delegated: frozenset[str] = frozenset()
+        """Devices a local controller drives (the edge agent's metered site loop): the core
+        still polls and plans them, but writes its plan for them to nobody; the controller
+        reads it with :meth:`planned` and writes through the device's supervisor."""
         self._refusals: list[_Refusal] = []
         self._last_reading: dict[str, datetime] = {}
         self._baselines = BaselineTracker(_BASELINE_TAU_S)
@@ -1079,10 +1083,23 @@ class Gateway:
             self._governors,
         )
 
+    def delegate(self, device_ids: frozenset[str]) -> None:
+        """Hand ``device_ids`` to a local controller (see :attr:`delegated`)."""
+        unknown = device_ids - self.supervisors.keys()
+        if unknown:
+            raise ValueError(f"cannot delegate unsupervised device(s) {sorted(unknown)}")
+        self.delegated = device_ids
+
+    def planned(self, device_id: str) -> DeviceCommand | None:
+        """The core's current plan for one device (what it would write)."""
+        return self.plan.setpoints.get(device_id)
+
     def _apply(self, plan: dispatch.Plan) -> None:
         deadband = self.config.timing.deadband_kw
         record = self.audit.record
         for device_id, supervisor in self.supervisors.items():
+            if device_id in self.delegated:
+                continue
             new = plan.setpoints.get(device_id)
             old = supervisor.desired
             if new is old or new == old:

@@ -725,6 +725,10 @@ MODULATING: frozenset[DerClass] = frozenset({DerClass.BATTERY, DerClass.EVSE, De
 off: a cap below its rating only switches it off, so thermal loads are never given standing
 limits; an envelope sheds them with setpoints when batteries cannot hold it."""
 
+GENERATION_ONLY: frozenset[DerClass] = frozenset({DerClass.PV})
+"""Classes that only generate: curtailable, never asked to import (a PV inverter's charge rating
+means nothing), so they take no share of an import limit and no charging setpoint."""
+
 
 def _apply_envelope(
     now: datetime,
@@ -783,10 +787,14 @@ def _apply_envelope(
     imp_room = None if imp is None else max(0.0, imp - net)
     exp_room = None if exp is None else max(0.0, exp + net)
     dis = sum(d.ratings.max_discharge_kw for d in modulating)
-    cha = sum(d.ratings.max_charge_kw for d in modulating)
+    cha = sum(d.ratings.max_charge_kw for d in modulating if d.der_class not in GENERATION_ONLY)
     for device in modulating:
         own_exp = None if exp_room is None else exp_room * device.ratings.max_discharge_kw / dis
-        own_imp = None if imp_room is None else imp_room * device.ratings.max_charge_kw / cha
+        own_imp = (
+            None
+            if imp_room is None or device.der_class in GENERATION_ONLY
+            else imp_room * device.ratings.max_charge_kw / cha
+        )
         limits.setdefault(device.device_id, _Limits()).tighten(
             cid,
             None if own_imp is None else round(own_imp, 4),

@@ -1,58 +1,46 @@
 """A SunSpec battery behind a real Modbus/TCP server, with believable physics and fault injection.
 
 The register image is laid out by :func:`protocols.sunspec.build_map` (models 1, 701, 702, 704, 713,
-802 at 40000), so the simulator and the adapter share the codec but not each other's assumptions:
-a standard client (pysunspec2) can scan it too.
+802 at 40000, or with ``legacy=True`` the 1xx models most deployed storage inverters still show:
+1, 103, 120, 121, 123, 124), so the simulator and the adapter share the codec but not each other's
+assumptions: a standard client (pysunspec2) can scan it too.
 
-Server side uses the pymodbus 3.16 ``SimDevice``/``SimData`` API (the old datastore classes are
-deprecated). It holds the registers, but validation and dynamic values need more than static data,
-so the device's ``action`` hook does the work: on every request it refreshes the requested window
-from our own image (the source of truth, updated by the physics task), validates writes point by
-point against the SunSpec definitions (read-only point → exception 2, bad value → exception 3,
-nothing changed), and injects latency or exceptions. No private pymodbus classes are subclassed.
+Legacy control follows what storage inverters do with model 124: ``StorCtl_Mod`` enables a
+charge limit (bit 0, ``InWRte``) and a discharge limit (bit 1, ``OutWRte``), both in percent of
+``WChaMax`` and signed, so a window such as ``OutWRte=-40, InWRte=40`` forces charging at 40 %.
+The battery sits at the point of that window nearest to idle. ``InOutWRte_RvrtTms`` lifts the
+window when no control write arrives in time; ``WMaxLimPct_RvrtTms`` does the same for 123's cap.
 
-Requests to other unit ids, within the map's address span, are answered by a catch-all device
-(id 0 in pymodbus's terms) with exception 4, as PROTOCOLS.md describes; without it pymodbus would
-answer 4 too, but only after logging a traceback for its internal ``KeyError``. Outside the span
-pymodbus answers exception 2 (illegal address) for any unit id.
+The Modbus side (the pymodbus 3.16 ``SimDevice`` action hook, write validation, fault
+injection, other unit ids) is :class:`simulators.sunspec_device.SunSpecDeviceSimulator`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Final, Self
-
-from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
+from typing import Any, Final
 
 from protocols.sunspec import (
+    LEGACY_INVERTER_MODELS,
     MODEL_BATTERY,
     MODEL_COMMON,
+    MODEL_CONTROLS,
     MODEL_DER_AC_CONTROLS,
     MODEL_DER_CAPACITY,
     MODEL_DER_MEASURE_AC,
     MODEL_DER_STORAGE_CAPACITY,
-    ModelDef,
-    ModelLocation,
-    PointDef,
+    MODEL_INVERTER_3PH,
+    MODEL_NAMEPLATE,
+    MODEL_SETTINGS,
+    MODEL_STORAGE,
     PointValue,
-    SunSpecError,
-    build_map,
-    decode_model,
-    decode_point,
-    decode_scale_factors,
-    encode_points,
-    load_model_def,
-    unscale,
 )
+from simulators.sunspec_device import SunSpecDeviceSimulator, fit_sf
 
-__all__ = ["SIM_MODELS", "SunSpecBatterySimulator", "serve_battery"]
+__all__ = ["LEGACY_SIM_MODELS", "SIM_MODELS", "SunSpecBatterySimulator", "serve_battery"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +51,14 @@ SIM_MODELS: Final = (
     MODEL_DER_AC_CONTROLS,
     MODEL_DER_STORAGE_CAPACITY,
     MODEL_BATTERY,
+)
+LEGACY_SIM_MODELS: Final = (
+    MODEL_COMMON,
+    MODEL_INVERTER_3PH,
+    MODEL_NAMEPLATE,
+    MODEL_SETTINGS,
+    MODEL_CONTROLS,
+    MODEL_STORAGE,
 )
 
 _AC_VOLTS: Final = 240.0
@@ -79,19 +75,18 @@ _MODE_W_MAX_PCT: Final = 0
 # 701 InvSt
 _INV_RUNNING: Final = 3
 _INV_STANDBY: Final = 7
-# 802 ChaSt
+# 103 St
+_ST_MPPT: Final = 4
+_ST_STANDBY: Final = 8
+# 124 StorCtl_Mod bits
+_STOR_CHARGE_BIT: Final = 1 << 0
+_STOR_DISCHARGE_BIT: Final = 1 << 1
+_DER_TYPE_PV_STOR: Final = 82
+# 802 ChaSt (124 uses the same numbers)
 _CHA_EMPTY, _CHA_DISCHARGING, _CHA_CHARGING, _CHA_FULL, _CHA_HOLDING = 2, 3, 4, 5, 6
 
 
-def _fit_sf(max_abs: float, limit: int, base: int) -> int:
-    """Smallest scale factor ≥ ``base`` at which ``max_abs`` still fits in ``limit``."""
-    sf = base
-    while abs(unscale(max_abs, sf)) > limit:
-        sf += 1
-    return sf
-
-
-class SunSpecBatterySimulator:
+class SunSpecBatterySimulator(SunSpecDeviceSimulator):
     """A battery + inverter speaking SunSpec over Modbus/TCP.
 
     Sign conventions follow SunSpec on the wire (701 ``W`` and 704 ``WSet`` positive = injecting =
@@ -118,17 +113,24 @@ class SunSpecBatterySimulator:
         manufacturer: str = "DERMS Simulators",
         model_name: str = "SunSpec Battery",
         base_address: int = 40000,
+        legacy: bool = False,
+        legacy_model: int = MODEL_INVERTER_3PH,
     ) -> None:
-        if not 1 <= unit_id <= 247:
-            raise ValueError("unit_id must be 1..247")
         if capacity_kwh <= 0 or max_charge_kw <= 0 or max_discharge_kw <= 0:
             raise ValueError("capacity and power ratings must be positive")
         if not 0 <= min_soc_pct < max_soc_pct <= 100 or not 0 <= initial_soc_pct <= 100:
             raise ValueError("need 0 <= min_soc_pct < max_soc_pct <= 100 and 0 <= soc <= 100")
-        if time_scale <= 0 or step_s <= 0:
-            raise ValueError("time_scale and step_s must be positive")
-        self.host = host
-        self.port = port
+        if time_scale <= 0:
+            raise ValueError("time_scale must be positive")
+        self.legacy = legacy
+        if legacy_model not in LEGACY_INVERTER_MODELS:
+            raise ValueError(f"legacy_model must be one of {LEGACY_INVERTER_MODELS}")
+        self.measurement = legacy_model
+        self.models: tuple[int, ...] = (
+            tuple(legacy_model if m == MODEL_INVERTER_3PH else m for m in LEGACY_SIM_MODELS)
+            if legacy
+            else SIM_MODELS
+        )
         self.unit_id = unit_id
         self.capacity_kwh = capacity_kwh
         self.max_charge_kw = max_charge_kw
@@ -136,45 +138,24 @@ class SunSpecBatterySimulator:
         self.min_soc_pct = min_soc_pct
         self.max_soc_pct = max_soc_pct
         self.time_scale = time_scale
-        self.step_s = step_s
-        #: Delay added before answering each request (fault injection).
-        self.latency_s = 0.0
-        #: Write requests received (accepted or not): lets tests prove nothing was written.
-        self.write_count = 0
-        #: Write requests refused with a Modbus exception.
-        self.rejected_write_count = 0
-
         self._energy_kwh = capacity_kwh * initial_soc_pct / 100
         self._power_w = 0.0  # SunSpec sign: positive = injecting (discharging)
         self._wh_injected = 0.0
         self._wh_absorbed = 0.0
         self._heartbeat = 0
         self._control_written_at: float | None = None
-        self._last_step: float | None = None
-        self._pending_exceptions: list[ExcCodes] = []
-        #: Answer every write with this exception code (a unit in local mode refusing remote
-        #: control); reads still work. None: writes are handled normally.
-        self.reject_writes: int | None = None
-        self._offline = False
-        self._server: ModbusTcpServer | None = None
-        self._physics: asyncio.Task[None] | None = None
-
-        self._defs: dict[int, ModelDef] = {m: load_model_def(m) for m in SIM_MODELS}
-        image = build_map(
-            [
-                (self._defs[m], v)
-                for m, v in self._initial_values(
-                    serial=serial, manufacturer=manufacturer, model_name=model_name
-                ).items()
-            ],
-            base_address=base_address,
+        self._limit_written_at: float | None = None
+        initial = self._initial_values(
+            serial=serial, manufacturer=manufacturer, model_name=model_name
         )
-        self.base_address = base_address
-        self._image: list[int] = list(image.registers)
-        self._where: dict[int, ModelLocation] = {m.model_id: m for m in image.layout.models}
-        self._sfs: dict[int, dict[str, int | None]] = {
-            m: decode_scale_factors(self._defs[m], self._model_regs(m)) for m in SIM_MODELS
-        }
+        super().__init__(
+            [(m, initial[m]) for m in self.models],
+            host=host,
+            port=port,
+            unit_id=unit_id,
+            base_address=base_address,
+            step_s=step_s,
+        )
         self._refresh()
 
     # ----------------------------------------------------------------------- initial map
@@ -186,20 +167,85 @@ class SunSpecBatterySimulator:
         dis_w = self.max_discharge_kw * 1000
         wmax = max(cha_w, dis_w)
         wh = self.capacity_kwh * 1000
-        w_sf_16 = _fit_sf(wmax, _INT16_MAX, 0)
-        w_sf_u16 = _fit_sf(wmax, _UINT16_MAX, 0)
-        a_sf = _fit_sf(wmax / _AC_VOLTS, _INT16_MAX, -1)
-        wh_sf = _fit_sf(wh, _UINT16_MAX, 0)
-        dc_a_sf = _fit_sf(wmax / _DC_VOLTS, _INT16_MAX, -1)
-        ah_sf = _fit_sf(wh / _DC_VOLTS, _UINT16_MAX, -1)
+        w_sf_16 = fit_sf(wmax, _INT16_MAX, 0)
+        w_sf_u16 = fit_sf(wmax, _UINT16_MAX, 0)
+        a_sf = fit_sf(wmax / _AC_VOLTS, _INT16_MAX, -1)
+        wh_sf = fit_sf(wh, _UINT16_MAX, 0)
+        dc_a_sf = fit_sf(wmax / _DC_VOLTS, _INT16_MAX, -1)
+        ah_sf = fit_sf(wh / _DC_VOLTS, _UINT16_MAX, -1)
+        common: dict[str, PointValue | None] = {
+            "Mn": manufacturer,
+            "Md": model_name,
+            "Vr": "1.0.0",
+            "SN": serial,
+            "DA": self.unit_id,
+        }
+        if self.legacy:
+            return {
+                MODEL_COMMON: common,
+                self.measurement: {
+                    **(
+                        {}
+                        if self.measurement in (111, 112, 113)  # float32: no scale factors
+                        else {
+                            "A_SF": a_sf,
+                            "V_SF": -1,
+                            "W_SF": w_sf_16,
+                            "Hz_SF": -2,
+                            "VA_SF": w_sf_16,
+                            "VAr_SF": w_sf_16,
+                            "PF_SF": -1,
+                            "WH_SF": 0,
+                        }
+                    ),
+                    "PhVphA": _AC_VOLTS,
+                    "Hz": _HZ,
+                    "VAr": 0,
+                    "PF": 100.0,
+                    "Evt1": 0,
+                },
+                MODEL_NAMEPLATE: {
+                    "DERTyp": _DER_TYPE_PV_STOR,
+                    "WRtg_SF": w_sf_u16,
+                    "WHRtg_SF": wh_sf,
+                    "MaxChaRte_SF": w_sf_u16,
+                    "MaxDisChaRte_SF": w_sf_u16,
+                    "WRtg": wmax,
+                    "WHRtg": wh,
+                    "MaxChaRte": cha_w,
+                    "MaxDisChaRte": dis_w,
+                },
+                MODEL_SETTINGS: {"WMax_SF": w_sf_u16, "WMax": wmax},
+                MODEL_CONTROLS: {
+                    "WMaxLimPct_SF": -1,
+                    "Conn_WinTms": 0,
+                    "Conn_RvrtTms": 0,
+                    "Conn": 1,
+                    "WMaxLimPct": 100.0,
+                    "WMaxLimPct_WinTms": 0,
+                    "WMaxLimPct_RvrtTms": 0,
+                    "WMaxLimPct_RmpTms": 0,
+                    "WMaxLim_Ena": 0,
+                },
+                MODEL_STORAGE: {
+                    "WChaMax_SF": w_sf_u16,
+                    "MinRsvPct_SF": 0,
+                    "ChaState_SF": -1,
+                    "StorAval_SF": wh_sf,
+                    "InOutWRte_SF": -1,
+                    "WChaMax": wmax,
+                    "StorCtl_Mod": 0,
+                    "MinRsvPct": round(self.min_soc_pct),
+                    "OutWRte": 100.0,
+                    "InWRte": 100.0,
+                    "InOutWRte_WinTms": 0,
+                    "InOutWRte_RvrtTms": 0,
+                    "InOutWRte_RmpTms": 0,
+                    "ChaGriSet": 1,
+                },
+            }
         return {
-            MODEL_COMMON: {
-                "Mn": manufacturer,
-                "Md": model_name,
-                "Vr": "1.0.0",
-                "SN": serial,
-                "DA": self.unit_id,
-            },
+            MODEL_COMMON: common,
             MODEL_DER_MEASURE_AC: {
                 "A_SF": a_sf,
                 "V_SF": -1,
@@ -319,26 +365,6 @@ class SunSpecBatterySimulator:
 
     # ----------------------------------------------------------------------- image helpers
 
-    def _model_regs(self, model_id: int) -> list[int]:
-        where = self._where[model_id]
-        start = where.address - self.base_address
-        return self._image[start : start + where.size]
-
-    def _values(self, model_id: int) -> dict[str, PointValue | None]:
-        return decode_model(self._defs[model_id], self._model_regs(model_id))
-
-    def _set(self, model_id: int, values: Mapping[str, PointValue | None]) -> None:
-        start = self._where[model_id].address - self.base_address
-        for offset, regs in encode_points(self._defs[model_id], values, self._sfs[model_id]):
-            self._image[start + offset : start + offset + len(regs)] = regs
-
-    def read_registers(self, address: int, count: int) -> list[int]:
-        """A snapshot of ``count`` registers at ``address`` (what a client would read now)."""
-        start = address - self.base_address
-        if start < 0 or count < 0 or start + count > len(self._image):
-            raise ValueError(f"{count} registers at {address} are outside the map")
-        return self._image[start : start + count]
-
     # ----------------------------------------------------------------------- observable state
 
     @property
@@ -352,19 +378,55 @@ class SunSpecBatterySimulator:
 
     @property
     def wset_enabled(self) -> bool:
-        return self._values(MODEL_DER_AC_CONTROLS).get("WSetEna") == _ENABLED
+        if self.legacy:
+            return self.values(MODEL_STORAGE).get("StorCtl_Mod") not in (0, None)
+        return self.values(MODEL_DER_AC_CONTROLS).get("WSetEna") == _ENABLED
 
     @property
     def wset_w(self) -> float | None:
-        """``WSet`` in watts, SunSpec sign (+ injecting)."""
-        value = self._values(MODEL_DER_AC_CONTROLS).get("WSet")
+        """``WSet`` in watts, SunSpec sign (+ injecting); legacy: the 124 window's point."""
+        if self.legacy:
+            if not self.wset_enabled:
+                return None
+            return self._legacy_window_w(self.values(MODEL_STORAGE))[1]
+        value = self.values(MODEL_DER_AC_CONTROLS).get("WSet")
         return None if value is None else float(value)
 
-    def inject_exception(self, code: int, count: int = 1) -> None:
-        """Answer the next ``count`` requests with Modbus exception ``code``."""
-        self._pending_exceptions.extend([ExcCodes(code)] * count)
-
     # ----------------------------------------------------------------------- physics
+
+    def _legacy_window_w(self, stor: Mapping[str, PointValue | None]) -> tuple[float, float]:
+        """The 124 window in watts, SunSpec sign: (most absorbing, most injecting)."""
+        base = float(stor.get("WChaMax") or 0)
+        mode = stor.get("StorCtl_Mod")
+        bits = mode if isinstance(mode, int) else 0
+        low = -self.max_charge_kw * 1000
+        high = self.max_discharge_kw * 1000
+        in_pct, out_pct = stor.get("InWRte"), stor.get("OutWRte")
+        if bits & _STOR_CHARGE_BIT and isinstance(in_pct, int | float):
+            low = max(low, -float(in_pct) * base / 100)
+        if bits & _STOR_DISCHARGE_BIT and isinstance(out_pct, int | float):
+            high = min(high, float(out_pct) * base / 100)
+        return low, max(low, high)
+
+    def _legacy_target_w(self) -> float:
+        ctl = self.values(MODEL_CONTROLS)
+        if ctl.get("Conn") == 0:
+            return 0.0
+        low, high = self._legacy_window_w(self.values(MODEL_STORAGE))
+        target = min(max(0.0, low), high)  # the point of the window nearest to idle
+        lim_pct = ctl.get("WMaxLimPct")
+        if ctl.get("WMaxLim_Ena") == _ENABLED and isinstance(lim_pct, int | float):
+            limit = max(self.max_charge_kw, self.max_discharge_kw) * 1000 * float(lim_pct) / 100
+            target = max(-limit, min(limit, target))
+        return self._soc_limited(target)
+
+    def _soc_limited(self, target: float) -> float:
+        soc = self.soc_pct
+        if target > 0 and soc <= self.min_soc_pct + 1e-9:
+            return 0.0
+        if target < 0 and soc >= self.max_soc_pct - 1e-9:
+            return 0.0
+        return target
 
     def _target_w(self, ctl: Mapping[str, PointValue | None]) -> float:
         if ctl.get("WSetEna") != _ENABLED:
@@ -383,18 +445,10 @@ class SunSpecBatterySimulator:
         if ctl.get("WMaxLimPctEna") == _ENABLED and isinstance(lim_pct, int | float):
             limit = max(self.max_charge_kw, self.max_discharge_kw) * 1000 * float(lim_pct) / 100
             target = max(-limit, min(limit, target))
-        soc = self.soc_pct
-        if target > 0 and soc <= self.min_soc_pct + 1e-9:
-            return 0.0
-        if target < 0 and soc >= self.max_soc_pct - 1e-9:
-            return 0.0
-        return target
+        return self._soc_limited(target)
 
-    def _advance(self) -> None:
+    def _step(self, now: float, dt: float) -> None:
         """Integrate energy since the last step, apply reversion, then follow the controls."""
-        now = asyncio.get_running_loop().time()
-        dt = 0.0 if self._last_step is None else now - self._last_step
-        self._last_step = now
         if dt > 0:
             hours = dt * self.time_scale / 3600
             wh = self._power_w * hours
@@ -411,10 +465,30 @@ class SunSpecBatterySimulator:
                 self._wh_absorbed += (after - before) * 1000
             self._energy_kwh = after
             self._heartbeat = (self._heartbeat + 1) % _UINT16_MAX
-        ctl = self._values(MODEL_DER_AC_CONTROLS)
-        self._revert_if_due(ctl, now)
-        self._power_w = self._target_w(ctl)
+        if self.legacy:
+            self._revert_legacy_if_due(now)
+            self._power_w = self._legacy_target_w()
+        else:
+            ctl = self.values(MODEL_DER_AC_CONTROLS)
+            self._revert_if_due(ctl, now)
+            self._power_w = self._target_w(ctl)
         self._refresh()
+
+    def _revert_legacy_if_due(self, now: float) -> None:
+        """Legacy reversion: the 124 window and the 123 cap each lapse after their timeout."""
+        stor = self.values(MODEL_STORAGE)
+        tms = stor.get("InOutWRte_RvrtTms")
+        written = self._control_written_at
+        if written is not None and isinstance(tms, int) and tms > 0 and now - written >= tms:
+            self._set(MODEL_STORAGE, {"StorCtl_Mod": 0})
+            self._control_written_at = None
+            log.info("simulated battery %s: storage window lapsed after %s s", self.port, tms)
+        ctl = self.values(MODEL_CONTROLS)
+        tms = ctl.get("WMaxLimPct_RvrtTms")
+        written = self._limit_written_at
+        if written is not None and isinstance(tms, int) and tms > 0 and now - written >= tms:
+            self._set(MODEL_CONTROLS, {"WMaxLim_Ena": 0})
+            self._limit_written_at = None
 
     def _revert_if_due(self, ctl: dict[str, PointValue | None], now: float) -> None:
         """SunSpec reversion: no control write within ``WSetRvrtTms`` → reversion values."""
@@ -441,10 +515,42 @@ class SunSpecBatterySimulator:
         log.info("simulated battery %s reverted: no control write for %s s", self.port, tms)
 
     def _refresh(self) -> None:
-        """Write the measured values (701, 713, 802) into the image."""
+        """Write the measured values (701, 713, 802; legacy 103 and 124) into the image."""
         w = self._power_w
         soc = self.soc_pct
         amps_ac = abs(w) / _AC_VOLTS
+        if w > 0:
+            status = _CHA_DISCHARGING
+        elif w < 0:
+            status = _CHA_CHARGING
+        elif soc >= self.max_soc_pct - 1e-9:
+            status = _CHA_FULL
+        elif soc <= self.min_soc_pct + 1e-9:
+            status = _CHA_EMPTY
+        else:
+            status = _CHA_HOLDING
+        low_kwh = self.capacity_kwh * self.min_soc_pct / 100
+        if self.legacy:
+            self._set(
+                self.measurement,
+                {
+                    "W": round(w),
+                    "VA": round(abs(w)),
+                    "A": round(amps_ac, 1),
+                    "AphA": round(amps_ac, 1),
+                    "St": _ST_MPPT if w else _ST_STANDBY,
+                    "WH": max(1, round(self._wh_injected)),  # acc32: 0 means "not implemented"
+                },
+            )
+            self._set(
+                MODEL_STORAGE,
+                {
+                    "ChaState": round(soc, 1),
+                    "ChaSt": status,
+                    "StorAval": round(max(0.0, self._energy_kwh - low_kwh) * 1000),
+                },
+            )
+            return
         self._set(
             MODEL_DER_MEASURE_AC,
             {
@@ -463,7 +569,6 @@ class SunSpecBatterySimulator:
                 "TotWhAbs": round(self._wh_absorbed),
             },
         )
-        low_kwh = self.capacity_kwh * self.min_soc_pct / 100
         self._set(
             MODEL_DER_STORAGE_CAPACITY,
             {
@@ -471,16 +576,6 @@ class SunSpecBatterySimulator:
                 "WHAvail": round(max(0.0, self._energy_kwh - low_kwh) * 1000),
             },
         )
-        if w > 0:
-            status = _CHA_DISCHARGING
-        elif w < 0:
-            status = _CHA_CHARGING
-        elif soc >= self.max_soc_pct - 1e-9:
-            status = _CHA_FULL
-        elif soc <= self.min_soc_pct + 1e-9:
-            status = _CHA_EMPTY
-        else:
-            status = _CHA_HOLDING
         self._set(
             MODEL_BATTERY,
             {
@@ -493,91 +588,34 @@ class SunSpecBatterySimulator:
             },
         )
 
-    async def _run_physics(self) -> None:
-        while True:
-            await asyncio.sleep(self.step_s)
-            self._advance()
+    def _written(self, model_id: int, now: float) -> None:
+        if model_id in (MODEL_DER_AC_CONTROLS, MODEL_STORAGE):
+            self._control_written_at = now
+        elif model_id == MODEL_CONTROLS:
+            self._limit_written_at = now
 
-    # ----------------------------------------------------------------------- Modbus side
-
-    async def _action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        """pymodbus hook for every request to our unit id (see the module docstring)."""
-        if self.latency_s > 0:
-            await asyncio.sleep(self.latency_s)
-        writing = set_values is not None and function_code in _WRITE_FCS
-        if writing:
-            self.write_count += 1
-        if self._pending_exceptions:
-            if writing:
-                self.rejected_write_count += 1
-            return self._pending_exceptions.pop(0)
-        if writing and self.reject_writes is not None:
-            self.rejected_write_count += 1
-            return ExcCodes(self.reject_writes)
-        if function_code not in _READ_FCS | _WRITE_FCS:
-            return ExcCodes.ILLEGAL_FUNCTION
-        if writing:
-            code = self._write(address, [int(v) for v in set_values or ()])
-            if code is not None:
-                self.rejected_write_count += 1
-                return code
-            return None
-        base = address - start_address
-        registers[base : base + count] = self.read_registers(address, count)
-        return None
-
-    def _write(self, address: int, values: list[int]) -> ExcCodes | None:
-        """Validate and apply one write; on any refusal nothing changes."""
-        end = address + len(values)
-        where = next((m for m in self._where.values() if m.address <= address < m.end), None)
-        if where is None or end > where.end:
-            return ExcCodes.ILLEGAL_ADDRESS
-        model_def = self._defs[where.model_id]
-        rel, rel_end = address - where.address, end - where.address
-        touched = [p for p in model_def.points.values() if p.offset < rel_end and p.end > rel]
-        if any(not p.writable or p.offset < rel or p.end > rel_end for p in touched):
-            return ExcCodes.ILLEGAL_ADDRESS
-        block = self._model_regs(where.model_id)
-        block[rel:rel_end] = values
-        if not self._valid(model_def, block, touched):
-            return ExcCodes.ILLEGAL_VALUE
-        start = where.address - self.base_address
-        self._image[start : start + where.size] = block
-        if where.model_id == MODEL_DER_AC_CONTROLS:
-            self._control_written_at = asyncio.get_running_loop().time()
-            self._advance()
-        return None
-
-    def _valid(self, model_def: ModelDef, block: list[int], touched: list[PointDef]) -> bool:
-        try:
-            values = decode_model(model_def, block, sfs=self._sfs[model_def.model_id])
-        except SunSpecError:
-            return False
-        for point in touched:
-            value = values.get(point.name)
-            if point.type == "string":
-                continue
-            if value is None:
-                return False  # "not implemented" is not a setting
-            raw = decode_point(point, block[point.offset : point.end])
-            is_enum = point.type.startswith("enum") and bool(point.symbols)
-            if is_enum and raw not in point.symbols.values():
+    def _check(
+        self, model_id: int, values: Mapping[str, PointValue | None], names: set[str]
+    ) -> bool:
+        model_def = self._defs[model_id]
+        for name in names:
+            rating = model_def.points.get(name + "Rtg")
+            value, limit = values.get(name), None if rating is None else values.get(rating.name)
+            if (
+                not name.endswith("Min")
+                and isinstance(value, int | float)
+                and isinstance(limit, int | float)
+                and float(value) > float(limit)
+            ):
                 return False
-            rating = model_def.points.get(point.name + "Rtg")
-            if rating is not None and not point.name.endswith("Min"):
-                limit = values.get(rating.name)
-                if isinstance(limit, int | float) and float(value) > float(limit):
+        if model_id == MODEL_STORAGE:
+            for name in ("InWRte", "OutWRte"):
+                if name in names and abs(float(values[name] or 0)) > 100:
                     return False
-        if model_def.model_id == MODEL_DER_AC_CONTROLS:
-            names = {p.name for p in touched}
+        cap = float(values.get("WMaxLimPct") or 0)
+        if model_id == MODEL_CONTROLS and "WMaxLimPct" in names and not 0 <= cap <= 100:
+            return False
+        if model_id == MODEL_DER_AC_CONTROLS:
             for name in ("WSet", "WSetRvrt"):
                 if name in names:
                     watts = float(values[name] or 0)
@@ -590,104 +628,6 @@ class SunSpecBatterySimulator:
                 if name in names and not 0 <= float(values[name] or 0) <= 100:
                     return False
         return True
-
-    async def _reject_unknown_unit(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        return ExcCodes.DEVICE_FAILURE
-
-    def _devices(self) -> list[SimDevice]:
-        ours = SimDevice(
-            id=self.unit_id,
-            simdata=SimData(
-                address=self.base_address,
-                count=len(self._image),
-                values=0,
-                datatype=DataType.REGISTERS,
-            ),
-            action=self._action,
-        )
-        others = SimDevice(
-            id=0,
-            # Same span as our map: small (a full 64 Ki-register block would cost ~1 MB per
-            # simulator), and outside it pymodbus answers 2 before any action runs.
-            simdata=SimData(
-                address=self.base_address,
-                count=len(self._image),
-                values=0,
-                datatype=DataType.REGISTERS,
-            ),
-            action=self._reject_unknown_unit,
-        )
-        return [ours, others]
-
-    async def _listen(self) -> None:
-        server = ModbusTcpServer(self._devices(), address=(self.host, self.port))
-        await server.serve_forever(background=True)
-        self._server = server
-        # After listen() pymodbus's transport is the asyncio.Server: ask it for the bound port.
-        sockets = getattr(server.transport, "sockets", None) or ()
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
-
-    async def _unlisten(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            # close() closes the listening socket and every open connection (it is what
-            # shutdown() does, minus resolving serve_forever's future, which we do not await).
-            server.close()
-
-    # ----------------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
-        """Listen (``port`` is the bound port afterwards) and start the physics task."""
-        if self._physics is not None:
-            return
-        self._advance()
-        await self._listen()
-        self._physics = asyncio.create_task(self._run_physics(), name=f"sunspec-sim-{self.port}")
-
-    async def stop(self) -> None:
-        """Stop serving and stop the physics task; safe to call twice or while cancelled."""
-        task, self._physics = self._physics, None
-        try:
-            await self._unlisten()
-        finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def set_offline(self, offline: bool) -> None:
-        """Drop off the network (close listener and connections), or come back on the same port.
-
-        Physics keeps running while offline, as a real battery would.
-        """
-        if offline == self._offline:
-            return
-        self._offline = offline
-        if offline:
-            await self._unlisten()
-        elif self._physics is not None:
-            await self._listen()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def serve_battery(port: int, **kwargs: Any) -> None:

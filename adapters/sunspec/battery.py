@@ -1,10 +1,18 @@
-"""A battery (inverter) reached over Modbus/TCP with the SunSpec DER models.
+"""A battery (inverter) reached over Modbus/TCP with the SunSpec DER models, or the legacy ones.
 
 The adapter joins the pure SunSpec codec (``protocols.sunspec``) to a register transport
 (``protocols.modbus``). It discovers the map once per connection, caches ratings and scale
 factors, then polls with two small reads: 701 ``W`` and 713 (or 802) state of charge. Control goes
 through 704 ``WSet`` in watts, with a reversion timer so the battery returns to idle by itself if
 the gateway stops talking to it.
+
+A device that shows only the legacy models (1, 101–103 or 111–113, 120, 121, 123, 124: how most
+deployed storage inverters present themselves) is driven through them instead: power from the
+1xx ``W``, ratings from 120/121/124, state of charge from 124 ``ChaState``, and a setpoint as a
+124 charge/discharge window collapsed onto one point (``InWRte = -OutWRte``, percent of
+``WChaMax``, ``StorCtl_Mod`` both bits), with ``InOutWRte_RvrtTms`` as the reversion timer.
+Autonomous limits go to 123 ``WMaxLimPct`` (percent of 121 ``WMax``). A legacy device whose 124
+cannot express a setpoint is still read, and each setpoint to it is refused with a reason.
 
 Retrying and availability bookkeeping are the supervisor's job, not this adapter's.
 """
@@ -13,43 +21,36 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from pydantic import Field
-
+from adapters.sunspec.connection import SunSpecConnection, SunSpecEndpoint, positive
 from gateway.devices import DeviceProtocolError, DeviceRejected, DeviceUnavailable, UnsafeCommand
 from protocols.modbus import (
-    ModbusExceptionResponse,
-    ModbusTcpTransport,
-    ModbusTransportError,
     RegisterTransport,
 )
 from protocols.sunspec import (
-    BASE_ADDRESSES,
+    LEGACY_INVERTER_MODELS,
     MODEL_BATTERY,
     MODEL_COMMON,
+    MODEL_CONTROLS,
     MODEL_DER_AC_CONTROLS,
     MODEL_DER_CAPACITY,
     MODEL_DER_MEASURE_AC,
     MODEL_DER_STORAGE_CAPACITY,
-    MapNotFound,
-    MapTruncated,
+    MODEL_NAMEPLATE,
+    MODEL_SETTINGS,
+    MODEL_STORAGE,
     ModelDef,
     ModelLocation,
     PointValue,
-    SunSpecError,
     SunSpecMap,
-    ValueOutOfRange,
     decode_model,
     decode_scale_factors,
-    encode_points,
     load_model_def,
-    parse_model_chain,
 )
-from unified.model import DeviceCommand, DeviceState, Frozen, utcnow
+from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = ["RATING_TOLERANCE", "SunSpecBattery", "SunSpecEndpoint"]
 
@@ -68,24 +69,13 @@ _M702 = load_model_def(MODEL_DER_CAPACITY)
 _M704 = load_model_def(MODEL_DER_AC_CONTROLS)
 _M713 = load_model_def(MODEL_DER_STORAGE_CAPACITY)
 _M802 = load_model_def(MODEL_BATTERY)
-
-
-class SunSpecEndpoint(Frozen):
-    """Where a SunSpec device is and how to talk to it."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
-    unit_id: int = Field(default=1, ge=1, le=247)
-    timeout_s: float = Field(default=2.0, gt=0, le=60)
-    base_address: int | None = Field(
-        default=None, ge=0, le=65535, description="None: look at 40000, then 0, then 50000"
-    )
-    setpoint_revert_s: int = Field(
-        default=300,
-        ge=1,
-        le=86_400,
-        description="704 WSetRvrtTms: the battery idles if no setpoint arrives for this long",
-    )
+_M120 = load_model_def(MODEL_NAMEPLATE)
+_M121 = load_model_def(MODEL_SETTINGS)
+_M123 = load_model_def(MODEL_CONTROLS)
+_M124 = load_model_def(MODEL_STORAGE)
+#: 124 ``StorCtl_Mod``: bit 0 enables the charge limit, bit 1 the discharge limit.
+_STOR_BOTH_LIMITS: Final = 0b11
+_UINT16_TIMER_MAX: Final = 0xFFFE
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +84,14 @@ class _Discovered:
 
     layout: SunSpecMap
     measure: ModelLocation
-    controls: ModelLocation
+    measure_def: ModelDef
+    """701, or a legacy 1xx inverter model."""
+    controls: ModelLocation | None
+    """704, or legacy 123 (None: the legacy device takes no limit)."""
     soc_model: ModelDef
     soc_location: ModelLocation
-    sfs_701: Mapping[str, int | None]
-    sfs_704: Mapping[str, int | None]
+    sfs_measure: Mapping[str, int | None]
+    sfs_controls: Mapping[str, int | None]
     sfs_soc: Mapping[str, int | None]
     max_charge_kw: float
     max_discharge_kw: float
@@ -106,7 +99,15 @@ class _Discovered:
     wmax_kw: float
     """What 704 ``WMaxLimPct`` is a percentage of (702 ``WMaxRtg``, else the larger rating)."""
     limit_enabled: bool
-    """704 ``WMaxLimPctEna`` as found at connect."""
+    """704 ``WMaxLimPctEna`` (123 ``WMaxLim_Ena``) as found at connect."""
+    legacy: bool = False
+    storage: ModelLocation | None = None
+    """Legacy: 124, where setpoints go."""
+    sfs_storage: Mapping[str, int | None] | None = None
+    rate_base_w: float = 0.0
+    """Legacy: 124 ``WChaMax``, what ``InWRte`` and ``OutWRte`` are percentages of."""
+    no_setpoint: str | None = None
+    """Legacy: why this device cannot take a power setpoint (None: it can)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +118,9 @@ class _Setpoint:
     valid_until: float  # time.monotonic()
 
 
-class SunSpecBattery:
-    """The DeviceAdapter for a SunSpec battery (models 1/701/702/704/713/802)."""
+class SunSpecBattery(SunSpecConnection):
+    """The DeviceAdapter for a SunSpec battery (models 1/701/702/704/713/802, or legacy
+    1/1xx/120/121/123/124)."""
 
     def __init__(
         self,
@@ -127,69 +129,16 @@ class SunSpecBattery:
         *,
         transport: RegisterTransport | None = None,
     ) -> None:
-        self._device_id = device_id
-        self._endpoint = endpoint
-        self._transport: RegisterTransport = transport or ModbusTcpTransport(
-            endpoint.host,
-            endpoint.port,
-            device_id=endpoint.unit_id,
-            timeout_s=endpoint.timeout_s,
-        )
+        super().__init__(device_id, endpoint, transport=transport)
         self._found: _Discovered | None = None
         self._limit_on: bool | None = None  # None: unknown (after a connect), so clear it once
         self._limit_pct: float | None = None
         self._setpoint: _Setpoint | None = None
 
     @property
-    def device_id(self) -> str:
-        return self._device_id
-
-    @property
-    def source(self) -> str:
-        ep = self._endpoint
-        return f"sunspec:{ep.host}:{ep.port}/{ep.unit_id}"
-
-    @property
     def layout(self) -> SunSpecMap | None:
         """The discovered map (None before connect)."""
         return None if self._found is None else self._found.layout
-
-    # ----------------------------------------------------------------------- error mapping
-
-    @contextmanager
-    def _translate(self, doing: str) -> Iterator[None]:
-        """The one place transport and codec errors become adapter errors."""
-        try:
-            yield
-        except ModbusExceptionResponse as exc:
-            raise DeviceRejected(
-                self._device_id, f"{doing}: {exc}", code=exc.exception_code
-            ) from exc
-        except ModbusTransportError as exc:
-            # Timeouts, refused or lost connections, garbled answers: the device is not usable
-            # right now; the supervisor reconnects.
-            raise DeviceUnavailable(self._device_id, f"{doing}: {exc}") from exc
-        except SunSpecError as exc:
-            raise DeviceProtocolError(self._device_id, f"{doing}: {exc}") from exc
-
-    async def _read(self, address: int, count: int) -> list[int]:
-        return await self._transport.read_holding(address, count)
-
-    async def _read_model(
-        self, location: ModelLocation, model_def: ModelDef, *names: str
-    ) -> tuple[list[int], int]:
-        """Registers covering ``names`` (all of the model if none), and their model offset."""
-        if names:
-            offset, count = model_def.span(*names)
-        else:
-            offset, count = 0, min(location.size, model_def.size)
-        if offset + count > location.size:
-            raise DeviceProtocolError(
-                self._device_id,
-                f"model {location.model_id} is {location.length} registers long, "
-                f"too short for its definition",
-            )
-        return await self._read(location.address + offset, count), offset
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -214,38 +163,12 @@ class SunSpecBattery:
         self._setpoint = None
         await self._transport.close()
 
-    async def _find_map(self) -> SunSpecMap:
-        bases = (
-            (self._endpoint.base_address,)
-            if self._endpoint.base_address is not None
-            else BASE_ADDRESSES
-        )
-        for base in bases:
-            image: dict[int, int] = {}
-            while True:
-                try:
-                    return parse_model_chain(image, base)
-                except MapNotFound:
-                    break
-                except MapTruncated as need:
-                    try:
-                        regs = await self._read(need.address, need.count)
-                    except ModbusExceptionResponse as exc:
-                        if exc.exception_code not in {_ILLEGAL_ADDRESS, _ILLEGAL_VALUE}:
-                            raise
-                        if need.address == base:
-                            break  # nothing mapped at this base: try the next one
-                        if need.count > 1:
-                            # Some devices omit the end marker's length register.
-                            regs = await self._read(need.address, 1)
-                        else:
-                            raise
-                    addresses = range(need.address, need.address + len(regs))
-                    image.update(zip(addresses, regs, strict=True))
-        raise MapNotFound(bases[-1])
-
     async def _discover(self) -> _Discovered:
         layout = await self._find_map()
+        has_der = MODEL_DER_MEASURE_AC in layout and MODEL_DER_AC_CONTROLS in layout
+        legacy_measure = next((m for m in LEGACY_INVERTER_MODELS if m in layout), None)
+        if not has_der and legacy_measure is not None and MODEL_STORAGE in layout:
+            return await self._discover_legacy(layout, layout.find(legacy_measure))
         missing = [
             m
             for m in (MODEL_COMMON, MODEL_DER_MEASURE_AC, MODEL_DER_AC_CONTROLS)
@@ -254,8 +177,10 @@ class SunSpecBattery:
         if MODEL_DER_STORAGE_CAPACITY not in layout and MODEL_BATTERY not in layout:
             missing.append(MODEL_DER_STORAGE_CAPACITY)
         if missing:
+            legacy = f"; or legacy 1, one of {list(LEGACY_INVERTER_MODELS)}, {MODEL_STORAGE}"
             raise DeviceProtocolError(
-                self._device_id, f"SunSpec map lacks model(s) {missing} (has {layout.model_ids})"
+                self._device_id,
+                f"SunSpec map lacks model(s) {missing}{legacy} (has {layout.model_ids})",
             )
         measure = layout.find(MODEL_DER_MEASURE_AC)
         controls = layout.find(MODEL_DER_AC_CONTROLS)
@@ -285,21 +210,15 @@ class SunSpecBattery:
             regs, _ = await self._read_model(layout.find(MODEL_DER_CAPACITY), _M702)
             capacity = decode_model(_M702, regs)
 
-        def watts(*candidates: PointValue | None) -> float | None:
-            for value in candidates:
-                if isinstance(value, int | float) and value > 0:
-                    return float(value)
-            return None
-
-        wmax = watts(capacity.get("WMaxRtg"))
-        charge_w = watts(capacity.get("WChaRteMaxRtg"), battery.get("WChaRteMax"), wmax)
-        discharge_w = watts(capacity.get("WDisChaRteMaxRtg"), battery.get("WDisChaRteMax"), wmax)
+        wmax = positive(capacity.get("WMaxRtg"))
+        charge_w = positive(capacity.get("WChaRteMaxRtg"), battery.get("WChaRteMax"), wmax)
+        discharge_w = positive(capacity.get("WDisChaRteMaxRtg"), battery.get("WDisChaRteMax"), wmax)
         if charge_w is None or discharge_w is None:
             # Without ratings no command can be checked, so none may be sent.
             raise DeviceProtocolError(self._device_id, "no charge/discharge power ratings")
         if wmax is not None:
             charge_w, discharge_w = min(charge_w, wmax), min(discharge_w, wmax)
-        wh = watts(storage.get("WHRtg"), battery.get("WHRtg"))
+        wh = positive(storage.get("WHRtg"), battery.get("WHRtg"))
 
         if MODEL_DER_STORAGE_CAPACITY in layout and storage.get("Pct_SF") is not None:
             soc_model, soc_location = _M713, layout.find(MODEL_DER_STORAGE_CAPACITY)
@@ -312,17 +231,91 @@ class SunSpecBattery:
         return _Discovered(
             layout=layout,
             measure=measure,
+            measure_def=_M701,
             controls=controls,
             soc_model=soc_model,
             soc_location=soc_location,
-            sfs_701=sfs_701,
-            sfs_704=sfs_704,
+            sfs_measure=sfs_701,
+            sfs_controls=sfs_704,
             sfs_soc=sfs_soc,
             max_charge_kw=charge_w / 1000,
             max_discharge_kw=discharge_w / 1000,
             capacity_kwh=None if wh is None else wh / 1000,
             wmax_kw=(wmax if wmax is not None else max(charge_w, discharge_w)) / 1000,
             limit_enabled=limit_enabled == _ENABLED,
+        )
+
+    async def _discover_legacy(self, layout: SunSpecMap, measure: ModelLocation) -> _Discovered:
+        """Learn a legacy map: 1xx measurement, 120 nameplate, 121 settings, 123, 124."""
+        measure_def = load_model_def(measure.model_id)
+        scaled = measure_def.point("W").sf is not None
+        regs, offset = await self._read_model(
+            measure, measure_def, *(("W", "W_SF") if scaled else ("W",))
+        )
+        sfs_measure = decode_scale_factors(measure_def, regs, start_offset=offset)
+        if scaled and sfs_measure.get("W_SF") is None:
+            raise DeviceProtocolError(self._device_id, f"{measure.model_id} W_SF not implemented")
+
+        async def whole(model_def: ModelDef) -> dict[str, PointValue | None]:
+            if model_def.model_id not in layout:
+                return {}
+            regs, _ = await self._read_model(layout.find(model_def.model_id), model_def)
+            return decode_model(model_def, regs)
+
+        nameplate, settings, controls, storage = (
+            await whole(_M120),
+            await whole(_M121),
+            await whole(_M123),
+            await whole(_M124),
+        )
+
+        wmax = positive(settings.get("WMax"), nameplate.get("WRtg"))
+        base = positive(storage.get("WChaMax"))
+        charge_w = positive(nameplate.get("MaxChaRte"), base, wmax)
+        discharge_w = positive(nameplate.get("MaxDisChaRte"), base, wmax)
+        if charge_w is None or discharge_w is None:
+            raise DeviceProtocolError(self._device_id, "no charge/discharge power ratings")
+        # The window is in percent of WChaMax within ±100 %: nothing beyond it can be asked.
+        for bound in (wmax, base):
+            if bound is not None:
+                charge_w, discharge_w = min(charge_w, bound), min(discharge_w, bound)
+        if storage.get("ChaState_SF") is None:
+            raise DeviceProtocolError(self._device_id, "124 ChaState_SF not implemented")
+        no_setpoint: str | None = None
+        unimplemented = [
+            name
+            for name in ("StorCtl_Mod", "InWRte", "OutWRte", "InOutWRte_SF", "InOutWRte_RvrtTms")
+            if storage.get(name) is None
+        ]
+        if base is None:
+            no_setpoint = "124 WChaMax is not implemented: a charge rate has no base"
+        elif unimplemented:
+            no_setpoint = f"124 {', '.join(unimplemented)} not implemented"
+        wh = positive(nameplate.get("WHRtg"))
+        return _Discovered(
+            layout=layout,
+            measure=measure,
+            measure_def=measure_def,
+            controls=layout.find(MODEL_CONTROLS) if MODEL_CONTROLS in layout else None,
+            soc_model=_M124,
+            soc_location=layout.find(MODEL_STORAGE),
+            sfs_measure=sfs_measure,
+            sfs_controls={"WMaxLimPct_SF": _sf(controls.get("WMaxLimPct_SF"))},
+            sfs_soc={"ChaState_SF": _sf(storage.get("ChaState_SF"))},
+            max_charge_kw=charge_w / 1000,
+            max_discharge_kw=discharge_w / 1000,
+            capacity_kwh=None if wh is None else wh / 1000,
+            wmax_kw=(wmax if wmax is not None else max(charge_w, discharge_w)) / 1000,
+            limit_enabled=controls.get("WMaxLim_Ena") == _ENABLED,
+            legacy=True,
+            storage=layout.find(MODEL_STORAGE),
+            sfs_storage={
+                p.name: _sf(storage.get(p.name))
+                for p in _M124.points.values()
+                if p.type == "sunssf"
+            },
+            rate_base_w=base or 0.0,
+            no_setpoint=no_setpoint,
         )
 
     def _require(self) -> _Discovered:
@@ -335,16 +328,21 @@ class SunSpecBattery:
     async def read(self) -> DeviceState:
         found = self._require()
         with self._translate("read"):
-            regs, offset = await self._read_model(found.measure, _M701, "W")
-            measured = decode_model(_M701, regs, start_offset=offset, sfs=found.sfs_701)
-            regs, offset = await self._read_model(found.soc_location, found.soc_model, "SoC")
+            regs, offset = await self._read_model(found.measure, found.measure_def, "W")
+            measured = decode_model(
+                found.measure_def, regs, start_offset=offset, sfs=found.sfs_measure
+            )
+            soc_name = "ChaState" if found.legacy else "SoC"
+            regs, offset = await self._read_model(found.soc_location, found.soc_model, soc_name)
             soc = decode_model(found.soc_model, regs, start_offset=offset, sfs=found.sfs_soc).get(
-                "SoC"
+                soc_name
             )
             setpoint = await self._setpoint_in_force(found)
         watts = measured.get("W")
         if not isinstance(watts, int | float):
-            raise DeviceProtocolError(self._device_id, "701 W is not implemented")
+            raise DeviceProtocolError(
+                self._device_id, f"{found.measure.model_id} W is not implemented"
+            )
         if soc is not None and not (isinstance(soc, int | float) and 0 <= soc <= 100):
             raise DeviceProtocolError(self._device_id, f"state of charge {soc!r} out of range")
         return DeviceState(
@@ -370,8 +368,11 @@ class SunSpecBattery:
         cached = self._setpoint
         if cached is not None and now < cached.valid_until:
             return cached.power_kw
+        if found.legacy:
+            return await self._legacy_setpoint_in_force(found, now)
+        assert found.controls is not None  # a 7xx map always has 704
         regs, offset = await self._read_model(found.controls, _M704, "WSetEna", "WSetRvrtRem")
-        ctl = decode_model(_M704, regs, start_offset=offset, sfs=found.sfs_704)
+        ctl = decode_model(_M704, regs, start_offset=offset, sfs=found.sfs_controls)
         power: float | None = None
         wset = ctl.get("WSet")
         if (
@@ -385,6 +386,28 @@ class SunSpecBattery:
         remaining = ctl.get("WSetRvrtRem")
         if ctl.get("WSetEna") == _ENABLED and isinstance(remaining, int | float) and remaining > 0:
             lasts = min(lasts, float(remaining))
+        self._setpoint = _Setpoint(power, now + lasts)
+        return power
+
+    async def _legacy_setpoint_in_force(self, found: _Discovered, now: float) -> float | None:
+        """A 124 window collapsed onto one point is a setpoint; anything else is not."""
+        storage, sfs = _storage(found)
+        regs, offset = await self._read_model(storage, _M124, "StorCtl_Mod", "InOutWRte_RvrtTms")
+        stor = decode_model(_M124, regs, start_offset=offset, sfs=sfs)
+        power: float | None = None
+        in_pct, out_pct = stor.get("InWRte"), stor.get("OutWRte")
+        if (
+            stor.get("StorCtl_Mod") == _STOR_BOTH_LIMITS
+            and isinstance(in_pct, int | float)
+            and isinstance(out_pct, int | float)
+            and math.isclose(in_pct, -out_pct, abs_tol=1e-9)
+        ):
+            power = round(float(in_pct) * found.rate_base_w / 100) / 1000
+        lasts: float = self._endpoint.setpoint_revert_s
+        timer = stor.get("InOutWRte_RvrtTms")
+        if isinstance(timer, int) and timer > 0:
+            # 124 has no "time remaining" point: the full timer is an upper bound.
+            lasts = min(lasts, float(timer))
         self._setpoint = _Setpoint(power, now + lasts)
         return power
 
@@ -411,6 +434,9 @@ class SunSpecBattery:
         if command.device_id != self._device_id:
             raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
         found = self._require()
+        if found.legacy:
+            await self._apply_legacy(found, command)
+            return
         power_kw: float | None = None
         if command.power_kw is None:
             values: dict[str, PointValue | None] = {"WSetEna": _DISABLED}
@@ -429,14 +455,38 @@ class SunSpecBattery:
                 "WSetRvrtTms": self._endpoint.setpoint_revert_s,
             }
         # 0 is 0 at any scale factor, so an unimplemented WSetPct_SF cannot block the write.
-        sfs = {**found.sfs_704, "WSetPct_SF": found.sfs_704.get("WSetPct_SF") or 0}
-        try:
-            runs = encode_points(_M704, values, sfs)
-        except ValueOutOfRange as exc:
-            raise UnsafeCommand(self._device_id, str(exc)) from exc
-        with self._translate("apply"):
-            for offset, regs in runs:
-                await self._transport.write_registers(found.controls.address + offset, regs)
+        sfs = {**found.sfs_controls, "WSetPct_SF": found.sfs_controls.get("WSetPct_SF") or 0}
+        assert found.controls is not None  # a 7xx map always has 704
+        await self._write_points(found.controls, _M704, values, sfs)
+        self._setpoint = _Setpoint(power_kw, time.monotonic() + self._endpoint.setpoint_revert_s)
+
+    async def _apply_legacy(self, found: _Discovered, command: DeviceCommand) -> None:
+        """A setpoint as a 124 window of one point; a release clears ``StorCtl_Mod``.
+
+        The window and its reversion timer go in one write before the mode that enables them,
+        so the device never runs an enabled window without its timer.
+        """
+        storage, sfs = _storage(found)
+        if command.power_kw is None:
+            await self._write_limit(found, command.export_limit_kw, command.import_limit_kw)
+            if found.no_setpoint is None:  # a device that cannot take one has none to release
+                await self._write_points(storage, _M124, {"StorCtl_Mod": 0}, {})
+            self._setpoint = _Setpoint(None, time.monotonic() + self._endpoint.setpoint_revert_s)
+            return
+        power_kw = self._checked_kw(found, command.power_kw)
+        if found.no_setpoint is not None:
+            raise DeviceRejected(self._device_id, f"cannot take a setpoint: {found.no_setpoint}")
+        await self._write_limit(found, None, None)
+        pct = power_kw * 1000 / found.rate_base_w * 100  # + charges
+        window: dict[str, PointValue | None] = {
+            "OutWRte": -pct,
+            "InWRte": pct,
+            "InOutWRte_WinTms": 0,
+            "InOutWRte_RvrtTms": min(self._endpoint.setpoint_revert_s, _UINT16_TIMER_MAX),
+            "InOutWRte_RmpTms": 0,
+        }
+        await self._write_points(storage, _M124, window, sfs)
+        await self._write_points(storage, _M124, {"StorCtl_Mod": _STOR_BOTH_LIMITS}, {})
         self._setpoint = _Setpoint(power_kw, time.monotonic() + self._endpoint.setpoint_revert_s)
 
     async def _write_limit(
@@ -449,10 +499,11 @@ class SunSpecBattery:
         """
         caps = [x for x in (export_kw, import_kw) if x is not None]
         pct: float | None = None
+        enable = "WMaxLim_Ena" if found.legacy else "WMaxLimPctEna"
         if not caps:
-            if self._limit_on is False:
-                return  # already off: no write
-            values: dict[str, PointValue | None] = {"WMaxLimPctEna": _DISABLED}
+            if self._limit_on is False or found.controls is None:
+                return  # already off (or nothing that could be on): no write
+            values: dict[str, PointValue | None] = {enable: _DISABLED}
         else:
             limit_kw = min(caps)
             if not math.isfinite(limit_kw) or limit_kw < 0:
@@ -460,24 +511,42 @@ class SunSpecBattery:
             pct = min(100.0, limit_kw / found.wmax_kw * 100)
             if self._limit_on and self._limit_pct is not None and abs(pct - self._limit_pct) < 0.05:
                 return  # the same cap is in force
-            values = {
-                "WMaxLimPctEna": _ENABLED,
-                "WMaxLimPct": pct,
-                "WMaxLimPctRvrt": pct,
-                "WMaxLimPctEnaRvrt": _ENABLED,
-                "WMaxLimPctRvrtTms": 0,
-            }
-        try:
-            runs = encode_points(_M704, values, found.sfs_704)
-        except ValueOutOfRange as exc:
-            raise UnsafeCommand(self._device_id, str(exc)) from exc
-        with self._translate("apply"):
-            for offset, regs in runs:
-                await self._transport.write_registers(found.controls.address + offset, regs)
+            if found.controls is None:
+                raise DeviceRejected(self._device_id, "no model 123: cannot take a power limit")
+            if found.sfs_controls.get("WMaxLimPct_SF") is None:
+                raise DeviceRejected(self._device_id, "WMaxLimPct_SF is not implemented")
+        if found.controls is None:
+            return
+        if found.legacy:
+            if pct is not None:
+                values = {
+                    "WMaxLimPct": pct,
+                    "WMaxLimPct_WinTms": 0,
+                    "WMaxLimPct_RvrtTms": 0,  # a safety limit must not lapse
+                    "WMaxLimPct_RmpTms": 0,
+                    "WMaxLim_Ena": _ENABLED,
+                }
+            model_def = _M123
+        else:
+            if pct is not None:
+                values = {
+                    "WMaxLimPctEna": _ENABLED,
+                    "WMaxLimPct": pct,
+                    "WMaxLimPctRvrt": pct,
+                    "WMaxLimPctEnaRvrt": _ENABLED,
+                    "WMaxLimPctRvrtTms": 0,
+                }
+            model_def = _M704
+        await self._write_points(found.controls, model_def, values, found.sfs_controls)
         self._limit_on = bool(caps)
         self._limit_pct = pct
 
     # ----------------------------------------------------------------------- diagnostics
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the device is driven through the legacy 1xx models (False before connect)."""
+        return self._found is not None and self._found.legacy
 
     async def registers(self, model_id: int) -> dict[str, PointValue | None]:
         """Read and decode a whole model (diagnostics; not used when polling)."""
@@ -487,3 +556,13 @@ class SunSpecBattery:
             location = found.layout.find(model_id)
             regs, _ = await self._read_model(location, model_def)
             return decode_model(model_def, regs)
+
+
+def _sf(value: PointValue | None) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _storage(found: _Discovered) -> tuple[ModelLocation, Mapping[str, int | None]]:
+    if found.storage is None or found.sfs_storage is None:
+        raise RuntimeError("a legacy device was discovered without model 124")
+    return found.storage, found.sfs_storage

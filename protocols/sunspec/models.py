@@ -21,12 +21,25 @@ from typing import Any, Final, Literal
 from protocols.sunspec.errors import UnknownModel, UnknownPoint, UnsupportedModel
 
 __all__ = [
+    "LEGACY_INVERTER_MODELS",
+    "METER_MODELS",
     "MODEL_BATTERY",
     "MODEL_COMMON",
+    "MODEL_CONTROLS",
     "MODEL_DER_AC_CONTROLS",
     "MODEL_DER_CAPACITY",
     "MODEL_DER_MEASURE_AC",
     "MODEL_DER_STORAGE_CAPACITY",
+    "MODEL_INVERTER_1PH",
+    "MODEL_INVERTER_1PH_FLOAT",
+    "MODEL_INVERTER_3PH",
+    "MODEL_INVERTER_3PH_FLOAT",
+    "MODEL_INVERTER_SPLIT",
+    "MODEL_INVERTER_SPLIT_FLOAT",
+    "MODEL_NAMEPLATE",
+    "MODEL_SETTINGS",
+    "MODEL_STATUS",
+    "MODEL_STORAGE",
     "POINT_TYPE_SIZES",
     "ModelDef",
     "PointDef",
@@ -40,6 +53,32 @@ MODEL_DER_CAPACITY: Final = 702
 MODEL_DER_AC_CONTROLS: Final = 704
 MODEL_DER_STORAGE_CAPACITY: Final = 713
 MODEL_BATTERY: Final = 802
+
+# The legacy ("1xx") inverter models most deployed inverters and many storage systems still present.
+MODEL_INVERTER_1PH: Final = 101
+MODEL_INVERTER_SPLIT: Final = 102
+MODEL_INVERTER_3PH: Final = 103
+MODEL_INVERTER_1PH_FLOAT: Final = 111
+MODEL_INVERTER_SPLIT_FLOAT: Final = 112
+MODEL_INVERTER_3PH_FLOAT: Final = 113
+MODEL_NAMEPLATE: Final = 120
+MODEL_SETTINGS: Final = 121
+MODEL_STATUS: Final = 122
+MODEL_CONTROLS: Final = 123
+MODEL_STORAGE: Final = 124
+
+#: Legacy inverter measurement models, in the order a device's map is searched for one (the
+#: integer models first: their scale factors are what most devices implement best).
+LEGACY_INVERTER_MODELS: Final = (
+    MODEL_INVERTER_3PH,
+    MODEL_INVERTER_SPLIT,
+    MODEL_INVERTER_1PH,
+    MODEL_INVERTER_3PH_FLOAT,
+    MODEL_INVERTER_SPLIT_FLOAT,
+    MODEL_INVERTER_1PH_FLOAT,
+)
+#: AC meter models (integer + scale factors 201–204), searched in this order before 701.
+METER_MODELS: Final = (203, 204, 202, 201)
 
 PointType = Literal[
     "int16",

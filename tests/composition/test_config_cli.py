@@ -61,6 +61,7 @@ def test_errors_name_the_exact_place() -> None:
         ({"devices": [device(1, adapter="carrier-pigeon")]}, "unknown adapter"),
         ({"devices": [device(1, sunspec=None)]}, "needs a [devices.sunspec]"),
         ({"devices": [device(1, der_class="thermostat")]}, "only drives der_class 'battery'"),
+        ({"devices": [device(1, adapter="sunspec_pv")]}, "only drives der_class 'pv'"),
         (
             {"devices": [device(1, location={"substation": "s", "transformer": "t"})]},
             "without a feeder",
@@ -280,3 +281,13 @@ def test_settlement_needs_a_time_zone_unless_it_is_off() -> None:
         "unknown time zone 'Mars/Olympus'" in p
         for p in problems({"devices": [device(1)], "settlement": {"timezone": "Mars/Olympus"}})
     )
+
+
+def test_a_pv_inverter_gets_the_sunspec_pv_adapter() -> None:
+    from adapters.sunspec.pv_inverter import SunSpecPvInverter
+    from composition.app import build_adapters
+
+    pv = device(1, adapter="sunspec_pv", der_class="pv")
+    config = parse_config({"devices": [pv], "settlement": {"timezone": "UTC"}})
+    adapters = build_adapters(config, None, None, lambda c, e: None)
+    assert isinstance(adapters["b1"], SunSpecPvInverter)

@@ -318,3 +318,27 @@ async def test_acks_are_stored_compactly_and_read_back_exactly(
     stored = await store.get("big")
     assert stored is not None
     assert stored.ack == ack
+
+
+async def test_pv_is_never_asked_to_import(store: CommandStore) -> None:
+    pv = Device(
+        device_id="pv1",
+        der_class=DerClass.PV,
+        adapter="sunspec_pv",
+        location=TopologyLocation(substation="s1", feeder="f1"),
+        ratings=BatteryRatings(max_charge_kw=6, max_discharge_kw=6, capacity_kwh=1),
+    )
+    book = CommandBook(store, Registry([*registry().devices(), pv]), Sink())
+    ack = await book.submit(
+        DeviceSetpoint(command_id="sp", device_id="pv1", kw=1.0, start=NOW, duration_s=60), NOW
+    )
+    assert (ack.state, ack.reason) == (AckState.REJECTED, Reason.BEYOND_RATINGS)
+    assert "cannot import" in (ack.detail or "")
+    # Curtailing it is fine ...
+    ack = await book.submit(
+        DeviceSetpoint(command_id="sp2", device_id="pv1", kw=-2.0, start=NOW, duration_s=60), NOW
+    )
+    assert ack.state is AckState.ACCEPTED
+    # ... and a charging dispatch is held to the batteries' charge ratings alone (2 × 5 kW).
+    ack = await book.submit(dispatch("d2", kw=12.0), NOW)
+    assert (ack.state, ack.reason) == (AckState.REJECTED, Reason.BEYOND_RATINGS)

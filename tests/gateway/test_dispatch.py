@@ -510,3 +510,41 @@ def test_an_ended_dispatchs_houses_are_released_as_the_rebound_leaves_room() -> 
     )
     assert set(floor.releasing) == {"t1", "t2", "t3"}
     assert floor.released == {"t0": ("d1", 3.0)}
+
+
+def pv(i: int, kw: float = 6.0) -> Device:
+    return Device(
+        device_id=f"pv{i}",
+        der_class=DerClass.PV,
+        adapter="sunspec_pv",
+        location=TopologyLocation(substation="s1", feeder="f1"),
+        # A PV inverter's charge rating and capacity mean nothing; the planner ignores them.
+        ratings=BatteryRatings(max_charge_kw=kw, max_discharge_kw=kw, capacity_kwh=1.0),
+    )
+
+
+def test_pv_is_curtailable_generation_only() -> None:
+    # Import and export limits over a battery and a PV inverter: the PV takes a share of the
+    # export limit (its curtailment) but none of the import limit, which the battery keeps whole.
+    reg = Registry([battery(1, kw=5), pv(1, kw=5)])
+    states = {
+        "b1": state("b1"),
+        "pv1": DeviceState(device_id="pv1", timestamp=NOW, power_kw=-4.0, source="t"),
+    }
+    env = OperatingEnvelope(
+        command_id="e1",
+        target=Target(group_id="feeder:f1"),
+        intervals=(
+            EnvelopeInterval(
+                start=NOW, end=NOW + timedelta(hours=1), export_limit_kw=4.0, import_limit_kw=3.0
+            ),
+        ),
+    )
+    p = plan(NOW, reg, states, [ActiveCommand(env, 1)])
+    assert p.setpoints["pv1"].power_kw is None
+    assert p.setpoints["pv1"].export_limit_kw == pytest.approx(2.0)
+    assert p.setpoints["pv1"].import_limit_kw is None
+    assert p.setpoints["b1"].import_limit_kw == pytest.approx(3.0)
+    # A charging dispatch never lands on the PV inverter.
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(3.0), 1)])
+    assert "pv1" not in p.setpoints or p.setpoints["pv1"].power_kw is None

@@ -338,3 +338,169 @@ def test_corrupt_chains() -> None:
     looping.update({a: (1 if a % 2 == 0 else 0) for a in range(2, 1000)})  # [1, 0] forever
     with pytest.raises(MapCorrupt):
         parse_model_chain(looping, 0)
+
+
+# --------------------------------------------------------------------------- legacy (1xx) models
+
+M103 = load_model_def(103)
+M113 = load_model_def(113)
+M120 = load_model_def(120)
+M121 = load_model_def(121)
+M123 = load_model_def(123)
+M124 = load_model_def(124)
+NI16, NU16 = 0x8000, 0xFFFF  # "not implemented" int16 / uint16 (and sunssf)
+
+
+def test_legacy_layouts_come_from_the_official_definitions() -> None:
+    lengths = {m: load_model_def(m).length for m in (101, 102, 103, 111, 112, 113)}
+    assert lengths == {101: 50, 102: 50, 103: 50, 111: 60, 112: 60, 113: 60}
+    assert [load_model_def(m).length for m in (120, 121, 122, 123, 124)] == [26, 30, 44, 24, 24]
+    assert (M103.point("W").offset, M103.point("W").sf, M103.point("W_SF").offset) == (
+        14,
+        "W_SF",
+        15,
+    )
+    assert (M113.point("W").offset, M113.point("W").type) == (22, "float32")
+    assert M123.span("Conn", "WMaxLim_Ena") == (4, 6)
+    assert M123.point("WMaxLimPct").sf == "WMaxLimPct_SF"
+    assert M123.point("WMaxLimPct_SF").offset == 23
+    assert M123.point("WMaxLim_Ena").symbols == {"DISABLED": 0, "ENABLED": 1}
+    assert M124.span("OutWRte", "InOutWRte_RmpTms") == (12, 5)
+    assert (M124.point("InWRte").type, M124.point("InWRte").sf) == ("int16", "InOutWRte_SF")
+    # Bit numbers, not values (and the official file really spells it "DiSCHARGE").
+    assert M124.point("StorCtl_Mod").symbols == {"CHARGE": 0, "DiSCHARGE": 1}
+    assert M120.point("MaxDisChaRte").offset == 25
+    assert M121.point("WMax_SF").offset == 22
+
+
+def _m103_image() -> list[int]:
+    regs = [NU16] * 52
+    regs[0:2] = [103, 50]
+    regs[2:7] = [1234, 412, NU16, 411, -2 & 0xFFFF]  # A, AphA, AphB (n/i), AphC, A_SF=-2
+    regs[10:14] = [2301, 2302, 2299, -1 & 0xFFFF]  # PhVphA..C, V_SF=-1
+    regs[14:16] = [-250 & 0xFFFF, 1]  # W=-250 × 10 (absorbing), W_SF=1
+    regs[16:18] = [5001, -2 & 0xFFFF]  # Hz, Hz_SF
+    regs[18:20] = [NI16, 0]  # VA not implemented, VA_SF
+    regs[24:27] = [0x0001, 0x0002, 0]  # WH = 65538 (acc32), WH_SF=0
+    regs[20:22] = [NI16, NI16]  # VAr, VAr_SF: both not implemented
+    regs[31:33] = [1200, NI16]  # DCW present but its DCW_SF is not
+    regs[38] = 4  # St: MPPT
+    return regs
+
+
+def test_decode_103_register_image_with_scale_factors_and_sentinels() -> None:
+    values = decode_model(M103, _m103_image())
+    assert values["A"] == 12.34
+    assert values["AphB"] is None
+    assert values["AphC"] == 4.11
+    assert values["PhVphA"] == 230.1
+    assert values["W"] == -2500
+    assert values["Hz"] == 50.01
+    assert values["VA"] is None
+    assert values["WH"] == 65538
+    assert values["St"] == 4
+    # A point whose scale factor the device leaves "not implemented" has no value at all.
+    assert values["VAr"] is None
+    assert values["DCW"] is None
+    # A poll reads W and W_SF only: two registers.
+    offset, count = M103.span("W", "W_SF")
+    assert decode_model(M103, _m103_image()[offset : offset + count], start_offset=offset) == {
+        "W": -2500,
+        "W_SF": 1,
+    }
+
+
+def test_decode_113_floats_and_nan_as_not_implemented() -> None:
+    regs = [0] * 62
+    regs[0:2] = [113, 60]
+    regs[22:24] = [0x45BB, 0x8000]  # W = 6000.0
+    regs[24:26] = [0x4248, 0x0000]  # Hz = 50.0
+    regs[26:28] = [0x7FC0, 0x0000]  # VA = NaN: not implemented
+    regs[48] = NU16  # St not implemented
+    values = decode_model(M113, regs)
+    assert (values["W"], values["Hz"], values["VA"], values["St"]) == (6000.0, 50.0, None, None)
+    assert encode_points(M113, {"W": 6000.0}) == [(22, [0x45BB, 0x8000])]
+
+
+def test_encode_123_curtailment_block_is_one_exact_run() -> None:
+    runs = encode_points(
+        M123,
+        {
+            "Conn": 1,
+            "WMaxLimPct": 55.5,
+            "WMaxLimPct_WinTms": 0,
+            "WMaxLimPct_RvrtTms": 600,
+            "WMaxLimPct_RmpTms": 0,
+            "WMaxLim_Ena": 1,
+        },
+        {"WMaxLimPct_SF": -1},
+    )
+    assert runs == [(4, [1, 555, 0, 600, 0, 1])]
+    with pytest.raises(ValueOutOfRange):
+        encode_points(M123, {"WMaxLim_Ena": 2}, {})
+    with pytest.raises(ScaleFactorMissing):
+        encode_points(M123, {"WMaxLimPct": 50.0}, {"WMaxLimPct_SF": None})
+
+
+def test_decode_and_encode_124_storage() -> None:
+    regs = [NU16] * 26
+    regs[0:2] = [124, 24]
+    regs[2] = 500  # WChaMax 500 × 10 W
+    regs[5] = 0b11  # StorCtl_Mod: CHARGE | DISCHARGE
+    regs[8] = 553  # ChaState 55.3 %
+    regs[11] = 4  # ChaSt: CHARGING
+    regs[12:14] = [-400 & 0xFFFF, 400]  # OutWRte -40.0 %, InWRte 40.0 %: charge at 40 %
+    regs[15] = 900  # InOutWRte_RvrtTms
+    regs[18] = 1  # WChaMax_SF
+    regs[22] = -1 & 0xFFFF  # ChaState_SF
+    regs[25] = -1 & 0xFFFF  # InOutWRte_SF
+    values = decode_model(M124, regs)
+    assert values["WChaMax"] == 5000
+    assert values["StorCtl_Mod"] == 3
+    assert values["ChaState"] == 55.3
+    assert (values["OutWRte"], values["InWRte"], values["InOutWRte_RvrtTms"]) == (-40.0, 40.0, 900)
+    assert values["MinRsvPct"] is None  # its SF is not implemented
+    assert values["ChaSt"] == M124.point("ChaSt").symbols["CHARGING"]
+    runs = encode_points(
+        M124,
+        {"OutWRte": -40.0, "InWRte": 40.0, "InOutWRte_WinTms": 0, "InOutWRte_RvrtTms": 900},
+        {"InOutWRte_SF": -1},
+    )
+    assert runs == [(12, [-400 & 0xFFFF, 400, 0, 900])]
+
+
+def test_legacy_map_is_register_exact_and_parses() -> None:
+    image = build_map(
+        [
+            (M1, {"Mn": "Acme"}),
+            (M103, {"W_SF": 1, "W": -2500}),
+            (M123, {"WMaxLimPct_SF": -1, "WMaxLimPct": 100.0, "WMaxLim_Ena": 0}),
+        ],
+        base_address=40000,
+    )
+    regs = image.registers
+    m103 = [NU16] * 52
+    m103[0:2] = [103, 50]
+    for name in ("A", "AphA", "AphB", "AphC", "PPVphAB", "PPVphBC", "PPVphCA"):
+        m103[M103.point(name).offset] = NU16
+    for name in ("W", "VA", "VAr", "PF", "DCW", "TmpCab", "TmpSnk", "TmpTrns", "TmpOt"):
+        m103[M103.point(name).offset] = NI16  # int16
+    for name in [p.name for p in M103.points.values() if p.type == "sunssf"]:
+        m103[M103.point(name).offset] = NI16
+    m103[24:26] = [0, 0]  # WH: accumulators are "not implemented" as 0
+    m103[40:52] = [NU16] * 12  # Evt*: bitfield32
+    m103[14:16] = [-250 & 0xFFFF, 1]
+    m123 = [NU16] * 26
+    m123[0:2] = [123, 24]
+    m123[10] = NI16  # OutPFSet
+    m123[15:18] = [NI16] * 3  # VArWMaxPct, VArMaxPct, VArAvalPct
+    m123[23:26] = [-1 & 0xFFFF, NI16, NI16]
+    m123[5], m123[9] = 1000, 0
+    assert list(regs[:4]) == [0x5375, 0x6E53, 1, 66]
+    assert list(regs[70:122]) == m103
+    assert list(regs[122:148]) == m123
+    assert list(regs[148:]) == [END_MODEL_ID, 0]
+    layout = parse_model_chain(regs, 40000)
+    assert layout.model_ids == (1, 103, 123)
+    assert layout.find(123).address == 40122
+    assert decode_model(M123, regs[122:148])["WMaxLimPct"] == 100.0
