@@ -266,6 +266,7 @@ class OemCloud:
         clock: Callable[[], datetime] = utcnow,
         sign_messages: bool = False,
         vtn_fingerprint: str | None = None,
+        sampling_rate: tuple[timedelta, timedelta] = (timedelta(seconds=1), timedelta(hours=1)),
     ) -> None:
         quiet_openleadr()
         self.ven_name = ven_name
@@ -278,6 +279,7 @@ class OemCloud:
         self._retry_s = retry_s
         self._rng = random.Random(seed)
         self._clock = clock
+        self._sampling_rate = sampling_rate
         self.client = OpenADRClient(
             ven_name=ven_name,
             vtn_url=vtn_url,
@@ -304,9 +306,9 @@ class OemCloud:
 
     # ------------------------------------------------------------------ reports
     def _add_reports(self) -> None:
-        sampling = objects.SamplingRate(
-            min_period=timedelta(seconds=1), max_period=timedelta(hours=1), on_change=False
-        )
+        # Offered as oadrSamplingRate; openleadr refuses a request outside it.
+        low, high = self._sampling_rate
+        sampling = objects.SamplingRate(min_period=low, max_period=high, on_change=False)
         for device in self.devices.values():
             resource_id = device.resource_id()
             # A fresh Measurement: openleadr's enums.MEASUREMENTS objects are shared and

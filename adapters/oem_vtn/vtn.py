@@ -86,6 +86,7 @@ from protocols.openadr.vtn_opts import (
     opt_out_in_force,
     read_opt,
 )
+from protocols.openadr.vtn_reports import SamplingRateError, granularity_for, read_sampling_rate
 from protocols.tls import pin_openadr_tls
 from unified.config import Section
 from unified.model import (
@@ -250,6 +251,10 @@ class ResourceRecord(Section):
     usage_factor_kw: float = 1.0
     status_rid: str | None = None
     status_specifier: str | None = None
+    usage_period_s: float | None = Field(
+        default=None, description="Report period requested (within the VEN's oadrSamplingRate)"
+    )
+    status_period_s: float | None = None
 
 
 _SCHEMA = """
@@ -1039,7 +1044,10 @@ class OpenAdrVtn:
         allowed = self.config.ven(name)
         assert allowed is not None  # registrations are only kept for configured VENs
         found: dict[str, dict[str, Any]] = {}
-        requests: list[tuple[str, list[str]]] = []
+        # One request per (report, period): each rID is asked for at a period inside the
+        # sampling rate its VEN offered, so rIDs of one report may need different periods.
+        requests: dict[tuple[str, timedelta], list[str]] = {}
+        wanted = timedelta(seconds=self.config.report_interval_s)
         for report in as_list(payload.get("reports")):
             if not isinstance(report, Mapping):
                 continue
@@ -1050,7 +1058,7 @@ class OpenAdrVtn:
             }.get(report_name)
             if kind is None:
                 continue  # history and custom reports are offered, not needed
-            r_ids: list[str] = []
+            specifier = str(report.get("report_specifier_id"))
             for description in as_list(report.get("report_descriptions")):
                 if not isinstance(description, Mapping):
                     continue
@@ -1059,33 +1067,51 @@ class OpenAdrVtn:
                 r_id = description.get("r_id")
                 if resource_id is None or r_id is None:
                     continue
+                try:
+                    period = granularity_for(wanted, read_sampling_rate(description))
+                except SamplingRateError as exc:
+                    self._warn_once(name, f"rID {str(r_id)[:64]!r} not requested: {exc}")
+                    continue
                 entry = found.setdefault(str(resource_id), {})
-                specifier = str(report.get("report_specifier_id"))
                 if kind == "usage":
                     factor = _power_factor_kw(description.get("measurement"))
                     if factor is None:
                         self._warn_once(name, f"usage of {resource_id} is not real power")
                         continue
                     entry.update(
-                        usage_rid=str(r_id), usage_specifier=specifier, usage_factor_kw=factor
+                        usage_rid=str(r_id),
+                        usage_specifier=specifier,
+                        usage_factor_kw=factor,
+                        usage_period_s=period.total_seconds(),
                     )
                 else:
-                    entry.update(status_rid=str(r_id), status_specifier=specifier)
-                r_ids.append(str(r_id))
-            if r_ids:
-                requests.append((str(report.get("report_specifier_id")), r_ids))
+                    entry.update(
+                        status_rid=str(r_id),
+                        status_specifier=specifier,
+                        status_period_s=period.total_seconds(),
+                    )
+                requests.setdefault((specifier, period), []).append(str(r_id))
         records = self._enrol_all(allowed, found)
         if records:
             await self._store.save_resources(records)
         session = self._session(name)
-        for specifier_id, r_ids in requests:
-            session.outbox.append(self._report_request(specifier_id, r_ids))
+        for (specifier_id, period), r_ids in requests.items():
+            if period != wanted:
+                log.info(
+                    "OpenADR VEN %s: %d rID(s) of %s requested every %s s (its sampling rate)",
+                    name,
+                    len(r_ids),
+                    specifier_id[:64],
+                    f"{period.total_seconds():g}",
+                )
+            session.outbox.append(self._report_request(specifier_id, r_ids, period))
         return "oadrRegisteredReport", {"report_requests": []}
 
+    @staticmethod
     def _report_request(
-        self, specifier_id: str, r_ids: list[str], *, one_shot: bool = False
+        specifier_id: str, r_ids: list[str], period: timedelta
     ) -> tuple[str, dict[str, Any]]:
-        period = timedelta(seconds=0 if one_shot else self.config.report_interval_s)
+        """An ``oadrCreateReport`` for ``r_ids`` every ``period`` (zero: one report, once)."""
         return "oadrCreateReport", {
             "request_id": uuid.uuid4().hex,
             "report_requests": [
@@ -1169,7 +1195,7 @@ class OpenAdrVtn:
             return False
         session = self._session(ven_name)
         for spec, rids in by_specifier.items():
-            session.outbox.append(self._report_request(spec, rids, one_shot=True))
+            session.outbox.append(self._report_request(spec, rids, timedelta(0)))
         return True
 
     def _warn_once(self, ven_name: str, what: str) -> None:
@@ -1229,6 +1255,7 @@ class OpenAdrVtn:
         if record.status_rid is not None:
             self._by_rid[(allowed.ven_name, record.status_rid)] = (record.device_id, "status")
         if record.device_id in self.adapters:
+            self.adapters[record.device_id].stale_after_s = self._stale_after(record)
             return True
         program = allowed.program_for(descriptor.der_class)
         try:
@@ -1255,7 +1282,7 @@ class OpenAdrVtn:
             resource_id=record.resource_id,
             rated_kw=descriptor.rated_kw,
             capacity_kwh=descriptor.capacity_kwh,
-            stale_after_s=self.config.stale_after_s,
+            stale_after_s=self._stale_after(record),
         )
         self.adapters[record.device_id] = adapter
         try:
@@ -1271,6 +1298,13 @@ class OpenAdrVtn:
             location.model_dump(exclude_none=True),
         )
         return True
+
+    def _stale_after(self, record: ResourceRecord) -> float:
+        """``stale_after_s``, stretched in proportion when the VEN's sampling rate made us ask
+        for a longer report period than ``report_interval_s``."""
+        wanted = self.config.report_interval_s
+        longest = max((p for p in (record.usage_period_s, record.status_period_s) if p), default=0)
+        return self.config.stale_after_s * max(1.0, longest / wanted)
 
     # ------------------------------------------------------------------ ResourceChannel
     def ven_ready(self, device_id: str) -> str | None:

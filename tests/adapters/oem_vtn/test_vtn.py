@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,33 @@ async def test_resources_become_devices_with_telemetry(
         thermostat = await registrar.resource("t2").read()
         assert thermostat.power_kw in (0.0, 3.0)
         assert thermostat.soc_pct is not None
+
+
+async def test_report_period_follows_the_vens_sampling_rate(
+    tmp_path: Path, registrar: Registrar
+) -> None:
+    """A VEN that samples only every 2 s (the VTN would like 1 s) is asked for 2 s: openleadr's
+    VEN, like the spec, refuses a granularity outside its oadrSamplingRate and would send
+    nothing, and its resources would never be dispatched."""
+    every_2s = (timedelta(seconds=2), timedelta(seconds=2))
+    port = free_port()
+    async with (
+        running_vtn(vtn_config(tmp_path, port, stale_after_s=3.0), registrar) as vtn,
+        running_oem(port, fleet(), sampling_rate=every_2s) as oem,
+    ):
+        await enrolled(oem, registrar, vtn)
+        requests = oem.client.report_requests
+        assert {r["granularity"] for r in requests} == {timedelta(seconds=2)}
+        assert all(r["r_ids"] for r in requests)  # no rID refused
+        record = vtn.resources[f"{OEM}.b1"]
+        assert (record.usage_period_s, record.status_period_s) == (2.0, 2.0)
+        b1 = registrar.resource("b1")
+        assert b1.stale_after_s == 6.0  # three of its periods, not the VTN's 3 s
+        await b1.connect()
+        await b1.apply(cmd("b1", -2.0))
+        await wait_for(lambda: oem.devices["b1"].power_kw == -2.0, 5, "dispatched")
+        await asyncio.sleep(4.5)  # still fresh across periods longer than stale_after_s / 2
+        assert (await b1.read()).soc_pct is not None
 
 
 async def test_setpoint_event_modification_and_cancel_reach_the_battery(
@@ -509,7 +537,9 @@ async def test_real_gateway_dispatches_over_oem_resources_and_reallocates_an_opt
         assert fleet.app is not None
         vtn = fleet.app.openadr_vtn
         assert vtn is not None
-        async with running_oem(port, devices) as oem:
+        # The cloud samples every 2 s only (the VTN would like 1 s): it must be asked for 2 s.
+        every_2s = (timedelta(seconds=2), timedelta(seconds=2))
+        async with running_oem(port, devices, sampling_rate=every_2s) as oem:
             await eventually(
                 lambda: all(
                     gateway.supervisors.get(f"{OEM}.{n}") is not None
