@@ -7,6 +7,8 @@ adapters, so every device family gets the same backoff and the same log discipli
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from unified.model import Device, DeviceCommand, DeviceState
@@ -80,6 +82,30 @@ class CommandsLapse(Protocol):
 
     @property
     def hold_s(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchNotice:
+    """A dispatch a device may be called for, told when it is accepted (ahead of its start).
+
+    ``expected_kw`` is a provisional share (pro rata of rating over the dispatch's devices);
+    the setpoint itself comes at the start as for every device. ``withdrawn``: the dispatch
+    is over, cancelled or superseded.
+    """
+
+    command_id: str
+    start: datetime
+    end: datetime
+    expected_kw: float
+    withdrawn: bool = False
+
+
+@runtime_checkable
+class TakesNotice(Protocol):
+    """A device that needs notice of a dispatch before it starts: an OEM cloud pre-cools and
+    tells its customers (OpenADR's ``far`` / ``near`` events). Must return at once."""
+
+    def notice(self, notice: DispatchNotice) -> None: ...
 
 
 # --------------------------------------------------------------------------- enrolment

@@ -243,6 +243,9 @@ class _Stats:
     polls: int = 0
     distributions: int = 0
     log: list[_EventLog] = field(default_factory=list)
+    statuses: dict[str, list[str]] = field(default_factory=dict)
+    """Per event id, each eventStatus it was distributed with, in order (without repeats):
+    a status change is no modification, so openleadr's handlers never see it."""
 
 
 class OemCloud:
@@ -413,6 +416,12 @@ class OemCloud:
         client = self.client
         if message_type == "oadrDistributeEvent":
             self.stats.distributions += 1
+            for raw in payload.get("events") or ():
+                descriptor = raw.get("event_descriptor") or {}
+                seen = self.stats.statuses.setdefault(str(descriptor.get("event_id")), [])
+                status = str(descriptor.get("event_status"))
+                if not seen or seen[-1] != status:
+                    seen.append(status)
             if payload.get("events"):
                 await self._io(client._on_event(payload))
             else:

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from gateway.devices import DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.devices import (
+    DeviceRejected,
+    DeviceUnavailable,
+    DispatchNotice,
+    UnsafeCommand,
+)
 from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = ["RATING_TOLERANCE", "OadrResource", "ResourceChannel", "ResourceTelemetry"]
@@ -58,6 +63,9 @@ class ResourceChannel(Protocol):
 
     async def issue(self, command: DeviceCommand) -> None:
         """Create, modify or cancel the resource's event; idempotent for a repeated command."""
+
+    def announce(self, device_id: str, notice: DispatchNotice) -> None:
+        """A dispatch ahead (an event issued before its start), or its withdrawal."""
 
 
 class OadrResource:
@@ -137,6 +145,10 @@ class OadrResource:
         if age > self.stale_after_s:
             raise DeviceUnavailable(self._device_id, f"last usage report is {age:.0f} s old")
         return seen, seen.power_kw, seen.power_at
+
+    def notice(self, notice: DispatchNotice) -> None:
+        """:class:`gateway.devices.TakesNotice`: the VEN hears of a dispatch when it is accepted."""
+        self._channel.announce(self._device_id, notice)
 
     async def apply(self, command: DeviceCommand) -> None:
         if command.device_id != self._device_id:

@@ -64,7 +64,13 @@ from pydantic import Field, model_validator
 
 from adapters.oem_vtn.resource import OadrResource, ResourceTelemetry
 from gateway.aio import wait_inside_task_group
-from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected, DeviceUnavailable
+from gateway.devices import (
+    AdapterError,
+    DeviceAdapter,
+    DeviceRejected,
+    DeviceUnavailable,
+    DispatchNotice,
+)
 from gateway.ports import RefusalHook
 from gateway.store import SqliteStore
 from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
@@ -74,10 +80,13 @@ from protocols.openadr.vtn_events import (
     ResourceDescriptor,
     ResourceIdError,
     VtnProgram,
+    announce_event,
+    cancel_event,
     event_payload,
     is_live,
     parse_resource_id,
     plan_event,
+    status_changes,
 )
 from protocols.openadr.vtn_opts import (
     OptRefused,
@@ -434,6 +443,10 @@ class OpenAdrVtn:
         self._opt_seq = 0
         self._opt_refused: set[tuple[str, int]] = set()
         self._opts_changed = asyncio.Event()
+        self._windows: dict[str, tuple[datetime, datetime]] = {}
+        """Dispatch windows by command id (from notices): an event lasts its dispatch."""
+        self._notices: asyncio.Queue[tuple[str, DispatchNotice]] = asyncio.Queue()
+        self._events_changed = asyncio.Event()
         self.ready = asyncio.Event()
         self.port: int | None = None
         """The port actually bound (useful with ``port = 0``)."""
@@ -470,6 +483,8 @@ class OpenAdrVtn:
                     tg.create_task(self._housekeeping(), name="openadr-vtn:housekeeping")
                     tg.create_task(self._opt_watch(), name="openadr-vtn:opt-schedules")
                     tg.create_task(self._event_writer(), name="openadr-vtn:event-writer")
+                    tg.create_task(self._notice_worker(), name="openadr-vtn:notices")
+                    tg.create_task(self._status_clock(), name="openadr-vtn:event-status")
                     await wait_inside_task_group()
             finally:
                 self.ready.clear()
@@ -838,6 +853,21 @@ class OpenAdrVtn:
                 code=code,
             ),
         )
+        if not event.confirmed:
+            # Out of a dispatch it was only told of: the planner leaves it out, so no setpoint
+            # will confirm the notice; withdraw it now rather than after the grace period.
+            async with self._lock:
+                current = self.events.get(event.event_id)
+                if (
+                    current is not None
+                    and not current.confirmed
+                    and is_live(current, self._clock())
+                ):
+                    withdrawn = cancel_event(current, self._clock()).model_copy(
+                        update={"opt": opt, "opt_modification": modification}
+                    )
+                    await self._store.save_event(withdrawn)
+                    self._expose([withdrawn])
 
     # ------------------------------------------------------------------ EiOpt
     @staticmethod
@@ -1341,11 +1371,28 @@ class OpenAdrVtn:
         if allowed is None:
             raise DeviceRejected(command.device_id, f"VEN {record.ven_name} not configured")
         descriptor = parse_resource_id(record.resource_id)
+        command_id = command.provenance[0].command_id if command.provenance else None
+        window = self._windows.get(command_id) if command_id is not None else None
         async with self._lock:
+            now = self._clock()
             previous = self._unsaved.get(command.device_id)
             if previous is None:
                 previous_id = self._by_device.get(command.device_id)
                 previous = self.events.get(previous_id) if previous_id else None
+            if (
+                previous is not None
+                and command.power_kw is not None
+                and is_live(previous, now)
+                and previous.start > now
+                and previous.command_id != command_id
+            ):
+                # Another dispatch calls the resource before the one it was told of starts:
+                # withdraw that notice (its setpoint comes at its start, as for any device).
+                withdrawn = cancel_event(previous, now)
+                await self._store.save_event(withdrawn)
+                self._unsaved.pop(command.device_id, None)
+                self._expose([withdrawn])
+                previous = None
             event = plan_event(
                 previous,
                 command,
@@ -1353,8 +1400,9 @@ class OpenAdrVtn:
                 resource_id=record.resource_id,
                 rated_kw=adapter.rated_kw,
                 program=allowed.program_for(descriptor.der_class),
-                now=self._clock(),
+                now=now,
                 new_event_id=f"ev-{uuid.uuid4().hex[:20]}",
+                window_end=None if window is None else window[1],
             )
             if event is None:
                 return
@@ -1403,6 +1451,138 @@ class OpenAdrVtn:
             self.events[event.event_id] = event
             self._by_device[event.device_id] = event.event_id
             self._session(event.ven_name).events_dirty = True
+        self._events_changed.set()
+
+    # ------------------------------------------------------------------ advance notice
+    def announce(self, device_id: str, notice: DispatchNotice) -> None:
+        """A dispatch told ahead by the core (through the resource's adapter); handled in order
+        by :meth:`_notice_worker`, since storing its event is I/O."""
+        if notice.withdrawn:
+            self._windows.pop(notice.command_id, None)
+        else:
+            self._windows[notice.command_id] = (notice.start, notice.end)
+        self._notices.put_nowait((device_id, notice))
+
+    async def _notice_worker(self) -> None:
+        while True:
+            device_id, notice = await self._notices.get()
+            try:
+                await self._take_notice(device_id, notice)
+            except Exception:  # the setpoint still comes at the start: log and go on
+                log.exception("OpenADR notice of %s for %s failed", notice.command_id, device_id)
+
+    async def _take_notice(self, device_id: str, notice: DispatchNotice) -> None:
+        record = self.resources.get(device_id)
+        adapter = self.adapters.get(device_id)
+        allowed = self.config.ven(record.ven_name) if record is not None else None
+        if record is None or adapter is None or allowed is None:
+            return
+        async with self._lock:
+            now = self._clock()
+            previous = self._unsaved.get(device_id) or self.current_event(device_id)
+            if notice.withdrawn:
+                if (
+                    previous is None
+                    or previous.command_id != notice.command_id
+                    or not is_live(previous, now)
+                ):
+                    return
+                event: IssuedEvent | None = cancel_event(previous, now)
+            else:
+                if self.opt_out_in_force(device_id) is not None:
+                    return  # opted out now; it may be called at the start, if it is back
+                event = announce_event(
+                    previous,
+                    command_id=notice.command_id,
+                    device_id=device_id,
+                    start=notice.start,
+                    end=notice.end,
+                    expected_kw=notice.expected_kw,
+                    ven_name=record.ven_name,
+                    resource_id=record.resource_id,
+                    rated_kw=adapter.rated_kw,
+                    program=allowed.program_for(parse_resource_id(record.resource_id).der_class),
+                    now=now,
+                    new_event_id=f"ev-{uuid.uuid4().hex[:20]}",
+                )
+            if event is None:
+                return
+            await self._store.save_event(event)
+            self._unsaved.pop(device_id, None)
+            self._expose([event])
+        log.info(
+            "OpenADR event %s for %s: %s dispatch %s (%s..%s)",
+            event.event_id,
+            device_id,
+            "withdrawn:" if notice.withdrawn else "notice of",
+            notice.command_id,
+            f"{notice.start:%Y-%m-%dT%H:%M:%SZ}",
+            f"{notice.end:%H:%M:%SZ}",
+        )
+
+    async def _status_clock(self) -> None:
+        """Send each VEN its events again when one's status changes (far → near → active →
+        completed), and cancel a notified event the planner did not confirm after its start."""
+        last = self._clock()
+        while True:
+            now = self._clock()
+            wake: list[datetime] = []
+            unconfirmed: list[IssuedEvent] = []
+            for event in list(self.events.values()):
+                if not is_live(event, last):
+                    continue
+                change = status_changes(event, last)
+                if change is not None and change <= now:
+                    self._session(event.ven_name).events_dirty = True
+                    change = status_changes(event, now)
+                if change is not None:
+                    wake.append(change)
+                if not event.confirmed and is_live(event, now):
+                    deadline = event.start + timedelta(seconds=self._grace(event))
+                    if deadline <= now:
+                        unconfirmed.append(event)
+                    else:
+                        wake.append(deadline)
+            if unconfirmed:
+                await self._cancel_unconfirmed(unconfirmed)
+            last = now
+            delay = 60.0
+            if wake:
+                delay = min(delay, max(0.02, (min(wake) - now).total_seconds()))
+            self._events_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._events_changed.wait()
+
+    def _grace(self, event: IssuedEvent) -> float:
+        allowed = self.config.ven(event.ven_name)
+        if allowed is None:
+            return 0.0
+        der_class = parse_resource_id(event.resource_id).der_class
+        return float(allowed.program_for(der_class).unconfirmed_grace_s)
+
+    async def _cancel_unconfirmed(self, events: list[IssuedEvent]) -> None:
+        async with self._lock:
+            now = self._clock()
+            cancelled = []
+            for event in events:
+                current = self.events.get(event.event_id)
+                if current is None or current.confirmed or not is_live(current, now):
+                    continue
+                if event.device_id in self._unsaved:
+                    continue  # a setpoint for it is being stored right now
+                cancelled.append(cancel_event(current, now))
+            if not cancelled:
+                return
+            await self._store.save_events(cancelled)
+            self._expose(cancelled)
+        for event in cancelled:
+            log.info(
+                "OpenADR event %s for %s cancelled: dispatch %s did not call the resource",
+                event.event_id,
+                event.device_id,
+                event.command_id,
+            )
 
     async def _event_writer(self) -> None:
         """Write each batch of issued events in one transaction, then expose them."""

@@ -24,7 +24,13 @@ import pytest
 
 from adapters.oem_vtn.resource import OadrResource
 from adapters.oem_vtn.vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
-from gateway.devices import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
+from gateway.devices import (
+    AdapterError,
+    DeviceAdapter,
+    DeviceUnavailable,
+    DispatchNotice,
+    UnsafeCommand,
+)
 from protocols.openadr import encode
 from protocols.openadr.vtn_events import VtnProgram
 from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
@@ -283,6 +289,74 @@ async def test_setpoint_event_modification_and_cancel_reach_the_battery(
             (event.event_id, 1, "optIn"),
             (event.event_id, 2, "optIn"),
         ]
+
+
+async def test_a_dispatch_ahead_is_announced_far_near_then_active_for_its_window(
+    tmp_path: Path, registrar: Registrar
+) -> None:
+    """Told of a dispatch 3 s ahead, the VTN issues the event at once with the dispatch's window
+    and x-eiNotification; the VEN sees it far, near (1 s before) and active. The setpoint at the
+    start confirms it (a modification, same event); a notified resource the planner does not
+    call at the start has its event cancelled after the grace period."""
+    program = VtnProgram(signal="setpoint", near_s=1, notification_s=3600, unconfirmed_grace_s=1)
+    allowed = AllowedVen(ven_name=OEM, location=LOC, program=program)
+    port = free_port()
+    async with (
+        running_vtn(vtn_config(tmp_path, port, vens=[allowed]), registrar) as vtn,
+        running_oem(port, fleet()) as oem,
+    ):
+        await enrolled(oem, registrar, vtn)
+        start = utcnow() + timedelta(seconds=3)
+        end = start + timedelta(seconds=600)
+        b1, t1 = registrar.resource("b1"), registrar.resource("t1")
+        b1.notice(DispatchNotice("d-ahead", start, end, -2.0))
+        t1.notice(DispatchNotice("d-ahead", start, end, -1.0))
+        await wait_for(lambda: statuses(oem, vtn, "b1") == ["far"], 2, "far before the start")
+        event = vtn.current_event(f"{OEM}.b1")
+        assert event is not None
+        assert (event.start, event.end, event.value) == (start, end, -2.0)  # not a fixed PT1H
+        assert oem.devices["b1"].power_kw == 0.0  # told, not yet asked
+        await wait_for(lambda: "near" in statuses(oem, vtn, "b1"), 3, "near")
+        assert utcnow() < start
+        await wait_for(lambda: utcnow() >= start, 3)
+        await b1.apply(cmd("b1", -2.5, "d-ahead"))  # the planner's setpoint at the start
+        confirmed = vtn.current_event(f"{OEM}.b1")
+        assert confirmed is not None
+        assert (confirmed.event_id, confirmed.modification_number) == (event.event_id, 1)
+        assert (confirmed.confirmed, confirmed.end) == (True, end)
+        await wait_for(lambda: oem.devices["b1"].power_kw == -2.5, 5, "battery follows")
+        assert "active" in statuses(oem, vtn, "b1")
+        # t1 was never called at the start: its notice is withdrawn.
+        await wait_for(lambda: not is_live_event(vtn, f"{OEM}.t1"), 4, "t1 withdrawn")
+        assert registrar.refusals == []
+
+
+async def test_an_event_lasts_its_dispatch_window(tmp_path: Path, registrar: Registrar) -> None:
+    """An OEM saw PT1H for a 600 s dispatch: the event now ends with the dispatch."""
+    port = free_port()
+    async with (
+        running_vtn(vtn_config(tmp_path, port), registrar) as vtn,
+        running_oem(port, fleet()) as oem,
+    ):
+        await enrolled(oem, registrar, vtn)
+        b1 = registrar.resource("b1")
+        start = utcnow()
+        b1.notice(DispatchNotice("d-now", start, start + timedelta(seconds=600), -2.0))
+        await b1.apply(cmd("b1", -2.0, "d-now"))
+        event = vtn.current_event(f"{OEM}.b1")
+        assert event is not None
+        assert event.end == start + timedelta(seconds=600)
+        assert event.duration_s <= 600
+        await wait_for(lambda: oem.devices["b1"].power_kw == -2.0, 5, "battery follows")
+        b1.notice(DispatchNotice("d-now", start, start + timedelta(seconds=600), 0, withdrawn=True))
+        await wait_for(lambda: oem.devices["b1"].power_kw == 0.0, 5, "withdrawn: cancelled")
+
+
+def statuses(oem: OemCloud, vtn: OpenAdrVtn, name: str) -> list[str]:
+    event = vtn.current_event(f"{OEM}.{name}")
+    if event is None:
+        return []
+    return oem.stats.statuses.get(event.event_id, [])
 
 
 async def test_thermostat_load_drops_during_event_and_rebounds_after(
@@ -560,11 +634,20 @@ async def test_real_gateway_dispatches_over_oem_resources_and_reallocates_an_opt
                     "command_id": "d-oem",
                     "target": {"group_id": "feeder:f1"},
                     "kw": -7.0,
-                    "start": iso(0.2),
+                    "start": iso(3.0),
                     "duration_s": 30,
                 }
             )
-            # The thermostat got an event and opted out; the batteries carry the 7 kW.
+            # Told when the dispatch is accepted, 3 s ahead: the OEM cloud sees the events
+            # before the start, with the dispatch's window. The thermostat's customer opts out
+            # at once, so the planner leaves it out and the batteries carry the 7 kW.
+            await eventually(lambda: vtn.current_event(f"{OEM}.b1") is not None, 2, "b1 notice")
+            notice = vtn.current_event(f"{OEM}.b1")
+            assert notice is not None
+            assert notice.duration_s == 30
+            assert notice.start > utcnow()
+            # (near: the default program calls "near" the last 300 s before the start)
+            await eventually(lambda: statuses(oem, vtn, "b1")[:1] == ["near"], 2, "b1 near")
             await eventually(lambda: vtn.current_event(f"{OEM}.t1") is not None, 5, "t1 event")
             await eventually(
                 lambda: sim.power_kw + oem.devices["b1"].power_kw == pytest.approx(-7.0, abs=0.1),
