@@ -75,6 +75,7 @@ from gateway.ports import RefusalHook
 from gateway.store import SqliteStore
 from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
 from protocols.openadr.messages import as_list, xml_text
+from protocols.openadr.resource_status import read_resource_status
 from protocols.openadr.vtn_events import (
     IssuedEvent,
     ResourceDescriptor,
@@ -1185,7 +1186,17 @@ class OpenAdrVtn:
             self._warn_once(ven_name, f"reports unknown rID {key[1][:64]!r}")
             return
         device_id, kind = target
-        value, at = report_payload.get("value"), interval.get("dtstart")
+        at = interval.get("dtstart")
+        if not isinstance(at, datetime) or at.tzinfo is None:
+            at = now
+        if (at - now).total_seconds() > _CLOCK_SKEW_S:
+            self._warn_once(ven_name, f"reports from the future for {device_id} (clock skew)")
+            return
+        seen = self._telemetry.setdefault(device_id, _Telemetry())
+        if kind == "status":
+            self._take_status(ven_name, device_id, report_payload, at, seen)
+            return
+        value = report_payload.get("value")
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -1193,21 +1204,33 @@ class OpenAdrVtn:
         ):
             self._warn_once(ven_name, f"sent a non-numeric value for {device_id}")
             return
-        if not isinstance(at, datetime) or at.tzinfo is None:
-            at = now
-        if (at - now).total_seconds() > _CLOCK_SKEW_S:
-            self._warn_once(ven_name, f"reports from the future for {device_id} (clock skew)")
+        if seen.power_at is None or at >= seen.power_at:
+            factor = self.resources[device_id].usage_factor_kw
+            seen.power_kw, seen.power_at = float(value) * factor, at
+
+    def _take_status(
+        self,
+        ven_name: str,
+        device_id: str,
+        report_payload: Mapping[str, Any],
+        at: datetime,
+        seen: _Telemetry,
+    ) -> None:
+        """TELEMETRY_STATUS (:mod:`protocols.openadr.resource_status`): offline or overridden
+        means no state of charge, so the planner commits nothing to the resource."""
+        status = read_resource_status(report_payload)
+        if status is None:
+            self._warn_once(ven_name, f"sent an unreadable status for {device_id}")
             return
-        seen = self._telemetry.setdefault(device_id, _Telemetry())
-        if kind == "usage":
-            if seen.power_at is None or at >= seen.power_at:
-                factor = self.resources[device_id].usage_factor_kw
-                seen.power_kw, seen.power_at = float(value) * factor, at
-        elif 0 <= value <= 100:
-            if seen.soc_at is None or at >= seen.soc_at:
-                seen.soc_pct, seen.soc_at = float(value), at
-        else:
+        if seen.soc_at is not None and at < seen.soc_at:
+            return
+        soc = status.capacity_pct
+        if soc is not None and not 0 <= soc <= 100:
             self._warn_once(ven_name, f"status of {device_id} outside 0-100 %")
+            return
+        if not status.online or status.manual_override:
+            soc = None
+        seen.soc_pct, seen.soc_at = soc, at
 
     def request_report(self, ven_name: str) -> bool:
         """Ask a VEN for a one-shot report of all its telemetry (on its next poll)."""

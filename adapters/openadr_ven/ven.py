@@ -60,6 +60,8 @@ from protocols.openadr import (
     settle,
 )
 from protocols.openadr.messages import as_list, xml_text
+from protocols.openadr.resource_status import ResourceStatus, status_payload
+from protocols.openadr.resource_status import install as install_resource_status
 from protocols.tls import pin_openadr_tls
 from unified.config import Section
 from unified.model import Ack, AckState, Command, GroupTelemetry, Quality, Reason, utcnow
@@ -372,6 +374,7 @@ class OpenAdrVen:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         quiet_openleadr()
+        install_resource_status()
         timeout = aiohttp.ClientTimeout(total=self.config.io_timeout_s)
         context = self._ssl_context()
         # Without a TLS section, https still verifies the VTN against the system CAs.
@@ -951,20 +954,17 @@ class OpenAdrVen:
             if telemetry is None:
                 continue
             if kind == "usage":
-                value = telemetry.power_kw
-            else:
-                total = telemetry.devices_total
-                value = telemetry.devices_reporting / total if total else 0.0
-            report.samples.append(
-                {
-                    "dtstart": telemetry.timestamp,
-                    "report_payload": {
-                        "r_id": xml_text(r_id),
-                        "value": round(value, 6),
-                        "data_quality": _DATA_QUALITY[telemetry.quality],
-                    },
+                payload: dict[str, Any] = {
+                    "r_id": xml_text(r_id),
+                    "value": round(telemetry.power_kw, 6),
                 }
-            )
+            else:
+                # oadrPayloadResourceStatus (protocols.openadr.resource_status): the group is
+                # online while any of its devices reports; no override, no state of charge.
+                online = telemetry.devices_reporting > 0
+                payload = status_payload(xml_text(r_id), ResourceStatus(online=online))
+            payload["data_quality"] = _DATA_QUALITY[telemetry.quality]
+            report.samples.append({"dtstart": telemetry.timestamp, "report_payload": payload})
         # Bound the buffer if the VTN is away for long: the oldest samples go first.
         del report.samples[: max(0, len(report.samples) - 10_000)]
 

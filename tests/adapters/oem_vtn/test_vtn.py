@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from gateway.devices import (
     UnsafeCommand,
 )
 from protocols.openadr import encode
+from protocols.openadr.resource_status import ResourceStatus, status_payload
+from protocols.openadr.resource_status import install as install_resource_status
 from protocols.openadr.vtn_events import VtnProgram
 from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
 from unified.model import (
@@ -460,6 +462,60 @@ async def test_unknown_ven_is_refused_and_logged(
     refusals = [r for r in caplog.records if "refused registration" in r.getMessage()]
     assert len(refusals) == 1
     assert "intruder" in refusals[0].getMessage()
+
+
+async def test_telemetry_status_is_read_as_a_resource_status(
+    tmp_path: Path, registrar: Registrar
+) -> None:
+    """oadrPayloadResourceStatus, as our VEN sends it: offline or overridden means no state of
+    charge (nothing is committed to the resource); oadrCapacity's current value is the SoC."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/OpenADR2/Simple/2.0b"
+    async with (
+        running_vtn(vtn_config(tmp_path, port), registrar) as vtn,
+        running_oem(port, fleet()) as oem,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+    ):
+        await enrolled(oem, registrar, vtn)
+        b1 = registrar.resource("b1")
+        install_resource_status()
+        # Dated ahead of the simulator's own reports (which then count as older).
+        at = utcnow() + timedelta(seconds=30)
+
+        async def send(status: ResourceStatus, at: datetime) -> None:
+            update = encode(
+                "oadrUpdateReport",
+                {
+                    "request_id": "r1",
+                    "ven_id": oem.client.ven_id,
+                    "reports": [
+                        {
+                            "report_id": "x",
+                            "report_request_id": "y",
+                            "report_specifier_id": "oem-telemetry-status",
+                            "report_name": "TELEMETRY_STATUS",
+                            "created_date_time": utcnow(),
+                            "intervals": [
+                                {
+                                    "dtstart": at,
+                                    "report_payload": status_payload("status:b1", status),
+                                }
+                            ],
+                        }
+                    ],
+                },
+            )
+            headers = {"Content-Type": "application/xml"}
+            async with http.post(f"{base}/EiReport", data=update, headers=headers) as r:
+                assert r.status == 200
+
+        await send(ResourceStatus(online=True, capacity_pct=42.0), at)
+        assert soc_of(vtn, f"{OEM}.b1") == 42.0
+        await send(ResourceStatus(online=False, capacity_pct=42.0), at + timedelta(seconds=1))
+        assert soc_of(vtn, f"{OEM}.b1") is None
+        await send(ResourceStatus(online=True, manual_override=True), at + timedelta(seconds=2))
+        assert soc_of(vtn, f"{OEM}.b1") is None
+        assert (await b1.read()).soc_pct is None  # the planner commits nothing to it
 
 
 async def test_bad_input_gets_a_clear_error_and_reaches_nothing(

@@ -92,6 +92,10 @@ class Vtn:
     """Messages handed out on the next polls, before openleadr's own."""
     received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Report-service messages from the VEN, by type."""
+    statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    forgotten: set[str] = field(default_factory=set)
+    """Registration ids the VTN no longer knows: a re-registration with one is refused."""
+    """TELEMETRY_STATUS values (oadrPayloadResourceStatus) by rID."""
 
     @property
     def url(self) -> str:
@@ -158,10 +162,29 @@ class Vtn:
                 payload: dict[str, Any], original: Any = original, kind: str = message_type
             ) -> Any:
                 self.received.setdefault(kind, []).append(payload)
+                if kind == "oadrUpdateReport":
+                    payload = self._take_statuses(payload)
                 result = original(payload)
                 return await result if asyncio.iscoroutine(result) else result
 
             report_handlers[message_type] = tapped
+
+    def _take_statuses(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Keep the oadrPayloadResourceStatus values (openleadr's VTN reads only payloadFloat
+        and fails on anything else) and hand it the rest."""
+        reports = []
+        for report in payload.get("reports", []):
+            floats = []
+            for interval in report.get("intervals", []):
+                status = interval["report_payload"].get("payload_resource_status")
+                if status is None:
+                    floats.append(interval)
+                else:
+                    r_id = interval["report_payload"]["r_id"]
+                    self.statuses.setdefault(r_id, []).append(status)
+            if floats:
+                reports.append(report | {"intervals": floats})
+        return payload | {"reports": reports}
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -443,12 +466,14 @@ async def test_reports_reach_the_vtn(vtn: Vtn, gateway: Gateway, tmp_path: Path)
         await wait_for(
             lambda: (
                 vtn.report_values.get("RealPower:feeder:f1")
-                and vtn.report_values.get("Status:feeder:f1")
+                and vtn.statuses.get("status:feeder:f1")
             ),
             within_s=8,
         )
     assert vtn.report_values["RealPower:feeder:f1"][0][1] == -3.5
-    assert vtn.report_values["Status:feeder:f1"][0][1] == 0.5
+    # TELEMETRY_STATUS as oadrPayloadResourceStatus: the group is online (a device reports);
+    # no state of charge for a group (protocols.openadr.resource_status).
+    assert vtn.statuses["status:feeder:f1"][0] == {"online": True, "manual_override": False}
 
 
 @contextmanager
