@@ -96,6 +96,8 @@ _REPORT_NOT_SUPPORTED: Final = 461
 _NEVER_S: Final = 10 * 365 * 86_400.0
 _USAGE_SPECIFIER: Final = "derms-telemetry-usage"
 _STATUS_SPECIFIER: Final = "derms-telemetry-status"
+#: Poll answers meaning "who are you?": 452 invalid ID, 463 not authorized (unregistered).
+_UNKNOWN_VEN_CODES: Final = frozenset({452, 463})
 _DATA_QUALITY: Final[dict[Quality, str]] = {
     Quality.GOOD: "Quality Good - Non Specific",
     Quality.ESTIMATED: "Quality Good - Non Specific",
@@ -464,9 +466,17 @@ class OpenAdrVen:
         """2.0b hands out one message per poll: keep polling while there is one."""
         for _ in range(self.config.max_messages_per_poll):
             registration = self._registered()
-            message_type, payload = await self._exchange(
-                "OadrPoll", "oadrPoll", {"ven_id": xml_text(registration.ven_id)}
-            )
+            try:
+                message_type, payload = await self._exchange(
+                    "OadrPoll", "oadrPoll", {"ven_id": xml_text(registration.ven_id)}
+                )
+            except VtnProtocolError as exc:
+                if exc.code in _UNKNOWN_VEN_CODES:
+                    # The VTN does not know our venID: register afresh next cycle (after the
+                    # backoff this error brings), rather than polling with it forever.
+                    log.warning("OpenADR VTN does not know our venID (%s); registering afresh", exc)
+                    await self._forget_registration()
+                raise
             if message_type in ("oadrResponse", ""):
                 return
             await self._handle(message_type, payload)
@@ -481,7 +491,14 @@ class OpenAdrVen:
         elif message_type == "oadrRequestReregistration":
             await self._send_response("EiRegisterParty", None)
             log.info("OpenADR VTN asked us to re-register")
-            await self._register(reregister=True)
+            try:
+                await self._register(reregister=True)
+            except RegistrationRefused as exc:
+                # It no longer knows our ids (reset, restored from an older backup): asking
+                # again with them would be refused again on every poll, forever.
+                log.warning("OpenADR VTN refused our old ids (%s); registering afresh", exc)
+                await self._forget_registration()
+                await self._register()
             await self._register_reports()
             await self._request_events()
         elif message_type == "oadrCancelPartyRegistration":
@@ -572,6 +589,10 @@ class OpenAdrVen:
             check=False,
         )
         log.warning("the OpenADR VTN cancelled our registration; registering again")
+        await self._forget_registration()
+
+    async def _forget_registration(self) -> None:
+        """The next cycle registers afresh: no venID, no registrationID."""
         self.registration = None
         self._synced = False
         self._reports.clear()

@@ -119,7 +119,9 @@ class Vtn:
             self.registrations.append(payload)
             if payload.get("ven_name") != VEN_NAME:
                 return False
-            return VEN_ID, "reg-1"
+            if payload.get("registration_id") in self.forgotten:
+                return False  # (openleadr answers a refusal with 200 and no ids)
+            return VEN_ID, f"reg-{len(self.forgotten) + 1}"
 
         async def on_register_report(
             ven_id: str,
@@ -494,6 +496,25 @@ def captured(logger: str) -> Iterator[list[logging.LogRecord]]:
     finally:
         target.removeHandler(handler)
         target.setLevel(level)
+
+
+async def test_a_vtn_that_forgot_us_gets_a_fresh_registration_not_a_loop(
+    vtn: Vtn, gateway: Gateway, tmp_path: Path
+) -> None:
+    async with running(vtn, gateway, tmp_path) as ven:
+        assert ven.registration is not None
+        assert ven.registration.registration_id == "reg-1"
+        vtn.forgotten.add("reg-1")
+        vtn.outbox.append(("oadrRequestReregistration", {"ven_id": VEN_ID}))
+        await wait_for(
+            lambda: ven.registration is not None and ven.registration.registration_id == "reg-2",
+            10,
+        )
+        attempts = [(r.get("ven_id"), r.get("registration_id")) for r in vtn.registrations]
+        assert attempts == [(None, None), (VEN_ID, "reg-1"), (None, None)]
+        await asyncio.sleep(1.5)  # polls go on; nothing asks to register again
+        assert len(vtn.registrations) == 3
+        assert ven.reachable
 
 
 async def test_vtn_loss_and_recovery_are_logged_once(
