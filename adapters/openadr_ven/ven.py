@@ -550,7 +550,7 @@ class OpenAdrVen:
                 "report_only": False,
                 "profile_name": "2.0b",
                 "transport_name": "simpleHttp",
-                "transport_address": None,
+                "transport_address": None,  # pull: none (left out: protocols.openadr.templates)
             },
             check=False,
         )
@@ -733,7 +733,9 @@ class OpenAdrVen:
                 "response": {"response_code": 200, "response_description": "OK", "request_id": rid},
                 "event_responses": [
                     {
-                        "response_code": r.response_code,
+                        # An opt-out is an answer, not an error: 200 with optOut, as certified
+                        # VTNs expect; why goes in the description (its code stays in our log).
+                        "response_code": 200,
                         "response_description": xml_text(r.description),
                         "request_id": rid,
                         "event_id": xml_text(r.event_id),

@@ -7,10 +7,11 @@ sides (VEN and VTN) agree on.
   ``oadrMin`` 0 and ``oadrMax`` 100; absent when unknown.
 
 openleadr renders every report value as ``payloadFloat``, so :func:`install` gives its
-``oadrUpdateReport`` template a branch for a payload carrying ``resource_status`` (the rest is
-its own template, so signing works as before). Its parser already reads the element back; a
-VEN that can only send ``payloadFloat`` in a status report (openleadr's own) is read as a state
-of charge in percent, online, not overridden (:func:`read_resource_status`).
+``oadrUpdateReport`` template a branch for a payload carrying ``resource_status``
+(:mod:`protocols.openadr.templates`; the rest is its own template, so signing works as before).
+Its parser already reads the element back; a VEN that can only send ``payloadFloat`` in a status
+report (openleadr's own) is read as a state of charge in percent, online, not overridden
+(:func:`read_resource_status`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from jinja2 import ChoiceLoader, DictLoader
-from openleadr import messaging  # type: ignore[import-untyped]
+from protocols.openadr import templates
 
 __all__ = ["ResourceStatus", "install", "read_resource_status", "status_payload"]
 
@@ -62,17 +62,9 @@ class ResourceStatus:
 
 
 def install() -> None:
-    """Teach openleadr's ``oadrUpdateReport`` template the resource status payload (once)."""
-    env = messaging.TEMPLATES
-    if getattr(env, "_derms_resource_status", False):
-        return
-    source = env.loader.get_source(env, "oadrUpdateReport.xml")[0]
-    if _FLOAT not in source:
-        raise RuntimeError("openleadr's oadrUpdateReport template changed: pin openleadr 0.5.36")
-    patched = source.replace(_FLOAT, _STATUS)
-    env.loader = ChoiceLoader([DictLoader({"oadrUpdateReport.xml": patched}), env.loader])
-    env.cache = None if env.cache is None else type(env.cache)(env.cache.capacity)
-    env._derms_resource_status = True
+    """Teach openleadr's templates the resource status payload (and the rest of
+    :mod:`protocols.openadr.templates`), once per process."""
+    templates.install({"oadrUpdateReport.xml": (_FLOAT, _STATUS)})
 
 
 def status_payload(r_id: str, status: ResourceStatus) -> dict[str, Any]:

@@ -170,6 +170,15 @@ class Vtn:
                 return await result if asyncio.iscoroutine(result) else result
 
             report_handlers[message_type] = tapped
+        event_handlers = server.services["event_service"].handlers
+        created = event_handlers["oadrCreatedEvent"]
+
+        async def tapped_created(payload: dict[str, Any]) -> Any:
+            self.received.setdefault("oadrCreatedEvent", []).append(payload)
+            result = created(payload)
+            return await result if asyncio.iscoroutine(result) else result
+
+        event_handlers["oadrCreatedEvent"] = tapped_created
 
     def _take_statuses(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Keep the oadrPayloadResourceStatus values (openleadr's VTN reads only payloadFloat
@@ -411,6 +420,17 @@ async def test_unsupported_signal_opts_out_and_submits_nothing(
         assert gateway.submitted == []
         record = ven.state.events["price-1"]
         assert (record.status, record.reason) == (RecordStatus.OPTED_OUT, "unsupported_signal")
+        # An opt-out is an answer: 200 with optOut, the reason in the description.
+        (answer,) = [
+            r
+            for m in vtn.received["oadrCreatedEvent"]
+            for r in m["event_responses"]
+            if r["event_id"] == "price-1"
+        ]
+        assert (answer["response_code"], answer["opt_type"]) == (200, "optOut")
+        assert answer["response_description"].startswith("unsupported_signal")
+        # A pull VEN has no transport address: none is sent (openleadr's template said "None").
+        assert "transport_address" not in vtn.registrations[0]
 
 
 async def test_gateway_rejection_becomes_an_opt_out_with_its_reason(
