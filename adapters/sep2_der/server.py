@@ -193,11 +193,32 @@ _MAX_HISTORY: Final = 256
 
 
 class Sep2TlsConfig(Section):
-    """Server certificate and the CA(s) whose client certificates are accepted."""
+    """Server certificate and the CA(s) whose client certificates are accepted.
+
+    Notifications to ``https`` subscribers go out as a TLS *client*: a receiver that verifies
+    client certificates (as a 2030.5 client's listener should) refuses a certificate whose
+    extended key usage is serverAuth only. ``notify_cert_file`` / ``notify_key_file`` name a
+    certificate with clientAuth for that (``derms-gateway certs issue DIR NAME`` issues one);
+    without them the server certificate is used, and must carry clientAuth too.
+    """
 
     cert_file: Path
     key_file: Path
     ca_file: Path
+    notify_cert_file: Path | None = None
+    notify_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _notify_pair(self) -> Sep2TlsConfig:
+        if (self.notify_cert_file is None) != (self.notify_key_file is None):
+            raise ValueError("give both notify_cert_file and notify_key_file, or neither")
+        return self
+
+    def notification_identity(self) -> tuple[Path, Path]:
+        """The certificate and key Notifications are sent with."""
+        if self.notify_cert_file is not None and self.notify_key_file is not None:
+            return self.notify_cert_file, self.notify_key_file
+        return self.cert_file, self.key_file
 
 
 class Sep2DefaultEnvelope(Section):
@@ -927,16 +948,28 @@ class Sep2Server:
             tls = self.config.tls
             ssl_context: ssl.SSLContext | None = None
             if tls is not None:
-                from protocols.tls import client_ssl_context, server_ssl_context
+                from protocols.tls import (
+                    allows_client_auth,
+                    client_ssl_context,
+                    server_ssl_context,
+                )
 
                 # Reads key files: keep the blocking part off the loop.
                 ssl_context = await asyncio.to_thread(
                     server_ssl_context, tls.cert_file, tls.key_file, tls.ca_file
                 )
-                # Notifications to https URIs go out with the server's own certificate and
-                # trust only receivers chained to the same CA as the clients.
+                # Notifications to https URIs go out with a clientAuth certificate and trust
+                # only receivers chained to the same CA as the clients.
+                cert_file, key_file = tls.notification_identity()
+                if not await asyncio.to_thread(allows_client_auth, cert_file):
+                    log.warning(
+                        "2030.5 Notifications are sent with %s, whose extended key usage lacks "
+                        "clientAuth: receivers that verify client certificates will refuse "
+                        "them (set [sep2_server.tls] notify_cert_file / notify_key_file)",
+                        cert_file,
+                    )
                 self._notify_ssl = await asyncio.to_thread(
-                    client_ssl_context, tls.cert_file, tls.key_file, tls.ca_file
+                    client_ssl_context, cert_file, key_file, tls.ca_file
                 )
             runner = web.AppRunner(
                 self.make_app(),

@@ -442,27 +442,40 @@ async def test_run_owns_the_notifier(receiver: Receiver) -> None:
 # --------------------------------------------------------------------------- TLS
 
 
-async def test_https_notification_with_the_server_certificate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("notify_cert", [True, False])
+async def test_https_notification_to_a_receiver_that_verifies_client_certificates(
+    tmp_path: Path, notify_cert: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Receivers verify the notifier's client certificate (as a 2030.5 client's listener
+    should): a clientAuth certificate (``notify_cert_file``) gets through; the server's own
+    serverAuth-only certificate is refused in the handshake, and the server warns at start."""
     ca = make_ca(tmp_path)
     server_cert = make_cert(ca, tmp_path, "gateway", server=True)
+    notifier = make_cert(ca, tmp_path, "gateway-notify")  # a client (clientAuth) certificate
     device = make_cert(ca, tmp_path, "device-1")
     listener = make_cert(ca, tmp_path, "listener", server=True, hosts=("127.0.0.1",))
     rogue_ca = make_ca(tmp_path / "rogue", "rogue-ca")
     rogue = make_cert(rogue_ca, tmp_path / "rogue", "listener", server=True)
 
     tls = Sep2TlsConfig(
-        cert_file=server_cert.cert_path, key_file=server_cert.key_path, ca_file=ca.cert_path
+        cert_file=server_cert.cert_path,
+        key_file=server_cert.key_path,
+        ca_file=ca.cert_path,
+        notify_cert_file=notifier.cert_path if notify_cert else None,
+        notify_key_file=notifier.key_path if notify_cert else None,
     )
     server = Sep2Server(_config(dev_lfdi_header=None, tls=tls))
     lfdi, _ = describe(device.cert_path)
     adapter = Sep2Der("tls-dev", Sep2DerEndpoint(lfdi=lfdi, supports_target_w=True), server=server)
     trusted, untrusted = Receiver(), Receiver()
     listener_ctx = server_ssl_context(listener.cert_path, listener.key_path, ca.cert_path)
-    listener_ctx.verify_mode = ssl.CERT_NONE  # the server's certificate is a serverAuth one
+    assert listener_ctx.verify_mode is ssl.CERT_REQUIRED
     rogue_ctx = server_ssl_context(rogue.cert_path, rogue.key_path, ca.cert_path)
-    rogue_ctx.verify_mode = ssl.CERT_NONE
     runners = [await _serve(trusted, listener_ctx), await _serve(untrusted, rogue_ctx)]
-    await adapter.connect()
+    with caplog.at_level(logging.WARNING, logger="adapters.sep2_der.server"):
+        await adapter.connect()
+    warned = any("lacks clientAuth" in r.getMessage() for r in caplog.records)
+    assert warned is not notify_cert
     try:
         ctx = client_ssl_context(device.cert_path, device.key_path, ca.cert_path)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
@@ -475,9 +488,13 @@ async def test_https_notification_with_the_server_certificate(tmp_path: Path) ->
                 async with s.post(f"{server.url}{edev}/sub", data=body, headers=SEP) as resp:
                     assert resp.status == 201
         await adapter.apply(DeviceCommand(device_id="tls-dev", power_kw=-3))
-        note = await trusted.next()
-        assert isinstance(note.resource, DERControlList)
-        assert note.resource.all == 1
+        if notify_cert:
+            note = await trusted.next()
+            assert isinstance(note.resource, DERControlList)
+            assert note.resource.all == 1
+        else:
+            await trusted.nothing(1.0)
+            assert trusted.attempts == 0  # refused in the handshake: no request at all
         # a listener whose certificate is not from the 2030.5 CA never gets the body
         await untrusted.nothing(0.5)
         assert untrusted.attempts == 0
