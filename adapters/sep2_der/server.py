@@ -1324,10 +1324,12 @@ class Sep2Server:
             posted.sfdi != der.sfdi
         ):
             raise _HttpError(403, "lFDI/sFDI do not match the client certificate")
-        if der.posted_registration:
-            raise _HttpError(409, f"EndDevice {der.base_href} is already registered")
-        der.posted_registration = True
-        self._touch(der)
+        if not der.posted_registration:
+            der.posted_registration = True
+            self._touch(der)
+        # A repeat (an inverter restarted, or never saw our first answer) is pointed at the
+        # EndDevice it already has, as before: envoy answers 409, which leaves such a client
+        # without its EndDevice's address.
         return self._reply(None, 201, location=der.base_href)
 
     async def _get_registration(self, request: web.Request) -> web.Response:
