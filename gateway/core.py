@@ -456,7 +456,11 @@ class Gateway:
         share = max(-1.0, min(1.0, command.kw / total))
         for adapter, rating in takers:
             notice = DispatchNotice(
-                command.command_id, command.start, command.end, round(share * rating, 3)
+                command.command_id,
+                command.start,
+                command.end,
+                round(share * rating, 3),
+                ramp_s=command.ramp_s,
             )
             try:
                 adapter.notice(notice)

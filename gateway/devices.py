@@ -98,6 +98,8 @@ class DispatchNotice:
     end: datetime
     expected_kw: float
     withdrawn: bool = False
+    ramp_s: float = 0.0
+    """The dispatch's linear ramp from its start."""
 
 
 @runtime_checkable

@@ -30,7 +30,13 @@ from typing import Final, Literal
 from pydantic import Field
 
 from adapters.sep2_der.server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
-from gateway.devices import AdapterError, DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.devices import (
+    AdapterError,
+    DeviceRejected,
+    DeviceUnavailable,
+    DispatchNotice,
+    UnsafeCommand,
+)
 from protocols.sep2 import (
     DERCapability,
     DERControlBase,
@@ -40,7 +46,7 @@ from protocols.sep2 import (
     scaled_value,
     to_watts,
 )
-from unified.model import DeviceCommand, DeviceState, Frozen
+from unified.model import DeviceCommand, DeviceState, Frozen, LimitSource
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ MODE_TARGET_W: Final = 1 << 22
 #: A setpoint may exceed the device's rating by this fraction (allocation rounding); it is then
 #: clipped. Anything further is refused as unsafe.
 RATING_TOLERANCE: Final = 0.01
+_MAX_WINDOWS: Final = 256
 
 
 class Sep2DerEndpoint(Frozen):
@@ -103,6 +110,8 @@ class Sep2Der:
         self._device_id = device_id
         self._endpoint = endpoint
         self._server = server
+        self._windows: dict[str, int] = {}
+        """Dispatch end (epoch s) by command id, from notices: a control lasts its dispatch."""
         server.enroll(
             Sep2Enrollment(
                 device_id=device_id,
@@ -256,6 +265,42 @@ class Sep2Der:
         except InvalidValue as exc:
             raise UnsafeCommand(self._device_id, str(exc)) from exc
 
+    def notice(self, notice: DispatchNotice) -> None:
+        """:class:`gateway.devices.TakesNotice`: a dispatch ahead becomes a scheduled
+        DERControl at once (the client sees it coming, randomizes its start as the program
+        says, ramps over the dispatch's ramp); the setpoint at the start confirms or replaces
+        it. A withdrawn dispatch's controls are cancelled."""
+        if notice.withdrawn:
+            self._windows.pop(notice.command_id, None)
+            self._server.withdraw(self._device_id, notice.command_id)
+            return
+        self._windows[notice.command_id] = int(notice.end.timestamp())
+        while len(self._windows) > _MAX_WINDOWS:
+            del self._windows[next(iter(self._windows))]
+        try:
+            snap = self._server.snapshot(self._device_id)
+            power_kw = self._checked_kw(notice.expected_kw, snap.capability)
+            base = self.control_base(power_kw, snap)
+        except AdapterError as exc:  # no nameplate yet: it is told at the start instead
+            log.info(
+                "2030.5 %s: dispatch %s not scheduled ahead: %s",
+                self._device_id,
+                notice.command_id,
+                exc,
+            )
+            return
+        if notice.ramp_s > 0:
+            base = base.model_copy(update={"ramp_tms": min(65_535, round(notice.ramp_s * 100))})
+        self._server.schedule(
+            self._device_id,
+            base,
+            start=int(notice.start.timestamp()),
+            end=int(notice.end.timestamp()),
+            power_kw=power_kw,
+            provenance=(LimitSource(command_id=notice.command_id, kind="dispatch"),),
+            description=f"dispatch {power_kw:+.3f} kW",
+        )
+
     async def apply(self, command: DeviceCommand) -> None:
         """Publish the setpoint as this device's DERControl, or cancel it for ``None``."""
         if command.device_id != self._device_id:
@@ -295,12 +340,14 @@ class Sep2Der:
         snap = self._server.snapshot(self._device_id)
         power_kw = self._checked_kw(command.power_kw, snap.capability)
         base = self.control_base(power_kw, snap)
+        command_id = command.provenance[0].command_id if command.provenance else None
         self._server.publish(
             self._device_id,
             base,
             power_kw=power_kw,
             provenance=command.provenance,
             description=f"setpoint {power_kw:+.3f} kW",
+            until=self._windows.get(command_id) if command_id is not None else None,
         )
 
 

@@ -245,6 +245,15 @@ class Sep2ProgramConfig(Section):
     primacy: int = Field(ge=0, le=255)
     description: str = Field(default="", max_length=32)
     default: Sep2DefaultEnvelope = Sep2DefaultEnvelope()
+    randomize_start_s: int = Field(
+        default=0,
+        ge=-3600,
+        le=3600,
+        description="randomizeStart of its scheduled DERControls (each client draws its delay)",
+    )
+    randomize_duration_s: int = Field(
+        default=0, ge=-3600, le=3600, description="randomizeDuration of its scheduled DERControls"
+    )
 
 
 class Sep2ServerConfig(Section):
@@ -410,6 +419,8 @@ class _Program:
     primacy: int
     description: str
     default_base: DERControlBase
+    randomize_start_s: int = 0
+    randomize_duration_s: int = 0
 
 
 @dataclass(slots=True)
@@ -427,6 +438,13 @@ class _Control:
     description: str
     status: int | None = None  # None: scheduled/active by time; else cancelled/superseded
     status_time: int = 0
+    randomize_start: int | None = None
+    randomize_duration: int | None = None
+    fixed_end: bool = False  # scheduled for a dispatch's window: kept whole, never renewed
+
+    @property
+    def command_id(self) -> str | None:
+        return self.provenance[0].command_id if self.provenance else None
 
     @property
     def end(self) -> int:
@@ -722,6 +740,8 @@ class Sep2Server:
                 op_mod_gen_lim_w=_kw_to_power(default.generation_limit_kw),
                 op_mod_load_lim_w=_kw_to_power(default.load_limit_kw),
             ),
+            randomize_start_s=configured.randomize_start_s if configured else 0,
+            randomize_duration_s=configured.randomize_duration_s if configured else 0,
         )
         self._next_program += 1
         self._programs[group_id] = program
@@ -769,8 +789,11 @@ class Sep2Server:
         power_kw: float | None,
         provenance: tuple[LimitSource, ...] = (),
         description: str = "",
+        until: int | None = None,
     ) -> PublishedControl:
-        """Make ``base`` the device's control from now on, superseding the one before.
+        """Make ``base`` the device's control from now on, superseding the one before (and a
+        control scheduled for the same dispatch; those scheduled for others stay). ``until``:
+        the end of the dispatch it carries out, when known; the control then lasts until it.
 
         Idempotent: the supervisor re-applies an unchanged setpoint every refresh, and that must
         not churn events on the client. An identical active control is kept until half of its
@@ -781,18 +804,113 @@ class Sep2Server:
         now = self._now()
         self._prune(der, now)
         duration = der.enrollment.control_duration_s
+        if until is not None and until > now:
+            duration = until - now
         current = self._in_force(der, now)
+        command_id = provenance[0].command_id if provenance else None
         if (
             current is not None
             and current.base == base
             and current.power_kw == power_kw
-            and current.end - now > duration / 2
+            and (current.fixed_end or current.end - now > duration / 2)
         ):
             return current.published()
         for control in der.controls:
-            if control.status is None:
+            # What is in force now, and what was scheduled for this very dispatch, is replaced;
+            # controls scheduled for other dispatches ahead stay.
+            if control.status is None and (
+                control.start <= now
+                or (command_id is not None and control.command_id == command_id)
+            ):
                 control.status = STATUS_SUPERSEDED
                 control.status_time = now
+        return self._add_control(
+            der,
+            base,
+            start=now,
+            duration=duration,
+            power_kw=power_kw,
+            provenance=provenance,
+            description=description,
+            fixed_end=until is not None,
+        )
+
+    def schedule(
+        self,
+        device_id: str,
+        base: DERControlBase,
+        *,
+        start: int,
+        end: int,
+        power_kw: float | None,
+        provenance: tuple[LimitSource, ...],
+        description: str = "",
+    ) -> PublishedControl | None:
+        """A DERControl for a dispatch ahead: listed as scheduled from now, active over
+        [``start``, ``end``) with the program's randomizeStart / randomizeDuration. Controls in
+        force stay. Idempotent per dispatch (its command id, in ``provenance``); None when the
+        window has started or is empty (the setpoint then comes through :meth:`publish`)."""
+        der = self._der(device_id)
+        now = self._now()
+        self._prune(der, now)
+        if start <= now or end <= start:
+            return None
+        command_id = provenance[0].command_id if provenance else None
+        for control in der.controls:
+            if (
+                control.status is None
+                and command_id is not None
+                and control.command_id == command_id
+                and (control.start, control.end, control.base) == (start, end, base)
+            ):
+                return control.published()
+        if command_id is not None:
+            self.withdraw(device_id, command_id)
+        program = der.primary_program()
+        return self._add_control(
+            der,
+            base,
+            start=start,
+            duration=end - start,
+            power_kw=power_kw,
+            provenance=provenance,
+            description=description,
+            fixed_end=True,
+            randomize_start=program.randomize_start_s or None,
+            randomize_duration=program.randomize_duration_s or None,
+        )
+
+    def withdraw(self, device_id: str, command_id: str) -> PublishedControl | None:
+        """Cancel the controls scheduled or in force for one dispatch (cancelled, not
+        deleted); returns the last one cancelled, if any."""
+        der = self._der(device_id)
+        now = self._now()
+        cancelled: _Control | None = None
+        for control in der.controls:
+            if control.status is None and control.command_id == command_id and control.end > now:
+                control.status = STATUS_CANCELLED
+                control.status_time = now
+                cancelled = control
+        if cancelled is None:
+            return None
+        self._changed(der)
+        return cancelled.published()
+
+    def _add_control(
+        self,
+        der: _Der,
+        base: DERControlBase,
+        *,
+        start: int,
+        duration: int,
+        power_kw: float | None,
+        provenance: tuple[LimitSource, ...],
+        description: str,
+        fixed_end: bool = False,
+        randomize_start: int | None = None,
+        randomize_duration: int | None = None,
+    ) -> PublishedControl:
+        now = self._now()
         program = der.primary_program()
         control_id = self._next_control
         self._next_control += 1
@@ -805,13 +923,16 @@ class Sep2Server:
             mrid=mrid,
             href=f"{der.base_href}/derp/{program.program_id}/derc/{control_id}",
             created=now,
-            start=now,
+            start=start,
             duration=duration,
             base=base,
             power_kw=power_kw,
             provenance=provenance,
             description=description[:32],
             status_time=now,
+            randomize_start=randomize_start,
+            randomize_duration=randomize_duration,
+            fixed_end=fixed_end,
         )
         der.controls.append(control)
         der.issued[mrid.upper()] = control
@@ -821,15 +942,15 @@ class Sep2Server:
         return control.published()
 
     def release(self, device_id: str) -> PublishedControl | None:
-        """Cancel the device's scheduled/active control: marked cancelled (not deleted), so the
-        client sees the change and falls back to the DefaultDERControl. Returns what was
-        cancelled, if anything."""
+        """Cancel the device's control in force: marked cancelled (not deleted), so the client
+        sees the change and falls back to the DefaultDERControl; controls scheduled ahead for
+        other dispatches stay. Returns what was cancelled, if anything."""
         der = self._der(device_id)
         now = self._now()
         self._prune(der, now)
         cancelled: _Control | None = None
         for control in der.controls:
-            if control.status is None:
+            if control.status is None and control.start <= now:  # not those scheduled ahead
                 control.status = STATUS_CANCELLED
                 control.status_time = now
                 cancelled = control
@@ -1456,6 +1577,8 @@ class Sep2Server:
                 potentially_superseded=False,
             ),
             interval=DateTimeInterval(duration=control.duration, start=control.start),
+            randomize_duration=control.randomize_duration,
+            randomize_start=control.randomize_start,
             der_control_base=control.base,
         )
 

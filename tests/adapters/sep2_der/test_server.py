@@ -11,6 +11,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,7 +28,7 @@ from adapters.sep2_der.server import (
     Sep2TlsConfig,
 )
 from composition.certs import describe, describe_text, make_ca, make_cert
-from gateway.devices import DeviceUnavailable
+from gateway.devices import DeviceUnavailable, DispatchNotice
 from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
@@ -334,6 +335,72 @@ async def test_apply_publishes_target_and_cancel_marks_cancelled(
         DERControlList, programs.items[0].active_der_control_list_link.href + "?l=10"
     )
     assert act.all == 0
+
+
+async def test_a_dispatch_ahead_is_a_scheduled_control_with_randomization_and_ramp(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Told of a dispatch an hour ahead, the server lists a scheduled DERControl for its window
+    (randomizeStart / randomizeDuration from the program, rampTms from the dispatch) while the
+    control in force stays; a release of that control leaves it; at the start the planner's
+    setpoint replaces it for the rest of the window; a withdrawn dispatch's control is
+    cancelled."""
+    now = [1_800_000_000.0]
+    programs = (
+        Sep2ProgramConfig(
+            group_id="feeder:f1", primacy=10, randomize_start_s=120, randomize_duration_s=30
+        ),
+    )
+    server = Sep2Server(_config(programs=programs), clock=lambda: now[0])
+    der = Sep2Der(
+        "bat-a",
+        Sep2DerEndpoint(lfdi=LFDI_A, supports_target_w=True),
+        server=server,
+        groups=("feeder:f1",),
+    )
+    await der.connect()
+    try:
+        c = Client(session, server.url, LFDI_A)
+        edev = server.edev_href("bat-a")
+        earlier = (LimitSource(command_id="d-now", kind="dispatch"),)
+        await der.apply(DeviceCommand(device_id="bat-a", power_kw=-1, provenance=earlier))
+        start = datetime.fromtimestamp(now[0] + 3600, UTC)
+        end = start + timedelta(seconds=600)
+        der.notice(DispatchNotice("d-ahead", start, end, -2.0, ramp_s=60))
+        listed = await _controls(c, edev)
+        assert listed.all == 2
+        ahead = next(x for x in listed.items if x.interval.start == int(start.timestamp()))
+        assert ahead.interval.duration == 600  # the dispatch's window
+        assert ahead.event_status is not None
+        assert ahead.event_status.current_status == 0  # scheduled
+        assert (ahead.randomize_start, ahead.randomize_duration) == (120, 30)
+        assert ahead.der_control_base.ramp_tms == 6000
+        assert ahead.der_control_base.op_mod_target_w is not None
+        assert to_watts(ahead.der_control_base.op_mod_target_w) == 2000
+        der.notice(DispatchNotice("d-ahead", start, end, -2.0, ramp_s=60))  # a repeat
+        assert (await _controls(c, edev)).all == 2
+
+        await der.apply(DeviceCommand(device_id="bat-a", power_kw=None))  # d-now ends
+        left = {x.mrid: x.event_status for x in (await _controls(c, edev)).items}[ahead.mrid]
+        assert left is not None
+        assert left.current_status == 0  # the release left it scheduled
+
+        now[0] = start.timestamp()
+        ahead_id = (LimitSource(command_id="d-ahead", kind="dispatch"),)
+        await der.apply(DeviceCommand(device_id="bat-a", power_kw=-3, provenance=ahead_id))
+        listed = await _controls(c, edev)
+        current = [x for x in listed.items if x.event_status and x.event_status.current_status == 1]
+        (confirmed,) = current
+        assert confirmed.mrid != ahead.mrid  # a different setpoint supersedes it
+        assert confirmed.interval.start + confirmed.interval.duration == int(end.timestamp())
+
+        der.notice(DispatchNotice("d-ahead", start, end, 0.0, withdrawn=True))
+        listed = await _controls(c, edev)
+        assert all(
+            x.event_status is not None and x.event_status.current_status != 1 for x in listed.items
+        )
+    finally:
+        await server.stop()
 
 
 async def test_fixed_w_from_capability_and_superseding(
