@@ -236,6 +236,13 @@ class Sep2DefaultEnvelope(Section):
     load_limit_kw: float | None = Field(
         default=None, ge=0, le=1_000_000, description="Device load limit (opModLoadLimW)"
     )
+    ramp_rate_pct_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=655.35,
+        description="setGradW: how fast a DER may change its power, in % of its rated W per "
+        "second (CSIP-AUS sites ramp at the default's rate after a control ends or on start)",
+    )
 
 
 class Sep2ProgramConfig(Section):
@@ -419,6 +426,7 @@ class _Program:
     primacy: int
     description: str
     default_base: DERControlBase
+    set_grad_w: int | None = None  # hundredths of a percent of rated W per second
     randomize_start_s: int = 0
     randomize_duration_s: int = 0
 
@@ -740,6 +748,9 @@ class Sep2Server:
                 op_mod_gen_lim_w=_kw_to_power(default.generation_limit_kw),
                 op_mod_load_lim_w=_kw_to_power(default.load_limit_kw),
             ),
+            set_grad_w=None
+            if default.ramp_rate_pct_per_s is None
+            else round(default.ramp_rate_pct_per_s * 100),
             randomize_start_s=configured.randomize_start_s if configured else 0,
             randomize_duration_s=configured.randomize_duration_s if configured else 0,
         )
@@ -1649,6 +1660,7 @@ class Sep2Server:
             mrid=_mrid(1, program.program_id, self.config.iana_pen),
             version=1,
             der_control_base=program.default_base,
+            set_grad_w=program.set_grad_w,
             subscribable=1,
         )
 

@@ -76,7 +76,9 @@ def _config(**overrides: object) -> Sep2ServerConfig:
                 group_id="feeder:f1",
                 primacy=10,
                 description="Feeder F1",
-                default=Sep2DefaultEnvelope(export_limit_kw=1.5, import_limit_kw=7.0),
+                default=Sep2DefaultEnvelope(
+                    export_limit_kw=1.5, import_limit_kw=7.0, ramp_rate_pct_per_s=0.27
+                ),
             ),
             Sep2ProgramConfig(group_id="substation:s1", primacy=20),
         ),
@@ -220,8 +222,10 @@ async def test_discovery_walk_follows_hrefs(fleet: Fleet, session: aiohttp.Clien
             assert base.op_mod_imp_lim_w is not None
             assert to_watts(base.op_mod_exp_lim_w) == 1500
             assert to_watts(base.op_mod_imp_lim_w) == 7000
+            assert dderc.set_grad_w == 27  # 0.27 %/s of rated W
         else:  # no default configured: 200 with an empty DERControlBase, as envoy
             assert base.model_dump(exclude_none=True) == {}
+            assert dderc.set_grad_w is None
 
     assert edev.der_list_link is not None
     ders = await c.get_as(DERList, edev.der_list_link.href)
