@@ -73,6 +73,7 @@ from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
     ActivePower,
+    ConnectionPoint,
     CsipAusVersion,
     DateTimeInterval,
     DefaultDERControl,
@@ -395,6 +396,8 @@ class DerSnapshot:
     site_power: PowerSample | None
     active_control: PublishedControl | None
     last_seen: datetime | None
+    connection_point_id: str | None = None
+    """CSIP-AUS: the NMI of the site the client stands for, as it PUT it."""
 
 
 class Sep2ResponseRecord(BaseModel):
@@ -501,6 +504,7 @@ class _Der:
     settings: DERSettings | None = None
     status: DERStatus | None = None
     availability: DERAvailability | None = None
+    connection_point_id: str | None = None  # CSIP-AUS: the site's NMI, as the client PUT it
     mirrors: dict[int, _Mirror] = field(default_factory=dict)
     controls: list[_Control] = field(default_factory=list)
     issued: dict[str, _Control] = field(default_factory=dict)  # mRID (upper) → control, bounded
@@ -1000,6 +1004,7 @@ class Sep2Server:
             site_power=site_power,
             active_control=None if control is None else control.published(),
             last_seen=der.last_seen,
+            connection_point_id=der.connection_point_id,
         )
 
     def responses(self, device_id: str) -> tuple[Sep2ResponseRecord, ...]:
@@ -1056,6 +1061,9 @@ class Sep2Server:
             r.add_get(path, handler)
         r.add_route("GET", "/edev", self._get_edev_list)
         r.add_route("POST", "/edev", self._post_edev)
+        r.add_get("/edev/{e:\\d+}/cp", self._get_connection_point)
+        r.add_put("/edev/{e:\\d+}/cp", self._put_connection_point)
+        r.add_post("/edev/{e:\\d+}/cp", self._put_connection_point)
         for kind in ("dercap", "derg", "ders", "dera"):
             path = f"/edev/{{e:\\d+}}/der/{{d:\\d+}}/{kind}"
             r.add_get(path, self._get_der_resource)
@@ -1428,6 +1436,7 @@ class Sep2Server:
             subscription_list_link=ListLink(
                 href=f"{base}/sub", all=len(self._subscriptions_of(der))
             ),
+            connection_point_link=Link(href=f"{base}/cp"),
         )
 
     async def _get_edev_list(self, request: web.Request) -> web.Response:
@@ -1705,6 +1714,35 @@ class Sep2Server:
         if stored is None:
             raise _HttpError(404, f"{_DER_KINDS[kind].xml_tag} has not been PUT yet")
         return self._cached(request, der, lambda _: (stored, None))
+
+    # ----------------------------------------------------------------------- CSIP-AUS site
+
+    async def _get_connection_point(self, request: web.Request) -> web.Response:
+        """The site's connection point (NMI). Before any PUT, 200 with an empty id (envoy)."""
+        der = self._own(request)
+        return self._cached(
+            request,
+            der,
+            lambda _: (
+                ConnectionPoint(
+                    href=f"{der.base_href}/cp",
+                    connection_point_id=der.connection_point_id or "",
+                ),
+                None,
+            ),
+        )
+
+    async def _put_connection_point(self, request: web.Request) -> web.Response:
+        """PUT (or POST) the NMI: 201 with its Location even when it only updates (envoy)."""
+        der = self._own(request)
+        posted = await self._body(request, ConnectionPoint)
+        nmi = (posted.connection_point_id or "").strip()
+        if len(nmi) > 32:
+            raise _HttpError(400, "connectionPointId longer than 32 characters")
+        if nmi != (der.connection_point_id or ""):
+            der.connection_point_id = nmi or None
+            self._touch(der)
+        return self._reply(None, 201, location=f"{der.base_href}/cp")
 
     async def _put_der_resource(self, request: web.Request) -> web.Response:
         der = self._own_der(request)

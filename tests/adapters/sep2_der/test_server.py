@@ -32,6 +32,7 @@ from gateway.devices import DeviceUnavailable, DispatchNotice
 from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
+    ConnectionPoint,
     DefaultDERControl,
     DERControl,
     DERControlList,
@@ -556,6 +557,28 @@ async def test_responses_are_recorded(fleet: Fleet, session: aiohttp.ClientSessi
     # B cannot answer for A's controls.
     await client(fleet, session, LFDI_B).error("POST", control.reply_to, 403, body)
     assert len(fleet.recorded) == 1
+
+
+async def test_connection_point_as_envoy_serves_it(
+    fleet: Fleet, session: aiohttp.ClientSession
+) -> None:
+    """CSIP-AUS: the EndDevice links its ConnectionPoint; before any PUT it is served with an
+    empty id; a PUT (the current or the CSIP-AUS 1.1 element) answers 201 with its Location."""
+    c = client(fleet, session)
+    edev = await c.get_as(EndDevice, fleet.server.edev_href("bat-a"))
+    assert edev.connection_point_link is not None
+    cp = edev.connection_point_link.href
+    assert (await c.get_as(ConnectionPoint, cp)).connection_point_id == ""
+    for fixture, nmi in (
+        ("req-connection-point-legacy-id.xml", "2001234560"),
+        ("req-connection-point.xml", "2001234567"),
+    ):
+        status, headers, _ = await c.request("PUT", cp, load(fixture))
+        assert (status, headers["Location"]) == (201, cp)
+        assert (await c.get_as(ConnectionPoint, cp)).connection_point_id == nmi
+    assert fleet.server.snapshot("bat-a").connection_point_id == "2001234567"
+    # B cannot read or set A's.
+    await client(fleet, session, LFDI_B).error("GET", cp, 403)
 
 
 async def test_registration_post(fleet: Fleet, session: aiohttp.ClientSession) -> None:
