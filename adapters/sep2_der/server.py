@@ -430,6 +430,7 @@ class _Program:
     description: str
     default_base: DERControlBase
     set_grad_w: int | None = None  # hundredths of a percent of rated W per second
+    default_version: int = 1  # DefaultDERControl version: +1 on every change (as envoy)
     randomize_start_s: int = 0
     randomize_duration_s: int = 0
 
@@ -642,6 +643,20 @@ def _mrid(kind: int, number: int, pen: int) -> str:
     return f"{kind:01x}{number:023x}{pen:08x}"
 
 
+def _default_base(default: Sep2DefaultEnvelope) -> DERControlBase:
+    return DERControlBase(
+        op_mod_imp_lim_w=_kw_to_power(default.import_limit_kw),
+        op_mod_exp_lim_w=_kw_to_power(default.export_limit_kw),
+        op_mod_gen_lim_w=_kw_to_power(default.generation_limit_kw),
+        op_mod_load_lim_w=_kw_to_power(default.load_limit_kw),
+    )
+
+
+def _grad_w(default: Sep2DefaultEnvelope) -> int | None:
+    rate = default.ramp_rate_pct_per_s
+    return None if rate is None else round(rate * 100)
+
+
 def _kw_to_power(kw: float | None) -> ActivePower | None:
     return None if kw is None else from_watts(kw * 1000)
 
@@ -705,6 +720,9 @@ class Sep2Server:
         self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
+        self.poll_rate_s = config.poll_rate_s
+        self.der_poll_rate_s = config.der_poll_rate_s
+        self.post_rate_s = config.post_rate_s
         for program in config.programs:  # configured groups get the low, stable ids
             self._program(program.group_id)
 
@@ -746,21 +764,66 @@ class Sep2Server:
             group_id=group_id,
             primacy=configured.primacy if configured else self.config.unlisted_group_primacy,
             description=(configured.description if configured else "") or group_id[:32],
-            default_base=DERControlBase(
-                op_mod_imp_lim_w=_kw_to_power(default.import_limit_kw),
-                op_mod_exp_lim_w=_kw_to_power(default.export_limit_kw),
-                op_mod_gen_lim_w=_kw_to_power(default.generation_limit_kw),
-                op_mod_load_lim_w=_kw_to_power(default.load_limit_kw),
-            ),
-            set_grad_w=None
-            if default.ramp_rate_pct_per_s is None
-            else round(default.ramp_rate_pct_per_s * 100),
+            default_base=_default_base(default),
+            set_grad_w=_grad_w(default),
             randomize_start_s=configured.randomize_start_s if configured else 0,
             randomize_duration_s=configured.randomize_duration_s if configured else 0,
         )
         self._next_program += 1
         self._programs[group_id] = program
         return program
+
+    # ----------------------------------------------------------------------- run-time changes
+
+    def set_default(self, group_id: str, default: Sep2DefaultEnvelope) -> bool:
+        """Change a group's DefaultDERControl while running: its version goes up, every client
+        in the group sees it on its next GET, and its subscribers are notified. False when no
+        enrolled device is in that group (nothing serves its program)."""
+        program = self._programs.get(group_id)
+        if program is None:
+            return False
+        base, grad = _default_base(default), _grad_w(default)
+        if (program.default_base, program.set_grad_w) == (base, grad):
+            return True
+        program.default_base, program.set_grad_w = base, grad
+        program.default_version += 1
+        log.info(
+            "2030.5 DefaultDERControl of %s is now version %d", group_id, program.default_version
+        )
+        for der in self._ders.values():
+            if any(p is program for p in der.programs):
+                self._touch(der)
+                self._notify_default(der, program)
+        return True
+
+    def set_rates(
+        self,
+        *,
+        poll_rate_s: int | None = None,
+        der_poll_rate_s: int | None = None,
+        post_rate_s: int | None = None,
+    ) -> None:
+        """Change the pollRate / postRate the server asks of clients, while running: every
+        client sees them on its next GET of the documents that carry them."""
+        for name, value in (
+            ("poll_rate_s", poll_rate_s),
+            ("der_poll_rate_s", der_poll_rate_s),
+            ("post_rate_s", post_rate_s),
+        ):
+            if value is None:
+                continue
+            if not 1 <= value <= 86_400:
+                raise ValueError(f"{name} {value} outside 1..86400 s")
+            setattr(self, name, value)
+        for der in self._ders.values():
+            self._touch(der)
+
+    def _notify_default(self, der: _Der, program: _Program) -> None:
+        for sub in self._subscriptions_of(der):
+            if sub.kind != "dderc" or sub.program_id != program.program_id:
+                continue
+            self._enqueue(sub, self._default_control(der, program))
+        self._notify_wake.set()
 
     def _der(self, device_id: str) -> _Der:
         try:
@@ -1398,7 +1461,7 @@ class Sep2Server:
             mirrors = 0 if der is None else len(der.mirrors)
             return DeviceCapability(
                 href="/dcap",
-                poll_rate=self.config.poll_rate_s if der is not None else None,
+                poll_rate=self.poll_rate_s if der is not None else None,
                 time_link=Link(href="/tm"),
                 end_device_list_link=ListLink(href="/edev", all=0 if der is None else 1),
                 mirror_usage_point_list_link=ListLink(href="/mup", all=mirrors),
@@ -1447,7 +1510,7 @@ class Sep2Server:
             EndDeviceList,
             "/edev",
             lambda: [] if der is None else [self._end_device(der)],
-            self.config.poll_rate_s,
+            self.poll_rate_s,
         )
 
     async def _get_edev(self, request: web.Request) -> web.Response:
@@ -1499,7 +1562,7 @@ class Sep2Server:
             FunctionSetAssignmentsList,
             f"{der.base_href}/fsa",
             lambda: [self._fsa(der)],
-            self.config.poll_rate_s,
+            self.poll_rate_s,
         )
 
     def _fsa(self, der: _Der) -> FunctionSetAssignments:
@@ -1568,7 +1631,7 @@ class Sep2Server:
                 href=request.path,
                 all=len(programs),
                 results=len(page),
-                poll_rate=self.config.der_poll_rate_s,
+                poll_rate=self.der_poll_rate_s,
                 items=page,
             ), self._next_boundary(der, now)  # a DERProgram counts the active controls
 
@@ -1667,7 +1730,7 @@ class Sep2Server:
         return DefaultDERControl(
             href=f"{der.base_href}/derp/{program.program_id}/dderc",
             mrid=_mrid(1, program.program_id, self.config.iana_pen),
-            version=1,
+            version=program.default_version % 65_536,
             der_control_base=program.default_base,
             set_grad_w=program.set_grad_w,
             subscribable=1,
@@ -1700,7 +1763,7 @@ class Sep2Server:
             DERList,
             f"{der.base_href}/der",
             lambda: [self._der_resource(der)],
-            self.config.der_poll_rate_s,
+            self.der_poll_rate_s,
         )
 
     async def _get_der(self, request: web.Request) -> web.Response:
@@ -1965,18 +2028,21 @@ class Sep2Server:
             if program is None:
                 continue
             resource = self._control_list_model(der, program, now, sub.kind, 0, sub.model.limit)
-            notification = Notification(
-                subscribed_resource=sub.model.subscribed_resource,
-                resource=resource,
-                status=0,
-                subscription_uri=sub.href,
-            )
-            if len(sub.pending) == sub.pending.maxlen:
-                log.debug("2030.5 notification queue of %s full: oldest dropped", sub.href)
-                if sub.inflight is None:
-                    sub.failures = 0  # they were the dropped Notification's failures
-            sub.pending.append(encode(notification, csipaus=self.config.csipaus))
+            self._enqueue(sub, resource)
         self._notify_wake.set()
+
+    def _enqueue(self, sub: _Subscription, resource: Sep2Model) -> None:
+        notification = Notification(
+            subscribed_resource=sub.model.subscribed_resource,
+            resource=resource,
+            status=0,
+            subscription_uri=sub.href,
+        )
+        if len(sub.pending) == sub.pending.maxlen:
+            log.debug("2030.5 notification queue of %s full: oldest dropped", sub.href)
+            if sub.inflight is None:
+                sub.failures = 0  # they were the dropped Notification's failures
+        sub.pending.append(encode(notification, csipaus=self.config.csipaus))
 
     def _next_lapse(self) -> float | None:
         """Seconds until a subscribed control ends (its list changes then), if any."""
@@ -2103,7 +2169,7 @@ class Sep2Server:
         return mirror.point.model_copy(
             update={
                 "href": f"/mup/{mirror.mup_id}",
-                "post_rate": self.config.post_rate_s,
+                "post_rate": self.post_rate_s,
                 "mirror_meter_readings": tuple(
                     MirrorMeterReading(mrid=mrid, reading_type=rt)
                     for mrid, rt in mirror.reading_types.items()
@@ -2122,7 +2188,7 @@ class Sep2Server:
                 href="/mup",
                 all=len(mirrors),
                 results=len(page),
-                poll_rate=self.config.post_rate_s,
+                poll_rate=self.post_rate_s,
                 items=page,
             ), None
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
 from adapters.sep2_der.server import (
+    Sep2DefaultEnvelope,
     Sep2ProgramConfig,
     Sep2Server,
     Sep2ServerConfig,
@@ -31,6 +32,7 @@ from protocols.sep2 import (
     DefaultDERControl,
     DERControlList,
     DERProgramList,
+    DeviceCapability,
     EndDevice,
     Error,
     Notification,
@@ -266,6 +268,38 @@ async def test_subscribe_notify_release_unsubscribe(env: Setup, receiver: Receiv
     assert status == 404
     await _setpoint(env, -1)
     await receiver.nothing()
+
+
+async def test_defaults_and_rates_change_at_run_time(env: Setup, receiver: Receiver) -> None:
+    """A new DefaultDERControl for a group: its version goes up, its subscribers are told, the
+    next GET shows it; new poll and post rates show on the next GETs too."""
+    dderc = (await env.derc()).replace("/derc", "/dderc")
+    status, _, body = await env.request("GET", dderc)
+    before = decode_as(DefaultDERControl, body)
+    status, _, _ = await env.subscribe(dderc, receiver.url + "/dderc")
+    assert status == 201
+
+    changed = Sep2DefaultEnvelope(export_limit_kw=2.5, ramp_rate_pct_per_s=0.5)
+    assert env.server.set_default("feeder:f1", changed)
+    note = await receiver.next()
+    assert isinstance(note.resource, DefaultDERControl)
+    assert note.resource.version == (before.version or 0) + 1
+    assert note.resource.der_control_base.op_mod_exp_lim_w is not None
+    assert to_watts(note.resource.der_control_base.op_mod_exp_lim_w) == 2500
+    assert note.resource.set_grad_w == 50
+    status, _, body = await env.request("GET", dderc)
+    assert decode_as(DefaultDERControl, body) == note.resource
+    assert env.server.set_default("feeder:f1", changed)  # the same again: nothing new
+    await receiver.nothing(0.3)
+    assert not env.server.set_default("feeder:nowhere", changed)
+
+    env.server.set_rates(poll_rate_s=120, der_poll_rate_s=30, post_rate_s=15)
+    status, _, body = await env.request("GET", "/dcap")
+    assert decode_as(DeviceCapability, body).poll_rate == 120
+    status, _, body = await env.request("GET", env.edev() + "/derp?l=10")
+    assert decode_as(DERProgramList, body).poll_rate == 30
+    with pytest.raises(ValueError, match="outside"):
+        env.server.set_rates(post_rate_s=0)
 
 
 async def test_limit_and_lapse(env: Setup, receiver: Receiver) -> None:
