@@ -461,6 +461,7 @@ class Gateway:
                 command.end,
                 round(share * rating, 3),
                 ramp_s=command.ramp_s,
+                group_id=command.target.group_id,
             )
             try:
                 adapter.notice(notice)

@@ -100,6 +100,8 @@ class DispatchNotice:
     withdrawn: bool = False
     ramp_s: float = 0.0
     """The dispatch's linear ramp from its start."""
+    group_id: str | None = None
+    """The group the dispatch addresses (None: a list of devices)."""
 
 
 @runtime_checkable

@@ -110,8 +110,9 @@ class Sep2Der:
         self._device_id = device_id
         self._endpoint = endpoint
         self._server = server
-        self._windows: dict[str, int] = {}
-        """Dispatch end (epoch s) by command id, from notices: a control lasts its dispatch."""
+        self._windows: dict[str, tuple[int, str | None]] = {}
+        """By command id, from notices: the dispatch's end (epoch s; a control lasts its
+        dispatch) and the group it addresses (its control goes into that group's program)."""
         server.enroll(
             Sep2Enrollment(
                 device_id=device_id,
@@ -274,7 +275,7 @@ class Sep2Der:
             self._windows.pop(notice.command_id, None)
             self._server.withdraw(self._device_id, notice.command_id)
             return
-        self._windows[notice.command_id] = int(notice.end.timestamp())
+        self._windows[notice.command_id] = (int(notice.end.timestamp()), notice.group_id)
         while len(self._windows) > _MAX_WINDOWS:
             del self._windows[next(iter(self._windows))]
         try:
@@ -299,6 +300,7 @@ class Sep2Der:
             power_kw=power_kw,
             provenance=(LimitSource(command_id=notice.command_id, kind="dispatch"),),
             description=f"dispatch {power_kw:+.3f} kW",
+            group_id=notice.group_id,
         )
 
     async def apply(self, command: DeviceCommand) -> None:
@@ -341,13 +343,15 @@ class Sep2Der:
         power_kw = self._checked_kw(command.power_kw, snap.capability)
         base = self.control_base(power_kw, snap)
         command_id = command.provenance[0].command_id if command.provenance else None
+        until, group_id = self._windows.get(command_id or "", (None, None))
         self._server.publish(
             self._device_id,
             base,
             power_kw=power_kw,
             provenance=command.provenance,
             description=f"setpoint {power_kw:+.3f} kW",
-            until=self._windows.get(command_id) if command_id is not None else None,
+            until=until,
+            group_id=group_id,
         )
 
 

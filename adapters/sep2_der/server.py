@@ -533,6 +533,12 @@ class _Der:
         """The program a device's own setpoint goes into: the one the client ranks first."""
         return min(self.programs, key=lambda p: p.primacy)
 
+    def program_for(self, group_id: str | None) -> _Program:
+        """The program of ``group_id`` when the device is in that group, else the primary one:
+        a command for a group goes into that group's program, at that program's primacy."""
+        found = next((p for p in self.programs if p.group_id == group_id), None)
+        return found if found is not None else self.primary_program()
+
 
 @dataclass(slots=True, eq=False)
 class _Subscription:
@@ -868,10 +874,13 @@ class Sep2Server:
         provenance: tuple[LimitSource, ...] = (),
         description: str = "",
         until: int | None = None,
+        group_id: str | None = None,
     ) -> PublishedControl:
         """Make ``base`` the device's control from now on, superseding the one before (and a
         control scheduled for the same dispatch; those scheduled for others stay). ``until``:
         the end of the dispatch it carries out, when known; the control then lasts until it.
+        ``group_id``: the group the command addresses; the control goes into that group's
+        program when the device is in it (the primary program otherwise).
 
         Idempotent: the supervisor re-applies an unchanged setpoint every refresh, and that must
         not churn events on the client. An identical active control is kept until half of its
@@ -911,6 +920,7 @@ class Sep2Server:
             provenance=provenance,
             description=description,
             fixed_end=until is not None,
+            group_id=group_id,
         )
 
     def schedule(
@@ -923,8 +933,10 @@ class Sep2Server:
         power_kw: float | None,
         provenance: tuple[LimitSource, ...],
         description: str = "",
+        group_id: str | None = None,
     ) -> PublishedControl | None:
-        """A DERControl for a dispatch ahead: listed as scheduled from now, active over
+        """A DERControl for a dispatch ahead (in ``group_id``'s program when the device is in
+        that group): listed as scheduled from now, active over
         [``start``, ``end``) with the program's randomizeStart / randomizeDuration. Controls in
         force stay. Idempotent per dispatch (its command id, in ``provenance``); None when the
         window has started or is empty (the setpoint then comes through :meth:`publish`)."""
@@ -944,7 +956,7 @@ class Sep2Server:
                 return control.published()
         if command_id is not None:
             self.withdraw(device_id, command_id)
-        program = der.primary_program()
+        program = der.program_for(group_id)
         return self._add_control(
             der,
             base,
@@ -956,6 +968,7 @@ class Sep2Server:
             fixed_end=True,
             randomize_start=program.randomize_start_s or None,
             randomize_duration=program.randomize_duration_s or None,
+            group_id=group_id,
         )
 
     def withdraw(self, device_id: str, command_id: str) -> PublishedControl | None:
@@ -987,9 +1000,10 @@ class Sep2Server:
         fixed_end: bool = False,
         randomize_start: int | None = None,
         randomize_duration: int | None = None,
+        group_id: str | None = None,
     ) -> PublishedControl:
         now = self._now()
-        program = der.primary_program()
+        program = der.program_for(group_id)
         control_id = self._next_control
         self._next_control += 1
         # mRIDs must never repeat across restarts (a client would take a new event for one it

@@ -408,6 +408,30 @@ async def test_a_dispatch_ahead_is_a_scheduled_control_with_randomization_and_ra
         await server.stop()
 
 
+async def test_a_groups_dispatch_goes_into_that_groups_program(
+    fleet: Fleet, session: aiohttp.ClientSession
+) -> None:
+    """A dispatch for substation S1 (primacy 20) is a control in S1's program, not in the
+    device's primary program (feeder F1, primacy 10): the client weighs it at S1's primacy."""
+    c = client(fleet, session)
+    edev = fleet.server.edev_href("bat-a")
+    now = datetime.now(UTC)
+    window = (now, now + timedelta(seconds=600))
+    fleet.a.notice(DispatchNotice("d-s1", *window, -2.0, group_id="substation:s1"))
+    provenance = (LimitSource(command_id="d-s1", kind="dispatch"),)
+    await fleet.a.apply(DeviceCommand(device_id="bat-a", power_kw=-2, provenance=provenance))
+    programs = await c.get_as(DERProgramList, f"{edev}/derp?l=10")
+    by_primacy = {p.primacy: p for p in programs.items}
+    for primacy, expected in ((10, 0), (20, 1)):
+        link = by_primacy[primacy].der_control_list_link
+        assert link is not None
+        listed = await c.get_as(DERControlList, link.href + "?l=10")
+        assert listed.all == expected, primacy
+    # A command without a known group still goes into the primary program.
+    await fleet.a.apply(DeviceCommand(device_id="bat-a", power_kw=-1))
+    assert (await _controls(c, edev)).all == 1
+
+
 async def test_fixed_w_from_capability_and_superseding(
     fleet: Fleet, session: aiohttp.ClientSession
 ) -> None:
