@@ -23,11 +23,11 @@ MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` 
 ``application/sep+xml`` with no charset parameter, and a request that fails changes nothing:
 bodies are read with a size limit and a timeout and decoded completely before any state changes.
 
-Subscriptions: a client may subscribe to its own DERControlLists (``derc``, ``actderc``) and
-DefaultDERControls; when a subscribed list changes (publish, release, supersede, lapse) the server
-POSTs a ``Notification`` to the subscription's notificationURI, whose host must be in
-``notification_hosts`` (no other targets, no redirects: the server must not become a proxy into
-its own network). Deliveries are queued per subscription (bounded, oldest dropped), retried with
+Subscriptions: a client may subscribe to its own DERProgramLists, DERPrograms, DERControlLists
+(``derc``, ``actderc``) and DefaultDERControls; when a subscribed resource changes (publish,
+release, supersede, lapse; a new default) the server POSTs a ``Notification`` to the
+subscription's notificationURI, whose host must be in ``notification_hosts`` (no other targets,
+no redirects: the server must not become a proxy into its own network). Deliveries are queued per subscription (bounded, oldest dropped), retried with
 jittered backoff, dropped after ``notification_attempts`` failures, and sent by one task the
 server owns, never on the request path.
 
@@ -185,7 +185,11 @@ _DER_ID: Final = 1  # one DER per EndDevice
 _FSA_ID: Final = 1
 _INT_QUERY: Final = re.compile(r"^[0-9]{1,10}$")
 _EDEV_PATH: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/|$)")
-_SUBSCRIBABLE: Final = re.compile(r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})/(derc|actderc|dderc)$")
+_SUBSCRIBABLE: Final = re.compile(
+    r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})(?:/(derc|actderc|dderc))?$"
+)
+# A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
+_SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/1)?/derp$")
 _ENCODING_XML: Final = 0
 _MAX_HISTORY: Final = 256
 
@@ -544,8 +548,8 @@ class _Der:
 class _Subscription:
     sub_id: int
     der: _Der
-    program_id: int
-    kind: str  # derc | actderc | dderc
+    program_id: int | None  # None for a DERProgramList
+    kind: str  # derc | actderc | dderc | derp (a DERProgram) | derpl (a DERProgramList)
     model: Subscription  # as served, with its href
     pending: deque[bytes]  # encoded Notifications, oldest first
     failures: int = 0  # consecutive failed attempts of the oldest pending Notification
@@ -1639,17 +1643,27 @@ class Sep2Server:
         start, limit, after = self._paging(request)
 
         def build(now: int) -> tuple[Sep2Model, int | None]:
-            programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
-            page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
-            return DERProgramList(
-                href=request.path,
-                all=len(programs),
-                results=len(page),
-                poll_rate=self.der_poll_rate_s,
-                items=page,
-            ), self._next_boundary(der, now)  # a DERProgram counts the active controls
+            # (a DERProgram counts the active controls: it changes with time too)
+            model = self._program_list(der, request.path, now, start, limit)
+            return model, self._next_boundary(der, now)
 
         return self._cached(request, der, build, (start, limit, after))
+
+    def _program_list(
+        self, der: _Der, href: str, now: int, start: int, limit: int
+    ) -> DERProgramList:
+        programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
+        page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
+        return DERProgramList(
+            href=href,
+            all=len(programs),
+            results=len(page),
+            poll_rate=self.der_poll_rate_s,
+            items=page,
+        )
+
+    def _program_list_model(self, der: _Der, sub: Subscription, now: int) -> DERProgramList:
+        return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit)
 
     async def _get_derp(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
@@ -1961,22 +1975,27 @@ class Sep2Server:
             sub.inflight.cancel()  # no Notification after the DELETE has been answered
         return self._reply(None, 204)
 
-    def _subscribed(self, der: _Der, lfdi: str | None, resource: str) -> tuple[_Program, str]:
+    def _subscribed(
+        self, der: _Der, lfdi: str | None, resource: str
+    ) -> tuple[_Program | None, str]:
         """The client's own subscribable resource named by ``resource``: 403 for anyone else's
         (as envoy answers), 400 for a resource that cannot be subscribed to."""
         edev = _EDEV_PATH.match(resource)
         if edev is not None and int(edev.group(1)) != der.edev_id:
             raise _forbidden(lfdi)
+        if _SUBSCRIBABLE_PROGRAMS.match(resource):
+            return None, "derpl"
         match = _SUBSCRIBABLE.match(resource)
         if match is None:
             raise _HttpError(
                 400,
-                f"{resource!r} is not subscribable: only DERControlLists and DefaultDERControls",
+                f"{resource!r} is not subscribable: DERProgramLists, DERPrograms, "
+                "DERControlLists and DefaultDERControls are",
             )
         program = der.program(int(match.group(2)))
         if program is None:
             raise _forbidden(lfdi)  # another group's program: not this client's resource
-        return program, match.group(3)
+        return program, match.group(3) or "derp"
 
     def _check_notification_uri(self, uri: str) -> None:
         """Only http(s) to an allowed host: the server must not POST into arbitrary networks."""
@@ -2015,7 +2034,7 @@ class Sep2Server:
         self._subscriptions[sub_id] = _Subscription(
             sub_id=sub_id,
             der=der,
-            program_id=program.program_id,
+            program_id=None if program is None else program.program_id,
             kind=kind,
             model=model,
             pending=deque(maxlen=self.config.notification_queue),
@@ -2038,10 +2057,17 @@ class Sep2Server:
         now = self._now()
         der.controls = [c for c in der.controls if c.end > now]  # no recursion into _prune
         for sub in subs:
-            program = der.program(sub.program_id)
+            if sub.kind == "derpl":  # a DERProgram counts its active controls
+                self._enqueue(sub, self._program_list_model(der, sub.model, now))
+                continue
+            program = der.program(sub.program_id) if sub.program_id is not None else None
             if program is None:
                 continue
-            resource = self._control_list_model(der, program, now, sub.kind, 0, sub.model.limit)
+            resource: Sep2Model
+            if sub.kind == "derp":
+                resource = self._der_program(der, program, now)
+            else:
+                resource = self._control_list_model(der, program, now, sub.kind, 0, sub.model.limit)
             self._enqueue(sub, resource)
         self._notify_wake.set()
 

@@ -31,6 +31,7 @@ from protocols.sep2 import (
     MEDIA_TYPE,
     DefaultDERControl,
     DERControlList,
+    DERProgram,
     DERProgramList,
     DeviceCapability,
     EndDevice,
@@ -300,6 +301,30 @@ async def test_defaults_and_rates_change_at_run_time(env: Setup, receiver: Recei
     assert decode_as(DERProgramList, body).poll_rate == 30
     with pytest.raises(ValueError, match="outside"):
         env.server.set_rates(post_rate_s=0)
+
+
+async def test_program_lists_and_programs_are_subscribable(env: Setup, receiver: Receiver) -> None:
+    """A DERProgramList (under the EndDevice, its FunctionSetAssignments or its DER) and a
+    DERProgram change with the controls they count: their subscribers are told."""
+    derc = await env.derc()
+    program = derc.rsplit("/", 1)[0]
+    lists = [f"{env.edev()}/derp", f"{env.edev()}/fsa/1/derp", f"{env.edev()}/der/1/derp"]
+    for i, resource in enumerate([*lists, program]):
+        status, _, _ = await env.subscribe(resource, f"{receiver.url}/{i}")
+        assert status == 201
+    await _setpoint(env, -3)
+    notes = [await receiver.next() for _ in range(4)]
+    by_resource = {n.subscribed_resource: n.resource for n in notes}
+    assert set(by_resource) == {*lists, program}
+    for resource in lists:
+        listed = by_resource[resource]
+        assert isinstance(listed, DERProgramList)
+        assert listed.href == resource
+        assert listed.items[0].active_der_control_list_link is not None
+        assert listed.items[0].active_der_control_list_link.all == 1
+    single = by_resource[program]
+    assert isinstance(single, DERProgram)
+    assert single.href == program
 
 
 async def test_limit_and_lapse(env: Setup, receiver: Receiver) -> None:
