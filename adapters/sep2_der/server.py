@@ -27,9 +27,10 @@ Subscriptions: a client may subscribe to its own DERProgramLists, DERPrograms, D
 (``derc``, ``actderc``) and DefaultDERControls; when a subscribed resource changes (publish,
 release, supersede, lapse; a new default) the server POSTs a ``Notification`` to the
 subscription's notificationURI, whose host must be in ``notification_hosts`` (no other targets,
-no redirects: the server must not become a proxy into its own network). Deliveries are queued per subscription (bounded, oldest dropped), retried with
-jittered backoff, dropped after ``notification_attempts`` failures, and sent by one task the
-server owns, never on the request path.
+no redirects: the server must not become a proxy into its own network). Deliveries are queued
+per subscription (bounded, oldest dropped), retried with jittered backoff, dropped after
+``notification_attempts`` failures, and sent by one task the server owns, never on the request
+path.
 
 GET answers come from a bounded cache of encoded bodies (most polls find nothing changed, and
 encoding was a third of the server's CPU): an entry names the path, the asking client and the
