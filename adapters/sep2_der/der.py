@@ -38,6 +38,7 @@ from gateway.devices import (
     UnsafeCommand,
 )
 from protocols.sep2 import (
+    CsipAusVersion,
     DERCapability,
     DERControlBase,
     InvalidValue,
@@ -77,6 +78,11 @@ class Sep2DerEndpoint(Frozen):
         default=None,
         description="Use opModTargetW (True) or opModFixedW (False); None: from its DERCapability",
     )
+    storage_target: bool = Field(
+        default=False,
+        description="Send setpoints as CSIP-AUS v1.3 opModStorageTargetW (a battery's charge "
+        "+ / discharge - target); needs [sep2_server] csipaus = the v1.3 namespace",
+    )
     power_from: Literal["der", "site"] = Field(
         default="der",
         description="Which MirrorUsagePoint is the device's power: the DER's or the site's",
@@ -107,6 +113,11 @@ class Sep2Der:
         server: Sep2Server,
         groups: tuple[str, ...] = (),
     ) -> None:
+        if endpoint.storage_target and server.config.csipaus is not CsipAusVersion.V1_3:
+            raise ValueError(
+                f"{device_id}: storage_target (opModStorageTargetW) needs the CSIP-AUS v1.3 "
+                "namespace on the server ([sep2_server] csipaus)"
+            )
         self._device_id = device_id
         self._endpoint = endpoint
         self._server = server
@@ -244,6 +255,12 @@ class Sep2Der:
         try:
             gen_limit = from_watts(max(export_w, 0.0))
             load_limit = from_watts(max(-export_w, 0.0))
+            if self._endpoint.storage_target:
+                return DERControlBase(
+                    op_mod_storage_target_w=from_watts(-export_w + 0.0),
+                    op_mod_gen_lim_w=gen_limit,
+                    op_mod_load_lim_w=load_limit,
+                )
             if self._uses_target_w(capability):
                 return DERControlBase(
                     op_mod_target_w=from_watts(export_w),
