@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -434,6 +435,8 @@ class Gateway:
         ack = await self.book.submit(command, utcnow(), reply, source=source)
         if ack.state is AckState.ACCEPTED and isinstance(command, Dispatch):
             self._give_notice(command)
+        elif ack.state is AckState.ACCEPTED and isinstance(command, OperatingEnvelope):
+            self._give_envelope_notice(command)
         self._wake.set()
         return ack
 
@@ -470,6 +473,34 @@ class Gateway:
         self._noticed[command.command_id] = (
             DispatchNotice(command.command_id, command.start, command.end, 0.0, withdrawn=True),
             tuple(adapter for adapter, _ in takers),
+        )
+
+    def _give_envelope_notice(self, command: OperatingEnvelope) -> None:
+        """Tell the devices that take notice which group and window an envelope concerns (a
+        2030.5 server puts its limits into that group's program)."""
+        takers = []
+        for device in dispatch.target_devices(self.registry, command.target):
+            supervisor = self.supervisors.get(device.device_id)
+            if supervisor is not None and isinstance(supervisor.adapter, TakesNotice):
+                takers.append(supervisor.adapter)
+        if not takers:
+            return
+        notice = DispatchNotice(
+            command.command_id,
+            command.start,
+            command.end,
+            0.0,
+            group_id=command.target.group_id,
+            kind="envelope",
+        )
+        for adapter in takers:
+            try:
+                adapter.notice(notice)
+            except Exception:  # a notice is a courtesy: it must never fail a command
+                log.exception("notice of %s to %s failed", command.command_id, adapter)
+        self._noticed[command.command_id] = (
+            dataclasses.replace(notice, withdrawn=True),
+            tuple(takers),
         )
 
     def _withdraw_notice(self, command_id: str) -> None:

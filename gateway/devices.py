@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from unified.model import Device, DeviceCommand, DeviceState
 
@@ -102,6 +102,9 @@ class DispatchNotice:
     """The dispatch's linear ramp from its start."""
     group_id: str | None = None
     """The group the dispatch addresses (None: a list of devices)."""
+    kind: Literal["dispatch", "envelope"] = "dispatch"
+    """An envelope's notice says only which group and window it concerns (``expected_kw`` 0):
+    its limits come per interval, as setpoints do."""
 
 
 @runtime_checkable

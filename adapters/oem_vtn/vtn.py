@@ -1480,6 +1480,8 @@ class OpenAdrVtn:
     def announce(self, device_id: str, notice: DispatchNotice) -> None:
         """A dispatch told ahead by the core (through the resource's adapter); handled in order
         by :meth:`_notice_worker`, since storing its event is I/O."""
+        if notice.kind != "dispatch":
+            return  # an envelope's limits become events as they apply, not ahead
         if notice.withdrawn:
             self._windows.pop(notice.command_id, None)
         else:

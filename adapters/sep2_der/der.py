@@ -121,7 +121,7 @@ class Sep2Der:
         self._device_id = device_id
         self._endpoint = endpoint
         self._server = server
-        self._windows: dict[str, tuple[int, str | None]] = {}
+        self._windows: dict[str, tuple[int | None, str | None]] = {}
         """By command id, from notices: the dispatch's end (epoch s; a control lasts its
         dispatch) and the group it addresses (its control goes into that group's program)."""
         server.enroll(
@@ -292,9 +292,14 @@ class Sep2Der:
             self._windows.pop(notice.command_id, None)
             self._server.withdraw(self._device_id, notice.command_id)
             return
-        self._windows[notice.command_id] = (int(notice.end.timestamp()), notice.group_id)
+        if notice.kind == "envelope":  # its limits come per interval: only where they go
+            self._windows[notice.command_id] = (None, notice.group_id)
+        else:
+            self._windows[notice.command_id] = (int(notice.end.timestamp()), notice.group_id)
         while len(self._windows) > _MAX_WINDOWS:
             del self._windows[next(iter(self._windows))]
+        if notice.kind == "envelope":
+            return
         try:
             snap = self._server.snapshot(self._device_id)
             power_kw = self._checked_kw(notice.expected_kw, snap.capability)
@@ -348,12 +353,14 @@ class Sep2Der:
                     base = DERControlBase(op_mod_gen_lim_w=export_w, op_mod_load_lim_w=import_w)
             except InvalidValue as exc:
                 raise UnsafeCommand(self._device_id, str(exc)) from exc
+            source = command.provenance[0].command_id if command.provenance else ""
             self._server.publish(
                 self._device_id,
                 base,
                 power_kw=None,
                 provenance=command.provenance,
                 description=_limits_text(command),
+                group_id=self._windows.get(source, (None, None))[1],
             )
             return
         snap = self._server.snapshot(self._device_id)

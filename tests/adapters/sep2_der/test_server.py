@@ -411,8 +411,9 @@ async def test_a_dispatch_ahead_is_a_scheduled_control_with_randomization_and_ra
 async def test_a_groups_dispatch_goes_into_that_groups_program(
     fleet: Fleet, session: aiohttp.ClientSession
 ) -> None:
-    """A dispatch for substation S1 (primacy 20) is a control in S1's program, not in the
-    device's primary program (feeder F1, primacy 10): the client weighs it at S1's primacy."""
+    """A dispatch (or an envelope) for substation S1 (primacy 20) is a control in S1's program,
+    not in the device's primary program (feeder F1, primacy 10): the client weighs it at S1's
+    primacy."""
     c = client(fleet, session)
     edev = fleet.server.edev_href("bat-a")
     now = datetime.now(UTC)
@@ -430,6 +431,21 @@ async def test_a_groups_dispatch_goes_into_that_groups_program(
     # A command without a known group still goes into the primary program.
     await fleet.a.apply(DeviceCommand(device_id="bat-a", power_kw=-1))
     assert (await _controls(c, edev)).all == 1
+    # An envelope's limits go into the program of the group it addresses, too.
+    fleet.a.notice(
+        DispatchNotice("env-s1", *window, 0.0, group_id="substation:s1", kind="envelope")
+    )
+    limits = (LimitSource(command_id="env-s1", kind="envelope"),)
+    await fleet.a.apply(
+        DeviceCommand(device_id="bat-a", power_kw=None, export_limit_kw=2.0, provenance=limits)
+    )
+    link = by_primacy[20].der_control_list_link
+    assert link is not None
+    listed = await c.get_as(DERControlList, link.href + "?l=10")
+    assert listed.all == 2
+    newest = listed.items[0]
+    assert newest.der_control_base.op_mod_gen_lim_w is not None
+    assert to_watts(newest.der_control_base.op_mod_gen_lim_w) == 2000
 
 
 async def test_fixed_w_from_capability_and_superseding(
