@@ -519,22 +519,38 @@ def captured(logger: str) -> Iterator[list[logging.LogRecord]]:
 
 
 async def test_a_vtn_that_forgot_us_gets_a_fresh_registration_not_a_loop(
-    vtn: Vtn, gateway: Gateway, tmp_path: Path
+    gateway: Gateway, tmp_path: Path
 ) -> None:
-    async with running(vtn, gateway, tmp_path) as ven:
-        assert ven.registration is not None
-        assert ven.registration.registration_id == "reg-1"
-        vtn.forgotten.add("reg-1")
-        vtn.outbox.append(("oadrRequestReregistration", {"ven_id": VEN_ID}))
-        await wait_for(
-            lambda: ven.registration is not None and ven.registration.registration_id == "reg-2",
-            10,
-        )
-        attempts = [(r.get("ven_id"), r.get("registration_id")) for r in vtn.registrations]
-        assert attempts == [(None, None), (VEN_ID, "reg-1"), (None, None)]
-        await asyncio.sleep(1.5)  # polls go on; nothing asks to register again
-        assert len(vtn.registrations) == 3
-        assert ven.reachable
+    """Over mutual TLS, as the utility runs it: the VTN asks us to re-register and refuses our
+    old ids; we register afresh (no venID, no registrationID) once, not on every poll."""
+    from composition.certs import make_ca, make_cert
+
+    logging.getLogger("openleadr").setLevel(logging.WARNING)
+    ca = make_ca(tmp_path / "pki")
+    server_cert = make_cert(ca, tmp_path / "pki", "utility-vtn", server=True)
+    client = make_cert(ca, tmp_path / "pki", "site-1")
+    vtn = Vtn(free_port(), tls=(server_cert.cert_path, server_cert.key_path, ca.cert_path))
+    await vtn.start()
+    tls = VenTlsConfig(cert_path=client.cert_path, key_path=client.key_path, ca_path=ca.cert_path)
+    try:
+        async with running(vtn, gateway, tmp_path, tls=tls) as ven:
+            assert ven.registration is not None
+            assert ven.registration.registration_id == "reg-1"
+            vtn.forgotten.add("reg-1")
+            vtn.outbox.append(("oadrRequestReregistration", {"ven_id": VEN_ID}))
+            await wait_for(
+                lambda: (
+                    ven.registration is not None and ven.registration.registration_id == "reg-2"
+                ),
+                10,
+            )
+            attempts = [(r.get("ven_id"), r.get("registration_id")) for r in vtn.registrations]
+            assert attempts == [(None, None), (VEN_ID, "reg-1"), (None, None)]
+            await asyncio.sleep(1.5)  # polls go on; nothing asks to register again
+            assert len(vtn.registrations) == 3
+            assert ven.reachable
+    finally:
+        await vtn.stop()
 
 
 async def test_vtn_loss_and_recovery_are_logged_once(
