@@ -23,11 +23,12 @@ MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` 
 ``application/sep+xml`` with no charset parameter, and a request that fails changes nothing:
 bodies are read with a size limit and a timeout and decoded completely before any state changes.
 
-Subscriptions: a client may subscribe to its own DERProgramLists, DERPrograms, DERControlLists
-(``derc``, ``actderc``) and DefaultDERControls; when a subscribed resource changes (publish,
-release, supersede, lapse; a new default) the server POSTs a ``Notification`` to the
-subscription's notificationURI, whose host must be in ``notification_hosts`` (no other targets,
-no redirects: the server must not become a proxy into its own network). Deliveries are queued
+Subscriptions: a client may subscribe to its own EndDeviceList, FunctionSetAssignmentsList,
+DERProgramLists, DERPrograms, DERControlLists (``derc``, ``actderc``) and DefaultDERControls;
+when a subscribed resource changes (publish, release, supersede, lapse; a new default or rate;
+a subscription more or less) the server POSTs a ``Notification`` to the subscription's
+notificationURI, whose host must be in ``notification_hosts`` (no other targets, no redirects:
+the server must not become a proxy into its own network). Deliveries are queued
 per subscription (bounded, oldest dropped), retried with jittered backoff, dropped after
 ``notification_attempts`` failures, and sent by one task the server owns, never on the request
 path.
@@ -550,7 +551,9 @@ class _Subscription:
     sub_id: int
     der: _Der
     program_id: int | None  # None for a DERProgramList
-    kind: str  # derc | actderc | dderc | derp (a DERProgram) | derpl (a DERProgramList)
+    # derc | actderc | dderc | derp (a DERProgram) | derpl (a DERProgramList) | edevl (the
+    # client's EndDeviceList) | fsal (its FunctionSetAssignmentsList)
+    kind: str
     model: Subscription  # as served, with its href
     pending: deque[bytes]  # encoded Notifications, oldest first
     failures: int = 0  # consecutive failed attempts of the oldest pending Notification
@@ -821,13 +824,21 @@ class Sep2Server:
             ("der_poll_rate_s", der_poll_rate_s),
             ("post_rate_s", post_rate_s),
         ):
-            if value is None:
-                continue
-            if not 1 <= value <= 86_400:
-                raise ValueError(f"{name} {value} outside 1..86400 s")
-            setattr(self, name, value)
+            if value is not None and not 1 <= value <= 86_400:
+                raise ValueError(f"{name} {value} outside 1..86400 s")  # nothing changed yet
+        for name, value in (
+            ("poll_rate_s", poll_rate_s),
+            ("der_poll_rate_s", der_poll_rate_s),
+            ("post_rate_s", post_rate_s),
+        ):
+            if value is not None:
+                setattr(self, name, value)
         for der in self._ders.values():
             self._touch(der)
+            kinds: tuple[str, ...] = ("edevl", "fsal") if poll_rate_s is not None else ()
+            kinds += ("derpl",) if der_poll_rate_s is not None else ()
+            if kinds:
+                self._notify_lists(der, kinds)
 
     def _notify_default(self, der: _Der, program: _Program) -> None:
         for sub in self._subscriptions_of(der):
@@ -1974,6 +1985,7 @@ class Sep2Server:
         sub.pending.clear()
         if sub.inflight is not None:
             sub.inflight.cancel()  # no Notification after the DELETE has been answered
+        self._notify_lists(sub.der, ("edevl",))
         return self._reply(None, 204)
 
     def _subscribed(
@@ -1986,12 +1998,16 @@ class Sep2Server:
             raise _forbidden(lfdi)
         if _SUBSCRIBABLE_PROGRAMS.match(resource):
             return None, "derpl"
+        if resource == "/edev":
+            return None, "edevl"  # the client's own EndDeviceList
+        if resource == f"{der.base_href}/fsa":
+            return None, "fsal"
         match = _SUBSCRIBABLE.match(resource)
         if match is None:
             raise _HttpError(
                 400,
-                f"{resource!r} is not subscribable: DERProgramLists, DERPrograms, "
-                "DERControlLists and DefaultDERControls are",
+                f"{resource!r} is not subscribable: the EndDeviceList, FunctionSetAssignmentsList, "
+                "DERProgramLists, DERPrograms, DERControlLists and DefaultDERControls are",
             )
         program = der.program(int(match.group(2)))
         if program is None:
@@ -2041,7 +2057,34 @@ class Sep2Server:
             pending=deque(maxlen=self.config.notification_queue),
         )
         self._touch(der)
+        self._notify_lists(der, ("edevl",))  # its EndDevice lists one more Subscription
         return self._reply(None, 201, location=href)
+
+    def _notify_lists(self, der: _Der, kinds: tuple[str, ...]) -> None:
+        """Lists of the client's that changed (``kinds``): tell their subscribers."""
+        for sub in self._subscriptions_of(der):
+            if sub.kind == "edevl" and "edevl" in kinds:
+                items = (self._end_device(der),)
+                self._enqueue(
+                    sub,
+                    EndDeviceList(
+                        href="/edev", all=1, results=1, poll_rate=self.poll_rate_s, items=items
+                    ),
+                )
+            elif sub.kind == "derpl" and "derpl" in kinds:
+                self._enqueue(sub, self._program_list_model(der, sub.model, self._now()))
+            elif sub.kind == "fsal" and "fsal" in kinds:
+                self._enqueue(
+                    sub,
+                    FunctionSetAssignmentsList(
+                        href=f"{der.base_href}/fsa",
+                        all=1,
+                        results=1,
+                        poll_rate=self.poll_rate_s,
+                        items=(self._fsa(der),),
+                    ),
+                )
+        self._notify_wake.set()
 
     def _changed(self, der: _Der) -> None:
         """``der``'s controls changed: its cached documents are stale, and every subscription to
@@ -2052,7 +2095,7 @@ class Sep2Server:
         list, so the newest one supersedes it); the notifier task does the network I/O.
         """
         self._touch(der)
-        subs = [s for s in self._subscriptions_of(der) if s.kind != "dderc"]
+        subs = [s for s in self._subscriptions_of(der) if s.kind not in ("dderc", "edevl", "fsal")]
         if not subs:
             return
         now = self._now()

@@ -35,7 +35,9 @@ from protocols.sep2 import (
     DERProgramList,
     DeviceCapability,
     EndDevice,
+    EndDeviceList,
     Error,
+    FunctionSetAssignmentsList,
     Notification,
     Subscription,
     SubscriptionList,
@@ -325,6 +327,45 @@ async def test_program_lists_and_programs_are_subscribable(env: Setup, receiver:
     single = by_resource[program]
     assert isinstance(single, DERProgram)
     assert single.href == program
+
+
+async def test_end_device_and_fsa_lists_are_subscribable(env: Setup, receiver: Receiver) -> None:
+    """As CSIP-AUS ALL-14 asks: the EndDeviceList (``/edev``) and the FunctionSetAssignmentsList
+    are subscribable; the EndDeviceList changes with the EndDevice's subscriptions, both with
+    the poll rate they carry."""
+    status, _, _ = await env.subscribe("/edev", receiver.url + "/edev")
+    assert status == 201
+    note = await receiver.next()
+    assert isinstance(note.resource, EndDeviceList)
+    (listed,) = note.resource.items
+    assert listed.subscription_list_link is not None
+    assert listed.subscription_list_link.all == 1
+    status, _, _ = await env.subscribe(f"{env.edev()}/fsa", receiver.url + "/fsa")
+    assert status == 201
+    note = await receiver.next()
+    assert isinstance(note.resource, EndDeviceList)
+    assert note.resource.items[0].subscription_list_link is not None
+    assert note.resource.items[0].subscription_list_link.all == 2
+
+    env.server.set_rates(poll_rate_s=99)
+    notes = {n.subscribed_resource: n.resource for n in [await receiver.next() for _ in range(2)]}
+    edev_list, fsa_list = notes["/edev"], notes[f"{env.edev()}/fsa"]
+    assert isinstance(edev_list, EndDeviceList)
+    assert isinstance(fsa_list, FunctionSetAssignmentsList)
+    assert (edev_list.poll_rate, fsa_list.poll_rate) == (99, 99)
+    assert fsa_list.items[0].der_program_list_link is not None
+
+    programs = fsa_list.items[0].der_program_list_link.href
+    status, _, _ = await env.subscribe(programs, receiver.url + "/derp")
+    assert status == 201
+    await receiver.next()  # the EndDeviceList: one more Subscription
+    with pytest.raises(ValueError, match="outside"):
+        env.server.set_rates(der_poll_rate_s=45, post_rate_s=0)  # all or nothing
+    await receiver.nothing(0.2)
+    env.server.set_rates(der_poll_rate_s=45)
+    note = await receiver.next()
+    assert isinstance(note.resource, DERProgramList)
+    assert (note.subscribed_resource, note.resource.poll_rate) == (programs, 45)
 
 
 async def test_limit_and_lapse(env: Setup, receiver: Receiver) -> None:
