@@ -242,7 +242,17 @@ class GatewayConfig(CoreConfig):
             )
         if self.sep2_server is not None and self.sep2_server.tls is not None:
             tls = self.sep2_server.tls
-            tls = tls.model_copy(update=rebase(base, tls, "cert_file", "key_file", "ca_file"))
+            tls = tls.model_copy(
+                update=rebase(
+                    base,
+                    tls,
+                    "cert_file",
+                    "key_file",
+                    "ca_file",
+                    "notify_cert_file",
+                    "notify_key_file",
+                )
+            )
             update["sep2_server"] = self.sep2_server.model_copy(update={"tls": tls})
         return self.model_copy(update=update)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -48,7 +49,13 @@ from gateway.delivery import (
     close_loops,
     govern_releases,
 )
-from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule
+from gateway.devices import (
+    AdapterError,
+    DeviceAdapter,
+    DispatchNotice,
+    ReportsOnItsOwnSchedule,
+    TakesNotice,
+)
 from gateway.errors import CoreError
 from gateway.flex import (
     DeviceFlexInput,
@@ -209,6 +216,8 @@ class Gateway:
         """Devices a local controller drives (the edge agent's metered site loop): the core
         still polls and plans them, but writes its plan for them to nobody; the controller
         reads it with :meth:`planned` and writes through the device's supervisor."""
+        self._noticed: dict[str, tuple[DispatchNotice, tuple[TakesNotice, ...]]] = {}
+        """Dispatches told ahead to the devices that take notice, until they end."""
         self._refusals: list[_Refusal] = []
         self._last_reading: dict[str, datetime] = {}
         self._baselines = BaselineTracker(_BASELINE_TAU_S)
@@ -436,8 +445,86 @@ class Gateway:
         the uplink knows it (``mqtt:{topic}``, a VTN id, an LFDI), for the audit trail.
         """
         ack = await self.book.submit(command, utcnow(), reply, source=source)
+        if ack.state is AckState.ACCEPTED and isinstance(command, Dispatch):
+            self._give_notice(command)
+        elif ack.state is AckState.ACCEPTED and isinstance(command, OperatingEnvelope):
+            self._give_envelope_notice(command)
         self._wake.set()
         return ack
+
+    def _give_notice(self, command: Dispatch) -> None:
+        """Tell the devices that take notice of a dispatch they may be called for, with a
+        provisional share: their rating in its direction, pro rata over its devices."""
+        devices = dispatch.target_devices(self.registry, command.target)
+        takers: list[tuple[TakesNotice, float]] = []
+        total = 0.0
+        for device in devices:
+            rating = (
+                device.ratings.max_discharge_kw if command.kw < 0 else device.ratings.max_charge_kw
+            )
+            total += rating
+            supervisor = self.supervisors.get(device.device_id)
+            if supervisor is not None and isinstance(supervisor.adapter, TakesNotice):
+                takers.append((supervisor.adapter, rating))
+        if not takers or total <= 0:
+            return
+        share = max(-1.0, min(1.0, command.kw / total))
+        for adapter, rating in takers:
+            notice = DispatchNotice(
+                command.command_id,
+                command.start,
+                command.end,
+                round(share * rating, 3),
+                ramp_s=command.ramp_s,
+                group_id=command.target.group_id,
+            )
+            try:
+                adapter.notice(notice)
+            except Exception:  # a notice is a courtesy: it must never fail a command
+                log.exception("notice of %s to %s failed", command.command_id, adapter)
+        self._noticed[command.command_id] = (
+            DispatchNotice(command.command_id, command.start, command.end, 0.0, withdrawn=True),
+            tuple(adapter for adapter, _ in takers),
+        )
+
+    def _give_envelope_notice(self, command: OperatingEnvelope) -> None:
+        """Tell the devices that take notice which group and window an envelope concerns (a
+        2030.5 server puts its limits into that group's program)."""
+        takers = []
+        for device in dispatch.target_devices(self.registry, command.target):
+            supervisor = self.supervisors.get(device.device_id)
+            if supervisor is not None and isinstance(supervisor.adapter, TakesNotice):
+                takers.append(supervisor.adapter)
+        if not takers:
+            return
+        notice = DispatchNotice(
+            command.command_id,
+            command.start,
+            command.end,
+            0.0,
+            group_id=command.target.group_id,
+            kind="envelope",
+        )
+        for adapter in takers:
+            try:
+                adapter.notice(notice)
+            except Exception:  # a notice is a courtesy: it must never fail a command
+                log.exception("notice of %s to %s failed", command.command_id, adapter)
+        self._noticed[command.command_id] = (
+            dataclasses.replace(notice, withdrawn=True),
+            tuple(takers),
+        )
+
+    def _withdraw_notice(self, command_id: str) -> None:
+        noticed = self._noticed.pop(command_id, None)
+        if noticed is None:
+            return
+        withdrawal, adapters = noticed
+        for adapter in adapters:
+            try:
+                adapter.notice(withdrawal)
+            except Exception:
+                log.exception("withdrawing notice of %s from %s failed", command_id, adapter)
 
     def request_flex(self, request: FlexRequest) -> FlexForecast:
         """A flexibility forecast asked for now; :class:`CoreError` for an unknown group."""
@@ -446,6 +533,8 @@ class Gateway:
         return self.flex_forecast(request)
 
     def _publish_ack(self, ack: Ack, reply: object | None) -> None:
+        if ack.state in TERMINAL_STATES:
+            self._withdraw_notice(ack.command_id)
         self.publisher.ack(ack, reply)
         self._track_for_settlement(ack)
         for listener in self.ack_listeners:

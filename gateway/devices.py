@@ -7,7 +7,9 @@ adapters, so every device family gets the same backoff and the same log discipli
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol, runtime_checkable
 
 from unified.model import Device, DeviceCommand, DeviceState
 
@@ -80,6 +82,37 @@ class CommandsLapse(Protocol):
 
     @property
     def hold_s(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchNotice:
+    """A dispatch a device may be called for, told when it is accepted (ahead of its start).
+
+    ``expected_kw`` is a provisional share (pro rata of rating over the dispatch's devices);
+    the setpoint itself comes at the start as for every device. ``withdrawn``: the dispatch
+    is over, cancelled or superseded.
+    """
+
+    command_id: str
+    start: datetime
+    end: datetime
+    expected_kw: float
+    withdrawn: bool = False
+    ramp_s: float = 0.0
+    """The dispatch's linear ramp from its start."""
+    group_id: str | None = None
+    """The group the dispatch addresses (None: a list of devices)."""
+    kind: Literal["dispatch", "envelope"] = "dispatch"
+    """An envelope's notice says only which group and window it concerns (``expected_kw`` 0):
+    its limits come per interval, as setpoints do."""
+
+
+@runtime_checkable
+class TakesNotice(Protocol):
+    """A device that needs notice of a dispatch before it starts: an OEM cloud pre-cools and
+    tells its customers (OpenADR's ``far`` / ``near`` events). Must return at once."""
+
+    def notice(self, notice: DispatchNotice) -> None: ...
 
 
 # --------------------------------------------------------------------------- enrolment

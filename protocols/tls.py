@@ -21,6 +21,7 @@ __all__ = [
     "SEP2_CURVE",
     "SEP2_TLS_CIPHER",
     "TlsVersion",
+    "allows_client_auth",
     "broker_client_context",
     "client_ssl_context",
     "ocpp_client_ssl_context",
@@ -82,6 +83,20 @@ def server_ssl_context(
     ctx.load_cert_chain(str(cert_file), str(key_file))
     ctx.load_verify_locations(cafile=str(ca_file))
     return ctx
+
+
+def allows_client_auth(cert_file: Path | str) -> bool:
+    """Whether a PEM certificate may authenticate a TLS client: no extended key usage at all
+    (the 2030.5 device profile has none), or one that lists clientAuth."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
 
 
 def client_ssl_context(

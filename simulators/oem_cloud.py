@@ -243,6 +243,9 @@ class _Stats:
     polls: int = 0
     distributions: int = 0
     log: list[_EventLog] = field(default_factory=list)
+    statuses: dict[str, list[str]] = field(default_factory=dict)
+    """Per event id, each eventStatus it was distributed with, in order (without repeats):
+    a status change is no modification, so openleadr's handlers never see it."""
 
 
 class OemCloud:
@@ -266,6 +269,7 @@ class OemCloud:
         clock: Callable[[], datetime] = utcnow,
         sign_messages: bool = False,
         vtn_fingerprint: str | None = None,
+        sampling_rate: tuple[timedelta, timedelta] = (timedelta(seconds=1), timedelta(hours=1)),
     ) -> None:
         quiet_openleadr()
         self.ven_name = ven_name
@@ -278,6 +282,7 @@ class OemCloud:
         self._retry_s = retry_s
         self._rng = random.Random(seed)
         self._clock = clock
+        self._sampling_rate = sampling_rate
         self.client = OpenADRClient(
             ven_name=ven_name,
             vtn_url=vtn_url,
@@ -304,9 +309,9 @@ class OemCloud:
 
     # ------------------------------------------------------------------ reports
     def _add_reports(self) -> None:
-        sampling = objects.SamplingRate(
-            min_period=timedelta(seconds=1), max_period=timedelta(hours=1), on_change=False
-        )
+        # Offered as oadrSamplingRate; openleadr refuses a request outside it.
+        low, high = self._sampling_rate
+        sampling = objects.SamplingRate(min_period=low, max_period=high, on_change=False)
         for device in self.devices.values():
             resource_id = device.resource_id()
             # A fresh Measurement: openleadr's enums.MEASUREMENTS objects are shared and
@@ -411,6 +416,12 @@ class OemCloud:
         client = self.client
         if message_type == "oadrDistributeEvent":
             self.stats.distributions += 1
+            for raw in payload.get("events") or ():
+                descriptor = raw.get("event_descriptor") or {}
+                seen = self.stats.statuses.setdefault(str(descriptor.get("event_id")), [])
+                status = str(descriptor.get("event_status"))
+                if not seen or seen[-1] != status:
+                    seen.append(status)
             if payload.get("events"):
                 await self._io(client._on_event(payload))
             else:

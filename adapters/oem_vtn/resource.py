@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from gateway.devices import DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.devices import (
+    DeviceRejected,
+    DeviceUnavailable,
+    DispatchNotice,
+    UnsafeCommand,
+)
 from unified.model import DeviceCommand, DeviceState, utcnow
 
 __all__ = ["RATING_TOLERANCE", "OadrResource", "ResourceChannel", "ResourceTelemetry"]
@@ -59,6 +64,9 @@ class ResourceChannel(Protocol):
     async def issue(self, command: DeviceCommand) -> None:
         """Create, modify or cancel the resource's event; idempotent for a repeated command."""
 
+    def announce(self, device_id: str, notice: DispatchNotice) -> None:
+        """A dispatch ahead (an event issued before its start), or its withdrawal."""
+
 
 class OadrResource:
     """:class:`gateway.devices.DeviceAdapter` for one resource of an OEM cloud VEN."""
@@ -80,7 +88,9 @@ class OadrResource:
         self.resource_id = resource_id
         self.rated_kw = rated_kw
         self.capacity_kwh = capacity_kwh
-        self._stale_after_s = stale_after_s
+        self.stale_after_s = stale_after_s
+        """Telemetry older than this is stale: at least a few of the report periods the VEN
+        accepted, which may be longer than the VTN's own wish (its ``oadrSamplingRate``)."""
 
     @property
     def device_id(self) -> str:
@@ -108,7 +118,7 @@ class OadrResource:
         seen, power_kw, power_at = self._fresh_telemetry()
         now = utcnow()
         soc = seen.soc_pct
-        if seen.soc_at is None or (now - seen.soc_at).total_seconds() > self._stale_after_s:
+        if seen.soc_at is None or (now - seen.soc_at).total_seconds() > self.stale_after_s:
             soc = None  # without a fresh state of charge the planner commits nothing
         if self._channel.opted_out(self._device_id) is not None:
             soc = None  # opted out: the same, for as long as the window lasts
@@ -132,9 +142,13 @@ class OadrResource:
         if seen is None or seen.power_kw is None or seen.power_at is None:
             raise DeviceUnavailable(self._device_id, "no TELEMETRY_USAGE report yet")
         age = (utcnow() - seen.power_at).total_seconds()
-        if age > self._stale_after_s:
+        if age > self.stale_after_s:
             raise DeviceUnavailable(self._device_id, f"last usage report is {age:.0f} s old")
         return seen, seen.power_kw, seen.power_at
+
+    def notice(self, notice: DispatchNotice) -> None:
+        """:class:`gateway.devices.TakesNotice`: the VEN hears of a dispatch when it is accepted."""
+        self._channel.announce(self._device_id, notice)
 
     async def apply(self, command: DeviceCommand) -> None:
         if command.device_id != self._device_id:

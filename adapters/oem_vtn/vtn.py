@@ -64,20 +64,30 @@ from pydantic import Field, model_validator
 
 from adapters.oem_vtn.resource import OadrResource, ResourceTelemetry
 from gateway.aio import wait_inside_task_group
-from gateway.devices import AdapterError, DeviceAdapter, DeviceRejected, DeviceUnavailable
+from gateway.devices import (
+    AdapterError,
+    DeviceAdapter,
+    DeviceRejected,
+    DeviceUnavailable,
+    DispatchNotice,
+)
 from gateway.ports import RefusalHook
 from gateway.store import SqliteStore
 from protocols.openadr import OadrMessageError, decode, encode, quiet_openleadr
 from protocols.openadr.messages import as_list, xml_text
+from protocols.openadr.resource_status import read_resource_status
 from protocols.openadr.vtn_events import (
     IssuedEvent,
     ResourceDescriptor,
     ResourceIdError,
     VtnProgram,
+    announce_event,
+    cancel_event,
     event_payload,
     is_live,
     parse_resource_id,
     plan_event,
+    status_changes,
 )
 from protocols.openadr.vtn_opts import (
     OptRefused,
@@ -86,6 +96,7 @@ from protocols.openadr.vtn_opts import (
     opt_out_in_force,
     read_opt,
 )
+from protocols.openadr.vtn_reports import SamplingRateError, granularity_for, read_sampling_rate
 from protocols.tls import pin_openadr_tls
 from unified.config import Section
 from unified.model import (
@@ -250,6 +261,10 @@ class ResourceRecord(Section):
     usage_factor_kw: float = 1.0
     status_rid: str | None = None
     status_specifier: str | None = None
+    usage_period_s: float | None = Field(
+        default=None, description="Report period requested (within the VEN's oadrSamplingRate)"
+    )
+    status_period_s: float | None = None
 
 
 _SCHEMA = """
@@ -429,6 +444,10 @@ class OpenAdrVtn:
         self._opt_seq = 0
         self._opt_refused: set[tuple[str, int]] = set()
         self._opts_changed = asyncio.Event()
+        self._windows: dict[str, tuple[datetime, datetime]] = {}
+        """Dispatch windows by command id (from notices): an event lasts its dispatch."""
+        self._notices: asyncio.Queue[tuple[str, DispatchNotice]] = asyncio.Queue()
+        self._events_changed = asyncio.Event()
         self.ready = asyncio.Event()
         self.port: int | None = None
         """The port actually bound (useful with ``port = 0``)."""
@@ -465,6 +484,8 @@ class OpenAdrVtn:
                     tg.create_task(self._housekeeping(), name="openadr-vtn:housekeeping")
                     tg.create_task(self._opt_watch(), name="openadr-vtn:opt-schedules")
                     tg.create_task(self._event_writer(), name="openadr-vtn:event-writer")
+                    tg.create_task(self._notice_worker(), name="openadr-vtn:notices")
+                    tg.create_task(self._status_clock(), name="openadr-vtn:event-status")
                     await wait_inside_task_group()
             finally:
                 self.ready.clear()
@@ -833,6 +854,21 @@ class OpenAdrVtn:
                 code=code,
             ),
         )
+        if not event.confirmed:
+            # Out of a dispatch it was only told of: the planner leaves it out, so no setpoint
+            # will confirm the notice; withdraw it now rather than after the grace period.
+            async with self._lock:
+                current = self.events.get(event.event_id)
+                if (
+                    current is not None
+                    and not current.confirmed
+                    and is_live(current, self._clock())
+                ):
+                    withdrawn = cancel_event(current, self._clock()).model_copy(
+                        update={"opt": opt, "opt_modification": modification}
+                    )
+                    await self._store.save_event(withdrawn)
+                    self._expose([withdrawn])
 
     # ------------------------------------------------------------------ EiOpt
     @staticmethod
@@ -1039,7 +1075,10 @@ class OpenAdrVtn:
         allowed = self.config.ven(name)
         assert allowed is not None  # registrations are only kept for configured VENs
         found: dict[str, dict[str, Any]] = {}
-        requests: list[tuple[str, list[str]]] = []
+        # One request per (report, period): each rID is asked for at a period inside the
+        # sampling rate its VEN offered, so rIDs of one report may need different periods.
+        requests: dict[tuple[str, timedelta], list[str]] = {}
+        wanted = timedelta(seconds=self.config.report_interval_s)
         for report in as_list(payload.get("reports")):
             if not isinstance(report, Mapping):
                 continue
@@ -1050,7 +1089,7 @@ class OpenAdrVtn:
             }.get(report_name)
             if kind is None:
                 continue  # history and custom reports are offered, not needed
-            r_ids: list[str] = []
+            specifier = str(report.get("report_specifier_id"))
             for description in as_list(report.get("report_descriptions")):
                 if not isinstance(description, Mapping):
                     continue
@@ -1059,33 +1098,51 @@ class OpenAdrVtn:
                 r_id = description.get("r_id")
                 if resource_id is None or r_id is None:
                     continue
+                try:
+                    period = granularity_for(wanted, read_sampling_rate(description))
+                except SamplingRateError as exc:
+                    self._warn_once(name, f"rID {str(r_id)[:64]!r} not requested: {exc}")
+                    continue
                 entry = found.setdefault(str(resource_id), {})
-                specifier = str(report.get("report_specifier_id"))
                 if kind == "usage":
                     factor = _power_factor_kw(description.get("measurement"))
                     if factor is None:
                         self._warn_once(name, f"usage of {resource_id} is not real power")
                         continue
                     entry.update(
-                        usage_rid=str(r_id), usage_specifier=specifier, usage_factor_kw=factor
+                        usage_rid=str(r_id),
+                        usage_specifier=specifier,
+                        usage_factor_kw=factor,
+                        usage_period_s=period.total_seconds(),
                     )
                 else:
-                    entry.update(status_rid=str(r_id), status_specifier=specifier)
-                r_ids.append(str(r_id))
-            if r_ids:
-                requests.append((str(report.get("report_specifier_id")), r_ids))
+                    entry.update(
+                        status_rid=str(r_id),
+                        status_specifier=specifier,
+                        status_period_s=period.total_seconds(),
+                    )
+                requests.setdefault((specifier, period), []).append(str(r_id))
         records = self._enrol_all(allowed, found)
         if records:
             await self._store.save_resources(records)
         session = self._session(name)
-        for specifier_id, r_ids in requests:
-            session.outbox.append(self._report_request(specifier_id, r_ids))
+        for (specifier_id, period), r_ids in requests.items():
+            if period != wanted:
+                log.info(
+                    "OpenADR VEN %s: %d rID(s) of %s requested every %s s (its sampling rate)",
+                    name,
+                    len(r_ids),
+                    specifier_id[:64],
+                    f"{period.total_seconds():g}",
+                )
+            session.outbox.append(self._report_request(specifier_id, r_ids, period))
         return "oadrRegisteredReport", {"report_requests": []}
 
+    @staticmethod
     def _report_request(
-        self, specifier_id: str, r_ids: list[str], *, one_shot: bool = False
+        specifier_id: str, r_ids: list[str], period: timedelta
     ) -> tuple[str, dict[str, Any]]:
-        period = timedelta(seconds=0 if one_shot else self.config.report_interval_s)
+        """An ``oadrCreateReport`` for ``r_ids`` every ``period`` (zero: one report, once)."""
         return "oadrCreateReport", {
             "request_id": uuid.uuid4().hex,
             "report_requests": [
@@ -1129,7 +1186,17 @@ class OpenAdrVtn:
             self._warn_once(ven_name, f"reports unknown rID {key[1][:64]!r}")
             return
         device_id, kind = target
-        value, at = report_payload.get("value"), interval.get("dtstart")
+        at = interval.get("dtstart")
+        if not isinstance(at, datetime) or at.tzinfo is None:
+            at = now
+        if (at - now).total_seconds() > _CLOCK_SKEW_S:
+            self._warn_once(ven_name, f"reports from the future for {device_id} (clock skew)")
+            return
+        seen = self._telemetry.setdefault(device_id, _Telemetry())
+        if kind == "status":
+            self._take_status(ven_name, device_id, report_payload, at, seen)
+            return
+        value = report_payload.get("value")
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -1137,21 +1204,33 @@ class OpenAdrVtn:
         ):
             self._warn_once(ven_name, f"sent a non-numeric value for {device_id}")
             return
-        if not isinstance(at, datetime) or at.tzinfo is None:
-            at = now
-        if (at - now).total_seconds() > _CLOCK_SKEW_S:
-            self._warn_once(ven_name, f"reports from the future for {device_id} (clock skew)")
+        if seen.power_at is None or at >= seen.power_at:
+            factor = self.resources[device_id].usage_factor_kw
+            seen.power_kw, seen.power_at = float(value) * factor, at
+
+    def _take_status(
+        self,
+        ven_name: str,
+        device_id: str,
+        report_payload: Mapping[str, Any],
+        at: datetime,
+        seen: _Telemetry,
+    ) -> None:
+        """TELEMETRY_STATUS (:mod:`protocols.openadr.resource_status`): offline or overridden
+        means no state of charge, so the planner commits nothing to the resource."""
+        status = read_resource_status(report_payload)
+        if status is None:
+            self._warn_once(ven_name, f"sent an unreadable status for {device_id}")
             return
-        seen = self._telemetry.setdefault(device_id, _Telemetry())
-        if kind == "usage":
-            if seen.power_at is None or at >= seen.power_at:
-                factor = self.resources[device_id].usage_factor_kw
-                seen.power_kw, seen.power_at = float(value) * factor, at
-        elif 0 <= value <= 100:
-            if seen.soc_at is None or at >= seen.soc_at:
-                seen.soc_pct, seen.soc_at = float(value), at
-        else:
+        if seen.soc_at is not None and at < seen.soc_at:
+            return
+        soc = status.capacity_pct
+        if soc is not None and not 0 <= soc <= 100:
             self._warn_once(ven_name, f"status of {device_id} outside 0-100 %")
+            return
+        if not status.online or status.manual_override:
+            soc = None
+        seen.soc_pct, seen.soc_at = soc, at
 
     def request_report(self, ven_name: str) -> bool:
         """Ask a VEN for a one-shot report of all its telemetry (on its next poll)."""
@@ -1169,7 +1248,7 @@ class OpenAdrVtn:
             return False
         session = self._session(ven_name)
         for spec, rids in by_specifier.items():
-            session.outbox.append(self._report_request(spec, rids, one_shot=True))
+            session.outbox.append(self._report_request(spec, rids, timedelta(0)))
         return True
 
     def _warn_once(self, ven_name: str, what: str) -> None:
@@ -1229,6 +1308,7 @@ class OpenAdrVtn:
         if record.status_rid is not None:
             self._by_rid[(allowed.ven_name, record.status_rid)] = (record.device_id, "status")
         if record.device_id in self.adapters:
+            self.adapters[record.device_id].stale_after_s = self._stale_after(record)
             return True
         program = allowed.program_for(descriptor.der_class)
         try:
@@ -1255,7 +1335,7 @@ class OpenAdrVtn:
             resource_id=record.resource_id,
             rated_kw=descriptor.rated_kw,
             capacity_kwh=descriptor.capacity_kwh,
-            stale_after_s=self.config.stale_after_s,
+            stale_after_s=self._stale_after(record),
         )
         self.adapters[record.device_id] = adapter
         try:
@@ -1271,6 +1351,13 @@ class OpenAdrVtn:
             location.model_dump(exclude_none=True),
         )
         return True
+
+    def _stale_after(self, record: ResourceRecord) -> float:
+        """``stale_after_s``, stretched in proportion when the VEN's sampling rate made us ask
+        for a longer report period than ``report_interval_s``."""
+        wanted = self.config.report_interval_s
+        longest = max((p for p in (record.usage_period_s, record.status_period_s) if p), default=0)
+        return self.config.stale_after_s * max(1.0, longest / wanted)
 
     # ------------------------------------------------------------------ ResourceChannel
     def ven_ready(self, device_id: str) -> str | None:
@@ -1307,11 +1394,28 @@ class OpenAdrVtn:
         if allowed is None:
             raise DeviceRejected(command.device_id, f"VEN {record.ven_name} not configured")
         descriptor = parse_resource_id(record.resource_id)
+        command_id = command.provenance[0].command_id if command.provenance else None
+        window = self._windows.get(command_id) if command_id is not None else None
         async with self._lock:
+            now = self._clock()
             previous = self._unsaved.get(command.device_id)
             if previous is None:
                 previous_id = self._by_device.get(command.device_id)
                 previous = self.events.get(previous_id) if previous_id else None
+            if (
+                previous is not None
+                and command.power_kw is not None
+                and is_live(previous, now)
+                and previous.start > now
+                and previous.command_id != command_id
+            ):
+                # Another dispatch calls the resource before the one it was told of starts:
+                # withdraw that notice (its setpoint comes at its start, as for any device).
+                withdrawn = cancel_event(previous, now)
+                await self._store.save_event(withdrawn)
+                self._unsaved.pop(command.device_id, None)
+                self._expose([withdrawn])
+                previous = None
             event = plan_event(
                 previous,
                 command,
@@ -1319,8 +1423,9 @@ class OpenAdrVtn:
                 resource_id=record.resource_id,
                 rated_kw=adapter.rated_kw,
                 program=allowed.program_for(descriptor.der_class),
-                now=self._clock(),
+                now=now,
                 new_event_id=f"ev-{uuid.uuid4().hex[:20]}",
+                window_end=None if window is None else window[1],
             )
             if event is None:
                 return
@@ -1369,6 +1474,140 @@ class OpenAdrVtn:
             self.events[event.event_id] = event
             self._by_device[event.device_id] = event.event_id
             self._session(event.ven_name).events_dirty = True
+        self._events_changed.set()
+
+    # ------------------------------------------------------------------ advance notice
+    def announce(self, device_id: str, notice: DispatchNotice) -> None:
+        """A dispatch told ahead by the core (through the resource's adapter); handled in order
+        by :meth:`_notice_worker`, since storing its event is I/O."""
+        if notice.kind != "dispatch":
+            return  # an envelope's limits become events as they apply, not ahead
+        if notice.withdrawn:
+            self._windows.pop(notice.command_id, None)
+        else:
+            self._windows[notice.command_id] = (notice.start, notice.end)
+        self._notices.put_nowait((device_id, notice))
+
+    async def _notice_worker(self) -> None:
+        while True:
+            device_id, notice = await self._notices.get()
+            try:
+                await self._take_notice(device_id, notice)
+            except Exception:  # the setpoint still comes at the start: log and go on
+                log.exception("OpenADR notice of %s for %s failed", notice.command_id, device_id)
+
+    async def _take_notice(self, device_id: str, notice: DispatchNotice) -> None:
+        record = self.resources.get(device_id)
+        adapter = self.adapters.get(device_id)
+        allowed = self.config.ven(record.ven_name) if record is not None else None
+        if record is None or adapter is None or allowed is None:
+            return
+        async with self._lock:
+            now = self._clock()
+            previous = self._unsaved.get(device_id) or self.current_event(device_id)
+            if notice.withdrawn:
+                if (
+                    previous is None
+                    or previous.command_id != notice.command_id
+                    or not is_live(previous, now)
+                ):
+                    return
+                event: IssuedEvent | None = cancel_event(previous, now)
+            else:
+                if self.opt_out_in_force(device_id) is not None:
+                    return  # opted out now; it may be called at the start, if it is back
+                event = announce_event(
+                    previous,
+                    command_id=notice.command_id,
+                    device_id=device_id,
+                    start=notice.start,
+                    end=notice.end,
+                    expected_kw=notice.expected_kw,
+                    ven_name=record.ven_name,
+                    resource_id=record.resource_id,
+                    rated_kw=adapter.rated_kw,
+                    program=allowed.program_for(parse_resource_id(record.resource_id).der_class),
+                    now=now,
+                    new_event_id=f"ev-{uuid.uuid4().hex[:20]}",
+                )
+            if event is None:
+                return
+            await self._store.save_event(event)
+            self._unsaved.pop(device_id, None)
+            self._expose([event])
+        log.info(
+            "OpenADR event %s for %s: %s dispatch %s (%s..%s)",
+            event.event_id,
+            device_id,
+            "withdrawn:" if notice.withdrawn else "notice of",
+            notice.command_id,
+            f"{notice.start:%Y-%m-%dT%H:%M:%SZ}",
+            f"{notice.end:%H:%M:%SZ}",
+        )
+
+    async def _status_clock(self) -> None:
+        """Send each VEN its events again when one's status changes (far → near → active →
+        completed), and cancel a notified event the planner did not confirm after its start."""
+        last = self._clock()
+        while True:
+            now = self._clock()
+            wake: list[datetime] = []
+            unconfirmed: list[IssuedEvent] = []
+            for event in list(self.events.values()):
+                if not is_live(event, last):
+                    continue
+                change = status_changes(event, last)
+                if change is not None and change <= now:
+                    self._session(event.ven_name).events_dirty = True
+                    change = status_changes(event, now)
+                if change is not None:
+                    wake.append(change)
+                if not event.confirmed and is_live(event, now):
+                    deadline = event.start + timedelta(seconds=self._grace(event))
+                    if deadline <= now:
+                        unconfirmed.append(event)
+                    else:
+                        wake.append(deadline)
+            if unconfirmed:
+                await self._cancel_unconfirmed(unconfirmed)
+            last = now
+            delay = 60.0
+            if wake:
+                delay = min(delay, max(0.02, (min(wake) - now).total_seconds()))
+            self._events_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._events_changed.wait()
+
+    def _grace(self, event: IssuedEvent) -> float:
+        allowed = self.config.ven(event.ven_name)
+        if allowed is None:
+            return 0.0
+        der_class = parse_resource_id(event.resource_id).der_class
+        return float(allowed.program_for(der_class).unconfirmed_grace_s)
+
+    async def _cancel_unconfirmed(self, events: list[IssuedEvent]) -> None:
+        async with self._lock:
+            now = self._clock()
+            cancelled = []
+            for event in events:
+                current = self.events.get(event.event_id)
+                if current is None or current.confirmed or not is_live(current, now):
+                    continue
+                if event.device_id in self._unsaved:
+                    continue  # a setpoint for it is being stored right now
+                cancelled.append(cancel_event(current, now))
+            if not cancelled:
+                return
+            await self._store.save_events(cancelled)
+            self._expose(cancelled)
+        for event in cancelled:
+            log.info(
+                "OpenADR event %s for %s cancelled: dispatch %s did not call the resource",
+                event.event_id,
+                event.device_id,
+                event.command_id,
+            )
 
     async def _event_writer(self) -> None:
         """Write each batch of issued events in one transaction, then expose them."""

@@ -60,6 +60,8 @@ from protocols.openadr import (
     settle,
 )
 from protocols.openadr.messages import as_list, xml_text
+from protocols.openadr.resource_status import ResourceStatus, status_payload
+from protocols.openadr.resource_status import install as install_resource_status
 from protocols.tls import pin_openadr_tls
 from unified.config import Section
 from unified.model import Ack, AckState, Command, GroupTelemetry, Quality, Reason, utcnow
@@ -94,6 +96,8 @@ _REPORT_NOT_SUPPORTED: Final = 461
 _NEVER_S: Final = 10 * 365 * 86_400.0
 _USAGE_SPECIFIER: Final = "derms-telemetry-usage"
 _STATUS_SPECIFIER: Final = "derms-telemetry-status"
+#: Poll answers meaning "who are you?": 452 invalid ID, 463 not authorized (unregistered).
+_UNKNOWN_VEN_CODES: Final = frozenset({452, 463})
 _DATA_QUALITY: Final[dict[Quality, str]] = {
     Quality.GOOD: "Quality Good - Non Specific",
     Quality.ESTIMATED: "Quality Good - Non Specific",
@@ -372,6 +376,7 @@ class OpenAdrVen:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         quiet_openleadr()
+        install_resource_status()
         timeout = aiohttp.ClientTimeout(total=self.config.io_timeout_s)
         context = self._ssl_context()
         # Without a TLS section, https still verifies the VTN against the system CAs.
@@ -461,9 +466,17 @@ class OpenAdrVen:
         """2.0b hands out one message per poll: keep polling while there is one."""
         for _ in range(self.config.max_messages_per_poll):
             registration = self._registered()
-            message_type, payload = await self._exchange(
-                "OadrPoll", "oadrPoll", {"ven_id": xml_text(registration.ven_id)}
-            )
+            try:
+                message_type, payload = await self._exchange(
+                    "OadrPoll", "oadrPoll", {"ven_id": xml_text(registration.ven_id)}
+                )
+            except VtnProtocolError as exc:
+                if exc.code in _UNKNOWN_VEN_CODES:
+                    # The VTN does not know our venID: register afresh next cycle (after the
+                    # backoff this error brings), rather than polling with it forever.
+                    log.warning("OpenADR VTN does not know our venID (%s); registering afresh", exc)
+                    await self._forget_registration()
+                raise
             if message_type in ("oadrResponse", ""):
                 return
             await self._handle(message_type, payload)
@@ -478,7 +491,14 @@ class OpenAdrVen:
         elif message_type == "oadrRequestReregistration":
             await self._send_response("EiRegisterParty", None)
             log.info("OpenADR VTN asked us to re-register")
-            await self._register(reregister=True)
+            try:
+                await self._register(reregister=True)
+            except RegistrationRefused as exc:
+                # It no longer knows our ids (reset, restored from an older backup): asking
+                # again with them would be refused again on every poll, forever.
+                log.warning("OpenADR VTN refused our old ids (%s); registering afresh", exc)
+                await self._forget_registration()
+                await self._register()
             await self._register_reports()
             await self._request_events()
         elif message_type == "oadrCancelPartyRegistration":
@@ -530,7 +550,7 @@ class OpenAdrVen:
                 "report_only": False,
                 "profile_name": "2.0b",
                 "transport_name": "simpleHttp",
-                "transport_address": None,
+                "transport_address": None,  # pull: none (left out: protocols.openadr.templates)
             },
             check=False,
         )
@@ -569,6 +589,10 @@ class OpenAdrVen:
             check=False,
         )
         log.warning("the OpenADR VTN cancelled our registration; registering again")
+        await self._forget_registration()
+
+    async def _forget_registration(self) -> None:
+        """The next cycle registers afresh: no venID, no registrationID."""
         self.registration = None
         self._synced = False
         self._reports.clear()
@@ -709,7 +733,9 @@ class OpenAdrVen:
                 "response": {"response_code": 200, "response_description": "OK", "request_id": rid},
                 "event_responses": [
                     {
-                        "response_code": r.response_code,
+                        # An opt-out is an answer, not an error: 200 with optOut, as certified
+                        # VTNs expect; why goes in the description (its code stays in our log).
+                        "response_code": 200,
                         "response_description": xml_text(r.description),
                         "request_id": rid,
                         "event_id": xml_text(r.event_id),
@@ -951,20 +977,17 @@ class OpenAdrVen:
             if telemetry is None:
                 continue
             if kind == "usage":
-                value = telemetry.power_kw
-            else:
-                total = telemetry.devices_total
-                value = telemetry.devices_reporting / total if total else 0.0
-            report.samples.append(
-                {
-                    "dtstart": telemetry.timestamp,
-                    "report_payload": {
-                        "r_id": xml_text(r_id),
-                        "value": round(value, 6),
-                        "data_quality": _DATA_QUALITY[telemetry.quality],
-                    },
+                payload: dict[str, Any] = {
+                    "r_id": xml_text(r_id),
+                    "value": round(telemetry.power_kw, 6),
                 }
-            )
+            else:
+                # oadrPayloadResourceStatus (protocols.openadr.resource_status): the group is
+                # online while any of its devices reports; no override, no state of charge.
+                online = telemetry.devices_reporting > 0
+                payload = status_payload(xml_text(r_id), ResourceStatus(online=online))
+            payload["data_quality"] = _DATA_QUALITY[telemetry.quality]
+            report.samples.append({"dtstart": telemetry.timestamp, "report_payload": payload})
         # Bound the buffer if the VTN is away for long: the oldest samples go first.
         del report.samples[: max(0, len(report.samples) - 10_000)]
 

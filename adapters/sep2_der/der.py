@@ -30,8 +30,15 @@ from typing import Final, Literal
 from pydantic import Field
 
 from adapters.sep2_der.server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
-from gateway.devices import AdapterError, DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.devices import (
+    AdapterError,
+    DeviceRejected,
+    DeviceUnavailable,
+    DispatchNotice,
+    UnsafeCommand,
+)
 from protocols.sep2 import (
+    CsipAusVersion,
     DERCapability,
     DERControlBase,
     InvalidValue,
@@ -40,7 +47,7 @@ from protocols.sep2 import (
     scaled_value,
     to_watts,
 )
-from unified.model import DeviceCommand, DeviceState, Frozen
+from unified.model import DeviceCommand, DeviceState, Frozen, LimitSource
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ MODE_TARGET_W: Final = 1 << 22
 #: A setpoint may exceed the device's rating by this fraction (allocation rounding); it is then
 #: clipped. Anything further is refused as unsafe.
 RATING_TOLERANCE: Final = 0.01
+_MAX_WINDOWS: Final = 256
 
 
 class Sep2DerEndpoint(Frozen):
@@ -69,6 +77,11 @@ class Sep2DerEndpoint(Frozen):
     supports_target_w: bool | None = Field(
         default=None,
         description="Use opModTargetW (True) or opModFixedW (False); None: from its DERCapability",
+    )
+    storage_target: bool = Field(
+        default=False,
+        description="Send setpoints as CSIP-AUS v1.3 opModStorageTargetW (a battery's charge "
+        "+ / discharge - target); needs [sep2_server] csipaus = the v1.3 namespace",
     )
     power_from: Literal["der", "site"] = Field(
         default="der",
@@ -100,9 +113,17 @@ class Sep2Der:
         server: Sep2Server,
         groups: tuple[str, ...] = (),
     ) -> None:
+        if endpoint.storage_target and server.config.csipaus is not CsipAusVersion.V1_3:
+            raise ValueError(
+                f"{device_id}: storage_target (opModStorageTargetW) needs the CSIP-AUS v1.3 "
+                "namespace on the server ([sep2_server] csipaus)"
+            )
         self._device_id = device_id
         self._endpoint = endpoint
         self._server = server
+        self._windows: dict[str, tuple[int | None, str | None]] = {}
+        """By command id, from notices: the dispatch's end (epoch s; a control lasts its
+        dispatch) and the group it addresses (its control goes into that group's program)."""
         server.enroll(
             Sep2Enrollment(
                 device_id=device_id,
@@ -234,6 +255,12 @@ class Sep2Der:
         try:
             gen_limit = from_watts(max(export_w, 0.0))
             load_limit = from_watts(max(-export_w, 0.0))
+            if self._endpoint.storage_target:
+                return DERControlBase(
+                    op_mod_storage_target_w=from_watts(-export_w + 0.0),
+                    op_mod_gen_lim_w=gen_limit,
+                    op_mod_load_lim_w=load_limit,
+                )
             if self._uses_target_w(capability):
                 return DERControlBase(
                     op_mod_target_w=from_watts(export_w),
@@ -255,6 +282,48 @@ class Sep2Der:
             )
         except InvalidValue as exc:
             raise UnsafeCommand(self._device_id, str(exc)) from exc
+
+    def notice(self, notice: DispatchNotice) -> None:
+        """:class:`gateway.devices.TakesNotice`: a dispatch ahead becomes a scheduled
+        DERControl at once (the client sees it coming, randomizes its start as the program
+        says, ramps over the dispatch's ramp); the setpoint at the start confirms or replaces
+        it. A withdrawn dispatch's controls are cancelled."""
+        if notice.withdrawn:
+            self._windows.pop(notice.command_id, None)
+            self._server.withdraw(self._device_id, notice.command_id)
+            return
+        if notice.kind == "envelope":  # its limits come per interval: only where they go
+            self._windows[notice.command_id] = (None, notice.group_id)
+        else:
+            self._windows[notice.command_id] = (int(notice.end.timestamp()), notice.group_id)
+        while len(self._windows) > _MAX_WINDOWS:
+            del self._windows[next(iter(self._windows))]
+        if notice.kind == "envelope":
+            return
+        try:
+            snap = self._server.snapshot(self._device_id)
+            power_kw = self._checked_kw(notice.expected_kw, snap.capability)
+            base = self.control_base(power_kw, snap)
+        except AdapterError as exc:  # no nameplate yet: it is told at the start instead
+            log.info(
+                "2030.5 %s: dispatch %s not scheduled ahead: %s",
+                self._device_id,
+                notice.command_id,
+                exc,
+            )
+            return
+        if notice.ramp_s > 0:
+            base = base.model_copy(update={"ramp_tms": min(65_535, round(notice.ramp_s * 100))})
+        self._server.schedule(
+            self._device_id,
+            base,
+            start=int(notice.start.timestamp()),
+            end=int(notice.end.timestamp()),
+            power_kw=power_kw,
+            provenance=(LimitSource(command_id=notice.command_id, kind="dispatch"),),
+            description=f"dispatch {power_kw:+.3f} kW",
+            group_id=notice.group_id,
+        )
 
     async def apply(self, command: DeviceCommand) -> None:
         """Publish the setpoint as this device's DERControl, or cancel it for ``None``."""
@@ -284,23 +353,29 @@ class Sep2Der:
                     base = DERControlBase(op_mod_gen_lim_w=export_w, op_mod_load_lim_w=import_w)
             except InvalidValue as exc:
                 raise UnsafeCommand(self._device_id, str(exc)) from exc
+            source = command.provenance[0].command_id if command.provenance else ""
             self._server.publish(
                 self._device_id,
                 base,
                 power_kw=None,
                 provenance=command.provenance,
                 description=_limits_text(command),
+                group_id=self._windows.get(source, (None, None))[1],
             )
             return
         snap = self._server.snapshot(self._device_id)
         power_kw = self._checked_kw(command.power_kw, snap.capability)
         base = self.control_base(power_kw, snap)
+        command_id = command.provenance[0].command_id if command.provenance else None
+        until, group_id = self._windows.get(command_id or "", (None, None))
         self._server.publish(
             self._device_id,
             base,
             power_kw=power_kw,
             provenance=command.provenance,
             description=f"setpoint {power_kw:+.3f} kW",
+            until=until,
+            group_id=group_id,
         )
 
 

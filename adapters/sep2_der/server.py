@@ -23,13 +23,15 @@ MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` 
 ``application/sep+xml`` with no charset parameter, and a request that fails changes nothing:
 bodies are read with a size limit and a timeout and decoded completely before any state changes.
 
-Subscriptions: a client may subscribe to its own DERControlLists (``derc``, ``actderc``) and
-DefaultDERControls; when a subscribed list changes (publish, release, supersede, lapse) the server
-POSTs a ``Notification`` to the subscription's notificationURI, whose host must be in
-``notification_hosts`` (no other targets, no redirects: the server must not become a proxy into
-its own network). Deliveries are queued per subscription (bounded, oldest dropped), retried with
-jittered backoff, dropped after ``notification_attempts`` failures, and sent by one task the
-server owns, never on the request path.
+Subscriptions: a client may subscribe to its own EndDeviceList, FunctionSetAssignmentsList,
+DERProgramLists, DERPrograms, DERControlLists (``derc``, ``actderc``) and DefaultDERControls;
+when a subscribed resource changes (publish, release, supersede, lapse; a new default or rate;
+a subscription more or less) the server POSTs a ``Notification`` to the subscription's
+notificationURI, whose host must be in ``notification_hosts`` (no other targets, no redirects:
+the server must not become a proxy into its own network). Deliveries are queued
+per subscription (bounded, oldest dropped), retried with jittered backoff, dropped after
+``notification_attempts`` failures, and sent by one task the server owns, never on the request
+path.
 
 GET answers come from a bounded cache of encoded bodies (most polls find nothing changed, and
 encoding was a third of the server's CPU): an entry names the path, the asking client and the
@@ -73,6 +75,7 @@ from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
     ActivePower,
+    ConnectionPoint,
     CsipAusVersion,
     DateTimeInterval,
     DefaultDERControl,
@@ -184,7 +187,11 @@ _DER_ID: Final = 1  # one DER per EndDevice
 _FSA_ID: Final = 1
 _INT_QUERY: Final = re.compile(r"^[0-9]{1,10}$")
 _EDEV_PATH: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/|$)")
-_SUBSCRIBABLE: Final = re.compile(r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})/(derc|actderc|dderc)$")
+_SUBSCRIBABLE: Final = re.compile(
+    r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})(?:/(derc|actderc|dderc))?$"
+)
+# A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
+_SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/1)?/derp$")
 _ENCODING_XML: Final = 0
 _MAX_HISTORY: Final = 256
 
@@ -193,11 +200,32 @@ _MAX_HISTORY: Final = 256
 
 
 class Sep2TlsConfig(Section):
-    """Server certificate and the CA(s) whose client certificates are accepted."""
+    """Server certificate and the CA(s) whose client certificates are accepted.
+
+    Notifications to ``https`` subscribers go out as a TLS *client*: a receiver that verifies
+    client certificates (as a 2030.5 client's listener should) refuses a certificate whose
+    extended key usage is serverAuth only. ``notify_cert_file`` / ``notify_key_file`` name a
+    certificate with clientAuth for that (``derms-gateway certs issue DIR NAME`` issues one);
+    without them the server certificate is used, and must carry clientAuth too.
+    """
 
     cert_file: Path
     key_file: Path
     ca_file: Path
+    notify_cert_file: Path | None = None
+    notify_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _notify_pair(self) -> Sep2TlsConfig:
+        if (self.notify_cert_file is None) != (self.notify_key_file is None):
+            raise ValueError("give both notify_cert_file and notify_key_file, or neither")
+        return self
+
+    def notification_identity(self) -> tuple[Path, Path]:
+        """The certificate and key Notifications are sent with."""
+        if self.notify_cert_file is not None and self.notify_key_file is not None:
+            return self.notify_cert_file, self.notify_key_file
+        return self.cert_file, self.key_file
 
 
 class Sep2DefaultEnvelope(Section):
@@ -215,6 +243,13 @@ class Sep2DefaultEnvelope(Section):
     load_limit_kw: float | None = Field(
         default=None, ge=0, le=1_000_000, description="Device load limit (opModLoadLimW)"
     )
+    ramp_rate_pct_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=655.35,
+        description="setGradW: how fast a DER may change its power, in % of its rated W per "
+        "second (CSIP-AUS sites ramp at the default's rate after a control ends or on start)",
+    )
 
 
 class Sep2ProgramConfig(Section):
@@ -224,6 +259,15 @@ class Sep2ProgramConfig(Section):
     primacy: int = Field(ge=0, le=255)
     description: str = Field(default="", max_length=32)
     default: Sep2DefaultEnvelope = Sep2DefaultEnvelope()
+    randomize_start_s: int = Field(
+        default=0,
+        ge=-3600,
+        le=3600,
+        description="randomizeStart of its scheduled DERControls (each client draws its delay)",
+    )
+    randomize_duration_s: int = Field(
+        default=0, ge=-3600, le=3600, description="randomizeDuration of its scheduled DERControls"
+    )
 
 
 class Sep2ServerConfig(Section):
@@ -358,6 +402,8 @@ class DerSnapshot:
     site_power: PowerSample | None
     active_control: PublishedControl | None
     last_seen: datetime | None
+    connection_point_id: str | None = None
+    """CSIP-AUS: the NMI of the site the client stands for, as it PUT it."""
 
 
 class Sep2ResponseRecord(BaseModel):
@@ -389,6 +435,10 @@ class _Program:
     primacy: int
     description: str
     default_base: DERControlBase
+    set_grad_w: int | None = None  # hundredths of a percent of rated W per second
+    default_version: int = 1  # DefaultDERControl version: +1 on every change (as envoy)
+    randomize_start_s: int = 0
+    randomize_duration_s: int = 0
 
 
 @dataclass(slots=True)
@@ -406,6 +456,13 @@ class _Control:
     description: str
     status: int | None = None  # None: scheduled/active by time; else cancelled/superseded
     status_time: int = 0
+    randomize_start: int | None = None
+    randomize_duration: int | None = None
+    fixed_end: bool = False  # scheduled for a dispatch's window: kept whole, never renewed
+
+    @property
+    def command_id(self) -> str | None:
+        return self.provenance[0].command_id if self.provenance else None
 
     @property
     def end(self) -> int:
@@ -454,6 +511,7 @@ class _Der:
     settings: DERSettings | None = None
     status: DERStatus | None = None
     availability: DERAvailability | None = None
+    connection_point_id: str | None = None  # CSIP-AUS: the site's NMI, as the client PUT it
     mirrors: dict[int, _Mirror] = field(default_factory=dict)
     controls: list[_Control] = field(default_factory=list)
     issued: dict[str, _Control] = field(default_factory=dict)  # mRID (upper) → control, bounded
@@ -481,13 +539,21 @@ class _Der:
         """The program a device's own setpoint goes into: the one the client ranks first."""
         return min(self.programs, key=lambda p: p.primacy)
 
+    def program_for(self, group_id: str | None) -> _Program:
+        """The program of ``group_id`` when the device is in that group, else the primary one:
+        a command for a group goes into that group's program, at that program's primacy."""
+        found = next((p for p in self.programs if p.group_id == group_id), None)
+        return found if found is not None else self.primary_program()
+
 
 @dataclass(slots=True, eq=False)
 class _Subscription:
     sub_id: int
     der: _Der
-    program_id: int
-    kind: str  # derc | actderc | dderc
+    program_id: int | None  # None for a DERProgramList
+    # derc | actderc | dderc | derp (a DERProgram) | derpl (a DERProgramList) | edevl (the
+    # client's EndDeviceList) | fsal (its FunctionSetAssignmentsList)
+    kind: str
     model: Subscription  # as served, with its href
     pending: deque[bytes]  # encoded Notifications, oldest first
     failures: int = 0  # consecutive failed attempts of the oldest pending Notification
@@ -591,6 +657,20 @@ def _mrid(kind: int, number: int, pen: int) -> str:
     return f"{kind:01x}{number:023x}{pen:08x}"
 
 
+def _default_base(default: Sep2DefaultEnvelope) -> DERControlBase:
+    return DERControlBase(
+        op_mod_imp_lim_w=_kw_to_power(default.import_limit_kw),
+        op_mod_exp_lim_w=_kw_to_power(default.export_limit_kw),
+        op_mod_gen_lim_w=_kw_to_power(default.generation_limit_kw),
+        op_mod_load_lim_w=_kw_to_power(default.load_limit_kw),
+    )
+
+
+def _grad_w(default: Sep2DefaultEnvelope) -> int | None:
+    rate = default.ramp_rate_pct_per_s
+    return None if rate is None else round(rate * 100)
+
+
 def _kw_to_power(kw: float | None) -> ActivePower | None:
     return None if kw is None else from_watts(kw * 1000)
 
@@ -654,6 +734,9 @@ class Sep2Server:
         self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
+        self.poll_rate_s = config.poll_rate_s
+        self.der_poll_rate_s = config.der_poll_rate_s
+        self.post_rate_s = config.post_rate_s
         for program in config.programs:  # configured groups get the low, stable ids
             self._program(program.group_id)
 
@@ -695,16 +778,74 @@ class Sep2Server:
             group_id=group_id,
             primacy=configured.primacy if configured else self.config.unlisted_group_primacy,
             description=(configured.description if configured else "") or group_id[:32],
-            default_base=DERControlBase(
-                op_mod_imp_lim_w=_kw_to_power(default.import_limit_kw),
-                op_mod_exp_lim_w=_kw_to_power(default.export_limit_kw),
-                op_mod_gen_lim_w=_kw_to_power(default.generation_limit_kw),
-                op_mod_load_lim_w=_kw_to_power(default.load_limit_kw),
-            ),
+            default_base=_default_base(default),
+            set_grad_w=_grad_w(default),
+            randomize_start_s=configured.randomize_start_s if configured else 0,
+            randomize_duration_s=configured.randomize_duration_s if configured else 0,
         )
         self._next_program += 1
         self._programs[group_id] = program
         return program
+
+    # ----------------------------------------------------------------------- run-time changes
+
+    def set_default(self, group_id: str, default: Sep2DefaultEnvelope) -> bool:
+        """Change a group's DefaultDERControl while running: its version goes up, every client
+        in the group sees it on its next GET, and its subscribers are notified. False when no
+        enrolled device is in that group (nothing serves its program)."""
+        program = self._programs.get(group_id)
+        if program is None:
+            return False
+        base, grad = _default_base(default), _grad_w(default)
+        if (program.default_base, program.set_grad_w) == (base, grad):
+            return True
+        program.default_base, program.set_grad_w = base, grad
+        program.default_version += 1
+        log.info(
+            "2030.5 DefaultDERControl of %s is now version %d", group_id, program.default_version
+        )
+        for der in self._ders.values():
+            if any(p is program for p in der.programs):
+                self._touch(der)
+                self._notify_default(der, program)
+        return True
+
+    def set_rates(
+        self,
+        *,
+        poll_rate_s: int | None = None,
+        der_poll_rate_s: int | None = None,
+        post_rate_s: int | None = None,
+    ) -> None:
+        """Change the pollRate / postRate the server asks of clients, while running: every
+        client sees them on its next GET of the documents that carry them."""
+        for name, value in (
+            ("poll_rate_s", poll_rate_s),
+            ("der_poll_rate_s", der_poll_rate_s),
+            ("post_rate_s", post_rate_s),
+        ):
+            if value is not None and not 1 <= value <= 86_400:
+                raise ValueError(f"{name} {value} outside 1..86400 s")  # nothing changed yet
+        for name, value in (
+            ("poll_rate_s", poll_rate_s),
+            ("der_poll_rate_s", der_poll_rate_s),
+            ("post_rate_s", post_rate_s),
+        ):
+            if value is not None:
+                setattr(self, name, value)
+        for der in self._ders.values():
+            self._touch(der)
+            kinds: tuple[str, ...] = ("edevl", "fsal") if poll_rate_s is not None else ()
+            kinds += ("derpl",) if der_poll_rate_s is not None else ()
+            if kinds:
+                self._notify_lists(der, kinds)
+
+    def _notify_default(self, der: _Der, program: _Program) -> None:
+        for sub in self._subscriptions_of(der):
+            if sub.kind != "dderc" or sub.program_id != program.program_id:
+                continue
+            self._enqueue(sub, self._default_control(der, program))
+        self._notify_wake.set()
 
     def _der(self, device_id: str) -> _Der:
         try:
@@ -748,8 +889,14 @@ class Sep2Server:
         power_kw: float | None,
         provenance: tuple[LimitSource, ...] = (),
         description: str = "",
+        until: int | None = None,
+        group_id: str | None = None,
     ) -> PublishedControl:
-        """Make ``base`` the device's control from now on, superseding the one before.
+        """Make ``base`` the device's control from now on, superseding the one before (and a
+        control scheduled for the same dispatch; those scheduled for others stay). ``until``:
+        the end of the dispatch it carries out, when known; the control then lasts until it.
+        ``group_id``: the group the command addresses; the control goes into that group's
+        program when the device is in it (the primary program otherwise).
 
         Idempotent: the supervisor re-applies an unchanged setpoint every refresh, and that must
         not churn events on the client. An identical active control is kept until half of its
@@ -760,19 +907,119 @@ class Sep2Server:
         now = self._now()
         self._prune(der, now)
         duration = der.enrollment.control_duration_s
+        if until is not None and until > now:
+            duration = until - now
         current = self._in_force(der, now)
+        command_id = provenance[0].command_id if provenance else None
         if (
             current is not None
             and current.base == base
             and current.power_kw == power_kw
-            and current.end - now > duration / 2
+            and (current.fixed_end or current.end - now > duration / 2)
         ):
             return current.published()
         for control in der.controls:
-            if control.status is None:
+            # What is in force now, and what was scheduled for this very dispatch, is replaced;
+            # controls scheduled for other dispatches ahead stay.
+            if control.status is None and (
+                control.start <= now
+                or (command_id is not None and control.command_id == command_id)
+            ):
                 control.status = STATUS_SUPERSEDED
                 control.status_time = now
-        program = der.primary_program()
+        return self._add_control(
+            der,
+            base,
+            start=now,
+            duration=duration,
+            power_kw=power_kw,
+            provenance=provenance,
+            description=description,
+            fixed_end=until is not None,
+            group_id=group_id,
+        )
+
+    def schedule(
+        self,
+        device_id: str,
+        base: DERControlBase,
+        *,
+        start: int,
+        end: int,
+        power_kw: float | None,
+        provenance: tuple[LimitSource, ...],
+        description: str = "",
+        group_id: str | None = None,
+    ) -> PublishedControl | None:
+        """A DERControl for a dispatch ahead (in ``group_id``'s program when the device is in
+        that group): listed as scheduled from now, active over
+        [``start``, ``end``) with the program's randomizeStart / randomizeDuration. Controls in
+        force stay. Idempotent per dispatch (its command id, in ``provenance``); None when the
+        window has started or is empty (the setpoint then comes through :meth:`publish`)."""
+        der = self._der(device_id)
+        now = self._now()
+        self._prune(der, now)
+        if start <= now or end <= start:
+            return None
+        command_id = provenance[0].command_id if provenance else None
+        for control in der.controls:
+            if (
+                control.status is None
+                and command_id is not None
+                and control.command_id == command_id
+                and (control.start, control.end, control.base) == (start, end, base)
+            ):
+                return control.published()
+        if command_id is not None:
+            self.withdraw(device_id, command_id)
+        program = der.program_for(group_id)
+        return self._add_control(
+            der,
+            base,
+            start=start,
+            duration=end - start,
+            power_kw=power_kw,
+            provenance=provenance,
+            description=description,
+            fixed_end=True,
+            randomize_start=program.randomize_start_s or None,
+            randomize_duration=program.randomize_duration_s or None,
+            group_id=group_id,
+        )
+
+    def withdraw(self, device_id: str, command_id: str) -> PublishedControl | None:
+        """Cancel the controls scheduled or in force for one dispatch (cancelled, not
+        deleted); returns the last one cancelled, if any."""
+        der = self._der(device_id)
+        now = self._now()
+        cancelled: _Control | None = None
+        for control in der.controls:
+            if control.status is None and control.command_id == command_id and control.end > now:
+                control.status = STATUS_CANCELLED
+                control.status_time = now
+                cancelled = control
+        if cancelled is None:
+            return None
+        self._changed(der)
+        return cancelled.published()
+
+    def _add_control(
+        self,
+        der: _Der,
+        base: DERControlBase,
+        *,
+        start: int,
+        duration: int,
+        power_kw: float | None,
+        provenance: tuple[LimitSource, ...],
+        description: str,
+        fixed_end: bool = False,
+        randomize_start: int | None = None,
+        randomize_duration: int | None = None,
+        group_id: str | None = None,
+    ) -> PublishedControl:
+        now = self._now()
+        program = der.program_for(group_id)
         control_id = self._next_control
         self._next_control += 1
         # mRIDs must never repeat across restarts (a client would take a new event for one it
@@ -784,13 +1031,16 @@ class Sep2Server:
             mrid=mrid,
             href=f"{der.base_href}/derp/{program.program_id}/derc/{control_id}",
             created=now,
-            start=now,
+            start=start,
             duration=duration,
             base=base,
             power_kw=power_kw,
             provenance=provenance,
             description=description[:32],
             status_time=now,
+            randomize_start=randomize_start,
+            randomize_duration=randomize_duration,
+            fixed_end=fixed_end,
         )
         der.controls.append(control)
         der.issued[mrid.upper()] = control
@@ -800,15 +1050,15 @@ class Sep2Server:
         return control.published()
 
     def release(self, device_id: str) -> PublishedControl | None:
-        """Cancel the device's scheduled/active control: marked cancelled (not deleted), so the
-        client sees the change and falls back to the DefaultDERControl. Returns what was
-        cancelled, if anything."""
+        """Cancel the device's control in force: marked cancelled (not deleted), so the client
+        sees the change and falls back to the DefaultDERControl; controls scheduled ahead for
+        other dispatches stay. Returns what was cancelled, if anything."""
         der = self._der(device_id)
         now = self._now()
         self._prune(der, now)
         cancelled: _Control | None = None
         for control in der.controls:
-            if control.status is None:
+            if control.status is None and control.start <= now:  # not those scheduled ahead
                 control.status = STATUS_CANCELLED
                 control.status_time = now
                 cancelled = control
@@ -847,6 +1097,7 @@ class Sep2Server:
             site_power=site_power,
             active_control=None if control is None else control.published(),
             last_seen=der.last_seen,
+            connection_point_id=der.connection_point_id,
         )
 
     def responses(self, device_id: str) -> tuple[Sep2ResponseRecord, ...]:
@@ -903,6 +1154,9 @@ class Sep2Server:
             r.add_get(path, handler)
         r.add_route("GET", "/edev", self._get_edev_list)
         r.add_route("POST", "/edev", self._post_edev)
+        r.add_get("/edev/{e:\\d+}/cp", self._get_connection_point)
+        r.add_put("/edev/{e:\\d+}/cp", self._put_connection_point)
+        r.add_post("/edev/{e:\\d+}/cp", self._put_connection_point)
         for kind in ("dercap", "derg", "ders", "dera"):
             path = f"/edev/{{e:\\d+}}/der/{{d:\\d+}}/{kind}"
             r.add_get(path, self._get_der_resource)
@@ -927,16 +1181,28 @@ class Sep2Server:
             tls = self.config.tls
             ssl_context: ssl.SSLContext | None = None
             if tls is not None:
-                from protocols.tls import client_ssl_context, server_ssl_context
+                from protocols.tls import (
+                    allows_client_auth,
+                    client_ssl_context,
+                    server_ssl_context,
+                )
 
                 # Reads key files: keep the blocking part off the loop.
                 ssl_context = await asyncio.to_thread(
                     server_ssl_context, tls.cert_file, tls.key_file, tls.ca_file
                 )
-                # Notifications to https URIs go out with the server's own certificate and
-                # trust only receivers chained to the same CA as the clients.
+                # Notifications to https URIs go out with a clientAuth certificate and trust
+                # only receivers chained to the same CA as the clients.
+                cert_file, key_file = tls.notification_identity()
+                if not await asyncio.to_thread(allows_client_auth, cert_file):
+                    log.warning(
+                        "2030.5 Notifications are sent with %s, whose extended key usage lacks "
+                        "clientAuth: receivers that verify client certificates will refuse "
+                        "them (set [sep2_server.tls] notify_cert_file / notify_key_file)",
+                        cert_file,
+                    )
                 self._notify_ssl = await asyncio.to_thread(
-                    client_ssl_context, tls.cert_file, tls.key_file, tls.ca_file
+                    client_ssl_context, cert_file, key_file, tls.ca_file
                 )
             runner = web.AppRunner(
                 self.make_app(),
@@ -1225,7 +1491,7 @@ class Sep2Server:
             mirrors = 0 if der is None else len(der.mirrors)
             return DeviceCapability(
                 href="/dcap",
-                poll_rate=self.config.poll_rate_s if der is not None else None,
+                poll_rate=self.poll_rate_s if der is not None else None,
                 time_link=Link(href="/tm"),
                 end_device_list_link=ListLink(href="/edev", all=0 if der is None else 1),
                 mirror_usage_point_list_link=ListLink(href="/mup", all=mirrors),
@@ -1263,6 +1529,7 @@ class Sep2Server:
             subscription_list_link=ListLink(
                 href=f"{base}/sub", all=len(self._subscriptions_of(der))
             ),
+            connection_point_link=Link(href=f"{base}/cp"),
         )
 
     async def _get_edev_list(self, request: web.Request) -> web.Response:
@@ -1273,7 +1540,7 @@ class Sep2Server:
             EndDeviceList,
             "/edev",
             lambda: [] if der is None else [self._end_device(der)],
-            self.config.poll_rate_s,
+            self.poll_rate_s,
         )
 
     async def _get_edev(self, request: web.Request) -> web.Response:
@@ -1291,10 +1558,12 @@ class Sep2Server:
             posted.sfdi != der.sfdi
         ):
             raise _HttpError(403, "lFDI/sFDI do not match the client certificate")
-        if der.posted_registration:
-            raise _HttpError(409, f"EndDevice {der.base_href} is already registered")
-        der.posted_registration = True
-        self._touch(der)
+        if not der.posted_registration:
+            der.posted_registration = True
+            self._touch(der)
+        # A repeat (an inverter restarted, or never saw our first answer) is pointed at the
+        # EndDevice it already has, as before: envoy answers 409, which leaves such a client
+        # without its EndDevice's address.
         return self._reply(None, 201, location=der.base_href)
 
     async def _get_registration(self, request: web.Request) -> web.Response:
@@ -1323,7 +1592,7 @@ class Sep2Server:
             FunctionSetAssignmentsList,
             f"{der.base_href}/fsa",
             lambda: [self._fsa(der)],
-            self.config.poll_rate_s,
+            self.poll_rate_s,
         )
 
     def _fsa(self, der: _Der) -> FunctionSetAssignments:
@@ -1386,17 +1655,27 @@ class Sep2Server:
         start, limit, after = self._paging(request)
 
         def build(now: int) -> tuple[Sep2Model, int | None]:
-            programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
-            page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
-            return DERProgramList(
-                href=request.path,
-                all=len(programs),
-                results=len(page),
-                poll_rate=self.config.der_poll_rate_s,
-                items=page,
-            ), self._next_boundary(der, now)  # a DERProgram counts the active controls
+            # (a DERProgram counts the active controls: it changes with time too)
+            model = self._program_list(der, request.path, now, start, limit)
+            return model, self._next_boundary(der, now)
 
         return self._cached(request, der, build, (start, limit, after))
+
+    def _program_list(
+        self, der: _Der, href: str, now: int, start: int, limit: int
+    ) -> DERProgramList:
+        programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
+        page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
+        return DERProgramList(
+            href=href,
+            all=len(programs),
+            results=len(page),
+            poll_rate=self.der_poll_rate_s,
+            items=page,
+        )
+
+    def _program_list_model(self, der: _Der, sub: Subscription, now: int) -> DERProgramList:
+        return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit)
 
     async def _get_derp(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
@@ -1421,6 +1700,8 @@ class Sep2Server:
                 potentially_superseded=False,
             ),
             interval=DateTimeInterval(duration=control.duration, start=control.start),
+            randomize_duration=control.randomize_duration,
+            randomize_start=control.randomize_start,
             der_control_base=control.base,
         )
 
@@ -1489,8 +1770,9 @@ class Sep2Server:
         return DefaultDERControl(
             href=f"{der.base_href}/derp/{program.program_id}/dderc",
             mrid=_mrid(1, program.program_id, self.config.iana_pen),
-            version=1,
+            version=program.default_version % 65_536,
             der_control_base=program.default_base,
+            set_grad_w=program.set_grad_w,
             subscribable=1,
         )
 
@@ -1521,7 +1803,7 @@ class Sep2Server:
             DERList,
             f"{der.base_href}/der",
             lambda: [self._der_resource(der)],
-            self.config.der_poll_rate_s,
+            self.der_poll_rate_s,
         )
 
     async def _get_der(self, request: web.Request) -> web.Response:
@@ -1535,6 +1817,35 @@ class Sep2Server:
         if stored is None:
             raise _HttpError(404, f"{_DER_KINDS[kind].xml_tag} has not been PUT yet")
         return self._cached(request, der, lambda _: (stored, None))
+
+    # ----------------------------------------------------------------------- CSIP-AUS site
+
+    async def _get_connection_point(self, request: web.Request) -> web.Response:
+        """The site's connection point (NMI). Before any PUT, 200 with an empty id (envoy)."""
+        der = self._own(request)
+        return self._cached(
+            request,
+            der,
+            lambda _: (
+                ConnectionPoint(
+                    href=f"{der.base_href}/cp",
+                    connection_point_id=der.connection_point_id or "",
+                ),
+                None,
+            ),
+        )
+
+    async def _put_connection_point(self, request: web.Request) -> web.Response:
+        """PUT (or POST) the NMI: 201 with its Location even when it only updates (envoy)."""
+        der = self._own(request)
+        posted = await self._body(request, ConnectionPoint)
+        nmi = (posted.connection_point_id or "").strip()
+        if len(nmi) > 32:
+            raise _HttpError(400, "connectionPointId longer than 32 characters")
+        if nmi != (der.connection_point_id or ""):
+            der.connection_point_id = nmi or None
+            self._touch(der)
+        return self._reply(None, 201, location=f"{der.base_href}/cp")
 
     async def _put_der_resource(self, request: web.Request) -> web.Response:
         der = self._own_der(request)
@@ -1674,24 +1985,34 @@ class Sep2Server:
         sub.pending.clear()
         if sub.inflight is not None:
             sub.inflight.cancel()  # no Notification after the DELETE has been answered
+        self._notify_lists(sub.der, ("edevl",))
         return self._reply(None, 204)
 
-    def _subscribed(self, der: _Der, lfdi: str | None, resource: str) -> tuple[_Program, str]:
+    def _subscribed(
+        self, der: _Der, lfdi: str | None, resource: str
+    ) -> tuple[_Program | None, str]:
         """The client's own subscribable resource named by ``resource``: 403 for anyone else's
         (as envoy answers), 400 for a resource that cannot be subscribed to."""
         edev = _EDEV_PATH.match(resource)
         if edev is not None and int(edev.group(1)) != der.edev_id:
             raise _forbidden(lfdi)
+        if _SUBSCRIBABLE_PROGRAMS.match(resource):
+            return None, "derpl"
+        if resource == "/edev":
+            return None, "edevl"  # the client's own EndDeviceList
+        if resource == f"{der.base_href}/fsa":
+            return None, "fsal"
         match = _SUBSCRIBABLE.match(resource)
         if match is None:
             raise _HttpError(
                 400,
-                f"{resource!r} is not subscribable: only DERControlLists and DefaultDERControls",
+                f"{resource!r} is not subscribable: the EndDeviceList, FunctionSetAssignmentsList, "
+                "DERProgramLists, DERPrograms, DERControlLists and DefaultDERControls are",
             )
         program = der.program(int(match.group(2)))
         if program is None:
             raise _forbidden(lfdi)  # another group's program: not this client's resource
-        return program, match.group(3)
+        return program, match.group(3) or "derp"
 
     def _check_notification_uri(self, uri: str) -> None:
         """Only http(s) to an allowed host: the server must not POST into arbitrary networks."""
@@ -1730,13 +2051,40 @@ class Sep2Server:
         self._subscriptions[sub_id] = _Subscription(
             sub_id=sub_id,
             der=der,
-            program_id=program.program_id,
+            program_id=None if program is None else program.program_id,
             kind=kind,
             model=model,
             pending=deque(maxlen=self.config.notification_queue),
         )
         self._touch(der)
+        self._notify_lists(der, ("edevl",))  # its EndDevice lists one more Subscription
         return self._reply(None, 201, location=href)
+
+    def _notify_lists(self, der: _Der, kinds: tuple[str, ...]) -> None:
+        """Lists of the client's that changed (``kinds``): tell their subscribers."""
+        for sub in self._subscriptions_of(der):
+            if sub.kind == "edevl" and "edevl" in kinds:
+                items = (self._end_device(der),)
+                self._enqueue(
+                    sub,
+                    EndDeviceList(
+                        href="/edev", all=1, results=1, poll_rate=self.poll_rate_s, items=items
+                    ),
+                )
+            elif sub.kind == "derpl" and "derpl" in kinds:
+                self._enqueue(sub, self._program_list_model(der, sub.model, self._now()))
+            elif sub.kind == "fsal" and "fsal" in kinds:
+                self._enqueue(
+                    sub,
+                    FunctionSetAssignmentsList(
+                        href=f"{der.base_href}/fsa",
+                        all=1,
+                        results=1,
+                        poll_rate=self.poll_rate_s,
+                        items=(self._fsa(der),),
+                    ),
+                )
+        self._notify_wake.set()
 
     def _changed(self, der: _Der) -> None:
         """``der``'s controls changed: its cached documents are stale, and every subscription to
@@ -1747,28 +2095,38 @@ class Sep2Server:
         list, so the newest one supersedes it); the notifier task does the network I/O.
         """
         self._touch(der)
-        subs = [s for s in self._subscriptions_of(der) if s.kind != "dderc"]
+        subs = [s for s in self._subscriptions_of(der) if s.kind not in ("dderc", "edevl", "fsal")]
         if not subs:
             return
         now = self._now()
         der.controls = [c for c in der.controls if c.end > now]  # no recursion into _prune
         for sub in subs:
-            program = der.program(sub.program_id)
+            if sub.kind == "derpl":  # a DERProgram counts its active controls
+                self._enqueue(sub, self._program_list_model(der, sub.model, now))
+                continue
+            program = der.program(sub.program_id) if sub.program_id is not None else None
             if program is None:
                 continue
-            resource = self._control_list_model(der, program, now, sub.kind, 0, sub.model.limit)
-            notification = Notification(
-                subscribed_resource=sub.model.subscribed_resource,
-                resource=resource,
-                status=0,
-                subscription_uri=sub.href,
-            )
-            if len(sub.pending) == sub.pending.maxlen:
-                log.debug("2030.5 notification queue of %s full: oldest dropped", sub.href)
-                if sub.inflight is None:
-                    sub.failures = 0  # they were the dropped Notification's failures
-            sub.pending.append(encode(notification, csipaus=self.config.csipaus))
+            resource: Sep2Model
+            if sub.kind == "derp":
+                resource = self._der_program(der, program, now)
+            else:
+                resource = self._control_list_model(der, program, now, sub.kind, 0, sub.model.limit)
+            self._enqueue(sub, resource)
         self._notify_wake.set()
+
+    def _enqueue(self, sub: _Subscription, resource: Sep2Model) -> None:
+        notification = Notification(
+            subscribed_resource=sub.model.subscribed_resource,
+            resource=resource,
+            status=0,
+            subscription_uri=sub.href,
+        )
+        if len(sub.pending) == sub.pending.maxlen:
+            log.debug("2030.5 notification queue of %s full: oldest dropped", sub.href)
+            if sub.inflight is None:
+                sub.failures = 0  # they were the dropped Notification's failures
+        sub.pending.append(encode(notification, csipaus=self.config.csipaus))
 
     def _next_lapse(self) -> float | None:
         """Seconds until a subscribed control ends (its list changes then), if any."""
@@ -1895,7 +2253,7 @@ class Sep2Server:
         return mirror.point.model_copy(
             update={
                 "href": f"/mup/{mirror.mup_id}",
-                "post_rate": self.config.post_rate_s,
+                "post_rate": self.post_rate_s,
                 "mirror_meter_readings": tuple(
                     MirrorMeterReading(mrid=mrid, reading_type=rt)
                     for mrid, rt in mirror.reading_types.items()
@@ -1914,7 +2272,7 @@ class Sep2Server:
                 href="/mup",
                 all=len(mirrors),
                 results=len(page),
-                poll_rate=self.config.post_rate_s,
+                poll_rate=self.post_rate_s,
                 items=page,
             ), None
 

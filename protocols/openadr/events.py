@@ -596,6 +596,8 @@ class OptResponse:
     modification_number: int
     opt_type: OptType
     response_code: int = ResponseCode.OK
+    """The 2.0b code naming the problem, for our logs; on the wire an opt-out is 200 with
+    ``optOut`` (an answer, not an error) and the reason is in the description."""
     reason: str | None = None
     detail: str | None = None
 

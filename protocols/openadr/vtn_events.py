@@ -12,9 +12,18 @@ report becomes a device; the planner then hands that device one setpoint at a ti
   an unchanged setpoint every few seconds, and each of those must not become a modification.
 * :func:`event_payload` renders an issued event as the dict openleadr's templates expect.
 
-Every event ends by itself after ``event_duration_s`` and is extended (a modification) while the
-setpoint still holds: like a SunSpec battery's reversion timer, an OEM cloud whose gateway has
-gone silent returns its customers to normal operation instead of shedding forever.
+An event for a dispatch whose window the VTN knows lasts that window (:func:`plan_event`'s
+``window_end``); otherwise it ends by itself after ``event_duration_s`` and is extended (a
+modification) while the setpoint still holds: like a SunSpec battery's reversion timer, an OEM
+cloud whose gateway has gone silent returns its customers to normal operation instead of
+shedding forever.
+
+Advance notice (:func:`announce_event`): a dispatch accepted ahead of its start becomes an event
+at once, with the dispatch's window and a provisional value (the resource's expected share), so
+the VEN sees it ``far`` then ``near`` (within the program's ``near_s``) then ``active``. The
+planner's setpoint at the start *confirms* it (a modification when the value differs); an event
+still unconfirmed ``unconfirmed_grace_s`` after its start is cancelled (the planner did not call
+the resource after all).
 
 Resource id grammar (``;``-separated, the name first, then ``key=value`` fields in any order)::
 
@@ -47,6 +56,8 @@ __all__ = [
     "ResourceDescriptor",
     "ResourceIdError",
     "VtnProgram",
+    "announce_event",
+    "cancel_event",
     "event_payload",
     "event_status",
     "format_resource_id",
@@ -55,6 +66,7 @@ __all__ = [
     "plan_event",
     "signal_for",
     "simple_level",
+    "status_changes",
 ]
 
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -216,6 +228,22 @@ class VtnProgram(BaseModel):
         default=0.01, ge=0, description="Smaller changes do not modify an event"
     )
     response_required: bool = True
+    near_s: int = Field(
+        default=300, ge=0, le=86_400, description="eventStatus is 'near' this long before start"
+    )
+    notification_s: int = Field(
+        default=0,
+        ge=0,
+        le=7 * 86_400,
+        description="x-eiNotification: the notice the program promises (0: not sent)",
+    )
+    unconfirmed_grace_s: int = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="A notified event the planner has not confirmed this long after its start "
+        "is cancelled",
+    )
 
     @field_validator("level_fractions")
     @classmethod
@@ -277,6 +305,17 @@ class IssuedEvent(BaseModel):
     recovery_s: int = 0
     startafter_s: int = 0
     response_required: bool = True
+    near_s: int = 300
+    notification_s: int = 0
+    command_id: str | None = Field(
+        default=None, description="The dispatch it carries out, when the VTN was told of it"
+    )
+    fixed_end: bool = Field(
+        default=False, description="Ends with its dispatch's window: never extended"
+    )
+    confirmed: bool = Field(
+        default=True, description="False while only announced: no setpoint has come for it yet"
+    )
     opt: Literal["optIn", "optOut"] | None = None
     opt_modification: int | None = Field(
         default=None, description="Modification the last opt answered"
@@ -310,8 +349,12 @@ def plan_event(
     program: VtnProgram,
     now: datetime,
     new_event_id: str,
+    window_end: datetime | None = None,
 ) -> IssuedEvent | None:
     """The event that carries out ``command``, or None when nothing needs to change.
+
+    ``window_end``: the end of the dispatch the setpoint comes from, when known; a new event
+    then lasts until it (instead of ``event_duration_s``) and is never extended.
 
     A live event is modified in place (same id, ``modificationNumber`` + 1) rather than
     cancelled and re-issued, so the VEN keeps its ``startafter`` draw and the customer sees one
@@ -322,6 +365,10 @@ def plan_event(
     if command.power_kw is None:
         if previous is None or not live:
             return None
+        if previous.start > now and previous.command_id not in {
+            s.command_id for s in command.provenance
+        }:
+            return None  # a release of something else does not withdraw a notice
         return previous.model_copy(
             update={
                 "modification_number": previous.modification_number + 1,
@@ -335,6 +382,7 @@ def plan_event(
         raise ValueError(f"setpoint {command.power_kw} is not a number")
     name, kind, value = signal_for(command.power_kw, program, rated_kw)
     if previous is None or not live:
+        fixed = window_end is not None and window_end > now
         return IssuedEvent(
             event_id=new_event_id,
             ven_name=ven_name,
@@ -343,7 +391,9 @@ def plan_event(
             modification_number=0,
             created=now,
             start=now,
-            duration_s=program.event_duration_s,
+            duration_s=(window_end - now).total_seconds()
+            if fixed and window_end is not None
+            else program.event_duration_s,
             signal_name=name,
             signal_type=kind,
             value=value,
@@ -355,6 +405,10 @@ def plan_event(
             recovery_s=program.recovery_s,
             startafter_s=program.startafter_s,
             response_required=program.response_required,
+            near_s=program.near_s,
+            notification_s=program.notification_s,
+            command_id=_command_id(command),
+            fixed_end=fixed,
             updated_at=now,
         )
     remaining = (previous.end - now).total_seconds()
@@ -363,10 +417,14 @@ def plan_event(
         and abs(value - previous.value) <= program.deadband_kw
         and command.provenance == previous.provenance
     )
-    if same and remaining > program.extend_before_s:
-        return None
+    extend = not previous.fixed_end and remaining <= program.extend_before_s
+    if same and not extend:
+        if previous.confirmed:
+            return None
+        # The announced value was right: confirmed, and nothing changes on the wire.
+        return previous.model_copy(update={"confirmed": True, "updated_at": now})
     duration = previous.duration_s
-    if remaining <= program.extend_before_s:
+    if extend:
         duration = (now - previous.start).total_seconds() + program.event_duration_s
     return previous.model_copy(
         update={
@@ -377,20 +435,100 @@ def plan_event(
             "power_kw": command.power_kw,
             "provenance": command.provenance,
             "duration_s": duration,
+            "confirmed": True,
             "updated_at": now,
         }
     )
 
 
-def event_status(event: IssuedEvent, now: datetime, near_s: float = 300.0) -> str:
-    """The 2.0b ``eventStatus`` at ``now``."""
+def _command_id(command: DeviceCommand) -> str | None:
+    return command.provenance[0].command_id if command.provenance else None
+
+
+def announce_event(
+    previous: IssuedEvent | None,
+    *,
+    command_id: str,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    expected_kw: float,
+    ven_name: str,
+    resource_id: str,
+    rated_kw: float,
+    program: VtnProgram,
+    now: datetime,
+    new_event_id: str,
+) -> IssuedEvent | None:
+    """The event announcing a dispatch ahead of its start, or None when there is nothing to
+    announce: it has started (the setpoint comes through :func:`plan_event`), or the resource
+    has a live event of another dispatch (it keeps one event at a time; it is told at start).
+
+    A repeated notice of the same dispatch changes nothing.
+    """
+    if start <= now or end <= start or not math.isfinite(expected_kw):
+        return None
+    if previous is not None and is_live(previous, now):
+        return None
+    name, kind, value = signal_for(expected_kw, program, rated_kw)
+    return IssuedEvent(
+        event_id=new_event_id,
+        ven_name=ven_name,
+        device_id=device_id,
+        resource_id=resource_id,
+        modification_number=0,
+        created=now,
+        start=start,
+        duration_s=(end - start).total_seconds(),
+        signal_name=name,
+        signal_type=kind,
+        value=value,
+        power_kw=expected_kw,
+        provenance=(LimitSource(command_id=command_id, kind="dispatch"),),
+        market_context=program.market_context,
+        priority=program.priority,
+        ramp_up_s=program.ramp_up_s,
+        recovery_s=program.recovery_s,
+        startafter_s=program.startafter_s,
+        response_required=program.response_required,
+        near_s=program.near_s,
+        notification_s=program.notification_s,
+        command_id=command_id,
+        fixed_end=True,
+        confirmed=False,
+        updated_at=now,
+    )
+
+
+def cancel_event(event: IssuedEvent, now: datetime) -> IssuedEvent:
+    """``event`` cancelled (a modification)."""
+    return event.model_copy(
+        update={
+            "modification_number": event.modification_number + 1,
+            "cancelled": True,
+            "power_kw": None,
+            "updated_at": now,
+        }
+    )
+
+
+def event_status(event: IssuedEvent, now: datetime) -> str:
+    """The 2.0b ``eventStatus`` at ``now`` (``near`` within the program's ``near_s``)."""
     if event.cancelled:
         return "cancelled"
     if now >= event.end:
         return "completed"
     if now >= event.start:
         return "active"
-    return "near" if (event.start - now).total_seconds() <= near_s else "far"
+    return "near" if (event.start - now).total_seconds() <= event.near_s else "far"
+
+
+def status_changes(event: IssuedEvent, after: datetime) -> datetime | None:
+    """When the event's ``eventStatus`` next changes after ``after`` (None: it will not)."""
+    if event.cancelled:
+        return None
+    near = event.start - timedelta(seconds=event.near_s)
+    return next((t for t in (near, event.start, event.end) if t > after), None)
 
 
 def event_payload(event: IssuedEvent, now: datetime, ven_id: str) -> dict[str, Any]:
@@ -431,6 +569,9 @@ def event_payload(event: IssuedEvent, now: datetime, ven_id: str) -> dict[str, A
         ),
         "ramp_up_period": timedelta(seconds=event.ramp_up_s) if event.ramp_up_s else None,
         "recovery_period": timedelta(seconds=event.recovery_s) if event.recovery_s else None,
+        "notification_period": (
+            timedelta(seconds=event.notification_s) if event.notification_s else None
+        ),
     }
     return {
         "event_descriptor": {

@@ -805,6 +805,10 @@ class MirrorMeterReadingList(Sep2List):
 
     xml_tag: ClassVar[str] = "MirrorMeterReadingList"
 
+    # Required by the schema, but envoy accepts an upload without them, and so do we: a client
+    # posting readings is not paging through anything.
+    all: Annotated[UInt32 | None, Attribute("all")] = None  # type: ignore[assignment]
+    results: Annotated[UInt32 | None, Attribute("results")] = None  # type: ignore[assignment]
     items: Annotated[tuple[MirrorMeterReading, ...], Element("MirrorMeterReading")] = ()
 
 

@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,16 @@ import pytest
 
 from adapters.oem_vtn.resource import OadrResource
 from adapters.oem_vtn.vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
-from gateway.devices import AdapterError, DeviceAdapter, DeviceUnavailable, UnsafeCommand
+from gateway.devices import (
+    AdapterError,
+    DeviceAdapter,
+    DeviceUnavailable,
+    DispatchNotice,
+    UnsafeCommand,
+)
 from protocols.openadr import encode
+from protocols.openadr.resource_status import ResourceStatus, status_payload
+from protocols.openadr.resource_status import install as install_resource_status
 from protocols.openadr.vtn_events import VtnProgram
 from simulators.oem_cloud import OemCloud, SimBattery, SimThermostat
 from unified.model import (
@@ -211,6 +220,33 @@ async def test_resources_become_devices_with_telemetry(
         assert thermostat.soc_pct is not None
 
 
+async def test_report_period_follows_the_vens_sampling_rate(
+    tmp_path: Path, registrar: Registrar
+) -> None:
+    """A VEN that samples only every 2 s (the VTN would like 1 s) is asked for 2 s: openleadr's
+    VEN, like the spec, refuses a granularity outside its oadrSamplingRate and would send
+    nothing, and its resources would never be dispatched."""
+    every_2s = (timedelta(seconds=2), timedelta(seconds=2))
+    port = free_port()
+    async with (
+        running_vtn(vtn_config(tmp_path, port, stale_after_s=3.0), registrar) as vtn,
+        running_oem(port, fleet(), sampling_rate=every_2s) as oem,
+    ):
+        await enrolled(oem, registrar, vtn)
+        requests = oem.client.report_requests
+        assert {r["granularity"] for r in requests} == {timedelta(seconds=2)}
+        assert all(r["r_ids"] for r in requests)  # no rID refused
+        record = vtn.resources[f"{OEM}.b1"]
+        assert (record.usage_period_s, record.status_period_s) == (2.0, 2.0)
+        b1 = registrar.resource("b1")
+        assert b1.stale_after_s == 6.0  # three of its periods, not the VTN's 3 s
+        await b1.connect()
+        await b1.apply(cmd("b1", -2.0))
+        await wait_for(lambda: oem.devices["b1"].power_kw == -2.0, 5, "dispatched")
+        await asyncio.sleep(4.5)  # still fresh across periods longer than stale_after_s / 2
+        assert (await b1.read()).soc_pct is not None
+
+
 async def test_setpoint_event_modification_and_cancel_reach_the_battery(
     tmp_path: Path, registrar: Registrar
 ) -> None:
@@ -255,6 +291,74 @@ async def test_setpoint_event_modification_and_cancel_reach_the_battery(
             (event.event_id, 1, "optIn"),
             (event.event_id, 2, "optIn"),
         ]
+
+
+async def test_a_dispatch_ahead_is_announced_far_near_then_active_for_its_window(
+    tmp_path: Path, registrar: Registrar
+) -> None:
+    """Told of a dispatch 3 s ahead, the VTN issues the event at once with the dispatch's window
+    and x-eiNotification; the VEN sees it far, near (1 s before) and active. The setpoint at the
+    start confirms it (a modification, same event); a notified resource the planner does not
+    call at the start has its event cancelled after the grace period."""
+    program = VtnProgram(signal="setpoint", near_s=1, notification_s=3600, unconfirmed_grace_s=1)
+    allowed = AllowedVen(ven_name=OEM, location=LOC, program=program)
+    port = free_port()
+    async with (
+        running_vtn(vtn_config(tmp_path, port, vens=[allowed]), registrar) as vtn,
+        running_oem(port, fleet()) as oem,
+    ):
+        await enrolled(oem, registrar, vtn)
+        start = utcnow() + timedelta(seconds=3)
+        end = start + timedelta(seconds=600)
+        b1, t1 = registrar.resource("b1"), registrar.resource("t1")
+        b1.notice(DispatchNotice("d-ahead", start, end, -2.0))
+        t1.notice(DispatchNotice("d-ahead", start, end, -1.0))
+        await wait_for(lambda: statuses(oem, vtn, "b1") == ["far"], 2, "far before the start")
+        event = vtn.current_event(f"{OEM}.b1")
+        assert event is not None
+        assert (event.start, event.end, event.value) == (start, end, -2.0)  # not a fixed PT1H
+        assert oem.devices["b1"].power_kw == 0.0  # told, not yet asked
+        await wait_for(lambda: "near" in statuses(oem, vtn, "b1"), 3, "near")
+        assert utcnow() < start
+        await wait_for(lambda: utcnow() >= start, 3)
+        await b1.apply(cmd("b1", -2.5, "d-ahead"))  # the planner's setpoint at the start
+        confirmed = vtn.current_event(f"{OEM}.b1")
+        assert confirmed is not None
+        assert (confirmed.event_id, confirmed.modification_number) == (event.event_id, 1)
+        assert (confirmed.confirmed, confirmed.end) == (True, end)
+        await wait_for(lambda: oem.devices["b1"].power_kw == -2.5, 5, "battery follows")
+        assert "active" in statuses(oem, vtn, "b1")
+        # t1 was never called at the start: its notice is withdrawn.
+        await wait_for(lambda: not is_live_event(vtn, f"{OEM}.t1"), 4, "t1 withdrawn")
+        assert registrar.refusals == []
+
+
+async def test_an_event_lasts_its_dispatch_window(tmp_path: Path, registrar: Registrar) -> None:
+    """An OEM saw PT1H for a 600 s dispatch: the event now ends with the dispatch."""
+    port = free_port()
+    async with (
+        running_vtn(vtn_config(tmp_path, port), registrar) as vtn,
+        running_oem(port, fleet()) as oem,
+    ):
+        await enrolled(oem, registrar, vtn)
+        b1 = registrar.resource("b1")
+        start = utcnow()
+        b1.notice(DispatchNotice("d-now", start, start + timedelta(seconds=600), -2.0))
+        await b1.apply(cmd("b1", -2.0, "d-now"))
+        event = vtn.current_event(f"{OEM}.b1")
+        assert event is not None
+        assert event.end == start + timedelta(seconds=600)
+        assert event.duration_s <= 600
+        await wait_for(lambda: oem.devices["b1"].power_kw == -2.0, 5, "battery follows")
+        b1.notice(DispatchNotice("d-now", start, start + timedelta(seconds=600), 0, withdrawn=True))
+        await wait_for(lambda: oem.devices["b1"].power_kw == 0.0, 5, "withdrawn: cancelled")
+
+
+def statuses(oem: OemCloud, vtn: OpenAdrVtn, name: str) -> list[str]:
+    event = vtn.current_event(f"{OEM}.{name}")
+    if event is None:
+        return []
+    return oem.stats.statuses.get(event.event_id, [])
 
 
 async def test_thermostat_load_drops_during_event_and_rebounds_after(
@@ -358,6 +462,60 @@ async def test_unknown_ven_is_refused_and_logged(
     refusals = [r for r in caplog.records if "refused registration" in r.getMessage()]
     assert len(refusals) == 1
     assert "intruder" in refusals[0].getMessage()
+
+
+async def test_telemetry_status_is_read_as_a_resource_status(
+    tmp_path: Path, registrar: Registrar
+) -> None:
+    """oadrPayloadResourceStatus, as our VEN sends it: offline or overridden means no state of
+    charge (nothing is committed to the resource); oadrCapacity's current value is the SoC."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/OpenADR2/Simple/2.0b"
+    async with (
+        running_vtn(vtn_config(tmp_path, port), registrar) as vtn,
+        running_oem(port, fleet()) as oem,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+    ):
+        await enrolled(oem, registrar, vtn)
+        b1 = registrar.resource("b1")
+        install_resource_status()
+        # Dated ahead of the simulator's own reports (which then count as older).
+        at = utcnow() + timedelta(seconds=30)
+
+        async def send(status: ResourceStatus, at: datetime) -> None:
+            update = encode(
+                "oadrUpdateReport",
+                {
+                    "request_id": "r1",
+                    "ven_id": oem.client.ven_id,
+                    "reports": [
+                        {
+                            "report_id": "x",
+                            "report_request_id": "y",
+                            "report_specifier_id": "oem-telemetry-status",
+                            "report_name": "TELEMETRY_STATUS",
+                            "created_date_time": utcnow(),
+                            "intervals": [
+                                {
+                                    "dtstart": at,
+                                    "report_payload": status_payload("status:b1", status),
+                                }
+                            ],
+                        }
+                    ],
+                },
+            )
+            headers = {"Content-Type": "application/xml"}
+            async with http.post(f"{base}/EiReport", data=update, headers=headers) as r:
+                assert r.status == 200
+
+        await send(ResourceStatus(online=True, capacity_pct=42.0), at)
+        assert soc_of(vtn, f"{OEM}.b1") == 42.0
+        await send(ResourceStatus(online=False, capacity_pct=42.0), at + timedelta(seconds=1))
+        assert soc_of(vtn, f"{OEM}.b1") is None
+        await send(ResourceStatus(online=True, manual_override=True), at + timedelta(seconds=2))
+        assert soc_of(vtn, f"{OEM}.b1") is None
+        assert (await b1.read()).soc_pct is None  # the planner commits nothing to it
 
 
 async def test_bad_input_gets_a_clear_error_and_reaches_nothing(
@@ -509,7 +667,9 @@ async def test_real_gateway_dispatches_over_oem_resources_and_reallocates_an_opt
         assert fleet.app is not None
         vtn = fleet.app.openadr_vtn
         assert vtn is not None
-        async with running_oem(port, devices) as oem:
+        # The cloud samples every 2 s only (the VTN would like 1 s): it must be asked for 2 s.
+        every_2s = (timedelta(seconds=2), timedelta(seconds=2))
+        async with running_oem(port, devices, sampling_rate=every_2s) as oem:
             await eventually(
                 lambda: all(
                     gateway.supervisors.get(f"{OEM}.{n}") is not None
@@ -530,11 +690,20 @@ async def test_real_gateway_dispatches_over_oem_resources_and_reallocates_an_opt
                     "command_id": "d-oem",
                     "target": {"group_id": "feeder:f1"},
                     "kw": -7.0,
-                    "start": iso(0.2),
+                    "start": iso(3.0),
                     "duration_s": 30,
                 }
             )
-            # The thermostat got an event and opted out; the batteries carry the 7 kW.
+            # Told when the dispatch is accepted, 3 s ahead: the OEM cloud sees the events
+            # before the start, with the dispatch's window. The thermostat's customer opts out
+            # at once, so the planner leaves it out and the batteries carry the 7 kW.
+            await eventually(lambda: vtn.current_event(f"{OEM}.b1") is not None, 2, "b1 notice")
+            notice = vtn.current_event(f"{OEM}.b1")
+            assert notice is not None
+            assert notice.duration_s == 30
+            assert notice.start > utcnow()
+            # (near: the default program calls "near" the last 300 s before the start)
+            await eventually(lambda: statuses(oem, vtn, "b1")[:1] == ["near"], 2, "b1 near")
             await eventually(lambda: vtn.current_event(f"{OEM}.t1") is not None, 5, "t1 event")
             await eventually(
                 lambda: sim.power_kw + oem.devices["b1"].power_kw == pytest.approx(-7.0, abs=0.1),

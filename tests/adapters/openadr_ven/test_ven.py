@@ -92,6 +92,10 @@ class Vtn:
     """Messages handed out on the next polls, before openleadr's own."""
     received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Report-service messages from the VEN, by type."""
+    statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    forgotten: set[str] = field(default_factory=set)
+    """Registration ids the VTN no longer knows: a re-registration with one is refused."""
+    """TELEMETRY_STATUS values (oadrPayloadResourceStatus) by rID."""
 
     @property
     def url(self) -> str:
@@ -115,7 +119,9 @@ class Vtn:
             self.registrations.append(payload)
             if payload.get("ven_name") != VEN_NAME:
                 return False
-            return VEN_ID, "reg-1"
+            if payload.get("registration_id") in self.forgotten:
+                return False  # (openleadr answers a refusal with 200 and no ids)
+            return VEN_ID, f"reg-{len(self.forgotten) + 1}"
 
         async def on_register_report(
             ven_id: str,
@@ -158,10 +164,38 @@ class Vtn:
                 payload: dict[str, Any], original: Any = original, kind: str = message_type
             ) -> Any:
                 self.received.setdefault(kind, []).append(payload)
+                if kind == "oadrUpdateReport":
+                    payload = self._take_statuses(payload)
                 result = original(payload)
                 return await result if asyncio.iscoroutine(result) else result
 
             report_handlers[message_type] = tapped
+        event_handlers = server.services["event_service"].handlers
+        created = event_handlers["oadrCreatedEvent"]
+
+        async def tapped_created(payload: dict[str, Any]) -> Any:
+            self.received.setdefault("oadrCreatedEvent", []).append(payload)
+            result = created(payload)
+            return await result if asyncio.iscoroutine(result) else result
+
+        event_handlers["oadrCreatedEvent"] = tapped_created
+
+    def _take_statuses(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Keep the oadrPayloadResourceStatus values (openleadr's VTN reads only payloadFloat
+        and fails on anything else) and hand it the rest."""
+        reports = []
+        for report in payload.get("reports", []):
+            floats = []
+            for interval in report.get("intervals", []):
+                status = interval["report_payload"].get("payload_resource_status")
+                if status is None:
+                    floats.append(interval)
+                else:
+                    r_id = interval["report_payload"]["r_id"]
+                    self.statuses.setdefault(r_id, []).append(status)
+            if floats:
+                reports.append(report | {"intervals": floats})
+        return payload | {"reports": reports}
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -386,6 +420,17 @@ async def test_unsupported_signal_opts_out_and_submits_nothing(
         assert gateway.submitted == []
         record = ven.state.events["price-1"]
         assert (record.status, record.reason) == (RecordStatus.OPTED_OUT, "unsupported_signal")
+        # An opt-out is an answer: 200 with optOut, the reason in the description.
+        (answer,) = [
+            r
+            for m in vtn.received["oadrCreatedEvent"]
+            for r in m["event_responses"]
+            if r["event_id"] == "price-1"
+        ]
+        assert (answer["response_code"], answer["opt_type"]) == (200, "optOut")
+        assert answer["response_description"].startswith("unsupported_signal")
+        # A pull VEN has no transport address: none is sent (openleadr's template said "None").
+        assert "transport_address" not in vtn.registrations[0]
 
 
 async def test_gateway_rejection_becomes_an_opt_out_with_its_reason(
@@ -443,12 +488,14 @@ async def test_reports_reach_the_vtn(vtn: Vtn, gateway: Gateway, tmp_path: Path)
         await wait_for(
             lambda: (
                 vtn.report_values.get("RealPower:feeder:f1")
-                and vtn.report_values.get("Status:feeder:f1")
+                and vtn.statuses.get("status:feeder:f1")
             ),
             within_s=8,
         )
     assert vtn.report_values["RealPower:feeder:f1"][0][1] == -3.5
-    assert vtn.report_values["Status:feeder:f1"][0][1] == 0.5
+    # TELEMETRY_STATUS as oadrPayloadResourceStatus: the group is online (a device reports);
+    # no state of charge for a group (protocols.openadr.resource_status).
+    assert vtn.statuses["status:feeder:f1"][0] == {"online": True, "manual_override": False}
 
 
 @contextmanager
@@ -469,6 +516,41 @@ def captured(logger: str) -> Iterator[list[logging.LogRecord]]:
     finally:
         target.removeHandler(handler)
         target.setLevel(level)
+
+
+async def test_a_vtn_that_forgot_us_gets_a_fresh_registration_not_a_loop(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """Over mutual TLS, as the utility runs it: the VTN asks us to re-register and refuses our
+    old ids; we register afresh (no venID, no registrationID) once, not on every poll."""
+    from composition.certs import make_ca, make_cert
+
+    logging.getLogger("openleadr").setLevel(logging.WARNING)
+    ca = make_ca(tmp_path / "pki")
+    server_cert = make_cert(ca, tmp_path / "pki", "utility-vtn", server=True)
+    client = make_cert(ca, tmp_path / "pki", "site-1")
+    vtn = Vtn(free_port(), tls=(server_cert.cert_path, server_cert.key_path, ca.cert_path))
+    await vtn.start()
+    tls = VenTlsConfig(cert_path=client.cert_path, key_path=client.key_path, ca_path=ca.cert_path)
+    try:
+        async with running(vtn, gateway, tmp_path, tls=tls) as ven:
+            assert ven.registration is not None
+            assert ven.registration.registration_id == "reg-1"
+            vtn.forgotten.add("reg-1")
+            vtn.outbox.append(("oadrRequestReregistration", {"ven_id": VEN_ID}))
+            await wait_for(
+                lambda: (
+                    ven.registration is not None and ven.registration.registration_id == "reg-2"
+                ),
+                10,
+            )
+            attempts = [(r.get("ven_id"), r.get("registration_id")) for r in vtn.registrations]
+            assert attempts == [(None, None), (VEN_ID, "reg-1"), (None, None)]
+            await asyncio.sleep(1.5)  # polls go on; nothing asks to register again
+            assert len(vtn.registrations) == 3
+            assert ven.reachable
+    finally:
+        await vtn.stop()
 
 
 async def test_vtn_loss_and_recovery_are_logged_once(

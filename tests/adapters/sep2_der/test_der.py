@@ -18,7 +18,15 @@ from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2Server, Sep2ServerConfig
 from gateway.devices import DeviceAdapter, DeviceUnavailable, UnsafeCommand
 from gateway.supervisor import DeviceSupervisor
-from protocols.sep2 import MEDIA_TYPE, to_watts
+from protocols.sep2 import (
+    MEDIA_TYPE,
+    CsipAusVersion,
+    DateTimeInterval,
+    DERControl,
+    decode_as,
+    encode,
+    to_watts,
+)
 from tests.protocols.sep2.envoy_fixtures import load
 from unified.model import DeviceCommand
 
@@ -163,6 +171,41 @@ async def test_apply_target_w(server: Sep2Server) -> None:
 
     await adapter.apply(_command(None))
     assert server.snapshot("der-1").active_control is None
+
+
+async def test_storage_target_on_a_csip_aus_v1_3_server(server: Sep2Server) -> None:
+    """opModStorageTargetW (CSIP-AUS v1.3: charge +, discharge -) when the endpoint asks for
+    it; refused at enrolment on a server that speaks the v1.2 namespace."""
+    with pytest.raises(ValueError, match=r"v1\.3"):
+        _adapter(server, storage_target=True)
+    config = Sep2ServerConfig(port=0, dev_lfdi_header=HEADER, csipaus=CsipAusVersion.V1_3)
+    v13 = Sep2Server(config)
+    try:
+        adapter = _adapter(v13, storage_target=True)
+        await adapter.apply(_command(2.5))  # charge
+        control = v13.snapshot("der-1").active_control
+        assert control is not None
+        assert control.base.op_mod_storage_target_w is not None
+        assert to_watts(control.base.op_mod_storage_target_w) == 2500
+        await adapter.apply(_command(-3))  # discharge
+        control = v13.snapshot("der-1").active_control
+        assert control is not None
+        assert control.base.op_mod_storage_target_w is not None
+        assert to_watts(control.base.op_mod_storage_target_w) == -3000
+        assert control.base.op_mod_target_w is None
+        wire = encode(
+            DERControl(
+                mrid="AB" * 16,
+                creation_time=0,
+                interval=DateTimeInterval(duration=60, start=0),
+                der_control_base=control.base,
+            ),
+            csipaus=CsipAusVersion.V1_3,
+        )
+        assert b"opModStorageTargetW" in wire
+        assert decode_as(DERControl, wire).der_control_base == control.base
+    finally:
+        await v13.stop()
 
 
 async def test_apply_chooses_mode_from_capability(server: Sep2Server) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,10 +28,11 @@ from adapters.sep2_der.server import (
     Sep2TlsConfig,
 )
 from composition.certs import describe, describe_text, make_ca, make_cert
-from gateway.devices import DeviceUnavailable
+from gateway.devices import DeviceUnavailable, DispatchNotice
 from protocols.sep2 import (
     DER,
     MEDIA_TYPE,
+    ConnectionPoint,
     DefaultDERControl,
     DERControl,
     DERControlList,
@@ -75,7 +77,9 @@ def _config(**overrides: object) -> Sep2ServerConfig:
                 group_id="feeder:f1",
                 primacy=10,
                 description="Feeder F1",
-                default=Sep2DefaultEnvelope(export_limit_kw=1.5, import_limit_kw=7.0),
+                default=Sep2DefaultEnvelope(
+                    export_limit_kw=1.5, import_limit_kw=7.0, ramp_rate_pct_per_s=0.27
+                ),
             ),
             Sep2ProgramConfig(group_id="substation:s1", primacy=20),
         ),
@@ -219,8 +223,10 @@ async def test_discovery_walk_follows_hrefs(fleet: Fleet, session: aiohttp.Clien
             assert base.op_mod_imp_lim_w is not None
             assert to_watts(base.op_mod_exp_lim_w) == 1500
             assert to_watts(base.op_mod_imp_lim_w) == 7000
+            assert dderc.set_grad_w == 27  # 0.27 %/s of rated W
         else:  # no default configured: 200 with an empty DERControlBase, as envoy
             assert base.model_dump(exclude_none=True) == {}
+            assert dderc.set_grad_w is None
 
     assert edev.der_list_link is not None
     ders = await c.get_as(DERList, edev.der_list_link.href)
@@ -336,6 +342,112 @@ async def test_apply_publishes_target_and_cancel_marks_cancelled(
     assert act.all == 0
 
 
+async def test_a_dispatch_ahead_is_a_scheduled_control_with_randomization_and_ramp(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Told of a dispatch an hour ahead, the server lists a scheduled DERControl for its window
+    (randomizeStart / randomizeDuration from the program, rampTms from the dispatch) while the
+    control in force stays; a release of that control leaves it; at the start the planner's
+    setpoint replaces it for the rest of the window; a withdrawn dispatch's control is
+    cancelled."""
+    now = [1_800_000_000.0]
+    programs = (
+        Sep2ProgramConfig(
+            group_id="feeder:f1", primacy=10, randomize_start_s=120, randomize_duration_s=30
+        ),
+    )
+    server = Sep2Server(_config(programs=programs), clock=lambda: now[0])
+    der = Sep2Der(
+        "bat-a",
+        Sep2DerEndpoint(lfdi=LFDI_A, supports_target_w=True),
+        server=server,
+        groups=("feeder:f1",),
+    )
+    await der.connect()
+    try:
+        c = Client(session, server.url, LFDI_A)
+        edev = server.edev_href("bat-a")
+        earlier = (LimitSource(command_id="d-now", kind="dispatch"),)
+        await der.apply(DeviceCommand(device_id="bat-a", power_kw=-1, provenance=earlier))
+        start = datetime.fromtimestamp(now[0] + 3600, UTC)
+        end = start + timedelta(seconds=600)
+        der.notice(DispatchNotice("d-ahead", start, end, -2.0, ramp_s=60))
+        listed = await _controls(c, edev)
+        assert listed.all == 2
+        ahead = next(x for x in listed.items if x.interval.start == int(start.timestamp()))
+        assert ahead.interval.duration == 600  # the dispatch's window
+        assert ahead.event_status is not None
+        assert ahead.event_status.current_status == 0  # scheduled
+        assert (ahead.randomize_start, ahead.randomize_duration) == (120, 30)
+        assert ahead.der_control_base.ramp_tms == 6000
+        assert ahead.der_control_base.op_mod_target_w is not None
+        assert to_watts(ahead.der_control_base.op_mod_target_w) == 2000
+        der.notice(DispatchNotice("d-ahead", start, end, -2.0, ramp_s=60))  # a repeat
+        assert (await _controls(c, edev)).all == 2
+
+        await der.apply(DeviceCommand(device_id="bat-a", power_kw=None))  # d-now ends
+        left = {x.mrid: x.event_status for x in (await _controls(c, edev)).items}[ahead.mrid]
+        assert left is not None
+        assert left.current_status == 0  # the release left it scheduled
+
+        now[0] = start.timestamp()
+        ahead_id = (LimitSource(command_id="d-ahead", kind="dispatch"),)
+        await der.apply(DeviceCommand(device_id="bat-a", power_kw=-3, provenance=ahead_id))
+        listed = await _controls(c, edev)
+        current = [x for x in listed.items if x.event_status and x.event_status.current_status == 1]
+        (confirmed,) = current
+        assert confirmed.mrid != ahead.mrid  # a different setpoint supersedes it
+        assert confirmed.interval.start + confirmed.interval.duration == int(end.timestamp())
+
+        der.notice(DispatchNotice("d-ahead", start, end, 0.0, withdrawn=True))
+        listed = await _controls(c, edev)
+        assert all(
+            x.event_status is not None and x.event_status.current_status != 1 for x in listed.items
+        )
+    finally:
+        await server.stop()
+
+
+async def test_a_groups_dispatch_goes_into_that_groups_program(
+    fleet: Fleet, session: aiohttp.ClientSession
+) -> None:
+    """A dispatch (or an envelope) for substation S1 (primacy 20) is a control in S1's program,
+    not in the device's primary program (feeder F1, primacy 10): the client weighs it at S1's
+    primacy."""
+    c = client(fleet, session)
+    edev = fleet.server.edev_href("bat-a")
+    now = datetime.now(UTC)
+    window = (now, now + timedelta(seconds=600))
+    fleet.a.notice(DispatchNotice("d-s1", *window, -2.0, group_id="substation:s1"))
+    provenance = (LimitSource(command_id="d-s1", kind="dispatch"),)
+    await fleet.a.apply(DeviceCommand(device_id="bat-a", power_kw=-2, provenance=provenance))
+    programs = await c.get_as(DERProgramList, f"{edev}/derp?l=10")
+    by_primacy = {p.primacy: p for p in programs.items}
+    for primacy, expected in ((10, 0), (20, 1)):
+        link = by_primacy[primacy].der_control_list_link
+        assert link is not None
+        listed = await c.get_as(DERControlList, link.href + "?l=10")
+        assert listed.all == expected, primacy
+    # A command without a known group still goes into the primary program.
+    await fleet.a.apply(DeviceCommand(device_id="bat-a", power_kw=-1))
+    assert (await _controls(c, edev)).all == 1
+    # An envelope's limits go into the program of the group it addresses, too.
+    fleet.a.notice(
+        DispatchNotice("env-s1", *window, 0.0, group_id="substation:s1", kind="envelope")
+    )
+    limits = (LimitSource(command_id="env-s1", kind="envelope"),)
+    await fleet.a.apply(
+        DeviceCommand(device_id="bat-a", power_kw=None, export_limit_kw=2.0, provenance=limits)
+    )
+    link = by_primacy[20].der_control_list_link
+    assert link is not None
+    listed = await c.get_as(DERControlList, link.href + "?l=10")
+    assert listed.all == 2
+    newest = listed.items[0]
+    assert newest.der_control_base.op_mod_gen_lim_w is not None
+    assert to_watts(newest.der_control_base.op_mod_gen_lim_w) == 2000
+
+
 async def test_fixed_w_from_capability_and_superseding(
     fleet: Fleet, session: aiohttp.ClientSession
 ) -> None:
@@ -427,6 +539,12 @@ async def test_mirror_usage_points_and_der_resources(
     assert status == 201
     status, _, _ = await c.request("POST", site_mup, load("req-mmr-list.xml"))
     assert status == 201
+    # Without all/results (required by the schema; envoy and we accept it): an upload pages
+    # through nothing.
+    bare = load("req-mmr-list.xml").replace(b' all="4" results="4"', b"", 1)
+    assert b"results=" not in bare.split(b">", 1)[0]
+    status, _, _ = await c.request("POST", site_mup, bare)
+    assert status == 201
     message = await c.error("POST", site_mup, 400, load("req-rejected-mmr-unknown-mrid.xml"))
     assert "never declared" in message
 
@@ -481,11 +599,36 @@ async def test_responses_are_recorded(fleet: Fleet, session: aiohttp.ClientSessi
     assert len(fleet.recorded) == 1
 
 
+async def test_connection_point_as_envoy_serves_it(
+    fleet: Fleet, session: aiohttp.ClientSession
+) -> None:
+    """CSIP-AUS: the EndDevice links its ConnectionPoint; before any PUT it is served with an
+    empty id; a PUT (the current or the CSIP-AUS 1.1 element) answers 201 with its Location."""
+    c = client(fleet, session)
+    edev = await c.get_as(EndDevice, fleet.server.edev_href("bat-a"))
+    assert edev.connection_point_link is not None
+    cp = edev.connection_point_link.href
+    assert (await c.get_as(ConnectionPoint, cp)).connection_point_id == ""
+    for fixture, nmi in (
+        ("req-connection-point-legacy-id.xml", "2001234560"),
+        ("req-connection-point.xml", "2001234567"),
+    ):
+        status, headers, _ = await c.request("PUT", cp, load(fixture))
+        assert (status, headers["Location"]) == (201, cp)
+        assert (await c.get_as(ConnectionPoint, cp)).connection_point_id == nmi
+    assert fleet.server.snapshot("bat-a").connection_point_id == "2001234567"
+    # B cannot read or set A's.
+    await client(fleet, session, LFDI_B).error("GET", cp, 403)
+
+
 async def test_registration_post(fleet: Fleet, session: aiohttp.ClientSession) -> None:
     c = client(fleet, session)
     status, headers, _ = await c.request("POST", "/edev", load("req-edev-registration.xml"))
     assert (status, headers["Location"]) == (201, fleet.server.edev_href("bat-a"))
-    await c.error("POST", "/edev", 409, load("req-rejected-edev-registration-again.xml"))
+    # A repeat (envoy: 409) gets the EndDevice it already has.
+    again = load("req-rejected-edev-registration-again.xml")
+    status, headers, _ = await c.request("POST", "/edev", again)
+    assert (status, headers["Location"]) == (201, fleet.server.edev_href("bat-a"))
     await c.error("POST", "/edev", 403, load("req-rejected-edev-foreign-identity.xml"))
     await c.error("POST", "/edev", 400, load("req-rejected-edev-malformed.xml"))
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
 from adapters.sep2_der.server import (
+    Sep2DefaultEnvelope,
     Sep2ProgramConfig,
     Sep2Server,
     Sep2ServerConfig,
@@ -30,9 +31,13 @@ from protocols.sep2 import (
     MEDIA_TYPE,
     DefaultDERControl,
     DERControlList,
+    DERProgram,
     DERProgramList,
+    DeviceCapability,
     EndDevice,
+    EndDeviceList,
     Error,
+    FunctionSetAssignmentsList,
     Notification,
     Subscription,
     SubscriptionList,
@@ -268,6 +273,101 @@ async def test_subscribe_notify_release_unsubscribe(env: Setup, receiver: Receiv
     await receiver.nothing()
 
 
+async def test_defaults_and_rates_change_at_run_time(env: Setup, receiver: Receiver) -> None:
+    """A new DefaultDERControl for a group: its version goes up, its subscribers are told, the
+    next GET shows it; new poll and post rates show on the next GETs too."""
+    dderc = (await env.derc()).replace("/derc", "/dderc")
+    status, _, body = await env.request("GET", dderc)
+    before = decode_as(DefaultDERControl, body)
+    status, _, _ = await env.subscribe(dderc, receiver.url + "/dderc")
+    assert status == 201
+
+    changed = Sep2DefaultEnvelope(export_limit_kw=2.5, ramp_rate_pct_per_s=0.5)
+    assert env.server.set_default("feeder:f1", changed)
+    note = await receiver.next()
+    assert isinstance(note.resource, DefaultDERControl)
+    assert note.resource.version == (before.version or 0) + 1
+    assert note.resource.der_control_base.op_mod_exp_lim_w is not None
+    assert to_watts(note.resource.der_control_base.op_mod_exp_lim_w) == 2500
+    assert note.resource.set_grad_w == 50
+    status, _, body = await env.request("GET", dderc)
+    assert decode_as(DefaultDERControl, body) == note.resource
+    assert env.server.set_default("feeder:f1", changed)  # the same again: nothing new
+    await receiver.nothing(0.3)
+    assert not env.server.set_default("feeder:nowhere", changed)
+
+    env.server.set_rates(poll_rate_s=120, der_poll_rate_s=30, post_rate_s=15)
+    status, _, body = await env.request("GET", "/dcap")
+    assert decode_as(DeviceCapability, body).poll_rate == 120
+    status, _, body = await env.request("GET", env.edev() + "/derp?l=10")
+    assert decode_as(DERProgramList, body).poll_rate == 30
+    with pytest.raises(ValueError, match="outside"):
+        env.server.set_rates(post_rate_s=0)
+
+
+async def test_program_lists_and_programs_are_subscribable(env: Setup, receiver: Receiver) -> None:
+    """A DERProgramList (under the EndDevice, its FunctionSetAssignments or its DER) and a
+    DERProgram change with the controls they count: their subscribers are told."""
+    derc = await env.derc()
+    program = derc.rsplit("/", 1)[0]
+    lists = [f"{env.edev()}/derp", f"{env.edev()}/fsa/1/derp", f"{env.edev()}/der/1/derp"]
+    for i, resource in enumerate([*lists, program]):
+        status, _, _ = await env.subscribe(resource, f"{receiver.url}/{i}")
+        assert status == 201
+    await _setpoint(env, -3)
+    notes = [await receiver.next() for _ in range(4)]
+    by_resource = {n.subscribed_resource: n.resource for n in notes}
+    assert set(by_resource) == {*lists, program}
+    for resource in lists:
+        listed = by_resource[resource]
+        assert isinstance(listed, DERProgramList)
+        assert listed.href == resource
+        assert listed.items[0].active_der_control_list_link is not None
+        assert listed.items[0].active_der_control_list_link.all == 1
+    single = by_resource[program]
+    assert isinstance(single, DERProgram)
+    assert single.href == program
+
+
+async def test_end_device_and_fsa_lists_are_subscribable(env: Setup, receiver: Receiver) -> None:
+    """As CSIP-AUS ALL-14 asks: the EndDeviceList (``/edev``) and the FunctionSetAssignmentsList
+    are subscribable; the EndDeviceList changes with the EndDevice's subscriptions, both with
+    the poll rate they carry."""
+    status, _, _ = await env.subscribe("/edev", receiver.url + "/edev")
+    assert status == 201
+    note = await receiver.next()
+    assert isinstance(note.resource, EndDeviceList)
+    (listed,) = note.resource.items
+    assert listed.subscription_list_link is not None
+    assert listed.subscription_list_link.all == 1
+    status, _, _ = await env.subscribe(f"{env.edev()}/fsa", receiver.url + "/fsa")
+    assert status == 201
+    note = await receiver.next()
+    assert isinstance(note.resource, EndDeviceList)
+    assert note.resource.items[0].subscription_list_link is not None
+    assert note.resource.items[0].subscription_list_link.all == 2
+
+    env.server.set_rates(poll_rate_s=99)
+    notes = {n.subscribed_resource: n.resource for n in [await receiver.next() for _ in range(2)]}
+    edev_list, fsa_list = notes["/edev"], notes[f"{env.edev()}/fsa"]
+    assert isinstance(edev_list, EndDeviceList)
+    assert isinstance(fsa_list, FunctionSetAssignmentsList)
+    assert (edev_list.poll_rate, fsa_list.poll_rate) == (99, 99)
+    assert fsa_list.items[0].der_program_list_link is not None
+
+    programs = fsa_list.items[0].der_program_list_link.href
+    status, _, _ = await env.subscribe(programs, receiver.url + "/derp")
+    assert status == 201
+    await receiver.next()  # the EndDeviceList: one more Subscription
+    with pytest.raises(ValueError, match="outside"):
+        env.server.set_rates(der_poll_rate_s=45, post_rate_s=0)  # all or nothing
+    await receiver.nothing(0.2)
+    env.server.set_rates(der_poll_rate_s=45)
+    note = await receiver.next()
+    assert isinstance(note.resource, DERProgramList)
+    assert (note.subscribed_resource, note.resource.poll_rate) == (programs, 45)
+
+
 async def test_limit_and_lapse(env: Setup, receiver: Receiver) -> None:
     derc = await env.derc()
     status, _, _ = await env.subscribe(derc, receiver.url + "/one", limit=1)
@@ -442,27 +542,40 @@ async def test_run_owns_the_notifier(receiver: Receiver) -> None:
 # --------------------------------------------------------------------------- TLS
 
 
-async def test_https_notification_with_the_server_certificate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("notify_cert", [True, False])
+async def test_https_notification_to_a_receiver_that_verifies_client_certificates(
+    tmp_path: Path, notify_cert: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Receivers verify the notifier's client certificate (as a 2030.5 client's listener
+    should): a clientAuth certificate (``notify_cert_file``) gets through; the server's own
+    serverAuth-only certificate is refused in the handshake, and the server warns at start."""
     ca = make_ca(tmp_path)
     server_cert = make_cert(ca, tmp_path, "gateway", server=True)
+    notifier = make_cert(ca, tmp_path, "gateway-notify")  # a client (clientAuth) certificate
     device = make_cert(ca, tmp_path, "device-1")
     listener = make_cert(ca, tmp_path, "listener", server=True, hosts=("127.0.0.1",))
     rogue_ca = make_ca(tmp_path / "rogue", "rogue-ca")
     rogue = make_cert(rogue_ca, tmp_path / "rogue", "listener", server=True)
 
     tls = Sep2TlsConfig(
-        cert_file=server_cert.cert_path, key_file=server_cert.key_path, ca_file=ca.cert_path
+        cert_file=server_cert.cert_path,
+        key_file=server_cert.key_path,
+        ca_file=ca.cert_path,
+        notify_cert_file=notifier.cert_path if notify_cert else None,
+        notify_key_file=notifier.key_path if notify_cert else None,
     )
     server = Sep2Server(_config(dev_lfdi_header=None, tls=tls))
     lfdi, _ = describe(device.cert_path)
     adapter = Sep2Der("tls-dev", Sep2DerEndpoint(lfdi=lfdi, supports_target_w=True), server=server)
     trusted, untrusted = Receiver(), Receiver()
     listener_ctx = server_ssl_context(listener.cert_path, listener.key_path, ca.cert_path)
-    listener_ctx.verify_mode = ssl.CERT_NONE  # the server's certificate is a serverAuth one
+    assert listener_ctx.verify_mode is ssl.CERT_REQUIRED
     rogue_ctx = server_ssl_context(rogue.cert_path, rogue.key_path, ca.cert_path)
-    rogue_ctx.verify_mode = ssl.CERT_NONE
     runners = [await _serve(trusted, listener_ctx), await _serve(untrusted, rogue_ctx)]
-    await adapter.connect()
+    with caplog.at_level(logging.WARNING, logger="adapters.sep2_der.server"):
+        await adapter.connect()
+    warned = any("lacks clientAuth" in r.getMessage() for r in caplog.records)
+    assert warned is not notify_cert
     try:
         ctx = client_ssl_context(device.cert_path, device.key_path, ca.cert_path)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
@@ -475,9 +588,13 @@ async def test_https_notification_with_the_server_certificate(tmp_path: Path) ->
                 async with s.post(f"{server.url}{edev}/sub", data=body, headers=SEP) as resp:
                     assert resp.status == 201
         await adapter.apply(DeviceCommand(device_id="tls-dev", power_kw=-3))
-        note = await trusted.next()
-        assert isinstance(note.resource, DERControlList)
-        assert note.resource.all == 1
+        if notify_cert:
+            note = await trusted.next()
+            assert isinstance(note.resource, DERControlList)
+            assert note.resource.all == 1
+        else:
+            await trusted.nothing(1.0)
+            assert trusted.attempts == 0  # refused in the handshake: no request at all
         # a listener whose certificate is not from the 2030.5 CA never gets the body
         await untrusted.nothing(0.5)
         assert untrusted.attempts == 0

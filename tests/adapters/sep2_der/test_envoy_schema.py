@@ -1,0 +1,209 @@
+"""Every document our 2030.5 server serves, read by an independent implementation.
+
+A client was populated (DER resources PUT, telemetry mirrored, a connection point, a
+subscription, a control in force and one scheduled ahead, a Response); then every document
+reachable by href from ``/dcap`` is fetched and parsed with envoy's own pydantic-xml models
+(``envoy-schema``, bsgip's CSIP-AUS server), under the CSIP-AUS v1.3 namespace they use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+
+from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
+from adapters.sep2_der.server import Sep2ProgramConfig, Sep2Server, Sep2ServerConfig
+from gateway.devices import DispatchNotice
+from protocols.sep2 import MEDIA_TYPE, CsipAusVersion
+from tests.protocols.sep2.envoy_fixtures import load
+from unified.model import DeviceCommand, LimitSource
+
+envoy = pytest.importorskip("envoy_schema.server.schema.sep2")
+csip_aus = pytest.importorskip("envoy_schema.server.schema.csip_aus.connection_point")
+
+LFDI = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy capture's device A
+HEADER = "X-LFDI"
+HREF = re.compile(rb'href="([^"]+)"')
+
+
+def _models() -> dict[str, Any]:
+    from envoy_schema.server.schema.sep2 import (
+        der,
+        device_capability,
+        end_device,
+        error,
+        function_set_assignments,
+        metering_mirror,
+        pub_sub,
+        response,
+        time,
+    )
+
+    return {
+        "DeviceCapability": device_capability.DeviceCapabilityResponse,
+        "Time": time.TimeResponse,
+        "EndDeviceList": end_device.EndDeviceListResponse,
+        "EndDevice": end_device.EndDeviceResponse,
+        "Registration": end_device.RegistrationResponse,
+        "FunctionSetAssignmentsList": function_set_assignments.FunctionSetAssignmentsListResponse,
+        "FunctionSetAssignments": function_set_assignments.FunctionSetAssignmentsResponse,
+        "DERProgramList": der.DERProgramListResponse,
+        "DERProgram": der.DERProgramResponse,
+        "DERControlList": der.DERControlListResponse,
+        "DERControl": der.DERControlResponse,
+        "DefaultDERControl": der.DefaultDERControl,
+        "DERList": der.DERListResponse,
+        "DER": der.DER,
+        "DERCapability": der.DERCapability,
+        "DERSettings": der.DERSettings,
+        "DERStatus": der.DERStatus,
+        "DERAvailability": der.DERAvailability,
+        "MirrorUsagePointList": metering_mirror.MirrorUsagePointListResponse,
+        "MirrorUsagePoint": metering_mirror.MirrorUsagePointRequest,
+        "SubscriptionList": pub_sub.SubscriptionListResponse,
+        "Subscription": pub_sub.Subscription,
+        "ResponseSetList": response.ResponseSetList,
+        "ResponseSet": response.ResponseSet,
+        "ResponseList": response.ResponseListResponse,
+        "Response": response.Response,
+        "ConnectionPoint": csip_aus.ConnectionPointResponse,
+        "Error": error.ErrorResponse,
+    }
+
+
+@pytest.fixture
+async def populated() -> AsyncIterator[tuple[Sep2Server, aiohttp.ClientSession]]:
+    config = Sep2ServerConfig(
+        port=0,
+        dev_lfdi_header=HEADER,
+        csipaus=CsipAusVersion.V1_3,
+        notification_hosts=("127.0.0.1",),
+        programs=(
+            Sep2ProgramConfig(group_id="feeder:f1", primacy=10, randomize_start_s=60),
+            Sep2ProgramConfig(group_id="substation:s1", primacy=20),
+        ),
+    )
+    server = Sep2Server(config)
+    der = Sep2Der(
+        "bat-a",
+        Sep2DerEndpoint(lfdi=LFDI, pin=11111, supports_target_w=True),
+        server=server,
+        groups=("substation:s1", "feeder:f1"),
+    )
+    await der.connect()
+    headers = {HEADER: LFDI, "Content-Type": MEDIA_TYPE}
+    async with aiohttp.ClientSession(
+        base_url=server.url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
+        try:
+            edev = server.edev_href("bat-a")
+            requests = [
+                ("POST", "/edev", load("req-edev-registration.xml")),
+                ("PUT", f"{edev}/der/1/dercap", load("req-der-capability.xml")),
+                ("PUT", f"{edev}/der/1/derg", load("req-der-settings.xml")),
+                ("PUT", f"{edev}/der/1/ders", load("req-der-status.xml")),
+                ("PUT", f"{edev}/der/1/dera", load("req-der-availability.xml")),
+                ("PUT", f"{edev}/cp", load("req-connection-point.xml")),
+                ("POST", "/mup", load("req-mup-der.xml")),
+            ]
+            for method, href, body in requests:
+                async with session.request(method, href, data=body) as resp:
+                    assert resp.status in (201, 204), (href, await resp.text())
+            provenance = (LimitSource(command_id="d-1", kind="dispatch"),)
+            await der.apply(DeviceCommand(device_id="bat-a", power_kw=-3, provenance=provenance))
+            start = datetime.now(UTC) + timedelta(hours=1)
+            der.notice(DispatchNotice("d-2", start, start + timedelta(hours=1), -2.0, ramp_s=30))
+            sub = (
+                '<Subscription xmlns="urn:ieee:std:2030.5:ns">'
+                f"<subscribedResource>{edev}/derp</subscribedResource><encoding>0</encoding>"
+                "<level>+S1</level><limit>5</limit>"
+                "<notificationURI>http://127.0.0.1:9/n</notificationURI></Subscription>"
+            ).encode()
+            async with session.post(f"{edev}/sub", data=sub) as resp:
+                assert resp.status == 201
+            yield server, session
+        finally:
+            await server.stop()
+
+
+async def test_every_served_document_parses_with_envoys_models(
+    populated: tuple[Sep2Server, aiohttp.ClientSession],
+) -> None:
+    _, session = populated
+    models = _models()
+    seen: dict[str, str] = {}
+    parsed_by_tag: dict[str, Any] = {}
+    queue = ["/dcap"]
+    while queue:
+        href = queue.pop()
+        if href in seen:
+            continue
+        async with session.get(href + ("?l=255" if href.rsplit("/", 1)[-1] in _LISTS else "")) as r:
+            assert r.status == 200, (href, r.status)
+            assert r.headers["Content-Type"].startswith(MEDIA_TYPE)
+            body = await r.read()
+        root = re.search(rb"<(?:\w+:)?(\w+)[\s>]", body)
+        assert root is not None, href
+        tag = root.group(1).decode()
+        assert tag in models, (href, tag)
+        parsed = models[tag].from_xml(body)
+        parsed_by_tag.setdefault(tag, parsed)
+        seen[href] = tag
+        queue.extend(h.decode() for h in HREF.findall(body) if h.decode() not in seen)
+    expected = {
+        "DeviceCapability",
+        "Time",
+        "EndDeviceList",
+        "EndDevice",
+        "Registration",
+        "FunctionSetAssignments",
+        "DERProgramList",
+        "DERProgram",
+        "DERControlList",
+        "DERControl",
+        "DefaultDERControl",
+        "DERList",
+        "DER",
+        "DERCapability",
+        "DERSettings",
+        "DERStatus",
+        "DERAvailability",
+        "MirrorUsagePointList",
+        "MirrorUsagePoint",
+        "SubscriptionList",
+        "Subscription",
+        "ConnectionPoint",
+    }
+    assert expected <= set(seen.values()), expected - set(seen.values())
+    # What envoy read is what we meant (not just "it parsed").
+    assert parsed_by_tag["Registration"].pIN == 111115
+    connection_point = parsed_by_tag["ConnectionPoint"]
+    assert "2001234567" in (
+        connection_point.id,
+        getattr(connection_point, "connectionPointId", None),
+    )
+    controls = [
+        models["DERControl"].from_xml(await _get(session, h))
+        for h, t in seen.items()
+        if t == "DERControl"
+    ]
+    ahead = [c for c in controls if c.randomizeStart is not None]
+    assert len(ahead) == 1  # the dispatch told ahead, in the primary program (randomized)
+    assert ahead[0].randomizeStart == 60
+    assert ahead[0].DERControlBase_.rampTms == 3000
+    target = ahead[0].DERControlBase_.opModTargetW
+    assert target.value * 10**target.multiplier == 2000
+    assert ahead[0].interval.duration == 3600
+
+
+async def _get(session: aiohttp.ClientSession, href: str) -> bytes:
+    async with session.get(href) as response:
+        return await response.read()
+
+
+_LISTS = {"edev", "fsa", "derp", "derc", "actderc", "der", "mup", "sub", "rsps", "rsp"}
