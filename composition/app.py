@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from adapters.grid_derms.link import Northbound
 from adapters.grid_derms.uplink import GridDermsUplink
@@ -28,14 +30,15 @@ from adapters.operator.view import add_view
 from adapters.sep2_der.der import Sep2Der, refusals_to
 from adapters.sep2_der.server import Sep2Server
 from adapters.sunspec.battery import SunSpecBattery
-from composition.config import EdgeAgentConfig, GatewayConfig
+from composition.config import DeviceConfig, EdgeAgentConfig, GatewayConfig
 from edge_agent.agent import EdgeAgent
 from gateway.aio import wait_inside_task_group
 from gateway.audit import RefusalRecorder
 from gateway.core import Gateway
 from gateway.devices import AdapterError, DeviceAdapter
+from gateway.enrolment import AdapterFactory
 from gateway.registry import Registry
-from unified.model import DeviceCommand
+from unified.model import Device, DeviceCommand
 
 __all__ = ["GatewayApp", "build_adapters", "build_edge_agent"]
 
@@ -51,24 +54,75 @@ def build_adapters(
     registry = Registry([d.as_device() for d in config.devices], config.groups)
     groups = registry.groups()
     for device in config.devices:
-        if device.adapter == "sunspec_battery" and device.sunspec is not None:
-            adapters[device.device_id] = SunSpecBattery(device.device_id, device.sunspec)
-        elif device.adapter == "sep2_der" and device.sep2 is not None:
-            assert sep2_server is not None  # the config validator guarantees it
-            member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
-            adapters[device.device_id] = Sep2Der(
-                device.device_id, device.sep2, server=sep2_server, groups=member_of
-            )
-        elif device.adapter in ("mqtt_thermostat", "mqtt_water_heater"):
-            assert device_mqtt is not None  # the config validator guarantees it
-            adapters[device.device_id] = build_mqtt_adapter(
-                device.adapter,  # type: ignore[arg-type]
-                device.device_id,
-                device_mqtt,
-                device.mqtt,
-                on_opt_out=report_refusal,
-            )
+        member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
+        adapter = build_adapter(device, sep2_server, device_mqtt, report_refusal, member_of)
+        if adapter is not None:
+            adapters[device.device_id] = adapter
     return adapters
+
+
+def build_adapter(
+    device: DeviceConfig,
+    sep2_server: Sep2Server | None,
+    device_mqtt: DeviceMqttLink | None,
+    report_refusal: Callable[[DeviceCommand, AdapterError], None],
+    member_of: tuple[str, ...] = (),
+) -> DeviceAdapter | None:
+    """The adapter of one device entry (None: its endpoint is not configured here)."""
+    if device.adapter == "sunspec_battery" and device.sunspec is not None:
+        return SunSpecBattery(device.device_id, device.sunspec)
+    if device.adapter == "sep2_der" and device.sep2 is not None and sep2_server is not None:
+        return Sep2Der(device.device_id, device.sep2, server=sep2_server, groups=member_of)
+    if device.adapter in ("mqtt_thermostat", "mqtt_water_heater") and device_mqtt is not None:
+        return build_mqtt_adapter(
+            device.adapter,  # type: ignore[arg-type]
+            device.device_id,
+            device_mqtt,
+            device.mqtt,
+            on_opt_out=report_refusal,
+        )
+    return None
+
+
+def enrolment_factory(
+    config: GatewayConfig,
+    sep2_server: Sep2Server | None,
+    device_mqtt: DeviceMqttLink | None,
+    report_refusal: Callable[[DeviceCommand, AdapterError], None],
+) -> AdapterFactory:
+    """How a device enrolled through the registry API is reached: its ``reach`` settings read
+    as a ``[[devices]]`` entry of the config file would be (same checks, same adapters)."""
+
+    def build(device: Device, reach: Mapping[str, Any]) -> DeviceAdapter:
+        try:
+            entry = DeviceConfig.model_validate(device.model_dump() | dict(reach))
+        except ValidationError as exc:
+            raise ValueError(_errors(exc)) from None
+        if entry.sunspec is not None:
+            endpoint = (entry.sunspec.host, entry.sunspec.port, entry.sunspec.unit_id)
+            for other in config.devices:
+                if other.sunspec is not None and endpoint == (
+                    other.sunspec.host,
+                    other.sunspec.port,
+                    other.sunspec.unit_id,
+                ):
+                    raise ValueError(f"its SunSpec endpoint is {other.device_id!r}'s")
+        groups = Registry([device]).groups()
+        adapter = build_adapter(
+            entry, sep2_server, device_mqtt, report_refusal, tuple(sorted(groups))
+        )
+        if adapter is None:
+            raise ValueError(f"adapter {entry.adapter!r} has no endpoint on this gateway")
+        return adapter
+
+    return build
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+        for e in exc.errors(include_url=False)[:8]
+    )
 
 
 class GatewayApp:
@@ -106,6 +160,9 @@ class GatewayApp:
             devices=[d.as_device() for d in config.devices],
             adapters=adapters,
             publisher=self.uplink,
+            adapter_factory=enrolment_factory(
+                config, self.sep2_server, self.device_mqtt, self._report_refusal
+            ),
         )
         self.uplink.bind(self.core)
         self.openadr_ven: OpenAdrVen | None = None

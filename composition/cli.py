@@ -31,6 +31,7 @@ from composition.runtime import settle_heap
 from composition.status_cli import status
 from unified.config import ConfigError
 from unified.model import json_schemas
+from unified.registry import registry_json_schemas
 
 SHUTDOWN_GRACE_S = 10.0
 
@@ -255,7 +256,7 @@ def schema(out: Path | None) -> None:
     """Print (or write) the JSON Schemas of the northbound messages."""
     from gateway.flex import flex_json_schemas
 
-    schemas = json_schemas() | flex_json_schemas()
+    schemas = json_schemas() | flex_json_schemas() | registry_json_schemas()
     if out is None:
         click.echo(json.dumps(schemas, indent=2))
         return

@@ -48,6 +48,7 @@ from gateway.delivery import (
     govern_releases,
 )
 from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule
+from gateway.enrolment import AdapterFactory, Enrolment
 from gateway.errors import CoreError
 from gateway.flex import (
     DeviceFlexInput,
@@ -109,6 +110,13 @@ from unified.model import (
     TopologyLevel,
     utcnow,
 )
+from unified.registry import (
+    GetRegistry,
+    RegistryAck,
+    RegistryChange,
+    RegistryRequest,
+    RegistrySnapshot,
+)
 from unified.weather import WeatherForecast
 
 log = logging.getLogger(__name__)
@@ -148,14 +156,26 @@ class Gateway:
         devices: Sequence[Device],
         adapters: Mapping[str, DeviceAdapter],
         publisher: Publisher,
+        adapter_factory: AdapterFactory | None = None,
     ) -> None:
-        """``devices`` are the configured fleet (the registry's start), ``adapters`` how to
-        reach each of them (a device without one is planned around as never reporting), and
-        ``publisher`` where acks, telemetry, forecasts and reports go."""
+        """``devices`` are the configured fleet (the registry's seed), ``adapters`` how to
+        reach each of them (a device without one is planned around as never reporting),
+        ``publisher`` where acks, telemetry, forecasts and reports go, and ``adapter_factory``
+        how to reach a device enrolled through the registry API (none: no such enrolment)."""
         self.config = config
         self.publisher = publisher
         self.registry = Registry(list(devices), config.groups)
         self.store = CommandStore(config.store.path)
+        self.enrolment = Enrolment(self, config.store.path, adapter_factory, devices)
+        """The durable registry and its API (:mod:`gateway.enrolment`)."""
+        self.registry_changes: list[Callable[[RegistryChange], None]] = []
+        """Told of every change of the durable registry (the uplink publishes them)."""
+        self._device_tasks: dict[str, asyncio.Task[None]] = {}
+        self._retiring: dict[str, float] = {}
+        """Retired devices whose adapter runs until their setpoint is released (by id: the
+        monotonic time it is stopped regardless)."""
+        self._serving: set[tuple[str, str]] = set()
+        """(device, command) pairs in the current plan: participation records."""
         self.version = _version()
         self.audit_log: AuditLog | None = None
         self.audit: AuditTrail = NO_AUDIT
@@ -244,6 +264,10 @@ class Gateway:
             if self.audit_log is not None:
                 await stack.enter_async_context(self.audit_log)
             await stack.enter_async_context(self.store)
+            await stack.enter_async_context(self.enrolment.store)
+            merged = await self.enrolment.load(utcnow())
+            if merged is not None:
+                self._registry_changed(merged)
             if self.history is not None:
                 await stack.enter_async_context(self.history)
                 await self._load_weather()
@@ -265,7 +289,9 @@ class Gateway:
                     if self.config.settlement.enabled:
                         tg.create_task(self._settlement_loop(), name="settlement")
                 for device_id, supervisor in self.supervisors.items():
-                    tg.create_task(supervisor.run(), name=f"device:{device_id}")
+                    self._device_tasks[device_id] = tg.create_task(
+                        supervisor.run(), name=f"device:{device_id}"
+                    )
                 tg.create_task(self._control_loop(), name="control")
                 tg.create_task(self._store_retention_loop(), name="store-retention")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
@@ -326,6 +352,8 @@ class Gateway:
         self.reading_quality: dict[str, TelemetryQuality] = {}
 
     def _enrol_for_estimation(self, device: Device) -> None:
+        if device.device_id in self._fleet_index.row:
+            return  # enrolled again after a retirement: its history is kept
         self._flush_quality()  # queued readings refer to the rows as they are
         index = self._fleet_index.extended([self._profile(device)])
         self._classifier.extend(index)
@@ -389,12 +417,94 @@ class Gateway:
             raise ValueError("device and adapter disagree on the device id")
         if device.device_id in self.registry:
             raise ValueError(f"device {device.device_id!r} is already registered")
+        if device.device_id in self.supervisors:
+            raise ValueError(f"device {device.device_id!r} is still being retired")
         self.registry.add(device)
         supervisor = self._supervise(adapter)
         self._enrol_for_estimation(device)
         if self._tasks is not None:
-            self._tasks.create_task(supervisor.run(), name=f"device:{device.device_id}")
+            self._device_tasks[device.device_id] = self._tasks.create_task(
+                supervisor.run(), name=f"device:{device.device_id}"
+            )
         self._wake.set()
+
+    def update_device(self, device: Device) -> None:
+        """A registered device's new record (location, ratings, constraints, programs): the
+        next control cycle plans over it; commands in force are not rewritten."""
+        self.registry.replace(device)
+        self._wake.set()
+
+    def retire_device(self, device_id: str, *, release_within_s: float = 30.0) -> None:
+        """Take a device out of the fleet. It leaves every group at once, so the next control
+        cycle re-allocates its share of the commands in force to the other members; its
+        adapter runs until the release of its setpoint is written (at most
+        ``release_within_s``), then stops."""
+        self.registry.remove(device_id)
+        if device_id not in self.supervisors:
+            return
+        if self._tasks is None:  # not started: nothing was written to it
+            self._stop_supervisor(device_id)
+        else:
+            self._retiring[device_id] = time.monotonic() + release_within_s
+        self._wake.set()
+
+    def _stop_supervisor(self, device_id: str) -> None:
+        self.supervisors.pop(device_id, None)
+        self._own_schedule.pop(device_id, None)
+        self._retiring.pop(device_id, None)
+        task = self._device_tasks.pop(device_id, None)
+        if task is not None:
+            task.cancel()
+
+    def _reap_retired(self) -> None:
+        now = time.monotonic()
+        for device_id, deadline in list(self._retiring.items()):
+            supervisor = self.supervisors.get(device_id)
+            if supervisor is None or supervisor.released or now >= deadline:
+                self._stop_supervisor(device_id)
+                log.info("device %s retired", device_id)
+
+    def _registry_changed(self, change: RegistryChange) -> None:
+        self.audit.record(
+            AuditKind.REGISTRY_CHANGED,
+            source=CORE_SOURCE,
+            details=change.model_dump(mode="json", exclude_none=True),
+        )
+        for listener in self.registry_changes:
+            listener(change)
+
+    async def registry_request(
+        self, request: RegistryRequest, *, source: str | None = None
+    ) -> tuple[RegistryAck, RegistrySnapshot | None]:
+        """Apply one request of the registry API (:mod:`gateway.enrolment`); answers with its
+        ack and, for a ``get``, the snapshot. Raises :class:`gateway.enrolment.RegistryError`
+        when the registry's tables cannot be written (nothing is then applied)."""
+        now = utcnow()
+        ack, change = await self.enrolment.handle(request, now)
+        if change is not None:
+            if source is not None:
+                log.info("registry %s by %s: version %d", change.op, source, change.version)
+            self._registry_changed(change)
+        snapshot = None
+        if isinstance(request, GetRegistry) and ack.state == "applied":
+            snapshot = self.enrolment.snapshot(now)
+        return ack, snapshot
+
+    async def _record_participation(self, now: datetime, plan: dispatch.Plan) -> None:
+        serving = {
+            (device_id, source.command_id)
+            for device_id, setpoint in plan.setpoints.items()
+            for source in setpoint.provenance
+        }
+        if serving == self._serving:
+            return
+        started, ended = serving - self._serving, self._serving - serving
+        try:
+            await self.enrolment.store.record_participation(started, ended, now)
+        except StoreError:
+            log.exception("could not record participation")
+            return
+        self._serving = serving
 
     def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
         """A device (or the cloud behind it) refused a setpoint after it was handed over, e.g.
@@ -893,8 +1003,10 @@ class Gateway:
             plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
             plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}
         self._apply(plan)
+        self._reap_retired()
         self._tell_telemetry(now, self.plan, plan, states)
         self.plan = plan
+        await self._record_participation(now, plan)
         return plan
 
     def _clock_stepped(self, step: ClockStep) -> None:

@@ -54,9 +54,24 @@ class Registry:
 
     def relocate(self, device_id: str, location: TopologyLocation) -> None:
         device = self.device(device_id)
-        self._devices[device_id] = device.model_copy(update={"location": location})
+        self.replace(device.model_copy(update={"location": location}))
+
+    def replace(self, device: Device) -> None:
+        """A registered device's new record (class, ratings, location ...), same id."""
+        self.device(device.device_id)
+        self._devices[device.device_id] = device
         self._groups = None
         self._members = {}
+
+    def remove(self, device_id: str) -> Device:
+        device = self.device(device_id)
+        del self._devices[device_id]
+        self._groups = None
+        self._members = {}
+        return device
+
+    def section_members(self, feeder_section: str) -> list[Device]:
+        return [d for d in self._devices.values() if d.location.feeder_section == feeder_section]
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> dict[str, Group]:

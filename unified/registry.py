@@ -1,0 +1,173 @@
+"""Messages of the enrolment and topology API (``{root}/requests/registry``).
+
+Grid DERMS, ADMS or an OEM onboarding service enrol, update and retire devices and patch the
+topology through one request topic; every request is answered with a :class:`RegistryAck` and
+every change is announced as a :class:`RegistryChange`. Requests are atomic (a bulk request is
+applied whole or not at all), idempotent by ``request_id`` and optionally guarded by
+``expected_version`` (the registry version the sender based it on).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from unified.model import (
+    SCHEMA_VERSION,
+    Device,
+    Frozen,
+    Identifier,
+    Reason,
+    TopologyLocation,
+    UtcDatetime,
+)
+
+MAX_BULK = 10_000
+"""Devices (or moves) in one request: a day's enrolments from one OEM fit in one message."""
+
+Eligibility = Literal["eligible", "pending", "ineligible"]
+
+
+class ProgramEnrolment(Frozen):
+    """One device in one program: since when, and whether it may be called."""
+
+    program_id: Identifier
+    enrolled_at: UtcDatetime
+    eligibility: Eligibility = "eligible"
+
+
+class DeviceEnrolment(Device):
+    """A device as enrolled through the API: the unified :class:`Device` plus how to reach it.
+
+    ``reach`` holds the adapter's settings, exactly as a ``[[devices]]`` entry of the config
+    file would (``{"sunspec": {"host": ..., "port": ...}}``, ``{"mqtt": {...}}``); the gateway
+    checks them against the adapter named in ``adapter`` before anything is applied.
+    """
+
+    reach: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Adapter settings as in a [[devices]] config entry: sunspec / sep2 / mqtt",
+    )
+
+
+class _Request(Frozen):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    request_id: Identifier = Field(
+        description="Idempotency key: the same request sent again gets the same ack, applied once"
+    )
+    expected_version: int | None = Field(
+        default=None,
+        ge=0,
+        description="Apply only if the registry is still at this version (else version_conflict)",
+    )
+
+
+class EnrolDevices(_Request):
+    op: Literal["enrol"]
+    devices: tuple[DeviceEnrolment, ...] = Field(min_length=1, max_length=MAX_BULK)
+
+
+class UpdateDevices(_Request):
+    """Replace enrolled devices' records whole (class, ratings, constraints, rate class,
+    location, programs, reach); the device id is the key."""
+
+    op: Literal["update"]
+    devices: tuple[DeviceEnrolment, ...] = Field(min_length=1, max_length=MAX_BULK)
+
+
+class RetireDevices(_Request):
+    op: Literal["retire"]
+    device_ids: tuple[Identifier, ...] = Field(min_length=1, max_length=MAX_BULK)
+
+
+class DeviceMove(Frozen):
+    device_id: Identifier
+    location: TopologyLocation
+
+
+class SectionMove(Frozen):
+    """Field switching: every device of ``feeder_section`` now hangs off ``feeder`` (and
+    ``substation``), whatever feeder it was on."""
+
+    feeder_section: Identifier
+    feeder: Identifier
+    substation: Identifier
+
+
+class TopologyPatch(_Request):
+    """Moves from ADMS, applied in order (section moves first, then device moves)."""
+
+    op: Literal["topology"]
+    section_moves: tuple[SectionMove, ...] = Field(default=(), max_length=MAX_BULK)
+    moves: tuple[DeviceMove, ...] = Field(default=(), max_length=MAX_BULK)
+
+
+class GetRegistry(_Request):
+    """Ask for the whole registry: it is published (retained) on ``registry/snapshot``."""
+
+    op: Literal["get"]
+
+
+RegistryRequest = Annotated[
+    EnrolDevices | UpdateDevices | RetireDevices | TopologyPatch | GetRegistry,
+    Field(discriminator="op"),
+]
+REGISTRY_REQUEST_ADAPTER: TypeAdapter[RegistryRequest] = TypeAdapter(RegistryRequest)
+
+
+class RegistryAck(Frozen):
+    """The answer to one registry request, on ``registry/acks/{request_id}``."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    request_id: Identifier
+    state: Literal["applied", "rejected"]
+    version: int = Field(description="The registry version after the request (or as it is)")
+    timestamp: UtcDatetime
+    devices: tuple[Identifier, ...] = Field(default=(), description="Devices it changed")
+    reason: Reason | None = None
+    detail: str | None = None
+
+
+class RegistryEntry(Frozen):
+    """One enrolled device as the registry holds it."""
+
+    device: DeviceEnrolment
+    programs: tuple[ProgramEnrolment, ...] = ()
+    origin: Literal["config", "api"] = Field(
+        description="config: defined (and refreshed) by the config file; api: owned by the API"
+    )
+    enrolled_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class RegistryChange(Frozen):
+    """What one applied request changed, on ``registry/changes`` (in version order)."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    version: int
+    request_id: Identifier
+    op: Literal["enrol", "update", "retire", "topology", "config"]
+    timestamp: UtcDatetime
+    enrolled: tuple[Identifier, ...] = ()
+    updated: tuple[Identifier, ...] = ()
+    retired: tuple[Identifier, ...] = ()
+    moved: tuple[Identifier, ...] = ()
+
+
+class RegistrySnapshot(Frozen):
+    """The whole registry at one version, on ``registry/snapshot`` (retained)."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    version: int
+    timestamp: UtcDatetime
+    devices: tuple[RegistryEntry, ...]
+
+
+def registry_json_schemas() -> dict[str, dict[str, Any]]:
+    return {
+        "registry_request": REGISTRY_REQUEST_ADAPTER.json_schema(),
+        "registry_ack": RegistryAck.model_json_schema(),
+        "registry_change": RegistryChange.model_json_schema(),
+        "registry_snapshot": RegistrySnapshot.model_json_schema(),
+    }
