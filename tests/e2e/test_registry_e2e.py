@@ -1,0 +1,191 @@
+"""End to end over mosquitto: the registry API (``{root}/requests/registry``) enrols, retires
+and regroups real Modbus TCP batteries while commands are in force."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulators.broker import BrokerEndpoint
+from simulators.sunspec_battery import SunSpecBatterySimulator
+from tests.e2e.fleet import Fleet, eventually
+from tests.e2e.test_gateway_e2e import batteries, dispatch, iso
+from unified.model import AckState, Reason
+
+pytestmark = pytest.mark.broker
+
+
+def new_battery(device_id: str, port: int, feeder: str = "f1") -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "der_class": "battery",
+        "adapter": "sunspec_battery",
+        "location": {"substation": "s1", "feeder": feeder},
+        "ratings": {"max_charge_kw": 5, "max_discharge_kw": 5, "capacity_kwh": 10},
+        "programs": ["summer-vpp"],
+        "rate_class": "tou-a",
+        "reach": {"sunspec": {"port": port, "timeout_s": 1.0}},
+    }
+
+
+def power(sims: Sequence[SunSpecBatterySimulator]) -> float:
+    return sum(s.power_kw for s in sims)
+
+
+async def test_a_battery_enrolled_over_mqtt_is_polled_dispatched_and_kept_after_a_restart(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    async with (
+        Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(2)) as fleet,
+        SunSpecBatterySimulator(
+            port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=60
+        ) as newcomer,
+    ):
+        request = {
+            "request_id": "enrol-1",
+            "op": "enrol",
+            "devices": [new_battery("bat-new", newcomer.port)],
+        }
+        ack = await fleet.grid.registry_request(request)
+        assert (ack.state, ack.devices) == ("applied", ("bat-new",))
+        await fleet.grid.wait_for(
+            lambda o: any(c.enrolled == ("bat-new",) for c in o.registry_changes), 5
+        )
+        change = fleet.grid.observed.registry_changes[-1]
+        assert (change.op, change.version, change.request_id) == ("enrol", ack.version, "enrol-1")
+        # Polled: it reports in its feeder's telemetry.
+        await fleet.grid.wait_for(
+            lambda o: (
+                (g := o.groups.get("feeder:f1")) is not None
+                and g.devices_total == 2
+                and g.devices_reporting == 2
+            ),
+            8,
+        )
+        # Dispatchable: it takes its share of a dispatch on its feeder.
+        await fleet.grid.send(dispatch("shed", "feeder:f1", -6.0, 0.1, 30))
+        await fleet.grid.wait_for_state("shed", AckState.ACTIVE, 5)
+        await eventually(lambda: newcomer.power_kw == pytest.approx(-3.0, abs=0.05), 5, "share")
+        # A redelivery changes nothing and gets the same answer.
+        assert await fleet.grid.registry_request(request) == ack
+        assert sum(c.request_id == "enrol-1" for c in fleet.grid.observed.registry_changes) == 1
+        # Restarted mid-dispatch: the enrolment came from the store, not the config.
+        await fleet.stop_gateway()
+        gateway = await fleet.start_gateway()
+        await eventually(lambda: gateway.supervisors["bat-new"].available, 8, "polled again")
+        await eventually(lambda: newcomer.power_kw == pytest.approx(-3.0, abs=0.05), 5, "held")
+        get = await fleet.grid.registry_request({"request_id": "get-1", "op": "get"})
+        assert get.state == "applied"
+        await fleet.grid.wait_for(lambda o: o.registry is not None, 5)
+        snapshot = fleet.grid.observed.registry
+        assert snapshot is not None
+        assert snapshot.version == get.version == ack.version
+        entries = {e.device.device_id: e for e in snapshot.devices}
+        assert set(entries) == {"bat-1", "bat-2", "bat-new"}
+        assert entries["bat-new"].origin == "api"
+        assert entries["bat-1"].origin == "config"
+        assert entries["bat-new"].device.rate_class == "tou-a"
+        assert [p.program_id for p in entries["bat-new"].programs] == ["summer-vpp"]
+
+
+async def test_moving_a_feeder_section_during_envelopes_keeps_both_held(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    sims = batteries(4)
+    sections = ("sec-a", "sec-b", "sec-c", "sec-d")  # bat-1, bat-3 on f1; bat-2, bat-4 on f2
+    async with Fleet(broker_endpoint, tmp_path / "gw.sqlite", sims, sections=sections) as fleet:
+        for feeder in ("f1", "f2"):
+            await fleet.grid.send(
+                {
+                    "type": "envelope",
+                    "command_id": f"doe-{feeder}",
+                    "target": {"group_id": f"feeder:{feeder}"},
+                    "intervals": [{"start": iso(-1), "end": iso(60), "import_limit_kw": 6.0}],
+                }
+            )
+        await fleet.grid.send(dispatch("charge", "substation:s1", 20.0, 0.1, 60, priority=1000))
+        await fleet.grid.wait_for_state("charge", AckState.ACTIVE, 5)
+        f1, f2 = [sims[0], sims[2]], [sims[1], sims[3]]
+        await eventually(lambda: power(f1) == pytest.approx(6.0, abs=0.1), 5, "f1 at its DOE")
+        await eventually(lambda: power(f2) == pytest.approx(6.0, abs=0.1), 5, "f2 at its DOE")
+        # Field switching: section c (bat-3) now hangs off feeder f2.
+        ack = await fleet.grid.registry_request(
+            {
+                "request_id": "switch-1",
+                "op": "topology",
+                "section_moves": [{"feeder_section": "sec-c", "feeder": "f2", "substation": "s1"}],
+            }
+        )
+        assert (ack.state, ack.devices) == ("applied", ("bat-3",))
+        f1, f2 = [sims[0]], [sims[1], sims[2], sims[3]]
+        # Both envelopes hold over the new membership: f2 now clips three batteries to 6 kW,
+        # f1 has one battery (5 kW at most, under its 6 kW).
+        await eventually(lambda: power(f2) == pytest.approx(6.0, abs=0.1), 5, "f2 over 3")
+        await eventually(lambda: power(f1) == pytest.approx(5.0, abs=0.1), 5, "f1 over 1")
+        for _ in range(10):
+            assert power(f2) <= 6.0 + 0.1
+            assert power(f1) <= 6.0 + 0.1
+            await asyncio.sleep(0.1)
+        await fleet.grid.wait_for(
+            lambda o: (g := o.groups.get("feeder:f2")) is not None and g.devices_total == 3, 5
+        )
+        # The events in flight were not rewritten: the same commands, still active.
+        assert fleet.grid.states("charge")[-1] is AckState.ACTIVE
+        assert all(fleet.grid.states(f"doe-{f}")[-1] is AckState.ACTIVE for f in ("f1", "f2"))
+
+
+async def test_a_device_retired_mid_dispatch_is_released_and_its_share_reallocated(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    sims = batteries(4)
+    async with Fleet(broker_endpoint, tmp_path / "gw.sqlite", sims) as fleet:
+        await fleet.grid.send(dispatch("shed", "feeder:f1", -4.0, 0.1, 60))
+        await fleet.grid.wait_for_state("shed", AckState.ACTIVE, 5)
+        bat1, bat3 = sims[0], sims[2]
+        await eventually(lambda: bat3.power_kw == pytest.approx(-2.0, abs=0.05), 5, "shared")
+        ack = await fleet.grid.registry_request(
+            {"request_id": "retire-1", "op": "retire", "device_ids": ["bat-3"]}
+        )
+        assert (ack.state, ack.devices) == ("applied", ("bat-3",))
+        # Its share moves to bat-1; bat-3 is released before its adapter stops.
+        await eventually(lambda: bat1.power_kw == pytest.approx(-4.0, abs=0.05), 5, "re-allocated")
+        await eventually(lambda: bat3.power_kw == 0.0, 5, "bat-3 released")
+        gateway = fleet.gateway
+        assert gateway is not None
+        await eventually(lambda: "bat-3" not in gateway.supervisors, 5, "adapter stopped")
+        assert fleet.grid.states("shed")[-1] is AckState.ACTIVE
+        await fleet.grid.wait_for(
+            lambda o: any(c.retired == ("bat-3",) for c in o.registry_changes), 5
+        )
+        # Still listed in the config file, but retired through the API: it stays retired.
+        await fleet.stop_gateway()
+        gateway = await fleet.start_gateway()
+        assert "bat-3" not in gateway.registry
+        assert bat3.power_kw == 0.0
+
+
+async def test_bad_registry_requests_are_answered(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    async with Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(1)) as fleet:
+        await fleet.grid.send_registry(b"{not json")
+        await fleet.grid.wait_for(lambda o: bool(o.errors), 5)
+        error = fleet.grid.observed.errors[-1]
+        assert error.reason is Reason.MALFORMED_JSON
+        assert error.topic.endswith("/requests/registry")
+        ack = await fleet.grid.registry_request({"request_id": "r-1", "op": "enrol", "devices": []})
+        assert (ack.state, ack.reason) == ("rejected", Reason.SCHEMA_VIOLATION)
+        ack = await fleet.grid.registry_request(
+            {"request_id": "r-2", "op": "retire", "device_ids": ["nobody"]}
+        )
+        assert (ack.state, ack.reason) == ("rejected", Reason.UNKNOWN_DEVICE)
+        ack = await fleet.grid.registry_request(
+            {"request_id": "r-3", "op": "enrol", "devices": [new_battery("x", 1, "f1")]}
+            | {"devices": [{**new_battery("x", 1), "reach": {}}]}
+        )
+        assert (ack.state, ack.reason) == ("rejected", Reason.ADAPTER_INVALID)
+        assert "sunspec" in (ack.detail or "")
