@@ -351,11 +351,13 @@ class Gateway:
         self._cycle: CycleEstimate | None = None
         self.reading_quality: dict[str, TelemetryQuality] = {}
 
-    def _enrol_for_estimation(self, device: Device) -> None:
-        if device.device_id in self._fleet_index.row:
-            return  # enrolled again after a retirement: its history is kept
+    def _enrol_for_estimation(self, devices: Sequence[Device]) -> None:
+        # A device enrolled again after a retirement keeps its row (and its history).
+        new = [self._profile(d) for d in devices if d.device_id not in self._fleet_index.row]
+        if not new:
+            return
         self._flush_quality()  # queued readings refer to the rows as they are
-        index = self._fleet_index.extended([self._profile(device)])
+        index = self._fleet_index.extended(new)
         self._classifier.extend(index)
         self._estimator.extend(index)
         self._fleet_index = index
@@ -413,19 +415,28 @@ class Gateway:
         It joins its topology groups at once, so the next control cycle may allocate to it;
         commands already active are re-planned over the new membership, not rewritten.
         """
-        if device.device_id != adapter.device_id:
-            raise ValueError("device and adapter disagree on the device id")
-        if device.device_id in self.registry:
-            raise ValueError(f"device {device.device_id!r} is already registered")
-        if device.device_id in self.supervisors:
-            raise ValueError(f"device {device.device_id!r} is still being retired")
-        self.registry.add(device)
-        supervisor = self._supervise(adapter)
-        self._enrol_for_estimation(device)
-        if self._tasks is not None:
-            self._device_tasks[device.device_id] = self._tasks.create_task(
-                supervisor.run(), name=f"device:{device.device_id}"
-            )
+        self.add_devices([(device, adapter)])
+
+    def add_devices(self, enrolled: Sequence[tuple[Device, DeviceAdapter]]) -> None:
+        """Enrol many devices at once (a bulk enrolment): checked first, then added together,
+        so estimation is extended once, not once per device."""
+        ids: set[str] = set()
+        for device, adapter in enrolled:
+            if device.device_id != adapter.device_id:
+                raise ValueError("device and adapter disagree on the device id")
+            if device.device_id in self.registry or device.device_id in ids:
+                raise ValueError(f"device {device.device_id!r} is already registered")
+            if device.device_id in self.supervisors:
+                raise ValueError(f"device {device.device_id!r} is still being retired")
+            ids.add(device.device_id)
+        for device, adapter in enrolled:
+            self.registry.add(device)
+            supervisor = self._supervise(adapter)
+            if self._tasks is not None:
+                self._device_tasks[device.device_id] = self._tasks.create_task(
+                    supervisor.run(), name=f"device:{device.device_id}"
+                )
+        self._enrol_for_estimation([d for d, _ in enrolled])
         self._wake.set()
 
     def update_device(self, device: Device) -> None:

@@ -313,6 +313,7 @@ class Enrolment:
             else:
                 fresh = entry
             self.entries[device_id] = fresh
+        enrolled_before: list[tuple[Device, DeviceAdapter]] = []
         for device_id, entry in stored.items():
             if device_id in self._seeded:
                 continue
@@ -324,8 +325,9 @@ class Enrolment:
             except _Refused as exc:
                 log.error("enrolled device %s cannot be reached: %s", device_id, exc.detail)
                 continue
-            self.core.add_device(_plain(entry.device), adapter)
+            enrolled_before.append((_plain(entry.device), adapter))
             self.entries[device_id] = entry
+        self.core.add_devices(enrolled_before)
         if not upserts and not gone:
             return None
         self.version += 1
@@ -487,9 +489,9 @@ class Enrolment:
         ]
 
         def enrol() -> None:
-            for entry, (device, adapter) in zip(upserts, adapters, strict=True):
-                self.entries[device.device_id] = entry
-                self.core.add_device(_plain(device), adapter)
+            for entry in upserts:
+                self.entries[entry.device.device_id] = entry
+            self.core.add_devices([(_plain(device), adapter) for device, adapter in adapters])
 
         ids = tuple(d.device_id for d, _ in adapters)
         return RegistryChange(op="enrol", enrolled=ids, **base), upserts, [], enrol
