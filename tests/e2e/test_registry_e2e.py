@@ -161,6 +161,13 @@ async def test_a_device_retired_mid_dispatch_is_released_and_its_share_reallocat
         await fleet.grid.wait_for(
             lambda o: any(c.retired == ("bat-3",) for c in o.registry_changes), 5
         )
+        # Participation records: bat-3 served "shed" until it was retired; bat-1 still does.
+        [served] = await gateway.enrolment.store.participation("bat-3")
+        assert served.command_id == "shed"
+        assert served.ended_at is not None
+        [serving] = await gateway.enrolment.store.participation("bat-1")
+        assert serving.command_id == "shed"
+        assert serving.ended_at is None
         # Still listed in the config file, but retired through the API: it stays retired.
         await fleet.stop_gateway()
         gateway = await fleet.start_gateway()
