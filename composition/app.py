@@ -18,7 +18,11 @@ from pydantic import ValidationError
 
 from adapters.grid_derms.link import Northbound
 from adapters.grid_derms.uplink import GridDermsUplink
-from adapters.mqtt_devices.devices import DeviceMqttLink, build_mqtt_adapter
+from adapters.mqtt_devices.devices import (
+    DeviceMqttLink,
+    build_mqtt_adapter,
+    pending_from_birth,
+)
 from adapters.ocpp.central import OcppCentral
 from adapters.ocpp.charger import OcppCharger
 from adapters.oem_vtn.vtn import OpenAdrVtn
@@ -38,6 +42,7 @@ from gateway.core import Gateway
 from gateway.devices import AdapterError, DeviceAdapter
 from gateway.enrolment import AdapterFactory
 from gateway.registry import Registry
+from protocols.mqtt.devices import Birth
 from unified.model import Device, DeviceCommand
 
 __all__ = ["GatewayApp", "build_adapters", "build_edge_agent"]
@@ -165,6 +170,13 @@ class GatewayApp:
             ),
         )
         self.uplink.bind(self.core)
+        if self.device_mqtt is not None:
+            core = self.core
+
+            def announce(birth: Birth) -> None:
+                core.propose_enrolment(pending_from_birth(birth))
+
+            self.device_mqtt.on_unknown_birth = announce
         self.openadr_ven: OpenAdrVen | None = None
         if config.openadr_ven is not None:
             self.openadr_ven = OpenAdrVen(

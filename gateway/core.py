@@ -47,7 +47,7 @@ from gateway.delivery import (
     close_loops,
     govern_releases,
 )
-from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule
+from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule, Retires
 from gateway.enrolment import AdapterFactory, Enrolment
 from gateway.errors import CoreError
 from gateway.flex import (
@@ -112,6 +112,7 @@ from unified.model import (
 )
 from unified.registry import (
     GetRegistry,
+    PendingEnrolment,
     RegistryAck,
     RegistryChange,
     RegistryRequest,
@@ -170,6 +171,8 @@ class Gateway:
         """The durable registry and its API (:mod:`gateway.enrolment`)."""
         self.registry_changes: list[Callable[[RegistryChange], None]] = []
         """Told of every change of the durable registry (the uplink publishes them)."""
+        self.pending_listeners: list[Callable[[PendingEnrolment], None]] = []
+        """Told of every device that announced itself and waits for approval."""
         self._device_tasks: dict[str, asyncio.Task[None]] = {}
         self._retiring: dict[str, float] = {}
         """Retired devices whose adapter runs until their setpoint is released (by id: the
@@ -460,7 +463,9 @@ class Gateway:
         self._wake.set()
 
     def _stop_supervisor(self, device_id: str) -> None:
-        self.supervisors.pop(device_id, None)
+        supervisor = self.supervisors.pop(device_id, None)
+        if supervisor is not None and isinstance(supervisor.adapter, Retires):
+            supervisor.adapter.retire()
         self._own_schedule.pop(device_id, None)
         self._retiring.pop(device_id, None)
         task = self._device_tasks.pop(device_id, None)
@@ -483,6 +488,21 @@ class Gateway:
         )
         for listener in self.registry_changes:
             listener(change)
+
+    def propose_enrolment(self, pending: PendingEnrolment) -> None:
+        """A device announced itself (an unknown MQTT device's birth): it waits for an
+        ``approve`` request, and Grid DERMS is told."""
+        if not self.enrolment.propose(pending):
+            return
+        log.info("device %s announced itself: pending enrolment", pending.device_id)
+        self.audit.record(
+            AuditKind.REGISTRY_PENDING,
+            source=pending.source,
+            device_id=pending.device_id,
+            details=pending.model_dump(mode="json"),
+        )
+        for listener in self.pending_listeners:
+            listener(pending)
 
     async def registry_request(
         self, request: RegistryRequest, *, source: str | None = None

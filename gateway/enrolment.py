@@ -35,9 +35,11 @@ from gateway.devices import DeviceAdapter
 from gateway.store import SqliteStore, StoreError, store_errors
 from unified.model import Device, Reason
 from unified.registry import (
+    ApproveDevices,
     DeviceEnrolment,
     EnrolDevices,
     GetRegistry,
+    PendingEnrolment,
     ProgramEnrolment,
     RegistryAck,
     RegistryChange,
@@ -279,6 +281,26 @@ class Enrolment:
         self._seeded = {d.device_id: d for d in seeded}
         self.version = 0
         self.entries: dict[str, RegistryEntry] = {}
+        self.pending: dict[str, PendingEnrolment] = {}
+        """Devices that announced themselves, by id (in memory: a birth is retained by the
+        broker, so it is announced again after a restart)."""
+
+    MAX_PENDING = 10_000
+
+    def propose(self, pending: PendingEnrolment) -> bool:
+        """A device announced itself; True when it is new (or announced something new)."""
+        did = pending.device_id
+        if did in self.entries or did in self.core.registry:
+            return False
+        before = self.pending.get(did)
+        if before is not None and before.model_copy(update={"seen_at": pending.seen_at}) == (
+            pending
+        ):
+            return False
+        if before is None and len(self.pending) >= self.MAX_PENDING:
+            return False
+        self.pending[did] = pending
+        return True
 
     # ------------------------------------------------------------------ start
     async def load(self, now: datetime) -> RegistryChange | None:
@@ -358,6 +380,7 @@ class Enrolment:
             version=self.version,
             timestamp=now,
             devices=tuple(self.entries[d] for d in sorted(self.entries)),
+            pending=tuple(self.pending[d] for d in sorted(self.pending)),
         )
 
     async def handle(
@@ -440,6 +463,30 @@ class Enrolment:
         base = {"version": 0, "request_id": request.request_id, "timestamp": now}
         if isinstance(request, EnrolDevices):
             return self._plan_enrol(request, now, base)
+        if isinstance(request, ApproveDevices):
+            devices = []
+            for approval in request.devices:
+                pending = self.pending.get(approval.device_id)
+                if pending is None:
+                    raise _Refused(
+                        Reason.UNKNOWN_DEVICE,
+                        f"device {approval.device_id!r} has no pending enrolment",
+                    )
+                devices.append(
+                    DeviceEnrolment(
+                        device_id=pending.device_id,
+                        der_class=pending.der_class,
+                        adapter=pending.adapter,
+                        ratings=pending.ratings,
+                        location=approval.location,
+                        programs=approval.programs,
+                        rate_class=approval.rate_class,
+                        constraints=approval.constraints,
+                    )
+                )
+            enrol = EnrolDevices(op="enrol", request_id=request.request_id, devices=tuple(devices))
+            change, upserts, gone, apply = self._plan_enrol(enrol, now, base)
+            return change.model_copy(update={"op": "approve"}), upserts, gone, apply
         if isinstance(request, UpdateDevices):
             return self._plan_update(request, now, base)
         if isinstance(request, RetireDevices):
@@ -491,6 +538,7 @@ class Enrolment:
         def enrol() -> None:
             for entry in upserts:
                 self.entries[entry.device.device_id] = entry
+                self.pending.pop(entry.device.device_id, None)
             self.core.add_devices([(_plain(device), adapter) for device, adapter in adapters])
 
         ids = tuple(d.device_id for d, _ in adapters)

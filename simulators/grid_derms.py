@@ -33,7 +33,7 @@ from unified.model import (
     GatewayStatus,
     GroupTelemetry,
 )
-from unified.registry import RegistryAck, RegistryChange, RegistrySnapshot
+from unified.registry import PendingEnrolment, RegistryAck, RegistryChange, RegistrySnapshot
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Observed:
     registry_acks: dict[str, list[RegistryAck]] = field(default_factory=lambda: defaultdict(list))
     registry_changes: list[RegistryChange] = field(default_factory=list)
     registry: RegistrySnapshot | None = None
+    pending: dict[str, PendingEnrolment] = field(default_factory=dict)
 
 
 class GridDermsClient:
@@ -209,6 +210,9 @@ class GridDermsClient:
             self.observed.registry_acks[registry_ack.request_id].append(registry_ack)
         elif topic == f"{root}/registry/changes":
             self.observed.registry_changes.append(RegistryChange.model_validate_json(payload))
+        elif topic == f"{root}/registry/pending":
+            pending = PendingEnrolment.model_validate_json(payload)
+            self.observed.pending[pending.device_id] = pending
         elif topic == f"{root}/registry/snapshot":
             self.observed.registry = RegistrySnapshot.model_validate_json(payload)
         elif topic == f"{root}/status":

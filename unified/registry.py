@@ -15,6 +15,9 @@ from pydantic import Field, TypeAdapter
 
 from unified.model import (
     SCHEMA_VERSION,
+    BatteryConstraints,
+    BatteryRatings,
+    DerClass,
     Device,
     Frozen,
     Identifier,
@@ -103,6 +106,24 @@ class TopologyPatch(_Request):
     moves: tuple[DeviceMove, ...] = Field(default=(), max_length=MAX_BULK)
 
 
+class Approval(Frozen):
+    """What the device cannot say about itself: where it is and what it is enrolled in."""
+
+    device_id: Identifier
+    location: TopologyLocation
+    programs: tuple[Identifier, ...] = ()
+    rate_class: Identifier | None = None
+    constraints: BatteryConstraints = BatteryConstraints()
+
+
+class ApproveDevices(_Request):
+    """Enrol devices that announced themselves (``registry/pending``): what they said of
+    themselves plus the approval's location and programs. Same rules and ack as ``enrol``."""
+
+    op: Literal["approve"]
+    devices: tuple[Approval, ...] = Field(min_length=1, max_length=MAX_BULK)
+
+
 class GetRegistry(_Request):
     """Ask for the whole registry: it is published (retained) on ``registry/snapshot``."""
 
@@ -110,7 +131,7 @@ class GetRegistry(_Request):
 
 
 RegistryRequest = Annotated[
-    EnrolDevices | UpdateDevices | RetireDevices | TopologyPatch | GetRegistry,
+    EnrolDevices | UpdateDevices | RetireDevices | TopologyPatch | ApproveDevices | GetRegistry,
     Field(discriminator="op"),
 ]
 REGISTRY_REQUEST_ADAPTER: TypeAdapter[RegistryRequest] = TypeAdapter(RegistryRequest)
@@ -141,13 +162,28 @@ class RegistryEntry(Frozen):
     updated_at: UtcDatetime
 
 
+class PendingEnrolment(Frozen):
+    """A device that announced itself (an MQTT birth) but is not enrolled: published on
+    ``registry/pending`` and listed in the snapshot until an ``approve`` (or ``enrol``) request
+    enrols it."""
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    device_id: Identifier
+    der_class: DerClass
+    adapter: Identifier
+    ratings: BatteryRatings
+    seen_at: UtcDatetime
+    source: str = Field(max_length=256, description="What announced it, e.g. 'mqtt birth'")
+    description: str = Field(default="", max_length=256, description="Model, firmware")
+
+
 class RegistryChange(Frozen):
     """What one applied request changed, on ``registry/changes`` (in version order)."""
 
     schema_version: Literal["1"] = SCHEMA_VERSION
     version: int
     request_id: Identifier
-    op: Literal["enrol", "update", "retire", "topology", "config"]
+    op: Literal["enrol", "update", "retire", "topology", "approve", "config"]
     timestamp: UtcDatetime
     enrolled: tuple[Identifier, ...] = ()
     updated: tuple[Identifier, ...] = ()
@@ -162,6 +198,7 @@ class RegistrySnapshot(Frozen):
     version: int
     timestamp: UtcDatetime
     devices: tuple[RegistryEntry, ...]
+    pending: tuple[PendingEnrolment, ...] = ()
 
 
 def registry_json_schemas() -> dict[str, dict[str, Any]]:
@@ -170,4 +207,5 @@ def registry_json_schemas() -> dict[str, dict[str, Any]]:
         "registry_ack": RegistryAck.model_json_schema(),
         "registry_change": RegistryChange.model_json_schema(),
         "registry_snapshot": RegistrySnapshot.model_json_schema(),
+        "registry_pending": PendingEnrolment.model_json_schema(),
     }

@@ -48,7 +48,7 @@ from unified.model import (
     Reason,
     utcnow,
 )
-from unified.registry import RegistryAck, RegistryChange
+from unified.registry import PendingEnrolment, RegistryAck, RegistryChange
 
 if TYPE_CHECKING:
     from gateway.core import Gateway
@@ -107,6 +107,7 @@ class GridDermsUplink:
     def bind(self, core: Gateway) -> None:
         self._core = core
         core.registry_changes.append(self.registry_change)
+        core.pending_listeners.append(self.registry_pending)
 
     @property
     def core(self) -> Gateway:
@@ -320,6 +321,9 @@ class GridDermsUplink:
     def registry_change(self, change: RegistryChange) -> None:
         """Enrolment changes for Grid DERMS, in version order (kept while the link is down)."""
         self.link.publish_reliable(Outgoing(self.topics.registry_changes, encode(change)))
+
+    def registry_pending(self, pending: PendingEnrolment) -> None:
+        self.link.publish_reliable(Outgoing(self.topics.registry_pending, encode(pending)))
 
     def _audit_refusal(
         self,

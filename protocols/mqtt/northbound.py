@@ -71,6 +71,10 @@ class Topics:
         return f"{self.root}/registry/changes"
 
     @property
+    def registry_pending(self) -> str:
+        return f"{self.root}/registry/pending"
+
+    @property
     def registry_snapshot(self) -> str:
         return f"{self.root}/registry/snapshot"
 

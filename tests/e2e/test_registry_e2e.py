@@ -4,13 +4,17 @@ and regroups real Modbus TCP batteries while commands are in force."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from protocols.mqtt.devices import DeviceTopics
 from simulators.broker import BrokerEndpoint
+from simulators.mqtt_devices import MqttDeviceSimulator, SimThermostat, ThermalHouse
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually
 from tests.e2e.test_gateway_e2e import batteries, dispatch, iso
@@ -196,3 +200,75 @@ async def test_bad_registry_requests_are_answered(
         )
         assert (ack.state, ack.reason) == ("rejected", Reason.ADAPTER_INVALID)
         assert "sunspec" in (ack.detail or "")
+
+
+async def test_an_unknown_mqtt_device_announces_itself_and_is_enrolled_on_approval(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    topics = DeviceTopics(f"derms/devices/e2e-{uuid.uuid4().hex[:6]}")
+    device_mqtt = {
+        "device_mqtt": {
+            "host": broker_endpoint.host,
+            "port": broker_endpoint.port,
+            "topic_root": topics.root,
+            "backoff_max_s": 1.0,
+        }
+    }
+    async with (
+        Fleet(
+            broker_endpoint, tmp_path / "gw.sqlite", batteries(1), extra_config=device_mqtt
+        ) as fleet,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        sim = MqttDeviceSimulator(
+            SimThermostat("tstat-new", house=ThermalHouse(indoor_c=22.0, on=True)),
+            host=broker_endpoint.host,
+            port=broker_endpoint.port,
+            topics=topics,
+            report_interval_s=0.2,
+        )
+        task = asyncio.create_task(sim.run(), name="sim:tstat-new")
+        stack.push_async_callback(_stop, task)
+        await fleet.grid.wait_for(lambda o: "tstat-new" in o.pending, 10)
+        pending = fleet.grid.observed.pending["tstat-new"]
+        assert (pending.der_class, pending.adapter) == ("thermostat", "mqtt_thermostat")
+        gateway = fleet.gateway
+        assert gateway is not None
+        assert "tstat-new" not in gateway.registry  # announced, not enrolled
+        get = await fleet.grid.registry_request({"request_id": "g", "op": "get"})
+        await fleet.grid.wait_for(lambda o: o.registry is not None, 5)
+        assert fleet.grid.observed.registry is not None
+        assert [p.device_id for p in fleet.grid.observed.registry.pending] == ["tstat-new"]
+        assert get.state == "applied"
+        ack = await fleet.grid.registry_request(
+            {
+                "request_id": "approve-1",
+                "op": "approve",
+                "devices": [
+                    {
+                        "device_id": "tstat-new",
+                        "location": {"substation": "s1", "feeder": "f2"},
+                        "programs": ["summer-vpp"],
+                    }
+                ],
+            }
+        )
+        assert (ack.state, ack.devices) == ("applied", ("tstat-new",))
+        # Polled at once: the link kept its birth and telemetry for when it was enrolled.
+        await eventually(lambda: gateway.supervisors["tstat-new"].available, 5, "polled")
+        assert gateway.registry.device("tstat-new").location.feeder == "f2"
+        assert fleet.grid.observed.registry_changes[-1].op == "approve"
+        again = await fleet.grid.registry_request(
+            {
+                "request_id": "approve-2",
+                "op": "approve",
+                "devices": [{"device_id": "tstat-new", "location": {"substation": "s1"}}],
+            }
+        )
+        assert again.reason is Reason.UNKNOWN_DEVICE  # no longer pending
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
