@@ -247,6 +247,32 @@ class GatewayApp:
         # Called by adapters and endpoints built before the core exists, only once it runs.
         self.core.report_refusal(command, error)
 
+    async def reload(self, config: GatewayConfig) -> list[str]:
+        """Apply a reloaded configuration (SIGHUP) without a restart: its ``[[devices]]`` are
+        merged into the registry (new ones enrolled, changed ones updated, removed ones
+        retired; what the registry API owns is left alone) and commands in force carry on.
+        Returns what needs a restart instead (every other section, a device's new adapter)."""
+        notes: list[str] = []
+        before = self.config.model_dump(exclude={"devices"})
+        after = config.model_dump(exclude={"devices"})
+        changed = sorted(k for k in after if before.get(k) != after.get(k))
+        if changed:
+            notes.append("changed sections take effect at the next restart: " + ", ".join(changed))
+        served = self.core.supervisors
+        devices: list[tuple[Device, DeviceAdapter | None]] = []
+        for entry in config.devices:
+            device = entry.as_device()
+            adapter = None
+            if entry.device_id not in served:
+                member_of = tuple(sorted(Registry([device]).groups()))
+                adapter = build_adapter(
+                    entry, self.sep2_server, self.device_mqtt, self._report_refusal, member_of
+                )
+            devices.append((device, adapter))
+        notes += await self.core.reload_devices(devices)
+        self.config = self.config.model_copy(update={"devices": config.devices})
+        return notes
+
     async def run(self) -> None:
         """Run until cancelled: the core first (its command book loaded), then the endpoints
         devices reach us on, then the uplinks that command us."""

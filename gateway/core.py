@@ -489,6 +489,17 @@ class Gateway:
         for listener in self.registry_changes:
             listener(change)
 
+    async def reload_devices(
+        self, devices: Sequence[tuple[Device, DeviceAdapter | None]]
+    ) -> list[str]:
+        """A reloaded config file's devices (SIGHUP): merged into the registry at run time by
+        the start's rule, without touching the commands in force; returns what needs a
+        restart instead."""
+        change, notes = await self.enrolment.reseed(devices, utcnow())
+        if change is not None:
+            self._registry_changed(change)
+        return notes
+
     def propose_enrolment(self, pending: PendingEnrolment) -> None:
         """A device announced itself (an unknown MQTT device's birth): it waits for an
         ``approve`` request, and Grid DERMS is told."""

@@ -281,6 +281,7 @@ class Enrolment:
         self._seeded = {d.device_id: d for d in seeded}
         self.version = 0
         self.entries: dict[str, RegistryEntry] = {}
+        self._retired_by_api: set[str] = set()
         self.pending: dict[str, PendingEnrolment] = {}
         """Devices that announced themselves, by id (in memory: a birth is retained by the
         broker, so it is announced again after a restart)."""
@@ -308,6 +309,7 @@ class Enrolment:
         bring the core's registry in line; returns what the merge changed, if anything."""
         version, stored, retired = await self.store.load()
         self.version = version
+        self._retired_by_api = {d for d, origin in retired.items() if origin == "api"}
         upserts: list[RegistryEntry] = []
         gone: list[tuple[str, str, datetime]] = []
         enrolled: list[str] = []
@@ -363,6 +365,77 @@ class Enrolment:
             updated=tuple(updated),
             retired=tuple(d for d, _, _ in gone),
         )
+
+    async def reseed(
+        self, devices: Sequence[tuple[Device, DeviceAdapter | None]], now: datetime
+    ) -> tuple[RegistryChange | None, list[str]]:
+        """A reloaded config file's devices, merged by the same rule as at start, into the
+        running core: new config devices are enrolled (``adapter`` is how to reach them),
+        changed ones updated, ones no longer listed retired; what the API owns is untouched.
+        Returns the change and what could not be applied without a restart."""
+        upserts: list[RegistryEntry] = []
+        gone: list[tuple[str, str, datetime]] = []
+        enrolled: list[tuple[Device, DeviceAdapter]] = []
+        updated: list[Device] = []
+        notes: list[str] = []
+        listed = {d.device_id for d, _ in devices}
+        for device, adapter in devices:
+            did = device.device_id
+            entry = self.entries.get(did)
+            if (entry is not None and entry.origin == "api") or did in self._retired_by_api:
+                continue  # the API owns it
+            if entry is None:
+                if did in self.core.registry or did in self.core.supervisors:
+                    notes.append(f"device {did!r}: already enrolled another way (or retiring)")
+                    continue
+                if adapter is None:
+                    notes.append(f"device {did!r}: its adapter's endpoint needs a restart")
+                    continue
+                enrolled.append((device, adapter))
+            elif _plain(entry.device) == device:
+                continue
+            elif device.adapter != entry.device.adapter:
+                notes.append(f"device {did!r}: a new adapter needs a restart")
+                continue
+            else:
+                updated.append(device)
+            upserts.append(
+                RegistryEntry(
+                    device=DeviceEnrolment.model_validate(device.model_dump()),
+                    programs=_programs(device, entry, now),
+                    origin="config",
+                    enrolled_at=entry.enrolled_at if entry is not None else now,
+                    updated_at=now,
+                )
+            )
+        gone = [
+            (did, "config", now)
+            for did, entry in self.entries.items()
+            if entry.origin == "config" and did not in listed
+        ]
+        self._seeded = {d.device_id: d for d, _ in devices}
+        if not upserts and not gone:
+            return None, notes
+        self.version += 1
+        await self.store.commit(self.version, upserts, gone)
+        for entry in upserts:
+            self.entries[entry.device.device_id] = entry
+        self.core.add_devices(enrolled)
+        for device in updated:
+            self.core.update_device(device)
+        for did, _, _ in gone:
+            del self.entries[did]
+            self.core.retire_device(did)
+        change = RegistryChange(
+            version=self.version,
+            request_id="config",
+            op="config",
+            timestamp=now,
+            enrolled=tuple(d.device_id for d, _ in enrolled),
+            updated=tuple(d.device_id for d in updated),
+            retired=tuple(d for d, _, _ in gone),
+        )
+        return change, notes
 
     def _adapter(self, device: DeviceEnrolment) -> DeviceAdapter:
         if self._factory is None:
@@ -498,6 +571,7 @@ class Enrolment:
             def retire() -> None:
                 for device_id in ids:
                     del self.entries[device_id]
+                    self._retired_by_api.add(device_id)
                     self.core.retire_device(device_id)
 
             return RegistryChange(op="retire", retired=ids, **base), [], gone, retire
@@ -539,6 +613,7 @@ class Enrolment:
             for entry in upserts:
                 self.entries[entry.device.device_id] = entry
                 self.pending.pop(entry.device.device_id, None)
+                self._retired_by_api.discard(entry.device.device_id)
             self.core.add_devices([(_plain(device), adapter) for device, adapter in adapters])
 
         ids = tuple(d.device_id for d, _ in adapters)

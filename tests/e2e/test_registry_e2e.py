@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,11 +15,13 @@ import pytest
 
 from protocols.mqtt.devices import DeviceTopics
 from simulators.broker import BrokerEndpoint
+from simulators.grid_derms import GridDermsClient
 from simulators.mqtt_devices import MqttDeviceSimulator, SimThermostat, ThermalHouse
 from simulators.sunspec_battery import SunSpecBatterySimulator
 from tests.e2e.fleet import Fleet, eventually
 from tests.e2e.test_gateway_e2e import batteries, dispatch, iso
-from unified.model import AckState, Reason
+from tests.e2e.test_processes import start, stop
+from unified.model import AckState, Reason, utcnow
 
 pytestmark = pytest.mark.broker
 
@@ -43,11 +46,13 @@ def power(sims: Sequence[SunSpecBatterySimulator]) -> float:
 async def test_a_battery_enrolled_over_mqtt_is_polled_dispatched_and_kept_after_a_restart(
     broker_endpoint: BrokerEndpoint, tmp_path: Path
 ) -> None:
+    # The newcomer outlives the gateway: a gateway stopped while it connects to a battery
+    # that has just gone can take longer than the fleet allows to stop.
     async with (
-        Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(2)) as fleet,
         SunSpecBatterySimulator(
             port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=60
         ) as newcomer,
+        Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(2)) as fleet,
     ):
         request = {
             "request_id": "enrol-1",
@@ -272,3 +277,120 @@ async def _stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def test_a_reloaded_config_enrols_moves_and_retires_without_touching_commands(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    sims = batteries(2)  # bat-1 on f1, bat-2 on f2
+    async with (
+        SunSpecBatterySimulator(
+            port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=60
+        ) as newcomer,
+        Fleet(broker_endpoint, tmp_path / "gw.sqlite", sims) as fleet,
+    ):
+        app, gateway = fleet.app, fleet.gateway
+        assert app is not None
+        assert gateway is not None
+        await fleet.grid.send(dispatch("shed", "substation:s1", -6.0, 0.1, 60))
+        await fleet.grid.wait_for_state("shed", AckState.ACTIVE, 5)
+        await eventually(lambda: power(sims) == pytest.approx(-6.0, abs=0.1), 5, "shed")
+        # The file now: bat-1 gone, bat-2 moved to f1, a new battery on f2.
+        config = fleet.config()
+        bat2 = config.devices[1]
+        moved = bat2.model_copy(
+            update={"location": bat2.location.model_copy(update={"feeder": "f1"})}
+        )
+        added = bat2.model_copy(
+            update={
+                "device_id": "bat-3",
+                "sunspec": bat2.sunspec.model_copy(update={"port": newcomer.port})
+                if bat2.sunspec is not None
+                else None,
+            }
+        )
+        notes = await app.reload(config.model_copy(update={"devices": (moved, added)}))
+        assert notes == []
+        await fleet.grid.wait_for(lambda o: o.registry_changes[-1].retired == ("bat-1",), 5)
+        change = fleet.grid.observed.registry_changes[-1]
+        assert (change.enrolled, change.updated, change.retired) == (
+            ("bat-3",),
+            ("bat-2",),
+            ("bat-1",),
+        )
+        assert gateway.registry.device("bat-2").location.feeder == "f1"
+        await eventually(lambda: sims[0].power_kw == 0.0, 5, "bat-1 released")
+        await eventually(
+            lambda: power([sims[1], newcomer]) == pytest.approx(-6.0, abs=0.1), 8, "re-shared"
+        )
+        assert fleet.grid.states("shed")[-1] is AckState.ACTIVE
+        assert "shed" in {a.command.command_id for a in gateway.book.active(utcnow())}
+
+
+async def test_sighup_reloads_the_devices_of_a_running_gateway_process(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    def battery_entry(device_id: str, port: int) -> str:
+        return f"""
+[[devices]]
+device_id = "{device_id}"
+der_class = "battery"
+adapter = "sunspec_battery"
+location = {{ substation = "s1", feeder = "f1" }}
+ratings = {{ max_charge_kw = 5, max_discharge_kw = 5, capacity_kwh = 10 }}
+sunspec = {{ port = {port}, timeout_s = 1.0 }}
+"""
+
+    head = f"""
+gateway_id = "hup-gw"
+[broker]
+port = {broker_endpoint.port}
+protocol = "{broker_endpoint.protocol}"
+[store]
+path = "gw.sqlite"
+[settlement]
+timezone = "UTC"
+[timing]
+control_period_s = 0.2
+poll_interval_s = 0.3
+telemetry_period_s = 0.5
+"""
+    async with (
+        SunSpecBatterySimulator(port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5) as b1,
+        SunSpecBatterySimulator(port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5) as b2,
+        GridDermsClient(
+            broker_endpoint.host, broker_endpoint.port, "hup-gw", protocol=broker_endpoint.protocol
+        ) as grid,
+    ):
+        config = tmp_path / "gw.toml"
+        config.write_text(head + battery_entry("b1", b1.port))
+        log = tmp_path / "gateway.log"
+        process = await start("-vv", "run", "--config", str(config), log=log)
+        try:
+            await grid.wait_for(
+                lambda o: (g := o.groups.get("feeder:f1")) is not None and g.devices_reporting == 1,
+                20,
+            )
+            await grid.send(dispatch("shed", "feeder:f1", -4.0, 0.1, 120))
+            await grid.wait_for_state("shed", AckState.ACTIVE, 5)
+            config.write_text(head + battery_entry("b1", b1.port) + battery_entry("b2", b2.port))
+            process.send_signal(signal.SIGHUP)
+            await grid.wait_for(
+                lambda o: any(c.enrolled == ("b2",) for c in o.registry_changes), 10
+            )
+            # The dispatch carries on, now over both batteries.
+            await eventually(lambda: b2.power_kw == pytest.approx(-2.0, abs=0.05), 10, "b2 shares")
+            assert b1.power_kw == pytest.approx(-2.0, abs=0.05)
+            assert grid.states("shed")[-1] is AckState.ACTIVE
+            # A file that does not parse changes nothing.
+            config.write_text("this is = not toml [")
+            process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(1.0)
+            assert process.returncode is None
+            assert b2.power_kw == pytest.approx(-2.0, abs=0.05)
+        finally:
+            code = await stop(process, signal.SIGTERM)
+        text = log.read_text()
+        assert code == 0, text[-3000:]
+        assert "SIGHUP: configuration reloaded" in text
+        assert "SIGHUP: configuration not reloaded" in text
