@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from gateway.delivery import DeliveryTuning
 from gateway.flex.baseline import BaselineConfig
 from unified.config import Section
-from unified.model import Group, Identifier
+from unified.model import DerClass, Group, Identifier
 
 __all__ = [
     "AuditConfig",
@@ -20,6 +20,7 @@ __all__ = [
     "DeliveryConfig",
     "FlexConfigSection",
     "HistoryConfig",
+    "ProgramRule",
     "SettlementConfig",
     "StoreConfig",
     "TimingConfig",
@@ -285,6 +286,26 @@ class DeliveryConfig(Section):
         )
 
 
+class ProgramRule(Section):
+    """Who may be enrolled in one program. A device listing a program with a rule is eligible
+    only if it passes every condition given; a program without a rule takes every device and
+    its commands may use any device of their target."""
+
+    program_id: Identifier
+    der_classes: tuple[DerClass, ...] = Field(default=(), description="Empty: any class")
+    rate_classes: tuple[Identifier, ...] = Field(default=(), description="Empty: any rate class")
+    groups: tuple[Identifier, ...] = Field(
+        default=(),
+        description="The device must be in one of these groups (e.g. 'feeder:north-f1'); "
+        "empty: anywhere",
+    )
+    customer_check: bool = Field(
+        default=False,
+        description="Devices passing the rule stay 'pending' until the utility's customer "
+        "system decides (an 'eligibility' request on requests/registry)",
+    )
+
+
 class CoreConfig(Section):
     """The sections the domain core reads; the composition root's config extends it with the
     devices, endpoints and uplinks (one flat TOML file for the operator)."""
@@ -300,4 +321,9 @@ class CoreConfig(Section):
     groups: tuple[Group, ...] = Field(
         default=(),
         description="Extra named groups; every substation/feeder/... also gets an implicit group",
+    )
+    programs: tuple[ProgramRule, ...] = Field(
+        default=(),
+        description="Eligibility rules per program; a dispatch of a program with a rule uses "
+        "only devices eligible in it",
     )

@@ -472,7 +472,13 @@ def _plan_dispatch(
 ) -> None:
     command = entry.command
     assert isinstance(command, Dispatch)
-    members = target_devices(registry, command.target)
+    # A program with an eligibility rule dispatches only devices eligible in it (envelopes,
+    # being safety limits, hold every device of their group whatever its programs).
+    members = [
+        d
+        for d in target_devices(registry, command.target)
+        if registry.may_serve(d.device_id, command.program)
+    ]
     rooms: dict[str, Headroom] = {}
     for device in members:
         did = device.device_id

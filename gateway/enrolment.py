@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.devices import DeviceAdapter
 from gateway.store import SqliteStore, StoreError, store_errors
-from unified.model import Device, Reason
+from unified.model import Device, Group, Reason, TopologyLevel
 from unified.registry import (
     ApproveDevices,
     DeviceEnrolment,
@@ -47,6 +47,7 @@ from unified.registry import (
     RegistryRequest,
     RegistrySnapshot,
     RetireDevices,
+    SetEligibility,
     TopologyPatch,
     UpdateDevices,
 )
@@ -250,15 +251,16 @@ class _Refused(Exception):
         self.detail = detail
 
 
-def _programs(
-    device: Device, before: RegistryEntry | None, now: datetime
-) -> tuple[ProgramEnrolment, ...]:
-    """Each program the device lists, with the date it joined (kept across updates)."""
-    known = {p.program_id: p for p in before.programs} if before is not None else {}
-    return tuple(
-        known.get(pid) or ProgramEnrolment(program_id=pid, enrolled_at=now)
-        for pid in device.programs
-    )
+def in_group(device: Device, group_id: str, explicit: Mapping[str, Group]) -> bool:
+    """Whether ``device`` is in a configured group or an implicit ``level:name`` one."""
+    group = explicit.get(group_id)
+    if group is not None:
+        return group.contains(device)
+    level, _, name = group_id.partition(":")
+    try:
+        return device.location.at(TopologyLevel(level)) == name
+    except ValueError:
+        return False
 
 
 def _plain(device: Device) -> Device:
@@ -279,6 +281,8 @@ class Enrolment:
         self.store = RegistryStore(path)
         self._factory = factory
         self._seeded = {d.device_id: d for d in seeded}
+        self._rules = {r.program_id: r for r in core.config.programs}
+        self._groups = {g.group_id: g for g in core.config.groups}
         self.version = 0
         self.entries: dict[str, RegistryEntry] = {}
         self._retired_by_api: set[str] = set()
@@ -287,6 +291,64 @@ class Enrolment:
         broker, so it is announced again after a restart)."""
 
     MAX_PENDING = 10_000
+
+    # ------------------------------------------------------------------ programs
+    def _rule_says(self, device: Device, program_id: str) -> str | None:
+        """Why the program's rule refuses the device, or None when it passes (or has none)."""
+        rule = self._rules.get(program_id)
+        if rule is None:
+            return None
+        if rule.der_classes and device.der_class not in rule.der_classes:
+            return f"der_class {device.der_class.value!r} is not one the program takes"
+        if rule.rate_classes and device.rate_class not in rule.rate_classes:
+            return f"rate class {device.rate_class!r} is not one the program takes"
+        if rule.groups and not any(in_group(device, g, self._groups) for g in rule.groups):
+            return "its location is outside the program's groups"
+        return None
+
+    def _programs(
+        self, device: Device, before: RegistryEntry | None, now: datetime
+    ) -> tuple[ProgramEnrolment, ...]:
+        """Each program the device lists: the date it joined (kept across updates) and its
+        eligibility by the program's rule, then by the customer system's decision if the rule
+        asks for one (kept while the rule still passes)."""
+        known = {p.program_id: p for p in before.programs} if before is not None else {}
+        out = []
+        for pid in device.programs:
+            prev = known.get(pid)
+            since = prev.enrolled_at if prev is not None else now
+            refused = self._rule_says(device, pid)
+            rule = self._rules.get(pid)
+            if refused is not None:
+                out.append(
+                    ProgramEnrolment(
+                        program_id=pid, enrolled_at=since, eligibility="ineligible", reason=refused
+                    )
+                )
+            elif rule is not None and rule.customer_check:
+                if prev is not None and prev.decided_by == "customer_system":
+                    out.append(prev)
+                else:
+                    out.append(
+                        ProgramEnrolment(
+                            program_id=pid,
+                            enrolled_at=since,
+                            eligibility="pending",
+                            reason="awaiting the customer system",
+                        )
+                    )
+            else:
+                out.append(ProgramEnrolment(program_id=pid, enrolled_at=since))
+        return tuple(out)
+
+    def _sync_eligibility(self) -> None:
+        """Tell the registry which devices may serve each program that has a rule."""
+        eligible: dict[str, set[str]] = {pid: set() for pid in self._rules}
+        for did, entry in self.entries.items():
+            for p in entry.programs:
+                if p.eligibility == "eligible" and p.program_id in eligible:
+                    eligible[p.program_id].add(did)
+        self.core.registry.set_eligible({k: frozenset(v) for k, v in eligible.items()})
 
     def propose(self, pending: PendingEnrolment) -> bool:
         """A device announced itself; True when it is new (or announced something new)."""
@@ -326,7 +388,7 @@ class Enrolment:
                 continue
             fresh = RegistryEntry(
                 device=DeviceEnrolment.model_validate(device.model_dump()),
-                programs=_programs(device, entry, now),
+                programs=self._programs(device, entry, now),
                 origin="config",
                 enrolled_at=entry.enrolled_at if entry is not None else now,
                 updated_at=now,
@@ -352,6 +414,7 @@ class Enrolment:
             enrolled_before.append((_plain(entry.device), adapter))
             self.entries[device_id] = entry
         self.core.add_devices(enrolled_before)
+        self._sync_eligibility()
         if not upserts and not gone:
             return None
         self.version += 1
@@ -402,7 +465,7 @@ class Enrolment:
             upserts.append(
                 RegistryEntry(
                     device=DeviceEnrolment.model_validate(device.model_dump()),
-                    programs=_programs(device, entry, now),
+                    programs=self._programs(device, entry, now),
                     origin="config",
                     enrolled_at=entry.enrolled_at if entry is not None else now,
                     updated_at=now,
@@ -426,6 +489,7 @@ class Enrolment:
         for did, _, _ in gone:
             del self.entries[did]
             self.core.retire_device(did)
+        self._sync_eligibility()
         change = RegistryChange(
             version=self.version,
             request_id="config",
@@ -498,6 +562,7 @@ class Enrolment:
             self.version -= 1
             raise
         apply()
+        self._sync_eligibility()
         return ack, change
 
     def _ack(
@@ -562,6 +627,8 @@ class Enrolment:
             return change.model_copy(update={"op": "approve"}), upserts, gone, apply
         if isinstance(request, UpdateDevices):
             return self._plan_update(request, now, base)
+        if isinstance(request, SetEligibility):
+            return self._plan_eligibility(request, now, base)
         if isinstance(request, RetireDevices):
             ids = tuple(dict.fromkeys(request.device_ids))
             for device_id in ids:
@@ -601,7 +668,7 @@ class Enrolment:
         upserts = [
             RegistryEntry(
                 device=device,
-                programs=_programs(device, None, now),
+                programs=self._programs(device, None, now),
                 origin="api",
                 enrolled_at=now,
                 updated_at=now,
@@ -644,7 +711,7 @@ class Enrolment:
                 before.model_copy(
                     update={
                         "device": device.model_copy(update={"reach": reach}),
-                        "programs": _programs(device, before, now),
+                        "programs": self._programs(device, before, now),
                         "origin": "api",
                         "updated_at": now,
                     }
@@ -693,11 +760,64 @@ class Enrolment:
                 update={"location": dmove.location}
             )
         upserts = [
-            self.entries[d].model_copy(update={"device": dev, "origin": "api", "updated_at": now})
+            self.entries[d].model_copy(
+                update={
+                    "device": dev,
+                    "programs": self._programs(dev, self.entries[d], now),
+                    "origin": "api",
+                    "updated_at": now,
+                }
+            )
             for d, dev in located.items()
         ]
         change = RegistryChange(op="topology", moved=tuple(located), **base)
         return change, upserts, [], self._replacer(upserts)
+
+    def _plan_eligibility(
+        self, request: SetEligibility, now: datetime, base: dict[str, Any]
+    ) -> tuple[
+        RegistryChange,
+        list[RegistryEntry],
+        list[tuple[str, str, datetime]],
+        Callable[[], None],
+    ]:
+        changed: dict[str, RegistryEntry] = {}
+        for decision in request.decisions:
+            entry = changed.get(decision.device_id) or self._known(decision.device_id)
+            programs = list(entry.programs)
+            at = next(
+                (i for i, p in enumerate(programs) if p.program_id == decision.program_id), None
+            )
+            if at is None:
+                raise _Refused(
+                    Reason.UNKNOWN_DEVICE,
+                    f"device {decision.device_id!r} is not enrolled in {decision.program_id!r}",
+                )
+            refused = self._rule_says(_plain(entry.device), decision.program_id)
+            if refused is not None and decision.eligibility == "eligible":
+                raise _Refused(
+                    Reason.NOT_ELIGIBLE,
+                    f"device {decision.device_id!r} fails the rule of "
+                    f"{decision.program_id!r}: {refused}",
+                )
+            programs[at] = programs[at].model_copy(
+                update={
+                    "eligibility": decision.eligibility,
+                    "decided_by": "customer_system",
+                    "reason": decision.reason,
+                }
+            )
+            changed[decision.device_id] = entry.model_copy(
+                update={"programs": tuple(programs), "updated_at": now}
+            )
+        upserts = list(changed.values())
+
+        def decide() -> None:
+            for entry in upserts:
+                self.entries[entry.device.device_id] = entry
+
+        change = RegistryChange(op="eligibility", updated=tuple(changed), **base)
+        return change, upserts, [], decide
 
     def _replacer(self, upserts: Sequence[RegistryEntry]) -> Callable[[], None]:
         def replace() -> None:

@@ -26,6 +26,8 @@ class Registry:
         self._explicit_groups: dict[str, Group] = {g.group_id: g for g in groups}
         self._groups: dict[str, Group] | None = None
         self._members: dict[str, list[Device]] = {}
+        self._eligible: dict[str, frozenset[str]] = {}
+        """Programs with an eligibility rule → the devices eligible in them."""
         for device in devices:
             self._devices[device.device_id] = device
 
@@ -72,6 +74,17 @@ class Registry:
 
     def section_members(self, feeder_section: str) -> list[Device]:
         return [d for d in self._devices.values() if d.location.feeder_section == feeder_section]
+
+    # ------------------------------------------------------------------ programs
+    def set_eligible(self, eligible: dict[str, frozenset[str]]) -> None:
+        """For each program with a rule, the devices that may serve its commands."""
+        self._eligible = eligible
+
+    def may_serve(self, device_id: str, program: str) -> bool:
+        """Whether a command of ``program`` may use the device: any device, unless the program
+        has a rule and the device is not eligible in it."""
+        eligible = self._eligible.get(program)
+        return eligible is None or device_id in eligible
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> dict[str, Group]:

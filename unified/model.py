@@ -468,6 +468,7 @@ class Reason(StrEnum):
     VERSION_CONFLICT = "version_conflict"
     ALREADY_ENROLLED = "already_enrolled"
     ADAPTER_INVALID = "adapter_invalid"
+    NOT_ELIGIBLE = "not_eligible"
     INTERNAL = "internal"
 
 

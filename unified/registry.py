@@ -38,6 +38,8 @@ class ProgramEnrolment(Frozen):
     program_id: Identifier
     enrolled_at: UtcDatetime
     eligibility: Eligibility = "eligible"
+    decided_by: Literal["rule", "customer_system"] = "rule"
+    reason: str | None = Field(default=None, max_length=500, description="Why, when not eligible")
 
 
 class DeviceEnrolment(Device):
@@ -124,6 +126,22 @@ class ApproveDevices(_Request):
     devices: tuple[Approval, ...] = Field(min_length=1, max_length=MAX_BULK)
 
 
+class EligibilityDecision(Frozen):
+    device_id: Identifier
+    program_id: Identifier
+    eligibility: Literal["eligible", "ineligible"]
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class SetEligibility(_Request):
+    """The utility's customer system decides on devices the program's rule let through
+    (``pending``), or overrules an earlier decision. A device that fails the program's rule
+    stays ineligible whatever is decided."""
+
+    op: Literal["eligibility"]
+    decisions: tuple[EligibilityDecision, ...] = Field(min_length=1, max_length=MAX_BULK)
+
+
 class GetRegistry(_Request):
     """Ask for the whole registry: it is published (retained) on ``registry/snapshot``."""
 
@@ -131,7 +149,13 @@ class GetRegistry(_Request):
 
 
 RegistryRequest = Annotated[
-    EnrolDevices | UpdateDevices | RetireDevices | TopologyPatch | ApproveDevices | GetRegistry,
+    EnrolDevices
+    | UpdateDevices
+    | RetireDevices
+    | TopologyPatch
+    | ApproveDevices
+    | SetEligibility
+    | GetRegistry,
     Field(discriminator="op"),
 ]
 REGISTRY_REQUEST_ADAPTER: TypeAdapter[RegistryRequest] = TypeAdapter(RegistryRequest)
@@ -183,7 +207,7 @@ class RegistryChange(Frozen):
     schema_version: Literal["1"] = SCHEMA_VERSION
     version: int
     request_id: Identifier
-    op: Literal["enrol", "update", "retire", "topology", "approve", "config"]
+    op: Literal["enrol", "update", "retire", "topology", "approve", "eligibility", "config"]
     timestamp: UtcDatetime
     enrolled: tuple[Identifier, ...] = ()
     updated: tuple[Identifier, ...] = ()

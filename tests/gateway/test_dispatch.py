@@ -510,3 +510,15 @@ def test_an_ended_dispatchs_houses_are_released_as_the_rebound_leaves_room() -> 
     )
     assert set(floor.releasing) == {"t1", "t2", "t3"}
     assert floor.released == {"t0": ("d1", 3.0)}
+
+
+def test_a_program_with_an_eligibility_rule_dispatches_only_its_eligible_devices() -> None:
+    reg = Registry([battery(1), battery(2)])
+    reg.set_eligible({"vpp": frozenset({"b2"})})
+    states = {"b1": state("b1"), "b2": state("b2")}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-4.0, program="vpp", duration=60), 1)])
+    assert "b1" not in p.setpoints
+    assert p.setpoints["b2"].power_kw == pytest.approx(-4.0)
+    # A program without a rule still uses every device of the target.
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-4.0, program="other", duration=60), 1)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-2.0)

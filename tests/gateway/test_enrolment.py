@@ -64,13 +64,19 @@ def configured(*ids: str) -> list[dict[str, Any]]:
 
 
 class Core:
-    def __init__(self, tmp_path: Path, devices: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        devices: list[dict[str, Any]],
+        programs: list[dict[str, Any]] | None = None,
+    ) -> None:
         config = parse_config(
             {
                 "store": {"path": str(tmp_path / "gw.sqlite")},
                 "history": {"enabled": False},
                 "audit": {"enabled": False},
                 "devices": devices,
+                "programs": programs or [],
             }
         )
         self.changes: list[RegistryChange] = []
@@ -243,3 +249,56 @@ async def test_updates_keep_programs_enrolment_dates_and_refuse_a_new_adapter(
 def test_locations_still_nest() -> None:
     with pytest.raises(ValueError, match="without a feeder"):
         TopologyLocation(substation="s1", feeder_section="x")
+
+
+async def test_program_rules_and_the_customer_systems_decision_set_eligibility(
+    tmp_path: Path,
+) -> None:
+    rules = [
+        {"program_id": "summer", "der_classes": ["battery"], "groups": ["feeder:f1"]},
+        {"program_id": "tou", "rate_classes": ["tou-a"], "customer_check": True},
+    ]
+    core = Core(tmp_path, configured("bat-1"), programs=rules)
+    async with core as gw:
+        on_f1 = battery("a") | {"reach": {"port": 1}, "programs": ["summer", "tou", "free"]}
+        on_f1["rate_class"] = "tou-a"
+        on_f2 = battery("b", feeder="f2") | {"reach": {"port": 2}, "programs": ["summer", "tou"]}
+        assert (await send(gw, enrol("e", on_f1, on_f2))).state == "applied"
+
+        def states(did: str) -> dict[str, str]:
+            return {p.program_id: p.eligibility for p in gw.enrolment.entries[did].programs}
+
+        assert states("a") == {"summer": "eligible", "tou": "pending", "free": "eligible"}
+        assert states("b") == {"summer": "ineligible", "tou": "ineligible"}
+        assert "outside" in (gw.enrolment.entries["b"].programs[0].reason or "")
+        assert gw.registry.may_serve("a", "summer")
+        assert not gw.registry.may_serve("b", "summer")
+        assert not gw.registry.may_serve("a", "tou")  # pending: not yet
+        assert gw.registry.may_serve("b", "free")  # no rule: any device
+        decide = {
+            "request_id": "crm-1",
+            "op": "eligibility",
+            "decisions": [{"device_id": "a", "program_id": "tou", "eligibility": "eligible"}],
+        }
+        ack = await send(gw, decide)
+        assert (ack.state, ack.devices) == ("applied", ("a",))
+        assert states("a")["tou"] == "eligible"
+        assert gw.registry.may_serve("a", "tou")
+        overrule = {
+            "request_id": "crm-2",
+            "op": "eligibility",
+            "decisions": [{"device_id": "b", "program_id": "tou", "eligibility": "eligible"}],
+        }
+        assert (await send(gw, overrule)).reason is Reason.NOT_ELIGIBLE  # fails the rule
+        # Moved off f1: no longer eligible in summer; the customer system's word on tou stays.
+        move = {
+            "request_id": "m",
+            "op": "topology",
+            "moves": [{"device_id": "a", "location": {"substation": "s1", "feeder": "f2"}}],
+        }
+        assert (await send(gw, move)).state == "applied"
+        assert states("a") == {"summer": "ineligible", "tou": "eligible", "free": "eligible"}
+        assert not gw.registry.may_serve("a", "summer")
+    async with Core(tmp_path, configured("bat-1"), programs=rules) as gw:
+        assert gw.registry.may_serve("a", "tou")  # restored from the store
+        assert not gw.registry.may_serve("b", "summer")
