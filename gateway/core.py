@@ -480,10 +480,10 @@ class Gateway:
                 self._stop_supervisor(device_id)
                 log.info("device %s retired", device_id)
 
-    def _registry_changed(self, change: RegistryChange) -> None:
+    def _registry_changed(self, change: RegistryChange, source: str | None = None) -> None:
         self.audit.record(
             AuditKind.REGISTRY_CHANGED,
-            source=CORE_SOURCE,
+            source=source or CORE_SOURCE,
             details=change.model_dump(mode="json", exclude_none=True),
         )
         for listener in self.registry_changes:
@@ -524,9 +524,8 @@ class Gateway:
         now = utcnow()
         ack, change = await self.enrolment.handle(request, now)
         if change is not None:
-            if source is not None:
-                log.info("registry %s by %s: version %d", change.op, source, change.version)
-            self._registry_changed(change)
+            log.info("registry %s by %s: version %d", change.op, source, change.version)
+            self._registry_changed(change, source)
         snapshot = None
         if isinstance(request, GetRegistry) and ack.state == "applied":
             snapshot = self.enrolment.snapshot(now)

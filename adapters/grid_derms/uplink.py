@@ -297,6 +297,17 @@ class GridDermsUplink:
             )
             self._registry_ack(refused, reply)
             return
+        if not self._bucket.take(time.monotonic()):
+            # The same budget as commands: a runaway script must not starve them.
+            self._error(
+                Reason.RATE_LIMITED,
+                f"more than {self._bucket.rate_per_s:g} commands and registry requests/s: "
+                "not taken, send it again later",
+                topic,
+                payload,
+                source=source,
+            )
+            return
         try:
             ack, snapshot = await self.core.registry_request(request, source=source)
         except Exception as exc:  # e.g. the store's disk is full: say so, keep the link up
