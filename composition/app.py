@@ -33,7 +33,7 @@ from adapters.operator.server import Extension, OperatorServer
 from adapters.operator.view import add_view
 from adapters.sep2_der.der import Sep2Der, refusals_to
 from adapters.sep2_der.server import Sep2Server
-from adapters.sunspec.battery import SunSpecBattery
+from adapters.sunspec.battery import SunSpecBattery, SunSpecEndpoint
 from composition.config import DeviceConfig, EdgeAgentConfig, GatewayConfig
 from edge_agent.agent import EdgeAgent
 from gateway.aio import wait_inside_task_group
@@ -43,7 +43,8 @@ from gateway.devices import AdapterError, DeviceAdapter
 from gateway.enrolment import AdapterFactory
 from gateway.registry import Registry
 from protocols.mqtt.devices import Birth
-from unified.model import Device, DeviceCommand
+from unified.model import BatteryRatings, DerClass, Device, DeviceCommand, utcnow
+from unified.registry import DiscoverDevices, PendingEnrolment
 
 __all__ = ["GatewayApp", "build_adapters", "build_edge_agent"]
 
@@ -123,6 +124,52 @@ def enrolment_factory(
     return build
 
 
+_SCAN_CONCURRENCY = 16
+_PROBE_TIMEOUT_S = 5.0
+
+
+async def scan_sunspec(request: DiscoverDevices) -> list[PendingEnrolment]:
+    """Probe each target unit for a SunSpec battery (at most 16 at a time, 5 s each): every
+    one that answers with its ratings becomes a pending enrolment, reached as it was found."""
+    limit = asyncio.Semaphore(_SCAN_CONCURRENCY)
+
+    async def probe(host: str, port: int, unit: int, prefix: str) -> PendingEnrolment | None:
+        device_id = f"{prefix}-{host}-{port}-{unit}".replace(":", "-")[:128]
+        endpoint = SunSpecEndpoint(host=host, port=port, unit_id=unit, timeout_s=1.0)
+        adapter = SunSpecBattery(device_id, endpoint)
+        async with limit:
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                    await adapter.connect()
+                    state = await adapter.read()
+            except (AdapterError, TimeoutError):
+                return None
+            finally:
+                await adapter.close()
+        if not (state.max_charge_kw and state.max_discharge_kw and state.capacity_kwh):
+            return None
+        return PendingEnrolment(
+            device_id=device_id,
+            der_class=DerClass.BATTERY,
+            adapter="sunspec_battery",
+            ratings=BatteryRatings(
+                max_charge_kw=state.max_charge_kw,
+                max_discharge_kw=state.max_discharge_kw,
+                capacity_kwh=state.capacity_kwh,
+            ),
+            seen_at=utcnow(),
+            source=f"sunspec scan {host}:{port} unit {unit}",
+            reach={"sunspec": endpoint.model_dump(exclude_defaults=True) | {"host": host}},
+        )
+
+    probes = [
+        probe(t.host, t.port, unit, t.device_id_prefix)
+        for t in request.targets
+        for unit in dict.fromkeys(t.unit_ids)
+    ]
+    return [p for p in await asyncio.gather(*probes) if p is not None]
+
+
 def _errors(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
@@ -168,6 +215,7 @@ class GatewayApp:
             adapter_factory=enrolment_factory(
                 config, self.sep2_server, self.device_mqtt, self._report_refusal
             ),
+            scanner=scan_sunspec,
         )
         self.uplink.bind(self.core)
         if self.device_mqtt is not None:

@@ -48,7 +48,7 @@ from gateway.delivery import (
     govern_releases,
 )
 from gateway.devices import AdapterError, DeviceAdapter, ReportsOnItsOwnSchedule, Retires
-from gateway.enrolment import AdapterFactory, Enrolment
+from gateway.enrolment import AdapterFactory, Enrolment, Scanner
 from gateway.errors import CoreError
 from gateway.flex import (
     DeviceFlexInput,
@@ -111,6 +111,7 @@ from unified.model import (
     utcnow,
 )
 from unified.registry import (
+    DiscoverDevices,
     GetRegistry,
     PendingEnrolment,
     RegistryAck,
@@ -158,6 +159,7 @@ class Gateway:
         adapters: Mapping[str, DeviceAdapter],
         publisher: Publisher,
         adapter_factory: AdapterFactory | None = None,
+        scanner: Scanner | None = None,
     ) -> None:
         """``devices`` are the configured fleet (the registry's seed), ``adapters`` how to
         reach each of them (a device without one is planned around as never reporting),
@@ -168,6 +170,10 @@ class Gateway:
         self.registry = Registry(list(devices), config.groups)
         self.store = CommandStore(config.store.path)
         self.enrolment = Enrolment(self, config.store.path, adapter_factory, devices)
+        self._scanner = scanner
+        self._scans: set[str] = set()
+        self.registry_acks: list[Callable[[RegistryAck], None]] = []
+        """Told of registry acks that come later than their request (a scan's result)."""
         """The durable registry and its API (:mod:`gateway.enrolment`)."""
         self.registry_changes: list[Callable[[RegistryChange], None]] = []
         """Told of every change of the durable registry (the uplink publishes them)."""
@@ -522,6 +528,8 @@ class Gateway:
         ack and, for a ``get``, the snapshot. Raises :class:`gateway.enrolment.RegistryError`
         when the registry's tables cannot be written (nothing is then applied)."""
         now = utcnow()
+        if isinstance(request, DiscoverDevices):
+            return await self._discover(request, now), None
         ack, change = await self.enrolment.handle(request, now)
         if change is not None:
             log.info("registry %s by %s: version %d", change.op, source, change.version)
@@ -530,6 +538,65 @@ class Gateway:
         if isinstance(request, GetRegistry) and ack.state == "applied":
             snapshot = self.enrolment.snapshot(now)
         return ack, snapshot
+
+    async def _discover(self, request: DiscoverDevices, now: datetime) -> RegistryAck:
+        """Scans run in the background (a slow endpoint must not hold up the commands behind
+        it): ``accepted`` now, ``applied`` with the devices found when the scan is over."""
+        answered = await self.enrolment.answered(request)
+        if answered is not None:
+            return (await self.enrolment.handle(request, now))[0]  # same id: same rules
+        refused = None
+        if self._scanner is None:
+            refused = "this gateway cannot scan for devices"
+        elif self._tasks is None:
+            refused = "the gateway is not running"
+        if refused is not None:
+            return RegistryAck(
+                request_id=request.request_id,
+                state="rejected",
+                version=self.enrolment.version,
+                timestamp=now,
+                reason=Reason.ADAPTER_INVALID,
+                detail=refused,
+            )
+        accepted = RegistryAck(
+            request_id=request.request_id,
+            state="accepted",
+            version=self.enrolment.version,
+            timestamp=now,
+            detail="scanning; found devices are announced on registry/pending",
+        )
+        if request.request_id not in self._scans:
+            assert self._tasks is not None
+            self._scans.add(request.request_id)
+            self._tasks.create_task(self._scan(request), name=f"scan:{request.request_id}")
+        return accepted
+
+    async def _scan(self, request: DiscoverDevices) -> None:
+        assert self._scanner is not None
+        try:
+            found = [
+                p
+                for p in await self._scanner(request)
+                if p.device_id not in self.registry and p.device_id not in self.enrolment.entries
+            ]
+            for pending in found:
+                self.propose_enrolment(pending)
+            ack = await self.enrolment.discovered(request, found, utcnow())
+        except Exception as exc:  # a scan must not end the gateway
+            log.exception("scan %s failed", request.request_id)
+            ack = RegistryAck(
+                request_id=request.request_id,
+                state="rejected",
+                version=self.enrolment.version,
+                timestamp=utcnow(),
+                reason=Reason.INTERNAL,
+                detail=f"{type(exc).__name__}: {exc}"[:1000],
+            )
+        finally:
+            self._scans.discard(request.request_id)
+        for listener in self.registry_acks:
+            listener(ack)
 
     async def _record_participation(self, now: datetime, plan: dispatch.Plan) -> None:
         serving = {

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ from unified.model import Device, Group, Reason, TopologyLevel
 from unified.registry import (
     ApproveDevices,
     DeviceEnrolment,
+    DiscoverDevices,
     EnrolDevices,
     GetRegistry,
     PendingEnrolment,
@@ -57,7 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdapterFactory", "Enrolment", "RegistryError", "RegistryStore"]
+__all__ = ["AdapterFactory", "Enrolment", "RegistryError", "RegistryStore", "Scanner"]
+
+Scanner = Callable[[DiscoverDevices], Awaitable[list[PendingEnrolment]]]
+"""Probes endpoints for devices (the composition root's SunSpec scan): what it finds."""
 
 AdapterFactory = Callable[[Device, Mapping[str, Any]], DeviceAdapter]
 """Builds the adapter of a device enrolled through the API from its ``reach`` settings (the
@@ -535,7 +539,7 @@ class Enrolment:
                 Reason.DUPLICATE_ID_CONFLICT,
                 f"request_id {request.request_id!r} was used for a different request",
             ), None
-        if isinstance(request, GetRegistry):
+        if isinstance(request, GetRegistry | DiscoverDevices):
             return self._ack(request, now), None
         if request.expected_version is not None and request.expected_version != self.version:
             ack = self._ack(
@@ -564,6 +568,23 @@ class Enrolment:
         apply()
         self._sync_eligibility()
         return ack, change
+
+    async def discovered(
+        self, request: DiscoverDevices, found: Sequence[PendingEnrolment], now: datetime
+    ) -> RegistryAck:
+        """The answer to a scan: what it found (already enrolled devices left out), kept so
+        that a redelivered scan gets the same answer without probing again."""
+        ids = tuple(p.device_id for p in found)
+        ack = self._ack(request, now, devices=ids).model_copy(
+            update={"detail": f"{len(ids)} device(s) found; approve them to enrol"}
+        )
+        await self.store.answer(request.request_id, request_digest(request), ack)
+        return ack
+
+    async def answered(self, request: RegistryRequest) -> RegistryAck | None:
+        """The ack a request already got (a redelivery), if any."""
+        prior = await self.store.request(request.request_id)
+        return None if prior is None else prior[1]
 
     def _ack(
         self,
@@ -620,6 +641,7 @@ class Enrolment:
                         programs=approval.programs,
                         rate_class=approval.rate_class,
                         constraints=approval.constraints,
+                        reach=pending.reach,
                     )
                 )
             enrol = EnrolDevices(op="enrol", request_id=request.request_id, devices=tuple(devices))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, model_validator
 
 from unified.model import (
     SCHEMA_VERSION,
@@ -28,6 +28,9 @@ from unified.model import (
 
 MAX_BULK = 10_000
 """Devices (or moves) in one request: a day's enrolments from one OEM fit in one message."""
+
+MAX_PROBES = 256
+"""Units one discover request may probe."""
 
 Eligibility = Literal["eligible", "pending", "ineligible"]
 
@@ -142,6 +145,33 @@ class SetEligibility(_Request):
     decisions: tuple[EligibilityDecision, ...] = Field(min_length=1, max_length=MAX_BULK)
 
 
+class ScanTarget(Frozen):
+    """Modbus TCP endpoints to probe for SunSpec batteries: one per unit id."""
+
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
+    port: int = Field(default=502, ge=1, le=65535)
+    unit_ids: tuple[int, ...] = Field(default=(1,), min_length=1, max_length=247)
+    device_id_prefix: Identifier = Field(
+        default="sunspec",
+        description="A device found gets the id '{prefix}-{host}-{port}-{unit}'",
+    )
+
+
+class DiscoverDevices(_Request):
+    """Probe endpoints for SunSpec batteries; each one found becomes a pending enrolment
+    (``registry/pending``) with the ratings it reports, to be enrolled by ``approve``."""
+
+    op: Literal["discover"]
+    targets: tuple[ScanTarget, ...] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> DiscoverDevices:
+        units = sum(len(set(t.unit_ids)) for t in self.targets)
+        if units > MAX_PROBES:
+            raise ValueError(f"{units} units to probe; at most {MAX_PROBES} per request")
+        return self
+
+
 class GetRegistry(_Request):
     """Ask for the whole registry: it is published (retained) on ``registry/snapshot``."""
 
@@ -155,6 +185,7 @@ RegistryRequest = Annotated[
     | TopologyPatch
     | ApproveDevices
     | SetEligibility
+    | DiscoverDevices
     | GetRegistry,
     Field(discriminator="op"),
 ]
@@ -166,7 +197,9 @@ class RegistryAck(Frozen):
 
     schema_version: Literal["1"] = SCHEMA_VERSION
     request_id: Identifier
-    state: Literal["applied", "rejected"]
+    state: Literal["accepted", "applied", "rejected"] = Field(
+        description="accepted: a discover request is scanning (its applied ack follows)"
+    )
     version: int = Field(description="The registry version after the request (or as it is)")
     timestamp: UtcDatetime
     devices: tuple[Identifier, ...] = Field(default=(), description="Devices it changed")
@@ -198,6 +231,9 @@ class PendingEnrolment(Frozen):
     ratings: BatteryRatings
     seen_at: UtcDatetime
     source: str = Field(max_length=256, description="What announced it, e.g. 'mqtt birth'")
+    reach: dict[str, Any] = Field(
+        default_factory=dict, description="How to reach it, as an enrolment's 'reach'"
+    )
     description: str = Field(default="", max_length=256, description="Model, firmware")
 
 

@@ -108,6 +108,7 @@ class GridDermsUplink:
         self._core = core
         core.registry_changes.append(self.registry_change)
         core.pending_listeners.append(self.registry_pending)
+        core.registry_acks.append(lambda ack: self._registry_ack(ack, None))
 
     @property
     def core(self) -> Gateway:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from protocols.mqtt.devices import DeviceTopics
-from simulators.broker import BrokerEndpoint
+from simulators.broker import BrokerEndpoint, free_port
 from simulators.grid_derms import GridDermsClient
 from simulators.mqtt_devices import MqttDeviceSimulator, SimThermostat, ThermalHouse
 from simulators.sunspec_battery import SunSpecBatterySimulator
@@ -394,3 +394,52 @@ telemetry_period_s = 0.5
         assert code == 0, text[-3000:]
         assert "SIGHUP: configuration reloaded" in text
         assert "SIGHUP: configuration not reloaded" in text
+
+
+async def test_a_sunspec_scan_finds_a_battery_that_is_then_approved_and_polled(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    async with (
+        SunSpecBatterySimulator(
+            port=0, capacity_kwh=13.5, max_charge_kw=7, max_discharge_kw=6, initial_soc_pct=50
+        ) as found,
+        Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(1)) as fleet,
+    ):
+        nobody = free_port()
+        scan = {
+            "request_id": "scan-1",
+            "op": "discover",
+            "targets": [
+                {"host": "127.0.0.1", "port": found.port, "device_id_prefix": "site9"},
+                {"host": "127.0.0.1", "port": nobody},
+            ],
+        }
+        first = await fleet.grid.registry_request(scan)
+        assert first.state == "accepted"  # the scan runs in the background
+        await fleet.grid.wait_for(
+            lambda o: any(a.state == "applied" for a in o.registry_acks["scan-1"]), 15
+        )
+        done = fleet.grid.observed.registry_acks["scan-1"][-1]
+        device_id = f"site9-127.0.0.1-{found.port}-1"
+        assert done.devices == (device_id,)
+        await fleet.grid.wait_for(lambda o: device_id in o.pending, 5)
+        pending = fleet.grid.observed.pending[device_id]
+        assert (pending.ratings.max_charge_kw, pending.ratings.max_discharge_kw) == (7.0, 6.0)
+        assert pending.ratings.capacity_kwh == pytest.approx(13.5)
+        # Sent again: the same answer, no second scan.
+        assert await fleet.grid.registry_request(scan) == done
+        ack = await fleet.grid.registry_request(
+            {
+                "request_id": "approve-scan",
+                "op": "approve",
+                "devices": [
+                    {"device_id": device_id, "location": {"substation": "s1", "feeder": "f1"}}
+                ],
+            }
+        )
+        assert (ack.state, ack.devices) == ("applied", (device_id,))
+        gateway = fleet.gateway
+        assert gateway is not None
+        await eventually(lambda: gateway.supervisors[device_id].available, 8, "polled")
+        await fleet.grid.send(dispatch("shed", "feeder:f1", -4.0, 0.1, 30))
+        await eventually(lambda: found.power_kw < -1.0, 5, "dispatched")
