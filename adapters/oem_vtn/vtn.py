@@ -74,9 +74,9 @@ from protocols.openadr.vtn_events import (
     ResourceDescriptor,
     ResourceIdError,
     VtnProgram,
+    describe_resource,
     event_payload,
     is_live,
-    parse_resource_id,
     plan_event,
 )
 from protocols.openadr.vtn_opts import (
@@ -144,6 +144,20 @@ class VtnTlsConfig(Section):
     )
 
 
+class ResourceDefault(Section):
+    """What a plain resource id (a standard VEN's) stands for: its METADATA report says what
+    it measures, not what it is."""
+
+    der_class: DerClass
+    rated_kw: float = Field(gt=0, le=10_000)
+    capacity_kwh: float | None = Field(
+        default=None, gt=0, le=1_000_000, description="None: one hour at rated power"
+    )
+
+    def as_tuple(self) -> tuple[DerClass, float, float]:
+        return (self.der_class, self.rated_kw, self.capacity_kwh or self.rated_kw)
+
+
 class AllowedVen(Section):
     """One OEM cloud allowed to register."""
 
@@ -159,6 +173,15 @@ class AllowedVen(Section):
         default_factory=dict, description="Per DER class, overriding 'program'"
     )
     max_resources: int = Field(default=10_000, ge=1, le=1_000_000)
+    default_resource: ResourceDefault | None = Field(
+        default=None,
+        description="For plain resource ids (any standard VEN): what each one is; ids in the "
+        "'name;class=...;kw=...' grammar describe themselves",
+    )
+
+    def describe(self, resource_id: str) -> ResourceDescriptor:
+        default = self.default_resource
+        return describe_resource(resource_id, None if default is None else default.as_tuple())
 
     def program_for(self, der_class: DerClass) -> VtnProgram:
         return self.programs.get(der_class, self.program)
@@ -486,7 +509,7 @@ class OpenAdrVtn:
                 )
                 continue
             try:
-                descriptor = parse_resource_id(record.resource_id)
+                descriptor = allowed.describe(record.resource_id)
             except ResourceIdError as exc:
                 log.warning("stored resource %s unreadable: %s", record.device_id, exc)
                 continue
@@ -857,7 +880,7 @@ class OpenAdrVtn:
         for record in self.resources.values():
             if record.ven_name != name:
                 continue
-            der_class = parse_resource_id(record.resource_id).der_class
+            der_class = allowed.describe(record.resource_id).der_class
             context = allowed.program_for(der_class).market_context
             targets.append(OptTarget(record.device_id, record.resource_id, context))
         now = self._clock()
@@ -1185,7 +1208,7 @@ class OpenAdrVtn:
         records = []
         for resource_id, rids in found.items():
             try:
-                descriptor = parse_resource_id(resource_id)
+                descriptor = allowed.describe(resource_id)
             except ResourceIdError as exc:
                 self._warn_once(allowed.ven_name, f"resource refused: {exc}")
                 continue
@@ -1306,7 +1329,7 @@ class OpenAdrVtn:
         allowed = self.config.ven(record.ven_name)
         if allowed is None:
             raise DeviceRejected(command.device_id, f"VEN {record.ven_name} not configured")
-        descriptor = parse_resource_id(record.resource_id)
+        descriptor = allowed.describe(record.resource_id)
         async with self._lock:
             previous = self._unsaved.get(command.device_id)
             if previous is None:
