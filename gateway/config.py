@@ -12,10 +12,11 @@ from pydantic import Field, model_validator
 from gateway.delivery import DeliveryTuning
 from gateway.flex.baseline import BaselineConfig
 from unified.config import Section
-from unified.model import DerClass, Group, Identifier
+from unified.model import DerClass, Group, Identifier, TopologyLocation
 
 __all__ = [
     "AuditConfig",
+    "AutoApproval",
     "CoreConfig",
     "DeliveryConfig",
     "FlexConfigSection",
@@ -306,6 +307,20 @@ class ProgramRule(Section):
     )
 
 
+class AutoApproval(Section):
+    """Enrol devices that announce themselves without waiting for an ``approve`` request: those
+    matching ``adapter`` and ``device_id_prefix`` get this location and these programs."""
+
+    adapter: Identifier | None = Field(default=None, description="None: any adapter")
+    device_id_prefix: str = Field(default="", max_length=128)
+    location: TopologyLocation
+    programs: tuple[Identifier, ...] = ()
+    rate_class: Identifier | None = None
+
+    def matches(self, device_id: str, adapter: str) -> bool:
+        return device_id.startswith(self.device_id_prefix) and self.adapter in (None, adapter)
+
+
 class CoreConfig(Section):
     """The sections the domain core reads; the composition root's config extends it with the
     devices, endpoints and uplinks (one flat TOML file for the operator)."""
@@ -321,6 +336,10 @@ class CoreConfig(Section):
     groups: tuple[Group, ...] = Field(
         default=(),
         description="Extra named groups; every substation/feeder/... also gets an implicit group",
+    )
+    auto_approve: tuple[AutoApproval, ...] = Field(
+        default=(),
+        description="Rules enrolling devices that announce themselves (first match wins)",
     )
     programs: tuple[ProgramRule, ...] = Field(
         default=(),

@@ -111,6 +111,8 @@ from unified.model import (
     utcnow,
 )
 from unified.registry import (
+    Approval,
+    ApproveDevices,
     DiscoverDevices,
     GetRegistry,
     PendingEnrolment,
@@ -520,6 +522,34 @@ class Gateway:
         )
         for listener in self.pending_listeners:
             listener(pending)
+        rule = next(
+            (r for r in self.config.auto_approve if r.matches(pending.device_id, pending.adapter)),
+            None,
+        )
+        if rule is not None and self._tasks is not None:
+            request = ApproveDevices(
+                op="approve",
+                request_id=f"auto-approve.{pending.device_id}"[:128],
+                devices=(
+                    Approval(
+                        device_id=pending.device_id,
+                        location=rule.location,
+                        programs=rule.programs,
+                        rate_class=rule.rate_class,
+                    ),
+                ),
+            )
+            self._tasks.create_task(self._auto_approve(request), name="auto-approve")
+
+    async def _auto_approve(self, request: ApproveDevices) -> None:
+        """An approval by rule, answered like one by API (on the registry's ack topic)."""
+        try:
+            ack, _ = await self.registry_request(request, source="auto-approve")
+        except StoreError:
+            log.exception("auto-approval %s could not be stored", request.request_id)
+            return
+        for listener in self.registry_acks:
+            listener(ack)
 
     async def registry_request(
         self, request: RegistryRequest, *, source: str | None = None

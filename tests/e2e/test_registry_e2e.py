@@ -443,3 +443,49 @@ async def test_a_sunspec_scan_finds_a_battery_that_is_then_approved_and_polled(
         await eventually(lambda: gateway.supervisors[device_id].available, 8, "polled")
         await fleet.grid.send(dispatch("shed", "feeder:f1", -4.0, 0.1, 30))
         await eventually(lambda: found.power_kw < -1.0, 5, "dispatched")
+
+
+async def test_a_device_announcing_itself_is_enrolled_by_an_auto_approval_rule(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    topics = DeviceTopics(f"derms/devices/e2e-{uuid.uuid4().hex[:6]}")
+    extra = {
+        "device_mqtt": {
+            "host": broker_endpoint.host,
+            "port": broker_endpoint.port,
+            "topic_root": topics.root,
+            "backoff_max_s": 1.0,
+        },
+        "auto_approve": [
+            {
+                "adapter": "mqtt_thermostat",
+                "device_id_prefix": "north-",
+                "location": {"substation": "s1", "feeder": "f1"},
+                "programs": ["comfort"],
+            }
+        ],
+    }
+    async with (
+        Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(1), extra_config=extra) as fleet,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for device_id in ("north-7", "south-7"):
+            sim = MqttDeviceSimulator(
+                SimThermostat(device_id, house=ThermalHouse(indoor_c=22.0, on=True)),
+                host=broker_endpoint.host,
+                port=broker_endpoint.port,
+                topics=topics,
+                report_interval_s=0.2,
+            )
+            stack.push_async_callback(_stop, asyncio.create_task(sim.run()))
+        await fleet.grid.wait_for(lambda o: {"north-7", "south-7"} <= set(o.pending), 10)
+        await fleet.grid.wait_for(
+            lambda o: any(a.state == "applied" for a in o.registry_acks["auto-approve.north-7"]),
+            5,
+        )
+        gateway = fleet.gateway
+        assert gateway is not None
+        await eventually(lambda: gateway.supervisors["north-7"].available, 5, "polled")
+        assert gateway.registry.device("north-7").programs == ("comfort",)
+        assert "south-7" not in gateway.registry  # no rule matches: it waits for approval
+        assert [p.device_id for p in gateway.enrolment.snapshot(utcnow()).pending] == ["south-7"]
