@@ -186,6 +186,7 @@ class Gateway:
         """Retired devices whose adapter runs until their setpoint is released (by id: the
         monotonic time it is stopped regardless)."""
         self._serving: set[tuple[str, str]] = set()
+        self._serving_since: dict[tuple[str, str], datetime] = {}
         """(device, command) pairs in the current plan: participation records."""
         self.version = _version()
         self.audit_log: AuditLog | None = None
@@ -643,6 +644,12 @@ class Gateway:
             log.exception("could not record participation")
             return
         self._serving = serving
+        for pair in started:
+            self._serving_since[pair] = now
+        for device_id, command_id in ended:
+            since = self._serving_since.pop((device_id, command_id), None)
+            if since is not None:
+                self.registry.add_called(device_id, (now - since).total_seconds())
 
     def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
         """A device (or the cloud behind it) refused a setpoint after it was handed over, e.g.

@@ -27,7 +27,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,9 @@ __all__ = ["AdapterFactory", "Enrolment", "RegistryError", "RegistryStore", "Sca
 
 Scanner = Callable[[DiscoverDevices], Awaitable[list[PendingEnrolment]]]
 """Probes endpoints for devices (the composition root's SunSpec scan): what it finds."""
+
+FAIRNESS_WINDOW = timedelta(days=30)
+"""How far back the hours a device was called count for who is called first."""
 
 AdapterFactory = Callable[[Device, Mapping[str, Any]], DeviceAdapter]
 """Builds the adapter of a device enrolled through the API from its ``reach`` settings (the
@@ -226,6 +229,18 @@ class RegistryStore(SqliteStore):
         await self.db.commit()
 
     @store_errors(RegistryError)
+    async def called_seconds(self, since: datetime, now: datetime) -> dict[str, float]:
+        """Seconds each device served commands that started since ``since`` (open ones up to
+        ``now``)."""
+        async with self.db.execute(
+            "SELECT device_id, SUM((julianday(COALESCE(ended_at, ?)) - julianday(started_at))"
+            " * 86400.0) FROM participation WHERE started_at >= ? GROUP BY device_id",
+            (now.isoformat(), since.isoformat()),
+        ) as c:
+            rows = await c.fetchall()
+        return {str(d): max(0.0, float(s or 0.0)) for d, s in rows}
+
+    @store_errors(RegistryError)
     async def participation(self, device_id: str) -> list[Participation]:
         async with self.db.execute(
             "SELECT command_id, started_at, ended_at FROM participation WHERE device_id = ?"
@@ -375,6 +390,8 @@ class Enrolment:
         bring the core's registry in line; returns what the merge changed, if anything."""
         version, stored, retired = await self.store.load()
         self.version = version
+        called = await self.store.called_seconds(now - FAIRNESS_WINDOW, now)
+        self.core.registry.called_s.update(called)
         self._retired_by_api = {d for d, origin in retired.items() if origin == "api"}
         upserts: list[RegistryEntry] = []
         gone: list[tuple[str, str, datetime]] = []

@@ -27,6 +27,9 @@ class Registry:
         self._groups: dict[str, Group] | None = None
         self._members: dict[str, list[Device]] = {}
         self._eligible: dict[str, frozenset[str]] = {}
+        self.called_s: dict[str, float] = {}
+        """Seconds each device served commands lately (participation records): who a
+        thermal dispatch calls first is the one called least."""
         """Programs with an eligibility rule → the devices eligible in them."""
         for device in devices:
             self._devices[device.device_id] = device
@@ -79,6 +82,9 @@ class Registry:
     def set_eligible(self, eligible: dict[str, frozenset[str]]) -> None:
         """For each program with a rule, the devices that may serve its commands."""
         self._eligible = eligible
+
+    def add_called(self, device_id: str, seconds: float) -> None:
+        self.called_s[device_id] = self.called_s.get(device_id, 0.0) + seconds
 
     def may_serve(self, device_id: str, program: str) -> bool:
         """Whether a command of ``program`` may use the device: any device, unless the program

@@ -177,6 +177,7 @@ async def test_a_device_retired_mid_dispatch_is_released_and_its_share_reallocat
         [serving] = await gateway.enrolment.store.participation("bat-1")
         assert serving.command_id == "shed"
         assert serving.ended_at is None
+        assert gateway.registry.called_s["bat-3"] > 0  # counts for who is called first
         # Still listed in the config file, but retired through the API: it stays retired.
         await fleet.stop_gateway()
         gateway = await fleet.start_gateway()
