@@ -624,6 +624,12 @@ class Enrolment:
     def _known(self, device_id: str) -> RegistryEntry:
         entry = self.entries.get(device_id)
         if entry is None:
+            if device_id in self.core.registry:
+                raise _Refused(
+                    Reason.UNKNOWN_DEVICE,
+                    f"device {device_id!r} was enrolled by its endpoint (an OCPP charger, an "
+                    "OEM cloud's resource), not in the durable registry: change it there",
+                )
             raise _Refused(Reason.UNKNOWN_DEVICE, f"device {device_id!r} is not enrolled")
         return entry
 
