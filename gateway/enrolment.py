@@ -217,14 +217,24 @@ class RegistryStore(SqliteStore):
     ) -> None:
         """Devices that began or stopped serving a command (``(device_id, command_id)``)."""
         at = now.isoformat()
+        # A command resumed after a restart reopens its row (the start is kept).
         await self.db.executemany(
-            "INSERT OR IGNORE INTO participation (device_id, command_id, started_at)"
-            " VALUES (?, ?, ?)",
+            "INSERT INTO participation (device_id, command_id, started_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(device_id, command_id) DO UPDATE SET ended_at = NULL",
             [(d, c, at) for d, c in started],
         )
         await self.db.executemany(
             "UPDATE participation SET ended_at = ? WHERE device_id = ? AND command_id = ?",
             [(at, d, c) for d, c in ended],
+        )
+        await self.db.commit()
+
+    @store_errors(RegistryError)
+    async def close_participation(self, now: datetime) -> None:
+        """At start: rows left open by a stop end now (those still in force reopen at the
+        first control cycle), so a crash does not count as hours called for ever."""
+        await self.db.execute(
+            "UPDATE participation SET ended_at = ? WHERE ended_at IS NULL", (now.isoformat(),)
         )
         await self.db.commit()
 
@@ -390,6 +400,7 @@ class Enrolment:
         bring the core's registry in line; returns what the merge changed, if anything."""
         version, stored, retired = await self.store.load()
         self.version = version
+        await self.store.close_participation(now)
         called = await self.store.called_seconds(now - FAIRNESS_WINDOW, now)
         self.core.registry.called_s.update(called)
         self._retired_by_api = {d for d, origin in retired.items() if origin == "api"}

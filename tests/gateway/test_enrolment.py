@@ -302,3 +302,17 @@ async def test_program_rules_and_the_customer_systems_decision_set_eligibility(
     async with Core(tmp_path, configured("bat-1"), programs=rules) as gw:
         assert gw.registry.may_serve("a", "tou")  # restored from the store
         assert not gw.registry.may_serve("b", "summer")
+
+
+async def test_participation_left_open_by_a_stop_ends_at_the_next_start(tmp_path: Path) -> None:
+    async with Core(tmp_path, configured("bat-1")) as gw:
+        t0 = utcnow()
+        await gw.enrolment.store.record_participation([("bat-1", "d1")], [], t0)
+    async with Core(tmp_path, configured("bat-1")) as gw:
+        [record] = await gw.enrolment.store.participation("bat-1")
+        assert record.ended_at is not None  # closed at start, not counted for ever
+        assert gw.registry.called_s["bat-1"] >= 0.0
+        # The command still in force reopens it, keeping its start.
+        await gw.enrolment.store.record_participation([("bat-1", "d1")], [], utcnow())
+        [record] = await gw.enrolment.store.participation("bat-1")
+        assert (record.started_at, record.ended_at) == (t0, None)
