@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from adapters.grid_derms.link import Northbound
 from adapters.grid_derms.uplink import GridDermsUplink
-from adapters.mqtt_devices.devices import DeviceMqttLink, build_mqtt_adapter
+from adapters.mqtt_devices.devices import (
+    DeviceMqttLink,
+    build_mqtt_adapter,
+    pending_from_birth,
+)
 from adapters.ocpp.central import OcppCentral
 from adapters.ocpp.charger import OcppCharger
 from adapters.oem_vtn.vtn import OpenAdrVtn
@@ -27,16 +33,19 @@ from adapters.operator.server import Extension, OperatorServer
 from adapters.operator.view import add_view
 from adapters.sep2_der.der import Sep2Der, refusals_to
 from adapters.sep2_der.server import Sep2Server
-from adapters.sunspec.battery import SunSpecBattery
+from adapters.sunspec.battery import SunSpecBattery, SunSpecEndpoint
 from adapters.sunspec.pv_inverter import SunSpecPvInverter
-from composition.config import EdgeAgentConfig, GatewayConfig
+from composition.config import DeviceConfig, EdgeAgentConfig, GatewayConfig
 from edge_agent.agent import EdgeAgent
 from gateway.aio import wait_inside_task_group
 from gateway.audit import RefusalRecorder
 from gateway.core import Gateway
 from gateway.devices import AdapterError, DeviceAdapter
+from gateway.enrolment import AdapterFactory
 from gateway.registry import Registry
-from unified.model import DeviceCommand
+from protocols.mqtt.devices import Birth
+from unified.model import BatteryRatings, DerClass, Device, DeviceCommand, utcnow
+from unified.registry import DiscoverDevices, PendingEnrolment
 
 __all__ = ["GatewayApp", "build_adapters", "build_edge_agent"]
 
@@ -52,26 +61,123 @@ def build_adapters(
     registry = Registry([d.as_device() for d in config.devices], config.groups)
     groups = registry.groups()
     for device in config.devices:
-        if device.adapter == "sunspec_battery" and device.sunspec is not None:
-            adapters[device.device_id] = SunSpecBattery(device.device_id, device.sunspec)
-        elif device.adapter == "sunspec_pv" and device.sunspec is not None:
-            adapters[device.device_id] = SunSpecPvInverter(device.device_id, device.sunspec)
-        elif device.adapter == "sep2_der" and device.sep2 is not None:
-            assert sep2_server is not None  # the config validator guarantees it
-            member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
-            adapters[device.device_id] = Sep2Der(
-                device.device_id, device.sep2, server=sep2_server, groups=member_of
-            )
-        elif device.adapter in ("mqtt_thermostat", "mqtt_water_heater"):
-            assert device_mqtt is not None  # the config validator guarantees it
-            adapters[device.device_id] = build_mqtt_adapter(
-                device.adapter,  # type: ignore[arg-type]
-                device.device_id,
-                device_mqtt,
-                device.mqtt,
-                on_opt_out=report_refusal,
-            )
+        member_of = tuple(gid for gid, g in groups.items() if g.contains(device.as_device()))
+        adapter = build_adapter(device, sep2_server, device_mqtt, report_refusal, member_of)
+        if adapter is not None:
+            adapters[device.device_id] = adapter
     return adapters
+
+
+def build_adapter(
+    device: DeviceConfig,
+    sep2_server: Sep2Server | None,
+    device_mqtt: DeviceMqttLink | None,
+    report_refusal: Callable[[DeviceCommand, AdapterError], None],
+    member_of: tuple[str, ...] = (),
+) -> DeviceAdapter | None:
+    """The adapter of one device entry (None: its endpoint is not configured here)."""
+    if device.adapter == "sunspec_battery" and device.sunspec is not None:
+        return SunSpecBattery(device.device_id, device.sunspec)
+    if device.adapter == "sunspec_pv" and device.sunspec is not None:
+        return SunSpecPvInverter(device.device_id, device.sunspec)
+    if device.adapter == "sep2_der" and device.sep2 is not None and sep2_server is not None:
+        return Sep2Der(device.device_id, device.sep2, server=sep2_server, groups=member_of)
+    if device.adapter in ("mqtt_thermostat", "mqtt_water_heater") and device_mqtt is not None:
+        return build_mqtt_adapter(
+            device.adapter,  # type: ignore[arg-type]
+            device.device_id,
+            device_mqtt,
+            device.mqtt,
+            on_opt_out=report_refusal,
+        )
+    return None
+
+
+def enrolment_factory(
+    config: GatewayConfig,
+    sep2_server: Sep2Server | None,
+    device_mqtt: DeviceMqttLink | None,
+    report_refusal: Callable[[DeviceCommand, AdapterError], None],
+) -> AdapterFactory:
+    """How a device enrolled through the registry API is reached: its ``reach`` settings read
+    as a ``[[devices]]`` entry of the config file would be (same checks, same adapters)."""
+
+    def build(device: Device, reach: Mapping[str, Any]) -> DeviceAdapter:
+        try:
+            entry = DeviceConfig.model_validate(device.model_dump() | dict(reach))
+        except ValidationError as exc:
+            raise ValueError(_errors(exc)) from None
+        if entry.sunspec is not None:
+            endpoint = (entry.sunspec.host, entry.sunspec.port, entry.sunspec.unit_id)
+            for other in config.devices:
+                if other.sunspec is not None and endpoint == (
+                    other.sunspec.host,
+                    other.sunspec.port,
+                    other.sunspec.unit_id,
+                ):
+                    raise ValueError(f"its SunSpec endpoint is {other.device_id!r}'s")
+        groups = Registry([device]).groups()
+        adapter = build_adapter(
+            entry, sep2_server, device_mqtt, report_refusal, tuple(sorted(groups))
+        )
+        if adapter is None:
+            raise ValueError(f"adapter {entry.adapter!r} has no endpoint on this gateway")
+        return adapter
+
+    return build
+
+
+_SCAN_CONCURRENCY = 16
+_PROBE_TIMEOUT_S = 5.0
+
+
+async def scan_sunspec(request: DiscoverDevices) -> list[PendingEnrolment]:
+    """Probe each target unit for a SunSpec battery (at most 16 at a time, 5 s each): every
+    one that answers with its ratings becomes a pending enrolment, reached as it was found."""
+    limit = asyncio.Semaphore(_SCAN_CONCURRENCY)
+
+    async def probe(host: str, port: int, unit: int, prefix: str) -> PendingEnrolment | None:
+        device_id = f"{prefix}-{host}-{port}-{unit}".replace(":", "-")[:128]
+        endpoint = SunSpecEndpoint(host=host, port=port, unit_id=unit, timeout_s=1.0)
+        adapter = SunSpecBattery(device_id, endpoint)
+        async with limit:
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                    await adapter.connect()
+                    state = await adapter.read()
+            except (AdapterError, TimeoutError):
+                return None
+            finally:
+                await adapter.close()
+        if not (state.max_charge_kw and state.max_discharge_kw and state.capacity_kwh):
+            return None
+        return PendingEnrolment(
+            device_id=device_id,
+            der_class=DerClass.BATTERY,
+            adapter="sunspec_battery",
+            ratings=BatteryRatings(
+                max_charge_kw=state.max_charge_kw,
+                max_discharge_kw=state.max_discharge_kw,
+                capacity_kwh=state.capacity_kwh,
+            ),
+            seen_at=utcnow(),
+            source=f"sunspec scan {host}:{port} unit {unit}",
+            reach={"sunspec": endpoint.model_dump(exclude_defaults=True) | {"host": host}},
+        )
+
+    probes = [
+        probe(t.host, t.port, unit, t.device_id_prefix)
+        for t in request.targets
+        for unit in dict.fromkeys(t.unit_ids)
+    ]
+    return [p for p in await asyncio.gather(*probes) if p is not None]
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+        for e in exc.errors(include_url=False)[:8]
+    )
 
 
 class GatewayApp:
@@ -109,8 +215,19 @@ class GatewayApp:
             devices=[d.as_device() for d in config.devices],
             adapters=adapters,
             publisher=self.uplink,
+            adapter_factory=enrolment_factory(
+                config, self.sep2_server, self.device_mqtt, self._report_refusal
+            ),
+            scanner=scan_sunspec,
         )
         self.uplink.bind(self.core)
+        if self.device_mqtt is not None:
+            core = self.core
+
+            def announce(birth: Birth) -> None:
+                core.propose_enrolment(pending_from_birth(birth))
+
+            self.device_mqtt.on_unknown_birth = announce
         self.openadr_ven: OpenAdrVen | None = None
         if config.openadr_ven is not None:
             self.openadr_ven = OpenAdrVen(
@@ -180,6 +297,32 @@ class GatewayApp:
     def _report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
         # Called by adapters and endpoints built before the core exists, only once it runs.
         self.core.report_refusal(command, error)
+
+    async def reload(self, config: GatewayConfig) -> list[str]:
+        """Apply a reloaded configuration (SIGHUP) without a restart: its ``[[devices]]`` are
+        merged into the registry (new ones enrolled, changed ones updated, removed ones
+        retired; what the registry API owns is left alone) and commands in force carry on.
+        Returns what needs a restart instead (every other section, a device's new adapter)."""
+        notes: list[str] = []
+        before = self.config.model_dump(exclude={"devices"})
+        after = config.model_dump(exclude={"devices"})
+        changed = sorted(k for k in after if before.get(k) != after.get(k))
+        if changed:
+            notes.append("changed sections take effect at the next restart: " + ", ".join(changed))
+        served = self.core.supervisors
+        devices: list[tuple[Device, DeviceAdapter | None]] = []
+        for entry in config.devices:
+            device = entry.as_device()
+            adapter = None
+            if entry.device_id not in served:
+                member_of = tuple(sorted(Registry([device]).groups()))
+                adapter = build_adapter(
+                    entry, self.sep2_server, self.device_mqtt, self._report_refusal, member_of
+                )
+            devices.append((device, adapter))
+        notes += await self.core.reload_devices(devices)
+        self.config = self.config.model_copy(update={"devices": config.devices})
+        return notes
 
     async def run(self) -> None:
         """Run until cancelled: the core first (its command book loaded), then the endpoints

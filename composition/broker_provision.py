@@ -7,10 +7,12 @@ identity      publishes                                   reads
 ============  ==========================================  ========================================
 Grid DERMS    ``{root}/commands``, ``{root}/weather``,    ``{root}/acks/#``, ``telemetry/#``,
               ``{root}/requests/#``                       ``performance/#``, ``status``,
-                                                          ``errors``, ``{reply prefix}#``
+                                                          ``errors``, ``registry/#``,
+                                                          ``{reply prefix}#``
 gateway       ``{root}/acks/#``, ``telemetry/#``,         ``{root}/commands``, ``weather``,
               ``performance/#``, ``status``, ``errors``,  ``requests/#``; every device topic
-              ``{reply prefix}#``; every device topic
+              ``registry/#``, ``{reply prefix}#``; every
+              device topic
 device        its own birth, availability, telemetry,     its own command topic
               result
 anyone else   nothing (``allow_anonymous false``)         nothing
@@ -95,6 +97,7 @@ def northbound_rules(topics: Topics, reply_prefix: str) -> tuple[list[TopicRule]
         f"{root}/performance/#",
         f"{root}/status",
         f"{root}/errors",
+        f"{root}/registry/#",
         f"{reply_prefix}#",
     ]
     gateway = [TopicRule("read", t) for t in grid_writes]

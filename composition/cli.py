@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,12 +31,17 @@ from composition.runtime import settle_heap
 from composition.status_cli import status
 from unified.config import ConfigError
 from unified.model import json_schemas
+from unified.registry import registry_json_schemas
 
 SHUTDOWN_GRACE_S = 10.0
 
 
-def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``main`` and cancel it cleanly on SIGINT or SIGTERM (tasks see CancelledError).
+def run_until_signal(
+    main: Coroutine[Any, Any, Any],
+    on_hangup: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> Any:
+    """Run ``main`` and cancel it cleanly on SIGINT or SIGTERM (tasks see CancelledError);
+    on SIGHUP run ``on_hangup`` (one at a time: a SIGHUP during a reload is taken after it).
 
     If the clean stop has not finished ``SHUTDOWN_GRACE_S`` after the signal (a task that
     swallowed its cancellation), the stuck tasks are logged with their stacks and the process
@@ -68,6 +73,24 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        reloads: set[asyncio.Task[None]] = set()
+        lock = asyncio.Lock()
+
+        async def hangup() -> None:
+            assert on_hangup is not None
+            async with lock:
+                try:
+                    await on_hangup()
+                except Exception:
+                    log.exception("reload failed; running as before")
+
+        def on_sighup() -> None:
+            reload = loop.create_task(hangup(), name="reload")
+            reloads.add(reload)
+            reload.add_done_callback(reloads.discard)
+
+        if on_hangup is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         try:
             return await main
         except asyncio.CancelledError:
@@ -76,17 +99,24 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if on_hangup is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
+            for reload in reloads:
+                reload.cancel()
 
     return asyncio.run(runner())
 
 
-def _run_explained(main: Coroutine[Any, Any, Any]) -> None:
+def _run_explained(
+    main: Coroutine[Any, Any, Any],
+    on_hangup: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> None:
     """``run_until_signal``, with a store that cannot be opened or written said in a sentence
     with what to do, and exit status 1, instead of a traceback."""
     from gateway.store import StoreError
 
     try:
-        run_until_signal(main)
+        run_until_signal(main, on_hangup)
     except StoreError as exc:
         raise click.ClickException(_store_advice(exc)) from None
     except BaseExceptionGroup as group:
@@ -174,7 +204,21 @@ def run(config_path: Path) -> None:
     except ConfigError as exc:
         raise InvalidConfig(str(exc)) from None
     settle_heap()
-    _run_explained(app.run())
+    log = logging.getLogger("gateway")
+
+    async def reload() -> None:
+        """SIGHUP: read the file again; a file that does not parse changes nothing."""
+        try:
+            new = await asyncio.to_thread(load_config, config_path, GatewayConfig)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        notes = await app.reload(new)
+        for note in notes:
+            log.warning("SIGHUP: %s", note)
+        log.info("SIGHUP: configuration reloaded (%s)", config_path)
+
+    _run_explained(app.run(), reload)
 
 
 @main.command(min_verbosity=1)
@@ -255,7 +299,7 @@ def schema(out: Path | None) -> None:
     """Print (or write) the JSON Schemas of the northbound messages."""
     from gateway.flex import flex_json_schemas
 
-    schemas = json_schemas() | flex_json_schemas()
+    schemas = json_schemas() | flex_json_schemas() | registry_json_schemas()
     if out is None:
         click.echo(json.dumps(schemas, indent=2))
         return

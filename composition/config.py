@@ -139,11 +139,8 @@ class GatewayConfig(CoreConfig):
                     f"({device.sunspec.setpoint_revert_s}) must exceed timing.refresh_s "
                     f"({self.timing.refresh_s:g}), or the battery reverts between refreshes"
                 )
-        if not self.devices and self.ocpp_central is None and self.openadr_vtn is None:
-            problems.append(
-                "no devices: configure [[devices]], or an [ocpp_central] or [openadr_vtn] that "
-                "enrols them at run time"
-            )
+        # No [[devices]] is a valid start: devices enrol through the registry API (and the
+        # registry's store may hold them already), or from an OCPP central or OpenADR VTN.
         if self.ocpp_central is not None:
             for charger in self.ocpp_central.chargers:
                 if charger.resolved_device_id in seen:

@@ -13,14 +13,16 @@ from pydantic import Field, model_validator
 from gateway.delivery import DeliveryTuning
 from gateway.flex.baseline import BaselineConfig
 from unified.config import Section
-from unified.model import Group, Identifier
+from unified.model import DerClass, Group, Identifier, TopologyLocation
 
 __all__ = [
     "AuditConfig",
+    "AutoApproval",
     "CoreConfig",
     "DeliveryConfig",
     "FlexConfigSection",
     "HistoryConfig",
+    "ProgramRule",
     "SettlementConfig",
     "StoreConfig",
     "TimingConfig",
@@ -311,6 +313,40 @@ class DeliveryConfig(Section):
         )
 
 
+class ProgramRule(Section):
+    """Who may be enrolled in one program. A device listing a program with a rule is eligible
+    only if it passes every condition given; a program without a rule takes every device and
+    its commands may use any device of their target."""
+
+    program_id: Identifier
+    der_classes: tuple[DerClass, ...] = Field(default=(), description="Empty: any class")
+    rate_classes: tuple[Identifier, ...] = Field(default=(), description="Empty: any rate class")
+    groups: tuple[Identifier, ...] = Field(
+        default=(),
+        description="The device must be in one of these groups (e.g. 'feeder:north-f1'); "
+        "empty: anywhere",
+    )
+    customer_check: bool = Field(
+        default=False,
+        description="Devices passing the rule stay 'pending' until the utility's customer "
+        "system decides (an 'eligibility' request on requests/registry)",
+    )
+
+
+class AutoApproval(Section):
+    """Enrol devices that announce themselves without waiting for an ``approve`` request: those
+    matching ``adapter`` and ``device_id_prefix`` get this location and these programs."""
+
+    adapter: Identifier | None = Field(default=None, description="None: any adapter")
+    device_id_prefix: str = Field(default="", max_length=128)
+    location: TopologyLocation
+    programs: tuple[Identifier, ...] = ()
+    rate_class: Identifier | None = None
+
+    def matches(self, device_id: str, adapter: str) -> bool:
+        return device_id.startswith(self.device_id_prefix) and self.adapter in (None, adapter)
+
+
 class CoreConfig(Section):
     """The sections the domain core reads; the composition root's config extends it with the
     devices, endpoints and uplinks (one flat TOML file for the operator)."""
@@ -326,4 +362,13 @@ class CoreConfig(Section):
     groups: tuple[Group, ...] = Field(
         default=(),
         description="Extra named groups; every substation/feeder/... also gets an implicit group",
+    )
+    auto_approve: tuple[AutoApproval, ...] = Field(
+        default=(),
+        description="Rules enrolling devices that announce themselves (first match wins)",
+    )
+    programs: tuple[ProgramRule, ...] = Field(
+        default=(),
+        description="Eligibility rules per program; a dispatch of a program with a rule uses "
+        "only devices eligible in it",
     )

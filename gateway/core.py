@@ -54,8 +54,10 @@ from gateway.devices import (
     DeviceAdapter,
     DispatchNotice,
     ReportsOnItsOwnSchedule,
+    Retires,
     TakesNotice,
 )
+from gateway.enrolment import AdapterFactory, Enrolment, Scanner
 from gateway.errors import CoreError
 from gateway.flex import (
     DeviceFlexInput,
@@ -118,6 +120,17 @@ from unified.model import (
     TopologyLevel,
     utcnow,
 )
+from unified.registry import (
+    Approval,
+    ApproveDevices,
+    DiscoverDevices,
+    GetRegistry,
+    PendingEnrolment,
+    RegistryAck,
+    RegistryChange,
+    RegistryRequest,
+    RegistrySnapshot,
+)
 from unified.weather import GATEWAY_SCOPE, WeatherForecast
 
 log = logging.getLogger(__name__)
@@ -163,14 +176,34 @@ class Gateway:
         devices: Sequence[Device],
         adapters: Mapping[str, DeviceAdapter],
         publisher: Publisher,
+        adapter_factory: AdapterFactory | None = None,
+        scanner: Scanner | None = None,
     ) -> None:
-        """``devices`` are the configured fleet (the registry's start), ``adapters`` how to
-        reach each of them (a device without one is planned around as never reporting), and
-        ``publisher`` where acks, telemetry, forecasts and reports go."""
+        """``devices`` are the configured fleet (the registry's seed), ``adapters`` how to
+        reach each of them (a device without one is planned around as never reporting),
+        ``publisher`` where acks, telemetry, forecasts and reports go, and ``adapter_factory``
+        how to reach a device enrolled through the registry API (none: no such enrolment)."""
         self.config = config
         self.publisher = publisher
         self.registry = Registry(list(devices), config.groups)
         self.store = CommandStore(config.store.path)
+        self.enrolment = Enrolment(self, config.store.path, adapter_factory, devices)
+        self._scanner = scanner
+        self._scans: set[str] = set()
+        self.registry_acks: list[Callable[[RegistryAck], None]] = []
+        """Told of registry acks that come later than their request (a scan's result)."""
+        """The durable registry and its API (:mod:`gateway.enrolment`)."""
+        self.registry_changes: list[Callable[[RegistryChange], None]] = []
+        """Told of every change of the durable registry (the uplink publishes them)."""
+        self.pending_listeners: list[Callable[[PendingEnrolment], None]] = []
+        """Told of every device that announced itself and waits for approval."""
+        self._device_tasks: dict[str, asyncio.Task[None]] = {}
+        self._retiring: dict[str, float] = {}
+        """Retired devices whose adapter runs until their setpoint is released (by id: the
+        monotonic time it is stopped regardless)."""
+        self._serving: set[tuple[str, str]] = set()
+        self._serving_since: dict[tuple[str, str], datetime] = {}
+        """(device, command) pairs in the current plan: participation records."""
         self.version = _version()
         self.audit_log: AuditLog | None = None
         self.audit: AuditTrail = NO_AUDIT
@@ -265,6 +298,10 @@ class Gateway:
             if self.audit_log is not None:
                 await stack.enter_async_context(self.audit_log)
             await stack.enter_async_context(self.store)
+            await stack.enter_async_context(self.enrolment.store)
+            merged = await self.enrolment.load(utcnow())
+            if merged is not None:
+                self._registry_changed(merged)
             if self.history is not None:
                 await stack.enter_async_context(self.history)
                 await self._load_weather()
@@ -286,7 +323,9 @@ class Gateway:
                     if self.config.settlement.enabled:
                         tg.create_task(self._settlement_loop(), name="settlement")
                 for device_id, supervisor in self.supervisors.items():
-                    tg.create_task(supervisor.run(), name=f"device:{device_id}")
+                    self._device_tasks[device_id] = tg.create_task(
+                        supervisor.run(), name=f"device:{device_id}"
+                    )
                 tg.create_task(self._control_loop(), name="control")
                 tg.create_task(self._store_retention_loop(), name="store-retention")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
@@ -346,9 +385,13 @@ class Gateway:
         self._cycle: CycleEstimate | None = None
         self.reading_quality: dict[str, TelemetryQuality] = {}
 
-    def _enrol_for_estimation(self, device: Device) -> None:
+    def _enrol_for_estimation(self, devices: Sequence[Device]) -> None:
+        # A device enrolled again after a retirement keeps its row (and its history).
+        new = [self._profile(d) for d in devices if d.device_id not in self._fleet_index.row]
+        if not new:
+            return
         self._flush_quality()  # queued readings refer to the rows as they are
-        index = self._fleet_index.extended([self._profile(device)])
+        index = self._fleet_index.extended(new)
         self._classifier.extend(index)
         self._estimator.extend(index)
         self._fleet_index = index
@@ -406,16 +449,229 @@ class Gateway:
         It joins its topology groups at once, so the next control cycle may allocate to it;
         commands already active are re-planned over the new membership, not rewritten.
         """
-        if device.device_id != adapter.device_id:
-            raise ValueError("device and adapter disagree on the device id")
-        if device.device_id in self.registry:
-            raise ValueError(f"device {device.device_id!r} is already registered")
-        self.registry.add(device)
-        supervisor = self._supervise(adapter)
-        self._enrol_for_estimation(device)
-        if self._tasks is not None:
-            self._tasks.create_task(supervisor.run(), name=f"device:{device.device_id}")
+        self.add_devices([(device, adapter)])
+
+    def add_devices(self, enrolled: Sequence[tuple[Device, DeviceAdapter]]) -> None:
+        """Enrol many devices at once (a bulk enrolment): checked first, then added together,
+        so estimation is extended once, not once per device."""
+        ids: set[str] = set()
+        for device, adapter in enrolled:
+            if device.device_id != adapter.device_id:
+                raise ValueError("device and adapter disagree on the device id")
+            if device.device_id in self.registry or device.device_id in ids:
+                raise ValueError(f"device {device.device_id!r} is already registered")
+            if device.device_id in self.supervisors:
+                raise ValueError(f"device {device.device_id!r} is still being retired")
+            ids.add(device.device_id)
+        for device, adapter in enrolled:
+            self.registry.add(device)
+            supervisor = self._supervise(adapter)
+            if self._tasks is not None:
+                self._device_tasks[device.device_id] = self._tasks.create_task(
+                    supervisor.run(), name=f"device:{device.device_id}"
+                )
+        self._enrol_for_estimation([d for d, _ in enrolled])
         self._wake.set()
+
+    def update_device(self, device: Device) -> None:
+        """A registered device's new record (location, ratings, constraints, programs): the
+        next control cycle plans over it; commands in force are not rewritten."""
+        self.registry.replace(device)
+        self._wake.set()
+
+    def retire_device(self, device_id: str, *, release_within_s: float = 30.0) -> None:
+        """Take a device out of the fleet. It leaves every group at once, so the next control
+        cycle re-allocates its share of the commands in force to the other members; its
+        adapter runs until the release of its setpoint is written (at most
+        ``release_within_s``), then stops."""
+        self.registry.remove(device_id)
+        if device_id not in self.supervisors:
+            return
+        if self._tasks is None:  # not started: nothing was written to it
+            self._stop_supervisor(device_id)
+        else:
+            self._retiring[device_id] = time.monotonic() + release_within_s
+        self._wake.set()
+
+    def _stop_supervisor(self, device_id: str) -> None:
+        supervisor = self.supervisors.pop(device_id, None)
+        if supervisor is not None and isinstance(supervisor.adapter, Retires):
+            supervisor.adapter.retire()
+        self._own_schedule.pop(device_id, None)
+        self._retiring.pop(device_id, None)
+        task = self._device_tasks.pop(device_id, None)
+        if task is not None:
+            task.cancel()
+
+    def _reap_retired(self) -> None:
+        now = time.monotonic()
+        for device_id, deadline in list(self._retiring.items()):
+            supervisor = self.supervisors.get(device_id)
+            if supervisor is None or supervisor.released or now >= deadline:
+                self._stop_supervisor(device_id)
+                log.info("device %s retired", device_id)
+
+    def _registry_changed(self, change: RegistryChange, source: str | None = None) -> None:
+        self.audit.record(
+            AuditKind.REGISTRY_CHANGED,
+            source=source or CORE_SOURCE,
+            details=change.model_dump(mode="json", exclude_none=True),
+        )
+        for listener in self.registry_changes:
+            listener(change)
+
+    async def reload_devices(
+        self, devices: Sequence[tuple[Device, DeviceAdapter | None]]
+    ) -> list[str]:
+        """A reloaded config file's devices (SIGHUP): merged into the registry at run time by
+        the start's rule, without touching the commands in force; returns what needs a
+        restart instead."""
+        change, notes = await self.enrolment.reseed(devices, utcnow())
+        if change is not None:
+            self._registry_changed(change)
+        return notes
+
+    def propose_enrolment(self, pending: PendingEnrolment) -> None:
+        """A device announced itself (an unknown MQTT device's birth): it waits for an
+        ``approve`` request, and Grid DERMS is told."""
+        if not self.enrolment.propose(pending):
+            return
+        log.info("device %s announced itself: pending enrolment", pending.device_id)
+        self.audit.record(
+            AuditKind.REGISTRY_PENDING,
+            source=pending.source,
+            device_id=pending.device_id,
+            details=pending.model_dump(mode="json"),
+        )
+        for listener in self.pending_listeners:
+            listener(pending)
+        rule = next(
+            (r for r in self.config.auto_approve if r.matches(pending.device_id, pending.adapter)),
+            None,
+        )
+        if rule is not None and self._tasks is not None:
+            request = ApproveDevices(
+                op="approve",
+                request_id=f"auto-approve.{pending.device_id}"[:128],
+                devices=(
+                    Approval(
+                        device_id=pending.device_id,
+                        location=rule.location,
+                        programs=rule.programs,
+                        rate_class=rule.rate_class,
+                    ),
+                ),
+            )
+            self._tasks.create_task(self._auto_approve(request), name="auto-approve")
+
+    async def _auto_approve(self, request: ApproveDevices) -> None:
+        """An approval by rule, answered like one by API (on the registry's ack topic)."""
+        try:
+            ack, _ = await self.registry_request(request, source="auto-approve")
+        except StoreError:
+            log.exception("auto-approval %s could not be stored", request.request_id)
+            return
+        for listener in self.registry_acks:
+            listener(ack)
+
+    async def registry_request(
+        self, request: RegistryRequest, *, source: str | None = None
+    ) -> tuple[RegistryAck, RegistrySnapshot | None]:
+        """Apply one request of the registry API (:mod:`gateway.enrolment`); answers with its
+        ack and, for a ``get``, the snapshot. Raises :class:`gateway.enrolment.RegistryError`
+        when the registry's tables cannot be written (nothing is then applied)."""
+        now = utcnow()
+        if isinstance(request, DiscoverDevices):
+            return await self._discover(request, now), None
+        ack, change = await self.enrolment.handle(request, now)
+        if change is not None:
+            log.info("registry %s by %s: version %d", change.op, source, change.version)
+            self._registry_changed(change, source)
+        snapshot = None
+        if isinstance(request, GetRegistry) and ack.state == "applied":
+            snapshot = self.enrolment.snapshot(now)
+        return ack, snapshot
+
+    async def _discover(self, request: DiscoverDevices, now: datetime) -> RegistryAck:
+        """Scans run in the background (a slow endpoint must not hold up the commands behind
+        it): ``accepted`` now, ``applied`` with the devices found when the scan is over."""
+        answered = await self.enrolment.answered(request)
+        if answered is not None:
+            return (await self.enrolment.handle(request, now))[0]  # same id: same rules
+        refused = None
+        if self._scanner is None:
+            refused = "this gateway cannot scan for devices"
+        elif self._tasks is None:
+            refused = "the gateway is not running"
+        if refused is not None:
+            return RegistryAck(
+                request_id=request.request_id,
+                state="rejected",
+                version=self.enrolment.version,
+                timestamp=now,
+                reason=Reason.ADAPTER_INVALID,
+                detail=refused,
+            )
+        accepted = RegistryAck(
+            request_id=request.request_id,
+            state="accepted",
+            version=self.enrolment.version,
+            timestamp=now,
+            detail="scanning; found devices are announced on registry/pending",
+        )
+        if request.request_id not in self._scans:
+            assert self._tasks is not None
+            self._scans.add(request.request_id)
+            self._tasks.create_task(self._scan(request), name=f"scan:{request.request_id}")
+        return accepted
+
+    async def _scan(self, request: DiscoverDevices) -> None:
+        assert self._scanner is not None
+        try:
+            found = [
+                p
+                for p in await self._scanner(request)
+                if p.device_id not in self.registry and p.device_id not in self.enrolment.entries
+            ]
+            for pending in found:
+                self.propose_enrolment(pending)
+            ack = await self.enrolment.discovered(request, found, utcnow())
+        except Exception as exc:  # a scan must not end the gateway
+            log.exception("scan %s failed", request.request_id)
+            ack = RegistryAck(
+                request_id=request.request_id,
+                state="rejected",
+                version=self.enrolment.version,
+                timestamp=utcnow(),
+                reason=Reason.INTERNAL,
+                detail=f"{type(exc).__name__}: {exc}"[:1000],
+            )
+        finally:
+            self._scans.discard(request.request_id)
+        for listener in self.registry_acks:
+            listener(ack)
+
+    async def _record_participation(self, now: datetime, plan: dispatch.Plan) -> None:
+        serving = {
+            (device_id, source.command_id)
+            for device_id, setpoint in plan.setpoints.items()
+            for source in setpoint.provenance
+        }
+        if serving == self._serving:
+            return
+        started, ended = serving - self._serving, self._serving - serving
+        try:
+            await self.enrolment.store.record_participation(started, ended, now)
+        except StoreError:
+            log.exception("could not record participation")
+            return
+        self._serving = serving
+        for pair in started:
+            self._serving_since[pair] = now
+        for device_id, command_id in ended:
+            since = self._serving_since.pop((device_id, command_id), None)
+            if since is not None:
+                self.registry.add_called(device_id, (now - since).total_seconds())
 
     def report_refusal(self, command: DeviceCommand, error: AdapterError) -> None:
         """A device (or the cloud behind it) refused a setpoint after it was handed over, e.g.
@@ -1054,8 +1310,10 @@ class Gateway:
             plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
             plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}
         self._apply(plan)
+        self._reap_retired()
         self._tell_telemetry(now, self.plan, plan, states)
         self.plan = plan
+        await self._record_participation(now, plan)
         return plan
 
     def _clock_stepped(self, step: ClockStep) -> None:

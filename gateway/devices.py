@@ -119,6 +119,14 @@ class TakesNotice(Protocol):
 
 
 @runtime_checkable
+class Retires(Protocol):
+    """It holds something for its device beyond the connection (a subscription on a shared
+    link): told once when its device is retired, after its last release."""
+
+    def retire(self) -> None: ...
+
+
+@runtime_checkable
 class Registrar(Protocol):
     """What an endpoint that enrols devices needs from the core (the OCPP central, the OpenADR
     VTN): a device discovered at run time, and a refusal reported after a setpoint was handed

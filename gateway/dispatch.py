@@ -472,7 +472,13 @@ def _plan_dispatch(
 ) -> None:
     command = entry.command
     assert isinstance(command, Dispatch)
-    members = target_devices(registry, command.target)
+    # A program with an eligibility rule dispatches only devices eligible in it (envelopes,
+    # being safety limits, hold every device of their group whatever its programs).
+    members = [
+        d
+        for d in target_devices(registry, command.target)
+        if registry.may_serve(d.device_id, command.program)
+    ]
     rooms: dict[str, Headroom] = {}
     for device in members:
         did = device.device_id
@@ -505,7 +511,9 @@ def _plan_dispatch(
     # turns (see rotation_order), within the other pool in proportion.
     pooled = share(total, {"thermal": sum(thermal_caps.values()), "other": sum(others.values())})
     shares = share(pooled["other"], others)
-    order = rotation_order(command.command_id, thermal_caps, states, previous, now, rotation_s)
+    order = rotation_order(
+        command.command_id, thermal_caps, states, previous, now, rotation_s, registry.called_s
+    )
     shares.update(share_in_turn(pooled["thermal"], thermal_caps, order))
     for did, kw in shares.items():
         limits: list[str] = []
@@ -628,10 +636,12 @@ def rotation_order(
     previous: Plan | None,
     now: datetime,
     rotation_s: float,
+    called_s: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Who a thermal load is asked of first: the houses already called for this command (until
-    they have been called for ``rotation_s``), then those with the most comfort headroom, then
-    the ones whose turn is over.
+    they have been called for ``rotation_s``), then those called for the fewest whole hours
+    lately (``called_s``, the participation records: fairness between customers) and among
+    them those with the most comfort headroom, then the ones whose turn is over.
 
     Called in turns, not all at once: a fleet whose every thermostat moves together stops every
     compressor together (twice the request) and then recovers together (a fraction of it and a
@@ -643,8 +653,9 @@ def rotation_order(
         state = states.get(did)
         return state.soc_pct if state is not None and state.soc_pct is not None else 0.0
 
+    called = called_s or {}
     current: list[tuple[float, str]] = []
-    fresh: list[tuple[float, str]] = []
+    fresh: list[tuple[float, float, str]] = []
     done: list[tuple[float, str]] = []
     held_since = previous.held_since if previous is not None else {}
     for did in caps:
@@ -652,12 +663,16 @@ def rotation_order(
         if since is not None and previous is not None and _holder_of(previous, did) != command_id:
             since = None  # called by another command then: a fresh turn for this one
         if since is None:
-            fresh.append((-headroom_of(did), did))
+            fresh.append((called.get(did, 0.0) // 3600, -headroom_of(did), did))
         elif (now - since).total_seconds() < rotation_s * _turn_share(did):
             current.append(((since - now).total_seconds(), did))
         else:
             done.append(((since - now).total_seconds(), did))
-    return [did for _, did in sorted(current) + sorted(fresh) + sorted(done)]
+    return (
+        [did for _, did in sorted(current)]
+        + [did for _, _, did in sorted(fresh)]
+        + [did for _, did in sorted(done)]
+    )
 
 
 def corrected(requested_kw: float, correction_kw: float, available_kw: float) -> float:

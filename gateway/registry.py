@@ -26,6 +26,11 @@ class Registry:
         self._explicit_groups: dict[str, Group] = {g.group_id: g for g in groups}
         self._groups: dict[str, Group] | None = None
         self._members: dict[str, list[Device]] = {}
+        self._eligible: dict[str, frozenset[str]] = {}
+        self.called_s: dict[str, float] = {}
+        """Seconds each device served commands lately (participation records): who a
+        thermal dispatch calls first is the one called least."""
+        """Programs with an eligibility rule → the devices eligible in them."""
         for device in devices:
             self._devices[device.device_id] = device
 
@@ -54,9 +59,38 @@ class Registry:
 
     def relocate(self, device_id: str, location: TopologyLocation) -> None:
         device = self.device(device_id)
-        self._devices[device_id] = device.model_copy(update={"location": location})
+        self.replace(device.model_copy(update={"location": location}))
+
+    def replace(self, device: Device) -> None:
+        """A registered device's new record (class, ratings, location ...), same id."""
+        self.device(device.device_id)
+        self._devices[device.device_id] = device
         self._groups = None
         self._members = {}
+
+    def remove(self, device_id: str) -> Device:
+        device = self.device(device_id)
+        del self._devices[device_id]
+        self._groups = None
+        self._members = {}
+        return device
+
+    def section_members(self, feeder_section: str) -> list[Device]:
+        return [d for d in self._devices.values() if d.location.feeder_section == feeder_section]
+
+    # ------------------------------------------------------------------ programs
+    def set_eligible(self, eligible: dict[str, frozenset[str]]) -> None:
+        """For each program with a rule, the devices that may serve its commands."""
+        self._eligible = eligible
+
+    def add_called(self, device_id: str, seconds: float) -> None:
+        self.called_s[device_id] = self.called_s.get(device_id, 0.0) + seconds
+
+    def may_serve(self, device_id: str, program: str) -> bool:
+        """Whether a command of ``program`` may use the device: any device, unless the program
+        has a rule and the device is not eligible in it."""
+        eligible = self._eligible.get(program)
+        return eligible is None or device_id in eligible
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> dict[str, Group]:

@@ -80,6 +80,11 @@ class DeviceSupervisor:
     def desired(self) -> DeviceCommand | None:
         return self._desired
 
+    @property
+    def released(self) -> bool:
+        """Nothing asked of the device and nothing left on it (a release was written)."""
+        return self._desired is None and self._applied is None and not self._in_doubt
+
     def command(self, command: DeviceCommand | None) -> None:
         """Ask for a new setpoint; it is written as soon as the device can take it."""
         if command == self._desired:

@@ -33,6 +33,7 @@ from unified.model import (
     GatewayStatus,
     GroupTelemetry,
 )
+from unified.registry import PendingEnrolment, RegistryAck, RegistryChange, RegistrySnapshot
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Observed:
     performance: dict[str, PerformanceReport] = field(default_factory=dict)
     envelopes: dict[str, EnvelopeReport] = field(default_factory=dict)
     """Envelope compliance reports (same topic as the dispatches' performance reports)."""
+    registry_acks: dict[str, list[RegistryAck]] = field(default_factory=lambda: defaultdict(list))
+    registry_changes: list[RegistryChange] = field(default_factory=list)
+    registry: RegistrySnapshot | None = None
+    pending: dict[str, PendingEnrolment] = field(default_factory=dict)
 
 
 class GridDermsClient:
@@ -97,6 +102,7 @@ class GridDermsClient:
             f"{root}/status",
             f"{root}/telemetry/#",
             f"{root}/performance/+",
+            f"{root}/registry/#",
             self.reply_topic,
         ):
             await self._client.subscribe(topic, qos=1)
@@ -120,6 +126,22 @@ class GridDermsClient:
         await self._client.publish(
             f"{self.topics.root}/requests/flex", json.dumps(request).encode(), qos=1
         )
+
+    async def send_registry(self, request: dict[str, Any] | bytes) -> None:
+        """A registry request (enrol, update, retire, topology, get)."""
+        assert self._client is not None
+        payload = request if isinstance(request, bytes) else json.dumps(request).encode()
+        await self._client.publish(self.topics.registry_requests, payload, qos=1)
+
+    async def registry_request(
+        self, request: dict[str, Any], timeout_s: float = 10.0
+    ) -> RegistryAck:
+        """Send a registry request and wait for its (latest) ack."""
+        rid = str(request["request_id"])
+        seen = len(self.observed.registry_acks.get(rid, []))
+        await self.send_registry(request)
+        await self.wait_for(lambda o: len(o.registry_acks.get(rid, [])) > seen, timeout_s)
+        return self.observed.registry_acks[rid][-1]
 
     async def send(
         self,
@@ -183,6 +205,16 @@ class GridDermsClient:
             else:
                 report = PerformanceReport.model_validate_json(payload)
                 self.observed.performance[report.command_id] = report
+        elif topic.startswith(f"{root}/registry/acks/"):
+            registry_ack = RegistryAck.model_validate_json(payload)
+            self.observed.registry_acks[registry_ack.request_id].append(registry_ack)
+        elif topic == f"{root}/registry/changes":
+            self.observed.registry_changes.append(RegistryChange.model_validate_json(payload))
+        elif topic == f"{root}/registry/pending":
+            pending = PendingEnrolment.model_validate_json(payload)
+            self.observed.pending[pending.device_id] = pending
+        elif topic == f"{root}/registry/snapshot":
+            self.observed.registry = RegistrySnapshot.model_validate_json(payload)
         elif topic == f"{root}/status":
             self.observed.status = GatewayStatus.model_validate_json(payload)
         elif topic.startswith(f"{root}/telemetry/groups/"):

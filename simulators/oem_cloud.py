@@ -270,11 +270,14 @@ class OemCloud:
         sign_messages: bool = False,
         vtn_fingerprint: str | None = None,
         sampling_rate: tuple[timedelta, timedelta] = (timedelta(seconds=1), timedelta(hours=1)),
+        plain_resource_ids: bool = False,
     ) -> None:
         quiet_openleadr()
         self.ven_name = ven_name
         self.devices = {d.name: d for d in devices}
-        self._resource_to_device = {d.resource_id(): d.name for d in devices}
+        self._plain = plain_resource_ids
+        """Like any standard VEN: a resource id is a name, not ``name;class=...;kw=...``."""
+        self._resource_to_device = {self.resource_id_of(d): d.name for d in devices}
         self._poll_interval_s = poll_interval_s
         self._time_scale = time_scale
         self._tick_s = tick_s
@@ -307,13 +310,16 @@ class OemCloud:
         self.refused: str | None = None
         self._add_reports()
 
+    def resource_id_of(self, device: SimDevice) -> str:
+        return device.name if self._plain else device.resource_id()
+
     # ------------------------------------------------------------------ reports
     def _add_reports(self) -> None:
         # Offered as oadrSamplingRate; openleadr refuses a request outside it.
         low, high = self._sampling_rate
         sampling = objects.SamplingRate(min_period=low, max_period=high, on_change=False)
         for device in self.devices.values():
-            resource_id = device.resource_id()
+            resource_id = self.resource_id_of(device)
             # A fresh Measurement: openleadr's enums.MEASUREMENTS objects are shared and
             # add_report mutates their scale.
             power = objects.Measurement(
@@ -560,7 +566,7 @@ class OemCloud:
         opt_id = opt_id or f"opt-{self._rng.getrandbits(64):016x}"
         rid = resource_id
         if device is not None:
-            rid = self.devices[device].resource_id()
+            rid = self.resource_id_of(self.devices[device])
         payload: dict[str, Any] = {
             "request_id": f"req-{self._rng.getrandbits(64):016x}",
             "ven_id": self.client.ven_id,

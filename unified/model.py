@@ -159,6 +159,9 @@ class Device(Frozen):
     ratings: BatteryRatings
     constraints: BatteryConstraints = BatteryConstraints()
     programs: tuple[Identifier, ...] = ()
+    rate_class: Identifier | None = Field(
+        default=None, description="The customer's tariff or rate class"
+    )
 
 
 class Group(Frozen):
@@ -462,6 +465,10 @@ class Reason(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RESPONSE_TOPIC_REFUSED = "response_topic_refused"
     RATE_LIMITED = "rate_limited"
+    VERSION_CONFLICT = "version_conflict"
+    ALREADY_ENROLLED = "already_enrolled"
+    ADAPTER_INVALID = "adapter_invalid"
+    NOT_ELIGIBLE = "not_eligible"
     INTERNAL = "internal"
 
 

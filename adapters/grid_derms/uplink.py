@@ -31,7 +31,13 @@ from gateway.errors import CoreError
 from gateway.flex import FlexForecast, FlexRequest, PerformanceRequest
 from gateway.quota import TokenBucket
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
-from protocols.mqtt.northbound import WeatherDecodeError, decode_weather, response_topic_problem
+from protocols.mqtt.northbound import (
+    RegistryDecodeError,
+    WeatherDecodeError,
+    decode_registry_request,
+    decode_weather,
+    response_topic_problem,
+)
 from unified.model import (
     Ack,
     AckState,
@@ -42,6 +48,7 @@ from unified.model import (
     Reason,
     utcnow,
 )
+from unified.registry import PendingEnrolment, RegistryAck, RegistryChange
 
 if TYPE_CHECKING:
     from gateway.core import Gateway
@@ -66,7 +73,7 @@ def mqtt_source(
     return ";".join(parts)
 
 
-MessageKind = Literal["command", "flex_request", "performance_request", "weather"]
+MessageKind = Literal["command", "flex_request", "performance_request", "weather", "registry"]
 
 
 @dataclass(slots=True)
@@ -99,6 +106,9 @@ class GridDermsUplink:
 
     def bind(self, core: Gateway) -> None:
         self._core = core
+        core.registry_changes.append(self.registry_change)
+        core.pending_listeners.append(self.registry_pending)
+        core.registry_acks.append(lambda ack: self._registry_ack(ack, None))
 
     @property
     def core(self) -> Gateway:
@@ -136,6 +146,8 @@ class GridDermsUplink:
             await self._performance_request(payload, reply, topic, source)
         elif kind == "weather":
             await self._weather(payload, topic, source)
+        elif kind == "registry":
+            await self._registry(payload, reply, topic, source)
         else:
             await self._command(payload, reply, topic, source)
 
@@ -146,6 +158,8 @@ class GridDermsUplink:
             return "performance_request"
         if topic == self.topics.weather:
             return "weather"
+        if topic == self.topics.registry_requests:
+            return "registry"
         return "command"
 
     async def _command(
@@ -257,6 +271,71 @@ class GridDermsUplink:
             return
         if warning is not None:  # not a refusal
             self._error(Reason.INTERNAL, warning, topic, payload, audit=False, refused=False)
+
+    async def _registry(
+        self, payload: bytes, reply: ReplyTo | None, topic: str, source: str
+    ) -> None:
+        """Enrolment and topology: every request answered on its ack topic (or on ``errors``
+        when it names no usable request id)."""
+        try:
+            request = decode_registry_request(payload)
+        except RegistryDecodeError as exc:
+            log.warning("bad registry request on %s: %s", topic, exc)
+            if exc.request_id is None:
+                self._error(exc.reason, exc.detail, topic, payload, source=source)
+                return
+            self.stats.refused["registry", exc.reason.value] += 1
+            self._audit_refusal(
+                AuditKind.INPUT_REFUSED, exc.reason, exc.detail, topic, payload, source, None
+            )
+            refused = RegistryAck(
+                request_id=exc.request_id,
+                state="rejected",
+                version=self.core.enrolment.version,
+                timestamp=utcnow(),
+                reason=exc.reason,
+                detail=exc.detail[:2000],
+            )
+            self._registry_ack(refused, reply)
+            return
+        if not self._bucket.take(time.monotonic()):
+            # The same budget as commands: a runaway script must not starve them.
+            self._error(
+                Reason.RATE_LIMITED,
+                f"more than {self._bucket.rate_per_s:g} commands and registry requests/s: "
+                "not taken, send it again later",
+                topic,
+                payload,
+                source=source,
+            )
+            return
+        try:
+            ack, snapshot = await self.core.registry_request(request, source=source)
+        except Exception as exc:  # e.g. the store's disk is full: say so, keep the link up
+            log.exception("could not handle registry request %s", request.request_id)
+            self._error(
+                Reason.INTERNAL, f"{type(exc).__name__}: {exc}", topic, payload, source=source
+            )
+            return
+        if ack.reason is not None:
+            self.stats.refused["registry", ack.reason.value] += 1
+        if snapshot is not None:
+            self.link.publish_reliable(
+                Outgoing(self.topics.registry_snapshot, encode(snapshot), retain=True)
+            )
+        self._registry_ack(ack, reply)
+
+    def _registry_ack(self, ack: RegistryAck, reply: ReplyTo | None) -> None:
+        self.link.publish_reliable(
+            Outgoing(self.topics.registry_ack(ack.request_id), encode(ack), reply=reply)
+        )
+
+    def registry_change(self, change: RegistryChange) -> None:
+        """Enrolment changes for Grid DERMS, in version order (kept while the link is down)."""
+        self.link.publish_reliable(Outgoing(self.topics.registry_changes, encode(change)))
+
+    def registry_pending(self, pending: PendingEnrolment) -> None:
+        self.link.publish_reliable(Outgoing(self.topics.registry_pending, encode(pending)))
 
     def _audit_refusal(
         self,

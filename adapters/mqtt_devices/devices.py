@@ -34,6 +34,7 @@ reaches an adapter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -91,7 +92,8 @@ from protocols.mqtt.devices import (
     encode,
 )
 from unified.config import Section
-from unified.model import DeviceCommand, DeviceState, utcnow
+from unified.model import BatteryRatings, DerClass, DeviceCommand, DeviceState, utcnow
+from unified.registry import PendingEnrolment
 
 __all__ = [
     "RATING_TOLERANCE",
@@ -245,8 +247,38 @@ class _LogOnce:
         log.warning(message, *args)
 
 
+_MAX_UNKNOWN: Final = 10_000
+"""Unknown devices whose last messages the link keeps (for when they are enrolled)."""
+
+_ADAPTER_OF: Final = {
+    DeviceKind.THERMOSTAT: ("mqtt_thermostat", DerClass.THERMOSTAT),
+    DeviceKind.WATER_HEATER: ("mqtt_water_heater", DerClass.WATER_HEATER),
+}
+
+
+def pending_from_birth(birth: Birth) -> PendingEnrolment:
+    """What an unknown device's birth says of it, as a pending enrolment: its class, adapter
+    and rating (a thermal load stores about an hour of its rated power)."""
+    adapter, der_class = _ADAPTER_OF[birth.kind]
+    kw = birth.rated_kw
+    return PendingEnrolment(
+        device_id=birth.device_id,
+        der_class=der_class,
+        adapter=adapter,
+        ratings=BatteryRatings(max_charge_kw=kw, max_discharge_kw=kw, capacity_kwh=kw),
+        seen_at=birth.timestamp,
+        source="mqtt birth",
+        description=f"{birth.model} {birth.firmware}".strip()[:256],
+    )
+
+
 class DeviceMqttLink:
-    """One MQTT session for every MQTT device; ``await run()`` until cancelled."""
+    """One MQTT session for every MQTT device; ``await run()`` until cancelled.
+
+    A device nobody attached is not served, but its last birth, availability and telemetry are
+    kept (for up to 10,000 such devices) and handed to its adapter when it is attached: an
+    approved device does not wait for its next retained birth. Its birth goes to
+    ``on_unknown_birth`` (a pending enrolment)."""
 
     def __init__(self, config: DeviceMqttConfig, *, name: str = "gateway") -> None:
         self.config = config
@@ -261,12 +293,18 @@ class DeviceMqttLink:
         # aiomqtt scans every pending call on each publish: a fan-out of N unbounded publishes
         # costs O(N^2). Bounded, it costs O(N) and the broker sees the same stream.
         self._in_flight = asyncio.Semaphore(config.max_publishes_in_flight)
+        self._unknown: dict[str, dict[MessageKind, bytes]] = {}
+        self.on_unknown_birth: Callable[[Birth], None] | None = None
+        """Told of each valid birth from a device no adapter is attached for."""
 
     # ------------------------------------------------------------------ fan-out
     def attach(self, endpoint: _Endpoint) -> None:
         if endpoint.device_id in self._endpoints:
             raise ValueError(f"device {endpoint.device_id!r} is already attached")
         self._endpoints[endpoint.device_id] = endpoint
+        for kind, payload in self._unknown.pop(endpoint.device_id, {}).items():
+            with contextlib.suppress(DeviceMessageError):
+                endpoint.deliver(kind, payload)
 
     def detach(self, device_id: str) -> None:
         self._endpoints.pop(device_id, None)
@@ -284,9 +322,7 @@ class DeviceMqttLink:
         endpoint = self._endpoints.get(device_id)
         if endpoint is None:
             self.stats.dropped_unknown += 1
-            self._log.warn(
-                ("unknown", device_id), "device link: ignoring unknown device %r", device_id
-            )
+            self._unknown_device(device_id, kind, payload)
             return
         if not self._quotas.take(device_id, time.monotonic()):
             # A device sending far more than any real one does (a firmware loop, or someone
@@ -313,6 +349,41 @@ class DeviceMqttLink:
                 exc.reason,
                 exc.detail[:300],
             )
+
+    def _unknown_device(self, device_id: str, kind: MessageKind, payload: bytes) -> None:
+        self._log.warn(
+            ("unknown", device_id),
+            "device link: ignoring unknown device %r (until it is enrolled)",
+            device_id,
+        )
+        if not self._quotas.take(device_id, time.monotonic()):
+            return
+        if kind not in (MessageKind.BIRTH, MessageKind.AVAILABILITY, MessageKind.TELEMETRY):
+            return
+        kept = self._unknown.get(device_id)
+        if kept is None:
+            if len(self._unknown) >= _MAX_UNKNOWN:
+                return
+            kept = self._unknown[device_id] = {}
+        kept[kind] = payload
+        if kind is not MessageKind.BIRTH:
+            return
+        try:
+            birth = decode_birth(payload, device_id)
+        except DeviceMessageError as exc:
+            self._log.warn(
+                ("bad birth", device_id), "device link: unknown device %r, bad birth", device_id
+            )
+            del kept[kind]
+            log.debug("%s", exc)
+            return
+        self._log.warn(
+            ("announced", device_id),
+            "device link: unknown device %r announced itself (pending enrolment)",
+            device_id,
+        )
+        if self.on_unknown_birth is not None:
+            self.on_unknown_birth(birth)
 
     # ------------------------------------------------------------------ outbound
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None:
@@ -568,6 +639,10 @@ class _MqttDevice:
             pass
         await asyncio.sleep(0)
         self._fresh()
+
+    def retire(self) -> None:
+        """Its device was retired: the link forgets it (it may be enrolled again)."""
+        self._link.detach(self._device_id)
 
     async def close(self) -> None:
         """The link is shared and stays up: nothing to release.

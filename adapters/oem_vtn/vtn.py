@@ -83,9 +83,9 @@ from protocols.openadr.vtn_events import (
     VtnProgram,
     announce_event,
     cancel_event,
+    describe_resource,
     event_payload,
     is_live,
-    parse_resource_id,
     plan_event,
     status_changes,
 )
@@ -155,6 +155,20 @@ class VtnTlsConfig(Section):
     )
 
 
+class ResourceDefault(Section):
+    """What a plain resource id (a standard VEN's) stands for: its METADATA report says what
+    it measures, not what it is."""
+
+    der_class: DerClass
+    rated_kw: float = Field(gt=0, le=10_000)
+    capacity_kwh: float | None = Field(
+        default=None, gt=0, le=1_000_000, description="None: one hour at rated power"
+    )
+
+    def as_tuple(self) -> tuple[DerClass, float, float]:
+        return (self.der_class, self.rated_kw, self.capacity_kwh or self.rated_kw)
+
+
 class AllowedVen(Section):
     """One OEM cloud allowed to register."""
 
@@ -170,6 +184,15 @@ class AllowedVen(Section):
         default_factory=dict, description="Per DER class, overriding 'program'"
     )
     max_resources: int = Field(default=10_000, ge=1, le=1_000_000)
+    default_resource: ResourceDefault | None = Field(
+        default=None,
+        description="For plain resource ids (any standard VEN): what each one is; ids in the "
+        "'name;class=...;kw=...' grammar describe themselves",
+    )
+
+    def describe(self, resource_id: str) -> ResourceDescriptor:
+        default = self.default_resource
+        return describe_resource(resource_id, None if default is None else default.as_tuple())
 
     def program_for(self, der_class: DerClass) -> VtnProgram:
         return self.programs.get(der_class, self.program)
@@ -507,7 +530,7 @@ class OpenAdrVtn:
                 )
                 continue
             try:
-                descriptor = parse_resource_id(record.resource_id)
+                descriptor = allowed.describe(record.resource_id)
             except ResourceIdError as exc:
                 log.warning("stored resource %s unreadable: %s", record.device_id, exc)
                 continue
@@ -893,7 +916,7 @@ class OpenAdrVtn:
         for record in self.resources.values():
             if record.ven_name != name:
                 continue
-            der_class = parse_resource_id(record.resource_id).der_class
+            der_class = allowed.describe(record.resource_id).der_class
             context = allowed.program_for(der_class).market_context
             targets.append(OptTarget(record.device_id, record.resource_id, context))
         now = self._clock()
@@ -1264,7 +1287,7 @@ class OpenAdrVtn:
         records = []
         for resource_id, rids in found.items():
             try:
-                descriptor = parse_resource_id(resource_id)
+                descriptor = allowed.describe(resource_id)
             except ResourceIdError as exc:
                 self._warn_once(allowed.ven_name, f"resource refused: {exc}")
                 continue
@@ -1393,7 +1416,7 @@ class OpenAdrVtn:
         allowed = self.config.ven(record.ven_name)
         if allowed is None:
             raise DeviceRejected(command.device_id, f"VEN {record.ven_name} not configured")
-        descriptor = parse_resource_id(record.resource_id)
+        descriptor = allowed.describe(record.resource_id)
         command_id = command.provenance[0].command_id if command.provenance else None
         window = self._windows.get(command_id) if command_id is not None else None
         async with self._lock:
@@ -1526,7 +1549,7 @@ class OpenAdrVtn:
                     ven_name=record.ven_name,
                     resource_id=record.resource_id,
                     rated_kw=adapter.rated_kw,
-                    program=allowed.program_for(parse_resource_id(record.resource_id).der_class),
+                    program=allowed.program_for(allowed.describe(record.resource_id).der_class),
                     now=now,
                     new_event_id=f"ev-{uuid.uuid4().hex[:20]}",
                 )
@@ -1583,7 +1606,7 @@ class OpenAdrVtn:
         allowed = self.config.ven(event.ven_name)
         if allowed is None:
             return 0.0
-        der_class = parse_resource_id(event.resource_id).der_class
+        der_class = allowed.describe(event.resource_id).der_class
         return float(allowed.program_for(der_class).unconfirmed_grace_s)
 
     async def _cancel_unconfirmed(self, events: list[IssuedEvent]) -> None:

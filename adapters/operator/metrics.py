@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["GatewayCollector", "metrics_registry"]
 
 _OPEN_STATES = tuple(s for s in AckState if s not in TERMINAL_STATES)
-_GRID_KINDS = ("command", "flex_request", "performance_request", "weather")
+_GRID_KINDS = ("command", "flex_request", "performance_request", "weather", "registry")
 
 
 def _counter(
@@ -288,6 +288,19 @@ class GatewayCollector(Collector):
                     float(total[der_class.value] - online[der_class.value]),
                 )
         yield family
+        enrolment = core.enrolment
+        yield _gauge(
+            "derms_registry_version",
+            "The durable registry's version (raised by every applied change)",
+            (),
+            [((), float(enrolment.version))],
+        )
+        yield _gauge(
+            "derms_registry_pending",
+            "Devices that announced themselves and wait for approval",
+            (),
+            [((), float(len(enrolment.pending)))],
+        )
 
     def _groups(self) -> Iterator[Metric]:
         if not self.group_levels:

@@ -50,6 +50,10 @@ class AuditKind(StrEnum):
     DEVICE_WRITE = "device.write"
     """The core handed a device a new instruction (a setpoint, limits, or a release)."""
     DEVICE_REFUSED = "device.refused"
+    REGISTRY_CHANGED = "registry.changed"
+    REGISTRY_PENDING = "registry.pending"
+    """An unknown device announced itself; it waits for an ``approve`` request."""
+    """Devices enrolled, updated, retired or moved (a registry API request or the config)."""
     """A device (or the cloud behind it) refused an instruction."""
     ACCESS_REFUSED = "access.refused"
     """A peer refused at an endpoint we host (bad credentials, out of scope, over its quota,

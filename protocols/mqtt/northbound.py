@@ -13,9 +13,12 @@ from typing import Any, Final
 from pydantic import BaseModel, ValidationError
 
 from unified.model import COMMAND_ADAPTER, ID_PATTERN, SCHEMA_VERSION, Command, Reason
+from unified.registry import REGISTRY_REQUEST_ADAPTER, RegistryRequest
 from unified.weather import WeatherForecast
 
 MAX_COMMAND_BYTES = 256 * 1024
+MAX_REGISTRY_BYTES = 16 * 1024 * 1024
+"""10,000 enrolments of about 1 kB each, with room to spare."""
 MAX_WEATHER_BYTES = 512 * 1024
 """14 days of 5-minute points, with room for whitespace."""
 API_ROOT = "derms/v1"
@@ -55,6 +58,25 @@ class Topics:
 
     def performance(self, command_id: str) -> str:
         return f"{self.root}/performance/{command_id}"
+
+    @property
+    def registry_requests(self) -> str:
+        return f"{self.root}/requests/registry"
+
+    def registry_ack(self, request_id: str) -> str:
+        return f"{self.root}/registry/acks/{request_id}"
+
+    @property
+    def registry_changes(self) -> str:
+        return f"{self.root}/registry/changes"
+
+    @property
+    def registry_pending(self) -> str:
+        return f"{self.root}/registry/pending"
+
+    @property
+    def registry_snapshot(self) -> str:
+        return f"{self.root}/registry/snapshot"
 
     @property
     def weather(self) -> str:
@@ -217,6 +239,47 @@ def decode_weather(payload: bytes) -> WeatherForecast:
         return WeatherForecast.model_validate(raw)
     except ValidationError as exc:
         raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
+
+
+class RegistryDecodeError(Exception):
+    """An inbound registry request that is not valid; ``request_id`` is set when one was
+    found (the refusal then goes to that request's ack topic)."""
+
+    def __init__(self, reason: Reason, detail: str, request_id: str | None = None) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.request_id = request_id
+
+
+def decode_registry_request(payload: bytes) -> RegistryRequest:
+    """Parse and validate one registry request; raise :class:`RegistryDecodeError`."""
+    if len(payload) > MAX_REGISTRY_BYTES:
+        raise RegistryDecodeError(
+            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_REGISTRY_BYTES}"
+        )
+    try:
+        raw = _load_json(payload)
+    except ValueError as exc:
+        raise RegistryDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
+    if not isinstance(raw, dict):
+        raise RegistryDecodeError(Reason.SCHEMA_VIOLATION, "a registry request must be an object")
+    request_id = raw.get("request_id")
+    if not isinstance(request_id, str) or _ID_RE.fullmatch(request_id) is None:
+        request_id = None
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise RegistryDecodeError(
+            Reason.UNSUPPORTED_VERSION,
+            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
+            request_id,
+        )
+    try:
+        return REGISTRY_REQUEST_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise RegistryDecodeError(
+            Reason.SCHEMA_VIOLATION, _format_errors(exc), request_id
+        ) from None
 
 
 def encode(message: BaseModel) -> bytes:

@@ -118,6 +118,26 @@ def _positive(resource_id: str, key: str, text: str) -> float:
     return value
 
 
+def describe_resource(
+    resource_id: str,
+    default: tuple[DerClass, float, float] | None,
+) -> ResourceDescriptor:
+    """A resource from a METADATA report: a plain resource id (any standard VEN) takes the
+    configured ``default`` (DER class, rated kW, capacity kWh) and the VEN's location; an id in
+    the private grammar (``name;class=...;kw=...``) describes itself. Raises
+    :class:`ResourceIdError` when it can be neither."""
+    if ";" in resource_id:
+        return parse_resource_id(resource_id)
+    if len(resource_id) > _MAX_RESOURCE_ID or not _NAME.match(resource_id):
+        raise ResourceIdError(resource_id, "name", "letters, digits, '_', '.', '-' (max 64)")
+    if default is None:
+        raise ResourceIdError(
+            resource_id, "class", "a plain resource id needs the VEN's default_resource mapping"
+        )
+    der_class, rated_kw, capacity_kwh = default
+    return ResourceDescriptor(resource_id, resource_id, der_class, rated_kw, capacity_kwh, None)
+
+
 def parse_resource_id(resource_id: str) -> ResourceDescriptor:
     """Read a resource id (grammar in the module docstring); raises :class:`ResourceIdError`."""
     if len(resource_id) > _MAX_RESOURCE_ID:

@@ -59,6 +59,7 @@ def test_each_identity_gets_only_its_own_topics() -> None:
         f"topic read {root}/performance/#",
         f"topic read {root}/status",
         f"topic read {root}/errors",
+        f"topic read {root}/registry/#",
         "topic read derms/v1/replies/#",
     ]
     # The exact mirror image: what one writes, the other reads, and nothing else.

@@ -55,7 +55,6 @@ def test_errors_name_the_exact_place() -> None:
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
-        ({"devices": []}, "no devices"),
         ({"devices": [device(1), device(1, sunspec={"port": 6000})]}, "appears twice"),
         ({"devices": [device(1), device(2, sunspec={"port": 5021})]}, "share the endpoint"),
         ({"devices": [device(1, adapter="carrier-pigeon")]}, "unknown adapter"),
@@ -84,6 +83,10 @@ def test_errors_name_the_exact_place() -> None:
 )
 def test_invalid_configs(data: dict[str, object], fragment: str) -> None:
     assert any(fragment in p for p in problems(data)), problems(data)
+
+
+def test_a_gateway_may_start_with_no_devices_and_enrol_them_through_the_registry_api() -> None:
+    assert parse_config({"devices": [], "settlement": {"timezone": "UTC"}}).devices == ()
 
 
 def test_unreadable_and_non_toml_files(tmp_path: Path) -> None:

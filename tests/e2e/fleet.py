@@ -55,6 +55,7 @@ class Fleet:
         feeders: tuple[str, ...] = ("f1", "f2"),
         reserve_soc_pct: float = 20.0,
         extra_config: dict[str, Any] | None = None,
+        sections: tuple[str | None, ...] = (),
     ) -> None:
         self.broker = broker
         self.store = store
@@ -63,6 +64,8 @@ class Fleet:
         self.feeders = feeders
         self.reserve = reserve_soc_pct
         self.extra_config = extra_config or {}
+        self.sections = sections
+        """Feeder section of each simulator's battery (none when not given)."""
         self.app: GatewayApp | None = None
         self.gateway: Gateway | None = None
         """The running app's core."""
@@ -76,6 +79,13 @@ class Fleet:
     def feeder_of(self, i: int) -> str:
         return self.feeders[i % len(self.feeders)]
 
+    def location_of(self, i: int) -> dict[str, str]:
+        location = {"substation": "s1", "feeder": self.feeder_of(i)}
+        section = self.sections[i] if i < len(self.sections) else None
+        if section is not None:
+            location["feeder_section"] = section
+        return location
+
     def config(self) -> GatewayConfig:
         devices: list[dict[str, Any]] = []
         for i, sim in enumerate(self.sims):
@@ -83,7 +93,7 @@ class Fleet:
                 {
                     "device_id": self.device_id(i),
                     "der_class": "battery",
-                    "location": {"substation": "s1", "feeder": self.feeder_of(i)},
+                    "location": self.location_of(i),
                     "adapter": "sunspec_battery",
                     "ratings": {
                         "max_charge_kw": sim.max_charge_kw,
@@ -132,7 +142,9 @@ class Fleet:
         self._task = asyncio.create_task(app.run(), name="gateway-under-test")
         await asyncio.wait_for(app.northbound.connected.wait(), 10)
         # Every device polled at least once, so the planner knows its SoC.
+        # (Those retired through the registry API stay out of it.)
         own = [self.device_id(i) for i in range(len(self.sims))]
+        own = [d for d in own if d in gateway.registry]
         await eventually(
             lambda: all(gateway.supervisors[d].available for d in own), 10, "all devices online"
         )

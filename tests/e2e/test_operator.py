@@ -107,6 +107,9 @@ async def test_metrics_follow_dispatch_refusals_and_a_device_going_offline(fleet
     assert value(before, "derms_commands_open", state="active") == 0
     assert value(before, "derms_link_up", link="grid_derms") == 1
     assert value(before, "derms_grid_derms_messages_received_total", kind="command") == 0
+    assert value(before, "derms_grid_derms_messages_received_total", kind="registry") == 0
+    assert value(before, "derms_registry_version") == 1  # the config's seed
+    assert value(before, "derms_registry_pending") == 0
 
     await fleet.grid.send(
         {

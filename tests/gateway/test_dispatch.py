@@ -548,3 +548,35 @@ def test_pv_is_curtailable_generation_only() -> None:
     # A charging dispatch never lands on the PV inverter.
     p = plan(NOW, reg, states, [ActiveCommand(dispatch(3.0), 1)])
     assert "pv1" not in p.setpoints or p.setpoints["pv1"].power_kw is None
+
+
+def test_a_program_with_an_eligibility_rule_dispatches_only_its_eligible_devices() -> None:
+    reg = Registry([battery(1), battery(2)])
+    reg.set_eligible({"vpp": frozenset({"b2"})})
+    states = {"b1": state("b1"), "b2": state("b2")}
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-4.0, program="vpp", duration=60), 1)])
+    assert "b1" not in p.setpoints
+    assert p.setpoints["b2"].power_kw == pytest.approx(-4.0)
+    # A program without a rule still uses every device of the target.
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-4.0, program="other", duration=60), 1)])
+    assert p.setpoints["b1"].power_kw == pytest.approx(-2.0)
+
+
+def test_thermal_loads_called_least_lately_are_called_first() -> None:
+    reg = Registry([thermostat(1), thermostat(2), thermostat(3)])
+    # t1 has the most comfort headroom but was called for 5 h lately; t3 for 20 min.
+    states = {
+        "t1": state("t1", soc=90.0, power=3.0),
+        "t2": state("t2", soc=60.0, power=3.0),
+        "t3": state("t3", soc=30.0, power=3.0),
+    }
+    reg.add_called("t1", 5 * 3600.0)
+    reg.add_called("t3", 1200.0)
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-3.0, duration=600), 1)])
+    called = {a.device_id for a in p.allocations["d1"] if a.commanded_kw < 0}
+    # t2 and t3 have both been called less than an hour: the headroom decides (t2).
+    assert called == {"t2"}
+    reg.add_called("t2", 3600.0)
+    p = plan(NOW, reg, states, [ActiveCommand(dispatch(-3.0, duration=600), 1)])
+    called = {a.device_id for a in p.allocations["d1"] if a.commanded_kw < 0}
+    assert called == {"t3"}

@@ -23,7 +23,13 @@ import aiohttp
 import pytest
 
 from adapters.oem_vtn.resource import OadrResource
-from adapters.oem_vtn.vtn import AllowedVen, OpenAdrVtn, OpenAdrVtnConfig, VtnTlsConfig
+from adapters.oem_vtn.vtn import (
+    AllowedVen,
+    OpenAdrVtn,
+    OpenAdrVtnConfig,
+    ResourceDefault,
+    VtnTlsConfig,
+)
 from gateway.devices import (
     AdapterError,
     DeviceAdapter,
@@ -836,3 +842,48 @@ async def test_the_listen_backlog_is_configurable(tmp_path: Path, registrar: Reg
         out = stdout.decode().split()
         assert out[0] == "LISTEN"
         assert int(out[2]) == 555  # Send-Q of a listening socket: its backlog
+
+
+async def test_a_standard_ven_with_plain_resource_ids_enrols_by_the_default_mapping(
+    tmp_path: Path, registrar: Registrar
+) -> None:
+    port = free_port()
+    config = vtn_config(tmp_path, port)
+    ven = config.vens[0].model_copy(
+        update={
+            "default_resource": ResourceDefault(
+                der_class=DerClass.BATTERY, rated_kw=5.0, capacity_kwh=13.5
+            )
+        }
+    )
+    config = config.model_copy(update={"vens": (ven,)})
+    batteries = [SimBattery("b1", location=LOC), SimBattery("b2", location=LOC)]
+    async with (
+        running_vtn(config, registrar) as vtn,
+        running_oem(port, list(batteries), plain_resource_ids=True) as oem,
+    ):
+        await enrolled(oem, registrar, vtn)
+        assert vtn.resources[f"{OEM}.b1"].resource_id == "b1"  # no private grammar
+        b1 = registrar.devices[f"{OEM}.b1"]
+        assert (b1.der_class, b1.ratings.max_discharge_kw, b1.ratings.capacity_kwh) == (
+            DerClass.BATTERY,
+            5.0,
+            13.5,
+        )
+        assert b1.location == LOC  # the VEN's default location
+        await registrar.resource("b1").apply(cmd("b1", -2.0))
+        await wait_for(lambda: oem.devices["b1"].power_kw == -2.0, 5, "battery discharging")
+
+
+async def test_plain_resource_ids_without_a_default_mapping_enrol_nothing(
+    tmp_path: Path, registrar: Registrar, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    async with (
+        running_vtn(vtn_config(tmp_path, port), registrar),
+        running_oem(port, [SimBattery("b1", location=LOC)], plain_resource_ids=True) as oem,
+    ):
+        await wait_for(oem.registered.is_set, 5, "registration")
+        await asyncio.sleep(0.5)
+        assert registrar.devices == {}
+    assert any("default_resource" in r.getMessage() for r in caplog.records)
