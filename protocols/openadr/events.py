@@ -353,7 +353,7 @@ def _seconds(value: object, where: str) -> float:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return _finite(value, where)
     raise _Malformed(f"{where} is not a duration: {value!r}")
 
 
@@ -383,7 +383,15 @@ def _check_span(start: datetime, seconds: float, startafter_s: float, where: str
 def _number(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Malformed(f"{where} is not a number: {value!r}")
-    return float(value)
+    return _finite(value, where)
+
+
+def _finite(value: int | float, where: str) -> float:
+    """An int beyond a float's range (a 300-digit payload) is malformed, not a crash."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise _Malformed(f"{where} is out of range") from None
 
 
 def _period(active: Mapping[str, Any], *names: str) -> float:

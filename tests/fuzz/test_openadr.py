@@ -457,6 +457,41 @@ def test_reconcile_answers_every_event_and_commands_only_valid_ones() -> None:
         previous,
     )
     @example(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC), VenState())  # events: a datetime
+    @example(  # an int beyond a float's range (found by hypothesis 6.170)
+        {
+            "events": [
+                {
+                    **payloads[0]["events"][0],
+                    "event_signals": [
+                        {
+                            **payloads[0]["events"][0]["event_signals"][0],
+                            "intervals": [
+                                {
+                                    **payloads[0]["events"][0]["event_signals"][0]["intervals"][0],
+                                    "signal_payload": 10**400,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ]
+        },
+        VenState(),
+    )
+    @example(
+        {
+            "events": [
+                {
+                    **payloads[0]["events"][0],
+                    "active_period": {
+                        **payloads[0]["events"][0]["active_period"],
+                        "duration": 10**400,
+                    },
+                }
+            ]
+        },
+        VenState(),
+    )
     def one(payload: Any, state: VenState) -> None:
         if not isinstance(payload, dict):
             payload = {"events": payload}
