@@ -259,8 +259,12 @@ class _Memory:
     here can change a decision."""
 
     pools: dict[str, _Pool] = field(default_factory=dict)
-    provenances: dict[tuple[str, ...], _Provenance] = field(default_factory=dict)
+    provenances: dict[tuple[str, str, tuple[str, ...]], _Provenance] = field(default_factory=dict)
     allocations: dict[str, dict[str, Allocation]] = field(default_factory=dict)
+
+
+_LIMITED = {name: (name,) for name in ("rating", "reserve_soc", "max_soc", "ev_energy_need")}
+"""A device's own limit, as a slot's ``limited_by``: one tuple for all the devices it holds."""
 
 
 @dataclass(slots=True)
@@ -271,7 +275,7 @@ class _Slot:
     kind: Literal["dispatch", "setpoint", "envelope", "release"]
     requested_kw: float
     kw: float
-    limited_by: list[str] = field(default_factory=list)
+    limited_by: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -359,7 +363,7 @@ def plan(
     corrections = corrections or {}
     result = Plan()
     past = previous._memory if previous is not None else _Memory()
-    memory = result._memory
+    pools = result._memory.pools
     slots: dict[str, _Slot] = {}
     holder: dict[str, str] = {}
     power_commands = [a for a in active if not isinstance(a.command, OperatingEnvelope)]
@@ -373,7 +377,7 @@ def plan(
             _plan_setpoint(command, registry, states, slots, holder, result, remaining)
         elif isinstance(command, Dispatch):
             cid = command.command_id
-            memory.pools[cid] = _plan_dispatch(
+            pools[cid] = _plan_dispatch(
                 now,
                 entry,
                 registry,
@@ -425,31 +429,48 @@ def plan(
             provenance=tuple(LimitSource(command_id=c, kind="envelope") for c in limit.sources),
         )
 
-    # A plan for 10,000 devices has ~20,000 of these every control period: a device whose
-    # command has not changed keeps the same object (its allocation too), and new ones are built
-    # from the planner's own values without re-validation (validating them cost 0.4 s a period).
-    # In device id order, so each command's allocations come out sorted.
+    _commit(slots, previous, result)
+    for entry in power_commands:
+        command = entry.command
+        if isinstance(command, Dispatch):
+            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
+            wanted = result.committed_kw.get(command.command_id, 0.0)
+            result.shortfall_kw[command.command_id] = round(
+                max(0.0, abs(wanted) - abs(delivered)), 3
+            )
+    return result
+
+
+def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> None:
+    """Each planned device's setpoint and allocation, with their provenance, into ``result``.
+
+    A plan for 10,000 devices has ~20,000 of these every control period: a device whose
+    command has not changed keeps the same object (its allocation too), and new ones are built
+    from the planner's own values without re-validation (validating them cost 0.4 s a period).
+    In device id order, so each command's allocations come out sorted.
+    """
+    memory = result._memory
+    past = previous._memory if previous is not None else _Memory()
+    before = previous.setpoints if previous is not None else {}
     sources: dict[tuple[str, str], LimitSource] = {}
     provenances, known = memory.provenances, past.provenances
-    before = previous.setpoints if previous is not None else {}
-    no_allocations: dict[str, Allocation] = {}
+    rounded: dict[float, float] = {}  # round() is slow, and many devices share a value
+    command_id = ""
+    allocations: dict[str, Allocation] = {}
+    allocated: dict[str, Allocation] = {}
     for device_id in sorted(slots):
         slot = slots[device_id]
-        command_id, kind = slot.command_id, slot.kind
-        key = (command_id, kind, *slot.limited_by)
-        made = provenances.get(key) or known.get(key)
+        kind = slot.kind
+        key = (slot.command_id, kind, slot.limited_by)
+        made = provenances.get(key)
         if made is None:
-            limited_by = tuple(slot.limited_by)
-            made = (
-                (
-                    _source(sources, command_id, kind),
-                    *(_limit_source(sources, s) for s in limited_by),
-                ),
-                limited_by,
-            )
-        provenances[key] = made
+            made = provenances[key] = known.get(key) or _provenance(sources, slot)
         provenance, limited_by = made
-        kw = round(slot.kw, 4)
+        kw: float | None = slot.kw
+        if kw != 0.0:  # round(±0.0, 4) is itself
+            kw = rounded.get(slot.kw)
+            if kw is None:
+                kw = rounded[slot.kw] = round(slot.kw, 4)
         old = before.get(device_id)
         if (
             old is not None
@@ -471,15 +492,22 @@ def plan(
         if kind == "release":
             continue  # not part of any command's allocation any more
         requested = kw if slot.requested_kw is slot.kw else round(slot.requested_kw, 4)
-        allocations = memory.allocations.get(command_id)
-        if allocations is None:
-            allocations = memory.allocations[command_id] = {}
-        was = past.allocations.get(command_id, no_allocations).get(device_id)
+        if slot.command_id != command_id:
+            command_id = slot.command_id
+            allocations = memory.allocations.setdefault(command_id, {})
+            allocated = past.allocations.get(command_id, {})
+        was = allocated.get(device_id)
         if (
             was is not None
-            and _same(was.commanded_kw, kw)
-            and _same(was.requested_kw, requested)
+            and was.commanded_kw == kw
+            and was.requested_kw == requested
             and (was.limited_by is limited_by or was.limited_by == limited_by)
+            # ... and a zero of the same sign
+            and (kw != 0.0 or math.copysign(1.0, kw) == math.copysign(1.0, was.commanded_kw))
+            and (
+                requested != 0.0
+                or math.copysign(1.0, requested) == math.copysign(1.0, was.requested_kw)
+            )
         ):
             allocations[device_id] = was
         else:
@@ -490,22 +518,14 @@ def plan(
                 commanded_kw=kw,
                 limited_by=limited_by,
             )
-    for command_id, allocations in memory.allocations.items():
-        result.allocations[command_id] = tuple(allocations.values())
-    for entry in power_commands:
-        command = entry.command
-        if isinstance(command, Dispatch):
-            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
-            wanted = result.committed_kw.get(command.command_id, 0.0)
-            result.shortfall_kw[command.command_id] = round(
-                max(0.0, abs(wanted) - abs(delivered)), 3
-            )
-    return result
+    for cid, by_device in memory.allocations.items():
+        result.allocations[cid] = tuple(by_device.values())
 
 
-def _same(a: float, b: float) -> bool:
-    """Equal, and a zero of the same sign: what lets an allocation be reused as it is."""
-    return a == b and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
+def _provenance(sources: dict[tuple[str, str], LimitSource], slot: _Slot) -> _Provenance:
+    limited_by = slot.limited_by
+    first = _source(sources, slot.command_id, slot.kind)
+    return (first, *(_limit_source(sources, s) for s in limited_by)), limited_by
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -562,7 +582,7 @@ def _plan_setpoint(
     room = headroom(registry.device(device_id), state, remaining_s)
     kw, limit = clip_to_headroom(command.kw, room)
     slots[device_id] = _Slot(
-        command.command_id, "setpoint", command.kw, kw, [limit] if limit else []
+        command.command_id, "setpoint", command.kw, kw, (limit,) if limit else ()
     )
     holder[device_id] = command.command_id
 
@@ -641,9 +661,8 @@ def _plan_dispatch(
     other_sum = sum(other_caps.tolist())
     # Between the two pools in proportion to what each can give; within the thermal pool in
     # turns (see rotation_order), within the other pool in proportion (as share()).
-    pooled = share(
-        total, {"thermal": sum(cap_list[row_of[d]] for d in thermal), "other": other_sum}
-    )
+    thermal_sum = sum(map(cap_list.__getitem__, map(row_of.__getitem__, thermal)))
+    pooled = share(total, {"thermal": thermal_sum, "other": other_sum})
     kw = np.zeros(len(kept))
     other_total = pooled["other"]
     if other_sum > _EPS and abs(other_total) > _EPS:
@@ -665,19 +684,28 @@ def _plan_dispatch(
             take = min(cap_list[row_of[did]], left)
             called[did] = sign * take
             left -= take
-    if total < 0:
-        labels = ["reserve_soc" if e else "rating" for e in energy_bound.tolist()]
-    else:
-        ev = pool.kind[at] == _EV
-        labels = [
-            ("ev_energy_need" if v else "max_soc") if e else "rating"
-            for e, v in zip(energy_bound.tolist(), ev.tolist(), strict=True)
-        ]
-    for did, share_kw, limit, label in zip(
-        kept, kw.tolist(), limited.tolist(), labels, strict=True
-    ):
-        own = called.get(did, share_kw)
-        slots[did] = _Slot(cid, "dispatch", own, own, [label] if limit else [])
+    own_kw = kw.tolist()
+    for did, called_kw in called.items():
+        own_kw[row_of[did]] = called_kw
+    labels: list[str | None] = [None] * len(kept)
+    bound, is_ev = energy_bound.tolist(), (pool.kind[at] == _EV).tolist()
+    for k in np.flatnonzero(limited).tolist():
+        if not bound[k]:
+            labels[k] = "rating"
+        elif total < 0:
+            labels[k] = "reserve_soc"
+        else:
+            labels[k] = "ev_energy_need" if is_ev[k] else "max_soc"
+    slots.update(
+        zip(
+            kept,
+            [
+                _Slot(cid, "dispatch", own, own, () if label is None else _LIMITED[label])
+                for own, label in zip(own_kw, labels, strict=True)
+            ],
+            strict=True,
+        )
+    )
     holder.update(dict.fromkeys(kept, cid))
     for did, own in called.items():
         if abs(own) <= _EPS:
@@ -1098,7 +1126,7 @@ def _relieve(
         for sl in pushing.values():
             sl.kw *= factor
             if cid not in sl.limited_by:
-                sl.limited_by.append(cid)
+                sl.limited_by += (cid,)
         moved += cut
     # 2. Batteries offset the rest: those dispatched go further, those left alone are called.
     #    3. Then thermal loads are shed (import) or loaded up (export).
@@ -1132,11 +1160,11 @@ def _relieve(
                 continue
             slot = slots.get(did)
             if slot is None:
-                slots[did] = _Slot(cid, "envelope", kw, kw, [])
+                slots[did] = _Slot(cid, "envelope", kw, kw)
             else:
                 slot.kw += kw
                 if cid not in slot.limited_by and slot.command_id != cid:
-                    slot.limited_by.append(cid)
+                    slot.limited_by += (cid,)
             moved += abs(kw)
     return moved
 
