@@ -458,19 +458,25 @@ def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> 
     command_id = ""
     allocations: dict[str, Allocation] = {}
     allocated: dict[str, Allocation] = {}
+    made: _Provenance | None = None
+    last: _Slot | None = None
     for device_id in sorted(slots):
         slot = slots[device_id]
         kind = slot.kind
-        key = (slot.command_id, kind, slot.limited_by)
-        made = provenances.get(key)
-        if made is None:
-            made = provenances[key] = known.get(key) or _provenance(sources, slot)
+        if (
+            last is None
+            or slot.command_id is not last.command_id
+            or kind is not last.kind
+            or slot.limited_by is not last.limited_by
+        ):  # else: the same provenance as the device before it (most are)
+            key = (slot.command_id, kind, slot.limited_by)
+            made = provenances.get(key)
+            if made is None:
+                made = provenances[key] = known.get(key) or _provenance(sources, slot)
+        assert made is not None
+        last = slot
         provenance, limited_by = made
-        kw: float | None = slot.kw
-        if kw != 0.0:  # round(±0.0, 4) is itself
-            kw = rounded.get(slot.kw)
-            if kw is None:
-                kw = rounded[slot.kw] = round(slot.kw, 4)
+        kw = _rounded(slot.kw, rounded)
         old = before.get(device_id)
         if (
             old is not None
@@ -491,7 +497,7 @@ def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> 
             )
         if kind == "release":
             continue  # not part of any command's allocation any more
-        requested = kw if slot.requested_kw is slot.kw else round(slot.requested_kw, 4)
+        requested = kw if slot.requested_kw is slot.kw else _rounded(slot.requested_kw, rounded)
         if slot.command_id != command_id:
             command_id = slot.command_id
             allocations = memory.allocations.setdefault(command_id, {})
@@ -499,15 +505,13 @@ def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> 
         was = allocated.get(device_id)
         if (
             was is not None
-            and was.commanded_kw == kw
-            and was.requested_kw == requested
-            and (was.limited_by is limited_by or was.limited_by == limited_by)
-            # ... and a zero of the same sign
-            and (kw != 0.0 or math.copysign(1.0, kw) == math.copysign(1.0, was.commanded_kw))
+            # a zero is reused only with its sign: zeros are _ZERO or _MINUS_ZERO here
+            and (was.commanded_kw is kw or (kw != 0.0 and was.commanded_kw == kw))
             and (
-                requested != 0.0
-                or math.copysign(1.0, requested) == math.copysign(1.0, was.requested_kw)
+                was.requested_kw is requested
+                or (requested != 0.0 and was.requested_kw == requested)
             )
+            and (was.limited_by is limited_by or was.limited_by == limited_by)
         ):
             allocations[device_id] = was
         else:
@@ -520,6 +524,22 @@ def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> 
             )
     for cid, by_device in memory.allocations.items():
         result.allocations[cid] = tuple(by_device.values())
+
+
+_ZERO, _MINUS_ZERO = 0.0, -0.0
+
+
+def _rounded(kw: float, done: dict[float, float]) -> float:
+    """``round(kw, 4)``, a zero as one of two objects (its sign is then compared by identity)."""
+    if kw == 0.0:  # round(±0.0, 4) is itself
+        return _ZERO if math.copysign(1.0, kw) > 0 else _MINUS_ZERO
+    out = done.get(kw)
+    if out is None:
+        out = round(kw, 4)
+        if out == 0.0:
+            out = _ZERO if math.copysign(1.0, out) > 0 else _MINUS_ZERO
+        done[kw] = out
+    return out
 
 
 def _provenance(sources: dict[tuple[str, str], LimitSource], slot: _Slot) -> _Provenance:
