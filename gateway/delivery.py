@@ -281,16 +281,17 @@ def close_loops(
         held: dict[str, DeviceBaseline] = {}
         measured: dict[str, float] = {}
         trusted: dict[str, float] = {}
+        state_of, known_baseline = states.get, loop.baselines.get  # 10,000 devices a period
         for allocation in previous.allocations.get(cid, ()):
             did = allocation.device_id
-            state = states.get(did)
+            state = state_of(did)
             if state is not None:
                 measured[did] = state.power_kw
             if did not in thermal:
                 held[did] = _IDLE
                 trusted[did] = allocation.commanded_kw
                 continue
-            known = loop.baselines.get(did)
+            known = known_baseline(did)
             if known is not None:
                 held[did] = known  # frozen when it was first held: no need to look again
                 continue

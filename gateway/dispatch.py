@@ -29,12 +29,15 @@ offset or a shed / load-up). The two modes of a dispatch use that:
 from __future__ import annotations
 
 import math
+import operator
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel
 
 from gateway.registry import Registry
@@ -182,6 +185,88 @@ def share(total_kw: float, caps: Mapping[str, float]) -> dict[str, float]:
     return {dev: sign * cap * fraction for dev, cap in caps.items()}
 
 
+_Floats = npt.NDArray[np.float64]
+_STORAGE, _THERMAL, _EV = 0, 1, 2
+"""How :func:`_headroom` treats a device: by its stored energy, as a thermal load, as an EV."""
+
+
+@dataclass(slots=True)
+class _Pool:
+    """A dispatch's members as its planning reads them every period: their ids, how each gives
+    power and their nameplate limits, kept for as long as the registry hands back the same
+    devices (it makes new ones, and a new member list, when a device is added or moved), so
+    that a period reads only the states (10,000 devices: the same work every 10 s)."""
+
+    members: list[Device]
+    ids: list[str]
+    kind: npt.NDArray[np.int8]
+    has_ev: bool
+    thermal_ids: set[str]
+    rated_dis: _Floats
+    rated_ch: _Floats
+    capacity: _Floats
+    reserve: _Floats
+    max_soc: _Floats
+    id_rank: npt.NDArray[np.intp]
+    """Each member's place among the members' ids sorted: ties in a turn's order go by id."""
+
+    @classmethod
+    def of(cls, members: list[Device]) -> _Pool:
+        ids = [d.device_id for d in members]
+        kind = np.array(
+            [
+                _THERMAL
+                if d.der_class in SHIFTS_FROM_BASELINE
+                else _EV
+                if d.der_class is DerClass.EVSE
+                else _STORAGE
+                for d in members
+            ],
+            dtype=np.int8,
+        )
+        rank = np.empty(len(ids), dtype=np.intp)
+        rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
+        return cls(
+            members=members,
+            ids=ids,
+            kind=kind,
+            has_ev=bool(np.any(kind == _EV)),
+            # Built as the planner always built it: the thermal pool is summed in its order.
+            thermal_ids={d.device_id for d in members if d.der_class in SHIFTS_FROM_BASELINE},
+            rated_dis=np.array([d.ratings.max_discharge_kw for d in members], dtype=np.float64),
+            rated_ch=np.array([d.ratings.max_charge_kw for d in members], dtype=np.float64),
+            capacity=np.array([d.ratings.capacity_kwh for d in members], dtype=np.float64),
+            reserve=np.array([d.constraints.reserve_soc_pct for d in members], dtype=np.float64),
+            max_soc=np.array([d.constraints.max_soc_pct for d in members], dtype=np.float64),
+            id_rank=rank,
+        )
+
+    def serves(self, members: list[Device]) -> bool:
+        return self.members is members or (
+            len(self.members) == len(members) and all(map(operator.is_, self.members, members))
+        )
+
+
+_Provenance = tuple[tuple[LimitSource, ...], tuple[str, ...]]
+
+
+@dataclass(slots=True)
+class _Memory:
+    """What one plan leaves the next so that it does not build again what has not changed: each
+    dispatch's :class:`_Pool`, the provenance tuples (the same objects period after period, so
+    an unchanged setpoint is recognised by identity, not by comparing models) and each
+    command's allocations by device. Reuse is always checked against the new values: nothing
+    here can change a decision."""
+
+    pools: dict[str, _Pool] = field(default_factory=dict)
+    provenances: dict[tuple[str, str, tuple[str, ...]], _Provenance] = field(default_factory=dict)
+    allocations: dict[str, dict[str, Allocation]] = field(default_factory=dict)
+
+
+_LIMITED = {name: (name,) for name in ("rating", "reserve_soc", "max_soc", "ev_energy_need")}
+"""A device's own limit, as a slot's ``limited_by``: one tuple for all the devices it holds."""
+
+
 @dataclass(slots=True)
 class _Slot:
     """One device's state during planning."""
@@ -190,7 +275,7 @@ class _Slot:
     kind: Literal["dispatch", "setpoint", "envelope", "release"]
     requested_kw: float
     kw: float
-    limited_by: list[str] = field(default_factory=list)
+    limited_by: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -227,6 +312,8 @@ class Plan:
     """Thermal devices this plan let go of after their dispatch ended → (its command_id, the
     rise expected of it: from what it drew to full power); the release governor counts it
     until a reading shows it (:class:`gateway.delivery.ReleaseGovernor`)."""
+    _memory: _Memory = field(default_factory=_Memory, init=False, repr=False, compare=False)
+    """What the next plan can reuse instead of computing again (it changes no decision)."""
 
     def shift(self, by: timedelta) -> None:
         """The wall clock stepped by ``by``: turns and releases keep their true durations."""
@@ -275,6 +362,8 @@ def plan(
     baselines = baselines or {}
     corrections = corrections or {}
     result = Plan()
+    past = previous._memory if previous is not None else _Memory()
+    pools = result._memory.pools
     slots: dict[str, _Slot] = {}
     holder: dict[str, str] = {}
     power_commands = [a for a in active if not isinstance(a.command, OperatingEnvelope)]
@@ -287,19 +376,21 @@ def plan(
         if isinstance(command, DeviceSetpoint):
             _plan_setpoint(command, registry, states, slots, holder, result, remaining)
         elif isinstance(command, Dispatch):
-            _plan_dispatch(
+            cid = command.command_id
+            pools[cid] = _plan_dispatch(
                 now,
                 entry,
                 registry,
                 states,
                 baselines,
-                corrections.get(command.command_id, 0.0),
+                corrections.get(cid, 0.0),
                 previous,
                 rotation_s,
                 slots,
                 holder,
                 result,
                 remaining,
+                past.pools.get(cid),
             )
 
     if previous is not None and release_s > 0:
@@ -338,30 +429,61 @@ def plan(
             provenance=tuple(LimitSource(command_id=c, kind="envelope") for c in limit.sources),
         )
 
-    # A plan for 10,000 devices has ~20,000 of these every control period: a device whose
-    # command has not changed keeps the same object, and new ones are built from the planner's
-    # own values without re-validation (validating them cost 0.4 s a period).
-    sources: dict[tuple[str, str], LimitSource] = {}
-    provenances: dict[tuple[str, str, tuple[str, ...]], tuple[LimitSource, ...]] = {}
-    requested_by_command: dict[str, list[Allocation]] = {}
-    before = previous.setpoints if previous is not None else {}
-    for device_id, slot in slots.items():
-        limited_by = tuple(slot.limited_by)
-        key = (slot.command_id, slot.kind, limited_by)
-        provenance = provenances.get(key)
-        if provenance is None:
-            provenance = provenances[key] = (
-                _source(sources, slot.command_id, slot.kind),
-                *(_limit_source(sources, s) for s in limited_by),
+    _commit(slots, previous, result)
+    for entry in power_commands:
+        command = entry.command
+        if isinstance(command, Dispatch):
+            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
+            wanted = result.committed_kw.get(command.command_id, 0.0)
+            result.shortfall_kw[command.command_id] = round(
+                max(0.0, abs(wanted) - abs(delivered)), 3
             )
-        kw = round(slot.kw, 4)
+    return result
+
+
+def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> None:
+    """Each planned device's setpoint and allocation, with their provenance, into ``result``.
+
+    A plan for 10,000 devices has ~20,000 of these every control period: a device whose
+    command has not changed keeps the same object (its allocation too), and new ones are built
+    from the planner's own values without re-validation (validating them cost 0.4 s a period).
+    In device id order, so each command's allocations come out sorted.
+    """
+    memory = result._memory
+    past = previous._memory if previous is not None else _Memory()
+    before = previous.setpoints if previous is not None else {}
+    sources: dict[tuple[str, str], LimitSource] = {}
+    provenances, known = memory.provenances, past.provenances
+    rounded: dict[float, float] = {}  # round() is slow, and many devices share a value
+    command_id = ""
+    allocations: dict[str, Allocation] = {}
+    allocated: dict[str, Allocation] = {}
+    made: _Provenance | None = None
+    last: _Slot | None = None
+    for device_id in sorted(slots):
+        slot = slots[device_id]
+        kind = slot.kind
+        if (
+            last is None
+            or slot.command_id is not last.command_id
+            or kind is not last.kind
+            or slot.limited_by is not last.limited_by
+        ):  # else: the same provenance as the device before it (most are)
+            key = (slot.command_id, kind, slot.limited_by)
+            made = provenances.get(key)
+            if made is None:
+                made = provenances[key] = known.get(key) or _provenance(sources, slot)
+        assert made is not None
+        last = slot
+        provenance, limited_by = made
+        kw = _rounded(slot.kw, rounded)
         old = before.get(device_id)
         if (
             old is not None
             and old.power_kw == kw
             and old.import_limit_kw is None
             and old.export_limit_kw is None
-            and old.provenance == provenance
+            and (old.provenance is provenance or old.provenance == provenance)
         ):
             result.setpoints[device_id] = old
         else:
@@ -373,28 +495,57 @@ def plan(
                 export_limit_kw=None,
                 provenance=provenance,
             )
-        if slot.kind == "release":
+        if kind == "release":
             continue  # not part of any command's allocation any more
-        requested_by_command.setdefault(slot.command_id, []).append(
-            _built(
+        requested = kw if slot.requested_kw is slot.kw else _rounded(slot.requested_kw, rounded)
+        if slot.command_id != command_id:
+            command_id = slot.command_id
+            allocations = memory.allocations.setdefault(command_id, {})
+            allocated = past.allocations.get(command_id, {})
+        was = allocated.get(device_id)
+        if (
+            was is not None
+            # a zero is reused only with its sign: zeros are _ZERO or _MINUS_ZERO here
+            and (was.commanded_kw is kw or (kw != 0.0 and was.commanded_kw == kw))
+            and (
+                was.requested_kw is requested
+                or (requested != 0.0 and was.requested_kw == requested)
+            )
+            and (was.limited_by is limited_by or was.limited_by == limited_by)
+        ):
+            allocations[device_id] = was
+        else:
+            allocations[device_id] = _built(
                 Allocation,
                 device_id=device_id,
-                requested_kw=round(slot.requested_kw, 4),
+                requested_kw=requested,
                 commanded_kw=kw,
                 limited_by=limited_by,
             )
-        )
-    for command_id, allocs in requested_by_command.items():
-        result.allocations[command_id] = tuple(sorted(allocs, key=lambda a: a.device_id))
-    for entry in power_commands:
-        command = entry.command
-        if isinstance(command, Dispatch):
-            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
-            wanted = result.committed_kw.get(command.command_id, 0.0)
-            result.shortfall_kw[command.command_id] = round(
-                max(0.0, abs(wanted) - abs(delivered)), 3
-            )
-    return result
+    for cid, by_device in memory.allocations.items():
+        result.allocations[cid] = tuple(by_device.values())
+
+
+_ZERO, _MINUS_ZERO = 0.0, -0.0
+
+
+def _rounded(kw: float, done: dict[float, float]) -> float:
+    """``round(kw, 4)``, a zero as one of two objects (its sign is then compared by identity)."""
+    if kw == 0.0:  # round(±0.0, 4) is itself
+        return _ZERO if math.copysign(1.0, kw) > 0 else _MINUS_ZERO
+    out = done.get(kw)
+    if out is None:
+        out = round(kw, 4)
+        if out == 0.0:
+            out = _ZERO if math.copysign(1.0, out) > 0 else _MINUS_ZERO
+        done[kw] = out
+    return out
+
+
+def _provenance(sources: dict[tuple[str, str], LimitSource], slot: _Slot) -> _Provenance:
+    limited_by = slot.limited_by
+    first = _source(sources, slot.command_id, slot.kind)
+    return (first, *(_limit_source(sources, s) for s in limited_by)), limited_by
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -451,7 +602,7 @@ def _plan_setpoint(
     room = headroom(registry.device(device_id), state, remaining_s)
     kw, limit = clip_to_headroom(command.kw, room)
     slots[device_id] = _Slot(
-        command.command_id, "setpoint", command.kw, kw, [limit] if limit else []
+        command.command_id, "setpoint", command.kw, kw, (limit,) if limit else ()
     )
     holder[device_id] = command.command_id
 
@@ -469,9 +620,13 @@ def _plan_dispatch(
     holder: dict[str, str],
     result: Plan,
     remaining_s: float,
-) -> None:
+    pool: _Pool | None,
+) -> _Pool:
+    """Allocate one dispatch over the members no earlier command holds; returns its members'
+    :class:`_Pool` (``pool``, the last period's, when it still serves) for the next period."""
     command = entry.command
     assert isinstance(command, Dispatch)
+    cid = command.command_id
     # A program with an eligibility rule dispatches only devices eligible in it (envelopes,
     # being safety limits, hold every device of their group whatever its programs).
     members = [
@@ -479,55 +634,202 @@ def _plan_dispatch(
         for d in target_devices(registry, command.target)
         if registry.may_serve(d.device_id, command.program)
     ]
-    rooms: dict[str, Headroom] = {}
-    for device in members:
-        did = device.device_id
-        state = states.get(did)
-        if did in entry.excluded or state is None or not plannable(device, state):
-            continue
-        if did in holder:
-            result.conflicts.setdefault(command.command_id, [])
-            if holder[did] not in result.conflicts[command.command_id]:
-                result.conflicts[command.command_id].append(holder[did])
-            continue
-        rooms[did] = _headroom(device, state, remaining_s, baselines.get(did))
+    if pool is None or not pool.serves(members):
+        pool = _Pool.of(members)
+    ids = pool.ids
+    get = states.get
+    member_states = [get(did) for did in ids]
+    if pool.has_ev:
+        rows = [
+            i
+            for i, (device, state) in enumerate(zip(members, member_states, strict=True))
+            if state is not None and plannable(device, state)
+        ]
+    else:  # plannable() without an EV charger among them
+        rows = [i for i, s in enumerate(member_states) if s is not None and s.soc_pct is not None]
+    if entry.excluded:
+        rows = [i for i in rows if ids[i] not in entry.excluded]
+    if holder:
+        free = []
+        for i in rows:
+            other = holder.get(ids[i])
+            if other is None:
+                free.append(i)
+                continue
+            blockers = result.conflicts.setdefault(cid, [])
+            if other not in blockers:
+                blockers.append(other)
+        rows = free
+    kept = [ids[i] for i in rows]
+    kept_states = [s for i in rows if (s := member_states[i]) is not None]  # all of them
     if command.mode is DispatchMode.TARGET:
-        baseline = group_baseline(members, states, baselines, controlled=rooms.keys())
-        result.baseline_kw[command.command_id] = round(baseline, 3)
+        baseline = group_baseline(members, states, baselines, controlled=kept)
+        result.baseline_kw[cid] = round(baseline, 3)
         total = (command.kw - baseline) * ramp_factor(command, now)
     else:
         total = command.kw * ramp_factor(command, now)
-    result.requested_kw[command.command_id] = total
-    caps = {d: (r.discharge_kw if total < 0 else r.charge_kw) for d, r in rooms.items()}
-    available = sum(caps.values())
-    result.available_kw[command.command_id] = available
+    result.requested_kw[cid] = total
+    at = np.array(rows, dtype=np.intp)
+    room = _Rooms(pool, at, kept, kept_states, baselines, remaining_s)
+    caps, energy_bound = room.side(discharge=total < 0)
+    cap_list: list[float] = caps.tolist()
+    available = sum(cap_list)
+    result.available_kw[cid] = available
     # The device's caps bound what is allocated below; the shortfall says what they could not.
-    total = corrected(total, correction_kw, math.inf)
-    result.committed_kw[command.command_id] = total
-    thermal = {d.device_id for d in members if d.der_class in SHIFTS_FROM_BASELINE} & caps.keys()
-    others = {d: c for d, c in caps.items() if d not in thermal}
-    thermal_caps = {d: caps[d] for d in thermal}
+    requested, total = total, corrected(total, correction_kw, math.inf)
+    result.committed_kw[cid] = total
+    if (total < 0) != (requested < 0):  # a request within _EPS of zero: limits named as before
+        energy_bound = room.side(discharge=total < 0)[1]
+    row_of = dict(zip(kept, range(len(kept)), strict=True))
+    thermal = pool.thermal_ids & row_of.keys()
+    is_thermal = pool.kind[at] == _THERMAL
+    other_caps = caps[~is_thermal]
+    other_sum = sum(other_caps.tolist())
     # Between the two pools in proportion to what each can give; within the thermal pool in
-    # turns (see rotation_order), within the other pool in proportion.
-    pooled = share(total, {"thermal": sum(thermal_caps.values()), "other": sum(others.values())})
-    shares = share(pooled["other"], others)
-    order = rotation_order(
-        command.command_id, thermal_caps, states, previous, now, rotation_s, registry.called_s
+    # turns (see rotation_order), within the other pool in proportion (as share()).
+    thermal_sum = sum(map(cap_list.__getitem__, map(row_of.__getitem__, thermal)))
+    pooled = share(total, {"thermal": thermal_sum, "other": other_sum})
+    kw = np.zeros(len(kept))
+    other_total = pooled["other"]
+    if other_sum > _EPS and abs(other_total) > _EPS:
+        fraction = min(1.0, abs(other_total) / other_sum)
+        kw[~is_thermal] = (1.0 if other_total > 0 else -1.0) * other_caps * fraction
+    fair = total * (caps / available) if available > _EPS else np.zeros(len(kept))
+    limited = (caps <= _EPS) | (~is_thermal & (np.abs(kw) + _EPS < np.abs(fair)))
+    called: dict[str, float] = {}
+    thermal_total = pooled["thermal"]
+    left = abs(thermal_total)
+    if left > _EPS:  # share_in_turn
+        sign = 1.0 if thermal_total > 0 else -1.0
+        order = rotation_order(
+            cid,
+            kept,
+            row_of,
+            is_thermal,
+            room.soc,
+            pool.id_rank[at],
+            previous,
+            now,
+            rotation_s,
+            registry.called_s,
+        )
+        for did in order:
+            if left <= _EPS:
+                break
+            take = min(cap_list[row_of[did]], left)
+            called[did] = sign * take
+            left -= take
+    own_kw = kw.tolist()
+    for did, called_kw in called.items():
+        own_kw[row_of[did]] = called_kw
+    labels: list[str | None] = [None] * len(kept)
+    bound, is_ev = energy_bound.tolist(), (pool.kind[at] == _EV).tolist()
+    for k in np.flatnonzero(limited).tolist():
+        if not bound[k]:
+            labels[k] = "rating"
+        elif total < 0:
+            labels[k] = "reserve_soc"
+        else:
+            labels[k] = "ev_energy_need" if is_ev[k] else "max_soc"
+    slots.update(
+        zip(
+            kept,
+            [
+                _Slot(cid, "dispatch", own, own, () if label is None else _LIMITED[label])
+                for own, label in zip(own_kw, labels, strict=True)
+            ],
+            strict=True,
+        )
     )
-    shares.update(share_in_turn(pooled["thermal"], thermal_caps, order))
-    for did, kw in shares.items():
-        limits: list[str] = []
-        room = rooms[did]
-        fair = total * (caps[did] / available) if available > _EPS else 0.0
-        if (did not in thermal and abs(kw) + _EPS < abs(fair)) or caps[did] <= _EPS:
-            limits.append(room.discharge_limit if total < 0 else room.charge_limit)
-        slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)
-        holder[did] = command.command_id
-        if did not in thermal or abs(kw) <= _EPS:
+    holder.update(dict.fromkeys(kept, cid))
+    for did, own in called.items():
+        if abs(own) <= _EPS:
             continue  # only a thermal load called this period has a turn
         since = previous.held_since.get(did) if previous is not None else None
-        same = previous is not None and _holder_of(previous, did) == command.command_id
+        same = previous is not None and _holder_of(previous, did) == cid
         result.held_since[did] = since if (same and since is not None) else now
+    return pool
+
+
+class _Rooms:
+    """What :func:`_headroom` gives, for many devices at once and one direction at a time
+    (numpy, the same arithmetic in the same order: the same floats)."""
+
+    def __init__(
+        self,
+        pool: _Pool,
+        at: npt.NDArray[np.intp],
+        ids: list[str],
+        states: list[DeviceState],
+        baselines: Mapping[str, float],
+        remaining_s: float,
+    ) -> None:
+        self.pool, self.at, self.ids, self.states = pool, at, ids, states
+        self.baselines = baselines
+        self.hours = max(remaining_s, MIN_ENERGY_HORIZON_S) / 3600.0
+        self.kind = pool.kind[at]
+        self.soc = np.array([s.soc_pct for s in states], dtype=np.float64)  # an EV's: unused
+
+    def side(self, *, discharge: bool) -> tuple[_Floats, npt.NDArray[np.bool_]]:
+        """Each device's headroom, discharging or charging, and whether an energy limit (not
+        its rating) sets it: what names its limit."""
+        pool, at, states, kind = self.pool, self.at, self.states, self.kind
+        capacity = _least(pool.capacity[at], _given([s.capacity_kwh for s in states]))
+        if discharge:
+            rated = _least(pool.rated_dis[at], _given([s.max_discharge_kw for s in states]))
+            energy = _most(0.0, (self.soc - pool.reserve[at]) / 100.0 * capacity) / self.hours
+            cap, bound = _least(rated, energy), energy < rated
+            thermal = kind == _THERMAL
+            if thermal.any():
+                # A thermal load sheds what it would draw, while it has comfort headroom left.
+                get = self.baselines.get
+                draws = np.array(
+                    [
+                        s.power_kw if (b := get(did)) is None else b
+                        for did, s in zip(self.ids, states, strict=True)
+                    ],
+                    dtype=np.float64,
+                )
+                has_room = self.soc > THERMAL_MIN_HEADROOM_PCT
+                cap = np.where(
+                    thermal, np.where(has_room, _least(rated, _most(0.0, draws)), 0.0), cap
+                )
+                bound = np.where(thermal, ~has_room, bound)
+            ev = kind == _EV
+            return np.where(ev, 0.0, cap), np.where(ev, False, bound)
+        rated = _least(pool.rated_ch[at], _given([s.max_charge_kw for s in states]))
+        energy = _most(0.0, (pool.max_soc[at] - self.soc) / 100.0 * capacity) / self.hours
+        cap, bound = _least(rated, energy), energy < rated
+        if pool.has_ev:
+            # An EV charger charges at most the energy its EV still wants.
+            wanted = (
+                np.array(
+                    [(s.ev.energy_needed_kwh or 0.0) if s.ev is not None else 0.0 for s in states],
+                    dtype=np.float64,
+                )
+                / self.hours
+            )
+            ev = kind == _EV
+            cap = np.where(ev, _least(rated, wanted), cap)
+            bound = np.where(ev, wanted < rated, bound)
+        return cap, bound
+
+
+def _given(values: list[float | None]) -> _Floats:
+    """A state's optional limits: none given is no limit (NaN, never valid here, is none too)."""
+    out = np.array(values, dtype=np.float64)
+    out[np.isnan(out)] = math.inf
+    return out
+
+
+def _least(a: _Floats, b: _Floats | float) -> _Floats:
+    """``min(a, b)`` element by element, ties and zeros' signs as Python's."""
+    return np.where(b < a, b, a)
+
+
+def _most(a: float, b: _Floats) -> _Floats:
+    """``max(a, b)`` element by element, ties and zeros' signs as Python's."""
+    return np.where(b > a, b, a)
 
 
 def _stagger_release(
@@ -608,7 +910,7 @@ def _holder_of(plan: Plan, device_id: str) -> str | None:
 
 
 def share_in_turn(
-    total_kw: float, caps: Mapping[str, float], order: Sequence[str]
+    total_kw: float, caps: Mapping[str, float], order: Iterable[str]
 ) -> dict[str, float]:
     """Split ``total_kw`` by filling devices to their cap one after another in ``order``."""
     sign = 1.0 if total_kw > 0 else -1.0
@@ -631,13 +933,16 @@ def _turn_share(device_id: str) -> float:
 
 def rotation_order(
     command_id: str,
-    caps: Mapping[str, float],
-    states: Mapping[str, DeviceState | None],
+    ids: Sequence[str],
+    row: Mapping[str, int],
+    thermal: npt.NDArray[np.bool_],
+    headroom: _Floats,
+    rank: npt.NDArray[np.intp],
     previous: Plan | None,
     now: datetime,
     rotation_s: float,
     called_s: Mapping[str, float] | None = None,
-) -> list[str]:
+) -> Iterator[str]:
     """Who a thermal load is asked of first: the houses already called for this command (until
     they have been called for ``rotation_s``), then those called for the fewest whole hours
     lately (``called_s``, the participation records: fairness between customers) and among
@@ -647,32 +952,37 @@ def rotation_order(
     compressor together (twice the request) and then recovers together (a fraction of it and a
     rebound); houses called in turn, each for a while, keep the aggregate level, and each house
     gives back only the little heat of its own turn.
+
+    Among the planned devices ``ids`` (``row``: each one's index), those ``thermal``, with
+    their comfort ``headroom`` and ``rank`` (their place in id order: ties go by id). The order
+    is made as it is read: a request a few hundred houses meet does not sort ten thousand.
     """
-
-    def headroom_of(did: str) -> float:
-        state = states.get(did)
-        return state.soc_pct if state is not None and state.soc_pct is not None else 0.0
-
-    called = called_s or {}
     current: list[tuple[float, str]] = []
-    fresh: list[tuple[float, float, str]] = []
     done: list[tuple[float, str]] = []
-    held_since = previous.held_since if previous is not None else {}
-    for did in caps:
-        since = held_since.get(did)
-        if since is not None and previous is not None and _holder_of(previous, did) != command_id:
-            since = None  # called by another command then: a fresh turn for this one
-        if since is None:
-            fresh.append((called.get(did, 0.0) // 3600, -headroom_of(did), did))
-        elif (now - since).total_seconds() < rotation_s * _turn_share(did):
-            current.append(((since - now).total_seconds(), did))
-        else:
-            done.append(((since - now).total_seconds(), did))
-    return (
-        [did for _, did in sorted(current)]
-        + [did for _, _, did in sorted(fresh)]
-        + [did for _, did in sorted(done)]
-    )
+    fresh = thermal.copy()
+    if previous is not None:
+        for did, since in previous.held_since.items():
+            k = row.get(did)
+            if k is None or not fresh[k]:
+                continue  # not one of these thermal loads
+            if _holder_of(previous, did) != command_id:
+                continue  # called by another command then: a fresh turn for this one
+            fresh[k] = False
+            if (now - since).total_seconds() < rotation_s * _turn_share(did):
+                current.append(((since - now).total_seconds(), did))
+            else:
+                done.append(((since - now).total_seconds(), did))
+    current.sort()
+    yield from (did for _, did in current)
+    picks = np.flatnonzero(fresh)
+    if called_s:  # the fewest whole hours called lately first (fairness), then headroom
+        hours = np.array([called_s.get(ids[k], 0.0) // 3600 for k in picks.tolist()])
+        picks = picks[np.lexsort((rank[picks], -headroom[picks], hours))]
+    else:
+        picks = picks[np.lexsort((rank[picks], -headroom[picks]))]
+    yield from (ids[k] for k in picks.tolist())
+    done.sort()
+    yield from (did for _, did in done)
 
 
 def corrected(requested_kw: float, correction_kw: float, available_kw: float) -> float:
@@ -865,7 +1175,7 @@ def _relieve(
         for sl in pushing.values():
             sl.kw *= factor
             if cid not in sl.limited_by:
-                sl.limited_by.append(cid)
+                sl.limited_by += (cid,)
         moved += cut
     # 2. Batteries offset the rest: those dispatched go further, those left alone are called.
     #    3. Then thermal loads are shed (import) or loaded up (export).
@@ -899,11 +1209,11 @@ def _relieve(
                 continue
             slot = slots.get(did)
             if slot is None:
-                slots[did] = _Slot(cid, "envelope", kw, kw, [])
+                slots[did] = _Slot(cid, "envelope", kw, kw)
             else:
                 slot.kw += kw
                 if cid not in slot.limited_by and slot.command_id != cid:
-                    slot.limited_by.append(cid)
+                    slot.limited_by += (cid,)
             moved += abs(kw)
     return moved
 

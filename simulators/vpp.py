@@ -269,10 +269,10 @@ class VirtualPowerPlant:
         now = self.now
         if states is None:
             states = self.states()
+        observe, desired = self.baselines.observe, self._desired
         for did, state in states.items():
             if state is not None:
-                held = did in self._desired
-                self.baselines.observe(did, now, state.power_kw, held=held)
+                observe(did, now, state.power_kw, held=did in desired)
         deliveries: dict[str, Delivery] = {}
         allowance: dict[str, float] = {}
         if self.closed_loop:
@@ -312,10 +312,13 @@ class VirtualPowerPlant:
 
     def _apply(self, plan: dispatch.Plan) -> None:
         settings = self.spec.settings
+        setpoints, desired = plan.setpoints, self._desired
         for index, device in enumerate(self.devices):
             did = device.device_id
-            new = plan.setpoints.get(did)
-            old = self._desired.get(did)
+            new = setpoints.get(did)
+            old = desired.get(did)
+            if new is old:
+                continue  # the planner keeps an unchanged command's object: nothing to apply
             if (
                 new is not None
                 and old is not None

@@ -1,0 +1,896 @@
+"""The planner as it was before it was made fast (gateway/dispatch.py at the merge of the fast
+planner, with the PV, eligibility and fairness rules of that time), kept only as the reference
+that ``test_plan_equivalence`` holds the optimised planner to: same inputs, same plan. Do not
+change it; delete it (and that test) if the planner's behaviour is ever meant to change.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from gateway.registry import Registry
+from unified.model import (
+    Allocation,
+    Delivery,
+    DerClass,
+    Device,
+    DeviceCommand,
+    DeviceSetpoint,
+    DeviceState,
+    Dispatch,
+    DispatchMode,
+    EnvelopeCompliance,
+    LimitSource,
+    OperatingEnvelope,
+    ScheduledCommand,
+    Target,
+)
+
+# Energy limits are spread over at least this long, so a battery a hair above its reserve is not
+# allowed full power for the last control periods of an event and then overshoot the reserve.
+MIN_ENERGY_HORIZON_S = 60.0
+_EPS = 1e-9
+
+SHIFTS_FROM_BASELINE: frozenset[DerClass] = frozenset({DerClass.THERMOSTAT, DerClass.WATER_HEATER})
+"""Device classes whose setpoint is a change from their own baseline, not their power."""
+
+THERMAL_MIN_HEADROOM_PCT = 5.0
+"""A thermal load with less comfort (or tank) headroom than this is not called to shed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveCommand:
+    command: ScheduledCommand
+    seq: int
+    excluded: frozenset[str] = frozenset()
+    """Devices that refused this command (e.g. a Modbus exception): not allocated again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """Power a battery can deliver right now without breaking a rating or an SoC limit."""
+
+    discharge_kw: float
+    charge_kw: float
+    discharge_limit: str
+    charge_limit: str
+
+
+def plannable(device: Device, state: DeviceState | None) -> bool:
+    """Whether the planner can promise anything with this device right now.
+
+    A stored-energy device needs a fresh SoC (nobody can promise its reserve holds without
+    one); an EV charger needs a plugged-in EV whose need is known. Without either the device is
+    left running on its own rather than held at zero (which would, say, pause an EV that nobody
+    asked to pause).
+    """
+    if state is None:
+        return False
+    if device.der_class is DerClass.EVSE:
+        return state.ev is not None and state.ev.energy_needed_kwh is not None
+    return state.soc_pct is not None
+
+
+def headroom(
+    device: Device,
+    state: DeviceState | None,
+    remaining_s: float,
+    baseline_kw: float | None = None,
+) -> Headroom:
+    """What a device can give now without breaking a rating or an energy limit.
+
+    A thermal load (thermostat, water heater) called to shed is held off for its turn (its
+    adapter keeps the setpoint ahead of the room or the tank), so what it sheds is what it would
+    have drawn: its ``baseline_kw`` (its current power when unknown), while it has comfort or
+    tank headroom left (more than ``THERMAL_MIN_HEADROOM_PCT``); the headroom it spends is
+    bounded by its turn, not spread over the event.
+    """
+    if state is None or not plannable(device, state):
+        return Headroom(0.0, 0.0, "unavailable", "unavailable")
+    return _headroom(device, state, remaining_s, baseline_kw)
+
+
+def _headroom(
+    device: Device, state: DeviceState, remaining_s: float, baseline_kw: float | None
+) -> Headroom:
+    """:func:`headroom` of a device already known to be plannable."""
+    ratings, limits = device.ratings, device.constraints
+    rated_dis = min(ratings.max_discharge_kw, _or_inf(state.max_discharge_kw))
+    rated_ch = min(ratings.max_charge_kw, _or_inf(state.max_charge_kw))
+    hours = max(remaining_s, MIN_ENERGY_HORIZON_S) / 3600.0
+    if device.der_class in SHIFTS_FROM_BASELINE and state.soc_pct is not None:
+        draws = state.power_kw if baseline_kw is None else baseline_kw
+        has_room = state.soc_pct > THERMAL_MIN_HEADROOM_PCT
+        capacity = min(ratings.capacity_kwh, _or_inf(state.capacity_kwh))
+        ch_energy = max(0.0, (limits.max_soc_pct - state.soc_pct) / 100.0 * capacity) / hours
+        return Headroom(
+            discharge_kw=min(rated_dis, max(0.0, draws)) if has_room else 0.0,
+            charge_kw=min(rated_ch, ch_energy),
+            discharge_limit="rating" if has_room else "reserve_soc",
+            charge_limit="max_soc" if ch_energy < rated_ch else "rating",
+        )
+    if state.ev is not None and device.der_class is DerClass.EVSE:
+        # An EV charger never exports, and charges at most the energy its EV still wants.
+        wanted = (state.ev.energy_needed_kwh or 0.0) / hours
+        return Headroom(
+            discharge_kw=0.0,
+            charge_kw=min(rated_ch, wanted),
+            discharge_limit="rating",
+            charge_limit="ev_energy_need" if wanted < rated_ch else "rating",
+        )
+    assert state.soc_pct is not None  # plannable
+    capacity = min(ratings.capacity_kwh, _or_inf(state.capacity_kwh))
+    above_reserve = max(0.0, (state.soc_pct - limits.reserve_soc_pct) / 100.0 * capacity)
+    below_max = max(0.0, (limits.max_soc_pct - state.soc_pct) / 100.0 * capacity)
+    dis_energy, ch_energy = above_reserve / hours, below_max / hours
+    return Headroom(
+        discharge_kw=min(rated_dis, dis_energy),
+        charge_kw=min(rated_ch, ch_energy),
+        discharge_limit="reserve_soc" if dis_energy < rated_dis else "rating",
+        charge_limit="max_soc" if ch_energy < rated_ch else "rating",
+    )
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+def clip_to_headroom(kw: float, room: Headroom) -> tuple[float, str | None]:
+    if kw < -room.discharge_kw:
+        return -room.discharge_kw, room.discharge_limit
+    if kw > room.charge_kw:
+        return room.charge_kw, room.charge_limit
+    return kw, None
+
+
+def share(total_kw: float, caps: Mapping[str, float]) -> dict[str, float]:
+    """Split ``total_kw`` across devices in proportion to each one's cap, never above a cap."""
+    available = sum(caps.values())
+    if available <= _EPS or abs(total_kw) <= _EPS:
+        return dict.fromkeys(caps, 0.0)
+    fraction = min(1.0, abs(total_kw) / available)
+    sign = 1.0 if total_kw > 0 else -1.0
+    return {dev: sign * cap * fraction for dev, cap in caps.items()}
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One device's state during planning."""
+
+    command_id: str
+    kind: Literal["dispatch", "setpoint", "envelope", "release"]
+    requested_kw: float
+    kw: float
+    limited_by: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Plan:
+    setpoints: dict[str, DeviceCommand] = field(default_factory=dict)
+    """Devices under control, with their setpoint and its provenance. Others run autonomously."""
+    allocations: dict[str, tuple[Allocation, ...]] = field(default_factory=dict)
+    shortfall_kw: dict[str, float] = field(default_factory=dict)
+    conflicts: dict[str, list[str]] = field(default_factory=dict)
+    """command_id → ids of commands that already held devices it wanted."""
+    envelopes: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    """envelope command_id → (import_limit_kw, export_limit_kw) in force."""
+    requested_kw: dict[str, float] = field(default_factory=dict)
+    """dispatch command_id → the change from baseline asked for now (ramp and, in ``target``
+    mode, the baseline estimate applied)."""
+    baseline_kw: dict[str, float] = field(default_factory=dict)
+    """``target`` dispatch command_id → the group baseline estimated for it now."""
+    available_kw: dict[str, float] = field(default_factory=dict)
+    """dispatch command_id → what the devices it holds can give in the request's direction."""
+    compliance: dict[str, EnvelopeCompliance] = field(default_factory=dict)
+    """envelope command_id → how it holds at the meter (:class:`gateway.delivery.EnvelopeWatch`);
+    the core sets it, the planner does not."""
+    delivery: dict[str, Delivery] = field(default_factory=dict)
+    """dispatch command_id → its measured response so far, as the closed loop
+    (:mod:`gateway.delivery`) estimated it; the core sets it, the planner does not."""
+    held_since: dict[str, datetime] = field(default_factory=dict)
+    """Thermal devices called by a dispatch → since when (for their turn: ``rotation_order``)."""
+    committed_kw: dict[str, float] = field(default_factory=dict)
+    """dispatch command_id → the change to allocate: the request plus the closed loop's
+    correction (:mod:`gateway.delivery`); the devices' caps may leave a shortfall."""
+    releasing: dict[str, Release] = field(default_factory=dict)
+    """Thermal devices of a dispatch that has ended, each held until its turn to be released."""
+    released: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """Thermal devices this plan let go of after their dispatch ended → (its command_id, the
+    rise expected of it: from what it drew to full power); the release governor counts it
+    until a reading shows it (:class:`gateway.delivery.ReleaseGovernor`)."""
+
+    def shift(self, by: timedelta) -> None:
+        """The wall clock stepped by ``by``: turns and releases keep their true durations."""
+        self.held_since = {d: since + by for d, since in self.held_since.items()}
+        self.releasing = {
+            d: Release(r.command_id, r.kw, r.at + by) for d, r in self.releasing.items()
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    command_id: str
+    kw: float
+    at: datetime
+
+
+def target_devices(registry: Registry, target: Target) -> list[Device]:
+    if target.group_id is not None:
+        return registry.members(target.group_id)
+    return [registry.device(d) for d in target.device_ids or () if d in registry]
+
+
+def plan(
+    now: datetime,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    active: Sequence[ActiveCommand],
+    baselines: Mapping[str, float] | None = None,
+    corrections: Mapping[str, float] | None = None,
+    previous: Plan | None = None,
+    rotation_s: float = 1800.0,
+    release_s: float = 0.0,
+    release_allowance: Mapping[str, float] | None = None,
+) -> Plan:
+    """Compute every device's setpoint for ``now``.
+
+    ``states`` holds the latest *fresh* state of each device (None when unavailable or stale);
+    ``active`` the commands whose window contains ``now``; ``baselines`` each device's power when
+    left alone, as far as it is known (``target`` mode and envelopes); ``corrections`` the
+    closed loop's correction of each dispatch's request (:mod:`gateway.delivery`), in kW;
+    ``previous`` the last plan (whose turns and releases go on); ``rotation_s`` a thermal load's
+    turn; ``release_s`` how long the thermal loads of an ended dispatch take to be released at
+    the latest; ``release_allowance`` per ended dispatch, the rise its releases may add now
+    (:class:`gateway.delivery.ReleaseGovernor`; without one, the ``release_s`` schedule alone).
+    """
+    baselines = baselines or {}
+    corrections = corrections or {}
+    result = Plan()
+    slots: dict[str, _Slot] = {}
+    holder: dict[str, str] = {}
+    power_commands = [a for a in active if not isinstance(a.command, OperatingEnvelope)]
+    # Higher priority first; between equals, the earlier commitment holds.
+    power_commands.sort(key=lambda a: (-a.command.priority, a.seq))
+
+    for entry in power_commands:
+        command = entry.command
+        remaining = (command.end - now).total_seconds()
+        if isinstance(command, DeviceSetpoint):
+            _plan_setpoint(command, registry, states, slots, holder, result, remaining)
+        elif isinstance(command, Dispatch):
+            _plan_dispatch(
+                now,
+                entry,
+                registry,
+                states,
+                baselines,
+                corrections.get(command.command_id, 0.0),
+                previous,
+                rotation_s,
+                slots,
+                holder,
+                result,
+                remaining,
+            )
+
+    if previous is not None and release_s > 0:
+        active_ids = {a.command.command_id for a in active}
+        _stagger_release(
+            now,
+            previous,
+            active_ids,
+            registry,
+            states,
+            slots,
+            result,
+            release_s,
+            release_allowance or {},
+        )
+
+    envelopes = sorted(
+        (a for a in active if isinstance(a.command, OperatingEnvelope)), key=lambda a: a.seq
+    )
+    # Two passes: pulling exports in can only raise imports and vice versa, so a second pass
+    # settles any nested envelopes (a feeder inside a substation) that the first pass disturbed.
+    limits: dict[str, _Limits] = {}
+    for _ in range(2):
+        limits.clear()  # the second pass sees every envelope's setpoints: it decides the limits
+        for entry in envelopes:
+            assert isinstance(entry.command, OperatingEnvelope)
+            _apply_envelope(now, entry.command, registry, states, baselines, slots, limits, result)
+    for device_id, limit in limits.items():
+        if device_id in slots:
+            continue
+        result.setpoints[device_id] = DeviceCommand(
+            device_id=device_id,
+            power_kw=None,
+            import_limit_kw=limit.import_kw,
+            export_limit_kw=limit.export_kw,
+            provenance=tuple(LimitSource(command_id=c, kind="envelope") for c in limit.sources),
+        )
+
+    # A plan for 10,000 devices has ~20,000 of these every control period: a device whose
+    # command has not changed keeps the same object, and new ones are built from the planner's
+    # own values without re-validation (validating them cost 0.4 s a period).
+    sources: dict[tuple[str, str], LimitSource] = {}
+    provenances: dict[tuple[str, str, tuple[str, ...]], tuple[LimitSource, ...]] = {}
+    requested_by_command: dict[str, list[Allocation]] = {}
+    before = previous.setpoints if previous is not None else {}
+    for device_id, slot in slots.items():
+        limited_by = tuple(slot.limited_by)
+        key = (slot.command_id, slot.kind, limited_by)
+        provenance = provenances.get(key)
+        if provenance is None:
+            provenance = provenances[key] = (
+                _source(sources, slot.command_id, slot.kind),
+                *(_limit_source(sources, s) for s in limited_by),
+            )
+        kw = round(slot.kw, 4)
+        old = before.get(device_id)
+        if (
+            old is not None
+            and old.power_kw == kw
+            and old.import_limit_kw is None
+            and old.export_limit_kw is None
+            and old.provenance == provenance
+        ):
+            result.setpoints[device_id] = old
+        else:
+            result.setpoints[device_id] = _built(
+                DeviceCommand,
+                device_id=device_id,
+                power_kw=kw,
+                import_limit_kw=None,
+                export_limit_kw=None,
+                provenance=provenance,
+            )
+        if slot.kind == "release":
+            continue  # not part of any command's allocation any more
+        requested_by_command.setdefault(slot.command_id, []).append(
+            _built(
+                Allocation,
+                device_id=device_id,
+                requested_kw=round(slot.requested_kw, 4),
+                commanded_kw=kw,
+                limited_by=limited_by,
+            )
+        )
+    for command_id, allocs in requested_by_command.items():
+        result.allocations[command_id] = tuple(sorted(allocs, key=lambda a: a.device_id))
+    for entry in power_commands:
+        command = entry.command
+        if isinstance(command, Dispatch):
+            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
+            wanted = result.committed_kw.get(command.command_id, 0.0)
+            result.shortfall_kw[command.command_id] = round(
+                max(0.0, abs(wanted) - abs(delivered)), 3
+            )
+    return result
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _built(cls: type[_M], **values: Any) -> _M:
+    """A model from values the planner computed itself, every field given: what
+    ``model_construct`` does, without its per-field default handling (5× faster)."""
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", values)
+    object.__setattr__(model, "__pydantic_fields_set__", set(values))
+    object.__setattr__(model, "__pydantic_extra__", None)
+    object.__setattr__(model, "__pydantic_private__", None)
+    return model
+
+
+def ramp_factor(command: Dispatch, now: datetime) -> float:
+    if command.ramp_s <= 0:
+        return 1.0
+    elapsed = (now - command.start).total_seconds()
+    return max(0.0, min(1.0, elapsed / command.ramp_s))
+
+
+def _source(cache: dict[tuple[str, str], LimitSource], command_id: str, kind: str) -> LimitSource:
+    key = (command_id, kind)
+    source = cache.get(key)
+    if source is None:
+        source = cache[key] = LimitSource(command_id=command_id, kind=kind)
+    return source
+
+
+def _limit_source(cache: dict[tuple[str, str], LimitSource], label: str) -> LimitSource:
+    if label in ("rating", "reserve_soc", "max_soc", "ev_energy_need"):
+        return _source(cache, label, label)
+    return _source(cache, label, "envelope")
+
+
+def _plan_setpoint(
+    command: DeviceSetpoint,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    slots: dict[str, _Slot],
+    holder: dict[str, str],
+    result: Plan,
+    remaining_s: float,
+) -> None:
+    device_id = command.device_id
+    if device_id in holder:
+        result.conflicts.setdefault(command.command_id, []).append(holder[device_id])
+        return
+    state = states.get(device_id)
+    if device_id not in registry or state is None:
+        return
+    room = headroom(registry.device(device_id), state, remaining_s)
+    kw, limit = clip_to_headroom(command.kw, room)
+    slots[device_id] = _Slot(
+        command.command_id, "setpoint", command.kw, kw, [limit] if limit else []
+    )
+    holder[device_id] = command.command_id
+
+
+def _plan_dispatch(
+    now: datetime,
+    entry: ActiveCommand,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    correction_kw: float,
+    previous: Plan | None,
+    rotation_s: float,
+    slots: dict[str, _Slot],
+    holder: dict[str, str],
+    result: Plan,
+    remaining_s: float,
+) -> None:
+    command = entry.command
+    assert isinstance(command, Dispatch)
+    # A program with an eligibility rule dispatches only devices eligible in it (envelopes,
+    # being safety limits, hold every device of their group whatever its programs).
+    members = [
+        d
+        for d in target_devices(registry, command.target)
+        if registry.may_serve(d.device_id, command.program)
+    ]
+    rooms: dict[str, Headroom] = {}
+    for device in members:
+        did = device.device_id
+        state = states.get(did)
+        if did in entry.excluded or state is None or not plannable(device, state):
+            continue
+        if did in holder:
+            result.conflicts.setdefault(command.command_id, [])
+            if holder[did] not in result.conflicts[command.command_id]:
+                result.conflicts[command.command_id].append(holder[did])
+            continue
+        rooms[did] = _headroom(device, state, remaining_s, baselines.get(did))
+    if command.mode is DispatchMode.TARGET:
+        baseline = group_baseline(members, states, baselines, controlled=rooms.keys())
+        result.baseline_kw[command.command_id] = round(baseline, 3)
+        total = (command.kw - baseline) * ramp_factor(command, now)
+    else:
+        total = command.kw * ramp_factor(command, now)
+    result.requested_kw[command.command_id] = total
+    caps = {d: (r.discharge_kw if total < 0 else r.charge_kw) for d, r in rooms.items()}
+    available = sum(caps.values())
+    result.available_kw[command.command_id] = available
+    # The device's caps bound what is allocated below; the shortfall says what they could not.
+    total = corrected(total, correction_kw, math.inf)
+    result.committed_kw[command.command_id] = total
+    thermal = {d.device_id for d in members if d.der_class in SHIFTS_FROM_BASELINE} & caps.keys()
+    others = {d: c for d, c in caps.items() if d not in thermal}
+    thermal_caps = {d: caps[d] for d in thermal}
+    # Between the two pools in proportion to what each can give; within the thermal pool in
+    # turns (see rotation_order), within the other pool in proportion.
+    pooled = share(total, {"thermal": sum(thermal_caps.values()), "other": sum(others.values())})
+    shares = share(pooled["other"], others)
+    order = rotation_order(
+        command.command_id, thermal_caps, states, previous, now, rotation_s, registry.called_s
+    )
+    shares.update(share_in_turn(pooled["thermal"], thermal_caps, order))
+    for did, kw in shares.items():
+        limits: list[str] = []
+        room = rooms[did]
+        fair = total * (caps[did] / available) if available > _EPS else 0.0
+        if (did not in thermal and abs(kw) + _EPS < abs(fair)) or caps[did] <= _EPS:
+            limits.append(room.discharge_limit if total < 0 else room.charge_limit)
+        slots[did] = _Slot(command.command_id, "dispatch", kw, kw, limits)
+        holder[did] = command.command_id
+        if did not in thermal or abs(kw) <= _EPS:
+            continue  # only a thermal load called this period has a turn
+        since = previous.held_since.get(did) if previous is not None else None
+        same = previous is not None and _holder_of(previous, did) == command.command_id
+        result.held_since[did] = since if (same and since is not None) else now
+
+
+def _stagger_release(
+    now: datetime,
+    previous: Plan,
+    active_ids: set[str],
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    slots: dict[str, _Slot],
+    result: Plan,
+    release_s: float,
+    allowance: Mapping[str, float],
+) -> None:
+    """Release the thermal loads of a dispatch that has just ended one after another, longest
+    called first, instead of all at once: each as the measured rebound leaves room for it
+    (``allowance``: the rise its release may add, from what it draws now to its full power,
+    since a house held warm runs flat out to cool back), and at the latest on a schedule spread
+    over ``release_s``.
+
+    Every house held off pays its stored heat back when released: released together, their
+    compressors all start together (a rebound larger than the shed). A device another command
+    claims is simply taken (power commands are planned first)."""
+    waiting: dict[str, list[tuple[datetime, str, Release]]] = {}
+    for device_id, release in previous.releasing.items():
+        if device_id in slots or device_id not in registry:
+            continue  # another command has it now, or it has gone
+        rise = _release_rise(registry.device(device_id), states.get(device_id), release)
+        if release.at <= now:
+            result.released[device_id] = (release.command_id, rise)  # on the schedule
+        else:
+            waiting.setdefault(release.command_id, []).append((release.at, device_id, release))
+    for command_id, queue in waiting.items():
+        room = allowance.get(command_id)
+        queue.sort(key=lambda item: (item[0], item[1]))
+        for _, device_id, release in queue:
+            rise = _release_rise(registry.device(device_id), states.get(device_id), release)
+            if room is not None and room >= rise:
+                room -= rise  # released now: the rebound has room for it
+                result.released[device_id] = (command_id, rise)
+                continue
+            room = None if room is None else -1.0  # in order: none after one that waits
+            slots[device_id] = _Slot(release.command_id, "release", release.kw, release.kw)
+            result.releasing[device_id] = release
+    for command_id in previous.requested_kw:
+        if command_id in active_ids:
+            continue
+        called = [
+            a
+            for a in previous.allocations.get(command_id, ())
+            if a.device_id in previous.held_since and abs(a.commanded_kw) > _EPS
+        ]
+        called.sort(key=lambda a: previous.held_since[a.device_id])
+        for rank, allocation in enumerate(called):
+            did = allocation.device_id
+            if did in slots or did not in registry:
+                continue
+            at = now + timedelta(seconds=release_s * (rank + 1) / len(called))
+            kw = allocation.commanded_kw
+            slots[did] = _Slot(command_id, "release", kw, kw)
+            result.releasing[did] = Release(command_id, kw, at)
+
+
+def _release_rise(device: Device, state: DeviceState | None, release: Release) -> float:
+    """What releasing a held thermal load adds: it goes from what it draws now to full power."""
+    rated = device.ratings.max_discharge_kw
+    if state is not None and state.max_discharge_kw is not None:
+        rated = min(rated, state.max_discharge_kw)
+    if not math.isfinite(rated) or rated <= 0:
+        return abs(release.kw)
+    return max(abs(release.kw), rated - (state.power_kw if state is not None else 0.0))
+
+
+def _holder_of(plan: Plan, device_id: str) -> str | None:
+    setpoint = plan.setpoints.get(device_id)
+    if setpoint is None or not setpoint.provenance:
+        return None
+    return setpoint.provenance[0].command_id
+
+
+def share_in_turn(
+    total_kw: float, caps: Mapping[str, float], order: Sequence[str]
+) -> dict[str, float]:
+    """Split ``total_kw`` by filling devices to their cap one after another in ``order``."""
+    sign = 1.0 if total_kw > 0 else -1.0
+    left = abs(total_kw)
+    out = dict.fromkeys(caps, 0.0)
+    for did in order:
+        if left <= _EPS:
+            break
+        take = min(caps[did], left)
+        out[did] = sign * take
+        left -= take
+    return out
+
+
+def _turn_share(device_id: str) -> float:
+    """Each house's turn lasts 0.5-1.5 × the configured turn (fixed per device): houses called
+    together are not all released together, which would send a rebound through the event."""
+    return 0.5 + zlib.crc32(device_id.encode()) / 0xFFFFFFFF
+
+
+def rotation_order(
+    command_id: str,
+    caps: Mapping[str, float],
+    states: Mapping[str, DeviceState | None],
+    previous: Plan | None,
+    now: datetime,
+    rotation_s: float,
+    called_s: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Who a thermal load is asked of first: the houses already called for this command (until
+    they have been called for ``rotation_s``), then those called for the fewest whole hours
+    lately (``called_s``, the participation records: fairness between customers) and among
+    them those with the most comfort headroom, then the ones whose turn is over.
+
+    Called in turns, not all at once: a fleet whose every thermostat moves together stops every
+    compressor together (twice the request) and then recovers together (a fraction of it and a
+    rebound); houses called in turn, each for a while, keep the aggregate level, and each house
+    gives back only the little heat of its own turn.
+    """
+
+    def headroom_of(did: str) -> float:
+        state = states.get(did)
+        return state.soc_pct if state is not None and state.soc_pct is not None else 0.0
+
+    called = called_s or {}
+    current: list[tuple[float, str]] = []
+    fresh: list[tuple[float, float, str]] = []
+    done: list[tuple[float, str]] = []
+    held_since = previous.held_since if previous is not None else {}
+    for did in caps:
+        since = held_since.get(did)
+        if since is not None and previous is not None and _holder_of(previous, did) != command_id:
+            since = None  # called by another command then: a fresh turn for this one
+        if since is None:
+            fresh.append((called.get(did, 0.0) // 3600, -headroom_of(did), did))
+        elif (now - since).total_seconds() < rotation_s * _turn_share(did):
+            current.append(((since - now).total_seconds(), did))
+        else:
+            done.append(((since - now).total_seconds(), did))
+    return (
+        [did for _, did in sorted(current)]
+        + [did for _, _, did in sorted(fresh)]
+        + [did for _, did in sorted(done)]
+    )
+
+
+def corrected(requested_kw: float, correction_kw: float, available_kw: float) -> float:
+    """The request plus the closed loop's correction, with the request's sign (a shed never
+    turns into a load-up against its own over-delivery) and at most ``available_kw``."""
+    if abs(requested_kw) <= _EPS:
+        return 0.0
+    sign = 1.0 if requested_kw > 0 else -1.0
+    return sign * max(0.0, min(available_kw, sign * (requested_kw + correction_kw)))
+
+
+def group_baseline(
+    members: Iterable[Device],
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    *,
+    controlled: Iterable[str],
+) -> float:
+    """The group's net power without the command's own setpoints (see the module docstring).
+
+    A member the command does not control counts with what it measures now (or, when it does
+    not report, its learnt baseline, else nothing); a controlled thermal device with its
+    baseline (its setpoint moves it from there); a controlled battery, EV or inverter with
+    nothing (its setpoint is its power).
+    """
+    held = set(controlled)
+    total = 0.0
+    for device in members:
+        did = device.device_id
+        state = states.get(did)
+        if did in held:
+            if device.der_class in SHIFTS_FROM_BASELINE:
+                own = baselines.get(did)
+                total += own if own is not None else (state.power_kw if state else 0.0)
+        elif state is not None:
+            total += state.power_kw
+        else:
+            total += baselines.get(did, 0.0)
+    return total
+
+
+@dataclass(slots=True)
+class _Limits:
+    """Standing limits on an autonomous device, from every envelope that covers it."""
+
+    import_kw: float | None = None
+    export_kw: float | None = None
+    sources: list[str] = field(default_factory=list)
+
+    def tighten(self, source: str, import_kw: float | None, export_kw: float | None) -> None:
+        if import_kw is not None:
+            self.import_kw = import_kw if self.import_kw is None else min(self.import_kw, import_kw)
+        if export_kw is not None:
+            self.export_kw = export_kw if self.export_kw is None else min(self.export_kw, export_kw)
+        if source not in self.sources:
+            self.sources.append(source)
+
+
+ENVELOPE_MARGIN = 0.01
+"""An envelope is held this share of the measured load it counts inside each limit: loads left
+alone switch between control periods and the batteries offsetting them follow a period later."""
+
+MODULATING: frozenset[DerClass] = frozenset({DerClass.BATTERY, DerClass.EVSE, DerClass.PV})
+"""Classes whose power a standing limit caps continuously. A thermostat's compressor is on or
+off: a cap below its rating only switches it off, so thermal loads are never given standing
+limits; an envelope sheds them with setpoints when batteries cannot hold it."""
+
+GENERATION_ONLY: frozenset[DerClass] = frozenset({DerClass.PV})
+"""Classes that only generate: curtailable, never asked to import (a PV inverter's charge rating
+means nothing), so they take no share of an import limit and no charging setpoint."""
+
+
+def _apply_envelope(
+    now: datetime,
+    command: OperatingEnvelope,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    slots: dict[str, _Slot],
+    limits: dict[str, _Limits],
+    result: Plan,
+) -> None:
+    """Keep the group's net power inside the envelope, counting all of it.
+
+    The group's net power is what the planner controls (each setpoint: a battery's or an EV's
+    power, a thermal device's baseline plus its change) plus what it does not: each load left
+    alone at its measured power (its learnt baseline when it does not report). When that passes
+    a limit, in order: devices under a setpoint that push past it are scaled back (the envelope
+    wins over dispatch); batteries in the group discharge (or charge, against an export limit)
+    to offset the rest, those left alone as well as those already dispatched, within their
+    headroom; then thermal loads are shed (or loaded up). Batteries, EV chargers and inverters
+    left alone get a standing share of whatever room remains, in proportion to their ratings: a
+    limit that does not depend on their own measured power, so it holds steadily instead of being
+    imposed and lifted in turn as the device obeys.
+    """
+    interval = command.interval_at(now)
+    if interval is None:
+        return
+    imp, exp = interval.import_limit_kw, interval.export_limit_kw
+    cid = command.command_id
+    result.envelopes[cid] = (imp, exp)
+    members = target_devices(registry, command.target)
+    remaining_s = (interval.end - now).total_seconds()
+    modulating = [d for d in members if d.device_id not in slots and d.der_class in MODULATING]
+    net = 0.0
+    measured = 0.0  # loads left alone: they switch between periods, batteries follow a period on
+    for d in members:
+        if d.device_id in slots or d.der_class not in MODULATING:
+            kw = _predicted_kw(d, states, baselines, slots)
+            net += kw
+            if d.device_id not in slots:
+                measured += abs(kw)
+    margin = ENVELOPE_MARGIN * measured
+    for limit, side in ((imp, 1.0), (exp, -1.0)):
+        if limit is None:
+            continue
+        bound = (limit - margin) * side  # import: net <= imp; export: net >= -exp
+        excess = side * (net - bound)
+        if excess > _EPS:
+            net -= side * _relieve(
+                cid, side, excess, members, modulating, states, baselines, slots, remaining_s
+            )
+    # What the planned devices and the other loads leave of each limit, for those left alone.
+    modulating = [d for d in modulating if d.device_id not in slots]
+    if not modulating:
+        return
+    imp_room = None if imp is None else max(0.0, imp - net)
+    exp_room = None if exp is None else max(0.0, exp + net)
+    dis = sum(d.ratings.max_discharge_kw for d in modulating)
+    cha = sum(d.ratings.max_charge_kw for d in modulating if d.der_class not in GENERATION_ONLY)
+    for device in modulating:
+        own_exp = None if exp_room is None else exp_room * device.ratings.max_discharge_kw / dis
+        own_imp = (
+            None
+            if imp_room is None or device.der_class in GENERATION_ONLY
+            else imp_room * device.ratings.max_charge_kw / cha
+        )
+        limits.setdefault(device.device_id, _Limits()).tighten(
+            cid,
+            None if own_imp is None else round(own_imp, 4),
+            None if own_exp is None else round(own_exp, 4),
+        )
+
+
+def _predicted_kw(
+    device: Device,
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    slots: Mapping[str, _Slot],
+) -> float:
+    """A member's net power this period: its setpoint when planned, else what it measures."""
+    did = device.device_id
+    slot = slots.get(did)
+    state = states.get(did)
+    if slot is not None:
+        if device.der_class in SHIFTS_FROM_BASELINE:
+            own = baselines.get(did)
+            base = own if own is not None else (state.power_kw if state else 0.0)
+            return base + slot.kw
+        return slot.kw
+    if state is not None:
+        return state.power_kw
+    return baselines.get(did, 0.0)
+
+
+def _relieve(
+    cid: str,
+    side: float,
+    excess: float,
+    members: Sequence[Device],
+    modulating: Sequence[Device],
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    slots: dict[str, _Slot],
+    remaining_s: float,
+) -> float:
+    """Move the group's net power by up to ``excess`` kW against ``side`` (+1: it imports too
+    much, -1: it exports too much); returns how far it moved."""
+    moved = 0.0
+    # 1. Setpoints pushing past the limit shrink proportionally (the envelope wins).
+    pushing = {
+        m.device_id: sl
+        for m in members
+        if (sl := slots.get(m.device_id)) is not None and sl.kw * side > _EPS
+    }
+    push_total = sum(sl.kw * side for sl in pushing.values())
+    if push_total > _EPS:
+        cut = min(excess, push_total)
+        factor = 1.0 - cut / push_total
+        for sl in pushing.values():
+            sl.kw *= factor
+            if cid not in sl.limited_by:
+                sl.limited_by.append(cid)
+        moved += cut
+    # 2. Batteries offset the rest: those dispatched go further, those left alone are called.
+    #    3. Then thermal loads are shed (import) or loaded up (export).
+    free = {d.device_id for d in modulating}
+    eligible_classes: tuple[frozenset[DerClass], ...] = (
+        frozenset({DerClass.BATTERY}),
+        SHIFTS_FROM_BASELINE,
+    )
+    for eligible in eligible_classes:
+        if excess - moved <= _EPS:
+            break
+        rooms: dict[str, float] = {}
+        for device in members:
+            did = device.device_id
+            state = states.get(did)
+            if device.der_class not in eligible or not plannable(device, state):
+                continue
+            if did not in slots and did not in free and device.der_class in MODULATING:
+                continue
+            room = headroom(device, state, remaining_s, baselines.get(did))
+            most = room.discharge_kw if side > 0 else room.charge_kw
+            slot = slots.get(did)
+            # A device called now starts from 0: a thermal load's setpoint is a change from
+            # the baseline it measures now; a battery left alone is not in the net above (its
+            # standing limits govern it), so its setpoint is all that it adds.
+            now_kw = slot.kw if slot is not None else 0.0
+            rooms[did] = max(0.0, most + side * now_kw)
+        shares = share(-side * (excess - moved), rooms)
+        for did, kw in shares.items():
+            if abs(kw) <= _EPS:
+                continue
+            slot = slots.get(did)
+            if slot is None:
+                slots[did] = _Slot(cid, "envelope", kw, kw, [])
+            else:
+                slot.kw += kw
+                if cid not in slot.limited_by and slot.command_id != cid:
+                    slot.limited_by.append(cid)
+            moved += abs(kw)
+    return moved
+
+
+def allocations_changed(
+    before: Iterable[Allocation], after: Iterable[Allocation], tolerance_kw: float
+) -> bool:
+    a = {x.device_id: x.commanded_kw for x in before}
+    b = {x.device_id: x.commanded_kw for x in after}
+    if a.keys() != b.keys():
+        return True
+    return any(abs(a[k] - b[k]) > tolerance_kw for k in a)
