@@ -180,7 +180,14 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
 async def test_grid_dispatch_reaches_a_site_battery_through_2030_5_over_mutual_tls(
     site: Site,
 ) -> None:
-    state = site.head_end.core.supervisors["site-1"].latest
+    supervisor = site.head_end.core.supervisors["site-1"]
+    # The site's power and its SoC are mirrored in separate posts: wait for both.
+    await eventually(
+        lambda: supervisor.latest is not None and supervisor.latest.soc_pct is not None,
+        10,
+        "site-1's SoC mirrored to the head end",
+    )
+    state = supervisor.latest
     assert state is not None
     assert state.soc_pct == pytest.approx(70, abs=1)
 
