@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from pathlib import Path
 
 import click
@@ -88,7 +89,8 @@ def report(command_id: str, fmt: str, config_path: Path, out: Path | None) -> No
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     if out is None:
-        click.get_binary_stream("stdout").write(rendered.body)
+        sys.stdout.buffer.write(rendered.body)
+        sys.stdout.buffer.flush()
         return
     out.write_bytes(rendered.body)
     click.echo(f"wrote {out} ({len(rendered.body)} bytes)", err=True)
