@@ -148,15 +148,8 @@ class SunSpecBattery(SunSpecConnection):
         self._setpoint = None
         self._limit_on = None
         self._limit_pct = None
-        with self._translate("connect"):
-            await self._transport.connect()
-        try:
-            with self._translate("discover"):
-                self._found = await self._discover()
-            self._limit_on = self._found.limit_enabled
-        except BaseException:
-            await self._transport.close()
-            raise
+        self._found = await self._open(self._discover)
+        self._limit_on = self._found.limit_enabled
 
     async def close(self) -> None:
         self._found = None

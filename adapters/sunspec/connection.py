@@ -6,9 +6,9 @@ they find the map, read a model window and translate transport and codec errors 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Final
+from typing import Final, TypeVar
 
 from pydantic import Field
 
@@ -36,6 +36,7 @@ from unified.model import Frozen
 
 __all__ = ["SunSpecConnection", "SunSpecEndpoint", "positive"]
 
+_D = TypeVar("_D")
 _ILLEGAL_ADDRESS: Final = 2
 _ILLEGAL_VALUE: Final = 3
 
@@ -85,6 +86,17 @@ class SunSpecConnection:
     def source(self) -> str:
         ep = self._endpoint
         return f"sunspec:{ep.host}:{ep.port}/{ep.unit_id}"
+
+    async def _open(self, discover: Callable[[], Awaitable[_D]]) -> _D:
+        """Open the transport and learn the device (``discover``); closed again if that fails."""
+        with self._translate("connect"):
+            await self._transport.connect()
+        try:
+            with self._translate("discover"):
+                return await discover()
+        except BaseException:
+            await self._transport.close()
+            raise
 
     # ----------------------------------------------------------------------- error mapping
 

@@ -115,14 +115,7 @@ class SunSpecPvInverter(SunSpecConnection):
     async def connect(self) -> None:
         self._found = None
         self._cap = None
-        with self._translate("connect"):
-            await self._transport.connect()
-        try:
-            with self._translate("discover"):
-                self._found = await self._discover()
-        except BaseException:
-            await self._transport.close()
-            raise
+        self._found = await self._open(self._discover)
 
     async def close(self) -> None:
         self._found = None
