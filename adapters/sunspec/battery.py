@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from adapters.sunspec.connection import SunSpecConnection, SunSpecEndpoint, positive
-from gateway.devices import DeviceProtocolError, DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.devices import DeviceProtocolError, DeviceRejected, UnsafeCommand
 from protocols.modbus import (
     RegisterTransport,
 )
@@ -118,7 +118,7 @@ class _Setpoint:
     valid_until: float  # time.monotonic()
 
 
-class SunSpecBattery(SunSpecConnection):
+class SunSpecBattery(SunSpecConnection[_Discovered]):
     """The DeviceAdapter for a SunSpec battery (models 1/701/702/704/713/802, or legacy
     1/1xx/120/121/123/124)."""
 
@@ -130,15 +130,9 @@ class SunSpecBattery(SunSpecConnection):
         transport: RegisterTransport | None = None,
     ) -> None:
         super().__init__(device_id, endpoint, transport=transport)
-        self._found: _Discovered | None = None
         self._limit_on: bool | None = None  # None: unknown (after a connect), so clear it once
         self._limit_pct: float | None = None
         self._setpoint: _Setpoint | None = None
-
-    @property
-    def layout(self) -> SunSpecMap | None:
-        """The discovered map (None before connect)."""
-        return None if self._found is None else self._found.layout
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -310,11 +304,6 @@ class SunSpecBattery(SunSpecConnection):
             rate_base_w=base or 0.0,
             no_setpoint=no_setpoint,
         )
-
-    def _require(self) -> _Discovered:
-        if self._found is None:
-            raise DeviceUnavailable(self._device_id, "not connected")
-        return self._found
 
     # ----------------------------------------------------------------------- polling
 

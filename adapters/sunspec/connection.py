@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Final, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
@@ -36,7 +36,15 @@ from unified.model import Frozen
 
 __all__ = ["SunSpecConnection", "SunSpecEndpoint", "positive"]
 
-_D = TypeVar("_D")
+
+class Discovered(Protocol):
+    """What an adapter learns of its device at connect: at least the map."""
+
+    @property
+    def layout(self) -> SunSpecMap: ...
+
+
+_D = TypeVar("_D", bound=Discovered)
 _ILLEGAL_ADDRESS: Final = 2
 _ILLEGAL_VALUE: Final = 3
 
@@ -59,8 +67,9 @@ class SunSpecEndpoint(Frozen):
     )
 
 
-class SunSpecConnection:
-    """One SunSpec device over one register transport (a base for the adapters)."""
+class SunSpecConnection(Generic[_D]):
+    """One SunSpec device over one register transport (a base for the adapters); ``_D`` is
+    what each adapter learns at connect."""
 
     def __init__(
         self,
@@ -77,6 +86,7 @@ class SunSpecConnection:
             device_id=endpoint.unit_id,
             timeout_s=endpoint.timeout_s,
         )
+        self._found: _D | None = None
 
     @property
     def device_id(self) -> str:
@@ -86,6 +96,16 @@ class SunSpecConnection:
     def source(self) -> str:
         ep = self._endpoint
         return f"sunspec:{ep.host}:{ep.port}/{ep.unit_id}"
+
+    @property
+    def layout(self) -> SunSpecMap | None:
+        """The discovered map (None before connect)."""
+        return None if self._found is None else self._found.layout
+
+    def _require(self) -> _D:
+        if self._found is None:
+            raise DeviceUnavailable(self._device_id, "not connected")
+        return self._found
 
     async def _open(self, discover: Callable[[], Awaitable[_D]]) -> _D:
         """Open the transport and learn the device (``discover``); closed again if that fails."""

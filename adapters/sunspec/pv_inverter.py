@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from adapters.sunspec.connection import SunSpecConnection, SunSpecEndpoint, positive
-from gateway.devices import DeviceProtocolError, DeviceRejected, DeviceUnavailable, UnsafeCommand
+from gateway.devices import DeviceProtocolError, DeviceRejected, UnsafeCommand
 from protocols.modbus import RegisterTransport
 from protocols.sunspec import (
     LEGACY_INVERTER_MODELS,
@@ -84,7 +84,7 @@ class _Cap:
     reverting: bool
 
 
-class SunSpecPvInverter(SunSpecConnection):
+class SunSpecPvInverter(SunSpecConnection[_Discovered]):
     """The DeviceAdapter for a SunSpec PV inverter (701/702/704/715, or legacy 1xx/120/121/123)."""
 
     def __init__(
@@ -95,12 +95,7 @@ class SunSpecPvInverter(SunSpecConnection):
         transport: RegisterTransport | None = None,
     ) -> None:
         super().__init__(device_id, endpoint, transport=transport)
-        self._found: _Discovered | None = None
         self._cap: _Cap | None = None  # None: unknown, so the next command writes
-
-    @property
-    def layout(self) -> SunSpecMap | None:
-        return None if self._found is None else self._found.layout
 
     @property
     def legacy(self) -> bool:
@@ -177,11 +172,6 @@ class SunSpecPvInverter(SunSpecConnection):
             connection=connection,
             wmax_kw=wmax / 1000,
         )
-
-    def _require(self) -> _Discovered:
-        if self._found is None:
-            raise DeviceUnavailable(self._device_id, "not connected")
-        return self._found
 
     # ----------------------------------------------------------------------- polling
 

@@ -37,7 +37,7 @@ class _Discovered:
     sfs: Mapping[str, int | None]
 
 
-class SunSpecSiteMeter(SunSpecConnection):
+class SunSpecSiteMeter(SunSpecConnection[_Discovered]):
     """A SunSpec meter at the site's connection point (a DeviceAdapter that refuses commands)."""
 
     def __init__(
@@ -50,11 +50,6 @@ class SunSpecSiteMeter(SunSpecConnection):
     ) -> None:
         super().__init__(device_id, endpoint, transport=transport)
         self._import_positive = import_positive
-        self._found: _Discovered | None = None
-
-    @property
-    def layout(self) -> SunSpecMap | None:
-        return None if self._found is None else self._found.layout
 
     @property
     def model_id(self) -> int | None:
