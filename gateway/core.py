@@ -537,6 +537,8 @@ class Gateway:
         if not self.enrolment.propose(pending):
             return
         log.info("device %s announced itself: pending enrolment", pending.device_id)
+        if self._tasks is not None:
+            self._tasks.create_task(self._keep_pending(pending), name="registry-pending")
         self.audit.record(
             AuditKind.REGISTRY_PENDING,
             source=pending.source,
@@ -563,6 +565,13 @@ class Gateway:
                 ),
             )
             self._tasks.create_task(self._auto_approve(request), name="auto-approve")
+
+    async def _keep_pending(self, pending: PendingEnrolment) -> None:
+        """Store an announced device, so it still waits for approval after a restart."""
+        try:
+            await self.enrolment.store.save_pending(pending)
+        except StoreError as exc:
+            log.warning("pending enrolment of %s not stored: %s", pending.device_id, exc)
 
     async def _auto_approve(self, request: ApproveDevices) -> None:
         """An approval by rule, answered like one by API (on the registry's ack topic)."""

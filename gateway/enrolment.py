@@ -94,6 +94,10 @@ CREATE TABLE IF NOT EXISTS registry_meta (
     key    TEXT PRIMARY KEY,
     value  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS registry_pending (
+    device_id  TEXT PRIMARY KEY,
+    pending    TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS participation (
     device_id   TEXT NOT NULL,
     command_id  TEXT NOT NULL,
@@ -140,6 +144,39 @@ class RegistryStore(SqliteStore):
         return version, entries, retired
 
     @store_errors(RegistryError)
+    async def load_pending(self) -> list[PendingEnrolment]:
+        """Devices that announced themselves and wait for approval, oldest sighting first
+        (a row that no longer reads is dropped, with a warning)."""
+        found: list[PendingEnrolment] = []
+        bad: list[tuple[str]] = []
+        async with self.db.execute("SELECT device_id, pending FROM registry_pending") as c:
+            async for device_id, body in c:
+                try:
+                    found.append(PendingEnrolment.model_validate_json(str(body)))
+                except ValueError:
+                    bad.append((str(device_id),))
+        if bad:
+            log.warning("registry store: %d unreadable pending enrolment(s) dropped", len(bad))
+            await self.db.executemany("DELETE FROM registry_pending WHERE device_id = ?", bad)
+            await self.db.commit()
+        return sorted(found, key=lambda p: p.seen_at)
+
+    @store_errors(RegistryError)
+    async def save_pending(self, pending: PendingEnrolment) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO registry_pending (device_id, pending) VALUES (?, ?)",
+            (pending.device_id, pending.model_dump_json()),
+        )
+        await self.db.commit()
+
+    @store_errors(RegistryError)
+    async def drop_pending(self, device_ids: Iterable[str]) -> None:
+        await self.db.executemany(
+            "DELETE FROM registry_pending WHERE device_id = ?", [(d,) for d in device_ids]
+        )
+        await self.db.commit()
+
+    @store_errors(RegistryError)
     async def request(self, request_id: str) -> tuple[str, RegistryAck] | None:
         async with self.db.execute(
             "SELECT digest, ack FROM registry_requests WHERE request_id = ?", (request_id,)
@@ -173,6 +210,8 @@ class RegistryStore(SqliteStore):
             )
             changed = [(e.device.device_id,) for e in upserts] + [(r[0],) for r in retired]
             await db.executemany("DELETE FROM registry_programs WHERE device_id = ?", changed)
+            # An enrolled (approved) or retired device no longer waits for approval.
+            await db.executemany("DELETE FROM registry_pending WHERE device_id = ?", changed)
             await db.executemany(
                 "INSERT INTO registry_programs (device_id, program_id, enrolled_at, eligibility)"
                 " VALUES (?, ?, ?, ?)",
@@ -316,8 +355,9 @@ class Enrolment:
         self.entries: dict[str, RegistryEntry] = {}
         self._retired_by_api: set[str] = set()
         self.pending: dict[str, PendingEnrolment] = {}
-        """Devices that announced themselves, by id (in memory: a birth is retained by the
-        broker, so it is announced again after a restart)."""
+        """Devices that announced themselves (an MQTT birth, a SunSpec scan), by id; kept in
+        the registry's file so an approval after a restart finds them (a retained birth is
+        announced again anyway; a scan's finding would not be)."""
 
     MAX_PENDING = 10_000
 
@@ -446,6 +486,13 @@ class Enrolment:
             enrolled_before.append((_plain(entry.device), adapter))
             self.entries[device_id] = entry
         self.core.add_devices(enrolled_before)
+        stale: list[str] = []
+        for pending in await self.store.load_pending():
+            if pending.device_id in self.entries or pending.device_id in self.core.registry:
+                stale.append(pending.device_id)  # enrolled since (by config or an approval)
+            elif len(self.pending) < self.MAX_PENDING:
+                self.pending[pending.device_id] = pending
+        await self.store.drop_pending(stale)
         self._sync_eligibility()
         if not upserts and not gone:
             return None

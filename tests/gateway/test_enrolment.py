@@ -12,8 +12,17 @@ import pytest
 from composition.config import parse_config
 from gateway.core import Gateway
 from tests.gateway.test_audit_core import Acks
-from unified.model import Device, DeviceCommand, DeviceState, Reason, TopologyLocation, utcnow
-from unified.registry import REGISTRY_REQUEST_ADAPTER, RegistryChange
+from unified.model import (
+    BatteryRatings,
+    DerClass,
+    Device,
+    DeviceCommand,
+    DeviceState,
+    Reason,
+    TopologyLocation,
+    utcnow,
+)
+from unified.registry import REGISTRY_REQUEST_ADAPTER, PendingEnrolment, RegistryChange
 
 
 class QuietAdapter:
@@ -316,3 +325,44 @@ async def test_participation_left_open_by_a_stop_ends_at_the_next_start(tmp_path
         await gw.enrolment.store.record_participation([("bat-1", "d1")], [], utcnow())
         [record] = await gw.enrolment.store.participation("bat-1")
         assert (record.started_at, record.ended_at) == (t0, None)
+
+
+async def test_a_pending_enrolment_waits_for_approval_across_a_restart(tmp_path: Path) -> None:
+    def announced(device_id: str) -> PendingEnrolment:
+        return PendingEnrolment(
+            device_id=device_id,
+            der_class=DerClass.BATTERY,
+            adapter="sunspec_battery",
+            ratings=BatteryRatings(max_charge_kw=5, max_discharge_kw=5, capacity_kwh=10),
+            seen_at=utcnow(),
+            source="sunspec scan",
+            reach={"port": 1502},
+        )
+
+    async with Core(tmp_path, configured("bat-1")) as gw:
+        for device_id in ("scan-1", "scan-2"):
+            assert gw.enrolment.propose(announced(device_id))
+            await gw.enrolment.store.save_pending(announced(device_id))
+        approve = {
+            "request_id": "a1",
+            "op": "approve",
+            "devices": [{"device_id": "scan-1", "location": {"substation": "s1", "feeder": "f1"}}],
+        }
+        assert (await send(gw, approve)).state == "applied"
+        # A late write of an announcement already approved (the store task raced the approval).
+        await gw.enrolment.store.save_pending(announced("scan-1"))
+    async with Core(tmp_path, configured("bat-1")) as gw:
+        assert [p.device_id for p in gw.enrolment.snapshot(utcnow()).pending] == ["scan-2"]
+        assert "scan-1" in gw.registry
+        approve = {
+            "request_id": "a2",
+            "op": "approve",
+            "devices": [{"device_id": "scan-2", "location": {"substation": "s1", "feeder": "f1"}}],
+        }
+        ack = await send(gw, approve)
+        assert (ack.state, ack.devices) == ("applied", ("scan-2",))
+        assert gw.supervisors["scan-2"].adapter.reach == {"port": 1502}  # type: ignore[attr-defined]
+    async with Core(tmp_path, configured("bat-1")) as gw:
+        assert gw.enrolment.snapshot(utcnow()).pending == ()
+        assert "scan-1" in gw.registry
+        assert "scan-2" in gw.registry
