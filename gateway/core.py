@@ -476,8 +476,32 @@ class Gateway:
     def update_device(self, device: Device) -> None:
         """A registered device's new record (location, ratings, constraints, programs): the
         next control cycle plans over it; commands in force are not rewritten."""
-        self.registry.replace(device)
+        self.update_devices([device])
+
+    def update_devices(self, devices: Sequence[Device]) -> None:
+        """Many devices' new records at once (a feeder section moved): as
+        :meth:`update_device`, with screening and estimation regrouped once."""
+        for device in devices:
+            self.registry.replace(device)
+        self._regroup_for_estimation(devices)
         self._wake.set()
+
+    def _regroup_for_estimation(self, devices: Sequence[Device]) -> None:
+        """Screening and estimation take moved devices' new peer groups and changed ratings'
+        bounds from the next reading on (every device's history and state kept)."""
+        index = self._fleet_index
+        changed = {
+            d.device_id: self._profile(d) for d in devices if d.device_id in index.row
+        }
+        profiles = [changed.get(p.device_id, p) for p in index.profiles]
+        if profiles == list(index.profiles):
+            return
+        self._flush_quality()  # queued readings were screened against the old groups
+        regrouped = FleetIndex(profiles, index.peer_groups)
+        self._commands_in_force.extend(regrouped)
+        self._classifier.extend(regrouped)
+        self._estimator.extend(regrouped)
+        self._fleet_index = regrouped
 
     def retire_device(self, device_id: str, *, release_within_s: float = 30.0) -> None:
         """Take a device out of the fleet. It leaves every group at once, so the next control

@@ -563,8 +563,7 @@ class Enrolment:
         for entry in upserts:
             self.entries[entry.device.device_id] = entry
         self.core.add_devices(enrolled)
-        for device in updated:
-            self.core.update_device(device)
+        self.core.update_devices(updated)
         for did, _, _ in gone:
             del self.entries[did]
             self.core.retire_device(did)
@@ -926,6 +925,6 @@ class Enrolment:
         def replace() -> None:
             for entry in upserts:
                 self.entries[entry.device.device_id] = entry
-                self.core.update_device(_plain(entry.device))
+            self.core.update_devices([_plain(entry.device) for entry in upserts])
 
         return replace

@@ -198,6 +198,12 @@ async def test_a_feeder_section_moves_whole_and_stays_moved(tmp_path: Path) -> N
         assert [d.device_id for d in gw.registry.members("feeder:f1")] == ["c"]
         assert gw.registry.members("feeder_section:sec-1")[0].location.substation == "s2"
         assert gw.enrolment.version == 2
+        # Screening and estimation compare the moved devices with their new feeder's peers
+        # from the next reading on (not their old feeder's until a restart).
+        peers = {p.device_id: p.peer_group for p in gw._fleet_index.profiles}
+        assert peers == {"a": "feeder:f9", "b": "feeder:f9", "c": "feeder:f1"}
+        assert gw._classifier.index is gw._fleet_index
+        assert gw._estimator.index is gw._fleet_index
         change = await send(gw, patch | {"request_id": "switching-2", "section_moves": []})
         assert change.state == "applied"  # an empty patch is a no-op with a version
         unknown = {"feeder_section": "nowhere", "feeder": "f1", "substation": "s1"}
