@@ -128,6 +128,7 @@ from unified.registry import (
     PendingEnrolment,
     RegistryAck,
     RegistryChange,
+    RegistryEntry,
     RegistryRequest,
     RegistrySnapshot,
 )
@@ -448,8 +449,26 @@ class Gateway:
 
         It joins its topology groups at once, so the next control cycle may allocate to it;
         commands already active are re-planned over the new membership, not rewritten.
+        It is kept in the durable registry (origin ``endpoint``): the registry API can move it,
+        change its programs or retire it, and that holds when it comes again after a restart.
         """
+        now = utcnow()
+        device, entry = self.enrolment.from_endpoint(device, now)
         self.add_devices([(device, adapter)])
+        if entry is not None:
+            coro = self._record_endpoint(entry, now)
+            if self._tasks is not None:
+                self._tasks.create_task(coro, name=f"registry-endpoint:{device.device_id}")
+            else:
+                coro.close()
+
+    async def _record_endpoint(self, entry: RegistryEntry, now: datetime) -> None:
+        try:
+            change = await self.enrolment.record_endpoint(entry, now)
+        except StoreError as exc:
+            log.error("%s not stored in the registry: %s", entry.device.device_id, exc)
+            return
+        self._registry_changed(change, entry.device.adapter)
 
     def add_devices(self, enrolled: Sequence[tuple[Device, DeviceAdapter]]) -> None:
         """Enrol many devices at once (a bulk enrolment): checked first, then added together,

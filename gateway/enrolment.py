@@ -23,6 +23,7 @@ and only then is its adapter stopped.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -331,6 +332,14 @@ def in_group(device: Device, group_id: str, explicit: Mapping[str, Group]) -> bo
         return False
 
 
+def _owned(entry: RegistryEntry) -> dict[str, Any]:
+    """Who owns a device the API has changed: the API, unless its endpoint enrolled it (then
+    the endpoint still reaches it and the API's changes are kept over the endpoint's)."""
+    if entry.origin == "endpoint":
+        return {"origin": "endpoint", "managed": True}
+    return {"origin": "api"}
+
+
 def _plain(device: Device) -> Device:
     return Device.model_validate(device.model_dump(exclude={"reach"}))
 
@@ -354,12 +363,59 @@ class Enrolment:
         self.version = 0
         self.entries: dict[str, RegistryEntry] = {}
         self._retired_by_api: set[str] = set()
+        self._lock = asyncio.Lock()
         self.pending: dict[str, PendingEnrolment] = {}
         """Devices that announced themselves (an MQTT birth, a SunSpec scan), by id; kept in
         the registry's file so an approval after a restart finds them (a retained birth is
         announced again anyway; a scan's finding would not be)."""
 
     MAX_PENDING = 10_000
+
+    # ------------------------------------------------------------------ endpoints
+    def from_endpoint(self, device: Device, now: datetime) -> tuple[Device, RegistryEntry | None]:
+        """An endpoint enrols a device it reaches (an OCPP charger at boot, an OEM cloud's
+        resource): the device to register, and its registry entry when that is new or
+        changed (to be stored with :meth:`record_endpoint`). Its ratings are the endpoint's;
+        where the API changed the device, its location, programs, rate class and constraints
+        are the registry's. ``ValueError`` when the API retired it."""
+        did = device.device_id
+        if did in self._retired_by_api:
+            raise ValueError(f"device {did!r} was retired through the registry API")
+        stored = self.entries.get(did)
+        if stored is not None and stored.origin != "endpoint":
+            return device, None  # a config or API device's id: the core refuses the duplicate
+        if stored is not None and stored.managed:
+            kept = ("location", "programs", "rate_class", "constraints")
+            device = device.model_copy(update={f: getattr(stored.device, f) for f in kept})
+        if stored is not None and _plain(stored.device) == device:
+            return device, None
+        entry = RegistryEntry(
+            device=DeviceEnrolment.model_validate(device.model_dump()),
+            programs=self._programs(device, stored, now),
+            origin="endpoint",
+            managed=stored is not None and stored.managed,
+            enrolled_at=now if stored is None else stored.enrolled_at,
+            updated_at=now,
+        )
+        return device, entry
+
+    async def record_endpoint(self, entry: RegistryEntry, now: datetime) -> RegistryChange:
+        """Store an endpoint's device (a new registry version), after it was registered."""
+        did = entry.device.device_id
+        async with self._lock:
+            new = did not in self.entries
+            self.entries[did] = entry
+            self._sync_eligibility()
+            self.version += 1
+            await self.store.commit(self.version, [entry])
+            return RegistryChange(
+                version=self.version,
+                request_id="endpoint",
+                op="endpoint",
+                timestamp=now,
+                enrolled=(did,) if new else (),
+                updated=() if new else (did,),
+            )
 
     # ------------------------------------------------------------------ programs
     def _rule_says(self, device: Device, program_id: str) -> str | None:
@@ -478,6 +534,9 @@ class Enrolment:
             if entry.origin == "config":  # no longer in the config file
                 gone.append((device_id, "config", now))
                 continue
+            if entry.origin == "endpoint":  # registered again when its endpoint enrols it
+                self.entries[device_id] = entry
+                continue
             try:
                 adapter = self._adapter(entry.device)
             except _Refused as exc:
@@ -524,8 +583,8 @@ class Enrolment:
         for device, adapter in devices:
             did = device.device_id
             entry = self.entries.get(did)
-            if (entry is not None and entry.origin == "api") or did in self._retired_by_api:
-                continue  # the API owns it
+            if (entry is not None and entry.origin != "config") or did in self._retired_by_api:
+                continue  # the API (or the device's endpoint) owns it
             if entry is None:
                 if did in self.core.registry or did in self.core.supervisors:
                     notes.append(f"device {did!r}: already enrolled another way (or retiring)")
@@ -602,6 +661,12 @@ class Enrolment:
         self, request: RegistryRequest, now: datetime
     ) -> tuple[RegistryAck, RegistryChange | None]:
         """Apply one request whole, or refuse it whole; a redelivery gets its first ack."""
+        async with self._lock:  # one version at a time (endpoint enrolments also raise it)
+            return await self._handle(request, now)
+
+    async def _handle(
+        self, request: RegistryRequest, now: datetime
+    ) -> tuple[RegistryAck, RegistryChange | None]:
         dig = request_digest(request)
         prior = await self.store.request(request.request_id)
         if prior is not None:
@@ -741,7 +806,8 @@ class Enrolment:
                 for device_id in ids:
                     del self.entries[device_id]
                     self._retired_by_api.add(device_id)
-                    self.core.retire_device(device_id)
+                    if device_id in self.core.registry:  # an endpoint's may not be back yet
+                        self.core.retire_device(device_id)
 
             return RegistryChange(op="retire", retired=ids, **base), [], gone, retire
         assert isinstance(request, TopologyPatch)
@@ -808,13 +874,15 @@ class Enrolment:
                     f"device {device.device_id!r}: how a device is reached cannot be updated;"
                     " retire it and enrol it again",
                 )
-            reach = old.reach if before.origin == "config" else device.reach
+            reach = device.reach if before.origin == "api" else old.reach
+            # An endpoint's device: its endpoint says what it can do.
+            ratings = old.ratings if before.origin == "endpoint" else device.ratings
             upserts.append(
                 before.model_copy(
                     update={
-                        "device": device.model_copy(update={"reach": reach}),
+                        "device": device.model_copy(update={"reach": reach, "ratings": ratings}),
                         "programs": self._programs(device, before, now),
-                        "origin": "api",
+                        **_owned(before),
                         "updated_at": now,
                     }
                 )
@@ -866,7 +934,7 @@ class Enrolment:
                 update={
                     "device": dev,
                     "programs": self._programs(dev, self.entries[d], now),
-                    "origin": "api",
+                    **_owned(self.entries[d]),
                     "updated_at": now,
                 }
             )
@@ -925,6 +993,9 @@ class Enrolment:
         def replace() -> None:
             for entry in upserts:
                 self.entries[entry.device.device_id] = entry
-            self.core.update_devices([_plain(entry.device) for entry in upserts])
+            # An endpoint's device that has not come back since a restart takes the change
+            # when its endpoint enrols it again (:meth:`from_endpoint`).
+            present = [e for e in upserts if e.device.device_id in self.core.registry]
+            self.core.update_devices([_plain(entry.device) for entry in present])
 
         return replace

@@ -212,8 +212,15 @@ class RegistryEntry(Frozen):
 
     device: DeviceEnrolment
     programs: tuple[ProgramEnrolment, ...] = ()
-    origin: Literal["config", "api"] = Field(
-        description="config: defined (and refreshed) by the config file; api: owned by the API"
+    origin: Literal["config", "api", "endpoint"] = Field(
+        description="config: defined (and refreshed) by the config file; api: owned by the API;"
+        " endpoint: enrolled by the endpoint that reaches it (an OCPP charger at boot, an OEM"
+        " cloud's resource), which describes its ratings each time it comes"
+    )
+    managed: bool = Field(
+        default=False,
+        description="An endpoint's device the API has changed: its stored location, programs,"
+        " rate class and constraints win over what the endpoint says when it comes again",
     )
     enrolled_at: UtcDatetime
     updated_at: UtcDatetime
@@ -243,7 +250,9 @@ class RegistryChange(Frozen):
     schema_version: Literal["1"] = SCHEMA_VERSION
     version: int
     request_id: Identifier
-    op: Literal["enrol", "update", "retire", "topology", "approve", "eligibility", "config"]
+    op: Literal[
+        "enrol", "update", "retire", "topology", "approve", "eligibility", "config", "endpoint"
+    ]
     timestamp: UtcDatetime
     enrolled: tuple[Identifier, ...] = ()
     updated: tuple[Identifier, ...] = ()

@@ -490,3 +490,71 @@ async def test_a_device_announcing_itself_is_enrolled_by_an_auto_approval_rule(
         assert gateway.registry.device("north-7").programs == ("comfort",)
         assert "south-7" not in gateway.registry  # no rule matches: it waits for approval
         assert [p.device_id for p in gateway.enrolment.snapshot(utcnow()).pending] == ["south-7"]
+
+
+async def test_a_device_its_endpoint_enrols_is_kept_moved_and_retired_through_the_registry(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    """An OCPP charger or an OEM cloud's resource is enrolled by its endpoint (here a SunSpec
+    battery handed to ``add_device`` as those endpoints do): it is in the durable registry, the
+    API can move it, the move holds when the endpoint enrols it again after a restart, and a
+    retirement keeps it out."""
+    from adapters.sunspec.battery import SunSpecBattery
+    from adapters.sunspec.connection import SunSpecEndpoint
+    from unified.model import BatteryRatings, DerClass, Device, TopologyLocation
+
+    def described(port: int) -> tuple[Device, SunSpecBattery]:
+        device = Device(
+            device_id="cloud-1",
+            der_class=DerClass.BATTERY,
+            adapter="oem_vtn",
+            location=TopologyLocation(substation="s1", feeder="f1"),
+            ratings=BatteryRatings(max_charge_kw=5, max_discharge_kw=5, capacity_kwh=10),
+        )
+        return device, SunSpecBattery("cloud-1", SunSpecEndpoint(port=port))
+
+    async with (
+        SunSpecBatterySimulator(
+            port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=60
+        ) as sim,
+        Fleet(broker_endpoint, tmp_path / "gw.sqlite", batteries(1)) as fleet,
+    ):
+        gateway = fleet.gateway
+        assert gateway is not None
+        gateway.add_device(*described(sim.port))
+        await fleet.grid.wait_for(
+            lambda o: any(c.enrolled == ("cloud-1",) for c in o.registry_changes), 5
+        )
+        assert fleet.grid.observed.registry_changes[-1].op == "endpoint"
+        move = {
+            "request_id": "move-1",
+            "op": "topology",
+            "moves": [{"device_id": "cloud-1", "location": {"substation": "s1", "feeder": "f2"}}],
+        }
+        ack = await fleet.grid.registry_request(move)
+        assert (ack.state, ack.devices) == ("applied", ("cloud-1",))
+        assert gateway.registry.device("cloud-1").location.feeder == "f2"
+        # Restarted: the endpoint enrols it again as it describes it (on f1); the move holds.
+        await fleet.stop_gateway()
+        gateway = await fleet.start_gateway()
+        assert "cloud-1" not in gateway.registry  # until its endpoint brings it back
+        gateway.add_device(*described(sim.port))
+        assert gateway.registry.device("cloud-1").location.feeder == "f2"
+        await eventually(lambda: gateway.supervisors["cloud-1"].available, 8, "polled again")
+        get = await fleet.grid.registry_request({"request_id": "get-1", "op": "get"})
+        assert get.state == "applied"
+        await fleet.grid.wait_for(lambda o: o.registry is not None, 5)
+        snapshot = fleet.grid.observed.registry
+        assert snapshot is not None
+        entry = next(e for e in snapshot.devices if e.device.device_id == "cloud-1")
+        assert (entry.origin, entry.managed, entry.device.location.feeder) == (
+            "endpoint",
+            True,
+            "f2",
+        )
+        # Retired through the API: its endpoint cannot bring it back.
+        retire = {"request_id": "retire-1", "op": "retire", "device_ids": ["cloud-1"]}
+        assert (await fleet.grid.registry_request(retire)).state == "applied"
+        await eventually(lambda: "cloud-1" not in gateway.supervisors, 8, "released and stopped")
+        with pytest.raises(ValueError, match="retired through the registry API"):
+            gateway.add_device(*described(sim.port))
