@@ -52,6 +52,7 @@ from unified.model import (
     AckState,
     Cancel,
     Command,
+    DerClass,
     Dispatch,
     DispatchMode,
     EnvelopeInterval,
@@ -299,8 +300,28 @@ class EdgeAgent:
                 start=now,
                 duration_s=max(1.0, (end - now).total_seconds()),
             )
+        storage: Command | None = None
+        if controls.storage_target_kw is not None:
+            # CSIP-AUS opModStorageTargetW: the site's storage charges (+) / discharges (-) at
+            # that power, alongside (never instead of) the site limits above.
+            batteries = tuple(
+                d.device_id
+                for d in self.gateway.registry.members(self.upstream.site_group)
+                if d.der_class is DerClass.BATTERY
+            )
+            storage = Dispatch(
+                command_id=f"sep2-sto-{_fingerprint(controls.storage_target_kw, end)}",
+                program="utility-sep2-storage",
+                priority=UTILITY_PRIORITY,
+                target=Target(device_ids=batteries) if batteries else self._site,
+                mode=DispatchMode.TARGET,
+                kw=controls.storage_target_kw,
+                start=now,
+                duration_s=max(1.0, (end - now).total_seconds()),
+            )
         await self._stand("envelope", envelope)
         await self._stand("target", target)
+        await self._stand("storage", storage)
 
     async def _stand(self, kind: str, command: Command | None) -> None:
         previous = self._in_force.get(kind)
