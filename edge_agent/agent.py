@@ -278,14 +278,25 @@ class EdgeAgent:
         imp = _tighter(controls.import_limit_kw, controls.load_limit_kw)
         exp = _tighter(controls.export_limit_kw, controls.generation_limit_kw)
         envelope: Command | None = None
-        if imp is not None or exp is not None:
+        # opModConnect / opModEnergize (CSIP-AUS ALL-11/12): the site's DERs disconnect or
+        # cease to energize, as the local envelope says to every device of the site.
+        switch = (controls.connect, controls.energize)
+        switched = switch != (None, None)
+        if imp is not None or exp is not None or switched:
             envelope = OperatingEnvelope(
-                command_id=f"sep2-env-{_fingerprint(imp, exp, end)}",
+                command_id=f"sep2-env-{_fingerprint(imp, exp, end, *(switch if switched else ()))}",
                 program="utility-sep2-limits",
                 priority=UTILITY_PRIORITY,
                 target=self._site,
                 intervals=(
-                    EnvelopeInterval(start=now, end=end, import_limit_kw=imp, export_limit_kw=exp),
+                    EnvelopeInterval(
+                        start=now,
+                        end=end,
+                        import_limit_kw=imp,
+                        export_limit_kw=exp,
+                        connect=controls.connect,
+                        energize=controls.energize,
+                    ),
                 ),
             )
         target: Command | None = None

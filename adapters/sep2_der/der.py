@@ -337,8 +337,29 @@ class Sep2Der:
         """Publish the setpoint as this device's DERControl, or cancel it for ``None``."""
         if command.device_id != self._device_id:
             raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
+        switch = {"op_mod_connect": command.connect, "op_mod_energize": command.energize}
         if command.power_kw is None:
-            if command.import_limit_kw is None and command.export_limit_kw is None:
+            if command.connect is False or command.energize is False:
+                # Disconnect / cease to energize (CSIP-AUS ALL-11/12): the on/off control alone;
+                # the limits the planner adds (0 both ways) are for devices that cannot switch.
+                source = command.provenance[0].command_id if command.provenance else ""
+                self._server.publish(
+                    self._device_id,
+                    DERControlBase(
+                        op_mod_connect=command.connect, op_mod_energize=command.energize
+                    ),
+                    power_kw=None,
+                    provenance=command.provenance,
+                    description="disconnect" if command.connect is False else "de-energize",
+                    group_id=self._windows.get(source, (None, None))[1],
+                )
+                return
+            if (
+                command.import_limit_kw is None
+                and command.export_limit_kw is None
+                and command.connect is None
+                and command.energize is None
+            ):
                 self._server.release(self._device_id)
                 return
             # Autonomous within limits: the device keeps its own mode, capped both ways. A
@@ -359,6 +380,7 @@ class Sep2Der:
                     base = DERControlBase(op_mod_exp_lim_w=export_w, op_mod_imp_lim_w=import_w)
                 else:
                     base = DERControlBase(op_mod_gen_lim_w=export_w, op_mod_load_lim_w=import_w)
+                base = base.model_copy(update=switch)
             except InvalidValue as exc:
                 raise UnsafeCommand(self._device_id, str(exc)) from exc
             source = command.provenance[0].command_id if command.provenance else ""
@@ -377,6 +399,8 @@ class Sep2Der:
         command_id = command.provenance[0].command_id if command.provenance else None
         until, group_id = self._windows.get(command_id or "", (None, None))
         provenance = command.provenance
+        if command.connect is not None or command.energize is not None:
+            base = base.model_copy(update=switch)
         # A site's envelope in force with the setpoint: one control carries both (CSIP-AUS:
         # a storage target with the site's export / import limit), the client applies both.
         import_kw, export_kw, sources = self._site_limits(datetime.now(UTC))
@@ -425,6 +449,10 @@ def _limits_text(command: DeviceCommand) -> str:
         parts.append(f"export<={command.export_limit_kw:g} kW")
     if command.import_limit_kw is not None:
         parts.append(f"import<={command.import_limit_kw:g} kW")
+    if command.connect is not None:
+        parts.append("connect" if command.connect else "disconnect")
+    if command.energize is not None:
+        parts.append("energize" if command.energize else "de-energize")
     return "limits " + " ".join(parts)
 
 

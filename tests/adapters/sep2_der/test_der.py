@@ -394,3 +394,55 @@ async def test_a_site_gets_its_storage_target_and_its_export_limit_in_one_contro
         assert control.base.op_mod_storage_target_w is not None
     finally:
         await v13.stop()
+
+
+async def test_disconnect_and_de_energize_are_opmodconnect_and_opmodenergize(
+    server: Sep2Server,
+) -> None:
+    """CSIP-AUS ALL-11/12: an envelope's disconnect reaches the client as a DERControl with
+    opModConnect false (de-energize: opModEnergize false), on its own; the release after it
+    cancels it, so the client falls back to its default and reconnects."""
+    der = _adapter(server, supports_target_w=True)
+    trip = (LimitSource(command_id="trip-1", kind="envelope"),)
+    await der.apply(
+        DeviceCommand(
+            device_id="der-1",
+            power_kw=None,
+            import_limit_kw=0.0,
+            export_limit_kw=0.0,
+            connect=False,
+            provenance=trip,
+        )
+    )
+    control = server.snapshot("der-1").active_control
+    assert control is not None
+    assert control.base.op_mod_connect is False
+    assert control.base.op_mod_energize is None
+    assert control.base.op_mod_gen_lim_w is None  # the on/off control alone
+    assert control.provenance == trip
+    wire = encode(
+        DERControl(
+            mrid="AB" * 16,
+            creation_time=0,
+            interval=DateTimeInterval(duration=60, start=0),
+            der_control_base=control.base,
+        )
+    )
+    assert b"<opModConnect>false</opModConnect>" in wire
+
+    await der.apply(
+        DeviceCommand(device_id="der-1", power_kw=None, energize=False, provenance=trip)
+    )
+    control = server.snapshot("der-1").active_control
+    assert control is not None
+    assert (control.base.op_mod_connect, control.base.op_mod_energize) == (None, False)
+
+    # A reconnect rides on a setpoint.
+    await der.apply(DeviceCommand(device_id="der-1", power_kw=-1.0, connect=True))
+    control = server.snapshot("der-1").active_control
+    assert control is not None
+    assert control.base.op_mod_connect is True
+    assert control.base.op_mod_target_w is not None
+
+    await der.apply(DeviceCommand(device_id="der-1", power_kw=None))
+    assert server.snapshot("der-1").active_control is None

@@ -195,4 +195,6 @@ async def test_a_changed_configured_default_wins_over_the_saved_one(
     assert isinstance(new, DefaultDERControl)
     assert new.der_control_base.op_mod_exp_lim_w is not None
     assert to_watts(new.der_control_base.op_mod_exp_lim_w) == 4000  # the operator's new value
+    assert new.version is not None
+    assert old.version is not None
     assert new.version > old.version  # so clients see it changed
