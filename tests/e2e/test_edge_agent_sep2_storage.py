@@ -1,12 +1,16 @@
-"""CSIP-AUS STO-03/06 end to end: a Grid DERMS dispatch and envelope on the same site become one
-DERControl with ``opModStorageTargetW`` and ``opModExpLimW`` at the head end's 2030.5 server
-(CSIP-AUS v1.3), and the site's edge agent applies both: a storage dispatch on its battery and
-the site's export limit, over mutual TLS."""
+"""CSIP-AUS STO-03/06 and ALL-12 end to end, over mutual TLS.
+
+A Grid DERMS dispatch and envelope on the same site become one DERControl with
+``opModStorageTargetW`` and ``opModExpLimW`` at the head end's 2030.5 server (CSIP-AUS v1.3), and
+the site's edge agent applies both: a storage dispatch on its battery and the site's export
+limit. An envelope that disconnects the site's DERs becomes ``opModConnect`` false, and the edge
+agent opens its PV inverter's connection (SunSpec) until the envelope ends."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from composition.config import EdgeAgentConfig, parse_config
 from simulators.broker import BrokerEndpoint, free_port
 from simulators.grid_derms import GridDermsClient
 from simulators.sunspec_battery import SunSpecBatterySimulator
+from simulators.sunspec_pv import IrradianceProfile, SunSpecPvSimulator
 from tests.e2e.fleet import eventually, iso
 from tests.e2e.test_edge_agent_sep2 import FAST, Site, _run
 from unified.model import AckState, Dispatch, OperatingEnvelope, utcnow
@@ -24,8 +29,33 @@ from unified.model import AckState, Dispatch, OperatingEnvelope, utcnow
 pytestmark = pytest.mark.broker
 
 
+@dataclass
+class PvSite(Site):
+    pv: SunSpecPvSimulator
+
+
 @pytest.fixture
 async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator[Site]:
+    sep2 = {"storage_target": True, "power_from": "site", "csipaus": True}
+    async with _site(broker_endpoint, tmp_path, sep2, with_pv=False) as built:
+        yield built
+
+
+@pytest.fixture
+async def pv_site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator[PvSite]:
+    sep2 = {"supports_target_w": True, "csipaus": False}
+    async with _site(broker_endpoint, tmp_path, sep2, with_pv=True) as built:
+        assert isinstance(built, PvSite)
+        yield built
+
+
+@contextlib.asynccontextmanager
+async def _site(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path, sep2: dict[str, object], *, with_pv: bool
+) -> AsyncIterator[Site]:
+    """A head end serving site-1 over 2030.5 and the site's edge agent with a SunSpec battery
+    (and a SunSpec PV inverter)."""
+    v13 = sep2.pop("csipaus")
     pki = tmp_path / "pki"
     ca = make_ca(pki)
     server_cert = make_cert(ca, pki, "head-end", server=True, hosts=("127.0.0.1",))
@@ -43,7 +73,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                 "settlement": {"timezone": "UTC"},
                 "sep2_server": {
                     "port": port,
-                    "csipaus": "https://csipaus.org/ns/v1.3",
+                    **({"csipaus": "https://csipaus.org/ns/v1.3"} if v13 else {}),
                     "tls": {
                         "cert_file": str(server_cert.cert_path),
                         "key_file": str(server_cert.key_path),
@@ -59,12 +89,7 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                         "adapter": "sep2_der",
                         "location": {"substation": "north", "feeder": "north-f1"},
                         "ratings": {"max_charge_kw": 5, "max_discharge_kw": 5, "capacity_kwh": 10},
-                        "sep2": {
-                            "lfdi": site_cert.lfdi,
-                            "storage_target": True,
-                            "power_from": "site",
-                            "stale_after_s": 30,
-                        },
+                        "sep2": {"lfdi": site_cert.lfdi, "stale_after_s": 30, **sep2},
                     }
                 ],
             }
@@ -76,6 +101,24 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                 port=0, capacity_kwh=10, max_charge_kw=5, max_discharge_kw=5, initial_soc_pct=70
             )
         )
+        pv: SunSpecPvSimulator | None = None
+        pv_devices: list[dict[str, object]] = []
+        if with_pv:
+            pv = await stack.enter_async_context(
+                SunSpecPvSimulator(
+                    rated_kw=2.0, profile=IrradianceProfile(clear_sky_pu=0.25), step_s=0.05
+                )
+            )
+            pv_devices.append(
+                {
+                    "device_id": "pv-1",
+                    "der_class": "pv",
+                    "adapter": "sunspec_pv",
+                    "location": {"substation": "site-1"},
+                    "ratings": {"max_charge_kw": 2, "max_discharge_kw": 2, "capacity_kwh": 1},
+                    "sunspec": {"port": pv.port, "timeout_s": 1.0},
+                }
+            )
         edge = build_edge_agent(
             parse_config(
                 {
@@ -96,7 +139,8 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
                                 "capacity_kwh": 10,
                             },
                             "sunspec": {"port": battery.port, "timeout_s": 1.0},
-                        }
+                        },
+                        *pv_devices,
                     ],
                     "upstream_sep2": {
                         "server_url": f"https://127.0.0.1:{port}",
@@ -139,7 +183,10 @@ async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator
             15,
             "site-1 reporting to the head end over mutual TLS",
         )
-        yield Site(head_end, edge, battery, grid, local)
+        if pv is not None:
+            yield PvSite(head_end, edge, battery, grid, local, pv)
+        else:
+            yield Site(head_end, edge, battery, grid, local)
 
 
 async def test_storage_target_and_site_export_limit_in_one_control(site: Site) -> None:
@@ -201,3 +248,35 @@ async def test_storage_target_and_site_export_limit_in_one_control(site: Site) -
     assert controls.generation_limit_kw == pytest.approx(2.0)
     assert [e.intervals[0].export_limit_kw for e in envelopes] == [pytest.approx(2.0)]
     assert [(d.kw, d.target.device_ids) for d in dispatches] == [(-2.0, ("bat-1",))]
+
+
+async def test_a_grid_disconnect_opens_the_site_pv_inverter_until_it_ends(pv_site: PvSite) -> None:
+    await eventually(lambda: pv_site.pv.connected and pv_site.pv.power_kw < 0, 10, "PV generating")
+    await pv_site.grid.send(
+        {
+            "type": "envelope",
+            "command_id": "trip-north-f1",
+            "target": {"group_id": "feeder:north-f1"},
+            "intervals": [{"start": iso(-1), "end": iso(60), "connect": False}],
+        }
+    )
+    await pv_site.grid.wait_for_state("trip-north-f1", AckState.ACTIVE, 5)
+    server = pv_site.head_end.sep2_server
+    assert server is not None
+
+    def served_disconnect() -> bool:
+        control = server.snapshot("site-1").active_control
+        return control is not None and control.base.op_mod_connect is False
+
+    await eventually(served_disconnect, 10, "opModConnect false served for site-1")
+    await eventually(lambda: not pv_site.pv.connected, 10, "the site's PV inverter disconnected")
+    controls = pv_site.edge.last_controls
+    assert controls is not None
+    assert controls.connect is False
+    await eventually(lambda: pv_site.pv.power_kw == 0.0, 10, "no PV power while disconnected")
+
+    await pv_site.grid.send(
+        {"type": "cancel", "command_id": "trip-north-f1-end", "cancels": "trip-north-f1"}
+    )
+    await pv_site.grid.wait_for_state("trip-north-f1", AckState.CANCELLED, 5)
+    await eventually(lambda: pv_site.pv.connected, 10, "the PV inverter reconnected")
