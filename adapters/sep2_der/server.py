@@ -1024,6 +1024,8 @@ class Sep2Server:
                 self.unreadable_state_rows += 1
                 continue
             restored.append(control)
+            # New controls' hrefs must not repeat a restored one's, whatever the counter says.
+            self._next_control = max(self._next_control, control.control_id + 1)
             # A control of a program the device is no longer in is no longer listed.
             if item.get("listed") and der.program(control.program_id) is not None:
                 listed.append(control)

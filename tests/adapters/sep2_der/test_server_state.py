@@ -9,6 +9,7 @@ run time still changed. The supervisor's re-apply of the same setpoint keeps the
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -198,3 +199,30 @@ async def test_a_changed_configured_default_wins_over_the_saved_one(
     assert new.version is not None
     assert old.version is not None
     assert new.version > old.version  # so clients see it changed
+
+
+async def test_a_damaged_row_is_skipped_and_counted_not_fatal(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    state = tmp_path / "sep2-server.sqlite"
+    first = Sep2Server(_config(state_file=state))
+    a = _a(first)
+    await a.connect()
+    try:
+        await a.apply(DeviceCommand(device_id="bat-a", power_kw=-3))
+    finally:
+        await first.stop()
+    with sqlite3.connect(state) as db:  # a half-written or hand-edited file
+        db.execute("UPDATE end_devices SET body = '{\"controls\": [{\"mrid\": 1}]}'")
+        db.execute("UPDATE programs SET body = 'not json' WHERE group_id = 'feeder:f1'")
+    db.close()
+    second = Sep2Server(_config(state_file=state))
+    _a(second)
+    await second.start()
+    try:
+        served = await _served(Client(session, second.url, LFDI_A))
+        assert served["edev"]  # it serves, with what it could read
+        assert second.snapshot("bat-a").active_control is None  # that control was unreadable
+    finally:
+        await second.stop()
+    assert second.unreadable_state_rows == 2
