@@ -52,6 +52,7 @@ from unified.model import (
     AckState,
     Cancel,
     Command,
+    DerClass,
     Dispatch,
     DispatchMode,
     EnvelopeInterval,
@@ -277,14 +278,25 @@ class EdgeAgent:
         imp = _tighter(controls.import_limit_kw, controls.load_limit_kw)
         exp = _tighter(controls.export_limit_kw, controls.generation_limit_kw)
         envelope: Command | None = None
-        if imp is not None or exp is not None:
+        # opModConnect / opModEnergize (CSIP-AUS ALL-11/12): the site's DERs disconnect or
+        # cease to energize, as the local envelope says to every device of the site.
+        switch = (controls.connect, controls.energize)
+        switched = switch != (None, None)
+        if imp is not None or exp is not None or switched:
             envelope = OperatingEnvelope(
-                command_id=f"sep2-env-{_fingerprint(imp, exp, end)}",
+                command_id=f"sep2-env-{_fingerprint(imp, exp, end, *(switch if switched else ()))}",
                 program="utility-sep2-limits",
                 priority=UTILITY_PRIORITY,
                 target=self._site,
                 intervals=(
-                    EnvelopeInterval(start=now, end=end, import_limit_kw=imp, export_limit_kw=exp),
+                    EnvelopeInterval(
+                        start=now,
+                        end=end,
+                        import_limit_kw=imp,
+                        export_limit_kw=exp,
+                        connect=controls.connect,
+                        energize=controls.energize,
+                    ),
                 ),
             )
         target: Command | None = None
@@ -299,8 +311,28 @@ class EdgeAgent:
                 start=now,
                 duration_s=max(1.0, (end - now).total_seconds()),
             )
+        storage: Command | None = None
+        if controls.storage_target_kw is not None:
+            # CSIP-AUS opModStorageTargetW: the site's storage charges (+) / discharges (-) at
+            # that power, alongside (never instead of) the site limits above.
+            batteries = tuple(
+                d.device_id
+                for d in self.gateway.registry.members(self.upstream.site_group)
+                if d.der_class is DerClass.BATTERY
+            )
+            storage = Dispatch(
+                command_id=f"sep2-sto-{_fingerprint(controls.storage_target_kw, end)}",
+                program="utility-sep2-storage",
+                priority=UTILITY_PRIORITY,
+                target=Target(device_ids=batteries) if batteries else self._site,
+                mode=DispatchMode.TARGET,
+                kw=controls.storage_target_kw,
+                start=now,
+                duration_s=max(1.0, (end - now).total_seconds()),
+            )
         await self._stand("envelope", envelope)
         await self._stand("target", target)
+        await self._stand("storage", storage)
 
     async def _stand(self, kind: str, command: Command | None) -> None:
         previous = self._in_force.get(kind)

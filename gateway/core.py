@@ -799,7 +799,8 @@ class Gateway:
         """Tell the devices that take notice which group and window an envelope concerns (a
         2030.5 server puts its limits into that group's program)."""
         takers = []
-        for device in dispatch.target_devices(self.registry, command.target):
+        devices = dispatch.target_devices(self.registry, command.target)
+        for device in devices:
             supervisor = self.supervisors.get(device.device_id)
             if supervisor is not None and isinstance(supervisor.adapter, TakesNotice):
                 takers.append(supervisor.adapter)
@@ -812,6 +813,8 @@ class Gateway:
             0.0,
             group_id=command.target.group_id,
             kind="envelope",
+            intervals=command.intervals,
+            devices=len(devices),
         )
         for adapter in takers:
             try:

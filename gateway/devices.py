@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
 
-from unified.model import Device, DeviceCommand, DeviceState
+from unified.model import Device, DeviceCommand, DeviceState, EnvelopeInterval
 
 
 class AdapterError(Exception):
@@ -105,6 +105,11 @@ class DispatchNotice:
     kind: Literal["dispatch", "envelope"] = "dispatch"
     """An envelope's notice says only which group and window it concerns (``expected_kw`` 0):
     its limits come per interval, as setpoints do."""
+    intervals: tuple[EnvelopeInterval, ...] = ()
+    """An envelope's intervals: a device that stands for the whole target on its own (a
+    2030.5 client for a site) carries them as its connection-point limits."""
+    devices: int = 0
+    """How many devices the command addresses."""
 
 
 @runtime_checkable

@@ -366,6 +366,11 @@ def plan(
     pools = result._memory.pools
     slots: dict[str, _Slot] = {}
     holder: dict[str, str] = {}
+    switched = _switched(now, active, registry)
+    if switched:
+        # A DER an envelope disconnects or de-energizes exchanges no power: nothing counts on
+        # it (it plans as unavailable) and its command says so (after the plan, below).
+        states = {k: None if k in switched and switched[k].holds else v for k, v in states.items()}
     power_commands = [a for a in active if not isinstance(a.command, OperatingEnvelope)]
     # Higher priority first; between equals, the earlier commitment holds.
     power_commands.sort(key=lambda a: (-a.command.priority, a.seq))
@@ -430,6 +435,8 @@ def plan(
         )
 
     _commit(slots, previous, result)
+    for device_id, switch in switched.items():
+        _apply_switch(result, device_id, switch)
     for entry in power_commands:
         command = entry.command
         if isinstance(command, Dispatch):
@@ -439,6 +446,67 @@ def plan(
                 max(0.0, abs(wanted) - abs(delivered)), 3
             )
     return result
+
+
+@dataclass(slots=True)
+class _Switch:
+    """What the envelopes in force say of one device's connection (False wins over True)."""
+
+    connect: bool | None = None
+    energize: bool | None = None
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def holds(self) -> bool:
+        return self.connect is False or self.energize is False
+
+
+def _both(a: bool | None, b: bool | None) -> bool | None:
+    return b if a is None else a if b is None else a and b
+
+
+def _switched(
+    now: datetime, active: Sequence[ActiveCommand], registry: Registry
+) -> dict[str, _Switch]:
+    found: dict[str, _Switch] = {}
+    for entry in active:
+        command = entry.command
+        if not isinstance(command, OperatingEnvelope):
+            continue
+        interval = command.interval_at(now)
+        if interval is None or (interval.connect is None and interval.energize is None):
+            continue
+        for device in target_devices(registry, command.target):
+            switch = found.setdefault(device.device_id, _Switch())
+            switch.connect = _both(switch.connect, interval.connect)
+            switch.energize = _both(switch.energize, interval.energize)
+            switch.sources.append(command.command_id)
+    return found
+
+
+def _apply_switch(result: Plan, device_id: str, switch: _Switch) -> None:
+    """A disconnected / de-energized device holds nothing else: no power either way, so an
+    adapter that cannot switch it still stops it; a reconnect rides on its command."""
+    provenance = tuple(LimitSource(command_id=c, kind="envelope") for c in switch.sources)
+    current = result.setpoints.get(device_id)
+    if switch.holds or current is None:
+        result.setpoints[device_id] = DeviceCommand(
+            device_id=device_id,
+            power_kw=None,
+            import_limit_kw=0.0 if switch.holds else None,
+            export_limit_kw=0.0 if switch.holds else None,
+            provenance=provenance,
+            connect=switch.connect,
+            energize=switch.energize,
+        )
+        return
+    result.setpoints[device_id] = current.model_copy(
+        update={
+            "connect": switch.connect,
+            "energize": switch.energize,
+            "provenance": current.provenance + provenance,
+        }
+    )
 
 
 def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> None:
@@ -494,6 +562,8 @@ def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> 
                 import_limit_kw=None,
                 export_limit_kw=None,
                 provenance=provenance,
+                connect=None,
+                energize=None,
             )
         if kind == "release":
             continue  # not part of any command's allocation any more

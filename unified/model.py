@@ -335,13 +335,30 @@ class EnvelopeInterval(Frozen):
     end: UtcDatetime
     import_limit_kw: float | None = Field(default=None, ge=0, le=1_000_000)
     export_limit_kw: float | None = Field(default=None, ge=0, le=1_000_000)
+    connect: bool | None = Field(
+        default=None,
+        description="false: every DER of the target disconnects from the grid for the interval "
+        "(IEEE 2030.5 opModConnect, SunSpec Conn); true: reconnect; absent: no instruction",
+    )
+    energize: bool | None = Field(
+        default=None,
+        description="false: every DER of the target ceases to energize (exchanges no power) for "
+        "the interval (IEEE 2030.5 opModEnergize); true: may energize; absent: no instruction",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> EnvelopeInterval:
         if self.end <= self.start:
             raise ValueError("interval end must be after its start")
-        if self.import_limit_kw is None and self.export_limit_kw is None:
-            raise ValueError("interval sets neither import_limit_kw nor export_limit_kw")
+        if (
+            self.import_limit_kw is None
+            and self.export_limit_kw is None
+            and self.connect is None
+            and self.energize is None
+        ):
+            raise ValueError(
+                "interval sets none of import_limit_kw, export_limit_kw, connect, energize"
+            )
         return self
 
 
@@ -632,6 +649,12 @@ class DeviceCommand(Frozen):
         default=None, ge=0, description="While autonomous: never export (generate) more than this"
     )
     provenance: tuple[LimitSource, ...] = ()
+    connect: bool | None = Field(
+        default=None, description="false: disconnect from the grid; true: reconnect (envelopes)"
+    )
+    energize: bool | None = Field(
+        default=None, description="false: cease to energize; true: may energize (envelopes)"
+    )
 
 
 # --------------------------------------------------------------------------- telemetry

@@ -47,7 +47,7 @@ from protocols.sep2 import (
     scaled_value,
     to_watts,
 )
-from unified.model import DeviceCommand, DeviceState, Frozen, LimitSource
+from unified.model import DeviceCommand, DeviceState, EnvelopeInterval, Frozen, LimitSource
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ class Sep2Der:
         self._windows: dict[str, tuple[int | None, str | None]] = {}
         """By command id, from notices: the dispatch's end (epoch s; a control lasts its
         dispatch) and the group it addresses (its control goes into that group's program)."""
+        self._site_envelopes: dict[str, tuple[EnvelopeInterval, ...]] = {}
+        """By command id: envelopes addressed to this device alone, when it stands for a site
+        (``power_from = "site"``): their limits are the site's, at its connection point."""
         server.enroll(
             Sep2Enrollment(
                 device_id=device_id,
@@ -290,10 +293,15 @@ class Sep2Der:
         it. A withdrawn dispatch's controls are cancelled."""
         if notice.withdrawn:
             self._windows.pop(notice.command_id, None)
+            self._site_envelopes.pop(notice.command_id, None)
             self._server.withdraw(self._device_id, notice.command_id)
             return
         if notice.kind == "envelope":  # its limits come per interval: only where they go
             self._windows[notice.command_id] = (None, notice.group_id)
+            if self._endpoint.power_from == "site" and notice.devices == 1 and notice.intervals:
+                self._site_envelopes[notice.command_id] = notice.intervals
+                while len(self._site_envelopes) > _MAX_WINDOWS:
+                    del self._site_envelopes[next(iter(self._site_envelopes))]
         else:
             self._windows[notice.command_id] = (int(notice.end.timestamp()), notice.group_id)
         while len(self._windows) > _MAX_WINDOWS:
@@ -329,8 +337,29 @@ class Sep2Der:
         """Publish the setpoint as this device's DERControl, or cancel it for ``None``."""
         if command.device_id != self._device_id:
             raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
+        switch = {"op_mod_connect": command.connect, "op_mod_energize": command.energize}
         if command.power_kw is None:
-            if command.import_limit_kw is None and command.export_limit_kw is None:
+            if command.connect is False or command.energize is False:
+                # Disconnect / cease to energize (CSIP-AUS ALL-11/12): the on/off control alone;
+                # the limits the planner adds (0 both ways) are for devices that cannot switch.
+                source = command.provenance[0].command_id if command.provenance else ""
+                self._server.publish(
+                    self._device_id,
+                    DERControlBase(
+                        op_mod_connect=command.connect, op_mod_energize=command.energize
+                    ),
+                    power_kw=None,
+                    provenance=command.provenance,
+                    description="disconnect" if command.connect is False else "de-energize",
+                    group_id=self._windows.get(source, (None, None))[1],
+                )
+                return
+            if (
+                command.import_limit_kw is None
+                and command.export_limit_kw is None
+                and command.connect is None
+                and command.energize is None
+            ):
                 self._server.release(self._device_id)
                 return
             # Autonomous within limits: the device keeps its own mode, capped both ways. A
@@ -351,6 +380,7 @@ class Sep2Der:
                     base = DERControlBase(op_mod_exp_lim_w=export_w, op_mod_imp_lim_w=import_w)
                 else:
                     base = DERControlBase(op_mod_gen_lim_w=export_w, op_mod_load_lim_w=import_w)
+                base = base.model_copy(update=switch)
             except InvalidValue as exc:
                 raise UnsafeCommand(self._device_id, str(exc)) from exc
             source = command.provenance[0].command_id if command.provenance else ""
@@ -368,15 +398,49 @@ class Sep2Der:
         base = self.control_base(power_kw, snap)
         command_id = command.provenance[0].command_id if command.provenance else None
         until, group_id = self._windows.get(command_id or "", (None, None))
+        provenance = command.provenance
+        if command.connect is not None or command.energize is not None:
+            base = base.model_copy(update=switch)
+        # A site's envelope in force with the setpoint: one control carries both (CSIP-AUS:
+        # a storage target with the site's export / import limit), the client applies both.
+        import_kw, export_kw, sources = self._site_limits(datetime.now(UTC))
+        if sources:
+            try:
+                imp_w = None if import_kw is None else from_watts(import_kw * 1e3)
+                exp_w = None if export_kw is None else from_watts(export_kw * 1e3)
+                limits = {"op_mod_imp_lim_w": imp_w, "op_mod_exp_lim_w": exp_w}
+                base = base.model_copy(update=limits)
+            except InvalidValue as exc:
+                raise UnsafeCommand(self._device_id, str(exc)) from exc
+            provenance += tuple(s for s in sources if s not in provenance)
         self._server.publish(
             self._device_id,
             base,
             power_kw=power_kw,
-            provenance=command.provenance,
+            provenance=provenance,
             description=f"setpoint {power_kw:+.3f} kW",
             until=until,
             group_id=group_id,
         )
+
+    def _site_limits(
+        self, now: datetime
+    ) -> tuple[float | None, float | None, tuple[LimitSource, ...]]:
+        """The tightest site import / export limits of this site's envelopes in force now."""
+        import_kw = export_kw = None
+        sources: list[LimitSource] = []
+        for command_id, intervals in self._site_envelopes.items():
+            interval = next((i for i in intervals if i.start <= now < i.end), None)
+            if interval is None:
+                continue
+            import_kw = _tighter(import_kw, interval.import_limit_kw)
+            export_kw = _tighter(export_kw, interval.export_limit_kw)
+            sources.append(LimitSource(command_id=command_id, kind="envelope"))
+        return import_kw, export_kw, tuple(sources)
+
+
+def _tighter(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _limits_text(command: DeviceCommand) -> str:
@@ -385,6 +449,10 @@ def _limits_text(command: DeviceCommand) -> str:
         parts.append(f"export<={command.export_limit_kw:g} kW")
     if command.import_limit_kw is not None:
         parts.append(f"import<={command.import_limit_kw:g} kW")
+    if command.connect is not None:
+        parts.append("connect" if command.connect else "disconnect")
+    if command.energize is not None:
+        parts.append("energize" if command.energize else "de-energize")
     return "limits " + " ".join(parts)
 
 

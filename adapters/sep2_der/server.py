@@ -40,8 +40,11 @@ and, for documents that read differently as time passes (an event turning active
 the next such boundary. ``/tm`` is never cached. Cached bodies carry an ``ETag``, so a client that
 sends ``If-None-Match`` gets ``304 Not Modified``.
 
-State is in memory. Controls are re-published by the supervisors after a restart (they re-apply
-the desired setpoint on connect); mirrored telemetry is re-posted by clients at their postRate.
+With ``state_file`` set, what the server serves survives a restart (``adapters.sep2_der.state``):
+EndDevice and DERProgram ids, every control with its mRID and status, defaults changed at run
+time. The supervisors re-apply the desired setpoint on connect, which finds the same control in
+force and keeps it. Mirrored telemetry and DER resources are in memory: clients re-post them at
+their postRate.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import logging
 import math
 import random
 import re
+import sqlite3
 import ssl
 import time
 import uuid
@@ -67,8 +71,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.sep2_der.state import Sep2ServerState, StateSnapshot, StoredDevice, StoredProgram
 from gateway.ports import RefusalHook
 from gateway.quota import Quotas
 from protocols.sep2 import (
@@ -337,6 +342,12 @@ class Sep2ServerConfig(Section):
         "client reads about 6 documents: size it to 6x the fleet); 0 = no cache",
     )
     programs: tuple[Sep2ProgramConfig, ...] = ()
+    state_file: Path | None = Field(
+        default=None,
+        description="SQLite file keeping what the server serves (EndDevice and DERProgram ids, "
+        "DERControls with their mRIDs and status, defaults changed at run time) across "
+        "restarts; None: kept in memory only",
+    )
 
     @model_validator(mode="after")
     def _identity_source(self) -> Sep2ServerConfig:
@@ -675,6 +686,64 @@ def _kw_to_power(kw: float | None) -> ActivePower | None:
     return None if kw is None else from_watts(kw * 1000)
 
 
+def _dump_base(base: DERControlBase) -> dict[str, Any]:
+    return base.model_dump(mode="json", exclude_none=True)
+
+
+def _control_to_json(control: _Control, listed: bool) -> dict[str, Any]:
+    return {
+        "control_id": control.control_id,
+        "program_id": control.program_id,
+        "mrid": control.mrid,
+        "href": control.href,
+        "created": control.created,
+        "start": control.start,
+        "duration": control.duration,
+        "base": _dump_base(control.base),
+        "power_kw": control.power_kw,
+        "provenance": [s.model_dump(mode="json") for s in control.provenance],
+        "description": control.description,
+        "status": control.status,
+        "status_time": control.status_time,
+        "randomize_start": control.randomize_start,
+        "randomize_duration": control.randomize_duration,
+        "fixed_end": control.fixed_end,
+        "listed": listed,
+    }
+
+
+def _optional_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _control_from_json(item: dict[str, Any]) -> _Control:
+    power = item["power_kw"]
+    if power is not None and not isinstance(power, int | float):
+        raise TypeError("power_kw")
+    return _Control(
+        control_id=int(item["control_id"]),
+        program_id=int(item["program_id"]),
+        mrid=str(item["mrid"]),
+        href=str(item["href"]),
+        created=int(item["created"]),
+        start=int(item["start"]),
+        duration=int(item["duration"]),
+        base=DERControlBase.model_validate(item["base"]),
+        power_kw=None if power is None else float(power),
+        provenance=tuple(LimitSource.model_validate(s) for s in item["provenance"]),
+        description=str(item["description"]),
+        status=_optional_int(item["status"]),
+        status_time=int(item["status_time"]),
+        randomize_start=_optional_int(item["randomize_start"]),
+        randomize_duration=_optional_int(item["randomize_duration"]),
+        fixed_end=bool(item["fixed_end"]),
+    )
+
+
 _DER_KINDS: Final[dict[str, type[Sep2Model]]] = {
     "dercap": DERCapability,
     "derg": DERSettings,
@@ -737,6 +806,15 @@ class Sep2Server:
         self.poll_rate_s = config.poll_rate_s
         self.der_poll_rate_s = config.der_poll_rate_s
         self.post_rate_s = config.post_rate_s
+        self._state = None if config.state_file is None else Sep2ServerState(config.state_file)
+        self._stored: StateSnapshot | None = None  # what the state file held when loaded
+        self._dirty_devices: set[str] = set()
+        self._dirty_programs: set[str] = set()
+        self._persist_wake = asyncio.Event()
+        self._persist_stop = False
+        self._persister: asyncio.Task[None] | None = None
+        self.unreadable_state_rows = 0
+        """Rows of the state file that could not be read back (skipped)."""
         for program in config.programs:  # configured groups get the low, stable ids
             self._program(program.group_id)
 
@@ -763,9 +841,13 @@ class Sep2Server:
             generation=next(self._generations),
         )
         self._next_edev += 1
+        saved = None if self._stored is None else self._stored.devices.get(enrollment.device_id)
+        if saved is not None:  # enrolled after the state was loaded: its saved tree back
+            self._restore_der(der, saved)
         self._ders[enrollment.device_id] = der
         self._by_lfdi[lfdi] = der
         self._by_edev[der.edev_id] = der
+        self._mark(der)
 
     def _program(self, group_id: str) -> _Program:
         program = self._programs.get(group_id)
@@ -773,8 +855,9 @@ class Sep2Server:
             return program
         configured = self._configured.get(group_id)
         default = configured.default if configured else Sep2DefaultEnvelope()
+        saved = None if self._stored is None else self._stored.programs.get(group_id)
         program = _Program(
-            program_id=self._next_program,
+            program_id=self._next_program if saved is None else saved.program_id,
             group_id=group_id,
             primacy=configured.primacy if configured else self.config.unlisted_group_primacy,
             description=(configured.description if configured else "") or group_id[:32],
@@ -783,8 +866,12 @@ class Sep2Server:
             randomize_start_s=configured.randomize_start_s if configured else 0,
             randomize_duration_s=configured.randomize_duration_s if configured else 0,
         )
-        self._next_program += 1
+        if saved is None:
+            self._next_program += 1
+        else:
+            self._restore_default(program, saved)
         self._programs[group_id] = program
+        self._mark_program(program)
         return program
 
     # ----------------------------------------------------------------------- run-time changes
@@ -801,6 +888,7 @@ class Sep2Server:
             return True
         program.default_base, program.set_grad_w = base, grad
         program.default_version += 1
+        self._mark_program(program)
         log.info(
             "2030.5 DefaultDERControl of %s is now version %d", group_id, program.default_version
         )
@@ -846,6 +934,171 @@ class Sep2Server:
                 continue
             self._enqueue(sub, self._default_control(der, program))
         self._notify_wake.set()
+
+    # ----------------------------------------------------------------------- persistence
+
+    def _mark(self, der: _Der) -> None:
+        if self._state is not None:
+            self._dirty_devices.add(der.enrollment.device_id)
+            self._persist_wake.set()
+
+    def _mark_program(self, program: _Program) -> None:
+        if self._state is not None:
+            self._dirty_programs.add(program.group_id)
+            self._persist_wake.set()
+
+    def _configured_default(self, group_id: str) -> tuple[DERControlBase, int | None]:
+        configured = self._configured.get(group_id)
+        default = configured.default if configured else Sep2DefaultEnvelope()
+        return _default_base(default), _grad_w(default)
+
+    def _restore(self, stored: StateSnapshot) -> None:
+        """Serve what was served before the restart: saved ids back to the programs and
+        EndDevices that had them (nobody has seen the ids given before this, the server was
+        not listening), new ones past every saved id, and each device's controls."""
+        self._stored = stored
+        self.unreadable_state_rows += stored.counters.get("unreadable", 0)
+        top_program = max((p.program_id for p in stored.programs.values()), default=0)
+        top_edev = max((d.edev_id for d in stored.devices.values()), default=0)
+        self._next_program = max(top_program + 1, stored.counters.get("next_program", 1))
+        self._next_edev = max(top_edev + 1, stored.counters.get("next_edev", 1))
+        self._next_control = max(self._next_control, stored.counters.get("next_control", 1))
+        for program in self._programs.values():
+            saved = stored.programs.get(program.group_id)
+            if saved is None:
+                program.program_id = self._next_program
+                self._next_program += 1
+            else:
+                program.program_id = saved.program_id
+                self._restore_default(program, saved)
+            self._mark_program(program)
+        self._by_edev.clear()
+        for der in self._ders.values():
+            saved_der = stored.devices.get(der.enrollment.device_id)
+            if saved_der is None:
+                der.edev_id = self._next_edev
+                self._next_edev += 1
+            else:
+                self._restore_der(der, saved_der)
+            self._by_edev[der.edev_id] = der
+            self._touch(der)
+            self._mark(der)
+        log.info(
+            "2030.5 server state from %s: %d EndDevices, %d programs",
+            self.config.state_file,
+            len(stored.devices),
+            len(stored.programs),
+        )
+
+    def _restore_default(self, program: _Program, saved: StoredProgram) -> None:
+        """A default changed at run time comes back; a default whose configuration changed
+        since is the configured one, one version on (clients see it changed)."""
+        try:
+            body = saved.body
+            config_base = DERControlBase.model_validate(body["config_base"])
+            saved_base = DERControlBase.model_validate(body["default_base"])
+            saved_grad = body.get("set_grad_w")
+            config_grad = body.get("config_grad_w")
+            version = int(body["default_version"])
+            if not (saved_grad is None or isinstance(saved_grad, int)):
+                raise TypeError("set_grad_w")
+        except (KeyError, TypeError, ValueError, ValidationError):
+            self.unreadable_state_rows += 1
+            return
+        if (config_base, config_grad) == self._configured_default(program.group_id):
+            program.default_base, program.set_grad_w = saved_base, saved_grad
+            program.default_version = version
+        else:
+            changed = (program.default_base, program.set_grad_w) != (saved_base, saved_grad)
+            program.default_version = version + 1 if changed else version
+
+    def _restore_der(self, der: _Der, saved: StoredDevice) -> None:
+        der.edev_id = saved.edev_id
+        items = saved.body.get("controls")
+        restored: list[_Control] = []
+        listed: list[_Control] = []
+        for item in items if isinstance(items, list) else ():
+            try:
+                control = _control_from_json(item)
+            except (KeyError, TypeError, ValueError, ValidationError):
+                self.unreadable_state_rows += 1
+                continue
+            restored.append(control)
+            # New controls' hrefs must not repeat a restored one's, whatever the counter says.
+            self._next_control = max(self._next_control, control.control_id + 1)
+            # A control of a program the device is no longer in is no longer listed.
+            if item.get("listed") and der.program(control.program_id) is not None:
+                listed.append(control)
+        issued = {c.mrid.upper(): c for c in restored}
+        issued.update(der.issued)
+        der.issued = issued
+        der.controls = listed + der.controls
+
+    def _collect(self) -> StateSnapshot:
+        changes = StateSnapshot(
+            counters={
+                "next_edev": self._next_edev,
+                "next_program": self._next_program,
+                "next_control": self._next_control,
+            }
+        )
+        for group_id in self._dirty_programs:
+            program = self._programs.get(group_id)
+            if program is None:
+                continue
+            config_base, config_grad = self._configured_default(group_id)
+            changes.programs[group_id] = StoredProgram(
+                group_id,
+                program.program_id,
+                {
+                    "default_base": _dump_base(program.default_base),
+                    "set_grad_w": program.set_grad_w,
+                    "default_version": program.default_version,
+                    "config_base": _dump_base(config_base),
+                    "config_grad_w": config_grad,
+                },
+            )
+        for device_id in self._dirty_devices:
+            der = self._ders.get(device_id)
+            if der is None:
+                continue
+            listed = {id(c) for c in der.controls}
+            known = list(der.issued.values())
+            known += [c for c in der.controls if c.mrid.upper() not in der.issued]
+            changes.devices[device_id] = StoredDevice(
+                device_id,
+                der.edev_id,
+                {
+                    "lfdi": der.lfdi,
+                    "controls": [_control_to_json(c, id(c) in listed) for c in known],
+                },
+            )
+        self._dirty_programs = set()
+        self._dirty_devices = set()
+        return changes
+
+    async def _persist_loop(self) -> None:
+        """Writes what changed, off the event loop, batched: a dispatch that publishes to
+        every device in one control period is one write."""
+        state = self._state
+        assert state is not None
+        while True:
+            await self._persist_wake.wait()
+            self._persist_wake.clear()
+            changes = self._collect()
+            try:
+                await asyncio.to_thread(state.save, changes)
+            except (sqlite3.Error, OSError) as exc:
+                log.error("2030.5 server state not saved to %s: %s", state.path, exc)
+                self._dirty_programs |= changes.programs.keys()
+                self._dirty_devices |= changes.devices.keys()
+                if self._persist_stop:
+                    return
+                await asyncio.sleep(5.0)
+                self._persist_wake.set()
+                continue
+            if self._persist_stop and not (self._dirty_devices or self._dirty_programs):
+                return
 
     def _der(self, device_id: str) -> _Der:
         try:
@@ -1178,6 +1431,12 @@ class Sep2Server:
         async with self._start_lock:
             if self._runner is not None:
                 return
+            if self._state is not None and self._stored is None:
+                try:
+                    stored = await asyncio.to_thread(self._state.load)
+                except (sqlite3.Error, OSError) as exc:
+                    raise OSError(f"2030.5 server state {self._state.path}: {exc}") from exc
+                self._restore(stored)
             tls = self.config.tls
             ssl_context: ssl.SSLContext | None = None
             if tls is not None:
@@ -1227,6 +1486,9 @@ class Sep2Server:
             self._port = int(address[1])
             self._runner = runner
             self._notifier = asyncio.create_task(self._notify_loop(), name="sep2-notifier")
+            if self._state is not None:
+                self._persist_stop = False
+                self._persister = asyncio.create_task(self._persist_loop(), name="sep2-state")
             log.info("2030.5 server listening on %s", self.url)
 
     async def stop(self) -> None:
@@ -1240,6 +1502,11 @@ class Sep2Server:
             runner, self._runner = self._runner, None
             if runner is not None:
                 await runner.cleanup()
+            persister, self._persister = self._persister, None
+            if persister is not None:  # let it write what is still unsaved, then end
+                self._persist_stop = True
+                self._persist_wake.set()
+                await asyncio.wait({persister})
 
     async def run(self) -> None:
         """Serve until cancelled (for a task in the gateway's TaskGroup)."""
@@ -2095,6 +2362,7 @@ class Sep2Server:
         list, so the newest one supersedes it); the notifier task does the network I/O.
         """
         self._touch(der)
+        self._mark(der)
         subs = [s for s in self._subscriptions_of(der) if s.kind not in ("dderc", "edevl", "fsal")]
         if not subs:
             return

@@ -10,6 +10,8 @@ connected at all (715 ``OpCtl`` or legacy 123 ``Conn``). A unified command maps 
 * autonomous operation with ``export_limit_kw`` caps generation there, without reversion (a
   safety limit must not lapse because the gateway went quiet); without one the cap is lifted.
   An import limit means nothing to a generator and is ignored.
+* ``connect`` / ``energize`` false (an envelope's disconnect) opens its connection, with no
+  timer; the first command without them closes it again.
 
 Polling is one read of ``W`` (and, for the legacy maps, the scale factor next to it).
 """
@@ -96,6 +98,7 @@ class SunSpecPvInverter(SunSpecConnection[_Discovered]):
     ) -> None:
         super().__init__(device_id, endpoint, transport=transport)
         self._cap: _Cap | None = None  # None: unknown, so the next command writes
+        self._switched_off = False  # disconnected by a command (reconnected when it ends)
 
     @property
     def legacy(self) -> bool:
@@ -200,6 +203,16 @@ class SunSpecPvInverter(SunSpecConnection[_Discovered]):
         if command.device_id != self._device_id:
             raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
         self._require()
+        if command.connect is False or command.energize is False:
+            # An envelope disconnects / de-energizes it: open its connection (123 Conn / 715
+            # OpCtl), no timer (a safety instruction must not lapse by itself).
+            if not self._switched_off:
+                await self.set_connected(False)
+                self._switched_off = True
+            return
+        if self._switched_off or command.connect is True:
+            await self.set_connected(True)
+            self._switched_off = False
         if command.power_kw is not None:
             if not math.isfinite(command.power_kw) or command.power_kw > 0:
                 raise UnsafeCommand(

@@ -350,6 +350,8 @@ def plan(
                 import_limit_kw=None,
                 export_limit_kw=None,
                 provenance=provenance,
+                connect=None,
+                energize=None,
             )
         if slot.kind == "release":
             continue  # not part of any command's allocation any more

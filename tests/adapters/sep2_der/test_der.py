@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
 
 from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2Server, Sep2ServerConfig
-from gateway.devices import DeviceAdapter, DeviceUnavailable, UnsafeCommand
+from gateway.devices import DeviceAdapter, DeviceUnavailable, DispatchNotice, UnsafeCommand
 from gateway.supervisor import DeviceSupervisor
 from protocols.sep2 import (
     MEDIA_TYPE,
@@ -28,7 +28,7 @@ from protocols.sep2 import (
     to_watts,
 )
 from tests.protocols.sep2.envoy_fixtures import load
-from unified.model import DeviceCommand
+from unified.model import DeviceCommand, EnvelopeInterval, LimitSource
 
 LFDI = "F0F83B2BC825E617DEBD7192F9305B4B6ABC00F5"  # envoy capture's device A
 HEADER = "X-LFDI"
@@ -320,3 +320,129 @@ async def test_autonomous_limits_are_device_or_site_limits(server: Sep2Server) -
     # No limits at all: back to the program's default.
     await site.apply(DeviceCommand(device_id="site-1", power_kw=None))
     assert server.snapshot("site-1").active_control is None
+
+
+async def test_a_site_gets_its_storage_target_and_its_export_limit_in_one_control() -> None:
+    """CSIP-AUS STO-03/06: a dispatch and an envelope on the same site at once are one DERControl
+    with opModStorageTargetW and the site's opModExpLimW / opModImpLimW; an envelope over a
+    group of several devices is not one site's connection-point limit and stays out of it."""
+    config = Sep2ServerConfig(port=0, dev_lfdi_header=HEADER, csipaus=CsipAusVersion.V1_3)
+    v13 = Sep2Server(config)
+    try:
+        site = Sep2Der(
+            "site-1",
+            Sep2DerEndpoint(lfdi=LFDI, storage_target=True, power_from="site"),
+            server=v13,
+            groups=("substation:s1",),
+        )
+        now = datetime.now(UTC)
+        hour = timedelta(hours=1)
+        group_wide = EnvelopeInterval(start=now - hour, end=now + hour, export_limit_kw=0.5)
+        site.notice(
+            DispatchNotice(
+                "env-feeder", now - hour, now + hour, 0.0, kind="envelope",
+                intervals=(group_wide,), devices=40,
+            )
+        )
+        dispatch = (LimitSource(command_id="dispatch-1", kind="dispatch"),)
+        await site.apply(DeviceCommand(device_id="site-1", power_kw=-3, provenance=dispatch))
+        control = v13.snapshot("site-1").active_control
+        assert control is not None
+        assert control.base.op_mod_exp_lim_w is None  # 40 sites share that limit
+
+        own = EnvelopeInterval(
+            start=now - hour, end=now + hour, export_limit_kw=1.5, import_limit_kw=6.0
+        )
+        later = EnvelopeInterval(start=now + hour, end=now + 2 * hour, export_limit_kw=0.0)
+        site.notice(
+            DispatchNotice(
+                "env-site", now - hour, now + 2 * hour, 0.0, kind="envelope",
+                intervals=(own, later), devices=1,
+            )
+        )
+        await site.apply(DeviceCommand(device_id="site-1", power_kw=-3, provenance=dispatch))
+        control = v13.snapshot("site-1").active_control
+        assert control is not None
+        base = control.base
+        assert base.op_mod_storage_target_w is not None
+        assert to_watts(base.op_mod_storage_target_w) == -3000  # discharge 3 kW
+        assert base.op_mod_exp_lim_w is not None
+        assert to_watts(base.op_mod_exp_lim_w) == 1500  # the interval in force now
+        assert base.op_mod_imp_lim_w is not None
+        assert to_watts(base.op_mod_imp_lim_w) == 6000
+        assert [s.command_id for s in control.provenance] == ["dispatch-1", "env-site"]
+        wire = encode(
+            DERControl(
+                mrid="AB" * 16,
+                creation_time=0,
+                interval=DateTimeInterval(duration=60, start=0),
+                der_control_base=base,
+            ),
+            csipaus=CsipAusVersion.V1_3,
+        )
+        assert b"opModStorageTargetW" in wire
+        assert b"opModExpLimW" in wire
+
+        # The envelope withdrawn: the next refresh carries the storage target alone.
+        site.notice(
+            DispatchNotice("env-site", now - hour, now + 2 * hour, 0.0, withdrawn=True)
+        )
+        await site.apply(DeviceCommand(device_id="site-1", power_kw=-3, provenance=dispatch))
+        control = v13.snapshot("site-1").active_control
+        assert control is not None
+        assert control.base.op_mod_exp_lim_w is None
+        assert control.base.op_mod_storage_target_w is not None
+    finally:
+        await v13.stop()
+
+
+async def test_disconnect_and_de_energize_are_opmodconnect_and_opmodenergize(
+    server: Sep2Server,
+) -> None:
+    """CSIP-AUS ALL-11/12: an envelope's disconnect reaches the client as a DERControl with
+    opModConnect false (de-energize: opModEnergize false), on its own; the release after it
+    cancels it, so the client falls back to its default and reconnects."""
+    der = _adapter(server, supports_target_w=True)
+    trip = (LimitSource(command_id="trip-1", kind="envelope"),)
+    await der.apply(
+        DeviceCommand(
+            device_id="der-1",
+            power_kw=None,
+            import_limit_kw=0.0,
+            export_limit_kw=0.0,
+            connect=False,
+            provenance=trip,
+        )
+    )
+    control = server.snapshot("der-1").active_control
+    assert control is not None
+    assert control.base.op_mod_connect is False
+    assert control.base.op_mod_energize is None
+    assert control.base.op_mod_gen_lim_w is None  # the on/off control alone
+    assert control.provenance == trip
+    wire = encode(
+        DERControl(
+            mrid="AB" * 16,
+            creation_time=0,
+            interval=DateTimeInterval(duration=60, start=0),
+            der_control_base=control.base,
+        )
+    )
+    assert b"<opModConnect>false</opModConnect>" in wire
+
+    await der.apply(
+        DeviceCommand(device_id="der-1", power_kw=None, energize=False, provenance=trip)
+    )
+    control = server.snapshot("der-1").active_control
+    assert control is not None
+    assert (control.base.op_mod_connect, control.base.op_mod_energize) == (None, False)
+
+    # A reconnect rides on a setpoint.
+    await der.apply(DeviceCommand(device_id="der-1", power_kw=-1.0, connect=True))
+    control = server.snapshot("der-1").active_control
+    assert control is not None
+    assert control.base.op_mod_connect is True
+    assert control.base.op_mod_target_w is not None
+
+    await der.apply(DeviceCommand(device_id="der-1", power_kw=None))
+    assert server.snapshot("der-1").active_control is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,7 @@ from adapters.sep2_der.server import Sep2ProgramConfig, Sep2Server, Sep2ServerCo
 from gateway.devices import DispatchNotice
 from protocols.sep2 import MEDIA_TYPE, CsipAusVersion
 from tests.protocols.sep2.envoy_fixtures import load
-from unified.model import DeviceCommand, LimitSource
+from unified.model import DeviceCommand, EnvelopeInterval, LimitSource
 
 envoy = pytest.importorskip("envoy_schema.server.schema.sep2")
 csip_aus = pytest.importorskip("envoy_schema.server.schema.csip_aus.connection_point")
@@ -136,25 +137,7 @@ async def test_every_served_document_parses_with_envoys_models(
 ) -> None:
     _, session = populated
     models = _models()
-    seen: dict[str, str] = {}
-    parsed_by_tag: dict[str, Any] = {}
-    queue = ["/dcap"]
-    while queue:
-        href = queue.pop()
-        if href in seen:
-            continue
-        async with session.get(href + ("?l=255" if href.rsplit("/", 1)[-1] in _LISTS else "")) as r:
-            assert r.status == 200, (href, r.status)
-            assert r.headers["Content-Type"].startswith(MEDIA_TYPE)
-            body = await r.read()
-        root = re.search(rb"<(?:\w+:)?(\w+)[\s>]", body)
-        assert root is not None, href
-        tag = root.group(1).decode()
-        assert tag in models, (href, tag)
-        parsed = models[tag].from_xml(body)
-        parsed_by_tag.setdefault(tag, parsed)
-        seen[href] = tag
-        queue.extend(h.decode() for h in HREF.findall(body) if h.decode() not in seen)
+    seen, parsed_by_tag = await _walk(session, models)
     expected = {
         "DeviceCapability",
         "Time",
@@ -199,6 +182,117 @@ async def test_every_served_document_parses_with_envoys_models(
     target = ahead[0].DERControlBase_.opModTargetW
     assert target.value * 10**target.multiplier == 2000
     assert ahead[0].interval.duration == 3600
+
+
+async def _walk(
+    session: aiohttp.ClientSession, models: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Every document reachable by href from /dcap, each parsed with envoy's model for its
+    root element: (href → tag, tag → the first parsed)."""
+    seen: dict[str, str] = {}
+    parsed_by_tag: dict[str, Any] = {}
+    queue = ["/dcap"]
+    while queue:
+        href = queue.pop()
+        if href in seen:
+            continue
+        async with session.get(href + ("?l=255" if href.rsplit("/", 1)[-1] in _LISTS else "")) as r:
+            assert r.status == 200, (href, r.status)
+            assert r.headers["Content-Type"].startswith(MEDIA_TYPE)
+            body = await r.read()
+        root = re.search(rb"<(?:\w+:)?(\w+)[\s>]", body)
+        assert root is not None, href
+        tag = root.group(1).decode()
+        assert tag in models, (href, tag)
+        parsed = models[tag].from_xml(body)
+        parsed_by_tag.setdefault(tag, parsed)
+        seen[href] = tag
+        queue.extend(h.decode() for h in HREF.findall(body) if h.decode() not in seen)
+    return seen, parsed_by_tag
+
+
+async def test_a_sites_storage_target_export_limit_and_disconnect_parse_with_envoys_models(
+    tmp_path: Path,
+) -> None:
+    """The controls of a site client (CSIP-AUS v1.3): a storage target with the site's export
+    limit in one DERControl, then a disconnect (opModConnect false), each read by envoy's
+    models as we meant them; served from a server restarted on its state file."""
+    config = Sep2ServerConfig(
+        port=0,
+        dev_lfdi_header=HEADER,
+        csipaus=CsipAusVersion.V1_3,
+        state_file=tmp_path / "sep2-server.sqlite",
+    )
+    server = Sep2Server(config)
+    site = Sep2Der(
+        "site-1",
+        Sep2DerEndpoint(lfdi=LFDI, storage_target=True, power_from="site"),
+        server=server,
+        groups=("feeder:f1",),
+    )
+    await site.connect()
+    now = datetime.now(UTC)
+    interval = EnvelopeInterval(
+        start=now - timedelta(minutes=1), end=now + timedelta(hours=1), export_limit_kw=1.5
+    )
+    site.notice(
+        DispatchNotice(
+            "env-1",
+            interval.start,
+            interval.end,
+            0.0,
+            kind="envelope",
+            intervals=(interval,),
+            devices=1,
+        )
+    )
+    dispatch = (LimitSource(command_id="d-1", kind="dispatch"),)
+    await site.apply(DeviceCommand(device_id="site-1", power_kw=-3, provenance=dispatch))
+    trip = (LimitSource(command_id="trip-1", kind="envelope"),)
+    await site.apply(
+        DeviceCommand(device_id="site-1", power_kw=None, connect=False, provenance=trip)
+    )
+    await server.stop()
+
+    restarted = Sep2Server(config)
+    Sep2Der(
+        "site-1",
+        Sep2DerEndpoint(lfdi=LFDI, storage_target=True, power_from="site"),
+        server=restarted,
+        groups=("feeder:f1",),
+    )
+    await restarted.start()
+    headers = {HEADER: LFDI, "Content-Type": MEDIA_TYPE}
+    try:
+        async with aiohttp.ClientSession(
+            base_url=restarted.url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+        ) as session:
+            edev = restarted.edev_href("site-1")
+            for kind, fixture in (
+                ("dercap", "req-der-capability.xml"),
+                ("derg", "req-der-settings.xml"),
+                ("ders", "req-der-status.xml"),
+                ("dera", "req-der-availability.xml"),
+            ):  # DER resources are in memory: the client PUTs them again after a restart
+                async with session.put(f"{edev}/der/1/{kind}", data=load(fixture)) as resp:
+                    assert resp.status == 204
+            models = _models()
+            seen, _ = await _walk(session, models)
+            controls = [
+                models["DERControl"].from_xml(await _get(session, h))
+                for h, t in seen.items()
+                if t == "DERControl"
+            ]
+    finally:
+        await restarted.stop()
+    assert len(controls) == 2
+    by_status = {c.EventStatus_.currentStatus: c.DERControlBase_ for c in controls}
+    superseded, active = by_status[4], by_status[1]
+    storage, export = superseded.opModStorageTargetW, superseded.opModExpLimW
+    assert storage.value * 10**storage.multiplier == -3000
+    assert export.value * 10**export.multiplier == 1500
+    assert active.opModConnect is False
+    assert active.opModStorageTargetW is None
 
 
 async def _get(session: aiohttp.ClientSession, href: str) -> bytes:

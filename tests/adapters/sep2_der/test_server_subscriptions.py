@@ -602,3 +602,30 @@ async def test_https_notification_to_a_receiver_that_verifies_client_certificate
         await server.stop()
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_disconnect_and_de_energize_reach_a_subscriber(
+    env: Setup, receiver: Receiver
+) -> None:
+    """CSIP-AUS ALL-15/16: the subscription variants of the on/off controls."""
+    derc = await env.derc()
+    status, _, _ = await env.subscribe(derc, receiver.url + "/derc", limit=5)
+    assert status == 201
+    await env.a.apply(DeviceCommand(device_id="bat-a", power_kw=None, energize=False))
+    note = await receiver.next()
+    assert isinstance(note.resource, DERControlList)
+    (control,) = note.resource.items
+    assert control.der_control_base.op_mod_energize is False
+    assert control.event_status is not None
+    assert control.event_status.current_status == 1
+
+    await env.a.apply(DeviceCommand(device_id="bat-a", power_kw=None, connect=False))
+    note = await receiver.next()
+    assert isinstance(note.resource, DERControlList)
+    by_status = {
+        c.event_status.current_status: c.der_control_base
+        for c in note.resource.items
+        if c.event_status is not None
+    }
+    assert by_status[1].op_mod_connect is False  # in force
+    assert by_status[4].op_mod_energize is False  # the one before, superseded

@@ -159,3 +159,19 @@ async def test_legacy_disconnect_reverts_with_conn_rvrttms() -> None:
             assert sim.connected
         finally:
             await pv.close()
+
+
+async def test_an_envelopes_disconnect_opens_the_connection_until_it_ends(
+    sim: SunSpecPvSimulator, pv: SunSpecPvInverter
+) -> None:
+    await pv.apply(DeviceCommand(device_id="pv-1", power_kw=None, connect=False))
+    assert not sim.connected
+    await eventually(lambda: sim.power_kw == 0.0)
+    writes = sim.write_count
+    await pv.apply(DeviceCommand(device_id="pv-1", power_kw=None, connect=False))
+    assert sim.write_count == writes  # held open: nothing written again
+    await pv.apply(DeviceCommand(device_id="pv-1", power_kw=None, energize=False))
+    assert not sim.connected
+    await pv.apply(cmd())  # the envelope is over
+    assert sim.connected
+    await eventually(lambda: sim.power_kw == -6.0)
