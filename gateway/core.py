@@ -1504,6 +1504,9 @@ class Gateway:
                     device_time=state.timestamp,
                     received_at=utcnow(),
                     value_kw=state.power_kw,
+                    # A zero while the device's own state says it must draw is stuck.
+                    demand=self._classifier.demand_of(state),
+                    soc_pct=state.soc_pct,
                 )
             )
             if self._classifier.queued >= _QUALITY_BATCH:
