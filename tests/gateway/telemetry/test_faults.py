@@ -383,6 +383,37 @@ def test_a_cohort_step_reaches_its_missing_devices_from_its_reporting_ones() -> 
     assert abs(g.power_kw - truth[: event // 2].sum()) < 0.1 * abs(truth[: event // 2].sum())
 
 
+def test_intervals_under_command_start_as_wide_as_the_last_command_proved_them() -> None:
+    # A cohort held at a setpoint wanders together (-3 kW give or take a common 1 kW): the
+    # held-out errors of those cycles are not those of quiet hours. Long after, in another
+    # hour of the day, the next command's intervals start as wide as the last one measured.
+    n, rng = 400, np.random.default_rng(8)
+    index = battery_fleet(n)
+    board = CommandBoard(index)
+    config = EstimatorConfig(period_s=PERIOD, seed=3, calibration_window=100, min_calibration=20)
+    est = GroupEstimator(index, config, commands=board)
+    cohort = {f"b{i}": CommandInForce("dispatch-1", -2.0, held=True) for i in range(n // 2)}
+
+    def cycle(c: int, shift: float) -> float:
+        now = c * PERIOD
+        value = rng.normal(1.0, 0.2, n)
+        value[: n // 2] += shift
+        read_at = np.where(rng.random(n) < 0.3, now - 10 * PERIOD, now - 20.0)
+        return est.cycle(snapshot(now, value, read_at)).multiplier
+
+    for c in range(60):
+        cycle(c, 0.0)
+    board.update(60 * PERIOD - 1, cohort)
+    for c in range(60, 100):
+        during = cycle(c, -3.0 + rng.normal(0.0, 1.0))
+    board.update(100 * PERIOD - 1, {})
+    for c in range(100, 240):
+        quiet = cycle(c, 0.0)
+    assert during > 1.5 * quiet  # the quiet hours forgot the event
+    board.update(240 * PERIOD - 1, cohort)
+    assert cycle(240, -3.0 + rng.normal(0.0, 1.0)) >= 0.9 * during
+
+
 def test_a_group_with_too_many_excluded_devices_is_suspect() -> None:
     n, rng = 200, np.random.default_rng(7)
     index = battery_fleet(n)
