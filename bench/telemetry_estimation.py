@@ -17,7 +17,11 @@ A fleet of 10,000 devices over 20 feeders is simulated in 20 s steps (all vector
 
 Devices report every 60 s through one of six vendor clouds; readings carry a 1 % meter error.
 As in operation, no vendor payload fingerprint or state-change hint reaches the classifier unless
-``--fingerprints`` is given (the running gateway is never handed either). Faults injected (every
+``--fingerprints`` is given (the running gateway is never handed either). What the running
+gateway does have from each ``DeviceState`` comes with every reading (``--no-device-state``: power
+alone): the state of charge of batteries and of water-heater tanks, and whether the device's
+own state says it must draw power (a tank below its band; an EV plugged in, allowed to charge
+and needing energy), from which the classifier finds sensors stuck at zero. Faults injected (every
 scenario): per-device Markov dropouts; 1 % of devices stuck for 1–4 h (a frozen power sensor;
 with ``--fingerprints``, a frozen payload where the vendor sends fingerprints); 1 % of devices
 stale for 0.5–3 h (the cloud re-serves the last reading); 1 % of values ×10; 2 % of readings
