@@ -44,7 +44,9 @@ The statistics, and why:
   ``confidence`` quantile of ``|error| / sd`` of held-out *groups* (each peer group's held-out
   devices and the whole held-out set) over recent cycles, with each held-out device given a
   lag drawn from the lags of the devices actually missing in its class. So an interval that is
-  too narrow or too wide corrects itself within a few hundred calibration groups. What the
+  too narrow or too wide corrects itself within a few hundred calibration groups. It is at
+  least that of the same hour on earlier days, and while commands are in force at least that
+  of earlier cycles with commands in force (devices depart from their history then). What the
   holdout cannot see — the drift from a reading to the true value at ``now`` — is modelled, and
   the benchmark (``bench/telemetry_estimation.py``) checks it against ground truth.
 
