@@ -17,7 +17,11 @@ A fleet of 10,000 devices over 20 feeders is simulated in 20 s steps (all vector
 
 Devices report every 60 s through one of six vendor clouds; readings carry a 1 % meter error.
 As in operation, no vendor payload fingerprint or state-change hint reaches the classifier unless
-``--fingerprints`` is given (the running gateway is never handed either). Faults injected (every
+``--fingerprints`` is given (the running gateway is never handed either). What the running
+gateway does have from each ``DeviceState`` comes with every reading (``--no-device-state``: power
+alone): the state of charge of batteries and of water-heater tanks, and whether the device's
+own state says it must draw power (a tank below its band; an EV plugged in, allowed to charge
+and needing energy), from which the classifier finds sensors stuck at zero. Faults injected (every
 scenario): per-device Markov dropouts; 1 % of devices stuck for 1–4 h (a frozen power sensor;
 with ``--fingerprints``, a frozen payload where the vendor sends fingerprints); 1 % of devices
 stale for 0.5–3 h (the cloud re-serves the last reading); 1 % of values ×10; 2 % of readings
@@ -96,6 +100,10 @@ VENDOR_HINT = np.array([True, True, False, False, True, False])
 EVENT_OFFSET_C = 2.0
 EVENT_BATTERY_KW = 3.0
 # Nameplate bounds configured in the registry (looser than most devices' real draw).
+# A water heater's tank: heat below the full tank (kWh) over which ``soc_pct`` is reported; the
+# element switches on 1.2 kWh down, so below 60 % it must be heating.
+TANK_KWH = 4.0
+TANK_BAND_SOC = 60.0
 BOUNDS = {AC: (-0.1, 7.0), WH: (-0.1, 6.0), EV: (-0.1, 12.0), BAT: (-5.5, 5.5)}
 
 
@@ -274,6 +282,7 @@ class Faults:
         t0: float,
         t1: float,
         fingerprints: bool,
+        device_states: bool = True,
     ) -> None:
         n = fleet.n
         self.fleet, self.sc, self.rng = fleet, sc, rng
@@ -314,12 +323,30 @@ class Faults:
         self.last_fp = np.ones(n, dtype=np.int64)
         self.last_dev = np.full(n, np.nan)
         self.last_state = fleet.state.copy()
+        self.device_states = device_states
+        self.last_soc = np.full(n, np.nan)
+        self.last_demand = np.full(n, -1, dtype=np.int8)
         self.frozen_value = np.zeros(n)
         self.frozen_fp = np.ones(n, dtype=np.int64)
         self.was_stuck = np.zeros(n, dtype=bool)
         self.counter = 0
         self.arrivals = Arrivals()
         self.backfill: list[dict[str, np.ndarray]] = []
+
+    def device_state(self, rows: I, t: float) -> tuple[F, npt.NDArray[np.int8]]:
+        """State of charge (batteries; a water heater's tank heat) and demand of ``rows``."""
+        fl, h = self.fleet, hours(t)
+        kind = fl.kind[rows]
+        tank = 100.0 * np.clip(1.0 - fl.wh_deficit[rows] / TANK_KWH, 0.0, 1.0)
+        soc = np.where(kind == BAT, 100.0 * np.clip(fl.bat_soc[rows], 0.0, 1.0), np.nan)
+        soc = np.where(kind == WH, tank, soc)
+        charging = (h >= fl.ev_start[rows]) & (fl.ev_need[rows] > 0)
+        demand = np.where(
+            kind == WH,
+            tank < TANK_BAND_SOC,
+            np.where(kind == EV, charging, -1),
+        ).astype(np.int8)
+        return soc, demand
 
     def offline(self, t: float) -> B:
         sc, fl = self.sc, self.fleet
@@ -377,6 +404,15 @@ class Faults:
         dev = np.where(stale, self.last_dev[rows], dev)
         hint = np.where(stale, np.where(self.has_hint[rows], 0, -1), hint).astype(np.int8)
         fresh_payload = ~stale
+        # The rest of a live payload: state of charge (batteries; a water heater's tank), and
+        # whether the device's own state says it must draw power (``QualityClassifier.demand_of``
+        # in operation): a tank below its band, an EV plugged in, allowed and needing energy.
+        soc, demand = self.device_state(rows, t)
+        soc[stale], demand[stale] = self.last_soc[rows[stale]], self.last_demand[rows[stale]]
+        self.last_soc[rows[fresh_payload]] = soc[fresh_payload]
+        self.last_demand[rows[fresh_payload]] = demand[fresh_payload]
+        if not self.device_states:
+            soc, demand = np.full(m, np.nan), np.full(m, -1, dtype=np.int8)
         self.last_value[rows[fresh_payload]] = value[fresh_payload]
         self.last_fp[rows[fresh_payload]] = fp[fresh_payload]
         self.last_dev[rows[fresh_payload]] = dev[fresh_payload]
@@ -396,6 +432,7 @@ class Faults:
                 self.backfill.append(
                     {"row": rows[queued], "dev": dev[queued], "recv": recv[queued],
                      "value": value[queued], "fp": fp[queued], "hint": hint[queued],
+                     "soc": soc[queued], "demand": demand[queued],
                      "t": np.full(int(queued.sum()), t)}
                 )  # fmt: skip
         self.arrivals.add(
@@ -405,11 +442,13 @@ class Faults:
             value=value[send],
             fp=fp[send],
             hint=hint[send],
+            soc=soc[send],
+            demand=demand[send],
         )
         dup = send & (rng.random(m) < 0.02)
         self.arrivals.add(
             row=rows[dup], dev=dev[dup], recv=recv[dup] + rng.uniform(1, 60, int(dup.sum())),
-            value=value[dup], fp=fp[dup], hint=hint[dup],
+            value=value[dup], fp=fp[dup], hint=hint[dup], soc=soc[dup], demand=demand[dup],
         )  # fmt: skip
 
     def recover(self, t: float) -> None:
@@ -422,7 +461,8 @@ class Faults:
         recv = t + self.rng.uniform(5, 120, k)
         self.arrivals.add(
             row=allc["row"][keep], dev=allc["dev"][keep], recv=recv, value=allc["value"][keep],
-            fp=allc["fp"][keep], hint=allc["hint"][keep],
+            fp=allc["fp"][keep], hint=allc["hint"][keep], soc=allc["soc"][keep],
+            demand=allc["demand"][keep],
         )  # fmt: skip
         self.backfill = []
 
@@ -570,6 +610,7 @@ def run(
     warm_h: float,
     end_h: float,
     fingerprints: bool = False,
+    device_states: bool = True,
 ) -> dict[str, Any]:
     fleet = Fleet(n, np.random.default_rng([seed, 0]), start_h)
     fleet.event = sc.event
@@ -581,6 +622,7 @@ def run(
         t0,
         t1,
         fingerprints,
+        device_states,
     )
     profiles = [
         DeviceProfile(
@@ -628,6 +670,7 @@ def run(
             res = classifier.observe_batch(
                 batch["row"], batch["dev"], batch["recv"], batch["value"],
                 fingerprint=batch["fp"], should_change=batch["hint"],
+                demand=batch["demand"], soc_pct=batch["soc"],
             )  # fmt: skip
             classify_s += time.perf_counter() - c0
             readings += len(batch["row"])
@@ -795,13 +838,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="pass vendor payload fingerprints and state hints (the running gateway has none)",
     )
+    ap.add_argument(
+        "--no-device-state",
+        action="store_true",
+        help="pass no state of charge or demand with the readings (power alone)",
+    )
     args = ap.parse_args(argv)
     start_h, warm_h, end_h = (15.0, 16.0, 21.0) if args.quick else (11.0, 12.0, 24.0)
     scenarios = [sc for sc in SCENARIOS if not args.scenario or sc.name in args.scenario]
     results = {}
     wall = time.perf_counter()
     for sc in scenarios:
-        res = run(sc, args.devices, args.seed, start_h, warm_h, end_h, args.fingerprints)
+        res = run(
+            sc, args.devices, args.seed, start_h, warm_h, end_h, args.fingerprints,
+            not args.no_device_state,
+        )  # fmt: skip
         results[sc.name] = res
         print_table(res)
         sys.stdout.flush()

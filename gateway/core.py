@@ -65,8 +65,10 @@ from gateway.flex import (
     EventCalendar,
     EventToSettle,
     FlexConfig,
+    FlexCoverage,
     FlexForecast,
     FlexRequest,
+    PerformanceReport,
     forecast_group,
     settle_event,
 )
@@ -240,6 +242,9 @@ class Gateway:
             self._supervise(adapter)
         self._build_estimation()
         self._availability: dict[str, float] = {}
+        self.flex_coverage = FlexCoverage()
+        """Each group's flex forecasts checked against the flexibility its dispatches delivered
+        (published with the forecasts and in the operator metrics; calibrates their width)."""
         self.state_listeners: list[Callable[[DeviceState], None]] = []
         """Called with every fresh device poll (telemetry quality, benchmarks)."""
         self.ack_listeners: list[Callable[[Ack], None]] = []
@@ -889,6 +894,7 @@ class Gateway:
             now=now,
             outdoor_temp_c=self.config.flex.outdoor_temp_c,
             calendar=self._flex_calendar,
+            coverage=self.flex_coverage,
         )
 
     async def put_weather(self, forecast: WeatherForecast) -> str | None:
@@ -1044,7 +1050,9 @@ class Gateway:
             request = FlexRequest(
                 group_id=group_id, horizon_s=flex.horizon_s, interval_s=flex.interval_s
             )
-            self.publisher.flex_forecast(await self.flex_forecast_off_loop(request, now))
+            forecast = await self.flex_forecast_off_loop(request, now)
+            self.flex_coverage.remember(forecast)
+            self.publisher.flex_forecast(forecast)
 
     # ------------------------------------------------------------------ settlement
     def _track_for_settlement(self, ack: Ack) -> None:
@@ -1200,6 +1208,7 @@ class Gateway:
         async with asyncio.timeout(timeout):
             await history.save_report(event.command_id, report.generated_at, payload.decode())
         self.publisher.performance_report(event.command_id, payload)
+        self._check_flex_forecast(report)
         log.info(
             "settled %s: delivered %s kWh, %s of request, quality %s",
             event.command_id,
@@ -1208,6 +1217,26 @@ class Gateway:
             report.quality.value,
         )
         return payload
+
+    def _check_flex_forecast(self, report: PerformanceReport) -> None:
+        """Did the group deliver within the p10..p90 its flex forecast gave at the start?"""
+        if report.group_id is None or report.mean_delivered_kw is None:
+            return
+        forecast = self.flex_coverage.in_force(report.group_id, report.event_start)
+        if forecast is None:
+            return
+        within = self.flex_coverage.check(
+            forecast,
+            report.event_start,
+            report.event_end,
+            report.requested_kw,
+            report.mean_delivered_kw,
+        )
+        if within is False:
+            log.info(
+                "%s: %s delivered %.1f kW, outside its flex forecast's p10..p90",
+                report.group_id, report.command_id, report.mean_delivered_kw,
+            )  # fmt: skip
 
     async def _settlement_loop(self) -> None:
         """Settle each finished dispatch once its last interval is over (one named task).
@@ -1571,6 +1600,9 @@ class Gateway:
                     device_time=state.timestamp,
                     received_at=utcnow(),
                     value_kw=state.power_kw,
+                    # A zero while the device's own state says it must draw is stuck.
+                    demand=self._classifier.demand_of(state),
+                    soc_pct=state.soc_pct,
                 )
             )
             if self._classifier.queued >= _QUALITY_BATCH:

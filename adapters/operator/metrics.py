@@ -365,6 +365,26 @@ class GatewayCollector(Collector):
             ),
         )
 
+        stats = self.core.flex_coverage.stats()
+        yield _gauge(
+            "derms_flex_forecast_checks",
+            "Dispatches whose delivered flexibility was checked against the group's forecast",
+            ("group",),
+            (((s.group_id,), float(s.checked)) for s in stats),
+        )
+        yield _gauge(
+            "derms_flex_forecast_coverage_ratio",
+            "Running share of deliveries within the flex forecast's p10..p90 (nominal 0.8)",
+            ("group",),
+            (((s.group_id,), s.coverage) for s in stats if s.coverage is not None),
+        )
+        yield _gauge(
+            "derms_flex_forecast_width_factor",
+            "Scale the coverage check applies to the flex forecast's p10/p90 spread",
+            ("group",),
+            (((s.group_id,), s.width_factor) for s in stats),
+        )
+
     # ------------------------------------------------------------------ commands, loops, stores
     def _commands(self) -> Iterator[Metric]:
         by_state: Counter[AckState] = Counter(e.state for e in self.core.book.open_entries())

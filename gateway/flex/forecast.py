@@ -61,10 +61,18 @@ come from a seeded Monte Carlo over participation draws for small groups (the di
 lumpy and skewed when a few large devices dominate) and from the normal approximation (mean
 ``Σ p c``, variance ``Σ p(1−p) c²``, clipped to ``[0, Σ c]``) for large ones, where it is
 accurate and costs nothing. The baseline band is normal with the summed per-device variances.
+
+**Checked against delivery.** After each settled dispatch the core asks :class:`FlexCoverage`
+whether the flexibility the group delivered fell within the p10..p90 the forecast in force at
+the dispatch's start gave for its intervals; the running share is published with every forecast
+(``coverage``) and in the operator metrics. The p10/p90 spread of later forecasts of the group is
+scaled (split-conformal) so that ``nominal`` (80 %) of the recorded deliveries would have fallen
+inside: a forecast whose band proves too narrow widens, one too wide narrows.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -221,6 +229,20 @@ class WeatherUse(Frozen):
     intervals_covered: int = Field(ge=0, description="Intervals it covered")
 
 
+class FlexCoverageStat(Frozen):
+    """How often the flexibility a group delivered fell within its forecast's p10..p90."""
+
+    group_id: str
+    checked: int = Field(ge=0, description="Dispatches checked against their forecast")
+    within: int = Field(ge=0, description="Of those, deliveries within p10..p90")
+    coverage: float | None = Field(
+        default=None, description="Running share within p10..p90 (nominal 0.8); None: none yet"
+    )
+    width_factor: float = Field(
+        gt=0, description="Scale applied to the p10/p90 spread around p50 (1: as modelled)"
+    )
+
+
 class FlexForecast(Frozen):
     """Published on ``derms/v1/{gw}/telemetry/flex/{group_id}``."""
 
@@ -243,6 +265,112 @@ class FlexForecast(Frozen):
         default=None, description="Weather forecasts used for thermostats; absent: none"
     )
     notes: tuple[str, ...] = ()
+    coverage: FlexCoverageStat | None = Field(
+        default=None, description="How this group's past forecasts held against delivery"
+    )
+
+
+class FlexCoverage:
+    """Running coverage of the forecast's p10..p90 by delivered flexibility, per group, and the
+    width calibration it implies (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        nominal: float = 0.8,
+        window: int = 200,
+        min_checks: int = 10,
+        halflife_checks: float = 20.0,
+        max_factor: float = 4.0,
+    ) -> None:
+        self.nominal, self.window, self.min_checks = nominal, window, min_checks
+        self.max_factor = max_factor
+        self._decay = 0.5 ** (1.0 / halflife_checks)
+        self._checked: dict[str, int] = {}
+        self._within: dict[str, int] = {}
+        self._ewma: dict[str, tuple[float, float]] = {}
+        self._scores: dict[str, deque[float]] = {}
+        self._forecasts: dict[str, deque[FlexForecast]] = {}
+
+    def remember(self, forecast: FlexForecast, keep: int = 400) -> None:
+        """A forecast sent for its group: a dispatch is checked against the one in force."""
+        self._forecasts.setdefault(forecast.group_id, deque(maxlen=keep)).append(forecast)
+
+    def in_force(self, group_id: str, at: datetime) -> FlexForecast | None:
+        """The newest remembered forecast of ``group_id`` generated at or before ``at``."""
+        found = [f for f in self._forecasts.get(group_id, ()) if f.generated_at <= at]
+        return max(found, key=lambda f: f.generated_at) if found else None
+
+    def check(
+        self,
+        forecast: FlexForecast,
+        start: datetime,
+        end: datetime,
+        requested_kw: float,
+        delivered_kw: float,
+    ) -> bool | None:
+        """Record whether the mean flexibility delivered over ``[start, end)`` (load convention:
+        negative = load reduced) fell within the forecast's p10..p90 over those intervals.
+
+        ``requested_kw`` is what the dispatch asked (its sign says which band: down or up). A
+        request below the forecast's p10 says nothing about the band (the group was not asked
+        for what it could give): ``None``, nothing recorded. When the request was below p90
+        the delivery is capped by it, so only its lower side calibrates the width.
+        """
+        down = requested_kw < 0
+        t0, t1 = epoch_s(start), epoch_s(end)
+        weights, bands = [], []
+        for iv in forecast.intervals:
+            overlap = min(t1, epoch_s(iv.end)) - max(t0, epoch_s(iv.start))
+            if overlap > 0:
+                weights.append(overlap)
+                bands.append(iv.flex_down_kw if down else iv.flex_up_kw)
+        if not bands:
+            return None
+        w = np.array(weights) / sum(weights)
+        p10 = float(w @ [b.p10 for b in bands])
+        p50 = float(w @ [b.p50 for b in bands])
+        p90 = float(w @ [b.p90 for b in bands])
+        asked = abs(requested_kw)
+        if asked < p10:
+            return None
+        got = -delivered_kw if down else delivered_kw
+        tol = 1e-6 * max(abs(p90), 1.0)
+        within = p10 - tol <= got <= p90 + tol
+        gid = forecast.group_id
+        self._checked[gid] = self._checked.get(gid, 0) + 1
+        self._within[gid] = self._within.get(gid, 0) + int(within)
+        n, s = self._ewma.get(gid, (0.0, 0.0))
+        self._ewma[gid] = (self._decay * n + 1.0, self._decay * s + float(within))
+        # Scores against the band as modelled (the forecast may carry a width already applied).
+        f = forecast.coverage.width_factor if forecast.coverage is not None else 1.0
+        scores = self._scores.setdefault(gid, deque(maxlen=self.window))
+        if got < p50:
+            scores.append(f * (p50 - got) / max(p50 - p10, tol))
+        elif asked >= p90:
+            scores.append(f * (got - p50) / max(p90 - p50, tol))
+        return within
+
+    def width_factor(self, group_id: str) -> float:
+        """Scale of the p10/p90 spread that would have covered ``nominal`` of the deliveries."""
+        scores = self._scores.get(group_id)
+        if not scores or len(scores) < self.min_checks:
+            return 1.0
+        q = float(np.quantile(np.array(scores), self.nominal))
+        return float(np.clip(q, 1.0 / self.max_factor, self.max_factor))
+
+    def stat(self, group_id: str) -> FlexCoverageStat:
+        n, s = self._ewma.get(group_id, (0.0, 0.0))
+        return FlexCoverageStat(
+            group_id=group_id,
+            checked=self._checked.get(group_id, 0),
+            within=self._within.get(group_id, 0),
+            coverage=s / n if n > 0 else None,
+            width_factor=self.width_factor(group_id),
+        )
+
+    def stats(self) -> list[FlexCoverageStat]:
+        return [self.stat(g) for g in sorted(self._checked)]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -638,10 +766,13 @@ def aggregate(
     outdoor_temp_c: FloatArray | None = None,
     temperature_sources: Sequence[TemperatureSource | None] | None = None,
     weather: tuple[WeatherUse, ...] | None = None,
+    coverage: FlexCoverageStat | None = None,
 ) -> FlexForecast:
     """Combine per-device contributions into a group's forecast with p10/p50/p90 bands.
 
     ``outdoor_temp_c`` (NaN: none) and ``temperature_sources`` are per interval, reported as is.
+    ``coverage``: how the group's forecasts held against delivery; its ``width_factor`` scales
+    the flex bands' p10/p90 spread around p50 (within 0 and what every device could give).
     """
     config = config or FlexConfig()
     n_t = grid.n
@@ -663,6 +794,16 @@ def aggregate(
         # One generator per quantity, same seed: the same participation draws for all three.
         rng = np.random.default_rng(config.seed)
         bands[name] = _bernoulli_quantiles(stack(name), p, method, config.samples, rng)
+    if coverage is not None and coverage.width_factor != 1.0:
+        f = coverage.width_factor
+        for name in ("flex_down_kw", "flex_up_kw"):
+            lo, mid, hi = bands[name]
+            top = stack(name).sum(axis=0)
+            bands[name] = (
+                np.clip(mid - f * (mid - lo), 0.0, mid),
+                mid,
+                np.clip(mid + f * (hi - mid), mid, np.maximum(top, mid)),
+            )
 
     def band(q: tuple[FloatArray, FloatArray, FloatArray], i: int) -> Band:
         return Band(p10=float(q[0][i]), p50=float(q[1][i]), p90=float(q[2][i]))
@@ -707,6 +848,7 @@ def aggregate(
         intervals=tuple(intervals),
         weather=weather,
         notes=tuple(notes),
+        coverage=coverage,
     )
 
 
@@ -718,6 +860,7 @@ def forecast_group(
     outdoor_temp_c: float | Sequence[float] | None = None,
     calendar: EventCalendar | None = None,
     config: FlexConfig | None = None,
+    coverage: FlexCoverage | None = None,
 ) -> FlexForecast:
     """The flexibility forecast of one group (``inputs``: its members, resolved by the core).
 
@@ -771,6 +914,7 @@ def forecast_group(
         outdoor_temp_c=temperature.group_mean(),
         temperature_sources=temperature.sources(),
         weather=temperature.uses(),
+        coverage=None if coverage is None else coverage.stat(request.group_id),
     )
 
 

@@ -44,7 +44,9 @@ The statistics, and why:
   ``confidence`` quantile of ``|error| / sd`` of held-out *groups* (each peer group's held-out
   devices and the whole held-out set) over recent cycles, with each held-out device given a
   lag drawn from the lags of the devices actually missing in its class. So an interval that is
-  too narrow or too wide corrects itself within a few hundred calibration groups. What the
+  too narrow or too wide corrects itself within a few hundred calibration groups. It is at
+  least that of the same hour on earlier days, and while commands are in force at least that
+  of earlier cycles with commands in force (devices depart from their history then). What the
   holdout cannot see — the drift from a reading to the true value at ``now`` — is modelled, and
   the benchmark (``bench/telemetry_estimation.py``) checks it against ground truth.
 
@@ -104,6 +106,10 @@ class EstimatorConfig:
     #: one of the same hour on earlier days (``hour_offset_h`` turns UTC into local hours).
     hour_offset_h: float = 0.0
     hour_window: int = 1000
+    #: Intervals by command state: while commands are in force the multiplier is also at least
+    #: the one measured on held-out groups in earlier cycles with commands in force (the
+    #: devices' power departs from their history then; the errors are not those of quiet hours).
+    command_window: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -283,6 +289,9 @@ class GroupEstimator:
         self._z_hour = np.full((24, cfg.hour_window), np.nan)
         self._z_hour_n = np.zeros(24, dtype=np.int64)
         self._hour = 0
+        self._z_cmd = np.full(cfg.command_window, np.nan)
+        self._z_cmd_n = 0
+        self._commanded = False
         self._coh_n = np.zeros(N_BUCKETS * self._n_classes)
         self._coh_sum = np.zeros(N_BUCKETS * self._n_classes)
         self._lag_table = _lag_table(LAGS[-1] * 2)
@@ -327,11 +336,16 @@ class GroupEstimator:
         if len(z) < need:
             return self._default_multiplier
         recent = float(np.quantile(np.abs(z), q))
+        out = recent
         zh = self._z_hour[self._hour]
         zh = zh[np.isfinite(zh)]
-        if len(zh) < need:
-            return recent
-        return max(recent, float(np.quantile(np.abs(zh), q)))
+        if len(zh) >= need:
+            out = max(out, float(np.quantile(np.abs(zh), q)))
+        if self._commanded:
+            zc = self._z_cmd[np.isfinite(self._z_cmd)]
+            if len(zc) >= need:
+                out = max(out, float(np.quantile(np.abs(zc), q)))
+        return out
 
     # ------------------------------------------------------------------ one cycle
     def cycle(self, snap: FleetSnapshot) -> CycleEstimate:
@@ -340,6 +354,7 @@ class GroupEstimator:
         y = snap.value
         board = self.commands
         self._hour = int(((snap.now / 3600.0 + cfg.hour_offset_h) % 24.0) // 1)
+        self._commanded = bool((board.cohort > 0).any())
         # A reading taken before its device's command started, changed or ended no longer
         # stands for the device: it is estimated, from its cohort and the expected response.
         read_at = snap.now - snap.age_s
@@ -621,6 +636,10 @@ class GroupEstimator:
         hw = self.config.hour_window
         self._z_hour[self._hour, (self._z_hour_n[self._hour] + np.arange(len(z))) % hw] = z
         self._z_hour_n[self._hour] += len(z)
+        if self._commanded:
+            cw = self.config.command_window
+            self._z_cmd[(self._z_cmd_n + np.arange(len(z))) % cw] = z
+            self._z_cmd_n += len(z)
 
         # Common error: the squared mean held-out error of a class beyond what independent
         # device errors and the coefficients' sampling error explain.

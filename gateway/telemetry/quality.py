@@ -19,6 +19,12 @@ What is checked, and why it is done this way:
   the device's own state announced a change (relay toggled, session started, setpoint moved);
   or the same non-zero value for longer than is plausible for its class. Exact zeros are exempt
   from the run-length rule because an idle battery or an off compressor really reports 0.0.
+  A zero is stuck when peers make it implausible (thermostatic loads), or when the device's own
+  state says it must be drawing power: a water heater whose tank is below its setpoint band, an
+  EV charger with an EV plugged in, charging allowed and energy still needed (the ``demand``
+  of a reading, see ``QualityClassifier.demand_of``), a battery held at a non-zero setpoint its
+  state of charge allows; for ``zero_demand_readings`` readings in a row. A device going stuck
+  is logged once, and once more when its readings come back.
 * **out of range** — outside the device's rating bounds (with a small tolerance), or not finite.
 * **outlier** — outside *both* the device's own envelope (range of its last accepted values) and
   its peers' envelope (same DER class and peer group), each widened by half its width, *and* a
@@ -47,6 +53,7 @@ reading when devices report about once per refresh period).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, IntFlag, StrEnum
@@ -56,9 +63,11 @@ import numpy.typing as npt
 
 from gateway.telemetry.commands import CommandBoard
 from gateway.telemetry.fleet import CLASSES, FleetIndex, FloatArray, IntArray
-from unified.model import DeviceState, Quality
+from unified.model import DerClass, DeviceState, Quality
 
 BoolArray = npt.NDArray[np.bool_]
+
+_log = logging.getLogger(__name__)
 
 
 class Validity(IntEnum):
@@ -165,6 +174,15 @@ class QualityConfig:
         default_factory=lambda: {"thermostat": 1200.0, "water_heater": 3600.0}
     )
     duty_halflife_readings: float = 360.0
+    #: Stuck at zero against the device's own state: readings of 0 kW in a row while it must
+    #: draw power. A water heater must when its tank (``soc_pct``, the tank's stored heat) is
+    #: below ``tank_band_soc_pct``; a battery held at a setpoint must follow it unless its
+    #: state of charge is below ``battery_reserve_soc_pct`` (discharging) or above
+    #: ``battery_full_soc_pct`` (charging).
+    zero_demand_readings: int = 3
+    tank_band_soc_pct: float = 60.0
+    battery_reserve_soc_pct: float = 20.0
+    battery_full_soc_pct: float = 95.0
     #: Commands in force: how long a device may take to follow, and how far from the expected
     #: power a reading may be (absolute kW or relative, the larger).
     command_settle_s: float = 120.0
@@ -193,6 +211,11 @@ class RawReading:
     value_kw: float
     fingerprint: int | str | bytes | None = None
     should_change: bool | None = None
+    #: The device's own state says it must be drawing power now (see
+    #: ``QualityClassifier.demand_of``); ``None``: nothing says.
+    demand: bool | None = None
+    #: State of charge reported with the reading (batteries), percent.
+    soc_pct: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +282,14 @@ def fingerprint_of(payload: int | str | bytes) -> int:
     return value or 1  # 0 is reserved for "no fingerprint"
 
 
+def _tri(flag: bool | None) -> int:
+    return -1 if flag is None else int(flag)
+
+
+def _soc(soc_pct: float | None) -> float:
+    return np.nan if soc_pct is None else float(soc_pct)
+
+
 def _epoch(when: datetime) -> float:
     if when.tzinfo is None:
         raise ValueError("naive datetime: telemetry times must be timezone-aware")
@@ -306,6 +337,11 @@ _DEVICE_STATE: dict[str, tuple[float, type[np.generic], bool]] = {
     "_pre_run_zero": (np.nan, np.float64, False),
     "_pre_run_duty": (np.nan, np.float64, False),
     "_zero_stuck": (False, np.bool_, False),
+    # Zero readings in a row while the device's own state says it must draw power; the
+    # newest state of charge; whether the device's newest in-order reading was stuck.
+    "_demand_run": (0, np.int64, False),
+    "_soc": (np.nan, np.float64, False),
+    "_stuck": (False, np.bool_, False),
     # Rings: recent device timestamps (duplicates), clock offsets, accepted values.
     "_dup_ring": (np.nan, np.float64, True),
     "_dup_pos": (0, np.int64, False),
@@ -350,6 +386,9 @@ class QualityClassifier:
     _pre_run_zero: FloatArray
     _pre_run_duty: FloatArray
     _zero_stuck: BoolArray
+    _demand_run: npt.NDArray[np.int64]
+    _soc: FloatArray
+    _stuck: BoolArray
     _dup_ring: FloatArray
     _dup_pos: npt.NDArray[np.int64]
     _off_ring: FloatArray
@@ -384,7 +423,7 @@ class QualityClassifier:
         self._class_hi = np.full(index.n_classes, np.nan)
         self._peer_at = -np.inf
         self._derive(index)
-        self._queue: list[tuple[int, float, float, float, int, int]] = []
+        self._queue: list[tuple[int, float, float, float, int, int, int, float]] = []
 
     def _derive(self, index: FleetIndex) -> None:
         """What follows from the index alone: bounds, thresholds, strata."""
@@ -401,6 +440,7 @@ class QualityClassifier:
         runs = [cfg.max_run_s.get(c.value, 3600.0) for c in CLASSES]
         self._max_run = np.array(runs)[index.class_code]
         cycles = [cfg.zero_cycle_s.get(c.value, np.inf) for c in CLASSES]
+        self._is_battery = index.class_code == CLASSES.index(DerClass.BATTERY)
         self._zero_cycle = np.array(cycles)[index.class_code]
         # Peer statistics per (peer group, class) stratum; codes of old groups never change.
         self._stratum = index.peer_code * index.n_classes + index.class_code
@@ -444,6 +484,8 @@ class QualityClassifier:
                 if reading.should_change is None
                 else np.array([1 if reading.should_change else 0], dtype=np.int8)
             ),
+            demand=np.array([_tri(reading.demand)], dtype=np.int8),
+            soc_pct=np.array([_soc(reading.soc_pct)], dtype=np.float64),
         )
         return ReadingQuality(
             quality=result.quality(0),
@@ -468,8 +510,34 @@ class QualityClassifier:
                 value_kw=state.power_kw,
                 fingerprint=fingerprint,
                 should_change=should_change,
+                demand=self.demand_of(state),
+                soc_pct=state.soc_pct,
             )
         )
+
+    def demand_of(self, state: DeviceState) -> bool | None:
+        """Whether a device's own state says it must be drawing power (``None``: it does not say).
+
+        A water heater whose tank (its ``soc_pct``) is below ``tank_band_soc_pct`` must heat
+        unless told not to (a setpoint of 0 in force); an EV charger must charge when an EV is
+        plugged in that still needs energy and the charging limit in force is positive, and
+        need not when none is plugged in or the EV wants nothing. A battery's duty follows from
+        the setpoint it is held at and its state of charge, which the classifier judges itself.
+        """
+        row = self.index.row.get(state.device_id)
+        if row is None:
+            return None
+        der_class = CLASSES[int(self.index.class_code[row])]
+        off = state.setpoint_kw is not None and abs(state.setpoint_kw) <= self.config.zero_kw
+        if der_class is DerClass.WATER_HEATER and state.soc_pct is not None:
+            return state.soc_pct < self.config.tank_band_soc_pct and not off
+        if der_class is DerClass.EVSE:
+            if state.ev is None or state.ev.energy_needed_kwh == 0:
+                return False
+            if state.ev.energy_needed_kwh is None or state.setpoint_kw is None:
+                return None
+            return state.setpoint_kw > self.config.zero_kw
+        return None
 
     # ------------------------------------------------------------------ queued readings
     def enqueue(self, reading: RawReading) -> None:
@@ -492,6 +560,8 @@ class QualityClassifier:
                 float(reading.value_kw),
                 0 if reading.fingerprint is None else fingerprint_of(reading.fingerprint),
                 -1 if reading.should_change is None else int(reading.should_change),
+                _tri(reading.demand),
+                _soc(reading.soc_pct),
             )
         )
 
@@ -504,7 +574,7 @@ class QualityClassifier:
         queue, self._queue = self._queue, []
         if not queue:
             return {}
-        rows, dev, recv, value, fp, hint = zip(*queue, strict=True)
+        rows, dev, recv, value, fp, hint, demand, soc = zip(*queue, strict=True)
         row_arr = np.array(rows, dtype=np.intp)
         result = self.observe_batch(
             row_arr,
@@ -513,6 +583,8 @@ class QualityClassifier:
             np.array(value, dtype=np.float64),
             fingerprint=np.array(fp, dtype=np.int64),
             should_change=np.array(hint, dtype=np.int8),
+            demand=np.array(demand, dtype=np.int8),
+            soc_pct=np.array(soc, dtype=np.float64),
         )
         ids = self.index.ids
         return {ids[int(row_arr[i])]: result.quality(i) for i in range(len(queue))}
@@ -527,17 +599,23 @@ class QualityClassifier:
         *,
         fingerprint: npt.NDArray[np.int64] | None = None,
         should_change: npt.NDArray[np.int8] | None = None,
+        demand: npt.NDArray[np.int8] | None = None,
+        soc_pct: FloatArray | None = None,
     ) -> BatchQuality:
         """Classify readings given in arrival order (times in epoch seconds).
 
         ``fingerprint`` may be omitted (0 means "this reading has none"); ``should_change`` is
         1 (the device's state says its power should have changed since its previous reading),
-        0 (it should not) or -1 (unknown).
+        0 (it should not) or -1 (unknown); ``demand`` likewise 1 when the device's own state
+        says it must be drawing power (``demand_of``), 0 when not, -1 unknown; ``soc_pct`` the
+        state of charge reported with each reading (NaN: none).
         """
         m = len(rows)
         fp = np.zeros(m, dtype=np.int64) if fingerprint is None else fingerprint
         has_fp = fp != 0
         hint = np.full(m, -1, dtype=np.int8) if should_change is None else should_change
+        dem = np.full(m, -1, dtype=np.int8) if demand is None else demand
+        soc = np.full(m, np.nan) if soc_pct is None else soc_pct
         if m and received_ts.max() - self._peer_at >= self.config.peer_refresh_s:
             self.refresh_peers(float(received_ts.max()))
         out_validity = np.zeros(m, dtype=np.int8)
@@ -558,7 +636,7 @@ class QualityClassifier:
             sel = np.flatnonzero(rank == wave)
             v, d, c, a, x = self._wave(
                 rows[sel], device_ts[sel], received_ts[sel], value_kw[sel], fp[sel], has_fp[sel],
-                hint[sel],
+                hint[sel], dem[sel], soc[sel],
             )  # fmt: skip
             out_validity[sel], out_detail[sel], out_corr[sel], out_acc[sel] = v, d, c, a
             out_value[sel] = x
@@ -573,6 +651,8 @@ class QualityClassifier:
         fp: npt.NDArray[np.int64],
         has_fp: BoolArray,
         hint: npt.NDArray[np.int8],
+        demand: npt.NDArray[np.int8],
+        soc_pct: FloatArray,
     ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int32], FloatArray, BoolArray, FloatArray]:
         """Readings of distinct devices: classify, then update their state."""
         cfg, w = self.config, self.config.history
@@ -634,16 +714,40 @@ class QualityClassifier:
             & same_value
             & ((run_n > cfg.stuck_hint_readings) | (run_start < board.changed_at[d]))
         )
-        stuck = in_order & (
-            (fp_run >= cfg.stuck_fingerprint_readings)
-            | (hint_run >= cfg.stuck_hint_readings)
-            | long_run
-            | frozen_vs_command
-            | self._stuck_at_zero(d, value, corr - run_start, run_n)
+        # A zero while the device's own state says it must draw power: a water heater whose
+        # tank is cold, an EV plugged in that needs energy and may charge (``demand``), a
+        # battery held at a non-zero setpoint its state of charge allows. A command expecting
+        # about zero excuses it (a shed water heater, a paused charger).
+        soc = np.where(np.isfinite(soc_pct), soc_pct, self._soc[d])
+        with np.errstate(invalid="ignore"):
+            soc_allows = np.where(
+                expected < 0, soc > cfg.battery_reserve_soc_pct, soc < cfg.battery_full_soc_pct
+            )
+            battery_due = (
+                self._is_battery[d]
+                & settled
+                & board.held[d]
+                & (np.abs(expected) > 2 * tol)
+                & soc_allows
+            )
+            excused = np.abs(expected) <= tol
+        must_draw = ((demand == 1) | battery_due) & ~excused
+        demand_run = np.where(in_order & ~nonzero & must_draw, self._demand_run[d] + 1, 0)
+        demand_run = np.where(in_order, demand_run, self._demand_run[d])
+        zero_vs_state = ~nonzero & (demand_run >= cfg.zero_demand_readings)
+        zero_vs_peers = self._stuck_at_zero(d, value, corr - run_start, run_n)
+        reasons = (
+            (fp_run >= cfg.stuck_fingerprint_readings, "a frozen payload"),
+            (hint_run >= cfg.stuck_hint_readings, "frozen while its state changed"),
+            (long_run, "one value for longer than plausible"),
+            (frozen_vs_command, "frozen away from its setpoint"),
+            (zero_vs_peers, "zero where its peers and past make zero implausible"),
+            (zero_vs_state, "zero while its own state says it must draw power"),
             # A zero run once found stuck stays so until the value moves (peers' share of
             # running devices wanders around the threshold; the sensor does not recover).
-            | (~nonzero & same_value & self._zero_stuck[d])
+            (~nonzero & same_value & self._zero_stuck[d], "still zero"),
         )
+        stuck = in_order & np.logical_or.reduce([r for r, _ in reasons])
         outlier = in_order & ~out_of_range & ~stuck & self._outlier(d, value)
         # Following a command is no outlier, however unusual the level.
         outlier &= ~(np.isfinite(expected) & ~off_command)
@@ -695,6 +799,10 @@ class QualityClassifier:
         self._fp_run[di] = fp_run[i]
         self._hint_run[di] = hint_run[i]
         self._zero_stuck[di] = (stuck & ~nonzero)[i]
+        self._demand_run[di] = demand_run[i]
+        has_soc = np.isfinite(soc_pct)
+        self._soc[d[has_soc]] = soc_pct[has_soc]
+        self._log_stuck(d, i, stuck, value, reasons)
         self._unit_cand[di] = kept[i]
         self._unit_n[di] = unit_n[i]
         self._scale[di] = scale[i]
@@ -718,6 +826,30 @@ class QualityClassifier:
         self._good_value[df] = self._pre_run_value[df]
         self._good_ts[df] = self._pre_run_ts[df]
         return validity, detail, corr, in_order, value
+
+    def _log_stuck(
+        self,
+        d: IntArray,
+        in_order: BoolArray,
+        stuck: BoolArray,
+        value: FloatArray,
+        reasons: tuple[tuple[BoolArray, str], ...],
+    ) -> None:
+        """Log a device once when its readings go stuck and once when they come back."""
+        went = in_order & stuck & ~self._stuck[d]
+        back = in_order & ~stuck & self._stuck[d]
+        self._stuck[d[in_order]] = stuck[in_order]
+        ids = self.index.ids
+        for k in np.flatnonzero(went):
+            why = next((text for flags, text in reasons if flags[k]), "stuck")
+            _log.warning(
+                "telemetry: %s is stuck (%s) at %.3f kW; estimated until it recovers",
+                ids[int(d[k])], why, float(value[k]),
+            )  # fmt: skip
+        for k in np.flatnonzero(back):
+            _log.info(
+                "telemetry: %s recovered: reading %.3f kW", ids[int(d[k])], float(value[k])
+            )
 
     def _running(self, d: IntArray, value: FloatArray) -> BoolArray:
         """Drawing real power: more than 5 % of the rating (an AC's fan alone is not)."""

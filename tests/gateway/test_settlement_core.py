@@ -11,7 +11,13 @@ import pytest
 from composition.config import parse_config
 from gateway.core import Gateway
 from gateway.errors import CoreError
-from gateway.flex import BaselineMethod, EventToSettle, FlexForecast, PerformanceReport
+from gateway.flex import (
+    BaselineMethod,
+    EventToSettle,
+    FlexForecast,
+    FlexRequest,
+    PerformanceReport,
+)
 from gateway.history import ReadingHistory
 from unified.model import Ack, AckState, DeviceTelemetry, DispatchMode, GroupTelemetry
 from unified.weather import WeatherForecast
@@ -200,3 +206,62 @@ async def test_the_temperature_record_keeps_the_newest_forecast_and_is_pruned(
         assert await history.temperatures("*", t + timedelta(hours=1), t + timedelta(hours=2)) == []
         await history.prune(t + timedelta(days=11))
         assert await history.temperatures("*", t, t + timedelta(hours=1)) == []
+
+
+async def test_a_settled_dispatch_is_checked_against_the_flex_forecast_in_force(
+    tmp_path: Path,
+) -> None:
+    # The east substation's batteries sent no state: its forecast offers no flex (p10 = p90 =
+    # 0), yet the dispatch delivered 6.5 kW less than its baseline: outside p10..p90, counted.
+    gateway, reports = core(
+        tmp_path,
+        {
+            "timezone": "UTC",
+            "programs": {
+                "thermal": {"method": "weather_matched", "weather_days": 2, "min_weather_days": 2}
+            },
+        },
+    )
+    history = gateway.history
+    assert history is not None
+    event_at = datetime(2024, 6, 21, 20, tzinfo=UTC)
+    days = {14: (30.0, 8.0), 18: (29.0, 6.0), 19: (31.0, 7.0), 21: (30.0, 1.0)}
+    async with history:
+        for day, (temp, kw) in sorted(days.items()):
+            at = datetime(2024, 6, day, 20, tzinfo=UTC)
+            await gateway.put_weather(
+                WeatherForecast.model_validate(
+                    {
+                        "issued_at": (at - timedelta(hours=6)).isoformat(),
+                        "points": [{"start": at.isoformat(), "temp_c": temp}],
+                    }
+                )
+            )
+            for minute in range(60):
+                history.observe("e1", at + timedelta(minutes=minute, seconds=30), kw)
+        before = event_at - timedelta(minutes=30)
+        forecast = gateway.flex_forecast(
+            FlexRequest(group_id="substation:east", start=before, horizon_s=7200, interval_s=3600),
+            before,
+        )
+        assert forecast.coverage is not None
+        assert forecast.coverage.checked == 0
+        gateway.flex_coverage.remember(forecast)
+        await gateway.settle(
+            event(
+                "substation:east",
+                ("e1",),
+                program="thermal",
+                start=event_at,
+                end=event_at + timedelta(hours=1),
+                allocations={"e1": -2.0},
+            )
+        )
+    report = PerformanceReport.model_validate_json(reports.reports["ev-1"])
+    assert report.mean_delivered_kw == pytest.approx(-6.5)
+    stat = gateway.flex_coverage.stat("substation:east")
+    assert stat.checked == 1
+    assert stat.within == 0
+    assert stat.coverage == 0.0
+    later = gateway.flex_forecast(FlexRequest(group_id="substation:east"), event_at)
+    assert later.coverage == stat

@@ -13,6 +13,7 @@ from gateway.flex import (
     EnergyPolicy,
     EvNeed,
     FlexConfig,
+    FlexCoverage,
     FlexForecast,
     FlexRequest,
     ForecastGrid,
@@ -271,3 +272,58 @@ def test_forecast_message_round_trips_and_has_a_schema() -> None:
 )
 def test_availability_ratio(reported: int, expected: int, ratio: float) -> None:
     assert availability_ratio(reported, expected) == pytest.approx(ratio)
+
+
+def test_the_band_is_checked_against_delivery_and_widens_when_it_proves_too_narrow() -> None:
+    # Participation that moves together (a hot evening, an app outage): the independent-draw
+    # band is far too narrow for what the group really delivers.
+    inputs = synthetic_fleet(200, seed=11)
+    request = FlexRequest(group_id="feeder:f1", horizon_s=3600, interval_s=3600)
+    g = grid(hours=1)
+    c = np.vstack([device_flex(i, g).flex_down_kw for i in inputs])[:, 0]
+    p = np.array([i.availability for i in inputs])
+    rng = np.random.default_rng(4)
+
+    def delivered() -> float:
+        common = rng.uniform(0.55, 1.25)
+        return float((rng.random(len(p)) < np.clip(p * common, 0, 1)) @ c)
+
+    coverage = FlexCoverage()
+    end = NOW + timedelta(hours=1)
+
+    def inside(forecast: FlexForecast, draws: list[float]) -> float:
+        band = forecast.intervals[0].flex_down_kw
+        return float(np.mean([band.p10 <= d <= band.p90 for d in draws]))
+
+    test_draws = [delivered() for _ in range(400)]
+    first = forecast_group(inputs, request, now=NOW, coverage=coverage)
+    assert first.coverage is not None
+    assert first.coverage.checked == 0
+    assert first.coverage.width_factor == 1.0
+    before = inside(first, test_draws)
+    assert before < 0.6
+    # A request below p10 says nothing about the band; one for everything does.
+    p10 = first.intervals[0].flex_down_kw.p10
+    assert coverage.check(first, NOW, end, -0.5 * p10, -0.4 * p10) is None
+    for _ in range(60):
+        forecast = forecast_group(inputs, request, now=NOW, coverage=coverage)
+        assert coverage.check(forecast, NOW, end, -1e6, -delivered()) is not None
+    stat = coverage.stat("feeder:f1")
+    assert stat.checked == 60
+    assert stat.within <= 60
+    assert stat.width_factor > 1.5
+    after = forecast_group(inputs, request, now=NOW, coverage=coverage)
+    assert after.coverage == stat
+    band, old = after.intervals[0].flex_down_kw, first.intervals[0].flex_down_kw
+    assert band.p50 == pytest.approx(old.p50)
+    assert band.p10 < old.p10
+    assert band.p90 > old.p90
+    assert 0.7 <= inside(after, test_draws) <= 0.95
+    # The running coverage (recent checks weigh most) climbs once the band is calibrated.
+    assert stat.coverage is not None
+    for _ in range(60):
+        forecast = forecast_group(inputs, request, now=NOW, coverage=coverage)
+        coverage.check(forecast, NOW, end, -1e6, -delivered())
+    late = coverage.stat("feeder:f1").coverage
+    assert late is not None
+    assert late >= 0.6
