@@ -278,9 +278,14 @@ class GatewayConfig(CoreConfig):
 
 
 class EdgeAgentConfig(GatewayConfig):
-    """The edge agent's file: a gateway's sections plus ``[upstream_sep2]``."""
+    """The edge agent's file: a gateway's sections plus its uplinks (``[upstream_sep2]``,
+    ``[uplink_mqtt]``) and ``[site_loop]``. Without ``[upstream_sep2]`` the site takes its
+    commands over its Grid DERMS link (``[broker]``, e.g. the head end's broker) and
+    ``[site_loop] group`` names the site."""
 
-    upstream_sep2: UpstreamSep2Config
+    upstream_sep2: UpstreamSep2Config | None = Field(
+        default=None, description="The utility's (or head end's) 2030.5 server"
+    )
     site_loop: SiteLoopSettings | None = Field(
         default=None, description="The metered site loop (meter at the connection point)"
     )
@@ -288,15 +293,25 @@ class EdgeAgentConfig(GatewayConfig):
         default=None, description="The head end's broker and the store-and-forward outbox"
     )
 
+    @model_validator(mode="after")
+    def _names_the_site(self) -> Self:
+        if self.upstream_sep2 is None and (self.site_loop is None or self.site_loop.group is None):
+            raise ValueError(
+                "the edge agent needs [upstream_sep2] (with its site_group) or [site_loop] group"
+            )
+        return self
+
     def relative_to(self, base: Path) -> Self:
         config = super().relative_to(base)
+        changes: dict[str, object] = {}
         upstream = config.upstream_sep2
-        update: dict[str, object] = dict(rebase(base, upstream, "state_path"))
-        if upstream.tls is not None:
-            update["tls"] = upstream.tls.model_copy(
-                update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
-            )
-        changes: dict[str, object] = {"upstream_sep2": upstream.model_copy(update=update)}
+        if upstream is not None:
+            update: dict[str, object] = dict(rebase(base, upstream, "state_path"))
+            if upstream.tls is not None:
+                update["tls"] = upstream.tls.model_copy(
+                    update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
+                )
+            changes["upstream_sep2"] = upstream.model_copy(update=update)
         uplink = config.uplink_mqtt
         if uplink is not None:
             moved: dict[str, object] = dict(rebase(base, uplink, "outbox_path"))

@@ -22,20 +22,35 @@ import contextlib
 import hashlib
 import json
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import Field
 
+from adapters.operator.server import OperatorServer
 from adapters.sep2_client.client import (
     EffectiveControls,
     Sep2Client,
     Sep2ClientConfig,
     TelemetrySample,
 )
+from edge_agent.health import (
+    EdgeHealth,
+    LimitsHealth,
+    LinkHealth,
+    LinkState,
+    SiteLoopHealth,
+    add_health_routes,
+)
 from edge_agent.outbox import Forwarder, FullPolicy, Outbox, OutboxFull
-from edge_agent.site_loop import LoopSample, SiteLoop, SiteLoopSettings, build_site_loop
+from edge_agent.site_loop import (
+    LoopSample,
+    SiteLoop,
+    SiteLoopSettings,
+    build_site_loop,
+    core_envelope,
+)
 from edge_agent.uplink import MqttUplink
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
@@ -117,24 +132,6 @@ class UplinkMqttConfig(Section):
     backfill_per_s: float = Field(default=50.0, gt=0)
 
 
-class SiteLoopHealth(Section):
-    period_s: float
-    latency_s: dict[str, float] = Field(description="Loop step duration percentiles")
-    last_error: str | None = None
-    export_limit_kw: float | None = None
-    import_limit_kw: float | None = None
-
-
-class EdgeHealth(Section):
-    """The box at a glance: uplink, outbox, the site loop's timing, device availability."""
-
-    uplink: Literal["up", "down", "unknown"]
-    outbox_depth: int | None = Field(default=None, description="None: no outbox configured")
-    outbox_dropped: int = 0
-    site_loop: SiteLoopHealth | None = None
-    devices_available: dict[str, bool]
-
-
 class HostedCore(Protocol):
     """The site's gateway process as the composition root built it: the core and its endpoints,
     run together; ``ready`` once the core's command book is loaded."""
@@ -146,6 +143,11 @@ class HostedCore(Protocol):
     def ready(self) -> asyncio.Event: ...
 
     async def run(self) -> None: ...
+
+    @property
+    def operator(self) -> OperatorServer | None:
+        """The operator endpoint, where the edge agent serves its health view (None: off)."""
+        ...
 
 
 def _fingerprint(*parts: object) -> str:
@@ -163,7 +165,7 @@ def _tighter(a: float | None, b: float | None) -> float | None:
 class EdgeAgent:
     def __init__(
         self,
-        upstream: UpstreamSep2Config,
+        upstream: UpstreamSep2Config | None,
         host: HostedCore,
         *,
         site_loop: SiteLoopSettings | None = None,
@@ -172,20 +174,43 @@ class EdgeAgent:
         self.upstream = upstream
         self.host = host
         self.gateway = host.core
-        if upstream.site_group not in self.gateway.registry.groups():
-            raise ValueError(f"upstream_sep2.site_group {upstream.site_group!r} is not a group")
+        group = upstream.site_group if upstream is not None else None
+        if group is None and site_loop is not None:
+            group = site_loop.group
+        if group is None:
+            raise ValueError(
+                "an edge agent needs the site's group: [upstream_sep2] site_group or "
+                "[site_loop] group"
+            )
+        if group not in self.gateway.registry.groups():
+            raise ValueError(f"site group {group!r} is not a group")
+        self.site_group: str = group
+        """The local group that is "the site": what upstream controls apply to and what is
+        reported upstream as one DER."""
         self.site_loop: SiteLoop | None = None
         """The metered loop holding the site's envelope at the connection point, if configured
         (it drives the PV and battery it names; the core plans them but does not write)."""
         if site_loop is not None:
-            self.site_loop = build_site_loop(
-                self.gateway, site_loop, site_loop.group or upstream.site_group
-            )
+            self.site_loop = build_site_loop(self.gateway, site_loop, site_loop.group or group)
         self.outbox: Outbox | None = None
         self.uplink: MqttUplink | None = None
         self.forwarder: Forwarder | None = None
         if uplink is not None:
             self._open_uplink(uplink)
+        self.client: Sep2Client | None = None
+        """The 2030.5 client toward the utility (None: commands come over the core's own
+        Grid DERMS link, e.g. from the head end's broker)."""
+        self.lfdi: str | None = None
+        self.audit_source = "edge-agent"
+        if upstream is not None:
+            self._open_sep2(upstream)
+        self._in_force: dict[str, str] = {}
+        """kind ("envelope" / "target") → command id currently standing for the utility."""
+        self.last_controls: EffectiveControls | None = None
+        if host.operator is not None:
+            add_health_routes(host.operator, self.health)
+
+    def _open_sep2(self, upstream: UpstreamSep2Config) -> None:
         ssl_context = None
         lfdi = upstream.lfdi
         if upstream.tls is not None:
@@ -218,9 +243,6 @@ class EdgeAgent:
             der_capability=self.site_capability(),
             read_der_status=self.site_status,
         )
-        self._in_force: dict[str, str] = {}
-        """kind ("envelope" / "target") → command id currently standing for the utility."""
-        self.last_controls: EffectiveControls | None = None
 
     def _open_uplink(self, config: UplinkMqttConfig) -> None:
         """Acks and the site loop's samples go to the head end through the durable outbox."""
@@ -240,7 +262,13 @@ class EdgeAgent:
             policy=config.full_policy,
         )
         self.outbox = outbox
-        self.uplink = MqttUplink(config.host, config.port, config.site_id, tls_context=tls)
+        self.uplink = MqttUplink(
+            config.host,
+            config.port,
+            config.site_id,
+            tls_context=tls,
+            backlog=lambda: outbox.depth,
+        )
         self.forwarder = Forwarder(outbox, self.uplink.send, backfill_per_s=config.backfill_per_s)
 
         def keep(stream: str, payload: bytes) -> None:
@@ -253,7 +281,7 @@ class EdgeAgent:
 
     @property
     def _site(self) -> Target:
-        return Target(group_id=self.upstream.site_group)
+        return Target(group_id=self.site_group)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -264,8 +292,11 @@ class EdgeAgent:
             if self.uplink is not None and self.forwarder is not None:
                 tg.create_task(self.uplink.run(), name="edge-uplink")
                 tg.create_task(self.forwarder.run(), name="edge-outbox")
-            async with self.client:
+            if self.client is None:
                 await wait_inside_task_group()
+            else:
+                async with self.client:
+                    await wait_inside_task_group()
 
     # ------------------------------------------------------------------ upstream → local
     async def apply_controls(self, controls: EffectiveControls) -> None:
@@ -328,38 +359,88 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ health
     def health(self) -> EdgeHealth:
-        outbox = self.outbox
-        reachable = self.client.reachable
-        uplink: Literal["up", "down", "unknown"] = (
-            "unknown" if reachable is None else "up" if reachable else "down"
+        """What the box is doing now: ``ok`` while the site loop holds the site (or, with no
+        loop, while the core runs), each uplink, the outbox, devices and the limits in force."""
+        now = utcnow()
+        problems: list[str] = []
+        links: dict[str, LinkHealth] = {}
+        if self.uplink is not None:
+            up = self.uplink
+            links["head_end_mqtt"] = LinkHealth(
+                state=up.state,
+                since=None if up.changed_at is None else datetime.fromtimestamp(up.changed_at, UTC),
+                last_error=up.last_error,
+                losses=up.losses,
+            )
+        if self.client is not None:
+            reachable = self.client.reachable
+            links["upstream_sep2"] = LinkHealth(
+                state="unknown" if reachable is None else "up" if reachable else "down"
+            )
+        states = {link.state for link in links.values()}
+        uplink: LinkState = (
+            "down" if "down" in states else "up" if states == {"up"} else "unknown"
         )
         loop_health: SiteLoopHealth | None = None
         if self.site_loop is not None:
             loop = self.site_loop
             last = loop.samples[-1] if loop.samples else None
-            imp, exp = loop.envelope(utcnow())
+            in_force = loop.limits(now)
+            limits = LimitsHealth(
+                import_limit_kw=in_force.import_limit_kw,
+                export_limit_kw=in_force.export_limit_kw,
+                import_source=in_force.import_source,
+                export_source=in_force.export_source,
+            )
+            age = None if last is None else (now - last.at).total_seconds()
+            out = None if last is None else last.outputs
             loop_health = SiteLoopHealth(
                 period_s=loop.config.period_s,
                 latency_s=loop.latency_percentiles(),
                 last_error=None if last is None else last.error,
+                import_limit_kw=in_force.import_limit_kw,
+                export_limit_kw=in_force.export_limit_kw,
+                last_step_at=None if last is None else last.at,
+                last_step_age_s=age,
+                net_kw=None if last is None or last.net_kw != last.net_kw else last.net_kw,
+                battery_kw=None if out is None else out.battery_kw,
+                pv_cap_kw=None if out is None else out.pv_cap_kw,
+            )
+            if age is None or age > max(3 * loop.config.period_s, 5.0):
+                problems.append("site loop not stepping")
+            elif last is not None and last.error is not None:
+                problems.append(f"site loop blind: {last.error}")
+        else:
+            imp, exp = core_envelope(self.gateway, self.site_group)(now)
+            limits = LimitsHealth(
                 import_limit_kw=imp,
                 export_limit_kw=exp,
+                import_source=None if imp is None else "envelope",
+                export_source=None if exp is None else "envelope",
             )
+        available = {
+            device_id: supervisor.available
+            for device_id, supervisor in sorted(self.gateway.supervisors.items())
+        }
+        outbox = self.outbox
         return EdgeHealth(
+            ok=not problems,
+            problems=problems,
             uplink=uplink,
+            uplinks=links,
             outbox_depth=None if outbox is None else outbox.depth,
             outbox_dropped=0 if outbox is None else outbox.dropped,
             site_loop=loop_health,
-            devices_available={
-                device_id: supervisor.available
-                for device_id, supervisor in sorted(self.gateway.supervisors.items())
-            },
+            limits=limits,
+            devices_online=sum(available.values()),
+            devices_total=len(available),
+            devices_available=available,
         )
 
     # ------------------------------------------------------------------ local → upstream
     def site_capability(self) -> DERCapability:
         """The site's DERs seen as one: summed ratings (what the head end allocates against)."""
-        members = self.gateway.registry.members(self.upstream.site_group)
+        members = self.gateway.registry.members(self.site_group)
         charge = sum(d.ratings.max_charge_kw for d in members)
         discharge = sum(d.ratings.max_discharge_kw for d in members)
         energy = sum(d.ratings.capacity_kwh for d in members)
@@ -375,7 +456,7 @@ class EdgeAgent:
 
     async def site_status(self) -> DERStatus:
         now = utcnow()
-        group = self.upstream.site_group
+        group = self.site_group
         members = self.gateway.registry.members(group)
         states = self.gateway.device_states(now)
         energy = capacity = 0.0
@@ -393,7 +474,7 @@ class EdgeAgent:
 
     async def site_telemetry(self) -> TelemetrySample:
         now = utcnow()
-        group = self.upstream.site_group
+        group = self.site_group
         for telemetry in self.gateway.group_telemetry(now):
             if telemetry.group_id == group:
                 return TelemetrySample(
@@ -404,8 +485,13 @@ class EdgeAgent:
 
 def _sample_json(sample: LoopSample) -> bytes:
     out = sample.outputs
+    limits = sample.limits
     return json.dumps(
         {
+            "import_limit_kw": None if limits is None else limits.import_limit_kw,
+            "export_limit_kw": None if limits is None else limits.export_limit_kw,
+            "import_source": None if limits is None else limits.import_source,
+            "export_source": None if limits is None else limits.export_source,
             "at": sample.at.isoformat(),
             "net_kw": None if sample.net_kw != sample.net_kw else sample.net_kw,  # NaN: blind
             "battery_kw": None if out is None else out.battery_kw,
