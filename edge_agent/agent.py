@@ -67,6 +67,7 @@ from unified.model import (
     AckState,
     Cancel,
     Command,
+    DerClass,
     Dispatch,
     DispatchMode,
     EnvelopeInterval,
@@ -82,6 +83,7 @@ log = logging.getLogger(__name__)
 # targetW; we advertise what the planner can honour for a storage site.
 _MODES_SUPPORTED = (1 << 4) | (1 << 5) | (1 << 22)
 _DER_TYPE_STORAGE = 80  # DERType: "storage only"
+_DER_TYPE_PV_STORAGE = 83  # DERType: "combined PV and storage"
 
 
 def _watt_hours(wh: float) -> WattHour:
@@ -439,16 +441,21 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ local → upstream
     def site_capability(self) -> DERCapability:
-        """The site's DERs seen as one: summed ratings (what the head end allocates against)."""
+        """The site's DERs seen as one: what the head end allocates against. Charge and
+        discharge rates and energy are the storage's (PV can only be curtailed, which the
+        measured site power shows); the nameplate output adds the PV."""
         members = self.gateway.registry.members(self.site_group)
-        charge = sum(d.ratings.max_charge_kw for d in members)
-        discharge = sum(d.ratings.max_discharge_kw for d in members)
-        energy = sum(d.ratings.capacity_kwh for d in members)
+        storage = [d for d in members if d.der_class is not DerClass.PV]
+        pv = [d for d in members if d.der_class is DerClass.PV]
+        charge = sum(d.ratings.max_charge_kw for d in storage)
+        discharge = sum(d.ratings.max_discharge_kw for d in storage)
+        energy = sum(d.ratings.capacity_kwh for d in storage)
+        generation = sum(d.ratings.max_discharge_kw for d in pv)
         return DERCapability(
             # opModTargetW, opModFixedW, opModMaxLimW, gen/load and import/export limits
             modes_supported=f"{_MODES_SUPPORTED:08X}",
-            type=_DER_TYPE_STORAGE,
-            rtg_max_w=from_watts(max(charge, discharge) * 1000),
+            type=_DER_TYPE_PV_STORAGE if pv else _DER_TYPE_STORAGE,
+            rtg_max_w=from_watts(max(charge, discharge + generation) * 1000),
             rtg_max_charge_rate_w=from_watts(charge * 1000),
             rtg_max_discharge_rate_w=from_watts(discharge * 1000),
             rtg_max_wh=_watt_hours(energy * 1000),
@@ -473,7 +480,20 @@ class EdgeAgent:
         return DERStatus(reading_time=int(now.timestamp()), state_of_charge_status=soc)
 
     async def site_telemetry(self) -> TelemetrySample:
+        """The site's power for the head end: at the meter when the site loop has a fresh
+        reading (``site_kw``; the DERs' own is the meter less the load it infers), else the
+        sum of the site's devices for both."""
         now = utcnow()
+        loop = self.site_loop
+        if loop is not None and loop.samples:
+            last = loop.samples[-1]
+            fresh = (now - last.at).total_seconds() <= max(3 * loop.config.period_s, 5.0)
+            if fresh and last.net_kw == last.net_kw and last.outputs is not None:  # not NaN
+                return TelemetrySample(
+                    site_kw=last.net_kw,
+                    der_kw=last.net_kw - last.outputs.load_kw,
+                    timestamp=last.at,
+                )
         group = self.site_group
         for telemetry in self.gateway.group_telemetry(now):
             if telemetry.group_id == group:
