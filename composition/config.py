@@ -14,6 +14,7 @@ from typing import Self
 from pydantic import Field, ValidationError, model_validator
 
 from adapters.broker_security import BrokerLogin
+from adapters.edge_site import EdgeSiteEndpoint
 from adapters.grid_derms.config import BrokerConfig
 from adapters.mqtt_devices.devices import DeviceMqttConfig, MqttDeviceSettings
 from adapters.ocpp.central import OcppCentralConfig
@@ -48,6 +49,9 @@ class DeviceConfig(Device):
     mqtt: MqttDeviceSettings | None = Field(
         default=None, description="A device on the device MQTT broker (thermostat, water heater)"
     )
+    edge_site: EdgeSiteEndpoint | None = Field(
+        default=None, description="An edge site (derms-gateway edge) on the head end's broker"
+    )
 
     @model_validator(mode="after")
     def _reachable(self) -> DeviceConfig:
@@ -61,6 +65,9 @@ class DeviceConfig(Device):
                 raise ValueError("adapter 'sunspec_pv' needs a [devices.sunspec] endpoint")
             if self.der_class is not DerClass.PV:
                 raise ValueError("adapter 'sunspec_pv' only drives der_class 'pv'")
+        elif self.adapter == "edge_site":
+            if self.edge_site is None:
+                raise ValueError("adapter 'edge_site' needs a [devices.edge_site] endpoint")
         elif self.adapter == "sep2_der":
             if self.sep2 is None:
                 raise ValueError("adapter 'sep2_der' needs a [devices.sep2] endpoint (lfdi)")
@@ -70,13 +77,16 @@ class DeviceConfig(Device):
                 raise ValueError(f"adapter {self.adapter!r} only drives der_class {wanted.value!r}")
         else:
             known = ", ".join(
-                repr(a) for a in ("sunspec_battery", "sunspec_pv", "sep2_der", *MQTT_ADAPTERS)
+                repr(a)
+                for a in ("sunspec_battery", "sunspec_pv", "sep2_der", "edge_site", *MQTT_ADAPTERS)
             )
             raise ValueError(f"unknown adapter {self.adapter!r} (known: {known})")
         return self
 
     def as_device(self) -> Device:
-        return Device.model_validate(self.model_dump(exclude={"sunspec", "sep2", "mqtt"}))
+        return Device.model_validate(
+            self.model_dump(exclude={"sunspec", "sep2", "mqtt", "edge_site"})
+        )
 
 
 class GatewayConfig(CoreConfig):

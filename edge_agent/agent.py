@@ -279,7 +279,9 @@ class EdgeAgent:
 
         self.gateway.ack_listeners.append(lambda ack: keep("acks", ack.model_dump_json().encode()))
         if self.site_loop is not None:
-            self.site_loop.on_sample = lambda sample: keep("site", _sample_json(sample))
+            self.site_loop.on_sample = lambda sample: keep(
+                "site", _sample_json(sample, self.storage_summary())
+            )
 
     @property
     def _site(self) -> Target:
@@ -461,6 +463,25 @@ class EdgeAgent:
             rtg_max_wh=_watt_hours(energy * 1000),
         )
 
+    def storage_summary(self) -> dict[str, float | None]:
+        """The site's storage as one (what a site sample tells the head end): SoC weighted
+        by capacity over the batteries reporting one, energy and rates from the ratings."""
+        site = self.gateway.registry.members(self.site_group)
+        members = [d for d in site if d.der_class is not DerClass.PV]
+        states = self.gateway.device_states(utcnow())
+        energy = capacity = 0.0
+        for device in members:
+            state = states.get(device.device_id)
+            if state is not None and state.soc_pct is not None:
+                energy += state.soc_pct / 100 * device.ratings.capacity_kwh
+                capacity += device.ratings.capacity_kwh
+        return {
+            "soc_pct": None if capacity <= 0 else round(energy / capacity * 100, 2),
+            "capacity_kwh": sum(d.ratings.capacity_kwh for d in members),
+            "max_charge_kw": sum(d.ratings.max_charge_kw for d in members),
+            "max_discharge_kw": sum(d.ratings.max_discharge_kw for d in members),
+        }
+
     async def site_status(self) -> DERStatus:
         now = utcnow()
         group = self.site_group
@@ -503,11 +524,12 @@ class EdgeAgent:
         return TelemetrySample(timestamp=now)
 
 
-def _sample_json(sample: LoopSample) -> bytes:
+def _sample_json(sample: LoopSample, storage: dict[str, float | None] | None = None) -> bytes:
     out = sample.outputs
     limits = sample.limits
     return json.dumps(
-        {
+        (storage or {})
+        | {
             "import_limit_kw": None if limits is None else limits.import_limit_kw,
             "export_limit_kw": None if limits is None else limits.export_limit_kw,
             "import_source": None if limits is None else limits.import_source,
