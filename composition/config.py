@@ -169,6 +169,13 @@ class GatewayConfig(CoreConfig):
                     f"timing.refresh_s ({self.timing.refresh_s:g}), or events lapse between "
                     "refreshes"
                 )
+        for device in self.devices:
+            site = device.edge_site
+            if site is not None and site.hold_s <= 2 * self.timing.refresh_s:
+                problems.append(
+                    f"device {device.device_id!r}: edge_site.hold_s must exceed twice "
+                    "timing.refresh_s, or the site's commands lapse between refreshes"
+                )
         if self.sep2_server is None and any(d.adapter == "sep2_der" for d in self.devices):
             problems.append("devices with adapter 'sep2_der' need a [sep2_server] section")
         lfdis: dict[str, str] = {}

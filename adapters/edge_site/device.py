@@ -65,7 +65,11 @@ class EdgeSiteEndpoint(Section):
     gateway_id: Identifier = Field(description="The edge agent's gateway_id (its command topic)")
     site_group: Identifier = Field(description="The site's group at the edge, e.g. substation:x")
     hold_s: float = Field(
-        default=120.0, ge=5, le=86_400, description="Each command's duration (renewed)"
+        default=300.0,
+        ge=5,
+        le=86_400,
+        description="Each command's duration, renewed at half time while it holds; how long the "
+        "site keeps a head end's command after losing it",
     )
     stale_after_s: float = Field(default=10.0, gt=0, le=3600)
     first_sample_s: float = Field(
@@ -92,6 +96,8 @@ class EdgeSiteDevice:
         self._numbers = itertools.count(1)
         self.malformed = 0
         self._sampled = asyncio.Event()
+        self._sent: tuple[tuple[float | None, ...], datetime] | None = None
+        """What was last sent and when (the supervisor's refreshes renew it at half time)."""
 
     @property
     def device_id(self) -> str:
@@ -193,6 +199,13 @@ class EdgeSiteDevice:
             raise DeviceUnavailable(self._device_id, "not connected")
         now = datetime.now(UTC)
         hold = self._endpoint.hold_s
+        asked = (command.power_kw, command.import_limit_kw, command.export_limit_kw)
+        if (
+            self._sent is not None
+            and self._sent[0] == asked
+            and (now - self._sent[1]).total_seconds() < hold / 2
+        ):
+            return  # what stands at the site still has more than half its time to run
         target = Target(group_id=self._endpoint.site_group)
         number = next(self._numbers)
         stem = f"{self._device_id}-{int(now.timestamp())}-{number}"
@@ -238,6 +251,7 @@ class EdgeSiteDevice:
         except aiomqtt.MqttError as exc:
             raise DeviceUnavailable(self._device_id, f"broker: {exc}") from exc
         self._standing = [c.command_id for c in commands if not isinstance(c, Cancel)]
+        self._sent = (asked, now)
 
     @staticmethod
     def _kinds(commands: list[CommandBase]) -> set[str]:

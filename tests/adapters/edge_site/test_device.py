@@ -82,6 +82,8 @@ async def test_setpoints_limits_and_release_reach_the_site_as_unified_commands(
         try:
             await device.apply(DeviceCommand(device_id="site-7", power_kw=-3.0))
             await eventually(lambda: len(received) == 1, 5, "the dispatch")
+            # The supervisor's refresh of the same setpoint: what stands has time left.
+            await device.apply(DeviceCommand(device_id="site-7", power_kw=-3.0))
             await device.apply(
                 DeviceCommand(device_id="site-7", power_kw=None, export_limit_kw=1.5)
             )
