@@ -132,6 +132,9 @@ class UplinkMqttConfig(Section):
     max_bytes: int | None = Field(default=50_000_000, ge=1, description="Payload bytes at most")
     full_policy: FullPolicy = FullPolicy.DROP_OLDEST
     backfill_per_s: float = Field(default=50.0, gt=0)
+    backoff_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Longest wait between reconnection attempts"
+    )
 
 
 class HostedCore(Protocol):
@@ -269,6 +272,7 @@ class EdgeAgent:
             config.port,
             config.site_id,
             tls_context=tls,
+            backoff_max_s=config.backoff_max_s,
             backlog=lambda: outbox.depth,
         )
         self.forwarder = Forwarder(outbox, self.uplink.send, backfill_per_s=config.backfill_per_s)

@@ -145,6 +145,7 @@ async def site(mosquitto: MosquittoBroker, tmp_path: Path) -> AsyncIterator[Edge
                     "site_id": "site-1",
                     "outbox_path": str(tmp_path / "outbox.sqlite"),
                     "backfill_per_s": 200,
+                    "backoff_max_s": 1.0,
                 },
             },
             model=EdgeAgentConfig,
@@ -262,6 +263,11 @@ async def test_head_end_lost_the_site_holds_its_limits_releases_ends_and_catches
     assert site.head_end_rx.skipped == 0
     # What the site did while alone is in what the head end got: the fallback limit in force.
     assert any(json.loads(r.payload).get("export_source") == "fallback" for r in site_records)
+    print(
+        f"fallback worst export {worst:.3f} kW; {outbox_depth} record(s) buffered; "
+        f"{len(site_records)} site samples delivered in order, {site.head_end_rx.duplicates} "
+        "duplicate(s) dropped"
+    )
     # One line when the link went, one when it came back.
     lines = [r.getMessage() for r in caplog.records if r.name == "edge_agent.uplink"]
     assert len([m for m in lines if " lost " in m]) == 1, lines
