@@ -13,8 +13,10 @@ is the head end's side of both:
 * :meth:`EdgeSiteDevice.apply` sends a setpoint as a ``dispatch`` (``target``) on the site's
   group, limits as an ``envelope`` on it, each lasting ``hold_s`` and renewed by the head end's
   supervisor, so a head end that goes away leaves the site to its own defaults once they end;
-  a release cancels what stands. The site's acks come back on its ack topics; the site, not
-  this adapter, decides what its devices do.
+  a release cancels what stands. The site's acks come back on its ack topics: one that
+  rejects or fails a command we sent is a refusal (``on_refusal``, the core's), so the head end
+  re-allocates around the site and its own ack says so. The site, not this adapter, decides
+  what its devices do.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomqtt
 from pydantic import Field, ValidationError
 
-from gateway.devices import DeviceUnavailable, UnsafeCommand
+from gateway.devices import AdapterError, DeviceRejected, DeviceUnavailable, UnsafeCommand
 from protocols.mqtt.northbound import Topics
 from protocols.mqtt.outbox import InOrderReceiver, decode_record, outbox_topic
 from unified.config import Section
 from unified.model import (
+    Ack,
+    AckState,
     Cancel,
     CommandBase,
     DeviceCommand,
@@ -80,8 +85,16 @@ class EdgeSiteEndpoint(Section):
     )
 
 
+Refusal = Callable[[DeviceCommand, AdapterError], None]
+
+_KEEP_SENT = 16
+"""Commands remembered for their acks (a few hold periods' worth)."""
+
+
 class EdgeSiteDevice:
-    def __init__(self, device_id: str, endpoint: EdgeSiteEndpoint) -> None:
+    def __init__(
+        self, device_id: str, endpoint: EdgeSiteEndpoint, *, on_refusal: Refusal | None = None
+    ) -> None:
         self._device_id = device_id
         self._endpoint = endpoint
         self._topics = Topics(endpoint.gateway_id)
@@ -96,6 +109,9 @@ class EdgeSiteDevice:
         self._numbers = itertools.count(1)
         self.malformed = 0
         self._sampled = asyncio.Event()
+        self._on_refusal = on_refusal
+        self._asked: dict[str, DeviceCommand] = {}
+        """Command id sent to the site → what the head end asked (for the site's acks)."""
         self._sent: tuple[tuple[float | None, ...], datetime] | None = None
         """What was last sent and when (the supervisor's refreshes renew it at half time)."""
 
@@ -118,6 +134,7 @@ class EdgeSiteDevice:
         try:
             await stack.enter_async_context(client)
             await client.subscribe(outbox_topic(self._endpoint.site_id, "site"), qos=1)
+            await client.subscribe(self._topics.ack("+"), qos=1)
         except aiomqtt.MqttError as exc:
             await stack.aclose()
             raise DeviceUnavailable(self._device_id, f"broker: {exc}") from exc
@@ -144,8 +161,31 @@ class EdgeSiteDevice:
     async def _listen(self, client: aiomqtt.Client) -> None:
         with contextlib.suppress(aiomqtt.MqttError):
             async for message in client.messages:
-                if isinstance(message.payload, bytes):
+                if not isinstance(message.payload, bytes):
+                    continue
+                if message.topic.matches(self._topics.ack("+")):
+                    self._take_ack(message.payload)
+                else:
                     self._take(message.payload)
+
+    def _take_ack(self, data: bytes) -> None:
+        """The site's ack of a command we sent: a rejection or failure is a refusal, handed to
+        the core (it re-allocates around the site, and the command's ack says so)."""
+        try:
+            ack = Ack.model_validate_json(data)
+        except ValidationError:
+            self.malformed += 1
+            return
+        asked = self._asked.get(ack.command_id)
+        if asked is None or ack.state not in (AckState.REJECTED, AckState.FAILED):
+            return
+        del self._asked[ack.command_id]
+        why = " ".join(str(p) for p in (ack.reason, ack.detail) if p) or ack.state.value
+        log.warning("%s: the site %s %s: %s", self._device_id, ack.state, ack.command_id, why)
+        if self._on_refusal is not None:
+            self._on_refusal(
+                asked, DeviceRejected(self._device_id, f"site {ack.state}: {why}")
+            )
 
     def _take(self, data: bytes) -> None:
         try:
@@ -251,6 +291,10 @@ class EdgeSiteDevice:
         except aiomqtt.MqttError as exc:
             raise DeviceUnavailable(self._device_id, f"broker: {exc}") from exc
         self._standing = [c.command_id for c in commands if not isinstance(c, Cancel)]
+        for command_id in self._standing:
+            self._asked[command_id] = command
+        while len(self._asked) > _KEEP_SENT:
+            del self._asked[next(iter(self._asked))]
         self._sent = (asked, now)
 
     @staticmethod

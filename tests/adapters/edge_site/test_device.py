@@ -11,11 +11,11 @@ import aiomqtt
 import pytest
 
 from adapters.edge_site import EdgeSiteDevice, EdgeSiteEndpoint
-from gateway.devices import DeviceUnavailable
+from gateway.devices import AdapterError, DeviceRejected, DeviceUnavailable
 from protocols.mqtt.outbox import Record, encode_record, outbox_topic
 from simulators.broker import BrokerEndpoint
 from tests.e2e.fleet import eventually
-from unified.model import COMMAND_ADAPTER, DeviceCommand, utcnow
+from unified.model import COMMAND_ADAPTER, Ack, AckState, DeviceCommand, Reason, utcnow
 
 pytestmark = pytest.mark.broker
 
@@ -103,3 +103,50 @@ async def test_setpoints_limits_and_release_reach_the_site_as_unified_commands(
     # The dispatch no longer stands once only limits are asked for; then the limits go too.
     assert cancel_target.model_dump()["cancels"] == dispatch.command_id
     assert cancel_limits.model_dump()["cancels"] == envelope.command_id
+
+
+async def test_a_command_the_site_rejects_is_a_refusal_at_the_head_end(
+    broker_endpoint: BrokerEndpoint,
+) -> None:
+    refused: list[tuple[DeviceCommand, AdapterError]] = []
+    device = EdgeSiteDevice(
+        "site-8",
+        EdgeSiteEndpoint(
+            port=broker_endpoint.port,
+            site_id="s8",
+            gateway_id="s8-edge",
+            site_group="substation:s8",
+            first_sample_s=0,
+        ),
+        on_refusal=lambda command, exc: refused.append((command, exc)),
+    )
+    await device.connect()
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker_endpoint.port) as site:
+            await site.subscribe("derms/v1/s8-edge/commands", qos=1)
+            asked = DeviceCommand(device_id="site-8", power_kw=-4.0)
+            await device.apply(asked)
+            async for message in site.messages:
+                assert isinstance(message.payload, bytes)
+                command_id = json.loads(message.payload)["command_id"]
+                break
+            # The site's core answers on its ack topic: unknown group (say).
+            answers = ((AckState.RECEIVED, None), (AckState.REJECTED, Reason.UNKNOWN_GROUP))
+            for state, reason in answers:
+                ack = Ack(
+                    command_id=command_id,
+                    state=state,
+                    timestamp=utcnow(),
+                    reason=reason,
+                    detail=None if reason is None else "no group substation:s8",
+                )
+                topic = f"derms/v1/s8-edge/acks/{command_id}"
+                await site.publish(topic, ack.model_dump_json().encode(), qos=1)
+            await site.publish("derms/v1/s8-edge/acks/x", b"{not an ack", qos=1)
+            await eventually(lambda: bool(refused), 5, "the refusal")
+    finally:
+        await device.close()
+    ((command, exc),) = refused
+    assert command == asked
+    assert isinstance(exc, DeviceRejected)
+    assert "unknown_group" in str(exc)
