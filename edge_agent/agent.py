@@ -28,6 +28,7 @@ from typing import Protocol
 
 from pydantic import Field
 
+from adapters.openadr_ven.ven import OpenAdrVen
 from adapters.operator.server import OperatorServer
 from adapters.sep2_client.client import (
     EffectiveControls,
@@ -152,6 +153,11 @@ class HostedCore(Protocol):
     @property
     def operator(self) -> OperatorServer | None:
         """The operator endpoint, where the edge agent serves its health view (None: off)."""
+        ...
+
+    @property
+    def openadr_ven(self) -> OpenAdrVen | None:
+        """The site's OpenADR VEN toward a utility's VTN, if configured."""
         ...
 
 
@@ -384,6 +390,11 @@ class EdgeAgent:
             reachable = self.client.reachable
             links["upstream_sep2"] = LinkHealth(
                 state="unknown" if reachable is None else "up" if reachable else "down"
+            )
+        ven = self.host.openadr_ven
+        if ven is not None:
+            links["openadr_ven"] = LinkHealth(
+                state="unknown" if ven.reachable is None else "up" if ven.reachable else "down"
             )
         states = {link.state for link in links.values()}
         uplink: LinkState = (

@@ -110,6 +110,10 @@ async def test_an_openadr_event_reaches_the_site_battery_through_the_edge_ven(
         ven = edge.host.openadr_ven
         assert ven is not None
         await eventually(lambda: ven.registration is not None, 10, "VEN registered with the VTN")
+        # The health view counts the VEN among the site's uplinks.
+        await eventually(
+            lambda: edge.health().uplinks["openadr_ven"].state == "up", 5, "VEN link up"
+        )
         await eventually(lambda: edge.gateway.supervisors["bat-1"].available, 10, "bat-1 online")
         # LOAD_DISPATCH delta of -3000 W for 6 s starting in 1 s.
         vtn.add_event(
