@@ -13,6 +13,13 @@ validation, composition and ack lifecycle that Grid DERMS commands do:
 
 The local control loop enforces them every cycle whether or not the uplink is up; the client
 persists the DefaultDERControl so a restart during comms loss still honours it.
+
+The 2030.5 link is optional: a site may instead take unified commands on its own Grid DERMS
+link (the head end's broker, where a head end drives it as one ``edge_site`` device) or from a
+utility's VTN through its ``[openadr_ven]``. Whatever the source, an envelope holds to its end,
+then the site loop's configured fallback limits; ``[uplink_mqtt]`` carries acks and the loop's
+samples to the head end through the durable outbox; :meth:`EdgeAgent.health` is the box's view,
+served as ``/healthz`` on the operator endpoint.
 """
 
 from __future__ import annotations
