@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from adapters.edge_site import EdgeSiteDevice
 from adapters.grid_derms.link import Northbound
 from adapters.grid_derms.uplink import GridDermsUplink
 from adapters.mqtt_devices.devices import (
@@ -80,6 +81,8 @@ def build_adapter(
         return SunSpecBattery(device.device_id, device.sunspec)
     if device.adapter == "sunspec_pv" and device.sunspec is not None:
         return SunSpecPvInverter(device.device_id, device.sunspec)
+    if device.adapter == "edge_site" and device.edge_site is not None:
+        return EdgeSiteDevice(device.device_id, device.edge_site, on_refusal=report_refusal)
     if device.adapter == "sep2_der" and device.sep2 is not None and sep2_server is not None:
         return Sep2Der(device.device_id, device.sep2, server=sep2_server, groups=member_of)
     if device.adapter in ("mqtt_thermostat", "mqtt_water_heater") and device_mqtt is not None:

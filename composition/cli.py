@@ -224,8 +224,8 @@ def run(config_path: Path) -> None:
 @main.command(min_verbosity=1)
 @config_option()
 def edge(config_path: Path) -> None:
-    """Run the edge agent: the gateway core on site hardware plus its upstream 2030.5 link
-    (an ``[upstream_sep2]`` section in the configuration)."""
+    """Run the edge agent: the gateway core on site hardware plus its uplinks (``[upstream_sep2]``,
+    ``[uplink_mqtt]``, ``[openadr_ven]``) and its ``[site_loop]``."""
     from composition.app import build_edge_agent
     from composition.config import EdgeAgentConfig
 

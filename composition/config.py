@@ -14,6 +14,7 @@ from typing import Self
 from pydantic import Field, ValidationError, model_validator
 
 from adapters.broker_security import BrokerLogin
+from adapters.edge_site import EdgeSiteEndpoint
 from adapters.grid_derms.config import BrokerConfig
 from adapters.mqtt_devices.devices import DeviceMqttConfig, MqttDeviceSettings
 from adapters.ocpp.central import OcppCentralConfig
@@ -48,6 +49,9 @@ class DeviceConfig(Device):
     mqtt: MqttDeviceSettings | None = Field(
         default=None, description="A device on the device MQTT broker (thermostat, water heater)"
     )
+    edge_site: EdgeSiteEndpoint | None = Field(
+        default=None, description="An edge site (derms-gateway edge) on the head end's broker"
+    )
 
     @model_validator(mode="after")
     def _reachable(self) -> DeviceConfig:
@@ -61,6 +65,9 @@ class DeviceConfig(Device):
                 raise ValueError("adapter 'sunspec_pv' needs a [devices.sunspec] endpoint")
             if self.der_class is not DerClass.PV:
                 raise ValueError("adapter 'sunspec_pv' only drives der_class 'pv'")
+        elif self.adapter == "edge_site":
+            if self.edge_site is None:
+                raise ValueError("adapter 'edge_site' needs a [devices.edge_site] endpoint")
         elif self.adapter == "sep2_der":
             if self.sep2 is None:
                 raise ValueError("adapter 'sep2_der' needs a [devices.sep2] endpoint (lfdi)")
@@ -70,13 +77,16 @@ class DeviceConfig(Device):
                 raise ValueError(f"adapter {self.adapter!r} only drives der_class {wanted.value!r}")
         else:
             known = ", ".join(
-                repr(a) for a in ("sunspec_battery", "sunspec_pv", "sep2_der", *MQTT_ADAPTERS)
+                repr(a)
+                for a in ("sunspec_battery", "sunspec_pv", "sep2_der", "edge_site", *MQTT_ADAPTERS)
             )
             raise ValueError(f"unknown adapter {self.adapter!r} (known: {known})")
         return self
 
     def as_device(self) -> Device:
-        return Device.model_validate(self.model_dump(exclude={"sunspec", "sep2", "mqtt"}))
+        return Device.model_validate(
+            self.model_dump(exclude={"sunspec", "sep2", "mqtt", "edge_site"})
+        )
 
 
 class GatewayConfig(CoreConfig):
@@ -158,6 +168,13 @@ class GatewayConfig(CoreConfig):
                     f"device {device.device_id!r}: mqtt.hold_s ({hold:g}) must exceed "
                     f"timing.refresh_s ({self.timing.refresh_s:g}), or events lapse between "
                     "refreshes"
+                )
+        for device in self.devices:
+            site = device.edge_site
+            if site is not None and site.hold_s <= 2 * self.timing.refresh_s:
+                problems.append(
+                    f"device {device.device_id!r}: edge_site.hold_s must exceed twice "
+                    "timing.refresh_s, or the site's commands lapse between refreshes"
                 )
         if self.sep2_server is None and any(d.adapter == "sep2_der" for d in self.devices):
             problems.append("devices with adapter 'sep2_der' need a [sep2_server] section")
@@ -278,9 +295,14 @@ class GatewayConfig(CoreConfig):
 
 
 class EdgeAgentConfig(GatewayConfig):
-    """The edge agent's file: a gateway's sections plus ``[upstream_sep2]``."""
+    """The edge agent's file: a gateway's sections plus its uplinks (``[upstream_sep2]``,
+    ``[uplink_mqtt]``) and ``[site_loop]``. Without ``[upstream_sep2]`` the site takes its
+    commands over its Grid DERMS link (``[broker]``, e.g. the head end's broker) and
+    ``[site_loop] group`` names the site."""
 
-    upstream_sep2: UpstreamSep2Config
+    upstream_sep2: UpstreamSep2Config | None = Field(
+        default=None, description="The utility's (or head end's) 2030.5 server"
+    )
     site_loop: SiteLoopSettings | None = Field(
         default=None, description="The metered site loop (meter at the connection point)"
     )
@@ -288,15 +310,25 @@ class EdgeAgentConfig(GatewayConfig):
         default=None, description="The head end's broker and the store-and-forward outbox"
     )
 
+    @model_validator(mode="after")
+    def _names_the_site(self) -> Self:
+        if self.upstream_sep2 is None and (self.site_loop is None or self.site_loop.group is None):
+            raise ValueError(
+                "the edge agent needs [upstream_sep2] (with its site_group) or [site_loop] group"
+            )
+        return self
+
     def relative_to(self, base: Path) -> Self:
         config = super().relative_to(base)
+        changes: dict[str, object] = {}
         upstream = config.upstream_sep2
-        update: dict[str, object] = dict(rebase(base, upstream, "state_path"))
-        if upstream.tls is not None:
-            update["tls"] = upstream.tls.model_copy(
-                update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
-            )
-        changes: dict[str, object] = {"upstream_sep2": upstream.model_copy(update=update)}
+        if upstream is not None:
+            update: dict[str, object] = dict(rebase(base, upstream, "state_path"))
+            if upstream.tls is not None:
+                update["tls"] = upstream.tls.model_copy(
+                    update=rebase(base, upstream.tls, "cert_file", "key_file", "ca_file")
+                )
+            changes["upstream_sep2"] = upstream.model_copy(update=update)
         uplink = config.uplink_mqtt
         if uplink is not None:
             moved: dict[str, object] = dict(rebase(base, uplink, "outbox_path"))

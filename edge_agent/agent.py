@@ -13,6 +13,13 @@ validation, composition and ack lifecycle that Grid DERMS commands do:
 
 The local control loop enforces them every cycle whether or not the uplink is up; the client
 persists the DefaultDERControl so a restart during comms loss still honours it.
+
+The 2030.5 link is optional: a site may instead take unified commands on its own Grid DERMS
+link (the head end's broker, where a head end drives it as one ``edge_site`` device) or from a
+utility's VTN through its ``[openadr_ven]``. Whatever the source, an envelope holds to its end,
+then the site loop's configured fallback limits; ``[uplink_mqtt]`` carries acks and the loop's
+samples to the head end through the durable outbox; :meth:`EdgeAgent.health` is the box's view,
+served as ``/healthz`` on the operator endpoint.
 """
 
 from __future__ import annotations
@@ -22,20 +29,36 @@ import contextlib
 import hashlib
 import json
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import Field
 
+from adapters.openadr_ven.ven import OpenAdrVen
+from adapters.operator.server import OperatorServer
 from adapters.sep2_client.client import (
     EffectiveControls,
     Sep2Client,
     Sep2ClientConfig,
     TelemetrySample,
 )
+from edge_agent.health import (
+    EdgeHealth,
+    LimitsHealth,
+    LinkHealth,
+    LinkState,
+    SiteLoopHealth,
+    add_health_routes,
+)
 from edge_agent.outbox import Forwarder, FullPolicy, Outbox, OutboxFull
-from edge_agent.site_loop import LoopSample, SiteLoop, SiteLoopSettings, build_site_loop
+from edge_agent.site_loop import (
+    LoopSample,
+    SiteLoop,
+    SiteLoopSettings,
+    build_site_loop,
+    core_envelope,
+)
 from edge_agent.uplink import MqttUplink
 from gateway.aio import wait_inside_task_group
 from gateway.commands import CommandRejected
@@ -68,6 +91,7 @@ log = logging.getLogger(__name__)
 # targetW; we advertise what the planner can honour for a storage site.
 _MODES_SUPPORTED = (1 << 4) | (1 << 5) | (1 << 22)
 _DER_TYPE_STORAGE = 80  # DERType: "storage only"
+_DER_TYPE_PV_STORAGE = 83  # DERType: "combined PV and storage"
 
 
 def _watt_hours(wh: float) -> WattHour:
@@ -116,24 +140,9 @@ class UplinkMqttConfig(Section):
     max_bytes: int | None = Field(default=50_000_000, ge=1, description="Payload bytes at most")
     full_policy: FullPolicy = FullPolicy.DROP_OLDEST
     backfill_per_s: float = Field(default=50.0, gt=0)
-
-
-class SiteLoopHealth(Section):
-    period_s: float
-    latency_s: dict[str, float] = Field(description="Loop step duration percentiles")
-    last_error: str | None = None
-    export_limit_kw: float | None = None
-    import_limit_kw: float | None = None
-
-
-class EdgeHealth(Section):
-    """The box at a glance: uplink, outbox, the site loop's timing, device availability."""
-
-    uplink: Literal["up", "down", "unknown"]
-    outbox_depth: int | None = Field(default=None, description="None: no outbox configured")
-    outbox_dropped: int = 0
-    site_loop: SiteLoopHealth | None = None
-    devices_available: dict[str, bool]
+    backoff_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Longest wait between reconnection attempts"
+    )
 
 
 class HostedCore(Protocol):
@@ -147,6 +156,16 @@ class HostedCore(Protocol):
     def ready(self) -> asyncio.Event: ...
 
     async def run(self) -> None: ...
+
+    @property
+    def operator(self) -> OperatorServer | None:
+        """The operator endpoint, where the edge agent serves its health view (None: off)."""
+        ...
+
+    @property
+    def openadr_ven(self) -> OpenAdrVen | None:
+        """The site's OpenADR VEN toward a utility's VTN, if configured."""
+        ...
 
 
 def _fingerprint(*parts: object) -> str:
@@ -164,7 +183,7 @@ def _tighter(a: float | None, b: float | None) -> float | None:
 class EdgeAgent:
     def __init__(
         self,
-        upstream: UpstreamSep2Config,
+        upstream: UpstreamSep2Config | None,
         host: HostedCore,
         *,
         site_loop: SiteLoopSettings | None = None,
@@ -173,20 +192,43 @@ class EdgeAgent:
         self.upstream = upstream
         self.host = host
         self.gateway = host.core
-        if upstream.site_group not in self.gateway.registry.groups():
-            raise ValueError(f"upstream_sep2.site_group {upstream.site_group!r} is not a group")
+        group = upstream.site_group if upstream is not None else None
+        if group is None and site_loop is not None:
+            group = site_loop.group
+        if group is None:
+            raise ValueError(
+                "an edge agent needs the site's group: [upstream_sep2] site_group or "
+                "[site_loop] group"
+            )
+        if group not in self.gateway.registry.groups():
+            raise ValueError(f"site group {group!r} is not a group")
+        self.site_group: str = group
+        """The local group that is "the site": what upstream controls apply to and what is
+        reported upstream as one DER."""
         self.site_loop: SiteLoop | None = None
         """The metered loop holding the site's envelope at the connection point, if configured
         (it drives the PV and battery it names; the core plans them but does not write)."""
         if site_loop is not None:
-            self.site_loop = build_site_loop(
-                self.gateway, site_loop, site_loop.group or upstream.site_group
-            )
+            self.site_loop = build_site_loop(self.gateway, site_loop, site_loop.group or group)
         self.outbox: Outbox | None = None
         self.uplink: MqttUplink | None = None
         self.forwarder: Forwarder | None = None
         if uplink is not None:
             self._open_uplink(uplink)
+        self.client: Sep2Client | None = None
+        """The 2030.5 client toward the utility (None: commands come over the core's own
+        Grid DERMS link, e.g. from the head end's broker)."""
+        self.lfdi: str | None = None
+        self.audit_source = "edge-agent"
+        if upstream is not None:
+            self._open_sep2(upstream)
+        self._in_force: dict[str, str] = {}
+        """kind ("envelope" / "target") → command id currently standing for the utility."""
+        self.last_controls: EffectiveControls | None = None
+        if host.operator is not None:
+            add_health_routes(host.operator, self.health)
+
+    def _open_sep2(self, upstream: UpstreamSep2Config) -> None:
         ssl_context = None
         lfdi = upstream.lfdi
         if upstream.tls is not None:
@@ -219,9 +261,6 @@ class EdgeAgent:
             der_capability=self.site_capability(),
             read_der_status=self.site_status,
         )
-        self._in_force: dict[str, str] = {}
-        """kind ("envelope" / "target") → command id currently standing for the utility."""
-        self.last_controls: EffectiveControls | None = None
 
     def _open_uplink(self, config: UplinkMqttConfig) -> None:
         """Acks and the site loop's samples go to the head end through the durable outbox."""
@@ -241,7 +280,14 @@ class EdgeAgent:
             policy=config.full_policy,
         )
         self.outbox = outbox
-        self.uplink = MqttUplink(config.host, config.port, config.site_id, tls_context=tls)
+        self.uplink = MqttUplink(
+            config.host,
+            config.port,
+            config.site_id,
+            tls_context=tls,
+            backoff_max_s=config.backoff_max_s,
+            backlog=lambda: outbox.depth,
+        )
         self.forwarder = Forwarder(outbox, self.uplink.send, backfill_per_s=config.backfill_per_s)
 
         def keep(stream: str, payload: bytes) -> None:
@@ -250,11 +296,13 @@ class EdgeAgent:
 
         self.gateway.ack_listeners.append(lambda ack: keep("acks", ack.model_dump_json().encode()))
         if self.site_loop is not None:
-            self.site_loop.on_sample = lambda sample: keep("site", _sample_json(sample))
+            self.site_loop.on_sample = lambda sample: keep(
+                "site", _sample_json(sample, self.storage_summary())
+            )
 
     @property
     def _site(self) -> Target:
-        return Target(group_id=self.upstream.site_group)
+        return Target(group_id=self.site_group)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -265,8 +313,11 @@ class EdgeAgent:
             if self.uplink is not None and self.forwarder is not None:
                 tg.create_task(self.uplink.run(), name="edge-uplink")
                 tg.create_task(self.forwarder.run(), name="edge-outbox")
-            async with self.client:
+            if self.client is None:
                 await wait_inside_task_group()
+            else:
+                async with self.client:
+                    await wait_inside_task_group()
 
     # ------------------------------------------------------------------ upstream → local
     async def apply_controls(self, controls: EffectiveControls) -> None:
@@ -360,54 +411,133 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ health
     def health(self) -> EdgeHealth:
-        outbox = self.outbox
-        reachable = self.client.reachable
-        uplink: Literal["up", "down", "unknown"] = (
-            "unknown" if reachable is None else "up" if reachable else "down"
+        """What the box is doing now: ``ok`` while the site loop holds the site (or, with no
+        loop, while the core runs), each uplink, the outbox, devices and the limits in force."""
+        now = utcnow()
+        problems: list[str] = []
+        links: dict[str, LinkHealth] = {}
+        if self.uplink is not None:
+            up = self.uplink
+            links["head_end_mqtt"] = LinkHealth(
+                state=up.state,
+                since=None if up.changed_at is None else datetime.fromtimestamp(up.changed_at, UTC),
+                last_error=up.last_error,
+                losses=up.losses,
+            )
+        if self.client is not None:
+            reachable = self.client.reachable
+            links["upstream_sep2"] = LinkHealth(
+                state="unknown" if reachable is None else "up" if reachable else "down"
+            )
+        ven = self.host.openadr_ven
+        if ven is not None:
+            links["openadr_ven"] = LinkHealth(
+                state="unknown" if ven.reachable is None else "up" if ven.reachable else "down"
+            )
+        states = {link.state for link in links.values()}
+        uplink: LinkState = (
+            "down" if "down" in states else "up" if states == {"up"} else "unknown"
         )
         loop_health: SiteLoopHealth | None = None
         if self.site_loop is not None:
             loop = self.site_loop
             last = loop.samples[-1] if loop.samples else None
-            imp, exp = loop.envelope(utcnow())
+            in_force = loop.limits(now)
+            limits = LimitsHealth(
+                import_limit_kw=in_force.import_limit_kw,
+                export_limit_kw=in_force.export_limit_kw,
+                import_source=in_force.import_source,
+                export_source=in_force.export_source,
+            )
+            age = None if last is None else (now - last.at).total_seconds()
+            out = None if last is None else last.outputs
             loop_health = SiteLoopHealth(
                 period_s=loop.config.period_s,
                 latency_s=loop.latency_percentiles(),
                 last_error=None if last is None else last.error,
+                import_limit_kw=in_force.import_limit_kw,
+                export_limit_kw=in_force.export_limit_kw,
+                last_step_at=None if last is None else last.at,
+                last_step_age_s=age,
+                net_kw=None if last is None or last.net_kw != last.net_kw else last.net_kw,
+                battery_kw=None if out is None else out.battery_kw,
+                pv_cap_kw=None if out is None else out.pv_cap_kw,
+            )
+            if age is None or age > max(3 * loop.config.period_s, 5.0):
+                problems.append("site loop not stepping")
+            elif last is not None and last.error is not None:
+                problems.append(f"site loop blind: {last.error}")
+        else:
+            imp, exp = core_envelope(self.gateway, self.site_group)(now)
+            limits = LimitsHealth(
                 import_limit_kw=imp,
                 export_limit_kw=exp,
+                import_source=None if imp is None else "envelope",
+                export_source=None if exp is None else "envelope",
             )
+        available = {
+            device_id: supervisor.available
+            for device_id, supervisor in sorted(self.gateway.supervisors.items())
+        }
+        outbox = self.outbox
         return EdgeHealth(
+            ok=not problems,
+            problems=problems,
             uplink=uplink,
+            uplinks=links,
             outbox_depth=None if outbox is None else outbox.depth,
             outbox_dropped=0 if outbox is None else outbox.dropped,
             site_loop=loop_health,
-            devices_available={
-                device_id: supervisor.available
-                for device_id, supervisor in sorted(self.gateway.supervisors.items())
-            },
+            limits=limits,
+            devices_online=sum(available.values()),
+            devices_total=len(available),
+            devices_available=available,
         )
 
     # ------------------------------------------------------------------ local → upstream
     def site_capability(self) -> DERCapability:
-        """The site's DERs seen as one: summed ratings (what the head end allocates against)."""
-        members = self.gateway.registry.members(self.upstream.site_group)
-        charge = sum(d.ratings.max_charge_kw for d in members)
-        discharge = sum(d.ratings.max_discharge_kw for d in members)
-        energy = sum(d.ratings.capacity_kwh for d in members)
+        """The site's DERs seen as one: what the head end allocates against. Charge and
+        discharge rates and energy are the storage's (PV can only be curtailed, which the
+        measured site power shows); the nameplate output adds the PV."""
+        members = self.gateway.registry.members(self.site_group)
+        storage = [d for d in members if d.der_class is not DerClass.PV]
+        pv = [d for d in members if d.der_class is DerClass.PV]
+        charge = sum(d.ratings.max_charge_kw for d in storage)
+        discharge = sum(d.ratings.max_discharge_kw for d in storage)
+        energy = sum(d.ratings.capacity_kwh for d in storage)
+        generation = sum(d.ratings.max_discharge_kw for d in pv)
         return DERCapability(
             # opModTargetW, opModFixedW, opModMaxLimW, gen/load and import/export limits
             modes_supported=f"{_MODES_SUPPORTED:08X}",
-            type=_DER_TYPE_STORAGE,
-            rtg_max_w=from_watts(max(charge, discharge) * 1000),
+            type=_DER_TYPE_PV_STORAGE if pv else _DER_TYPE_STORAGE,
+            rtg_max_w=from_watts(max(charge, discharge + generation) * 1000),
             rtg_max_charge_rate_w=from_watts(charge * 1000),
             rtg_max_discharge_rate_w=from_watts(discharge * 1000),
             rtg_max_wh=_watt_hours(energy * 1000),
         )
 
+    def storage_summary(self) -> dict[str, float | None]:
+        """The site's storage as one (what a site sample tells the head end): SoC weighted
+        by capacity over the batteries reporting one, energy and rates from the ratings."""
+        site = self.gateway.registry.members(self.site_group)
+        members = [d for d in site if d.der_class is not DerClass.PV]
+        states = self.gateway.device_states(utcnow())
+        energy = capacity = 0.0
+        for device in members:
+            state = states.get(device.device_id)
+            if state is not None and state.soc_pct is not None:
+                energy += state.soc_pct / 100 * device.ratings.capacity_kwh
+                capacity += device.ratings.capacity_kwh
+        return {
+            "soc_pct": None if capacity <= 0 else round(energy / capacity * 100, 2),
+            "capacity_kwh": sum(d.ratings.capacity_kwh for d in members),
+            "max_charge_kw": sum(d.ratings.max_charge_kw for d in members),
+            "max_discharge_kw": sum(d.ratings.max_discharge_kw for d in members),
+        }
+
     async def site_status(self) -> DERStatus:
         now = utcnow()
-        group = self.upstream.site_group
+        group = self.site_group
         members = self.gateway.registry.members(group)
         states = self.gateway.device_states(now)
         energy = capacity = 0.0
@@ -424,8 +554,21 @@ class EdgeAgent:
         return DERStatus(reading_time=int(now.timestamp()), state_of_charge_status=soc)
 
     async def site_telemetry(self) -> TelemetrySample:
+        """The site's power for the head end: at the meter when the site loop has a fresh
+        reading (``site_kw``; the DERs' own is the meter less the load it infers), else the
+        sum of the site's devices for both."""
         now = utcnow()
-        group = self.upstream.site_group
+        loop = self.site_loop
+        if loop is not None and loop.samples:
+            last = loop.samples[-1]
+            fresh = (now - last.at).total_seconds() <= max(3 * loop.config.period_s, 5.0)
+            if fresh and last.net_kw == last.net_kw and last.outputs is not None:  # not NaN
+                return TelemetrySample(
+                    site_kw=last.net_kw,
+                    der_kw=last.net_kw - last.outputs.load_kw,
+                    timestamp=last.at,
+                )
+        group = self.site_group
         for telemetry in self.gateway.group_telemetry(now):
             if telemetry.group_id == group:
                 return TelemetrySample(
@@ -434,10 +577,16 @@ class EdgeAgent:
         return TelemetrySample(timestamp=now)
 
 
-def _sample_json(sample: LoopSample) -> bytes:
+def _sample_json(sample: LoopSample, storage: dict[str, float | None] | None = None) -> bytes:
     out = sample.outputs
+    limits = sample.limits
     return json.dumps(
-        {
+        (storage or {})
+        | {
+            "import_limit_kw": None if limits is None else limits.import_limit_kw,
+            "export_limit_kw": None if limits is None else limits.export_limit_kw,
+            "import_source": None if limits is None else limits.import_source,
+            "export_source": None if limits is None else limits.export_source,
             "at": sample.at.isoformat(),
             "net_kw": None if sample.net_kw != sample.net_kw else sample.net_kw,  # NaN: blind
             "battery_kw": None if out is None else out.battery_kw,

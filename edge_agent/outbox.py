@@ -259,13 +259,13 @@ class Forwarder:
             try:
                 moved = await self.drain_once()
             except Exception as exc:  # the uplink is down: keep everything, try again
-                if self.uplink_up:
-                    log.warning("uplink down, buffering: %s", exc)
+                if self.uplink_up:  # the uplink itself logs the loss, once
+                    log.debug("forwarder paused: %s", exc)
                 self.uplink_up = False
                 await asyncio.sleep(self._retry_s)
                 continue
             if not self.uplink_up:
-                log.info("uplink back: %d record(s) to backfill", self.outbox.depth)
+                log.debug("forwarder resumed: %d record(s) to backfill", self.outbox.depth)
                 self.uplink_up = True
             await asyncio.sleep(self._interval if moved else self._idle_s)
 

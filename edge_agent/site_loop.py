@@ -52,6 +52,7 @@ from unified.model import (
 
 __all__ = [
     "Curtailable",
+    "LimitsInForce",
     "LoopSample",
     "ReconnectingMeter",
     "SiteController",
@@ -83,6 +84,18 @@ class SiteLoopConfig(Section):
     battery_ramp_kw_per_s: float = Field(default=2.0, gt=0)
     pv_ramp_kw_per_s: float = Field(default=1.0, gt=0, description="How fast a PV cap may rise")
     deadband_kw: float = Field(default=0.05, ge=0, description="Smaller changes are not written")
+    fallback_import_kw: float | None = Field(
+        default=None,
+        ge=0,
+        description="Import limit held while no envelope in force sets one (the site's default "
+        "control, as a CSIP-AUS DefaultDERControl: also what holds after the head end's last "
+        "envelope ends with the uplink down); None: no limit",
+    )
+    fallback_export_kw: float | None = Field(
+        default=None,
+        ge=0,
+        description="Export limit held while no envelope in force sets one; None: no limit",
+    )
 
 
 @runtime_checkable
@@ -198,6 +211,17 @@ class SiteController:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsInForce:
+    """The limits the loop holds at one instant, and where each comes from."""
+
+    import_limit_kw: float | None
+    export_limit_kw: float | None
+    import_source: str | None
+    """``"envelope"`` (a command in force), ``"fallback"`` (the configured default), None."""
+    export_source: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class LoopSample:
     """What one period saw and did (for tests, the health view and the bench)."""
 
@@ -206,6 +230,7 @@ class LoopSample:
     outputs: SiteOutputs | None
     duration_s: float
     error: str | None = None
+    limits: LimitsInForce | None = None
 
 
 EnvelopeSource = Callable[[datetime], tuple[float | None, float | None]]
@@ -269,7 +294,9 @@ class SiteLoop:
                 await self._fail_safe(now)
             except AdapterError as also:
                 error += f"; fail-safe cap not written: {also}"
-            sample = LoopSample(now, math.nan, None, time.monotonic() - started, error)
+            sample = LoopSample(
+                now, math.nan, None, time.monotonic() - started, error, self.limits(now)
+            )
         self.samples.append(sample)
         if self.on_sample is not None:
             self.on_sample(sample)
@@ -281,7 +308,8 @@ class SiteLoop:
         meter = await self._meter.read()
         pv_states = [await p.read() for p in self._pv]
         battery = await self._battery.read() if self._battery is not None else None
-        imp, exp = self.envelope(now)
+        limits = self.limits(now)
+        imp, exp = limits.import_limit_kw, limits.export_limit_kw
         pv_rated = sum(p.rated_kw or 0.0 for p in self._pv)
         inputs = SiteInputs(
             net_kw=meter.power_kw,
@@ -297,10 +325,10 @@ class SiteLoop:
         out = self.controller.step(inputs, dt)
         await self._write_pv(out.pv_cap_kw, pv_rated)
         await self._write_battery(out.battery_kw)
-        return LoopSample(now, meter.power_kw, out, time.monotonic() - started)
+        return LoopSample(now, meter.power_kw, out, time.monotonic() - started, limits=limits)
 
     async def _fail_safe(self, now: datetime) -> None:
-        _, exp = self.envelope(now)
+        exp = self.limits(now).export_limit_kw
         if exp is None or not self._pv:
             return
         cap = max(0.0, exp - self.config.margin_kw)
@@ -328,6 +356,23 @@ class SiteLoop:
             return
         await self._battery.apply(DeviceCommand(device_id=self._battery.device_id, power_kw=kw))
         self._written_battery = kw
+
+    def limits(self, now: datetime) -> LimitsInForce:
+        """The envelope in force, each limit it leaves open filled by the configured fallback.
+
+        Per field, as CSIP-AUS fills a control's missing modes from the DefaultDERControl: an
+        envelope that only limits import leaves the default export limit in force. Nothing here
+        depends on the uplink: an envelope received before a comms loss holds to its end, and
+        the default after it, whether or not the head end is reachable."""
+        imp, exp = self.envelope(now)
+        cfg = self.config
+        imp_source = "envelope" if imp is not None else None
+        exp_source = "envelope" if exp is not None else None
+        if imp is None and cfg.fallback_import_kw is not None:
+            imp, imp_source = cfg.fallback_import_kw, "fallback"
+        if exp is None and cfg.fallback_export_kw is not None:
+            exp, exp_source = cfg.fallback_export_kw, "fallback"
+        return LimitsInForce(imp, exp, imp_source, exp_source)
 
     def latency_percentiles(self) -> dict[str, float]:
         """Loop step duration percentiles (s) over the kept samples."""

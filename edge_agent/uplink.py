@@ -14,6 +14,9 @@ import asyncio
 import logging
 import random
 import ssl
+import time
+from collections.abc import Callable
+from typing import Literal
 
 import aiomqtt
 
@@ -38,6 +41,7 @@ class MqttUplink:
         tls_context: ssl.SSLContext | None = None,
         backoff_max_s: float = 30.0,
         publish_timeout_s: float = 10.0,
+        backlog: Callable[[], int] | None = None,
     ) -> None:
         self._host, self._port = host, port
         self.site_id = site_id
@@ -46,6 +50,60 @@ class MqttUplink:
         self._publish_timeout_s = publish_timeout_s
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+        self._backlog = backlog
+        self.state: Literal["unknown", "up", "down"] = "unknown"
+        """``unknown`` until the first attempt has connected or failed."""
+        self.changed_at: float | None = None
+        """``time.time()`` of the last change of state (first connection, loss, return)."""
+        self.last_error: str | None = None
+        self.losses = 0
+        """How many times an established link went down."""
+
+    def _buffered(self) -> str:
+        if self._backlog is None:
+            return ""
+        try:
+            return f"; {self._backlog()} record(s) in the outbox"
+        except Exception:  # a log line must not end the link
+            return ""
+
+    def _up(self) -> None:
+        now = time.time()
+        if self.state == "down" and self.changed_at is not None:
+            log.warning(
+                "uplink to the head end %s:%s restored after %.1f s down%s",
+                self._host,
+                self._port,
+                now - self.changed_at,
+                self._buffered(),
+            )
+        else:
+            log.info("uplink connected to %s:%s", self._host, self._port)
+        self.state, self.changed_at = "up", now
+
+    def _down(self, why: str) -> None:
+        self.last_error = why
+        if self.state == "down":
+            return  # said once; retries are quiet
+        if self.state == "up":
+            self.losses += 1
+            log.warning(
+                "uplink to the head end %s:%s lost (%s): the site runs on its own, "
+                "buffering in the outbox%s",
+                self._host,
+                self._port,
+                why,
+                self._buffered(),
+            )
+        else:
+            log.warning(
+                "uplink to the head end %s:%s not reachable (%s): the site runs on its own, "
+                "buffering in the outbox",
+                self._host,
+                self._port,
+                why,
+            )
+        self.state, self.changed_at = "down", time.time()
 
     def topic(self, stream: str) -> str:
         return outbox_topic(self.site_id, stream)
@@ -63,6 +121,7 @@ class MqttUplink:
             )
         except aiomqtt.MqttError as exc:
             self.connected.clear()
+            self._down(str(exc))
             raise UplinkDown(str(exc)) from exc
 
     async def run(self) -> None:
@@ -79,14 +138,17 @@ class MqttUplink:
                 ) as client:
                     self._client = client
                     self.connected.set()
-                    log.info("uplink connected to %s:%s", self._host, self._port)
+                    self._up()
                     delay = 0.5
                     # Incoming messages are none of ours; this only notices the link dropping.
                     async for _ in client.messages:
                         pass
+                # The broker closed the session cleanly: still a loss of the link.
+                self.connected.clear()
+                self._down("connection closed")
             except aiomqtt.MqttError as exc:
-                if self.connected.is_set():
-                    log.warning("uplink lost: %s", exc)
+                self.connected.clear()
+                self._down(str(exc) or type(exc).__name__)
             finally:
                 self.connected.clear()
                 self._client = None

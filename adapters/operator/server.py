@@ -180,6 +180,8 @@ class OperatorServer:
         self._anonymous = {"/health/live", "/health/ready"}
         if not config.metrics_auth:
             self._anonymous.add("/metrics")
+        self.status_sections: dict[str, Callable[[], object]] = {}
+        """More of ``/status``, by key (JSON values): e.g. the edge agent's site view."""
         self.app = self._make_app(extensions)
         self.port: int | None = None
         """The port bound (useful with ``port = 0``), once listening."""
@@ -312,7 +314,8 @@ class OperatorServer:
         if self.peers.openadr_ven is not None:
             links["openadr_ven"] = {"connected": bool(self.peers.openadr_ven.reachable)}
         audit = core.audit_log
-        return {
+        extra = {key: section() for key, section in self.status_sections.items()}
+        return extra | {
             "gateway_id": core.config.gateway_id,
             "version": core.version,
             "time": now.isoformat(),
