@@ -18,7 +18,7 @@ an envelope.
 
     python -m bench.dispatch_delivery [--thermostats 10000] [--mixed 6500,2500,1000] [--hours 3]
         [--after 1] [--share 0.2] [--seed 7] [--period 30] [--schedule] [--slow-loop]
-        [--envelope-mixed 800,200] [--plan-devices 10000 (0: skip)] [--json FILE]
+        [--envelope-mixed 800,200] [--plan-devices 10000] [--json FILE]
 """
 
 from __future__ import annotations
@@ -296,13 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         f"reserve breaches {e['reserve_breaches']}"
     )
     print(f"\n(delivery scenarios {time.perf_counter() - t0:.0f} s)", flush=True)
-    if args.plan_devices:
-        results["plan"] = plan_time(args.plan_devices, args.seed)
-        p = results["plan"]
-        print(
-            f"\nplan + loop per control period, {p['devices']} devices (a dispatch and an "
-            f"envelope): p50 {p['p50_ms']} ms, p95 {p['p95_ms']} ms"
-        )
+    results["plan"] = plan_time(args.plan_devices, args.seed)
+    p = results["plan"]
+    print(
+        f"\nplan + loop per control period, {p['devices']} devices (a dispatch and an envelope): "
+        f"p50 {p['p50_ms']} ms, p95 {p['p95_ms']} ms"
+    )
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     for r in results.values():
         r.pop("base", None)
