@@ -260,10 +260,10 @@ class DeliveryConfig(Section):
         description="Correct each dispatch by its measured response (off: open-loop allocation)",
     )
     smoothing_s: float = Field(
-        default=120.0, gt=0, le=3600, description="Averaging time of the delivered response"
+        default=60.0, gt=0, le=3600, description="Averaging time of the delivered response"
     )
     integral_s: float = Field(
-        default=300.0, gt=0, le=86_400, description="Integral time of the correction"
+        default=90.0, gt=0, le=86_400, description="Integral time of the correction"
     )
     tolerance: float = Field(
         default=0.1, gt=0, le=1, description="Delivery short beyond this fraction of the request"

@@ -46,6 +46,7 @@ from gateway.delivery import (
     DeliveryLoop,
     EnvelopeWatch,
     ReleaseGovernor,
+    baseline_taus,
     close_loops,
     govern_releases,
 )
@@ -259,7 +260,7 @@ class Gateway:
         """Dispatches told ahead to the devices that take notice, until they end."""
         self._refusals: list[_Refusal] = []
         self._last_reading: dict[str, datetime] = {}
-        self._baselines = BaselineTracker(_BASELINE_TAU_S)
+        self._baselines = BaselineTracker(_BASELINE_TAU_S, baseline_taus(self.registry.devices()))
         """Each device's power while left alone (no setpoint, no limit): the baseline a
         ``target`` dispatch plans a thermal device from, and that a dispatch's delivered
         response is measured against."""
@@ -495,6 +496,7 @@ class Gateway:
                     supervisor.run(), name=f"device:{device.device_id}"
                 )
         self._enrol_for_estimation([d for d, _ in enrolled])
+        self._baselines.tau_of.update(baseline_taus(d for d, _ in enrolled))
         self._wake.set()
 
     def update_device(self, device: Device) -> None:

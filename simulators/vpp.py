@@ -8,6 +8,10 @@ that the gateway runs, each control period, over devices whose physics are numpy
 * air conditioners: the first-order house of :class:`simulators.mqtt_devices.ThermalHouse`
   (``C dT/dt = (T_out − T_in)/R − on·COP·P``, compressor with hysteresis around the setpoint
   plus the offset in force), with houses that differ in size, insulation and setpoint;
+* water heaters: the fully mixed tank of :class:`simulators.mqtt_devices.Tank` (element on/off
+  with a deadband around the setpoint of the mode in force: normal, shed down to the floor,
+  load-up to the top; standby losses; random hot-water draws replaced by cold water), driven as
+  the MQTT water-heater adapter drives it (a shed or load-up mode, normal below its deadband);
 * batteries: power follows the setpoint at the next period, SoC integrates it.
 
 What the control path sees is what a gateway sees: readings with noise, some missing each period
@@ -36,9 +40,11 @@ from gateway.delivery import (
     DeliveryLoop,
     DeliveryTuning,
     ReleaseGovernor,
+    baseline_taus,
     close_loops,
     govern_releases,
 )
+from gateway.dispatch import SHIFTS_FROM_BASELINE
 from gateway.registry import Registry
 from protocols.mqtt.devices import HvacMode
 from unified.model import (
@@ -56,6 +62,11 @@ from unified.model import (
 __all__ = ["FleetSpec", "Sample", "VirtualPowerPlant"]
 
 _SUBSTEP_S = 10.0
+_WATER_KWH_PER_L_C = 4.186 / 3600.0
+# A water heater's tank (as simulators.mqtt_devices.Tank): °C, kW per °C, mean draw in litres.
+_W_SHED_FLOOR_C, _W_LOAD_UP_C, _W_DEADBAND_C = 40.0, 60.0, 3.0
+_W_INLET_C, _W_AMBIENT_C, _W_LOSS_KW_PER_C, _W_DRAW_L = 15.0, 20.0, 0.002, 20.0
+_NORMAL, _SHED, _LOAD_UP = 0, 1, 2
 _Array = npt.NDArray[np.float64]
 
 
@@ -63,6 +74,10 @@ _Array = npt.NDArray[np.float64]
 class FleetSpec:
     thermostats: int = 100
     batteries: int = 0
+    water_heaters: int = 0
+    draw_l_per_h: float = 10.0
+    """Mean hot water drawn per heater (an afternoon's: a tenth of a day's 200-250 L), in draws
+    of 20 L on average."""
     feeders: int = 1
     outdoor_c: float = 32.0
     seed: int = 1
@@ -144,15 +159,20 @@ class VirtualPowerPlant:
         self.b_power = np.zeros(m)
         self.b_setpoint = np.zeros(m)
         self.b_reserve = np.full(m, 20.0)
+        self._init_heaters(spec)
         devices: list[Device] = []
         for i in range(n):
             devices.append(self._device(f"t{i}", DerClass.THERMOSTAT, i, float(self.rated[i])))
         for j in range(m):
             devices.append(self._device(f"b{j}", DerClass.BATTERY, j, float(self.b_rated[j])))
+        for k in range(spec.water_heaters):
+            devices.append(
+                self._device(f"w{k}", DerClass.WATER_HEATER, k, float(self.w_rated[k]))
+            )
         self.devices = devices
         self.registry = Registry(devices)
-        self._thermal = {d.device_id for d in devices if d.der_class is DerClass.THERMOSTAT}
-        self.baselines = BaselineTracker(baseline_tau_s)
+        self._thermal = {d.device_id for d in devices if d.der_class in SHIFTS_FROM_BASELINE}
+        self.baselines = BaselineTracker(baseline_tau_s, baseline_taus(devices))
         self.loops: dict[str, DeliveryLoop] = {}
         self.governors: dict[str, ReleaseGovernor] = {}
         self.plan = dispatch.Plan()
@@ -160,8 +180,32 @@ class VirtualPowerPlant:
         self._desired: dict[str, DeviceCommand] = {}
         self._last_states: dict[str, DeviceState] = {}
 
+    def _init_heaters(self, spec: FleetSpec) -> None:
+        # Their own generator: a fleet without water heaters draws the numbers it always drew.
+        rng = self._w_rng = np.random.default_rng(spec.seed + 2)
+        k = spec.water_heaters
+        self.w_rated = rng.choice([3.8, 4.5, 5.5], k)
+        self.w_litres = rng.choice([150.0, 190.0, 270.0], k)
+        self.w_setpoint = rng.choice([49.0, 52.0, 55.0], k)
+        self.w_tank = self.w_setpoint - rng.uniform(0.0, _W_DEADBAND_C, k)
+        self.w_on = np.zeros(k, dtype=bool)
+        self.w_mode = np.zeros(k, dtype=np.int8)  # _NORMAL, _SHED, _LOAD_UP
+        self._step_heaters(spec.burn_in_s)
+
     def _device(self, device_id: str, der_class: DerClass, i: int, rated: float) -> Device:
         is_battery = der_class is DerClass.BATTERY
+        if der_class is DerClass.WATER_HEATER:
+            return Device(
+                device_id=device_id,
+                der_class=der_class,
+                adapter="vpp",
+                location=TopologyLocation(substation="s1", feeder=f"f{i % self.spec.feeders + 1}"),
+                ratings=BatteryRatings(
+                    max_charge_kw=rated,
+                    max_discharge_kw=rated,
+                    capacity_kwh=float(self._w_capacity()[i]),
+                ),
+            )
         return Device(
             device_id=device_id,
             der_class=der_class,
@@ -179,8 +223,56 @@ class VirtualPowerPlant:
         return self.spec.settings.thermal_capacity_kwh or rated
 
     # ------------------------------------------------------------------ physics
+    def _w_kwh_per_c(self) -> _Array:
+        return self.w_litres * _WATER_KWH_PER_L_C
+
+    def _w_capacity(self) -> _Array:
+        """Storage between the shed floor and the load-up temperature (the adapter's capacity)."""
+        return self._w_kwh_per_c() * (_W_LOAD_UP_C - _W_SHED_FLOOR_C)
+
+    def _w_stored_pct(self) -> _Array:
+        take = np.clip(self._w_kwh_per_c() * (_W_LOAD_UP_C - self.w_tank), 0.0, None)
+        capacity = self._w_capacity()
+        return 100.0 * (1.0 - np.minimum(take, capacity) / capacity)
+
+    def _step_heaters(self, dt_s: float) -> None:
+        """:class:`simulators.mqtt_devices.Tank`, vectorised: draws, thermostat, losses."""
+        k = self.spec.water_heaters
+        if k == 0:
+            return
+        rng = self._w_rng
+        per_c = self._w_kwh_per_c()
+        shed, up = self.w_mode == _SHED, self.w_mode == _LOAD_UP
+        on_below = np.where(
+            shed,
+            _W_SHED_FLOOR_C,
+            np.where(up, _W_LOAD_UP_C - 1.0, self.w_setpoint - _W_DEADBAND_C),
+        )
+        off_above = np.where(
+            shed, _W_SHED_FLOOR_C + _W_DEADBAND_C, np.where(up, _W_LOAD_UP_C, self.w_setpoint)
+        )
+        remaining = dt_s
+        while remaining > 0:
+            dt = min(remaining, _SUBSTEP_S)
+            remaining -= dt
+            # Draws of 20 L on average, as often as the mean draw rate needs.
+            drawing = rng.random(k) < self.spec.draw_l_per_h / _W_DRAW_L * dt / 3600.0
+            if drawing.any():
+                litres = np.minimum(rng.exponential(_W_DRAW_L, k), self.w_litres) * drawing
+                self.w_tank += (_W_INLET_C - self.w_tank) * litres / self.w_litres
+            self.w_on = np.where(
+                self.w_tank < on_below, True, np.where(self.w_tank >= off_above, False, self.w_on)
+            )
+            power = np.where(self.w_on, self.w_rated, 0.0)
+            loss = (self.w_tank - _W_AMBIENT_C) * _W_LOSS_KW_PER_C
+            self.w_tank += (power - loss) * (dt / 3600.0) / per_c
+
+    def heater_power(self) -> _Array:
+        return np.where(self.w_on, self.w_rated, 0.0)
+
     def _step(self, dt_s: float) -> None:
         self._step_houses(dt_s)
+        self._step_heaters(dt_s)
         self.b_power = self.b_setpoint.copy()
         self.b_soc += self.b_power * dt_s / 3600.0 / self.b_capacity * 100.0
         self.b_soc = np.clip(self.b_soc, 0.0, 100.0)
@@ -204,56 +296,84 @@ class VirtualPowerPlant:
         return np.where(self.on, self.rated, 0.0)
 
     def true_power(self) -> dict[str, float]:
-        t_kw = self.thermostat_power()
+        t_kw, w_kw, b_kw = self.thermostat_power(), self.heater_power(), self.b_power
         out: dict[str, float] = {}
-        for k in range(self.spec.feeders):
+        step = self.spec.feeders
+        for k in range(step):
             f = f"f{k + 1}"
             out[f"feeder:{f}"] = float(
-                t_kw[k :: self.spec.feeders].sum() + self.b_power[k :: self.spec.feeders].sum()
+                t_kw[k::step].sum() + b_kw[k::step].sum() + w_kw[k::step].sum()
             )
-        out["substation:s1"] = float(t_kw.sum() + self.b_power.sum())
+        out["substation:s1"] = float(t_kw.sum() + b_kw.sum() + w_kw.sum())
         return out
 
     # ------------------------------------------------------------------ what the gateway sees
     def states(self) -> dict[str, DeviceState | None]:
+        """Each device's reading this period (``None``: none, or only a stale one)."""
         spec = self.spec
         settings = spec.settings
         band = settings.comfort_max_c - settings.comfort_min_c
         headroom = np.clip(100.0 * (settings.comfort_max_c - self.indoor) / band, 0.0, 100.0)
         t_kw = self.thermostat_power()
-        n, m = spec.thermostats, spec.batteries
+        n, m, k = spec.thermostats, spec.batteries, spec.water_heaters
         noise = self._rng.normal(0.0, spec.noise_kw, n + m)
         missing = self._rng.random(n + m) < spec.dropout
+        if k:
+            noise = np.concatenate([noise, self._rng.normal(0.0, spec.noise_kw, k)])
+            missing = np.concatenate([missing, self._rng.random(k) < spec.dropout])
         out: dict[str, DeviceState | None] = {}
+        now, make = self.now, DeviceState
+        t_power = np.maximum(0.0, t_kw + noise[:n]).tolist()
+        rated, head, gone = self.rated.tolist(), headroom.tolist(), missing.tolist()
         for i in range(n):
             did = f"t{i}"
-            if missing[i]:
+            if gone[i]:
                 out[did] = self._last_fresh(did)
                 continue
-            rated = float(self.rated[i])
-            out[did] = DeviceState(
+            out[did] = make(
                 device_id=did,
-                timestamp=self.now,
-                power_kw=max(0.0, float(t_kw[i] + noise[i])),
-                soc_pct=float(headroom[i]),
-                capacity_kwh=self._thermal_capacity(rated),
-                max_charge_kw=rated,
-                max_discharge_kw=rated,
+                timestamp=now,
+                power_kw=t_power[i],
+                soc_pct=head[i],
+                capacity_kwh=self._thermal_capacity(rated[i]),
+                max_charge_kw=rated[i],
+                max_discharge_kw=rated[i],
                 source="vpp",
             )
+        b_power = (self.b_power + noise[n : n + m]).tolist()
+        b_soc, b_capacity = self.b_soc.tolist(), self.b_capacity.tolist()
         for j in range(m):
             did = f"b{j}"
-            if missing[n + j]:
+            if gone[n + j]:
                 out[did] = self._last_fresh(did)
                 continue
-            out[did] = DeviceState(
+            out[did] = make(
                 device_id=did,
-                timestamp=self.now,
-                power_kw=float(self.b_power[j] + noise[n + j]),
-                soc_pct=float(self.b_soc[j]),
-                capacity_kwh=float(self.b_capacity[j]),
+                timestamp=now,
+                power_kw=b_power[j],
+                soc_pct=b_soc[j],
+                capacity_kwh=b_capacity[j],
                 source="vpp",
             )
+        if k:
+            w_power = np.maximum(0.0, self.heater_power() + noise[n + m :]).tolist()
+            stored, capacity = self._w_stored_pct().tolist(), self._w_capacity().tolist()
+            w_rated = self.w_rated.tolist()
+            for q in range(k):
+                did = f"w{q}"
+                if gone[n + m + q]:
+                    out[did] = self._last_fresh(did)
+                    continue
+                out[did] = make(
+                    device_id=did,
+                    timestamp=now,
+                    power_kw=w_power[q],
+                    soc_pct=stored[q],
+                    capacity_kwh=capacity[q],
+                    max_charge_kw=w_rated[q],
+                    max_discharge_kw=w_rated[q],
+                    source="vpp",
+                )
         self._last_states.update({d: s for d, s in out.items() if s is not None})
         return out
 
@@ -331,6 +451,9 @@ class VirtualPowerPlant:
                 self._desired.pop(did, None)
             else:
                 self._desired[did] = new
+            if device.der_class is DerClass.WATER_HEATER:
+                self._mode_for(index - self.spec.thermostats - self.spec.batteries, new)
+                continue
             if device.der_class is DerClass.BATTERY:
                 j = index - self.spec.thermostats
                 kw = 0.0 if new is None or new.power_kw is None else new.power_kw
@@ -345,6 +468,20 @@ class VirtualPowerPlant:
             if _releasing(new) and self.offset[i] != 0:
                 continue  # waiting to be released: the offset stays where it is
             self._offset_for(i, power)
+
+    def _mode_for(self, k: int, command: DeviceCommand | None) -> None:
+        """What :class:`adapters.mqtt_devices.devices.MqttWaterHeater` sends: shed or load-up,
+        normal below its deadband; a heater waiting to be released keeps its mode."""
+        power = None if command is None else command.power_kw
+        rated = float(self.w_rated[k])
+        if command is None or power is None:
+            self.w_mode[k] = _NORMAL
+        elif _releasing(command) and self.w_mode[k] != _NORMAL:
+            return
+        elif abs(power) < self.spec.settings.deadband_fraction * rated:
+            self.w_mode[k] = _NORMAL
+        else:
+            self.w_mode[k] = _SHED if power < 0 else _LOAD_UP
 
     def _offset_for(self, i: int, power: float) -> None:
         settings = self.spec.settings
@@ -371,26 +508,36 @@ class VirtualPowerPlant:
             if worth_an_offset(power, float(self.rated[i]), self.spec.settings):
                 self._offset_for(i, power)
 
-    def run(self, until: datetime, *, record_s: float = 60.0) -> list[Sample]:
-        """Step physics and control to ``until``; one sample every ``record_s``."""
+    def run(
+        self, until: datetime, *, record_s: float = 60.0, physics_only: bool = False
+    ) -> list[Sample]:
+        """Step physics and control to ``until``; one sample every ``record_s``.
+
+        ``physics_only``: the devices left alone, no control path (a counterfactual: with no
+        command the control path changes nothing, and the physics draws no numbers the readings
+        draw, so it is the same run as with it, in a fraction of the time)."""
         samples: list[Sample] = []
         next_record = self.now
         settings = self.spec.settings
         next_refresh = self.now
         while self.now < until:
-            deliveries = self.control()
-            if self.now >= next_refresh:
+            deliveries = {} if physics_only else self.control()
+            if not physics_only and self.now >= next_refresh:
                 self.refresh()
                 next_refresh = self.now + timedelta(seconds=self.refresh_s)
             if self.now >= next_record:
                 above = self.indoor > settings.comfort_max_c + self.hysteresis + 0.05
                 reserve = self.b_soc < self.b_reserve - 0.5
+                # A tank held by the gateway below its shed floor by more than its deadband
+                # (a draw can take a tank at the floor lower; the element then runs at once).
+                cold = (self.w_tank < _W_SHED_FLOOR_C - _W_DEADBAND_C) & (self.w_mode != _NORMAL)
                 samples.append(
                     Sample(
                         at=self.now,
                         power_kw=self.true_power(),
                         delivery=deliveries,
-                        comfort_breaches=int(np.count_nonzero(above & (self.offset != 0))),
+                        comfort_breaches=int(np.count_nonzero(above & (self.offset != 0)))
+                        + int(np.count_nonzero(cold)),
                         reserve_breaches=int(np.count_nonzero(reserve)),
                     )
                 )

@@ -13,8 +13,18 @@ from gateway.delivery import (
     DeviceBaseline,
     EnvelopeWatch,
     ReleaseGovernor,
+    baseline_taus,
 )
-from unified.model import DeviceState, EnvelopeInterval, OperatingEnvelope, Target
+from unified.model import (
+    BatteryRatings,
+    DerClass,
+    Device,
+    DeviceState,
+    EnvelopeInterval,
+    OperatingEnvelope,
+    Target,
+    TopologyLocation,
+)
 
 NOW = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 TUNING = DeliveryTuning(smoothing_s=60.0, integral_s=300.0, settle_s=300.0)
@@ -195,3 +205,39 @@ def test_envelope_report_says_interval_by_interval_whether_it_held_and_who_acted
     assert report.devices_acted == ("b1", "b2")
     assert report.start == NOW
     assert report.end == NOW + timedelta(minutes=25)
+
+
+def test_a_water_heater_seen_for_an_hour_is_drawn_toward_its_class_until_seen_longer() -> None:
+    # Two heaters of one class, an hour of readings: one heated for 12 minutes of it (4.5 kW),
+    # the other not at all. Neither hour says what it draws on average (about 0.45 kW each).
+    tracker = BaselineTracker(tau_s=900.0, tau_of=baseline_taus([_heater("w1"), _heater("w2")]))
+    at = NOW
+    for k in range(360):
+        at = NOW + timedelta(seconds=10 * k)
+        tracker.observe("w1", at, 4.5 if k < 72 else 0.0, held=False)
+        tracker.observe("w2", at, 0.0, held=False)
+    own_w1 = 4.5 * 72 / 360
+    assert 0.0 < tracker.mean_kw["w2"] < tracker.mean_kw["w1"] < own_w1
+    # An hour of a four-hour time constant: three quarters of the way to the class mean.
+    pooled = own_w1 / 2
+    assert tracker.mean_kw["w1"] == pytest.approx(pooled + 0.25 * (own_w1 - pooled), rel=0.05)
+    assert tracker.mean_kw["w1"] + tracker.mean_kw["w2"] == pytest.approx(own_w1, rel=0.03)
+    # Seen long enough (every hour alike), each is its own again.
+    for k in range(360, 360 * 6):
+        at = NOW + timedelta(seconds=10 * k)
+        tracker.observe("w1", at, 4.5 if k % 360 < 72 else 0.0, held=False)
+        tracker.observe("w2", at, 0.0, held=False)
+    assert tracker.mean_kw["w1"] == pytest.approx(own_w1, rel=0.15)
+    assert tracker.mean_kw["w2"] < 0.05 * own_w1
+    # A thermostat is learnt over the tracker's own quarter of an hour, as before.
+    assert baseline_taus([_heater("t1", DerClass.THERMOSTAT)]) == {}
+
+
+def _heater(device_id: str, der_class: DerClass = DerClass.WATER_HEATER) -> Device:
+    return Device(
+        device_id=device_id,
+        der_class=der_class,
+        adapter="mqtt_water_heater",
+        location=TopologyLocation(substation="s1", feeder="f1"),
+        ratings=BatteryRatings(max_charge_kw=4.5, max_discharge_kw=4.5, capacity_kwh=4.4),
+    )

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from gateway.delivery import DeliveryTuning
 from simulators.vpp import FleetSpec, Sample, VirtualPowerPlant
 from unified.model import Dispatch, EnvelopeInterval, OperatingEnvelope, ScheduledCommand, Target
 
@@ -145,3 +146,46 @@ def test_release_paced_on_the_measured_rebound_bounds_it() -> None:
     # a fixed schedule lets the houses still recovering add up past the request itself.
     assert scheduled > abs(request)
     assert governed < 0.5 * abs(request), (governed, request)
+
+
+def test_the_loop_follows_a_thermal_fleet_where_a_slow_one_swings() -> None:
+    # 3,000 houses: the counterfactual's own 5-minute wander is ~6 % of the request here (at
+    # 1,000 houses ~10 %, which would hide the loop's own swing); bench.dispatch_delivery: 10,000.
+    spec = FleetSpec(thermostats=3000, seed=7)
+    end = START + timedelta(minutes=62)
+    base = feeder_kw(VirtualPowerPlant(spec, T0, control_period_s=30.0).run(end, physics_only=True))
+    request = -round(0.2 * base[:60].mean())
+
+    def five_minutes(tuning: DeliveryTuning | None) -> npt.NDArray[np.float64]:
+        _, samples = run(spec, [shed(request, 60)], end, control_period_s=30.0, tuning=tuning)
+        return (feeder_kw(samples)[61:121] - base[61:121]).reshape(12, 5).mean(axis=1)
+
+    def rms(five: npt.NDArray[np.float64]) -> float:
+        return float(np.sqrt(np.mean((five[1:] - request) ** 2)) / abs(request))
+
+    default = five_minutes(None)
+    slow = five_minutes(DeliveryTuning(smoothing_s=120.0, integral_s=300.0))  # as it was tuned
+    assert np.mean(np.abs(default - request) <= 0.15 * abs(request)) >= 0.8, default / request
+    assert rms(default) < 0.75 * rms(slow), (default / request, slow / request)
+
+
+def test_water_heaters_shed_to_their_floor_and_load_up_to_their_top() -> None:
+    spec = FleetSpec(thermostats=0, water_heaters=300, seed=6)
+    end = START + timedelta(minutes=62)
+    base_vpp = VirtualPowerPlant(spec, T0)
+    base = feeder_kw(base_vpp.run(end, physics_only=True))
+    request = round(0.2 * base[:60].mean(), 1)
+    shed_vpp, shed_samples = run(spec, [shed(-request, 60)], end)
+    up_vpp, up_samples = run(spec, [shed(request, 60)], end)
+    shed_kw = feeder_kw(shed_samples)[61:121] - base[61:121]
+    up_kw = feeder_kw(up_samples)[61:121] - base[61:121]
+    # Heaters held in shed draw less, those loading up more (a small fleet: the tanks'
+    # elements are 4.5 kW each, so the hour's mean is what is compared).
+    assert shed_kw.mean() < -0.5 * request, shed_kw.reshape(4, 15).mean(axis=1)
+    assert up_kw.mean() > 0.5 * request, up_kw.reshape(4, 15).mean(axis=1)
+    # Loading up stores heat, shedding spends it; no held tank is left below its floor with
+    # its element off (the customer's hot water is kept).
+    assert up_vpp.w_tank.mean() > base_vpp.w_tank.mean() > shed_vpp.w_tank.mean()
+    held = shed_vpp.w_mode != 0
+    assert held.any()
+    assert not np.any(held & (shed_vpp.w_tank < 39.5) & ~shed_vpp.w_on)

@@ -375,6 +375,24 @@ async def test_water_heater_sheds_and_loads_up(tmp_path: Path) -> None:
         assert sim.results[-1].status.value == "accepted"
 
 
+async def test_water_heater_asked_for_its_expected_draw_sheds(tmp_path: Path) -> None:
+    # The planner holds a heater off by asking for its baseline: an afternoon's 0.3-0.6 kW of a
+    # 4.5 kW element. That is a shed (its whole expected draw), not a request below notice.
+    async with rig(tmp_path, ["wh1"]) as r:
+        heater = SimWaterHeater("wh1", tank=Tank(tank_c=44.0))  # below 47: heating in normal
+        r.simulate(heater, time_scale=900)
+        adapter = build_mqtt_adapter("mqtt_water_heater", "wh1", r.link, SETTINGS)
+        await adapter.connect()
+        await eventually(lambda: heater.tank.on, 3, "element on in normal mode")
+        await adapter.apply(DeviceCommand(device_id="wh1", power_kw=-0.3))
+        assert mode(heater) is WaterHeaterMode.SHED
+        await eventually(lambda: not heater.tank.on, 2, "element off")
+        await adapter.apply(DeviceCommand(device_id="wh1", power_kw=+0.3))  # a load-up, likewise
+        assert mode(heater) is WaterHeaterMode.LOAD_UP
+        await adapter.apply(DeviceCommand(device_id="wh1", power_kw=0.1))  # below notice
+        assert mode(heater) is WaterHeaterMode.NORMAL
+
+
 async def test_stale_and_offline_devices_are_unavailable(tmp_path: Path) -> None:
     async with rig(tmp_path, ["t0"]) as r:
         settings = SETTINGS.model_copy(update={"stale_after_s": 0.5, "connect_wait_s": 0.3})
