@@ -286,6 +286,30 @@ def solve_schedule(
         if g.peak_threshold_kw is not None and g.peak_price_per_kw > 0:
             peak_at.append((gi, n_vars))
             n_vars += 1
+    # Each group's net power is a variable of its own, summed from the groups nested in it and
+    # its other devices: a feeder's rows then hold its transformers' sums, not every device's
+    # power (a row over thousands of devices makes the solver's factorisations dense).
+    member_sets: list[frozenset[int]] = []
+    for g in groups:
+        unknown = [d for d in g.device_ids if d not in index]
+        if unknown:
+            raise ScheduleError(f"{g.group_id}: devices not in the schedule: {sorted(unknown)[:5]}")
+        member_sets.append(frozenset(index[d] for d in g.device_ids))
+    agg_first = [n_vars + gi * n for gi in range(len(groups))]
+    n_vars += len(groups) * n
+    nesting: list[tuple[list[int], AnyArray]] = []  # per group: child groups, own devices
+    by_size = sorted(range(len(groups)), key=lambda gi: (len(member_sets[gi]), gi))
+    for rank, gi in enumerate(by_size):
+        chosen: list[int] = []
+        covered: set[int] = set()
+        for ci in sorted(by_size[:rank], key=lambda c: -len(member_sets[c])):
+            child = member_sets[ci]
+            if child and child <= member_sets[gi] and not (child & covered):
+                chosen.append(ci)
+                covered |= child
+        own = np.array(sorted(member_sets[gi] - covered), dtype=np.int64)
+        nesting.append((chosen, own))
+    nest_of = dict(zip(by_size, nesting, strict=True))
 
     steps = np.arange(n)
     dev = np.arange(n_dev)
@@ -306,6 +330,8 @@ def solve_schedule(
     lb = np.zeros(n_vars)
     ub = np.full(n_vars, np.inf)
     lb[c_idx], ub[c_idx] = c_lb, c_ub
+    for first in agg_first:
+        lb[first : first + n] = -np.inf  # a group's net power: free, bound by its rows
     ub[e_idx] = e_ub
     lb[s_idx], ub[s_idx] = s_lb, s_ub
     # Semi-continuous charge rates keep lb = min rate ("0 or in [lb, ub]") only as integrality 2.
@@ -328,11 +354,27 @@ def solve_schedule(
         eq_r.append(prev_rows)
         eq_c.append(s_idx[:, :-1].ravel())
         eq_v.append(-np.ones(n_dev * (n - 1)))
+    for gi in range(len(groups)):
+        rows_at = n_dev * n + gi * n + steps
+        children, own = nest_of[gi]
+        eq_r.append(rows_at)
+        eq_c.append(agg_first[gi] + steps)
+        eq_v.append(np.ones(n))
+        for ci in children:
+            eq_r.append(rows_at)
+            eq_c.append(agg_first[ci] + steps)
+            eq_v.append(-np.ones(n))
+        if len(own):
+            r = np.tile(rows_at, len(own))
+            eq_r += [r, r]
+            eq_c += [c_idx[own].ravel(), e_idx[own].ravel()]
+            eq_v += [-np.ones(r.shape), np.ones(r.shape)]
+    n_eq = n_dev * n + len(groups) * n
     a_eq = sp.csr_matrix(
         (np.concatenate(eq_v), (np.concatenate(eq_r), np.concatenate(eq_c))),
-        shape=(n_dev * n, n_vars),
+        shape=(n_eq, n_vars),
     )
-    b_eq = np.zeros(n_dev * n)
+    b_eq = np.zeros(n_eq)
     b_eq[dev * n] = init
 
     # ------------------------------------------------------------------ inequalities
@@ -353,20 +395,8 @@ def solve_schedule(
         b_ub.append(np.array([-need]))
         n_rows += 1
 
-    members_of: list[AnyArray] = []
-    for g in groups:
-        unknown = [d for d in g.device_ids if d not in index]
-        if unknown:
-            raise ScheduleError(f"{g.group_id}: devices not in the schedule: {sorted(unknown)[:5]}")
-        members_of.append(np.array(sorted(index[d] for d in g.device_ids), dtype=np.int64))
-
     def net_rows(gi: int, sign: float, rows_at: AnyArray) -> None:
-        m = members_of[gi]
-        if not len(m):
-            return
-        r = np.tile(rows_at, len(m))
-        add(r, c_idx[m].ravel(), np.full(r.shape, sign))
-        add(r, e_idx[m].ravel(), np.full(r.shape, -sign))
+        add(rows_at, agg_first[gi] + steps, np.full(n, sign))
 
     for gi, sign, first in slack_at:
         rows_at = n_rows + steps
