@@ -342,9 +342,9 @@ def solve_schedule(
 
     # ------------------------------------------------------------------ energy balance (equality)
     rows = (dev[:, None] * n + steps[None, :]).ravel()
-    eq_r = [rows, rows, rows]
-    eq_c = [s_idx.ravel(), c_idx.ravel(), e_idx.ravel()]
-    eq_v = [
+    eq_r: list[AnyArray] = [rows, rows, rows]
+    eq_c: list[AnyArray] = [s_idx.ravel(), c_idx.ravel(), e_idx.ravel()]
+    eq_v: list[AnyArray] = [
         np.ones(n_dev * n),
         np.repeat(-dt * eta_c, n),
         np.repeat(dt / eta_d, n),
