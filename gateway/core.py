@@ -85,6 +85,7 @@ from gateway.history import (
 )
 from gateway.ports import Publisher
 from gateway.registry import Registry
+from gateway.services.prices import PriceBook
 from gateway.store import CommandStore, StoreError
 from gateway.supervisor import DeviceSupervisor
 from gateway.telemetry import (
@@ -123,6 +124,7 @@ from unified.model import (
     TopologyLevel,
     utcnow,
 )
+from unified.prices import PriceSchedule
 from unified.registry import (
     Approval,
     ApproveDevices,
@@ -290,6 +292,8 @@ class Gateway:
         self._flex_calendar: EventCalendar | None = None
         self._flex_history_end = -1
         self.weather = WeatherBook()
+        self.prices = PriceBook()
+        """Newest price schedule per (scope, kind), for the grid services' schedules."""
         self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
         self.ready = asyncio.Event()
@@ -312,6 +316,7 @@ class Gateway:
             if self.history is not None:
                 await stack.enter_async_context(self.history)
                 await self._load_weather()
+                await self._load_prices()
             await self.book.load(utcnow())
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
@@ -939,6 +944,55 @@ class Gateway:
         # next telemetry cycle rather than at the end of the flex period.
         self._flex_outdated = True
         return warning
+
+    async def put_prices(self, schedule: PriceSchedule) -> str | None:
+        """Use a price schedule for the grid services of its scope (``docs/mqtt-api.md``).
+
+        :class:`CoreError` for an unknown scope or a schedule that has already ended (stale:
+        nothing changes); one not newer than the schedule held for its scope and kind (a
+        redelivery) is ignored. Returns a warning for the sender when the schedule is used but
+        could not be stored (it will not survive a restart), else None.
+        """
+        if schedule.scope is not None and self.registry.group(schedule.scope) is None:
+            raise CoreError(Reason.UNKNOWN_GROUP, f"unknown price scope {schedule.scope!r}")
+        if self.prices.is_stale(schedule, utcnow().timestamp()):
+            raise CoreError(Reason.ALREADY_ENDED, "every point of the price schedule has ended")
+        if not self.prices.is_newer(schedule):
+            log.info("price schedule %s not newer than the one held: ignored", schedule.key)
+            return None
+        warning = None
+        if self.history is not None:
+            try:
+                async with asyncio.timeout(self.config.history.io_timeout_s):
+                    scope, kind = schedule.key
+                    await self.history.save_prices(
+                        scope, kind, schedule.issued_at, schedule.model_dump_json()
+                    )
+            except (HistoryError, TimeoutError) as exc:  # still use it; say it is not stored
+                log.exception("could not store the price schedule")
+                warning = f"price schedule used but not stored: {type(exc).__name__}: {exc}"
+        self.prices.put(schedule)
+        log.info(
+            "price schedule %s/%s: %d points from %s",
+            *schedule.key,
+            len(schedule.points),
+            schedule.points[0].start.isoformat(),
+        )
+        return warning
+
+    async def _load_prices(self) -> None:
+        assert self.history is not None
+        try:
+            async with asyncio.timeout(self.config.history.io_timeout_s):
+                stored = await self.history.price_schedules()
+        except (HistoryError, TimeoutError):
+            log.exception("could not read the stored price schedules")
+            return
+        for payload in stored:
+            try:
+                self.prices.put(PriceSchedule.model_validate_json(payload))
+            except ValidationError as exc:
+                log.warning("stored price schedule is unusable: %s", exc)
 
     async def _load_weather(self) -> None:
         assert self.history is not None

@@ -87,6 +87,13 @@ CREATE TABLE IF NOT EXISTS weather_forecasts (
     issued_at  REAL NOT NULL,     -- epoch seconds
     payload    TEXT NOT NULL      -- the forecast as received (validated JSON)
 );
+CREATE TABLE IF NOT EXISTS price_schedules (
+    scope      TEXT NOT NULL,     -- a group id, or '*' for the whole gateway
+    kind       TEXT NOT NULL,     -- day_ahead / real_time
+    issued_at  REAL NOT NULL,     -- epoch seconds
+    payload    TEXT NOT NULL,     -- the schedule as received (validated JSON)
+    PRIMARY KEY (scope, kind)
+);
 """
 
 _UPSERT = """
@@ -571,6 +578,29 @@ class ReadingHistory(SqliteStore):
         async with self.db.execute("SELECT scope, payload FROM weather_forecasts") as cur:
             rows = await cur.fetchall()
         return {str(scope): str(payload) for scope, payload in rows}
+
+
+    # ------------------------------------------------------------------ price schedules
+    @_translated
+    async def save_prices(self, scope: str, kind: str, issued_at: datetime, payload: str) -> bool:
+        """Keep ``payload`` as the (scope, kind) price schedule unless a newer one is stored."""
+        async with self._write_lock:
+            cur = await self.db.execute(
+                "INSERT INTO price_schedules (scope, kind, issued_at, payload) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(scope, kind) DO UPDATE SET issued_at = excluded.issued_at,"
+                " payload = excluded.payload"
+                " WHERE excluded.issued_at > price_schedules.issued_at",
+                (scope, kind, epoch_s(issued_at), payload),
+            )
+            await self.db.commit()
+        return cur.rowcount > 0
+
+    @_translated
+    async def price_schedules(self) -> list[str]:
+        """Every stored price schedule (JSON, as saved)."""
+        async with self.db.execute("SELECT payload FROM price_schedules") as cur:
+            rows = await cur.fetchall()
+        return [str(payload) for (payload,) in rows]
 
 
 async def run_history_writer(

@@ -32,8 +32,10 @@ from gateway.flex import FlexForecast, FlexRequest, PerformanceRequest
 from gateway.quota import TokenBucket
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
 from protocols.mqtt.northbound import (
+    PricesDecodeError,
     RegistryDecodeError,
     WeatherDecodeError,
+    decode_prices,
     decode_registry_request,
     decode_weather,
     response_topic_problem,
@@ -73,7 +75,9 @@ def mqtt_source(
     return ";".join(parts)
 
 
-MessageKind = Literal["command", "flex_request", "performance_request", "weather", "registry"]
+MessageKind = Literal[
+    "command", "flex_request", "performance_request", "weather", "prices", "registry"
+]
 
 
 @dataclass(slots=True)
@@ -146,6 +150,8 @@ class GridDermsUplink:
             await self._performance_request(payload, reply, topic, source)
         elif kind == "weather":
             await self._weather(payload, topic, source)
+        elif kind == "prices":
+            await self._prices(payload, topic, source)
         elif kind == "registry":
             await self._registry(payload, reply, topic, source)
         else:
@@ -158,6 +164,8 @@ class GridDermsUplink:
             return "performance_request"
         if topic == self.topics.weather:
             return "weather"
+        if topic == self.topics.prices:
+            return "prices"
         if topic == self.topics.registry_requests:
             return "registry"
         return "command"
@@ -266,6 +274,22 @@ class GridDermsUplink:
             return
         try:
             warning = await self.core.put_weather(forecast)
+        except CoreError as exc:
+            self._error(exc.reason, exc.detail, topic, payload, source=source)
+            return
+        if warning is not None:  # not a refusal
+            self._error(Reason.INTERNAL, warning, topic, payload, audit=False, refused=False)
+
+    async def _prices(self, payload: bytes, topic: str, source: str) -> None:
+        """Validated whole, or rejected on ``errors`` with nothing changed."""
+        try:
+            schedule = decode_prices(payload)
+        except PricesDecodeError as exc:
+            log.warning("bad price schedule on %s: %s", topic, exc)
+            self._error(exc.reason, exc.detail, topic, payload, source=source)
+            return
+        try:
+            warning = await self.core.put_prices(schedule)
         except CoreError as exc:
             self._error(exc.reason, exc.detail, topic, payload, source=source)
             return

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["GatewayCollector", "metrics_registry"]
 
 _OPEN_STATES = tuple(s for s in AckState if s not in TERMINAL_STATES)
-_GRID_KINDS = ("command", "flex_request", "performance_request", "weather", "registry")
+_GRID_KINDS = ("command", "flex_request", "performance_request", "weather", "prices", "registry")
 
 
 def _counter(

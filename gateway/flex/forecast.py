@@ -1029,6 +1029,7 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of the flexibility and settlement messages, by name."""
     from gateway.flex.performance import DevicePerformance, GroupPerformance
     from gateway.flex.settlement import PerformanceReport, PerformanceRequest
+    from unified.prices import PriceSchedule
 
     models: dict[str, type[BaseModel]] = {
         "flex_request": FlexRequest,
@@ -1042,6 +1043,7 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
         "baseline_config": BaselineConfig,
         "flex_config": FlexConfig,
         "weather_forecast": WeatherForecast,
+        "price_schedule": PriceSchedule,
     }
     return {name: model.model_json_schema() for name, model in models.items()}
 

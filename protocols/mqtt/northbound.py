@@ -13,6 +13,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ValidationError
 
 from unified.model import COMMAND_ADAPTER, ID_PATTERN, SCHEMA_VERSION, Command, Reason
+from unified.prices import PriceSchedule
 from unified.registry import REGISTRY_REQUEST_ADAPTER, RegistryRequest
 from unified.weather import WeatherForecast
 
@@ -20,6 +21,7 @@ MAX_COMMAND_BYTES = 256 * 1024
 MAX_REGISTRY_BYTES = 16 * 1024 * 1024
 """10,000 enrolments of about 1 kB each, with room to spare."""
 MAX_WEATHER_BYTES = 512 * 1024
+MAX_PRICES_BYTES = 1024 * 1024
 """14 days of 5-minute points, with room for whitespace."""
 API_ROOT = "derms/v1"
 
@@ -81,6 +83,10 @@ class Topics:
     @property
     def weather(self) -> str:
         return f"{self.root}/weather"
+
+    @property
+    def prices(self) -> str:
+        return f"{self.root}/prices"
 
     @property
     def status(self) -> str:
@@ -239,6 +245,39 @@ def decode_weather(payload: bytes) -> WeatherForecast:
         return WeatherForecast.model_validate(raw)
     except ValidationError as exc:
         raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
+
+
+class PricesDecodeError(Exception):
+    """An inbound price schedule that is not valid; nothing of it is used."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_prices(payload: bytes) -> PriceSchedule:
+    """Parse and validate one price schedule; raise :class:`PricesDecodeError`."""
+    if len(payload) > MAX_PRICES_BYTES:
+        raise PricesDecodeError(
+            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_PRICES_BYTES}"
+        )
+    try:
+        raw = _load_json(payload)
+    except ValueError as exc:
+        raise PricesDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
+    if not isinstance(raw, dict):
+        raise PricesDecodeError(Reason.SCHEMA_VIOLATION, "a price schedule must be an object")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise PricesDecodeError(
+            Reason.UNSUPPORTED_VERSION,
+            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
+        )
+    try:
+        return PriceSchedule.model_validate(raw)
+    except ValidationError as exc:
+        raise PricesDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
 
 
 class RegistryDecodeError(Exception):
