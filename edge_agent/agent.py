@@ -368,7 +368,7 @@ class EdgeAgent:
             # that power, alongside (never instead of) the site limits above.
             batteries = tuple(
                 d.device_id
-                for d in self.gateway.registry.members(self.upstream.site_group)
+                for d in self.gateway.registry.members(self.site_group)
                 if d.der_class is DerClass.BATTERY
             )
             storage = Dispatch(
