@@ -199,6 +199,7 @@ _SUBSCRIBABLE: Final = re.compile(
 )
 # A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
 _SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/[0-9]{1,3})?/derp$")
+_ONE_DERS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/der/([0-9]{1,3})/derp$")
 _ENCODING_XML: Final = 0
 _MAX_HISTORY: Final = 256
 
@@ -2036,7 +2037,12 @@ class Sep2Server:
         )
 
     def _program_list_model(self, der: _Der, sub: Subscription, now: int) -> DERProgramList:
-        return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit)
+        programs = None
+        one = _ONE_DERS_PROGRAMS.match(sub.subscribed_resource)
+        if one is not None:  # the programs associated with one DER of the EndDevice
+            member = next((d for d in der.ders if d.der_id == int(one.group(1))), der)
+            programs = member.programs
+        return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit, programs)
 
     async def _get_derp(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
