@@ -182,7 +182,12 @@ class GatewayConfig(CoreConfig):
         for device in self.devices:
             if device.sep2 is not None:
                 lfdi = device.sep2.lfdi.lower()
-                if lfdi in lfdis:
+                if device.sep2.shares_end_device and lfdi not in lfdis:
+                    problems.append(
+                        f"device {device.device_id!r}: sep2.shares_end_device needs a device "
+                        f"with LFDI {lfdi} before it"
+                    )
+                if lfdi in lfdis and not device.sep2.shares_end_device:
                     problems.append(
                         f"devices {lfdis[lfdi]!r} and {device.device_id!r} share LFDI {lfdi}"
                     )

@@ -499,6 +499,8 @@ class _Links:
     der_capability_href: str | None = None
     der_status_href: str | None = None
     mup_post_rate_s: float | None = None
+    ders: tuple[str, ...] = ()
+    """Every DER of our EndDevice (a site may have several: PV, a battery)."""
 
 
 class Sep2Client:
@@ -672,6 +674,11 @@ class Sep2Client:
     @property
     def clock(self) -> ServerClock:
         return self._server_clock
+
+    @property
+    def der_hrefs(self) -> tuple[str, ...]:
+        """The DERs of our EndDevice, as the last poll found them."""
+        return self._links.ders
 
     @property
     def end_device_href(self) -> str | None:
@@ -1025,6 +1032,9 @@ class Sep2Client:
         if device.der_list_link is None:
             return
         ders = await self._get_list(DERList, device.der_list_link.href)
+        # Every DER is read; the site's capability and status go to the first, the one that
+        # stands for the site. Their controls all come through the FunctionSetAssignments.
+        self._links.ders = tuple(d.href or "" for d in ders)
         if ders:
             der = ders[0]
             self._links.der_capability_href = (

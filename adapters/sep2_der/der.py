@@ -83,6 +83,12 @@ class Sep2DerEndpoint(Frozen):
         description="Send setpoints as CSIP-AUS v1.3 opModStorageTargetW (a battery's charge "
         "+ / discharge - target); needs [sep2_server] csipaus = the v1.3 namespace",
     )
+    shares_end_device: bool = Field(
+        default=False,
+        description="A further DER of the EndDevice of the device enrolled before it with the "
+        "same LFDI (one 2030.5 client for a site's PV and battery): listed in its DERList, its "
+        "controls in a program of its own",
+    )
     power_from: Literal["der", "site"] = Field(
         default="der",
         description="Which MirrorUsagePoint is the device's power: the DER's or the site's",
@@ -134,6 +140,7 @@ class Sep2Der:
                 pin=endpoint.pin,
                 groups=groups,
                 control_duration_s=endpoint.control_duration_s,
+                shares_end_device=endpoint.shares_end_device,
             )
         )
 

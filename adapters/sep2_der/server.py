@@ -11,7 +11,10 @@ Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id):
     /edev/{e}/fsa[/1[/derp]]            one FunctionSetAssignments per device
     /edev/{e}/derp/{p}[/derc[/{c}] | /actderc | /dderc]
                                         one DERProgram per topology group of the device
-    /edev/{e}/der[/1[/derp|/dercap|/derg|/ders|/dera]]
+    /edev/{e}/der[/{d}[/derp|/dercap|/derg|/ders|/dera]]
+                                        one DER per device; devices enrolled with the same
+                                        LFDI (``shares_end_device``) are DERs 2, 3, ... of one
+                                        EndDevice, each with its own program for its controls
     /edev/{e}/rsps[/1[/rsp[/{r}]]]      replyTo of every control
     /edev/{e}/sub[/{s}]                 the client's Subscriptions (see below)
     /mup[/{m}]                          MirrorUsagePoints (telemetry)
@@ -188,7 +191,6 @@ RESPONSE_STATUS: Final = {
 }
 _RESPONSE_REQUIRED: Final = "03"  # message received + specific response (started/completed/...)
 _RSPS_ID: Final = 1  # one ResponseSet per device: DER controls
-_DER_ID: Final = 1  # one DER per EndDevice
 _FSA_ID: Final = 1
 _INT_QUERY: Final = re.compile(r"^[0-9]{1,10}$")
 _EDEV_PATH: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/|$)")
@@ -196,7 +198,8 @@ _SUBSCRIBABLE: Final = re.compile(
     r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})(?:/(derc|actderc|dderc))?$"
 )
 # A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
-_SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/1)?/derp$")
+_SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/[0-9]{1,3})?/derp$")
+_ONE_DERS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/der/([0-9]{1,3})/derp$")
 _ENCODING_XML: Final = 0
 _MAX_HISTORY: Final = 256
 
@@ -376,6 +379,9 @@ class Sep2Enrollment:
     pin: int | None
     groups: tuple[str, ...]
     control_duration_s: int
+    shares_end_device: bool = False
+    """A further DER of the EndDevice already enrolled under the same LFDI (one client for a
+    site with, say, PV and a battery): listed in its DERList, its controls in its own program."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +476,7 @@ class _Control:
     randomize_start: int | None = None
     randomize_duration: int | None = None
     fixed_end: bool = False  # scheduled for a dispatch's window: kept whole, never renewed
+    device_id: str = ""  # the DER it is for (an EndDevice may have several)
 
     @property
     def command_id(self) -> str | None:
@@ -534,6 +541,23 @@ class _Der:
     # Bumped (from the server's counter, so never reused) whenever anything a GET of this
     # client's documents shows changes: the response cache compares it.
     generation: int = 0
+    der_id: int = 1  # its DER in the EndDevice's DERList
+    host: _Der | None = None  # the EndDevice's first DER (None: this is it)
+    members: list[_Der] = field(default_factory=list)  # further DERs of this EndDevice
+    device_program: _Program | None = None  # its own program, when the EndDevice has several
+
+    @property
+    def ders(self) -> list[_Der]:
+        """The EndDevice's DERs, this one first (call on the host)."""
+        return [self, *self.members]
+
+    def edev_programs(self) -> list[_Program]:
+        """Every program of the EndDevice's DERs, once each (call on the host)."""
+        seen: dict[int, _Program] = {}
+        for der in self.ders:
+            for program in der.programs:
+                seen.setdefault(program.program_id, program)
+        return list(seen.values())
 
     @property
     def base_href(self) -> str:
@@ -544,7 +568,7 @@ class _Der:
         return f"{self.base_href}/rsps/{_RSPS_ID}/rsp"
 
     def program(self, program_id: int) -> _Program | None:
-        return next((p for p in self.programs if p.program_id == program_id), None)
+        return next((p for p in self.edev_programs() if p.program_id == program_id), None)
 
     def primary_program(self) -> _Program:
         """The program a device's own setpoint goes into: the one the client ranks first."""
@@ -552,7 +576,10 @@ class _Der:
 
     def program_for(self, group_id: str | None) -> _Program:
         """The program of ``group_id`` when the device is in that group, else the primary one:
-        a command for a group goes into that group's program, at that program's primacy."""
+        a command for a group goes into that group's program, at that program's primacy. On an
+        EndDevice with several DERs, each DER's controls go into its own program."""
+        if self.device_program is not None:
+            return self.device_program
         found = next((p for p in self.programs if p.group_id == group_id), None)
         return found if found is not None else self.primary_program()
 
@@ -708,6 +735,7 @@ def _control_to_json(control: _Control, listed: bool) -> dict[str, Any]:
         "randomize_start": control.randomize_start,
         "randomize_duration": control.randomize_duration,
         "fixed_end": control.fixed_end,
+        "device_id": control.device_id,
         "listed": listed,
     }
 
@@ -741,6 +769,7 @@ def _control_from_json(item: dict[str, Any]) -> _Control:
         randomize_start=_optional_int(item["randomize_start"]),
         randomize_duration=_optional_int(item["randomize_duration"]),
         fixed_end=bool(item["fixed_end"]),
+        device_id=str(item.get("device_id", "")),
     )
 
 
@@ -825,6 +854,9 @@ class Sep2Server:
         lfdi = normalize_lfdi(enrollment.lfdi)
         if enrollment.device_id in self._ders:
             raise ValueError(f"device {enrollment.device_id!r} is already enrolled")
+        if lfdi in self._by_lfdi and enrollment.shares_end_device:
+            self._enroll_member(self._by_lfdi[lfdi], enrollment)
+            return
         if lfdi in self._by_lfdi:
             other = self._by_lfdi[lfdi].enrollment.device_id
             raise ValueError(f"LFDI {lfdi} of {enrollment.device_id!r} is already {other!r}'s")
@@ -848,6 +880,32 @@ class Sep2Server:
         self._by_lfdi[lfdi] = der
         self._by_edev[der.edev_id] = der
         self._mark(der)
+
+    def _enroll_member(self, host: _Der, enrollment: Sep2Enrollment) -> None:
+        """A further DER of ``host``'s EndDevice. From now on every DER of that EndDevice has
+        its own program (``device:{id}``) for its controls, so a client tells them apart."""
+        if host.device_program is None:
+            host.device_program = self._program(f"device:{host.enrollment.device_id}")
+            host.programs.insert(0, host.device_program)
+        device_program = self._program(f"device:{enrollment.device_id}")
+        groups = dict.fromkeys(enrollment.groups)
+        member = _Der(
+            enrollment=enrollment,
+            edev_id=host.edev_id,
+            lfdi=host.lfdi,
+            sfdi=host.sfdi,
+            programs=[device_program, *(self._program(g) for g in groups)],
+            changed_time=host.changed_time,
+            registered_at=host.registered_at,
+            generation=next(self._generations),
+            der_id=len(host.ders) + 1,
+            host=host,
+            device_program=device_program,
+        )
+        host.members.append(member)
+        self._ders[enrollment.device_id] = member
+        self._touch(host)
+        self._mark(member)
 
     def _program(self, group_id: str) -> _Program:
         program = self._programs.get(group_id)
@@ -895,7 +953,7 @@ class Sep2Server:
         for der in self._ders.values():
             if any(p is program for p in der.programs):
                 self._touch(der)
-                self._notify_default(der, program)
+                self._notify_default(der.host or der, program)
         return True
 
     def set_rates(
@@ -974,6 +1032,8 @@ class Sep2Server:
             self._mark_program(program)
         self._by_edev.clear()
         for der in self._ders.values():
+            if der.host is not None:
+                continue  # a further DER: its EndDevice's id, below
             saved_der = stored.devices.get(der.enrollment.device_id)
             if saved_der is None:
                 der.edev_id = self._next_edev
@@ -983,6 +1043,9 @@ class Sep2Server:
             self._by_edev[der.edev_id] = der
             self._touch(der)
             self._mark(der)
+            for member in der.members:
+                member.edev_id = der.edev_id
+                self._mark(member)
         log.info(
             "2030.5 server state from %s: %d EndDevices, %d programs",
             self.config.state_file,
@@ -1023,6 +1086,7 @@ class Sep2Server:
             except (KeyError, TypeError, ValueError, ValidationError):
                 self.unreadable_state_rows += 1
                 continue
+            control.device_id = control.device_id or der.enrollment.device_id
             restored.append(control)
             # New controls' hrefs must not repeat a restored one's, whatever the counter says.
             self._next_control = max(self._next_control, control.control_id + 1)
@@ -1106,6 +1170,12 @@ class Sep2Server:
         except KeyError:
             raise KeyError(f"device {device_id!r} is not enrolled on the 2030.5 server") from None
 
+    def _hosting(self, device_id: str) -> tuple[_Der, _Der]:
+        """(the EndDevice's host, the device's own DER): the host keeps the controls of all
+        its DERs, each marked with the device it is for."""
+        member = self._der(device_id)
+        return (member.host or member), member
+
     def edev_href(self, device_id: str) -> str:
         """The EndDevice href of an enrolled device (for diagnostics and tests)."""
         return self._der(device_id).base_href
@@ -1116,8 +1186,11 @@ class Sep2Server:
         return int(self._clock())
 
     def _touch(self, der: _Der) -> None:
-        """Something a GET of ``der``'s documents shows has changed: its cached bodies are stale."""
+        """Something a GET of ``der``'s documents shows has changed: its cached bodies are stale
+        (its EndDevice's too, when it is a further DER of one)."""
         der.generation = next(self._generations)
+        if der.host is not None:
+            der.host.generation = next(self._generations)
 
     def cache_info(self) -> ResponseCacheInfo:
         """Hits, misses and size of the cache of encoded GET responses."""
@@ -1156,13 +1229,13 @@ class Sep2Server:
         duration is left; then a fresh one takes over back to back (events are immutable in
         2030.5, so extending one means superseding it).
         """
-        der = self._der(device_id)
+        der, member = self._hosting(device_id)
         now = self._now()
         self._prune(der, now)
-        duration = der.enrollment.control_duration_s
+        duration = member.enrollment.control_duration_s
         if until is not None and until > now:
             duration = until - now
-        current = self._in_force(der, now)
+        current = self._in_force(der, now, device_id)
         command_id = provenance[0].command_id if provenance else None
         if (
             current is not None
@@ -1174,6 +1247,8 @@ class Sep2Server:
         for control in der.controls:
             # What is in force now, and what was scheduled for this very dispatch, is replaced;
             # controls scheduled for other dispatches ahead stay.
+            if control.device_id != device_id:
+                continue
             if control.status is None and (
                 control.start <= now
                 or (command_id is not None and control.command_id == command_id)
@@ -1181,7 +1256,7 @@ class Sep2Server:
                 control.status = STATUS_SUPERSEDED
                 control.status_time = now
         return self._add_control(
-            der,
+            member,
             base,
             start=now,
             duration=duration,
@@ -1209,7 +1284,7 @@ class Sep2Server:
         [``start``, ``end``) with the program's randomizeStart / randomizeDuration. Controls in
         force stay. Idempotent per dispatch (its command id, in ``provenance``); None when the
         window has started or is empty (the setpoint then comes through :meth:`publish`)."""
-        der = self._der(device_id)
+        der, member = self._hosting(device_id)
         now = self._now()
         self._prune(der, now)
         if start <= now or end <= start:
@@ -1217,7 +1292,8 @@ class Sep2Server:
         command_id = provenance[0].command_id if provenance else None
         for control in der.controls:
             if (
-                control.status is None
+                control.device_id == device_id
+                and control.status is None
                 and command_id is not None
                 and control.command_id == command_id
                 and (control.start, control.end, control.base) == (start, end, base)
@@ -1225,9 +1301,9 @@ class Sep2Server:
                 return control.published()
         if command_id is not None:
             self.withdraw(device_id, command_id)
-        program = der.program_for(group_id)
+        program = member.program_for(group_id)
         return self._add_control(
-            der,
+            member,
             base,
             start=start,
             duration=end - start,
@@ -1243,10 +1319,12 @@ class Sep2Server:
     def withdraw(self, device_id: str, command_id: str) -> PublishedControl | None:
         """Cancel the controls scheduled or in force for one dispatch (cancelled, not
         deleted); returns the last one cancelled, if any."""
-        der = self._der(device_id)
+        der, _ = self._hosting(device_id)
         now = self._now()
         cancelled: _Control | None = None
         for control in der.controls:
+            if control.device_id != device_id:
+                continue
             if control.status is None and control.command_id == command_id and control.end > now:
                 control.status = STATUS_CANCELLED
                 control.status_time = now
@@ -1258,7 +1336,7 @@ class Sep2Server:
 
     def _add_control(
         self,
-        der: _Der,
+        member: _Der,
         base: DERControlBase,
         *,
         start: int,
@@ -1272,7 +1350,8 @@ class Sep2Server:
         group_id: str | None = None,
     ) -> PublishedControl:
         now = self._now()
-        program = der.program_for(group_id)
+        der = member.host or member
+        program = member.program_for(group_id)
         control_id = self._next_control
         self._next_control += 1
         # mRIDs must never repeat across restarts (a client would take a new event for one it
@@ -1294,6 +1373,7 @@ class Sep2Server:
             randomize_start=randomize_start,
             randomize_duration=randomize_duration,
             fixed_end=fixed_end,
+            device_id=member.enrollment.device_id,
         )
         der.controls.append(control)
         der.issued[mrid.upper()] = control
@@ -1306,11 +1386,13 @@ class Sep2Server:
         """Cancel the device's control in force: marked cancelled (not deleted), so the client
         sees the change and falls back to the DefaultDERControl; controls scheduled ahead for
         other dispatches stay. Returns what was cancelled, if anything."""
-        der = self._der(device_id)
+        der, _ = self._hosting(device_id)
         now = self._now()
         self._prune(der, now)
         cancelled: _Control | None = None
         for control in der.controls:
+            if control.device_id != device_id:
+                continue
             if control.status is None and control.start <= now:  # not those scheduled ahead
                 control.status = STATUS_CANCELLED
                 control.status_time = now
@@ -1320,13 +1402,17 @@ class Sep2Server:
         self._changed(der)
         return cancelled.published()
 
-    def _in_force(self, der: _Der, now: int) -> _Control | None:
-        live = [c for c in der.controls if c.status is None and c.start <= now < c.end]
+    def _in_force(self, der: _Der, now: int, device_id: str) -> _Control | None:
+        live = [
+            c
+            for c in der.controls
+            if c.device_id == device_id and c.status is None and c.start <= now < c.end
+        ]
         return max(live, key=lambda c: (c.created, c.control_id), default=None)
 
     def snapshot(self, device_id: str) -> DerSnapshot:
         """What the client last reported, and the control in force now."""
-        der = self._der(device_id)
+        der, member = self._hosting(device_id)
         now = self._now()
         der_power = site_power = None
         for mirror in der.mirrors.values():
@@ -1340,12 +1426,12 @@ class Sep2Server:
                 site_power is None or sample.received_at > site_power.received_at
             ):
                 site_power = sample
-        control = self._in_force(der, now)
+        control = self._in_force(der, now, device_id)
         return DerSnapshot(
-            capability=der.capability,
-            settings=der.settings,
-            status=der.status,
-            availability=der.availability,
+            capability=member.capability,
+            settings=member.settings,
+            status=member.status,
+            availability=member.availability,
             der_power=der_power,
             site_power=site_power,
             active_control=None if control is None else control.published(),
@@ -1355,7 +1441,8 @@ class Sep2Server:
 
     def responses(self, device_id: str) -> tuple[Sep2ResponseRecord, ...]:
         """Responses the device POSTed, oldest first (the last 256)."""
-        return tuple(record for _, _, record in self._der(device_id).responses)
+        der, _ = self._hosting(device_id)
+        return tuple(record for _, _, record in der.responses if record.device_id == device_id)
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -1917,21 +2004,29 @@ class Sep2Server:
         der = self._own(request)
         if "f" in request.match_info and int(request.match_info["f"]) != _FSA_ID:
             raise _HttpError(404, "no such FunctionSetAssignments")
-        if "d" in request.match_info and int(request.match_info["d"]) != _DER_ID:
-            raise _HttpError(404, "no such DER")
+        programs = der.edev_programs()
+        if "d" in request.match_info:  # the programs associated with one DER
+            programs = self._own_der(request).programs
         start, limit, after = self._paging(request)
 
         def build(now: int) -> tuple[Sep2Model, int | None]:
             # (a DERProgram counts the active controls: it changes with time too)
-            model = self._program_list(der, request.path, now, start, limit)
+            model = self._program_list(der, request.path, now, start, limit, programs)
             return model, self._next_boundary(der, now)
 
         return self._cached(request, der, build, (start, limit, after))
 
     def _program_list(
-        self, der: _Der, href: str, now: int, start: int, limit: int
+        self,
+        der: _Der,
+        href: str,
+        now: int,
+        start: int,
+        limit: int,
+        programs: list[_Program] | None = None,
     ) -> DERProgramList:
-        programs = sorted(der.programs, key=lambda p: (p.primacy, p.program_id))
+        every = der.edev_programs() if programs is None else programs
+        programs = sorted(every, key=lambda p: (p.primacy, p.program_id))
         page = tuple(self._der_program(der, p, now) for p in programs[start : start + limit])
         return DERProgramList(
             href=href,
@@ -1942,7 +2037,12 @@ class Sep2Server:
         )
 
     def _program_list_model(self, der: _Der, sub: Subscription, now: int) -> DERProgramList:
-        return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit)
+        programs = None
+        one = _ONE_DERS_PROGRAMS.match(sub.subscribed_resource)
+        if one is not None:  # the programs associated with one DER of the EndDevice
+            member = next((d for d in der.ders if d.der_id == int(one.group(1))), der)
+            programs = member.programs
+        return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit, programs)
 
     async def _get_derp(self, request: web.Request) -> web.Response:
         der, program = self._own_program(request)
@@ -2046,7 +2146,7 @@ class Sep2Server:
     # ----------------------------------------------------------------------- DER resources
 
     def _der_resource(self, der: _Der) -> DER:
-        href = f"{der.base_href}/der/{_DER_ID}"
+        href = f"{der.base_href}/der/{der.der_id}"
         return DER(
             href=href,
             associated_der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
@@ -2057,8 +2157,11 @@ class Sep2Server:
         )
 
     def _own_der(self, request: web.Request) -> _Der:
-        der = self._own(request)
-        if int(request.match_info["d"]) != _DER_ID:
+        """One DER of the client's own EndDevice, by its number in the DERList."""
+        host = self._own(request)
+        wanted = int(request.match_info["d"])
+        der = next((d for d in host.ders if d.der_id == wanted), None)
+        if der is None:
             raise _HttpError(404, "no such DER")
         return der
 
@@ -2069,7 +2172,7 @@ class Sep2Server:
             der,
             DERList,
             f"{der.base_href}/der",
-            lambda: [self._der_resource(der)],
+            lambda: [self._der_resource(d) for d in der.ders],
             self.der_poll_rate_s,
         )
 
@@ -2191,7 +2294,7 @@ class Sep2Server:
         href = f"{der.reply_to}/{number}"
         created = posted.created_date_time
         record = Sep2ResponseRecord(
-            device_id=der.enrollment.device_id,
+            device_id=control.device_id or der.enrollment.device_id,
             control_mrid=control.mrid,
             control_href=control.href,
             status=posted.status,

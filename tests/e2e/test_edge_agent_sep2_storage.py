@@ -36,14 +36,14 @@ class PvSite(Site):
 
 @pytest.fixture
 async def site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator[Site]:
-    sep2 = {"storage_target": True, "power_from": "site", "csipaus": True}
+    sep2: dict[str, object] = {"storage_target": True, "power_from": "site", "csipaus": True}
     async with _site(broker_endpoint, tmp_path, sep2, with_pv=False) as built:
         yield built
 
 
 @pytest.fixture
 async def pv_site(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterator[PvSite]:
-    sep2 = {"supports_target_w": True, "csipaus": False}
+    sep2: dict[str, object] = {"supports_target_w": True, "csipaus": False}
     async with _site(broker_endpoint, tmp_path, sep2, with_pv=True) as built:
         assert isinstance(built, PvSite)
         yield built

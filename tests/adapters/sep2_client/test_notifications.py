@@ -159,3 +159,48 @@ async def test_receiver_checks_and_spaces_wakeups(
         ) as resp:
             assert resp.status == 204
         assert woken == [1, 1, 1]
+
+
+async def test_the_client_reads_every_der_of_its_end_device_and_their_controls(
+    tmp_path: Path,
+) -> None:
+    """A site client whose EndDevice has two DERs (PV and a battery, CSIP-AUS MUL-01..03): it
+    reads both, and the controls of both DERs' programs are in force at the site."""
+    ca = make_ca(tmp_path)
+    server_cert = make_cert(ca, tmp_path, "gateway", server=True)
+    device = make_cert(ca, tmp_path, "site-1")
+    tls = Sep2TlsConfig(
+        cert_file=server_cert.cert_path, key_file=server_cert.key_path, ca_file=ca.cert_path
+    )
+    server = Sep2Server(Sep2ServerConfig(port=0, tls=tls))
+    pv = Sep2Der(
+        "site-pv", Sep2DerEndpoint(lfdi=device.lfdi, supports_target_w=True), server=server
+    )
+    battery = Sep2Der(
+        "site-bat",
+        Sep2DerEndpoint(lfdi=device.lfdi, supports_target_w=True, shares_end_device=True),
+        server=server,
+    )
+    await pv.connect()
+    await battery.apply(DeviceCommand(device_id="site-bat", power_kw=-3))
+    await pv.apply(DeviceCommand(device_id="site-pv", power_kw=None, export_limit_kw=2.0))
+    envelopes: list[EffectiveControls] = []
+
+    async def on_envelope(controls: EffectiveControls) -> None:
+        envelopes.append(controls)
+
+    client = Sep2Client(
+        Sep2ClientConfig(server_url=server.url, lfdi=device.lfdi, state_path=tmp_path / "s.json"),
+        on_envelope=on_envelope,
+        ssl_context=client_ssl_context(device.cert_path, device.key_path, ca.cert_path),
+    )
+    try:
+        async with client:
+            await client.poll_once()
+            edev = client.end_device_href
+            assert client.der_hrefs == (f"{edev}/der/1", f"{edev}/der/2")
+    finally:
+        await server.stop()
+    controls = envelopes[-1]
+    assert controls.target_kw == pytest.approx(-3.0)  # the battery's program
+    assert controls.generation_limit_kw == pytest.approx(2.0)  # the PV inverter's program

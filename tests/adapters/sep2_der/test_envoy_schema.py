@@ -301,3 +301,41 @@ async def _get(session: aiohttp.ClientSession, href: str) -> bytes:
 
 
 _LISTS = {"edev", "fsa", "derp", "derc", "actderc", "der", "mup", "sub", "rsps", "rsp"}
+
+
+async def test_an_end_device_with_two_ders_parses_with_envoys_models() -> None:
+    """CSIP-AUS MUL-01..03: the DERList with two DERs, each DER's resources and programs."""
+    from tests.adapters.sep2_der.test_server_multi_der import _site
+
+    server = Sep2Server(
+        Sep2ServerConfig(port=0, dev_lfdi_header=HEADER, csipaus=CsipAusVersion.V1_3)
+    )
+    pv, battery = _site(server)
+    await pv.connect()
+    headers = {HEADER: LFDI, "Content-Type": MEDIA_TYPE}
+    try:
+        async with aiohttp.ClientSession(
+            base_url=server.url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+        ) as session:
+            edev = server.edev_href("site-pv")
+            for number in (1, 2):
+                for kind, fixture in (
+                    ("dercap", "req-der-capability.xml"),
+                    ("derg", "req-der-settings.xml"),
+                    ("ders", "req-der-status.xml"),
+                    ("dera", "req-der-availability.xml"),
+                ):
+                    async with session.put(
+                        f"{edev}/der/{number}/{kind}", data=load(fixture)
+                    ) as resp:
+                        assert resp.status == 204
+            await battery.apply(DeviceCommand(device_id="site-bat", power_kw=-2))
+            await pv.apply(DeviceCommand(device_id="site-pv", power_kw=None, export_limit_kw=1))
+            models = _models()
+            seen, parsed = await _walk(session, models)
+    finally:
+        await server.stop()
+    assert parsed["DERList"].all_ == 2
+    assert {h for h, t in seen.items() if t == "DER"} == {f"{edev}/der/1", f"{edev}/der/2"}
+    assert sum(1 for t in seen.values() if t == "DERStatus") == 2
+    assert sum(1 for t in seen.values() if t == "DERControl") == 2

@@ -629,3 +629,36 @@ async def test_disconnect_and_de_energize_reach_a_subscriber(
     }
     assert by_status[1].op_mod_connect is False  # in force
     assert by_status[4].op_mod_energize is False  # the one before, superseded
+
+
+async def test_one_ders_program_list_is_subscribable(receiver: Receiver) -> None:
+    """On an EndDevice with two DERs, a subscription to one DER's associated DERProgramList is
+    notified with that DER's programs only (its own program and its groups')."""
+    server = Sep2Server(_config())
+    pv = Sep2Der(
+        "site-pv", Sep2DerEndpoint(lfdi=LFDI_A, supports_target_w=True), server=server
+    )
+    battery = Sep2Der(
+        "site-bat",
+        Sep2DerEndpoint(lfdi=LFDI_A, supports_target_w=True, shares_end_device=True),
+        server=server,
+        groups=("feeder:f1",),
+    )
+    await pv.connect()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            setup = Setup(server, pv, battery, session, [0.0])
+            resource = f"{setup.edev('site-pv')}/der/2/derp"
+            status, _, _ = await setup.request(
+                "POST",
+                setup.edev("site-pv") + "/sub",
+                _subscription(resource, receiver.url + "/derp"),
+            )
+            assert status == 201
+            await battery.apply(DeviceCommand(device_id="site-bat", power_kw=-1))
+            note = await receiver.next()
+            assert note.subscribed_resource == resource
+            assert isinstance(note.resource, DERProgramList)
+            assert {p.description for p in note.resource.items} == {"device:site-bat", "feeder:f1"}
+    finally:
+        await server.stop()
