@@ -41,6 +41,7 @@ from types import MappingProxyType
 from typing import Final
 
 from protocols.sep2.models import DefaultDERControl, DERControl, DERControlBase, DERProgram
+from protocols.sep2.units import to_watts
 
 __all__ = [
     "CONTROL_FIELDS",
@@ -378,6 +379,22 @@ def _hand_over(events: list[_Event]) -> None:
             event.end = max(event.start, *starts)
 
 
+_LIMITS: Final = frozenset(
+    {"op_mod_gen_lim_w", "op_mod_load_lim_w", "op_mod_exp_lim_w", "op_mod_imp_lim_w"}
+)
+"""Fields where, between events of equal primacy created at the same instant (several DERs'
+programs, one per DER, at one site), the tighter value wins rather than the mRID's order."""
+
+
+def _beats(event: _Event, current: _Event, name: str) -> bool:
+    if name in _LIMITS and event.rank[:2] == current.rank[:2]:
+        mine = getattr(event.control.der_control_base, name)
+        theirs = getattr(current.control.der_control_base, name)
+        if mine is not None and theirs is not None and to_watts(mine) != to_watts(theirs):
+            return to_watts(mine) < to_watts(theirs)
+    return event.rank < current.rank
+
+
 def _winners(events: Sequence[_Event], t: float) -> dict[str, _Event]:
     winners: dict[str, _Event] = {}
     for event in events:
@@ -385,7 +402,7 @@ def _winners(events: Sequence[_Event], t: float) -> dict[str, _Event]:
             continue
         for name in event.fields:
             current = winners.get(name)
-            if current is None or event.rank < current.rank:
+            if current is None or _beats(event, current, name):
                 winners[name] = event
     return winners
 

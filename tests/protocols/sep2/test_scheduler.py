@@ -513,6 +513,21 @@ def test_sources_name_program_primacy_and_kind() -> None:
     assert schedule.events["e2"].supplies == frozenset({GEN})
 
 
+@pytest.mark.parametrize("order", ["aa-bb", "bb-aa"])
+def test_equal_primacy_and_creation_the_tighter_limit_wins_whatever_the_mrids(order: str) -> None:
+    """Two DERs' programs at one site (one program per DER, same primacy, created together):
+    which limit is in force must not depend on the mRIDs' order; the tighter one holds."""
+    loose, tight = order.split("-")
+    programs = (
+        program("a1", 100, event(loose, T0 - 60, 600, base(gen=3000, target=3000))),
+        program("a2", 100, event(tight, T0 - 60, 600, base(gen=2000))),
+    )
+    schedule = evaluate(programs, T0, {})
+    assert value_of(schedule, GEN) == 2000
+    assert supplier(schedule, GEN) == tight
+    assert value_of(schedule, "op_mod_target_w") == 3000  # not a limit: rank decides
+
+
 # --------------------------------------------------------------------------- next change
 
 
