@@ -146,8 +146,9 @@ class BaselineTracker:
 BASELINE_TAU_S: dict[DerClass, float] = {DerClass.WATER_HEATER: 4 * 3600.0}
 """Device classes whose baseline is learnt over longer than the tracker's default: a water
 heater's element runs a few minutes in an hour, when hot water has been drawn, so its power over
-the last quarter of an hour says whether it heated lately, not what it draws on average (and the
-fullest tanks, called first, are the ones that have just heated)."""
+the last quarter of an hour says whether it heated lately, not what it draws on average. (With
+a quarter of an hour, heaters that had not heated had a baseline of 0 kW and could not be called,
+and those that had were asked for several times what they would draw.)"""
 
 
 def baseline_taus(devices: Iterable[Device]) -> dict[str, float]:
