@@ -11,10 +11,12 @@ import aiomqtt
 import pytest
 
 from adapters.edge_site import EdgeSiteDevice, EdgeSiteEndpoint
+from composition.config import parse_config
 from gateway.devices import AdapterError, DeviceRejected, DeviceUnavailable
 from protocols.mqtt.outbox import Record, encode_record, outbox_topic
 from simulators.broker import BrokerEndpoint
 from tests.e2e.fleet import eventually
+from unified.config import ConfigError
 from unified.model import COMMAND_ADAPTER, Ack, AckState, DeviceCommand, Reason, utcnow
 
 pytestmark = pytest.mark.broker
@@ -150,3 +152,21 @@ async def test_a_command_the_site_rejects_is_a_refusal_at_the_head_end(
     assert command == asked
     assert isinstance(exc, DeviceRejected)
     assert "unknown_group" in str(exc)
+
+
+def test_a_hold_shorter_than_two_refreshes_is_refused_in_the_config() -> None:
+    device = {
+        "device_id": "site-9",
+        "der_class": "battery",
+        "adapter": "edge_site",
+        "location": {"substation": "north"},
+        "ratings": {"max_charge_kw": 5, "max_discharge_kw": 5, "capacity_kwh": 10},
+        "edge_site": {"site_id": "s9", "gateway_id": "s9-edge", "site_group": "substation:s9"},
+    }
+    base = {"gateway_id": "head", "settlement": {"timezone": "UTC"}, "timing": {"refresh_s": 60}}
+    parse_config(base | {"devices": [device]})  # 300 s against 60 s: fine
+    short = device | {"edge_site": {**device["edge_site"], "hold_s": 100}}  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"edge_site\.hold_s must exceed twice"):
+        parse_config(base | {"devices": [short]})
+    with pytest.raises(ConfigError, match=r"needs a \[devices\.edge_site\] endpoint"):
+        parse_config(base | {"devices": [{k: v for k, v in device.items() if k != "edge_site"}]})
