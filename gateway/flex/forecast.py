@@ -270,6 +270,38 @@ class FlexForecast(Frozen):
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SentForecast:
+    """What a coverage check needs of a forecast that was sent (a few arrays, not the message:
+    a day of forecasts of a hundred groups is kept)."""
+
+    group_id: str
+    generated_at: float
+    width_factor: float
+    starts: FloatArray
+    ends: FloatArray
+    bands: FloatArray
+    """(intervals, 2, 3): flex down / up × p10, p50, p90."""
+
+    @classmethod
+    def of(cls, forecast: FlexForecast) -> SentForecast:
+        ivs = forecast.intervals
+        return cls(
+            group_id=forecast.group_id,
+            generated_at=epoch_s(forecast.generated_at),
+            width_factor=forecast.coverage.width_factor if forecast.coverage else 1.0,
+            starts=np.array([epoch_s(iv.start) for iv in ivs]),
+            ends=np.array([epoch_s(iv.end) for iv in ivs]),
+            bands=np.array(
+                [
+                    [[b.p10, b.p50, b.p90] for b in (iv.flex_down_kw, iv.flex_up_kw)]
+                    for iv in ivs
+                ],
+                dtype=np.float64,
+            ).reshape(len(ivs), 2, 3),
+        )
+
+
 class FlexCoverage:
     """Running coverage of the forecast's p10..p90 by delivered flexibility, per group, and the
     width calibration it implies (see the module docstring)."""
@@ -290,20 +322,28 @@ class FlexCoverage:
         self._within: dict[str, int] = {}
         self._ewma: dict[str, tuple[float, float]] = {}
         self._scores: dict[str, deque[float]] = {}
-        self._forecasts: dict[str, deque[FlexForecast]] = {}
+        self._forecasts: dict[str, deque[SentForecast]] = {}
 
-    def remember(self, forecast: FlexForecast, keep: int = 400) -> None:
-        """A forecast sent for its group: a dispatch is checked against the one in force."""
-        self._forecasts.setdefault(forecast.group_id, deque(maxlen=keep)).append(forecast)
+    def remember(self, forecast: FlexForecast, keep: int = 200, min_gap_s: float = 600.0) -> None:
+        """A forecast sent for its group: a dispatch is checked against the one in force.
 
-    def in_force(self, group_id: str, at: datetime) -> FlexForecast | None:
+        At most one per ``min_gap_s`` is kept (the one in force is then at most that much
+        older than the newest sent), ``keep`` per group (33 h at the defaults)."""
+        sent = SentForecast.of(forecast)
+        kept = self._forecasts.setdefault(forecast.group_id, deque(maxlen=keep))
+        if kept and sent.generated_at - kept[-1].generated_at < min_gap_s:
+            return
+        kept.append(sent)
+
+    def in_force(self, group_id: str, at: datetime) -> SentForecast | None:
         """The newest remembered forecast of ``group_id`` generated at or before ``at``."""
-        found = [f for f in self._forecasts.get(group_id, ()) if f.generated_at <= at]
+        t = epoch_s(at)
+        found = [f for f in self._forecasts.get(group_id, ()) if f.generated_at <= t]
         return max(found, key=lambda f: f.generated_at) if found else None
 
     def check(
         self,
-        forecast: FlexForecast,
+        forecast: FlexForecast | SentForecast,
         start: datetime,
         end: datetime,
         requested_kw: float,
@@ -317,33 +357,28 @@ class FlexCoverage:
         for what it could give): ``None``, nothing recorded. When the request was below p90
         the delivery is capped by it, so only its lower side calibrates the width.
         """
+        sent = forecast if isinstance(forecast, SentForecast) else SentForecast.of(forecast)
         down = requested_kw < 0
         t0, t1 = epoch_s(start), epoch_s(end)
-        weights, bands = [], []
-        for iv in forecast.intervals:
-            overlap = min(t1, epoch_s(iv.end)) - max(t0, epoch_s(iv.start))
-            if overlap > 0:
-                weights.append(overlap)
-                bands.append(iv.flex_down_kw if down else iv.flex_up_kw)
-        if not bands:
+        overlap = np.minimum(t1, sent.ends) - np.maximum(t0, sent.starts)
+        use = overlap > 0
+        if not use.any():
             return None
-        w = np.array(weights) / sum(weights)
-        p10 = float(w @ [b.p10 for b in bands])
-        p50 = float(w @ [b.p50 for b in bands])
-        p90 = float(w @ [b.p90 for b in bands])
+        w = overlap[use] / overlap[use].sum()
+        p10, p50, p90 = (float(x) for x in w @ sent.bands[use, 0 if down else 1, :])
         asked = abs(requested_kw)
         if asked < p10:
             return None
         got = -delivered_kw if down else delivered_kw
         tol = 1e-6 * max(abs(p90), 1.0)
         within = p10 - tol <= got <= p90 + tol
-        gid = forecast.group_id
+        gid = sent.group_id
         self._checked[gid] = self._checked.get(gid, 0) + 1
         self._within[gid] = self._within.get(gid, 0) + int(within)
         n, s = self._ewma.get(gid, (0.0, 0.0))
         self._ewma[gid] = (self._decay * n + 1.0, self._decay * s + float(within))
         # Scores against the band as modelled (the forecast may carry a width already applied).
-        f = forecast.coverage.width_factor if forecast.coverage is not None else 1.0
+        f = sent.width_factor
         scores = self._scores.setdefault(gid, deque(maxlen=self.window))
         if got < p50:
             scores.append(f * (p50 - got) / max(p50 - p10, tol))
