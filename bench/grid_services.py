@@ -222,7 +222,7 @@ def envelope_stage(
     groups.append((np.ones(len(kw), dtype=bool), fleet.tx_base[:, t].sum(), fleet.feeder_limit))
     for members, base, limit in groups:
         over = base + kw[members].sum() - limit
-        if over <= 1e-9:
+        if over <= 1e-6:
             continue
         acted += 1
         pos = np.where(members, np.maximum(kw, 0), 0.0)
@@ -235,7 +235,7 @@ def envelope_stage(
         if over > 1e-9 and room.sum() > 0:
             kw -= room * min(1.0, over / room.sum())
     feeder = fleet.tx_base[:, t].sum() + kw.sum()
-    if feeder < -fleet.feeder_export:
+    if feeder < -fleet.feeder_export - 1e-6:  # a plan that sits on the limit is not over it
         acted += 1
         neg = np.minimum(kw, 0)
         kw -= neg * min(1.0, (-fleet.feeder_export - feeder) / neg.sum())
