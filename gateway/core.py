@@ -86,6 +86,7 @@ from gateway.history import (
 from gateway.ports import Publisher
 from gateway.registry import Registry
 from gateway.services.prices import PriceBook
+from gateway.services.runner import ServiceRunner
 from gateway.store import CommandStore, StoreError
 from gateway.supervisor import DeviceSupervisor
 from gateway.telemetry import (
@@ -294,6 +295,7 @@ class Gateway:
         self.weather = WeatherBook()
         self.prices = PriceBook()
         """Newest price schedule per (scope, kind), for the grid services' schedules."""
+        self._services = ServiceRunner(self.prices, on_solved=self._wake.set)
         self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
         self.ready = asyncio.Event()
@@ -972,6 +974,8 @@ class Gateway:
                 log.exception("could not store the price schedule")
                 warning = f"price schedule used but not stored: {type(exc).__name__}: {exc}"
         self.prices.put(schedule)
+        self._services.prices_changed()
+        self._wake.set()
         log.info(
             "price schedule %s/%s: %d points from %s",
             *schedule.key,
@@ -1426,7 +1430,7 @@ class Gateway:
         compliance = self._watch_envelopes(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
         turn_s = self.config.delivery.thermal_turn_s
-        active = self._hold_out(self.book.active(now))
+        active = self._with_services(now, self._hold_out(self.book.active(now)), states)
         first = dispatch.plan(
             now,
             self.registry,
@@ -1443,7 +1447,7 @@ class Gateway:
         first.compliance = compliance
         await self.book.tick(now, first)
         plan = first
-        after = self._hold_out(self.book.active(now))
+        after = self._with_services(now, self._hold_out(self.book.active(now)), states)
         if _in_force(after) != _in_force(active):
             # The lifecycle has just started, ended or superseded commands (or a device refused):
             # plan again so the devices never see a setpoint from a command no longer in force.
@@ -1467,6 +1471,18 @@ class Gateway:
         self.plan = plan
         await self._record_participation(now, plan)
         return plan
+
+    def _with_services(
+        self,
+        now: datetime,
+        active: list[dispatch.ActiveCommand],
+        states: Mapping[str, DeviceState | None],
+    ) -> list[dispatch.ActiveCommand]:
+        """Each ``service`` in force as its schedule's setpoints now (:mod:`gateway.services`)."""
+        envelopes = [
+            e.command for e in self.book.open_entries() if isinstance(e.command, OperatingEnvelope)
+        ]
+        return self._services.expand(now, active, states, envelopes, self.registry)
 
     def _clock_stepped(self, step: ClockStep) -> None:
         """Elapsed time in the control state stays true; lifecycles follow the new clock, and

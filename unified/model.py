@@ -405,20 +405,61 @@ class DeviceSetpoint(CommandBase):
         return self.start + timedelta(seconds=self.duration_s)
 
 
+class ServiceMode(StrEnum):
+    ARBITRAGE = "arbitrage"
+    """Batteries buy in cheap hours and sell in dear ones (EVs get their need at least cost)."""
+    EV_COST = "ev_cost"
+    """EVs charge at least cost by departure; batteries are left alone."""
+    PEAK_SHAVE = "peak_shave"
+    """Batteries and EVs keep the group's net import under ``peak_threshold_kw``."""
+
+
+class GridService(CommandBase):
+    """Run an autonomous grid service over a group for a window: the gateway plans the group's
+    batteries and EVs over a horizon at the price schedules it holds (``prices``), under every
+    envelope, re-plans as prices and states change, and each setpoint names this command. A
+    dispatch of equal or higher priority takes the devices it covers."""
+
+    type: Literal["service"] = "service"
+    target: Target
+    mode: ServiceMode
+    start: UtcDatetime
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S)
+    step_s: int = Field(default=900, ge=300, le=3600, description="Plan step, s")
+    horizon_s: int = Field(default=86_400, ge=3600, le=2 * 86_400, description="Plan horizon, s")
+    peak_threshold_kw: float | None = Field(default=None, ge=-1_000_000, le=1_000_000)
+    peak_price_per_kw: float = Field(
+        default=10.0, ge=0, le=10_000, description="Demand charge above the threshold, per kW"
+    )
+
+    @model_validator(mode="after")
+    def _threshold(self) -> GridService:
+        if self.mode is ServiceMode.PEAK_SHAVE and self.peak_threshold_kw is None:
+            raise ValueError("peak_shave needs peak_threshold_kw")
+        if self.target.group_id is None:
+            raise ValueError("a service targets a group (target.group_id)")
+        return self
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(seconds=self.duration_s)
+
+
 class Cancel(CommandBase):
     type: Literal["cancel"] = "cancel"
     cancels: Identifier = Field(description="command_id of the command to cancel")
 
 
 Command = Annotated[
-    Dispatch | OperatingEnvelope | DeviceSetpoint | Cancel, Field(discriminator="type")
+    Dispatch | OperatingEnvelope | DeviceSetpoint | GridService | Cancel,
+    Field(discriminator="type"),
 ]
-ScheduledCommand = Dispatch | OperatingEnvelope | DeviceSetpoint
+ScheduledCommand = Dispatch | OperatingEnvelope | DeviceSetpoint | GridService
 
 
-COMMAND_ADAPTER: TypeAdapter[Dispatch | OperatingEnvelope | DeviceSetpoint | Cancel] = TypeAdapter(
-    Command
-)
+COMMAND_ADAPTER: TypeAdapter[
+    Dispatch | OperatingEnvelope | DeviceSetpoint | GridService | Cancel
+] = TypeAdapter(Command)
 
 
 # --------------------------------------------------------------------------- acks

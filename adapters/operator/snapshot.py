@@ -18,6 +18,7 @@ from unified.model import (
     TOPOLOGY_LEVELS,
     Dispatch,
     Frozen,
+    GridService,
     OperatingEnvelope,
     Quality,
     UtcDatetime,
@@ -170,7 +171,7 @@ def _location_paths(core: Gateway) -> list[list[tuple[str, str]]]:
     return paths
 
 
-def _target(command: Dispatch | OperatingEnvelope) -> str:
+def _target(command: Dispatch | OperatingEnvelope | GridService) -> str:
     target = command.target
     return target.group_id or f"{len(target.device_ids or ())} device(s)"
 
@@ -246,11 +247,16 @@ def build_snapshot(
         delivery = plan.delivery.get(cid, ack.delivery)
         allocations = plan.allocations.get(cid, ack.allocations)
         if isinstance(command, Dispatch):
-            target, mode = _target(command), command.mode.value
+            target, mode, kw = _target(command), command.mode.value, command.kw
             requested = plan.requested_kw.get(cid, delivery.requested_kw if delivery else None)
             committed = plan.committed_kw.get(cid, delivery.committed_kw if delivery else None)
+        elif isinstance(command, GridService):  # its schedule's setpoints now, summed
+            target, mode = _target(command), command.mode.value
+            requested = sum(a.requested_kw for a in allocations) if allocations else None
+            committed = sum(a.commanded_kw for a in allocations) if allocations else None
+            kw = committed or 0.0
         else:  # a setpoint: what it asks is what its device is asked
-            target, mode = command.device_id, None
+            target, mode, kw = command.device_id, None, command.kw
             requested = command.kw
             committed = sum(a.commanded_kw for a in allocations) if allocations else None
         commands.append(
@@ -262,7 +268,7 @@ def build_snapshot(
                 state=entry.state.value,
                 start=command.start,
                 end=command.end,
-                kw=command.kw,
+                kw=kw,
                 mode=mode,
                 requested_kw=requested,
                 committed_kw=committed,

@@ -115,7 +115,7 @@ def test_cli_schema_prints_every_message_schema() -> None:
     schemas = json.loads(result.stdout)
     assert {"command", "ack", "error", "group_telemetry", "status"} <= set(schemas)
     variants = {v["$ref"].rsplit("/", 1)[-1] for v in schemas["command"]["oneOf"]}
-    assert variants == {"Dispatch", "OperatingEnvelope", "DeviceSetpoint", "Cancel"}
+    assert variants == {"Dispatch", "OperatingEnvelope", "DeviceSetpoint", "GridService", "Cancel"}
 
 
 def test_docs_schemas_are_current() -> None:
