@@ -33,7 +33,7 @@ from adapters.operator.peers import Peers
 from adapters.operator.server import Extension, OperatorServer
 from adapters.operator.view import add_view
 from adapters.sep2_der.der import Sep2Der, refusals_to
-from adapters.sep2_der.server import Sep2Server
+from adapters.sep2_der.server import Sep2DefaultEnvelope, Sep2Server
 from adapters.sunspec.battery import SunSpecBattery, SunSpecEndpoint
 from adapters.sunspec.pv_inverter import SunSpecPvInverter
 from composition.config import DeviceConfig, EdgeAgentConfig, GatewayConfig
@@ -46,7 +46,7 @@ from gateway.enrolment import AdapterFactory
 from gateway.registry import Registry
 from protocols.mqtt.devices import Birth
 from unified.model import BatteryRatings, DerClass, Device, DeviceCommand, utcnow
-from unified.registry import DiscoverDevices, PendingEnrolment
+from unified.registry import ClientRates, DiscoverDevices, GroupDefaults, PendingEnrolment
 
 __all__ = ["GatewayApp", "build_adapters", "build_edge_agent"]
 
@@ -224,6 +224,8 @@ class GatewayApp:
             scanner=scan_sunspec,
         )
         self.uplink.bind(self.core)
+        if self.sep2_server is not None:
+            _serve_settings(self.core, self.sep2_server)
         if self.device_mqtt is not None:
             core = self.core
 
@@ -363,3 +365,21 @@ def build_edge_agent(
         site_loop=config.site_loop,
         uplink=config.uplink_mqtt,
     )
+
+
+def _serve_settings(core: Gateway, server: Sep2Server) -> None:
+    """Group default controls and client rates set through the registry API (operations
+    planning) reach the 2030.5 server: applied at once and, at start, from the registry."""
+
+    def why_not(group_id: str) -> str | None:
+        return None if server.serves_group(group_id) else "no 2030.5 DERProgram serves it"
+
+    def apply(item: GroupDefaults | ClientRates) -> None:
+        if isinstance(item, ClientRates):
+            server.set_rates(**item.model_dump())
+            return
+        envelope = Sep2DefaultEnvelope.model_validate(item.model_dump(exclude={"group_id"}))
+        server.set_default(item.group_id, envelope)
+
+    core.enrolment.serves_defaults = why_not
+    core.enrolment.settings_listeners.append(apply)

@@ -315,6 +315,7 @@ class Gateway:
             merged = await self.enrolment.load(utcnow())
             if merged is not None:
                 self._registry_changed(merged)
+            self.enrolment.announce_settings()
             if self.history is not None:
                 await stack.enter_async_context(self.history)
                 await self._load_weather()

@@ -37,10 +37,12 @@ from gateway.store import SqliteStore, StoreError, store_errors
 from unified.model import Device, Group, Reason, TopologyLevel
 from unified.registry import (
     ApproveDevices,
+    ClientRates,
     DeviceEnrolment,
     DiscoverDevices,
     EnrolDevices,
     GetRegistry,
+    GroupDefaults,
     PendingEnrolment,
     ProgramEnrolment,
     RegistryAck,
@@ -49,7 +51,9 @@ from unified.registry import (
     RegistryRequest,
     RegistrySnapshot,
     RetireDevices,
+    SetDefaults,
     SetEligibility,
+    SetRates,
     TopologyPatch,
     UpdateDevices,
 )
@@ -145,6 +149,26 @@ class RegistryStore(SqliteStore):
         return version, entries, retired
 
     @store_errors(RegistryError)
+    async def load_settings(self) -> tuple[dict[str, GroupDefaults], ClientRates | None]:
+        """Group defaults and client rates set through the API (a row that no longer reads is
+        skipped, with a warning)."""
+        defaults: dict[str, GroupDefaults] = {}
+        rates: ClientRates | None = None
+        async with self.db.execute(
+            "SELECT key, value FROM registry_meta WHERE key LIKE 'defaults:%' OR key = 'rates'"
+        ) as c:
+            async for key, value in c:
+                try:
+                    if key == "rates":
+                        rates = ClientRates.model_validate_json(str(value))
+                    else:
+                        found = GroupDefaults.model_validate_json(str(value))
+                        defaults[found.group_id] = found
+                except ValueError:
+                    log.warning("registry store: unreadable setting %s skipped", key)
+        return defaults, rates
+
+    @store_errors(RegistryError)
     async def load_pending(self) -> list[PendingEnrolment]:
         """Devices that announced themselves and wait for approval, oldest sighting first
         (a row that no longer reads is dropped, with a warning)."""
@@ -192,15 +216,16 @@ class RegistryStore(SqliteStore):
         upserts: Sequence[RegistryEntry],
         retired: Sequence[tuple[str, str, datetime]] = (),
         answered: tuple[str, str, RegistryAck] | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         """One transaction: the new version, changed entries (and their programs), retired
-        devices ``(id, origin, when)`` and the request's ack."""
+        devices ``(id, origin, when)``, changed settings (key → JSON) and the request's ack."""
         db = self.db
         try:
-            await db.execute(
-                "INSERT INTO registry_meta (key, value) VALUES ('version', ?)"
+            await db.executemany(
+                "INSERT INTO registry_meta (key, value) VALUES (?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(version),),
+                [("version", str(version)), *(settings or {}).items()],
             )
             await db.executemany(
                 "INSERT INTO registry_devices (device_id, entry, origin, retired_at, version)"
@@ -364,6 +389,16 @@ class Enrolment:
         self.entries: dict[str, RegistryEntry] = {}
         self._retired_by_api: set[str] = set()
         self._lock = asyncio.Lock()
+        self.group_defaults: dict[str, GroupDefaults] = {}
+        """Default controls per group set through the API (``defaults``), kept in the file."""
+        self.rates: ClientRates | None = None
+        """The client poll and post rates set through the API (``rates``)."""
+        self.serves_defaults: Callable[[str], str | None] | None = None
+        """Set by the composition root when an endpoint serves default controls (the 2030.5
+        server): None when ``group_id`` can take one, else why not. Unset: refused."""
+        self.settings_listeners: list[Callable[[GroupDefaults | ClientRates], None]] = []
+        """Told each applied ``defaults`` / ``rates`` (and the stored ones at start)."""
+        self._settings: dict[str, str] = {}
         self.pending: dict[str, PendingEnrolment] = {}
         """Devices that announced themselves (an MQTT birth, a SunSpec scan), by id; kept in
         the registry's file so an approval after a restart finds them (a retained birth is
@@ -545,6 +580,7 @@ class Enrolment:
             enrolled_before.append((_plain(entry.device), adapter))
             self.entries[device_id] = entry
         self.core.add_devices(enrolled_before)
+        self.group_defaults, self.rates = await self.store.load_settings()
         stale: list[str] = []
         for pending in await self.store.load_pending():
             if pending.device_id in self.entries or pending.device_id in self.core.registry:
@@ -655,7 +691,23 @@ class Enrolment:
             timestamp=now,
             devices=tuple(self.entries[d] for d in sorted(self.entries)),
             pending=tuple(self.pending[d] for d in sorted(self.pending)),
+            defaults=tuple(self.group_defaults[g] for g in sorted(self.group_defaults)),
+            rates=self.rates,
         )
+
+    def announce_settings(self) -> None:
+        """Tell the settings listeners what is stored (at start, once they are listening)."""
+        for defaults in self.group_defaults.values():
+            self._tell(defaults)
+        if self.rates is not None:
+            self._tell(self.rates)
+
+    def _tell(self, item: GroupDefaults | ClientRates) -> None:
+        for listener in self.settings_listeners:
+            try:
+                listener(item)
+            except Exception:  # an endpoint's failure must not undo an applied request
+                log.exception("applying %s failed", type(item).__name__)
 
     async def handle(
         self, request: RegistryRequest, now: datetime
@@ -699,8 +751,11 @@ class Enrolment:
         change = change.model_copy(update={"version": self.version})
         devices = (*change.enrolled, *change.updated, *change.retired, *change.moved)
         ack = self._ack(request, now, devices=tuple(dict.fromkeys(devices)))
+        settings, self._settings = self._settings, {}
         try:
-            await self.store.commit(self.version, upserts, gone, (request.request_id, dig, ack))
+            await self.store.commit(
+                self.version, upserts, gone, (request.request_id, dig, ack), settings
+            )
         except BaseException:
             self.version -= 1
             raise
@@ -796,6 +851,8 @@ class Enrolment:
             return self._plan_update(request, now, base)
         if isinstance(request, SetEligibility):
             return self._plan_eligibility(request, now, base)
+        if isinstance(request, SetDefaults | SetRates):
+            return self._plan_settings(request, base)
         if isinstance(request, RetireDevices):
             ids = tuple(dict.fromkeys(request.device_ids))
             for device_id in ids:
@@ -812,6 +869,51 @@ class Enrolment:
             return RegistryChange(op="retire", retired=ids, **base), [], gone, retire
         assert isinstance(request, TopologyPatch)
         return self._plan_topology(request, now, base)
+
+    def _plan_settings(
+        self, request: SetDefaults | SetRates, base: dict[str, Any]
+    ) -> tuple[
+        RegistryChange,
+        list[RegistryEntry],
+        list[tuple[str, str, datetime]],
+        Callable[[], None],
+    ]:
+        self._settings = {}
+        served = self.serves_defaults
+        if isinstance(request, SetDefaults):
+            new = request.defaults
+            gid = new.group_id
+            if self.core.registry.group(gid) is None:
+                raise _Refused(Reason.UNKNOWN_GROUP, f"unknown group {gid!r}")
+            why = "no endpoint of this gateway serves default controls" if served is None else (
+                served(gid)
+            )
+            if why is not None:
+                raise _Refused(Reason.UNKNOWN_GROUP, f"group {gid!r}: {why}")
+            settings = {f"defaults:{gid}": new.model_dump_json()}
+
+            def set_defaults() -> None:
+                self.group_defaults[gid] = new
+                self._tell(new)
+
+            change = RegistryChange(op="defaults", defaults=new, **base)
+            self._settings = settings
+            return change, [], [], set_defaults
+        if served is None:
+            raise _Refused(
+                Reason.UNKNOWN_GROUP, "no endpoint of this gateway has clients that poll"
+            )
+        given = request.rates.model_dump(exclude_none=True)
+        rates = ClientRates.model_validate(
+            {**(self.rates.model_dump() if self.rates else {}), **given}
+        )
+
+        def set_rates() -> None:
+            self.rates = rates
+            self._tell(rates)
+
+        self._settings = {"rates": rates.model_dump_json()}
+        return RegistryChange(op="rates", rates=rates, **base), [], [], set_rates
 
     def _plan_enrol(
         self, request: EnrolDevices, now: datetime, base: dict[str, Any]

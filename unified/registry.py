@@ -172,6 +172,60 @@ class DiscoverDevices(_Request):
         return self
 
 
+class GroupDefaults(Frozen):
+    """What a group's DERs do when no event is active (a 2030.5 DefaultDERControl): limits
+    (None: no limit) and how fast they may change their power."""
+
+    group_id: Identifier
+    import_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Site import limit (opModImpLimW)"
+    )
+    export_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Site export limit (opModExpLimW)"
+    )
+    generation_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Device generation limit (opModGenLimW)"
+    )
+    load_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="Device load limit (opModLoadLimW)"
+    )
+    ramp_rate_pct_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=655.35,
+        description="setGradW: % of rated power per second a DER may ramp at",
+    )
+
+
+class ClientRates(Frozen):
+    """How often the gateway's clients (2030.5 sites) poll and post; None leaves one as it is."""
+
+    poll_rate_s: int | None = Field(
+        default=None, ge=1, le=86_400, description="EndDevice and FunctionSetAssignments lists"
+    )
+    der_poll_rate_s: int | None = Field(
+        default=None, ge=1, le=86_400, description="DERProgram lists (controls)"
+    )
+    post_rate_s: int | None = Field(
+        default=None, ge=1, le=86_400, description="Telemetry (MirrorUsagePoint postRate)"
+    )
+
+
+class SetDefaults(_Request):
+    """Operations planning: a group's default control, served to its 2030.5 clients from the
+    next GET (subscribers are notified), kept across restarts."""
+
+    op: Literal["defaults"]
+    defaults: GroupDefaults
+
+
+class SetRates(_Request):
+    """Operations planning: the poll and post rates the gateway asks of its clients."""
+
+    op: Literal["rates"]
+    rates: ClientRates
+
+
 class GetRegistry(_Request):
     """Ask for the whole registry: it is published (retained) on ``registry/snapshot``."""
 
@@ -185,6 +239,8 @@ RegistryRequest = Annotated[
     | TopologyPatch
     | ApproveDevices
     | SetEligibility
+    | SetDefaults
+    | SetRates
     | DiscoverDevices
     | GetRegistry,
     Field(discriminator="op"),
@@ -251,13 +307,24 @@ class RegistryChange(Frozen):
     version: int
     request_id: Identifier
     op: Literal[
-        "enrol", "update", "retire", "topology", "approve", "eligibility", "config", "endpoint"
+        "enrol",
+        "update",
+        "retire",
+        "topology",
+        "approve",
+        "eligibility",
+        "config",
+        "endpoint",
+        "defaults",
+        "rates",
     ]
     timestamp: UtcDatetime
     enrolled: tuple[Identifier, ...] = ()
     updated: tuple[Identifier, ...] = ()
     retired: tuple[Identifier, ...] = ()
     moved: tuple[Identifier, ...] = ()
+    defaults: GroupDefaults | None = Field(default=None, description="op defaults: the new one")
+    rates: ClientRates | None = Field(default=None, description="op rates: the rates now asked")
 
 
 class RegistrySnapshot(Frozen):
@@ -268,6 +335,10 @@ class RegistrySnapshot(Frozen):
     timestamp: UtcDatetime
     devices: tuple[RegistryEntry, ...]
     pending: tuple[PendingEnrolment, ...] = ()
+    defaults: tuple[GroupDefaults, ...] = Field(
+        default=(), description="Group default controls set through the API"
+    )
+    rates: ClientRates | None = Field(default=None, description="Client rates set through the API")
 
 
 def registry_json_schemas() -> dict[str, dict[str, Any]]:

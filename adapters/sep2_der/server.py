@@ -832,6 +832,7 @@ class Sep2Server:
         self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
+        self._early_defaults: dict[str, Sep2DefaultEnvelope] = {}
         self.poll_rate_s = config.poll_rate_s
         self.der_poll_rate_s = config.der_poll_rate_s
         self.post_rate_s = config.post_rate_s
@@ -913,6 +914,7 @@ class Sep2Server:
             return program
         configured = self._configured.get(group_id)
         default = configured.default if configured else Sep2DefaultEnvelope()
+        early = self._early_defaults.pop(group_id, None)
         saved = None if self._stored is None else self._stored.programs.get(group_id)
         program = _Program(
             program_id=self._next_program if saved is None else saved.program_id,
@@ -930,7 +932,14 @@ class Sep2Server:
             self._restore_default(program, saved)
         self._programs[group_id] = program
         self._mark_program(program)
+        if early is not None:
+            self.set_default(group_id, early)  # one version on, as any run-time change
         return program
+
+    def serves_group(self, group_id: str) -> bool:
+        """True when ``group_id`` can have a default control here: a DERProgram serves it, or
+        it is one of the configured programs (served once a DER of it enrols)."""
+        return group_id in self._programs or group_id in self._configured
 
     # ----------------------------------------------------------------------- run-time changes
 
@@ -940,6 +949,9 @@ class Sep2Server:
         enrolled device is in that group (nothing serves its program)."""
         program = self._programs.get(group_id)
         if program is None:
+            # Served from when a DER of the group enrols (a default set before the server's
+            # DERs are back after a restart, or for a group not yet populated).
+            self._early_defaults[group_id] = default
             return False
         base, grad = _default_base(default), _grad_w(default)
         if (program.default_base, program.set_grad_w) == (base, grad):
