@@ -76,6 +76,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.sep2_der.pricing import COMPONENTS, TariffBook, TariffView, reading_type
 from adapters.sep2_der.state import Sep2ServerState, StateSnapshot, StoredDevice, StoredProgram
 from gateway.ports import RefusalHook
 from gateway.quota import Quotas
@@ -137,6 +138,7 @@ from protocols.sep2 import (
 )
 from unified.config import Section
 from unified.model import Identifier, LimitSource, utc_from_timestamp
+from unified.prices import PriceSchedule
 
 __all__ = [
     "DerSnapshot",
@@ -842,6 +844,7 @@ class Sep2Server:
         self._persist_wake = asyncio.Event()
         self._persist_stop = False
         self._persister: asyncio.Task[None] | None = None
+        self._tariffs = TariffBook()  # price schedules served as 2030.5 Pricing (§10.5)
         self.unreadable_state_rows = 0
         """Rows of the state file that could not be read back (skipped)."""
         for program in config.programs:  # configured groups get the low, stable ids
@@ -985,6 +988,26 @@ class Sep2Server:
             kinds += ("derpl",) if der_poll_rate_s is not None else ()
             if kinds:
                 self._notify_lists(der, kinds)
+
+    def set_price(self, schedule: PriceSchedule) -> bool:
+        """Serve a price schedule (Grid DERMS's ``prices``) to the clients in its scope (every
+        client for the gateway-wide scope) as their TariffProfiles (``adapters.sep2_der.pricing``).
+        False when one as new or newer is held for its scope and kind (nothing changes)."""
+        if not self._tariffs.put(schedule):
+            return False
+        log.info("2030.5 pricing: %s/%s schedule from %s", *schedule.key, schedule.issued_at)
+        for der in self._ders.values():
+            self._touch(der)
+        return True
+
+    def _tariff_view(self, der: _Der) -> TariffView:
+        programs = sorted(der.edev_programs(), key=lambda p: (p.primacy, p.program_id))
+        return TariffView(
+            der.base_href,
+            self._tariffs.for_groups([p.group_id for p in programs]),
+            self.config.iana_pen,
+            v13=self.config.csipaus == CsipAusVersion.V1_3,
+        )
 
     def _notify_default(self, der: _Der, program: _Program) -> None:
         for sub in self._subscriptions_of(der):
@@ -1490,6 +1513,21 @@ class Sep2Server:
             ("/edev/{e:\\d+}/rsps/{r:\\d+}", self._get_rsps),
             ("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp/{n:\\d+}", self._get_response),
         ]
+        tp = "/edev/{e:\\d+}/tp"
+        rc = tp + "/{t:\\d+}/rc/{r:\\d+}"
+        get += [
+            (tp, self._get_tariff_profiles),
+            (tp + "/{t:\\d+}", self._get_tariff_profile),
+            (tp + "/{t:\\d+}/rc", self._get_rate_components),
+            (tp + "/{t:\\d+}/ctti", self._get_time_tariff_intervals),
+            (rc, self._get_rate_component),
+            (rc + "/tti", self._get_time_tariff_intervals),
+            (rc + "/acttti", self._get_time_tariff_intervals),
+            (rc + "/tti/{i:\\d+}", self._get_time_tariff_interval),
+            (rc + "/tti/{i:\\d+}/cti", self._get_consumption_tariff_intervals),
+            (rc + "/tti/{i:\\d+}/cti/{c:\\d+}", self._get_consumption_tariff_intervals),
+            ("/rt/{r:\\d+}", self._get_reading_type),
+        ]
         for path, handler in get:
             r.add_get(path, handler)
         r.add_route("GET", "/edev", self._get_edev_list)
@@ -1954,6 +1992,9 @@ class Sep2Server:
         return FunctionSetAssignments(
             href=href,
             der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
+            tariff_profile_list_link=ListLink(
+                href=f"{der.base_href}/tp", all=len(self._tariff_view(der).profiles)
+            ),
             time_link=Link(href="/tm"),
             mrid=_mrid(4, der.edev_id, self.config.iana_pen),
             description="",
@@ -1964,6 +2005,89 @@ class Sep2Server:
         if int(request.match_info["f"]) != _FSA_ID:
             raise _HttpError(404, "no such FunctionSetAssignments")
         return self._cached(request, der, lambda _: (self._fsa(der), None))
+
+    # ----------------------------------------------------------------------- pricing (§10.5)
+
+    def _own_tariff(self, request: web.Request) -> tuple[_Der, TariffView, int, int]:
+        """The client's view, its profile ``t`` and component ``r`` (0 when not in the path);
+        404 for ones it is not served."""
+        der = self._own(request)
+        view = self._tariff_view(der)
+        t = int(request.match_info.get("t", "0"))
+        r = int(request.match_info.get("r", "0"))
+        if "t" in request.match_info and t not in view.profiles:
+            raise _HttpError(404, "no such TariffProfile for this EndDevice")
+        if "r" in request.match_info and r not in COMPONENTS:
+            raise _HttpError(404, "no such RateComponent")
+        return der, view, t, r
+
+    async def _get_tariff_profiles(self, request: web.Request) -> web.Response:
+        der, view, _, _ = self._own_tariff(request)
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            return view.profile_list(start, limit, self.poll_rate_s), None
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    async def _get_tariff_profile(self, request: web.Request) -> web.Response:
+        der, view, t, _ = self._own_tariff(request)
+        return self._cached(request, der, lambda _: (view.profile(t), None))
+
+    async def _get_rate_components(self, request: web.Request) -> web.Response:
+        der, view, t, _ = self._own_tariff(request)
+        start, limit, after = self._paging(request)
+        return self._cached(
+            request, der, lambda _: (view.components(t, start, limit), None), (start, limit, after)
+        )
+
+    async def _get_rate_component(self, request: web.Request) -> web.Response:
+        der, view, t, r = self._own_tariff(request)
+        return self._cached(request, der, lambda _: (view.component(t, r), None))
+
+    async def _get_time_tariff_intervals(self, request: web.Request) -> web.Response:
+        der, view, t, r = self._own_tariff(request)
+        start, limit, after = self._paging(request)
+        kind = request.path.rsplit("/", 1)[1]
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            if kind == "ctti":
+                model = view.combined(t, now, start, limit)
+            else:
+                model = view.intervals(t, r, now, start, limit, active=kind == "acttti")
+            return model, view.next_boundary(now)
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    def _own_interval(self, request: web.Request) -> tuple[_Der, TariffView, int, int, int]:
+        der, view, t, r = self._own_tariff(request)
+        i = int(request.match_info["i"]) - 1
+        if not 0 <= i < len(view.profiles[t].points):
+            raise _HttpError(404, "no such TimeTariffInterval")
+        return der, view, t, r, i
+
+    async def _get_time_tariff_interval(self, request: web.Request) -> web.Response:
+        der, view, t, r, i = self._own_interval(request)
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            return view.interval(t, r, i, now), view.next_boundary(now)
+
+        return self._cached(request, der, build)
+
+    async def _get_consumption_tariff_intervals(self, request: web.Request) -> web.Response:
+        der, view, t, r, i = self._own_interval(request)
+        if "c" in request.match_info:
+            if request.match_info["c"] != "1":
+                raise _HttpError(404, "no such ConsumptionTariffInterval")
+            return self._cached(request, der, lambda _: (view.consumption(t, r, i), None))
+        return self._cached(request, der, lambda _: (view.consumption_list(t, r, i), None))
+
+    async def _get_reading_type(self, request: web.Request) -> web.Response:
+        r = int(request.match_info["r"])
+        if r not in COMPONENTS:
+            raise _HttpError(404, "no such ReadingType")
+        _, der = self._client(request)
+        return self._cached(request, der, lambda _: (reading_type(r), None))
 
     # ----------------------------------------------------------------------- programs & controls
 
