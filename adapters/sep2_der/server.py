@@ -18,6 +18,8 @@ Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id):
     /edev/{e}/rsps[/1[/rsp[/{r}]]]      replyTo of every control
     /edev/{e}/sub[/{s}]                 the client's Subscriptions (see below)
     /mup[/{m}]                          MirrorUsagePoints (telemetry)
+    /edev/{e}/tp[/...]  /rt/{r}         Pricing: the client's price schedule as TariffProfiles
+                                        (``adapters.sep2_der.pricing``; ``set_price``)
 
 Who is asking: the LFDI of the TLS client certificate (or, for plain-HTTP development only, a
 configured header). A client sees only its own EndDevice; another client's EndDevice tree
@@ -27,7 +29,8 @@ MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` 
 bodies are read with a size limit and a timeout and decoded completely before any state changes.
 
 Subscriptions: a client may subscribe to its own EndDeviceList, FunctionSetAssignmentsList,
-DERProgramLists, DERPrograms, DERControlLists (``derc``, ``actderc``) and DefaultDERControls;
+TariffProfileList (a new price schedule for it), DERProgramLists, DERPrograms, DERControlLists
+(``derc``, ``actderc``) and DefaultDERControls;
 when a subscribed resource changes (publish, release, supersede, lapse; a new default or rate;
 a subscription more or less) the server POSTs a ``Notification`` to the subscription's
 notificationURI, whose host must be in ``notification_hosts`` (no other targets, no redirects:
@@ -592,7 +595,7 @@ class _Subscription:
     der: _Der
     program_id: int | None  # None for a DERProgramList
     # derc | actderc | dderc | derp (a DERProgram) | derpl (a DERProgramList) | edevl (the
-    # client's EndDeviceList) | fsal (its FunctionSetAssignmentsList)
+    # client's EndDeviceList) | fsal (its FunctionSetAssignmentsList) | tpl (TariffProfileList)
     kind: str
     model: Subscription  # as served, with its href
     pending: deque[bytes]  # encoded Notifications, oldest first
@@ -984,7 +987,7 @@ class Sep2Server:
                 setattr(self, name, value)
         for der in self._ders.values():
             self._touch(der)
-            kinds: tuple[str, ...] = ("edevl", "fsal") if poll_rate_s is not None else ()
+            kinds: tuple[str, ...] = ("edevl", "fsal", "tpl") if poll_rate_s is not None else ()
             kinds += ("derpl",) if der_poll_rate_s is not None else ()
             if kinds:
                 self._notify_lists(der, kinds)
@@ -998,6 +1001,9 @@ class Sep2Server:
         log.info("2030.5 pricing: %s/%s schedule from %s", *schedule.key, schedule.issued_at)
         for der in self._ders.values():
             self._touch(der)
+        for der in self._ders.values():  # each EndDevice now served this schedule: tell it
+            if der.host is None and schedule in self._tariff_view(der).profiles.values():
+                self._notify_lists(der, ("tpl", "fsal"))
         return True
 
     def _tariff_view(self, der: _Der) -> TariffView:
@@ -2496,12 +2502,15 @@ class Sep2Server:
             return None, "edevl"  # the client's own EndDeviceList
         if resource == f"{der.base_href}/fsa":
             return None, "fsal"
+        if resource == f"{der.base_href}/tp":
+            return None, "tpl"  # its TariffProfileList (Pricing)
         match = _SUBSCRIBABLE.match(resource)
         if match is None:
             raise _HttpError(
                 400,
                 f"{resource!r} is not subscribable: the EndDeviceList, FunctionSetAssignmentsList, "
-                "DERProgramLists, DERPrograms, DERControlLists and DefaultDERControls are",
+                "TariffProfileList, DERProgramLists, DERPrograms, DERControlLists and "
+                "DefaultDERControls are",
             )
         program = der.program(int(match.group(2)))
         if program is None:
@@ -2565,6 +2574,9 @@ class Sep2Server:
                         href="/edev", all=1, results=1, poll_rate=self.poll_rate_s, items=items
                     ),
                 )
+            elif sub.kind == "tpl" and "tpl" in kinds:
+                view = self._tariff_view(der)
+                self._enqueue(sub, view.profile_list(0, sub.model.limit, self.poll_rate_s))
             elif sub.kind == "derpl" and "derpl" in kinds:
                 self._enqueue(sub, self._program_list_model(der, sub.model, self._now()))
             elif sub.kind == "fsal" and "fsal" in kinds:
@@ -2590,7 +2602,11 @@ class Sep2Server:
         """
         self._touch(der)
         self._mark(der)
-        subs = [s for s in self._subscriptions_of(der) if s.kind not in ("dderc", "edevl", "fsal")]
+        subs = [
+            s
+            for s in self._subscriptions_of(der)
+            if s.kind not in ("dderc", "edevl", "fsal", "tpl")
+        ]
         if not subs:
             return
         now = self._now()

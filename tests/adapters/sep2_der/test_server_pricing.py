@@ -28,10 +28,13 @@ from protocols.sep2 import (
     TariffProfileList,
     TimeTariffIntervalList,
 )
+from tests.adapters.sep2_der import test_server_subscriptions as subscriptions
 from tests.adapters.sep2_der.test_server import LFDI_A, LFDI_B, Client, Fleet, _config
+from tests.adapters.sep2_der.test_server_subscriptions import Receiver, _subscription
 from unified.prices import PriceKind, PricePoint, PriceSchedule
 
 ISSUED = datetime(2026, 1, 1, tzinfo=UTC)
+receiver = subscriptions.receiver  # the notification receiver fixture
 
 
 @pytest.fixture
@@ -167,3 +170,32 @@ async def test_no_schedule_no_profiles(fleet: Fleet) -> None:
         a = await _client(session, fleet.server, LFDI_A, "bat-a")
         profiles = await a.get_as(TariffProfileList, f"{a.edev}/tp")
         assert (profiles.all, profiles.items) == (0, ())
+
+
+async def test_a_new_schedule_notifies_the_tariff_profile_list_subscribers(
+    receiver: Receiver,
+) -> None:
+    """A client subscribed to its TariffProfileList is told of a new schedule for it (with the
+    new profile), not of one for another group."""
+    server = Sep2Server(_config(notification_hosts=("127.0.0.1",)))
+    a_groups, b_groups = ("substation:s1", "feeder:f1"), ("substation:s1", "feeder:f2")
+    await Sep2Der("bat-a", Sep2DerEndpoint(lfdi=LFDI_A), server=server, groups=a_groups).connect()
+    await Sep2Der("bat-b", Sep2DerEndpoint(lfdi=LFDI_B), server=server, groups=b_groups).connect()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            a = await _client(session, server, LFDI_A, "bat-a")
+            body = _subscription(f"{a.edev}/tp", receiver.url + "/tp")
+            status, _, _ = await a.request("POST", f"{a.edev}/sub", body)
+            assert status == 201
+            assert server.set_price(_schedule([(0.2, None)], scope="feeder:f2"))
+            assert server.set_price(_schedule([(0.3, None)], scope="feeder:f1"))
+            note = await receiver.next()
+            assert note.subscribed_resource == f"{a.edev}/tp"
+            assert isinstance(note.resource, TariffProfileList)
+            (profile,) = note.resource.items
+            _, prices = await _prices(a)
+            assert prices[1][0][2] == 30000  # the feeder:f1 schedule, not feeder:f2's
+            assert profile.href == f"{a.edev}/tp/1"
+            await receiver.nothing(0.3)  # one Notification: feeder:f2's is not A's
+    finally:
+        await server.stop()
