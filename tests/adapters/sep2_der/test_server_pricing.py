@@ -172,11 +172,11 @@ async def test_no_schedule_no_profiles(fleet: Fleet) -> None:
         assert (profiles.all, profiles.items) == (0, ())
 
 
-async def test_a_new_schedule_notifies_the_tariff_profile_list_subscribers(
+async def test_a_new_schedule_or_poll_rate_notifies_the_tariff_profile_list_subscribers(
     receiver: Receiver,
 ) -> None:
     """A client subscribed to its TariffProfileList is told of a new schedule for it (with the
-    new profile), not of one for another group."""
+    new profile), not of one for another group, and of a new pollRate."""
     server = Sep2Server(_config(notification_hosts=("127.0.0.1",)))
     a_groups, b_groups = ("substation:s1", "feeder:f1"), ("substation:s1", "feeder:f2")
     await Sep2Der("bat-a", Sep2DerEndpoint(lfdi=LFDI_A), server=server, groups=a_groups).connect()
@@ -197,5 +197,12 @@ async def test_a_new_schedule_notifies_the_tariff_profile_list_subscribers(
             assert prices[1][0][2] == 30000  # the feeder:f1 schedule, not feeder:f2's
             assert profile.href == f"{a.edev}/tp/1"
             await receiver.nothing(0.3)  # one Notification: feeder:f2's is not A's
+            # The pollRate it carries changes at run time, and the subscriber is told.
+            server.set_rates(poll_rate_s=120)
+            note = await receiver.next()
+            assert isinstance(note.resource, TariffProfileList)
+            assert note.resource.poll_rate == 120
+            served = await a.get_as(TariffProfileList, f"{a.edev}/tp")
+            assert served.poll_rate == 120
     finally:
         await server.stop()
