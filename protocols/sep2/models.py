@@ -57,6 +57,7 @@ __all__ = [
     "ActivePower",
     "AmpereHour",
     "ApparentPower",
+    "ApplianceLoadReduction",
     "Condition",
     "ConnectStatus",
     "ConnectionPoint",
@@ -77,8 +78,13 @@ __all__ = [
     "DERStatus",
     "DateTimeInterval",
     "DefaultDERControl",
+    "DemandResponseProgram",
+    "DemandResponseProgramList",
     "DeviceCapability",
+    "DutyCycle",
     "EndDevice",
+    "EndDeviceControl",
+    "EndDeviceControlList",
     "EndDeviceList",
     "Error",
     "EventStatus",
@@ -97,6 +103,7 @@ __all__ = [
     "MirrorUsagePoint",
     "MirrorUsagePointList",
     "Notification",
+    "Offset",
     "PowerFactor",
     "PowerFactorWithExcitation",
     "RateComponent",
@@ -112,6 +119,7 @@ __all__ = [
     "ResponseSet",
     "ResponseSetList",
     "Sep2List",
+    "SetPoint",
     "StateOfChargeStatus",
     "StatusCode",
     "Subscription",
@@ -1096,6 +1104,97 @@ class TimeTariffIntervalList(Sep2List):
     items: Annotated[tuple[TimeTariffInterval, ...], Element("TimeTariffInterval")] = ()
 
 
+# --------------------------------------------------------------------------- DRLC (§10.4)
+
+
+class ApplianceLoadReduction(Sep2Model):
+    """0 delay appliance load, 1 temporary appliance load reduction."""
+
+    type: Annotated[UInt8, Element("type")]
+
+
+class DutyCycle(Sep2Model):
+    """The largest share of time the device may be on, in percent."""
+
+    normal_value: Annotated[UInt8, Element("normalValue")]
+
+
+class Offset(Sep2Model):
+    """Temperature offsets in 0.1 °C (cooling up, heating down) or a load adjustment in
+    hundredths of a percent."""
+
+    cooling_offset: Annotated[UInt8 | None, Element("coolingOffset")] = None
+    heating_offset: Annotated[UInt8 | None, Element("heatingOffset")] = None
+    load_adjustment_percentage_offset: Annotated[
+        PerCent | None, Element("loadAdjustmentPercentageOffset")
+    ] = None
+
+
+class SetPoint(Sep2Model):
+    """Temperatures in hundredths of a °C."""
+
+    cooling_setpoint: Annotated[Int16 | None, Element("coolingSetpoint")] = None
+    heating_setpoint: Annotated[Int16 | None, Element("heatingSetpoint")] = None
+
+
+class EndDeviceControl(Resource):
+    """A demand response event for end devices (thermostats, water heaters, ...)."""
+
+    xml_tag: ClassVar[str] = "EndDeviceControl"
+
+    reply_to: Annotated[str | None, Attribute("replyTo")] = None
+    response_required: Annotated[HexBinary8 | None, Attribute("responseRequired")] = None
+    subscribable: Annotated[UInt8 | None, Attribute("subscribable")] = None
+    mrid: Annotated[HexBinary128, Element("mRID")]
+    description: Annotated[str | None, Element("description")] = None
+    version: Annotated[UInt16 | None, Element("version")] = None
+    creation_time: Annotated[TimeType, Element("creationTime")]
+    event_status: Annotated[EventStatus | None, Element("EventStatus")] = None
+    interval: Annotated[DateTimeInterval, Element("interval")]
+    randomize_duration: Annotated[Int16 | None, Element("randomizeDuration")] = None
+    randomize_start: Annotated[Int16 | None, Element("randomizeStart")] = None
+    appliance_load_reduction: Annotated[
+        ApplianceLoadReduction | None, Element("ApplianceLoadReduction")
+    ] = None
+    device_category: Annotated[HexBinary32, Element("deviceCategory")]
+    dr_program_mandatory: Annotated[bool, Element("drProgramMandatory")]
+    duty_cycle: Annotated[DutyCycle | None, Element("DutyCycle")] = None
+    load_shift_forward: Annotated[bool, Element("loadShiftForward")]
+    offset: Annotated[Offset | None, Element("Offset")] = None
+    override_duration: Annotated[UInt16 | None, Element("overrideDuration")] = None
+    set_point: Annotated[SetPoint | None, Element("SetPoint")] = None
+
+
+class EndDeviceControlList(Sep2List):
+    """Also the ActiveEndDeviceControlList."""
+
+    xml_tag: ClassVar[str] = "EndDeviceControlList"
+
+    items: Annotated[tuple[EndDeviceControl, ...], Element("EndDeviceControl")] = ()
+
+
+class DemandResponseProgram(Resource):
+    xml_tag: ClassVar[str] = "DemandResponseProgram"
+
+    subscribable: Annotated[UInt8 | None, Attribute("subscribable")] = None
+    mrid: Annotated[HexBinary128, Element("mRID")]
+    description: Annotated[str | None, Element("description")] = None
+    version: Annotated[UInt16 | None, Element("version")] = None
+    active_end_device_control_list_link: Annotated[
+        ListLink | None, Element("ActiveEndDeviceControlListLink")
+    ] = None
+    end_device_control_list_link: Annotated[
+        ListLink | None, Element("EndDeviceControlListLink")
+    ] = None
+    primacy: Annotated[UInt8, Element("primacy")]
+
+
+class DemandResponseProgramList(Sep2List):
+    xml_tag: ClassVar[str] = "DemandResponseProgramList"
+
+    items: Annotated[tuple[DemandResponseProgram, ...], Element("DemandResponseProgram")] = ()
+
+
 _ROOTS: Final[tuple[type[Sep2Model], ...]] = (
     ConnectionPoint,
     DER,
@@ -1140,6 +1239,10 @@ _ROOTS: Final[tuple[type[Sep2Model], ...]] = (
     TimeTariffIntervalList,
     ConsumptionTariffInterval,
     ConsumptionTariffIntervalList,
+    DemandResponseProgram,
+    DemandResponseProgramList,
+    EndDeviceControl,
+    EndDeviceControlList,
 )
 
 ROOT_MODELS: Final[Mapping[str, type[Sep2Model]]] = MappingProxyType(

@@ -12,10 +12,14 @@ from protocols.sep2 import (
     CsipAusVersion,
     DateTimeInterval,
     DefaultDERControl,
+    DemandResponseProgram,
     DERControl,
     DERControlBase,
     DERControlList,
     DERControlResponse,
+    DutyCycle,
+    EndDeviceControl,
+    EndDeviceControlList,
     EndDeviceList,
     Error,
     EventStatus,
@@ -23,6 +27,7 @@ from protocols.sep2 import (
     Link,
     ListLink,
     Notification,
+    Offset,
     RateComponent,
     TariffProfile,
     TimeTariffInterval,
@@ -284,3 +289,62 @@ def test_time_tariff_interval_v13_summary_golden() -> None:
     # The IEEE namespace and CSIP-AUS v1.2 have no summary: refuse rather than mislabel it.
     with pytest.raises(InvalidValue):
         encode(summarised, csipaus=CsipAusVersion.V1_2)
+
+
+def test_demand_response_golden() -> None:
+    """DRLC (IEEE 2030.5-2018 §10.4): a program and a thermostat event capping its duty cycle."""
+    program = DemandResponseProgram(
+        href="/edev/3/drp/1",
+        mrid="E0" * 16,
+        description="Thermal loads",
+        active_end_device_control_list_link=ListLink(href="/edev/3/drp/1/actedc", all=1),
+        end_device_control_list_link=ListLink(href="/edev/3/drp/1/edc", all=1),
+        primacy=1,
+    )
+    assert encode(program) == (
+        b'<DemandResponseProgram xmlns="urn:ieee:std:2030.5:ns" href="/edev/3/drp/1">'
+        b"<mRID>E0E0E0E0E0E0E0E0E0E0E0E0E0E0E0E0</mRID><description>Thermal loads</description>"
+        b'<ActiveEndDeviceControlListLink href="/edev/3/drp/1/actedc" all="1"/>'
+        b'<EndDeviceControlListLink href="/edev/3/drp/1/edc" all="1"/>'
+        b"<primacy>1</primacy></DemandResponseProgram>"
+    )
+    event = EndDeviceControl(
+        href="/edev/3/drp/1/edc/7",
+        reply_to="/edev/3/rsps/2/rsp",
+        response_required="03",
+        mrid="F0" * 16,
+        creation_time=1795822000,
+        event_status=EventStatus(
+            current_status=0, date_time=1795822000, potentially_superseded=False
+        ),
+        interval=DateTimeInterval(duration=3600, start=1795825600),
+        randomize_start=120,
+        device_category="01",
+        dr_program_mandatory=True,
+        duty_cycle=DutyCycle(normal_value=40),
+        load_shift_forward=False,
+    )
+    assert encode(event) == (
+        b'<EndDeviceControl xmlns="urn:ieee:std:2030.5:ns" href="/edev/3/drp/1/edc/7"'
+        b' replyTo="/edev/3/rsps/2/rsp" responseRequired="03">'
+        b"<mRID>F0F0F0F0F0F0F0F0F0F0F0F0F0F0F0F0</mRID><creationTime>1795822000</creationTime>"
+        b"<EventStatus><currentStatus>0</currentStatus><dateTime>1795822000</dateTime>"
+        b"<potentiallySuperseded>false</potentiallySuperseded></EventStatus>"
+        b"<interval><duration>3600</duration><start>1795825600</start></interval>"
+        b"<randomizeStart>120</randomizeStart><deviceCategory>01</deviceCategory>"
+        b"<drProgramMandatory>true</drProgramMandatory>"
+        b"<DutyCycle><normalValue>40</normalValue></DutyCycle>"
+        b"<loadShiftForward>false</loadShiftForward></EndDeviceControl>"
+    )
+    offset = event.model_copy(
+        update={
+            "duty_cycle": None,
+            "offset": Offset(cooling_offset=20, heating_offset=20),
+            "interval": DateTimeInterval(duration=1800, start=1795825600),
+        }
+    )
+    listed = EndDeviceControlList(href="/edev/3/drp/1/edc", all=2, results=2, items=(event, offset))
+    expected = b"<Offset><coolingOffset>20</coolingOffset><heatingOffset>20</heatingOffset></Offset>"
+    assert expected in encode(listed)
+    for model in (program, event, listed):
+        assert decode(encode(model)) == model
