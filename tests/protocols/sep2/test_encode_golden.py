@@ -344,7 +344,9 @@ def test_demand_response_golden() -> None:
         }
     )
     listed = EndDeviceControlList(href="/edev/3/drp/1/edc", all=2, results=2, items=(event, offset))
-    expected = b"<Offset><coolingOffset>20</coolingOffset><heatingOffset>20</heatingOffset></Offset>"
+    expected = (
+        b"<Offset><coolingOffset>20</coolingOffset><heatingOffset>20</heatingOffset></Offset>"
+    )
     assert expected in encode(listed)
     for model in (program, event, listed):
         assert decode(encode(model)) == model
