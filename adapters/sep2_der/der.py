@@ -29,6 +29,7 @@ from typing import Final, Literal
 
 from pydantic import Field
 
+from adapters.sep2_der.drlc import DEVICE_CATEGORY
 from adapters.sep2_der.server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
 from gateway.devices import (
     AdapterError,
@@ -93,6 +94,17 @@ class Sep2DerEndpoint(Frozen):
         default="der",
         description="Which MirrorUsagePoint is the device's power: the DER's or the site's",
     )
+    load: Literal["thermostat", "water_heater"] | None = Field(
+        default=None,
+        description="A thermal load, not a DER: its setpoints are 2030.5 DRLC EndDeviceControls "
+        "capping its duty cycle at setpoint / rated_kw (IEEE 2030.5 §10.4)",
+    )
+    rated_kw: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="A load's power when running (kW): 100 % duty cycle",
+    )
     stale_after_s: float = Field(
         default=660.0,
         gt=0,
@@ -119,6 +131,8 @@ class Sep2Der:
         server: Sep2Server,
         groups: tuple[str, ...] = (),
     ) -> None:
+        if endpoint.load is not None and endpoint.rated_kw is None:
+            raise ValueError(f"{device_id}: a load ({endpoint.load}) needs its rated_kw")
         if endpoint.storage_target and server.config.csipaus is not CsipAusVersion.V1_3:
             raise ValueError(
                 f"{device_id}: storage_target (opModStorageTargetW) needs the CSIP-AUS v1.3 "
@@ -141,6 +155,7 @@ class Sep2Der:
                 groups=groups,
                 control_duration_s=endpoint.control_duration_s,
                 shares_end_device=endpoint.shares_end_device,
+                device_category=None if endpoint.load is None else DEVICE_CATEGORY[endpoint.load],
             )
         )
 
@@ -298,6 +313,8 @@ class Sep2Der:
         DERControl at once (the client sees it coming, randomizes its start as the program
         says, ramps over the dispatch's ramp); the setpoint at the start confirms or replaces
         it. A withdrawn dispatch's controls are cancelled."""
+        if self._endpoint.load is not None:
+            return  # a load's EndDeviceControl comes with its setpoint
         if notice.withdrawn:
             self._windows.pop(notice.command_id, None)
             self._site_envelopes.pop(notice.command_id, None)
@@ -344,6 +361,9 @@ class Sep2Der:
         """Publish the setpoint as this device's DERControl, or cancel it for ``None``."""
         if command.device_id != self._device_id:
             raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
+        if self._endpoint.load is not None:
+            self._apply_load(command)
+            return
         switch = {"op_mod_connect": command.connect, "op_mod_energize": command.energize}
         if command.power_kw is None:
             if command.connect is False or command.energize is False:
@@ -428,6 +448,31 @@ class Sep2Der:
             description=f"setpoint {power_kw:+.3f} kW",
             until=until,
             group_id=group_id,
+        )
+
+    def _apply_load(self, command: DeviceCommand) -> None:
+        """A thermal load: the power it may draw (the setpoint, else the import limit; nothing
+        when told to disconnect or cease to energize) as the largest share of time it may run,
+        an EndDeviceControl's DutyCycle; no limit at all releases it."""
+        rated = self._endpoint.rated_kw
+        assert rated is not None
+        if command.connect is False or command.energize is False:
+            cap_kw: float | None = 0.0
+        elif command.power_kw is not None:
+            cap_kw = command.power_kw
+        else:
+            cap_kw = command.import_limit_kw
+        if cap_kw is None:
+            self._server.release_load_control(self._device_id)
+            return
+        if cap_kw < -RATING_TOLERANCE * rated:
+            raise UnsafeCommand(self._device_id, f"a load cannot export ({cap_kw:+.3f} kW)")
+        duty = max(0, min(100, math.floor(100 * cap_kw / rated + 1e-9)))
+        self._server.publish_load_control(
+            self._device_id,
+            duty,
+            provenance=command.provenance,
+            description=f"at most {cap_kw:.3f} kW: duty {duty} %",
         )
 
     def _site_limits(

@@ -79,6 +79,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.sep2_der import drlc
 from adapters.sep2_der.pricing import COMPONENTS, TariffBook, TariffView, reading_type
 from adapters.sep2_der.state import Sep2ServerState, StateSnapshot, StoredDevice, StoredProgram
 from gateway.ports import RefusalHook
@@ -91,6 +92,8 @@ from protocols.sep2 import (
     CsipAusVersion,
     DateTimeInterval,
     DefaultDERControl,
+    DemandResponseProgram,
+    DemandResponseProgramList,
     DERAvailability,
     DERCapability,
     DERControl,
@@ -387,6 +390,9 @@ class Sep2Enrollment:
     shares_end_device: bool = False
     """A further DER of the EndDevice already enrolled under the same LFDI (one client for a
     site with, say, PV and a battery): listed in its DERList, its controls in its own program."""
+    device_category: str | None = None
+    """A thermal load (2030.5 DeviceCategoryType, hex): its EndDevice gets a
+    DemandResponseProgram for its EndDeviceControls (``adapters.sep2_der.drlc``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +556,7 @@ class _Der:
     host: _Der | None = None  # the EndDevice's first DER (None: this is it)
     members: list[_Der] = field(default_factory=list)  # further DERs of this EndDevice
     device_program: _Program | None = None  # its own program, when the EndDevice has several
+    load_controls: list[drlc.LoadControl] = field(default_factory=list)  # DRLC, in memory
 
     @property
     def ders(self) -> list[_Der]:
@@ -1431,6 +1438,158 @@ class Sep2Server:
         self._changed(der)
         return cancelled.published()
 
+    # ----------------------------------------------------------------------- DRLC (§10.4)
+
+    def publish_load_control(
+        self,
+        device_id: str,
+        duty_cycle_pct: int,
+        *,
+        provenance: tuple[LimitSource, ...] = (),
+        description: str = "",
+    ) -> drlc.LoadControl:
+        """Cap a thermal load's duty cycle with an EndDeviceControl in force from now for the
+        device's control duration; it supersedes the one in force, or renews it when that one
+        caps the same and is past half its time."""
+        der, member = self._hosting(device_id)
+        category = member.enrollment.device_category
+        if category is None:
+            raise ValueError(f"{device_id!r} was not enrolled as a load (device_category)")
+        if not 0 <= duty_cycle_pct <= 100:
+            raise ValueError(f"duty cycle {duty_cycle_pct} % outside 0..100")
+        now = self._now()
+        duration = member.enrollment.control_duration_s
+        der.load_controls = [c for c in der.load_controls if c.end > now]
+        live = [c for c in der.load_controls if c.device_id == device_id and c.in_force(now)]
+        for control in live:
+            if control.duty_cycle_pct == duty_cycle_pct and now < control.start + duration // 2:
+                return control  # the same cap, still fresh
+        for control in live:
+            control.status, control.status_time = drlc.STATUS_SUPERSEDED, now
+        control = drlc.LoadControl(
+            control_id=self._next_control,
+            mrid=_mrid(6, self._next_control, self.config.iana_pen),
+            device_id=device_id,
+            device_category=category,
+            created=now,
+            start=now,
+            duration=duration,
+            duty_cycle_pct=duty_cycle_pct,
+            provenance=provenance,
+            description=description or f"duty cycle at most {duty_cycle_pct} %",
+        )
+        self._next_control += 1
+        der.load_controls.append(control)
+        self._touch(der)
+        log.info(
+            "2030.5 EndDeviceControl %s: %s at most %d %%", control.mrid, device_id, duty_cycle_pct
+        )
+        return control
+
+    def release_load_control(self, device_id: str) -> drlc.LoadControl | None:
+        """Cancel the thermal load's EndDeviceControl in force (the device runs freely)."""
+        der, _ = self._hosting(device_id)
+        now = self._now()
+        cancelled = None
+        for control in der.load_controls:
+            if control.device_id == device_id and control.in_force(now):
+                control.status, control.status_time = drlc.STATUS_CANCELLED, now
+                cancelled = control
+        if cancelled is not None:
+            self._touch(der)
+        return cancelled
+
+    def load_control(self, device_id: str) -> drlc.LoadControl | None:
+        """The thermal load's EndDeviceControl in force, if any."""
+        der, _ = self._hosting(device_id)
+        now = self._now()
+        live = [c for c in der.load_controls if c.device_id == device_id and c.in_force(now)]
+        return max(live, key=lambda c: c.control_id, default=None)
+
+    @staticmethod
+    def _has_loads(der: _Der) -> bool:
+        return any(d.enrollment.device_category is not None for d in der.ders)
+
+    def _own_drp(self, request: web.Request) -> _Der:
+        der = self._own(request)
+        if not self._has_loads(der):
+            raise _HttpError(404, "no DemandResponseProgram for this EndDevice")
+        if "p" in request.match_info and int(request.match_info["p"]) != drlc.DRP_ID:
+            raise _HttpError(404, "no such DemandResponseProgram")
+        return der
+
+    def _drp_model(self, der: _Der, now: int) -> DemandResponseProgram:
+        """At the primacy of the EndDevice's first program (its group's)."""
+        mrid = _mrid(5, der.edev_id, self.config.iana_pen)
+        primacy = der.primary_program().primacy
+        return drlc.program(der.base_href, mrid, der.load_controls, now, primacy)
+
+    @staticmethod
+    def _load_boundary(der: _Der, now: int) -> int | None:
+        times = [c.end for c in der.load_controls] + [
+            c.start for c in der.load_controls if c.start > now
+        ]
+        return min((t for t in times if t > now), default=None)
+
+    async def _get_drp_list(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        start, limit, after = self._paging(request)
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            every = (
+                [self._drp_model(der, now)]
+                if self._has_loads(der)
+                else []
+            )
+            page = tuple(every[start : start + limit])
+            model = DemandResponseProgramList(
+                href=f"{der.base_href}/drp",
+                all=len(every),
+                results=len(page),
+                poll_rate=self.der_poll_rate_s,
+                items=page,
+            )
+            return model, self._load_boundary(der, now)
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    async def _get_drp(self, request: web.Request) -> web.Response:
+        der = self._own_drp(request)
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            model = self._drp_model(der, now)
+            return model, self._load_boundary(der, now)
+
+        return self._cached(request, der, build)
+
+    async def _get_edc_list(self, request: web.Request) -> web.Response:
+        der = self._own_drp(request)
+        start, limit, after = self._paging(request)
+        active = request.path.endswith("/actedc")
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            der.load_controls = [c for c in der.load_controls if c.end > now]
+            model = drlc.control_list(
+                der.base_href, der.load_controls, now, start, limit, active=active
+            )
+            return model, self._load_boundary(der, now)
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    async def _get_edc(self, request: web.Request) -> web.Response:
+        der = self._own_drp(request)
+        wanted = int(request.match_info["c"])
+        control = next((c for c in der.load_controls if c.control_id == wanted), None)
+        if control is None:
+            raise _HttpError(404, "no such EndDeviceControl")
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            return drlc.end_device_control(der.base_href, control, now), self._load_boundary(
+                der, now
+            )
+
+        return self._cached(request, der, build)
+
     def _in_force(self, der: _Der, now: int, device_id: str) -> _Control | None:
         live = [
             c
@@ -1518,6 +1677,14 @@ class Sep2Server:
             ("/edev/{e:\\d+}/rsps", self._get_rsps_list),
             ("/edev/{e:\\d+}/rsps/{r:\\d+}", self._get_rsps),
             ("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp/{n:\\d+}", self._get_response),
+        ]
+        drp = "/edev/{e:\\d+}/drp"
+        get += [
+            (drp, self._get_drp_list),
+            (drp + "/{p:\\d+}", self._get_drp),
+            (drp + "/{p:\\d+}/edc", self._get_edc_list),
+            (drp + "/{p:\\d+}/actedc", self._get_edc_list),
+            (drp + "/{p:\\d+}/edc/{c:\\d+}", self._get_edc),
         ]
         tp = "/edev/{e:\\d+}/tp"
         rc = tp + "/{t:\\d+}/rc/{r:\\d+}"
@@ -1998,6 +2165,9 @@ class Sep2Server:
         return FunctionSetAssignments(
             href=href,
             der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
+            demand_response_program_list_link=(
+                ListLink(href=f"{der.base_href}/drp", all=1) if self._has_loads(der) else None
+            ),
             tariff_profile_list_link=ListLink(
                 href=f"{der.base_href}/tp", all=len(self._tariff_view(der).profiles)
             ),
