@@ -16,7 +16,10 @@ its groups (by program primacy) that has one, else the gateway-wide ones (scope 
 A real-time profile ranks before the day-ahead one (primacy 1 against 2), as the gateway's own
 planner ranks them. Prices are in the profile's currency x 10^-5 per kWh (``price`` is an
 Int32; 20 per kWh, the largest the gateway accepts, is 2,000,000). A newer schedule replaces
-the held one's intervals (new mRIDs); ones whose point is over are no longer listed.
+the held one: its intervals get new mRIDs, and the replaced schedule's intervals not yet over
+stay listed under their old mRIDs (hrefs ``tti/{100001+}``) as superseded (``currentStatus`` 4)
+where the new one prices their time, else cancelled (2), so a client that saw them knows they
+no longer hold. Only the last replaced schedule is kept; intervals over are no longer listed.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ _SERVICE_ELECTRICITY: Final = 0
 _ROLE_PREMISES: Final = "0002"  # RoleFlagsType isPremisesAggregationPoint: the site's meter
 _STATUS_SCHEDULED: Final = 0
 _STATUS_ACTIVE: Final = 1
+_STATUS_CANCELLED: Final = 2
+_STATUS_SUPERSEDED: Final = 4
+REPLACED: Final = 100_000
+"""Interval indexes from here are the replaced schedule's (a schedule has at most 2016)."""
 # ISO 4217 numeric codes (2030.5 CurrencyCode) of the currencies a utility is likely to use.
 ISO_4217: Final = {
     "AUD": 36, "BRL": 986, "CAD": 124, "CHF": 756, "CNY": 156, "DKK": 208, "EUR": 978,
@@ -87,6 +94,7 @@ class TariffBook:
 
     def __init__(self) -> None:
         self._held: dict[tuple[str, str], PriceSchedule] = {}
+        self._replaced: dict[tuple[str, str], PriceSchedule] = {}  # the one before, per key
         self.version = 0
         """+1 on every change (the server's cached documents compare it)."""
 
@@ -94,6 +102,8 @@ class TariffBook:
         held = self._held.get(schedule.key)
         if held is not None and schedule.issued_at <= held.issued_at:
             return False
+        if held is not None:
+            self._replaced[schedule.key] = held
         self._held[schedule.key] = schedule
         self.version += 1
         return True
@@ -110,6 +120,11 @@ class TariffBook:
                 return found
         return {}
 
+    def replaced(self, profiles: dict[int, PriceSchedule]) -> dict[int, PriceSchedule]:
+        """Profile id → the schedule the held one replaced, if any (its intervals not yet over
+        are served cancelled / superseded, under the mRIDs the client knows them by)."""
+        return {t: self._replaced[s.key] for t, s in profiles.items() if s.key in self._replaced}
+
 
 def price_units(price: float) -> int:
     return round(price * 10 ** -PRICE_POWER_OF_TEN)
@@ -119,10 +134,17 @@ class TariffView:
     """One client's pricing documents under ``base`` (its ``/edev/{e}``)."""
 
     def __init__(
-        self, base: str, profiles: dict[int, PriceSchedule], pen: int, *, v13: bool
+        self,
+        base: str,
+        profiles: dict[int, PriceSchedule],
+        pen: int,
+        *,
+        v13: bool,
+        replaced: dict[int, PriceSchedule] | None = None,
     ) -> None:
         self.base = base
         self.profiles = profiles
+        self.replaced = replaced or {}
         self.pen = pen
         self.v13 = v13
 
@@ -176,22 +198,38 @@ class TariffView:
         )
 
     def current(self, t: int, now: int) -> list[int]:
-        """Indexes of the points not yet over."""
-        schedule = self.profiles[t]
-        first = int(schedule.points[0].start.timestamp())
-        return [
-            i
-            for i in range(len(schedule.points))
-            if first + (i + 1) * schedule.step_s > now
-        ]
+        """Indexes of the points not yet over: the held schedule's, then (from REPLACED) those
+        of the schedule it replaced."""
+        found = []
+        for offset, schedule in ((0, self.profiles[t]), (REPLACED, self.replaced.get(t))):
+            if schedule is None:
+                continue
+            first = int(schedule.points[0].start.timestamp())
+            found += [
+                offset + i
+                for i in range(len(schedule.points))
+                if first + (i + 1) * schedule.step_s > now
+            ]
+        return found
+
+    def has_interval(self, t: int, i: int) -> bool:
+        if i >= REPLACED:
+            old = self.replaced.get(t)
+            return old is not None and i - REPLACED < len(old.points)
+        return 0 <= i < len(self.profiles[t].points)
+
+    def _point(self, t: int, i: int) -> tuple[PriceSchedule, int]:
+        if i >= REPLACED:
+            return self.replaced[t], i - REPLACED
+        return self.profiles[t], i
 
     def intervals(
         self, t: int, r: int, now: int, start: int, limit: int, *, active: bool = False
     ) -> TimeTariffIntervalList:
         href = f"{self.list_href()}/{t}/rc/{r}/{'acttti' if active else 'tti'}"
         indexes = self.current(t, now)
-        if active:
-            indexes = indexes[:1] if indexes and self._start(t, indexes[0]) <= now else []
+        if active:  # the held schedule's interval in force now, if any
+            indexes = [i for i in indexes[:1] if i < REPLACED and self._start(t, i) <= now]
         page = tuple(self.interval(t, r, i, now) for i in indexes[start : start + limit])
         return TimeTariffIntervalList(
             href=href, all=len(indexes), results=len(page), items=page
@@ -205,22 +243,29 @@ class TariffView:
         )
 
     def _start(self, t: int, i: int) -> int:
-        schedule = self.profiles[t]
-        return int(schedule.points[0].start.timestamp()) + i * schedule.step_s
+        schedule, k = self._point(t, i)
+        return int(schedule.points[0].start.timestamp()) + k * schedule.step_s
 
     def interval(self, t: int, r: int, i: int, now: int) -> TimeTariffInterval:
-        schedule = self.profiles[t]
+        schedule, k = self._point(t, i)
         href = f"{self.list_href()}/{t}/rc/{r}/tti/{i + 1}"
         start = self._start(t, i)
         issued = int(schedule.issued_at.timestamp())
+        status, status_time = (_STATUS_ACTIVE if start <= now else _STATUS_SCHEDULED), issued
+        if i >= REPLACED:  # replaced by the held schedule: superseded where it prices the
+            held = self.profiles[t]  # same time, cancelled elsewhere
+            held_first = held.points[0].start.timestamp()
+            covered = held_first <= start < held.end_s
+            status = _STATUS_SUPERSEDED if covered else _STATUS_CANCELLED
+            status_time = int(held.issued_at.timestamp())
         cti = self.consumption(t, r, i)
         return TimeTariffInterval(
             href=href,
-            mrid=self._mrid(schedule, f"tti{r}.{i}"),
+            mrid=self._mrid(schedule, f"tti{r}.{k}"),
             creation_time=issued,
             event_status=EventStatus(
-                current_status=_STATUS_ACTIVE if start <= now else _STATUS_SCHEDULED,
-                date_time=issued,
+                current_status=status,
+                date_time=status_time,
                 potentially_superseded=False,
             ),
             interval=DateTimeInterval(duration=schedule.step_s, start=start),
@@ -237,7 +282,8 @@ class TariffView:
         )
 
     def consumption(self, t: int, r: int, i: int) -> ConsumptionTariffInterval:
-        point = self.profiles[t].points[i]
+        schedule, k = self._point(t, i)
+        point = schedule.points[k]
         price = point.price if r == 1 or point.export_price is None else point.export_price
         return ConsumptionTariffInterval(
             href=f"{self.list_href()}/{t}/rc/{r}/tti/{i + 1}/cti/1",
@@ -255,8 +301,9 @@ class TariffView:
     def next_boundary(self, now: int) -> int | None:
         """When the documents next read differently by time alone (an interval starts/ends)."""
         times: list[int] = []
-        for t, schedule in self.profiles.items():
+        for t in self.profiles:
             for i in self.current(t, now):
+                schedule, _ = self._point(t, i)
                 times += [self._start(t, i), self._start(t, i) + schedule.step_s]
         return min((x for x in times if x > now), default=None)
 

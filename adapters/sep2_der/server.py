@@ -1015,11 +1015,13 @@ class Sep2Server:
 
     def _tariff_view(self, der: _Der) -> TariffView:
         programs = sorted(der.edev_programs(), key=lambda p: (p.primacy, p.program_id))
+        profiles = self._tariffs.for_groups([p.group_id for p in programs])
         return TariffView(
             der.base_href,
-            self._tariffs.for_groups([p.group_id for p in programs]),
+            profiles,
             self.config.iana_pen,
             v13=self.config.csipaus == CsipAusVersion.V1_3,
+            replaced=self._tariffs.replaced(profiles),
         )
 
     def _notify_default(self, der: _Der, program: _Program) -> None:
@@ -2238,7 +2240,7 @@ class Sep2Server:
     def _own_interval(self, request: web.Request) -> tuple[_Der, TariffView, int, int, int]:
         der, view, t, r = self._own_tariff(request)
         i = int(request.match_info["i"]) - 1
-        if not 0 <= i < len(view.profiles[t].points):
+        if not view.has_interval(t, i):
             raise _HttpError(404, "no such TimeTariffInterval")
         return der, view, t, r, i
 

@@ -74,6 +74,15 @@ class _EdevClient(Client):
     edev: str
 
 
+async def _interval_states(c: _EdevClient, href: str) -> dict[str, tuple[int, int]]:
+    """mRID → (start, currentStatus) of each TimeTariffInterval listed at ``href``."""
+    listed = await c.get_as(TimeTariffIntervalList, href + "?l=100")
+    return {
+        i.mrid: (i.interval.start, i.event_status.current_status if i.event_status else -1)
+        for i in listed.items
+    }
+
+
 async def _prices(c: _EdevClient) -> tuple[TariffProfile, dict[int, list[tuple[int, int, int]]]]:
     """Walk from the FSA: the first profile and, per RateComponent, (start, duration, price)."""
     fsas = await c.get_as(FunctionSetAssignmentsList, f"{c.edev}/fsa")
@@ -98,6 +107,9 @@ async def _prices(c: _EdevClient) -> tuple[TariffProfile, dict[int, list[tuple[i
         )
         rows = []
         for interval in tti.items:
+            assert interval.event_status is not None
+            if interval.event_status.current_status not in (0, 1):
+                continue  # cancelled or superseded: no longer a price
             assert interval.consumption_tariff_interval_list_link is not None
             ctis = await c.get_as(
                 ConsumptionTariffIntervalList, interval.consumption_tariff_interval_list_link.href
@@ -145,7 +157,11 @@ async def test_each_client_reads_its_groups_prices_per_kwh(fleet: Fleet) -> None
         assert prices[1] == [(hour, 3600, 10000), (hour + 3600, 3600, 12000)]
         assert prices[19] == prices[1]  # no export price: the import price
 
-        # A newer feeder schedule replaces what A reads; B's prices stay.
+        # A newer feeder schedule replaces what A reads; B's prices stay. The intervals A knew
+        # stay listed under their mRIDs: superseded where the new one prices the hour, else
+        # cancelled (IEEE 2030.5: an event is never silently dropped before it ends).
+        known = await _interval_states(a, f"{a.edev}/tp/2/rc/1/tti")
+        assert sorted(known.values()) == [(hour, 1), (hour + 3600, 0), (hour + 7200, 0)]
         newer = _schedule(
             [(0.40, None)],
             scope="feeder:f1",
@@ -155,6 +171,13 @@ async def test_each_client_reads_its_groups_prices_per_kwh(fleet: Fleet) -> None
         assert server.set_price(newer)
         _, prices = await _prices(a)
         assert prices == {1: [(hour, 3600, 40000)], 19: [(hour, 3600, 40000)]}
+        now_listed = await _interval_states(a, f"{a.edev}/tp/2/rc/1/tti")
+        assert {m: now_listed[m] for m in known} == {
+            m: (start, 4 if start == hour else 2) for m, (start, _) in known.items()
+        }
+        assert len(now_listed) == 4  # and the new one
+        active = await a.get_as(TimeTariffIntervalList, f"{a.edev}/tp/2/rc/1/acttti")
+        assert [i.mrid not in known for i in active.items] == [True]
         _, prices = await _prices(b)
         assert prices[1] == [(hour, 3600, 10000), (hour + 3600, 3600, 12000)]
 
