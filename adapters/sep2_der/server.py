@@ -207,6 +207,7 @@ _SUBSCRIBABLE: Final = re.compile(
 )
 # A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
 _SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/[0-9]{1,3})?/derp$")
+_SUBSCRIBABLE_LOAD_CONTROLS: Final = re.compile(r"^/edev/[0-9]{1,10}/drp/1/(edc|actedc)$")
 _ONE_DERS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/der/([0-9]{1,3})/derp$")
 _ENCODING_XML: Final = 0
 _MAX_HISTORY: Final = 256
@@ -603,6 +604,7 @@ class _Subscription:
     program_id: int | None  # None for a DERProgramList
     # derc | actderc | dderc | derp (a DERProgram) | derpl (a DERProgramList) | edevl (the
     # client's EndDeviceList) | fsal (its FunctionSetAssignmentsList) | tpl (TariffProfileList)
+    # | edc / actedc (its (Active)EndDeviceControlList, DRLC)
     kind: str
     model: Subscription  # as served, with its href
     pending: deque[bytes]  # encoded Notifications, oldest first
@@ -1482,7 +1484,7 @@ class Sep2Server:
         )
         self._next_control += 1
         der.load_controls.append(control)
-        self._touch(der)
+        self._load_controls_changed(der)
         log.info(
             "2030.5 EndDeviceControl %s: %s at most %d %%", control.mrid, device_id, duty_cycle_pct
         )
@@ -1498,8 +1500,21 @@ class Sep2Server:
                 control.status, control.status_time = drlc.STATUS_CANCELLED, now
                 cancelled = control
         if cancelled is not None:
-            self._touch(der)
+            self._load_controls_changed(der)
         return cancelled
+
+    def _load_controls_changed(self, der: _Der) -> None:
+        """Stale cached documents; the subscribers of its EndDeviceControlLists are told."""
+        self._touch(der)
+        now = self._now()
+        for sub in self._subscriptions_of(der):
+            if sub.kind in ("edc", "actedc"):
+                active = sub.kind == "actedc"
+                controls = der.load_controls
+                limit = sub.model.limit
+                model = drlc.control_list(der.base_href, controls, now, 0, limit, active=active)
+                self._enqueue(sub, model)
+        self._notify_wake.set()
 
     def load_control(self, device_id: str) -> drlc.LoadControl | None:
         """The thermal load's EndDeviceControl in force, if any."""
@@ -2676,13 +2691,16 @@ class Sep2Server:
             return None, "fsal"
         if resource == f"{der.base_href}/tp":
             return None, "tpl"  # its TariffProfileList (Pricing)
+        load_controls = _SUBSCRIBABLE_LOAD_CONTROLS.match(resource)
+        if load_controls is not None and self._has_loads(der):
+            return None, load_controls.group(1)  # its (Active)EndDeviceControlList (DRLC)
         match = _SUBSCRIBABLE.match(resource)
         if match is None:
             raise _HttpError(
                 400,
                 f"{resource!r} is not subscribable: the EndDeviceList, FunctionSetAssignmentsList, "
-                "TariffProfileList, DERProgramLists, DERPrograms, DERControlLists and "
-                "DefaultDERControls are",
+                "TariffProfileList, (Active)EndDeviceControlLists, DERProgramLists, DERPrograms, "
+                "DERControlLists and DefaultDERControls are",
             )
         program = der.program(int(match.group(2)))
         if program is None:
@@ -2777,7 +2795,7 @@ class Sep2Server:
         subs = [
             s
             for s in self._subscriptions_of(der)
-            if s.kind not in ("dderc", "edevl", "fsal", "tpl")
+            if s.kind not in ("dderc", "edevl", "fsal", "tpl", "edc", "actedc")
         ]
         if not subs:
             return

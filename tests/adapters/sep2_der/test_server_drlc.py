@@ -22,10 +22,13 @@ from protocols.sep2 import (
     EndDeviceControlList,
     FunctionSetAssignmentsList,
 )
+from tests.adapters.sep2_der import test_server_subscriptions as subscriptions
 from tests.adapters.sep2_der.test_server import LFDI_A, LFDI_B, Client, Fleet, _config
+from tests.adapters.sep2_der.test_server_subscriptions import Receiver, _subscription
 from unified.model import DeviceCommand, LimitSource
 
 SOURCE = (LimitSource(command_id="shed-1", kind="dispatch"),)
+receiver = subscriptions.receiver  # the notification receiver fixture
 
 
 @pytest.fixture
@@ -131,3 +134,37 @@ def test_a_load_needs_its_rating() -> None:
     server = Sep2Server(_config())
     with pytest.raises(ValueError, match="rated_kw"):
         Sep2Der("wh", Sep2DerEndpoint(lfdi=LFDI_A, load="water_heater"), server=server)
+
+
+async def test_a_subscriber_is_told_of_each_new_cap_and_the_release(receiver: Receiver) -> None:
+    server = Sep2Server(_config(notification_hosts=("127.0.0.1",)))
+    heater = Sep2Der(
+        "wh-a",
+        Sep2DerEndpoint(lfdi=LFDI_A, load="thermostat", rated_kw=3.0),
+        server=server,
+        groups=("feeder:f1",),
+    )
+    await heater.connect()
+    edev = server.edev_href("wh-a")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            c = Client(session, server.url, LFDI_A)
+            body = _subscription(f"{edev}/drp/1/actedc", receiver.url + "/edc")
+            status, _, _ = await c.request("POST", f"{edev}/sub", body)
+            assert status == 201
+            status, _, _ = await c.request(
+                "POST", f"{edev}/sub", _subscription(f"{edev}/drp/2/edc", receiver.url + "/x")
+            )
+            assert status == 400  # no such program: not subscribable
+            await heater.apply(DeviceCommand(device_id="wh-a", power_kw=1.5, provenance=SOURCE))
+            note = await receiver.next()
+            assert isinstance(note.resource, EndDeviceControlList)
+            (control,) = note.resource.items
+            assert control.duty_cycle is not None
+            assert (control.duty_cycle.normal_value, control.device_category) == (50, "00000001")
+            await heater.apply(DeviceCommand(device_id="wh-a", power_kw=None))
+            note = await receiver.next()
+            assert isinstance(note.resource, EndDeviceControlList)
+            assert note.resource.items == ()  # nothing active any more
+    finally:
+        await server.stop()
