@@ -20,6 +20,10 @@ Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id):
     /mup[/{m}]                          MirrorUsagePoints (telemetry)
     /edev/{e}/tp[/...]  /rt/{r}         Pricing: the client's price schedule as TariffProfiles
                                         (``adapters.sep2_der.pricing``; ``set_price``)
+    /edev/{e}/drp[/1[/edc[/{c}] | /actedc]]
+                                        DRLC for a thermal load (enrolled with a device_category):
+                                        EndDeviceControls capping its duty cycle
+                                        (``adapters.sep2_der.drlc``; ``publish_load_control``)
 
 Who is asking: the LFDI of the TLS client certificate (or, for plain-HTTP development only, a
 configured header). A client sees only its own EndDevice; another client's EndDevice tree
