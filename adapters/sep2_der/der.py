@@ -96,8 +96,9 @@ class Sep2DerEndpoint(Frozen):
     )
     load: Literal["thermostat", "water_heater"] | None = Field(
         default=None,
-        description="A thermal load, not a DER: its setpoints are 2030.5 DRLC EndDeviceControls "
-        "capping its duty cycle at setpoint / rated_kw (IEEE 2030.5 §10.4)",
+        description="A thermal load, not a DER: its setpoints (a shed from its baseline) are "
+        "2030.5 DRLC EndDeviceControls capping its duty cycle at 1 - shed / rated_kw "
+        "(IEEE 2030.5 §10.4)",
     )
     rated_kw: float | None = Field(
         default=None,
@@ -219,6 +220,8 @@ class Sep2Der:
         if snap.capability is not None and snap.capability.rtg_max_wh is not None:
             capacity_kwh = scaled_value(snap.capability.rtg_max_wh) / 1000
         control = snap.active_control
+        if self._endpoint.load is not None:  # sheds up to its rating; cannot be loaded up
+            charge_kw, discharge_kw = None, self._endpoint.rated_kw
         return DeviceState(
             device_id=self._device_id,
             timestamp=sample.received_at,
@@ -451,28 +454,41 @@ class Sep2Der:
         )
 
     def _apply_load(self, command: DeviceCommand) -> None:
-        """A thermal load: the power it may draw (the setpoint, else the import limit; nothing
-        when told to disconnect or cease to energize) as the largest share of time it may run,
-        an EndDeviceControl's DutyCycle; no limit at all releases it."""
+        """A thermal load, whose setpoint is (as for every thermal load, ``gateway.dispatch``)
+        a change from its own baseline: shedding ``-power_kw`` of its ``rated_kw`` is a cap on
+        the share of time it may run, 100 x (1 - shed / rated_kw) % (cycling, as utilities'
+        load-control programs run it), an EndDeviceControl's DutyCycle. An import limit (an
+        envelope, absolute) caps it at 100 x limit / rated_kw %; a disconnect or cease to
+        energize at 0 %. Caps are rounded down (never more than asked). No setpoint and no
+        limit releases it; a load-up (a positive change) cannot be asked of it by duty cycle
+        and is refused, so the dispatch is re-allocated."""
         rated = self._endpoint.rated_kw
         assert rated is not None
         if command.connect is False or command.energize is False:
-            cap_kw: float | None = 0.0
+            share: float | None = 0.0
         elif command.power_kw is not None:
-            cap_kw = command.power_kw
+            if not math.isfinite(command.power_kw):
+                raise UnsafeCommand(self._device_id, f"setpoint {command.power_kw} kW")
+            if command.power_kw > RATING_TOLERANCE * rated:
+                raise DeviceRejected(
+                    self._device_id,
+                    f"a 2030.5 load cannot be loaded up ({command.power_kw:+.3f} kW): "
+                    "a duty cycle only caps it",
+                )
+            share = 1.0 - min(rated, max(0.0, -command.power_kw)) / rated
+        elif command.import_limit_kw is not None:
+            share = min(1.0, command.import_limit_kw / rated)
         else:
-            cap_kw = command.import_limit_kw
-        if cap_kw is None:
-            self._server.release_load_control(self._device_id)
+            share = None
+        if share is None or share >= 1.0 - 1e-9:
+            self._server.release_load_control(self._device_id)  # nothing to cap
             return
-        if cap_kw < -RATING_TOLERANCE * rated:
-            raise UnsafeCommand(self._device_id, f"a load cannot export ({cap_kw:+.3f} kW)")
-        duty = max(0, min(100, math.floor(100 * cap_kw / rated + 1e-9)))
+        duty = max(0, min(100, math.floor(100 * share + 1e-9)))
         self._server.publish_load_control(
             self._device_id,
             duty,
             provenance=command.provenance,
-            description=f"at most {cap_kw:.3f} kW: duty {duty} %",
+            description=f"duty cycle at most {duty} %",
         )
 
     def _site_limits(

@@ -15,7 +15,7 @@ import pytest
 
 from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2Server
-from gateway.devices import UnsafeCommand
+from gateway.devices import DeviceRejected
 from protocols.sep2 import (
     DemandResponseProgram,
     DemandResponseProgramList,
@@ -83,35 +83,40 @@ async def test_a_water_heaters_setpoints_are_duty_cycle_caps(fleet: Fleet) -> No
         c = Client(session, server.url, LFDI_A)
         assert await _controls(c, edev, active=False) == []  # the program, nothing in force
 
-        # 2.5 kW of 4.5 kW: it may run 55 % of the time (55.6 %, never rounded up: the cap
-        # is a ceiling), deviceCategory bit 3: a water heater.
-        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=2.5, provenance=SOURCE))
+        # The gateway's setpoint for a thermal load is a change from its baseline: shedding
+        # 2.0 kW of 4.5 kW cycles it off 44.4 % of the time, so it may run 55 % (55.6 %, never
+        # rounded up: the cap is a ceiling); deviceCategory bit 3: a water heater.
+        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=-2.0, provenance=SOURCE))
         assert await _controls(c, edev, active=True) == [(1, 55, "00000008")]
         # The same cap again (the supervisor's refresh) keeps the control.
-        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=2.5, provenance=SOURCE))
+        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=-2.0, provenance=SOURCE))
         assert await _controls(c, edev, active=False) == [(1, 55, "00000008")]
 
-        # A deeper shed supersedes it.
-        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=1.8, provenance=SOURCE))
+        # A deeper shed (2.7 kW: 40 %) supersedes it.
+        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=-2.7, provenance=SOURCE))
         assert await _controls(c, edev, active=True) == [(1, 40, "00000008")]
         assert sorted(await _controls(c, edev, active=False)) == [
             (1, 40, "00000008"),
             (4, 55, "00000008"),  # superseded, still listed
         ]
 
-        # Autonomous within an import limit: the limit is the cap.
-        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=None, import_limit_kw=4.5))
-        assert await _controls(c, edev, active=True) == [(1, 100, "00000008")]
+        # Autonomous within an import limit (absolute): 1.8 kW of 4.5 kW is 40 %, the same cap.
+        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=None, import_limit_kw=1.8))
+        assert await _controls(c, edev, active=True) == [(1, 40, "00000008")]
+        # A disconnect holds it off.
+        await heater.apply(DeviceCommand(device_id="wh-a", power_kw=None, connect=False))
+        assert await _controls(c, edev, active=True) == [(1, 0, "00000008")]
 
         # Released: cancelled, nothing active; the load runs freely again.
         await heater.apply(DeviceCommand(device_id="wh-a", power_kw=None))
         assert await _controls(c, edev, active=True) == []
         assert server.load_control("wh-a") is None
-        assert (2, 100, "00000008") in await _controls(c, edev, active=False)
+        assert (2, 0, "00000008") in await _controls(c, edev, active=False)
 
-        # A load cannot export: refused, nothing changes.
-        with pytest.raises(UnsafeCommand):
-            await heater.apply(DeviceCommand(device_id="wh-a", power_kw=-2.0))
+        # A load-up cannot be asked by duty cycle: refused (the dispatch is re-allocated), and
+        # nothing changes.
+        with pytest.raises(DeviceRejected):
+            await heater.apply(DeviceCommand(device_id="wh-a", power_kw=2.0))
         assert await _controls(c, edev, active=True) == []
 
 
@@ -156,7 +161,7 @@ async def test_a_subscriber_is_told_of_each_new_cap_and_the_release(receiver: Re
                 "POST", f"{edev}/sub", _subscription(f"{edev}/drp/2/edc", receiver.url + "/x")
             )
             assert status == 400  # no such program: not subscribable
-            await heater.apply(DeviceCommand(device_id="wh-a", power_kw=1.5, provenance=SOURCE))
+            await heater.apply(DeviceCommand(device_id="wh-a", power_kw=-1.5, provenance=SOURCE))
             note = await receiver.next()
             assert isinstance(note.resource, EndDeviceControlList)
             (control,) = note.resource.items
