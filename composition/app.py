@@ -255,6 +255,7 @@ class GatewayApp:
         audit = self.core.audit
         if self.sep2_server is not None:
             self.sep2_server.on_refused = RefusalRecorder(audit, "sep2_server")
+            self.core.price_listeners.append(self.sep2_server.set_price)  # 2030.5 Pricing
         if self.ocpp_central is not None:
             self.ocpp_central.on_refused = RefusalRecorder(audit, "ocpp_central")
         if self.openadr_vtn is not None:

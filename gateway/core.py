@@ -296,6 +296,9 @@ class Gateway:
         self.prices = PriceBook()
         """Newest price schedule per (scope, kind), for the grid services' schedules."""
         self._services = ServiceRunner(self.prices, on_solved=self._wake.set)
+        self.price_listeners: list[Callable[[PriceSchedule], object]] = []
+        """Told of every price schedule the core takes up (and of those loaded at start), e.g.
+        the 2030.5 server serving it as Pricing. A listener that raises is logged and skipped."""
         self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
         self.ready = asyncio.Event()
@@ -977,6 +980,7 @@ class Gateway:
         self.prices.put(schedule)
         self._services.prices_changed()
         self._wake.set()
+        self._tell_price_listeners(schedule)
         log.info(
             "price schedule %s/%s: %d points from %s",
             *schedule.key,
@@ -995,9 +999,19 @@ class Gateway:
             return
         for payload in stored:
             try:
-                self.prices.put(PriceSchedule.model_validate_json(payload))
+                schedule = PriceSchedule.model_validate_json(payload)
             except ValidationError as exc:
                 log.warning("stored price schedule is unusable: %s", exc)
+                continue
+            if self.prices.put(schedule):
+                self._tell_price_listeners(schedule)
+
+    def _tell_price_listeners(self, schedule: PriceSchedule) -> None:
+        for listener in self.price_listeners:
+            try:
+                listener(schedule)
+            except Exception:
+                log.exception("price listener %r failed", listener)
 
     async def _load_weather(self) -> None:
         assert self.history is not None

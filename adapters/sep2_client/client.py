@@ -50,6 +50,7 @@ from yarl import URL
 from protocols.sep2 import (
     DEFAULT_MAX_BYTES,
     MEDIA_TYPE,
+    ConsumptionTariffIntervalList,
     DateTimeInterval,
     DefaultDERControl,
     DERCapability,
@@ -69,13 +70,19 @@ from protocols.sep2 import (
     MirrorMeterReading,
     MirrorUsagePoint,
     Notification,
+    RateComponent,
+    RateComponentList,
     Reading,
     ReadingType,
     Registration,
     Sep2Error,
     Sep2List,
     Sep2Model,
+    TariffProfile,
+    TariffProfileList,
     Time,
+    TimeTariffInterval,
+    TimeTariffIntervalList,
     UnexpectedElement,
     check_media_type,
     decode_as,
@@ -113,6 +120,7 @@ __all__ = [
     "Sep2ClientError",
     "Sep2StateFile",
     "ServerUnreachable",
+    "TariffPrice",
     "TelemetrySample",
     "WrongMediaType",
 ]
@@ -125,6 +133,8 @@ L = TypeVar("L", bound=Sep2List)
 _STATE_VERSION: Final = 1
 _MAX_PAGES: Final = 1000  # a list that never ends is a broken server, not a reason to spin
 _DEFAULT_POLL_S: Final = 900.0  # 2030.5 default pollRate
+_UOM_WH: Final = 72
+_FLOW_REVERSE: Final = 19
 
 
 # --------------------------------------------------------------------------- errors
@@ -358,6 +368,20 @@ class EffectiveControls:
                 EnvelopeInterval(start=self.at, end=end, import_limit_kw=imp, export_limit_kw=exp),
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class TariffPrice:
+    """One price of the server's Pricing function set (IEEE 2030.5 §10.5), per kWh."""
+
+    profile_mrid: str
+    primacy: int
+    currency: int | None  # ISO 4217 number
+    direction: str  # "import" (flowDirection 1) or "export" (19)
+    start: int  # epoch s (the server's clock)
+    duration_s: int
+    price_per_kwh: float  # in the currency
+    status: int  # EventStatus.currentStatus (0 scheduled, 1 active, 2 cancelled, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1027,6 +1051,89 @@ class Sep2Client:
                             raise
                 programs.append(ProgramControls(program, controls, default))
         return programs
+
+    async def read_prices(self) -> list[TariffPrice]:
+        """Every energy price the server's FunctionSetAssignments offer us (TariffProfile →
+        RateComponent with a Wh ReadingType → TimeTariffInterval → its first consumption
+        block), per kWh in the profile's currency, by start time. Components priced in other
+        units are skipped. Reads only: the control schedule and poll rate are not touched."""
+        poll_rates = self._poll_rates
+        self._poll_rates = []
+        try:
+            device = self._links.end_device
+            if device is None:
+                device = await self._find_end_device(await self._get_dcap())
+            prices: list[TariffPrice] = []
+            fsa_link = device.function_set_assignments_list_link
+            if fsa_link is None:
+                return prices
+            seen: set[str] = set()
+            for fsa in await self._get_list(FunctionSetAssignmentsList, fsa_link.href):
+                if fsa.tariff_profile_list_link is None:
+                    continue
+                for profile in await self._get_list(
+                    TariffProfileList, fsa.tariff_profile_list_link.href
+                ):
+                    assert isinstance(profile, TariffProfile)
+                    if event_key(profile.mrid) in seen:
+                        continue
+                    seen.add(event_key(profile.mrid))
+                    prices += await self._read_profile(profile)
+            prices.sort(key=lambda p: (p.start, p.primacy, p.direction))
+            return prices
+        finally:
+            self._poll_rates = poll_rates
+
+    async def _read_profile(self, profile: TariffProfile) -> list[TariffPrice]:
+        if profile.rate_component_list_link is None:
+            return []
+        multiplier = profile.price_power_of_ten_multiplier or 0
+        prices: list[TariffPrice] = []
+        for listed in await self._get_list(
+            RateComponentList, profile.rate_component_list_link.href
+        ):
+            assert isinstance(listed, RateComponent)
+            component = listed
+            if listed.href is not None and listed.reading_type_link is None:
+                component = await self._get(RateComponent, listed.href)
+            intervals_link = component.time_tariff_interval_list_link
+            if component.reading_type_link is None or intervals_link is None:
+                continue
+            reading = await self._get(ReadingType, component.reading_type_link.href)
+            if reading.uom != _UOM_WH:
+                continue
+            # price is per 10^p Wh: per kWh it is 10^(3 - p) times that
+            per_kwh = 10.0 ** (multiplier + 3 - (reading.power_of_ten_multiplier or 0))
+            direction = "export" if reading.flow_direction == _FLOW_REVERSE else "import"
+            for interval in await self._get_list(TimeTariffIntervalList, intervals_link.href):
+                assert isinstance(interval, TimeTariffInterval)
+                price = await self._interval_price(interval)
+                if price is None:
+                    continue
+                status = interval.event_status.current_status if interval.event_status else 0
+                prices.append(
+                    TariffPrice(
+                        profile_mrid=profile.mrid,
+                        primacy=profile.primacy,
+                        currency=profile.currency,
+                        direction=direction,
+                        start=interval.interval.start,
+                        duration_s=interval.interval.duration,
+                        price_per_kwh=price * per_kwh,
+                        status=status,
+                    )
+                )
+        return prices
+
+    async def _interval_price(self, interval: TimeTariffInterval) -> int | None:
+        """The price of the interval's first consumption block (from zero)."""
+        link = interval.consumption_tariff_interval_list_link
+        if link is None:
+            return None
+        blocks = await self._get_list(ConsumptionTariffIntervalList, link.href)
+        priced = [b for b in blocks if b.price is not None]
+        first = min(priced, key=lambda b: b.start_value, default=None)
+        return None if first is None else int(first.price)
 
     async def _read_der_links(self, device: EndDevice) -> None:
         if device.der_list_link is None:

@@ -29,6 +29,7 @@ from typing import Final, Literal
 
 from pydantic import Field
 
+from adapters.sep2_der.drlc import DEVICE_CATEGORY
 from adapters.sep2_der.server import DerSnapshot, Sep2Enrollment, Sep2ResponseRecord, Sep2Server
 from gateway.devices import (
     AdapterError,
@@ -93,6 +94,18 @@ class Sep2DerEndpoint(Frozen):
         default="der",
         description="Which MirrorUsagePoint is the device's power: the DER's or the site's",
     )
+    load: Literal["thermostat", "water_heater"] | None = Field(
+        default=None,
+        description="A thermal load, not a DER: its setpoints (a shed from its baseline) are "
+        "2030.5 DRLC EndDeviceControls capping its duty cycle at 1 - shed / rated_kw "
+        "(IEEE 2030.5 §10.4)",
+    )
+    rated_kw: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="A load's power when running (kW): 100 % duty cycle",
+    )
     stale_after_s: float = Field(
         default=660.0,
         gt=0,
@@ -119,6 +132,8 @@ class Sep2Der:
         server: Sep2Server,
         groups: tuple[str, ...] = (),
     ) -> None:
+        if endpoint.load is not None and endpoint.rated_kw is None:
+            raise ValueError(f"{device_id}: a load ({endpoint.load}) needs its rated_kw")
         if endpoint.storage_target and server.config.csipaus is not CsipAusVersion.V1_3:
             raise ValueError(
                 f"{device_id}: storage_target (opModStorageTargetW) needs the CSIP-AUS v1.3 "
@@ -141,6 +156,7 @@ class Sep2Der:
                 groups=groups,
                 control_duration_s=endpoint.control_duration_s,
                 shares_end_device=endpoint.shares_end_device,
+                device_category=None if endpoint.load is None else DEVICE_CATEGORY[endpoint.load],
             )
         )
 
@@ -204,6 +220,8 @@ class Sep2Der:
         if snap.capability is not None and snap.capability.rtg_max_wh is not None:
             capacity_kwh = scaled_value(snap.capability.rtg_max_wh) / 1000
         control = snap.active_control
+        if self._endpoint.load is not None:  # sheds up to its rating; cannot be loaded up
+            charge_kw, discharge_kw = None, self._endpoint.rated_kw
         return DeviceState(
             device_id=self._device_id,
             timestamp=sample.received_at,
@@ -298,6 +316,8 @@ class Sep2Der:
         DERControl at once (the client sees it coming, randomizes its start as the program
         says, ramps over the dispatch's ramp); the setpoint at the start confirms or replaces
         it. A withdrawn dispatch's controls are cancelled."""
+        if self._endpoint.load is not None:
+            return  # a load's EndDeviceControl comes with its setpoint
         if notice.withdrawn:
             self._windows.pop(notice.command_id, None)
             self._site_envelopes.pop(notice.command_id, None)
@@ -344,6 +364,9 @@ class Sep2Der:
         """Publish the setpoint as this device's DERControl, or cancel it for ``None``."""
         if command.device_id != self._device_id:
             raise UnsafeCommand(self._device_id, f"command is for {command.device_id}")
+        if self._endpoint.load is not None:
+            self._apply_load(command)
+            return
         switch = {"op_mod_connect": command.connect, "op_mod_energize": command.energize}
         if command.power_kw is None:
             if command.connect is False or command.energize is False:
@@ -428,6 +451,44 @@ class Sep2Der:
             description=f"setpoint {power_kw:+.3f} kW",
             until=until,
             group_id=group_id,
+        )
+
+    def _apply_load(self, command: DeviceCommand) -> None:
+        """A thermal load, whose setpoint is (as for every thermal load, ``gateway.dispatch``)
+        a change from its own baseline: shedding ``-power_kw`` of its ``rated_kw`` is a cap on
+        the share of time it may run, 100 x (1 - shed / rated_kw) % (cycling, as utilities'
+        load-control programs run it), an EndDeviceControl's DutyCycle. An import limit (an
+        envelope, absolute) caps it at 100 x limit / rated_kw %; a disconnect or cease to
+        energize at 0 %. Caps are rounded down (never more than asked). No setpoint and no
+        limit releases it; a load-up (a positive change) cannot be asked of it by duty cycle
+        and is refused, so the dispatch is re-allocated."""
+        rated = self._endpoint.rated_kw
+        assert rated is not None
+        if command.connect is False or command.energize is False:
+            share: float | None = 0.0
+        elif command.power_kw is not None:
+            if not math.isfinite(command.power_kw):
+                raise UnsafeCommand(self._device_id, f"setpoint {command.power_kw} kW")
+            if command.power_kw > RATING_TOLERANCE * rated:
+                raise DeviceRejected(
+                    self._device_id,
+                    f"a 2030.5 load cannot be loaded up ({command.power_kw:+.3f} kW): "
+                    "a duty cycle only caps it",
+                )
+            share = 1.0 - min(rated, max(0.0, -command.power_kw)) / rated
+        elif command.import_limit_kw is not None:
+            share = min(1.0, command.import_limit_kw / rated)
+        else:
+            share = None
+        if share is None or share >= 1.0 - 1e-9:
+            self._server.release_load_control(self._device_id)  # nothing to cap
+            return
+        duty = max(0, min(100, math.floor(100 * share + 1e-9)))
+        self._server.publish_load_control(
+            self._device_id,
+            duty,
+            provenance=command.provenance,
+            description=f"duty cycle at most {duty} %",
         )
 
     def _site_limits(

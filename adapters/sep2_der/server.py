@@ -18,6 +18,12 @@ Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id):
     /edev/{e}/rsps[/1[/rsp[/{r}]]]      replyTo of every control
     /edev/{e}/sub[/{s}]                 the client's Subscriptions (see below)
     /mup[/{m}]                          MirrorUsagePoints (telemetry)
+    /edev/{e}/tp[/...]  /rt/{r}         Pricing: the client's price schedule as TariffProfiles
+                                        (``adapters.sep2_der.pricing``; ``set_price``)
+    /edev/{e}/drp[/1[/edc[/{c}] | /actedc]]
+                                        DRLC for a thermal load (enrolled with a device_category):
+                                        EndDeviceControls capping its duty cycle
+                                        (``adapters.sep2_der.drlc``; ``publish_load_control``)
 
 Who is asking: the LFDI of the TLS client certificate (or, for plain-HTTP development only, a
 configured header). A client sees only its own EndDevice; another client's EndDevice tree
@@ -27,7 +33,8 @@ MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` 
 bodies are read with a size limit and a timeout and decoded completely before any state changes.
 
 Subscriptions: a client may subscribe to its own EndDeviceList, FunctionSetAssignmentsList,
-DERProgramLists, DERPrograms, DERControlLists (``derc``, ``actderc``) and DefaultDERControls;
+TariffProfileList (a new price schedule for it), DERProgramLists, DERPrograms, DERControlLists
+(``derc``, ``actderc``) and DefaultDERControls;
 when a subscribed resource changes (publish, release, supersede, lapse; a new default or rate;
 a subscription more or less) the server POSTs a ``Notification`` to the subscription's
 notificationURI, whose host must be in ``notification_hosts`` (no other targets, no redirects:
@@ -76,6 +83,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.sep2_der import drlc
+from adapters.sep2_der.pricing import COMPONENTS, TariffBook, TariffView, reading_type
 from adapters.sep2_der.state import Sep2ServerState, StateSnapshot, StoredDevice, StoredProgram
 from gateway.ports import RefusalHook
 from gateway.quota import Quotas
@@ -87,6 +96,8 @@ from protocols.sep2 import (
     CsipAusVersion,
     DateTimeInterval,
     DefaultDERControl,
+    DemandResponseProgram,
+    DemandResponseProgramList,
     DERAvailability,
     DERCapability,
     DERControl,
@@ -137,6 +148,7 @@ from protocols.sep2 import (
 )
 from unified.config import Section
 from unified.model import Identifier, LimitSource, utc_from_timestamp
+from unified.prices import PriceSchedule
 
 __all__ = [
     "DerSnapshot",
@@ -199,6 +211,7 @@ _SUBSCRIBABLE: Final = re.compile(
 )
 # A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
 _SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/[0-9]{1,3})?/derp$")
+_SUBSCRIBABLE_LOAD_CONTROLS: Final = re.compile(r"^/edev/[0-9]{1,10}/drp/1/(edc|actedc)$")
 _ONE_DERS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/der/([0-9]{1,3})/derp$")
 _ENCODING_XML: Final = 0
 _MAX_HISTORY: Final = 256
@@ -382,6 +395,9 @@ class Sep2Enrollment:
     shares_end_device: bool = False
     """A further DER of the EndDevice already enrolled under the same LFDI (one client for a
     site with, say, PV and a battery): listed in its DERList, its controls in its own program."""
+    device_category: str | None = None
+    """A thermal load (2030.5 DeviceCategoryType, hex): its EndDevice gets a
+    DemandResponseProgram for its EndDeviceControls (``adapters.sep2_der.drlc``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,6 +561,7 @@ class _Der:
     host: _Der | None = None  # the EndDevice's first DER (None: this is it)
     members: list[_Der] = field(default_factory=list)  # further DERs of this EndDevice
     device_program: _Program | None = None  # its own program, when the EndDevice has several
+    load_controls: list[drlc.LoadControl] = field(default_factory=list)  # DRLC, in memory
 
     @property
     def ders(self) -> list[_Der]:
@@ -590,7 +607,8 @@ class _Subscription:
     der: _Der
     program_id: int | None  # None for a DERProgramList
     # derc | actderc | dderc | derp (a DERProgram) | derpl (a DERProgramList) | edevl (the
-    # client's EndDeviceList) | fsal (its FunctionSetAssignmentsList)
+    # client's EndDeviceList) | fsal (its FunctionSetAssignmentsList) | tpl (TariffProfileList)
+    # | edc / actedc (its (Active)EndDeviceControlList, DRLC)
     kind: str
     model: Subscription  # as served, with its href
     pending: deque[bytes]  # encoded Notifications, oldest first
@@ -843,6 +861,7 @@ class Sep2Server:
         self._persist_wake = asyncio.Event()
         self._persist_stop = False
         self._persister: asyncio.Task[None] | None = None
+        self._tariffs = TariffBook()  # price schedules served as 2030.5 Pricing (§10.5)
         self.unreadable_state_rows = 0
         """Rows of the state file that could not be read back (skipped)."""
         for program in config.programs:  # configured groups get the low, stable ids
@@ -993,10 +1012,35 @@ class Sep2Server:
                 setattr(self, name, value)
         for der in self._ders.values():
             self._touch(der)
-            kinds: tuple[str, ...] = ("edevl", "fsal") if poll_rate_s is not None else ()
+            kinds: tuple[str, ...] = ("edevl", "fsal", "tpl") if poll_rate_s is not None else ()
             kinds += ("derpl",) if der_poll_rate_s is not None else ()
             if kinds:
                 self._notify_lists(der, kinds)
+
+    def set_price(self, schedule: PriceSchedule) -> bool:
+        """Serve a price schedule (Grid DERMS's ``prices``) to the clients in its scope (every
+        client for the gateway-wide scope) as their TariffProfiles (``adapters.sep2_der.pricing``).
+        False when one as new or newer is held for its scope and kind (nothing changes)."""
+        if not self._tariffs.put(schedule):
+            return False
+        log.info("2030.5 pricing: %s/%s schedule from %s", *schedule.key, schedule.issued_at)
+        for der in self._ders.values():
+            self._touch(der)
+        for der in self._ders.values():  # each EndDevice now served this schedule: tell it
+            if der.host is None and schedule in self._tariff_view(der).profiles.values():
+                self._notify_lists(der, ("tpl", "fsal"))
+        return True
+
+    def _tariff_view(self, der: _Der) -> TariffView:
+        programs = sorted(der.edev_programs(), key=lambda p: (p.primacy, p.program_id))
+        profiles = self._tariffs.for_groups([p.group_id for p in programs])
+        return TariffView(
+            der.base_href,
+            profiles,
+            self.config.iana_pen,
+            v13=self.config.csipaus == CsipAusVersion.V1_3,
+            replaced=self._tariffs.replaced(profiles),
+        )
 
     def _notify_default(self, der: _Der, program: _Program) -> None:
         for sub in self._subscriptions_of(der):
@@ -1414,6 +1458,171 @@ class Sep2Server:
         self._changed(der)
         return cancelled.published()
 
+    # ----------------------------------------------------------------------- DRLC (§10.4)
+
+    def publish_load_control(
+        self,
+        device_id: str,
+        duty_cycle_pct: int,
+        *,
+        provenance: tuple[LimitSource, ...] = (),
+        description: str = "",
+    ) -> drlc.LoadControl:
+        """Cap a thermal load's duty cycle with an EndDeviceControl in force from now for the
+        device's control duration; it supersedes the one in force, or renews it when that one
+        caps the same and is past half its time."""
+        der, member = self._hosting(device_id)
+        category = member.enrollment.device_category
+        if category is None:
+            raise ValueError(f"{device_id!r} was not enrolled as a load (device_category)")
+        if not 0 <= duty_cycle_pct <= 100:
+            raise ValueError(f"duty cycle {duty_cycle_pct} % outside 0..100")
+        now = self._now()
+        duration = member.enrollment.control_duration_s
+        der.load_controls = [c for c in der.load_controls if c.end > now]
+        live = [c for c in der.load_controls if c.device_id == device_id and c.in_force(now)]
+        for control in live:
+            if control.duty_cycle_pct == duty_cycle_pct and now < control.start + duration // 2:
+                return control  # the same cap, still fresh
+        for control in live:
+            control.status, control.status_time = drlc.STATUS_SUPERSEDED, now
+        control = drlc.LoadControl(
+            control_id=self._next_control,
+            mrid=_mrid(6, self._next_control, self.config.iana_pen),
+            device_id=device_id,
+            device_category=category,
+            created=now,
+            start=now,
+            duration=duration,
+            duty_cycle_pct=duty_cycle_pct,
+            provenance=provenance,
+            description=description or f"duty cycle at most {duty_cycle_pct} %",
+        )
+        self._next_control += 1
+        der.load_controls.append(control)
+        self._load_controls_changed(der)
+        log.info(
+            "2030.5 EndDeviceControl %s: %s at most %d %%", control.mrid, device_id, duty_cycle_pct
+        )
+        return control
+
+    def release_load_control(self, device_id: str) -> drlc.LoadControl | None:
+        """Cancel the thermal load's EndDeviceControl in force (the device runs freely)."""
+        der, _ = self._hosting(device_id)
+        now = self._now()
+        cancelled = None
+        for control in der.load_controls:
+            if control.device_id == device_id and control.in_force(now):
+                control.status, control.status_time = drlc.STATUS_CANCELLED, now
+                cancelled = control
+        if cancelled is not None:
+            self._load_controls_changed(der)
+        return cancelled
+
+    def _load_controls_changed(self, der: _Der) -> None:
+        """Stale cached documents; the subscribers of its EndDeviceControlLists are told."""
+        self._touch(der)
+        now = self._now()
+        for sub in self._subscriptions_of(der):
+            if sub.kind in ("edc", "actedc"):
+                active = sub.kind == "actedc"
+                controls = der.load_controls
+                limit = sub.model.limit
+                model = drlc.control_list(der.base_href, controls, now, 0, limit, active=active)
+                self._enqueue(sub, model)
+        self._notify_wake.set()
+
+    def load_control(self, device_id: str) -> drlc.LoadControl | None:
+        """The thermal load's EndDeviceControl in force, if any."""
+        der, _ = self._hosting(device_id)
+        now = self._now()
+        live = [c for c in der.load_controls if c.device_id == device_id and c.in_force(now)]
+        return max(live, key=lambda c: c.control_id, default=None)
+
+    @staticmethod
+    def _has_loads(der: _Der) -> bool:
+        return any(d.enrollment.device_category is not None for d in der.ders)
+
+    def _own_drp(self, request: web.Request) -> _Der:
+        der = self._own(request)
+        if not self._has_loads(der):
+            raise _HttpError(404, "no DemandResponseProgram for this EndDevice")
+        if "p" in request.match_info and int(request.match_info["p"]) != drlc.DRP_ID:
+            raise _HttpError(404, "no such DemandResponseProgram")
+        return der
+
+    def _drp_model(self, der: _Der, now: int) -> DemandResponseProgram:
+        """At the primacy of the EndDevice's first program (its group's)."""
+        mrid = _mrid(5, der.edev_id, self.config.iana_pen)
+        primacy = der.primary_program().primacy
+        return drlc.program(der.base_href, mrid, der.load_controls, now, primacy)
+
+    @staticmethod
+    def _load_boundary(der: _Der, now: int) -> int | None:
+        times = [c.end for c in der.load_controls] + [
+            c.start for c in der.load_controls if c.start > now
+        ]
+        return min((t for t in times if t > now), default=None)
+
+    async def _get_drp_list(self, request: web.Request) -> web.Response:
+        der = self._own(request)
+        start, limit, after = self._paging(request)
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            every = (
+                [self._drp_model(der, now)]
+                if self._has_loads(der)
+                else []
+            )
+            page = tuple(every[start : start + limit])
+            model = DemandResponseProgramList(
+                href=f"{der.base_href}/drp",
+                all=len(every),
+                results=len(page),
+                poll_rate=self.der_poll_rate_s,
+                items=page,
+            )
+            return model, self._load_boundary(der, now)
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    async def _get_drp(self, request: web.Request) -> web.Response:
+        der = self._own_drp(request)
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            model = self._drp_model(der, now)
+            return model, self._load_boundary(der, now)
+
+        return self._cached(request, der, build)
+
+    async def _get_edc_list(self, request: web.Request) -> web.Response:
+        der = self._own_drp(request)
+        start, limit, after = self._paging(request)
+        active = request.path.endswith("/actedc")
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            der.load_controls = [c for c in der.load_controls if c.end > now]
+            model = drlc.control_list(
+                der.base_href, der.load_controls, now, start, limit, active=active
+            )
+            return model, self._load_boundary(der, now)
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    async def _get_edc(self, request: web.Request) -> web.Response:
+        der = self._own_drp(request)
+        wanted = int(request.match_info["c"])
+        control = next((c for c in der.load_controls if c.control_id == wanted), None)
+        if control is None:
+            raise _HttpError(404, "no such EndDeviceControl")
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            return drlc.end_device_control(der.base_href, control, now), self._load_boundary(
+                der, now
+            )
+
+        return self._cached(request, der, build)
+
     def _in_force(self, der: _Der, now: int, device_id: str) -> _Control | None:
         live = [
             c
@@ -1501,6 +1710,29 @@ class Sep2Server:
             ("/edev/{e:\\d+}/rsps", self._get_rsps_list),
             ("/edev/{e:\\d+}/rsps/{r:\\d+}", self._get_rsps),
             ("/edev/{e:\\d+}/rsps/{r:\\d+}/rsp/{n:\\d+}", self._get_response),
+        ]
+        drp = "/edev/{e:\\d+}/drp"
+        get += [
+            (drp, self._get_drp_list),
+            (drp + "/{p:\\d+}", self._get_drp),
+            (drp + "/{p:\\d+}/edc", self._get_edc_list),
+            (drp + "/{p:\\d+}/actedc", self._get_edc_list),
+            (drp + "/{p:\\d+}/edc/{c:\\d+}", self._get_edc),
+        ]
+        tp = "/edev/{e:\\d+}/tp"
+        rc = tp + "/{t:\\d+}/rc/{r:\\d+}"
+        get += [
+            (tp, self._get_tariff_profiles),
+            (tp + "/{t:\\d+}", self._get_tariff_profile),
+            (tp + "/{t:\\d+}/rc", self._get_rate_components),
+            (tp + "/{t:\\d+}/ctti", self._get_time_tariff_intervals),
+            (rc, self._get_rate_component),
+            (rc + "/tti", self._get_time_tariff_intervals),
+            (rc + "/acttti", self._get_time_tariff_intervals),
+            (rc + "/tti/{i:\\d+}", self._get_time_tariff_interval),
+            (rc + "/tti/{i:\\d+}/cti", self._get_consumption_tariff_intervals),
+            (rc + "/tti/{i:\\d+}/cti/{c:\\d+}", self._get_consumption_tariff_intervals),
+            ("/rt/{r:\\d+}", self._get_reading_type),
         ]
         for path, handler in get:
             r.add_get(path, handler)
@@ -1966,6 +2198,12 @@ class Sep2Server:
         return FunctionSetAssignments(
             href=href,
             der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
+            demand_response_program_list_link=(
+                ListLink(href=f"{der.base_href}/drp", all=1) if self._has_loads(der) else None
+            ),
+            tariff_profile_list_link=ListLink(
+                href=f"{der.base_href}/tp", all=len(self._tariff_view(der).profiles)
+            ),
             time_link=Link(href="/tm"),
             mrid=_mrid(4, der.edev_id, self.config.iana_pen),
             description="",
@@ -1976,6 +2214,89 @@ class Sep2Server:
         if int(request.match_info["f"]) != _FSA_ID:
             raise _HttpError(404, "no such FunctionSetAssignments")
         return self._cached(request, der, lambda _: (self._fsa(der), None))
+
+    # ----------------------------------------------------------------------- pricing (§10.5)
+
+    def _own_tariff(self, request: web.Request) -> tuple[_Der, TariffView, int, int]:
+        """The client's view, its profile ``t`` and component ``r`` (0 when not in the path);
+        404 for ones it is not served."""
+        der = self._own(request)
+        view = self._tariff_view(der)
+        t = int(request.match_info.get("t", "0"))
+        r = int(request.match_info.get("r", "0"))
+        if "t" in request.match_info and t not in view.profiles:
+            raise _HttpError(404, "no such TariffProfile for this EndDevice")
+        if "r" in request.match_info and r not in COMPONENTS:
+            raise _HttpError(404, "no such RateComponent")
+        return der, view, t, r
+
+    async def _get_tariff_profiles(self, request: web.Request) -> web.Response:
+        der, view, _, _ = self._own_tariff(request)
+        start, limit, after = self._paging(request)
+
+        def build(_now: int) -> tuple[Sep2Model, None]:
+            return view.profile_list(start, limit, self.poll_rate_s), None
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    async def _get_tariff_profile(self, request: web.Request) -> web.Response:
+        der, view, t, _ = self._own_tariff(request)
+        return self._cached(request, der, lambda _: (view.profile(t), None))
+
+    async def _get_rate_components(self, request: web.Request) -> web.Response:
+        der, view, t, _ = self._own_tariff(request)
+        start, limit, after = self._paging(request)
+        return self._cached(
+            request, der, lambda _: (view.components(t, start, limit), None), (start, limit, after)
+        )
+
+    async def _get_rate_component(self, request: web.Request) -> web.Response:
+        der, view, t, r = self._own_tariff(request)
+        return self._cached(request, der, lambda _: (view.component(t, r), None))
+
+    async def _get_time_tariff_intervals(self, request: web.Request) -> web.Response:
+        der, view, t, r = self._own_tariff(request)
+        start, limit, after = self._paging(request)
+        kind = request.path.rsplit("/", 1)[1]
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            if kind == "ctti":
+                model = view.combined(t, now, start, limit)
+            else:
+                model = view.intervals(t, r, now, start, limit, active=kind == "acttti")
+            return model, view.next_boundary(now)
+
+        return self._cached(request, der, build, (start, limit, after))
+
+    def _own_interval(self, request: web.Request) -> tuple[_Der, TariffView, int, int, int]:
+        der, view, t, r = self._own_tariff(request)
+        i = int(request.match_info["i"]) - 1
+        if not view.has_interval(t, i):
+            raise _HttpError(404, "no such TimeTariffInterval")
+        return der, view, t, r, i
+
+    async def _get_time_tariff_interval(self, request: web.Request) -> web.Response:
+        der, view, t, r, i = self._own_interval(request)
+
+        def build(now: int) -> tuple[Sep2Model, int | None]:
+            return view.interval(t, r, i, now), view.next_boundary(now)
+
+        return self._cached(request, der, build)
+
+    async def _get_consumption_tariff_intervals(self, request: web.Request) -> web.Response:
+        der, view, t, r, i = self._own_interval(request)
+        if "c" in request.match_info:
+            if request.match_info["c"] != "1":
+                raise _HttpError(404, "no such ConsumptionTariffInterval")
+            return self._cached(request, der, lambda _: (view.consumption(t, r, i), None))
+        return self._cached(request, der, lambda _: (view.consumption_list(t, r, i), None))
+
+    async def _get_reading_type(self, request: web.Request) -> web.Response:
+        r = int(request.match_info["r"])
+        if r not in COMPONENTS:
+            raise _HttpError(404, "no such ReadingType")
+        _, der = self._client(request)
+        return self._cached(request, der, lambda _: (reading_type(r), None))
 
     # ----------------------------------------------------------------------- programs & controls
 
@@ -2384,12 +2705,18 @@ class Sep2Server:
             return None, "edevl"  # the client's own EndDeviceList
         if resource == f"{der.base_href}/fsa":
             return None, "fsal"
+        if resource == f"{der.base_href}/tp":
+            return None, "tpl"  # its TariffProfileList (Pricing)
+        load_controls = _SUBSCRIBABLE_LOAD_CONTROLS.match(resource)
+        if load_controls is not None and self._has_loads(der):
+            return None, load_controls.group(1)  # its (Active)EndDeviceControlList (DRLC)
         match = _SUBSCRIBABLE.match(resource)
         if match is None:
             raise _HttpError(
                 400,
                 f"{resource!r} is not subscribable: the EndDeviceList, FunctionSetAssignmentsList, "
-                "DERProgramLists, DERPrograms, DERControlLists and DefaultDERControls are",
+                "TariffProfileList, (Active)EndDeviceControlLists, DERProgramLists, DERPrograms, "
+                "DERControlLists and DefaultDERControls are",
             )
         program = der.program(int(match.group(2)))
         if program is None:
@@ -2453,6 +2780,9 @@ class Sep2Server:
                         href="/edev", all=1, results=1, poll_rate=self.poll_rate_s, items=items
                     ),
                 )
+            elif sub.kind == "tpl" and "tpl" in kinds:
+                view = self._tariff_view(der)
+                self._enqueue(sub, view.profile_list(0, sub.model.limit, self.poll_rate_s))
             elif sub.kind == "derpl" and "derpl" in kinds:
                 self._enqueue(sub, self._program_list_model(der, sub.model, self._now()))
             elif sub.kind == "fsal" and "fsal" in kinds:
@@ -2478,7 +2808,11 @@ class Sep2Server:
         """
         self._touch(der)
         self._mark(der)
-        subs = [s for s in self._subscriptions_of(der) if s.kind not in ("dderc", "edevl", "fsal")]
+        subs = [
+            s
+            for s in self._subscriptions_of(der)
+            if s.kind not in ("dderc", "edevl", "fsal", "tpl", "edc", "actedc")
+        ]
         if not subs:
             return
         now = self._now()

@@ -36,6 +36,7 @@ from protocols.sep2.schema import (
     HexBinary128,
     HexBinary160,
     Int16,
+    Int32,
     Int48,
     NsKind,
     PerCent,
@@ -56,9 +57,13 @@ __all__ = [
     "ActivePower",
     "AmpereHour",
     "ApparentPower",
+    "ApplianceLoadReduction",
     "Condition",
     "ConnectStatus",
     "ConnectionPoint",
+    "ConsumptionTariffInterval",
+    "ConsumptionTariffIntervalList",
+    "ConsumptionTariffIntervalListSummary",
     "CurrentRMS",
     "DERAvailability",
     "DERCapability",
@@ -73,8 +78,13 @@ __all__ = [
     "DERStatus",
     "DateTimeInterval",
     "DefaultDERControl",
+    "DemandResponseProgram",
+    "DemandResponseProgramList",
     "DeviceCapability",
+    "DutyCycle",
     "EndDevice",
+    "EndDeviceControl",
+    "EndDeviceControlList",
     "EndDeviceList",
     "Error",
     "EventStatus",
@@ -93,6 +103,7 @@ __all__ = [
     "MirrorUsagePoint",
     "MirrorUsagePointList",
     "Notification",
+    "Offset",
     "PowerFactor",
     "PowerFactorWithExcitation",
     "RateComponent",
@@ -108,6 +119,7 @@ __all__ = [
     "ResponseSet",
     "ResponseSetList",
     "Sep2List",
+    "SetPoint",
     "StateOfChargeStatus",
     "StatusCode",
     "Subscription",
@@ -115,6 +127,8 @@ __all__ = [
     "TariffProfile",
     "TariffProfileList",
     "Time",
+    "TimeTariffInterval",
+    "TimeTariffIntervalList",
     "VoltageRMS",
     "WattHour",
 ]
@@ -740,7 +754,9 @@ class DERAvailability(Resource):
 
 
 class ReadingType(Resource):
-    """Units and meaning of readings (uom 38 = W, 63 = var, 29 = V, 33 = Hz)."""
+    """Units and meaning of readings (uom 38 = W, 63 = var, 29 = V, 33 = Hz, 72 = Wh)."""
+
+    xml_tag: ClassVar[str] = "ReadingType"
 
     accumulation_behaviour: Annotated[UInt8 | None, Element("accumulationBehaviour")] = None
     commodity: Annotated[UInt8 | None, Element("commodity")] = None
@@ -967,13 +983,18 @@ class LogEventList(Sep2List):
 
 
 class RateComponent(Resource):
-    """Pricing function set (read only, so that a client can walk an FSA without failing)."""
+    """One component of a tariff (IEEE 2030.5 §10.5): e.g. the import or the export energy
+    price, in the unit of its ReadingType (per kWh), with its TimeTariffIntervals."""
 
     xml_tag: ClassVar[str] = "RateComponent"
 
+    subscribable: Annotated[UInt8 | None, Attribute("subscribable")] = None
     mrid: Annotated[HexBinary128, Element("mRID")]
     description: Annotated[str | None, Element("description")] = None
     version: Annotated[UInt16 | None, Element("version")] = None
+    active_time_tariff_interval_list_link: Annotated[
+        ListLink | None, Element("ActiveTimeTariffIntervalListLink")
+    ] = None
     reading_type_link: Annotated[Link | None, Element("ReadingTypeLink")] = None
     role_flags: Annotated[HexBinary16 | None, Element("roleFlags")] = None
     time_tariff_interval_list_link: Annotated[
@@ -990,10 +1011,11 @@ class RateComponentList(Sep2List):
 
 
 class TariffProfile(Resource):
-    """Pricing function set (read only, see RateComponent)."""
+    """A schedule of charges (IEEE 2030.5 §10.5); ``currency`` is the ISO 4217 number."""
 
     xml_tag: ClassVar[str] = "TariffProfile"
 
+    subscribable: Annotated[UInt8 | None, Attribute("subscribable")] = None
     mrid: Annotated[HexBinary128, Element("mRID")]
     description: Annotated[str | None, Element("description")] = None
     version: Annotated[UInt16 | None, Element("version")] = None
@@ -1014,6 +1036,163 @@ class TariffProfileList(Sep2List):
     xml_tag: ClassVar[str] = "TariffProfileList"
 
     items: Annotated[tuple[TariffProfile, ...], Element("TariffProfile")] = ()
+
+
+class ConsumptionTariffInterval(Resource):
+    """One consumption block of a TimeTariffInterval: ``price`` in the TariffProfile's
+    currency x 10^pricePowerOfTenMultiplier per unit of the RateComponent's ReadingType."""
+
+    xml_tag: ClassVar[str] = "ConsumptionTariffInterval"
+
+    consumption_block: Annotated[UInt8, Element("consumptionBlock")]
+    price: Annotated[Int32 | None, Element("price")] = None
+    start_value: Annotated[UInt48, Element("startValue")]
+
+
+class ConsumptionTariffIntervalList(Sep2List):
+    xml_tag: ClassVar[str] = "ConsumptionTariffIntervalList"
+
+    items: Annotated[
+        tuple[ConsumptionTariffInterval, ...], Element("ConsumptionTariffInterval")
+    ] = ()
+
+
+class ConsumptionTariffIntervalListSummary(Sep2Model):
+    """CSIP-AUS v1.3: the interval's ConsumptionTariffIntervals inline (one GET fewer)."""
+
+    all: Annotated[UInt32, Attribute("all")]
+    results: Annotated[UInt32, Attribute("results")]
+    items: Annotated[
+        tuple[ConsumptionTariffInterval, ...], Element("ConsumptionTariffInterval")
+    ] = ()
+
+
+class TimeTariffInterval(Resource):
+    """A time interval of a RateComponent with its price(s) (an Event: EventStatus, interval)."""
+
+    xml_tag: ClassVar[str] = "TimeTariffInterval"
+
+    reply_to: Annotated[str | None, Attribute("replyTo")] = None
+    response_required: Annotated[HexBinary8 | None, Attribute("responseRequired")] = None
+    subscribable: Annotated[UInt8 | None, Attribute("subscribable")] = None
+    mrid: Annotated[HexBinary128, Element("mRID")]
+    description: Annotated[str | None, Element("description")] = None
+    version: Annotated[UInt16 | None, Element("version")] = None
+    creation_time: Annotated[TimeType, Element("creationTime")]
+    event_status: Annotated[EventStatus | None, Element("EventStatus")] = None
+    interval: Annotated[DateTimeInterval, Element("interval")]
+    randomize_duration: Annotated[Int16 | None, Element("randomizeDuration")] = None
+    randomize_start: Annotated[Int16 | None, Element("randomizeStart")] = None
+    consumption_tariff_interval_list_link: Annotated[
+        ListLink | None, Element("ConsumptionTariffIntervalListLink")
+    ] = None
+    tou_tier: Annotated[UInt8, Element("touTier")]
+    consumption_tariff_interval_list_summary: Annotated[
+        ConsumptionTariffIntervalListSummary | None,
+        Element("ConsumptionTariffIntervalListSummary", CSIPAUS_V13),
+    ] = None
+    rate_component_link: Annotated[Link | None, Element("RateComponentLink")] = None
+    """Not in the IEEE XSD: envoy (CSIP-AUS v1.3) requires it, in the 2030.5 namespace. Set it
+    only when serving CSIP-AUS v1.3."""
+
+
+class TimeTariffIntervalList(Sep2List):
+    """Also the ActiveTimeTariffIntervalList and CSIP-AUS v1.3's combined list."""
+
+    xml_tag: ClassVar[str] = "TimeTariffIntervalList"
+
+    items: Annotated[tuple[TimeTariffInterval, ...], Element("TimeTariffInterval")] = ()
+
+
+# --------------------------------------------------------------------------- DRLC (§10.4)
+
+
+class ApplianceLoadReduction(Sep2Model):
+    """0 delay appliance load, 1 temporary appliance load reduction."""
+
+    type: Annotated[UInt8, Element("type")]
+
+
+class DutyCycle(Sep2Model):
+    """The largest share of time the device may be on, in percent."""
+
+    normal_value: Annotated[UInt8, Element("normalValue")]
+
+
+class Offset(Sep2Model):
+    """Temperature offsets in 0.1 °C (cooling up, heating down) or a load adjustment in
+    hundredths of a percent."""
+
+    cooling_offset: Annotated[UInt8 | None, Element("coolingOffset")] = None
+    heating_offset: Annotated[UInt8 | None, Element("heatingOffset")] = None
+    load_adjustment_percentage_offset: Annotated[
+        PerCent | None, Element("loadAdjustmentPercentageOffset")
+    ] = None
+
+
+class SetPoint(Sep2Model):
+    """Temperatures in hundredths of a °C."""
+
+    cooling_setpoint: Annotated[Int16 | None, Element("coolingSetpoint")] = None
+    heating_setpoint: Annotated[Int16 | None, Element("heatingSetpoint")] = None
+
+
+class EndDeviceControl(Resource):
+    """A demand response event for end devices (thermostats, water heaters, ...)."""
+
+    xml_tag: ClassVar[str] = "EndDeviceControl"
+
+    reply_to: Annotated[str | None, Attribute("replyTo")] = None
+    response_required: Annotated[HexBinary8 | None, Attribute("responseRequired")] = None
+    subscribable: Annotated[UInt8 | None, Attribute("subscribable")] = None
+    mrid: Annotated[HexBinary128, Element("mRID")]
+    description: Annotated[str | None, Element("description")] = None
+    version: Annotated[UInt16 | None, Element("version")] = None
+    creation_time: Annotated[TimeType, Element("creationTime")]
+    event_status: Annotated[EventStatus | None, Element("EventStatus")] = None
+    interval: Annotated[DateTimeInterval, Element("interval")]
+    randomize_duration: Annotated[Int16 | None, Element("randomizeDuration")] = None
+    randomize_start: Annotated[Int16 | None, Element("randomizeStart")] = None
+    appliance_load_reduction: Annotated[
+        ApplianceLoadReduction | None, Element("ApplianceLoadReduction")
+    ] = None
+    device_category: Annotated[HexBinary32, Element("deviceCategory")]
+    dr_program_mandatory: Annotated[bool, Element("drProgramMandatory")]
+    duty_cycle: Annotated[DutyCycle | None, Element("DutyCycle")] = None
+    load_shift_forward: Annotated[bool, Element("loadShiftForward")]
+    offset: Annotated[Offset | None, Element("Offset")] = None
+    override_duration: Annotated[UInt16 | None, Element("overrideDuration")] = None
+    set_point: Annotated[SetPoint | None, Element("SetPoint")] = None
+
+
+class EndDeviceControlList(Sep2List):
+    """Also the ActiveEndDeviceControlList."""
+
+    xml_tag: ClassVar[str] = "EndDeviceControlList"
+
+    items: Annotated[tuple[EndDeviceControl, ...], Element("EndDeviceControl")] = ()
+
+
+class DemandResponseProgram(Resource):
+    xml_tag: ClassVar[str] = "DemandResponseProgram"
+
+    subscribable: Annotated[UInt8 | None, Attribute("subscribable")] = None
+    mrid: Annotated[HexBinary128, Element("mRID")]
+    description: Annotated[str | None, Element("description")] = None
+    version: Annotated[UInt16 | None, Element("version")] = None
+    active_end_device_control_list_link: Annotated[
+        ListLink | None, Element("ActiveEndDeviceControlListLink")
+    ] = None
+    end_device_control_list_link: Annotated[
+        ListLink | None, Element("EndDeviceControlListLink")
+    ] = None
+    primacy: Annotated[UInt8, Element("primacy")]
+
+
+class DemandResponseProgramList(Sep2List):
+    xml_tag: ClassVar[str] = "DemandResponseProgramList"
+
+    items: Annotated[tuple[DemandResponseProgram, ...], Element("DemandResponseProgram")] = ()
 
 
 _ROOTS: Final[tuple[type[Sep2Model], ...]] = (
@@ -1045,6 +1224,7 @@ _ROOTS: Final[tuple[type[Sep2Model], ...]] = (
     Notification,
     RateComponent,
     RateComponentList,
+    ReadingType,
     Registration,
     Response,
     ResponseList,
@@ -1055,6 +1235,14 @@ _ROOTS: Final[tuple[type[Sep2Model], ...]] = (
     TariffProfile,
     TariffProfileList,
     Time,
+    TimeTariffInterval,
+    TimeTariffIntervalList,
+    ConsumptionTariffInterval,
+    ConsumptionTariffIntervalList,
+    DemandResponseProgram,
+    DemandResponseProgramList,
+    EndDeviceControl,
+    EndDeviceControlList,
 )
 
 ROOT_MODELS: Final[Mapping[str, type[Sep2Model]]] = MappingProxyType(

@@ -8,6 +8,7 @@ listener, which wakes the client's control loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from composition.certs import make_ca, make_cert
 from protocols.sep2 import MEDIA_TYPE, DERProgramList, decode_as
 from protocols.tls import client_ssl_context
 from tests.protocols.sep2.envoy_fixtures import load
-from unified.model import DeviceCommand
+from unified.model import DeviceCommand, utc_from_timestamp
+from unified.prices import PricePoint, PriceSchedule
 
 SEP = {"Content-Type": MEDIA_TYPE}
 
@@ -204,3 +206,57 @@ async def test_the_client_reads_every_der_of_its_end_device_and_their_controls(
     controls = envelopes[-1]
     assert controls.target_kw == pytest.approx(-3.0)  # the battery's program
     assert controls.generation_limit_kw == pytest.approx(2.0)  # the PV inverter's program
+
+
+async def test_the_client_reads_its_prices_from_our_server(tmp_path: Path) -> None:
+    """2030.5 Pricing end to end over mutual TLS: the price schedule our server serves for the
+    client's group is what the client reads, per kWh, import and export, interval by interval;
+    another group's schedule is not."""
+    ca = make_ca(tmp_path)
+    server_cert = make_cert(ca, tmp_path, "gateway", server=True)
+    device = make_cert(ca, tmp_path, "site-1")
+    tls = Sep2TlsConfig(
+        cert_file=server_cert.cert_path, key_file=server_cert.key_path, ca_file=ca.cert_path
+    )
+    server = Sep2Server(Sep2ServerConfig(port=0, tls=tls))
+    endpoint = Sep2DerEndpoint(lfdi=device.lfdi)
+    site = Sep2Der("site-1", endpoint, server=server, groups=("feeder:f1",))
+    await site.connect()
+    hour = int(time.time()) // 3600 * 3600 + 3600  # from the next hour: nothing ends meanwhile
+    points = (
+        PricePoint(start=utc_from_timestamp(hour), price=0.3125, export_price=0.05),
+        PricePoint(start=utc_from_timestamp(hour + 1800), price=-0.0125),
+    )
+    issued = utc_from_timestamp(hour - 7200)
+    server.set_price(
+        PriceSchedule(
+            issued_at=issued, scope="feeder:f1", currency="AUD", step_s=1800, points=points
+        )
+    )
+    other = PricePoint(start=utc_from_timestamp(hour), price=9.0)
+    server.set_price(PriceSchedule(issued_at=issued, scope="feeder:f2", points=(other,)))
+
+    async def on_envelope(controls: EffectiveControls) -> None:
+        pass
+
+    client = Sep2Client(
+        Sep2ClientConfig(
+            server_url=server.url, lfdi=device.lfdi, state_path=tmp_path / "s.json", page_size=1
+        ),
+        on_envelope=on_envelope,
+        ssl_context=client_ssl_context(device.cert_path, device.key_path, ca.cert_path),
+    )
+    try:
+        async with client:
+            prices = await client.read_prices()
+    finally:
+        await server.stop()
+    got = [(p.direction, p.start, p.duration_s, round(p.price_per_kwh, 6)) for p in prices]
+    assert got == [
+        ("export", hour, 1800, 0.05),
+        ("import", hour, 1800, 0.3125),
+        ("export", hour + 1800, 1800, -0.0125),  # no export price: the import price
+        ("import", hour + 1800, 1800, -0.0125),
+    ]
+    assert {p.currency for p in prices} == {36}  # AUD
+    assert {p.status for p in prices} == {0}  # scheduled

@@ -23,6 +23,7 @@ from gateway.devices import DispatchNotice
 from protocols.sep2 import MEDIA_TYPE, CsipAusVersion
 from tests.protocols.sep2.envoy_fixtures import load
 from unified.model import DeviceCommand, EnvelopeInterval, LimitSource
+from unified.prices import PricePoint, PriceSchedule
 
 envoy = pytest.importorskip("envoy_schema.server.schema.sep2")
 csip_aus = pytest.importorskip("envoy_schema.server.schema.csip_aus.connection_point")
@@ -39,7 +40,9 @@ def _models() -> dict[str, Any]:
         end_device,
         error,
         function_set_assignments,
+        metering,
         metering_mirror,
+        pricing,
         pub_sub,
         response,
         time,
@@ -74,6 +77,15 @@ def _models() -> dict[str, Any]:
         "Response": response.Response,
         "ConnectionPoint": csip_aus.ConnectionPointResponse,
         "Error": error.ErrorResponse,
+        "TariffProfileList": pricing.TariffProfileListResponse,
+        "TariffProfile": pricing.TariffProfileResponse,
+        "RateComponentList": pricing.RateComponentListResponse,
+        "RateComponent": pricing.RateComponentResponse,
+        "TimeTariffIntervalList": pricing.TimeTariffIntervalListResponse,
+        "TimeTariffInterval": pricing.TimeTariffIntervalResponse,
+        "ConsumptionTariffIntervalList": pricing.ConsumptionTariffIntervalListResponse,
+        "ConsumptionTariffInterval": pricing.ConsumptionTariffIntervalResponse,
+        "ReadingType": metering.ReadingType,
     }
 
 
@@ -117,6 +129,19 @@ async def populated() -> AsyncIterator[tuple[Sep2Server, aiohttp.ClientSession]]
                     assert resp.status in (201, 204), (href, await resp.text())
             provenance = (LimitSource(command_id="d-1", kind="dispatch"),)
             await der.apply(DeviceCommand(device_id="bat-a", power_kw=-3, provenance=provenance))
+            # (from the next hour: no interval ends while the tree is walked)
+            hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+            hour += timedelta(hours=1)
+            server.set_price(
+                PriceSchedule(
+                    issued_at=hour,
+                    currency="AUD",
+                    points=(
+                        PricePoint(start=hour, price=0.3125, export_price=-0.02),
+                        PricePoint(start=hour + timedelta(hours=1), price=0.28),
+                    ),
+                )
+            )
             start = datetime.now(UTC) + timedelta(hours=1)
             der.notice(DispatchNotice("d-2", start, start + timedelta(hours=1), -2.0, ramp_s=30))
             sub = (
@@ -161,6 +186,15 @@ async def test_every_served_document_parses_with_envoys_models(
         "SubscriptionList",
         "Subscription",
         "ConnectionPoint",
+        "TariffProfileList",
+        "TariffProfile",
+        "RateComponentList",
+        "RateComponent",
+        "ReadingType",
+        "TimeTariffIntervalList",
+        "TimeTariffInterval",
+        "ConsumptionTariffIntervalList",
+        "ConsumptionTariffInterval",
     }
     assert expected <= set(seen.values()), expected - set(seen.values())
     # What envoy read is what we meant (not just "it parsed").
@@ -170,6 +204,14 @@ async def test_every_served_document_parses_with_envoys_models(
         connection_point.id,
         getattr(connection_point, "connectionPointId", None),
     )
+    profile = parsed_by_tag["TariffProfile"]
+    assert (profile.currency, profile.pricePowerOfTenMultiplier) == (36, -5)  # AUD, 10^-5
+    prices = []
+    for href, tag in seen.items():
+        if tag == "ConsumptionTariffInterval":
+            prices.append(models[tag].from_xml(await _get(session, href)).price)
+    prices.sort()
+    assert prices == [-2000, 28000, 28000, 31250]  # export -0.02, import 0.3125, 0.28 x2
     controls = [
         models["DERControl"].from_xml(await _get(session, h))
         for h, t in seen.items()
@@ -301,6 +343,7 @@ async def _get(session: aiohttp.ClientSession, href: str) -> bytes:
 
 
 _LISTS = {"edev", "fsa", "derp", "derc", "actderc", "der", "mup", "sub", "rsps", "rsp"}
+_LISTS |= {"tp", "rc", "tti", "acttti", "ctti", "cti"}
 
 
 async def test_an_end_device_with_two_ders_parses_with_envoys_models() -> None:

@@ -6,19 +6,31 @@ import pytest
 
 from protocols.sep2 import (
     ConnectionPoint,
+    ConsumptionTariffInterval,
+    ConsumptionTariffIntervalList,
+    ConsumptionTariffIntervalListSummary,
     CsipAusVersion,
     DateTimeInterval,
     DefaultDERControl,
+    DemandResponseProgram,
     DERControl,
     DERControlBase,
     DERControlList,
     DERControlResponse,
+    DutyCycle,
+    EndDeviceControl,
+    EndDeviceControlList,
     EndDeviceList,
     Error,
     EventStatus,
     InvalidValue,
     Link,
+    ListLink,
     Notification,
+    Offset,
+    RateComponent,
+    TariffProfile,
+    TimeTariffInterval,
     decode,
     encode,
     from_watts,
@@ -161,3 +173,180 @@ def test_only_root_models_encode() -> None:
         encode(ActivePower(multiplier=0, value=1))
     with pytest.raises(InvalidValue):
         encode(Link(href="/x"))
+
+
+# Pricing (IEEE 2030.5-2018 §10.5), after the standard's time-of-use example: a residential
+# tariff in US dollars with prices in thousandths of a dollar per kWh.
+TARIFF = TariffProfile(
+    href="/tp/0",
+    mrid="A0" * 16,
+    description="TOU Residential",
+    currency=840,
+    price_power_of_ten_multiplier=-3,
+    primacy=1,
+    rate_code="R1",
+    rate_component_list_link=ListLink(href="/tp/0/rc", all=1),
+    service_category_kind=0,
+)
+RATE = RateComponent(
+    href="/tp/0/rc/0",
+    mrid="B0" * 16,
+    description="Energy",
+    active_time_tariff_interval_list_link=ListLink(href="/tp/0/rc/0/acttti", all=1),
+    reading_type_link=Link(href="/rt/0"),
+    role_flags="0002",
+    time_tariff_interval_list_link=ListLink(href="/tp/0/rc/0/tti", all=2),
+)
+PEAK = TimeTariffInterval(
+    href="/tp/0/rc/0/tti/1",
+    mrid="C0" * 16,
+    description="Peak",
+    creation_time=1795822000,
+    event_status=EventStatus(current_status=1, date_time=1795822000, potentially_superseded=False),
+    interval=DateTimeInterval(duration=14400, start=1795852800),
+    consumption_tariff_interval_list_link=ListLink(href="/tp/0/rc/0/tti/1/cti", all=1),
+    tou_tier=3,
+)
+PEAK_PRICE = ConsumptionTariffIntervalList(
+    href="/tp/0/rc/0/tti/1/cti",
+    all=1,
+    results=1,
+    items=(
+        ConsumptionTariffInterval(
+            href="/tp/0/rc/0/tti/1/cti/1", consumption_block=0, price=317, start_value=0
+        ),
+    ),
+)
+
+
+def test_pricing_golden() -> None:
+    assert encode(TARIFF) == (
+        b'<TariffProfile xmlns="urn:ieee:std:2030.5:ns" href="/tp/0">'
+        b"<mRID>A0A0A0A0A0A0A0A0A0A0A0A0A0A0A0A0</mRID>"
+        b"<description>TOU Residential</description>"
+        b"<currency>840</currency><pricePowerOfTenMultiplier>-3</pricePowerOfTenMultiplier>"
+        b"<primacy>1</primacy><rateCode>R1</rateCode>"
+        b'<RateComponentListLink href="/tp/0/rc" all="1"/>'
+        b"<serviceCategoryKind>0</serviceCategoryKind></TariffProfile>"
+    )
+    assert encode(RATE) == (
+        b'<RateComponent xmlns="urn:ieee:std:2030.5:ns" href="/tp/0/rc/0">'
+        b"<mRID>B0B0B0B0B0B0B0B0B0B0B0B0B0B0B0B0</mRID><description>Energy</description>"
+        b'<ActiveTimeTariffIntervalListLink href="/tp/0/rc/0/acttti" all="1"/>'
+        b'<ReadingTypeLink href="/rt/0"/><roleFlags>0002</roleFlags>'
+        b'<TimeTariffIntervalListLink href="/tp/0/rc/0/tti" all="2"/></RateComponent>'
+    )
+    assert encode(PEAK) == (
+        b'<TimeTariffInterval xmlns="urn:ieee:std:2030.5:ns" href="/tp/0/rc/0/tti/1">'
+        b"<mRID>C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0</mRID><description>Peak</description>"
+        b"<creationTime>1795822000</creationTime>"
+        b"<EventStatus><currentStatus>1</currentStatus><dateTime>1795822000</dateTime>"
+        b"<potentiallySuperseded>false</potentiallySuperseded></EventStatus>"
+        b"<interval><duration>14400</duration><start>1795852800</start></interval>"
+        b'<ConsumptionTariffIntervalListLink href="/tp/0/rc/0/tti/1/cti" all="1"/>'
+        b"<touTier>3</touTier></TimeTariffInterval>"
+    )
+    assert encode(PEAK_PRICE) == (
+        b'<ConsumptionTariffIntervalList xmlns="urn:ieee:std:2030.5:ns"'
+        b' href="/tp/0/rc/0/tti/1/cti" all="1" results="1">'
+        b'<ConsumptionTariffInterval href="/tp/0/rc/0/tti/1/cti/1">'
+        b"<consumptionBlock>0</consumptionBlock><price>317</price><startValue>0</startValue>"
+        b"</ConsumptionTariffInterval></ConsumptionTariffIntervalList>"
+    )
+    for model in (TARIFF, RATE, PEAK, PEAK_PRICE):
+        assert decode(encode(model)) == model
+
+
+def test_time_tariff_interval_v13_summary_golden() -> None:
+    """CSIP-AUS v1.3 (as envoy serves it): the interval's prices inline and its RateComponent."""
+    price = PEAK_PRICE.items[0]
+    summarised = PEAK.model_copy(
+        update={
+            "description": None,
+            "consumption_tariff_interval_list_summary": ConsumptionTariffIntervalListSummary(
+                all=1, results=1, items=(price,)
+            ),
+            "rate_component_link": Link(href="/tp/0/rc/0"),
+        }
+    )
+    assert encode(summarised, csipaus=CsipAusVersion.V1_3) == (
+        b'<TimeTariffInterval xmlns="urn:ieee:std:2030.5:ns"'
+        b' xmlns:csipaus="https://csipaus.org/ns/v1.3" href="/tp/0/rc/0/tti/1">'
+        b"<mRID>C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0</mRID>"
+        b"<creationTime>1795822000</creationTime>"
+        b"<EventStatus><currentStatus>1</currentStatus><dateTime>1795822000</dateTime>"
+        b"<potentiallySuperseded>false</potentiallySuperseded></EventStatus>"
+        b"<interval><duration>14400</duration><start>1795852800</start></interval>"
+        b'<ConsumptionTariffIntervalListLink href="/tp/0/rc/0/tti/1/cti" all="1"/>'
+        b"<touTier>3</touTier>"
+        b'<csipaus:ConsumptionTariffIntervalListSummary all="1" results="1">'
+        b'<ConsumptionTariffInterval href="/tp/0/rc/0/tti/1/cti/1">'
+        b"<consumptionBlock>0</consumptionBlock><price>317</price><startValue>0</startValue>"
+        b"</ConsumptionTariffInterval></csipaus:ConsumptionTariffIntervalListSummary>"
+        b'<RateComponentLink href="/tp/0/rc/0"/></TimeTariffInterval>'
+    )
+    assert decode(encode(summarised, csipaus=CsipAusVersion.V1_3)) == summarised
+    # The IEEE namespace and CSIP-AUS v1.2 have no summary: refuse rather than mislabel it.
+    with pytest.raises(InvalidValue):
+        encode(summarised, csipaus=CsipAusVersion.V1_2)
+
+
+def test_demand_response_golden() -> None:
+    """DRLC (IEEE 2030.5-2018 §10.4): a program and a thermostat event capping its duty cycle."""
+    program = DemandResponseProgram(
+        href="/edev/3/drp/1",
+        mrid="E0" * 16,
+        description="Thermal loads",
+        active_end_device_control_list_link=ListLink(href="/edev/3/drp/1/actedc", all=1),
+        end_device_control_list_link=ListLink(href="/edev/3/drp/1/edc", all=1),
+        primacy=1,
+    )
+    assert encode(program) == (
+        b'<DemandResponseProgram xmlns="urn:ieee:std:2030.5:ns" href="/edev/3/drp/1">'
+        b"<mRID>E0E0E0E0E0E0E0E0E0E0E0E0E0E0E0E0</mRID><description>Thermal loads</description>"
+        b'<ActiveEndDeviceControlListLink href="/edev/3/drp/1/actedc" all="1"/>'
+        b'<EndDeviceControlListLink href="/edev/3/drp/1/edc" all="1"/>'
+        b"<primacy>1</primacy></DemandResponseProgram>"
+    )
+    event = EndDeviceControl(
+        href="/edev/3/drp/1/edc/7",
+        reply_to="/edev/3/rsps/2/rsp",
+        response_required="03",
+        mrid="F0" * 16,
+        creation_time=1795822000,
+        event_status=EventStatus(
+            current_status=0, date_time=1795822000, potentially_superseded=False
+        ),
+        interval=DateTimeInterval(duration=3600, start=1795825600),
+        randomize_start=120,
+        device_category="01",
+        dr_program_mandatory=True,
+        duty_cycle=DutyCycle(normal_value=40),
+        load_shift_forward=False,
+    )
+    assert encode(event) == (
+        b'<EndDeviceControl xmlns="urn:ieee:std:2030.5:ns" href="/edev/3/drp/1/edc/7"'
+        b' replyTo="/edev/3/rsps/2/rsp" responseRequired="03">'
+        b"<mRID>F0F0F0F0F0F0F0F0F0F0F0F0F0F0F0F0</mRID><creationTime>1795822000</creationTime>"
+        b"<EventStatus><currentStatus>0</currentStatus><dateTime>1795822000</dateTime>"
+        b"<potentiallySuperseded>false</potentiallySuperseded></EventStatus>"
+        b"<interval><duration>3600</duration><start>1795825600</start></interval>"
+        b"<randomizeStart>120</randomizeStart><deviceCategory>01</deviceCategory>"
+        b"<drProgramMandatory>true</drProgramMandatory>"
+        b"<DutyCycle><normalValue>40</normalValue></DutyCycle>"
+        b"<loadShiftForward>false</loadShiftForward></EndDeviceControl>"
+    )
+    offset = event.model_copy(
+        update={
+            "duty_cycle": None,
+            "offset": Offset(cooling_offset=20, heating_offset=20),
+            "interval": DateTimeInterval(duration=1800, start=1795825600),
+        }
+    )
+    listed = EndDeviceControlList(href="/edev/3/drp/1/edc", all=2, results=2, items=(event, offset))
+    expected = (
+        b"<Offset><coolingOffset>20</coolingOffset><heatingOffset>20</heatingOffset></Offset>"
+    )
+    assert expected in encode(listed)
+    for model in (program, event, listed):
+        assert decode(encode(model)) == model
