@@ -958,21 +958,23 @@ def _allocate_lp(
         cap_col = np.append(cap_col, thermal_cap)
         cost_col = np.append(cost_col, CLASS_COST[DerClass.THERMOSTAT])
     prev = np.zeros(cap_col.size)
+    thermal_list = is_thermal.tolist()
     before = previous._memory.allocations.get(cid) if previous is not None else None
     if before:
         for j, k in enumerate(other.tolist()):
             was = before.get(kept[k])
             if was is not None:
                 prev[j] = max(0.0, sign * was.commanded_kw)
-        if cohort:
+        if cohort and previous is not None:  # only the thermal loads called had a share
             prev[m] = sum(
                 max(0.0, sign * was.commanded_kw)
-                for k in thermal_rows.tolist()
-                if (was := before.get(kept[k])) is not None
+                for did in previous.held_since
+                if (k := row_of.get(did)) is not None
+                and thermal_list[k]
+                and (was := before.get(did)) is not None
             )
     col_of = np.full(n, -1, dtype=np.intp)
     col_of[other] = np.arange(m)
-    thermal_list = is_thermal.tolist()
     limits: list[lp.Limit] = []
     for bound in bounds:
         limit_kw = bound.import_kw if sign > 0 else bound.export_kw
@@ -1055,11 +1057,10 @@ def _allocate_lp(
     limited_by: list[tuple[str, ...]] = [()] * n
     bound_by = energy_bound.tolist()
     is_ev = (pool.kind[at] == _EV).tolist()
-    full = (caps <= _EPS).tolist()
-    for j, k in enumerate(other.tolist()):
-        if y[j] >= caps[k] - 1e-6:
-            full[k] = True
-    for k in np.flatnonzero(full).tolist():
+    at_cap = caps <= _EPS
+    at_cap[other] |= y[:m] >= caps[other] - 1e-6
+    full = at_cap.tolist()
+    for k in np.flatnonzero(at_cap).tolist():
         if not bound_by[k]:
             label = "rating"
         elif total < 0:
