@@ -966,13 +966,13 @@ def _allocate_lp(
             if was is not None:
                 prev[j] = max(0.0, sign * was.commanded_kw)
         if cohort and previous is not None:  # only the thermal loads called had a share
-            prev[m] = sum(
-                max(0.0, sign * was.commanded_kw)
-                for did in previous.held_since
-                if (k := row_of.get(did)) is not None
-                and thermal_list[k]
-                and (was := before.get(did)) is not None
-            )
+            given = 0.0
+            for did in previous.held_since:
+                row = row_of.get(did)
+                called_was = before.get(did)
+                if row is not None and thermal_list[row] and called_was is not None:
+                    given += max(0.0, sign * called_was.commanded_kw)
+            prev[m] = given
     col_of = np.full(n, -1, dtype=np.intp)
     col_of[other] = np.arange(m)
     limits: list[lp.Limit] = []

@@ -202,3 +202,25 @@ def test_stored_energy_is_called_before_comfort_and_the_baseline_planner_is_kept
     assert best == {"bat": pytest.approx(-4.0), "pv": 0.0}
     even = plan(NOW, registry, states, active, allocator="proportional").allocations["d"]
     assert {a.device_id: a.commanded_kw for a in even} == {"bat": -2.0, "pv": -2.0}
+
+
+def test_batteries_first_then_thermal_loads_in_turns_for_the_rest() -> None:
+    # A 2 kW battery and four houses each drawing 1.5 kW, asked to shed 5 kW: the battery gives
+    # all it can, two houses are held off for the remaining 3 kW, and the same two stay held
+    # in the next period (their turn goes on).
+    devices = [battery("bat", kw=2.0)] + [
+        battery(f"h{i}", kw=3.0, reserve=0.0, der_class=DerClass.THERMOSTAT) for i in range(4)
+    ]
+    registry = Registry(devices)
+    states: dict[str, DeviceState | None] = {d.device_id: state(d.device_id) for d in devices}
+    baselines = {f"h{i}": 1.5 for i in range(4)}
+    active = [ActiveCommand(request(-5.0, "feeder:f1"), 1)]
+    first = plan(NOW, registry, states, active, baselines)
+    later = plan(NOW + timedelta(seconds=30), registry, states, active, baselines, previous=first)
+    for result in (first, later):
+        given = {a.device_id: a.commanded_kw for a in result.allocations["d"]}
+        assert given["bat"] == pytest.approx(-2.0)
+        assert sorted(v for d, v in given.items() if d != "bat") == [-1.5, -1.5, 0.0, 0.0]
+        assert result.shortfall_kw["d"] == 0.0
+    assert set(first.held_since) == set(later.held_since)
+    assert len(first.held_since) == 2
