@@ -20,9 +20,11 @@ L1 churn term) without one constraint row per device::
 small term for its stored energy); a request the devices cannot meet gives the closest delivery
 and says by how much it is short. The limit rows are the part of an envelope the request can
 push on (a load-up against an import limit, a shed against an export limit): ``room_L`` is what
-the rest of the group leaves of the limit, never negative. An envelope already broken by load
-the dispatch does not control is the planner's to relieve (it runs after the allocation and
-wins over it); the allocation only never makes it worse.
+the rest of the group leaves of the limit, never negative. Where the request *relieves* an
+envelope already passed (a shed in a feeder importing past its limit), the group's devices are
+asked first for at least what it is past (``relief``: soft, at ``RELIEF_COST`` per kW not
+given), so one kW does both jobs; what is left past the limit is the planner's to relieve (it
+runs after the allocation and wins over it).
 
 The problem has one variable pair per device and one row per limit, so HiGHS solves 10,000
 devices in a few milliseconds; :class:`Allocator` keeps the last solution of each dispatch and
@@ -41,6 +43,7 @@ import scipy.sparse
 
 __all__ = [
     "CHURN_COST",
+    "RELIEF_COST",
     "SHORTFALL_COST",
     "Allocator",
     "Limit",
@@ -54,6 +57,10 @@ _Floats = npt.NDArray[np.float64]
 SHORTFALL_COST = 1_000.0
 """Per kW of the request not delivered: far above any device's cost, so every kW the devices
 and limits allow is delivered."""
+
+RELIEF_COST = 100.0
+"""Per kW a group past an envelope is not relieved by the request: above any device's cost
+(devices inside go first) and below ``SHORTFALL_COST`` (never a kW of the request less)."""
 
 CHURN_COST = 0.02
 """Per kW moved from a device's previous allocation: a device is swapped for a cheaper one only
@@ -83,6 +90,11 @@ class Problem:
     limits: Sequence[Limit] = ()
     churn_cost: float = CHURN_COST
     shortfall_cost: float = SHORTFALL_COST
+    relief: Sequence[Limit] = ()
+    """Groups past an envelope the request relieves (a shed under an import limit, a load-up
+    under an export limit): their members should give at least ``room_kw`` (what the group is
+    past its limit), at ``RELIEF_COST`` per kW they do not: the request is met where it also
+    holds an envelope, before anywhere else."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,36 +125,47 @@ def solve(problem: Problem) -> Solution:
     if n == 0 or want <= _EPS:
         return Solution(np.zeros(n), round(want, 6), solved=False)
     prev = np.zeros(n) if problem.previous is None else np.clip(problem.previous, 0.0, cap)
-    limits = problem.limits
+    limits, relief = problem.limits, problem.relief
+    rows = len(limits) + len(relief)
     # Devices with the same cost in the same limits are one column.
-    member = np.zeros((n, len(limits)), dtype=np.bool_)
-    for r, limit in enumerate(limits):
+    member = np.zeros((n, rows), dtype=np.bool_)
+    for r, limit in enumerate((*limits, *relief)):
         member[np.asarray(limit.members, dtype=np.intp), r] = True
     cost = np.asarray(problem.cost, dtype=np.float64)
     of = _kinds(cost, member)
     k = int(of.max()) + 1
     cost_k = np.zeros(k)
     cost_k[of] = cost
-    member_k = np.zeros((k, len(limits)))
+    member_k = np.zeros((k, rows))
     member_k[of] = member
     cap_k = np.bincount(of, cap, k).astype(np.float64)
     prev_k = np.bincount(of, prev, k).astype(np.float64)
     churn = problem.churn_cost
-    # columns: u (k), d (k), s (1); y = prev + u - d
-    c = np.concatenate((cost_k + churn, churn - cost_k, [problem.shortfall_cost]))
-    bounds = np.empty((2 * k + 1, 2))
+    f = len(relief)
+    # columns: u (k), d (k), s (1), relief short (f); y = prev + u - d
+    c = np.concatenate(
+        (cost_k + churn, churn - cost_k, [problem.shortfall_cost], np.full(f, RELIEF_COST))
+    )
+    needs = [max(0.0, r.room_kw) for r in relief]
+    bounds = np.empty((2 * k + 1 + f, 2))
     bounds[:k, 0], bounds[:k, 1] = 0.0, np.maximum(cap_k - prev_k, 0.0)
     bounds[k : 2 * k, 0], bounds[k : 2 * k, 1] = 0.0, prev_k
     bounds[2 * k] = (0.0, want)
-    a_eq = scipy.sparse.csr_array(np.concatenate((np.ones(k), -np.ones(k), [1.0]))[np.newaxis, :])
+    bounds[2 * k + 1 :, 0], bounds[2 * k + 1 :, 1] = 0.0, needs
+    a_eq = scipy.sparse.csr_array(
+        np.concatenate((np.ones(k), -np.ones(k), [1.0], np.zeros(f)))[np.newaxis, :]
+    )
     b_eq = [want - float(prev_k.sum())]
     rooms = [max(0.0, limit.room_kw) for limit in limits]
     a_ub: scipy.sparse.csr_array | None = None
     b_ub: _Floats | None = None
-    if limits:
-        w = member_k.T  # limits x kinds
-        a_ub = scipy.sparse.csr_array(np.hstack((w, -w, np.zeros((len(limits), 1)))))
-        b_ub = np.array(rooms) - w @ prev_k
+    if rows:
+        w = member_k.T  # rows x kinds: the limits, then the groups to relieve
+        w[len(limits) :] *= -1.0  # at least: -sum(y) - short <= -need
+        short = np.zeros((rows, 1 + f))
+        short[len(limits) :, 1:] = -np.eye(f)
+        a_ub = scipy.sparse.csr_array(np.hstack((w, -w, short)))
+        b_ub = np.concatenate((rooms, -np.array(needs))) - w @ prev_k
     result = scipy.optimize.linprog(
         c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs"
     )
@@ -153,7 +176,7 @@ def solve(problem: Problem) -> Solution:
     y = _shared(y_k, of, cap, prev, cap_k, prev_k)
     binding: frozenset[str] = frozenset()
     if limits:
-        slack = np.asarray(result.ineqlin.residual, dtype=np.float64).tolist()
+        slack = np.asarray(result.ineqlin.residual, dtype=np.float64).tolist()[: len(limits)]
         binding = frozenset(
             limit.name
             for limit, room, left in zip(limits, rooms, slack, strict=True)
@@ -236,6 +259,7 @@ def _same(a: Problem, b: Problem) -> bool:
         or a.churn_cost != b.churn_cost
         or a.shortfall_cost != b.shortfall_cost
         or len(a.limits) != len(b.limits)
+        or len(a.relief) != len(b.relief)
         or not np.array_equal(a.cap, b.cap)
         or not np.array_equal(a.cost, b.cost)
     ):
@@ -246,7 +270,7 @@ def _same(a: Problem, b: Problem) -> bool:
         a.previous, b.previous
     ):
         return False
-    for x, y in zip(a.limits, b.limits, strict=True):
+    for x, y in zip((*a.limits, *a.relief), (*b.limits, *b.relief), strict=True):
         if x.name != y.name or x.room_kw != y.room_kw or not np.array_equal(x.members, y.members):
             return False
     return True

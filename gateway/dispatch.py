@@ -976,9 +976,14 @@ def _allocate_lp(
     col_of = np.full(n, -1, dtype=np.intp)
     col_of[other] = np.arange(m)
     limits: list[lp.Limit] = []
+    relief: list[lp.Limit] = []
     for bound in bounds:
-        limit_kw = bound.import_kw if sign > 0 else bound.export_kw
-        if limit_kw is None:
+        # The limit the request pushes on (a load-up on an import limit, a shed on an export
+        # limit) is hard; the other one it relieves, where it is passed, by preference.
+        limit_kw, eases = (
+            (bound.import_kw, bound.export_kw) if sign > 0 else (bound.export_kw, bound.import_kw)
+        )
+        if limit_kw is None and eases is None:
             continue
         fixed = measured = 0.0
         columns: list[int] = []
@@ -1000,16 +1005,23 @@ def _allocate_lp(
                 fixed += kw
                 if did not in slots:
                     measured += abs(kw)
+        margin = ENVELOPE_MARGIN * measured
+        if eases is not None and columns:
+            # Not the cohort: which houses are called is decided in turns, not by group.
+            past = fixed + margin - eases if sign < 0 else -eases + margin - fixed
+            if past > _EPS:
+                relief.append(
+                    lp.Limit(bound.command_id, np.array(columns, dtype=np.intp), past)
+                )
         if has_thermal and cohort:
             columns.append(m)  # as if the whole cohort sat in this group: never past the limit
-        if not columns:
+        if limit_kw is None or not columns:
             continue
-        margin = ENVELOPE_MARGIN * measured
         room_kw = limit_kw - margin - fixed if sign > 0 else limit_kw - margin + fixed
         limits.append(
             lp.Limit(bound.command_id, np.array(columns, dtype=np.intp), room_kw)
         )
-    problem = lp.Problem(abs(total), cap_col, cost_col, prev, limits)
+    problem = lp.Problem(abs(total), cap_col, cost_col, prev, limits, relief=relief)
     try:
         solution = solver.solve(cid, problem)
     except lp.AllocationError:  # never for these problems; the baseline then

@@ -224,3 +224,25 @@ def test_batteries_first_then_thermal_loads_in_turns_for_the_rest() -> None:
         assert result.shortfall_kw["d"] == 0.0
     assert set(first.held_since) == set(later.held_since)
     assert len(first.held_since) == 2
+
+
+def test_a_shed_is_placed_first_where_it_also_holds_an_envelope() -> None:
+    # Feeder f1 carries a 20 kW site and may import 15 kW; a 10 kW shed is asked of the
+    # substation, whose batteries on f1 and f2 are alike. Placed on f1 first, the shed brings
+    # f1 under its limit: the request is met exactly and no battery has to be called on top of
+    # it for the envelope.
+    devices = [battery(f"{f}{i}", f) for f in ("f1", "f2") for i in range(3)]
+    site = battery("site", "f1", der_class=DerClass.CI_SITE, kw=50.0)
+    registry = Registry([*devices, site])
+    states: dict[str, DeviceState | None] = {d.device_id: state(d.device_id) for d in devices}
+    states["site"] = DeviceState(
+        device_id="site", timestamp=NOW, power_kw=20.0, soc_pct=None, source="test"
+    )
+    active = [
+        ActiveCommand(request(-10.0), 1),
+        ActiveCommand(envelope("cap-f1", "feeder:f1", 15.0), 2),
+    ]
+    result = plan(NOW, registry, states, active)
+    assert 20.0 + net(result, devices, "feeder:f1") <= 15.0 + 1e-3
+    assert net(result, devices, "substation:s1") == pytest.approx(-10.0, abs=1e-3)
+    assert all(sp.provenance[0].kind == "dispatch" for sp in result.setpoints.values())
