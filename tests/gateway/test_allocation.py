@@ -117,10 +117,16 @@ def test_small_problem_is_solved_to_the_optimum_worked_by_hand() -> None:
     # one already giving (a swap would save 0.01 per kW and cost twice the churn cost).
     kept = allocation.solve(
         allocation.Problem(
-            3.0, np.array([4.0, 4.0]), np.array([1.01, 1.0]), previous=np.array([3.0, 0.0])
+            1.0, np.array([4.0, 4.0]), np.array([1.01, 1.0]), previous=np.array([1.0, 0.0])
         )
     )
-    assert kept.kw.tolist() == pytest.approx([3.0, 0.0])
+    assert kept.kw.tolist() == pytest.approx([1.0, 0.0])
+    # Alike devices share a request, slice by slice (a quarter of each one's headroom at a
+    # time): 3 kW of two 5 kW batteries, one a step cheaper, is 1.75 + 1.25, not 3 + 0.
+    spread = allocation.solve(
+        allocation.Problem(3.0, np.array([5.0, 5.0]), np.array([1.0, 1.01]))
+    )
+    assert spread.kw.tolist() == pytest.approx([1.75, 1.25])
 
 
 # ------------------------------------------------------------------ through the planner
