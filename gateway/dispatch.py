@@ -208,11 +208,6 @@ FAIRNESS_COST_PER_HOUR = 0.25
 those called least go first, and a device called for four more hours than another gives way
 to it even across one class step."""
 
-ENERGY_STEP_COST = 0.01
-"""Added per kW for each tenth of a battery's usable energy already spent in the request's
-direction: among equals the fullest discharges first (the emptiest charges first), so the
-fleet's state of charge stays even, in steps so that alike devices are solved as one."""
-
 _Floats = npt.NDArray[np.float64]
 _STORAGE, _THERMAL, _EV = 0, 1, 2
 """How :func:`_headroom` treats a device: by its stored energy, as a thermal load, as an EV."""
@@ -921,9 +916,10 @@ def _allocate_lp(
     of the window, an EV's need), the thermal loads one column (what the cohort is asked for,
     then called in turns: :func:`rotation_order`); the request is one row, every envelope in
     force over these devices another (hard: the allocation never pushes a group past a limit
-    in the request's direction). Costs: class (``CLASS_COST``), participation hours
-    (``FAIRNESS_COST_PER_HOUR``) and energy spent (``ENERGY_STEP_COST``); moving a device from
-    last period's allocation costs ``gateway.allocation.CHURN_COST`` per kW."""
+    in the request's direction). Costs: class (``CLASS_COST``) and participation hours
+    (``FAIRNESS_COST_PER_HOUR``), each device's headroom offered in rising slices (a spread:
+    ``gateway.allocation.SPREAD_COST``); moving a device from last period's allocation costs
+    ``gateway.allocation.CHURN_COST`` per kW."""
     cid = entry.command.command_id
     n = len(kept)
     sign = 1.0 if total > 0 else -1.0
@@ -940,19 +936,9 @@ def _allocate_lp(
         if called_s
         else np.zeros(m)
     )
-    top, reserve = pool.max_soc[at_other], pool.reserve[at_other]
-    soc = np.nan_to_num(room.soc[other], nan=0.0)
-    span = top - reserve
-    spent = (top - soc) if sign < 0 else (soc - reserve)
-    spent_share = np.clip(
-        np.divide(spent, span, out=np.zeros(m), where=span > _EPS), 0.0, 1.0
-    )
-    spent_share[pool.kind[at_other] == _EV] = 0.0  # an EV's need, not its SoC, bounds it
-    cost = (
-        pool.class_cost[at_other]
-        + FAIRNESS_COST_PER_HOUR * hours
-        + ENERGY_STEP_COST * np.round(spent_share * 10.0)
-    )
+    # A battery's state of charge is in its headroom already (its energy spread over the rest
+    # of the window): within a class, devices share in proportion to it.
+    cost = pool.class_cost[at_other] + FAIRNESS_COST_PER_HOUR * hours
     cap_col, cost_col = caps[other], cost
     if cohort:
         cap_col = np.append(cap_col, thermal_cap)
