@@ -45,6 +45,7 @@ import scipy.sparse
 
 __all__ = [
     "CHURN_COST",
+    "MIN_RESPONSE",
     "RELIEF_COST",
     "SHORTFALL_COST",
     "SPREAD_COST",
@@ -74,6 +75,10 @@ quarter of its headroom before any goes further; a piecewise-linear stand-in for
 cost), so no single device carries it, and one that drops out takes little with it. Less than
 a class step or an hour of fairness, so those still order the devices."""
 
+MIN_RESPONSE = 0.2
+"""A device's track record is never counted below this (delivering less, it is still asked,
+last, rather than written off on a few bad readings)."""
+
 CHURN_COST = 0.02
 """Per kW moved from a device's previous allocation: a device is swapped for a cheaper one only
 when it saves more than twice this per kW (no reshuffle on a rounding difference)."""
@@ -102,6 +107,9 @@ class Problem:
     limits: Sequence[Limit] = ()
     churn_cost: float = CHURN_COST
     shortfall_cost: float = SHORTFALL_COST
+    response: _Floats | None = None
+    """What each device delivers per kW commanded (its track record, 0-1; 1 when not given):
+    the request counts what is delivered, so a device that gives half costs twice per kW."""
     relief: Sequence[Limit] = ()
     """Groups past an envelope the request relieves (a shed under an import limit, a load-up
     under an export limit): their members should give at least ``room_kw`` (what the group is
@@ -144,10 +152,17 @@ def solve(problem: Problem) -> Solution:
     for r, limit in enumerate((*limits, *relief)):
         member[np.asarray(limit.members, dtype=np.intp), r] = True
     cost = np.asarray(problem.cost, dtype=np.float64)
-    of = _kinds(cost, member)
+    response = (
+        np.ones(n)
+        if problem.response is None
+        else np.clip(np.nan_to_num(problem.response, nan=1.0), MIN_RESPONSE, 1.0)
+    )
+    of = _kinds(cost, response, member)
     k = int(of.max()) + 1
     cost_k = np.zeros(k)
     cost_k[of] = cost
+    response_k = np.ones(k)
+    response_k[of] = response
     member_k = np.zeros((k, rows))
     member_k[of] = member
     cap_k = np.bincount(of, cap, k).astype(np.float64)
@@ -179,7 +194,12 @@ def solve(problem: Problem) -> Solution:
         (
             sparse.hstack((slices, -eye, eye, sparse.csr_array((k, 1 + f)))),
             sparse.hstack(
-                (np.ones((1, z)), sparse.csr_array((1, 2 * k)), [[1.0]], np.zeros((1, f)))
+                (
+                    np.tile(response_k, steps)[np.newaxis, :],
+                    sparse.csr_array((1, 2 * k)),
+                    [[1.0]],
+                    np.zeros((1, f)),
+                )
             ),
         ),
         format="csr",
@@ -211,14 +231,21 @@ def solve(problem: Problem) -> Solution:
             for limit, room, left in zip(limits, rooms, slack, strict=True)
             if left <= _EPS * max(1.0, room) and room < want
         )
-    shortfall = max(0.0, want - float(y.sum()))
+    shortfall = max(0.0, want - float(y @ response))
     return Solution(y, round(shortfall, 6) if shortfall > 1e-4 else 0.0, binding)
 
 
-def _kinds(cost: _Floats, member: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
-    """Each device's kind (0..k-1): devices with the same cost in the same limits are one kind.
-    One 1-D sort of an integer code (``np.unique(axis=0)`` sorts rows as bytes: 20× slower)."""
+def _kinds(
+    cost: _Floats, response: _Floats, member: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.intp]:
+    """Each device's kind (0..k-1): devices with the same cost and response in the same limits
+    are one kind. 1-D sorts of integer codes (``np.unique(axis=0)`` sorts rows as bytes: 20×
+    slower)."""
     _, code = np.unique(cost, return_inverse=True)
+    code = code.reshape(-1).astype(np.int64)
+    _, by_response = np.unique(response, return_inverse=True)
+    by_response = by_response.reshape(-1).astype(np.int64)
+    _, code = np.unique(code * (int(by_response.max()) + 1) + by_response, return_inverse=True)
     code = code.reshape(-1).astype(np.int64)
     rows = member.shape[1]
     for first in range(0, rows, 40):  # 40 limits at a time in the bits of one int64
@@ -294,6 +321,12 @@ def _same(a: Problem, b: Problem) -> bool:
     ):
         return False
     if (a.previous is None) != (b.previous is None):
+        return False
+    if (a.response is None) != (b.response is None):
+        return False
+    if a.response is not None and b.response is not None and not np.array_equal(
+        a.response, b.response
+    ):
         return False
     if a.previous is not None and b.previous is not None and not np.array_equal(
         a.previous, b.previous

@@ -342,12 +342,18 @@ class Plan:
     """Thermal devices this plan let go of after their dispatch ended → (its command_id, the
     rise expected of it: from what it drew to full power); the release governor counts it
     until a reading shows it (:class:`gateway.delivery.ReleaseGovernor`)."""
+    response: dict[str, float] = field(default_factory=dict)
+    """Batteries' track record under the optimised allocation: the power each delivered per kW
+    commanded, learnt from readings taken after the command (``learn_response``)."""
+    planned_at: datetime | None = None
     _memory: _Memory = field(default_factory=_Memory, init=False, repr=False, compare=False)
     """What the next plan can reuse instead of computing again (it changes no decision)."""
 
     def shift(self, by: timedelta) -> None:
         """The wall clock stepped by ``by``: turns and releases keep their true durations."""
         self.held_since = {d: since + by for d, since in self.held_since.items()}
+        if self.planned_at is not None:
+            self.planned_at += by
         self.releasing = {
             d: Release(r.command_id, r.kw, r.at + by) for d, r in self.releasing.items()
         }
@@ -399,6 +405,9 @@ def plan(
     past = previous._memory if previous is not None else _Memory()
     pools = result._memory.pools
     result._memory.solver = past.solver
+    result.planned_at = now
+    if previous is not None and previous.response:
+        result.response = dict(previous.response)
     bounds: list[_Bound] = []
     if allocator == "lp":
         bounds = _bounds(now, active, registry)
@@ -474,7 +483,14 @@ def plan(
     for entry in power_commands:
         command = entry.command
         if isinstance(command, Dispatch):
-            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
+            allocated = result.allocations.get(command.command_id, ())
+            track = result.response
+            if track:  # what a battery that gives less than it is told will deliver
+                delivered = sum(
+                    a.commanded_kw * response_factor(track.get(a.device_id)) for a in allocated
+                )
+            else:
+                delivered = sum(a.commanded_kw for a in allocated)
             wanted = result.committed_kw.get(command.command_id, 0.0)
             result.shortfall_kw[command.command_id] = round(
                 max(0.0, abs(wanted) - abs(delivered)), 3
@@ -946,11 +962,17 @@ def _allocate_lp(
     prev = np.zeros(cap_col.size)
     thermal_list = is_thermal.tolist()
     before = previous._memory.allocations.get(cid) if previous is not None else None
+    track = result.response
     if before:
+        assert previous is not None
+        since = previous.planned_at
+        members = pool.members
         for j, k in enumerate(other.tolist()):
             was = before.get(kept[k])
             if was is not None:
                 prev[j] = max(0.0, sign * was.commanded_kw)
+                if members[at[k]].der_class is DerClass.BATTERY:
+                    learn_response(track, kept[k], was.commanded_kw, room.states[k], since)
         if cohort and previous is not None:  # only the thermal loads called had a share
             given = 0.0
             for did in previous.held_since:
@@ -1007,7 +1029,13 @@ def _allocate_lp(
         limits.append(
             lp.Limit(bound.command_id, np.array(columns, dtype=np.intp), room_kw)
         )
-    problem = lp.Problem(abs(total), cap_col, cost_col, prev, limits, relief=relief)
+    response = None
+    if track:
+        response = np.ones(cap_col.size)
+        response[:m] = [response_factor(track.get(kept[k])) for k in other.tolist()]
+    problem = lp.Problem(
+        abs(total), cap_col, cost_col, prev, limits, relief=relief, response=response
+    )
     try:
         solution = solver.solve(cid, problem)
     except lp.AllocationError:  # never for these problems; the baseline then
@@ -1078,6 +1106,39 @@ def _allocate_lp(
             if names is not None and not full[k]:
                 limited_by[k] = named.setdefault(names, names)
     return own_kw, requested_kw, limited_by, called
+
+
+RESPONSE_MIN_KW = 0.5
+"""A battery's track record learns only from commands at least this large (a reading's noise
+is a large share of a small one)."""
+RESPONSE_GAIN = 0.2
+"""Each reading moves a battery's track record this share of the way to what it shows."""
+RESPONSE_TOLERANCE = 0.9
+"""A battery delivering at least this share of its command counts as delivering all of it
+(noise, losses); below, its record, in steps of 5 %, scales what it is counted for."""
+
+
+def learn_response(
+    track: dict[str, float],
+    device_id: str,
+    commanded_kw: float,
+    state: DeviceState,
+    since: datetime | None,
+) -> None:
+    """Move a battery's track record towards what it delivered of ``commanded_kw``: its power
+    in ``state`` if read after the command was planned (``since``)."""
+    if since is None or abs(commanded_kw) < RESPONSE_MIN_KW or state.timestamp <= since:
+        return
+    sample = min(1.0, max(0.0, state.power_kw / commanded_kw))
+    old = track.get(device_id, 1.0)
+    track[device_id] = old + RESPONSE_GAIN * (sample - old)
+
+
+def response_factor(record: float | None) -> float:
+    """What the optimised allocation counts a battery for per kW commanded, from its record."""
+    if record is None or record >= RESPONSE_TOLERANCE:
+        return 1.0
+    return max(lp.MIN_RESPONSE, round(record * 20.0) / 20.0)
 
 
 class _Rooms:

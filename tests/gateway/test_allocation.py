@@ -252,3 +252,31 @@ def test_a_shed_is_placed_first_where_it_also_holds_an_envelope() -> None:
     assert 20.0 + net(result, devices, "feeder:f1") <= 15.0 + 1e-3
     assert net(result, devices, "substation:s1") == pytest.approx(-10.0, abs=1e-3)
     assert all(sp.provenance[0].kind == "dispatch" for sp in result.setpoints.values())
+
+
+def test_a_battery_that_delivers_half_its_command_is_called_last() -> None:
+    # Two alike batteries share a 4 kW shed; one of them (an OEM's, say) only ever gives half
+    # of what it is told. Once its readings have shown it, the other carries the request and
+    # the plan counts the weak one for what it gives, so the shortfall stays honest.
+    devices = [battery("weak"), battery("good")]
+    registry = Registry(devices)
+    active = [ActiveCommand(request(-4.0, "feeder:f1"), 1)]
+    result: dispatch.Plan | None = None
+    for period in range(8):
+        now = NOW + timedelta(seconds=30 * period)
+        states: dict[str, DeviceState | None] = {}
+        for d in devices:
+            told = 0.0
+            if result is not None:
+                told = result.setpoints[d.device_id].power_kw or 0.0
+            gives = told / 2 if d.device_id == "weak" else told
+            states[d.device_id] = DeviceState(
+                device_id=d.device_id, timestamp=now, power_kw=gives, soc_pct=50.0, source="t"
+            )
+        result = plan(now, registry, states, active, previous=result)
+    assert result is not None
+    given = {a.device_id: a.commanded_kw for a in result.allocations["d"]}
+    assert given["good"] == pytest.approx(-4.0)
+    assert given["weak"] == 0.0
+    assert result.shortfall_kw["d"] == 0.0
+    assert dispatch.response_factor(result.response["weak"]) < 0.9
