@@ -492,9 +492,10 @@ def plan(
             else:
                 delivered = sum(a.commanded_kw for a in allocated)
             wanted = result.committed_kw.get(command.command_id, 0.0)
-            result.shortfall_kw[command.command_id] = round(
-                max(0.0, abs(wanted) - abs(delivered)), 3
-            )
+            short = max(0.0, abs(wanted) - abs(delivered))
+            if allocator == "lp" and short <= _ROUNDING_KW * len(allocated):
+                short = 0.0  # each setpoint rounded to 0.1 W, not a kW missing
+            result.shortfall_kw[command.command_id] = round(short, 3)
     return result
 
 
@@ -584,6 +585,8 @@ def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> 
 
 
 _ZERO, _MINUS_ZERO = 0.0, -0.0
+_ROUNDING_KW = 0.5e-4
+"""At most what rounding a setpoint to 0.1 W (:func:`_rounded`) takes from it."""
 
 
 def _rounded(kw: float, done: dict[float, float]) -> float:
