@@ -13,8 +13,10 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from gateway import allocation, dispatch
+from gateway.config import CoreConfig
 from gateway.dispatch import ActiveCommand, headroom, plan
 from gateway.registry import Registry
 from unified.model import (
@@ -280,3 +282,20 @@ def test_a_battery_that_delivers_half_its_command_is_called_last() -> None:
     assert given["weak"] == 0.0
     assert result.shortfall_kw["d"] == 0.0
     assert dispatch.response_factor(result.response["weak"]) < 0.9
+
+
+def test_the_allocator_is_chosen_in_config_and_a_bad_name_is_refused() -> None:
+    assert CoreConfig().dispatch.allocator == "lp"
+    chosen = CoreConfig.model_validate({"dispatch": {"allocator": "proportional"}})
+    assert chosen.dispatch.allocator == "proportional"
+    with pytest.raises(ValidationError, match="allocator"):
+        CoreConfig.model_validate({"dispatch": {"allocator": "simplex"}})
+
+
+def test_unusable_headroom_is_no_headroom() -> None:
+    # A NaN or negative cap (a device reporting nonsense) gives nothing and breaks nothing.
+    odd = allocation.solve(
+        allocation.Problem(3.0, np.array([np.nan, -2.0, 2.0]), np.array([1.0, 1.0, 1.0]))
+    )
+    assert odd.kw.tolist() == pytest.approx([0.0, 0.0, 2.0])
+    assert odd.shortfall_kw == pytest.approx(1.0)
