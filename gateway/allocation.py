@@ -134,8 +134,7 @@ def solve(problem: Problem) -> Solution:
     Devices alike for the problem (the same cost, in the same limits) are one column: HiGHS
     sees one pair of columns per kind of device, not per device (10,000 batteries over 20
     feeders and a few cost steps are a few hundred columns: milliseconds), and each kind's
-    allocation is shared back among its devices moving each as little as possible from its
-    previous allocation (what the churn term asks of the devices one by one). Raises
+    allocation is shared back among its devices in proportion to their headroom. Raises
     :class:`AllocationError` when HiGHS reports anything but an optimum (it cannot for these
     problems: allocating nothing is always feasible)."""
     cap = np.maximum(np.nan_to_num(np.asarray(problem.cap, dtype=np.float64), nan=0.0), 0.0)
@@ -222,7 +221,7 @@ def solve(problem: Problem) -> Solution:
         raise AllocationError(str(result.message), int(result.status))
     x = np.asarray(result.x, dtype=np.float64)
     y_k = np.clip(x[:z].reshape(steps, k).sum(axis=0), 0.0, cap_k)
-    y = _shared(y_k, of, cap, prev, cap_k, prev_k)
+    y = _shared(y_k, of, cap, cap_k)
     binding: frozenset[str] = frozenset()
     if limits:
         slack = np.asarray(result.ineqlin.residual, dtype=np.float64).tolist()[: len(limits)]
@@ -256,22 +255,12 @@ def _kinds(
     return code.astype(np.intp)
 
 
-def _shared(
-    y_k: _Floats,
-    of: npt.NDArray[np.intp],
-    cap: _Floats,
-    prev: _Floats,
-    cap_k: _Floats,
-    prev_k: _Floats,
-) -> _Floats:
-    """Each kind's allocation among its devices: a rise shared in proportion to what each
-    has left, a cut in proportion to what each gives (no device moves against the kind)."""
-    rise = y_k - prev_k
-    up_room = cap_k - prev_k
-    up = np.divide(rise, up_room, out=np.zeros_like(rise), where=(rise > 0) & (up_room > 0))
-    down = np.divide(y_k, prev_k, out=np.ones_like(rise), where=(rise < 0) & (prev_k > 0))
-    y = np.where(rise[of] >= 0, prev + up[of] * (cap - prev), prev * down[of])
-    return np.clip(y, 0.0, cap)
+def _shared(y_k: _Floats, of: npt.NDArray[np.intp], cap: _Floats, cap_k: _Floats) -> _Floats:
+    """Each kind's allocation among its devices, in proportion to each one's headroom: devices
+    alike give alike shares (a battery that joins a running dispatch takes its share at once;
+    the churn term is between kinds, whose costs differ)."""
+    share = np.divide(y_k, cap_k, out=np.zeros_like(y_k), where=cap_k > 0)
+    return np.clip(share[of] * cap, 0.0, cap)
 
 
 class AllocationError(Exception):
