@@ -14,11 +14,12 @@ for ``--hours`` (open loop and closed loop; ``--schedule`` and ``--slow-loop`` a
 with the release on a fixed schedule and with the loop's earlier tuning); an import envelope at
 85 % of a smaller mixed feeder's baseline; and the plan + loop time of one control period for a
 10,000-device fleet (8,000 thermostats and 2,000 batteries over 20 feeders) under a dispatch and
-an envelope.
+an envelope, with the optimised allocation (``[dispatch] allocator = "lp"``) and the
+proportional one in the same run.
 
     python -m bench.dispatch_delivery [--thermostats 10000] [--mixed 6500,2500,1000] [--hours 3]
         [--after 1] [--share 0.2] [--seed 7] [--period 30] [--schedule] [--slow-loop]
-        [--envelope-mixed 800,200] [--plan-devices 10000] [--json FILE]
+        [--envelope-mixed 800,200] [--plan-devices 10000] [--json FILE] [--plan-only]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy.typing as npt
 
 from bench.common import arg_parser
 from composition.runtime import settle_heap
+from gateway import dispatch
 from gateway.delivery import DeliveryTuning
 from simulators.vpp import FleetSpec, Sample, VirtualPowerPlant
 from unified.model import (
@@ -173,11 +175,40 @@ def envelope_scenario(sc: Scenario) -> dict[str, Any]:
 
 
 def plan_time(devices: int, seed: int) -> dict[str, float]:
+    """Plan + loop time per control period, the optimised allocation (``lp``, the default)
+    against the proportional one, each on its own copy of the same fleet, interleaved period by
+    period in one process (the same machine load for both)."""
+    fleets = {name: _timed_fleet(devices, seed, name) for name in ("lp", "proportional")}
+    threshold = gc.get_threshold()
+    settle_heap()  # as `derms-gateway run` does after start-up (freeze, fewer young collections)
+    took: dict[str, list[float]] = {name: [] for name in fleets}
+    for _ in range(60):
+        for name, vpp in fleets.items():
+            states = vpp.states()
+            t = time.perf_counter()
+            vpp.control(states)
+            took[name].append(time.perf_counter() - t)
+            vpp.advance()
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+    lp, prop = (np.array(took[name]) * 1000 for name in ("lp", "proportional"))
+    return {
+        "devices": devices,
+        "p50_ms": round(float(np.percentile(lp, 50)), 1),
+        "p95_ms": round(float(np.percentile(lp, 95)), 1),
+        "proportional_p50_ms": round(float(np.percentile(prop, 50)), 1),
+        "proportional_p95_ms": round(float(np.percentile(prop, 95)), 1),
+        "ratio_p50": round(float(np.percentile(lp, 50) / np.percentile(prop, 50)), 2),
+        "ratio_p95": round(float(np.percentile(lp, 95) / np.percentile(prop, 95)), 2),
+    }
+
+
+def _timed_fleet(devices: int, seed: int, allocator: dispatch.Allocator) -> VirtualPowerPlant:
     thermostats = devices * 4 // 5
     spec = FleetSpec(
         thermostats=thermostats, batteries=devices - thermostats, feeders=20, seed=seed
     )
-    vpp = VirtualPowerPlant(spec, T0, control_period_s=10.0)
+    vpp = VirtualPowerPlant(spec, T0, control_period_s=10.0, allocator=allocator)
     start = T0 + timedelta(minutes=2)
     vpp.add(
         [
@@ -200,23 +231,7 @@ def plan_time(devices: int, seed: int) -> dict[str, float]:
         ]
     )
     vpp.run(start)
-    threshold = gc.get_threshold()
-    settle_heap()  # as `derms-gateway run` does after start-up (freeze, fewer young collections)
-    took = []
-    for _ in range(60):
-        states = vpp.states()
-        t = time.perf_counter()
-        vpp.control(states)
-        took.append(time.perf_counter() - t)
-        vpp.advance()
-    gc.unfreeze()
-    gc.set_threshold(*threshold)
-    ms = np.array(took) * 1000
-    return {
-        "devices": devices,
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p95_ms": round(float(np.percentile(ms, 95)), 1),
-    }
+    return vpp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--plan-devices", type=int, default=10_000)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--plan-only", action="store_true", help="only the plan time (lp against proportional)"
+    )
     args = parser.parse_args(argv)
+    if args.plan_only:
+        p = plan_time(args.plan_devices, args.seed)
+        print(json.dumps(p))
+        return 0
     counts = [int(x) for x in args.mixed.split(",")]
     n_t, n_w, n_b = counts if len(counts) == 3 else (counts[0], 0, counts[1])
     modes = tuple(
@@ -300,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     p = results["plan"]
     print(
         f"\nplan + loop per control period, {p['devices']} devices (a dispatch and an envelope): "
-        f"p50 {p['p50_ms']} ms, p95 {p['p95_ms']} ms"
+        f"lp p50 {p['p50_ms']} ms, p95 {p['p95_ms']} ms; proportional p50 "
+        f"{p['proportional_p50_ms']} ms, p95 {p['proportional_p95_ms']} ms (lp / proportional: "
+        f"{p['ratio_p50']} at p50, {p['ratio_p95']} at p95)"
     )
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     for r in results.values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, model_validator
@@ -313,6 +313,16 @@ class DeliveryConfig(Section):
         )
 
 
+class DispatchConfig(Section):
+    """How the planner shares a dispatch (``gateway.dispatch``, ``gateway.allocation``)."""
+
+    allocator: Literal["lp", "proportional"] = Field(
+        default="lp",
+        description="lp: a linear programme (HiGHS) over batteries, EV chargers, PV and sites: "
+        "class cost, fairness and envelopes as hard limits; proportional: by headroom",
+    )
+
+
 class ProgramRule(Section):
     """Who may be enrolled in one program. A device listing a program with a rule is eligible
     only if it passes every condition given; a program without a rule takes every device and
@@ -358,6 +368,7 @@ class CoreConfig(Section):
     settlement: SettlementConfig = SettlementConfig()
     timing: TimingConfig = TimingConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    dispatch: DispatchConfig = DispatchConfig()
     flex: FlexConfigSection = FlexConfigSection()
     groups: tuple[Group, ...] = Field(
         default=(),

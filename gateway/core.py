@@ -1457,6 +1457,7 @@ class Gateway:
             turn_s,
             self.config.delivery.release_s,
             allowance,
+            allocator=self.config.dispatch.allocator,
         )
         first.delivery = deliveries
         first.compliance = compliance
@@ -1477,6 +1478,7 @@ class Gateway:
                 turn_s,
                 self.config.delivery.release_s,
                 allowance,
+                allocator=self.config.dispatch.allocator,
             )
             plan.delivery = {c: d for c, d in deliveries.items() if c in plan.requested_kw}
             plan.compliance = {c: x for c, x in compliance.items() if c in plan.envelopes}

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel
 
+from gateway import allocation as lp
 from gateway.registry import Registry
 from unified.model import (
     Allocation,
@@ -185,6 +186,28 @@ def share(total_kw: float, caps: Mapping[str, float]) -> dict[str, float]:
     return {dev: sign * cap * fraction for dev, cap in caps.items()}
 
 
+Allocator = Literal["lp", "proportional"]
+"""How a dispatch is shared among its continuously controllable devices: ``lp`` solves a linear
+programme (:mod:`gateway.allocation`: costs, fairness, envelopes as hard limits), ``proportional``
+shares it in proportion to each device's headroom (the planner before it, kept as a baseline)."""
+
+CLASS_COST: Mapping[DerClass, float] = {
+    DerClass.BATTERY: 1.0,
+    DerClass.CI_SITE: 1.5,
+    DerClass.EVSE: 2.0,
+    DerClass.PV: 3.0,
+    DerClass.THERMOSTAT: 4.0,
+    DerClass.WATER_HEATER: 4.0,
+}
+"""Per kW, the order in which the optimised allocation calls classes: stored energy first (no
+customer sees it), then a C&I site's contracted flexibility, an EV's charging (delayed, still
+met by departure), PV curtailment (energy lost), then thermal loads (comfort, and a rebound)."""
+
+FAIRNESS_COST_PER_HOUR = 0.25
+"""Added per kW for each whole hour a device has been called lately (participation records):
+those called least go first, and a device called for four more hours than another gives way
+to it even across one class step."""
+
 _Floats = npt.NDArray[np.float64]
 _STORAGE, _THERMAL, _EV = 0, 1, 2
 """How :func:`_headroom` treats a device: by its stored energy, as a thermal load, as an EV."""
@@ -209,6 +232,8 @@ class _Pool:
     max_soc: _Floats
     id_rank: npt.NDArray[np.intp]
     """Each member's place among the members' ids sorted: ties in a turn's order go by id."""
+    class_cost: _Floats
+    """Each member's class cost in the optimised allocation (``CLASS_COST``)."""
 
     @classmethod
     def of(cls, members: list[Device]) -> _Pool:
@@ -239,6 +264,10 @@ class _Pool:
             reserve=np.array([d.constraints.reserve_soc_pct for d in members], dtype=np.float64),
             max_soc=np.array([d.constraints.max_soc_pct for d in members], dtype=np.float64),
             id_rank=rank,
+            class_cost=np.array(
+                [CLASS_COST.get(d.der_class, CLASS_COST[DerClass.BATTERY]) for d in members],
+                dtype=np.float64,
+            ),
         )
 
     def serves(self, members: list[Device]) -> bool:
@@ -261,6 +290,7 @@ class _Memory:
     pools: dict[str, _Pool] = field(default_factory=dict)
     provenances: dict[tuple[str, str, tuple[str, ...]], _Provenance] = field(default_factory=dict)
     allocations: dict[str, dict[str, Allocation]] = field(default_factory=dict)
+    solver: lp.Allocator = field(default_factory=lp.Allocator)
 
 
 _LIMITED = {name: (name,) for name in ("rating", "reserve_soc", "max_soc", "ev_energy_need")}
@@ -312,12 +342,18 @@ class Plan:
     """Thermal devices this plan let go of after their dispatch ended → (its command_id, the
     rise expected of it: from what it drew to full power); the release governor counts it
     until a reading shows it (:class:`gateway.delivery.ReleaseGovernor`)."""
+    response: dict[str, float] = field(default_factory=dict)
+    """Batteries' track record under the optimised allocation: the power each delivered per kW
+    commanded, learnt from readings taken after the command (``learn_response``)."""
+    planned_at: datetime | None = None
     _memory: _Memory = field(default_factory=_Memory, init=False, repr=False, compare=False)
     """What the next plan can reuse instead of computing again (it changes no decision)."""
 
     def shift(self, by: timedelta) -> None:
         """The wall clock stepped by ``by``: turns and releases keep their true durations."""
         self.held_since = {d: since + by for d, since in self.held_since.items()}
+        if self.planned_at is not None:
+            self.planned_at += by
         self.releasing = {
             d: Release(r.command_id, r.kw, r.at + by) for d, r in self.releasing.items()
         }
@@ -347,6 +383,8 @@ def plan(
     rotation_s: float = 1800.0,
     release_s: float = 0.0,
     release_allowance: Mapping[str, float] | None = None,
+    *,
+    allocator: Allocator = "lp",
 ) -> Plan:
     """Compute every device's setpoint for ``now``.
 
@@ -357,13 +395,22 @@ def plan(
     ``previous`` the last plan (whose turns and releases go on); ``rotation_s`` a thermal load's
     turn; ``release_s`` how long the thermal loads of an ended dispatch take to be released at
     the latest; ``release_allowance`` per ended dispatch, the rise its releases may add now
-    (:class:`gateway.delivery.ReleaseGovernor`; without one, the ``release_s`` schedule alone).
+    (:class:`gateway.delivery.ReleaseGovernor`; without one, the ``release_s`` schedule alone);
+    ``allocator`` how each dispatch is shared among its batteries, EV chargers, inverters and
+    sites (``"lp"``: optimised, every envelope a hard limit; ``"proportional"``: by headroom).
     """
     baselines = baselines or {}
     corrections = corrections or {}
     result = Plan()
     past = previous._memory if previous is not None else _Memory()
     pools = result._memory.pools
+    result._memory.solver = past.solver
+    result.planned_at = now
+    if previous is not None and previous.response:
+        result.response = dict(previous.response)
+    bounds: list[_Bound] = []
+    if allocator == "lp":
+        bounds = _bounds(now, active, registry)
     slots: dict[str, _Slot] = {}
     holder: dict[str, str] = {}
     switched = _switched(now, active, registry)
@@ -396,8 +443,11 @@ def plan(
                 result,
                 remaining,
                 past.pools.get(cid),
+                bounds if allocator == "lp" else None,
+                result._memory.solver,
             )
 
+    result._memory.solver.keep(set(pools))
     if previous is not None and release_s > 0:
         active_ids = {a.command.command_id for a in active}
         _stagger_release(
@@ -440,11 +490,19 @@ def plan(
     for entry in power_commands:
         command = entry.command
         if isinstance(command, Dispatch):
-            delivered = sum(a.commanded_kw for a in result.allocations.get(command.command_id, ()))
+            allocated = result.allocations.get(command.command_id, ())
+            track = result.response
+            if track:  # what a battery that gives less than it is told will deliver
+                delivered = sum(
+                    a.commanded_kw * response_factor(track.get(a.device_id)) for a in allocated
+                )
+            else:
+                delivered = sum(a.commanded_kw for a in allocated)
             wanted = result.committed_kw.get(command.command_id, 0.0)
-            result.shortfall_kw[command.command_id] = round(
-                max(0.0, abs(wanted) - abs(delivered)), 3
-            )
+            short = max(0.0, abs(wanted) - abs(delivered))
+            if allocator == "lp" and short <= _ROUNDING_KW * len(allocated):
+                short = 0.0  # each setpoint rounded to 0.1 W, not a kW missing
+            result.shortfall_kw[command.command_id] = round(short, 3)
     return result
 
 
@@ -597,6 +655,8 @@ def _commit(slots: Mapping[str, _Slot], previous: Plan | None, result: Plan) -> 
 
 
 _ZERO, _MINUS_ZERO = 0.0, -0.0
+_ROUNDING_KW = 0.5e-4
+"""At most what rounding a setpoint to 0.1 W (:func:`_rounded`) takes from it."""
 
 
 def _rounded(kw: float, done: dict[float, float]) -> float:
@@ -691,6 +751,8 @@ def _plan_dispatch(
     result: Plan,
     remaining_s: float,
     pool: _Pool | None,
+    bounds: Sequence[_Bound] | None = None,
+    solver: lp.Allocator | None = None,
 ) -> _Pool:
     """Allocate one dispatch over the members no earlier command holds; returns its members'
     :class:`_Pool` (``pool``, the last period's, when it still serves) for the next period."""
@@ -752,12 +814,95 @@ def _plan_dispatch(
         energy_bound = room.side(discharge=total < 0)[1]
     row_of = dict(zip(kept, range(len(kept)), strict=True))
     thermal = pool.thermal_ids & row_of.keys()
+    thermal_sum = sum(map(cap_list.__getitem__, map(row_of.__getitem__, thermal)))
+    if bounds is not None:
+        own_kw, asked_kw, limited_by, called = _allocate_lp(
+            now,
+            entry,
+            registry,
+            states,
+            baselines,
+            previous,
+            rotation_s,
+            slots,
+            result,
+            pool,
+            at,
+            kept,
+            row_of,
+            room,
+            caps,
+            energy_bound,
+            total,
+            bounds,
+            solver or lp.Allocator(),
+        )
+    else:
+        own_kw, asked_kw, limited_by, called = _allocate_proportionally(
+            now,
+            cid,
+            registry,
+            previous,
+            rotation_s,
+            pool,
+            at,
+            kept,
+            row_of,
+            room,
+            caps,
+            energy_bound,
+            total,
+            thermal_sum,
+        )
+    slots.update(
+        zip(
+            kept,
+            [
+                _Slot(cid, "dispatch", own, own, limits)
+                for own, limits in zip(own_kw, limited_by, strict=True)
+            ]
+            if asked_kw is None
+            else [
+                _Slot(cid, "dispatch", asked, own, limits)
+                for asked, own, limits in zip(asked_kw, own_kw, limited_by, strict=True)
+            ],
+            strict=True,
+        )
+    )
+    holder.update(dict.fromkeys(kept, cid))
+    for did, own in called.items():
+        if abs(own) <= _EPS:
+            continue  # only a thermal load called this period has a turn
+        since = previous.held_since.get(did) if previous is not None else None
+        same = previous is not None and _holder_of(previous, did) == cid
+        result.held_since[did] = since if (same and since is not None) else now
+    return pool
+
+
+def _allocate_proportionally(
+    now: datetime,
+    cid: str,
+    registry: Registry,
+    previous: Plan | None,
+    rotation_s: float,
+    pool: _Pool,
+    at: npt.NDArray[np.intp],
+    kept: list[str],
+    row_of: dict[str, int],
+    room: _Rooms,
+    caps: _Floats,
+    energy_bound: npt.NDArray[np.bool_],
+    total: float,
+    thermal_sum: float,
+) -> tuple[list[float], list[float] | None, list[tuple[str, ...]], dict[str, float]]:
+    """The planner's allocation before the optimiser: between the thermal and the other
+    devices in proportion to what each pool can give; within the thermal pool in turns (see
+    rotation_order), within the other pool in proportion (as share())."""
+    cap_list: list[float] = caps.tolist()
+    available = sum(cap_list)
     is_thermal = pool.kind[at] == _THERMAL
     other_caps = caps[~is_thermal]
     other_sum = sum(other_caps.tolist())
-    # Between the two pools in proportion to what each can give; within the thermal pool in
-    # turns (see rotation_order), within the other pool in proportion (as share()).
-    thermal_sum = sum(map(cap_list.__getitem__, map(row_of.__getitem__, thermal)))
     pooled = share(total, {"thermal": thermal_sum, "other": other_sum})
     kw = np.zeros(len(kept))
     other_total = pooled["other"]
@@ -801,24 +946,272 @@ def _plan_dispatch(
             labels[k] = "reserve_soc"
         else:
             labels[k] = "ev_energy_need" if is_ev[k] else "max_soc"
-    slots.update(
-        zip(
-            kept,
-            [
-                _Slot(cid, "dispatch", own, own, () if label is None else _LIMITED[label])
-                for own, label in zip(own_kw, labels, strict=True)
-            ],
-            strict=True,
+    return own_kw, None, [() if label is None else _LIMITED[label] for label in labels], called
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """An envelope in force, as the optimised allocation reads it."""
+
+    command_id: str
+    import_kw: float | None
+    export_kw: float | None
+    members: list[Device]
+
+
+def _bounds(now: datetime, active: Sequence[ActiveCommand], registry: Registry) -> list[_Bound]:
+    out = []
+    for entry in sorted(active, key=lambda a: a.seq):
+        command = entry.command
+        if not isinstance(command, OperatingEnvelope):
+            continue
+        interval = command.interval_at(now)
+        if interval is None:
+            continue
+        out.append(
+            _Bound(
+                command.command_id,
+                interval.import_limit_kw,
+                interval.export_limit_kw,
+                target_devices(registry, command.target),
+            )
         )
+    return out
+
+
+def _allocate_lp(
+    now: datetime,
+    entry: ActiveCommand,
+    registry: Registry,
+    states: Mapping[str, DeviceState | None],
+    baselines: Mapping[str, float],
+    previous: Plan | None,
+    rotation_s: float,
+    slots: Mapping[str, _Slot],
+    result: Plan,
+    pool: _Pool,
+    at: npt.NDArray[np.intp],
+    kept: list[str],
+    row_of: dict[str, int],
+    room: _Rooms,
+    caps: _Floats,
+    energy_bound: npt.NDArray[np.bool_],
+    total: float,
+    bounds: Sequence[_Bound],
+    solver: lp.Allocator,
+) -> tuple[list[float], list[float] | None, list[tuple[str, ...]], dict[str, float]]:
+    """The optimised allocation (:mod:`gateway.allocation`): each battery, EV charger, inverter
+    or site is a column bounded by its headroom (ratings, reserve or maximum SoC over the rest
+    of the window, an EV's need), the thermal loads one column (what the cohort is asked for,
+    then called in turns: :func:`rotation_order`); the request is one row, every envelope in
+    force over these devices another (hard: the allocation never pushes a group past a limit
+    in the request's direction). Costs: class (``CLASS_COST``) and participation hours
+    (``FAIRNESS_COST_PER_HOUR``), each device's headroom offered in rising slices (a spread:
+    ``gateway.allocation.SPREAD_COST``); moving a device from last period's allocation costs
+    ``gateway.allocation.CHURN_COST`` per kW."""
+    cid = entry.command.command_id
+    n = len(kept)
+    sign = 1.0 if total > 0 else -1.0
+    is_thermal = pool.kind[at] == _THERMAL
+    other = np.flatnonzero(~is_thermal)
+    m = int(other.size)
+    thermal_rows = np.flatnonzero(is_thermal)
+    thermal_cap = float(caps[thermal_rows].sum()) if thermal_rows.size else 0.0
+    cohort = thermal_cap > _EPS
+    at_other = at[other]
+    called_s = registry.called_s
+    hours = (
+        np.array([called_s.get(kept[k], 0.0) // 3600 for k in other.tolist()])
+        if called_s
+        else np.zeros(m)
     )
-    holder.update(dict.fromkeys(kept, cid))
-    for did, own in called.items():
-        if abs(own) <= _EPS:
-            continue  # only a thermal load called this period has a turn
-        since = previous.held_since.get(did) if previous is not None else None
-        same = previous is not None and _holder_of(previous, did) == cid
-        result.held_since[did] = since if (same and since is not None) else now
-    return pool
+    # A battery's state of charge is in its headroom already (its energy spread over the rest
+    # of the window): within a class, devices share in proportion to it.
+    cost = pool.class_cost[at_other] + FAIRNESS_COST_PER_HOUR * hours
+    cap_col, cost_col = caps[other], cost
+    if cohort:
+        cap_col = np.append(cap_col, thermal_cap)
+        cost_col = np.append(cost_col, CLASS_COST[DerClass.THERMOSTAT])
+    prev = np.zeros(cap_col.size)
+    thermal_list = is_thermal.tolist()
+    before = previous._memory.allocations.get(cid) if previous is not None else None
+    track = result.response
+    if before:
+        assert previous is not None
+        since = previous.planned_at
+        members = pool.members
+        for j, k in enumerate(other.tolist()):
+            was = before.get(kept[k])
+            if was is not None:
+                prev[j] = max(0.0, sign * was.commanded_kw)
+                if members[at[k]].der_class is DerClass.BATTERY:
+                    learn_response(track, kept[k], was.commanded_kw, room.states[k], since)
+        if cohort and previous is not None:  # only the thermal loads called had a share
+            given = 0.0
+            for did in previous.held_since:
+                row = row_of.get(did)
+                called_was = before.get(did)
+                if row is not None and thermal_list[row] and called_was is not None:
+                    given += max(0.0, sign * called_was.commanded_kw)
+            prev[m] = given
+    col_of = np.full(n, -1, dtype=np.intp)
+    col_of[other] = np.arange(m)
+    limits: list[lp.Limit] = []
+    relief: list[lp.Limit] = []
+    for bound in bounds:
+        # The limit the request pushes on (a load-up on an import limit, a shed on an export
+        # limit) is hard; the other one it relieves, where it is passed, by preference.
+        limit_kw, eases = (
+            (bound.import_kw, bound.export_kw) if sign > 0 else (bound.export_kw, bound.import_kw)
+        )
+        if limit_kw is None and eases is None:
+            continue
+        fixed = measured = 0.0
+        columns: list[int] = []
+        has_thermal = False
+        for device in bound.members:
+            did = device.device_id
+            row = row_of.get(did)
+            if row is not None:
+                if thermal_list[row]:  # counted at its baseline; the cohort column moves it
+                    own = baselines.get(did)
+                    state = states.get(did)
+                    fixed += own if own is not None else (state.power_kw if state else 0.0)
+                    has_thermal = True
+                else:
+                    columns.append(int(col_of[row]))
+                continue
+            if did in slots or device.der_class not in MODULATING:
+                kw = _predicted_kw(device, states, baselines, slots)
+                fixed += kw
+                if did not in slots:
+                    measured += abs(kw)
+        margin = ENVELOPE_MARGIN * measured
+        if eases is not None and columns:
+            # Not the cohort: which houses are called is decided in turns, not by group.
+            past = fixed + margin - eases if sign < 0 else -eases + margin - fixed
+            if past > _EPS:
+                relief.append(
+                    lp.Limit(bound.command_id, np.array(columns, dtype=np.intp), past)
+                )
+        if has_thermal and cohort:
+            columns.append(m)  # as if the whole cohort sat in this group: never past the limit
+        if limit_kw is None or not columns:
+            continue
+        room_kw = limit_kw - margin - fixed if sign > 0 else limit_kw - margin + fixed
+        limits.append(
+            lp.Limit(bound.command_id, np.array(columns, dtype=np.intp), room_kw)
+        )
+    response = None
+    if track:
+        response = np.ones(cap_col.size)
+        response[:m] = [response_factor(track.get(kept[k])) for k in other.tolist()]
+    problem = lp.Problem(
+        abs(total), cap_col, cost_col, prev, limits, relief=relief, response=response
+    )
+    try:
+        solution = solver.solve(cid, problem)
+    except lp.AllocationError:  # never for these problems; the baseline then
+        return _allocate_proportionally(
+            now, cid, registry, previous, rotation_s, pool, at, kept, row_of, room, caps,
+            energy_bound, total, thermal_cap if cohort else 0.0,
+        )  # fmt: skip
+    y = solution.kw
+    own_kw = [0.0] * n
+    for k, kw in zip(other.tolist(), (sign * y[:m]).tolist(), strict=True):
+        own_kw[k] = kw
+    requested_kw: list[float] | None = None
+    if solution.binding:  # what each would be asked without the envelopes: its request
+        free = solver.solve(f"{cid}#free", lp.Problem(abs(total), cap_col, cost_col, prev))
+        requested_kw = list(own_kw)
+        for k, kw in zip(other.tolist(), (sign * free.kw[:m]).tolist(), strict=True):
+            requested_kw[k] = kw
+    called: dict[str, float] = {}
+    left = float(y[m]) if cohort else 0.0
+    if left > _EPS:
+        cap_list: list[float] = caps.tolist()
+        order = rotation_order(
+            cid,
+            kept,
+            row_of,
+            is_thermal,
+            room.soc,
+            pool.id_rank[at],
+            previous,
+            now,
+            rotation_s,
+            called_s,
+        )
+        for did in order:
+            if left <= _EPS:
+                break
+            take = min(cap_list[row_of[did]], left)
+            called[did] = sign * take
+            own_kw[row_of[did]] = sign * take
+            if requested_kw is not None:
+                requested_kw[row_of[did]] = sign * take
+            left -= take
+    # What stopped each device giving more: its own limit when it gives all it can, else an
+    # envelope at its limit that it sits in.
+    limited_by: list[tuple[str, ...]] = [()] * n
+    bound_by = energy_bound.tolist()
+    is_ev = (pool.kind[at] == _EV).tolist()
+    at_cap = caps <= _EPS
+    at_cap[other] |= y[:m] >= caps[other] - 1e-6
+    full = at_cap.tolist()
+    for k in np.flatnonzero(at_cap).tolist():
+        if not bound_by[k]:
+            label = "rating"
+        elif total < 0:
+            label = "reserve_soc"
+        else:
+            label = "ev_energy_need" if is_ev[k] else "max_soc"
+        limited_by[k] = _LIMITED[label]
+    if solution.binding:
+        by_col: dict[int, tuple[str, ...]] = {}
+        for limit in limits:
+            if limit.name in solution.binding:
+                for j in limit.members.tolist():
+                    by_col[j] = (*by_col.get(j, ()), limit.name)
+        named: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for j, k in enumerate(other.tolist()):
+            names = by_col.get(j)
+            if names is not None and not full[k]:
+                limited_by[k] = named.setdefault(names, names)
+    return own_kw, requested_kw, limited_by, called
+
+
+RESPONSE_MIN_KW = 0.5
+"""A battery's track record learns only from commands at least this large (a reading's noise
+is a large share of a small one)."""
+RESPONSE_GAIN = 0.2
+"""Each reading moves a battery's track record this share of the way to what it shows."""
+RESPONSE_TOLERANCE = 0.9
+"""A battery delivering at least this share of its command counts as delivering all of it
+(noise, losses); below, its record, in steps of 5 %, scales what it is counted for."""
+
+
+def learn_response(
+    track: dict[str, float],
+    device_id: str,
+    commanded_kw: float,
+    state: DeviceState,
+    since: datetime | None,
+) -> None:
+    """Move a battery's track record towards what it delivered of ``commanded_kw``: its power
+    in ``state`` if read after the command was planned (``since``)."""
+    if since is None or abs(commanded_kw) < RESPONSE_MIN_KW or state.timestamp <= since:
+        return
+    sample = min(1.0, max(0.0, state.power_kw / commanded_kw))
+    old = track.get(device_id, 1.0)
+    track[device_id] = old + RESPONSE_GAIN * (sample - old)
+
+
+def response_factor(record: float | None) -> float:
+    """What the optimised allocation counts a battery for per kW commanded, from its record."""
+    if record is None or record >= RESPONSE_TOLERANCE:
+        return 1.0
+    return max(lp.MIN_RESPONSE, round(record * 20.0) / 20.0)
 
 
 class _Rooms:

@@ -123,11 +123,14 @@ class VirtualPowerPlant:
         refresh_s: float = 60.0,
         release_s: float = 10_800.0,
         govern_release: bool = True,
+        allocator: dispatch.Allocator = "lp",
     ) -> None:
         """``release_s`` and ``tuning.rebound_limit`` are the gateway's ``[delivery]`` settings;
         ``govern_release = False`` releases on the ``release_s`` schedule alone (no
-        :class:`gateway.delivery.ReleaseGovernor`), as the gateway did before it."""
+        :class:`gateway.delivery.ReleaseGovernor`), as the gateway did before it; ``allocator`` is
+        its ``[dispatch] allocator``."""
         self.release_s = release_s
+        self.allocator: dispatch.Allocator = allocator
         self.govern_release = govern_release
         self.refresh_s = refresh_s
         self.thermal_turn_s = thermal_turn_s
@@ -425,6 +428,7 @@ class VirtualPowerPlant:
             self.thermal_turn_s,
             self.release_s,
             allowance,
+            allocator=self.allocator,
         )
         self._apply(plan)
         self.plan = plan

@@ -250,8 +250,17 @@ def test_plans_equal_the_reference_planner(seed: int, scale: int, sign: float) -
         ref_active = [reference.ActiveCommand(c, seq, ex) for seq, c, ex in live]
         fast_active = [fast.ActiveCommand(c, seq, ex) for seq, c, ex in live]
         expected = reference.plan(*inputs, ref_active, *settings, ref_plan, *release)
-        got = fast.plan(*inputs, fast_active, *settings, fast_plan, *release)
-        fresh = fast.plan(*inputs, fast_active, *settings, without_memory(fast_plan), *release)
+        got = fast.plan(
+            *inputs, fast_active, *settings, fast_plan, *release, allocator="proportional"
+        )
+        fresh = fast.plan(
+            *inputs,
+            fast_active,
+            *settings,
+            without_memory(fast_plan),
+            *release,
+            allocator="proportional",
+        )
         assert canonical(got) == canonical(expected), f"period {period}"
         assert canonical(fresh) == canonical(expected), f"period {period}, no memory"
         ref_plan, fast_plan = expected, got
