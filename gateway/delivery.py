@@ -338,8 +338,18 @@ def close_loops(
         measured: dict[str, float] = {}
         trusted: dict[str, float] = {}
         state_of, known_baseline = states.get, loop.baselines.get  # 10,000 devices a period
-        for allocation in previous.allocations.get(cid, ()):
+        allocations = previous.allocations.get(cid, ())
+        # Thermal members count (all of them, called or resting: counting only the called
+        # ones over-counts, since a house called has just finished cooling) once the dispatch
+        # has called any; while batteries alone carry it, the houses' drift is noise the loop
+        # must not chase.
+        thermal_in = any(d in thermal for d in loop.baselines) or any(
+            a.commanded_kw != 0.0 and a.device_id in thermal for a in allocations
+        )
+        for allocation in allocations:
             did = allocation.device_id
+            if did in thermal and not thermal_in:
+                continue
             state = state_of(did)
             if state is not None:
                 measured[did] = state.power_kw

@@ -241,3 +241,37 @@ def _heater(device_id: str, der_class: DerClass = DerClass.WATER_HEATER) -> Devi
         location=TopologyLocation(substation="s1", feeder="f1"),
         ratings=BatteryRatings(max_charge_kw=4.5, max_discharge_kw=4.5, capacity_kwh=4.4),
     )
+
+
+def test_resting_houses_do_not_count_while_batteries_alone_carry_a_dispatch() -> None:
+    """The optimiser meets a shed with batteries and calls no house: the houses' drift (here
+    each draws 1 kW more than its baseline) is not the dispatch's doing, and the loop must not
+    chase it. Once a house is called, every house of the dispatch counts."""
+    from gateway.delivery import close_loops
+    from gateway.dispatch import Plan
+    from unified.model import Allocation
+
+    tracker = BaselineTracker()
+    houses = [f"t{i}" for i in range(4)]
+    for did in houses:
+        tracker.observe(did, NOW - timedelta(minutes=10), 1.0, held=False)
+
+    def plan(house_kw: float) -> Plan:
+        p = Plan()
+        p.requested_kw["shed"] = -6.0
+        p.available_kw["shed"] = 20.0
+        p.allocations["shed"] = (
+            Allocation(device_id="b1", requested_kw=-6.0, commanded_kw=-6.0),
+            *(
+                Allocation(device_id=d, requested_kw=house_kw, commanded_kw=house_kw)
+                for d in houses
+            ),
+        )
+        return p
+
+    states = {"b1": _reading("b1", -6.0, NOW)} | {d: _reading(d, 2.0, NOW) for d in houses}
+    loops: dict[str, DeliveryLoop] = {}
+    out = close_loops(NOW, plan(0.0), states, tracker, loops, TUNING, set(houses))
+    assert out["shed"].delivered_kw == pytest.approx(-6.0)  # the battery's, not -2 kW
+    called = close_loops(NOW, plan(-1.0), states, tracker, {}, TUNING, set(houses))
+    assert called["shed"].delivered_kw == pytest.approx(-6.0 + 4 * 1.0)  # houses count now
