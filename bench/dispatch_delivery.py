@@ -400,6 +400,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     if args.thermostats:
+        results["thermostats"] = dispatch_scenario(
+            Scenario(
+                FleetSpec(thermostats=args.thermostats, seed=args.seed),
+                args.hours,
+                args.share,
+                args.period,
+                args.after,
+            ),
+            modes,
+        )
+        print_dispatch(f"{args.thermostats} thermostats", results["thermostats"])
         houses = Scenario(
             FleetSpec(thermostats=args.thermostats, seed=args.seed),
             args.hours,
@@ -407,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
             args.period,
             args.after,
         )
-        results["thermostats"] = dispatch_scenario(houses, modes)
-        print_dispatch(f"{args.thermostats} thermostats", results["thermostats"])
         results["thermostats"]["flex"] = flex_check_dispatch(houses, results["thermostats"])
         print_flex("closed loop", results["thermostats"]["flex"])
     mixed = Scenario(
