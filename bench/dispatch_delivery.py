@@ -20,6 +20,12 @@ proportional one in the same run.
     python -m bench.dispatch_delivery [--thermostats 10000] [--mixed 6500,2500,1000] [--hours 3]
         [--after 1] [--share 0.2] [--seed 7] [--period 30] [--schedule] [--slow-loop]
         [--envelope-mixed 800,200] [--plan-devices 10000] [--json FILE] [--plan-only]
+        [--flex-all 650,250,100]
+
+Each dispatch scenario's hourly delivery (closed loop) is also checked against the group's
+flexibility forecast (``gateway.flex.forecast.forecast_group``, built at the event's start as
+the core builds it), and a smaller mixed fleet asked for its whole baseline checks the
+forecast's flex_down p10..p90 against what it could deliver (15-minute intervals).
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ from bench.common import arg_parser
 from composition.runtime import settle_heap
 from gateway import dispatch
 from gateway.delivery import DeliveryTuning
+from gateway.flex.forecast import (
+    DeviceFlexInput,
+    FlexForecast,
+    FlexRequest,
+    availability_ratio,
+    forecast_group,
+)
 from simulators.vpp import FleetSpec, Sample, VirtualPowerPlant
 from unified.model import (
     Dispatch,
@@ -234,6 +247,130 @@ def _timed_fleet(devices: int, seed: int, allocator: dispatch.Allocator) -> Virt
     return vpp
 
 
+# --------------------------------------------------------------------------- flex forecast
+
+
+def flex_forecast_at_start(sc: Scenario, interval_s: int) -> FlexForecast:
+    """The group's flexibility forecast for the event window, built at the event's start as
+    the core's ``_flex_job`` builds it: each member's Device and newest DeviceState, its
+    availability (the share of the last hour's reports that arrived), the configured outdoor
+    temperature; no history (the fleet has none). A fleet of its own, run to the start without
+    a command: the same physics as the scenario's runs, and its readings draw no numbers the
+    scenario's runs draw."""
+    vpp = VirtualPowerPlant(sc.spec, T0, control_period_s=sc.period_s)
+    vpp.run(sc.start, physics_only=True)
+    states = vpp.states()
+    expected = int(3600 // sc.period_s)
+    rng = np.random.default_rng(sc.spec.seed + 2)
+    members = vpp.registry.members(GROUP)
+    got = rng.binomial(expected, 1.0 - sc.spec.dropout, len(members)).tolist()
+    inputs = [
+        DeviceFlexInput(
+            device=d,
+            state=states.get(d.device_id),
+            availability=availability_ratio(k, expected),
+        )
+        for d, k in zip(members, got, strict=True)
+    ]
+    horizon = round(sc.hours * 3600 / interval_s) * interval_s
+    request = FlexRequest(
+        group_id=GROUP,
+        start=sc.start,
+        horizon_s=horizon,
+        interval_s=interval_s,
+        window_start=sc.start,
+        window_end=sc.start + timedelta(seconds=horizon),
+    )
+    return forecast_group(inputs, request, now=sc.start, outdoor_temp_c=sc.spec.outdoor_c)
+
+
+def flex_bands(forecast: FlexForecast) -> F:
+    """flex_down p10/p50/p90 per interval, kW (a reduction is positive)."""
+    return np.array(
+        [[i.flex_down_kw.p10, i.flex_down_kw.p50, i.flex_down_kw.p90] for i in forecast.intervals]
+    )
+
+
+def flex_coverage(bands: F, delivered_down: F, asked_kw: float) -> dict[str, Any]:
+    """Per interval: was the delivered reduction within p10..p90, and how far from p50.
+
+    As :class:`gateway.flex.forecast.FlexCoverage` counts it, an interval whose request was
+    below its p10 says nothing about the band (the group was not asked for what it could
+    give); both shares are reported."""
+    p10, p50, p90 = bands.T
+    within = (delivered_down >= p10) & (delivered_down <= p90)
+    counted = abs(asked_kw) >= p10
+    return {
+        "p10_kw": [round(float(x), 1) for x in p10],
+        "p50_kw": [round(float(x), 1) for x in p50],
+        "p90_kw": [round(float(x), 1) for x in p90],
+        "delivered_kw": [round(float(x), 1) for x in delivered_down],
+        "within": round(float(within.mean()), 3),
+        "counted": int(counted.sum()),
+        "within_counted": round(float(within[counted].mean()), 3) if counted.any() else None,
+        "below_p10": round(float((delivered_down < p10).mean()), 3),
+        "above_p90": round(float((delivered_down > p90).mean()), 3),
+        # The p50's bias over the event: energy delivered over energy promised, less one.
+        "p50_bias": round(float(delivered_down.sum() / max(float(p50.sum()), 1e-9) - 1.0), 3),
+    }
+
+
+def flex_check_dispatch(sc: Scenario, r: dict[str, Any], mode: str = "closed") -> dict[str, Any]:
+    """A dispatch scenario's hourly delivery against the hourly forecast made at its start."""
+    t = time.perf_counter()
+    forecast = flex_forecast_at_start(sc, 3600)
+    out = flex_coverage(
+        flex_bands(forecast), -np.array(r[mode]["hourly_kw"]), float(r["request_kw"])
+    )
+    out["request_kw"] = r["request_kw"]
+    out["forecast_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def flex_check_all(sc: Scenario, interval_s: int = 900) -> dict[str, Any]:
+    """Ask the group for more than it can give (its whole baseline, and half again the
+    forecast's highest p90: batteries can shed beyond the load by exporting): what it
+    delivers is then what it could, which the forecast's flex_down band claims to bound."""
+    t = time.perf_counter()
+    forecast = flex_forecast_at_start(sc, interval_s)
+    bands = flex_bands(forecast)
+    base = feeder(run(sc, []))
+    w = int(WARM_UP.total_seconds() // 60)
+    request = -round(max(float(base[:w].mean()), 1.5 * float(bands[:, 2].max())), 1)
+    command = Dispatch(
+        command_id="all",
+        target=Target(group_id=GROUP),
+        kw=request,
+        start=sc.start,
+        duration_s=sc.hours * 3600,
+    )
+    delta = feeder(run(sc, [command])) - base
+    per = interval_s // 60
+    event = delta[w + 1 : w + 1 + per * len(bands)]
+    delivered = -event.reshape(len(bands), per).mean(axis=1)
+    out = flex_coverage(bands, delivered, request)
+    out["request_kw"] = request
+    out["interval_s"] = interval_s
+    out["took_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def print_flex(title: str, x: dict[str, Any]) -> None:
+    bands = zip(x["delivered_kw"], x["p10_kw"], x["p50_kw"], x["p90_kw"], strict=True)
+    rows = " | ".join(f"{d:.0f} in {a:.0f}/{b:.0f}/{c:.0f}" for d, a, b, c in bands)
+    counted = (
+        "; the request below p10 in every one: FlexCoverage counts none"
+        if x["within_counted"] is None
+        else f" ({x['within_counted']:.0%} of the {x['counted']} FlexCoverage counts)"
+    )
+    print(
+        f"flex forecast, {title} (request {x['request_kw']} kW): delivered within p10..p90 in "
+        f"{x['within']:.0%} of {len(x['p50_kw'])} intervals{counted}; below p10 "
+        f"{x['below_p10']:.0%}, above p90 {x['above_p90']:.0%}; p50 bias {x['p50_bias']:+.1%}"
+    )
+    print(f"  delivered in p10/p50/p90, kW: {rows}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = arg_parser("bench.dispatch_delivery", __doc__)
     parser.add_argument("--thermostats", type=int, default=10_000)
@@ -259,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the envelope scenario's fleet: thermostats,batteries",
     )
     parser.add_argument("--plan-devices", type=int, default=10_000)
+    parser.add_argument(
+        "--flex-all",
+        default="650,250,100",
+        help="thermostats,water heaters,batteries asked for everything ('': skip)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument(
         "--plan-only", action="store_true", help="only the plan time (lp against proportional)"
@@ -291,6 +433,15 @@ def main(argv: list[str] | None = None) -> int:
             modes,
         )
         print_dispatch(f"{args.thermostats} thermostats", results["thermostats"])
+        houses = Scenario(
+            FleetSpec(thermostats=args.thermostats, seed=args.seed),
+            args.hours,
+            args.share,
+            args.period,
+            args.after,
+        )
+        results["thermostats"]["flex"] = flex_check_dispatch(houses, results["thermostats"])
+        print_flex("closed loop", results["thermostats"]["flex"])
     mixed = Scenario(
         FleetSpec(thermostats=n_t, water_heaters=n_w, batteries=n_b, seed=args.seed),
         args.hours,
@@ -300,6 +451,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     results["mixed"] = dispatch_scenario(mixed, modes)
     print_dispatch(f"{n_t} thermostats + {n_w} water heaters + {n_b} batteries", results["mixed"])
+    results["mixed"]["flex"] = flex_check_dispatch(mixed, results["mixed"])
+    print_flex("closed loop", results["mixed"]["flex"])
+    if args.flex_all:
+        a_t, a_w, a_b = (int(x) for x in args.flex_all.split(","))
+        results["flex_all"] = flex_check_all(
+            Scenario(
+                FleetSpec(thermostats=a_t, water_heaters=a_w, batteries=a_b, seed=args.seed),
+                args.hours,
+                1.0,
+                args.period,
+                0.25,  # a few minutes past the end: the last interval's samples
+            )
+        )
+        print_flex(f"{a_t} + {a_w} + {a_b} asked for everything", results["flex_all"])
     e_t, e_b = (int(x) for x in args.envelope_mixed.split(","))
     results["envelope"] = envelope_scenario(
         Scenario(

@@ -175,3 +175,63 @@ def test_cycle_for_ten_thousand_devices_is_fast() -> None:
     fleet = OnOffFleet(10_000, seed=2)
     _, _, _, ms = run_cycles(fleet, loss=0.2, cycles=30)
     assert np.median(ms[10:]) < 100
+
+
+def test_a_fast_decline_widens_the_interval_on_its_side_only() -> None:
+    """Readings a fraction of a period old lag an evening decline (EV sessions ending, ACs
+    off): the truth is below the estimate, so the interval reaches further down by the ramp
+    term; the upper side, and every bound while the fleet is quiet, stay as they were."""
+    n, sub = 1000, 6
+    rng = np.random.default_rng(4)
+    index = FleetIndex(
+        [
+            DeviceProfile(f"d{i}", DerClass.THERMOSTAT, f"feeder:{i % GROUPS}", 0.0, 6.0, PERIOD)
+            for i in range(n)
+        ]
+    )
+    ramp = GroupEstimator(index, EstimatorConfig(period_s=PERIOD, seed=4))
+    flat = GroupEstimator(index, EstimatorConfig(period_s=PERIOD, seed=4, ramp_lag=0.0))
+    assert ramp.config.ramp_lag > 0
+    base = rng.uniform(1.0, 4.0, n)
+    phase = rng.uniform(0.0, PERIOD, n)  # each device reports once a period, at its own phase
+
+    def power(t: float) -> np.ndarray:
+        x = max(t / PERIOD - 60.0, 0.0) / 60.0  # quiet for an hour, then a faster and faster fall
+        return base * (1.0 - 0.8 * x * x)
+
+    value, read_at = power(0.0), np.full(n, -PERIOD)
+    rows: list[tuple[float, float, float, float, float, float]] = []
+    for c in range(120):
+        for k in range(sub):
+            t = c * PERIOD + k * PERIOD / sub
+            due = (phase >= k * PERIOD / sub) & (phase < (k + 1) * PERIOD / sub)
+            due &= rng.random(n) >= 0.05
+            value = np.where(due, power(t) + rng.normal(0.0, 0.05, n), value)
+            read_at = np.where(due, t, read_at)
+        now = (c + 1) * PERIOD
+        age = now - read_at
+        up = age < 2 * PERIOD
+        snap = FleetSnapshot(
+            now=now,
+            value=value.copy(),
+            age_s=age,
+            status=np.where(up, DeviceStatus.REPORTING, DeviceStatus.MISSING).astype(np.int8),
+            stale=~up,
+        )
+        labels = np.zeros(n, dtype=np.intp)
+        total, lo, hi, _ = ramp.cycle(snap).totals(labels, 1)
+        _, lo0, hi0, _ = flat.cycle(snap).totals(labels, 1)
+        rows.append((float(power(now).sum()), total[0], lo[0], hi[0], lo0[0], hi0[0]))
+    truth, est, lo, hi, lo0, hi0 = np.array(rows).T
+    quiet, falling = slice(20, 60), slice(80, 120)
+    # Quiet: the measured trend is noise, the width as good as unchanged.
+    width, width0 = hi[quiet] - lo[quiet], hi0[quiet] - lo0[quiet]
+    assert np.all(width >= width0)
+    assert np.max(width / width0) < 1.05, np.max(width / width0)
+    # Falling: the readings' lag puts the truth below the estimate ...
+    assert np.all(truth[falling] < est[falling])
+    # ... and the interval reaches further down there, not up.
+    np.testing.assert_allclose(hi[falling], hi0[falling], rtol=1e-9)
+    assert np.all(lo[falling] < lo0[falling])
+    reach, reach0 = est[falling] - lo[falling], est[falling] - lo0[falling]
+    assert np.mean(reach / reach0) > 1.2, np.mean(reach / reach0)
