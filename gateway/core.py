@@ -138,6 +138,7 @@ from unified.registry import (
     RegistryRequest,
     RegistrySnapshot,
 )
+from unified.services import ServiceReport
 from unified.weather import GATEWAY_SCOPE, WeatherForecast
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,9 @@ class Gateway:
         self.weather = WeatherBook()
         self.prices = PriceBook()
         """Newest price schedule per (scope, kind), for the grid services' schedules."""
-        self._services = ServiceRunner(self.prices, on_solved=self._wake.set)
+        self._services = ServiceRunner(
+            self.prices, on_solved=self._wake.set, on_report=self._service_ended
+        )
         self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
         self.ready = asyncio.Event()
@@ -1566,6 +1569,27 @@ class Gateway:
         if self.history is not None and self._tasks is not None:
             self._tasks.create_task(
                 self._save_report(cid, now, payload.decode()), name=f"envelope-report:{cid}"
+            )
+
+    def _service_ended(self, report: ServiceReport) -> None:
+        """A grid service has ended: its settlement goes northbound on the performance path,
+        retained, and into the history file beside the dispatches' reports."""
+        payload = report.model_dump_json().encode()
+        self.publisher.performance_report(report.command_id, payload)
+        log.info(
+            "service %s settled: cost %.2f against %.2f unmanaged, saved %.2f; EV energy %s; "
+            "%d envelope violation(s)",
+            report.command_id,
+            report.energy_cost,
+            report.unmanaged_cost,
+            report.cost_saved,
+            "-" if report.ev_delivered_pct is None else f"{report.ev_delivered_pct:.1f} %",
+            report.envelope_violations,
+        )
+        if self.history is not None and self._tasks is not None:
+            self._tasks.create_task(
+                self._save_report(report.command_id, report.generated_at, payload.decode()),
+                name=f"service-report:{report.command_id}",
             )
 
     async def _save_report(self, cid: str, generated_at: datetime, payload: str) -> None:

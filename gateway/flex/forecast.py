@@ -1065,6 +1065,7 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
     from gateway.flex.performance import DevicePerformance, GroupPerformance
     from gateway.flex.settlement import PerformanceReport, PerformanceRequest
     from unified.prices import PriceSchedule
+    from unified.services import ServiceReport
 
     models: dict[str, type[BaseModel]] = {
         "flex_request": FlexRequest,
@@ -1079,6 +1080,7 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
         "flex_config": FlexConfig,
         "weather_forecast": WeatherForecast,
         "price_schedule": PriceSchedule,
+        "service_report": ServiceReport,
     }
     return {name: model.model_json_schema() for name, model in models.items()}
 

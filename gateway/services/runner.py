@@ -27,12 +27,15 @@ from gateway.registry import Registry
 from gateway.services.horizon import group_problem, setpoints_at
 from gateway.services.prices import PriceBook
 from gateway.services.schedule import Schedule, ScheduleError, solve_schedule
+from gateway.services.settlement import ServiceLedger
 from unified.model import (
     DeviceState,
     GridService,
     OperatingEnvelope,
     ServiceMode,
+    utcnow,
 )
+from unified.services import ServiceReport
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,10 @@ class _Run:
 class ServiceRunner:
     prices: PriceBook
     on_solved: Callable[[], None] = lambda: None
+    on_report: Callable[[ServiceReport], None] = lambda report: None
+    """A service has ended (its window, a cancel, a supersession): its settlement."""
     runs: dict[str, _Run] = field(default_factory=dict)
+    ledgers: dict[str, ServiceLedger] = field(default_factory=dict)
     prices_version: int = 0
 
     def prices_changed(self) -> None:
@@ -77,6 +83,8 @@ class ServiceRunner:
                 continue
             live.add(command.command_id)
             run = self.runs.setdefault(command.command_id, _Run())
+            ledger = self.ledgers.setdefault(command.command_id, ServiceLedger(command))
+            ledger.observe(now, states, self._price_for(command), envelopes, registry)
             step_s = float(command.step_s)
             aligned = _align(now, step_s)
             if run.task is None and (
@@ -110,7 +118,22 @@ class ServiceRunner:
             run = self.runs.pop(command_id)
             if run.task is not None:
                 run.task.cancel()
+        for command_id in [c for c in self.ledgers if c not in live]:
+            ledger = self.ledgers.pop(command_id)
+            try:
+                self.on_report(ledger.report(utcnow()))
+            except Exception:  # a report must not end the control loop
+                log.exception("service %s: its settlement could not be reported", command_id)
         return out
+
+    def _price_for(self, command: GridService) -> Callable[[datetime], tuple[float, float]]:
+        scopes = [command.target.group_id or ""]
+
+        def price(when: datetime) -> tuple[float, float]:
+            imp, exp = self.prices.series(scopes, when.timestamp() - 0.5, 1.0, 1)
+            return float(imp[0]), float(exp[0])
+
+        return price
 
     async def _solve(
         self,
@@ -123,9 +146,13 @@ class ServiceRunner:
     ) -> None:
         version = self.prices_version
         try:
-            schedule = await asyncio.to_thread(
+            solved, batteries, ev_need = await asyncio.to_thread(
                 _solve, registry, self.prices, command, start, states, envelopes
             )
+            ledger = self.ledgers.get(command.command_id)
+            if ledger is not None:
+                ledger.record_plan(solved, start, float(command.step_s), batteries, ev_need)
+            schedule: Schedule | None = solved
         except ScheduleError as exc:
             if run.problem_error != str(exc):
                 log.warning("service %s cannot be planned: %s", command.command_id, exc)
@@ -163,7 +190,7 @@ def _solve(
     start: datetime,
     states: Mapping[str, DeviceState | None],
     envelopes: Sequence[OperatingEnvelope],
-) -> Schedule:
+) -> tuple[Schedule, list[str], dict[str, float]]:
     group_id = command.target.group_id
     if group_id is None:
         raise ScheduleError("a service targets a group")
@@ -214,4 +241,8 @@ def _solve(
     groups = [
         replace(g, baseline_kw=np.full(priced, other_load(g.group_id))) for g in problem.groups
     ]
-    return solve_schedule(replace(problem, groups=groups))
+    return (
+        solve_schedule(replace(problem, groups=groups)),
+        [b.device_id for b in problem.batteries],
+        {e.device_id: e.energy_needed_kwh for e in problem.evs},
+    )
