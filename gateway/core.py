@@ -85,6 +85,7 @@ from gateway.history import (
 )
 from gateway.ports import Publisher
 from gateway.registry import Registry
+from gateway.services.feeds import FeedBook
 from gateway.services.prices import PriceBook
 from gateway.services.runner import ServiceRunner
 from gateway.store import CommandStore, StoreError
@@ -102,6 +103,7 @@ from gateway.telemetry import (
     TelemetryQuality,
 )
 from gateway.weather import TemperatureRecord, WeatherBook, forecast_excerpt
+from unified.feeds import FeedValue
 from unified.model import (
     TERMINAL_STATES,
     Ack,
@@ -296,8 +298,10 @@ class Gateway:
         self.weather = WeatherBook()
         self.prices = PriceBook()
         """Newest price schedule per (scope, kind), for the grid services' schedules."""
+        self.feeds = FeedBook()
+        """Newest value per external feed, for the ``feed_trigger`` services."""
         self._services = ServiceRunner(
-            self.prices, on_solved=self._wake.set, on_report=self._service_ended
+            self.prices, on_solved=self._wake.set, on_report=self._service_ended, feeds=self.feeds
         )
         self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
@@ -323,6 +327,7 @@ class Gateway:
                 await stack.enter_async_context(self.history)
                 await self._load_weather()
                 await self._load_prices()
+                await self._load_feeds()
             await self.book.load(utcnow())
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
@@ -987,6 +992,49 @@ class Gateway:
             schedule.points[0].start.isoformat(),
         )
         return warning
+
+    async def put_feed(self, value: FeedValue) -> str | None:
+        """Use an external feed value for the ``feed_trigger`` services (``docs/mqtt-api.md``).
+
+        :class:`CoreError` ``ALREADY_ENDED`` for a stale value (past its ``valid_s``) and
+        ``WINDOW_INVALID`` for one stamped in the future; one not newer than the value held is
+        ignored. Returns a warning when the value is used but could not be stored.
+        """
+        now = utcnow()
+        if self.feeds.is_stale(value, now):
+            raise CoreError(Reason.ALREADY_ENDED, f"feed {value.name!r}: the value is stale")
+        if self.feeds.is_ahead(value, now):
+            raise CoreError(Reason.WINDOW_INVALID, f"feed {value.name!r}: stamped in the future")
+        if not self.feeds.is_newer(value):
+            log.info("feed %s value not newer than the one held: ignored", value.name)
+            return None
+        warning = None
+        if self.history is not None:
+            try:
+                async with asyncio.timeout(self.config.history.io_timeout_s):
+                    await self.history.save_feed(
+                        value.name, value.timestamp, value.model_dump_json()
+                    )
+            except (HistoryError, TimeoutError) as exc:  # still use it; say it is not stored
+                log.exception("could not store the feed value")
+                warning = f"feed value used but not stored: {type(exc).__name__}: {exc}"
+        self.feeds.put(value)
+        self._wake.set()
+        return warning
+
+    async def _load_feeds(self) -> None:
+        assert self.history is not None
+        try:
+            async with asyncio.timeout(self.config.history.io_timeout_s):
+                stored = await self.history.feed_values()
+        except (HistoryError, TimeoutError):
+            log.exception("could not read the stored feed values")
+            return
+        for payload in stored:
+            try:
+                self.feeds.put(FeedValue.model_validate_json(payload))
+            except ValidationError as exc:
+                log.warning("stored feed value is unusable: %s", exc)
 
     async def _load_prices(self) -> None:
         assert self.history is not None

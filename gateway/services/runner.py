@@ -24,11 +24,13 @@ import numpy as np
 
 from gateway.dispatch import ActiveCommand
 from gateway.registry import Registry
+from gateway.services.feeds import FeedBook
 from gateway.services.horizon import group_problem, setpoints_at
 from gateway.services.prices import PriceBook
 from gateway.services.schedule import Schedule, ScheduleError, solve_schedule
 from gateway.services.settlement import ServiceLedger
 from unified.model import (
+    DeviceSetpoint,
     DeviceState,
     GridService,
     OperatingEnvelope,
@@ -51,6 +53,8 @@ class _Run:
     task: asyncio.Task[None] | None = None
     problem_error: str | None = None
     solved: int = 0
+    triggered: bool = False
+    """feed_trigger: responding now."""
 
 
 @dataclass
@@ -59,6 +63,7 @@ class ServiceRunner:
     on_solved: Callable[[], None] = lambda: None
     on_report: Callable[[ServiceReport], None] = lambda report: None
     """A service has ended (its window, a cancel, a supersession): its settlement."""
+    feeds: FeedBook = field(default_factory=FeedBook)
     runs: dict[str, _Run] = field(default_factory=dict)
     ledgers: dict[str, ServiceLedger] = field(default_factory=dict)
     prices_version: int = 0
@@ -85,6 +90,13 @@ class ServiceRunner:
             run = self.runs.setdefault(command.command_id, _Run())
             ledger = self.ledgers.setdefault(command.command_id, ServiceLedger(command))
             ledger.observe(now, states, self._price_for(command), envelopes, registry)
+            if command.mode is ServiceMode.FEED_TRIGGER:
+                out += [
+                    ActiveCommand(setpoint, SERVICE_SEQ_OFFSET + entry.seq)
+                    for setpoint in self._feed_response(command, run, now, registry)
+                    if setpoint.device_id not in entry.excluded
+                ]
+                continue
             step_s = float(command.step_s)
             aligned = _align(now, step_s)
             if run.task is None and (
@@ -124,6 +136,57 @@ class ServiceRunner:
                 self.on_report(ledger.report(utcnow()))
             except Exception:  # a report must not end the control loop
                 log.exception("service %s: its settlement could not be reported", command_id)
+        return out
+
+    def _feed_response(
+        self, command: GridService, run: _Run, now: datetime, registry: Registry
+    ) -> list[DeviceSetpoint]:
+        """A ``feed_trigger`` service: respond while its feed is past the threshold; release
+        once it is back past the threshold by the hysteresis, or has no fresh value."""
+        assert command.feed is not None
+        assert command.threshold is not None
+        value = self.feeds.fresh(command.feed, now)
+        was = run.triggered
+        if value is None:
+            run.triggered = False
+        elif command.trigger == "above":
+            if value.value > command.threshold:
+                run.triggered = True
+            elif value.value < command.threshold - command.hysteresis:
+                run.triggered = False
+        elif value.value < command.threshold:
+            run.triggered = True
+        elif value.value > command.threshold + command.hysteresis:
+            run.triggered = False
+        if run.triggered != was:
+            log.info(
+                "service %s: feed %s %s -> %s",
+                command.command_id,
+                command.feed,
+                "stale or missing" if value is None else f"{value.value:g}",
+                "responding" if run.triggered else "released",
+            )
+        if not run.triggered or command.target.group_id is None:
+            return []
+        out: list[DeviceSetpoint] = []
+        for device in registry.members(command.target.group_id):
+            if device.der_class.value == "battery" and command.response != "pause_ev":
+                kw = -device.ratings.max_discharge_kw
+            elif device.der_class.value == "evse" and command.response != "discharge":
+                kw = 0.0
+            else:
+                continue
+            out.append(
+                DeviceSetpoint(
+                    command_id=command.command_id,
+                    program=command.program,
+                    priority=command.priority,
+                    device_id=device.device_id,
+                    kw=kw,
+                    start=now,
+                    duration_s=float(command.step_s),
+                )
+            )
         return out
 
     def _price_for(self, command: GridService) -> Callable[[datetime], tuple[float, float]]:
