@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import lru_cache, partial
@@ -301,7 +301,11 @@ class Gateway:
         self.feeds = FeedBook()
         """Newest value per external feed, for the ``feed_trigger`` services."""
         self._services = ServiceRunner(
-            self.prices, on_solved=self._wake.set, on_report=self._service_ended, feeds=self.feeds
+            self.prices,
+            on_solved=self._wake.set,
+            on_report=self._service_ended,
+            feeds=self.feeds,
+            spawn=self._spawn,
         )
         self._flex_outdated = False
         """Latest outdoor temperature forecast per scope, for the flex forecast."""
@@ -1618,6 +1622,12 @@ class Gateway:
             self._tasks.create_task(
                 self._save_report(cid, now, payload.decode()), name=f"envelope-report:{cid}"
             )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task in the core's task group once it runs (it ends with the core)."""
+        if self._tasks is not None:
+            return self._tasks.create_task(coro, name=name)
+        return asyncio.create_task(coro, name=name)
 
     def _service_ended(self, report: ServiceReport) -> None:
         """A grid service has ended: its settlement goes northbound on the performance path,

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +65,10 @@ class ServiceRunner:
     on_report: Callable[[ServiceReport], None] = lambda report: None
     """A service has ended (its window, a cancel, a supersession): its settlement."""
     feeds: FeedBook = field(default_factory=FeedBook)
+    spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]] = (
+        lambda coro, name: asyncio.create_task(coro, name=name)
+    )
+    """Where solve tasks run: the core's task group (so they end with it)."""
     runs: dict[str, _Run] = field(default_factory=dict)
     ledgers: dict[str, ServiceLedger] = field(default_factory=dict)
     prices_version: int = 0
@@ -104,11 +109,11 @@ class ServiceRunner:
                 or run.start != aligned
                 or run.prices_version != self.prices_version
             ):
-                run.task = asyncio.create_task(
+                run.task = self.spawn(
                     self._solve(
                         registry, command, run, aligned, dict(states), list(envelopes)
                     ),
-                    name=f"service-{command.command_id}",
+                    f"service-{command.command_id}",
                 )
             if run.schedule is None or run.start is None:
                 continue
