@@ -602,6 +602,11 @@ def solve_schedule(
     ):
         coupling = set()
     ids = [b.device_id for b in problem.batteries] + [e.device_id for e in problem.evs]
+    known = set(ids)
+    for g in groups:
+        unknown = g.device_ids - known
+        if unknown:
+            raise ScheduleError(f"{g.group_id}: devices not in the schedule: {sorted(unknown)[:5]}")
     parts = _components(ids, groups, coupling) if coupling else [ids]
     if len(parts) <= 1:
         return _solve_whole(problem, time_limit_s=time_limit_s, exact_min_rate=exact_min_rate)
