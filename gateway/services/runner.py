@@ -14,11 +14,12 @@ devices run on their own).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,11 @@ from gateway.services.settlement import ServiceLedger
 from unified.model import (
     DeviceSetpoint,
     DeviceState,
+    EnvelopeInterval,
     GridService,
     OperatingEnvelope,
     ServiceMode,
+    Target,
     utcnow,
 )
 from unified.services import ServiceReport
@@ -95,6 +98,14 @@ class ServiceRunner:
             run = self.runs.setdefault(command.command_id, _Run())
             ledger = self.ledgers.setdefault(command.command_id, ServiceLedger(command))
             ledger.observe(now, states, self._price_for(command), envelopes, registry)
+            if command.mode is ServiceMode.AGGREGATOR_LIMIT:
+                out += [
+                    ActiveCommand(envelope, SERVICE_SEQ_OFFSET + entry.seq)
+                    for envelope in _device_caps(command, now, registry)
+                    if envelope.target.device_ids is not None
+                    and envelope.target.device_ids[0] not in entry.excluded
+                ]
+                continue
             if command.mode is ServiceMode.FEED_TRIGGER:
                 out += [
                     ActiveCommand(setpoint, SERVICE_SEQ_OFFSET + entry.seq)
@@ -244,6 +255,37 @@ class ServiceRunner:
                 schedule.unmanaged_cost,
             )
         self.on_solved()
+
+
+def _device_caps(
+    command: GridService, now: datetime, registry: Registry
+) -> list[OperatingEnvelope]:
+    """An ``aggregator_limit`` service: one envelope per device of its group, for this step,
+    so every setpoint the device is given (a dispatch's, another service's) stays within the
+    caps, and a device left alone is given them as standing limits."""
+    if command.target.group_id is None:
+        return []
+    interval = EnvelopeInterval(
+        start=now,
+        end=now + timedelta(seconds=float(command.step_s)),
+        import_limit_kw=command.device_import_limit_kw,
+        export_limit_kw=command.device_export_limit_kw,
+    )
+    out = []
+    for device in registry.members(command.target.group_id):
+        cid = f"{command.command_id}.{device.device_id}"
+        if len(cid) > 128:  # an Identifier's length: keep it unique and valid
+            cid = f"{command.command_id[:100]}.{hashlib.sha1(cid.encode()).hexdigest()[:16]}"
+        out.append(
+            OperatingEnvelope(
+                command_id=cid,
+                program=command.program,
+                priority=command.priority,
+                target=Target(device_ids=(device.device_id,)),
+                intervals=(interval,),
+            )
+        )
+    return out
 
 
 def _align(now: datetime, step_s: float) -> datetime:

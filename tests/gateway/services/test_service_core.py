@@ -244,3 +244,45 @@ async def test_a_service_that_ends_publishes_its_settlement(tmp_path: Path) -> N
             report["energy_import_kwh"], abs=2e-6
         )
         assert report["cost_saved"] == pytest.approx(0.0, abs=1e-5)
+
+
+async def test_an_aggregator_limit_caps_every_device_of_its_group(tmp_path: Path) -> None:
+    async with running(tmp_path) as (core, batteries, _acks):
+        await core.submit(
+            GridService(
+                command_id="cap-1",
+                target=Target(group_id="feeder:f1"),
+                mode=ServiceMode.AGGREGATOR_LIMIT,
+                device_export_limit_kw=2.0,
+                start=utcnow() - timedelta(seconds=1),
+                duration_s=3600,
+            )
+        )
+        # A dispatch of 8 kW of discharge would be 4 kW from each; the cap holds each at 2.
+        await core.submit(
+            Dispatch(
+                command_id="dr-cap",
+                target=Target(group_id="feeder:f1"),
+                kw=-8.0,
+                start=utcnow() - timedelta(seconds=1),
+                duration_s=600,
+            )
+        )
+
+        def capped(b: Battery) -> bool:
+            return (
+                b.last is not None
+                and b.last.power_kw == pytest.approx(-2.0)
+                and f"cap-1.{b.device_id}" in held_by(b)
+            )
+
+        await eventually(lambda: all(capped(b) for b in batteries.values()), 20)
+        # Cancelled, the cap goes: the dispatch has its 4 kW from each again.
+        await core.submit(Cancel(command_id="cancel-cap", cancels="cap-1"))
+        await eventually(
+            lambda: all(
+                b.last is not None and b.last.power_kw == pytest.approx(-4.0)
+                for b in batteries.values()
+            ),
+            20,
+        )
