@@ -27,7 +27,7 @@ Costs are the devices' energy at the day's prices, with each battery's end-of-da
 change valued at the day's mean price (a plan that ends emptier sold energy it did not buy).
 
     python -m bench.grid_services [--evs 1000] [--batteries 1000] [--transformers 20] [--only ...]
-        [--replan-every 4] [--margin 0.04] [--seed 7] [--json FILE]
+        [--replan-every 4] [--margin 0.04] [--seed 7] [--json FILE] [--whole]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ STEP_S = 900
 N = 96
 DT = STEP_S / 3600.0
 START_HOUR = 12.0
+DECOMPOSE = True
+"""Solve per transformer (``--whole``: one LP over the feeder, as before)."""
 
 
 def hours() -> np.ndarray[Any, Any]:
@@ -325,7 +327,9 @@ def problem_for(
 def offline(fleet: Fleet) -> Outcome:
     soc = np.array([b.soc_kwh for b in fleet.bats])
     began = time.perf_counter()
-    plan = solve_schedule(problem_for(fleet, 0, soc, list(fleet.evs), fleet.tx_base, 0.0))
+    plan = solve_schedule(
+        problem_for(fleet, 0, soc, list(fleet.evs), fleet.tx_base, 0.0), decompose=DECOMPOSE
+    )
     took = time.perf_counter() - began
     out = execute(fleet, lambda t, *_: plan.setpoints_kw[:, t])
     out.solve_s = [took]
@@ -374,7 +378,7 @@ def rolling(fleet: Fleet, every: int, margin: float, rng: np.random.Generator) -
                     )
                 )
         began = time.perf_counter()
-        sched = solve_schedule(problem_for(fleet, t, soc, evs, base, margin))
+        sched = solve_schedule(problem_for(fleet, t, soc, evs, base, margin), decompose=DECOMPOSE)
         solve_s.append(time.perf_counter() - began)
         plan[:, t:] = 0.0
         plan[:nb, t:] = sched.setpoints_kw[:nb]
@@ -407,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="unmanaged,greedy,offline,rolling", help="strategies to run, in order"
     )
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--whole", action="store_true", help="one LP over the feeder, not per transformer"
+    )
     args = parser.parse_args(argv)
+    global DECOMPOSE  # noqa: PLW0603 (one run, one setting)
+    DECOMPOSE = not args.whole
     rng = np.random.default_rng(args.seed)
     fleet = build(args.evs, args.batteries, args.transformers, rng)
     print(machine_summary())

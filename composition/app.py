@@ -242,6 +242,7 @@ class GatewayApp:
                 ),
                 telemetry=self.core.group_telemetry,
                 capacity=capacity_from_registry(self.core.registry),
+                prices=self.core.put_prices,
             )
         self.ocpp_central: OcppCentral | None = None
         if config.ocpp_central is not None:

@@ -6,11 +6,12 @@ Who may do what (docs/security.md), with ``{root}`` = ``derms/v1/{gateway_id}``:
 identity      publishes                                   reads
 ============  ==========================================  ========================================
 Grid DERMS    ``{root}/commands``, ``{root}/weather``,    ``{root}/acks/#``, ``telemetry/#``,
-              ``{root}/prices``, ``{root}/requests/#``    ``performance/#``, ``status``,
-                                                          ``errors``, ``registry/#``,
+              ``{root}/prices``, ``{root}/feeds/+``,      ``performance/#``, ``status``,
+              ``{root}/requests/#``                       ``errors``, ``registry/#``,
                                                           ``{reply prefix}#``
 gateway       ``{root}/acks/#``, ``telemetry/#``,         ``{root}/commands``, ``weather``,
-              ``performance/#``, ``status``, ``errors``,  ``prices``, ``requests/#``; every device
+              ``performance/#``, ``status``, ``errors``,  ``prices``, ``feeds/+``,
+                                                          ``requests/#``; every device
               ``registry/#``, ``{reply prefix}#``; every  topic
               device topic
 device        its own birth, availability, telemetry,     its own command topic
@@ -90,7 +91,13 @@ def northbound_rules(topics: Topics, reply_prefix: str) -> tuple[list[TopicRule]
             "in an ACL"
         )
     root = topics.root
-    grid_writes = [f"{root}/commands", f"{root}/weather", f"{root}/prices", f"{root}/requests/#"]
+    grid_writes = [
+        f"{root}/commands",
+        f"{root}/weather",
+        f"{root}/prices",
+        f"{root}/feeds/+",
+        f"{root}/requests/#",
+    ]
     gateway_writes = [
         f"{root}/acks/#",
         f"{root}/telemetry/#",

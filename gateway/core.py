@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import lru_cache, partial
@@ -85,6 +85,7 @@ from gateway.history import (
 )
 from gateway.ports import Publisher
 from gateway.registry import Registry
+from gateway.services.feeds import FeedBook
 from gateway.services.prices import PriceBook
 from gateway.services.runner import ServiceRunner
 from gateway.store import CommandStore, StoreError
@@ -102,6 +103,7 @@ from gateway.telemetry import (
     TelemetryQuality,
 )
 from gateway.weather import TemperatureRecord, WeatherBook, forecast_excerpt
+from unified.feeds import FeedValue
 from unified.model import (
     TERMINAL_STATES,
     Ack,
@@ -138,6 +140,7 @@ from unified.registry import (
     RegistryRequest,
     RegistrySnapshot,
 )
+from unified.services import ServiceReport
 from unified.weather import GATEWAY_SCOPE, WeatherForecast
 
 log = logging.getLogger(__name__)
@@ -295,7 +298,15 @@ class Gateway:
         self.weather = WeatherBook()
         self.prices = PriceBook()
         """Newest price schedule per (scope, kind), for the grid services' schedules."""
-        self._services = ServiceRunner(self.prices, on_solved=self._wake.set)
+        self.feeds = FeedBook()
+        """Newest value per external feed, for the ``feed_trigger`` services."""
+        self._services = ServiceRunner(
+            self.prices,
+            on_solved=self._wake.set,
+            on_report=self._service_ended,
+            feeds=self.feeds,
+            spawn=self._spawn,
+        )
         self.price_listeners: list[Callable[[PriceSchedule], object]] = []
         """Told of every price schedule the core takes up (and of those loaded at start), e.g.
         the 2030.5 server serving it as Pricing. A listener that raises is logged and skipped."""
@@ -323,6 +334,7 @@ class Gateway:
                 await stack.enter_async_context(self.history)
                 await self._load_weather()
                 await self._load_prices()
+                await self._load_feeds()
             await self.book.load(utcnow())
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
@@ -989,6 +1001,49 @@ class Gateway:
         )
         return warning
 
+    async def put_feed(self, value: FeedValue) -> str | None:
+        """Use an external feed value for the ``feed_trigger`` services (``docs/mqtt-api.md``).
+
+        :class:`CoreError` ``ALREADY_ENDED`` for a stale value (past its ``valid_s``) and
+        ``WINDOW_INVALID`` for one stamped in the future; one not newer than the value held is
+        ignored. Returns a warning when the value is used but could not be stored.
+        """
+        now = utcnow()
+        if self.feeds.is_stale(value, now):
+            raise CoreError(Reason.ALREADY_ENDED, f"feed {value.name!r}: the value is stale")
+        if self.feeds.is_ahead(value, now):
+            raise CoreError(Reason.WINDOW_INVALID, f"feed {value.name!r}: stamped in the future")
+        if not self.feeds.is_newer(value):
+            log.info("feed %s value not newer than the one held: ignored", value.name)
+            return None
+        warning = None
+        if self.history is not None:
+            try:
+                async with asyncio.timeout(self.config.history.io_timeout_s):
+                    await self.history.save_feed(
+                        value.name, value.timestamp, value.model_dump_json()
+                    )
+            except (HistoryError, TimeoutError) as exc:  # still use it; say it is not stored
+                log.exception("could not store the feed value")
+                warning = f"feed value used but not stored: {type(exc).__name__}: {exc}"
+        self.feeds.put(value)
+        self._wake.set()
+        return warning
+
+    async def _load_feeds(self) -> None:
+        assert self.history is not None
+        try:
+            async with asyncio.timeout(self.config.history.io_timeout_s):
+                stored = await self.history.feed_values()
+        except (HistoryError, TimeoutError):
+            log.exception("could not read the stored feed values")
+            return
+        for payload in stored:
+            try:
+                self.feeds.put(FeedValue.model_validate_json(payload))
+            except ValidationError as exc:
+                log.warning("stored feed value is unusable: %s", exc)
+
     async def _load_prices(self) -> None:
         assert self.history is not None
         try:
@@ -1582,6 +1637,33 @@ class Gateway:
         if self.history is not None and self._tasks is not None:
             self._tasks.create_task(
                 self._save_report(cid, now, payload.decode()), name=f"envelope-report:{cid}"
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task in the core's task group once it runs (it ends with the core)."""
+        if self._tasks is not None:
+            return self._tasks.create_task(coro, name=name)
+        return asyncio.create_task(coro, name=name)
+
+    def _service_ended(self, report: ServiceReport) -> None:
+        """A grid service has ended: its settlement goes northbound on the performance path,
+        retained, and into the history file beside the dispatches' reports."""
+        payload = report.model_dump_json().encode()
+        self.publisher.performance_report(report.command_id, payload)
+        log.info(
+            "service %s settled: cost %.2f against %.2f unmanaged, saved %.2f; EV energy %s; "
+            "%d envelope violation(s)",
+            report.command_id,
+            report.energy_cost,
+            report.unmanaged_cost,
+            report.cost_saved,
+            "-" if report.ev_delivered_pct is None else f"{report.ev_delivered_pct:.1f} %",
+            report.envelope_violations,
+        )
+        if self.history is not None and self._tasks is not None:
+            self._tasks.create_task(
+                self._save_report(report.command_id, report.generated_at, payload.decode()),
+                name=f"service-report:{report.command_id}",
             )
 
     async def _save_report(self, cid: str, generated_at: datetime, payload: str) -> None:

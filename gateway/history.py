@@ -94,6 +94,11 @@ CREATE TABLE IF NOT EXISTS price_schedules (
     payload    TEXT NOT NULL,     -- the schedule as received (validated JSON)
     PRIMARY KEY (scope, kind)
 );
+CREATE TABLE IF NOT EXISTS feed_values (
+    name       TEXT PRIMARY KEY,
+    timestamp  REAL NOT NULL,     -- epoch seconds of the value
+    payload    TEXT NOT NULL      -- the value as received (validated JSON)
+);
 """
 
 _UPSERT = """
@@ -594,6 +599,26 @@ class ReadingHistory(SqliteStore):
             )
             await self.db.commit()
         return cur.rowcount > 0
+
+    @_translated
+    async def save_feed(self, name: str, timestamp: datetime, payload: str) -> bool:
+        """Keep ``payload`` as feed ``name``'s value unless a newer one is stored."""
+        async with self._write_lock:
+            cur = await self.db.execute(
+                "INSERT INTO feed_values (name, timestamp, payload) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET timestamp = excluded.timestamp,"
+                " payload = excluded.payload WHERE excluded.timestamp > feed_values.timestamp",
+                (name, epoch_s(timestamp), payload),
+            )
+            await self.db.commit()
+        return cur.rowcount > 0
+
+    @_translated
+    async def feed_values(self) -> list[str]:
+        """Every stored feed value (JSON, as saved)."""
+        async with self.db.execute("SELECT payload FROM feed_values") as cur:
+            rows = await cur.fetchall()
+        return [str(payload) for (payload,) in rows]
 
     @_translated
     async def price_schedules(self) -> list[str]:

@@ -412,6 +412,12 @@ class ServiceMode(StrEnum):
     """EVs charge at least cost by departure; batteries are left alone."""
     PEAK_SHAVE = "peak_shave"
     """Batteries and EVs keep the group's net import under ``peak_threshold_kw``."""
+    AGGREGATOR_LIMIT = "aggregator_limit"
+    """Every device of the group held within ``device_import_limit_kw`` /
+    ``device_export_limit_kw`` (each device's own envelope) while the service runs."""
+    FEED_TRIGGER = "feed_trigger"
+    """While an external feed (``feed``) is past ``threshold``, the group responds
+    (``response``); it releases when the feed is back by ``hysteresis`` or goes stale."""
 
 
 class GridService(CommandBase):
@@ -431,11 +437,41 @@ class GridService(CommandBase):
     peak_price_per_kw: float = Field(
         default=10.0, ge=0, le=10_000, description="Demand charge above the threshold, per kW"
     )
+    feed: Identifier | None = Field(default=None, description="feed_trigger: the feed's name")
+    threshold: float | None = Field(
+        default=None, ge=-1e9, le=1e9, allow_inf_nan=False, description="feed_trigger"
+    )
+    trigger: Literal["above", "below"] = Field(
+        default="above", description="feed_trigger: respond while the feed is above / below"
+    )
+    hysteresis: float = Field(
+        default=0.0, ge=0, le=1e9, description="feed_trigger: how far back past the threshold "
+        "the feed must go to release"
+    )
+    response: Literal["discharge", "pause_ev", "both"] = Field(
+        default="both",
+        description="feed_trigger: batteries discharge at their rating, EV chargers pause, or both",
+    )
+
+    device_import_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="aggregator_limit: per device, charging"
+    )
+    device_export_limit_kw: float | None = Field(
+        default=None, ge=0, le=1_000_000, description="aggregator_limit: per device, discharging"
+    )
 
     @model_validator(mode="after")
     def _threshold(self) -> GridService:
+        if self.mode is ServiceMode.AGGREGATOR_LIMIT and (
+            self.device_import_limit_kw is None and self.device_export_limit_kw is None
+        ):
+            raise ValueError(
+                "aggregator_limit needs device_import_limit_kw or device_export_limit_kw"
+            )
         if self.mode is ServiceMode.PEAK_SHAVE and self.peak_threshold_kw is None:
             raise ValueError("peak_shave needs peak_threshold_kw")
+        if self.mode is ServiceMode.FEED_TRIGGER and (self.feed is None or self.threshold is None):
+            raise ValueError("feed_trigger needs feed and threshold")
         if self.target.group_id is None:
             raise ValueError("a service targets a group (target.group_id)")
         return self

@@ -194,6 +194,7 @@ class Northbound:
                 await client.subscribe(self.topics.performance_requests, qos=1)
                 await client.subscribe(self.topics.weather, qos=1)
                 await client.subscribe(self.topics.prices, qos=1)
+                await client.subscribe(self.topics.feeds, qos=1)
                 await client.subscribe(self.topics.registry_requests, qos=1)
                 # aiomqtt's calls use asyncio.wait_for, which on 3.11 can swallow a cancellation
                 # that lands as they complete: surface it before settling into the loops.

@@ -32,9 +32,11 @@ from gateway.flex import FlexForecast, FlexRequest, PerformanceRequest
 from gateway.quota import TokenBucket
 from protocols.mqtt import CommandDecodeError, Topics, decode_command, encode
 from protocols.mqtt.northbound import (
+    FeedDecodeError,
     PricesDecodeError,
     RegistryDecodeError,
     WeatherDecodeError,
+    decode_feed,
     decode_prices,
     decode_registry_request,
     decode_weather,
@@ -76,7 +78,7 @@ def mqtt_source(
 
 
 MessageKind = Literal[
-    "command", "flex_request", "performance_request", "weather", "prices", "registry"
+    "command", "flex_request", "performance_request", "weather", "prices", "registry", "feed"
 ]
 
 
@@ -152,6 +154,8 @@ class GridDermsUplink:
             await self._weather(payload, topic, source)
         elif kind == "prices":
             await self._prices(payload, topic, source)
+        elif kind == "feed":
+            await self._feed(payload, topic, source)
         elif kind == "registry":
             await self._registry(payload, reply, topic, source)
         else:
@@ -166,6 +170,8 @@ class GridDermsUplink:
             return "weather"
         if topic == self.topics.prices:
             return "prices"
+        if self.topics.feed_name(topic) is not None:
+            return "feed"
         if topic == self.topics.registry_requests:
             return "registry"
         return "command"
@@ -290,6 +296,22 @@ class GridDermsUplink:
             return
         try:
             warning = await self.core.put_prices(schedule)
+        except CoreError as exc:
+            self._error(exc.reason, exc.detail, topic, payload, source=source)
+            return
+        if warning is not None:  # not a refusal
+            self._error(Reason.INTERNAL, warning, topic, payload, audit=False, refused=False)
+
+    async def _feed(self, payload: bytes, topic: str, source: str) -> None:
+        """A feed value: validated, or rejected on ``errors`` with nothing changed."""
+        try:
+            value = decode_feed(payload, self.topics.feed_name(topic) or "")
+        except FeedDecodeError as exc:
+            log.warning("bad feed value on %s: %s", topic, exc)
+            self._error(exc.reason, exc.detail, topic, payload, source=source)
+            return
+        try:
+            warning = await self.core.put_feed(value)
         except CoreError as exc:
             self._error(exc.reason, exc.detail, topic, payload, source=source)
             return

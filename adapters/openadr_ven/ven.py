@@ -28,7 +28,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
+import re
 import ssl
 import uuid
 from collections import Counter
@@ -46,15 +48,18 @@ from gateway.commands import CommandBook, CommandRejected
 from gateway.registry import Registry
 from gateway.store import SqliteStore
 from protocols.openadr import (
+    Distribution,
     GroupCapacity,
     OadrMessageError,
     OptResponse,
+    PriceInterval,
     VenProgramConfig,
     VenState,
     decode,
     encode,
     parse_distribution,
     pending_commands,
+    price_intervals,
     quiet_openleadr,
     reconcile,
     settle,
@@ -65,6 +70,10 @@ from protocols.openadr.resource_status import install as install_resource_status
 from protocols.tls import pin_openadr_tls
 from unified.config import Section
 from unified.model import Ack, AckState, Command, GroupTelemetry, Quality, Reason, utcnow
+from unified.prices import MAX_POINTS, MIN_STEP_S, PriceKind, PricePoint, PriceSchedule
+
+PutPrices = Callable[[PriceSchedule], Awaitable[str | None]]
+"""The core's price store (``Gateway.put_prices``): where ELECTRICITY_PRICE events go."""
 
 __all__ = [
     "CapacitySource",
@@ -326,6 +335,50 @@ def _seconds(value: object) -> float:
 # --------------------------------------------------------------------------- the service
 
 
+def _price_schedule(
+    group: str, intervals: list[PriceInterval], issued: datetime, source: str
+) -> PriceSchedule | None:
+    """One schedule from a group's price intervals: on the largest step that divides every
+    interval (at least 5 min), from the first interval on as long as they follow each other
+    (a gap or an overlap ends it: the rest waits for the next distribution)."""
+    intervals = sorted(intervals, key=lambda i: i.start)
+    step = 0
+    for interval in intervals:
+        step = math.gcd(step, round(interval.duration_s))
+    if step < MIN_STEP_S or step > 86_400:
+        log.warning("OpenADR prices for %s: intervals of %d s cannot be stepped", group, step)
+        return None
+    points: list[PricePoint] = []
+    cursor = intervals[0].start
+    for interval in intervals:
+        if interval.start != cursor:
+            log.warning(
+                "OpenADR prices for %s: a gap or overlap at %s; later intervals not used yet",
+                group,
+                interval.start.isoformat(),
+            )
+            break
+        for k in range(round(interval.duration_s) // step):
+            points.append(
+                PricePoint(
+                    start=interval.start + timedelta(seconds=k * step),
+                    price=round(interval.price_per_kwh, 6),
+                )
+            )
+        cursor = interval.start + timedelta(seconds=interval.duration_s)
+    currency = intervals[0].currency
+    return PriceSchedule(
+        issued_at=issued,
+        scope=group,
+        kind=PriceKind.REAL_TIME,
+        currency=currency if currency is not None and re.fullmatch(r"[A-Z]{3}", currency)
+        else "USD",
+        step_s=step,
+        points=tuple(points[:MAX_POINTS]),
+        source=f"openadr:{source}"[:128],
+    )
+
+
 class OpenAdrVen:
     """A pull-mode OpenADR 2.0b VEN that turns a utility's events into unified commands.
 
@@ -341,9 +394,14 @@ class OpenAdrVen:
         capacity: CapacitySource | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
+        prices: PutPrices | None = None,
     ) -> None:
+        if "ELECTRICITY_PRICE" in config.program.signals and prices is None:
+            raise ValueError("a VEN that accepts ELECTRICITY_PRICE events needs a price store")
         self.config = config
         self._submit = submit
+        self._prices = prices
+        self._prices_put: dict[str, tuple[tuple[float, float, float], ...]] = {}
         self._telemetry = telemetry
         self._capacity = capacity
         self._clock = clock
@@ -627,12 +685,45 @@ class OpenAdrVen:
             len(distribution.events),
             len(commands),
         )
+        await self._put_prices(distribution, now)
         changed = await self._flush(announce=False)
         final = [changed.pop(r.event_id, r) for r in responses]
         if final:
             await self._send_event_responses(distribution.request_id, final)
         if changed:
             await self._send_event_responses(None, list(changed.values()))
+
+    async def _put_prices(self, distribution: Distribution, now: datetime) -> None:
+        """ELECTRICITY_PRICE events (the program accepts them) into the price store: per group,
+        one real-time schedule from the intervals of every price event in force or to come
+        (a distribution lists all of them), so it wins where it covers over a day-ahead one."""
+        if self._prices is None:
+            return
+        by_group: dict[str, list[PriceInterval]] = {}
+        for interval in price_intervals(distribution, self.config.program, now):
+            by_group.setdefault(interval.group_id, []).append(interval)
+        for group, intervals in sorted(by_group.items()):
+            schedule = _price_schedule(group, intervals, now, self.audit_source)
+            if schedule is None:
+                continue
+            content = tuple((p.start.timestamp(), float(schedule.step_s), p.price)
+                            for p in schedule.points)
+            if self._prices_put.get(group) == content:
+                continue  # the same prices again (a redelivery): no re-plan
+            try:
+                warning = await self._prices(schedule)
+            except Exception as exc:  # the core refused it (e.g. an unknown group): say so
+                log.warning("OpenADR prices for %s not used: %s", group, exc)
+                continue
+            self._prices_put[group] = content
+            log.info(
+                "OpenADR prices for %s: %d points of %d s from %s%s",
+                group,
+                len(schedule.points),
+                schedule.step_s,
+                schedule.points[0].start.isoformat(),
+                f" ({warning})" if warning else "",
+            )
 
     def _draw(self, event_id: str, max_s: float) -> float:
         return self._rng.uniform(0.0, max_s)

@@ -1064,7 +1064,9 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of the flexibility and settlement messages, by name."""
     from gateway.flex.performance import DevicePerformance, GroupPerformance
     from gateway.flex.settlement import PerformanceReport, PerformanceRequest
+    from unified.feeds import FeedValue
     from unified.prices import PriceSchedule
+    from unified.services import ServiceReport
 
     models: dict[str, type[BaseModel]] = {
         "flex_request": FlexRequest,
@@ -1079,6 +1081,8 @@ def flex_json_schemas() -> dict[str, dict[str, Any]]:
         "flex_config": FlexConfig,
         "weather_forecast": WeatherForecast,
         "price_schedule": PriceSchedule,
+        "service_report": ServiceReport,
+        "feed_value": FeedValue,
     }
     return {name: model.model_json_schema() for name, model in models.items()}
 

@@ -14,25 +14,34 @@ devices run on their own).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 
 from gateway.dispatch import ActiveCommand
 from gateway.registry import Registry
+from gateway.services.feeds import FeedBook
 from gateway.services.horizon import group_problem, setpoints_at
 from gateway.services.prices import PriceBook
 from gateway.services.schedule import Schedule, ScheduleError, solve_schedule
+from gateway.services.settlement import ServiceLedger
 from unified.model import (
+    DeviceSetpoint,
     DeviceState,
+    EnvelopeInterval,
     GridService,
     OperatingEnvelope,
     ServiceMode,
+    Target,
+    utcnow,
 )
+from unified.services import ServiceReport
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +57,23 @@ class _Run:
     task: asyncio.Task[None] | None = None
     problem_error: str | None = None
     solved: int = 0
+    triggered: bool = False
+    """feed_trigger: responding now."""
 
 
 @dataclass
 class ServiceRunner:
     prices: PriceBook
     on_solved: Callable[[], None] = lambda: None
+    on_report: Callable[[ServiceReport], None] = lambda report: None
+    """A service has ended (its window, a cancel, a supersession): its settlement."""
+    feeds: FeedBook = field(default_factory=FeedBook)
+    spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]] = (
+        lambda coro, name: asyncio.create_task(coro, name=name)
+    )
+    """Where solve tasks run: the core's task group (so they end with it)."""
     runs: dict[str, _Run] = field(default_factory=dict)
+    ledgers: dict[str, ServiceLedger] = field(default_factory=dict)
     prices_version: int = 0
 
     def prices_changed(self) -> None:
@@ -77,6 +96,23 @@ class ServiceRunner:
                 continue
             live.add(command.command_id)
             run = self.runs.setdefault(command.command_id, _Run())
+            ledger = self.ledgers.setdefault(command.command_id, ServiceLedger(command))
+            ledger.observe(now, states, self._price_for(command), envelopes, registry)
+            if command.mode is ServiceMode.AGGREGATOR_LIMIT:
+                out += [
+                    ActiveCommand(envelope, SERVICE_SEQ_OFFSET + entry.seq)
+                    for envelope in _device_caps(command, now, registry)
+                    if envelope.target.device_ids is not None
+                    and envelope.target.device_ids[0] not in entry.excluded
+                ]
+                continue
+            if command.mode is ServiceMode.FEED_TRIGGER:
+                out += [
+                    ActiveCommand(setpoint, SERVICE_SEQ_OFFSET + entry.seq)
+                    for setpoint in self._feed_response(command, run, now, registry)
+                    if setpoint.device_id not in entry.excluded
+                ]
+                continue
             step_s = float(command.step_s)
             aligned = _align(now, step_s)
             if run.task is None and (
@@ -84,11 +120,11 @@ class ServiceRunner:
                 or run.start != aligned
                 or run.prices_version != self.prices_version
             ):
-                run.task = asyncio.create_task(
+                run.task = self.spawn(
                     self._solve(
                         registry, command, run, aligned, dict(states), list(envelopes)
                     ),
-                    name=f"service-{command.command_id}",
+                    f"service-{command.command_id}",
                 )
             if run.schedule is None or run.start is None:
                 continue
@@ -110,7 +146,73 @@ class ServiceRunner:
             run = self.runs.pop(command_id)
             if run.task is not None:
                 run.task.cancel()
+        for command_id in [c for c in self.ledgers if c not in live]:
+            ledger = self.ledgers.pop(command_id)
+            try:
+                self.on_report(ledger.report(utcnow()))
+            except Exception:  # a report must not end the control loop
+                log.exception("service %s: its settlement could not be reported", command_id)
         return out
+
+    def _feed_response(
+        self, command: GridService, run: _Run, now: datetime, registry: Registry
+    ) -> list[DeviceSetpoint]:
+        """A ``feed_trigger`` service: respond while its feed is past the threshold; release
+        once it is back past the threshold by the hysteresis, or has no fresh value."""
+        assert command.feed is not None
+        assert command.threshold is not None
+        value = self.feeds.fresh(command.feed, now)
+        was = run.triggered
+        if value is None:
+            run.triggered = False
+        elif command.trigger == "above":
+            if value.value > command.threshold:
+                run.triggered = True
+            elif value.value < command.threshold - command.hysteresis:
+                run.triggered = False
+        elif value.value < command.threshold:
+            run.triggered = True
+        elif value.value > command.threshold + command.hysteresis:
+            run.triggered = False
+        if run.triggered != was:
+            log.info(
+                "service %s: feed %s %s -> %s",
+                command.command_id,
+                command.feed,
+                "stale or missing" if value is None else f"{value.value:g}",
+                "responding" if run.triggered else "released",
+            )
+        if not run.triggered or command.target.group_id is None:
+            return []
+        out: list[DeviceSetpoint] = []
+        for device in registry.members(command.target.group_id):
+            if device.der_class.value == "battery" and command.response != "pause_ev":
+                kw = -device.ratings.max_discharge_kw
+            elif device.der_class.value == "evse" and command.response != "discharge":
+                kw = 0.0
+            else:
+                continue
+            out.append(
+                DeviceSetpoint(
+                    command_id=command.command_id,
+                    program=command.program,
+                    priority=command.priority,
+                    device_id=device.device_id,
+                    kw=kw,
+                    start=now,
+                    duration_s=float(command.step_s),
+                )
+            )
+        return out
+
+    def _price_for(self, command: GridService) -> Callable[[datetime], tuple[float, float]]:
+        scopes = [command.target.group_id or ""]
+
+        def price(when: datetime) -> tuple[float, float]:
+            imp, exp = self.prices.series(scopes, when.timestamp() - 0.5, 1.0, 1)
+            return float(imp[0]), float(exp[0])
+
+        return price
 
     async def _solve(
         self,
@@ -123,9 +225,13 @@ class ServiceRunner:
     ) -> None:
         version = self.prices_version
         try:
-            schedule = await asyncio.to_thread(
+            solved, batteries, ev_need = await asyncio.to_thread(
                 _solve, registry, self.prices, command, start, states, envelopes
             )
+            ledger = self.ledgers.get(command.command_id)
+            if ledger is not None:
+                ledger.record_plan(solved, start, float(command.step_s), batteries, ev_need)
+            schedule: Schedule | None = solved
         except ScheduleError as exc:
             if run.problem_error != str(exc):
                 log.warning("service %s cannot be planned: %s", command.command_id, exc)
@@ -151,6 +257,37 @@ class ServiceRunner:
         self.on_solved()
 
 
+def _device_caps(
+    command: GridService, now: datetime, registry: Registry
+) -> list[OperatingEnvelope]:
+    """An ``aggregator_limit`` service: one envelope per device of its group, for this step,
+    so every setpoint the device is given (a dispatch's, another service's) stays within the
+    caps, and a device left alone is given them as standing limits."""
+    if command.target.group_id is None:
+        return []
+    interval = EnvelopeInterval(
+        start=now,
+        end=now + timedelta(seconds=float(command.step_s)),
+        import_limit_kw=command.device_import_limit_kw,
+        export_limit_kw=command.device_export_limit_kw,
+    )
+    out = []
+    for device in registry.members(command.target.group_id):
+        cid = f"{command.command_id}.{device.device_id}"
+        if len(cid) > 128:  # an Identifier's length: keep it unique and valid
+            cid = f"{command.command_id[:100]}.{hashlib.sha1(cid.encode()).hexdigest()[:16]}"
+        out.append(
+            OperatingEnvelope(
+                command_id=cid,
+                program=command.program,
+                priority=command.priority,
+                target=Target(device_ids=(device.device_id,)),
+                intervals=(interval,),
+            )
+        )
+    return out
+
+
 def _align(now: datetime, step_s: float) -> datetime:
     ts = math.floor(now.timestamp() / step_s) * step_s
     return datetime.fromtimestamp(ts, UTC)
@@ -163,7 +300,7 @@ def _solve(
     start: datetime,
     states: Mapping[str, DeviceState | None],
     envelopes: Sequence[OperatingEnvelope],
-) -> Schedule:
+) -> tuple[Schedule, list[str], dict[str, float]]:
     group_id = command.target.group_id
     if group_id is None:
         raise ScheduleError("a service targets a group")
@@ -214,4 +351,8 @@ def _solve(
     groups = [
         replace(g, baseline_kw=np.full(priced, other_load(g.group_id))) for g in problem.groups
     ]
-    return solve_schedule(replace(problem, groups=groups))
+    return (
+        solve_schedule(replace(problem, groups=groups)),
+        [b.device_id for b in problem.batteries],
+        {e.device_id: e.energy_needed_kwh for e in problem.evs},
+    )

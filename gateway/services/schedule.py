@@ -191,10 +191,20 @@ def unmanaged_profile(problem: ScheduleProblem) -> FloatArray:
     return out
 
 
-def solve_schedule(
-    problem: ScheduleProblem, *, time_limit_s: float | None = None
+def _solve_whole(
+    problem: ScheduleProblem,
+    *,
+    time_limit_s: float | None,
+    exact_min_rate: bool,
+    pattern: AnyArray | None = None,
 ) -> Schedule:
-    """Plan every device over the horizon (see the module docstring for the model)."""
+    """One LP (or MILP) over every device and group of ``problem``.
+
+    With ``exact_min_rate`` off, minimum charging rates are first relaxed to a plain bound
+    ``0..max``; EVs whose rate then falls strictly between 0 and their minimum are repaired:
+    the steps each keeps on are fixed (``pattern``), and the LP solved again (see
+    :func:`_on_pattern`).
+    """
     n = problem.steps
     if n == 0:
         raise ScheduleError("an empty horizon")
@@ -336,9 +346,14 @@ def solve_schedule(
     lb[s_idx], ub[s_idx] = s_lb, s_ub
     # Semi-continuous charge rates keep lb = min rate ("0 or in [lb, ub]") only as integrality 2.
     integrality: FloatArray | None = None
-    if semi.any():
+    if semi.any() and exact_min_rate:
         integrality = np.zeros(n_vars)
         integrality[c_idx[semi]] = 2
+    elif semi.any() and pattern is None:
+        lb[c_idx[semi]] = 0.0  # the relaxation: 0..max
+    elif semi.any() and pattern is not None:
+        lb[c_idx[semi & ~pattern]] = 0.0
+        ub[c_idx[semi & ~pattern]] = 0.0
 
     # ------------------------------------------------------------------ energy balance (equality)
     rows = (dev[:, None] * n + steps[None, :]).ravel()
@@ -441,6 +456,12 @@ def solve_schedule(
     if result.x is None:
         raise ScheduleError(f"HiGHS found no plan: {result.message}")
     x = np.asarray(result.x, dtype=np.float64)
+    if semi.any() and not exact_min_rate and pattern is None:
+        on = _on_pattern(x[c_idx], c_lb, semi, dt)
+        if on is not None:
+            return _solve_whole(
+                problem, time_limit_s=time_limit_s, exact_min_rate=False, pattern=on
+            )
     setpoints = x[c_idx] - x[e_idx]
     setpoints[np.abs(setpoints) < 1e-9] = 0.0
     energy = x[s_idx]
@@ -467,6 +488,294 @@ def solve_schedule(
         shortfall_kwh=shortfall,
         envelope_excess_kw=excess,
         message=str(result.message),
+    )
+
+
+def _on_pattern(c: FloatArray, c_min: FloatArray, semi: AnyArray, dt: float) -> AnyArray | None:
+    """The steps each EV charges in, from a relaxed plan with rates below their minimum.
+
+    Steps at or above the minimum stay on; of an EV's steps strictly between 0 and its minimum,
+    the ``floor(energy / minimum)`` steps the plan liked most (highest rate) are turned on and
+    the rest off. With the on-steps fixed, the LP re-solved can still deliver at least the
+    same energy up to one step at the minimum (the on-steps rise above their minimum where
+    there is room), never more than the need (the fixed minimums add up to no more than the
+    relaxed plan delivered), and no rate can fall below the minimum again. None: no repair
+    needed.
+    """
+    eps = 1e-6
+    frac = semi & (c > eps) & (c < c_min - eps)
+    if not frac.any():
+        return None
+    on: AnyArray = semi & (c >= c_min - eps)
+    for i in np.unique(np.nonzero(frac)[0]):
+        cells = np.nonzero(frac[i])[0]
+        k = int(np.floor(c[i, cells].sum() / c_min[i, cells[0]] + 1e-9))
+        if k:
+            on[i, cells[np.argsort(-c[i, cells], kind="stable")[:k]]] = True
+    return on
+
+
+EXACT_MIN_RATE_MAX_EVS = 24
+"""Up to this many EVs with a minimum charging rate, the MILP is solved exactly by default;
+above it, the LP relaxation with a repair (a MILP at 1,000 EVs takes minutes)."""
+_COUPLING_ROUNDS = 8
+_COUPLING_TOL_KW = 1e-6
+
+
+def _coupling_groups(groups: Sequence[GroupLimits]) -> set[int]:
+    """Groups that hold two or more groups side by side (a feeder of transformers), or hold
+    such a group: the limits that couple otherwise independent parts of the problem."""
+    order = sorted(range(len(groups)), key=lambda g: (len(groups[g].device_ids), g))
+    coupling: set[int] = set()
+    for rank, gi in enumerate(order):
+        mine = groups[gi].device_ids
+        inner = [ci for ci in order[:rank] if groups[ci].device_ids < mine]
+        if not inner:
+            continue
+        if any(ci in coupling for ci in inner):
+            coupling.add(gi)
+            continue
+        biggest = groups[max(inner, key=lambda ci: len(groups[ci].device_ids))].device_ids
+        if any(not groups[ci].device_ids <= biggest for ci in inner):
+            coupling.add(gi)
+    return coupling
+
+
+def _components(
+    ids: Sequence[str], groups: Sequence[GroupLimits], skip: set[int]
+) -> list[list[str]]:
+    """Devices joined by the groups not in ``skip``; the devices in none form one more part."""
+    parent = {d: d for d in ids}
+
+    def find(d: str) -> str:
+        while parent[d] != d:
+            parent[d] = parent[parent[d]]
+            d = parent[d]
+        return d
+
+    grouped: set[str] = set()
+    for gi, g in enumerate(groups):
+        if gi in skip or not g.device_ids:
+            continue
+        members = [d for d in g.device_ids if d in parent]
+        grouped.update(members)
+        root = find(members[0]) if members else ""
+        for d in members[1:]:
+            other = find(d)
+            if other != root:
+                parent[other] = root
+    parts: dict[str, list[str]] = {}
+    for d in ids:
+        parts.setdefault(find(d) if d in grouped else "", []).append(d)
+    return list(parts.values())
+
+
+def solve_schedule(
+    problem: ScheduleProblem,
+    *,
+    time_limit_s: float | None = None,
+    exact_min_rate: bool | None = None,
+    decompose: bool = True,
+) -> Schedule:
+    """Plan every device over the horizon (see the module docstring for the model).
+
+    ``exact_min_rate``: solve EV minimum rates as the MILP (True), as the LP relaxation with a
+    repair (False), or by size (None: exact up to :data:`EXACT_MIN_RATE_MAX_EVS` such EVs).
+
+    ``decompose``: where groups couple otherwise independent parts (a feeder's transformers),
+    each part is solved alone under its own limits, and the coupling limits checked on the sum.
+    Where a coupling limit would be exceeded, its room (limit minus baseline) at those steps is
+    shared among the parts in proportion to their planned draw there, and the parts solved
+    again with their shares as limits, until no coupling limit is exceeded (at most a few
+    rounds; what still is, is reported in ``envelope_excess_kw``). The plan is then optimal
+    when no coupling limit binds, and feasible but not always optimal when one does. A
+    coupling group with a demand charge is solved whole.
+    """
+    if exact_min_rate is None:
+        with_min = sum(1 for ev in problem.evs if ev.min_kw > 0)
+        exact_min_rate = with_min <= EXACT_MIN_RATE_MAX_EVS
+    groups = list(problem.groups)
+    coupling = _coupling_groups(groups) if decompose else set()
+    if any(
+        groups[gi].peak_threshold_kw is not None and groups[gi].peak_price_per_kw > 0
+        for gi in coupling
+    ):
+        coupling = set()
+    ids = [b.device_id for b in problem.batteries] + [e.device_id for e in problem.evs]
+    known = set(ids)
+    for g in groups:
+        unknown = g.device_ids - known
+        if unknown:
+            raise ScheduleError(f"{g.group_id}: devices not in the schedule: {sorted(unknown)[:5]}")
+    parts = _components(ids, groups, coupling) if coupling else [ids]
+    if len(parts) <= 1:
+        return _solve_whole(problem, time_limit_s=time_limit_s, exact_min_rate=exact_min_rate)
+    return _solve_parts(problem, parts, coupling, time_limit_s, exact_min_rate)
+
+
+def _solve_parts(
+    problem: ScheduleProblem,
+    parts: list[list[str]],
+    coupling: set[int],
+    time_limit_s: float | None,
+    exact_min_rate: bool,
+) -> Schedule:
+    import time
+
+    n = problem.steps
+    if n == 0:
+        raise ScheduleError("an empty horizon")
+    dt = problem.step_s / 3600.0
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+    groups = list(problem.groups)
+    bat_of = {b.device_id: b for b in problem.batteries}
+    ev_of = {e.device_id: e for e in problem.evs}
+    if len(bat_of) + len(ev_of) != len(problem.batteries) + len(problem.evs):
+        raise ScheduleError("a device is scheduled twice")
+    part_sets = [frozenset(p) for p in parts]
+    own_groups = [
+        [g for gi, g in enumerate(groups) if gi not in coupling and g.device_ids <= ps]
+        for ps in part_sets
+    ]
+    imp = {gi: _per_step(groups[gi].import_limit_kw, n, f"{groups[gi].group_id} import")
+           for gi in coupling}
+    exp = {gi: _per_step(groups[gi].export_limit_kw, n, f"{groups[gi].group_id} export")
+           for gi in coupling}
+    base = {}
+    for gi in coupling:
+        bl = np.asarray(groups[gi].baseline_kw, dtype=np.float64)
+        if bl.shape != (n,) or not np.isfinite(bl).all():
+            raise ScheduleError(
+                f"{groups[gi].group_id}: baseline must be finite, one value per step"
+            )
+        base[gi] = bl
+    # shares[(gi, part)] = [import cap, export cap] of that part's devices in group gi
+    shares: dict[tuple[int, int], list[FloatArray]] = {}
+    results: list[Schedule | None] = [None] * len(parts)
+    dirty = set(range(len(parts)))
+    draw: dict[tuple[int, int], FloatArray] = {}
+    capped: set[tuple[int, int, int]] = set()
+    rating: dict[tuple[int, int], tuple[float, float]] = {}
+    for gi in coupling:
+        for pi, ps in enumerate(part_sets):
+            inner = groups[gi].device_ids & ps
+            rating[gi, pi] = (
+                sum(bat_of[d].max_charge_kw if d in bat_of else ev_of[d].max_kw for d in inner),
+                sum(bat_of[d].max_discharge_kw if d in bat_of else ev_of[d].v2g_kw for d in inner),
+            )
+    messages: list[str] = []
+    for _round in range(_COUPLING_ROUNDS):
+        for pi in sorted(dirty):
+            extra = [
+                GroupLimits(
+                    f"{groups[gi].group_id}#share",
+                    groups[gi].device_ids & part_sets[pi],
+                    np.zeros(n),
+                    import_limit_kw=cap[0],
+                    export_limit_kw=cap[1],
+                )
+                for (gi, pj), cap in shares.items()
+                if pj == pi
+            ]
+            sub = ScheduleProblem(
+                step_s=problem.step_s,
+                prices=problem.prices,
+                batteries=[bat_of[d] for d in parts[pi] if d in bat_of],
+                evs=[ev_of[d] for d in parts[pi] if d in ev_of],
+                groups=own_groups[pi] + extra,
+                export_prices=problem.export_prices,
+                degradation_per_kwh=problem.degradation_per_kwh,
+            )
+            left = None if deadline is None else max(deadline - time.monotonic(), 1.0)
+            res = _solve_whole(sub, time_limit_s=left, exact_min_rate=exact_min_rate)
+            results[pi] = res
+            for gi in coupling:
+                rows = [k for k, d in enumerate(res.device_ids) if d in groups[gi].device_ids]
+                draw[gi, pi] = (
+                    res.setpoints_kw[rows].sum(axis=0) if rows else np.zeros(n)
+                )
+        dirty = set()
+        for gi in coupling:
+            total = sum((draw[gi, pi] for pi in range(len(parts))), np.zeros(n))
+            room_imp = imp[gi] - base[gi]
+            room_exp = -exp[gi] - base[gi]  # devices' sum must stay at or above this
+            over = np.nonzero(total > room_imp + _COUPLING_TOL_KW)[0]
+            under = np.nonzero(total < room_exp - _COUPLING_TOL_KW)[0]
+            inside = [pi for pi in range(len(parts)) if groups[gi].device_ids & part_sets[pi]]
+            for side, found in ((0, over), (1, under)):
+                if not len(found):
+                    continue
+                sign = 1.0 if side == 0 else -1.0
+                room = room_imp if side == 0 else -room_exp
+                first = all((gi, pi, side) not in capped for pi in inside)
+                # A limit found binding is shared at every step, not only where it was
+                # exceeded (else the parts move their draw to the next steps, and the next
+                # round finds those exceeded): where it was, each part's draw is cut in
+                # proportion to it; elsewhere the room left is shared by the parts' ratings.
+                for t in np.arange(n) if first else found:
+                    mine = np.array([sign * draw[gi, pi][t] for pi in inside])
+                    free = room[t] - mine.sum()
+                    weight = (
+                        np.clip(mine, 0, None)
+                        if np.isfinite(free) and free < 0
+                        else np.array([rating[gi, pi][side] for pi in inside])
+                    )
+                    weight = (
+                        weight / weight.sum()
+                        if weight.sum() > 0
+                        else np.full(len(inside), 1 / len(inside))
+                    )
+                    for k, pi in enumerate(inside):
+                        cap = shares.setdefault((gi, pi), [np.full(n, np.inf) for _ in (0, 1)])
+                        cap[side][t] = mine[k] + free * weight[k] if np.isfinite(free) else np.inf
+                        capped.add((gi, pi, side))
+                        dirty.add(pi)
+        if not dirty:
+            break
+    solved = [r for r in results if r is not None]
+    order = {d: i for i, d in enumerate(
+        [b.device_id for b in problem.batteries] + [e.device_id for e in problem.evs]
+    )}
+    ids = tuple(order)
+    setpoints = np.zeros((len(ids), n))
+    energy = np.zeros((len(ids), n))
+    shortfall: dict[str, float] = {}
+    excess: dict[str, FloatArray] = {}
+    for res in solved:
+        rows = [order[d] for d in res.device_ids]
+        setpoints[rows] = res.setpoints_kw
+        energy[rows] = res.energy_kwh
+        shortfall.update(res.shortfall_kwh)
+        for gid, over_kw in res.envelope_excess_kw.items():
+            if not gid.endswith("#share"):
+                excess[gid] = excess.get(gid, np.zeros(n)) + over_kw
+        if res.message not in messages:
+            messages.append(res.message)
+    for gi in coupling:
+        net = group_net_kw(setpoints, ids, groups[gi])
+        out = np.clip(net - imp[gi], 0, None) + np.clip(-exp[gi] - net, 0, None)
+        out = np.where(np.isfinite(out) & (out > _COUPLING_TOL_KW), out, 0.0)
+        if out.any():
+            gid = groups[gi].group_id
+            excess[gid] = excess.get(gid, np.zeros(n)) + out
+    prices = np.asarray(problem.prices, dtype=np.float64)
+    export_prices = (
+        prices if problem.export_prices is None
+        else np.asarray(problem.export_prices, dtype=np.float64)
+    )
+    cost = float(dt * (np.clip(setpoints, 0, None) * prices
+                       + np.clip(setpoints, None, 0) * export_prices).sum())
+    unmanaged = unmanaged_profile(problem)
+    return Schedule(
+        device_ids=ids,
+        setpoints_kw=setpoints,
+        energy_kwh=energy,
+        cost=cost,
+        unmanaged_cost=float(dt * (np.clip(unmanaged, 0, None) * prices).sum()),
+        unmanaged_kw=unmanaged,
+        shortfall_kwh=shortfall,
+        envelope_excess_kw=excess,
+        message=f"{len(parts)} parts, {_round + 1} rounds: " + "; ".join(messages),
     )
 
 

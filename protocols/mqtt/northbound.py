@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
 
+from unified.feeds import FeedValue
 from unified.model import COMMAND_ADAPTER, ID_PATTERN, SCHEMA_VERSION, Command, Reason
 from unified.prices import PriceSchedule
 from unified.registry import REGISTRY_REQUEST_ADAPTER, RegistryRequest
@@ -87,6 +88,16 @@ class Topics:
     @property
     def prices(self) -> str:
         return f"{self.root}/prices"
+
+    @property
+    def feeds(self) -> str:
+        """The subscription filter for every feed: ``{root}/feeds/{name}``."""
+        return f"{self.root}/feeds/+"
+
+    def feed_name(self, topic: str) -> str | None:
+        """The feed a topic carries, or None if it is not a feed topic."""
+        prefix = f"{self.root}/feeds/"
+        return topic[len(prefix) :] if topic.startswith(prefix) else None
 
     @property
     def status(self) -> str:
@@ -245,6 +256,48 @@ def decode_weather(payload: bytes) -> WeatherForecast:
         return WeatherForecast.model_validate(raw)
     except ValidationError as exc:
         raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
+
+
+class FeedDecodeError(Exception):
+    """An inbound feed value that is not valid; nothing of it is used."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+MAX_FEED_BYTES: Final = 4096
+
+
+def decode_feed(payload: bytes, name: str) -> FeedValue:
+    """Parse and validate one feed value published on ``feeds/{name}``: a JSON object
+    (``value``, ``timestamp``, optional ``valid_s``, ``unit``); a ``name`` in it must be the
+    topic's. Raise :class:`FeedDecodeError`."""
+    if len(payload) > MAX_FEED_BYTES:
+        raise FeedDecodeError(
+            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_FEED_BYTES}"
+        )
+    try:
+        raw = _load_json(payload)
+    except ValueError as exc:
+        raise FeedDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
+    if not isinstance(raw, dict):
+        raise FeedDecodeError(Reason.SCHEMA_VIOLATION, "a feed value must be an object")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise FeedDecodeError(
+            Reason.UNSUPPORTED_VERSION,
+            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
+        )
+    if raw.setdefault("name", name) != name:
+        raise FeedDecodeError(
+            Reason.SCHEMA_VIOLATION, f"name {raw['name']!r} is not the topic's {name!r}"
+        )
+    try:
+        return FeedValue.model_validate(raw)
+    except ValidationError as exc:
+        raise FeedDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
 
 
 class PricesDecodeError(Exception):

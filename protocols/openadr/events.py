@@ -48,6 +48,7 @@ from unified.model import (
     Target,
     in_sane_range,
 )
+from unified.prices import MAX_ABS_PRICE
 
 __all__ = [
     "DEFAULT_SIMPLE_LEVELS",
@@ -64,6 +65,7 @@ __all__ = [
     "OptOutReason",
     "OptResponse",
     "OptType",
+    "PriceInterval",
     "RecordStatus",
     "ResponseCode",
     "SimpleLevel",
@@ -73,6 +75,7 @@ __all__ = [
     "parse_distribution",
     "parse_event",
     "pending_commands",
+    "price_intervals",
     "reconcile",
     "settle",
     "translate",
@@ -133,7 +136,7 @@ _REASON_CODES: Final[dict[str, int]] = {
     OptOutReason.UNKNOWN_TARGET: ResponseCode.TARGET_MISMATCH,
 }
 
-SupportedSignal = Literal["LOAD_DISPATCH", "SIMPLE", "LOAD_CONTROL"]
+SupportedSignal = Literal["LOAD_DISPATCH", "SIMPLE", "LOAD_CONTROL", "ELECTRICITY_PRICE"]
 
 # siScaleCode multipliers (oadr_siscale_20b.xsd).
 _SI_SCALE: Final[dict[str, float]] = {
@@ -708,6 +711,7 @@ def _check_signals(event: OadrEvent, config: VenProgramConfig) -> dict[str, Oadr
             "LOAD_DISPATCH": ("delta", "setpoint"),
             "SIMPLE": ("level",),
             "LOAD_CONTROL": ("x-loadControlCapacity",),
+            "ELECTRICITY_PRICE": ("price",),
         }[name]
         if signal.type not in allowed:
             raise _refuse(
@@ -727,6 +731,68 @@ def _check_signals(event: OadrEvent, config: VenProgramConfig) -> dict[str, Oadr
                 )
         by_name[name] = signal
     return by_name
+
+
+_PRICE_PER_KWH: Final = {None: 1.0, "currencyPerKWh": 1.0, "currencyPerMWh": 0.001}
+
+
+def _price_factor(signal: OadrSignal) -> float:
+    """Per-kWh factor of an ELECTRICITY_PRICE signal's values (itemBase currencyPerKWh or
+    currencyPerMWh, scale none; no itemBase: per kWh)."""
+    if signal.measurement not in _PRICE_PER_KWH:
+        raise _refuse(
+            OptOutReason.UNSUPPORTED_UNITS,
+            f"ELECTRICITY_PRICE in {signal.measurement} (supported: currencyPerKWh, "
+            "currencyPerMWh)",
+        )
+    if signal.scale not in (None, "none"):
+        raise _refuse(OptOutReason.UNSUPPORTED_UNITS, f"ELECTRICITY_PRICE scale {signal.scale}")
+    return _PRICE_PER_KWH[signal.measurement]
+
+
+@dataclass(frozen=True, slots=True)
+class PriceInterval:
+    group_id: str
+    start: datetime
+    duration_s: float
+    price_per_kwh: float
+    currency: str | None
+
+
+def price_intervals(
+    distribution: Distribution, config: VenProgramConfig, now: datetime
+) -> list[PriceInterval]:
+    """Every ELECTRICITY_PRICE interval (per kWh) of the distribution's events in force or to
+    come, per group the event targets. Events this VEN refuses (a malformed one, cancelled,
+    a test event, units it cannot read, a target it cannot map) give none."""
+    out: list[PriceInterval] = []
+    if "ELECTRICITY_PRICE" not in config.signals:
+        return out
+    for event in distribution.events:
+        if isinstance(event, MalformedEvent) or event.test_event:
+            continue
+        if event.status in (EventStatus.CANCELLED, EventStatus.COMPLETED) or event.end <= now:
+            continue
+        try:
+            signals = _check_signals(event, config)
+            price = signals.get("ELECTRICITY_PRICE")
+            if price is None:
+                continue
+            factor = _price_factor(price)
+            groups = _groups(event, config)
+        except EventRefused:
+            continue
+        for interval in price.intervals:
+            if interval.start + timedelta(seconds=interval.duration_s) <= now:
+                continue
+            for group in groups:
+                out.append(
+                    PriceInterval(
+                        group, interval.start, interval.duration_s,
+                        interval.value * factor, price.units,
+                    )
+                )
+    return out
 
 
 def translate(
@@ -770,6 +836,15 @@ def translate(
         limit = signals.get("LOAD_CONTROL")
         if limit is not None:
             commands.extend(_envelopes(limit, now, shift, groups, prefix, common, capacity))
+        price = signals.get("ELECTRICITY_PRICE")
+        if price is not None:  # no command: the VEN puts its prices in the price store
+            factor = _price_factor(price)
+            for interval in price.intervals:
+                if abs(interval.value * factor) > MAX_ABS_PRICE:
+                    raise _refuse(
+                        OptOutReason.INVALID_VALUE,
+                        f"ELECTRICITY_PRICE {interval.value:g} is beyond ±{MAX_ABS_PRICE:g}/kWh",
+                    )
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise _refuse(OptOutReason.INVALID_VALUE, first["msg"]) from None

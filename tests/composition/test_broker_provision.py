@@ -54,6 +54,7 @@ def test_each_identity_gets_only_its_own_topics() -> None:
         f"topic write {root}/commands",
         f"topic write {root}/weather",
         f"topic write {root}/prices",
+        f"topic write {root}/feeds/+",
         f"topic write {root}/requests/#",
         f"topic read {root}/acks/#",
         f"topic read {root}/telemetry/#",

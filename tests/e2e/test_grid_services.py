@@ -4,6 +4,7 @@ over the battery it covers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import uuid
@@ -96,4 +97,56 @@ async def test_arbitrage_follows_prices_and_yields_to_a_dispatch(
                 and sims[1].power_kw > 4.9,
                 10,
                 "bat-1 on the dispatch, bat-2 still on the service",
+            )
+
+
+def feed(value: float) -> bytes:
+    return json.dumps({"value": value, "timestamp": utcnow().isoformat(), "unit": "Hz"}).encode()
+
+
+async def test_a_feed_trigger_responds_past_its_threshold_and_releases_with_hysteresis(
+    broker_endpoint: BrokerEndpoint, tmp_path: Path
+) -> None:
+    sims = batteries(2, soc=60.0)
+    async with Fleet(broker_endpoint, tmp_path / "gw.sqlite", sims, feeders=("f1",)) as fleet:
+        root = f"derms/v1/{fleet.gateway_id}"
+        async with aiomqtt.Client(
+            broker_endpoint.host, broker_endpoint.port, identifier=f"fd-{uuid.uuid4().hex[:6]}"
+        ) as feeds:
+            topic = f"{root}/feeds/frequency"
+            await feeds.publish(topic, feed(50.0), qos=1)
+            await fleet.grid.send(
+                {
+                    "type": "service",
+                    "command_id": "uf-1",
+                    "target": {"group_id": "feeder:f1"},
+                    "mode": "feed_trigger",
+                    "feed": "frequency",
+                    "threshold": 49.8,
+                    "trigger": "below",
+                    "hysteresis": 0.1,
+                    "response": "discharge",
+                    "start": iso(0),
+                    "duration_s": 3600,
+                }
+            )
+            await fleet.grid.wait_for_state("uf-1", AckState.ACTIVE, 10)
+            assert all(abs(s.power_kw) < 0.1 for s in sims)  # 50.0 Hz: nothing to do
+            await feeds.publish(topic, feed(49.7), qos=1)
+            await eventually(
+                lambda: all(s.power_kw < -4.9 for s in sims), 20, "both batteries discharging"
+            )
+            # Back above the threshold but within the hysteresis: still responding (wait
+            # until the gateway holds 49.85, then for a control cycle or two).
+            def held() -> float | None:
+                value = fleet.gateway.feeds.fresh("frequency", utcnow())
+                return None if value is None else value.value
+
+            await feeds.publish(topic, feed(49.85), qos=1)
+            await eventually(lambda: held() == 49.85, 10, "49.85 Hz held")
+            await asyncio.sleep(1.0)
+            assert all(s.power_kw < -4.9 for s in sims)
+            await feeds.publish(topic, feed(49.95), qos=1)
+            await eventually(
+                lambda: all(abs(s.power_kw) < 0.1 for s in sims), 20, "released at 49.95 Hz"
             )

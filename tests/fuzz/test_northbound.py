@@ -39,7 +39,12 @@ from gateway.config import (
 )
 from gateway.core import Gateway
 from protocols.mqtt import CommandDecodeError, decode_command
-from protocols.mqtt.northbound import WeatherDecodeError, decode_weather
+from protocols.mqtt.northbound import (
+    FeedDecodeError,
+    WeatherDecodeError,
+    decode_feed,
+    decode_weather,
+)
 from tests.fuzz.common import (
     LoopBridge,
     Tally,
@@ -184,6 +189,33 @@ def test_decode_weather_raises_only_its_own_error() -> None:
         except WeatherDecodeError as exc:
             tally(exc.reason.value)
             return
+        tally("decoded")
+
+    one()
+    tally.check(200)
+
+
+FEED_PAYLOADS = json_payloads(
+    [
+        {"value": 49.9, "timestamp": _iso(0), "valid_s": 60, "unit": "Hz"},
+        {"schema_version": "1", "name": "frequency", "value": -3, "timestamp": _iso(-5)},
+    ]
+)
+
+
+def test_decode_feed_raises_only_its_own_error() -> None:
+    tally = Tally("northbound.decode_feed")
+
+    @fuzz_settings(300)
+    @given(FEED_PAYLOADS)
+    @example(DEEP)
+    def one(payload: bytes) -> None:
+        try:
+            value = decode_feed(payload, "frequency")
+        except FeedDecodeError as exc:
+            tally(exc.reason.value)
+            return
+        assert value.name == "frequency"
         tally("decoded")
 
     one()

@@ -767,3 +767,55 @@ async def test_one_shot_report_is_sent_once_and_history_usage_is_refused(
         await asyncio.sleep(1.5)  # several report cycles: one-shot means one
         assert len(updates("once")) == 1
         assert updates("hist") == []
+
+
+async def test_price_events_go_to_the_price_store_for_the_vens_group(
+    vtn: Vtn, gateway: Gateway, tmp_path: Path
+) -> None:
+    """With ELECTRICITY_PRICE in the program's signals, a price event is opted in, moves no
+    device, and its intervals become the group's real-time prices (per kWh)."""
+    from gateway.services.prices import PriceBook
+    from unified.prices import PriceSchedule
+
+    book = PriceBook()
+    put: list[PriceSchedule] = []
+
+    async def put_prices(schedule: PriceSchedule) -> str | None:
+        put.append(schedule)
+        book.put(schedule)
+        return None
+
+    config = ven_config(vtn, tmp_path)
+    program = config.program.model_copy(
+        update={"signals": frozenset({"LOAD_DISPATCH", "SIMPLE", "ELECTRICITY_PRICE"})}
+    )
+    ven = OpenAdrVen(
+        config.model_copy(update={"program": program}),
+        submit=gateway.submit,
+        rng=random.Random(1),
+        prices=put_prices,
+    )
+    task = asyncio.create_task(ven.run(), name="test:ven-prices")
+    try:
+        await wait_for(lambda: ven.registration is not None and ven.reachable, 10)
+        start = utcnow().replace(microsecond=0) + timedelta(seconds=60)
+        vtn.add_event(
+            "cpp-1",
+            values=(0.12, 0.85, 0.85, 0.30),
+            start=start,
+            interval_s=900,
+            signal_name="ELECTRICITY_PRICE",
+            signal_type="price",
+        )
+        await wait_for(lambda: vtn.opts.get("cpp-1") == ["optIn"])
+        await wait_for(lambda: len(put) == 1)
+        assert gateway.submitted == []
+        (schedule,) = put
+        assert (schedule.scope, schedule.kind.value, schedule.step_s) == (GROUP, "real_time", 900)
+        imp, _ = book.series([GROUP], start.timestamp(), 900, 5)
+        assert list(imp[:4]) == [0.12, 0.85, 0.85, 0.30]
+        assert imp[4] != imp[4]  # NaN: nothing priced after the event
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gateway.services.schedule import (
+    EXACT_MIN_RATE_MAX_EVS,
     BatteryPlan,
     EvPlan,
     GroupLimits,
@@ -219,3 +220,83 @@ def test_malformed_problems_are_refused_with_a_reason() -> None:
     short = GroupLimits("site:s", frozenset(), np.zeros(2), import_limit_kw=np.zeros(3))
     with pytest.raises(ScheduleError, match="3 values for 2 steps"):
         solve_schedule(ScheduleProblem(step_s=900, prices=prices(0.1, 0.2), groups=[short]))
+
+
+def test_a_feeder_limit_is_shared_between_transformers_solved_apart() -> None:
+    # Two transformers, one EV each, both want the cheap first hour (7 + 7 kW); the feeder
+    # allows 10. Solved per transformer, the feeder's limit is found binding and shared: the
+    # plan keeps it, delivers every kWh, and costs what the one whole LP costs.
+    evs = [EvPlan(d, max_kw=7.0, energy_needed_kwh=7.0, departure_step=2) for d in "ab"]
+    zero = np.zeros(2)
+    groups = [
+        GroupLimits("transformer:t1", frozenset("a"), zero, import_limit_kw=np.full(2, 9.0)),
+        GroupLimits("transformer:t2", frozenset("b"), zero, import_limit_kw=np.full(2, 9.0)),
+        GroupLimits("feeder:f1", frozenset("ab"), np.full(2, 1.0), import_limit_kw=np.full(2, 11)),
+    ]
+    problem = ScheduleProblem(step_s=3600, prices=prices(0.1, 0.2), evs=evs, groups=groups)
+    plan = solve_schedule(problem)
+    whole = solve_schedule(problem, decompose=False)
+    assert plan.message.startswith("2 parts")
+    assert group_net_kw(plan.setpoints_kw, plan.device_ids, groups[2]).max() <= 11.0 + 1e-6
+    assert plan.shortfall_kwh == {}
+    assert plan.envelope_excess_kw == {}
+    assert plan.cost == pytest.approx(whole.cost) == pytest.approx(10 * 0.1 + 4 * 0.2)
+
+
+def test_a_feeder_limit_that_cannot_bind_leaves_the_transformers_apart_and_optimal() -> None:
+    rng = np.random.default_rng(3)
+    day = rng.uniform(0.05, 0.4, 24)
+    bats = [battery(f"b{i}", soc_kwh=float(rng.uniform(2, 8))) for i in range(6)]
+    evs = [
+        EvPlan(f"e{i}", max_kw=7.0, energy_needed_kwh=float(rng.uniform(5, 30)), departure_step=20)
+        for i in range(6)
+    ]
+    base = np.full(24, 5.0)
+    groups = [
+        GroupLimits(
+            f"transformer:t{k}",
+            frozenset({f"b{k}", f"b{k + 3}", f"e{k}", f"e{k + 3}"}),
+            base,
+            import_limit_kw=np.full(24, 20.0),
+        )
+        for k in range(3)
+    ]
+    groups.append(
+        GroupLimits(
+            "feeder:f1",
+            frozenset().union(*(g.device_ids for g in groups)),
+            3 * base,
+            import_limit_kw=np.full(24, 1000.0),
+        )
+    )
+    problem = ScheduleProblem(step_s=3600, prices=day, batteries=bats, evs=evs, groups=groups)
+    plan = solve_schedule(problem)
+    assert plan.message.startswith("3 parts, 1 rounds")
+    assert plan.cost == pytest.approx(solve_schedule(problem, decompose=False).cost, abs=1e-4)
+
+
+def test_minimum_rates_relaxed_at_fleet_size_are_repaired_to_zero_or_the_minimum() -> None:
+    # As above, for more EVs than the exact MILP is used for: the LP relaxation would charge
+    # each at 1 kW (below its 2 kW minimum) in the cheap hour; the repair turns that hour off
+    # and the energy moves to the next.
+    evs = [
+        EvPlan(f"ev{i}", max_kw=7.0, min_kw=2.0, energy_needed_kwh=3.0, departure_step=2)
+        for i in range(EXACT_MIN_RATE_MAX_EVS + 1)
+    ]
+    sites = [
+        GroupLimits(
+            f"site:s{i}", frozenset({ev.device_id}), np.zeros(2),
+            import_limit_kw=np.array([1.0, 7.0]),
+        )
+        for i, ev in enumerate(evs)
+    ]
+    problem = ScheduleProblem(step_s=3600, prices=prices(0.1, 0.2), evs=evs, groups=sites)
+    plan = solve_schedule(problem)
+    rates = plan.setpoints_kw
+    assert ((rates < 1e-6) | (rates >= 2.0 - 1e-6)).all()
+    np.testing.assert_allclose(rates, np.tile([0.0, 3.0], (len(evs), 1)), atol=1e-6)
+    assert plan.shortfall_kwh == {}
+    small = ScheduleProblem(step_s=3600, prices=prices(0.1, 0.2), evs=evs[:1], groups=sites[:1])
+    np.testing.assert_allclose(
+        solve_schedule(small, exact_min_rate=False).row("ev0"), [0.0, 3.0], atol=1e-6
+    )

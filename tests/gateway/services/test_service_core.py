@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from tests.gateway.test_audit import eventually
 from unified.model import (
     Ack,
     AckState,
+    Cancel,
     Device,
     DeviceCommand,
     DeviceState,
@@ -68,6 +70,7 @@ class Battery:
 class Acks:
     def __init__(self) -> None:
         self.acks: list[Ack] = []
+        self.reports: dict[str, bytes] = {}
 
     def ack(self, ack: Ack, reply: object | None) -> None:
         self.acks.append(ack)
@@ -75,7 +78,8 @@ class Acks:
     def group_telemetry(self, *args: object) -> None: ...
     def device_telemetry(self, *args: object) -> None: ...
     def flex_forecast(self, *args: object) -> None: ...
-    def performance_report(self, *args: object) -> None: ...
+    def performance_report(self, command_id: str, report: bytes) -> None:
+        self.reports[command_id] = report
 
 
 def battery(device_id: str, port: int) -> dict[str, Any]:
@@ -199,3 +203,86 @@ async def test_a_service_without_prices_sets_nothing(tmp_path: Path) -> None:
         )
         await asyncio.sleep(0.5)
         assert all("svc-none" not in held_by(b) for b in batteries.values())
+
+
+async def test_a_service_that_ends_publishes_its_settlement(tmp_path: Path) -> None:
+    async with running(tmp_path) as (core, batteries, acks):
+        now = utcnow()
+        await core.put_prices(prices(now, [0.05, 0.05, 0.6, 0.6, 0.6, 0.6]))
+        await core.submit(
+            GridService(
+                command_id="svc-end",
+                target=Target(group_id="feeder:f1"),
+                mode=ServiceMode.ARBITRAGE,
+                start=now - timedelta(seconds=1),
+                duration_s=4 * 3600,
+            )
+        )
+        await eventually(
+            lambda: all(
+                b.last is not None and (b.last.power_kw or 0.0) > 4.9 for b in batteries.values()
+            ),
+            30,
+        )
+        await asyncio.sleep(1.0)  # a few control cycles of metered charging
+        assert "svc-end" not in acks.reports
+        await core.submit(Cancel(command_id="cancel-1", cancels="svc-end"))
+        await eventually(lambda: "svc-end" in acks.reports, 10)
+        report = json.loads(acks.reports["svc-end"])
+        assert report["type"] == "service_settlement"
+        assert report["group_id"] == "feeder:f1"
+        assert report["devices"] == 2
+        assert report["schedule_solves"] >= 1
+        # Both batteries charged at 0.05 (the unmanaged counterfactual: idle, costing nothing);
+        # the energy they hold now is valued at the mean price seen, so nothing is "saved" yet.
+        assert report["energy_import_kwh"] > 0
+        assert report["energy_cost"] == pytest.approx(
+            0.05 * report["energy_import_kwh"], abs=2e-6
+        )
+        assert report["unmanaged_cost"] == 0
+        assert report["battery_energy_change_kwh"] == pytest.approx(
+            report["energy_import_kwh"], abs=2e-6
+        )
+        assert report["cost_saved"] == pytest.approx(0.0, abs=1e-5)
+
+
+async def test_an_aggregator_limit_caps_every_device_of_its_group(tmp_path: Path) -> None:
+    async with running(tmp_path) as (core, batteries, _acks):
+        await core.submit(
+            GridService(
+                command_id="cap-1",
+                target=Target(group_id="feeder:f1"),
+                mode=ServiceMode.AGGREGATOR_LIMIT,
+                device_export_limit_kw=2.0,
+                start=utcnow() - timedelta(seconds=1),
+                duration_s=3600,
+            )
+        )
+        # A dispatch of 8 kW of discharge would be 4 kW from each; the cap holds each at 2.
+        await core.submit(
+            Dispatch(
+                command_id="dr-cap",
+                target=Target(group_id="feeder:f1"),
+                kw=-8.0,
+                start=utcnow() - timedelta(seconds=1),
+                duration_s=600,
+            )
+        )
+
+        def capped(b: Battery) -> bool:
+            return (
+                b.last is not None
+                and b.last.power_kw == pytest.approx(-2.0)
+                and f"cap-1.{b.device_id}" in held_by(b)
+            )
+
+        await eventually(lambda: all(capped(b) for b in batteries.values()), 20)
+        # Cancelled, the cap goes: the dispatch has its 4 kW from each again.
+        await core.submit(Cancel(command_id="cancel-cap", cancels="cap-1"))
+        await eventually(
+            lambda: all(
+                b.last is not None and b.last.power_kw == pytest.approx(-4.0)
+                for b in batteries.values()
+            ),
+            20,
+        )
