@@ -1,0 +1,126 @@
+"""The closed loop's baselines from the reading history (real SQLite): same-hour profiles."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.delivery import BaselineTracker, DeliveryLoop, DeliveryTuning, close_loops
+from gateway.dispatch import Plan
+from gateway.flex.baseline import EventCalendar
+from gateway.flex.profiles import BaselineProfile, loop_profiles
+from gateway.history import ReadingHistory
+from unified.model import Allocation, Delivery, DeviceState
+
+EVENT = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)  # a Wednesday, 16:00-19:00
+END = EVENT + timedelta(hours=3)
+TUNING = DeliveryTuning(smoothing_s=60.0, integral_s=300.0, settle_s=300.0)
+
+
+def afternoon_kw(when: datetime, day_offset: float = 0.0) -> float:
+    """A house whose load rises through the afternoon's heat: 1.0 kW at noon, +0.4 kW an hour."""
+    hours = when.hour + when.minute / 60 + when.second / 3600
+    return 1.0 + 0.4 * max(0.0, hours - 12.0) + day_offset
+
+
+@pytest.fixture
+async def history(tmp_path: Path) -> AsyncIterator[ReadingHistory]:
+    async with ReadingHistory(tmp_path / "h.sqlite", interval_s=300) as h:
+        # Three weeks before the event: "warm" every day, the days a little unlike each other.
+        for back in range(1, 22):
+            day = EVENT.replace(hour=10) - timedelta(days=back)
+            offset = 0.05 * (back % 3 - 1)
+            for k in range(12 * 12):  # 10:00-22:00, every 5 minutes
+                at = day + timedelta(minutes=5 * k)
+                h.observe("warm", at, afternoon_kw(at, offset))
+        await h.flush()
+        yield h
+
+
+async def profiles_for(history: ReadingHistory, ids: list[str]) -> dict[str, BaselineProfile]:
+    since = EVENT.replace(hour=0) - timedelta(days=21)
+    found = await history.histories(ids, since, EVENT.replace(hour=15), 3600)
+    return loop_profiles(found, EventCalendar(), EVENT - timedelta(hours=1), END, ids)
+
+
+def run_event(profiles: dict[str, BaselineProfile] | None) -> Delivery:
+    """Both devices do nothing the event asks: ``warm`` follows its afternoon, ``new`` (no
+    history) stays at 1 kW. The closed loop measures them from 15:00 (left alone) to 19:00."""
+    tracker = BaselineTracker(900.0)
+    loops: dict[str, DeliveryLoop] = {}
+    plan = Plan(
+        allocations={
+            "c": (
+                Allocation(device_id="warm", requested_kw=-1.0, commanded_kw=-1.0),
+                Allocation(device_id="new", requested_kw=-1.0, commanded_kw=-1.0),
+            )
+        },
+        requested_kw={"c": -2.0},
+        available_kw={"c": 4.0},
+    )
+    delivery = None
+    for k in range(4 * 120):  # every 30 s
+        now = EVENT - timedelta(hours=1) + timedelta(seconds=30 * k)
+        states = {
+            "warm": DeviceState(
+                device_id="warm", timestamp=now, power_kw=afternoon_kw(now), source="test"
+            ),
+            "new": DeviceState(device_id="new", timestamp=now, power_kw=1.0, source="test"),
+        }
+        held = now >= EVENT
+        for device_id, state in states.items():
+            tracker.observe(device_id, now, state.power_kw, held=held)
+        if held:
+            out = close_loops(
+                now,
+                plan,
+                dict(states),
+                tracker,
+                loops,
+                TUNING,
+                {"warm", "new"},
+                profiles=None if profiles is None else {"c": profiles},
+            )
+            delivery = out["c"]
+    assert delivery is not None
+    return delivery
+
+
+async def test_a_device_that_did_nothing_delivers_nothing_against_its_afternoon_profile(
+    history: ReadingHistory,
+) -> None:
+    profiles = await profiles_for(history, ["warm", "new"])
+    assert set(profiles) == {"warm"}, "a device without history has no profile"
+    profile = profiles["warm"]
+    assert profile.days == 10
+    assert profile.method == "same_hour"
+
+    delivery = run_event(profiles)
+    # By 19:00 the house draws 1.2 kW more than when it was held; the profile expected it.
+    assert delivery.devices == 2
+    assert delivery.profiled == 1
+    assert abs(delivery.delivered_kw) < 0.1
+    assert delivery.delivered_lower_kw < delivery.delivered_kw < delivery.delivered_upper_kw
+    # The day-to-day spread of the profile widens the interval (the flat device has none).
+    assert delivery.delivered_upper_kw - delivery.delivered_lower_kw > 0.05
+    assert delivery.short, "nothing was shed: the ack says so"
+
+    flat = run_event(None)  # today's flat pre-event baseline: the drift reads as a load-up
+    assert flat.profiled == 0
+    assert flat.delivered_kw > 1.0
+
+
+async def test_a_device_without_enough_history_keeps_its_flat_pre_event_level(
+    history: ReadingHistory,
+) -> None:
+    # Four similar days are too few for a 10-in-10 profile (at least five): no profile.
+    since = EVENT.replace(hour=0) - timedelta(days=4)
+    found = await history.histories(["warm"], since, EVENT.replace(hour=15), 3600)
+    profiles = loop_profiles(found, EventCalendar(), EVENT - timedelta(hours=1), END, ["warm"])
+    assert profiles == {}
+    delivery = run_event(profiles)
+    assert delivery.profiled == 0
+    assert delivery.delivered_kw > 1.0  # measured against its flat level, as before
