@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from composition.config import parse_config
+from gateway.core import Gateway
 from gateway.delivery import BaselineTracker, DeliveryLoop, DeliveryTuning, close_loops
 from gateway.dispatch import Plan
 from gateway.flex.baseline import EventCalendar
 from gateway.flex.profiles import BaselineProfile, loop_profiles
 from gateway.history import ReadingHistory
-from unified.model import Allocation, Delivery, DeviceState
+from unified.model import (
+    Ack,
+    Allocation,
+    Delivery,
+    DeviceState,
+    DeviceTelemetry,
+    Dispatch,
+    GroupTelemetry,
+    Target,
+    utcnow,
+)
 
 EVENT = datetime(2026, 7, 1, 16, 0, tzinfo=UTC)  # a Wednesday, 16:00-19:00
 END = EVENT + timedelta(hours=3)
@@ -24,6 +38,12 @@ def afternoon_kw(when: datetime, day_offset: float = 0.0) -> float:
     """A house whose load rises through the afternoon's heat: 1.0 kW at noon, +0.4 kW an hour."""
     hours = when.hour + when.minute / 60 + when.second / 3600
     return 1.0 + 0.4 * max(0.0, hours - 12.0) + day_offset
+
+
+def daily_kw(when: datetime) -> float:
+    """A load that follows the day smoothly (whatever time of day the test runs at)."""
+    hours = when.hour + when.minute / 60 + when.second / 3600
+    return 2.0 + math.sin(2 * math.pi * hours / 24)
 
 
 @pytest.fixture
@@ -124,3 +144,78 @@ async def test_a_device_without_enough_history_keeps_its_flat_pre_event_level(
     delivery = run_event(profiles)
     assert delivery.profiled == 0
     assert delivery.delivered_kw > 1.0  # measured against its flat level, as before
+
+
+class Quiet:
+    def ack(self, ack: Ack, reply: object | None) -> None:
+        pass
+
+    def group_telemetry(self, telemetry: GroupTelemetry) -> None:
+        pass
+
+    def device_telemetry(self, telemetry: DeviceTelemetry) -> None:
+        pass
+
+    def flex_forecast(self, forecast: object) -> None:
+        pass
+
+    def performance_report(self, command_id: str, report: bytes) -> None:
+        pass
+
+
+def thermostat(device_id: str) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "der_class": "thermostat",
+        "adapter": "mqtt_thermostat",
+        "location": {"substation": "s1", "feeder": "f1"},
+        "ratings": {"max_charge_kw": 3, "max_discharge_kw": 3, "capacity_kwh": 3},
+    }
+
+
+async def test_the_core_reads_a_running_dispatchs_profiles_once_active_then_hourly(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        {
+            "store": {"path": str(tmp_path / "gw.sqlite")},
+            "history": {"interval_s": 300},
+            "settlement": {"timezone": "UTC"},
+            "device_mqtt": {"host": "127.0.0.1", "port": 1883, "username": "gateway"},
+            "devices": [thermostat("t1"), thermostat("t2")],
+        }
+    )
+    devices = [d.as_device() for d in config.devices]
+    gateway = Gateway(config, devices=devices, adapters={}, publisher=Quiet())
+    history = gateway.history
+    assert history is not None
+    now = utcnow()
+    async with gateway.store, history:
+        await gateway.book.load(now)
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        for back in range(1, 23):  # t1 has three weeks of history, t2 none
+            day = midnight - timedelta(days=back)
+            for k in range(24 * 12):
+                at = day + timedelta(minutes=5 * k)
+                history.observe("t1", at, daily_kw(at))
+        await history.flush()
+        command = Dispatch(
+            command_id="c1",
+            target=Target(group_id="feeder:f1"),
+            kw=-2.0,
+            start=now - timedelta(seconds=1),
+            duration_s=3 * 3600,
+        )
+        await gateway.submit(command)
+        gateway.plan = Plan(requested_kw={"c1": -2.0})  # what the control loop planned
+        assert await gateway.load_loop_profiles(now) == 1
+        profiles = gateway._profiles["c1"]
+        assert set(profiles) == {"t1"}, "t2 has no history: its loop keeps the flat level"
+        profile = profiles["t1"]
+        assert profile.start_s <= now.timestamp() - 3600  # the pre-event level is inside
+        assert profile.end_s >= command.end.timestamp()
+        expected = daily_kw(command.end - timedelta(minutes=30))
+        assert profile.at(command.end.timestamp() - 1800)[0] == pytest.approx(expected, abs=0.05)
+        # Not read again within the hour; read again after it.
+        assert await gateway.load_loop_profiles(now + timedelta(minutes=10)) == 0
+        assert await gateway.load_loop_profiles(now + timedelta(minutes=61)) == 1
