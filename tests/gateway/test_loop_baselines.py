@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from composition.config import parse_config
@@ -17,6 +18,7 @@ from gateway.dispatch import Plan
 from gateway.flex.baseline import EventCalendar
 from gateway.flex.profiles import BaselineProfile, loop_profiles
 from gateway.history import ReadingHistory
+from gateway.weather import TemperatureSeries
 from unified.model import (
     Ack,
     Allocation,
@@ -219,3 +221,33 @@ async def test_the_core_reads_a_running_dispatchs_profiles_once_active_then_hour
         # Not read again within the hour; read again after it.
         assert await gateway.load_loop_profiles(now + timedelta(minutes=10)) == 0
         assert await gateway.load_loop_profiles(now + timedelta(minutes=61)) == 1
+
+
+async def test_a_thermostat_on_a_hot_day_is_measured_against_the_past_hot_days(
+    history: ReadingHistory,
+) -> None:
+    # Every other day was hot (35 °C, the house drew 3 kW) or mild (22 °C, 1 kW); the event
+    # day is forecast hot. The recent similar days mix both (~2 kW); the days matched on the
+    # outdoor temperature are the hot ones.
+    midnight = EVENT.replace(hour=0)
+    temps = []
+    for back in range(22, 0, -1):
+        day = midnight - timedelta(days=back)
+        hot = back % 2 == 1
+        temps.extend([35.0 if hot else 22.0] * 24)
+        for k in range(24 * 12):
+            history.observe("house", day + timedelta(minutes=5 * k), 3.0 if hot else 1.0)
+    temps.extend([35.0] * 24)
+    await history.flush()
+    record = TemperatureSeries((midnight - timedelta(days=22)).timestamp(), 3600, np.array(temps))
+    since = midnight - timedelta(days=21)
+    found = await history.histories(["house"], since, EVENT.replace(hour=15), 3600)
+    window = (EVENT - timedelta(hours=1), END)
+    weather = loop_profiles(
+        found, EventCalendar(), *window, ["house"], temperatures={"house": record}
+    )
+    plain = loop_profiles(found, EventCalendar(), *window, ["house"])
+    assert weather["house"].method == "weather_matched"
+    assert weather["house"].at(EVENT.timestamp() + 3600)[0] == pytest.approx(3.0)
+    assert plain["house"].method == "same_hour"
+    assert plain["house"].at(EVENT.timestamp() + 3600)[0] == pytest.approx(2.0, abs=0.25)
