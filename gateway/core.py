@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -50,6 +49,7 @@ from gateway.delivery import (
     baseline_taus,
     close_loops,
     govern_releases,
+    planning_baselines,
 )
 from gateway.devices import (
     AdapterError,
@@ -1437,7 +1437,7 @@ class Gateway:
         allowance = govern_releases(now, self.plan, states, self._governors)
         compliance = self._watch_envelopes(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
-        autonomous = self._planning_baselines(now)
+        autonomous = planning_baselines(now, self._loops, self._autonomous_kw)
         turn_s = self.config.delivery.thermal_turn_s
         active = self._hold_out(self.book.active(now))
         first = dispatch.plan(
@@ -1600,20 +1600,6 @@ class Gateway:
             self._governors,
             self._profiles,
         )
-
-    def _planning_baselines(self, now: datetime) -> Mapping[str, float]:
-        """Each device's power when left alone, for the planner (``target`` mode, envelopes,
-        what a held thermal load sheds): a device a running dispatch measures against its
-        same-hour profile is planned from that profile now, the others from their level."""
-        now_s = epoch_s(now)
-        profiled = {
-            device_id: baseline.at(now_s)[0]
-            for loop in self._loops.values()
-            if loop.profiles
-            for device_id, baseline in loop.baselines.items()
-            if baseline.profile is not None
-        }
-        return ChainMap(profiled, self._autonomous_kw) if profiled else self._autonomous_kw
 
     async def load_loop_profiles(self, now: datetime) -> int:
         """Read the same-hour profiles of each running dispatch's thermal loads (those its

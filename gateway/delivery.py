@@ -30,6 +30,7 @@ estimated delivered kW with its interval, and whether delivery is short beyond t
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 from collections.abc import Container, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -58,6 +59,7 @@ __all__ = [
     "baseline_taus",
     "close_loops",
     "govern_releases",
+    "planning_baselines",
 ]
 
 _Z90 = 1.645
@@ -430,6 +432,23 @@ def close_loops(
             now, requested, measured, previous.available_kw.get(cid, 0.0), trusted
         )
     return out
+
+
+def planning_baselines(
+    now: datetime, loops: Mapping[str, DeliveryLoop], flat: Mapping[str, float]
+) -> Mapping[str, float]:
+    """Each device's power when left alone, for the planner (``target`` mode, envelopes, what a
+    held thermal load sheds): a device a running dispatch measures against its same-hour
+    profile is planned from that profile now, the others from their ``flat`` level."""
+    now_s = now.timestamp()
+    profiled = {
+        device_id: baseline.at(now_s)[0]
+        for loop in loops.values()
+        if loop.profiles
+        for device_id, baseline in loop.baselines.items()
+        if baseline.profile is not None
+    }
+    return ChainMap(profiled, flat) if profiled else flat
 
 
 @dataclass(slots=True)
