@@ -30,7 +30,6 @@ estimated delivered kW with its interval, and whether delivery is short beyond t
 from __future__ import annotations
 
 import math
-from collections import ChainMap
 from collections.abc import Container, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -82,10 +81,12 @@ class DeviceBaseline:
 
     mean_kw: float
     var_kw2: float = 0.0
-    learnt_s: float = 900.0
-    """The time constant ``mean_kw`` was learnt over (its level is that of the last stretch)."""
+    learnt_s: float = 450.0
+    """How far back, on average, ``level_kw`` was measured before the device was held."""
     profile: BaselineProfile | None = None
     factor: float = 1.0
+    level_kw: float | None = None
+    """Its level before it was held, over a longer stretch than ``mean_kw`` (None: that)."""
 
     def at(self, when_s: float) -> tuple[float, float]:
         """``(kW, kW²)`` the device would draw at ``when_s`` (epoch seconds) if left alone."""
@@ -99,12 +100,15 @@ class DeviceBaseline:
         level over the profile's at the time the level was learnt (``learnt_s`` before it was
         held at ``held_s``), capped to ``1 ± PROFILE_ADJUSTMENT_CAP``. A profile too small there
         for a ratio to mean anything is taken as it is (as settlement does)."""
-        reference, _ = profile.at(held_s - self.learnt_s / 2)
+        reference, _ = profile.at(held_s - self.learnt_s)
+        level = self.mean_kw if self.level_kw is None else self.level_kw
         factor = 1.0
         if reference > _MIN_ADJUST_KW:
             cap = PROFILE_ADJUSTMENT_CAP
-            factor = min(1.0 + cap, max(1.0 - cap, self.mean_kw / reference))
-        return DeviceBaseline(self.mean_kw, self.var_kw2, self.learnt_s, profile, factor)
+            factor = min(1.0 + cap, max(1.0 - cap, level / reference))
+        return DeviceBaseline(
+            self.mean_kw, self.var_kw2, self.learnt_s, profile, factor, self.level_kw
+        )
 
 
 _IDLE = DeviceBaseline(0.0)
@@ -132,12 +136,32 @@ class BaselineTracker:
     _own: dict[str, float] = field(default_factory=dict)
     _pools: dict[float, list[float]] = field(default_factory=dict)
     """Time constant → [sum of its devices' own means, how many]."""
+    level_tau_s: float = 3600.0
+    """Time constant of each device's pre-event *level*, the anchor of a same-hour profile's
+    day-of adjustment (:meth:`DeviceBaseline.profiled`): a quarter hour of a cycling
+    compressor says its level to within a large fraction of its power, an hour better."""
+    level_kw: dict[str, float] = field(default_factory=dict)
+    _level_span: dict[str, float] = field(default_factory=dict)
+    _level_age: dict[str, float] = field(default_factory=dict)
+    """The mean age of the readings in each level (s): where on the clock it was measured."""
 
     def observe(self, device_id: str, at: datetime, power_kw: float, *, held: bool) -> None:
         previous = self._last.get(device_id)
         self._last[device_id] = at
         if held:
             return  # under a setpoint or a limit: not what it would do alone
+        level = self.level_kw.get(device_id)
+        if level is None or previous is None:
+            self.level_kw[device_id] = power_kw
+            self._level_span[device_id] = self._level_age[device_id] = 0.0
+        else:
+            gap = max(0.0, (at - previous).total_seconds())
+            seen = self._level_span[device_id] = min(
+                self._level_span[device_id] + gap, self.level_tau_s
+            )
+            w = max(1.0 - math.exp(-gap / self.level_tau_s), gap / seen if seen > 0 else 1.0)
+            self.level_kw[device_id] = level + w * (power_kw - level)
+            self._level_age[device_id] = (1.0 - w) * (self._level_age[device_id] + gap)
         slow = self.tau_of.get(device_id)
         known = self.mean_kw.get(device_id) if slow is None else self._own.get(device_id)
         if known is None or previous is None:
@@ -177,7 +201,12 @@ class BaselineTracker:
         if mean is None:
             return None
         tau = self.tau_of.get(device_id, self.tau_s)
-        return DeviceBaseline(mean, self.var_kw2.get(device_id, 0.0), tau)
+        level = self.level_kw.get(device_id)
+        if level is None or device_id in self.tau_of:  # a slow class: its mean is its level
+            level, age = mean, tau
+        else:
+            age = self._level_age.get(device_id, 0.0)
+        return DeviceBaseline(mean, self.var_kw2.get(device_id, 0.0), age, level_kw=level)
 
 
 BASELINE_TAU_S: dict[DerClass, float] = {DerClass.WATER_HEATER: 4 * 3600.0}
@@ -448,7 +477,7 @@ def planning_baselines(
         for device_id, baseline in loop.baselines.items()
         if baseline.profile is not None
     }
-    return ChainMap(profiled, flat) if profiled else flat
+    return {**flat, **profiled} if profiled else flat
 
 
 @dataclass(slots=True)
