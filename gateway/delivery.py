@@ -10,6 +10,10 @@ dispatch, :class:`DeliveryLoop`:
 * takes the **baseline** of every device the dispatch holds: its power when left alone, learnt
   by the core while the device ran on its own (an exponential mean and variance of its readings)
   and frozen while it is held (:class:`DeviceBaseline`);
+  a thermal load with enough reading history follows the **same-hour profile** of its similar
+  days over the event instead (:mod:`gateway.flex.profiles`, read by the core off the loop),
+  scaled by its level over the hour before it was held (:meth:`DeviceBaseline.profiled`), so
+  an afternoon's drift is not read as response;
 * estimates the **delivered** response, ``Σ (measured − baseline)`` over the held devices,
   smoothed over ``smoothing_s`` (a compressor cycles in minutes), with a 90 % interval from the
   spread of each baseline (thermostats cycling on and off have a wide one; an idle battery none);

@@ -251,3 +251,19 @@ async def test_a_thermostat_on_a_hot_day_is_measured_against_the_past_hot_days(
     assert weather["house"].at(EVENT.timestamp() + 3600)[0] == pytest.approx(3.0)
     assert plain["house"].method == "same_hour"
     assert plain["house"].at(EVENT.timestamp() + 3600)[0] == pytest.approx(2.0, abs=0.25)
+
+
+def test_the_day_of_adjustment_is_anchored_on_the_hour_before_not_the_last_minutes() -> None:
+    # A house that drew 1 kW for 45 minutes, then 3 kW the last quarter hour before it was
+    # held: over the hour 1.5 kW, as its similar days say. Its baseline is the profile's 1.5 kW,
+    # not the last quarter hour's level (the profile scaled by +20 %, the cap).
+    tracker = BaselineTracker(900.0)
+    start = EVENT - timedelta(hours=1)
+    for k in range(120):
+        tracker.observe("h", start + timedelta(seconds=30 * k), 1.0 if k < 90 else 3.0, held=False)
+    profile = BaselineProfile("h", start.timestamp() - 3600, 3600, (1.5,) * 5, (0.0,) * 5, "x", 10)
+    base = tracker.baseline("h", None)
+    assert base is not None
+    assert base.mean_kw > 2.0  # the quarter-hour mean the flat baseline uses
+    profiled = base.profiled(profile, EVENT.timestamp())
+    assert profiled.at(EVENT.timestamp())[0] == pytest.approx(1.5, rel=0.05)
