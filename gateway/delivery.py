@@ -70,8 +70,8 @@ _EPS = 1e-9
 
 
 PROFILE_ADJUSTMENT_CAP = 0.2
-"""Cap on ``|day-of factor - 1|`` of a profiled baseline (the settlement rule's ±20 %): a
-house cycling in the minutes before it was held says its level to within a fifth or so."""
+"""Cap on ``|day-of factor - 1|`` of a profiled baseline (the settlement rule's ±20 %): one
+house's hour of compressor cycles says its level only roughly; the fleet's errors average out."""
 _MIN_ADJUST_KW = 0.01
 
 
@@ -100,10 +100,11 @@ class DeviceBaseline:
         return kw * self.factor, var * self.factor**2
 
     def profiled(self, profile: BaselineProfile, held_s: float) -> DeviceBaseline:
-        """This pre-event level carried along ``profile``: scaled by the day-of factor, the
-        level over the profile's at the time the level was learnt (``learnt_s`` before it was
-        held at ``held_s``), capped to ``1 ± PROFILE_ADJUSTMENT_CAP``. A profile too small there
-        for a ratio to mean anything is taken as it is (as settlement does)."""
+        """This pre-event level carried along ``profile``: scaled by the day-of factor, its
+        level over the hour before it was held (``level_kw``) over the profile's where that
+        level was measured (``learnt_s``, its readings' mean age, before ``held_s``), capped to
+        ``1 ± PROFILE_ADJUSTMENT_CAP``. A profile too small there for a ratio to mean anything
+        is taken as it is (as settlement does)."""
         reference, _ = profile.at(held_s - self.learnt_s)
         level = self.mean_kw if self.level_kw is None else self.level_kw
         factor = 1.0
