@@ -17,10 +17,18 @@ with the release on a fixed schedule and with the loop's earlier tuning); an imp
 an envelope, with the optimised allocation (``[dispatch] allocator = "lp"``) and the
 proportional one in the same run.
 
+``--warming C`` runs instead a thermostat fleet (``--warming-thermostats``) in an afternoon
+warming by C °C an hour, so the counterfactual drifts up over the event: the closed loop on the
+flat pre-event baseline against the closed loop on each house's same-hour profile, learnt
+through the gateway's own rule (:func:`gateway.flex.profiles.loop_profiles`) from
+``--profile-days`` earlier weekdays of the same houses under the same afternoon.
+
     python -m bench.dispatch_delivery [--thermostats 10000] [--mixed 6500,2500,1000] [--hours 3]
         [--after 1] [--share 0.2] [--seed 7] [--period 30] [--schedule] [--slow-loop]
         [--envelope-mixed 800,200] [--plan-devices 10000] [--json FILE] [--plan-only]
         [--flex-all 650,250,100]
+    python -m bench.dispatch_delivery --warming 0.5 [--warming-thermostats 2000]
+        [--profile-days 10]
 
 Each dispatch scenario's hourly delivery (closed loop) is also checked against the group's
 flexibility forecast (``gateway.flex.forecast.forecast_group``, built at the event's start as
@@ -34,8 +42,9 @@ import gc
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from datetime import time as clock
 from typing import Any
 
 import numpy as np
@@ -45,6 +54,7 @@ from bench.common import arg_parser
 from composition.runtime import settle_heap
 from gateway import dispatch
 from gateway.delivery import DeliveryTuning
+from gateway.flex.baseline import DeviceHistory, EventCalendar
 from gateway.flex.forecast import (
     DeviceFlexInput,
     FlexForecast,
@@ -52,6 +62,7 @@ from gateway.flex.forecast import (
     availability_ratio,
     forecast_group,
 )
+from gateway.flex.profiles import BaselineProfile, loop_profiles
 from simulators.vpp import FleetSpec, Sample, VirtualPowerPlant
 from unified.model import (
     Dispatch,
@@ -95,8 +106,14 @@ def feeder(samples: list[Sample]) -> F:
     return np.array([s.power_kw[GROUP] for s in samples])
 
 
-def run(sc: Scenario, commands: list[ScheduledCommand], **kwargs: Any) -> list[Sample]:
+def run(
+    sc: Scenario,
+    commands: list[ScheduledCommand],
+    profiles: dict[str, BaselineProfile] | None = None,
+    **kwargs: Any,
+) -> list[Sample]:
     vpp = VirtualPowerPlant(sc.spec, T0, control_period_s=sc.period_s, **kwargs)
+    vpp.profiles = profiles or {}
     vpp.add(commands)
     # Without a command the control path changes nothing: the counterfactual is the physics.
     return vpp.run(sc.until, physics_only=not commands)
@@ -162,6 +179,58 @@ def dispatch_scenario(
             "reserve_breaches": max(s.reserve_breaches for s in samples),
         }
     return out
+
+
+def similar_day_profiles(sc: Scenario, days: int) -> dict[str, BaselineProfile]:
+    """The houses' same-hour profiles from ``days`` earlier weekdays of the same fleet under the
+    same afternoon (each day its own draw of starting temperatures and cycles), hourly, through
+    the gateway's rule: what the gateway would learn from its reading history."""
+    dates = []
+    day = T0.date()
+    while len(dates) < days:
+        day -= timedelta(days=1)
+        if day.weekday() < 5:
+            dates.append(day)
+    first = datetime.combine(dates[-1], clock(), UTC)
+    n = sc.spec.thermostats
+    span = int(np.ceil((sc.end - T0).total_seconds() / 3600))
+    kw = np.full((n, (T0.date() - dates[-1]).days * 24), np.nan)
+    for k, day in enumerate(dates, 1):
+        vpp = VirtualPowerPlant(replace(sc.spec, day=k), T0, control_period_s=sc.period_s)
+        sums, count = np.zeros((n, span)), np.zeros(span)
+        while vpp.now < T0 + timedelta(hours=span):
+            h = int((vpp.now - T0).total_seconds() // 3600)
+            sums[:, h] += vpp.thermostat_power()
+            count[h] += 1
+            vpp.advance()
+        at = (datetime.combine(day, clock(T0.hour), UTC) - first) // timedelta(hours=1)
+        kw[:, at : at + span] = sums / count
+    histories = {f"t{i}": DeviceHistory(f"t{i}", first, 3600, kw[i]) for i in range(n)}
+    return loop_profiles(histories, EventCalendar(), T0, sc.end, list(histories))
+
+
+def warming_scenario(args: Any) -> dict[str, Any]:
+    sc = Scenario(
+        FleetSpec(
+            thermostats=args.warming_thermostats, seed=args.seed, warming_c_per_h=args.warming
+        ),
+        args.hours,
+        args.share,
+        args.period,
+        args.after,
+    )
+    t = time.perf_counter()
+    profiles = similar_day_profiles(sc, args.profile_days)
+    print(
+        f"(profiles of {len(profiles)} houses from {args.profile_days} similar days: "
+        f"{time.perf_counter() - t:.0f} s)",
+        flush=True,
+    )
+    modes: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("closed, flat", {}),
+        ("closed, profiles", {"profiles": profiles}),
+    )
+    return dispatch_scenario(sc, modes)
 
 
 def envelope_scenario(sc: Scenario) -> dict[str, Any]:
@@ -405,10 +474,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plan-only", action="store_true", help="only the plan time (lp against proportional)"
     )
+    parser.add_argument(
+        "--warming", type=float, default=0.0, help="°C/h: run the warming-afternoon scenario only"
+    )
+    parser.add_argument("--warming-thermostats", type=int, default=2000)
+    parser.add_argument("--profile-days", type=int, default=10)
     args = parser.parse_args(argv)
     if args.plan_only:
         p = plan_time(args.plan_devices, args.seed)
         print(json.dumps(p))
+        return 0
+    if args.warming:
+        result = warming_scenario(args)
+        print_dispatch(
+            f"{args.warming_thermostats} thermostats, afternoon warming {args.warming} °C/h",
+            result,
+        )
+        result.pop("base", None)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"warming": result}, f, indent=2)
         return 0
     counts = [int(x) for x in args.mixed.split(",")]
     n_t, n_w, n_b = counts if len(counts) == 3 else (counts[0], 0, counts[1])

@@ -49,6 +49,7 @@ from gateway.delivery import (
     baseline_taus,
     close_loops,
     govern_releases,
+    planning_baselines,
 )
 from gateway.devices import (
     AdapterError,
@@ -75,6 +76,7 @@ from gateway.flex import (
 )
 from gateway.flex.baseline import BaselineConfig, BaselineMethod, epoch_s, from_epoch
 from gateway.flex.methods import Temperatures, control_group
+from gateway.flex.profiles import BaselineProfile, loop_profiles
 from gateway.flex.settlement import event_days, history_span, settlement_window
 from gateway.history import (
     HISTORY_CHUNK_DEVICES,
@@ -146,6 +148,10 @@ from unified.weather import GATEWAY_SCOPE, WeatherForecast
 log = logging.getLogger(__name__)
 
 _BASELINE_TAU_S = 900.0
+LOOP_PROFILE_REFRESH_S = 3600.0
+"""A running dispatch's same-hour profiles are read again this often (a new hour of history)."""
+LOOP_PROFILE_RETRY_S = 300.0
+LOOP_PROFILE_CHECK_S = 60.0
 """Time constant of the autonomous-power average (a thermostat's duty cycle is minutes)."""
 
 _RELEASE_COHORT_S = 900.0
@@ -275,6 +281,11 @@ class Gateway:
         self._governors: dict[str, ReleaseGovernor] = {}
         """Ended dispatches whose thermal loads are still being released, paced on the measured
         rebound (by command id)."""
+        self._profiles: dict[str, dict[str, BaselineProfile]] = {}
+        """Each running dispatch's thermal loads' same-hour profiles (by command id), read off
+        the control loop (:meth:`load_loop_profiles`) for its closed loop's baselines."""
+        self._profiles_at: dict[str, float] = {}
+        self._profiles_wake = asyncio.Event()
         self._watches: dict[str, EnvelopeWatch] = {}
         self._watched: dict[str, OperatingEnvelope] = {}
         """How each envelope in force holds at the meter (by command id)."""
@@ -350,6 +361,7 @@ class Gateway:
                         name="history-writer",
                     )
                     tg.create_task(self._flex_history_loop(), name="flex-history")
+                    tg.create_task(self._loop_profiles_loop(), name="loop-profiles")
                     if self.config.settlement.enabled:
                         tg.create_task(self._settlement_loop(), name="settlement")
                 for device_id, supervisor in self.supervisors.items():
@@ -1499,6 +1511,7 @@ class Gateway:
         allowance = govern_releases(now, self.plan, states, self._governors)
         compliance = self._watch_envelopes(now, states)
         corrections = {cid: loop.correction_kw for cid, loop in self._loops.items()}
+        autonomous = planning_baselines(now, self._loops, self._autonomous_kw)
         turn_s = self.config.delivery.thermal_turn_s
         active = self._with_services(now, self._hold_out(self.book.active(now)), states)
         first = dispatch.plan(
@@ -1506,7 +1519,7 @@ class Gateway:
             self.registry,
             states,
             active,
-            self._autonomous_kw,
+            autonomous,
             corrections,
             self.plan,
             turn_s,
@@ -1527,7 +1540,7 @@ class Gateway:
                 self.registry,
                 states,
                 after,
-                self._autonomous_kw,
+                autonomous,
                 corrections,
                 self.plan,
                 turn_s,
@@ -1686,6 +1699,11 @@ class Gateway:
             for d in self.registry.devices()
             if d.der_class in dispatch.SHIFTS_FROM_BASELINE
         }
+        for cid in [c for c in self._profiles_at if c not in self.plan.requested_kw]:
+            self._profiles.pop(cid, None)
+            del self._profiles_at[cid]
+        if any(c not in self._profiles_at for c in self.plan.requested_kw):
+            self._profiles_wake.set()  # a dispatch has become active: read its profiles
         return close_loops(
             now,
             self.plan,
@@ -1695,7 +1713,95 @@ class Gateway:
             self.config.delivery.tuning(),
             thermal,
             self._governors,
+            self._profiles,
         )
+
+    async def load_loop_profiles(self, now: datetime) -> int:
+        """Read the same-hour profiles of each running dispatch's thermal loads (those its
+        target holds or may rotate in) for its closed loop: when the dispatch becomes active and
+        hourly after, from the flex forecasts' hourly history cache (refreshed first if a
+        new hour has ended), computed in a worker thread. Thermostats with recorded outdoor
+        temperatures take the weather-matched rule. Returns how many dispatches were read."""
+        running = {
+            e.command.command_id: e.command
+            for e in self.book.active(now)
+            if isinstance(e.command, Dispatch) and e.command.command_id in self.plan.requested_kw
+        }
+        due = [
+            cid
+            for cid in running
+            if epoch_s(now) - self._profiles_at.get(cid, -math.inf) >= LOOP_PROFILE_REFRESH_S
+        ]
+        if not due or self.history is None:
+            return 0
+        for cid in due:  # a read that fails is tried again in a few minutes, not every period
+            self._profiles_at[cid] = epoch_s(now) - LOOP_PROFILE_REFRESH_S + LOOP_PROFILE_RETRY_S
+        await self.refresh_flex_history(now)
+        calendar = self._flex_calendar
+        if calendar is None:
+            return 0
+        for cid in due:
+            command = running[cid]
+            devices = [
+                d
+                for d in dispatch.target_devices(self.registry, command.target)
+                if d.der_class in dispatch.SHIFTS_FROM_BASELINE
+            ]
+            # From before the devices were held (their pre-event level anchors the profile) to
+            # the end, a day at most (refreshed hourly).
+            start = min(now, command.start) - timedelta(hours=2)
+            end = min(command.end, now + timedelta(days=1))
+            thermostats = [d for d in devices if d.der_class is DerClass.THERMOSTAT]
+            temperatures = await self._temperature_records(
+                thermostats, now - timedelta(days=FlexConfig().lookback_days), end
+            )
+            self._profiles[cid] = await asyncio.to_thread(
+                loop_profiles,
+                self._flex_history,
+                calendar,
+                start,
+                end,
+                [d.device_id for d in devices],
+                temperatures=temperatures,
+            )
+            self._profiles_at[cid] = epoch_s(now)
+            log.info(
+                "dispatch %s: %d of %d thermal load(s) measured against their same-hour profile",
+                cid,
+                len(self._profiles[cid]),
+                len(devices),
+            )
+        return len(due)
+
+    async def _temperature_records(
+        self, devices: Sequence[Device], since: datetime, until: datetime
+    ) -> dict[str, Temperatures]:
+        """Per device, the outdoor temperature record of the scope whose forecast covers it."""
+        if not devices or self.history is None:
+            return {}
+        scopes = {
+            d: series.scope or GATEWAY_SCOPE
+            for d, series in self.weather.for_devices(devices, self.registry).items()
+        }
+        records: dict[str, Temperatures] = {}
+        for scope in set(scopes.values()):
+            async with asyncio.timeout(self.config.history.io_timeout_s):
+                points = await self.history.temperatures(scope, since, until)
+            record = TemperatureRecord.from_points(points)
+            if record is not None:
+                records[scope] = record
+        return {d: records[s] for d, s in scopes.items() if s in records}
+
+    async def _loop_profiles_loop(self) -> None:
+        while True:
+            try:
+                await self.load_loop_profiles(utcnow())
+            except Exception:  # TimeoutError included: the loops keep what they have
+                log.exception("reading the closed loop's baseline profiles failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LOOP_PROFILE_CHECK_S):
+                    await self._profiles_wake.wait()
+            self._profiles_wake.clear()
 
     def delegate(self, device_ids: frozenset[str]) -> None:
         """Hand ``device_ids`` to a local controller (see :attr:`delegated`)."""

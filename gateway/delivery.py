@@ -10,6 +10,10 @@ dispatch, :class:`DeliveryLoop`:
 * takes the **baseline** of every device the dispatch holds: its power when left alone, learnt
   by the core while the device ran on its own (an exponential mean and variance of its readings)
   and frozen while it is held (:class:`DeviceBaseline`);
+  a thermal load with enough reading history follows the **same-hour profile** of its similar
+  days over the event instead (:mod:`gateway.flex.profiles`, read by the core off the loop),
+  scaled by its level over the hour before it was held (:meth:`DeviceBaseline.profiled`), so
+  an afternoon's drift is not read as response;
 * estimates the **delivered** response, ``Σ (measured − baseline)`` over the held devices,
   smoothed over ``smoothing_s`` (a compressor cycles in minutes), with a 90 % interval from the
   spread of each baseline (thermostats cycling on and off have a wide one; an idle battery none);
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from gateway.dispatch import Plan, corrected
+from gateway.flex.profiles import BaselineProfile
 from unified.model import (
     ComplianceInterval,
     Delivery,
@@ -57,18 +62,58 @@ __all__ = [
     "baseline_taus",
     "close_loops",
     "govern_releases",
+    "planning_baselines",
 ]
 
 _Z90 = 1.645
 _EPS = 1e-9
 
 
+PROFILE_ADJUSTMENT_CAP = 0.2
+"""Cap on ``|day-of factor - 1|`` of a profiled baseline (the settlement rule's ±20 %): one
+house's hour of compressor cycles says its level only roughly; the fleet's errors average out."""
+_MIN_ADJUST_KW = 0.01
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceBaseline:
-    """A device's power when left alone: mean and variance of its recent readings (kW, kW²)."""
+    """A device's power when left alone: mean and variance of its recent readings (kW, kW²).
+
+    With a ``profile`` (the same-hour profile of its history, :mod:`gateway.flex.profiles`) the
+    baseline varies over the event: the profile at each moment times ``factor``, the day-of
+    adjustment (:meth:`profiled`); its variance is the profile's day-to-day spread."""
 
     mean_kw: float
     var_kw2: float = 0.0
+    learnt_s: float = 450.0
+    """How far back, on average, ``level_kw`` was measured before the device was held."""
+    profile: BaselineProfile | None = None
+    factor: float = 1.0
+    level_kw: float | None = None
+    """Its level before it was held, over a longer stretch than ``mean_kw`` (None: that)."""
+
+    def at(self, when_s: float) -> tuple[float, float]:
+        """``(kW, kW²)`` the device would draw at ``when_s`` (epoch seconds) if left alone."""
+        if self.profile is None:
+            return self.mean_kw, self.var_kw2
+        kw, var = self.profile.at(when_s)
+        return kw * self.factor, var * self.factor**2
+
+    def profiled(self, profile: BaselineProfile, held_s: float) -> DeviceBaseline:
+        """This pre-event level carried along ``profile``: scaled by the day-of factor, its
+        level over the hour before it was held (``level_kw``) over the profile's where that
+        level was measured (``learnt_s``, its readings' mean age, before ``held_s``), capped to
+        ``1 ± PROFILE_ADJUSTMENT_CAP``. A profile too small there for a ratio to mean anything
+        is taken as it is (as settlement does)."""
+        reference, _ = profile.at(held_s - self.learnt_s)
+        level = self.mean_kw if self.level_kw is None else self.level_kw
+        factor = 1.0
+        if reference > _MIN_ADJUST_KW:
+            cap = PROFILE_ADJUSTMENT_CAP
+            factor = min(1.0 + cap, max(1.0 - cap, level / reference))
+        return DeviceBaseline(
+            self.mean_kw, self.var_kw2, self.learnt_s, profile, factor, self.level_kw
+        )
 
 
 _IDLE = DeviceBaseline(0.0)
@@ -96,12 +141,32 @@ class BaselineTracker:
     _own: dict[str, float] = field(default_factory=dict)
     _pools: dict[float, list[float]] = field(default_factory=dict)
     """Time constant → [sum of its devices' own means, how many]."""
+    level_tau_s: float = 3600.0
+    """Time constant of each device's pre-event *level*, the anchor of a same-hour profile's
+    day-of adjustment (:meth:`DeviceBaseline.profiled`): a quarter hour of a cycling
+    compressor says its level to within a large fraction of its power, an hour better."""
+    level_kw: dict[str, float] = field(default_factory=dict)
+    _level_span: dict[str, float] = field(default_factory=dict)
+    _level_age: dict[str, float] = field(default_factory=dict)
+    """The mean age of the readings in each level (s): where on the clock it was measured."""
 
     def observe(self, device_id: str, at: datetime, power_kw: float, *, held: bool) -> None:
         previous = self._last.get(device_id)
         self._last[device_id] = at
         if held:
             return  # under a setpoint or a limit: not what it would do alone
+        level = self.level_kw.get(device_id)
+        if level is None or previous is None:
+            self.level_kw[device_id] = power_kw
+            self._level_span[device_id] = self._level_age[device_id] = 0.0
+        else:
+            gap = max(0.0, (at - previous).total_seconds())
+            seen = self._level_span[device_id] = min(
+                self._level_span[device_id] + gap, self.level_tau_s
+            )
+            w = max(1.0 - math.exp(-gap / self.level_tau_s), gap / seen if seen > 0 else 1.0)
+            self.level_kw[device_id] = level + w * (power_kw - level)
+            self._level_age[device_id] = (1.0 - w) * (self._level_age[device_id] + gap)
         slow = self.tau_of.get(device_id)
         known = self.mean_kw.get(device_id) if slow is None else self._own.get(device_id)
         if known is None or previous is None:
@@ -140,7 +205,13 @@ class BaselineTracker:
         mean = self.mean_kw.get(device_id, fallback_kw)
         if mean is None:
             return None
-        return DeviceBaseline(mean, self.var_kw2.get(device_id, 0.0))
+        tau = self.tau_of.get(device_id, self.tau_s)
+        level = self.level_kw.get(device_id)
+        if level is None or device_id in self.tau_of:  # a slow class: its mean is its level
+            level, age = mean, tau
+        else:
+            age = self._level_age.get(device_id, 0.0)
+        return DeviceBaseline(mean, self.var_kw2.get(device_id, 0.0), age, level_kw=level)
 
 
 BASELINE_TAU_S: dict[DerClass, float] = {DerClass.WATER_HEATER: 4 * 3600.0}
@@ -202,6 +273,10 @@ class DeliveryLoop:
     _settle_request: float | None = None
     _left: dict[str, DeviceBaseline] = field(default_factory=dict)
     last_request_kw: float = 0.0
+    profiles: Mapping[str, BaselineProfile] = field(default_factory=dict)
+    """Same-hour profiles of the held devices' history (:meth:`use_profiles`)."""
+    _held_s: dict[str, float] = field(default_factory=dict)
+    """When each device was first held (epoch s): where its pre-event level was measured."""
 
     def shift(self, by: timedelta) -> None:
         """The wall clock stepped by ``by``: keep the time this loop has counted true."""
@@ -210,18 +285,42 @@ class DeliveryLoop:
         if self._settled_from is not None:
             self._settled_from += by
 
-    def hold(self, held: Mapping[str, DeviceBaseline]) -> None:
+    def hold(self, held: Mapping[str, DeviceBaseline], at: datetime | None = None) -> None:
         """The devices the dispatch holds now, with the baseline each had before it was held.
 
-        A device keeps the baseline it had when this dispatch first held it; a device no longer
-        held (refused, dropped out, regrouped) leaves the estimate."""
+        A device keeps the baseline it had when this dispatch first held it (``at``); a device
+        no longer held (refused, dropped out, regrouped) leaves the estimate."""
         for device_id in [d for d in self.baselines if d not in held]:
             self._left[device_id] = self.baselines.pop(device_id)
+        at_s = None if at is None else at.timestamp()
         for device_id, baseline in held.items():
             if device_id not in self.baselines:
                 # One that comes back (after a dropout) keeps the baseline it had before the
                 # dispatch: what it learnt in between was the event, not its own behaviour.
-                self.baselines[device_id] = self._left.pop(device_id, baseline)
+                base = self._left.pop(device_id, baseline)
+                held_s = self._held_s.setdefault(device_id, at_s) if at_s is not None else None
+                profile = self.profiles.get(device_id)
+                if profile is not None and base.profile is None and held_s is not None:
+                    base = base.profiled(profile, held_s)
+                self.baselines[device_id] = base
+
+    def use_profiles(self, profiles: Mapping[str, BaselineProfile]) -> None:
+        """From now on each held device whose history has a same-hour profile is measured
+        against it (loaded off the control loop once the dispatch is active, and refreshed):
+        its pre-event level, where it was held, anchors the day-of adjustment. Devices without
+        one keep their flat pre-event level."""
+        self.profiles = profiles
+        for book in (self.baselines, self._left):
+            for device_id, base in book.items():
+                profile = profiles.get(device_id)
+                held_s = self._held_s.get(device_id)
+                if profile is not None and held_s is not None and profile is not base.profile:
+                    book[device_id] = base.profiled(profile, held_s)
+
+    @property
+    def profiled(self) -> int:
+        """Held devices measured against a same-hour profile."""
+        return sum(1 for b in self.baselines.values() if b.profile is not None)
 
     def update(
         self,
@@ -247,17 +346,19 @@ class DeliveryLoop:
         if self._settle_request is None or _changed(self._settle_request, requested_kw, tuning):
             self._settled_from, self._settle_request = now, requested_kw
         delivered, controlled, var, counted = 0.0, 0.0, 0.0, 0
+        now_s = now.timestamp()
         for device_id, baseline in self.baselines.items():
             trusted = trusted_kw.get(device_id)
             power = measured_kw.get(device_id)
+            base_kw, base_var = baseline.at(now_s)  # its counterfactual now
             if trusted is not None:
-                controlled += trusted - baseline.mean_kw
+                controlled += trusted - base_kw
             if power is None:
                 continue
-            delivered += power - baseline.mean_kw
+            delivered += power - base_kw
             if trusted is None:
-                controlled += power - baseline.mean_kw
-            var += baseline.var_kw2
+                controlled += power - base_kw
+            var += base_var
             counted += 1
         if self.delivered_kw is None or self.controlled_kw is None:
             self.delivered_kw, self.delivered_var = delivered, var
@@ -299,6 +400,7 @@ class DeliveryLoop:
             delivered_upper_kw=round(delivered + half, 3),
             devices=len(self.baselines),
             short=short,
+            profiled=self.profiled,
         )
 
 
@@ -315,6 +417,7 @@ def close_loops(
     tuning: DeliveryTuning,
     thermal: Container[str],
     governors: MutableMapping[str, ReleaseGovernor] | None = None,
+    profiles: Mapping[str, Mapping[str, BaselineProfile]] | None = None,
 ) -> dict[str, Delivery]:
     """Measure each running dispatch's response to what ``previous`` (the last plan) asked of
     its devices, and move each loop's correction; loops of dispatches no longer planned go.
@@ -324,7 +427,8 @@ def close_loops(
     power): after a restart, a battery still on the last setpoint is not its own baseline.
     The corrections (``loop.correction_kw``) feed the next plan. A dispatch that has ended with
     thermal loads still to release hands its loop's baselines to a :class:`ReleaseGovernor` in
-    ``governors``."""
+    ``governors``. ``profiles`` holds, by command id, the same-hour profiles of its thermal
+    devices' history (:meth:`DeliveryLoop.use_profiles`)."""
     for cid in [c for c in loops if c not in previous.requested_kw]:
         ended = loops.pop(cid)
         if governors is not None and any(r.command_id == cid for r in previous.releasing.values()):
@@ -334,6 +438,9 @@ def close_loops(
         loop = loops.get(cid)
         if loop is None:
             loop = loops[cid] = DeliveryLoop(tuning)
+        shapes = None if profiles is None else profiles.get(cid)
+        if shapes is not None and shapes is not loop.profiles:
+            loop.use_profiles(shapes)
         held: dict[str, DeviceBaseline] = {}
         measured: dict[str, float] = {}
         trusted: dict[str, float] = {}
@@ -364,11 +471,28 @@ def close_loops(
             baseline = baselines.baseline(did, state.power_kw if state else None)
             if baseline is not None:
                 held[did] = baseline
-        loop.hold(held)
+        loop.hold(held, now)
         out[cid] = loop.update(
             now, requested, measured, previous.available_kw.get(cid, 0.0), trusted
         )
     return out
+
+
+def planning_baselines(
+    now: datetime, loops: Mapping[str, DeliveryLoop], flat: Mapping[str, float]
+) -> Mapping[str, float]:
+    """Each device's power when left alone, for the planner (``target`` mode, envelopes, what a
+    held thermal load sheds): a device a running dispatch measures against its same-hour
+    profile is planned from that profile now, the others from their ``flat`` level."""
+    now_s = now.timestamp()
+    profiled = {
+        device_id: baseline.at(now_s)[0]
+        for loop in loops.values()
+        if loop.profiles
+        for device_id, baseline in loop.baselines.items()
+        if baseline.profile is not None
+    }
+    return {**flat, **profiled} if profiled else flat
 
 
 @dataclass(slots=True)
@@ -407,9 +531,9 @@ class ReleaseGovernor:
             self._last += by
         self._pending = {d: (at + by, kw) for d, (at, kw) in self._pending.items()}
 
-    def _mean(self, device_id: str) -> float:
+    def _mean(self, device_id: str, now_s: float) -> float:
         baseline = self.baselines.get(device_id)
-        return 0.0 if baseline is None else baseline.mean_kw
+        return 0.0 if baseline is None else baseline.at(now_s)[0]
 
     def allowance(
         self,
@@ -424,9 +548,10 @@ class ReleaseGovernor:
         has drifted up to its lowered setpoint, minutes later, and reports every half minute or
         so; without this, the next periods would see no rise yet and release again)."""
         since = self._last or now
+        now_s = now.timestamp()
         for device_id, rise in (released or {}).items():
             state = states.get(device_id)
-            before = state.power_kw if state is not None else self._mean(device_id)
+            before = state.power_kw if state is not None else self._mean(device_id, now_s)
             self._pending[device_id] = (since, before + rise)
         rise_kw = 0.0
         for device_id, baseline in self.baselines.items():
@@ -444,7 +569,7 @@ class ReleaseGovernor:
                     # within minutes): count what it is about to draw.
                     power = expected_kw if power is None else max(power, expected_kw)
             if power is not None:
-                rise_kw += power - baseline.mean_kw
+                rise_kw += power - baseline.at(now_s)[0]
         dt = 0.0 if self._last is None else max(0.0, (now - self._last).total_seconds())
         self._last = now
         if self.rise_kw is None:

@@ -43,8 +43,10 @@ from gateway.delivery import (
     baseline_taus,
     close_loops,
     govern_releases,
+    planning_baselines,
 )
 from gateway.dispatch import SHIFTS_FROM_BASELINE
+from gateway.flex.profiles import BaselineProfile
 from gateway.registry import Registry
 from protocols.mqtt.devices import HvacMode
 from unified.model import (
@@ -80,7 +82,13 @@ class FleetSpec:
     of 20 L on average."""
     feeders: int = 1
     outdoor_c: float = 32.0
+    warming_c_per_h: float = 0.0
+    """Outdoor temperature rise per hour from the start (a warming afternoon: the houses'
+    counterfactual load drifts up over an event)."""
     seed: int = 1
+    day: int = 0
+    """Another day of the same fleet (0: the run's own): the houses are built alike, their
+    starting temperatures and cycles are drawn anew (the similar days of a same-hour profile)."""
     noise_kw: float = 0.02
     """Standard deviation of each reading's noise."""
     dropout: float = 0.02
@@ -153,6 +161,11 @@ class VirtualPowerPlant:
         self.hysteresis = np.full(n, 0.5)
         self.indoor = self.setpoint + rng.uniform(-0.5, 0.5, n)
         self.on = rng.random(n) < duty
+        self._start = start
+        if spec.day:
+            day_rng = np.random.default_rng((spec.seed, spec.day))
+            self.indoor = self.setpoint + day_rng.uniform(-0.5, 0.5, n)
+            self.on = day_rng.random(n) < duty
         self.offset = np.zeros(n)
         self._step_houses(spec.burn_in_s)
         m = spec.batteries
@@ -177,6 +190,9 @@ class VirtualPowerPlant:
         self._thermal = {d.device_id for d in devices if d.der_class in SHIFTS_FROM_BASELINE}
         self.baselines = BaselineTracker(baseline_tau_s, baseline_taus(devices))
         self.loops: dict[str, DeliveryLoop] = {}
+        self.profiles: dict[str, BaselineProfile] = {}
+        """Same-hour profiles of the thermal loads' history (the gateway reads them from its
+        reading history); empty: every baseline is the flat pre-event level."""
         self.governors: dict[str, ReleaseGovernor] = {}
         self.plan = dispatch.Plan()
         self.commands: list[ScheduledCommand] = []
@@ -282,10 +298,12 @@ class VirtualPowerPlant:
 
     def _step_houses(self, dt_s: float) -> None:
         remaining = dt_s
+        hours = max(0.0, (self.now - self._start).total_seconds() / 3600.0)
+        outdoor = self.spec.outdoor_c + self.spec.warming_c_per_h * hours
         while remaining > 0:
             dt = min(remaining, _SUBSTEP_S)
             remaining -= dt
-            gain = (self.spec.outdoor_c - self.indoor) / self.resistance
+            gain = (outdoor - self.indoor) / self.resistance
             cooling = np.where(self.on, self.rated * self.cop, 0.0)
             self.indoor += (gain - cooling) * (dt / 3600.0) / self.capacitance
             target = self.setpoint + self.offset
@@ -408,6 +426,7 @@ class VirtualPowerPlant:
                 self.tuning,
                 self._thermal,
                 self.governors,
+                {c.command_id: self.profiles for c in self.commands} if self.profiles else None,
             )
             if self.govern_release:
                 allowance = govern_releases(now, self.plan, states, self.governors)
@@ -422,7 +441,7 @@ class VirtualPowerPlant:
             self.registry,
             states,
             active,
-            self.baselines.mean_kw,
+            planning_baselines(now, self.loops, self.baselines.mean_kw),
             corrections,
             self.plan,
             self.thermal_turn_s,

@@ -594,6 +594,12 @@ class Delivery(Frozen):
     delivered_upper_kw: float
     devices: int = Field(ge=0, description="Devices the estimate covers")
     short: bool = Field(description="Delivery short of the request beyond tolerance")
+    profiled: int = Field(
+        default=0,
+        ge=0,
+        description="Of those, devices measured against the same-hour profile of their history "
+        "(the others against their flat level before they were held)",
+    )
 
 
 class EnvelopeCompliance(Frozen):
