@@ -8,7 +8,9 @@ setpoint into a DERControl here (``publish`` / ``release``) and reads back what 
 Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id)::
 
     /dcap  /tm  /edev  /edev/{e}  /edev/{e}/rg
-    /edev/{e}/fsa[/1[/derp]]            one FunctionSetAssignments per device
+    /edev/{e}/fsa[/{f}[/derp]]          one FunctionSetAssignments per program of the device
+                                        (its own, its feeder's, its substation's ...), by
+                                        primacy; ids kept per EndDevice (and across restarts)
     /edev/{e}/derp/{p}[/derc[/{c}] | /actderc | /dderc]
                                         one DERProgram per topology group of the device
     /edev/{e}/der[/{d}[/derp|/dercap|/derg|/ders|/dera]]
@@ -203,14 +205,16 @@ RESPONSE_STATUS: Final = {
 }
 _RESPONSE_REQUIRED: Final = "03"  # message received + specific response (started/completed/...)
 _RSPS_ID: Final = 1  # one ResponseSet per device: DER controls
-_FSA_ID: Final = 1
 _INT_QUERY: Final = re.compile(r"^[0-9]{1,10}$")
 _EDEV_PATH: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/|$)")
 _SUBSCRIBABLE: Final = re.compile(
     r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})(?:/(derc|actderc|dderc))?$"
 )
 # A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
-_SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/[0-9]{1,3})?/derp$")
+_SUBSCRIBABLE_PROGRAMS: Final = re.compile(
+    r"^/edev/([0-9]{1,10})(?:/fsa/[0-9]{1,10}|/der/[0-9]{1,3})?/derp$"
+)
+_ONE_FSAS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/fsa/([0-9]{1,10})/derp$")
 _SUBSCRIBABLE_LOAD_CONTROLS: Final = re.compile(r"^/edev/[0-9]{1,10}/drp/1/(edc|actedc)$")
 _ONE_DERS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/der/([0-9]{1,3})/derp$")
 _ENCODING_XML: Final = 0
@@ -331,7 +335,14 @@ class Sep2ServerConfig(Section):
     max_mirror_points: int = Field(default=8, ge=1, le=256, description="MUPs per client")
     max_readings_per_point: int = Field(default=32, ge=1, le=1024)
     unlisted_group_primacy: int = Field(
-        default=100, ge=0, le=255, description="Primacy of groups without a [[programs]] entry"
+        default=100,
+        ge=0,
+        le=255,
+        description=(
+            "Primacy of groups without a [[programs]] entry, plus one step per topology level "
+            "from the device's own program up (device +0, transformer +1, feeder section +2, "
+            "feeder +3, substation +4, other groups +5): no two of a device's programs tie"
+        ),
     )
     iana_pen: int = Field(default=0, ge=0, le=0xFFFF_FFFF, description="Goes into every mRID")
     notification_hosts: tuple[str, ...] = Field(
@@ -562,6 +573,10 @@ class _Der:
     members: list[_Der] = field(default_factory=list)  # further DERs of this EndDevice
     device_program: _Program | None = None  # its own program, when the EndDevice has several
     load_controls: list[drlc.LoadControl] = field(default_factory=list)  # DRLC, in memory
+    # FunctionSetAssignments ids of the EndDevice (on the host): group_id -> id, never reused
+    # for another group of this EndDevice; the groups it left keep theirs should it come back.
+    fsa_ids: dict[str, int] = field(default_factory=dict)
+    next_fsa: int = 1
 
     @property
     def ders(self) -> list[_Der]:
@@ -706,6 +721,23 @@ class _HttpError(Exception):
 def _forbidden(lfdi: str | None) -> _HttpError:
     who = lfdi.lower() if lfdi else "this client"
     return _HttpError(403, f"{who} is not scoped to access this resource")
+
+
+# The narrower the group, the lower (stronger) the primacy of its unlisted program.
+_LEVEL_STEP: Final = {
+    "device": 0,
+    "transformer": 1,
+    "feeder_section": 2,
+    "feeder": 3,
+    "substation": 4,
+}
+
+
+def _unlisted_primacy(group_id: str, base: int) -> int:
+    """A group without a [[programs]] entry: ``base`` plus its topology level's step, so the
+    programs of one device (one group per level) never tie by accident."""
+    step = _LEVEL_STEP.get(group_id.split(":", 1)[0], len(_LEVEL_STEP))
+    return min(255, base + step)
 
 
 def _mrid(kind: int, number: int, pen: int) -> str:
@@ -896,6 +928,8 @@ class Sep2Server:
         saved = None if self._stored is None else self._stored.devices.get(enrollment.device_id)
         if saved is not None:  # enrolled after the state was loaded: its saved tree back
             self._restore_der(der, saved)
+        self._assign_fsas(der)
+        self._warn_ties(der)
         self._ders[enrollment.device_id] = der
         self._by_lfdi[lfdi] = der
         self._by_edev[der.edev_id] = der
@@ -924,8 +958,78 @@ class Sep2Server:
         )
         host.members.append(member)
         self._ders[enrollment.device_id] = member
+        self._assign_fsas(host)
         self._touch(host)
+        self._mark(host)
         self._mark(member)
+
+    def regroup(self, device_id: str, groups: tuple[str, ...]) -> bool:
+        """The device's topology groups changed (the registry moved it to another feeder, say):
+        its programs, and so its EndDevice's FunctionSetAssignments, follow at once, and the
+        subscribers of its FunctionSetAssignmentsList, EndDeviceList, DERProgramLists and
+        TariffProfileList are told. A control of a program the device left is cancelled (its
+        client no longer sees that program; the next cycle plans the device anew). Returns
+        whether anything changed."""
+        der, member = self._hosting(device_id)
+        wanted = dict.fromkeys(groups or (f"device:{device_id}",))
+        if member.device_program is not None:
+            wanted = {member.device_program.group_id: None, **dict.fromkeys(groups)}
+        programs = [self._program(g) for g in wanted]
+        if [p.program_id for p in programs] == [p.program_id for p in member.programs]:
+            return False
+        member.programs = programs
+        now = self._now()
+        for control in der.controls:
+            if (
+                control.device_id == device_id
+                and control.status is None
+                and not any(p.program_id == control.program_id for p in programs)
+            ):
+                control.status = STATUS_CANCELLED
+                control.status_time = now
+        self._assign_fsas(der)
+        self._warn_ties(member)
+        log.info(
+            "2030.5 EndDevice %s of %s regrouped: programs %s",
+            der.base_href,
+            device_id,
+            ", ".join(p.group_id for p in programs),
+        )
+        self._mark(member)
+        self._changed(der)
+        self._notify_lists(der, ("fsal", "edevl", "derpl", "tpl"))
+        return True
+
+    def _assign_fsas(self, host: _Der) -> None:
+        """Give each program of ``host``'s EndDevice its FunctionSetAssignments id (once)."""
+        for program in sorted(host.edev_programs(), key=lambda p: (p.primacy, p.program_id)):
+            if program.group_id not in host.fsa_ids:
+                host.fsa_ids[program.group_id] = host.next_fsa
+                host.next_fsa += 1
+        host.next_fsa = max(host.next_fsa, max(host.fsa_ids.values(), default=0) + 1)
+
+    @staticmethod
+    def _warn_ties(der: _Der) -> None:
+        """Two of a device's programs at one primacy leave the client to break the tie (by
+        creation time, then by the tighter limit): configured that way, say so once."""
+        seen: dict[int, str] = {}
+        for program in der.programs:
+            other = seen.setdefault(program.primacy, program.group_id)
+            if other != program.group_id:
+                log.warning(
+                    "2030.5: %s is in programs %s and %s of equal primacy %d: its client breaks "
+                    "the tie (the newer control, then the tighter limit)",
+                    der.enrollment.device_id,
+                    other,
+                    program.group_id,
+                    program.primacy,
+                )
+
+    def _fsas(self, host: _Der) -> list[tuple[int, _Program]]:
+        """The EndDevice's FunctionSetAssignments, strongest program first: a client walking
+        them in order meets the programs in the order one list of them would give."""
+        programs = sorted(host.edev_programs(), key=lambda p: (p.primacy, p.program_id))
+        return [(host.fsa_ids[p.group_id], p) for p in programs if p.group_id in host.fsa_ids]
 
     def _program(self, group_id: str) -> _Program:
         program = self._programs.get(group_id)
@@ -938,7 +1042,11 @@ class Sep2Server:
         program = _Program(
             program_id=self._next_program if saved is None else saved.program_id,
             group_id=group_id,
-            primacy=configured.primacy if configured else self.config.unlisted_group_primacy,
+            primacy=(
+                configured.primacy
+                if configured
+                else _unlisted_primacy(group_id, self.config.unlisted_group_primacy)
+            ),
             description=(configured.description if configured else "") or group_id[:32],
             default_base=_default_base(default),
             set_grad_w=_grad_w(default),
@@ -1133,6 +1241,16 @@ class Sep2Server:
 
     def _restore_der(self, der: _Der, saved: StoredDevice) -> None:
         der.edev_id = saved.edev_id
+        fsa = saved.body.get("fsa")
+        if isinstance(fsa, dict) and all(
+            isinstance(g, str) and isinstance(f, int) and f > 0 for g, f in fsa.items()
+        ):
+            der.fsa_ids = dict(fsa)
+            next_fsa = saved.body.get("next_fsa")
+            der.next_fsa = next_fsa if isinstance(next_fsa, int) and next_fsa > 0 else 1
+            self._assign_fsas(der)
+        elif fsa is not None:
+            self.unreadable_state_rows += 1
         items = saved.body.get("controls")
         restored: list[_Control] = []
         listed: list[_Control] = []
@@ -1191,6 +1309,8 @@ class Sep2Server:
                 {
                     "lfdi": der.lfdi,
                     "controls": [_control_to_json(c, id(c) in listed) for c in known],
+                    "fsa": dict(der.fsa_ids),
+                    "next_fsa": der.next_fsa,
                 },
             )
         self._dirty_programs = set()
@@ -2122,7 +2242,9 @@ class Sep2Server:
             sfdi=der.sfdi,
             changed_time=der.changed_time,
             enabled=True,
-            function_set_assignments_list_link=ListLink(href=f"{base}/fsa", all=1),
+            function_set_assignments_list_link=ListLink(
+                href=f"{base}/fsa", all=len(self._fsas(der))
+            ),
             registration_link=Link(href=f"{base}/rg") if der.enrollment.pin is not None else None,
             subscription_list_link=ListLink(
                 href=f"{base}/sub", all=len(self._subscriptions_of(der))
@@ -2189,31 +2311,72 @@ class Sep2Server:
             der,
             FunctionSetAssignmentsList,
             f"{der.base_href}/fsa",
-            lambda: [self._fsa(der)],
+            lambda: self._fsa_items(der),
             self.poll_rate_s,
         )
 
-    def _fsa(self, der: _Der) -> FunctionSetAssignments:
-        href = f"{der.base_href}/fsa/{_FSA_ID}"
+    def _fsa_items(self, der: _Der) -> list[FunctionSetAssignments]:
+        """One FunctionSetAssignments per program of the EndDevice, strongest first. The
+        EndDevice's DRLC program hangs off the first; its pricing off the FSA of the group whose
+        price schedule it is served (the first FSA for the gateway-wide one), so a client that
+        walks every FSA meets each program and each TariffProfile once."""
+        fsas = self._fsas(der)
+        if not fsas:
+            return []
+        view = self._tariff_view(der)
+        scope = self._tariffs.scope_for([p.group_id for _, p in fsas])
+        priced = next((f for f, p in fsas if p.group_id == scope), fsas[0][0])
+        return [
+            self._fsa(der, fsa_id, program, first=i == 0, view=view if fsa_id == priced else None)
+            for i, (fsa_id, program) in enumerate(fsas)
+        ]
+
+    def _fsa(
+        self,
+        der: _Der,
+        fsa_id: int,
+        program: _Program,
+        *,
+        first: bool,
+        view: TariffView | None,
+    ) -> FunctionSetAssignments:
+        href = f"{der.base_href}/fsa/{fsa_id}"
         return FunctionSetAssignments(
             href=href,
-            der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
+            der_program_list_link=ListLink(href=f"{href}/derp", all=1),
             demand_response_program_list_link=(
-                ListLink(href=f"{der.base_href}/drp", all=1) if self._has_loads(der) else None
+                ListLink(href=f"{der.base_href}/drp", all=1)
+                if first and self._has_loads(der)
+                else None
             ),
-            tariff_profile_list_link=ListLink(
-                href=f"{der.base_href}/tp", all=len(self._tariff_view(der).profiles)
+            tariff_profile_list_link=(
+                None
+                if view is None
+                else ListLink(href=f"{der.base_href}/tp", all=len(view.profiles))
             ),
             time_link=Link(href="/tm"),
-            mrid=_mrid(4, der.edev_id, self.config.iana_pen),
-            description="",
+            # FSA 1 keeps the mRID the EndDevice's only FSA had before there were several.
+            mrid=_mrid(4, der.edev_id | (fsa_id - 1) << 40, self.config.iana_pen),
+            description=program.description,
         )
+
+    def _one_fsa(self, der: _Der, fsa_id: int) -> FunctionSetAssignments:
+        href = f"{der.base_href}/fsa/{fsa_id}"
+        found = next((f for f in self._fsa_items(der) if f.href == href), None)
+        if found is None:
+            raise _HttpError(404, "no such FunctionSetAssignments")
+        return found
+
+    def _fsa_program(self, der: _Der, fsa_id: int) -> _Program:
+        found = next((p for f, p in self._fsas(der) if f == fsa_id), None)
+        if found is None:
+            raise _HttpError(404, "no such FunctionSetAssignments")
+        return found
 
     async def _get_fsa(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        if int(request.match_info["f"]) != _FSA_ID:
-            raise _HttpError(404, "no such FunctionSetAssignments")
-        return self._cached(request, der, lambda _: (self._fsa(der), None))
+        fsa = self._one_fsa(der, int(request.match_info["f"]))
+        return self._cached(request, der, lambda _: (fsa, None))
 
     # ----------------------------------------------------------------------- pricing (§10.5)
 
@@ -2335,9 +2498,9 @@ class Sep2Server:
 
     async def _get_derp_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        if "f" in request.match_info and int(request.match_info["f"]) != _FSA_ID:
-            raise _HttpError(404, "no such FunctionSetAssignments")
         programs = der.edev_programs()
+        if "f" in request.match_info:  # the program of one FunctionSetAssignments
+            programs = [self._fsa_program(der, int(request.match_info["f"]))]
         if "d" in request.match_info:  # the programs associated with one DER
             programs = self._own_der(request).programs
         start, limit, after = self._paging(request)
@@ -2375,6 +2538,10 @@ class Sep2Server:
         if one is not None:  # the programs associated with one DER of the EndDevice
             member = next((d for d in der.ders if d.der_id == int(one.group(1))), der)
             programs = member.programs
+        fsa = _ONE_FSAS_PROGRAMS.match(sub.subscribed_resource)
+        if fsa is not None:  # one FunctionSetAssignments' program (none once it is gone)
+            fsa_id = int(fsa.group(1))
+            programs = [p for f, p in self._fsas(der) if f == fsa_id]
         return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit, programs)
 
     async def _get_derp(self, request: web.Request) -> web.Response:
@@ -2700,6 +2867,9 @@ class Sep2Server:
         if edev is not None and int(edev.group(1)) != der.edev_id:
             raise _forbidden(lfdi)
         if _SUBSCRIBABLE_PROGRAMS.match(resource):
+            fsa = _ONE_FSAS_PROGRAMS.match(resource)
+            if fsa is not None:
+                self._fsa_program(der, int(fsa.group(1)))  # 404 for an FSA it does not have
             return None, "derpl"
         if resource == "/edev":
             return None, "edevl"  # the client's own EndDeviceList
@@ -2786,14 +2956,16 @@ class Sep2Server:
             elif sub.kind == "derpl" and "derpl" in kinds:
                 self._enqueue(sub, self._program_list_model(der, sub.model, self._now()))
             elif sub.kind == "fsal" and "fsal" in kinds:
+                fsas = self._fsa_items(der)
+                page = tuple(fsas[: sub.model.limit])
                 self._enqueue(
                     sub,
                     FunctionSetAssignmentsList(
                         href=f"{der.base_href}/fsa",
-                        all=1,
-                        results=1,
+                        all=len(fsas),
+                        results=len(page),
                         poll_rate=self.poll_rate_s,
-                        items=(self._fsa(der),),
+                        items=page,
                     ),
                 )
         self._notify_wake.set()
