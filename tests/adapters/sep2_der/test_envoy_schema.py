@@ -197,6 +197,11 @@ async def test_every_served_document_parses_with_envoys_models(
         "ConsumptionTariffInterval",
     }
     assert expected <= set(seen.values()), expected - set(seen.values())
+    # One FunctionSetAssignments per program (feeder F1's, substation S1's), each parsed.
+    fsas = sorted(h for h, t in seen.items() if t == "FunctionSetAssignments")
+    assert len(fsas) == 2
+    assert parsed_by_tag["FunctionSetAssignmentsList"].all_ == 2
+    assert all(seen.get(f"{fsa}/derp") == "DERProgramList" for fsa in fsas)
     # What envoy read is what we meant (not just "it parsed").
     assert parsed_by_tag["Registration"].pIN == 111115
     connection_point = parsed_by_tag["ConnectionPoint"]
@@ -379,6 +384,8 @@ async def test_an_end_device_with_two_ders_parses_with_envoys_models() -> None:
     finally:
         await server.stop()
     assert parsed["DERList"].all_ == 2
+    # Three FSAs (each DER's own program, the feeder's), each parsed.
+    assert sum(1 for t in seen.values() if t == "FunctionSetAssignments") == 3
     assert {h for h, t in seen.items() if t == "DER"} == {f"{edev}/der/1", f"{edev}/der/2"}
     assert sum(1 for t in seen.values() if t == "DERStatus") == 2
     assert sum(1 for t in seen.values() if t == "DERControl") == 2
