@@ -28,11 +28,13 @@ Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id):
                                         (``adapters.sep2_der.drlc``; ``publish_load_control``)
 
 Who is asking: the LFDI of the TLS client certificate (or, for plain-HTTP development only, a
-configured header). A client sees only its own EndDevice; another client's EndDevice tree
-answers 403 as envoy does (unknown EndDevice ids too, so ids cannot be probed), another client's
-MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` body, every body is
-``application/sep+xml`` with no charset parameter, and a request that fails changes nothing:
-bodies are read with a size limit and a timeout and decoded completely before any state changes.
+configured header). A client sees only its own EndDevice (an aggregator's certificate, configured
+in ``aggregators``, the EndDevices it acts for: its ``/edev`` lists them); another client's
+EndDevice tree answers 403 as envoy does (unknown EndDevice ids too, so ids cannot be
+probed), another client's MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5
+``<Error>`` body, every body is ``application/sep+xml`` with no charset parameter, and a request
+that fails changes nothing: bodies are read with a size limit and a timeout and decoded
+completely before any state changes.
 
 Subscriptions: a client may subscribe to its own EndDeviceList, FunctionSetAssignmentsList,
 TariffProfileList (a new price schedule for it), DERProgramLists, DERPrograms, DERControlLists
@@ -157,6 +159,7 @@ __all__ = [
     "PowerSample",
     "PublishedControl",
     "ResponseCacheInfo",
+    "Sep2AggregatorConfig",
     "Sep2DefaultEnvelope",
     "Sep2Enrollment",
     "Sep2ProgramConfig",
@@ -295,6 +298,26 @@ class Sep2ProgramConfig(Section):
     )
 
 
+class Sep2AggregatorConfig(Section):
+    """An aggregator's client certificate (CSIP-AUS P-01): its EndDeviceList lists the
+    EndDevices named here, and it reads and answers for each of them as that EndDevice would."""
+
+    lfdi: str = Field(pattern=r"^[0-9A-Fa-f]{40}$", description="LFDI of its client certificate")
+    end_devices: tuple[str, ...] = Field(
+        min_length=1, max_length=1000, description="LFDIs of the EndDevices it acts for"
+    )
+
+    @model_validator(mode="after")
+    def _lfdis(self) -> Sep2AggregatorConfig:
+        pattern = re.compile(r"^[0-9A-Fa-f]{40}$")
+        bad = [lfdi for lfdi in self.end_devices if not pattern.match(lfdi)]
+        if bad:
+            raise ValueError(f"end_devices: {bad[0]!r} is not an LFDI (40 hex digits)")
+        if self.lfdi.upper() in {lfdi.upper() for lfdi in self.end_devices}:
+            raise ValueError("an aggregator is not one of its own EndDevices")
+        return self
+
+
 class Sep2ServerConfig(Section):
     """The ``[sep2_server]`` section."""
 
@@ -369,6 +392,7 @@ class Sep2ServerConfig(Section):
         "client reads about 6 documents: size it to 6x the fleet); 0 = no cache",
     )
     programs: tuple[Sep2ProgramConfig, ...] = ()
+    aggregators: tuple[Sep2AggregatorConfig, ...] = ()
     state_file: Path | None = Field(
         default=None,
         description="SQLite file keeping what the server serves (EndDevice and DERProgram ids, "
@@ -388,6 +412,9 @@ class Sep2ServerConfig(Section):
         groups = [p.group_id for p in self.programs]
         if len(set(groups)) != len(groups):
             raise ValueError("programs: a group_id appears twice")
+        aggregators = [a.lfdi.upper() for a in self.aggregators]
+        if len(set(aggregators)) != len(aggregators):
+            raise ValueError("aggregators: an LFDI appears twice")
         return self
 
 
@@ -882,6 +909,10 @@ class Sep2Server:
         self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
+        self._aggregators = {
+            normalize_lfdi(a.lfdi): tuple(dict.fromkeys(normalize_lfdi(e) for e in a.end_devices))
+            for a in config.aggregators
+        }
         self._early_defaults: dict[str, Sep2DefaultEnvelope] = {}
         self.poll_rate_s = config.poll_rate_s
         self.der_poll_rate_s = config.der_poll_rate_s
@@ -912,6 +943,8 @@ class Sep2Server:
         if lfdi in self._by_lfdi:
             other = self._by_lfdi[lfdi].enrollment.device_id
             raise ValueError(f"LFDI {lfdi} of {enrollment.device_id!r} is already {other!r}'s")
+        if lfdi in self._aggregators:
+            raise ValueError(f"LFDI {lfdi} of {enrollment.device_id!r} is an aggregator's")
         groups = enrollment.groups or (f"device:{enrollment.device_id}",)
         now = int(self._clock())
         der = _Der(
@@ -2158,12 +2191,30 @@ class Sep2Server:
         return lfdi, der
 
     def _own(self, request: web.Request) -> _Der:
-        """The client's own DER, if ``{e}`` in the path is its EndDevice; 403 otherwise."""
+        """The client's own DER, if ``{e}`` in the path is its EndDevice (or one an aggregator
+        client acts for); 403 otherwise."""
         lfdi, der = self._client(request)
         edev = int(request.match_info["e"])
+        if der is None and lfdi in self._aggregators:
+            der = next((d for d in self._aggregated(lfdi) if d.edev_id == edev), None)
         if der is None or der.edev_id != edev:
             raise _forbidden(lfdi)
         return der
+
+    def _aggregated(self, lfdi: str | None) -> list[_Der]:
+        """The enrolled EndDevices an aggregator client acts for, by EndDevice id."""
+        lfdis = self._aggregators.get(lfdi or "", ())
+        found = [self._by_lfdi[x] for x in lfdis if x in self._by_lfdi]
+        return sorted(found, key=lambda d: d.edev_id)
+
+    def _uncached(self, request: web.Request, model: Sep2Model) -> web.Response:
+        """An aggregator's DeviceCapability / EndDeviceList: built for each request (the cache
+        keys a document by one EndDevice; an aggregator's spans several)."""
+        del request
+        return web.Response(
+            body=encode(model, csipaus=self.config.csipaus),
+            headers={"Content-Type": MEDIA_TYPE},
+        )
 
     def _paging(self, request: web.Request) -> tuple[int, int, int | None]:
         def number(name: str) -> int | None:
@@ -2203,7 +2254,18 @@ class Sep2Server:
     # ----------------------------------------------------------------------- discovery
 
     async def _get_dcap(self, request: web.Request) -> web.Response:
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
+        if der is None and lfdi in self._aggregators:
+            return self._uncached(
+                request,
+                DeviceCapability(
+                    href="/dcap",
+                    poll_rate=self.poll_rate_s,
+                    time_link=Link(href="/tm"),
+                    end_device_list_link=ListLink(href="/edev", all=len(self._aggregated(lfdi))),
+                    mirror_usage_point_list_link=ListLink(href="/mup", all=0),
+                ),
+            )
 
         def build(_now: int) -> tuple[Sep2Model, None]:
             mirrors = 0 if der is None else len(der.mirrors)
@@ -2253,7 +2315,21 @@ class Sep2Server:
         )
 
     async def _get_edev_list(self, request: web.Request) -> web.Response:
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
+        if der is None and lfdi in self._aggregators:
+            start, limit, _ = self._paging(request)
+            every = self._aggregated(lfdi)
+            page = tuple(self._end_device(d) for d in every[start : start + limit])
+            return self._uncached(
+                request,
+                EndDeviceList(
+                    href="/edev",
+                    all=len(every),
+                    results=len(page),
+                    poll_rate=self.poll_rate_s,
+                    items=page,
+                ),
+            )
         return self._list(
             request,
             der,
@@ -2355,8 +2431,9 @@ class Sep2Server:
                 else ListLink(href=f"{der.base_href}/tp", all=len(view.profiles))
             ),
             time_link=Link(href="/tm"),
-            # FSA 1 keeps the mRID the EndDevice's only FSA had before there were several.
-            mrid=_mrid(4, der.edev_id | (fsa_id - 1) << 40, self.config.iana_pen),
+            # One group's assignment: the same mRID under every EndDevice it is made to (as
+            # its DERProgram's), so an aggregator sees one FSA shared by its EndDevices.
+            mrid=_mrid(4, program.program_id, self.config.iana_pen),
             description=program.description,
         )
 

@@ -9,6 +9,7 @@ its FunctionSetAssignmentsList are told; FSA ids outlive a restart (real SQLite)
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,20 +19,31 @@ import pytest
 from adapters.sep2_client.client import Sep2Client, Sep2ClientConfig
 from adapters.sep2_der.der import Sep2Der, Sep2DerEndpoint
 from adapters.sep2_der.server import Sep2DefaultEnvelope, Sep2Server, Sep2TlsConfig
-from composition.certs import describe
+from composition.certs import describe, make_ca, make_cert
 from composition.config import parse_config
 from gateway.core import Gateway
 from protocols.sep2 import (
     DERControlBase,
+    DERControlList,
     DERProgram,
     DERProgramList,
+    DeviceCapability,
     EndDevice,
+    EndDeviceList,
     FunctionSetAssignments,
     FunctionSetAssignmentsList,
     from_watts,
 )
 from protocols.tls import client_ssl_context
-from tests.adapters.sep2_der.test_server import LFDI_A, Client, Pki, _config, pki
+from tests.adapters.sep2_der.test_server import (
+    LFDI_A,
+    LFDI_B,
+    LFDI_STRANGER,
+    Client,
+    Pki,
+    _config,
+    pki,
+)
 from tests.adapters.sep2_der.test_server_subscriptions import Receiver, receiver
 from tests.adapters.sep2_der.test_server_subscriptions import _subscription as subscription
 from tests.gateway.test_audit_core import Acks
@@ -259,3 +271,76 @@ async def test_fsa_ids_survive_a_restart(session: aiohttp.ClientSession, tmp_pat
         assert [href for href, _ in after] == [href for href, _ in before]
     finally:
         await second.stop()
+
+
+def _response(lfdi: str, mrid: str) -> bytes:
+    return (
+        '<DERControlResponse xmlns="urn:ieee:std:2030.5:ns">'
+        f"<createdDateTime>{int(time.time())}</createdDateTime>"
+        f"<endDeviceLFDI>{lfdi}</endDeviceLFDI><status>2</status>"
+        f"<subject>{mrid}</subject></DERControlResponse>"
+    ).encode()
+
+
+async def test_an_aggregator_certificate_lists_and_answers_for_its_end_devices(
+    tmp_path: Path,
+) -> None:
+    """CSIP-AUS P-01: one aggregator client (its own certificate, configured with the LFDIs it
+    acts for) finds both its EndDevices in its EndDeviceList, the feeder's FSA and program
+    under each with the same mRIDs, each EndDevice's control, and answers each under that
+    EndDevice; a third EndDevice stays out of its reach."""
+    ca = make_ca(tmp_path / "ca")
+    server_cert = make_cert(ca, tmp_path / "ca", "gateway", server=True)
+    aggregator_cert = make_cert(ca, tmp_path / "ca", "aggregator")
+    aggregator_lfdi, _ = describe(aggregator_cert.cert_path)
+    tls = Sep2TlsConfig(
+        cert_file=server_cert.cert_path, key_file=server_cert.key_path, ca_file=ca.cert_path
+    )
+    config = _config(
+        dev_lfdi_header=None,
+        tls=tls,
+        aggregators=({"lfdi": aggregator_lfdi, "end_devices": (LFDI_A, LFDI_B.lower())},),
+    )
+    recorded: list[str] = []
+    server = Sep2Server(config, on_response=lambda record: recorded.append(record.device_id))
+    ders = [
+        Sep2Der(device, Sep2DerEndpoint(lfdi=lfdi), server=server, groups=("feeder:f1",))
+        for device, lfdi in (("bat-a", LFDI_A), ("bat-b", LFDI_B), ("bat-c", LFDI_STRANGER))
+    ]
+    await ders[0].connect()
+    ssl_ctx = client_ssl_context(aggregator_cert.cert_path, aggregator_cert.key_path, ca.cert_path)
+    try:
+        for device in ("bat-a", "bat-b", "bat-c"):
+            server.publish(
+                device,
+                DERControlBase(op_mod_exp_lim_w=from_watts(0), op_mod_imp_lim_w=from_watts(0)),
+                power_kw=None,
+                group_id="feeder:f1",
+            )
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx)) as s:
+            c = Client(s, server.url, None)
+            dcap = await c.get_as(DeviceCapability, "/dcap")
+            assert dcap.end_device_list_link is not None
+            assert dcap.end_device_list_link.all == 2
+            edevs = await c.get_as(EndDeviceList, "/edev?l=10")
+            assert [e.lfdi for e in edevs.items] == [LFDI_A, LFDI_B]
+            fsa_mrids = set()
+            pairs = zip(edevs.items, ((LFDI_A, "bat-a"), (LFDI_B, "bat-b")), strict=True)
+            for edev, (lfdi, device) in pairs:
+                walked = await _walk(c, edev.href or "")
+                fsas = await c.get_as(FunctionSetAssignmentsList, f"{edev.href}/fsa?l=10")
+                fsa_mrids |= {f.mrid for f in fsas.items}
+                (program,) = walked[0][1]
+                assert program.der_control_list_link is not None
+                controls = await c.get_as(DERControlList, program.der_control_list_link.href)
+                (control,) = controls.items
+                assert control.reply_to is not None
+                answer = _response(lfdi, control.mrid)
+                status, _, _ = await c.request("POST", control.reply_to, answer)
+                assert status == 201
+                assert recorded[-1] == device
+            assert len(fsa_mrids) == 1  # the feeder's FSA, shared by both EndDevices
+            status, _, _ = await c.request("GET", server.edev_href("bat-c"))
+            assert status == 403
+    finally:
+        await server.stop()
