@@ -2263,7 +2263,9 @@ class Sep2Server:
                     poll_rate=self.poll_rate_s,
                     time_link=Link(href="/tm"),
                     end_device_list_link=ListLink(href="/edev", all=len(self._aggregated(lfdi))),
-                    mirror_usage_point_list_link=ListLink(href="/mup", all=0),
+                    mirror_usage_point_list_link=ListLink(
+                        href="/mup", all=sum(len(d.mirrors) for d in self._aggregated(lfdi))
+                    ),
                 ),
             )
 
@@ -3209,9 +3211,11 @@ class Sep2Server:
         """The client's own MUP. Anything else is 404, not 403: MUP ids are not per-device, and
         after a gateway restart (state is in memory) a client's old href may be unknown or even
         another client's; 404 is what tells a client to POST its MirrorUsagePoint again."""
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
         found = self._mirrors.get(int(request.match_info["m"]))
-        if der is None or found is None or found[0] is not der:
+        if found is None or not (
+            found[0] is der or (der is None and found[0] in self._aggregated(lfdi))
+        ):
             raise _HttpError(404, "no such MirrorUsagePoint for this client")
         return found
 
@@ -3228,8 +3232,22 @@ class Sep2Server:
         )
 
     async def _get_mup_list(self, request: web.Request) -> web.Response:
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
         start, limit, after = self._paging(request)
+        if der is None and lfdi in self._aggregators:  # its EndDevices' MirrorUsagePoints
+            every = [m for d in self._aggregated(lfdi) for m in d.mirrors.values()]
+            every.sort(key=lambda m: m.mup_id)
+            page = tuple(self._mirror_view(m) for m in every[start : start + limit])
+            return self._uncached(
+                request,
+                MirrorUsagePointList(
+                    href="/mup",
+                    all=len(every),
+                    results=len(page),
+                    poll_rate=self.post_rate_s,
+                    items=page,
+                ),
+            )
 
         def build(_now: int) -> tuple[Sep2Model, None]:
             mirrors = [] if der is None else sorted(der.mirrors.values(), key=lambda m: m.mup_id)
@@ -3251,6 +3269,9 @@ class Sep2Server:
     async def _post_mup(self, request: web.Request) -> web.Response:
         lfdi, der = self._client(request)
         posted = await self._body(request, MirrorUsagePoint)
+        if der is None and lfdi in self._aggregators:  # for the EndDevice it names
+            named = [d for d in self._aggregated(lfdi) if same_lfdi(posted.device_lfdi, d.lfdi)]
+            der = named[0] if named else None
         if der is None:
             raise _forbidden(lfdi)
         if not same_lfdi(posted.device_lfdi, der.lfdi):

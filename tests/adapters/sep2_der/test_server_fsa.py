@@ -32,6 +32,7 @@ from protocols.sep2 import (
     EndDeviceList,
     FunctionSetAssignments,
     FunctionSetAssignmentsList,
+    MirrorUsagePointList,
     from_watts,
 )
 from protocols.tls import client_ssl_context
@@ -219,20 +220,27 @@ async def test_a_device_moved_to_another_feeder_gets_its_fsa_and_subscribers_are
             power_kw=-2,
             group_id="feeder:f1",
         )
-        status, _, _ = await c.request(
-            "POST", f"{edev}/sub", subscription(f"{edev}/fsa", receiver.url + "/fsa")
-        )
-        assert status == 201
+        for resource in (f"{edev}/fsa", f"{edev}/derp"):
+            status, _, _ = await c.request(
+                "POST", f"{edev}/sub", subscription(resource, receiver.url + "/n")
+            )
+            assert status == 201
 
         moved: Device = devices[0].model_copy(
             update={"location": TopologyLocation(substation="s1", feeder="f2")}
         )
         gateway.update_device(moved)
 
-        note = await receiver.next()
-        assert note.subscribed_resource == f"{edev}/fsa"
-        assert isinstance(note.resource, FunctionSetAssignmentsList)
-        notified = [f.href for f in note.resource.items]
+        notes = {}
+        while set(notes) != {f"{edev}/fsa", f"{edev}/derp"}:
+            note = await receiver.next()
+            notes[note.subscribed_resource] = note.resource  # (the last of each)
+        fsa_list, program_list = notes[f"{edev}/fsa"], notes[f"{edev}/derp"]
+        assert isinstance(fsa_list, FunctionSetAssignmentsList)
+        notified = [f.href for f in fsa_list.items]
+        # F2's program, made at run time for the move, reaches the DERProgramList's subscriber.
+        assert isinstance(program_list, DERProgramList)
+        assert [p.description for p in program_list.items] == ["substation:s1", "feeder:f2"]
         after = await _walk(c, edev)
         assert notified == [href for href, _ in after]
         assert _names(after) == [["substation:s1"], ["feeder:f2"]]
@@ -271,6 +279,23 @@ async def test_fsa_ids_survive_a_restart(session: aiohttp.ClientSession, tmp_pat
         assert [href for href, _ in after] == [href for href, _ in before]
     finally:
         await second.stop()
+
+
+def _mup(lfdi: str) -> bytes:
+    reading_type = (
+        "<ReadingType><accumulationBehaviour>12</accumulationBehaviour><commodity>1</commodity>"
+        "<dataQualifier>2</dataQualifier><flowDirection>1</flowDirection>"
+        "<intervalLength>300</intervalLength><kind>37</kind><phase>0</phase>"
+        "<powerOfTenMultiplier>0</powerOfTenMultiplier><uom>38</uom></ReadingType>"
+    )
+    return (
+        '<MirrorUsagePoint xmlns="urn:ieee:std:2030.5:ns">'
+        f"<mRID>{lfdi[:24]}20000000</mRID><description>DER</description>"
+        "<roleFlags>49</roleFlags><serviceCategoryKind>0</serviceCategoryKind><status>1</status>"
+        f"<deviceLFDI>{lfdi}</deviceLFDI><MirrorMeterReading><mRID>{lfdi[:24]}20000001</mRID>"
+        f"<description>DER active power avg</description>{reading_type}</MirrorMeterReading>"
+        "</MirrorUsagePoint>"
+    ).encode()
 
 
 def _response(lfdi: str, mrid: str) -> bytes:
@@ -340,6 +365,14 @@ async def test_an_aggregator_certificate_lists_and_answers_for_its_end_devices(
                 assert status == 201
                 assert recorded[-1] == device
             assert len(fsa_mrids) == 1  # the feeder's FSA, shared by both EndDevices
+            # It mirrors telemetry for the EndDevice a MirrorUsagePoint names, and no other.
+            status, headers, _ = await c.request("POST", "/mup", _mup(LFDI_B))
+            assert status == 201
+            mups = await c.get_as(MirrorUsagePointList, "/mup?l=10")
+            assert [m.href for m in mups.items] == [headers["Location"]]
+            assert mups.items[0].device_lfdi == LFDI_B
+            status, _, _ = await c.request("POST", "/mup", _mup(LFDI_STRANGER))
+            assert status == 403
             status, _, _ = await c.request("GET", server.edev_href("bat-c"))
             assert status == 403
     finally:
