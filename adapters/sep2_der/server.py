@@ -1008,8 +1008,8 @@ class Sep2Server:
         if member.device_program is not None:
             wanted = {member.device_program.group_id: None, **dict.fromkeys(groups)}
         programs = [self._program(g) for g in wanted]
-        if [p.program_id for p in programs] == [p.program_id for p in member.programs]:
-            return False
+        if {p.program_id for p in programs} == {p.program_id for p in member.programs}:
+            return False  # the same groups (perhaps listed in another order): nothing moved
         member.programs = programs
         now = self._now()
         for control in der.controls:

@@ -250,6 +250,9 @@ async def test_a_device_moved_to_another_feeder_gets_its_fsa_and_subscribers_are
         status, _, _ = await c.request("GET", before[0][0])
         assert status == 404
         assert server.snapshot("bat-a").active_control is None  # F1's control went with F1
+        # The same groups told again, in another order (the core tells every update): no move.
+        assert not server.regroup("bat-a", ("feeder:f2", "substation:s1"))
+        assert await _walk(c, edev) == after
     finally:
         await server.stop()
 
