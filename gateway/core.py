@@ -55,6 +55,7 @@ from gateway.devices import (
     AdapterError,
     DeviceAdapter,
     DispatchNotice,
+    Regroups,
     ReportsOnItsOwnSchedule,
     Retires,
     TakesNotice,
@@ -545,6 +546,13 @@ class Gateway:
         for device in devices:
             self.registry.replace(device)
         self._regroup_for_estimation(devices)
+        groups = self.registry.groups()
+        for device in devices:
+            supervisor = self.supervisors.get(device.device_id)
+            if supervisor is not None and isinstance(supervisor.adapter, Regroups):
+                supervisor.adapter.regroup(
+                    tuple(gid for gid, g in groups.items() if g.contains(device))
+                )
         self._wake.set()
 
     def _regroup_for_estimation(self, devices: Sequence[Device]) -> None:

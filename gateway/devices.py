@@ -132,6 +132,14 @@ class Retires(Protocol):
 
 
 @runtime_checkable
+class Regroups(Protocol):
+    """It serves its device's topology groups to the device (a 2030.5 server's programs per
+    group): told the device's groups whenever the registry gives it a new record."""
+
+    def regroup(self, groups: tuple[str, ...]) -> None: ...
+
+
+@runtime_checkable
 class Registrar(Protocol):
     """What an endpoint that enrols devices needs from the core (the OCPP central, the OpenADR
     VTN): a device discovered at run time, and a refusal reported after a setpoint was handed

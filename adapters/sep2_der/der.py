@@ -177,6 +177,11 @@ class Sep2Der:
     def server(self) -> Sep2Server:
         return self._server
 
+    def regroup(self, groups: tuple[str, ...]) -> None:
+        """The device's new topology groups (the registry moved it): its programs and its
+        EndDevice's FunctionSetAssignments follow on the server at once."""
+        self._server.regroup(self._device_id, groups)
+
     def responses(self) -> tuple[Sep2ResponseRecord, ...]:
         """Responses the device's client posted for this device's controls, oldest first."""
         return self._server.responses(self._device_id)

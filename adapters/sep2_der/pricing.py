@@ -120,6 +120,14 @@ class TariffBook:
                 return found
         return {}
 
+    def scope_for(self, groups: Sequence[str]) -> str | None:
+        """The one of ``groups`` whose schedules :meth:`for_groups` serves (``*``: the
+        gateway's; None: none at all)."""
+        for scope in [*(g for g in groups if g != GATEWAY_SCOPE), GATEWAY_SCOPE]:
+            if any((scope, kind.value) in self._held for kind in PriceKind):
+                return scope
+        return None
+
     def replaced(self, profiles: dict[int, PriceSchedule]) -> dict[int, PriceSchedule]:
         """Profile id → the schedule the held one replaced, if any (its intervals not yet over
         are served cancelled / superseded, under the mRIDs the client knows them by)."""

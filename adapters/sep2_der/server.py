@@ -8,7 +8,9 @@ setpoint into a DERControl here (``publish`` / ``release``) and reads back what 
 Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id)::
 
     /dcap  /tm  /edev  /edev/{e}  /edev/{e}/rg
-    /edev/{e}/fsa[/1[/derp]]            one FunctionSetAssignments per device
+    /edev/{e}/fsa[/{f}[/derp]]          one FunctionSetAssignments per program of the device
+                                        (its own, its feeder's, its substation's ...), by
+                                        primacy; ids kept per EndDevice (and across restarts)
     /edev/{e}/derp/{p}[/derc[/{c}] | /actderc | /dderc]
                                         one DERProgram per topology group of the device
     /edev/{e}/der[/{d}[/derp|/dercap|/derg|/ders|/dera]]
@@ -26,11 +28,13 @@ Resource tree (hrefs are server-relative; ``{e}`` is the client's EndDevice id):
                                         (``adapters.sep2_der.drlc``; ``publish_load_control``)
 
 Who is asking: the LFDI of the TLS client certificate (or, for plain-HTTP development only, a
-configured header). A client sees only its own EndDevice; another client's EndDevice tree
-answers 403 as envoy does (unknown EndDevice ids too, so ids cannot be probed), another client's
-MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5 ``<Error>`` body, every body is
-``application/sep+xml`` with no charset parameter, and a request that fails changes nothing:
-bodies are read with a size limit and a timeout and decoded completely before any state changes.
+configured header). A client sees only its own EndDevice (an aggregator's certificate, configured
+in ``aggregators``, the EndDevices it acts for: its ``/edev`` lists them); another client's
+EndDevice tree answers 403 as envoy does (unknown EndDevice ids too, so ids cannot be
+probed), another client's MirrorUsagePoint 404 (see ``_own_mirror``). Every error is a 2030.5
+``<Error>`` body, every body is ``application/sep+xml`` with no charset parameter, and a request
+that fails changes nothing: bodies are read with a size limit and a timeout and decoded
+completely before any state changes.
 
 Subscriptions: a client may subscribe to its own EndDeviceList, FunctionSetAssignmentsList,
 TariffProfileList (a new price schedule for it), DERProgramLists, DERPrograms, DERControlLists
@@ -155,6 +159,7 @@ __all__ = [
     "PowerSample",
     "PublishedControl",
     "ResponseCacheInfo",
+    "Sep2AggregatorConfig",
     "Sep2DefaultEnvelope",
     "Sep2Enrollment",
     "Sep2ProgramConfig",
@@ -203,14 +208,16 @@ RESPONSE_STATUS: Final = {
 }
 _RESPONSE_REQUIRED: Final = "03"  # message received + specific response (started/completed/...)
 _RSPS_ID: Final = 1  # one ResponseSet per device: DER controls
-_FSA_ID: Final = 1
 _INT_QUERY: Final = re.compile(r"^[0-9]{1,10}$")
 _EDEV_PATH: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/|$)")
 _SUBSCRIBABLE: Final = re.compile(
     r"^/edev/([0-9]{1,10})/derp/([0-9]{1,10})(?:/(derc|actderc|dderc))?$"
 )
 # A DERProgramList, as listed under the EndDevice, its FunctionSetAssignments or its DER.
-_SUBSCRIBABLE_PROGRAMS: Final = re.compile(r"^/edev/([0-9]{1,10})(?:/fsa/1|/der/[0-9]{1,3})?/derp$")
+_SUBSCRIBABLE_PROGRAMS: Final = re.compile(
+    r"^/edev/([0-9]{1,10})(?:/fsa/[0-9]{1,10}|/der/[0-9]{1,3})?/derp$"
+)
+_ONE_FSAS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/fsa/([0-9]{1,10})/derp$")
 _SUBSCRIBABLE_LOAD_CONTROLS: Final = re.compile(r"^/edev/[0-9]{1,10}/drp/1/(edc|actedc)$")
 _ONE_DERS_PROGRAMS: Final = re.compile(r"^/edev/[0-9]{1,10}/der/([0-9]{1,3})/derp$")
 _ENCODING_XML: Final = 0
@@ -291,6 +298,26 @@ class Sep2ProgramConfig(Section):
     )
 
 
+class Sep2AggregatorConfig(Section):
+    """An aggregator's client certificate (CSIP-AUS P-01): its EndDeviceList lists the
+    EndDevices named here, and it reads and answers for each of them as that EndDevice would."""
+
+    lfdi: str = Field(pattern=r"^[0-9A-Fa-f]{40}$", description="LFDI of its client certificate")
+    end_devices: tuple[str, ...] = Field(
+        min_length=1, max_length=1000, description="LFDIs of the EndDevices it acts for"
+    )
+
+    @model_validator(mode="after")
+    def _lfdis(self) -> Sep2AggregatorConfig:
+        pattern = re.compile(r"^[0-9A-Fa-f]{40}$")
+        bad = [lfdi for lfdi in self.end_devices if not pattern.match(lfdi)]
+        if bad:
+            raise ValueError(f"end_devices: {bad[0]!r} is not an LFDI (40 hex digits)")
+        if self.lfdi.upper() in {lfdi.upper() for lfdi in self.end_devices}:
+            raise ValueError("an aggregator is not one of its own EndDevices")
+        return self
+
+
 class Sep2ServerConfig(Section):
     """The ``[sep2_server]`` section."""
 
@@ -331,7 +358,14 @@ class Sep2ServerConfig(Section):
     max_mirror_points: int = Field(default=8, ge=1, le=256, description="MUPs per client")
     max_readings_per_point: int = Field(default=32, ge=1, le=1024)
     unlisted_group_primacy: int = Field(
-        default=100, ge=0, le=255, description="Primacy of groups without a [[programs]] entry"
+        default=100,
+        ge=0,
+        le=255,
+        description=(
+            "Primacy of groups without a [[programs]] entry, plus one step per topology level "
+            "from the device's own program up (device +0, transformer +1, feeder section +2, "
+            "feeder +3, substation +4, other groups +5): no two of a device's programs tie"
+        ),
     )
     iana_pen: int = Field(default=0, ge=0, le=0xFFFF_FFFF, description="Goes into every mRID")
     notification_hosts: tuple[str, ...] = Field(
@@ -358,6 +392,7 @@ class Sep2ServerConfig(Section):
         "client reads about 6 documents: size it to 6x the fleet); 0 = no cache",
     )
     programs: tuple[Sep2ProgramConfig, ...] = ()
+    aggregators: tuple[Sep2AggregatorConfig, ...] = ()
     state_file: Path | None = Field(
         default=None,
         description="SQLite file keeping what the server serves (EndDevice and DERProgram ids, "
@@ -377,6 +412,9 @@ class Sep2ServerConfig(Section):
         groups = [p.group_id for p in self.programs]
         if len(set(groups)) != len(groups):
             raise ValueError("programs: a group_id appears twice")
+        aggregators = [a.lfdi.upper() for a in self.aggregators]
+        if len(set(aggregators)) != len(aggregators):
+            raise ValueError("aggregators: an LFDI appears twice")
         return self
 
 
@@ -562,6 +600,10 @@ class _Der:
     members: list[_Der] = field(default_factory=list)  # further DERs of this EndDevice
     device_program: _Program | None = None  # its own program, when the EndDevice has several
     load_controls: list[drlc.LoadControl] = field(default_factory=list)  # DRLC, in memory
+    # FunctionSetAssignments ids of the EndDevice (on the host): group_id -> id, never reused
+    # for another group of this EndDevice; the groups it left keep theirs should it come back.
+    fsa_ids: dict[str, int] = field(default_factory=dict)
+    next_fsa: int = 1
 
     @property
     def ders(self) -> list[_Der]:
@@ -708,6 +750,23 @@ def _forbidden(lfdi: str | None) -> _HttpError:
     return _HttpError(403, f"{who} is not scoped to access this resource")
 
 
+# The narrower the group, the lower (stronger) the primacy of its unlisted program.
+_LEVEL_STEP: Final = {
+    "device": 0,
+    "transformer": 1,
+    "feeder_section": 2,
+    "feeder": 3,
+    "substation": 4,
+}
+
+
+def _unlisted_primacy(group_id: str, base: int) -> int:
+    """A group without a [[programs]] entry: ``base`` plus its topology level's step, so the
+    programs of one device (one group per level) never tie by accident."""
+    step = _LEVEL_STEP.get(group_id.split(":", 1)[0], len(_LEVEL_STEP))
+    return min(255, base + step)
+
+
 def _mrid(kind: int, number: int, pen: int) -> str:
     """An mRID like envoy's: kind nibble, a number, the IANA PEN in the last 8 digits."""
     return f"{kind:01x}{number:023x}{pen:08x}"
@@ -850,6 +909,10 @@ class Sep2Server:
         self._quota_logged: set[str] = set()
         self._generations = itertools.count(1)
         self._configured = {p.group_id: p for p in config.programs}
+        self._aggregators = {
+            normalize_lfdi(a.lfdi): tuple(dict.fromkeys(normalize_lfdi(e) for e in a.end_devices))
+            for a in config.aggregators
+        }
         self._early_defaults: dict[str, Sep2DefaultEnvelope] = {}
         self.poll_rate_s = config.poll_rate_s
         self.der_poll_rate_s = config.der_poll_rate_s
@@ -880,6 +943,8 @@ class Sep2Server:
         if lfdi in self._by_lfdi:
             other = self._by_lfdi[lfdi].enrollment.device_id
             raise ValueError(f"LFDI {lfdi} of {enrollment.device_id!r} is already {other!r}'s")
+        if lfdi in self._aggregators:
+            raise ValueError(f"LFDI {lfdi} of {enrollment.device_id!r} is an aggregator's")
         groups = enrollment.groups or (f"device:{enrollment.device_id}",)
         now = int(self._clock())
         der = _Der(
@@ -896,6 +961,8 @@ class Sep2Server:
         saved = None if self._stored is None else self._stored.devices.get(enrollment.device_id)
         if saved is not None:  # enrolled after the state was loaded: its saved tree back
             self._restore_der(der, saved)
+        self._assign_fsas(der)
+        self._warn_ties(der)
         self._ders[enrollment.device_id] = der
         self._by_lfdi[lfdi] = der
         self._by_edev[der.edev_id] = der
@@ -924,8 +991,78 @@ class Sep2Server:
         )
         host.members.append(member)
         self._ders[enrollment.device_id] = member
+        self._assign_fsas(host)
         self._touch(host)
+        self._mark(host)
         self._mark(member)
+
+    def regroup(self, device_id: str, groups: tuple[str, ...]) -> bool:
+        """The device's topology groups changed (the registry moved it to another feeder, say):
+        its programs, and so its EndDevice's FunctionSetAssignments, follow at once, and the
+        subscribers of its FunctionSetAssignmentsList, EndDeviceList, DERProgramLists and
+        TariffProfileList are told. A control of a program the device left is cancelled (its
+        client no longer sees that program; the next cycle plans the device anew). Returns
+        whether anything changed."""
+        der, member = self._hosting(device_id)
+        wanted = dict.fromkeys(groups or (f"device:{device_id}",))
+        if member.device_program is not None:
+            wanted = {member.device_program.group_id: None, **dict.fromkeys(groups)}
+        programs = [self._program(g) for g in wanted]
+        if {p.program_id for p in programs} == {p.program_id for p in member.programs}:
+            return False  # the same groups (perhaps listed in another order): nothing moved
+        member.programs = programs
+        now = self._now()
+        for control in der.controls:
+            if (
+                control.device_id == device_id
+                and control.status is None
+                and not any(p.program_id == control.program_id for p in programs)
+            ):
+                control.status = STATUS_CANCELLED
+                control.status_time = now
+        self._assign_fsas(der)
+        self._warn_ties(member)
+        log.info(
+            "2030.5 EndDevice %s of %s regrouped: programs %s",
+            der.base_href,
+            device_id,
+            ", ".join(p.group_id for p in programs),
+        )
+        self._mark(member)
+        self._changed(der)
+        self._notify_lists(der, ("fsal", "edevl", "derpl", "tpl"))
+        return True
+
+    def _assign_fsas(self, host: _Der) -> None:
+        """Give each program of ``host``'s EndDevice its FunctionSetAssignments id (once)."""
+        for program in sorted(host.edev_programs(), key=lambda p: (p.primacy, p.program_id)):
+            if program.group_id not in host.fsa_ids:
+                host.fsa_ids[program.group_id] = host.next_fsa
+                host.next_fsa += 1
+        host.next_fsa = max(host.next_fsa, max(host.fsa_ids.values(), default=0) + 1)
+
+    @staticmethod
+    def _warn_ties(der: _Der) -> None:
+        """Two of a device's programs at one primacy leave the client to break the tie (by
+        creation time, then by the tighter limit): configured that way, say so once."""
+        seen: dict[int, str] = {}
+        for program in der.programs:
+            other = seen.setdefault(program.primacy, program.group_id)
+            if other != program.group_id:
+                log.warning(
+                    "2030.5: %s is in programs %s and %s of equal primacy %d: its client breaks "
+                    "the tie (the newer control, then the tighter limit)",
+                    der.enrollment.device_id,
+                    other,
+                    program.group_id,
+                    program.primacy,
+                )
+
+    def _fsas(self, host: _Der) -> list[tuple[int, _Program]]:
+        """The EndDevice's FunctionSetAssignments, strongest program first: a client walking
+        them in order meets the programs in the order one list of them would give."""
+        programs = sorted(host.edev_programs(), key=lambda p: (p.primacy, p.program_id))
+        return [(host.fsa_ids[p.group_id], p) for p in programs if p.group_id in host.fsa_ids]
 
     def _program(self, group_id: str) -> _Program:
         program = self._programs.get(group_id)
@@ -938,7 +1075,11 @@ class Sep2Server:
         program = _Program(
             program_id=self._next_program if saved is None else saved.program_id,
             group_id=group_id,
-            primacy=configured.primacy if configured else self.config.unlisted_group_primacy,
+            primacy=(
+                configured.primacy
+                if configured
+                else _unlisted_primacy(group_id, self.config.unlisted_group_primacy)
+            ),
             description=(configured.description if configured else "") or group_id[:32],
             default_base=_default_base(default),
             set_grad_w=_grad_w(default),
@@ -1133,6 +1274,16 @@ class Sep2Server:
 
     def _restore_der(self, der: _Der, saved: StoredDevice) -> None:
         der.edev_id = saved.edev_id
+        fsa = saved.body.get("fsa")
+        if isinstance(fsa, dict) and all(
+            isinstance(g, str) and isinstance(f, int) and f > 0 for g, f in fsa.items()
+        ):
+            der.fsa_ids = dict(fsa)
+            next_fsa = saved.body.get("next_fsa")
+            der.next_fsa = next_fsa if isinstance(next_fsa, int) and next_fsa > 0 else 1
+            self._assign_fsas(der)
+        elif fsa is not None:
+            self.unreadable_state_rows += 1
         items = saved.body.get("controls")
         restored: list[_Control] = []
         listed: list[_Control] = []
@@ -1191,6 +1342,8 @@ class Sep2Server:
                 {
                     "lfdi": der.lfdi,
                     "controls": [_control_to_json(c, id(c) in listed) for c in known],
+                    "fsa": dict(der.fsa_ids),
+                    "next_fsa": der.next_fsa,
                 },
             )
         self._dirty_programs = set()
@@ -2038,12 +2191,30 @@ class Sep2Server:
         return lfdi, der
 
     def _own(self, request: web.Request) -> _Der:
-        """The client's own DER, if ``{e}`` in the path is its EndDevice; 403 otherwise."""
+        """The client's own DER, if ``{e}`` in the path is its EndDevice (or one an aggregator
+        client acts for); 403 otherwise."""
         lfdi, der = self._client(request)
         edev = int(request.match_info["e"])
+        if der is None and lfdi in self._aggregators:
+            der = next((d for d in self._aggregated(lfdi) if d.edev_id == edev), None)
         if der is None or der.edev_id != edev:
             raise _forbidden(lfdi)
         return der
+
+    def _aggregated(self, lfdi: str | None) -> list[_Der]:
+        """The enrolled EndDevices an aggregator client acts for, by EndDevice id."""
+        lfdis = self._aggregators.get(lfdi or "", ())
+        found = [self._by_lfdi[x] for x in lfdis if x in self._by_lfdi]
+        return sorted(found, key=lambda d: d.edev_id)
+
+    def _uncached(self, request: web.Request, model: Sep2Model) -> web.Response:
+        """An aggregator's DeviceCapability / EndDeviceList: built for each request (the cache
+        keys a document by one EndDevice; an aggregator's spans several)."""
+        del request
+        return web.Response(
+            body=encode(model, csipaus=self.config.csipaus),
+            headers={"Content-Type": MEDIA_TYPE},
+        )
 
     def _paging(self, request: web.Request) -> tuple[int, int, int | None]:
         def number(name: str) -> int | None:
@@ -2083,7 +2254,20 @@ class Sep2Server:
     # ----------------------------------------------------------------------- discovery
 
     async def _get_dcap(self, request: web.Request) -> web.Response:
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
+        if der is None and lfdi in self._aggregators:
+            return self._uncached(
+                request,
+                DeviceCapability(
+                    href="/dcap",
+                    poll_rate=self.poll_rate_s,
+                    time_link=Link(href="/tm"),
+                    end_device_list_link=ListLink(href="/edev", all=len(self._aggregated(lfdi))),
+                    mirror_usage_point_list_link=ListLink(
+                        href="/mup", all=sum(len(d.mirrors) for d in self._aggregated(lfdi))
+                    ),
+                ),
+            )
 
         def build(_now: int) -> tuple[Sep2Model, None]:
             mirrors = 0 if der is None else len(der.mirrors)
@@ -2122,7 +2306,9 @@ class Sep2Server:
             sfdi=der.sfdi,
             changed_time=der.changed_time,
             enabled=True,
-            function_set_assignments_list_link=ListLink(href=f"{base}/fsa", all=1),
+            function_set_assignments_list_link=ListLink(
+                href=f"{base}/fsa", all=len(self._fsas(der))
+            ),
             registration_link=Link(href=f"{base}/rg") if der.enrollment.pin is not None else None,
             subscription_list_link=ListLink(
                 href=f"{base}/sub", all=len(self._subscriptions_of(der))
@@ -2131,7 +2317,21 @@ class Sep2Server:
         )
 
     async def _get_edev_list(self, request: web.Request) -> web.Response:
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
+        if der is None and lfdi in self._aggregators:
+            start, limit, _ = self._paging(request)
+            every = self._aggregated(lfdi)
+            page = tuple(self._end_device(d) for d in every[start : start + limit])
+            return self._uncached(
+                request,
+                EndDeviceList(
+                    href="/edev",
+                    all=len(every),
+                    results=len(page),
+                    poll_rate=self.poll_rate_s,
+                    items=page,
+                ),
+            )
         return self._list(
             request,
             der,
@@ -2189,31 +2389,73 @@ class Sep2Server:
             der,
             FunctionSetAssignmentsList,
             f"{der.base_href}/fsa",
-            lambda: [self._fsa(der)],
+            lambda: self._fsa_items(der),
             self.poll_rate_s,
         )
 
-    def _fsa(self, der: _Der) -> FunctionSetAssignments:
-        href = f"{der.base_href}/fsa/{_FSA_ID}"
+    def _fsa_items(self, der: _Der) -> list[FunctionSetAssignments]:
+        """One FunctionSetAssignments per program of the EndDevice, strongest first. The
+        EndDevice's DRLC program hangs off the first; its pricing off the FSA of the group whose
+        price schedule it is served (the first FSA for the gateway-wide one), so a client that
+        walks every FSA meets each program and each TariffProfile once."""
+        fsas = self._fsas(der)
+        if not fsas:
+            return []
+        view = self._tariff_view(der)
+        scope = self._tariffs.scope_for([p.group_id for _, p in fsas])
+        priced = next((f for f, p in fsas if p.group_id == scope), fsas[0][0])
+        return [
+            self._fsa(der, fsa_id, program, first=i == 0, view=view if fsa_id == priced else None)
+            for i, (fsa_id, program) in enumerate(fsas)
+        ]
+
+    def _fsa(
+        self,
+        der: _Der,
+        fsa_id: int,
+        program: _Program,
+        *,
+        first: bool,
+        view: TariffView | None,
+    ) -> FunctionSetAssignments:
+        href = f"{der.base_href}/fsa/{fsa_id}"
         return FunctionSetAssignments(
             href=href,
-            der_program_list_link=ListLink(href=f"{href}/derp", all=len(der.programs)),
+            der_program_list_link=ListLink(href=f"{href}/derp", all=1),
             demand_response_program_list_link=(
-                ListLink(href=f"{der.base_href}/drp", all=1) if self._has_loads(der) else None
+                ListLink(href=f"{der.base_href}/drp", all=1)
+                if first and self._has_loads(der)
+                else None
             ),
-            tariff_profile_list_link=ListLink(
-                href=f"{der.base_href}/tp", all=len(self._tariff_view(der).profiles)
+            tariff_profile_list_link=(
+                None
+                if view is None
+                else ListLink(href=f"{der.base_href}/tp", all=len(view.profiles))
             ),
             time_link=Link(href="/tm"),
-            mrid=_mrid(4, der.edev_id, self.config.iana_pen),
-            description="",
+            # One group's assignment: the same mRID under every EndDevice it is made to (as
+            # its DERProgram's), so an aggregator sees one FSA shared by its EndDevices.
+            mrid=_mrid(4, program.program_id, self.config.iana_pen),
+            description=program.description,
         )
+
+    def _one_fsa(self, der: _Der, fsa_id: int) -> FunctionSetAssignments:
+        href = f"{der.base_href}/fsa/{fsa_id}"
+        found = next((f for f in self._fsa_items(der) if f.href == href), None)
+        if found is None:
+            raise _HttpError(404, "no such FunctionSetAssignments")
+        return found
+
+    def _fsa_program(self, der: _Der, fsa_id: int) -> _Program:
+        found = next((p for f, p in self._fsas(der) if f == fsa_id), None)
+        if found is None:
+            raise _HttpError(404, "no such FunctionSetAssignments")
+        return found
 
     async def _get_fsa(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        if int(request.match_info["f"]) != _FSA_ID:
-            raise _HttpError(404, "no such FunctionSetAssignments")
-        return self._cached(request, der, lambda _: (self._fsa(der), None))
+        fsa = self._one_fsa(der, int(request.match_info["f"]))
+        return self._cached(request, der, lambda _: (fsa, None))
 
     # ----------------------------------------------------------------------- pricing (§10.5)
 
@@ -2335,9 +2577,9 @@ class Sep2Server:
 
     async def _get_derp_list(self, request: web.Request) -> web.Response:
         der = self._own(request)
-        if "f" in request.match_info and int(request.match_info["f"]) != _FSA_ID:
-            raise _HttpError(404, "no such FunctionSetAssignments")
         programs = der.edev_programs()
+        if "f" in request.match_info:  # the program of one FunctionSetAssignments
+            programs = [self._fsa_program(der, int(request.match_info["f"]))]
         if "d" in request.match_info:  # the programs associated with one DER
             programs = self._own_der(request).programs
         start, limit, after = self._paging(request)
@@ -2375,6 +2617,10 @@ class Sep2Server:
         if one is not None:  # the programs associated with one DER of the EndDevice
             member = next((d for d in der.ders if d.der_id == int(one.group(1))), der)
             programs = member.programs
+        fsa = _ONE_FSAS_PROGRAMS.match(sub.subscribed_resource)
+        if fsa is not None:  # one FunctionSetAssignments' program (none once it is gone)
+            fsa_id = int(fsa.group(1))
+            programs = [p for f, p in self._fsas(der) if f == fsa_id]
         return self._program_list(der, sub.subscribed_resource, now, 0, sub.limit, programs)
 
     async def _get_derp(self, request: web.Request) -> web.Response:
@@ -2700,6 +2946,9 @@ class Sep2Server:
         if edev is not None and int(edev.group(1)) != der.edev_id:
             raise _forbidden(lfdi)
         if _SUBSCRIBABLE_PROGRAMS.match(resource):
+            fsa = _ONE_FSAS_PROGRAMS.match(resource)
+            if fsa is not None:
+                self._fsa_program(der, int(fsa.group(1)))  # 404 for an FSA it does not have
             return None, "derpl"
         if resource == "/edev":
             return None, "edevl"  # the client's own EndDeviceList
@@ -2786,14 +3035,16 @@ class Sep2Server:
             elif sub.kind == "derpl" and "derpl" in kinds:
                 self._enqueue(sub, self._program_list_model(der, sub.model, self._now()))
             elif sub.kind == "fsal" and "fsal" in kinds:
+                fsas = self._fsa_items(der)
+                page = tuple(fsas[: sub.model.limit])
                 self._enqueue(
                     sub,
                     FunctionSetAssignmentsList(
                         href=f"{der.base_href}/fsa",
-                        all=1,
-                        results=1,
+                        all=len(fsas),
+                        results=len(page),
                         poll_rate=self.poll_rate_s,
-                        items=(self._fsa(der),),
+                        items=page,
                     ),
                 )
         self._notify_wake.set()
@@ -2960,9 +3211,11 @@ class Sep2Server:
         """The client's own MUP. Anything else is 404, not 403: MUP ids are not per-device, and
         after a gateway restart (state is in memory) a client's old href may be unknown or even
         another client's; 404 is what tells a client to POST its MirrorUsagePoint again."""
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
         found = self._mirrors.get(int(request.match_info["m"]))
-        if der is None or found is None or found[0] is not der:
+        if found is None or not (
+            found[0] is der or (der is None and found[0] in self._aggregated(lfdi))
+        ):
             raise _HttpError(404, "no such MirrorUsagePoint for this client")
         return found
 
@@ -2979,8 +3232,22 @@ class Sep2Server:
         )
 
     async def _get_mup_list(self, request: web.Request) -> web.Response:
-        _, der = self._client(request)
+        lfdi, der = self._client(request)
         start, limit, after = self._paging(request)
+        if der is None and lfdi in self._aggregators:  # its EndDevices' MirrorUsagePoints
+            every = [m for d in self._aggregated(lfdi) for m in d.mirrors.values()]
+            every.sort(key=lambda m: m.mup_id)
+            page = tuple(self._mirror_view(m) for m in every[start : start + limit])
+            return self._uncached(
+                request,
+                MirrorUsagePointList(
+                    href="/mup",
+                    all=len(every),
+                    results=len(page),
+                    poll_rate=self.post_rate_s,
+                    items=page,
+                ),
+            )
 
         def build(_now: int) -> tuple[Sep2Model, None]:
             mirrors = [] if der is None else sorted(der.mirrors.values(), key=lambda m: m.mup_id)
@@ -3002,6 +3269,9 @@ class Sep2Server:
     async def _post_mup(self, request: web.Request) -> web.Response:
         lfdi, der = self._client(request)
         posted = await self._body(request, MirrorUsagePoint)
+        if der is None and lfdi in self._aggregators:  # for the EndDevice it names
+            named = [d for d in self._aggregated(lfdi) if same_lfdi(posted.device_lfdi, d.lfdi)]
+            der = named[0] if named else None
         if der is None:
             raise _forbidden(lfdi)
         if not same_lfdi(posted.device_lfdi, der.lfdi):

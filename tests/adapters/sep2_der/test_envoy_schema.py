@@ -197,6 +197,11 @@ async def test_every_served_document_parses_with_envoys_models(
         "ConsumptionTariffInterval",
     }
     assert expected <= set(seen.values()), expected - set(seen.values())
+    # One FunctionSetAssignments per program (feeder F1's, substation S1's), each parsed.
+    fsas = sorted(h for h, t in seen.items() if t == "FunctionSetAssignments")
+    assert len(fsas) == 2
+    assert parsed_by_tag["FunctionSetAssignmentsList"].all_ == 2
+    assert all(seen.get(f"{fsa}/derp") == "DERProgramList" for fsa in fsas)
     # What envoy read is what we meant (not just "it parsed").
     assert parsed_by_tag["Registration"].pIN == 111115
     connection_point = parsed_by_tag["ConnectionPoint"]
@@ -379,6 +384,63 @@ async def test_an_end_device_with_two_ders_parses_with_envoys_models() -> None:
     finally:
         await server.stop()
     assert parsed["DERList"].all_ == 2
+    # Three FSAs (each DER's own program, the feeder's), each parsed.
+    assert sum(1 for t in seen.values() if t == "FunctionSetAssignments") == 3
     assert {h for h, t in seen.items() if t == "DER"} == {f"{edev}/der/1", f"{edev}/der/2"}
     assert sum(1 for t in seen.values() if t == "DERStatus") == 2
+    assert sum(1 for t in seen.values() if t == "DERControl") == 2
+
+
+async def test_an_aggregators_tree_parses_with_envoys_models() -> None:
+    """CSIP-AUS P-01: an aggregator's DeviceCapability and EndDeviceList (two EndDevices) and
+    everything under both, each EndDevice with its feeder's and its substation's FSAs."""
+    aggregator = "A" * 40
+    other = "86441F107B66EBFE65B39FB3D5D7BAAEDA3EA6BF"
+    server = Sep2Server(
+        Sep2ServerConfig.model_validate(
+            {
+                "port": 0,
+                "dev_lfdi_header": HEADER,
+                "csipaus": CsipAusVersion.V1_3,
+                "aggregators": ({"lfdi": aggregator, "end_devices": (LFDI, other)},),
+            }
+        )
+    )
+    ders = [
+        Sep2Der(
+            device,
+            Sep2DerEndpoint(lfdi=lfdi, supports_target_w=True),
+            server=server,
+            groups=groups,
+        )
+        for device, lfdi, groups in (
+            ("bat-a", LFDI, ("substation:s1", "feeder:f1")),
+            ("bat-b", other, ("substation:s1", "feeder:f2")),
+        )
+    ]
+    await ders[0].connect()
+    try:
+        for der in ders:
+            await der.apply(DeviceCommand(device_id=der.device_id, power_kw=-2))
+        async with aiohttp.ClientSession(
+            base_url=server.url,
+            headers={HEADER: aggregator, "Content-Type": MEDIA_TYPE},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as session:
+            for der in ders:  # the aggregator PUTs each EndDevice's DER resources
+                edev = server.edev_href(der.device_id)
+                for kind, fixture in (
+                    ("dercap", "req-der-capability.xml"),
+                    ("derg", "req-der-settings.xml"),
+                    ("ders", "req-der-status.xml"),
+                    ("dera", "req-der-availability.xml"),
+                ):
+                    async with session.put(f"{edev}/der/1/{kind}", data=load(fixture)) as resp:
+                        assert resp.status == 204
+            seen, parsed = await _walk(session, _models())
+    finally:
+        await server.stop()
+    assert parsed["EndDeviceList"].all_ == 2
+    assert sum(1 for t in seen.values() if t == "EndDevice") == 2
+    assert sum(1 for t in seen.values() if t == "FunctionSetAssignments") == 4
     assert sum(1 for t in seen.values() if t == "DERControl") == 2

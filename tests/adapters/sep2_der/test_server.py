@@ -203,12 +203,20 @@ async def test_discovery_walk_follows_hrefs(fleet: Fleet, session: aiohttp.Clien
     fsas = await c.get_as(
         FunctionSetAssignmentsList, edev.function_set_assignments_list_link.href + "?l=10"
     )
-    fsa = await c.get_as(FunctionSetAssignments, fsas.items[0].href or "")
-    assert fsa.der_program_list_link is not None
-    programs = await c.get_as(DERProgramList, fsa.der_program_list_link.href + "?s=0&l=255")
-    assert programs.all == 2
-    by_primacy = [p.primacy for p in programs.items]
+    # One FunctionSetAssignments per program (feeder F1's, substation S1's), strongest first.
+    assert (fsas.all, edev.function_set_assignments_list_link.all) == (2, 2)
+    walked: list[DERProgram] = []
+    for item in fsas.items:
+        fsa = await c.get_as(FunctionSetAssignments, item.href or "")
+        assert fsa == item
+        assert fsa.der_program_list_link is not None
+        listed = await c.get_as(DERProgramList, fsa.der_program_list_link.href + "?s=0&l=255")
+        assert listed.all == 1
+        walked += listed.items
+    by_primacy = [p.primacy for p in walked]
     assert by_primacy == sorted(by_primacy) == [10, 20]
+    programs = await c.get_as(DERProgramList, f"{edev.href}/derp?s=0&l=255")
+    assert [p.href for p in programs.items] == [p.href for p in walked]
     for listed in programs.items:
         program = await c.get_as(DERProgram, listed.href or "")
         assert program == listed

@@ -113,9 +113,17 @@ async def test_one_end_device_lists_both_ders_with_their_own_controls(tmp_path: 
                     DERProgramList, der.associated_der_program_list_link.href + "?l=10"
                 )
                 assert wanted in {p.description for p in associated.items}
-            # The FSA lists every program of the EndDevice.
+            # One FSA per program of the EndDevice (each DER's own, their group's), each
+            # program in exactly one of them.
             fsas = await c.get_as(FunctionSetAssignmentsList, f"{edev}/fsa?l=10")
-            assert len(fsas.items) == 1
+            every = await c.get_as(DERProgramList, f"{edev}/derp?l=10")
+            assert len(fsas.items) == every.all == 3
+            walked: list[str | None] = []
+            for fsa in fsas.items:
+                assert fsa.der_program_list_link is not None
+                listed = await c.get_as(DERProgramList, fsa.der_program_list_link.href)
+                walked += [p.href for p in listed.items]
+            assert walked == [p.href for p in every.items]
             # Each DER's control in force is its own; releasing one leaves the other.
             pv_in_force = server.snapshot("site-pv").active_control
             bat_in_force = server.snapshot("site-bat").active_control
