@@ -35,12 +35,17 @@ explainable to an operator):
   use. ``T_out`` is per interval: the weather forecast of the device's area where it covers the
   interval (:mod:`gateway.weather`), else the configured temperature; each interval of the
   output says which (``temperature_source``). Without any, the history profile, else the
-  current power. Flex down is at most that load
-  (a thermostat cannot shed more than it draws), with an energy budget of
-  ``C × headroom_°C / COP``, where ``headroom_°C = soc_pct/100 × comfort_band_c`` (adapters
-  report comfort headroom in ``soc_pct``); zero headroom or an occupant override (``soc_pct``
-  None) means no flex. Flex up (pre-cooling) is ``rated − load`` with a budget of
-  ``C × precool_c / COP``. The rebound pays the deferred energy back at up to ``rated − load``.
+  current power. A shed raises the setpoint by ``Δ = min(max_offset_c, headroom_°C)``, where
+  ``headroom_°C = soc_pct/100 × comfort_band_c`` (adapters report comfort headroom in
+  ``soc_pct``), what the thermostat adapter's offset mapping does for a full shed. Flex down is
+  then (a) *sustained*, for as long as the window lasts: the change of the steady-state duty,
+  ``load − rated × duty(T_set + Δ)`` ≈ ``load × Δ / (T_out − T_set)``, and (b) on top of it the
+  *transient* of the house coasting up to the new setpoint with the compressor off, an energy
+  budget of ``C × Δ / COP × (1 − Δ / (T_out − T_set))`` spent by the policy; never more than
+  the load. Zero headroom or an occupant override (``soc_pct`` None) means no flex; without an
+  outdoor temperature only the transient. Flex up (pre-cooling) is ``rated − load`` with a
+  budget of ``C × precool_c / COP``. The rebound pays the stored heat back (at most
+  ``C × Δ / COP``, the re-cooling) at up to ``rated − load``; the sustained part is not owed.
 * water heater: same shape with stored energy (``soc_pct`` of ``capacity_kwh``) as the budget.
 * EV charger: plugged in when the charger reports a charge rating > 0; the energy needed and
   the departure are the EV's (``state.ev``). Baseline = charging at
@@ -60,7 +65,13 @@ an interval is then ``Σ B_i c_i`` with independent ``B_i ~ Bernoulli(p_i)``. It
 come from a seeded Monte Carlo over participation draws for small groups (the distribution is
 lumpy and skewed when a few large devices dominate) and from the normal approximation (mean
 ``Σ p c``, variance ``Σ p(1−p) c²``, clipped to ``[0, Σ c]``) for large ones, where it is
-accurate and costs nothing. The baseline band is normal with the summed per-device variances.
+accurate and costs nothing. The models themselves are uncertain too (a house model learnt
+without history, a tank's draw): each class has a relative sd (``flex_cv``: thermostats 0.25,
+so p10..p90 ≈ ±32 %; water heaters 0.2; EVs 0.15; PV 0.1; batteries 0.03), scaled by
+``history_cv_scale`` for a device whose baseline comes from its own history. That error is
+shared by the devices of a class, so it adds linearly (``σ = Σ cv p c``) and then in
+quadrature with the participation spread; the band may pass ``Σ c`` except for batteries,
+whose ratings bound it. The baseline band is normal with the summed per-device variances.
 
 **Checked against delivery.** After each settled dispatch the core asks :class:`FlexCoverage`
 whether the flexibility the group delivered fell within the p10..p90 the forecast in force at
@@ -107,6 +118,15 @@ from unified.weather import WeatherForecast
 
 _Z90 = NormalDist().inv_cdf(0.9)
 _DAY_S = 86_400
+# Relative sd of the modelled flex per class: a house model learnt without history is right
+# to ±25–35 % (p10..p90) for a group; a tank to ±20–25 %; a battery's SoC and ratings are measured.
+_FLEX_CV: dict[DerClass, float] = {
+    DerClass.THERMOSTAT: 0.25,
+    DerClass.WATER_HEATER: 0.2,
+    DerClass.EVSE: 0.15,
+    DerClass.PV: 0.1,
+    DerClass.BATTERY: 0.03,
+}
 
 
 class EnergyPolicy(StrEnum):
@@ -132,14 +152,25 @@ class TemperatureSource(StrEnum):
 
 
 class ThermalParams(Frozen):
-    """First-order house model of a thermostat; defaults match ``simulators.oem_cloud``."""
+    """First-order house model of a thermostat; the comfort band and offset default to the MQTT
+    thermostat adapter's (comfort 20–26 °C, offsets up to 4 °C)."""
 
     mode: Literal["cool", "heat"] = "cool"
     setpoint_c: float = Field(default=22.0, ge=5, le=35)
     comfort_band_c: float = Field(
-        default=4.0, gt=0, le=20, description="Degrees that soc_pct = 100 % of headroom stands for"
+        default=6.0,
+        gt=0,
+        le=20,
+        description="Degrees that soc_pct = 100 % of headroom stands for (the MQTT thermostat "
+        "adapter's comfort_max_c − comfort_min_c)",
     )
     precool_c: float = Field(default=1.0, ge=0, le=10, description="Accepted pre-conditioning")
+    max_offset_c: float = Field(
+        default=4.0,
+        gt=0,
+        le=10,
+        description="Largest setpoint offset a shed uses (the thermostat adapter's max_offset_c)",
+    )
     resistance_c_per_kw: float = Field(default=2.0, gt=0)
     capacitance_kwh_per_c: float = Field(default=2.0, gt=0)
     cop: float = Field(default=3.0, gt=0)
@@ -160,6 +191,24 @@ class FlexConfig(Frozen):
     samples: int = Field(default=4000, ge=100, le=100_000)
     seed: int = 0
     thermal: ThermalParams = ThermalParams()
+    flex_cv: dict[DerClass, float] = Field(
+        default_factory=lambda: dict(_FLEX_CV),
+        description="Relative sd of a device's modelled flex by class (the model's own error, "
+        "shared by the devices of a class: it does not average out over a group); a class "
+        "not listed has none",
+    )
+    history_cv_scale: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description="flex_cv of a device whose baseline comes from its own history, relative",
+    )
+
+    @model_validator(mode="after")
+    def _cv_range(self) -> FlexConfig:
+        if any(not 0 <= v <= 2 for v in self.flex_cv.values()):
+            raise ValueError("flex_cv values must be within 0 and 2")
+        return self
 
 
 class FlexRequest(Frozen):
@@ -473,6 +522,10 @@ class DeviceFlex:
     rebound_kw: FloatArray
     has_state: bool
     notes: tuple[str, ...] = ()
+    flex_cv: float = 0.0
+    """Relative sd of its flex from the model's own error (shared across its class)."""
+    rating_bound: bool = False
+    """Its flex is bounded by its ratings (a battery's): the model's error never exceeds it."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -676,12 +729,35 @@ def device_flex(
         if headroom is None:
             notes.append("no comfort headroom (offline or occupant override): no flex")
         elif rated > 0:
-            shed_c = headroom / 100 * p.comfort_band_c
-            e_down = p.capacitance_kwh_per_c * shed_c / p.cop
+            # The shed raises the setpoint by up to max_offset_c, within the comfort headroom.
+            offset_c = min(p.max_offset_c, headroom / 100 * p.comfort_band_c)
+            # Sustained: the house then holds T_set + offset, its steady-state draw lower by
+            # rated × offset / (R · COP · rated) for as long as the event lasts (a power).
+            sustained = np.zeros(grid.n)
+            coast_share = 1.0
+            if known.any():
+                assert outdoor_temp_c is not None
+                temps = np.where(known, outdoor_temp_c, p.setpoint_c)
+                gap = sign * (temps - p.setpoint_c)
+                scale = p.resistance_c_per_kw * p.cop * rated
+                held = rated * np.clip((gap - offset_c) / scale, 0.0, 1.0)
+                sustained = np.where(
+                    known & grid.window, np.clip(base - held, 0.0, np.maximum(base, 0.0)), 0.0
+                )
+                inside = known & grid.window & (gap > 0)
+                if inside.any():
+                    coast_share = max(0.0, 1.0 - offset_c / float(gap[inside].mean()))
+            # Transient: coasting up to the new setpoint with the compressor off, on top of the
+            # sustained part. The house stores C·offset/COP of electric energy meanwhile, of
+            # which the share beyond the sustained shed is 1 − offset / (T_out − T_set).
+            e_down = p.capacitance_kwh_per_c * offset_c / p.cop
             e_up = p.capacitance_kwh_per_c * p.precool_c / p.cop
-            down = _spend(base, e_down, dt, grid.window, policy)
+            coast = _spend(base - sustained, e_down * coast_share, dt, grid.window, policy)
+            down = sustained + coast
             up = _spend(rated - base, e_up, dt, grid.window, policy)
-            deferred = min(e_down, float(np.where(grid.window, base, 0).sum() * dt))
+            # What is paid back is the heat the house stored, re-cooling it by at most
+            # offset_c: beyond that the shed is energy the warmer house never needed.
+            deferred = min(e_down, float(down.sum() * dt))
             rebound_cap = np.maximum(rated - base, 0.0)
 
     elif dev.der_class is DerClass.WATER_HEATER:
@@ -742,6 +818,9 @@ def device_flex(
 
     if deferred > 0:
         rebound = _spend(rebound_cap, deferred, dt, grid.after, EnergyPolicy.SEQUENTIAL)
+    flex_cv = config.flex_cv.get(dev.der_class, 0.0)
+    if inp.history is not None and not any("history" in n for n in notes):
+        flex_cv *= config.history_cv_scale  # its baseline measured, not modelled
     return DeviceFlex(
         device_id=dev.device_id,
         availability=inp.availability,
@@ -752,6 +831,8 @@ def device_flex(
         rebound_kw=rebound,
         has_state=state is not None,
         notes=tuple(notes),
+        flex_cv=flex_cv,
+        rating_bound=dev.der_class is DerClass.BATTERY,
     )
 
 
@@ -829,6 +910,23 @@ def aggregate(
         # One generator per quantity, same seed: the same participation draws for all three.
         rng = np.random.default_rng(config.seed)
         bands[name] = _bernoulli_quantiles(stack(name), p, method, config.samples, rng)
+    cv = np.array([f.flex_cv for f in flexes], dtype=np.float64)
+    rated_cap = np.array([f.rating_bound for f in flexes], dtype=np.bool_)
+    if cv.any():
+        # The model's own error: shared by the devices it models, so it adds linearly over
+        # them (σ = Σ cv_i p_i c_i), then in quadrature with the participation spread.
+        for name in ("flex_down_kw", "flex_up_kw", "rebound_kw"):
+            lo, mid, hi = bands[name]
+            c = stack(name)
+            m = _Z90 * ((cv * p) @ c)
+            # Capped at Σ c only where that is a rating (a battery's); a modelled load's Σ c
+            # is the model's too.
+            ceiling = np.where(rated_cap, 1.0, 1.0 + _Z90 * cv) @ c
+            bands[name] = (
+                np.clip(mid - np.hypot(mid - lo, m), 0.0, mid),
+                mid,
+                np.clip(mid + np.hypot(hi - mid, m), mid, np.maximum(ceiling, mid)),
+            )
     if coverage is not None and coverage.width_factor != 1.0:
         f = coverage.width_factor
         for name in ("flex_down_kw", "flex_up_kw"):
