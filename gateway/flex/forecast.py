@@ -40,12 +40,14 @@ explainable to an operator):
   ``soc_pct``), what the thermostat adapter's offset mapping does for a full shed. Flex down is
   then (a) *sustained*, for as long as the window lasts: the change of the steady-state duty,
   ``load − rated × duty(T_set + Δ)`` ≈ ``load × Δ / (T_out − T_set)``, and (b) on top of it the
-  *transient* of the house coasting up to the new setpoint with the compressor off, an energy
-  budget of ``C × Δ / COP × (1 − Δ / (T_out − T_set))`` spent by the policy; never more than
-  the load. Zero headroom or an occupant override (``soc_pct`` None) means no flex; without an
-  outdoor temperature only the transient. Flex up (pre-cooling) is ``rated − load`` with a
-  budget of ``C × precool_c / COP``. The rebound pays the stored heat back (at most
-  ``C × Δ / COP``, the re-cooling) at up to ``rated − load``; the sustained part is not owed.
+  *transient* of the house coasting up to the new setpoint with the compressor off (the whole
+  load for ``τ = R·C·ln((T_out − T_set) / (T_out − T_set − Δ))``): an energy budget of
+  ``(load − sustained) × τ`` spent by the policy (without a temperature, ``C × Δ / COP``);
+  never more than the load. Zero headroom or an occupant override (``soc_pct`` None) means
+  no flex; without an outdoor temperature only the transient. Flex up (pre-cooling) is
+  ``rated − load`` with a budget of ``C × precool_c / COP``. The rebound pays the stored heat
+  back (at most ``C × Δ / COP``, the re-cooling) at up to ``rated − load``; the sustained part
+  is not owed.
 * water heater: same shape with stored energy (``soc_pct`` of ``capacity_kwh``) as the budget.
 * EV charger: plugged in when the charger reports a charge rating > 0; the energy needed and
   the departure are the EV's (``state.ev``). Baseline = charging at
@@ -83,6 +85,7 @@ inside: a forecast whose band proves too narrow widens, one too wide narrows.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -734,7 +737,11 @@ def device_flex(
             # Sustained: the house then holds T_set + offset, its steady-state draw lower by
             # rated × offset / (R · COP · rated) for as long as the event lasts (a power).
             sustained = np.zeros(grid.n)
-            coast_share = 1.0
+            # Transient: the house coasting up to the new setpoint with the compressor off
+            # (on top of the sustained part, the whole load meanwhile). Without a temperature
+            # only the heat the headroom stores, C·offset/COP, as an energy budget.
+            e_down = p.capacitance_kwh_per_c * offset_c / p.cop
+            e_coast = e_down
             if known.any():
                 assert outdoor_temp_c is not None
                 temps = np.where(known, outdoor_temp_c, p.setpoint_c)
@@ -744,15 +751,18 @@ def device_flex(
                 sustained = np.where(
                     known & grid.window, np.clip(base - held, 0.0, np.maximum(base, 0.0)), 0.0
                 )
+                # The first-order house reaches T_set + offset after
+                # τ = R·C·ln(gap / (gap − offset)) with the compressor off.
                 inside = known & grid.window & (gap > 0)
+                e_coast = 0.0
                 if inside.any():
-                    coast_share = max(0.0, 1.0 - offset_c / float(gap[inside].mean()))
-            # Transient: coasting up to the new setpoint with the compressor off, on top of the
-            # sustained part. The house stores C·offset/COP of electric energy meanwhile, of
-            # which the share beyond the sustained shed is 1 − offset / (T_out − T_set).
-            e_down = p.capacitance_kwh_per_c * offset_c / p.cop
+                    g = float(gap[inside].mean())
+                    extra = float((base - sustained)[inside].mean())
+                    if offset_c < g:
+                        rc = p.resistance_c_per_kw * p.capacitance_kwh_per_c
+                        e_coast = extra * rc * math.log(g / (g - offset_c))
             e_up = p.capacitance_kwh_per_c * p.precool_c / p.cop
-            coast = _spend(base - sustained, e_down * coast_share, dt, grid.window, policy)
+            coast = _spend(base - sustained, e_coast, dt, grid.window, policy)
             down = sustained + coast
             up = _spend(rated - base, e_up, dt, grid.window, policy)
             # What is paid back is the heat the house stored, re-cooling it by at most
