@@ -643,15 +643,22 @@ def _history_profile(
 
 
 def _base_load(
-    inp: DeviceFlexInput, grid: ForecastGrid, config: FlexConfig, notes: list[str]
+    inp: DeviceFlexInput,
+    grid: ForecastGrid,
+    config: FlexConfig,
+    notes: list[str],
+    measured: list[bool] | None = None,
 ) -> tuple[FloatArray, FloatArray]:
-    """Baseline of a load from history, falling back to the current power (or 0)."""
+    """Baseline of a load from history, falling back to the current power (or 0); appends
+    True to ``measured`` when the history profile was used."""
     current = inp.state.power_kw if inp.state is not None else 0.0
     fallback_var = (config.model_cv * current) ** 2
     if inp.history is not None:
         profile = _history_profile(inp.history, grid, config.history_days)
         if profile is not None:
             mean, var = profile
+            if measured is not None:
+                measured.append(True)
             gaps = np.isnan(mean)
             if gaps.any():
                 notes.append(f"{int(gaps.sum())} interval(s) without history: current power")
@@ -686,6 +693,7 @@ def device_flex(
     dev, state, dt = inp.device, inp.state, grid.dt_h
     zeros = np.zeros(grid.n)
     notes: list[str] = []
+    measured: list[bool] = []
     base, var = zeros, zeros
     down, up, rebound = zeros, zeros, zeros
     deferred = 0.0
@@ -726,7 +734,7 @@ def device_flex(
                 base = rated * np.clip(duty, 0.0, 1.0)
             var = (config.model_cv * base) ** 2
         if not known.all():
-            hist_base, hist_var = _base_load(inp, grid, config, notes)
+            hist_base, hist_var = _base_load(inp, grid, config, notes, measured)
             base, var = np.where(known, base, hist_base), np.where(known, var, hist_var)
         headroom = None if state is None else state.soc_pct
         if headroom is None:
@@ -771,7 +779,7 @@ def device_flex(
             rebound_cap = np.maximum(rated - base, 0.0)
 
     elif dev.der_class is DerClass.WATER_HEATER:
-        base, var = _base_load(inp, grid, config, notes)
+        base, var = _base_load(inp, grid, config, notes, measured)
         rated = _rated(inp)
         if state is None or state.soc_pct is None:
             notes.append("no stored-energy state: no flex")
@@ -795,7 +803,7 @@ def device_flex(
         elif state is not None and state.ev is not None:
             need, departure = state.ev.energy_needed_kwh, state.ev.departure
         if rate <= 0 or need is None:
-            base, var = _base_load(inp, grid, config, notes)
+            base, var = _base_load(inp, grid, config, notes, measured)
             notes.append("no EV plugged in or energy need unknown: no flex")
         else:
             frac = np.ones(grid.n)
@@ -819,17 +827,17 @@ def device_flex(
             rebound_cap = np.maximum(reachable - base, 0.0)
 
     elif dev.der_class is DerClass.PV:
-        base, var = _base_load(inp, grid, config, notes)
+        base, var = _base_load(inp, grid, config, notes, measured)
         if state is not None:
             up = np.where(grid.window, np.maximum(-base, 0.0), 0.0)
 
     else:  # C&I site and anything without a flex model yet
-        base, var = _base_load(inp, grid, config, notes)
+        base, var = _base_load(inp, grid, config, notes, measured)
 
     if deferred > 0:
         rebound = _spend(rebound_cap, deferred, dt, grid.after, EnergyPolicy.SEQUENTIAL)
     flex_cv = config.flex_cv.get(dev.der_class, 0.0)
-    if inp.history is not None and not any("history" in n for n in notes):
+    if measured:
         flex_cv *= config.history_cv_scale  # its baseline measured, not modelled
     return DeviceFlex(
         device_id=dev.device_id,

@@ -180,6 +180,10 @@ def test_load_baseline_from_history() -> None:
     assert flex.baseline_kw == pytest.approx([2.3, 2.4, 2.5], abs=0.011)
     assert np.all(flex.baseline_var > 0)
     assert flex.flex_down_kw.sum() == pytest.approx(min(flex.baseline_kw.sum(), 0.4 * 12))
+    # Its own history measured its load: its flex is less uncertain than a modelled one's.
+    modelled = device_flex(DeviceFlexInput(device, state), grid(hours=3))
+    assert modelled.flex_cv == pytest.approx(0.2)
+    assert flex.flex_cv == pytest.approx(0.2 * 0.6)
 
 
 def synthetic_fleet(n: int, seed: int) -> list[DeviceFlexInput]:
