@@ -35,12 +35,19 @@ explainable to an operator):
   use. ``T_out`` is per interval: the weather forecast of the device's area where it covers the
   interval (:mod:`gateway.weather`), else the configured temperature; each interval of the
   output says which (``temperature_source``). Without any, the history profile, else the
-  current power. Flex down is at most that load
-  (a thermostat cannot shed more than it draws), with an energy budget of
-  ``C × headroom_°C / COP``, where ``headroom_°C = soc_pct/100 × comfort_band_c`` (adapters
-  report comfort headroom in ``soc_pct``); zero headroom or an occupant override (``soc_pct``
-  None) means no flex. Flex up (pre-cooling) is ``rated − load`` with a budget of
-  ``C × precool_c / COP``. The rebound pays the deferred energy back at up to ``rated − load``.
+  current power. A shed raises the setpoint by ``Δ = min(max_offset_c, headroom_°C)``, where
+  ``headroom_°C = soc_pct/100 × comfort_band_c`` (adapters report comfort headroom in
+  ``soc_pct``), what the thermostat adapter's offset mapping does for a full shed. Flex down is
+  then (a) *sustained*, for as long as the window lasts: the change of the steady-state duty,
+  ``load − rated × duty(T_set + Δ)`` ≈ ``load × Δ / (T_out − T_set)``, and (b) on top of it the
+  *transient* of the house coasting up to the new setpoint with the compressor off (the whole
+  load for ``τ = R·C·ln((T_out − T_set) / (T_out − T_set − Δ))``): an energy budget of
+  ``(load − sustained) × τ`` spent by the policy (without a temperature, ``C × Δ / COP``);
+  never more than the load. Zero headroom or an occupant override (``soc_pct`` None) means
+  no flex; without an outdoor temperature only the transient. Flex up (pre-cooling) is
+  ``rated − load`` with a budget of ``C × precool_c / COP``. The rebound pays the stored heat
+  back (at most ``C × Δ / COP``, the re-cooling) at up to ``rated − load``; the sustained part
+  is not owed.
 * water heater: same shape with stored energy (``soc_pct`` of ``capacity_kwh``) as the budget.
 * EV charger: plugged in when the charger reports a charge rating > 0; the energy needed and
   the departure are the EV's (``state.ev``). Baseline = charging at
@@ -60,7 +67,13 @@ an interval is then ``Σ B_i c_i`` with independent ``B_i ~ Bernoulli(p_i)``. It
 come from a seeded Monte Carlo over participation draws for small groups (the distribution is
 lumpy and skewed when a few large devices dominate) and from the normal approximation (mean
 ``Σ p c``, variance ``Σ p(1−p) c²``, clipped to ``[0, Σ c]``) for large ones, where it is
-accurate and costs nothing. The baseline band is normal with the summed per-device variances.
+accurate and costs nothing. The models themselves are uncertain too (a house model learnt
+without history, a tank's draw): each class has a relative sd (``flex_cv``: thermostats 0.25,
+so p10..p90 ≈ ±32 %; water heaters 0.2; EVs 0.15; PV 0.1; batteries 0.03), scaled by
+``history_cv_scale`` for a device whose baseline comes from its own history. That error is
+shared by the devices of a class, so it adds linearly (``σ = Σ cv p c``) and then in
+quadrature with the participation spread; the band may pass ``Σ c`` except for batteries,
+whose ratings bound it. The baseline band is normal with the summed per-device variances.
 
 **Checked against delivery.** After each settled dispatch the core asks :class:`FlexCoverage`
 whether the flexibility the group delivered fell within the p10..p90 the forecast in force at
@@ -72,6 +85,7 @@ inside: a forecast whose band proves too narrow widens, one too wide narrows.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,6 +121,15 @@ from unified.weather import WeatherForecast
 
 _Z90 = NormalDist().inv_cdf(0.9)
 _DAY_S = 86_400
+# Relative sd of the modelled flex per class: a house model learnt without history is right
+# to ±25–35 % (p10..p90) for a group; a tank to ±20–25 %; a battery's SoC and ratings are measured.
+_FLEX_CV: dict[DerClass, float] = {
+    DerClass.THERMOSTAT: 0.25,
+    DerClass.WATER_HEATER: 0.2,
+    DerClass.EVSE: 0.15,
+    DerClass.PV: 0.1,
+    DerClass.BATTERY: 0.03,
+}
 
 
 class EnergyPolicy(StrEnum):
@@ -132,14 +155,25 @@ class TemperatureSource(StrEnum):
 
 
 class ThermalParams(Frozen):
-    """First-order house model of a thermostat; defaults match ``simulators.oem_cloud``."""
+    """First-order house model of a thermostat; the comfort band and offset default to the MQTT
+    thermostat adapter's (comfort 20–26 °C, offsets up to 4 °C)."""
 
     mode: Literal["cool", "heat"] = "cool"
     setpoint_c: float = Field(default=22.0, ge=5, le=35)
     comfort_band_c: float = Field(
-        default=4.0, gt=0, le=20, description="Degrees that soc_pct = 100 % of headroom stands for"
+        default=6.0,
+        gt=0,
+        le=20,
+        description="Degrees that soc_pct = 100 % of headroom stands for (the MQTT thermostat "
+        "adapter's comfort_max_c − comfort_min_c)",
     )
     precool_c: float = Field(default=1.0, ge=0, le=10, description="Accepted pre-conditioning")
+    max_offset_c: float = Field(
+        default=4.0,
+        gt=0,
+        le=10,
+        description="Largest setpoint offset a shed uses (the thermostat adapter's max_offset_c)",
+    )
     resistance_c_per_kw: float = Field(default=2.0, gt=0)
     capacitance_kwh_per_c: float = Field(default=2.0, gt=0)
     cop: float = Field(default=3.0, gt=0)
@@ -160,6 +194,24 @@ class FlexConfig(Frozen):
     samples: int = Field(default=4000, ge=100, le=100_000)
     seed: int = 0
     thermal: ThermalParams = ThermalParams()
+    flex_cv: dict[DerClass, float] = Field(
+        default_factory=lambda: dict(_FLEX_CV),
+        description="Relative sd of a device's modelled flex by class (the model's own error, "
+        "shared by the devices of a class: it does not average out over a group); a class "
+        "not listed has none",
+    )
+    history_cv_scale: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description="flex_cv of a device whose baseline comes from its own history, relative",
+    )
+
+    @model_validator(mode="after")
+    def _cv_range(self) -> FlexConfig:
+        if any(not 0 <= v <= 2 for v in self.flex_cv.values()):
+            raise ValueError("flex_cv values must be within 0 and 2")
+        return self
 
 
 class FlexRequest(Frozen):
@@ -473,6 +525,10 @@ class DeviceFlex:
     rebound_kw: FloatArray
     has_state: bool
     notes: tuple[str, ...] = ()
+    flex_cv: float = 0.0
+    """Relative sd of its flex from the model's own error (shared across its class)."""
+    rating_bound: bool = False
+    """Its flex is bounded by its ratings (a battery's): the model's error never exceeds it."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -587,15 +643,22 @@ def _history_profile(
 
 
 def _base_load(
-    inp: DeviceFlexInput, grid: ForecastGrid, config: FlexConfig, notes: list[str]
+    inp: DeviceFlexInput,
+    grid: ForecastGrid,
+    config: FlexConfig,
+    notes: list[str],
+    measured: list[bool] | None = None,
 ) -> tuple[FloatArray, FloatArray]:
-    """Baseline of a load from history, falling back to the current power (or 0)."""
+    """Baseline of a load from history, falling back to the current power (or 0); appends
+    True to ``measured`` when the history profile was used."""
     current = inp.state.power_kw if inp.state is not None else 0.0
     fallback_var = (config.model_cv * current) ** 2
     if inp.history is not None:
         profile = _history_profile(inp.history, grid, config.history_days)
         if profile is not None:
             mean, var = profile
+            if measured is not None:
+                measured.append(True)
             gaps = np.isnan(mean)
             if gaps.any():
                 notes.append(f"{int(gaps.sum())} interval(s) without history: current power")
@@ -630,6 +693,7 @@ def device_flex(
     dev, state, dt = inp.device, inp.state, grid.dt_h
     zeros = np.zeros(grid.n)
     notes: list[str] = []
+    measured: list[bool] = []
     base, var = zeros, zeros
     down, up, rebound = zeros, zeros, zeros
     deferred = 0.0
@@ -670,22 +734,52 @@ def device_flex(
                 base = rated * np.clip(duty, 0.0, 1.0)
             var = (config.model_cv * base) ** 2
         if not known.all():
-            hist_base, hist_var = _base_load(inp, grid, config, notes)
+            hist_base, hist_var = _base_load(inp, grid, config, notes, measured)
             base, var = np.where(known, base, hist_base), np.where(known, var, hist_var)
         headroom = None if state is None else state.soc_pct
         if headroom is None:
             notes.append("no comfort headroom (offline or occupant override): no flex")
         elif rated > 0:
-            shed_c = headroom / 100 * p.comfort_band_c
-            e_down = p.capacitance_kwh_per_c * shed_c / p.cop
+            # The shed raises the setpoint by up to max_offset_c, within the comfort headroom.
+            offset_c = min(p.max_offset_c, headroom / 100 * p.comfort_band_c)
+            # Sustained: the house then holds T_set + offset, its steady-state draw lower by
+            # rated × offset / (R · COP · rated) for as long as the event lasts (a power).
+            sustained = np.zeros(grid.n)
+            # Transient: the house coasting up to the new setpoint with the compressor off
+            # (on top of the sustained part, the whole load meanwhile). Without a temperature
+            # only the heat the headroom stores, C·offset/COP, as an energy budget.
+            e_down = p.capacitance_kwh_per_c * offset_c / p.cop
+            e_coast = e_down
+            if known.any():
+                assert outdoor_temp_c is not None
+                temps = np.where(known, outdoor_temp_c, p.setpoint_c)
+                gap = sign * (temps - p.setpoint_c)
+                scale = p.resistance_c_per_kw * p.cop * rated
+                held = rated * np.clip((gap - offset_c) / scale, 0.0, 1.0)
+                sustained = np.where(
+                    known & grid.window, np.clip(base - held, 0.0, np.maximum(base, 0.0)), 0.0
+                )
+                # The first-order house reaches T_set + offset after
+                # τ = R·C·ln(gap / (gap − offset)) with the compressor off.
+                inside = known & grid.window & (gap > 0)
+                e_coast = 0.0
+                if inside.any():
+                    g = float(gap[inside].mean())
+                    extra = float((base - sustained)[inside].mean())
+                    if offset_c < g:
+                        rc = p.resistance_c_per_kw * p.capacitance_kwh_per_c
+                        e_coast = extra * rc * math.log(g / (g - offset_c))
             e_up = p.capacitance_kwh_per_c * p.precool_c / p.cop
-            down = _spend(base, e_down, dt, grid.window, policy)
+            coast = _spend(base - sustained, e_coast, dt, grid.window, policy)
+            down = sustained + coast
             up = _spend(rated - base, e_up, dt, grid.window, policy)
-            deferred = min(e_down, float(np.where(grid.window, base, 0).sum() * dt))
+            # What is paid back is the heat the house stored, re-cooling it by at most
+            # offset_c: beyond that the shed is energy the warmer house never needed.
+            deferred = min(e_down, float(down.sum() * dt))
             rebound_cap = np.maximum(rated - base, 0.0)
 
     elif dev.der_class is DerClass.WATER_HEATER:
-        base, var = _base_load(inp, grid, config, notes)
+        base, var = _base_load(inp, grid, config, notes, measured)
         rated = _rated(inp)
         if state is None or state.soc_pct is None:
             notes.append("no stored-energy state: no flex")
@@ -709,7 +803,7 @@ def device_flex(
         elif state is not None and state.ev is not None:
             need, departure = state.ev.energy_needed_kwh, state.ev.departure
         if rate <= 0 or need is None:
-            base, var = _base_load(inp, grid, config, notes)
+            base, var = _base_load(inp, grid, config, notes, measured)
             notes.append("no EV plugged in or energy need unknown: no flex")
         else:
             frac = np.ones(grid.n)
@@ -733,15 +827,18 @@ def device_flex(
             rebound_cap = np.maximum(reachable - base, 0.0)
 
     elif dev.der_class is DerClass.PV:
-        base, var = _base_load(inp, grid, config, notes)
+        base, var = _base_load(inp, grid, config, notes, measured)
         if state is not None:
             up = np.where(grid.window, np.maximum(-base, 0.0), 0.0)
 
     else:  # C&I site and anything without a flex model yet
-        base, var = _base_load(inp, grid, config, notes)
+        base, var = _base_load(inp, grid, config, notes, measured)
 
     if deferred > 0:
         rebound = _spend(rebound_cap, deferred, dt, grid.after, EnergyPolicy.SEQUENTIAL)
+    flex_cv = config.flex_cv.get(dev.der_class, 0.0)
+    if measured:
+        flex_cv *= config.history_cv_scale  # its baseline measured, not modelled
     return DeviceFlex(
         device_id=dev.device_id,
         availability=inp.availability,
@@ -752,6 +849,8 @@ def device_flex(
         rebound_kw=rebound,
         has_state=state is not None,
         notes=tuple(notes),
+        flex_cv=flex_cv,
+        rating_bound=dev.der_class is DerClass.BATTERY,
     )
 
 
@@ -829,6 +928,23 @@ def aggregate(
         # One generator per quantity, same seed: the same participation draws for all three.
         rng = np.random.default_rng(config.seed)
         bands[name] = _bernoulli_quantiles(stack(name), p, method, config.samples, rng)
+    cv = np.array([f.flex_cv for f in flexes], dtype=np.float64)
+    rated_cap = np.array([f.rating_bound for f in flexes], dtype=np.bool_)
+    if cv.any():
+        # The model's own error: shared by the devices it models, so it adds linearly over
+        # them (σ = Σ cv_i p_i c_i), then in quadrature with the participation spread.
+        for name in ("flex_down_kw", "flex_up_kw", "rebound_kw"):
+            lo, mid, hi = bands[name]
+            c = stack(name)
+            m = _Z90 * ((cv * p) @ c)
+            # Capped at Σ c only where that is a rating (a battery's); a modelled load's Σ c
+            # is the model's too.
+            ceiling = np.where(rated_cap, 1.0, 1.0 + _Z90 * cv) @ c
+            bands[name] = (
+                np.clip(mid - np.hypot(mid - lo, m), 0.0, mid),
+                mid,
+                np.clip(mid + np.hypot(hi - mid, m), mid, np.maximum(ceiling, mid)),
+            )
     if coverage is not None and coverage.width_factor != 1.0:
         f = coverage.width_factor
         for name in ("flex_down_kw", "flex_up_kw"):

@@ -180,6 +180,10 @@ def test_load_baseline_from_history() -> None:
     assert flex.baseline_kw == pytest.approx([2.3, 2.4, 2.5], abs=0.011)
     assert np.all(flex.baseline_var > 0)
     assert flex.flex_down_kw.sum() == pytest.approx(min(flex.baseline_kw.sum(), 0.4 * 12))
+    # Its own history measured its load: its flex is less uncertain than a modelled one's.
+    modelled = device_flex(DeviceFlexInput(device, state), grid(hours=3))
+    assert modelled.flex_cv == pytest.approx(0.2)
+    assert flex.flex_cv == pytest.approx(0.2 * 0.6)
 
 
 def synthetic_fleet(n: int, seed: int) -> list[DeviceFlexInput]:
@@ -211,9 +215,9 @@ def truth(inputs: list[DeviceFlexInput], g: ForecastGrid, draws: int, seed: int)
 def test_bands_are_ordered_and_cover_a_monte_carlo_truth(n: int, method: QuantileMethod) -> None:
     inputs = synthetic_fleet(n, seed=7)
     request = FlexRequest(group_id="feeder:f1", horizon_s=4 * 3600, interval_s=3600)
-    forecast = forecast_group(
-        inputs, request, now=NOW, config=FlexConfig(quantile_method=method, seed=1)
-    )
+    # Participation only (the truth draws no model error).
+    config = FlexConfig(quantile_method=method, seed=1, flex_cv={})
+    forecast = forecast_group(inputs, request, now=NOW, config=config)
     g = grid(hours=4)
     sims = truth(inputs, g, draws=20_000, seed=99)
     for i, interval in enumerate(forecast.intervals[:2]):  # later hours: most are empty
@@ -229,7 +233,7 @@ def test_bands_are_ordered_and_cover_a_monte_carlo_truth(n: int, method: Quantil
 def test_monte_carlo_quantiles_match_the_exact_distribution_of_a_small_group() -> None:
     inputs = synthetic_fleet(10, seed=3)
     request = FlexRequest(group_id="g", horizon_s=3600, interval_s=3600)
-    config = FlexConfig(quantile_method=QuantileMethod.MONTE_CARLO, samples=20_000)
+    config = FlexConfig(quantile_method=QuantileMethod.MONTE_CARLO, samples=20_000, flex_cv={})
     band = forecast_group(inputs, request, now=NOW, config=config).intervals[0].flex_down_kw
     c = np.array([device_flex(i, grid(hours=1)).flex_down_kw[0] for i in inputs])
     p = np.array([i.availability for i in inputs])
@@ -327,3 +331,41 @@ def test_the_band_is_checked_against_delivery_and_widens_when_it_proves_too_narr
     late = coverage.stat("feeder:f1").coverage
     assert late is not None
     assert late >= 0.6
+
+
+def test_a_raised_setpoint_still_sheds_in_the_third_hour_of_a_hot_event() -> None:
+    # 35 °C outdoors, a 2 °C offset's worth of headroom (1/3 of the 6 °C band): the house holds
+    # T_set + 2 and draws less for as long as the event lasts, not only while it coasts.
+    g = grid(hours=6, window_h=(0, 3))
+    flex = device_flex(thermostat(100 / 3), g, outdoor_temp_c=np.full(6, 35.0))
+    base = flex.baseline_kw[0]
+    assert base == pytest.approx(3.0 * 13 / 18)  # duty (35 − 22) / (R · COP · rated)
+    # Sustained: baseline × offset / (T_out − T_set), the steady-state duty's change.
+    assert flex.flex_down_kw[2] == pytest.approx(base * 2 / 13, rel=1e-6)
+    # The first hour adds the coasting up to the new setpoint, and never sheds beyond the load.
+    assert flex.flex_down_kw[2] < flex.flex_down_kw[0] <= base + 1e-9
+    assert not flex.flex_down_kw[3:].any()  # outside the window
+    # What is paid back after is the heat stored (C × offset / COP), not the sustained shed.
+    assert flex.rebound_kw.sum() == pytest.approx(2.0 * 2 / 3.0)
+    assert flex.rebound_kw.sum() < flex.flex_down_kw.sum()
+
+
+def test_the_band_carries_the_house_models_error_not_only_participation() -> None:
+    # 500 houses that all participate: participation is certain, the model is not. A group's
+    # p10..p90 spans about ±30 % of its p50, narrower once the houses' own history is known.
+    g_request = FlexRequest(group_id="feeder:f1", horizon_s=3 * 3600, interval_s=3600)
+    houses = [
+        DeviceFlexInput(
+            make_device(f"t{i}", DerClass.THERMOSTAT, charge_kw=3.0, discharge_kw=3.0),
+            make_state(f"t{i}", power_kw=3.0, soc_pct=60.0, max_discharge_kw=3.0),
+        )
+        for i in range(500)
+    ]
+    band = forecast_group(houses, g_request, now=NOW, outdoor_temp_c=32.0).intervals[2]
+    down = band.flex_down_kw
+    assert down.p50 > 0
+    assert 0.25 <= (down.p50 - down.p10) / down.p50 <= 0.4
+    assert 0.25 <= (down.p90 - down.p50) / down.p50 <= 0.4
+    exact = FlexConfig(flex_cv={})
+    tight = forecast_group(houses, g_request, now=NOW, outdoor_temp_c=32.0, config=exact)
+    assert tight.intervals[2].flex_down_kw.p90 - tight.intervals[2].flex_down_kw.p10 < 1e-6

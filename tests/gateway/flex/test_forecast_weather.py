@@ -76,11 +76,13 @@ def test_a_hotter_afternoon_raises_the_ac_baseline_and_the_flex_down() -> None:
     baseline = p50(forecast, "baseline_kw")
     assert baseline == pytest.approx([2 * ac_kw(t) for t in afternoon])
     assert baseline[3] > baseline[2] > baseline[1] > baseline[0]
-    # Comfort headroom 100 % of 4 °C: 2 × 4 / 3 = 2.67 kWh per device, more than any hour's
-    # load here, so each hour can shed all its AC load (and no more).
+    # Comfort headroom 100 % of 6 °C, a 4 °C offset: the house coasts up to it for
+    # R·C·ln(gap / (gap − 4)), over an hour at every temperature here, so each hour taken on
+    # its own can shed all its AC load (and no more).
     down = p50(forecast, "flex_down_kw")
     assert down == pytest.approx(baseline)
-    assert forecast.intervals[3].flex_down_kw.p90 == pytest.approx(2 * ac_kw(35.0))
+    band = forecast.intervals[3].flex_down_kw
+    assert band.p10 < band.p50 < band.p90  # the house model's own error
     # Pre-cooling is held by its energy (1 °C: 2 × 1 / 3 kWh per device), not by the AC's
     # spare power, at these temperatures.
     up = p50(forecast, "flex_up_kw")
