@@ -1046,6 +1046,8 @@ def _allocate_lp(
                 prev[j] = max(0.0, sign * was.commanded_kw)
                 if members[at[k]].der_class is DerClass.BATTERY:
                     learn_response(track, kept[k], was.commanded_kw, room.states[k], since)
+            elif kept[k] in track:
+                forgive_response(track, kept[k])
         if cohort and previous is not None:  # only the thermal loads called had a share
             given = 0.0
             for did in previous.held_since:
@@ -1189,6 +1191,9 @@ RESPONSE_GAIN = 0.2
 RESPONSE_TOLERANCE = 0.9
 """A battery delivering at least this share of its command counts as delivering all of it
 (noise, losses); below, its record, in steps of 5 %, scales what it is counted for."""
+RESPONSE_FORGIVE_GAIN = 0.05
+"""Per period given nothing, how far a battery's record moves back towards 1 (slower than it
+learns: a battery that keeps giving half is tried again now and then, not every other period)."""
 
 
 def learn_response(
@@ -1200,11 +1205,29 @@ def learn_response(
 ) -> None:
     """Move a battery's track record towards what it delivered of ``commanded_kw``: its power
     in ``state`` if read after the command was planned (``since``)."""
-    if since is None or abs(commanded_kw) < RESPONSE_MIN_KW or state.timestamp <= since:
+    if abs(commanded_kw) < RESPONSE_MIN_KW:
+        # Called last (or not at all) for a poor record, a battery would never show it does
+        # better: a reading taken before a new setpoint reached it must not bar it for good.
+        forgive_response(track, device_id)
+        return
+    if since is None or state.timestamp <= since:
         return
     sample = min(1.0, max(0.0, state.power_kw / commanded_kw))
     old = track.get(device_id, 1.0)
     track[device_id] = old + RESPONSE_GAIN * (sample - old)
+
+
+def forgive_response(track: dict[str, float], device_id: str) -> None:
+    """A battery given nothing this period: its record drifts back towards full response, so
+    it is asked again and shows what it gives now."""
+    old = track.get(device_id)
+    if old is None:
+        return
+    record = old + RESPONSE_FORGIVE_GAIN * (1.0 - old)
+    if record >= RESPONSE_TOLERANCE:
+        del track[device_id]
+    else:
+        track[device_id] = record
 
 
 def response_factor(record: float | None) -> float:

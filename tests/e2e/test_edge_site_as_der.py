@@ -80,6 +80,9 @@ async def system(broker_endpoint: BrokerEndpoint, tmp_path: Path) -> AsyncIterat
                     },
                     "der_poll_rate_s": 1,
                     "post_rate_s": 1,
+                    # The site polls every 0.3 s (time runs fast here) and walks one FSA per
+                    # program: far above the pollRate the quota is sized for.
+                    "requests_per_client_per_s": 200,
                 },
                 "devices": [
                     {

@@ -299,3 +299,30 @@ def test_unusable_headroom_is_no_headroom() -> None:
     )
     assert odd.kw.tolist() == pytest.approx([0.0, 0.0, 2.0])
     assert odd.shortfall_kw == pytest.approx(1.0)
+
+
+def test_a_battery_barred_by_one_early_reading_is_asked_again() -> None:
+    # A battery newly in a dispatch is read once before its setpoint reached it (0 kW): its
+    # record drops, and the other battery, which can carry the request, takes it all. Given
+    # nothing, it could never show it delivers: its record drifts back, and it shares again.
+    devices = [battery("late"), battery("first")]
+    registry = Registry(devices)
+    active = [ActiveCommand(request(-4.0, "feeder:f1"), 1)]
+    result: dispatch.Plan | None = None
+    shares: list[float] = []
+    for period in range(60):
+        now = NOW + timedelta(seconds=30 * period)
+        states: dict[str, DeviceState | None] = {}
+        for d in devices:
+            told = 0.0
+            if result is not None:
+                told = result.setpoints[d.device_id].power_kw or 0.0
+            gives = 0.0 if d.device_id == "late" and period == 1 else told  # the early reading
+            states[d.device_id] = DeviceState(
+                device_id=d.device_id, timestamp=now, power_kw=gives, soc_pct=50.0, source="t"
+            )
+        result = plan(now, registry, states, active, previous=result)
+        given = {a.device_id: a.commanded_kw for a in result.allocations["d"]}
+        shares.append(given.get("late", 0.0))
+    assert max(shares[2:6]) > -1.0  # it was barred for a while ...
+    assert shares[-1] == pytest.approx(-2.0)  # ... and shares again
