@@ -224,8 +224,8 @@ def decode_command(payload: bytes) -> Command:
         raise CommandDecodeError(reason, _format_errors(exc), command_id) from None
 
 
-class WeatherDecodeError(Exception):
-    """An inbound weather forecast that is not valid; nothing of it is used."""
+class _InboundDecodeError(Exception):
+    """An inbound message that is not valid; nothing of it is used."""
 
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(f"{reason.value}: {detail}")
@@ -233,38 +233,47 @@ class WeatherDecodeError(Exception):
         self.detail = detail
 
 
-def decode_weather(payload: bytes) -> WeatherForecast:
-    """Parse and validate one weather forecast; raise :class:`WeatherDecodeError`."""
-    if len(payload) > MAX_WEATHER_BYTES:
-        raise WeatherDecodeError(
-            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_WEATHER_BYTES}"
-        )
+class WeatherDecodeError(_InboundDecodeError):
+    """An inbound weather forecast that is not valid; nothing of it is used."""
+
+
+class FeedDecodeError(_InboundDecodeError):
+    """An inbound feed value that is not valid; nothing of it is used."""
+
+
+class PricesDecodeError(_InboundDecodeError):
+    """An inbound price schedule that is not valid; nothing of it is used."""
+
+
+def _inbound_object(
+    payload: bytes, max_bytes: int, what: str, error: type[_InboundDecodeError]
+) -> dict[str, Any]:
+    """The JSON object of one inbound message, size, syntax and schema version checked."""
+    if len(payload) > max_bytes:
+        raise error(Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {max_bytes}")
     try:
         raw = _load_json(payload)
     except ValueError as exc:
-        raise WeatherDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
+        raise error(Reason.MALFORMED_JSON, str(exc)) from None
     if not isinstance(raw, dict):
-        raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, "a weather forecast must be an object")
+        raise error(Reason.SCHEMA_VIOLATION, f"{what} must be an object")
     version = raw.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise WeatherDecodeError(
+        raise error(
             Reason.UNSUPPORTED_VERSION,
             f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
         )
+    return raw
+
+
+def decode_weather(payload: bytes) -> WeatherForecast:
+    """Parse and validate one weather forecast; raise :class:`WeatherDecodeError`."""
+    raw = _inbound_object(payload, MAX_WEATHER_BYTES, "a weather forecast", WeatherDecodeError)
     try:
         # json.loads lets NaN and Infinity through; the model rejects them (not finite).
         return WeatherForecast.model_validate(raw)
     except ValidationError as exc:
         raise WeatherDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
-
-
-class FeedDecodeError(Exception):
-    """An inbound feed value that is not valid; nothing of it is used."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 MAX_FEED_BYTES: Final = 4096
@@ -274,22 +283,7 @@ def decode_feed(payload: bytes, name: str) -> FeedValue:
     """Parse and validate one feed value published on ``feeds/{name}``: a JSON object
     (``value``, ``timestamp``, optional ``valid_s``, ``unit``); a ``name`` in it must be the
     topic's. Raise :class:`FeedDecodeError`."""
-    if len(payload) > MAX_FEED_BYTES:
-        raise FeedDecodeError(
-            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_FEED_BYTES}"
-        )
-    try:
-        raw = _load_json(payload)
-    except ValueError as exc:
-        raise FeedDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
-    if not isinstance(raw, dict):
-        raise FeedDecodeError(Reason.SCHEMA_VIOLATION, "a feed value must be an object")
-    version = raw.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise FeedDecodeError(
-            Reason.UNSUPPORTED_VERSION,
-            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
-        )
+    raw = _inbound_object(payload, MAX_FEED_BYTES, "a feed value", FeedDecodeError)
     if raw.setdefault("name", name) != name:
         raise FeedDecodeError(
             Reason.SCHEMA_VIOLATION, f"name {raw['name']!r} is not the topic's {name!r}"
@@ -300,33 +294,9 @@ def decode_feed(payload: bytes, name: str) -> FeedValue:
         raise FeedDecodeError(Reason.SCHEMA_VIOLATION, _format_errors(exc)) from None
 
 
-class PricesDecodeError(Exception):
-    """An inbound price schedule that is not valid; nothing of it is used."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 def decode_prices(payload: bytes) -> PriceSchedule:
     """Parse and validate one price schedule; raise :class:`PricesDecodeError`."""
-    if len(payload) > MAX_PRICES_BYTES:
-        raise PricesDecodeError(
-            Reason.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes exceeds {MAX_PRICES_BYTES}"
-        )
-    try:
-        raw = _load_json(payload)
-    except ValueError as exc:
-        raise PricesDecodeError(Reason.MALFORMED_JSON, str(exc)) from None
-    if not isinstance(raw, dict):
-        raise PricesDecodeError(Reason.SCHEMA_VIOLATION, "a price schedule must be an object")
-    version = raw.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise PricesDecodeError(
-            Reason.UNSUPPORTED_VERSION,
-            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION!r})",
-        )
+    raw = _inbound_object(payload, MAX_PRICES_BYTES, "a price schedule", PricesDecodeError)
     try:
         return PriceSchedule.model_validate(raw)
     except ValidationError as exc:
